@@ -30,57 +30,56 @@ TABLE_DIR = Path(__file__).resolve().parent / 'config' / 'rst'
 
 
 # -----------------------------------------------------------------------------
-# LR schedules: functions of budget progress p in [0, 1]; each returns min_lr at p = 1
+# LR schedules. Each maps budget progress p in [0, 1] (after warm-up w, a fraction of the budget)
+# to a factor in [0, 1]; lr = min_lr + (peak - min_lr) * factor, so every schedule ends at min_lr at p = 1.
 
-def warmup_then(decay_fn):
-    def schedule(p, peak, min_lr, warmup_frac, **kw):
-        if p < warmup_frac:
-            return peak * p / warmup_frac
-        q = (p - warmup_frac) / (1 - warmup_frac) if warmup_frac < 1 else 1.0
-        return min_lr + (peak - min_lr) * decay_fn(min(q, 1.0))
-    return schedule
+def cosine(p, w, **kw):
+    return 0.5 * (1 + math.cos(math.pi * (p - w) / (1 - w)))
 
 
-def cosine_decay(q):
-    return 0.5 * (1 + math.cos(math.pi * q))
+def linear(p, w, **kw):
+    return 1 - (p - w) / (1 - w)
 
 
-def linear_decay(q):
-    return 1 - q
+def onecycle(p, w, **kw):
+    """No Train No Gain's BERT baseline: linear up to the peak at p = 0.5 (its warm-up), then down."""
+    return (1 - p) / 0.5
 
 
-def onecycle(p, peak, min_lr, warmup_frac, **kw):
-    """No Train No Gain's BERT baseline: linear up to the peak at p = 0.5, linear down to min_lr."""
-    return peak * p / 0.5 if p < 0.5 else min_lr + (peak - min_lr) * (1 - p) / 0.5
+def rex(p, w, **kw):
+    """REX (Chen et al., MLSys 2022): (1 - p) / (1 - p/2), the paper's constant 1/2 (its public code uses 0.9)."""
+    return (1 - p) / (1 - p / 2)
 
 
-def rex(p, peak, min_lr, warmup_frac, **kw):
-    """REX (Chen et al., MLSys 2022) with the paper's constant 1/2 (its public code uses 0.9)."""
-    if p < warmup_frac:
-        return peak * p / warmup_frac
-    return min_lr + (peak - min_lr) * (1 - p) / (1 - p / 2)
-
-
-def wsd(p, peak, min_lr, warmup_frac, cooldown_frac=0.2, cooldown_shape='1-sqrt', **kw):
-    """Warm-up, stable at the peak, then a cooldown over the last cooldown_frac (Hägele et al. 2024)."""
-    if p < warmup_frac:
-        return peak * p / warmup_frac
+def wsd(p, w, cooldown_frac=0.2, cooldown_shape='1-sqrt', **kw):
+    """Warm-up, stable at the peak, cooldown over the last cooldown_frac (Hägele et al. 2024, arXiv 2405.18392)."""
     start = 1 - cooldown_frac
     if p <= start:
-        return peak
-    x = min((p - start) / cooldown_frac, 1.0)
-    shape = 1 - math.sqrt(x) if cooldown_shape == '1-sqrt' else 1 - x
-    return min_lr + (peak - min_lr) * shape
+        return 1.0
+    x = (p - start) / cooldown_frac
+    return 1 - math.sqrt(x) if cooldown_shape == '1-sqrt' else 1 - x
 
 
-SCHEDULES = {'cosine': warmup_then(cosine_decay), 'linear': warmup_then(linear_decay),
-             'onecycle': onecycle, 'rex': rex, 'wsd': wsd}
+SCHEDULES = {'cosine': cosine, 'linear': linear, 'onecycle': onecycle, 'wsd': wsd, 'rex': rex}
 
 
-def lr_at(p, cfg):
-    """The learning rate at budget progress p for a run config (lr, min_lr, warmup_frac, schedule)."""
-    return SCHEDULES[cfg.schedule](min(max(p, 0.0), 1.0), cfg.lr, cfg.min_lr, cfg.warmup_frac,
-                                   cooldown_frac=cfg.cooldown_frac, cooldown_shape=cfg.cooldown_shape)
+def warmup_units(total, cfg):
+    """Warm-up length in budget units: absolute when warmup_units > 0 (WSD branches need that),
+    else a fraction of this budget; one-cycle's rise is its warm-up (half the budget)."""
+    if cfg.schedule == 'onecycle':
+        return 0.5 * total
+    return cfg.warmup_units if cfg.warmup_units > 0 else cfg.warmup_frac * total
+
+
+def lr_at(spent, total, cfg):
+    """The learning rate after `spent` of a `total` budget (lr, min_lr, schedule keys of the config)."""
+    spent = min(max(spent, 0.0), total)
+    warmup = warmup_units(total, cfg)
+    if spent < warmup:  # linear warm-up in absolute units, identical for every budget
+        return cfg.lr * spent / warmup
+    factor = SCHEDULES[cfg.schedule](spent / total, min(warmup / total, 0.999999),
+                                     cooldown_frac=cfg.cooldown_frac, cooldown_shape=cfg.cooldown_shape)
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * min(max(factor, 0.0), 1.0)
 
 
 # -----------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from data.loader import Batches, Corpus, DataError, data_dir, get_examples, get_
 from model import GPT, PRESETS, GPTConfig, device_peak_flops
 
 OPTIMIZERS = ('adamw', 'lion', 'sophiag')
+ARCHS = ('full', 'stack', 'drop')
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,13 @@ class TrainConfig:
     block_size: int = 0              # 0 = the preset's
     dropout: float = 0.0
     bias: bool = True
+    # dynamic architecture (No Train No Gain section 3.1)
+    arch: str = 'full'               # full, stack (layer stacking) or drop (progressive layer dropping)
+    stack_init_layers: int = 0       # stack: blocks active at the start; 0 = n_layer // 4
+    stack_fracs: tuple = (0.125, 0.3)  # stack: budget fractions at which the active depth doubles
+    stack_optim: str = 'fresh_new'   # stack: 'fresh_new' (new blocks start with no state), 'reset' (all), 'keep'
+    theta_bar: float = 0.5           # drop: the keep probability theta(t) decays to this
+    gamma_f: float = 100.0           # drop: decay speed of theta(t) (100 BERT-like, 20 for T5)
     # optimizer
     optimizer: str = 'adamw'         # adamw, lion or sophiag
     lr: float = 2e-3                 # peak learning rate
@@ -71,8 +79,10 @@ class TrainConfig:
     budget: float = 180.0            # in budget_unit
     schedule: str = 'cosine'         # cosine, linear, onecycle, wsd, rex (see budget.py)
     warmup_frac: float = 0.02        # of the budget
+    warmup_units: float = 0.0        # > 0: warm-up in budget units instead (the same for every budget)
     cooldown_frac: float = 0.2       # wsd: the cooldown's share of the budget
     cooldown_shape: str = '1-sqrt'   # wsd: '1-sqrt' or 'linear'
+    branch_budgets: tuple = ()       # wsd: multiples of --budget, e.g. (1, 2, 4): one trunk, a cooldown branch each
     rst_table: str = ''              # '' = config/rst/<shape>.json
     # eval, logging, checkpoints
     eval_interval: int = 250         # optimizer steps between evals (and checkpoints)
@@ -85,6 +95,7 @@ class TrainConfig:
     compile: bool = False            # torch.compile the whole model
     compile_loss: bool = True        # torch.compile the per-token loss kernels
     peak_flops: float = 0.0          # for MFU; 0 = the device's (a measured matmul peak on CPU)
+    skip_nonfinite: bool = False     # skip (and count) steps whose loss is nan/inf instead of stopping
 
     def __post_init__(self):
         require(self.init_from in ('scratch', 'resume') or self.init_from.endswith('.pt'),
@@ -97,10 +108,18 @@ class TrainConfig:
         require(self.lr > 0 and self.min_lr >= 0, f'--lr must be > 0 and --min_lr >= 0, got {self.lr}, {self.min_lr}')
         require(self.min_lr <= self.lr, f'--min_lr ({self.min_lr}) must not exceed --lr ({self.lr})')
         require(0 <= self.warmup_frac < 1 and 0 < self.cooldown_frac <= 1, '--warmup_frac must be in [0, 1), --cooldown_frac in (0, 1]')
+        require(0 <= self.warmup_units < self.budget, f'--warmup_units must be in [0, budget), got {self.warmup_units}')
         require(self.cooldown_shape in ('1-sqrt', 'linear'), "--cooldown_shape must be '1-sqrt' or 'linear'")
+        require(not self.branch_budgets or (self.schedule == 'wsd' and all(m > 0 for m in self.branch_budgets)),
+                '--branch_budgets needs --schedule=wsd and positive multiples of --budget')
         for key in ('batch_size', 'grad_accum', 'eval_interval', 'eval_batches', 'log_interval', 'hess_interval'):
             require(getattr(self, key) > 0, f'--{key} must be positive, got {getattr(self, key)}')
         require(0 <= self.dropout < 1, f'--dropout must be in [0, 1), got {self.dropout}')
+        require(self.arch in ARCHS, f"--arch must be one of {', '.join(ARCHS)}, got '{self.arch}'")
+        require(self.stack_optim in ('fresh_new', 'reset', 'keep'), "--stack_optim must be 'fresh_new', 'reset' or 'keep'")
+        require(list(self.stack_fracs) == sorted(self.stack_fracs) and all(0 < f < 1 for f in self.stack_fracs),
+                f'--stack_fracs must be increasing fractions in (0, 1), got {self.stack_fracs}')
+        require(0 < self.theta_bar <= 1 and self.gamma_f >= 0, '--theta_bar must be in (0, 1] and --gamma_f >= 0')
         require(self.weight_decay >= 0 and self.grad_clip >= 0, '--weight_decay and --grad_clip must be >= 0')
         dims = self.model_dims()
         require(dims['n_embd'] % dims['n_head'] == 0,
@@ -109,6 +128,10 @@ class TrainConfig:
     def model_dims(self):
         preset = PRESETS[self.model] if self.model in PRESETS else PRESETS['small']
         return {k: getattr(self, k) or preset[k] for k in ('n_layer', 'n_head', 'n_embd', 'block_size')}
+
+
+class NonFiniteLoss(UserError):
+    pass
 
 
 @dataclass
@@ -147,6 +170,99 @@ class CausalLM:
 
     def load_state_dict(self, state):
         pass
+
+
+# -----------------------------------------------------------------------------
+# dynamic architectures: which blocks run, as a function of budget progress p
+
+class FullDepth:
+    """The baseline: every block, every step."""
+
+    def before_step(self, model, optimizer, p):
+        pass
+
+    def before_micro_batch(self, model, p):
+        pass
+
+    def eval_layers(self, model):
+        return model.n_layer
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+class LayerStacking(FullDepth):
+    """Gong et al. 2019 (as No Train No Gain ran it): train stack_init_layers blocks, and at each budget
+    fraction in stack_fracs double the depth by copying block i-L into block i for i in [L, 2L)."""
+
+    def __init__(self, cfg, n_layer):
+        self.n_active = cfg.stack_init_layers or max(1, n_layer // 4)
+        self.fracs, self.optim_mode, self.doublings = cfg.stack_fracs, cfg.stack_optim, 0
+
+    def before_step(self, model, optimizer, p):
+        if self.doublings == 0 and model.active_layers != list(range(self.n_active)):
+            model.set_active_layers(self.n_active)  # the first step, or a resume
+        while self.doublings < len(self.fracs) and p >= self.fracs[self.doublings]:
+            self.double(model, optimizer)
+
+    def double(self, model, optimizer):
+        L = self.n_active
+        new = list(range(L, min(2 * L, model.n_layer)))
+        for i in new:
+            model.transformer.h[i].load_state_dict(model.transformer.h[i - L].state_dict())
+        if self.optim_mode == 'reset':  # BERT code: the whole optimizer state starts again
+            optimizer.state.clear()
+        elif self.optim_mode == 'fresh_new':  # the new blocks' state, if any, is dropped, not copied
+            for i in new:
+                for param in model.transformer.h[i].parameters():
+                    optimizer.state.pop(param, None)
+        self.n_active, self.doublings = L + len(new), self.doublings + 1
+        model.set_active_layers(self.n_active)
+
+    def eval_layers(self, model):
+        return self.n_active
+
+    def state_dict(self):
+        return {'n_active': self.n_active, 'doublings': self.doublings}
+
+    def load_state_dict(self, state):
+        self.n_active, self.doublings = state['n_active'], state['doublings']
+
+
+class LayerDropping(FullDepth):
+    """Progressive Layer Dropping (Zhang & He 2020): keep_prob theta(p) = theta_bar + (1 - theta_bar) *
+    exp(-gamma_f * p); block i of L is dropped with probability (1 - theta) * (i + 1) / L, resampled every
+    micro-batch; kept blocks are not rescaled; evaluation runs every block."""
+
+    def __init__(self, cfg):
+        self.theta_bar, self.gamma_f = cfg.theta_bar, cfg.gamma_f
+        self.generator = torch.Generator().manual_seed(cfg.seed + 1)
+
+    def keep_prob(self, p):
+        return self.theta_bar + (1 - self.theta_bar) * math.exp(-self.gamma_f * p)
+
+    def before_micro_batch(self, model, p):
+        L = model.n_layer
+        drop_prob = (1 - self.keep_prob(p)) * torch.arange(1, L + 1) / L
+        kept = (torch.rand(L, generator=self.generator) >= drop_prob).nonzero().flatten().tolist()
+        model.set_active_layers(kept or [0])  # at least one block runs (block 0 if all drew a drop)
+
+    def state_dict(self):
+        return {'generator': self.generator.get_state()}
+
+    def load_state_dict(self, state):
+        self.generator.set_state(state['generator'])
+
+
+def build_arch(cfg, n_layer):
+    if cfg.arch == 'stack':
+        return LayerStacking(cfg, n_layer)
+    if cfg.arch == 'drop':
+        return LayerDropping(cfg)
+    return FullDepth()
 
 
 # -----------------------------------------------------------------------------
@@ -310,11 +426,11 @@ def trim_log(log_path, iter_num):
 # eval and sampling
 
 @torch.no_grad()
-def evaluate(model, val_x, val_y, batch_size, runtime):
-    """Mean per-token loss on the fixed val set, with every block active."""
+def evaluate(model, val_x, val_y, batch_size, runtime, n_layers=None):
+    """Mean per-token loss on the fixed val set, through the first n_layers blocks (default: all)."""
     was_training, active = model.training, model.active_layers
     model.eval()
-    model.set_active_layers(model.n_layer)
+    model.set_active_layers(n_layers or model.n_layer)
     total, count = 0.0, 0
     for i in range(0, len(val_x), batch_size):
         x, y = val_x[i:i + batch_size].to(runtime.device), val_y[i:i + batch_size].to(runtime.device)
@@ -336,7 +452,7 @@ def sample_text(model, tokenizer, runtime, n_tokens, prompt='\ndef '):
 # the loop
 
 def format_seconds(s):
-    return f'{int(s // 60)}m{int(s % 60):02d}s' if math.isfinite(s) else '?'
+    return '?' if s is None else f'{int(s // 60)}m{int(s % 60):02d}s'
 
 
 class Trainer:
@@ -361,7 +477,10 @@ class Trainer:
         self.budget = budget_lib.Budget(cfg.budget_unit, cfg.budget, table,
                                         lambda L: self.model.flops_per_token(L), T, cfg.batch_size)
         self.objective = objective or CausalLM(cfg.batch_size)
+        self.arch = build_arch(cfg, self.model.n_layer)
         self.iter_num, self.val_loss = 0, float('inf')
+        self.skipped_steps = 0
+        self.branch_points = []  # (spent at which to save, path): set by train_wsd_branches
         self.objective.setup(self)
         if cfg.init_from == 'resume':
             self._resume()
@@ -369,7 +488,8 @@ class Trainer:
         if cfg.compile:
             self.train_model = torch.compile(self.model)
         if self.rt.world_size > 1:
-            self.train_model = DDP(self.train_model, device_ids=[self.rt.local_rank] if self.rt.device.type == 'cuda' else None)
+            self.train_model = DDP(self.train_model, device_ids=[self.rt.local_rank] if self.rt.device.type == 'cuda' else None,
+                                   find_unused_parameters=cfg.arch != 'full')  # skipped blocks get no grads
         self.peak_flops = cfg.peak_flops or device_peak_flops(self.rt.device)
 
     def _optional_table(self):
@@ -385,6 +505,8 @@ class Trainer:
         self.budget.load_state_dict(ckpt['budget'])
         self.data.batches.load_state_dict(ckpt['data'])
         self.objective.load_state_dict(ckpt['objective'])
+        self.arch.load_state_dict(ckpt['arch'])
+        self.model.set_active_layers(ckpt['active_layers'])
         self.iter_num, self.val_loss = ckpt['iter_num'], ckpt['val_loss']
         torch.set_rng_state(ckpt['rng']['cpu'])
         if self.rt.device.type == 'cuda' and ckpt['rng']['cuda'] is not None:
@@ -394,7 +516,7 @@ class Trainer:
         self.rt.print(f'resumed from {self.out_dir / "ckpt.pt"} at step {self.iter_num}, '
                       f'{100 * self.budget.progress:.1f}% of the budget spent')
 
-    def checkpoint(self):
+    def checkpoint(self, path=None):
         if not self.rt.master:
             return
         c = self.model.config
@@ -402,10 +524,11 @@ class Trainer:
                 'model_args': dataclasses.asdict(c), 'iter_num': self.iter_num, 'val_loss': self.val_loss,
                 'best_val_loss': self.val_loss, 'config': dataclasses.asdict(self.cfg),
                 'budget': self.budget.state_dict(), 'data': self.data.batches.state_dict(),
-                'objective': self.objective.state_dict(),
+                'objective': self.objective.state_dict(), 'arch': self.arch.state_dict(),
+                'active_layers': self.model.active_layers,
                 'rng': {'cpu': torch.get_rng_state(),
                         'cuda': torch.cuda.get_rng_state() if self.rt.device.type == 'cuda' else None}}
-        save_checkpoint(self.out_dir / 'ckpt.pt', ckpt)
+        save_checkpoint(path or self.out_dir / 'ckpt.pt', ckpt)
 
     def log(self, record):
         if self.rt.master:
@@ -416,19 +539,20 @@ class Trainer:
         if self.objective.evaluate is not None:
             self.val_loss = self.objective.evaluate(self.model)
         else:
-            self.val_loss = evaluate(self.model, self.val_x, self.val_y, self.cfg.batch_size, self.rt)
-        self.log({'step': self.iter_num, 'val_loss': self.val_loss, **self._spent()})
+            self.val_loss = evaluate(self.model, self.val_x, self.val_y, self.cfg.batch_size, self.rt,
+                                     self.arch.eval_layers(self.model))
+        self.log({'step': self.iter_num, 'val_loss': self.val_loss, **self.budget.spent})
         self.checkpoint()
         self.rt.print(f'step {self.iter_num} | val loss {self.val_loss:.4f} | saved {self.out_dir / "ckpt.pt"}')
-
-    def _spent(self):
-        return {k: v for k, v in self.budget.spent.items()}
 
     def train_step(self, lr):
         """One optimizer step: grad_accum micro-batches from the objective, clip, update, charge."""
         cfg, model = self.cfg, self.train_model
-        logs, loss_sum = {}, 0.0
+        logs, loss_sum, depth = {}, 0.0, 0
+        self.arch.before_step(self.model, self.optimizer, self.budget.progress)
         for micro in range(cfg.grad_accum):
+            self.arch.before_micro_batch(self.model, self.budget.progress)
+            depth += len(self.model.active_layers) / cfg.grad_accum
             if isinstance(model, DDP):  # sync gradients only on the last micro-batch
                 model.require_backward_grad_sync = micro == cfg.grad_accum - 1
             with self.rt.autocast():
@@ -438,6 +562,14 @@ class Trainer:
             loss_sum += step.loss.detach()
             for k, v in step.logs.items():
                 logs[k] = logs.get(k, 0.0) + v / cfg.grad_accum
+        loss = loss_sum / cfg.grad_accum
+        if not math.isfinite(float(loss)):  # one sync a step: a nan must never reach the weights
+            self.optimizer.zero_grad(set_to_none=True)
+            if not cfg.skip_nonfinite:
+                raise NonFiniteLoss(f'loss is {float(loss)} at step {self.iter_num + 1}: the last good checkpoint '
+                                    f'is kept; lower --lr, raise --warmup_frac, or pass --skip_nonfinite=True')
+            self.skipped_steps += 1
+            return loss, {**logs, 'skipped_steps': self.skipped_steps}
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         for group in self.optimizer.param_groups:
@@ -451,7 +583,8 @@ class Trainer:
         self.budget.charge_optimizer(cfg.optimizer)
         if cfg.optimizer == 'sophiag' and self.iter_num % cfg.hess_interval == cfg.hess_interval - 1:
             self.hessian_step()
-        return loss_sum / cfg.grad_accum, logs
+        logs['active_layers'] = depth
+        return loss, logs
 
     def hessian_step(self):
         """Sophia-G's Gauss-Newton-Bartlett estimate on a fresh batch, after the normal step."""
@@ -468,35 +601,45 @@ class Trainer:
         tokens_per_step = cfg.batch_size * cfg.grad_accum * self.model.config.block_size * rt.world_size
         rt.print(f'{self.model.num_params() / 1e6:.2f}M params | {tokens_per_step:,} tokens per step | '
                  f'budget {cfg.budget:g} {cfg.budget_unit} | {cfg.optimizer} lr {cfg.lr:g} {cfg.schedule} | '
-                 f'data {self.corpus.path} | device {rt.device} {str(rt.dtype).removeprefix("torch.")}')
+                 f'arch {cfg.arch} | data {self.corpus.path} | device {rt.device} {str(rt.dtype).removeprefix("torch.")}')
         self.model.train()
-        interrupted, t_start = False, time.time()
-        since = {k: self.budget.spent[k] for k in ('wall', 'tokens')} | {'p': self.budget.progress}
-        acc = {'loss': 0.0, 'n': 0}
+        interrupted, t_start, meter = False, time.time(), Meter(self.budget)
         try:
             while not self.budget.done:
-                p = self.budget.progress
-                lr = budget_lib.lr_at(p, cfg)
+                lr = budget_lib.lr_at(self.budget.spent[cfg.budget_unit], self.budget.total, cfg)
                 t0 = time.time()
                 loss, logs = self.train_step(lr)
                 self.budget.add_wall(self._agree(time.time() - t0))
                 self.iter_num += 1
-                acc['loss'] += loss
-                acc['n'] += 1
+                meter.add(loss, logs)
+                self.save_branch_points()
                 if self.iter_num % cfg.log_interval == 0 or self.budget.done:
-                    self._log_progress(acc, logs, lr, since)
-                    acc = {'loss': 0.0, 'n': 0}
+                    self._log_progress(meter, lr)
                 if self.iter_num % cfg.eval_interval == 0 and not self.budget.done:
                     self.eval_and_save()
         except KeyboardInterrupt:
             interrupted = True
             rt.print(f'interrupted at step {self.iter_num}: saving a checkpoint')
+        except NonFiniteLoss:
+            self.log({'step': self.iter_num + 1, 'nonfinite': True, **self.budget.spent})
+            raise
         self.eval_and_save()
         rt.print(f'done: {self.iter_num} steps, {self.budget.spent["tokens"]:,.0f} tokens, '
                  f'{format_seconds(time.time() - t_start)} wall, final val loss {self.val_loss:.4f}')
         if rt.master and cfg.sample_tokens and not interrupted:
             rt.print('--- sample ---' + sample_text(self.model, self.tokenizer, rt, cfg.sample_tokens) + '\n---')
-        return {'steps': self.iter_num, 'val_loss': self.val_loss, 'spent': self._spent(), 'interrupted': interrupted}
+        return {'steps': self.iter_num, 'val_loss': self.val_loss, 'spent': dict(self.budget.spent),
+                'interrupted': interrupted}
+
+    def save_branch_points(self):
+        """WSD cooldown branches: checkpoint the trunk just before each smaller budget's cooldown begins."""
+        while self.branch_points and self.budget.spent[self.cfg.budget_unit] > self.branch_points[0][0]:
+            _, path = self.branch_points.pop(0)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.checkpoint(path)
+            if self.rt.master:
+                log = self.out_dir / 'log.jsonl'  # the trunk's log so far is the branch's
+                (path.parent / 'log.jsonl').write_bytes(log.read_bytes() if log.exists() else b'')
 
     def _agree(self, seconds):
         """With DDP, all ranks must stop together: wall time is the slowest rank's."""
@@ -506,23 +649,49 @@ class Trainer:
             return t.item()
         return seconds
 
-    def _log_progress(self, acc, logs, lr, since):
-        loss = acc['loss'] / acc['n']
+    def _log_progress(self, meter, lr):
+        loss, logs, rates = meter.read(self.peak_flops, self.rt.world_size)
+        if self.cfg.optimizer == 'sophiag' and self.optimizer.win_rate is not None:
+            logs['win_rate'] = self.optimizer.win_rate  # fraction of coordinates not clipped
         if self.rt.world_size > 1:
+            loss = torch.tensor(loss, device=self.rt.device)
             dist.all_reduce(loss, op=dist.ReduceOp.AVG)
-        spent = self.budget.spent  # rates use the training wall clock, which stops during eval
-        dt = max(spent['wall'] - since['wall'], 1e-9)
-        tok_s = (spent['tokens'] - since['tokens']) / dt / self.rt.world_size
-        dp = self.budget.progress - since['p']
-        eta = (1 - self.budget.progress) * dt / dp if dp > 0 else float('inf')
-        mfu = self.model.estimate_mfu(tok_s, self.peak_flops)
-        since.update(wall=spent['wall'], tokens=spent['tokens'], p=self.budget.progress)
-        logs = {k: float(v) for k, v in logs.items()}
-        self.log({'step': self.iter_num, 'train_loss': loss.item(), 'lr': lr, 'tokens_per_s': tok_s, 'mfu': mfu,
-                  'active_layers': len(self.model.active_layers), **self._spent(), **logs})
-        extra = ''.join(f' | {k} {v:.4g}' for k, v in logs.items())
-        self.rt.print(f'step {self.iter_num} | loss {loss.item():.4f} | lr {lr:.2e} | budget {100 * self.budget.progress:.1f}% '
-                      f'eta {format_seconds(eta)} | {tok_s / 1e3:.1f}k tok/s | mfu {100 * mfu:.1f}%{extra}')
+            loss = loss.item()
+        self.log({'step': self.iter_num, 'train_loss': loss, 'lr': lr, **rates, **self.budget.spent, **logs})
+        extra = ''.join(f' | {k} {v:.4g}' for k, v in logs.items() if k != 'active_layers' or self.cfg.arch != 'full')
+        self.rt.print(f"step {self.iter_num} | loss {loss:.4f} | lr {lr:.2e} | budget {100 * self.budget.progress:.1f}% "
+                      f"eta {format_seconds(rates['eta_s'])} | {rates['tokens_per_s'] / 1e3:.1f}k tok/s | "
+                      f"mfu {100 * rates['mfu']:.1f}%{extra}")
+
+
+class Meter:
+    """Averages the train loss and the objective's logs over a log interval; rates use the training
+    wall clock (budget.spent['wall']), which stops during eval and checkpoints."""
+
+    def __init__(self, budget):
+        self.budget = budget
+        self._reset()
+
+    def _reset(self):
+        self.loss, self.logs, self.n = 0.0, {}, 0
+        self.since = {k: self.budget.spent[k] for k in ('wall', 'tokens', 'flops')} | {'p': self.budget.progress}
+
+    def add(self, loss, logs):
+        self.loss, self.n = self.loss + loss, self.n + 1
+        for k, v in logs.items():
+            self.logs[k] = self.logs.get(k, 0.0) + v
+
+    def read(self, peak_flops, world_size):
+        spent, n = self.budget.spent, max(self.n, 1)
+        dt = max(spent['wall'] - self.since['wall'], 1e-9)
+        tok_s = (spent['tokens'] - self.since['tokens']) / dt / world_size
+        dp = self.budget.progress - self.since['p']
+        flops_s = (spent['flops'] - self.since['flops']) / dt / world_size  # what ran: dropped blocks, scoring
+        rates = {'tokens_per_s': tok_s, 'mfu': flops_s / peak_flops,
+                 'eta_s': (1 - self.budget.progress) * dt / dp if dp > 0 else None}
+        loss, logs = float(self.loss) / n, {k: float(v) / n for k, v in self.logs.items()}
+        self._reset()
+        return loss, logs, rates
 
 
 def train(cfg, objective=None):
@@ -535,13 +704,49 @@ def train(cfg, objective=None):
             dist.destroy_process_group()
 
 
+def run_finished(out_dir):
+    """A run folder whose checkpoint has spent its whole budget."""
+    path = Path(out_dir) / 'ckpt.pt'
+    if not path.exists():
+        return False
+    ckpt = load_checkpoint(path)
+    return ckpt['budget'][ckpt['config']['budget_unit']] >= ckpt['config']['budget']
+
+
+def train_wsd_branches(cfg, objective_fn=lambda cfg: None):
+    """WSD with cooldown branches (SPEC section 7): one trunk runs to the largest budget and, just before
+    each smaller budget's cooldown starts, saves a checkpoint from which a branch cools down to exactly
+    that budget. Every budget B gets a run folder out_dir/budget_B that reads like a standalone run, and
+    equals one bit for bit, because warm-up is in absolute units. A killed trunk or branch resumes."""
+    budgets = sorted(cfg.budget * m for m in cfg.branch_budgets)
+    folder = {b: Path(cfg.out_dir) / f'budget_{b:g}' for b in budgets}
+    warmup = cfg.warmup_units or cfg.warmup_frac * cfg.budget
+    base = dataclasses.replace(cfg, branch_budgets=(), warmup_units=warmup, overwrite=False)
+    trunk = dataclasses.replace(base, budget=budgets[-1], out_dir=str(folder[budgets[-1]]))
+    if not run_finished(trunk.out_dir):
+        trunk = dataclasses.replace(trunk, init_from='resume' if (folder[budgets[-1]] / 'ckpt.pt').exists() else cfg.init_from)
+        trainer = Trainer(trunk, objective_fn(trunk))
+        trainer.branch_points = [((1 - cfg.cooldown_frac) * b, folder[b] / 'ckpt.pt') for b in budgets[:-1]
+                                 if not (folder[b] / 'ckpt.pt').exists()]
+        trainer.run()
+    results = {}
+    for b in budgets[:-1]:
+        if not run_finished(folder[b]):
+            branch = dataclasses.replace(base, budget=b, out_dir=str(folder[b]), init_from='resume')
+            results[b] = train(branch, objective_fn(branch))
+    spent = budgets[-1] + cfg.cooldown_frac * sum(budgets[:-1])
+    print(f'budgets {", ".join(f"{b:g}" for b in budgets)} {cfg.budget_unit}: branches spent {spent:g}, '
+          f'separate runs would spend {sum(budgets):g} ({spent / sum(budgets):.2f}x)')
+    return results
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt  # SIGTERM (a scheduler's stop) saves a checkpoint like Ctrl-C
 
 
 def main(cfg):
     signal.signal(signal.SIGTERM, _interrupt)
-    return train(cfg)
+    return train_wsd_branches(cfg) if cfg.branch_budgets else train(cfg)
 
 
 if __name__ == '__main__':
