@@ -12,18 +12,21 @@ and reaches min_lr exactly at p = 1, when the run stops: the baseline is always 
 
     python budget.py calibrate [config.py] [--key=value ...]   # measure a cost table on this machine
 """
+import dataclasses
 import json
 import math
 import platform
 import statistics
+import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
 import torch
 
-from configurator import ConfigError, UserError
+from configurator import ConfigError, UserError, cli, require
 
 UNITS = ('rst', 'tokens', 'iters', 'flops', 'wall')
 TABLE_DIR = Path(__file__).resolve().parent / 'config' / 'rst'
@@ -82,6 +85,32 @@ def lr_at(spent, total, cfg):
     return cfg.min_lr + (cfg.lr - cfg.min_lr) * min(max(factor, 0.0), 1.0)
 
 
+def plot_schedules(cfg, path='schedules.png'):
+    """Every schedule against budget progress: a PNG with matplotlib, a text table without."""
+    ps = [i / 100 for i in range(101)]
+    curves = {name: [lr_at(p, 1.0, dataclasses.replace(cfg, schedule=name)) / cfg.lr for p in ps] for name in SCHEDULES}
+    print('p     ' + ''.join(f'{name:>10}' for name in curves))
+    for i in range(0, 101, 10):
+        print(f'{ps[i]:<6.2f}' + ''.join(f'{c[i]:>10.3f}' for c in curves.values()))
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print('(matplotlib is not installed: table only; `pip install matplotlib` for the plot)')
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, c in curves.items():
+        ax.plot(ps, c, label=name)
+    ax.set(xlabel='budget progress p = spent / budget', ylabel='lr / peak',
+           title=f'schedules (warm-up {cfg.warmup_frac:g}, wsd cooldown {cfg.cooldown_frac:g} {cfg.cooldown_shape})')
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f'wrote {path}')
+    return path
+
+
 # -----------------------------------------------------------------------------
 # cost tables
 
@@ -125,6 +154,8 @@ class Budget:
         self.unit, self.total, self.table = unit, float(total), table
         self.flops_per_token, self.tokens_per_example, self.batch_size = flops_per_token, tokens_per_example, batch_size
         self.spent = {u: 0.0 for u in UNITS}
+        if table is None:
+            self.spent['rst'] = None  # not counted: no cost table for this shape
         self.spent.update(scored_examples=0.0, hessian_steps=0.0)
 
     def _rst(self, kind, entry, scale=1.0):
@@ -241,11 +272,266 @@ def calibrate(cfg):
     return path
 
 
-if __name__ == '__main__':
-    from configurator import cli
+# -----------------------------------------------------------------------------
+# comparing runs: the method x budget table, time to target, the plot
+
+def derive_label(c):
+    if c.get('label'):
+        return c['label']
+    if c.get('method'):
+        return c['method']
+    if c.get('arch', 'full') != 'full':
+        return c['arch']
+    if c.get('optimizer', 'adamw') != 'adamw':
+        return c['optimizer']
+    return 'wsd' if c.get('schedule') == 'wsd' else 'baseline'
+
+
+def read_run(path):
+    """A run folder -> its label, budget, seed, evals [(rst, tokens, val_loss)], steps, and completeness."""
+    path = Path(path)
+    try:
+        c = json.loads((path / 'config.json').read_text())['config']
+        records = [json.loads(l) for l in (path / 'log.jsonl').read_text().splitlines() if l.strip()]
+    except (OSError, ValueError, KeyError) as e:
+        return {'path': str(path), 'error': f'unreadable ({type(e).__name__})'}
+    evals = [r for r in records if 'val_loss' in r]
+    spent = max((r.get(c['budget_unit'], 0) for r in records), default=0)
+    return {'path': str(path), 'label': derive_label(c), 'budget': c['budget'], 'unit': c['budget_unit'],
+            'seed': c['seed'], 'steps': max((r['step'] for r in records), default=0),
+            'evals': [(e.get('rst'), e['tokens'], e['val_loss']) for e in evals],
+            'final': evals[-1]['val_loss'] if evals else None, 'complete': bool(evals) and spent >= c['budget']}
+
+
+def mean_std(xs):
+    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def crossing(points, target):
+    """First x at which y <= target along [(x, y)], linearly interpolated; None when never reached."""
+    for i, (x, y) in enumerate(points):
+        if y <= target:
+            if i == 0:
+                return x
+            x0, y0 = points[i - 1]
+            return x0 + (y0 - target) / (y0 - y) * (x - x0)
+    return None
+
+
+def group_runs(runs):
+    groups = {}
+    for r in runs:
+        groups.setdefault(r['label'], {}).setdefault(r['budget'], []).append(r)
+    return groups
+
+
+def ablation_table(groups, baseline='baseline'):
+    """Markdown: rows = methods, columns = budgets; mean ± std of final val loss over seeds, the delta to
+    the baseline, * when |delta| > 2 standard errors; and the steps taken."""
+    budgets = sorted({b for g in groups.values() for b in g})
+    head = '| method | ' + ' | '.join(f'budget {b:g}' for b in budgets) + ' |'
+    lines = [head, '|' + ' --- |' * (len(budgets) + 1)]
+    steps = [head.replace('method', 'steps'), lines[1]]
+    for label, by_budget in groups.items():
+        cells, step_cells = [], []
+        for b in budgets:
+            finals = [r['final'] for r in by_budget.get(b, []) if r['complete']]
+            if not finals:
+                cells.append('—')
+                step_cells.append('—')
+                continue
+            m, sd = mean_std(finals)
+            cell = f'{m:.4f} ± {sd:.4f} (n={len(finals)})'
+            base = [r['final'] for r in groups.get(baseline, {}).get(b, []) if r['complete']]
+            if label != baseline and base:
+                bm, bsd = mean_std(base)
+                se = math.sqrt(sd ** 2 / len(finals) + bsd ** 2 / len(base))
+                mark = '*' if len(finals) > 1 and len(base) > 1 and abs(m - bm) > 2 * se else ''
+                cell += f' {m - bm:+.4f}{mark}'
+            cells.append(cell)
+            step_cells.append(f"{statistics.mean(r['steps'] for r in by_budget[b] if r['complete']):.0f}")
+        lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
+        steps.append(f'| {label} | ' + ' | '.join(step_cells) + ' |')
+    return '\n'.join(lines) + '\n\n' + '\n'.join(steps)
+
+
+def target_table(groups, target, baseline='baseline'):
+    """Time to target (AlgoPerf turned around): per method, RST and tokens at the first eval at or below
+    the target in its largest-budget runs (interpolated), and the smallest budget whose fully decayed
+    endpoint reaches it (interpolated between budgets); speedup = baseline time / method time."""
+    rows, base_time = [], None
+    lines = [f'target val loss {target:.4f}', '',
+             '| method | first eval <= target: RST (tokens), seeds reached | speedup | decayed endpoint: budget | speedup |',
+             '| --- | --- | --- | --- | --- |']
+    for label, by_budget in groups.items():
+        largest = [r for r in by_budget[max(by_budget)] if r['complete']]
+        hits = [(crossing([(e[0], e[2]) for e in r['evals']], target) if r['evals'][-1][0] is not None else math.nan,
+                 crossing([(e[1], e[2]) for e in r['evals']], target)) for r in largest]
+        reached = [h for h in hits if h[1] is not None]  # RST is nan for runs without a cost table
+        first = statistics.mean(h[0] for h in reached) if reached else None
+        ends = [(b, statistics.mean(r['final'] for r in rs if r['complete'])) for b, rs in sorted(by_budget.items())
+                if any(r['complete'] for r in rs)]
+        endpoint = crossing(ends, target)
+        rows.append((label, first, reached, len(hits), endpoint))
+        if label == baseline:
+            base_time = (first, endpoint)
+    for label, first, reached, n, endpoint in rows:
+        speed = ['—' if not t or not base_time or not base_time[i] or math.isnan(t) else f'{base_time[i] / t:.2f}x'
+                 for i, t in enumerate((first, endpoint))]
+        rst = '—' if first is None or math.isnan(first) else f'{first:.1f}'
+        first_s = f"{rst} ({statistics.mean(h[1] for h in reached):,.0f} tokens), {len(reached)}/{n}" \
+            if reached else f'not reached, 0/{n}'
+        end_s = f'{endpoint:.1f}' if endpoint is not None else 'not reached'
+        lines.append(f'| {label} | {first_s} | {speed[0]} | {end_s} | {speed[1]} |')
+    return '\n'.join(lines)
+
+
+def plot_runs(groups, path):
+    """Val loss against RST spent, one line per method (mean over seeds, shaded min-max), a panel per budget."""
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+        import numpy as np
+    except ImportError:
+        print('(matplotlib is not installed: no plot; `pip install matplotlib` for one)')
+        return None
+    budgets = sorted({b for g in groups.values() for b in g})
+    every = [r for g in groups.values() for rs in g.values() for r in rs if r['evals']]
+    x = 0 if all(r['evals'][-1][0] is not None for r in every) else 1  # RST when every run has it, else tokens
+    fig, axes = plt.subplots(1, len(budgets), figsize=(5 * len(budgets), 4), squeeze=False)
+    for ax, b in zip(axes[0], budgets):
+        for label, by_budget in groups.items():
+            runs = [r for r in by_budget.get(b, []) if len(r['evals']) > 1]
+            if not runs:
+                continue
+            grid = np.linspace(0, max(r['evals'][-1][x] for r in runs), 60)
+            ys = np.array([np.interp(grid, [e[x] for e in r['evals']], [e[2] for e in r['evals']]) for r in runs])
+            ax.plot(grid, ys.mean(0), label=label)
+            ax.fill_between(grid, ys.min(0), ys.max(0), alpha=0.2)
+        ax.set(title=f'budget {b:g}', xlabel=['RST spent (s)', 'tokens'][x], ylabel='val loss')
+        if ax.lines:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def compare(run_dirs, out='ablation', target='auto', baseline='baseline'):
+    runs = [read_run(d) for d in run_dirs]
+    bad = [r for r in runs if 'error' in r or not r['complete']]
+    runs = [r for r in runs if 'error' not in r]
+    groups = group_runs(runs)
+    report = ablation_table(groups, baseline)
+    if target != 'none':
+        base = groups.get(baseline, {})
+        finals = [r['final'] for r in base.get(max(base), []) if r['complete']] if base else []
+        value = float(target) if target != 'auto' else (statistics.mean(finals) if finals else None)
+        if value is not None:
+            report += '\n\n' + target_table(groups, value, baseline)
+    if bad:
+        report += '\n\nmissing or partial runs (left out of the means):\n' + '\n'.join(
+            f"- {r['path']}: {r.get('error', 'budget not spent')}" for r in bad)
+    print(report)
+    Path(f'{out}.md').write_text(report + '\n')
+    png = plot_runs(groups, f'{out}.png')
+    print(f'wrote {out}.md' + (f' and {png}' if png else ''))
+    return report
+
+
+# -----------------------------------------------------------------------------
+# the No Train No Gain ablation in one command: methods x budgets x seeds
+
+@dataclass(frozen=True)
+class AblateConfig:
+    config: str = 'config/ablation.py'  # COMMON, BUDGETS, QUICK_BUDGETS, METHODS (your own Python)
+    out_dir: str = 'out/ablation'
+    methods: tuple = ('',)               # ('',) = every method in the config file
+    budgets: tuple = (0.0,)              # (0.0,) = the config file's BUDGETS (QUICK_BUDGETS with --quick)
+    seeds: tuple = (0, 1, 2)
+    quick: bool = False                  # a smoke sweep: QUICK_BUDGETS, one seed
+    baseline_schedule: str = 'cosine'    # 'wsd_branches' adds a WSD row trained as cooldown branches
+    target: str = 'auto'                 # time-to-target: 'auto' (baseline at the largest budget), a number, 'none'
+
+    def __post_init__(self):
+        require(self.baseline_schedule in ('cosine', 'wsd_branches'), "--baseline_schedule must be 'cosine' or 'wsd_branches'")
+
+
+def sweep_plan(cfg):
+    import runpy
+    spec = runpy.run_path(cfg.config)
+    budgets = [b for b in cfg.budgets if b > 0] or list(spec['QUICK_BUDGETS' if cfg.quick else 'BUDGETS'])
+    seeds = cfg.seeds[:1] if cfg.quick else cfg.seeds
+    methods = {k: v for k, v in spec['METHODS'].items() if k in cfg.methods or cfg.methods == ('',)}
+    unknown = set(cfg.methods) - set(spec['METHODS']) - {''}
+    require(not unknown, f"unknown method(s) {', '.join(sorted(unknown))}: the config file has {', '.join(spec['METHODS'])}")
+    plan = [(label, script, {**spec['COMMON'], **args, 'budget': b, 'seed': seed, 'label': label,
+             'out_dir': f'{cfg.out_dir}/{label}/b{b:g}/s{seed}'})
+            for seed in seeds for b in budgets for label, (script, args) in methods.items()]
+    if cfg.baseline_schedule == 'wsd_branches':
+        plan += [('wsd (branches)', 'train.py', {**spec['COMMON'], 'schedule': 'wsd', 'budget': min(budgets), 'seed': seed,
+                  'branch_budgets': tuple(b / min(budgets) for b in budgets), 'label': 'wsd (branches)',
+                  'out_dir': f'{cfg.out_dir}/wsd_branches/s{seed}'}) for seed in seeds]
+    return plan
+
+
+def run_command(script, args):
     import train
-    commands = {'calibrate': calibrate}
-    if len(sys.argv) < 2 or sys.argv[1] not in commands:
-        print(f"usage: python budget.py {{{'|'.join(commands)}}} [config.py] [--key=value ...]", file=sys.stderr)
+    resume = not args.get('branch_budgets') and (Path(args['out_dir']) / 'ckpt.pt').exists()
+    args = {**args, 'init_from': 'resume'} if resume else {**args, 'overwrite': not args.get('branch_budgets')}
+    return [sys.executable, script] + [f'--{k}={v!r}' if isinstance(v, (str, tuple)) else f'--{k}={v}' for k, v in args.items()]
+
+
+def ablate(cfg):
+    import train
+    plan, t0, done_units = sweep_plan(cfg), time.time(), 0.0
+    total_units = sum(a['budget'] * max(a.get('branch_budgets', (1,))) for _, _, a in plan)
+    for i, (label, script, args) in enumerate(plan):
+        units = args['budget'] * max(args.get('branch_budgets', (1,)))
+        if not args.get('branch_budgets') and train.run_finished(args['out_dir']):
+            total_units -= units
+            continue
+        out = subprocess.run(run_command(script, args), capture_output=True, text=True, cwd=Path(__file__).parent)
+        if out.returncode != 0:
+            raise UserError(f"{label} (budget {args['budget']:g}, seed {args['seed']}) failed: "
+                            f"{(out.stderr.strip().splitlines() or ['?'])[-1]} (see {args['out_dir']})")
+        done_units += units
+        eta = (time.time() - t0) / done_units * (total_units - done_units)
+        final = [l for l in out.stdout.splitlines() if l.startswith('done:')]
+        print(f'[{i + 1}/{len(plan)}] {label} budget {args["budget"]:g} seed {args["seed"]}: '
+              f'{final[-1] if final else "done"} | sweep eta {eta / 60:.1f} min', flush=True)
+    run_dirs = sorted(str(p.parent) for p in Path(cfg.out_dir).rglob('config.json'))
+    return compare(run_dirs, out=f'{cfg.out_dir}/ablation', target=cfg.target)
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    out: str = 'ablation'        # writes <out>.md and, with matplotlib, <out>.png
+    target: str = 'auto'         # time-to-target: 'auto' (baseline mean at the largest budget), a number, 'none'
+    baseline: str = 'baseline'   # the label deltas and speedups are taken against
+
+
+def main(argv):
+    import train
+    usage = 'usage: python budget.py {calibrate|ablate|compare|schedules} [config.py] [--key=value ...]'
+    if not argv or argv[0] not in ('calibrate', 'ablate', 'compare', 'schedules'):
+        print(usage, file=sys.stderr)
         sys.exit(2)
-    cli(commands[sys.argv[1]], train.TrainConfig, sys.argv[2:])
+    command, rest = argv[0], argv[1:]
+    if command == 'calibrate':
+        return cli(calibrate, train.TrainConfig, rest)
+    if command == 'ablate':
+        return cli(ablate, AblateConfig, rest)
+    if command == 'schedules':
+        return cli(plot_schedules, train.TrainConfig, rest)
+    dirs = [a for a in rest if not a.startswith('--')]
+    return cli(lambda c: compare(dirs, c.out, c.target, c.baseline) if dirs else _no_runs(), CompareConfig,
+               [a for a in rest if a.startswith('--')])
+
+
+def _no_runs():
+    raise UserError('compare needs run folders: python budget.py compare out/ablation/*/*/* [--out=ablation]')
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])

@@ -40,6 +40,7 @@ ARCHS = ('full', 'stack', 'drop')
 class TrainConfig:
     # run
     out_dir: str = 'out/default'     # checkpoint, log.jsonl and config.json go here
+    label: str = ''                  # the method's name in `budget.py compare`; '' = derived from the config
     init_from: str = 'scratch'       # 'scratch', 'resume' (out_dir/ckpt.pt), or a ckpt.pt to start from
     overwrite: bool = False          # allow a scratch run over an out_dir that holds a run
     seed: int = 1337

@@ -1,0 +1,24 @@
+# The No Train No Gain sweep at CPU size, read by `python budget.py ablate` (this file is run as Python).
+# COMMON applies to every run; METHODS maps a row label to (entry point, its own overrides). Values are
+# the papers' starting points (SPEC section 4), scaled to this model; the baseline's lr was chosen by
+# the same small sweep as each method's (see README, "Ablation").
+
+COMMON = dict(
+    model='small', batch_size=32,       # 4 blocks, d=128, T=128: stacking goes 1 -> 2 -> 4
+    budget_unit='rst', schedule='cosine', warmup_frac=0.02, min_lr=0.0,
+    lr=2e-3, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0,
+    eval_interval=50, eval_batches=16, log_interval=50, sample_tokens=0,
+    compile_loss=False,                 # a 20 s compile per run would dwarf these budgets; vocab 256 is cheap eager
+)
+BUDGETS = (10.0, 20.0, 40.0)            # RST seconds, 1:2:4 like the paper's 6/12/24 h
+QUICK_BUDGETS = (3.0, 6.0)
+
+METHODS = {
+    'baseline': ('train.py', dict()),
+    'stack': ('train.py', dict(arch='stack', stack_fracs=(0.125, 0.3), stack_optim='fresh_new')),
+    'drop': ('train.py', dict(arch='drop', theta_bar=0.5, gamma_f=100.0)),
+    'sb': ('rho.py', dict(method='sb', sb_beta=1.0)),
+    'rho': ('rho.py', dict(method='rho', select_frac=0.5, il_out_dir='out/ablation/il', il_budget=40.0)),
+    'lion': ('train.py', dict(optimizer='lion', lr=4e-4, weight_decay=0.5, beta1=0.9, beta2=0.99)),
+    'sophiag': ('train.py', dict(optimizer='sophiag', lr=1e-3, rho=0.04, weight_decay=0.2, beta1=0.965, beta2=0.99)),
+}
