@@ -1,0 +1,370 @@
+"""Batch selection: RHO-LOSS and Selective Backprop, as objectives of the shared loop.
+
+RHO-LOSS: Mindermann et al. 2022, "Prioritized Training on Points that are Learnable, Worth Learning,
+and Not Yet Learnt", arXiv 2206.07137.
+  1. Train an irreducible-loss (IL) model of the same architecture on a holdout split of the training
+     stream; store its loss on every other training example, keyed by example id, once.
+  2. Each step, score a mega-batch of nB examples with the current model (no grad).
+  3. Train on the nb examples with the largest reducible loss = training loss - irreducible loss.
+
+Selective Backprop: Jiang et al. 2019, "Accelerating Deep Learning by Focusing on the Biggest Losers",
+arXiv 1910.00762.
+  1. Score each example with a no-grad forward; add its loss to a history of the last 5000 losses.
+  2. Keep it with probability (percentile of its loss in that history) ** beta.
+  3. Kept examples fill a buffer; train on a full batch whenever one is ready (leftovers carry over).
+
+RST (No Train No Gain, arXiv 2307.06440): scoring forwards are charged as forward-only passes at the
+number of examples scored, trained examples as usual. IL training and the IL precompute are reported
+separately and, as in that paper, left out of the budget unless --charge_il=True.
+
+    python rho.py                                  # RHO-LOSS: IL model + cache, then the target run
+    python rho.py --stage=il                       # only the IL model (out/rho_il) and its cache
+    python rho.py --stage=train --select_frac=0.1  # reuse the cache (a stale one is refused)
+    python rho.py --method=sb --out_dir=out/sb     # Selective Backprop
+"""
+import dataclasses
+import hashlib
+import json
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import budget as budget_lib
+import train
+from configurator import UserError, cli, require
+from data.loader import Batches, DataError, atomic_write_bytes, get_examples, num_examples
+from model import GPT
+from train import CausalLM, Step, TrainConfig
+
+
+@dataclass(frozen=True)
+class RhoConfig(TrainConfig):
+    out_dir: str = 'out/rho'
+    method: str = 'rho'              # 'rho' (RHO-LOSS) or 'sb' (Selective Backprop)
+    stage: str = 'all'               # rho: 'il' (IL model + cache), 'train' (needs the cache), 'all' (il if no valid cache, then train)
+    holdout_frac: float = 0.2        # share of the training examples the IL model trains on (No Train No Gain: 20%)
+    select_frac: float = 0.5         # nb/nB (No Train No Gain: 0.5; the RHO-LOSS paper: 0.1)
+    mega_batch: int = 0              # nB, examples scored per micro-batch; 0 = batch_size / select_frac (nb = batch_size)
+    sb_beta: float = 1.0             # Selective Backprop: keep probability = percentile ** sb_beta
+    sb_history: int = 5000           # Selective Backprop: losses the percentile is taken over
+    il_out_dir: str = 'out/rho_il'   # the IL model's run (checkpoint, log)
+    il_budget: float = 0.0           # the IL model's budget in budget_unit; 0 = --budget
+    il_cache: str = ''               # folder of il_loss.f16 + il_loss.json; '' = <data dir>/il/<name of il_out_dir>
+    charge_il: bool = False          # add IL training + precompute (rst, tokens, flops, wall) to this budget (the paper: no)
+
+    def __post_init__(self):
+        super().__post_init__()
+        require(self.method in ('rho', 'sb'), f"--method must be 'rho' or 'sb', got '{self.method}'")
+        require(self.stage in ('il', 'train', 'all'), f"--stage must be 'il', 'train' or 'all', got '{self.stage}'")
+        require(self.method == 'rho' or self.stage != 'il',
+                'Selective Backprop has no IL model: --stage=il needs --method=rho')
+        require(0 < self.holdout_frac < 1, f'--holdout_frac must be in (0, 1), got {self.holdout_frac}')
+        require(0 < self.select_frac <= 1, f'--select_frac must be in (0, 1], got {self.select_frac}')
+        require(self.mega_batch >= 0, f'--mega_batch must be >= 0, got {self.mega_batch}')
+        require(self.sb_beta > 0 and self.sb_history > 0, '--sb_beta and --sb_history must be positive')
+        require(self.il_budget >= 0, f'--il_budget must be >= 0, got {self.il_budget}')
+        require(Path(self.il_out_dir).resolve() != Path(self.out_dir).resolve(), '--il_out_dir must differ from --out_dir')
+
+    def selection_sizes(self):
+        """(nB, nb): examples scored and examples trained per micro-batch."""
+        n_B = self.mega_batch or round(self.batch_size / self.select_frac)
+        return n_B, max(1, round(self.select_frac * n_B))
+
+
+# -----------------------------------------------------------------------------
+# data: the holdout split and the per-example score
+
+def holdout_mask(n_examples, holdout_frac):
+    """True where example k is in the IL model's holdout. A fixed hash of k (splitmix64), so the split
+    is the same for every seed and run and cannot drift with a library's random-number stream."""
+    z = np.arange(n_examples, dtype=np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / 2.0 ** 53 < holdout_frac
+
+
+def split_examples(n_examples, holdout_frac):
+    """(train, holdout): example indices k (id = k * block_size); the target run sees only train."""
+    hold = holdout_mask(n_examples, holdout_frac)
+    train_k, holdout_k = np.flatnonzero(~hold), np.flatnonzero(hold)
+    if len(train_k) == 0 or len(holdout_k) == 0:
+        raise DataError(f'{n_examples} examples are too few to hold out {holdout_frac:.0%}: use a bigger corpus')
+    return train_k, holdout_k
+
+
+def restrict_examples(trainer, examples):
+    """Make the run draw only these example indices (same seed, rank and world size)."""
+    b = trainer.data.batches
+    trainer.data.batches = Batches(b.tokens, b.block_size, b.seed, examples=examples, rank=b.rank, world_size=b.world_size)
+
+
+@torch.no_grad()
+def score_examples(model, x, y):
+    """Each example's loss (mean over its tokens) under the current weights, in eval mode: (n,) fp32.
+    The one scoring function of both methods and the IL precompute (a T5-lite pair plugs in here)."""
+    was_training = model.training
+    model.eval()
+    loss = model(x, y).mean(dim=1)  # (n, T) per-token losses from the compiled loss path -> (n,)
+    model.train(was_training)
+    return loss.float()
+
+
+def select_top(scores, k):
+    """Positions of the k largest scores; ties go to the earlier position (a stable sort)."""
+    return torch.sort(scores, descending=True, stable=True).indices[:k]
+
+
+def unwrap_ddp(model):
+    return model.module if isinstance(model, DDP) else model  # score without DDP's gradient hooks
+
+
+# -----------------------------------------------------------------------------
+# the two objectives
+
+class RhoLoss(CausalLM):
+    """RHO-LOSS: score nB, train on the top nb by reducible loss."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg.batch_size)
+        self.cfg = cfg
+        self.n_B, self.n_b = cfg.selection_sizes()
+
+    def setup(self, trainer):
+        self.model, self.world_size = trainer.model, trainer.rt.world_size
+        self.block_size = T = trainer.model.config.block_size
+        train_k, _ = split_examples(num_examples(trainer.corpus.splits['train'], T), self.cfg.holdout_frac)
+        restrict_examples(trainer, train_k)  # the target run never sees the IL model's holdout
+        losses, info = load_il_cache(self.cfg, trainer.corpus, T)
+        self.irreducible_loss = torch.from_numpy(losses.astype(np.float32)).to(trainer.rt.device)  # (n_examples,)
+        if not torch.isfinite(self.irreducible_loss[torch.from_numpy(train_k)]).all():
+            raise UserError('the IL cache has no loss for some training examples: rebuild it with --stage=il')
+        report_il(trainer, info, self.cfg.charge_il)
+
+    def __call__(self, model, data, budget):
+        x, y, ids = data.next(self.n_B)                                    # (nB, T)
+        train_loss = score_examples(unwrap_ddp(model), x, y)               # (nB,)
+        budget.charge_forward(self.n_B * self.world_size, len(self.model.active_layers))
+        irreducible_loss = self.irreducible_loss[(ids // self.block_size).to(train_loss.device)]
+        reducible_loss = train_loss - irreducible_loss
+        top = select_top(reducible_loss, self.n_b)                         # (nb,)
+        loss = model(x[top], y[top]).mean()
+        return Step(loss, self.n_b, {'selected_frac': self.n_b / self.n_B, 'loss_selected': train_loss[top].mean(),
+                                     'loss_scored': train_loss.mean(), 'il_selected': irreducible_loss[top].mean()})
+
+
+class SelectiveBackprop(CausalLM):
+    """Selective Backprop: keep each scored example with probability percentile ** beta; train on full batches."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg.batch_size)
+        self.beta, self.history_len = cfg.sb_beta, cfg.sb_history
+        self.history = torch.zeros(0)                    # the last sb_history scored losses, oldest first
+        self.buffer_ids, self.buffer_losses = [], []     # kept examples waiting for a full batch
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+
+    def setup(self, trainer):
+        if trainer.rt.world_size > 1:  # ranks would fill buffers at different rates and budgets would diverge
+            raise UserError('Selective Backprop runs on one process: launch it without torchrun')
+        self.model, self.device = trainer.model, trainer.rt.device
+        self.tokens, self.block_size = trainer.data.batches.tokens, trainer.model.config.block_size
+
+    def keep_prob(self, losses):
+        """(percentile of each loss among the last sb_history losses, these included) ** beta."""
+        self.history = torch.cat([self.history, losses])[-self.history_len:]
+        rank = torch.searchsorted(self.history.sort().values, losses, right=True)  # history losses <= each
+        return (rank / len(self.history)) ** self.beta
+
+    def __call__(self, model, data, budget):
+        scored, kept = [], 0
+        while len(self.buffer_ids) < self.batch_size:
+            x, y, ids = data.next(self.batch_size)
+            losses = score_examples(unwrap_ddp(model), x, y).cpu()       # (B,)
+            budget.charge_forward(len(ids), len(self.model.active_layers))
+            keep = torch.rand(len(losses), generator=self.generator) < self.keep_prob(losses)
+            self.buffer_ids += ids[keep].tolist()
+            self.buffer_losses += losses[keep].tolist()
+            scored.append(losses)
+            kept += int(keep.sum())
+        ids, kept_losses = self.buffer_ids[:self.batch_size], self.buffer_losses[:self.batch_size]
+        del self.buffer_ids[:self.batch_size], self.buffer_losses[:self.batch_size]
+        x, y = get_examples(self.tokens, np.array(ids), self.block_size)
+        loss = model(x.to(self.device), y.to(self.device)).mean()
+        scored = torch.cat(scored)
+        return Step(loss, len(ids), {'selected_frac': kept / len(scored),
+                                     'loss_selected': sum(kept_losses) / len(kept_losses), 'loss_scored': scored.mean()})
+
+    def state_dict(self):
+        return {'history': self.history, 'buffer_ids': torch.tensor(self.buffer_ids, dtype=torch.int64),
+                'buffer_losses': torch.tensor(self.buffer_losses), 'generator': self.generator.get_state()}
+
+    def load_state_dict(self, state):
+        self.history = state['history']
+        self.buffer_ids, self.buffer_losses = state['buffer_ids'].tolist(), state['buffer_losses'].tolist()
+        self.generator.set_state(state['generator'])
+
+
+# -----------------------------------------------------------------------------
+# the IL model and its cache of irreducible losses
+
+class HoldoutLM(CausalLM):
+    """The IL model's objective: the baseline loss on the holdout examples only."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg.batch_size)
+        self.holdout_frac = cfg.holdout_frac
+
+    def setup(self, trainer):
+        T = trainer.model.config.block_size
+        restrict_examples(trainer, split_examples(num_examples(trainer.corpus.splits['train'], T), self.holdout_frac)[1])
+
+
+def cache_dir(cfg, corpus):
+    return Path(cfg.il_cache) if cfg.il_cache else corpus.path / 'il' / Path(cfg.il_out_dir).name
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            h.update(block)
+    return h.hexdigest()
+
+
+def cache_key(cfg, corpus, block_size):
+    """What an IL cache must match, besides the IL checkpoint's hash."""
+    return {'corpus_fingerprint': corpus.fingerprint(), 'tokenizer': corpus.meta['tokenizer'], 'block_size': block_size,
+            'holdout_frac': cfg.holdout_frac, 'num_examples': num_examples(corpus.splits['train'], block_size)}
+
+
+def train_il(cfg):
+    """Train the IL model on the holdout with the shared loop, then precompute its cache."""
+    overrides = {'out_dir': cfg.il_out_dir, 'budget': cfg.il_budget or cfg.budget, 'label': 'rho_il',  # not a baseline
+                 'init_from': 'scratch' if cfg.init_from.endswith('.pt') else cfg.init_from}
+    il_cfg = TrainConfig(**{f.name: overrides.get(f.name, getattr(cfg, f.name)) for f in dataclasses.fields(TrainConfig)})
+    print(f'--- IL model: {il_cfg.budget:g} {il_cfg.budget_unit} on the {cfg.holdout_frac:.0%} holdout -> {cfg.il_out_dir}')
+    result = train.train(il_cfg, HoldoutLM(cfg))
+    if result['interrupted']:
+        print('IL training interrupted: resume it with --stage=il --init_from=resume')
+        return None
+    precompute_il(cfg, result)
+    return result
+
+
+def precompute_il(cfg, il_result):
+    """One no-grad pass of the IL checkpoint over every training example; writes the cache atomically."""
+    rt, corpus = train.setup_device(cfg), train.load_corpus(cfg)
+    ckpt_path = Path(cfg.il_out_dir) / 'ckpt.pt'
+    model = GPT.from_checkpoint(train.load_checkpoint(ckpt_path)).to(rt.device)
+    model.compile_loss = cfg.compile_loss
+    T, tokens = model.config.block_size, corpus.splits['train']
+    train_k, _ = split_examples(num_examples(tokens, T), cfg.holdout_frac)
+    irreducible_loss = np.full(num_examples(tokens, T), np.nan, dtype=np.float16)  # NaN = holdout, never looked up
+    t0, n_B = time.time(), cfg.selection_sizes()[0]
+    for i in range(0, len(train_k), n_B):
+        k = train_k[i:i + n_B]
+        x, y = get_examples(tokens, k * T, T)
+        with rt.autocast():
+            irreducible_loss[k] = score_examples(model, x.to(rt.device), y.to(rt.device)).cpu().numpy()
+    seconds = time.time() - t0
+    table = load_optional_table(cfg, model)  # the precompute's RST, as forward-only passes
+    accountant = budget_lib.Budget('iters', 1, table, model.flops_per_token, T, cfg.batch_size)
+    accountant.charge_forward(len(train_k), model.n_layer)
+    info = {**cache_key(cfg, corpus, T), 'il_ckpt': str(ckpt_path), 'il_ckpt_sha256': file_sha256(ckpt_path),
+            'dtype': 'float16', 'il_val_loss': il_result['val_loss'], 'il_steps': il_result['steps'],
+            'il_train': {u: il_result['spent'][u] for u in ('rst', 'tokens', 'flops', 'wall')},
+            'il_precompute': {'examples': len(train_k), 'rst': accountant.spent['rst'],
+                              'flops': accountant.spent['flops'], 'wall': seconds}}
+    out = cache_dir(cfg, corpus)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / 'il_loss.json').unlink(missing_ok=True)  # the cache is invalid until the sidecar is back
+    atomic_write_bytes(out / 'il_loss.f16', irreducible_loss.tobytes())
+    atomic_write_bytes(out / 'il_loss.json', json.dumps(info, indent=1).encode())
+    print(f'IL cache: {len(train_k):,} examples in {seconds:.1f}s -> {out}')
+    return info
+
+
+def load_optional_table(cfg, model):
+    try:
+        return budget_lib.load_table(train.run_shape_key(cfg, model), cfg.rst_table)
+    except UserError:
+        return None  # no RST for this shape: the other units are still counted
+
+
+def load_il_cache(cfg, corpus, block_size):
+    """The irreducible losses (memmap, index k = example id k * block_size) and their sidecar;
+    refused with the rebuild command when built for other data, settings or IL checkpoint."""
+    path = cache_dir(cfg, corpus)
+    rebuild = "`python rho.py --stage=il --overwrite=True` with this run's data and model flags"
+    if not (path / 'il_loss.json').exists():
+        raise UserError(f'no IL cache in {path}: build it with {rebuild}')
+    info = json.loads((path / 'il_loss.json').read_text())
+    for key, want in cache_key(cfg, corpus, block_size).items():
+        if info.get(key) != want:
+            raise UserError(f'stale IL cache in {path}: built with {key}={info.get(key)!r}, this run has {want!r} '
+                            f'(other data or settings): rebuild it with {rebuild}')
+    ckpt = Path(cfg.il_out_dir) / 'ckpt.pt'
+    if not ckpt.exists() or file_sha256(ckpt) != info['il_ckpt_sha256']:
+        raise UserError(f'stale IL cache in {path}: it was not computed by the IL checkpoint {ckpt} '
+                        f'({"missing" if not ckpt.exists() else "its hash differs"}): rebuild it with {rebuild}')
+    losses = np.memmap(path / 'il_loss.f16', dtype=np.float16, mode='r')
+    if len(losses) != info['num_examples']:
+        raise UserError(f'IL cache {path / "il_loss.f16"} is truncated: rebuild it with {rebuild}')
+    return losses, info
+
+
+def rst(v):
+    return 'no' if v is None else f'{v:.2f}'  # None: no cost table for this shape
+
+
+def report_il(trainer, info, charge_il):
+    """Print and log the IL costs once; with charge_il, add them to this run's budget (not on resume:
+    the checkpoint's budget already holds them)."""
+    il, pre = info['il_train'], info['il_precompute']
+    trainer.rt.print(f"IL model: {rst(il['rst'])} RST s, {il['tokens']:,.0f} tokens, {il['wall']:.1f}s wall, val loss "
+                     f"{info['il_val_loss']:.4f} | IL precompute: {pre['examples']:,} examples, {rst(pre['rst'])} RST s, "
+                     f"{pre['wall']:.1f}s wall | {'charged to' if charge_il else 'left out of'} this budget")
+    if trainer.cfg.init_from == 'resume':
+        return
+    trainer.log({'step': 0, 'il_train_rst': il['rst'], 'il_train_tokens': il['tokens'], 'il_train_wall': il['wall'],
+                 'il_precompute_rst': pre['rst'], 'il_precompute_wall': pre['wall'], 'il_charged': charge_il})
+    if charge_il:
+        for unit in ('rst', 'tokens', 'flops', 'wall'):
+            if trainer.budget.spent[unit] is not None:  # precompute trains no tokens; no table counts no rst
+                trainer.budget.spent[unit] += (il[unit] or 0.0) + (pre.get(unit) or 0.0)
+
+
+def il_cache_is_valid(cfg):
+    corpus = train.load_corpus(cfg)
+    try:
+        load_il_cache(cfg, corpus, cfg.model_dims()['block_size'])
+    except UserError as e:
+        print(f'IL cache not usable, training the IL model: {e}')
+        return False
+    print(f'reusing the IL cache in {cache_dir(cfg, corpus)} (it matches this data and IL checkpoint)')
+    return True
+
+
+def main(cfg):
+    signal.signal(signal.SIGTERM, train._interrupt)
+    if cfg.method == 'sb':
+        return train.train(cfg, SelectiveBackprop(cfg))
+    if cfg.stage != 'train' and 'RANK' in os.environ:  # the precompute is one pass on one process
+        raise UserError('the IL stage runs on one process: run --stage=il with python, then --stage=train under torchrun')
+    if cfg.stage == 'il' or (cfg.stage == 'all' and not il_cache_is_valid(cfg)):
+        result = train_il(cfg)
+        if cfg.stage == 'il' or result is None:
+            return result
+    n_B, n_b = cfg.selection_sizes()
+    print(f'--- RHO-LOSS: score nB={n_B}, train nb={n_b} per micro-batch -> {cfg.out_dir}')
+    return train.train(cfg, RhoLoss(cfg))
+
+
+if __name__ == '__main__':
+    cli(main, RhoConfig)

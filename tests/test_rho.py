@@ -1,0 +1,301 @@
+"""rho.py: RHO-LOSS and Selective Backprop against hand computations; the IL cache; RST; short runs."""
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import shutil
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import budget as budget_lib
+import rho
+import train
+from conftest import ROOT, run_script
+from configurator import ConfigError, UserError
+from data.loader import Batches, Corpus, get_tokenizer, is_val, num_examples, write_corpus
+from data.stdlib.prepare import stdlib_documents
+from model import GPT
+
+TABLE = json.loads((ROOT / 'config' / 'rst' / 'gpt_L2_H2_D64_T64_V256_B8.json').read_text())  # tiny, B = 8
+FWD, FWD_BWD, OPT = TABLE['fwd']['2'], TABLE['fwd_bwd']['2'], TABLE['optimizer']['adamw']
+T = 64  # the tiny preset's block size
+ONE_THREAD = {'OMP_NUM_THREADS': '1'}  # on a shared 2-core machine two threads per process thrash
+
+
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ----- the selection rules on constructed batches ------------------------------------------------------
+
+class RowLoss(torch.nn.Module):
+    """A stand-in model whose per-token loss is the input token itself (times a weight of 1), so an
+    example's loss is what its row holds; it records each call's mode, grad state and rows."""
+
+    def __init__(self, block_size=4):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(()))
+        self.active_layers, self.config, self.calls = [0, 1], SimpleNamespace(block_size=block_size), []
+
+    def forward(self, x, y):
+        self.calls.append((self.training, torch.is_grad_enabled(), x[:, 0].clone()))
+        return x.float() * self.w
+
+
+class FixedBatch:
+    def __init__(self, x, ids):
+        self.x, self.ids = x, ids
+
+    def next(self, n):
+        assert n == len(self.x)
+        return self.x, self.x, self.ids
+
+
+def rho_objective(losses, il_by_example, ks, n_b, block=4):
+    """A RhoLoss over one constructed mega-batch (nB = its size): row i has loss losses[i], id ks[i] * block."""
+    obj = rho.RhoLoss(rho.RhoConfig(batch_size=n_b))
+    obj.n_B, obj.n_b = len(losses), n_b
+    obj.model, obj.world_size, obj.block_size = RowLoss(block), 1, block  # what setup() would set
+    obj.irreducible_loss = torch.tensor(il_by_example, dtype=torch.float32)
+    data = FixedBatch(torch.tensor(losses)[:, None].repeat(1, block), torch.tensor(ks) * block)
+    return obj, data
+
+
+def test_rho_selects_top_nb_by_reducible_loss_ties_to_earlier():
+    losses = [3, 1, 4, 1, 5, 9, 2, 6]
+    ks = [5, 2, 7, 0, 3, 6, 1, 4]                    # example index of each row: id = k * block_size
+    il_by_k = [1, 0, 0, 1, 1, 3, 8, 3]               # IL loss of example k
+    il = [il_by_k[k] for k in ks]                    # [3, 0, 3, 1, 1, 8, 0, 1]
+    # reducible = [0, 1, 1, 0, 4, 1, 2, 5] -> 5 (row 7), 4 (row 4), 2 (row 6), then of the tied 1s row 1
+    obj, data = rho_objective(losses, il_by_k, ks, n_b=4)
+    budget = budget_lib.Budget('iters', 10, TABLE, lambda L: 1.0, 4, 8)
+    step = obj(obj.model, data, budget)
+    (score_mode, score_grad, _), (train_mode, train_grad, trained) = obj.model.calls
+    assert (score_mode, score_grad) == (False, False) and (train_mode, train_grad) == (True, True)
+    assert trained.tolist() == [losses[i] for i in (7, 4, 6, 1)]
+    assert step.examples == 4 and step.loss.item() == pytest.approx((6 + 5 + 2 + 1) / 4)
+    assert float(step.logs['loss_selected']) == pytest.approx((6 + 5 + 2 + 1) / 4)
+    assert float(step.logs['il_selected']) == pytest.approx((il[7] + il[4] + il[6] + il[1]) / 4)
+    assert float(step.logs['loss_scored']) == pytest.approx(sum(losses) / 8)
+    assert float(step.logs['selected_frac']) == 0.5
+    assert budget.spent['rst'] == pytest.approx(8 / 8 * FWD) and budget.spent['scored_examples'] == 8
+
+
+def test_rho_with_zero_il_is_highest_loss_selection():
+    losses = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3]
+    obj, data = rho_objective(losses, [0.0] * 10, list(range(10)), n_b=4)
+    step = obj(obj.model, data, budget_lib.Budget('iters', 10, None, lambda L: 1.0, 4, 8))
+    assert obj.model.calls[1][2].tolist() == [9, 6, 5, 5]  # rows 5, 7, 4, 8: the tie 5/5 in row order
+    assert step.examples == 4
+
+
+def test_selection_sizes():
+    assert rho.RhoConfig(batch_size=8).selection_sizes() == (16, 8)
+    assert rho.RhoConfig(batch_size=32, select_frac=0.1).selection_sizes() == (320, 32)
+    assert rho.RhoConfig(batch_size=8, mega_batch=10, select_frac=0.3).selection_sizes() == (10, 3)
+    for bad in ({'select_frac': 0.0}, {'holdout_frac': 1.0}, {'method': 'sb', 'stage': 'il'}, {'sb_beta': 0.0},
+                {'method': 'rhoo'}, {'il_out_dir': 'out/rho'}):
+        with pytest.raises(ConfigError):
+            rho.RhoConfig(**bad)
+
+
+def test_sb_keep_prob_hand_computed():
+    sb = rho.SelectiveBackprop(rho.RhoConfig(sb_history=4, sb_beta=2.0))
+    sb.history = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    # the new losses join the history first and the oldest two leave: [3, 4, 2.5, 10] -> sorted [2.5, 3, 4, 10]
+    p = sb.keep_prob(torch.tensor([2.5, 10.0]))
+    assert p.tolist() == [(1 / 4) ** 2, 1.0]
+    assert sb.history.tolist() == [3.0, 4.0, 2.5, 10.0]
+
+
+def sb_on_random_losses(beta, seed=0, n_examples=40_000, block=4, batch_size=8):
+    """A SelectiveBackprop over a random token stream whose tokens are the losses (RowLoss)."""
+    g = np.random.default_rng(0)
+    tokens = g.integers(0, 1_000_000, n_examples * block + 1)
+    sb = rho.SelectiveBackprop(rho.RhoConfig(batch_size=batch_size, sb_beta=beta, seed=seed))
+    batches = Batches(tokens, block, seed)
+    model = RowLoss(block)
+    sb.setup(SimpleNamespace(rt=SimpleNamespace(world_size=1, device=torch.device('cpu')), model=model,
+                             data=SimpleNamespace(batches=batches)))
+    return sb, train.DataSource(batches, torch.device('cpu')), model
+
+
+@pytest.mark.parametrize('beta, want', [(1.0, 1 / 2), (2.0, 1 / 3)])
+def test_sb_long_run_kept_fraction(beta, want):
+    sb, data, model = sb_on_random_losses(beta)
+    budget = budget_lib.Budget('iters', 1e9, TABLE, lambda L: 1.0, 4, 8)
+    trained, above = 0, 0
+    while budget.spent['scored_examples'] < 10_000:
+        step = sb(model, data, budget)
+        trained += step.examples
+        above += float(step.logs['loss_selected']) > float(step.logs['loss_scored'])
+        assert step.examples == 8 and model.calls[-1][:2] == (True, True)
+    kept = (trained + len(sb.buffer_ids)) / budget.spent['scored_examples']
+    assert abs(kept - want) < 0.05
+    assert budget.spent['rst'] == pytest.approx(budget.spent['scored_examples'] / 8 * FWD)
+    assert above > 0.8 * trained / 8  # the kept examples are the high-loss ones
+
+
+def trained_rows(sb, data, model, budget, n_steps):
+    rows = []
+    for _ in range(n_steps):
+        sb(model, data, budget)
+        rows.append(model.calls[-1][2].tolist())
+    return rows
+
+
+def test_sb_state_round_trip_resumes_exactly():
+    sb, data, model = sb_on_random_losses(1.0, seed=3)
+    budget = budget_lib.Budget('iters', 1e9, None, lambda L: 1.0, 4, 8)
+    for _ in range(6):
+        sb(model, data, budget)
+    buf = io.BytesIO()
+    torch.save({'objective': sb.state_dict(), 'data': data.batches.state_dict()}, buf)
+    assert sb.buffer_ids  # something to carry over (else the test proves less)
+    want = trained_rows(sb, data, model, budget, 5)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    sb2, data2, model2 = sb_on_random_losses(1.0, seed=3)  # fresh: history, buffer and generator from the state
+    sb2.load_state_dict(state['objective'])
+    data2.batches.load_state_dict(state['data'])
+    assert trained_rows(sb2, data2, model2, budget, 5) == want
+    assert trained_rows(sb_on_random_losses(1.0, seed=3)[0], data2, model2, budget, 5) != want  # state matters
+
+
+def test_holdout_split_is_fixed_and_disjoint():
+    train_k, hold_k = rho.split_examples(5000, 0.2)
+    assert len(np.intersect1d(train_k, hold_k)) == 0 and len(train_k) + len(hold_k) == 5000
+    assert abs(len(hold_k) / 5000 - 0.2) < 0.03
+    assert np.array_equal(rho.split_examples(5000, 0.2)[1], hold_k)
+    assert np.array_equal(rho.split_examples(9000, 0.2)[1][:len(hold_k)], hold_k)  # keyed by k, not by n
+
+
+# ----- end to end: a small corpus, the IL stage, the target runs ---------------------------------------
+
+def small_corpus(path, transform=lambda text: text):
+    docs, sizes = [], {'train': 0, 'val': 0}
+    for name, text in stdlib_documents():
+        docs.append((name, transform(text[:20_000])))
+        sizes['val' if is_val(name, 0.2) else 'train'] += len(docs[-1][1])
+        if sizes['train'] >= 150_000 and sizes['val'] >= 20_000:
+            break
+    write_corpus(path, docs, get_tokenizer('byte'), source='test', val_frac=0.2)
+    return path
+
+
+def flags(corpus, **kw):
+    base = dict(dataset=corpus, model='tiny', batch_size=8, compile_loss=False, sample_tokens=0, eval_batches=4,
+                eval_interval=1000, log_interval=5, peak_flops=1e12, budget_unit='rst', budget=0.25)
+    return [f'--{k}={v}' for k, v in {**base, **kw}.items()]
+
+
+def read_log(run_dir):
+    return [json.loads(line) for line in (run_dir / 'log.jsonl').read_text().splitlines()]
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+    """The real entry point: RHO-LOSS with --stage=all (IL model, cache, target run) and SB."""
+    d = tmp_path_factory.mktemp('rho')
+    corpus = small_corpus(d / 'corpus')
+    out = run_script('rho.py', *flags(corpus, out_dir=d / 'rho', il_out_dir=d / 'il', method='rho', stage='all'),
+                     env=ONE_THREAD)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    out_sb = run_script('rho.py', *flags(corpus, out_dir=d / 'sb', method='sb'), env=ONE_THREAD)
+    assert out_sb.returncode == 0, out_sb.stdout[-2000:] + out_sb.stderr[-2000:]
+    return SimpleNamespace(dir=d, corpus=corpus, rho=d / 'rho', il=d / 'il', sb=d / 'sb', cache=corpus / 'il' / 'il',
+                           stdout=out.stdout)
+
+
+def test_short_runs_lower_val_loss(runs):
+    for run in (runs.il, runs.rho, runs.sb):
+        final = read_log(run)[-1]
+        assert final['val_loss'] < math.log(256) - 1.0, run  # an untrained model is at ln 256 = 5.55
+    rho_steps = [r for r in read_log(runs.rho) if 'train_loss' in r]
+    assert rho_steps and all(r['selected_frac'] == 0.5 and 'loss_scored' in r and 'il_selected' in r for r in rho_steps)
+    assert all(0 < r['selected_frac'] <= 1 and 'loss_selected' in r for r in read_log(runs.sb) if 'train_loss' in r)
+    il_record = read_log(runs.rho)[0]
+    assert il_record['step'] == 0 and il_record['il_train_rst'] >= 0.25 and not il_record['il_charged']
+
+
+def test_rst_accounting_is_scoring_plus_training(runs):
+    per_step = 16 / 8 * FWD + 8 / 8 * FWD_BWD + OPT  # nB = 16 scored, nb = 8 trained, one AdamW update
+    final = read_log(runs.rho)[-1]
+    steps = int(final['iters'])
+    assert final['rst'] == pytest.approx(steps * per_step, rel=1e-9)
+    assert (steps - 1) * per_step < 0.25 <= final['rst']  # it stopped at the first step past the budget
+    assert final['scored_examples'] == 16 * steps and final['tokens'] == 8 * T * steps
+    # SB: everything the run drew from the data was scored once; each step trained one batch of 8
+    sb_final, ckpt = read_log(runs.sb)[-1], torch.load(runs.sb / 'ckpt.pt', weights_only=True)
+    n = num_examples(Corpus(runs.corpus).splits['train'], T)  # SB trains on every example
+    drawn = ckpt['data']['epoch'] * n + ckpt['data']['pos']
+    sb_steps = int(sb_final['iters'])
+    assert sb_final['scored_examples'] == drawn
+    assert sb_final['rst'] == pytest.approx(drawn / 8 * FWD + sb_steps * (FWD_BWD + OPT), rel=1e-9)
+    leftovers = len(ckpt['objective']['buffer_ids'])  # kept but not yet trained: fewer than a batch
+    assert leftovers < 8 and drawn - 8 * sb_steps - leftovers > 0
+
+
+def test_il_cache_lines_up_with_the_stream(runs):
+    info = json.loads((runs.cache / 'il_loss.json').read_text())
+    cache = np.memmap(runs.cache / 'il_loss.f16', dtype=np.float16, mode='r')
+    tokens = Corpus(runs.corpus).splits['train']
+    assert len(cache) == num_examples(tokens, T) == info['num_examples']
+    train_k, hold_k = rho.split_examples(len(cache), 0.2)
+    assert np.isnan(cache[hold_k]).all() and np.isfinite(cache[train_k]).all()
+    assert info['il_ckpt_sha256'] == hashlib.sha256((runs.il / 'ckpt.pt').read_bytes()).hexdigest()
+    assert info['il_precompute']['examples'] == len(train_k)
+    assert info['il_precompute']['rst'] == pytest.approx(len(train_k) / 8 * FWD)
+    assert info['il_train']['rst'] == pytest.approx(read_log(runs.il)[-1]['rst'])
+    model = GPT.from_checkpoint(torch.load(runs.il / 'ckpt.pt', weights_only=True)).eval()
+    for k in train_k[[0, 1, len(train_k) // 2, -1]]:
+        chunk = torch.from_numpy(tokens[k * T:k * T + T + 1].astype(np.int64))
+        with torch.no_grad():  # an independent path: full logits and F.cross_entropy
+            want = F.cross_entropy(model.logits(chunk[None, :-1])[0], chunk[1:]).item()
+        assert float(cache[k]) == pytest.approx(want, abs=3e-3), k
+
+
+def test_stale_cache_is_refused(runs, tmp_path):
+    cfg = rho.RhoConfig(dataset=str(runs.corpus), model='tiny', batch_size=8, il_out_dir=str(runs.il))
+    corpus = Corpus(runs.corpus)
+    rho.load_il_cache(cfg, corpus, T)  # the fresh cache loads
+    with pytest.raises(UserError, match='holdout_frac'):
+        rho.load_il_cache(dataclasses.replace(cfg, holdout_frac=0.3), corpus, T)
+    other_il = tmp_path / 'il'  # the same IL run with one weight changed
+    shutil.copytree(runs.il, other_il)
+    ckpt = torch.load(other_il / 'ckpt.pt', weights_only=True)
+    ckpt['model']['lm_head.weight'][0, 0] += 1.0
+    torch.save(ckpt, other_il / 'ckpt.pt')
+    with pytest.raises(UserError, match='stale IL cache.*IL checkpoint'):
+        rho.load_il_cache(dataclasses.replace(cfg, il_out_dir=str(other_il), il_cache=str(runs.cache)),
+                          corpus, T)
+    # other data, through the command line: exit 2 and one clear line, before any training
+    other = small_corpus(tmp_path / 'upper', transform=str.upper)
+    out = run_script('rho.py', *flags(other, out_dir=tmp_path / 'rho', il_out_dir=runs.il, il_cache=runs.cache,
+                                      stage='train'), env=ONE_THREAD)
+    assert out.returncode == 2 and 'stale IL cache' in out.stderr and 'corpus_fingerprint' in out.stderr, out.stderr
+    assert not (tmp_path / 'rho' / 'ckpt.pt').exists()
+
+
+def test_charge_il_adds_il_costs_and_target_never_sees_holdout(runs, tmp_path):
+    cfg = rho.RhoConfig(dataset=str(runs.corpus), model='tiny', batch_size=8, compile_loss=False, sample_tokens=0,
+                        eval_batches=4, eval_interval=1000, log_interval=1, peak_flops=1e12, budget_unit='iters',
+                        budget=2, out_dir=str(tmp_path / 'run'), il_out_dir=str(runs.il), stage='train', charge_il=True)
+    trainer = train.Trainer(cfg, rho.RhoLoss(cfg))
+    n = num_examples(trainer.corpus.splits['train'], T)
+    assert torch.equal(trainer.data.batches.examples, torch.from_numpy(rho.split_examples(n, 0.2)[0]))
+    spent = trainer.run()['spent']
+    info = json.loads((runs.cache / 'il_loss.json').read_text())
+    il_rst = info['il_train']['rst'] + info['il_precompute']['rst']
+    assert spent['rst'] == pytest.approx(il_rst + 2 * (16 / 8 * FWD + FWD_BWD + OPT), rel=1e-9)
+    assert spent['tokens'] == info['il_train']['tokens'] + 2 * 8 * T
+    assert read_log(tmp_path / 'run')[0]['il_charged'] is True
