@@ -76,8 +76,9 @@ def warmup_units(total, cfg):
 
 def lr_at(spent, total, cfg):
     """The learning rate after `spent` of a `total` budget (lr, min_lr, schedule keys of the config)."""
-    spent = min(max(spent, 0.0), total)
-    warmup = warmup_units(total, cfg)
+    if spent >= total:
+        return cfg.min_lr  # exactly, not min_lr plus a rounding error
+    spent, warmup = max(spent, 0.0), warmup_units(total, cfg)
     if spent < warmup:  # linear warm-up in absolute units, identical for every budget
         return cfg.lr * spent / warmup
     factor = SCHEDULES[cfg.schedule](spent / total, min(warmup / total, 0.999999),

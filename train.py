@@ -479,7 +479,7 @@ class Trainer:
                                         lambda L: self.model.flops_per_token(L), T, cfg.batch_size)
         self.objective = objective or CausalLM(cfg.batch_size)
         self.arch = build_arch(cfg, self.model.n_layer)
-        self.iter_num, self.val_loss = 0, float('inf')
+        self.iter_num, self.val_loss, self.evaluated_at = 0, float('inf'), None
         self.skipped_steps = 0
         self.branch_points = []  # (spent at which to save, path): set by train_wsd_branches
         self.objective.setup(self)
@@ -509,6 +509,7 @@ class Trainer:
         self.arch.load_state_dict(ckpt['arch'])
         self.model.set_active_layers(ckpt['active_layers'])
         self.iter_num, self.val_loss = ckpt['iter_num'], ckpt['val_loss']
+        self.evaluated_at = self.iter_num  # the checkpoint was saved right after this step's eval
         torch.set_rng_state(ckpt['rng']['cpu'])
         if self.rt.device.type == 'cuda' and ckpt['rng']['cuda'] is not None:
             torch.cuda.set_rng_state(ckpt['rng']['cuda'])
@@ -544,6 +545,7 @@ class Trainer:
                                      self.arch.eval_layers(self.model))
         self.log({'step': self.iter_num, 'val_loss': self.val_loss, **self.budget.spent})
         self.checkpoint()
+        self.evaluated_at = self.iter_num
         self.rt.print(f'step {self.iter_num} | val loss {self.val_loss:.4f} | saved {self.out_dir / "ckpt.pt"}')
 
     def train_step(self, lr):
@@ -624,7 +626,8 @@ class Trainer:
         except NonFiniteLoss:
             self.log({'step': self.iter_num + 1, 'nonfinite': True, **self.budget.spent})
             raise
-        self.eval_and_save()
+        if self.evaluated_at != self.iter_num:  # Ctrl-C just after an eval: that step is logged and saved
+            self.eval_and_save()
         rt.print(f'done: {self.iter_num} steps, {self.budget.spent["tokens"]:,.0f} tokens, '
                  f'{format_seconds(time.time() - t_start)} wall, final val loss {self.val_loss:.4f}')
         if rt.master and cfg.sample_tokens and not interrupted:

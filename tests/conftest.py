@@ -1,0 +1,42 @@
+"""Shared test setup: the repo root on sys.path, the embedded corpus prepared once, a tiny run config."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# One thread, here and in the scripts the tests start: on a busy small machine, OpenMP threads spin-wait
+# for a descheduled sibling and a tiny model's ops slow down a hundredfold. Results do not depend on it.
+os.environ.setdefault('OMP_NUM_THREADS', '1')
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope='session')
+def stdlib_corpus():
+    """data/stdlib/byte, prepared once per session (the loop would do it on first use, per test)."""
+    import train
+    return train.load_corpus(train.TrainConfig())
+
+
+@pytest.fixture
+def tiny_cfg(stdlib_corpus, tmp_path):
+    """make(**overrides) -> a TrainConfig for a seconds-long CPU run in a fresh folder under tmp_path."""
+    from train import TrainConfig
+
+    def make(**overrides):
+        base = dict(out_dir=str(tmp_path / 'run'), model='tiny', batch_size=8, budget_unit='iters', budget=10,
+                    compile_loss=False, sample_tokens=0, peak_flops=1e12, eval_batches=4, eval_interval=1000,
+                    log_interval=1)
+        return TrainConfig(**{**base, **overrides})
+    return make
+
+
+def run_script(*args, cwd=ROOT, env=None, timeout=120):
+    """Run `python ARGS...` in the repo root like a user would; returns the CompletedProcess."""
+    import subprocess
+    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})

@@ -1,0 +1,186 @@
+"""budget: schedules at closed-form points; every unit stops a real run at its budget with the LR at min_lr;
+RST is charged exactly from the table; calibrate writes a usable table."""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import budget as budget_lib
+import train
+from configurator import UserError
+from conftest import ROOT, run_script
+from train import TrainConfig
+
+TINY_TABLE = json.loads((ROOT / 'config' / 'rst' / 'gpt_L2_H2_D64_T64_V256_B8.json').read_text())
+TOKENS_PER_STEP = 8 * 64                         # tiny: batch 8 x block 64
+C, T, V, L = 64, 64, 256, 2                      # tiny on the byte corpus
+FLOPS_PER_TOKEN = 6 * (L * (12 * C * C + 13 * C) + V * C) + 12 * L * C * T  # nanoGPT's 6N + attention
+
+
+def lr(p, total=1000.0, **kw):
+    cfg = TrainConfig(**{'lr': 1.0, 'min_lr': 0.0, 'warmup_frac': 0.0, **kw})
+    return budget_lib.lr_at(p * total, total, cfg)
+
+
+@pytest.mark.parametrize('schedule', ['cosine', 'linear'])
+def test_cosine_and_linear(schedule):
+    kw = dict(schedule=schedule, warmup_frac=0.1, min_lr=0.1)
+    assert lr(0.0, **kw) == 0.0 and lr(0.05, **kw) == pytest.approx(0.5)   # linear warm-up from 0
+    assert lr(0.1, **kw) == pytest.approx(1.0)                              # the peak at warm-up's end
+    assert lr(0.55, **kw) == pytest.approx(0.55)                            # half-way down to min_lr
+    assert lr(1.0, **kw) == 0.1 and lr(1.2, **kw) == 0.1                    # exactly min_lr at p = 1
+    quarter = 0.1 + 0.9 * (0.5 * (1 + math.cos(math.pi / 4)) if schedule == 'cosine' else 0.75)
+    assert lr(0.1 + 0.9 / 4, **kw) == pytest.approx(quarter)
+
+
+def test_onecycle():
+    kw = dict(schedule='onecycle', min_lr=0.2, warmup_frac=0.3)  # its rise is always half the budget
+    assert lr(0.25, **kw) == pytest.approx(0.5) and lr(0.5, **kw) == pytest.approx(1.0)
+    assert lr(0.75, **kw) == pytest.approx(0.6) and lr(1.0, **kw) == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize('shape, at_quarter', [('1-sqrt', 0.5), ('linear', 0.75)])
+def test_wsd(shape, at_quarter):
+    kw = dict(schedule='wsd', warmup_frac=0.1, cooldown_frac=0.2, cooldown_shape=shape)
+    assert [lr(p, **kw) for p in (0.1, 0.3, 0.6, 0.8)] == pytest.approx([1.0] * 4)   # the plateau
+    assert lr(0.85, **kw) == pytest.approx(at_quarter)           # x = 0.25 into the cooldown
+    assert lr(1.0, **kw) == pytest.approx(0.0, abs=1e-12)
+    assert lr(0.85, min_lr=0.2, **kw) == pytest.approx(0.2 + 0.8 * at_quarter)
+
+
+def test_rex():
+    assert lr(0.5, schedule='rex') == pytest.approx(2 / 3)
+    assert lr(0.0, schedule='rex') == 1.0 and lr(1.0, schedule='rex') == pytest.approx(0.0, abs=1e-12)
+    assert lr(0.5, schedule='rex', min_lr=0.4) == pytest.approx(0.4 + 0.6 * 2 / 3)
+
+
+@pytest.mark.parametrize('schedule', list(budget_lib.SCHEDULES))
+def test_no_schedule_leaves_min_lr_and_peak_after_warm_up(schedule):
+    cfg = TrainConfig(schedule=schedule, lr=1.0, min_lr=0.2, warmup_frac=0.05)
+    warm = 0.5 if schedule == 'onecycle' else 0.05
+    ps = np.linspace(0, 1, 2001)
+    lrs = np.array([budget_lib.lr_at(p * 1000, 1000.0, cfg) for p in ps])
+    after = lrs[ps >= warm]
+    assert after.min() >= 0.2 - 1e-12 and after.max() <= 1.0 + 1e-12
+    assert (np.diff(after) <= 1e-12).all()                        # never rises after the warm-up
+    assert (np.diff(lrs[ps < warm]) >= 0).all() and lrs[-1] == pytest.approx(0.2, abs=1e-12)
+
+
+def test_warmup_units_are_the_same_for_every_budget():
+    for total in (100.0, 1000.0):
+        cfg = TrainConfig(lr=1.0, warmup_units=10.0, budget=total)
+        assert budget_lib.lr_at(5.0, total, cfg) == pytest.approx(0.5)
+        assert budget_lib.lr_at(10.0, total, cfg) == pytest.approx(1.0)
+
+
+def test_budget_charges_from_the_table():
+    b = budget_lib.Budget('rst', 1.0, TINY_TABLE, lambda n: 1000 * n, 64, 8)
+    b.charge_train(16, 2)           # two micro-batches' worth at 2 layers
+    b.charge_forward(4, 1)          # half a micro-batch of scoring at 1 layer
+    b.charge_optimizer('lion')
+    b.charge_hessian('sophiag', 2)
+    want = 2 * TINY_TABLE['fwd_bwd']['2'] + 0.5 * TINY_TABLE['fwd']['1'] + TINY_TABLE['optimizer']['lion'] \
+        + TINY_TABLE['hessian']['sophiag']
+    assert b.spent['rst'] == pytest.approx(want, rel=1e-12)
+    assert b.spent['tokens'] == 16 * 64 and b.spent['iters'] == 1 and b.spent['scored_examples'] == 4
+    assert b.spent['flops'] == pytest.approx(16 * 64 * 2000 + 4 * 64 * 1000 / 3 + 8 * 64 * 2000)
+    assert b.progress == pytest.approx(want) and not b.done
+    c = budget_lib.Budget('rst', 1.0, TINY_TABLE, lambda n: 1000 * n, 64, 8)
+    c.load_state_dict(b.state_dict())
+    assert c.spent == b.spent
+    with pytest.raises(UserError):
+        budget_lib.Budget('steps', 1.0, None, None, 64, 8)
+
+
+# -----------------------------------------------------------------------------
+# real runs, one per unit
+
+def train_records(out_dir):
+    lines = [json.loads(l) for l in (out_dir / 'log.jsonl').read_text().splitlines()]
+    return [r for r in lines if 'train_loss' in r], [r for r in lines if 'val_loss' in r]
+
+
+RST_STEP = TINY_TABLE['fwd_bwd']['2'] * (8 / 8) + TINY_TABLE['optimizer']['adamw']
+UNITS = {  # unit: (budget, cost of one step or None when measured)
+    'iters': (12, 1.0),
+    'tokens': (10_000, float(TOKENS_PER_STEP)),
+    'flops': (15.5 * TOKENS_PER_STEP * FLOPS_PER_TOKEN, float(TOKENS_PER_STEP * FLOPS_PER_TOKEN)),
+    'rst': (0.1, RST_STEP),
+    'wall': (0.4, None),
+}
+
+
+@pytest.mark.parametrize('unit', list(UNITS))
+def test_run_stops_at_the_budget_with_lr_at_min_lr(tiny_cfg, unit):
+    total, step_cost = UNITS[unit]
+    cfg = tiny_cfg(budget_unit=unit, budget=total, lr=2e-3, min_lr=1e-4, warmup_frac=0.1)
+    result = train.train(cfg)
+    records, evals = train_records(Path(cfg.out_dir))
+    assert len(records) == result['steps'] >= 2 and [r['step'] for r in records] == list(range(1, len(records) + 1))
+    before, last = records[-2][unit], records[-1][unit]
+    assert before < total <= last, (before, total, last)         # stopped at the first step past the budget
+    if step_cost is not None:
+        assert last - before == pytest.approx(step_cost, rel=1e-9)
+        assert result['steps'] == math.ceil(total / step_cost - 1e-9)
+    # the last step ran at the LR of where it started, within one step of the end of the schedule
+    assert records[-1]['lr'] == budget_lib.lr_at(before, total, cfg)
+    assert budget_lib.lr_at(total, total, cfg) == pytest.approx(cfg.min_lr, abs=1e-12)
+    assert cfg.min_lr <= records[-1]['lr'] <= budget_lib.lr_at(total - (last - before), total, cfg)
+    assert evals[-1]['step'] == result['steps'] and evals[-1][unit] == last
+    for other in ('iters', 'tokens', 'flops'):                    # every unit is counted on every run
+        per_step = {'iters': 1, 'tokens': TOKENS_PER_STEP, 'flops': TOKENS_PER_STEP * FLOPS_PER_TOKEN}[other]
+        assert records[-1][other] == pytest.approx(result['steps'] * per_step, rel=1e-12)
+
+
+def test_rst_is_the_sum_of_the_table_charges_and_deterministic(tiny_cfg, tmp_path):
+    spent = []
+    for run in ('a', 'b'):
+        cfg = tiny_cfg(budget_unit='rst', budget=0.1, out_dir=str(tmp_path / run))
+        train.train(cfg)
+        records, _ = train_records(tmp_path / run)
+        want, acc = [], 0.0
+        for _ in records:
+            acc += TINY_TABLE['fwd_bwd']['2'] * 1.0
+            acc += TINY_TABLE['optimizer']['adamw']
+            want.append(acc)
+        assert [r['rst'] for r in records] == pytest.approx(want, rel=1e-12)
+        spent.append([r['rst'] for r in records])
+    assert spent[0] == spent[1]
+
+
+def test_rst_charges_sophia_hessian_steps_and_grad_accum(tiny_cfg):
+    cfg = tiny_cfg(budget_unit='rst', budget=0.2, optimizer='sophiag', hess_interval=3, grad_accum=2, lr=1e-3)
+    train.train(cfg)
+    records, _ = train_records(Path(cfg.out_dir))
+    acc, want = 0.0, []
+    for step in range(1, len(records) + 1):
+        acc += 2 * TINY_TABLE['fwd_bwd']['2'] + TINY_TABLE['optimizer']['sophiag']
+        acc += TINY_TABLE['hessian']['sophiag'] if step % 3 == 0 else 0.0
+        want.append(acc)
+    assert [r['rst'] for r in records] == pytest.approx(want, rel=1e-12)
+    assert records[-1]['hessian_steps'] == len(records) // 3
+    assert records[-1]['tokens'] == len(records) * 2 * TOKENS_PER_STEP
+
+
+def test_rst_run_without_a_table_names_the_calibrate_command(tiny_cfg):
+    with pytest.raises(UserError, match='python budget.py calibrate') as e:
+        train.train(tiny_cfg(budget_unit='rst', budget=1.0, batch_size=3))
+    assert '--batch_size=3' in str(e.value)
+
+
+def test_calibrate_writes_a_table_a_run_can_use(tiny_cfg, tmp_path):
+    path = tmp_path / 'table.json'
+    out = run_script('budget.py', 'calibrate', '--model=tiny', '--batch_size=4', f'--rst_table={path}')
+    assert out.returncode == 0, out.stderr
+    table = json.loads(path.read_text())
+    assert table['key'] == 'gpt_L2_H2_D64_T64_V256_B4'
+    assert sorted(table['fwd_bwd']) == sorted(table['fwd']) == ['1', '2']
+    assert sorted(table['optimizer']) == ['adamw', 'lion', 'sophiag'] and list(table['hessian']) == ['sophiag']
+    values = [*table['fwd_bwd'].values(), *table['fwd'].values(), *table['optimizer'].values(), *table['hessian'].values()]
+    assert all(isinstance(v, float) and 0 < v < 10 for v in values)
+    assert {'machine', 'torch', 'date', 'device'} <= set(table)
+    step = table['fwd_bwd']['2'] + table['optimizer']['adamw']
+    cfg = tiny_cfg(budget_unit='rst', budget=5.5 * step, batch_size=4, rst_table=str(path))
+    assert train.train(cfg)['steps'] == 6

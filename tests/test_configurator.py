@@ -1,0 +1,115 @@
+"""configurator: config files then --key=value in order, type checks, one-line errors with exit code 2."""
+import dataclasses
+from dataclasses import dataclass
+
+import pytest
+
+from conftest import run_script
+from configurator import ConfigError, cli, parse, require
+
+
+@dataclass(frozen=True)
+class Toy:
+    lr: float = 0.1
+    steps: int = 10
+    name: str = 'adamw'
+    flag: bool = False
+    betas: tuple = (0.9, 0.95)
+    anything: tuple = ()
+
+    def __post_init__(self):
+        require(self.steps > 0, f'--steps must be positive, got {self.steps}')
+
+
+def write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+def test_defaults_untouched_without_arguments():
+    assert parse(Toy, []) == Toy()
+
+
+def test_file_then_overrides_apply_in_order(tmp_path):
+    first = write(tmp_path / 'a.py', 'import math\nlr = 0.5\nsteps = 3\n_private = 1\ndef helper(): pass\n')
+    second = write(tmp_path / 'b.py', 'steps = 7\n')
+    cfg = parse(Toy, [first, '--lr=0.25'])
+    assert (cfg.lr, cfg.steps) == (0.25, 3)       # the override after the file wins
+    cfg = parse(Toy, ['--lr=0.25', first])
+    assert (cfg.lr, cfg.steps) == (0.5, 3)        # the file after the override wins
+    cfg = parse(Toy, [first, second, '--steps=9', '--name=lion'])
+    assert (cfg.lr, cfg.steps, cfg.name) == (0.5, 9, 'lion')
+    assert parse(Toy, [first, second]).steps == 7
+
+
+def test_values_are_literals_and_bare_words_stay_strings():
+    cfg = parse(Toy, ['--lr=3e-4', '--steps=12', '--name=lion', '--flag=True', "--anything=(1, 'a')"])
+    assert cfg == Toy(lr=3e-4, steps=12, name='lion', flag=True, anything=(1, 'a'))
+    assert parse(Toy, ["--name='1'"]).name == '1'
+
+
+def test_int_accepted_for_float_and_becomes_float():
+    cfg = parse(Toy, ['--lr=1'])
+    assert cfg.lr == 1.0 and type(cfg.lr) is float
+
+
+def test_list_becomes_tuple_with_element_types():
+    cfg = parse(Toy, ['--betas=[0.8, 1]'])
+    assert cfg.betas == (0.8, 1.0) and type(cfg.betas) is tuple and type(cfg.betas[1]) is float
+    assert parse(Toy, ['--anything=[1, 2]']).anything == (1, 2)
+    with pytest.raises(ConfigError, match='--betas'):
+        parse(Toy, ["--betas=['a', 0.9]"])
+
+
+@pytest.mark.parametrize('arg, key', [('--lr=fast', '--lr'), ('--steps=1.5', '--steps'), ('--steps=True', '--steps'),
+                                      ('--flag=1', '--flag'), ('--name=3', '--name'), ('--betas=0.9', '--betas')])
+def test_wrong_type_names_the_key(arg, key):
+    with pytest.raises(ConfigError, match=key):
+        parse(Toy, [arg])
+
+
+def test_unknown_key_names_closest(tmp_path):
+    with pytest.raises(ConfigError, match=r'--stpes.*steps'):
+        parse(Toy, ['--stpes=3'])
+    with pytest.raises(ConfigError, match='--bogus'):
+        parse(Toy, [write(tmp_path / 'c.py', 'bogus = 1\n')])
+    with pytest.raises(ConfigError, match='--steps'):
+        parse(Toy, [write(tmp_path / 'd.py', "steps = 'ten'\n")])
+
+
+def test_malformed_arguments_are_errors(tmp_path):
+    with pytest.raises(ConfigError, match='--lr'):
+        parse(Toy, ['--lr'])
+    with pytest.raises(ConfigError, match='config file'):
+        parse(Toy, ['notes.txt'])
+    with pytest.raises(ConfigError, match='not found'):
+        parse(Toy, [str(tmp_path / 'missing.py')])
+
+
+def test_cli_exits_2_with_one_line(capsys):
+    for argv in (['--steps=0'], ['--lr=x'], ['--nope=1']):
+        with pytest.raises(SystemExit) as e:
+            cli(lambda cfg: None, Toy, argv)
+        assert e.value.code == 2, argv
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and err.startswith('error: '), err
+    assert cli(lambda cfg: cfg.steps, Toy, ['--steps=4']) == 4
+
+
+def test_train_config_tuple_and_float_keys():
+    from train import TrainConfig
+    cfg = parse(TrainConfig, ['--stack_fracs=[0.25, 0.5]', '--lr=1', '--model=tiny'])
+    assert cfg.stack_fracs == (0.25, 0.5) and cfg.lr == 1.0 and isinstance(cfg.lr, float)
+    assert dataclasses.asdict(cfg)['model'] == 'tiny'
+
+
+@pytest.mark.parametrize('arg, names', [('--lrr=1', ['--lrr', 'closest', 'lr']),
+                                        ('--batch_size=1.5', ['--batch_size', 'int'])])
+def test_train_script_rejects_bad_keys_without_traceback(arg, names):
+    out = run_script('train.py', arg)
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert 'Traceback' not in out.stderr
+    for name in names:
+        assert name in lines[0], lines[0]

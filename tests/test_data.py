@@ -1,0 +1,236 @@
+"""data: the stdlib corpus is deterministic and split by document, tokenizers, text prepare, Batches."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, run_script
+from data.loader import (DATA_ROOT, Batches, Corpus, DataError, get_examples, get_tokenizer, is_val,
+                         num_examples, val_ids, write_corpus)
+
+# An offline tiktoken: an empty cache and a proxy that refuses at once, so nothing waits on the network.
+OFFLINE = {'HTTPS_PROXY': 'http://127.0.0.1:9', 'HTTP_PROXY': 'http://127.0.0.1:9', 'NO_PROXY': ''}
+
+
+@pytest.fixture(scope='module')
+def prepared_twice(tmp_path_factory):
+    """data/stdlib/prepare.py run twice through its command line, into two fresh folders."""
+    dirs = [tmp_path_factory.mktemp(f'stdlib{i}') / 'byte' for i in range(2)]
+    runs = [subprocess.Popen([sys.executable, 'data/stdlib/prepare.py', f'--out_dir={d}'], cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for d in dirs]
+    for run in runs:
+        _, err = run.communicate(timeout=300)
+        assert run.returncode == 0, err
+    return dirs
+
+
+def test_stdlib_prepare_is_deterministic(prepared_twice):
+    a, b = prepared_twice
+    for name in ('train.bin', 'val.bin', 'meta.json'):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    meta = json.loads((a / 'meta.json').read_text())
+    assert meta['tokenizer'] == 'byte' and meta['vocab_size'] == 256
+    assert meta['counts']['val']['tokens'] > 100_000 and meta['counts']['train']['tokens'] > 10 * meta['counts']['val']['tokens']
+
+
+def test_stdlib_split_is_by_document_name(prepared_twice):
+    """val.bin is exactly the documents is_val names (less any the writer moved to train for sharing text
+    with it, listed in meta.json), in order; train.bin is exactly the rest, in order."""
+    from data.stdlib.prepare import stdlib_documents
+    corpus = Corpus(prepared_twice[0])
+    val_frac, moved = corpus.meta['val_frac'], set(corpus.meta.get('moved_to_train', []))
+    want = {'train': bytearray(), 'val': bytearray()}
+    names = {'train': set(), 'val': set()}
+    for name, text in stdlib_documents():
+        split = 'val' if is_val(name, val_frac) and name not in moved else 'train'
+        want[split] += text.encode('utf-8')
+        names[split].add(name)
+    assert not names['train'] & names['val']
+    assert 10 <= len(names['val']) < 0.1 * len(names['train'])
+    for split in ('train', 'val'):
+        assert np.asarray(corpus.splits[split]).astype(np.uint8).tobytes() == bytes(want[split]), split
+
+
+def test_val_documents_are_not_in_train_and_shared_text_is_rare(prepared_twice):
+    """The split is by document, so no document is in both. Text still repeats across documents (license
+    headers, codec tables, pydoc topics that repeat another topic): bound that leak, as the README states."""
+    corpus = Corpus(prepared_twice[0])
+    train = np.asarray(corpus.splits['train']).astype(np.uint8).tobytes()
+    val = np.asarray(corpus.splits['val']).astype(np.uint8).tobytes()
+    starts = np.random.default_rng(0).integers(0, len(val) - 200, 400)
+    leaked = [int(s) for s in starts if val[s:s + 200] in train]
+    assert len(leaked) <= 0.05 * len(starts), f'{len(leaked)}/400 sampled 200-byte val windows occur in train'
+    from data.stdlib.prepare import stdlib_documents
+    names = [name for name, _ in stdlib_documents()]
+    assert len(names) == len(set(names)), 'document names must be unique for the split to be by document'
+
+
+def test_byte_tokenizer_round_trip():
+    tok = get_tokenizer('byte')
+    text = 'def f(x):\n    return "héllo ∑ 🙂"\t\x00'
+    ids = tok.encode(text)
+    assert ids.dtype == np.int64 and list(ids) == list(text.encode('utf-8'))
+    assert tok.decode(ids) == text and tok.vocab_size == 256
+
+
+def test_missing_tiktoken_encoding_is_a_clear_error(monkeypatch):
+    import tiktoken
+
+    def offline(name):
+        raise ConnectionError('no network')
+    monkeypatch.setattr(tiktoken, 'get_encoding', offline)
+    with pytest.raises(DataError) as e:
+        get_tokenizer('gpt2')
+    message = str(e.value)
+    assert 'TIKTOKEN_CACHE_DIR' in message and "'gpt2'" in message and '--tokenizer=byte' in message
+
+
+def test_prepare_with_missing_encoding_exits_2_with_one_line(tmp_path):
+    out = run_script('data/stdlib/prepare.py', '--tokenizer=gpt2', f'--out_dir={tmp_path / "gpt2"}',
+                     env={**OFFLINE, 'TIKTOKEN_CACHE_DIR': str(tmp_path / 'empty_cache')})
+    assert out.returncode == 2, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and 'TIKTOKEN_CACHE_DIR' in out.stderr, out.stderr
+    assert 'Traceback' not in out.stderr
+    assert not (tmp_path / 'gpt2' / 'meta.json').exists()
+
+
+def random_text(seed, n_words):
+    words = ['alpha', 'beta', 'gamma', 'delta', 'tensor', 'loss', 'token', 'batch', 'layer', 'grad', 'é', 'ß']
+    return ' '.join(np.random.default_rng(seed).choice(words, n_words))
+
+
+@pytest.fixture
+def text_corpus_name():
+    name = f'pytest_text_corpus_{os.getpid()}'  # under data/text/ (git-ignored), removed afterwards
+    yield name
+    shutil.rmtree(DATA_ROOT / 'text' / name, ignore_errors=True)
+
+
+def test_text_prepare_on_a_folder(tmp_path, text_corpus_name):
+    folder = tmp_path / 'notes'
+    docs = {}
+    for i in range(40):
+        rel = f'sub{i % 3}/note{i:02d}.txt' if i % 2 else f'note{i:02d}.md'
+        docs[rel] = f'note {i}: ' + random_text(i, 20 + 10 * i) + ' é\n'
+    (folder / 'skip.bin').parent.mkdir(parents=True)
+    (folder / 'skip.bin').write_bytes(b'\xff\xfe binary, not text')
+    for rel, text in docs.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_text(text, encoding='utf-8')
+    val_frac = 0.2
+    assert any(is_val(r, val_frac) for r in docs) and not all(is_val(r, val_frac) for r in docs)
+    out = run_script('data/text/prepare.py', f'--input={folder}', f'--name={text_corpus_name}',
+                     f'--val_frac={val_frac}')
+    assert out.returncode == 0, out.stderr
+    corpus = Corpus(DATA_ROOT / 'text' / text_corpus_name / 'byte')
+    assert not corpus.meta.get('moved_to_train')  # no two notes share text
+    for split in ('train', 'val'):
+        want = b''.join(docs[r].encode() for r in sorted(docs) if is_val(r, val_frac) == (split == 'val'))
+        assert np.asarray(corpus.splits[split]).astype(np.uint8).tobytes() == want, split
+    assert corpus.meta['counts']['train']['documents'] + corpus.meta['counts']['val']['documents'] == len(docs)
+
+
+def test_write_corpus_refuses_an_empty_split(tmp_path):
+    with pytest.raises(DataError, match='val split'):
+        write_corpus(tmp_path / 'c', [('only-train-doc', 'x' * 100)], get_tokenizer('byte'), 'test', val_frac=1e-4)
+    assert not (tmp_path / 'c' / 'meta.json').exists()
+
+
+# -----------------------------------------------------------------------------
+# Batches
+
+def stream(n=1001, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, n).astype(np.uint16)
+
+
+def test_ids_are_stream_offsets():
+    tokens, T = stream(), 16
+    batches = Batches(tokens, T, seed=1)
+    for _ in range(5):
+        x, y, ids = batches.next(7)
+        assert x.shape == y.shape == (7, T) and x.dtype == y.dtype == torch.int64
+        for row, i in enumerate(ids.tolist()):
+            assert i % T == 0
+            assert x[row].tolist() == tokens[i:i + T].tolist()
+            assert y[row].tolist() == tokens[i + 1:i + T + 1].tolist()
+
+
+def test_an_epoch_covers_every_example_once():
+    tokens, T = stream(), 16
+    n = num_examples(tokens, T)
+    assert n == (len(tokens) - 1) // T == 62
+    batches = Batches(tokens, T, seed=3)
+    epoch = torch.cat([batches.next_ids(2) for _ in range(n // 2)]).tolist()
+    assert sorted(epoch) == [k * T for k in range(n)]
+    second = torch.cat([batches.next_ids(2) for _ in range(n // 2)]).tolist()
+    assert sorted(second) == sorted(epoch) and second != epoch  # a fresh order each epoch
+    assert batches.state_dict() == {'epoch': 2, 'pos': 0}
+    other_seed = Batches(tokens, T, seed=4).next_ids(n).tolist()
+    assert other_seed != epoch
+
+
+def test_restricted_examples():
+    tokens, T = stream(), 16
+    batches = Batches(tokens, T, seed=0, examples=[1, 5, 9])
+    assert sorted(batches.next_ids(3).tolist()) == [16, 80, 144]
+
+
+def test_state_dict_resumes_the_exact_order():
+    tokens, T = stream(), 16
+    a = Batches(tokens, T, seed=5)
+    for _ in range(9):  # 45 of 62 examples: the next draws cross into epoch 1
+        a.next(5)
+    state = a.state_dict()
+    want = [a.next_ids(5).tolist() for _ in range(30)]
+    b = Batches(tokens, T, seed=5)
+    b.load_state_dict(state)
+    assert [b.next_ids(5).tolist() for _ in range(30)] == want
+
+
+def test_ddp_ranks_get_disjoint_halves_of_one_global_batch():
+    tokens, T = stream(), 16
+    single = Batches(tokens, T, seed=7)
+    ranks = [Batches(tokens, T, seed=7, rank=r, world_size=2) for r in range(2)]
+    for _ in range(20):  # crosses epoch boundaries
+        both = single.next_ids(6).tolist()
+        r0, r1 = (r.next_ids(3).tolist() for r in ranks)
+        assert r0 == both[:3] and r1 == both[3:]
+        assert not set(r0) & set(r1)
+
+
+def test_block_size_larger_than_data_is_a_data_error():
+    tokens = stream(50)
+    with pytest.raises(DataError, match='block_size=64'):
+        Batches(tokens, 64, seed=0)
+    with pytest.raises(DataError, match='block_size=64'):
+        val_ids(tokens, 64, 8)
+    Batches(tokens, 48, seed=0)  # 49 tokens after the first make one example
+
+
+def test_val_ids_are_fixed_and_in_range():
+    tokens, T = stream(), 16
+    ids = val_ids(tokens, T, 10)
+    assert ids.tolist() == val_ids(tokens, T, 10).tolist() and len(ids) == 10
+    assert ids[0] == 0 and ids[-1] == (num_examples(tokens, T) - 1) * T and all(i % T == 0 for i in ids)
+    x, y = get_examples(tokens, ids, T)
+    assert y[:, :-1].tolist() == x[:, 1:].tolist()
+    assert len(val_ids(tokens, T, 1000)) == num_examples(tokens, T)
+
+
+def test_corpus_refuses_truncated_bin(tmp_path):
+    write_corpus(tmp_path / 'c', [(f'doc{i}', random_text(i, 60)) for i in range(200)], get_tokenizer('byte'), 'test')
+    corpus = Corpus(tmp_path / 'c')
+    assert corpus.vocab_size == 256 and len(corpus.fingerprint()) == 16
+    data = (tmp_path / 'c' / 'val.bin').read_bytes()
+    (tmp_path / 'c' / 'val.bin').write_bytes(data[:-2])
+    with pytest.raises(DataError, match='prepare it again'):
+        Corpus(tmp_path / 'c')
+
+
+def test_repo_root_fixture_points_at_the_repo():
+    assert (ROOT / 'train.py').exists() and DATA_ROOT == ROOT / 'data'

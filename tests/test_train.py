@@ -1,0 +1,182 @@
+"""train: learning happens, exact resume, Ctrl-C, atomic checkpoints, out_dir safety, init_from, the script,
+and a two-process DDP run."""
+import dataclasses
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from configurator import UserError
+from conftest import ROOT, run_script
+from model import GPT
+
+TIMING_KEYS = {'wall', 'tokens_per_s', 'mfu', 'eta_s'}  # measured, so they differ between runs
+
+
+def read_log(out_dir):
+    return [json.loads(l) for l in (Path(out_dir) / 'log.jsonl').read_text().splitlines()]
+
+
+def without_timing(records):
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
+
+
+def load(out_dir):
+    return torch.load(Path(out_dir) / 'ckpt.pt', map_location='cpu', weights_only=True)
+
+
+def assert_same_tensors(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_loss_goes_down(tiny_cfg):
+    result = train.train(tiny_cfg(budget=40, eval_interval=20, lr=3e-3))
+    evals = [r for r in read_log(tiny_cfg().out_dir) if 'val_loss' in r]
+    assert [r['step'] for r in evals] == [20, 40]
+    first, last = evals[0]['val_loss'], evals[-1]['val_loss']
+    assert last < first < math.log(256), (first, last)
+    assert result['val_loss'] == last and result['steps'] == 40 and not result['interrupted']
+
+
+class StopAfter(train.CausalLM):
+    """The baseline objective, but Ctrl-C arrives when step `steps` + 1 asks for its batch."""
+
+    def __init__(self, batch_size, steps):
+        super().__init__(batch_size)
+        self.steps, self.calls = steps, 0
+
+    def __call__(self, model, data, budget):
+        if self.calls == self.steps:
+            raise KeyboardInterrupt
+        self.calls += 1
+        return super().__call__(model, data, budget)
+
+
+def test_ctrl_c_saves_and_resume_is_bit_identical(tiny_cfg, tmp_path):
+    N = 12
+    kw = dict(budget=N, eval_interval=N // 2, dropout=0.1)  # dropout: the RNG state must resume too
+    full = train.train(tiny_cfg(out_dir=str(tmp_path / 'a'), **kw))
+    assert full['steps'] == N
+
+    cut = train.train(tiny_cfg(out_dir=str(tmp_path / 'b'), **kw), StopAfter(8, N // 2))
+    assert cut['interrupted'] and cut['steps'] == N // 2                 # Ctrl-C returns ...
+    assert load(tmp_path / 'b')['iter_num'] == N // 2                    # ... after saving a checkpoint
+    last = read_log(tmp_path / 'b')[-1]
+    assert last['step'] == N // 2 and 'val_loss' in last
+
+    resumed = train.train(tiny_cfg(out_dir=str(tmp_path / 'b'), init_from='resume', **kw))
+    assert resumed['steps'] == N and resumed['val_loss'] == full['val_loss']
+    log_a, log_b = read_log(tmp_path / 'a'), read_log(tmp_path / 'b')
+    evals_b = [r['step'] for r in log_b if 'val_loss' in r]
+    assert len(evals_b) == len(set(evals_b)), (
+        f'val records at steps {evals_b}: a Ctrl-C just after an eval evaluates and logs that step again '
+        f'(train.py: skip the interrupt eval when this step was just evaluated and saved)')
+    assert without_timing(log_b) == without_timing(log_a)               # every loss, lr and count, bit for bit
+    a, b = load(tmp_path / 'a'), load(tmp_path / 'b')
+    assert_same_tensors(a['model'], b['model'])
+    for sa, sb in zip(a['optimizer']['state'].values(), b['optimizer']['state'].values()):
+        assert_same_tensors(sa, sb)
+
+
+def test_checkpoint_contents(tiny_cfg):
+    cfg = tiny_cfg(budget=6)
+    train.train(cfg)
+    ckpt = load(cfg.out_dir)  # weights_only=True: plain types and tensors only
+    assert {'model', 'optimizer', 'model_args', 'iter_num', 'config'} <= set(ckpt)
+    assert ckpt['iter_num'] == 6 and ckpt['config'] == dataclasses.asdict(cfg)
+    assert {k: ckpt['model_args'][k] for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'vocab_size', 'bias')} \
+        == dict(n_layer=2, n_head=2, n_embd=64, block_size=64, vocab_size=256, bias=True)
+    assert_same_tensors(GPT.from_checkpoint(ckpt).state_dict(), ckpt['model'])
+    info = json.loads((Path(cfg.out_dir) / 'config.json').read_text())
+    assert info['config']['budget'] == 6 and 'git_commit' in info and 'torch' in info
+
+
+def test_a_crash_mid_write_leaves_the_previous_checkpoint(tiny_cfg, monkeypatch):
+    cfg = tiny_cfg(budget=8, eval_interval=4)
+    real_save, calls = torch.save, []
+
+    def save_then_die(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            return real_save(obj, f, *args, **kwargs)
+        f.write(b'\x80\x02partial pickle')  # half a file, then the machine goes away
+        raise OSError('disk full')
+    monkeypatch.setattr(torch, 'save', save_then_die)
+    with pytest.raises(OSError, match='disk full'):
+        train.train(cfg)  # the second checkpoint (step 8) fails mid-write
+    monkeypatch.setattr(torch, 'save', real_save)
+    assert len(calls) == 2
+    assert train.load_checkpoint(Path(cfg.out_dir) / 'ckpt.pt')['iter_num'] == 4
+    result = train.train(dataclasses.replace(cfg, init_from='resume'))
+    assert result['steps'] == 8 and load(cfg.out_dir)['iter_num'] == 8
+
+
+def test_a_second_scratch_run_refuses_the_out_dir(tiny_cfg):
+    cfg = tiny_cfg(budget=3)
+    train.train(cfg)
+    with pytest.raises(UserError, match='already holds a run'):
+        train.train(cfg)
+    assert load(cfg.out_dir)['iter_num'] == 3  # untouched
+    train.train(dataclasses.replace(cfg, budget=2, overwrite=True))
+    records = [r for r in read_log(cfg.out_dir) if 'train_loss' in r]
+    assert [r['step'] for r in records] == [1, 2]  # the old run's log is gone, not appended to
+    with pytest.raises(UserError, match='no checkpoint'):
+        train.train(tiny_cfg(out_dir=cfg.out_dir + '_empty', init_from='resume'))
+
+
+def test_init_from_a_checkpoint_path(tiny_cfg, tmp_path):
+    source = tiny_cfg(budget=5, out_dir=str(tmp_path / 'source'))
+    train.train(source)
+    path = tmp_path / 'source' / 'ckpt.pt'
+    cfg = tiny_cfg(out_dir=str(tmp_path / 'finetune'), init_from=str(path), model='small', budget=2)
+    trainer = train.Trainer(cfg)
+    assert trainer.model.config.n_layer == 2 and trainer.model.config.n_embd == 64  # the checkpoint's shape wins
+    assert_same_tensors(trainer.model.state_dict(), load(tmp_path / 'source')['model'])
+    assert trainer.iter_num == 0 and trainer.budget.spent['iters'] == 0 and not trainer.optimizer.state
+    assert trainer.run()['steps'] == 2
+    with pytest.raises(UserError, match='no checkpoint'):
+        train.Trainer(tiny_cfg(out_dir=str(tmp_path / 'x'), init_from=str(tmp_path / 'missing.pt')))
+
+
+def test_train_script_end_to_end(tmp_path):
+    out_dir = tmp_path / 'run'
+    out = run_script('train.py', '--model=tiny', '--batch_size=8', '--budget_unit=iters', '--budget=30',
+                     f'--out_dir={out_dir}', '--sample_tokens=20', timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    progress = [l for l in out.stdout.splitlines() if l.startswith('step ') and 'tok/s' in l and 'mfu' in l]
+    assert progress and progress[-1].startswith('step 30 '), out.stdout
+    assert '--- sample ---' in out.stdout
+    for name in ('ckpt.pt', 'log.jsonl', 'config.json'):
+        assert (out_dir / name).exists(), name
+    final = read_log(out_dir)[-1]
+    assert final['step'] == 30 and final['iters'] == 30 and math.isfinite(final['val_loss'])
+    assert json.loads((out_dir / 'config.json').read_text())['config']['budget_unit'] == 'iters'
+
+
+def test_ddp_two_processes(tiny_cfg, tmp_path):
+    steps, out_dir = 10, tmp_path / 'ddp'
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py',
+           '--model=tiny', '--batch_size=8', '--budget_unit=iters', f'--budget={steps}', '--compile_loss=False',
+           '--sample_tokens=0', '--log_interval=1', '--eval_batches=4', '--peak_flops=1e12', f'--out_dir={out_dir}']
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    log = read_log(out_dir)
+    records = [r for r in log if 'train_loss' in r]
+    assert len(records) == steps and math.isfinite(log[-1]['val_loss'])
+    assert records[-1]['tokens'] == 2 * steps * 8 * 64            # both ranks' examples are counted
+    assert records[-1]['train_loss'] < records[0]['train_loss']
+    ddp = load(out_dir)['model']
+    assert all(torch.isfinite(v).all() for v in ddp.values())
+    # Rank r trains on slice r of one global batch of 16, and DDP averages the gradients: the same
+    # update, up to float rounding, as one process with batch 16 (rank 1 must not repeat rank 0's data).
+    single = tiny_cfg(out_dir=str(tmp_path / 'single'), batch_size=16, budget=steps)
+    train.train(single)
+    ref = load(single.out_dir)['model']
+    assert max((ddp[k] - ref[k]).abs().max().item() for k in ref) < 1e-4
