@@ -221,20 +221,21 @@ def _median_seconds(fn, warmup=2, repeats=7, sync=lambda: None):
 
 
 def measure_table(model, make_optimizer, batch, autocast, device):
-    """Seconds per micro-batch: fwd+bwd and fwd at 1..L active blocks, and per optimizer update."""
-    x, y = batch
+    """Seconds per micro-batch: fwd+bwd and fwd at 1..L active blocks, and per optimizer update.
+    batch: the model's inputs, then its targets (GPT: x, y; T5: enc_in, dec_in, targets)."""
+    inputs = batch[:-1]
     sync = torch.cuda.synchronize if str(device).startswith('cuda') else (lambda: None)
     table = {'fwd_bwd': {}, 'fwd': {}, 'optimizer': {}, 'hessian': {}}
 
     def fwd_bwd():
         with autocast:
-            loss = model(x, y).mean()
+            loss = model(*batch).mean()
         loss.backward()
         model.zero_grad(set_to_none=True)
 
     def fwd():
         with torch.no_grad(), autocast:
-            model(x, y)
+            model(*batch)
 
     for n in range(1, model.n_layer + 1):
         model.set_active_layers(n)
@@ -244,13 +245,13 @@ def measure_table(model, make_optimizer, batch, autocast, device):
     for name in ('adamw', 'lion', 'sophiag'):
         optimizer = make_optimizer(name)
         with autocast:
-            model(x, y).mean().backward()
-        step = (lambda: optimizer.step(bs=x.numel())) if name == 'sophiag' else optimizer.step
+            model(*batch).mean().backward()
+        step = (lambda: optimizer.step(bs=inputs[0].numel())) if name == 'sophiag' else optimizer.step
         table['optimizer'][name] = _median_seconds(step, sync=sync)
         model.zero_grad(set_to_none=True)
         if name == 'sophiag':
             from optim_sophia import gnb_hessian_step
-            table['hessian'][name] = _median_seconds(lambda: gnb_hessian_step(optimizer, lambda: model.logits(x)), sync=sync)
+            table['hessian'][name] = _median_seconds(lambda: gnb_hessian_step(optimizer, lambda: model.logits(*inputs)), sync=sync)
     return table
 
 
@@ -261,8 +262,14 @@ def calibrate(cfg):
     model = train.build_model(cfg, corpus.vocab_size).to(run.device)
     key = train.run_shape_key(cfg, model)
     g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, corpus.vocab_size, (cfg.batch_size, model.config.block_size), generator=g).to(run.device)
-    table = measure_table(model, lambda name: train.build_optimizer(cfg, model, name), (x, x), run.autocast(), run.device)
+    x = torch.randint(0, corpus.vocab_size, (cfg.batch_size, train.example_length(cfg, model) + 1), generator=g)
+    if cfg.model_type == 't5':  # a span-corrupted batch of the run's shapes
+        from data.spans import SpanVocab, span_corrupt
+        batch = span_corrupt(x, g, SpanVocab(corpus.vocab_size, model.config.vocab_size))
+    else:
+        batch = (x[:, :-1], x[:, :-1])
+    batch = tuple(t.to(run.device) for t in batch)
+    table = measure_table(model, lambda name: train.build_optimizer(cfg, model, name), batch, run.autocast(), run.device)
     table.update(key=key, machine=platform.processor() or platform.machine(), platform=platform.platform(),
                  device=str(run.device), torch=torch.__version__, date=str(date.today()),
                  threads=torch.get_num_threads(), compile=cfg.compile, dtype=str(run.dtype))

@@ -6,11 +6,17 @@ need: per-token losses instead of a mean (selection methods rank tokens or examp
 layers (stacking and dropping run a subset of blocks), vocabulary logits (Sophia's estimator),
 generate, and estimate_mfu.
 
+T5-lite: T5 v1.1 in miniature ("Exploring the Limits of Transfer Learning with a Unified Text-to-Text
+Transformer", Raffel et al. 2020, arXiv 1910.10683), an encoder-decoder built from the same Block as
+GPT (RMSNorm, gated-GELU, a relative position bias per block), trained on span corruption
+(data/spans.py), with the same per-token loss, active layers, generate and estimate_mfu.
+
 The per-token loss (hidden states -> lm_head -> cross entropy, reduction='none') is the hot path of
 SLM, RHO-LOSS, Selective Backprop and every training step. It never materializes the full
 (tokens x vocab) fp32 logits: it walks the tokens in chunks, keeps only each token's log-sum-exp, and
 recomputes a chunk's logits in the backward. The chunk kernels are compiled with torch.compile.
 """
+import functools
 import math
 import time
 import warnings
@@ -20,13 +26,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# Named size presets. vocab_size is set by the data (256 for the byte tokenizer) unless a preset pins it.
+from data.spans import raw_length_for, t5_lengths
+
+# Named size presets. vocab_size is set by the data (256 for the byte tokenizer; T5-lite adds sentinels).
 PRESETS = {
     'tiny': dict(n_layer=2, n_head=2, n_embd=64, block_size=64),          # tests
     'small': dict(n_layer=4, n_head=4, n_embd=128, block_size=128),       # the CPU default
     'base': dict(n_layer=8, n_head=8, n_embd=512, block_size=256),        # a bigger CPU / small GPU run
     'gpt2': dict(n_layer=12, n_head=12, n_embd=768, block_size=1024),     # GPT-2 124M
     'gpt2-medium': dict(n_layer=24, n_head=16, n_embd=1024, block_size=1024),
+    # T5-lite (model_type='t5'): n_layer blocks in the encoder and as many in the decoder; block_size =
+    # the encoder's input length (its raw chunk is longer: data.spans.raw_length_for)
+    't5-tiny': dict(n_layer=2, n_head=2, n_embd=64, block_size=32),       # tests
+    't5-small-cpu': dict(n_layer=4, n_head=4, n_embd=128, block_size=128),  # the CPU default
+    't5-small': dict(n_layer=8, n_head=8, n_embd=512, block_size=512),    # T5 v1.1 small's depth and width
 }
 
 
@@ -122,7 +135,7 @@ def per_token_loss(h, w, targets, chunk=LOSS_CHUNK, use_compile=True):
 
 
 # -----------------------------------------------------------------------------
-# GPT
+# the blocks both models are built from
 
 class LayerNorm(nn.Module):
     """LayerNorm with an optional bias (PyTorch's has no bias=False before 2.1)."""
@@ -136,25 +149,102 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
 
 
-class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg):
+class RMSNorm(nn.Module):
+    """T5's norm: divide by the root mean square, no centring (a bias only if asked, like LayerNorm)."""
+
+    def __init__(self, ndim, bias):
         super().__init__()
-        assert cfg.n_embd % cfg.n_head == 0
-        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v in one matmul
-        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.resid_dropout = nn.Dropout(cfg.dropout)
-        self.n_head, self.dropout = cfg.n_head, cfg.dropout
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
 
     def forward(self, x):
+        x = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + 1e-6) * self.weight  # eager F.rms_norm is slower on CPU
+        return x if self.bias is None else x + self.bias
+
+
+def relative_position_bucket(relative_position, bidirectional, num_buckets, max_distance):
+    """T5's buckets for key position minus query position: half of them exact (distances below
+    num_buckets/4 bidirectionally, /2 causally), the rest logarithmic up to max_distance; a
+    bidirectional bias gives the future (positive distances) the upper half of the buckets."""
+    bucket = torch.zeros_like(relative_position)
+    if bidirectional:
+        num_buckets //= 2
+        bucket += (relative_position > 0).long() * num_buckets
+        distance = relative_position.abs()
+    else:
+        distance = (-relative_position).clamp(min=0)  # the future is masked anyway: bucket 0
+    max_exact = num_buckets // 2
+    log_bucket = max_exact + (torch.log(distance.float() / max_exact) / math.log(max_distance / max_exact)
+                              * (num_buckets - max_exact)).long()
+    log_bucket = log_bucket.clamp(max=num_buckets - 1)
+    return bucket + torch.where(distance < max_exact, distance, log_bucket)
+
+
+class RelativePositionBias(nn.Module):
+    """A learned scalar per (bucket of relative position, head), added to the attention scores. Each
+    T5-lite block owns one (T5 shares the first layer's), so blocks can be stacked or dropped alone."""
+
+    def __init__(self, cfg, bidirectional):
+        super().__init__()
+        self.relative_attention_bias = nn.Embedding(cfg.rel_buckets, cfg.n_head)
+        self.bidirectional, self.num_buckets, self.max_distance = bidirectional, cfg.rel_buckets, cfg.rel_max_distance
+
+    def forward(self, T, S):
+        """(1, nh, T, S) bias for T queries and S keys."""
+        device = self.relative_attention_bias.weight.device
+        relative_position = torch.arange(S, device=device)[None, :] - torch.arange(T, device=device)[:, None]
+        bucket = relative_position_bucket(relative_position, self.bidirectional, self.num_buckets, self.max_distance)
+        return self.relative_attention_bias(bucket).permute(2, 0, 1).unsqueeze(0)
+
+
+class Attention(nn.Module):
+    """Multi-head attention on scaled_dot_product_attention: self-attention, causal (GPT, T5's
+    decoder) or bidirectional (T5's encoder), or cross-attention from x to a memory (T5's decoder
+    reading the encoder). Optionally a relative position bias of its own, passed to SDPA as a float
+    mask (with -inf above the diagonal when causal)."""
+
+    def __init__(self, cfg, causal=True, cross=False, relative_bias=False):
+        super().__init__()
+        assert cfg.n_embd % cfg.n_head == 0
+        C = cfg.n_embd
+        if cross:
+            self.c_q = nn.Linear(C, C, bias=cfg.bias)            # queries from x
+            self.c_kv = nn.Linear(C, 2 * C, bias=cfg.bias)       # keys and values from the memory
+        else:
+            self.c_attn = nn.Linear(C, 3 * C, bias=cfg.bias)     # q, k, v in one matmul
+        self.c_proj = nn.Linear(C, C, bias=cfg.bias)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.rel_bias = RelativePositionBias(cfg, bidirectional=not causal) if relative_bias else None
+        self.n_head, self.dropout, self.causal = cfg.n_head, cfg.dropout, causal
+
+    def forward(self, x, memory=None):
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        if memory is None:
+            q, k, v = self.c_attn(x).split(C, dim=2)
+        else:
+            q, (k, v) = self.c_q(x), self.c_kv(memory).split(C, dim=2)
+        S, hs = k.size(1), C // self.n_head
+        q = q.view(B, T, self.n_head, hs).transpose(1, 2)                              # (B, nh, T, hs)
+        k, v = (t.view(B, S, self.n_head, hs).transpose(1, 2) for t in (k, v))          # (B, nh, S, hs)
+        dropout_p = self.dropout if self.training else 0.0
+        if self.rel_bias is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=self.causal)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=self._bias_mask(T, S, q.dtype), dropout_p=dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
+    def _bias_mask(self, T, S, dtype):
+        mask = self.rel_bias(T, S).to(dtype)                                           # (1, nh, T, S)
+        if self.causal:
+            future = torch.ones(T, S, dtype=torch.bool, device=mask.device).triu(1)
+            mask = mask.masked_fill(future, float('-inf'))
+        return mask
+
 
 class MLP(nn.Module):
+    """GPT's feed-forward: GELU between two matmuls, 4x wide."""
+
     def __init__(self, cfg):
         super().__init__()
         self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
@@ -166,16 +256,87 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
 
 
-class Block(nn.Module):
+class GatedMLP(nn.Module):
+    """T5 v1.1's gated-GELU feed-forward: c_proj(gelu(x W_gate) * x W_up), W_gate and W_up in c_fc."""
+
     def __init__(self, cfg):
         super().__init__()
-        self.ln_1, self.attn = LayerNorm(cfg.n_embd, cfg.bias), CausalSelfAttention(cfg)
-        self.ln_2, self.mlp = LayerNorm(cfg.n_embd, cfg.bias), MLP(cfg)
+        self.c_fc = nn.Linear(cfg.n_embd, 2 * cfg.d_ff, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.d_ff, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x):
+        gate, up = self.c_fc(x).chunk(2, dim=-1)
+        return self.dropout(self.c_proj(F.gelu(gate, approximate='tanh') * up))
+
+
+class Block(nn.Module):
+    """A pre-norm block: x += attn(norm(x)); [x += cross_attn(norm(x), memory)]; x += mlp(norm(x)).
+
+    The defaults are GPT's block (LayerNorm, GELU MLP, causal self-attention). T5-lite passes RMSNorm,
+    GatedMLP and a relative position bias; its encoder blocks are bidirectional, its decoder blocks
+    causal with cross-attention to the encoder's output.
+    """
+
+    def __init__(self, cfg, norm=LayerNorm, mlp=MLP, causal=True, cross=False, relative_bias=False):
+        super().__init__()
+        self.ln_1, self.attn = norm(cfg.n_embd, cfg.bias), Attention(cfg, causal, relative_bias=relative_bias)
+        self.ln_cross, self.cross_attn = (norm(cfg.n_embd, cfg.bias), Attention(cfg, causal=False, cross=True)) \
+            if cross else (None, None)
+        self.ln_2, self.mlp = norm(cfg.n_embd, cfg.bias), mlp(cfg)
+
+    def forward(self, x, memory=None):
         x = x + self.attn(self.ln_1(x))
+        if self.cross_attn is not None:
+            x = x + self.cross_attn(self.ln_cross(x), memory)
         return x + self.mlp(self.ln_2(x))
 
+
+# -----------------------------------------------------------------------------
+# what GPT and T5-lite share around the blocks
+
+def init_weights(model, n_layer):
+    """GPT-2's init: N(0, 0.02) for matrices and embeddings, zero biases, and residual projections
+    (c_proj) scaled by 1/sqrt(2 n_layer)."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    for name, p in model.named_parameters():
+        if name.endswith('c_proj.weight'):
+            nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
+
+
+def layer_list(layers, n_layer):
+    """set_active_layers' argument (a count n = the first n, or a list of indices) as a sorted list."""
+    layers = list(range(layers)) if isinstance(layers, int) else sorted(layers)
+    assert layers and all(0 <= i < n_layer for i in layers), layers
+    return layers
+
+
+def sample_next(logits, temperature=1.0, top_k=None, generator=None):
+    """(B, V) logits of the last position -> (B, 1) next ids: a sample from the top_k at this
+    temperature; temperature 0 is greedy."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits[logits < v[:, [-1]]] = -float('inf')
+    return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+
+
+def state_from_checkpoint(ckpt):
+    """A checkpoint's model state dict without torch.compile's prefix and nanoGPT's mask buffers."""
+    state = {k.removeprefix('_orig_mod.'): v for k, v in ckpt['model'].items()}
+    return {k: v for k, v in state.items() if not k.endswith('.attn.bias')}
+
+
+# -----------------------------------------------------------------------------
+# GPT
 
 class GPT(nn.Module):
     def __init__(self, cfg):
@@ -192,18 +353,7 @@ class GPT(nn.Module):
         self.transformer.wte.weight = self.lm_head.weight  # tied embeddings
         self.active_layers = list(range(cfg.n_layer))
         self.compile_loss = True  # the training loop turns this off with --compile_loss=False
-        self.apply(self._init_weights)
-        for name, p in self.named_parameters():
-            if name.endswith('c_proj.weight'):  # GPT-2: residual projections scaled by 1/sqrt(2L)
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
-
-    def _init_weights(self, module):
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        init_weights(self, cfg.n_layer)
 
     @property
     def n_layer(self):
@@ -211,9 +361,11 @@ class GPT(nn.Module):
 
     def set_active_layers(self, layers):
         """Run only these blocks (a count n = the first n, or a list of indices), in order."""
-        layers = list(range(layers)) if isinstance(layers, int) else sorted(layers)
-        assert layers and all(0 <= i < self.config.n_layer for i in layers), layers
-        self.active_layers = layers
+        self.active_layers = layer_list(layers, self.config.n_layer)
+
+    def block_stacks(self):
+        """The block lists that active-layer indices address (stacking copies block i - L into i in each)."""
+        return [self.transformer.h]
 
     def num_params(self, non_embedding=True):
         n = sum(p.numel() for p in self.parameters())
@@ -257,12 +409,8 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
         for _ in range(max_new_tokens):
-            logits = self(idx[:, -self.config.block_size:])[:, -1, :] / temperature
-            if top_k is not None:
-                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                logits[logits < v[:, [-1]]] = -float('inf')
-            probs = F.softmax(logits, dim=-1)
-            idx = torch.cat((idx, torch.multinomial(probs, 1, generator=generator)), dim=1)
+            logits = self(idx[:, -self.config.block_size:])[:, -1, :]
+            idx = torch.cat((idx, sample_next(logits, temperature, top_k, generator)), dim=1)
         return idx
 
     @classmethod
@@ -270,10 +418,141 @@ class GPT(nn.Module):
         """Build from a checkpoint dict (ours or nanoGPT's: model_args + model state dict)."""
         args = {k: ckpt['model_args'][k] for k in GPTConfig.__dataclass_fields__ if k in ckpt['model_args']}
         model = cls(GPTConfig(**args))
-        state = {k.removeprefix('_orig_mod.'): v for k, v in ckpt['model'].items()}
-        state = {k: v for k, v in state.items() if not k.endswith('.attn.bias')}  # nanoGPT's causal-mask buffer
-        model.load_state_dict(state)
+        model.load_state_dict(state_from_checkpoint(ckpt))
         return model
+
+
+# -----------------------------------------------------------------------------
+# T5-lite
+
+@dataclass
+class T5Config:
+    block_size: int = 128         # encoder input length (span corruption cuts it from a longer raw chunk)
+    vocab_size: int = 320         # tokenizer ids, sentinels, then the decoder start id and EOS (the last two)
+    n_layer: int = 4              # blocks in the encoder, and as many in the decoder
+    n_head: int = 4
+    n_embd: int = 128
+    d_ff: int = 0                 # gated-GELU width; 0 = 8/3 n_embd up to a multiple of 64 (T5 v1.1 base: 2048)
+    dropout: float = 0.0
+    bias: bool = False            # T5 has no biases
+    rel_buckets: int = 32         # relative position buckets (T5's 32)
+    rel_max_distance: int = 128   # distances from here on share the last bucket (T5's 128)
+
+    def __post_init__(self):
+        if self.d_ff == 0:
+            self.d_ff = 64 * math.ceil(8 * self.n_embd / 3 / 64)
+
+
+class T5Lite(nn.Module):
+    """T5 v1.1 in miniature: a bidirectional encoder and a causal decoder that cross-attends to it, both
+    made of the shared Block (RMSNorm pre-norm, gated-GELU, a relative position bias per block), a
+    token embedding shared by both stacks and an untied lm_head. Active layers act on both stacks
+    alike (the same indices), as No Train No Gain drops and stacks T5's layers."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        t5_block = functools.partial(Block, cfg, norm=RMSNorm, mlp=GatedMLP, relative_bias=True)
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.encoder = nn.ModuleDict(dict(h=nn.ModuleList([t5_block(causal=False) for _ in range(cfg.n_layer)]),
+                                          ln_f=RMSNorm(cfg.n_embd, cfg.bias)))
+        self.decoder = nn.ModuleDict(dict(h=nn.ModuleList([t5_block(causal=True, cross=True) for _ in range(cfg.n_layer)]),
+                                          ln_f=RMSNorm(cfg.n_embd, cfg.bias)))
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.active_layers = list(range(cfg.n_layer))
+        self.compile_loss = True
+        self.start_id, self.eos_id = cfg.vocab_size - 2, cfg.vocab_size - 1
+        init_weights(self, cfg.n_layer)
+
+    @property
+    def n_layer(self):
+        return self.config.n_layer
+
+    def set_active_layers(self, layers):
+        """Run only these blocks of the encoder and the same ones of the decoder (a count n = the first n)."""
+        self.active_layers = layer_list(layers, self.config.n_layer)
+
+    def block_stacks(self):
+        """The block lists that active-layer indices address: the encoder's and the decoder's."""
+        return [self.encoder.h, self.decoder.h]
+
+    def num_params(self, non_embedding=True):
+        """Parameters; non_embedding leaves out the input embedding (a lookup; lm_head is not tied to it)."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.wte.weight.numel() if non_embedding else n
+
+    def encode(self, enc_in):
+        """enc_in (B, Ti) -> the memory (B, Ti, C): the encoder's output through the active blocks."""
+        x = self.drop(self.wte(enc_in))
+        for i in self.active_layers:
+            x = self.encoder.h[i](x)
+        return self.encoder.ln_f(x)
+
+    def decode(self, dec_in, memory):
+        """dec_in (B, Tt), memory (B, Ti, C) -> (B, Tt, C) the decoder's final hidden states."""
+        x = self.drop(self.wte(dec_in))
+        for i in self.active_layers:
+            x = self.decoder.h[i](x, memory)
+        return self.decoder.ln_f(x)
+
+    def hidden(self, enc_in, dec_in):
+        """(B, Tt, C) the decoder's final hidden states for dec_in, reading the encoded enc_in."""
+        return self.decode(dec_in, self.encode(enc_in))
+
+    def forward(self, enc_in, dec_in, targets=None):
+        """With targets (B, Tt): per-token losses (B, Tt) fp32 (-1 = ignore, loss 0). Without: logits of
+        the last decoder position (B, 1, V)."""
+        h = self.hidden(enc_in, dec_in)
+        if targets is None:
+            return self.lm_head(h[:, [-1], :])
+        B, T, C = h.shape
+        return per_token_loss(h.view(B * T, C), self.lm_head.weight, targets.reshape(B * T),
+                              use_compile=self.compile_loss).view(B, T)
+
+    def logits(self, enc_in, dec_in):
+        """Full vocabulary logits (B, Tt, V) of every decoder position."""
+        return self.lm_head(self.hidden(enc_in, dec_in))
+
+    def flops_per_token(self, n_active=None, seq_len=None):
+        """Forward+backward FLOPs per encoder input token at n_active blocks per stack: one example's
+        encoder (seq_len tokens), decoder (its span-corrupted target length, with cross-attention and
+        the lm_head), divided by seq_len. Matmuls 6 x params x tokens, attention as in PaLM appendix B."""
+        cfg = self.config
+        L = len(self.active_layers) if n_active is None else n_active
+        Ti = cfg.block_size if seq_len is None else seq_len
+        Tt = t5_lengths(raw_length_for(Ti))[1]
+        enc_block, dec_block = (sum(p.numel() for n, p in stack.h[0].named_parameters() if 'rel_bias' not in n)
+                                for stack in (self.encoder, self.decoder))
+        c_kv = self.decoder.h[0].cross_attn.c_kv.weight.numel()  # applied to the memory, once per encoder token
+        matmul_flops = 6 * (Ti * L * (enc_block + c_kv) + Tt * (L * (dec_block - c_kv) + cfg.vocab_size * cfg.n_embd))
+        attention_flops = 12 * L * cfg.n_embd * (Ti * Ti + Tt * Tt + Tt * Ti)
+        return (matmul_flops + attention_flops) / Ti
+
+    def estimate_mfu(self, tokens_per_sec, peak_flops):
+        return self.flops_per_token() * tokens_per_sec / peak_flops
+
+    @torch.no_grad()
+    def generate(self, enc_in, max_new_tokens, temperature=1.0, top_k=None, generator=None):
+        """Decode from the start id: (B, 1 + max_new_tokens), the start id then the new tokens. A row
+        that has emitted EOS emits only EOS after it. temperature=0 is greedy."""
+        memory = self.encode(enc_in)
+        dec = torch.full((len(enc_in), 1), self.start_id, dtype=torch.long, device=enc_in.device)
+        for _ in range(max_new_tokens):
+            nxt = sample_next(self.lm_head(self.decode(dec, memory)[:, -1, :]), temperature, top_k, generator)
+            done = (dec == self.eos_id).any(dim=1, keepdim=True)
+            dec = torch.cat((dec, torch.where(done, self.eos_id, nxt)), dim=1)
+        return dec
+
+    @classmethod
+    def from_checkpoint(cls, ckpt):
+        args = {k: ckpt['model_args'][k] for k in T5Config.__dataclass_fields__ if k in ckpt['model_args']}
+        model = cls(T5Config(**args))
+        model.load_state_dict(state_from_checkpoint(ckpt))
+        return model
+
+
+MODELS = {'gpt': (GPT, GPTConfig), 't5': (T5Lite, T5Config)}  # model_type -> (model class, its config)
 
 
 # -----------------------------------------------------------------------------

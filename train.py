@@ -2,6 +2,7 @@
 
     python train.py                                        # small GPT on the embedded stdlib corpus, CPU
     python train.py config/gpt2_124m.py --compile=True     # a config file, then overrides
+    python train.py config/t5_lite.py                      # T5-lite on span corruption, same loop and budget
     torchrun --standalone --nproc_per_node=2 train.py      # DDP (gloo on CPU, nccl on GPU)
 
 Methods plug into this loop, they never copy it. A method supplies an *objective*: a callable
@@ -30,7 +31,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import budget as budget_lib
 from configurator import ConfigError, UserError, cli, require
 from data.loader import Batches, Corpus, DataError, data_dir, get_examples, get_tokenizer, prepare_command, val_ids
-from model import GPT, PRESETS, GPTConfig, device_peak_flops
+from data.spans import SpanVocab, raw_length_for, span_corrupt, span_vocab
+from model import MODELS, PRESETS, device_peak_flops
 
 OPTIMIZERS = ('adamw', 'lion', 'sophiag')
 ARCHS = ('full', 'stack', 'drop')
@@ -50,7 +52,8 @@ class TrainConfig:
     batch_size: int = 32             # examples per micro-batch
     grad_accum: int = 1              # micro-batches per optimizer step
     # model
-    model: str = 'small'             # a preset in model.PRESETS: tiny, small, base, gpt2, gpt2-medium
+    model_type: str = 'gpt'          # 'gpt' (next-token loss) or 't5' (T5-lite on span corruption)
+    model: str = 'small'             # a preset in model.PRESETS: tiny, small, base, gpt2, gpt2-medium, t5-tiny, t5-small-cpu, t5-small
     n_layer: int = 0                 # 0 = the preset's
     n_head: int = 0                  # 0 = the preset's
     n_embd: int = 0                  # 0 = the preset's
@@ -102,6 +105,9 @@ class TrainConfig:
         require(self.init_from in ('scratch', 'resume') or self.init_from.endswith('.pt'),
                 f"--init_from must be 'scratch', 'resume' or a checkpoint path (.pt), got '{self.init_from}'")
         require(self.model in PRESETS, f"--model must be one of {', '.join(PRESETS)}, got '{self.model}'")
+        require(self.model_type in MODELS, f"--model_type must be one of {', '.join(MODELS)}, got '{self.model_type}'")
+        require(self.model_type != 't5' or self.model_dims()['block_size'] >= 3,
+                '--block_size (the encoder input length) must be >= 3 for T5')
         require(self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got '{self.optimizer}'")
         require(self.schedule in budget_lib.SCHEDULES, f"--schedule must be one of {', '.join(budget_lib.SCHEDULES)}")
         require(self.budget_unit in budget_lib.UNITS, f"--budget_unit must be one of {', '.join(budget_lib.UNITS)}")
@@ -173,6 +179,45 @@ class CausalLM:
         pass
 
 
+class SpanCorruption(CausalLM):
+    """T5's objective (data/spans.py): an example is a raw chunk (x and y's last token) that span
+    corruption turns into encoder input, decoder input and targets; the loss is the mean over the
+    targets. The val set is corrupted once with a fixed seed; the training corruption's generator is
+    checkpointed, so a resumed run corrupts exactly as an uninterrupted one."""
+
+    def __init__(self, batch_size, seed):
+        super().__init__(batch_size)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def setup(self, trainer):
+        self.vocab = SpanVocab(trainer.corpus.vocab_size, trainer.model.config.vocab_size)
+        enc_in, dec_in, targets = self.corrupt(trainer.val_x, trainer.val_y, torch.Generator().manual_seed(0))
+        trainer.val_x, trainer.val_y = (enc_in, dec_in), targets  # evaluate() takes a tuple of model inputs
+
+    def corrupt(self, x, y, generator):
+        return span_corrupt(torch.cat([x, y[:, -1:]], dim=1), generator, self.vocab)
+
+    def __call__(self, model, data, budget):
+        x, y, _ = data.next(self.batch_size)
+        enc_in, dec_in, targets = self.corrupt(x, y, self.generator)
+        return Step(model(enc_in, dec_in, targets).mean(), len(x))
+
+    def sample_logits(self, model, data):
+        x, y, _ = data.next(self.batch_size)
+        return model.logits(*self.corrupt(x, y, self.generator)[:2])
+
+    def state_dict(self):
+        return {'generator': self.generator.get_state()}
+
+    def load_state_dict(self, state):
+        self.generator.set_state(state['generator'])
+
+
+def build_objective(cfg):
+    """The baseline objective of a model type: next-token loss for GPT, span corruption for T5."""
+    return SpanCorruption(cfg.batch_size, cfg.seed) if cfg.model_type == 't5' else CausalLM(cfg.batch_size)
+
+
 # -----------------------------------------------------------------------------
 # dynamic architectures: which blocks run, as a function of budget progress p
 
@@ -212,14 +257,16 @@ class LayerStacking(FullDepth):
     def double(self, model, optimizer):
         L = self.n_active
         new = list(range(L, min(2 * L, model.n_layer)))
-        for i in new:
-            model.transformer.h[i].load_state_dict(model.transformer.h[i - L].state_dict())
+        for blocks in model.block_stacks():  # GPT: its blocks; T5: the encoder's and the decoder's alike
+            for i in new:
+                blocks[i].load_state_dict(blocks[i - L].state_dict())
         if self.optim_mode == 'reset':  # BERT code: the whole optimizer state starts again
             optimizer.state.clear()
         elif self.optim_mode == 'fresh_new':  # the new blocks' state, if any, is dropped, not copied
-            for i in new:
-                for param in model.transformer.h[i].parameters():
-                    optimizer.state.pop(param, None)
+            for blocks in model.block_stacks():
+                for i in new:
+                    for param in blocks[i].parameters():
+                        optimizer.state.pop(param, None)
         self.n_active, self.doublings = L + len(new), self.doublings + 1
         model.set_active_layers(self.n_active)
 
@@ -324,23 +371,42 @@ def load_corpus(cfg):
     return Corpus(path)
 
 
+def model_vocab_size(model_type, vocab_size, block_size):
+    """The data's vocabulary for GPT; T5-lite adds sentinels, a decoder start id and EOS (data/spans.py)."""
+    return span_vocab(vocab_size, raw_length_for(block_size)).size if model_type == 't5' else vocab_size
+
+
+def example_length(cfg, model):
+    """The block_size of the loader's examples (each holds block_size + 1 tokens): GPT's context, or
+    T5's raw chunk minus one, which span corruption shortens to the encoder's block_size."""
+    T = model.config.block_size
+    return raw_length_for(T) - 1 if cfg.model_type == 't5' else T
+
+
 def build_model(cfg, vocab_size):
     """A fresh model from the config, or one initialised from --init_from=PATH (its shape wins)."""
     if cfg.init_from.endswith('.pt'):
         ckpt = load_checkpoint(Path(cfg.init_from))
-        if ckpt['model_args']['vocab_size'] != vocab_size:
-            raise UserError(f"{cfg.init_from} has vocab {ckpt['model_args']['vocab_size']}, the data {vocab_size}: "
+        model_type = ckpt.get('config', {}).get('model_type', 'gpt')  # nanoGPT's checkpoints are GPTs
+        if model_type != cfg.model_type:
+            raise UserError(f"{cfg.init_from} holds a '{model_type}' model: pass --model_type={model_type}")
+        want = model_vocab_size(model_type, vocab_size, ckpt['model_args']['block_size'])
+        if ckpt['model_args']['vocab_size'] != want:
+            raise UserError(f"{cfg.init_from} has vocab {ckpt['model_args']['vocab_size']}, the data needs {want}: "
                             f"use the dataset and tokenizer it was trained with")
-        model = GPT.from_checkpoint({**ckpt, 'model_args': {**ckpt['model_args'], 'dropout': cfg.dropout}})
+        model = MODELS[model_type][0].from_checkpoint({**ckpt, 'model_args': {**ckpt['model_args'], 'dropout': cfg.dropout}})
     else:
-        model = GPT(GPTConfig(vocab_size=vocab_size, dropout=cfg.dropout, bias=cfg.bias, **cfg.model_dims()))
+        model_cls, config_cls = MODELS[cfg.model_type]
+        dims = cfg.model_dims()
+        model = model_cls(config_cls(vocab_size=model_vocab_size(cfg.model_type, vocab_size, dims['block_size']),
+                                     dropout=cfg.dropout, bias=cfg.bias, **dims))
     model.compile_loss = cfg.compile_loss
     return model
 
 
 def run_shape_key(cfg, model):
     c = model.config
-    return budget_lib.shape_key('gpt', c.n_layer, c.n_head, c.n_embd, c.block_size, c.vocab_size, cfg.batch_size)
+    return budget_lib.shape_key(cfg.model_type, c.n_layer, c.n_head, c.n_embd, c.block_size, c.vocab_size, cfg.batch_size)
 
 
 def build_optimizer(cfg, model, name=None):
@@ -428,15 +494,17 @@ def trim_log(log_path, iter_num):
 
 @torch.no_grad()
 def evaluate(model, val_x, val_y, batch_size, runtime, n_layers=None):
-    """Mean per-token loss on the fixed val set, through the first n_layers blocks (default: all)."""
+    """Mean per-token loss on the fixed val set, through the first n_layers blocks (default: all).
+    val_x: the model's input, or a tuple of its inputs (T5: enc_in, dec_in)."""
     was_training, active = model.training, model.active_layers
     model.eval()
     model.set_active_layers(n_layers or model.n_layer)
+    inputs = val_x if isinstance(val_x, tuple) else (val_x,)
     total, count = 0.0, 0
-    for i in range(0, len(val_x), batch_size):
-        x, y = val_x[i:i + batch_size].to(runtime.device), val_y[i:i + batch_size].to(runtime.device)
+    for i in range(0, len(val_y), batch_size):
+        x, y = [t[i:i + batch_size].to(runtime.device) for t in inputs], val_y[i:i + batch_size].to(runtime.device)
         with runtime.autocast():
-            total += model(x, y).sum().item()
+            total += model(*x, y).sum().item()
         count += y.numel()
     model.set_active_layers(active)
     model.train(was_training)
@@ -467,17 +535,17 @@ class Trainer:
         self.corpus = load_corpus(cfg)
         self.tokenizer = get_tokenizer(self.corpus.meta['tokenizer'])
         self.model = build_model(cfg, self.corpus.vocab_size).to(self.rt.device)
-        T = self.model.config.block_size
-        batches = Batches(self.corpus.splits['train'], T, cfg.seed, rank=self.rt.rank, world_size=self.rt.world_size)
+        T, T_data = self.model.config.block_size, example_length(cfg, self.model)
+        batches = Batches(self.corpus.splits['train'], T_data, cfg.seed, rank=self.rt.rank, world_size=self.rt.world_size)
         self.data = DataSource(batches, self.rt.device)
-        ids = val_ids(self.corpus.splits['val'], T, cfg.eval_batches * cfg.batch_size)
-        self.val_x, self.val_y = get_examples(self.corpus.splits['val'], ids, T)
+        ids = val_ids(self.corpus.splits['val'], T_data, cfg.eval_batches * cfg.batch_size)
+        self.val_x, self.val_y = get_examples(self.corpus.splits['val'], ids, T_data)
         self.optimizer = build_optimizer(cfg, self.model)
         table = budget_lib.load_table(run_shape_key(cfg, self.model), cfg.rst_table) \
             if cfg.budget_unit == 'rst' or cfg.rst_table else self._optional_table()
         self.budget = budget_lib.Budget(cfg.budget_unit, cfg.budget, table,
                                         lambda L: self.model.flops_per_token(L), T, cfg.batch_size)
-        self.objective = objective or CausalLM(cfg.batch_size)
+        self.objective = objective or build_objective(cfg)
         self.arch = build_arch(cfg, self.model.n_layer)
         self.iter_num, self.val_loss, self.evaluated_at = 0, float('inf'), None
         self.skipped_steps = 0
