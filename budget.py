@@ -113,6 +113,47 @@ def plot_schedules(cfg, path='schedules.png'):
 
 
 # -----------------------------------------------------------------------------
+# WSD cooldown branches: fully decayed checkpoints at several budgets from one trunk (SPEC section 7)
+
+def run_finished(out_dir):
+    """A run folder whose checkpoint has spent its whole budget."""
+    path = Path(out_dir) / 'ckpt.pt'
+    if not path.exists():
+        return False
+    import train
+    ckpt = train.load_checkpoint(path)
+    return ckpt['budget'][ckpt['config']['budget_unit']] >= ckpt['config']['budget']
+
+
+def train_wsd_branches(cfg, objective_fn=lambda cfg: None):
+    """WSD with cooldown branches (SPEC section 7): one trunk runs to the largest budget and, just before
+    each smaller budget's cooldown starts, saves a checkpoint from which a branch cools down to exactly
+    that budget. Every budget B gets a run folder out_dir/budget_B that reads like a standalone run, and
+    equals one bit for bit, because warm-up is in absolute units. A killed trunk or branch resumes."""
+    import train
+    budgets = sorted(cfg.budget * m for m in cfg.branch_budgets)
+    folder = {b: Path(cfg.out_dir) / f'budget_{b:g}' for b in budgets}
+    warmup = cfg.warmup_units or cfg.warmup_frac * cfg.budget
+    base = dataclasses.replace(cfg, branch_budgets=(), warmup_units=warmup, overwrite=False)
+    trunk = dataclasses.replace(base, budget=budgets[-1], out_dir=str(folder[budgets[-1]]))
+    if not run_finished(trunk.out_dir):
+        trunk = dataclasses.replace(trunk, init_from='resume' if (folder[budgets[-1]] / 'ckpt.pt').exists() else cfg.init_from)
+        trainer = train.Trainer(trunk, objective_fn(trunk))
+        trainer.branch_points = [((1 - cfg.cooldown_frac) * b, folder[b] / 'ckpt.pt') for b in budgets[:-1]
+                                 if not (folder[b] / 'ckpt.pt').exists()]
+        trainer.run()
+    results = {}
+    for b in budgets[:-1]:
+        if not run_finished(folder[b]):
+            branch = dataclasses.replace(base, budget=b, out_dir=str(folder[b]), init_from='resume')
+            results[b] = train.train(branch, objective_fn(branch))
+    spent = budgets[-1] + cfg.cooldown_frac * sum(budgets[:-1])
+    print(f'budgets {", ".join(f"{b:g}" for b in budgets)} {cfg.budget_unit}: branches spent {spent:g}, '
+          f'separate runs would spend {sum(budgets):g} ({spent / sum(budgets):.2f}x)')
+    return results
+
+
+# -----------------------------------------------------------------------------
 # cost tables
 
 def shape_key(model_type, n_layer, n_head, n_embd, block_size, vocab_size, batch_size):
@@ -496,7 +537,7 @@ def ablate(cfg):
     total_units = sum(a['budget'] * max(a.get('branch_budgets', (1,))) for _, _, a in plan)
     for i, (label, script, args) in enumerate(plan):
         units = args['budget'] * max(args.get('branch_budgets', (1,)))
-        if not args.get('branch_budgets') and train.run_finished(args['out_dir']):
+        if not args.get('branch_budgets') and run_finished(args['out_dir']):
             total_units -= units
             continue
         out = subprocess.run(run_command(script, args), capture_output=True, text=True, cwd=Path(__file__).parent)

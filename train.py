@@ -32,10 +32,9 @@ import budget as budget_lib
 from configurator import ConfigError, UserError, cli, require
 from data.loader import Batches, Corpus, DataError, data_dir, get_examples, get_tokenizer, prepare_command, val_ids
 from data.spans import SpanVocab, raw_length_for, span_corrupt, span_vocab
-from model import MODELS, PRESETS, device_peak_flops
+from model import ARCHS, MODELS, PRESETS, build_arch, device_peak_flops
 
 OPTIMIZERS = ('adamw', 'lion', 'sophiag')
-ARCHS = ('full', 'stack', 'drop')
 
 
 @dataclass(frozen=True)
@@ -216,101 +215,6 @@ class SpanCorruption(CausalLM):
 def build_objective(cfg):
     """The baseline objective of a model type: next-token loss for GPT, span corruption for T5."""
     return SpanCorruption(cfg.batch_size, cfg.seed) if cfg.model_type == 't5' else CausalLM(cfg.batch_size)
-
-
-# -----------------------------------------------------------------------------
-# dynamic architectures: which blocks run, as a function of budget progress p
-
-class FullDepth:
-    """The baseline: every block, every step."""
-
-    def before_step(self, model, optimizer, p):
-        pass
-
-    def before_micro_batch(self, model, p):
-        pass
-
-    def eval_layers(self, model):
-        return model.n_layer
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass
-
-
-class LayerStacking(FullDepth):
-    """Gong et al. 2019 (as No Train No Gain ran it): train stack_init_layers blocks, and at each budget
-    fraction in stack_fracs double the depth by copying block i-L into block i for i in [L, 2L)."""
-
-    def __init__(self, cfg, n_layer):
-        self.n_active = cfg.stack_init_layers or max(1, n_layer // 4)
-        self.fracs, self.optim_mode, self.doublings = cfg.stack_fracs, cfg.stack_optim, 0
-
-    def before_step(self, model, optimizer, p):
-        if self.doublings == 0 and model.active_layers != list(range(self.n_active)):
-            model.set_active_layers(self.n_active)  # the first step, or a resume
-        while self.doublings < len(self.fracs) and p >= self.fracs[self.doublings]:
-            self.double(model, optimizer)
-
-    def double(self, model, optimizer):
-        L = self.n_active
-        new = list(range(L, min(2 * L, model.n_layer)))
-        for blocks in model.block_stacks():  # GPT: its blocks; T5: the encoder's and the decoder's alike
-            for i in new:
-                blocks[i].load_state_dict(blocks[i - L].state_dict())
-        if self.optim_mode == 'reset':  # BERT code: the whole optimizer state starts again
-            optimizer.state.clear()
-        elif self.optim_mode == 'fresh_new':  # the new blocks' state, if any, is dropped, not copied
-            for blocks in model.block_stacks():
-                for i in new:
-                    for param in blocks[i].parameters():
-                        optimizer.state.pop(param, None)
-        self.n_active, self.doublings = L + len(new), self.doublings + 1
-        model.set_active_layers(self.n_active)
-
-    def eval_layers(self, model):
-        return self.n_active
-
-    def state_dict(self):
-        return {'n_active': self.n_active, 'doublings': self.doublings}
-
-    def load_state_dict(self, state):
-        self.n_active, self.doublings = state['n_active'], state['doublings']
-
-
-class LayerDropping(FullDepth):
-    """Progressive Layer Dropping (Zhang & He 2020): keep_prob theta(p) = theta_bar + (1 - theta_bar) *
-    exp(-gamma_f * p); block i of L is dropped with probability (1 - theta) * (i + 1) / L, resampled every
-    micro-batch; kept blocks are not rescaled; evaluation runs every block."""
-
-    def __init__(self, cfg):
-        self.theta_bar, self.gamma_f = cfg.theta_bar, cfg.gamma_f
-        self.generator = torch.Generator().manual_seed(cfg.seed + 1)
-
-    def keep_prob(self, p):
-        return self.theta_bar + (1 - self.theta_bar) * math.exp(-self.gamma_f * p)
-
-    def before_micro_batch(self, model, p):
-        L = model.n_layer
-        drop_prob = (1 - self.keep_prob(p)) * torch.arange(1, L + 1) / L
-        kept = (torch.rand(L, generator=self.generator) >= drop_prob).nonzero().flatten().tolist()
-        model.set_active_layers(kept or [0])  # at least one block runs (block 0 if all drew a drop)
-
-    def state_dict(self):
-        return {'generator': self.generator.get_state()}
-
-    def load_state_dict(self, state):
-        self.generator.set_state(state['generator'])
-
-
-def build_arch(cfg, n_layer):
-    if cfg.arch == 'stack':
-        return LayerStacking(cfg, n_layer)
-    if cfg.arch == 'drop':
-        return LayerDropping(cfg)
-    return FullDepth()
 
 
 # -----------------------------------------------------------------------------
@@ -776,49 +680,13 @@ def train(cfg, objective=None):
             dist.destroy_process_group()
 
 
-def run_finished(out_dir):
-    """A run folder whose checkpoint has spent its whole budget."""
-    path = Path(out_dir) / 'ckpt.pt'
-    if not path.exists():
-        return False
-    ckpt = load_checkpoint(path)
-    return ckpt['budget'][ckpt['config']['budget_unit']] >= ckpt['config']['budget']
-
-
-def train_wsd_branches(cfg, objective_fn=lambda cfg: None):
-    """WSD with cooldown branches (SPEC section 7): one trunk runs to the largest budget and, just before
-    each smaller budget's cooldown starts, saves a checkpoint from which a branch cools down to exactly
-    that budget. Every budget B gets a run folder out_dir/budget_B that reads like a standalone run, and
-    equals one bit for bit, because warm-up is in absolute units. A killed trunk or branch resumes."""
-    budgets = sorted(cfg.budget * m for m in cfg.branch_budgets)
-    folder = {b: Path(cfg.out_dir) / f'budget_{b:g}' for b in budgets}
-    warmup = cfg.warmup_units or cfg.warmup_frac * cfg.budget
-    base = dataclasses.replace(cfg, branch_budgets=(), warmup_units=warmup, overwrite=False)
-    trunk = dataclasses.replace(base, budget=budgets[-1], out_dir=str(folder[budgets[-1]]))
-    if not run_finished(trunk.out_dir):
-        trunk = dataclasses.replace(trunk, init_from='resume' if (folder[budgets[-1]] / 'ckpt.pt').exists() else cfg.init_from)
-        trainer = Trainer(trunk, objective_fn(trunk))
-        trainer.branch_points = [((1 - cfg.cooldown_frac) * b, folder[b] / 'ckpt.pt') for b in budgets[:-1]
-                                 if not (folder[b] / 'ckpt.pt').exists()]
-        trainer.run()
-    results = {}
-    for b in budgets[:-1]:
-        if not run_finished(folder[b]):
-            branch = dataclasses.replace(base, budget=b, out_dir=str(folder[b]), init_from='resume')
-            results[b] = train(branch, objective_fn(branch))
-    spent = budgets[-1] + cfg.cooldown_frac * sum(budgets[:-1])
-    print(f'budgets {", ".join(f"{b:g}" for b in budgets)} {cfg.budget_unit}: branches spent {spent:g}, '
-          f'separate runs would spend {sum(budgets):g} ({spent / sum(budgets):.2f}x)')
-    return results
-
-
 def _interrupt(signum, frame):
     raise KeyboardInterrupt  # SIGTERM (a scheduler's stop) saves a checkpoint like Ctrl-C
 
 
 def main(cfg):
     signal.signal(signal.SIGTERM, _interrupt)
-    return train_wsd_branches(cfg) if cfg.branch_budgets else train(cfg)
+    return budget_lib.train_wsd_branches(cfg) if cfg.branch_budgets else train(cfg)
 
 
 if __name__ == '__main__':
