@@ -137,16 +137,21 @@ def train_wsd_branches(cfg, objective_fn=lambda cfg: None):
     base = dataclasses.replace(cfg, branch_budgets=(), warmup_units=warmup, overwrite=False)
     trunk = dataclasses.replace(base, budget=budgets[-1], out_dir=str(folder[budgets[-1]]))
     if not run_finished(trunk.out_dir):
-        trunk = dataclasses.replace(trunk, init_from='resume' if (folder[budgets[-1]] / 'ckpt.pt').exists() else cfg.init_from)
+        # no trunk checkpoint: a first run, or one killed before it saved (its log is stale: start again)
+        resume = (folder[budgets[-1]] / 'ckpt.pt').exists()
+        trunk = dataclasses.replace(trunk, init_from='resume' if resume else cfg.init_from, overwrite=not resume)
         trainer = train.Trainer(trunk, objective_fn(trunk))
         trainer.branch_points = [((1 - cfg.cooldown_frac) * b, folder[b] / 'ckpt.pt') for b in budgets[:-1]
                                  if not (folder[b] / 'ckpt.pt').exists()]
-        trainer.run()
+        if trainer.run()['interrupted']:
+            return {}  # Ctrl-C: stop here; the same command resumes the trunk, then runs the branches
     results = {}
     for b in budgets[:-1]:
         if not run_finished(folder[b]):
             branch = dataclasses.replace(base, budget=b, out_dir=str(folder[b]), init_from='resume')
             results[b] = train.train(branch, objective_fn(branch))
+            if results[b]['interrupted']:
+                return results
     spent = budgets[-1] + cfg.cooldown_frac * sum(budgets[:-1])
     print(f'budgets {", ".join(f"{b:g}" for b in budgets)} {cfg.budget_unit}: branches spent {spent:g}, '
           f'separate runs would spend {sum(budgets):g} ({spent / sum(budgets):.2f}x)')

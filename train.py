@@ -20,6 +20,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -481,7 +482,8 @@ class Trainer:
         self.arch.load_state_dict(ckpt['arch'])
         self.model.set_active_layers(ckpt['active_layers'])
         self.iter_num, self.val_loss = ckpt['iter_num'], ckpt['val_loss']
-        self.evaluated_at = self.iter_num  # the checkpoint was saved right after this step's eval
+        # saved right after this step's eval, except a WSD branch point: a branch evaluates when it ends
+        self.evaluated_at = self.iter_num if ckpt.get('evaluated', True) else None
         torch.set_rng_state(ckpt['rng']['cpu'])
         if self.rt.device.type == 'cuda' and ckpt['rng']['cuda'] is not None:
             torch.cuda.set_rng_state(ckpt['rng']['cuda'])
@@ -499,7 +501,7 @@ class Trainer:
                 'best_val_loss': self.val_loss, 'config': dataclasses.asdict(self.cfg),
                 'budget': self.budget.state_dict(), 'data': self.data.batches.state_dict(),
                 'objective': self.objective.state_dict(), 'arch': self.arch.state_dict(),
-                'active_layers': self.model.active_layers,
+                'active_layers': self.model.active_layers, 'evaluated': self.evaluated_at == self.iter_num,
                 'rng': {'cpu': torch.get_rng_state(),
                         'cuda': torch.cuda.get_rng_state() if self.rt.device.type == 'cuda' else None}}
         save_checkpoint(path or self.out_dir / 'ckpt.pt', ckpt)
@@ -516,8 +518,8 @@ class Trainer:
             self.val_loss = evaluate(self.model, self.val_x, self.val_y, self.cfg.batch_size, self.rt,
                                      self.arch.eval_layers(self.model))
         self.log({'step': self.iter_num, 'val_loss': self.val_loss, **self.budget.spent})
-        self.checkpoint()
         self.evaluated_at = self.iter_num
+        self.checkpoint()
         self.rt.print(f'step {self.iter_num} | val loss {self.val_loss:.4f} | saved {self.out_dir / "ckpt.pt"}')
 
     def train_step(self, lr):
@@ -580,18 +582,21 @@ class Trainer:
         self.model.train()
         interrupted, t_start, meter = False, time.time(), Meter(self.budget)
         try:
-            while not self.budget.done:
-                lr = budget_lib.lr_at(self.budget.spent[cfg.budget_unit], self.budget.total, cfg)
-                t0 = time.time()
-                loss, logs = self.train_step(lr)
-                self.budget.add_wall(self._agree(time.time() - t0))
-                self.iter_num += 1
-                meter.add(loss, logs)
-                self.save_branch_points()
-                if self.iter_num % cfg.log_interval == 0 or self.budget.done:
-                    self._log_progress(meter, lr)
-                if self.iter_num % cfg.eval_interval == 0 and not self.budget.done:
-                    self.eval_and_save()
+            with signals_between_steps() as stop:
+                while not self.budget.done:
+                    if stop:
+                        raise KeyboardInterrupt
+                    lr = budget_lib.lr_at(self.budget.spent[cfg.budget_unit], self.budget.total, cfg)
+                    t0 = time.time()
+                    loss, logs = self.train_step(lr)
+                    self.budget.add_wall(self._agree(time.time() - t0))
+                    self.iter_num += 1
+                    meter.add(loss, logs)
+                    if self.iter_num % cfg.log_interval == 0 or self.budget.done:
+                        self._log_progress(meter, lr)
+                    if self.iter_num % cfg.eval_interval == 0 and not self.budget.done:
+                        self.eval_and_save()
+                    self.save_branch_points()  # after this step's log line: the branch's log must hold it
         except KeyboardInterrupt:
             interrupted = True
             rt.print(f'interrupted at step {self.iter_num}: saving a checkpoint')
@@ -638,6 +643,29 @@ class Trainer:
         self.rt.print(f"step {self.iter_num} | loss {loss:.4f} | lr {lr:.2e} | budget {100 * self.budget.progress:.1f}% "
                       f"eta {format_seconds(rates['eta_s'])} | {rates['tokens_per_s'] / 1e3:.1f}k tok/s | "
                       f"mfu {100 * rates['mfu']:.1f}%{extra}")
+
+
+@contextlib.contextmanager
+def signals_between_steps():
+    """Ctrl-C and SIGTERM mostly land inside a step, after its batch (and layer-drop mask) was drawn:
+    raising there would checkpoint the previous step with the data already advanced, and the resumed
+    run would skip a batch. They are recorded instead and the loop stops at the next step boundary;
+    a second Ctrl-C interrupts at once."""
+    stop = []
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum, frame):
+        if stop:
+            raise KeyboardInterrupt
+        stop.append(signum)
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 class Meter:
