@@ -519,8 +519,10 @@ def sweep_plan(cfg):
     methods = {k: v for k, v in spec['METHODS'].items() if k in cfg.methods or cfg.methods == ('',)}
     unknown = set(cfg.methods) - set(spec['METHODS']) - {''}
     require(not unknown, f"unknown method(s) {', '.join(sorted(unknown))}: the config file has {', '.join(spec['METHODS'])}")
-    plan = [(label, script, {**spec['COMMON'], **args, 'budget': b, 'seed': seed, 'label': label,
-             'out_dir': f'{cfg.out_dir}/{label}/b{b:g}/s{seed}'})
+    # RHO-LOSS's irreducible-loss model is trained once per sweep, at the largest budget, and reused
+    il = {'il_out_dir': f'{cfg.out_dir}/il', 'il_cache': f'{cfg.out_dir}/il_cache', 'il_budget': max(budgets)}
+    plan = [(label, script, {**spec['COMMON'], **(il if args.get('method') == 'rho' else {}), **args, 'budget': b,
+                             'seed': seed, 'label': label, 'out_dir': f'{cfg.out_dir}/{label}/b{b:g}/s{seed}'})
             for seed in seeds for b in budgets for label, (script, args) in methods.items()]
     if cfg.baseline_schedule == 'wsd_branches':
         plan += [('wsd (branches)', 'train.py', {**spec['COMMON'], 'schedule': 'wsd', 'budget': min(budgets), 'seed': seed,

@@ -18,7 +18,7 @@ METHODS = {
     'stack': ('train.py', dict(arch='stack', stack_fracs=(0.125, 0.3), stack_optim='fresh_new')),
     'drop': ('train.py', dict(arch='drop', theta_bar=0.5, gamma_f=100.0)),
     'sb': ('rho.py', dict(method='sb', sb_beta=1.0)),
-    'rho': ('rho.py', dict(method='rho', select_frac=0.5, il_out_dir='out/ablation/il', il_budget=40.0)),
+    'rho': ('rho.py', dict(method='rho', select_frac=0.5)),  # IL model: once per sweep, at the largest budget
     'lion': ('train.py', dict(optimizer='lion', lr=4e-4, weight_decay=0.5, beta1=0.9, beta2=0.99)),
     'sophiag': ('train.py', dict(optimizer='sophiag', lr=1e-3, rho=0.04, weight_decay=0.2, beta1=0.965, beta2=0.99)),
 }
