@@ -475,6 +475,9 @@ def compare(run_dirs, out='ablation', target='auto', baseline='baseline'):
     runs = [read_run(d) for d in run_dirs]
     bad = [r for r in runs if 'error' in r or not r['complete']]
     runs = [r for r in runs if 'error' not in r]
+    if not runs:
+        raise UserError(f"no readable runs among the {len(bad)} folder(s) given ({bad[0]['path']}: {bad[0]['error']}): "
+                        f'a run folder holds config.json and log.jsonl')
     groups = group_runs(runs)
     report = ablation_table(groups, baseline)
     if target != 'none':
@@ -487,6 +490,7 @@ def compare(run_dirs, out='ablation', target='auto', baseline='baseline'):
         report += '\n\nmissing or partial runs (left out of the means):\n' + '\n'.join(
             f"- {r['path']}: {r.get('error', 'budget not spent')}" for r in bad)
     print(report)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(f'{out}.md').write_text(report + '\n')
     png = plot_runs(groups, f'{out}.png')
     print(f'wrote {out}.md' + (f' and {png}' if png else ''))
@@ -509,11 +513,27 @@ class AblateConfig:
 
     def __post_init__(self):
         require(self.baseline_schedule in ('cosine', 'wsd_branches'), "--baseline_schedule must be 'cosine' or 'wsd_branches'")
+        check_target(self.target)
+
+
+def _is_number(text):
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
+
+
+def check_target(target):
+    require(target in ('auto', 'none') or _is_number(target), f"--target must be 'auto', 'none' or a number, got '{target}'")
 
 
 def sweep_plan(cfg):
     import runpy
+    if not Path(cfg.config).is_file():
+        raise ConfigError(f'--config={cfg.config} not found: give the sweep file (your own Python), e.g. config/ablation.py')
     spec = runpy.run_path(cfg.config)
+    missing = [k for k in ('COMMON', 'BUDGETS', 'QUICK_BUDGETS', 'METHODS') if k not in spec]
+    require(not missing, f"{cfg.config} does not define {', '.join(missing)} (see config/ablation.py)")
     budgets = [b for b in cfg.budgets if b > 0] or list(spec['QUICK_BUDGETS' if cfg.quick else 'BUDGETS'])
     seeds = cfg.seeds[:1] if cfg.quick else cfg.seeds
     methods = {k: v for k, v in spec['METHODS'].items() if k in cfg.methods or cfg.methods == ('',)}
@@ -566,6 +586,9 @@ class CompareConfig:
     target: str = 'auto'         # time-to-target: 'auto' (baseline mean at the largest budget), a number, 'none'
     baseline: str = 'baseline'   # the label deltas and speedups are taken against
 
+    def __post_init__(self):
+        check_target(self.target)
+
 
 def main(argv):
     import train
@@ -576,6 +599,7 @@ def main(argv):
     command, rest = argv[0], argv[1:]
     if command == 'calibrate':
         return cli(calibrate, train.TrainConfig, rest)
+    rest = [f'--target={a[9:]!r}' if a.startswith('--target=') and _is_number(a[9:]) else a for a in rest]  # a str key
     if command == 'ablate':
         return cli(ablate, AblateConfig, rest)
     if command == 'schedules':

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -251,7 +252,13 @@ def setup_device(cfg):
         name = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
     if ddp and name.startswith('cuda'):
         name = f'cuda:{local}'
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device must be auto, cpu, cuda, cuda:N or mps, got '{cfg.device}'") from None
+    here = {'cpu': True, 'cuda': torch.cuda.is_available(), 'mps': torch.backends.mps.is_available()}
+    if not here.get(device.type, False) or (device.type == 'cuda' and (device.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError(f'--device={cfg.device} is not available on this machine: use --device=auto or --device=cpu')
     if device.type == 'cuda':
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -360,7 +367,9 @@ def load_checkpoint(path):
     if not path.exists():
         raise UserError(f'no checkpoint at {path}: check --init_from and --out_dir (or start with --init_from=scratch)')
     try:
-        return torch.load(path, map_location='cpu', weights_only=True)
+        with warnings.catch_warnings():  # a garbage file can make the unpickler warn before it fails
+            warnings.simplefilter('ignore')
+            return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
         raise UserError(f'checkpoint {path} is unreadable ({type(e).__name__}): it is corrupt or not ours') from None
 
@@ -376,15 +385,17 @@ def run_info(cfg):
 
 
 def prepare_out_dir(cfg, out_dir, master):
-    """Refuse to train from scratch over an existing run unless asked to; keep the log in step."""
+    """Refuse to train from scratch over an existing run unless asked to. Nothing is deleted here: with
+    --overwrite=True the old log is replaced by the new run's first record (Trainer.log), so a call that
+    fails a later check (data, checkpoint, device) leaves the old run as it was."""
     ckpt, log = out_dir / 'ckpt.pt', out_dir / 'log.jsonl'
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f'--out_dir={out_dir} is a file: give a folder')
     if cfg.init_from != 'resume' and (ckpt.exists() or log.exists()) and not cfg.overwrite:
         raise UserError(f'{out_dir} already holds a run: use --init_from=resume to continue it, '
                         f'--overwrite=True to replace it, or another --out_dir')
     if master:
         out_dir.mkdir(parents=True, exist_ok=True)
-        if cfg.init_from != 'resume':
-            log.unlink(missing_ok=True)
 
 
 def trim_log(log_path, iter_num):
@@ -437,6 +448,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.out_dir = Path(cfg.out_dir)
         prepare_out_dir(cfg, self.out_dir, self.rt.master)
+        self.new_log = cfg.init_from != 'resume'  # the first record replaces an old run's log (--overwrite)
         self.corpus = load_corpus(cfg)
         self.tokenizer = get_tokenizer(self.corpus.meta['tokenizer'])
         self.model = build_model(cfg, self.corpus.vocab_size).to(self.rt.device)
@@ -508,8 +520,9 @@ class Trainer:
 
     def log(self, record):
         if self.rt.master:
-            with open(self.out_dir / 'log.jsonl', 'a') as f:
+            with open(self.out_dir / 'log.jsonl', 'w' if self.new_log else 'a') as f:
                 f.write(json.dumps(record) + '\n')
+            self.new_log = False
 
     def eval_and_save(self):
         if self.objective.evaluate is not None:

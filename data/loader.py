@@ -63,7 +63,7 @@ def get_tokenizer(name):
         enc = tiktoken.get_encoding(name)
     except Exception as e:  # offline download failure, unknown name, missing package
         raise DataError(
-            f"cannot load tokenizer '{name}' ({type(e).__name__}: {str(e)[:80]}). tiktoken downloads an "
+            f"cannot load tokenizer '{name}' ({type(e).__name__}: {' '.join(str(e).split())[:80]}). tiktoken downloads an "
             f"encoding's files once, which needs network: on an offline machine copy a filled cache "
             f"there and set TIKTOKEN_CACHE_DIR, or use --tokenizer=byte") from None
     return TiktokenTokenizer(name, enc)
@@ -90,7 +90,10 @@ def atomic_write_bytes(path, data):
 def write_corpus(out_dir, docs, tokenizer, source, val_frac=0.05, extra_meta=None):
     """Tokenize (name, text) documents into out_dir/{train,val}.bin + meta.json."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file in the way, no permission
+        raise DataError(f'cannot create the folder {out_dir} ({e.strerror}): give another --out_dir') from None
     (out_dir / 'meta.json').unlink(missing_ok=True)  # the folder is incomplete until we finish
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
     sep = [] if tokenizer.eot is None else [tokenizer.eot]
