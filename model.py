@@ -335,10 +335,37 @@ def state_from_checkpoint(ckpt):
     return {k: v for k, v in state.items() if not k.endswith('.attn.bias')}
 
 
+class LayeredLM(nn.Module):
+    """What both models expose to the loop: active blocks, MFU, building from a checkpoint."""
+    config_class = None
+
+    @property
+    def n_layer(self):
+        return self.config.n_layer
+
+    def set_active_layers(self, layers):
+        """Run only these blocks (a count n = the first n, or a list of indices), in order; T5-lite runs
+        the same indices in its encoder and its decoder."""
+        self.active_layers = layer_list(layers, self.config.n_layer)
+
+    def estimate_mfu(self, tokens_per_sec, peak_flops):
+        return self.flops_per_token() * tokens_per_sec / peak_flops
+
+    @classmethod
+    def from_checkpoint(cls, ckpt):
+        """Build from a checkpoint dict (ours, or nanoGPT's for GPT: model_args + model state dict)."""
+        fields = cls.config_class.__dataclass_fields__
+        model = cls(cls.config_class(**{k: v for k, v in ckpt['model_args'].items() if k in fields}))
+        model.load_state_dict(state_from_checkpoint(ckpt))
+        return model
+
+
 # -----------------------------------------------------------------------------
 # GPT
 
-class GPT(nn.Module):
+class GPT(LayeredLM):
+    config_class = GPTConfig
+
     def __init__(self, cfg):
         super().__init__()
         self.config = cfg
@@ -354,14 +381,6 @@ class GPT(nn.Module):
         self.active_layers = list(range(cfg.n_layer))
         self.compile_loss = True  # the training loop turns this off with --compile_loss=False
         init_weights(self, cfg.n_layer)
-
-    @property
-    def n_layer(self):
-        return self.config.n_layer
-
-    def set_active_layers(self, layers):
-        """Run only these blocks (a count n = the first n, or a list of indices), in order."""
-        self.active_layers = layer_list(layers, self.config.n_layer)
 
     def block_stacks(self):
         """The block lists that active-layer indices address (stacking copies block i - L into i in each)."""
@@ -403,9 +422,6 @@ class GPT(nn.Module):
         matmul_params = L * per_block + cfg.vocab_size * cfg.n_embd
         return 6 * matmul_params + 12 * L * cfg.n_embd * T
 
-    def estimate_mfu(self, tokens_per_sec, peak_flops):
-        return self.flops_per_token() * tokens_per_sec / peak_flops
-
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
         for _ in range(max_new_tokens):
@@ -413,13 +429,6 @@ class GPT(nn.Module):
             idx = torch.cat((idx, sample_next(logits, temperature, top_k, generator)), dim=1)
         return idx
 
-    @classmethod
-    def from_checkpoint(cls, ckpt):
-        """Build from a checkpoint dict (ours or nanoGPT's: model_args + model state dict)."""
-        args = {k: ckpt['model_args'][k] for k in GPTConfig.__dataclass_fields__ if k in ckpt['model_args']}
-        model = cls(GPTConfig(**args))
-        model.load_state_dict(state_from_checkpoint(ckpt))
-        return model
 
 
 # -----------------------------------------------------------------------------
@@ -443,11 +452,12 @@ class T5Config:
             self.d_ff = 64 * math.ceil(8 * self.n_embd / 3 / 64)
 
 
-class T5Lite(nn.Module):
+class T5Lite(LayeredLM):
     """T5 v1.1 in miniature: a bidirectional encoder and a causal decoder that cross-attends to it, both
     made of the shared Block (RMSNorm pre-norm, gated-GELU, a relative position bias per block), a
     token embedding shared by both stacks and an untied lm_head. Active layers act on both stacks
     alike (the same indices), as No Train No Gain drops and stacks T5's layers."""
+    config_class = T5Config
 
     def __init__(self, cfg):
         super().__init__()
@@ -464,14 +474,6 @@ class T5Lite(nn.Module):
         self.compile_loss = True
         self.start_id, self.eos_id = cfg.vocab_size - 2, cfg.vocab_size - 1
         init_weights(self, cfg.n_layer)
-
-    @property
-    def n_layer(self):
-        return self.config.n_layer
-
-    def set_active_layers(self, layers):
-        """Run only these blocks of the encoder and the same ones of the decoder (a count n = the first n)."""
-        self.active_layers = layer_list(layers, self.config.n_layer)
 
     def block_stacks(self):
         """The block lists that active-layer indices address: the encoder's and the decoder's."""
@@ -529,9 +531,6 @@ class T5Lite(nn.Module):
         attention_flops = 12 * L * cfg.n_embd * (Ti * Ti + Tt * Tt + Tt * Ti)
         return (matmul_flops + attention_flops) / Ti
 
-    def estimate_mfu(self, tokens_per_sec, peak_flops):
-        return self.flops_per_token() * tokens_per_sec / peak_flops
-
     @torch.no_grad()
     def generate(self, enc_in, max_new_tokens, temperature=1.0, top_k=None, generator=None):
         """Decode from the start id: (B, 1 + max_new_tokens), the start id then the new tokens. A row
@@ -544,12 +543,6 @@ class T5Lite(nn.Module):
             dec = torch.cat((dec, torch.where(done, self.eos_id, nxt)), dim=1)
         return dec
 
-    @classmethod
-    def from_checkpoint(cls, ckpt):
-        args = {k: ckpt['model_args'][k] for k in T5Config.__dataclass_fields__ if k in ckpt['model_args']}
-        model = cls(T5Config(**args))
-        model.load_state_dict(state_from_checkpoint(ckpt))
-        return model
 
 
 MODELS = {'gpt': (GPT, GPTConfig), 't5': (T5Lite, T5Config)}  # model_type -> (model class, its config)
