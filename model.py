@@ -656,7 +656,8 @@ GPU_BF16_PEAK = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L4': 121e12, '
 
 def measure_cpu_peak(dtype=torch.float32, n=1024, repeats=5):
     """The matmul FLOP/s this CPU reaches on an n x n matmul: the honest 'peak' for a CPU MFU."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    g = torch.Generator().manual_seed(0)  # leave the global RNG alone: a resume restores it before this runs
+    a, b = torch.randn(n, n, dtype=dtype, generator=g), torch.randn(n, n, dtype=dtype, generator=g)
     a @ b  # warm-up
     times = []
     for _ in range(repeats):
