@@ -298,9 +298,12 @@ class MadpoConfig(train.TrainConfig):
         require(self.prompt_len + self.max_new <= self.model_dims()['block_size'],
                 f'--prompt_len + --max_new ({self.prompt_len + self.max_new}) must be <= --block_size')
         require(self.dropout == 0, '--dropout must be 0: policy, reference and reward model run without it')
-        require(self.c_max > 1 and self.beta > 0 and 0 < self.bdpo_keep <= 1, 'need --c_max > 1, --beta > 0, --bdpo_keep in (0, 1]')
-        for key in ('n_pairs', 'val_pairs', 'n_eval', 'pair_batch', 'rm_iters', 'po_iters', 'prompt_len', 'max_new'):
-            require(getattr(self, key) > 0, f'--{key} must be positive')
+        require(self.c_max > 1, f'--c_max must be > 1 (c_min = 1/c_max), got {self.c_max}')
+        require(0 < self.bdpo_keep <= 1, f'--bdpo_keep must be in (0, 1], got {self.bdpo_keep}')
+        require(0 <= self.bdpo_momentum < 1, f'--bdpo_momentum must be in [0, 1), got {self.bdpo_momentum}')
+        for key in ('n_pairs', 'val_pairs', 'n_eval', 'pair_batch', 'rm_iters', 'po_iters', 'prompt_len', 'max_new',
+                    'beta', 'rm_lr', 'po_lr', 'temperature', 'lam'):
+            require(getattr(self, key) > 0, f'--{key} must be positive, got {getattr(self, key)}')
 
 
 def quick(cfg):

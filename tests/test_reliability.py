@@ -1,5 +1,5 @@
-"""Reliability and bad input (issue 10) across the entry points: train.py, budget.py, rho.py, slm.py and
-data/{stdlib,text,mathmix}/prepare.py (madpo.py and data/reviews/prepare.py are not covered yet).
+"""Reliability and bad input (issue 10) across the entry points: train.py, budget.py, rho.py, slm.py,
+madpo.py and data/{stdlib,text,mathmix,reviews}/prepare.py.
 
 Entry points run as real processes, but forked from a *zygote*: this file run as a script
 (`python tests/test_reliability.py --zygote DIR`) imports torch and the project once, then for each request
@@ -370,7 +370,27 @@ def bad_cases(w):
     r = ['rho.py', *TINY, '--budget=4', *il]
     s = ['slm.py', *TINY, '--budget=4', f"--mathmix_dir={w['mathmix']}", f'--ref_ckpt={G}/ckpt.pt', '--out_dir={fresh}']
     mm = ['data/mathmix/prepare.py', '--out_dir={fresh}']
+    mp = ['madpo.py', '--out_dir={fresh}', '--threads=1']
+    rv = ['data/reviews/prepare.py', '--out_dir={fresh}']
     return [
+        # madpo.py
+        ('madpo-unknown-key', *mp, '--lrr=1', ['unknown config key --lrr', 'closest: lr']),
+        ('madpo-type', *mp, '--n_pairs=abc', ['--n_pairs must be int']),
+        ('madpo-beta-negative', *mp, '--beta=-1', ['--beta must be positive']),
+        ('madpo-lr-negative', *mp, '--po_lr=-1', ['--po_lr must be positive']),
+        ('madpo-c-max', *mp, '--c_max=0.5', ['--c_max must be > 1']),
+        ('madpo-bdpo-keep', *mp, '--bdpo_keep=1.5', ['--bdpo_keep must be in (0, 1]']),
+        ('madpo-loss', *mp, '--loss=foo', ['--loss(es) must be among']),
+        ('madpo-tier', *mp, '--tier=foo', ['--tier(s) must be among']),
+        ('madpo-stage', *mp, '--stage=foo', ['--stage must be']),
+        ('madpo-rm-pool', *mp, '--rm_pool=first', ['--rm_pool must be last or mean']),
+        ('madpo-block-size', *mp, '--block_size=50', ['must be <= --block_size']),
+        ('madpo-po-without-sft', *mp, '--stage=po', ['no checkpoint at']),
+        # data/reviews/prepare.py
+        ('reviews-unknown-key', *rv, '--n_review=5', ['closest: n_reviews']),
+        ('reviews-too-few', *rv, '--n_reviews=5', ['--n_reviews must be >= 100']),
+        ('reviews-source', *rv, '--source=web', ["--source must be 'generated' or 'imdb'"]),
+        ('reviews-valence', *rv, '--min_valence=5', ['--min_valence must be in (0, 3)']),
         # train.py: parsing
         ('train-unknown-key', *t, f'--out_dir={G}', '--lrr=1', ['unknown config key --lrr', 'closest: lr']),
         ('train-unknown-key-2', *t, f'--out_dir={G}', '--buget=3', ['unknown config key --buget', 'closest: budget']),
