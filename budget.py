@@ -456,16 +456,22 @@ def plot_runs(groups, path):
     fig, axes = plt.subplots(1, len(budgets), figsize=(5 * len(budgets), 4), squeeze=False)
     for ax, b in zip(axes[0], budgets):
         for label, by_budget in groups.items():
-            runs = [r for r in by_budget.get(b, []) if len(r['evals']) > 1]
+            runs = [r for r in by_budget.get(b, []) if r['evals']]
             if not runs:
                 continue
-            grid = np.linspace(0, max(r['evals'][-1][x] for r in runs), 60)
+            start, end = max(r['evals'][0][x] for r in runs), min(r['evals'][-1][x] for r in runs)
+            if end <= start:  # a single eval per run: its mean and spread at the end
+                finals = [r['final'] for r in runs]
+                ax.errorbar([end], [statistics.mean(finals)], yerr=[[statistics.mean(finals) - min(finals)],
+                            [max(finals) - statistics.mean(finals)]], fmt='o', capsize=3, label=label)
+                continue
+            grid = np.linspace(start, end, 60)  # from the first eval every seed has: no extrapolation
             ys = np.array([np.interp(grid, [e[x] for e in r['evals']], [e[2] for e in r['evals']]) for r in runs])
             ax.plot(grid, ys.mean(0), label=label)
             ax.fill_between(grid, ys.min(0), ys.max(0), alpha=0.2)
         ax.set(title=f'budget {b:g}', xlabel=['RST spent (s)', 'tokens'][x], ylabel='val loss')
-        if ax.lines:
-            ax.legend(fontsize=8)
+        if ax.lines or ax.collections:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return path
@@ -576,7 +582,8 @@ def ablate(cfg):
         final = [l for l in out.stdout.splitlines() if l.startswith('done:')]
         print(f'[{i + 1}/{len(plan)}] {label} budget {args["budget"]:g} seed {args["seed"]}: '
               f'{final[-1] if final else "done"} | sweep eta {eta / 60:.1f} min', flush=True)
-    run_dirs = sorted(str(p.parent) for p in Path(cfg.out_dir).rglob('config.json'))
+    il_model = Path(cfg.out_dir) / 'il'  # RHO-LOSS's IL model: its cost is reported apart, it is not a method
+    run_dirs = sorted(str(p.parent) for p in Path(cfg.out_dir).rglob('config.json') if il_model not in p.parents)
     return compare(run_dirs, out=f'{cfg.out_dir}/ablation', target=cfg.target)
 
 

@@ -7,7 +7,7 @@ COMMON = dict(
     model='small', batch_size=32,       # 4 blocks, d=128, T=128: stacking goes 1 -> 2 -> 4
     budget_unit='rst', schedule='cosine', warmup_frac=0.02, min_lr=0.0,
     lr=2e-3, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0,
-    eval_interval=50, eval_batches=16, log_interval=50, sample_tokens=0,
+    eval_interval=25, eval_batches=16, log_interval=25, sample_tokens=0,
     compile_loss=False,                 # a 20 s compile per run would dwarf these budgets; vocab 256 is cheap eager
 )
 BUDGETS = (10.0, 20.0, 40.0)            # RST seconds, 1:2:4 like the paper's 6/12/24 h
