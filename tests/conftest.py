@@ -14,6 +14,22 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault('OMP_NUM_THREADS', '1')
 torch.set_num_threads(1)
 
+import train  # noqa: E402  (after the sys.path insert)
+
+
+class StopAfter(train.CausalLM):
+    """The baseline objective, but Ctrl-C arrives when step `steps` + 1 asks for its batch."""
+
+    def __init__(self, batch_size, steps):
+        super().__init__(batch_size)
+        self.steps, self.calls = steps, 0
+
+    def __call__(self, model, data, budget):
+        if self.calls == self.steps:
+            raise KeyboardInterrupt
+        self.calls += 1
+        return super().__call__(model, data, budget)
+
 
 @pytest.fixture(scope='session')
 def stdlib_corpus():

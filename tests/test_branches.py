@@ -10,7 +10,7 @@ import torch
 import budget as budget_lib
 import train
 from configurator import UserError
-from conftest import run_script
+from conftest import StopAfter, run_script
 from train import TrainConfig
 
 BUDGET, MULTIPLES, WARMUP = 20, (1, 2, 4), 2
@@ -111,20 +111,6 @@ def test_a_branch_equals_a_standalone_wsd_run(reference, tmp_path, b):
 
 # -----------------------------------------------------------------------------
 # interrupted trunks
-
-class StopAfter(train.CausalLM):
-    """The baseline objective; Ctrl-C arrives when step `steps` + 1 asks for its batch."""
-
-    def __init__(self, batch_size, steps):
-        super().__init__(batch_size)
-        self.steps, self.calls = steps, 0
-
-    def __call__(self, model, data, budget):
-        if self.calls == self.steps:
-            raise KeyboardInterrupt
-        self.calls += 1
-        return super().__call__(model, data, budget)
-
 
 def test_ctrl_c_in_the_trunk_then_the_same_call_again(reference, tmp_path):
     """Ctrl-C at trunk step 24 (past the budget-20 branch point at 16, before budget 40's at 32)."""

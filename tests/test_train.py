@@ -12,7 +12,7 @@ import torch
 
 import train
 from configurator import UserError
-from conftest import ROOT, run_script
+from conftest import ROOT, StopAfter, run_script
 from model import GPT
 
 TIMING_KEYS = {'wall', 'tokens_per_s', 'mfu', 'eta_s'}  # measured, so they differ between runs
@@ -43,20 +43,6 @@ def test_loss_goes_down(tiny_cfg):
     first, last = evals[0]['val_loss'], evals[-1]['val_loss']
     assert last < first < math.log(256), (first, last)
     assert result['val_loss'] == last and result['steps'] == 40 and not result['interrupted']
-
-
-class StopAfter(train.CausalLM):
-    """The baseline objective, but Ctrl-C arrives when step `steps` + 1 asks for its batch."""
-
-    def __init__(self, batch_size, steps):
-        super().__init__(batch_size)
-        self.steps, self.calls = steps, 0
-
-    def __call__(self, model, data, budget):
-        if self.calls == self.steps:
-            raise KeyboardInterrupt
-        self.calls += 1
-        return super().__call__(model, data, budget)
 
 
 def test_ctrl_c_saves_and_resume_is_bit_identical(tiny_cfg, tmp_path):
