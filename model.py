@@ -4,7 +4,7 @@ GPT: a pre-LN decoder with causal scaled_dot_product_attention and tied embeddin
 parameter names and checkpoint fields, so a nanoGPT checkpoint loads. It exposes what the methods
 need: per-token losses instead of a mean (selection methods rank tokens or examples by them), active
 layers (stacking and dropping run a subset of blocks), vocabulary logits (Sophia's estimator),
-generate, and estimate_mfu.
+generate (with a KV cache, the one decoder that evaluation and sampling share), and estimate_mfu.
 
 T5-lite: T5 v1.1 in miniature ("Exploring the Limits of Transfer Learning with a Unified Text-to-Text
 Transformer", Raffel et al. 2020, arXiv 1910.10683), an encoder-decoder built from the same Block as
@@ -14,8 +14,10 @@ GPT (RMSNorm, gated-GELU, a relative position bias per block), trained on span c
 The per-token loss (hidden states -> lm_head -> cross entropy, reduction='none') is the hot path of
 SLM, RHO-LOSS, Selective Backprop and every training step. It never materializes the full
 (tokens x vocab) fp32 logits: it walks the tokens in chunks, keeps only each token's log-sum-exp, and
-recomputes a chunk's logits in the backward. The chunk kernels are compiled with torch.compile.
+recomputes a chunk's logits in the backward. The chunk kernels are compiled with torch.compile once per
+process; a model whose compiled kernels fail falls back to eager on its own.
 """
+import contextlib
 import functools
 import math
 import time
@@ -52,6 +54,7 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True
+    compile_loss: bool = True  # torch.compile the per-token loss kernels (False: eager)
 
 
 # -----------------------------------------------------------------------------
@@ -60,9 +63,14 @@ class GPTConfig:
 LOSS_CHUNK = 2048  # tokens per chunk: chunk x vocab fp32 logits is the peak extra memory
 
 
+def _upcast(logits):
+    """At least fp32 (a bf16 log-sum-exp is too coarse); fp64 stays fp64."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
 def _chunk_loss(h, w, targets):
-    """h (n, C), w (V, C), targets (n,) with -1 = ignore -> loss (n,) fp32, lse (n,) fp32."""
-    logits = (h @ w.t()).float()                                   # (n, V)
+    """h (n, C), w (V, C), targets (n,) with -1 = ignore -> loss (n,), lse (n,), both at least fp32."""
+    logits = _upcast(h @ w.t())                                    # (n, V)
     lse = torch.logsumexp(logits, dim=-1)
     target_logit = logits.gather(1, targets.clamp(min=0)[:, None]).squeeze(1)
     return torch.where(targets >= 0, lse - target_logit, 0.0), lse
@@ -70,7 +78,7 @@ def _chunk_loss(h, w, targets):
 
 def _chunk_grad(h, w, targets, lse, grad_loss):
     """d(sum_i grad_loss_i * loss_i) / (h, w) for one chunk: softmax minus one-hot, scaled."""
-    logits = (h @ w.t()).float()                                   # (n, V), recomputed
+    logits = _upcast(h @ w.t())                                    # (n, V), recomputed
     dlogits = torch.exp(logits - lse[:, None])
     dlogits.scatter_add_(1, targets.clamp(min=0)[:, None], -torch.ones_like(lse)[:, None])
     dlogits = dlogits * torch.where(targets >= 0, grad_loss, 0.0)[:, None]
@@ -78,60 +86,60 @@ def _chunk_grad(h, w, targets, lse, grad_loss):
     return dlogits @ w, dlogits.t() @ h                            # (n, C), (V, C)
 
 
-class _Kernels:
-    """The chunk kernels, compiled on first use; eager (with a warning) where compile fails."""
-
-    def __init__(self):
-        self.compiled = None
-
-    def get(self, use_compile):
-        if not use_compile:
-            return _chunk_loss, _chunk_grad
-        if self.compiled is None:
-            self.compiled = (torch.compile(_chunk_loss, dynamic=None), torch.compile(_chunk_grad, dynamic=None))
-        return self.compiled
-
-    def fall_back(self, error):
-        warnings.warn(f'torch.compile of the per-token loss failed ({type(error).__name__}: {error}); '
-                      f'using the eager kernels')
-        self.compiled = (_chunk_loss, _chunk_grad)
+EAGER_KERNELS = {'loss': _chunk_loss, 'grad': _chunk_grad}
 
 
-KERNELS = _Kernels()
+@functools.cache
+def compiled_kernels():
+    """The chunk kernels compiled once per process, shared by every model (compiling is the cost)."""
+    return {name: torch.compile(fn, dynamic=None) for name, fn in EAGER_KERNELS.items()}
+
+
+class LossKernels:
+    """One model's chunk kernels: the shared compiled ones, or eager where compile is off or has failed
+    for this model (warned once). A failure is this model's: another's inputs may compile fine."""
+
+    def __init__(self, use_compile=True):
+        self.compiled = use_compile
+
+    def __call__(self, name, *args):
+        if self.compiled:
+            try:
+                return compiled_kernels()[name](*args)
+            except Exception as e:  # an inductor/compiler problem must not stop a run
+                self.compiled = False
+                warnings.warn(f'torch.compile of the per-token loss failed ({type(e).__name__}: {e}); '
+                              f'this model uses the eager kernels')
+        return EAGER_KERNELS[name](*args)
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, w, targets, chunk, use_compile):
-        fwd, bwd = KERNELS.get(use_compile)
-        try:
-            parts = [fwd(h[i:i + chunk], w, targets[i:i + chunk]) for i in range(0, len(h), chunk)]
-        except Exception as e:  # an inductor/compiler problem must not stop a run
-            if not use_compile or fwd is _chunk_loss:
-                raise
-            KERNELS.fall_back(e)
-            return ChunkedCrossEntropy.forward(ctx, h, w, targets, chunk, use_compile)
+    def forward(ctx, h, w, targets, chunk, kernels):
+        parts = [kernels('loss', h[i:i + chunk], w, targets[i:i + chunk]) for i in range(0, len(h), chunk)]
         loss, lse = (torch.cat(p) for p in zip(*parts))
         ctx.save_for_backward(h, w, targets, lse)
-        ctx.chunk, ctx.bwd = chunk, bwd
+        ctx.chunk, ctx.kernels = chunk, kernels
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         h, w, targets, lse = ctx.saved_tensors
-        grad_h, grad_w = torch.empty_like(h), torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+        grad_h, grad_w = torch.empty_like(h), torch.zeros_like(w, dtype=lse.dtype)
         for i in range(0, len(h), ctx.chunk):
             s = slice(i, i + ctx.chunk)
-            dh, dw = ctx.bwd(h[s], w, targets[s], lse[s], grad_loss[s])
+            dh, dw = ctx.kernels('grad', h[s], w, targets[s], lse[s], grad_loss[s])
             grad_h[s] = dh
             grad_w += dw
         return grad_h, grad_w.to(w.dtype), None, None, None
 
 
-def per_token_loss(h, w, targets, chunk=LOSS_CHUNK, use_compile=True):
+def per_token_loss(h, w, targets, chunk=LOSS_CHUNK, use_compile=True, kernels=None):
     """Cross entropy of each token, reduction='none': h (N, C) hidden states, w (V, C) the lm_head
-    weight, targets (N,) with -1 meaning ignore (loss 0). Returns (N,) fp32."""
-    return ChunkedCrossEntropy.apply(h, w, targets, chunk, use_compile)
+    weight, targets (N,) with -1 meaning ignore (loss 0). Returns (N,) in h's dtype promoted to fp32
+    (fp64 stays fp64). kernels: the caller's LossKernels, which remembers a compile failure (a model
+    passes its own); by default a fresh one as use_compile says."""
+    return ChunkedCrossEntropy.apply(h, w, targets, chunk, kernels or LossKernels(use_compile))
 
 
 # -----------------------------------------------------------------------------
@@ -149,13 +157,8 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(LayerNorm):
     """T5's norm: divide by the root mean square, no centring (a bias only if asked, like LayerNorm)."""
-
-    def __init__(self, ndim, bias):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(ndim))
-        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
 
     def forward(self, x):
         x = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + 1e-6) * self.weight  # eager F.rms_norm is slower on CPU
@@ -190,18 +193,37 @@ class RelativePositionBias(nn.Module):
         self.bidirectional, self.num_buckets, self.max_distance = bidirectional, cfg.rel_buckets, cfg.rel_max_distance
 
     def forward(self, T, S):
-        """(1, nh, T, S) bias for T queries and S keys."""
+        """(1, nh, T, S) bias for the last T of S positions querying all S."""
         device = self.relative_attention_bias.weight.device
-        relative_position = torch.arange(S, device=device)[None, :] - torch.arange(T, device=device)[:, None]
+        relative_position = torch.arange(S, device=device)[None, :] - torch.arange(S - T, S, device=device)[:, None]
         bucket = relative_position_bucket(relative_position, self.bidirectional, self.num_buckets, self.max_distance)
         return self.relative_attention_bias(bucket).permute(2, 0, 1).unsqueeze(0)
+
+
+class KVCache:
+    """One self-attention layer's keys and values of the positions decoded so far, (B, nh, S, hs) each."""
+
+    def __init__(self):
+        self.k = self.v = None
+
+    def extend(self, k, v):
+        """Append the new positions' k, v (B, nh, T, hs); return all of them (B, nh, S + T, hs)."""
+        if self.k is not None:
+            k, v = torch.cat((self.k, k), dim=2), torch.cat((self.v, v), dim=2)
+        self.k, self.v = k, v
+        return k, v
+
+    def keep(self, rows):
+        """Keep only these batch rows (a bool mask or indices): finished sequences leave the batch."""
+        if self.k is not None:  # None: nothing cached yet (a prompt longer than block_size is recomputed)
+            self.k, self.v = self.k[rows], self.v[rows]
 
 
 class Attention(nn.Module):
     """Multi-head attention on scaled_dot_product_attention: self-attention, causal (GPT, T5's
     decoder) or bidirectional (T5's encoder), or cross-attention from x to a memory (T5's decoder
     reading the encoder). Optionally a relative position bias of its own, passed to SDPA as a float
-    mask (with -inf above the diagonal when causal)."""
+    mask (with -inf on the future when causal)."""
 
     def __init__(self, cfg, causal=True, cross=False, relative_bias=False):
         super().__init__()
@@ -217,29 +239,33 @@ class Attention(nn.Module):
         self.rel_bias = RelativePositionBias(cfg, bidirectional=not causal) if relative_bias else None
         self.n_head, self.dropout, self.causal = cfg.n_head, cfg.dropout, causal
 
-    def forward(self, x, memory=None):
+    def forward(self, x, memory=None, cache=None):
+        """x (B, T, C) -> (B, T, C). memory (B, S, C): attend to it instead (cross-attention). cache: the
+        KVCache of the positions before x's, which x's keys and values extend (self-attention)."""
         B, T, C = x.size()
         if memory is None:
             q, k, v = self.c_attn(x).split(C, dim=2)
         else:
             q, (k, v) = self.c_q(x), self.c_kv(memory).split(C, dim=2)
-        S, hs = k.size(1), C // self.n_head
-        q = q.view(B, T, self.n_head, hs).transpose(1, 2)                              # (B, nh, T, hs)
-        k, v = (t.view(B, S, self.n_head, hs).transpose(1, 2) for t in (k, v))          # (B, nh, S, hs)
-        dropout_p = self.dropout if self.training else 0.0
-        if self.rel_bias is None:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=self.causal)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=self._bias_mask(T, S, q.dtype), dropout_p=dropout_p)
+        q, k, v = (t.view(B, t.size(1), self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T or S, hs)
+                   for t in (q, k, v))
+        if cache is not None:
+            k, v = cache.extend(k, v)                                                  # (B, nh, S, hs)
+        mask = self._mask(T, k.size(2), q)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+                                           is_causal=mask is None and self.causal)      # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
-    def _bias_mask(self, T, S, dtype):
-        mask = self.rel_bias(T, S).to(dtype)                                           # (1, nh, T, S)
-        if self.causal:
-            future = torch.ones(T, S, dtype=torch.bool, device=mask.device).triu(1)
-            mask = mask.masked_fill(future, float('-inf'))
-        return mask
+    def _mask(self, T, S, q):
+        """SDPA's attn_mask for the last T of S positions, or None where is_causal (or no mask) does."""
+        if self.rel_bias is None and (not self.causal or S == T):
+            return None
+        future = torch.ones(T, S, dtype=torch.bool, device=q.device).triu(S - T + 1)
+        if self.rel_bias is None:
+            return ~future  # queries after cached keys: is_causal would align them with the first keys
+        mask = self.rel_bias(T, S).to(q.dtype)                                         # (1, nh, T, S)
+        return mask.masked_fill(future, float('-inf')) if self.causal else mask
 
 
 class MLP(nn.Module):
@@ -285,8 +311,8 @@ class Block(nn.Module):
             if cross else (None, None)
         self.ln_2, self.mlp = norm(cfg.n_embd, cfg.bias), mlp(cfg)
 
-    def forward(self, x, memory=None):
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, memory=None, cache=None):
+        x = x + self.attn(self.ln_1(x), cache=cache)
         if self.cross_attn is not None:
             x = x + self.cross_attn(self.ln_cross(x), memory)
         return x + self.mlp(self.ln_2(x))
@@ -310,23 +336,37 @@ def init_weights(model, n_layer):
             nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
 
 
-def layer_list(layers, n_layer):
-    """set_active_layers' argument (a count n = the first n, or a list of indices) as a sorted list."""
-    layers = list(range(layers)) if isinstance(layers, int) else sorted(layers)
-    assert layers and all(0 <= i < n_layer for i in layers), layers
-    return layers
-
-
 def sample_next(logits, temperature=1.0, top_k=None, generator=None):
     """(B, V) logits of the last position -> (B, 1) next ids: a sample from the top_k at this
     temperature; temperature 0 is greedy."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / temperature
+    logits = logits.float() / temperature  # bf16 probabilities (under autocast) are too coarse to sample from
     if top_k is not None:
         v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
         logits[logits < v[:, [-1]]] = -float('inf')
     return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+
+
+def keep_running(running, rows, seq, cache):
+    """Keep the running rows (a bool (B,)) of rows, seq and the KV cache {block: KVCache}, if any:
+    finished sequences leave the batch, so later decoding steps cost less."""
+    if running.all():
+        return rows, seq
+    for layer in (cache or {}).values():
+        layer.keep(running)
+    return rows[running], seq[running]
+
+
+@contextlib.contextmanager
+def evaluating(model):
+    """model.eval() inside the block (no dropout); its previous mode comes back after, even on an error."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def state_from_checkpoint(ckpt):
@@ -336,8 +376,14 @@ def state_from_checkpoint(ckpt):
 
 
 class LayeredLM(nn.Module):
-    """What both models expose to the loop: active blocks, MFU, building from a checkpoint."""
+    """What both models expose to the loop: active blocks, per-token losses, MFU, building from a checkpoint."""
     config_class = None
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.active_layers = list(range(cfg.n_layer))
+        self.loss_kernels = LossKernels(cfg.compile_loss)
 
     @property
     def n_layer(self):
@@ -346,16 +392,35 @@ class LayeredLM(nn.Module):
     def set_active_layers(self, layers):
         """Run only these blocks (a count n = the first n, or a list of indices), in order; T5-lite runs
         the same indices in its encoder and its decoder."""
-        self.active_layers = layer_list(layers, self.config.n_layer)
+        layers = list(range(layers)) if isinstance(layers, int) else sorted(layers)
+        assert layers and all(0 <= i < self.n_layer for i in layers), layers
+        self.active_layers = layers
+
+    def _loss_or_logits(self, h, targets):
+        """Final hidden states h (B, T, C) -> per-token losses (B, T) (-1 targets: loss 0), or without
+        targets the logits of the last position (B, 1, V)."""
+        if targets is None:
+            return self.lm_head(h[:, [-1], :])
+        B, T, C = h.shape
+        return per_token_loss(h.view(B * T, C), self.lm_head.weight, targets.reshape(B * T),
+                              kernels=self.loss_kernels).view(B, T)
+
+    def logits(self, *inputs):
+        """Full vocabulary logits (B, T, V) of every (decoder) position, for the rare user who needs them
+        (Sophia's estimator)."""
+        return self.lm_head(self.hidden(*inputs))
 
     def estimate_mfu(self, tokens_per_sec, peak_flops):
         return self.flops_per_token() * tokens_per_sec / peak_flops
 
     @classmethod
-    def from_checkpoint(cls, ckpt):
-        """Build from a checkpoint dict (ours, or nanoGPT's for GPT: model_args + model state dict)."""
+    def from_checkpoint(cls, ckpt, **overrides):
+        """Build from a checkpoint dict (ours, or nanoGPT's for GPT: model_args + model state dict).
+        model_args the config lacks are ignored, and fields model_args lack (compile_loss in older
+        checkpoints) keep their defaults; overrides set config fields (compile_loss=False, dropout=0.0)."""
         fields = cls.config_class.__dataclass_fields__
-        model = cls(cls.config_class(**{k: v for k, v in ckpt['model_args'].items() if k in fields}))
+        model_args = {k: v for k, v in ckpt['model_args'].items() if k in fields}
+        model = cls(cls.config_class(**{**model_args, **overrides}))
         model.load_state_dict(state_from_checkpoint(ckpt))
         return model
 
@@ -367,8 +432,7 @@ class GPT(LayeredLM):
     config_class = GPTConfig
 
     def __init__(self, cfg):
-        super().__init__()
-        self.config = cfg
+        super().__init__(cfg)
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
             wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
@@ -378,8 +442,6 @@ class GPT(LayeredLM):
         ))
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # tied embeddings
-        self.active_layers = list(range(cfg.n_layer))
-        self.compile_loss = True  # the training loop turns this off with --compile_loss=False
         init_weights(self, cfg.n_layer)
 
     def block_stacks(self):
@@ -390,28 +452,20 @@ class GPT(LayeredLM):
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
-    def hidden(self, idx):
-        """idx (B, T) token ids -> (B, T, C) final hidden states through the active blocks."""
-        T = idx.size(1)
-        assert T <= self.config.block_size, f'sequence of {T} tokens > block_size {self.config.block_size}'
-        pos = torch.arange(T, device=idx.device)
+    def hidden(self, idx, start=0, cache=None):
+        """idx (B, T) token ids at positions start.. -> (B, T, C) final hidden states through the active
+        blocks. cache {block index: KVCache}: the keys and values of positions < start, which idx's extend."""
+        T, block_size = idx.size(1), self.config.block_size
+        assert start + T <= block_size, f'sequence of {start + T} tokens > block_size {block_size}'
+        pos = torch.arange(start, start + T, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for i in self.active_layers:
-            x = self.transformer.h[i](x)
+            x = self.transformer.h[i](x, cache=None if cache is None else cache[i])
         return self.transformer.ln_f(x)
 
     def forward(self, idx, targets=None):
         """With targets: per-token losses (B, T) fp32. Without: logits of the last position (B, 1, V)."""
-        h = self.hidden(idx)
-        if targets is None:
-            return self.lm_head(h[:, [-1], :])
-        B, T, C = h.shape
-        return per_token_loss(h.view(B * T, C), self.lm_head.weight, targets.reshape(B * T),
-                              use_compile=self.compile_loss).view(B, T)
-
-    def logits(self, idx):
-        """Full vocabulary logits (B, T, V), for the rare user who needs them (Sophia's estimator)."""
-        return self.lm_head(self.hidden(idx))
+        return self._loss_or_logits(self.hidden(idx), targets)
 
     def flops_per_token(self, n_active=None, seq_len=None):
         """Forward+backward FLOPs per token at n_active blocks (PaLM appendix B, as nanoGPT)."""
@@ -423,12 +477,37 @@ class GPT(LayeredLM):
         return 6 * matmul_params + 12 * L * cfg.n_embd * T
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
-        for _ in range(max_new_tokens):
-            logits = self(idx[:, -self.config.block_size:])[:, -1, :]
-            idx = torch.cat((idx, sample_next(logits, temperature, top_k, generator)), dim=1)
-        return idx
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, stop=None, pad_id=0,
+                 use_cache=True):
+        """Continue idx (B, P) by up to max_new_tokens ids drawn by sample_next (temperature 0 is greedy)
+        -> (B, P + n). stop(new) gets the tokens generated so far (B_running, t) of the rows still running
+        and returns a bool (B_running,): the rows finished now, last token included. They leave the batch,
+        their later positions are pad_id, and n < max_new_tokens when every row finished early. A KV cache
+        of the active blocks serves positions below block_size; past it the context is cropped to the last
+        block_size tokens and recomputed (nanoGPT). use_cache=False always recomputes, with the same draws."""
+        P = idx.size(1)
+        out = F.pad(idx, (0, max_new_tokens), value=pad_id)              # (B, P + max_new_tokens)
+        rows, seq = torch.arange(len(idx), device=idx.device), idx       # the running rows, their ids so far
+        cache = {i: KVCache() for i in self.active_layers} if use_cache else None
+        with evaluating(self):
+            for t in range(max_new_tokens):
+                logits = self._next_logits(seq, cache, start=0 if t == 0 else seq.size(1) - 1)
+                nxt = sample_next(logits, temperature, top_k, generator)  # (B_running, 1)
+                out[rows, P + t] = nxt[:, 0]
+                seq = torch.cat((seq, nxt), dim=1)
+                if stop is not None:
+                    rows, seq = keep_running(~stop(seq[:, P:]).to(seq.device), rows, seq, cache)
+                    if len(rows) == 0:
+                        break
+        return out[:, :seq.size(1)]
 
+    def _next_logits(self, seq, cache, start):
+        """(B, V) logits of the token after seq (B, T). With a cache holding the positions before start,
+        only seq[:, start:] runs, while every position fits block_size (absolute position embeddings);
+        past it the last block_size tokens are recomputed."""
+        if cache is None or seq.size(1) > self.config.block_size:
+            return self(seq[:, -self.config.block_size:])[:, -1]
+        return self.lm_head(self.hidden(seq[:, start:], start, cache)[:, -1])
 
 
 # -----------------------------------------------------------------------------
@@ -446,6 +525,7 @@ class T5Config:
     bias: bool = False            # T5 has no biases
     rel_buckets: int = 32         # relative position buckets (T5's 32)
     rel_max_distance: int = 128   # distances from here on share the last bucket (T5's 128)
+    compile_loss: bool = True     # torch.compile the per-token loss kernels (False: eager)
 
     def __post_init__(self):
         if self.d_ff == 0:
@@ -460,8 +540,7 @@ class T5Lite(LayeredLM):
     config_class = T5Config
 
     def __init__(self, cfg):
-        super().__init__()
-        self.config = cfg
+        super().__init__(cfg)
         t5_block = functools.partial(Block, cfg, norm=RMSNorm, mlp=GatedMLP, relative_bias=True)
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.drop = nn.Dropout(cfg.dropout)
@@ -470,8 +549,6 @@ class T5Lite(LayeredLM):
         self.decoder = nn.ModuleDict(dict(h=nn.ModuleList([t5_block(causal=True, cross=True) for _ in range(cfg.n_layer)]),
                                           ln_f=RMSNorm(cfg.n_embd, cfg.bias)))
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.active_layers = list(range(cfg.n_layer))
-        self.compile_loss = True
         self.start_id, self.eos_id = cfg.vocab_size - 2, cfg.vocab_size - 1
         init_weights(self, cfg.n_layer)
 
@@ -505,16 +582,7 @@ class T5Lite(LayeredLM):
     def forward(self, enc_in, dec_in, targets=None):
         """With targets (B, Tt): per-token losses (B, Tt) fp32 (-1 = ignore, loss 0). Without: logits of
         the last decoder position (B, 1, V)."""
-        h = self.hidden(enc_in, dec_in)
-        if targets is None:
-            return self.lm_head(h[:, [-1], :])
-        B, T, C = h.shape
-        return per_token_loss(h.view(B * T, C), self.lm_head.weight, targets.reshape(B * T),
-                              use_compile=self.compile_loss).view(B, T)
-
-    def logits(self, enc_in, dec_in):
-        """Full vocabulary logits (B, Tt, V) of every decoder position."""
-        return self.lm_head(self.hidden(enc_in, dec_in))
+        return self._loss_or_logits(self.hidden(enc_in, dec_in), targets)
 
     def flops_per_token(self, n_active=None, seq_len=None):
         """Forward+backward FLOPs per encoder input token at n_active blocks per stack: one example's
@@ -535,14 +603,14 @@ class T5Lite(LayeredLM):
     def generate(self, enc_in, max_new_tokens, temperature=1.0, top_k=None, generator=None):
         """Decode from the start id: (B, 1 + max_new_tokens), the start id then the new tokens. A row
         that has emitted EOS emits only EOS after it. temperature=0 is greedy."""
-        memory = self.encode(enc_in)
-        dec = torch.full((len(enc_in), 1), self.start_id, dtype=torch.long, device=enc_in.device)
-        for _ in range(max_new_tokens):
-            nxt = sample_next(self.lm_head(self.decode(dec, memory)[:, -1, :]), temperature, top_k, generator)
-            done = (dec == self.eos_id).any(dim=1, keepdim=True)
-            dec = torch.cat((dec, torch.where(done, self.eos_id, nxt)), dim=1)
+        with evaluating(self):
+            memory = self.encode(enc_in)
+            dec = torch.full((len(enc_in), 1), self.start_id, dtype=torch.long, device=enc_in.device)
+            for _ in range(max_new_tokens):
+                nxt = sample_next(self.lm_head(self.decode(dec, memory)[:, -1, :]), temperature, top_k, generator)
+                done = (dec == self.eos_id).any(dim=1, keepdim=True)
+                dec = torch.cat((dec, torch.where(done, self.eos_id, nxt)), dim=1)
         return dec
-
 
 
 MODELS = {'gpt': (GPT, GPTConfig), 't5': (T5Lite, T5Config)}  # model_type -> (model class, its config)

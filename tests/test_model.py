@@ -1,4 +1,6 @@
-"""model: the chunked per-token loss against F.cross_entropy, nanoGPT checkpoints, active layers, generate."""
+"""model: the chunked per-token loss against F.cross_entropy (fp32, fp64, a compile failure's fallback),
+nanoGPT checkpoints, config overrides, active layers, generate with its KV cache against full recompute."""
+import dataclasses
 import math
 import warnings
 
@@ -7,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import model as model_lib
-from model import GPT, GPTConfig, per_token_loss
+from model import GPT, GPTConfig, LossKernels, evaluating, per_token_loss
 
 
 def loss_inputs(N=50, C=16, V=37, seed=0, ignore=()):
@@ -65,14 +67,51 @@ def test_ignored_targets_give_zero_loss_and_no_gradient():
 
 def test_compiled_per_token_loss_equals_cross_entropy():
     """The one compiled test of this module: the torch.compile'd chunk kernels, forward and backward."""
-    inputs = loss_inputs(N=64, ignore=(3,))
+    inputs, kernels = loss_inputs(N=64, ignore=(3,)), LossKernels(use_compile=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
-        got = loss_and_grads(lambda h, w, t: per_token_loss(h, w, t, chunk=32, use_compile=True), *inputs)
+        got = loss_and_grads(lambda h, w, t: per_token_loss(h, w, t, chunk=32, kernels=kernels), *inputs)
     if any('torch.compile of the per-token loss failed' in str(c.message) for c in caught):
         pytest.skip('torch.compile is unavailable here: the eager fallback ran (tested above)')
-    assert model_lib.KERNELS.compiled is not None and model_lib.KERNELS.compiled[0] is not model_lib._chunk_loss
+    assert kernels.compiled and model_lib.compiled_kernels()['loss'] is not model_lib._chunk_loss
     assert_close(got, loss_and_grads(reference, *inputs))
+
+
+def test_float64_inputs_compute_in_float64():
+    """fp64 stays fp64 end to end (the kernels used to round the logits to fp32: 3.6e-6 off); bf16 gives fp32."""
+    h, w, targets, upstream = (t.double() if t.is_floating_point() else t for t in loss_inputs(ignore=(4,)))
+    got = loss_and_grads(lambda h, w, t: per_token_loss(h, w, t, chunk=16, use_compile=False), h, w, targets, upstream)
+    for a, b in zip(got, loss_and_grads(reference, h, w, targets, upstream)):
+        assert a.dtype == b.dtype == torch.float64
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+    assert per_token_loss(h.bfloat16(), w.bfloat16(), targets, use_compile=False).dtype == torch.float32
+
+
+def test_a_compile_failure_falls_back_for_that_model_only(monkeypatch):
+    """The compiled kernels are shared by the process, the fallback is not: the model whose compiled kernel
+    raised turns eager (one warning), another model keeps running the compiled kernels."""
+    broken, a, b = tiny_gpt(compile_loss=True), tiny_gpt(compile_loss=True), tiny_gpt()
+    ran = []
+
+    def fake_compile(fn):
+        def kernel(h, w, *args):
+            if w.data_ptr() == broken.lm_head.weight.data_ptr():
+                raise RuntimeError('inductor: no such op')
+            ran.append(fn.__name__)
+            return fn(h, w, *args)
+        return kernel
+    fakes = {name: fake_compile(fn) for name, fn in model_lib.EAGER_KERNELS.items()}
+    monkeypatch.setattr(model_lib, 'compiled_kernels', lambda: fakes)
+    x, y = tokens(), torch.roll(tokens(), -1, dims=1)
+    with pytest.warns(UserWarning, match='torch.compile of the per-token loss failed .*no such op'):
+        loss = broken(x, y)
+    assert not broken.loss_kernels.compiled and a.loss_kernels.compiled
+    torch.testing.assert_close(loss, b(x, y), atol=0, rtol=0)      # the eager kernels' result
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')                              # no second warning
+        a(x, y).sum().backward()
+        broken(x, y).sum().backward()
+    assert ran == ['_chunk_loss', '_chunk_grad'] and a.loss_kernels.compiled
 
 
 # -----------------------------------------------------------------------------
@@ -80,8 +119,8 @@ def test_compiled_per_token_loss_equals_cross_entropy():
 
 def tiny_gpt(seed=0, **kw):
     torch.manual_seed(seed)
-    m = GPT(GPTConfig(**{**dict(block_size=16, vocab_size=61, n_layer=3, n_head=2, n_embd=32), **kw}))
-    m.compile_loss = False
+    shape = dict(block_size=16, vocab_size=61, n_layer=3, n_head=2, n_embd=32, compile_loss=False)
+    m = GPT(GPTConfig(**{**shape, **kw}))
     return m.eval()
 
 
@@ -161,6 +200,22 @@ def test_nanogpt_checkpoint_loads_with_identical_outputs():
         torch.testing.assert_close(m.logits(x), nanogpt_logits(state, x, 2, 2), atol=1e-5, rtol=0)
 
 
+def test_compile_loss_is_a_config_field_that_from_checkpoint_can_override():
+    m = tiny_gpt(compile_loss=True)
+    assert m.loss_kernels.compiled and not hasattr(m, 'compile_loss')
+    ckpt = {'model_args': dataclasses.asdict(m.config), 'model': m.state_dict()}
+    assert GPT.from_checkpoint(ckpt).loss_kernels.compiled
+    loaded = GPT.from_checkpoint(ckpt, compile_loss=False, dropout=0.25)
+    assert loaded.config == dataclasses.replace(m.config, compile_loss=False, dropout=0.25)
+    assert not loaded.loss_kernels.compiled and loaded.transformer.drop.p == 0.25
+    old, _ = nanogpt_state()                     # model_args from before the field, plus a key we do not know
+    old['model_args']['flash'] = True
+    assert GPT.from_checkpoint(old).config.compile_loss is True
+    assert GPT.from_checkpoint(old, compile_loss=False).config.compile_loss is False
+    with pytest.raises(TypeError, match='compile_los'):
+        GPT.from_checkpoint(old, compile_los=False)  # a misspelt override is an error, not ignored
+
+
 def test_set_active_layers_runs_exactly_the_chosen_blocks():
     m, x = tiny_gpt(), tokens()
     with torch.no_grad():
@@ -194,6 +249,85 @@ def test_generate_is_deterministic_with_a_seeded_generator():
         idx = torch.cat([idx, m.logits(idx[:, -16:])[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(greedy, idx)
     assert m.generate(prompt, 30).shape == (1, 33)  # longer than block_size: the context is cropped
+
+
+def seeded(seed=7, device='cpu'):
+    return torch.Generator(device).manual_seed(seed)
+
+
+@pytest.mark.parametrize('layers', [3, [0, 2]])
+@pytest.mark.parametrize('temperature', [0, 1.0])
+def test_cached_generate_equals_full_recompute(layers, temperature, monkeypatch):
+    m, prompt = tiny_gpt(), tokens(B=3, T=5)
+    m.set_active_layers(layers)
+    recomputed = m.generate(prompt, 20, temperature=temperature, generator=seeded(), use_cache=False)
+    fed = []                                         # tokens per forward: the cache runs only the new one
+    hidden = m.hidden
+    monkeypatch.setattr(m, 'hidden', lambda idx, *a, **kw: fed.append(idx.size(1)) or hidden(idx, *a, **kw))
+    cached = m.generate(prompt, 20, temperature=temperature, generator=seeded())
+    assert cached.shape == (3, 25) and torch.equal(cached[:, :5], prompt)
+    assert torch.equal(cached, recomputed)
+    assert fed == [5] + [1] * 11 + [16] * 8      # positions 5..15 from the cache; past block_size 16: cropped
+
+
+class StopAfter:
+    """stop for generate: row i (of the original batch) is finished after ends[i] new tokens. It tracks which
+    rows still run, as generate must hand it exactly those, and records the batch sizes it saw."""
+
+    def __init__(self, ends):
+        self.ends, self.running, self.sizes = ends, list(range(len(ends))), []
+
+    def __call__(self, new):
+        assert new.shape == (len(self.running), new.size(1)) and new.dtype == torch.long
+        self.sizes.append(len(new))
+        done = [self.ends[r] == new.size(1) for r in self.running]
+        self.running = [r for r, d in zip(self.running, done) if not d]
+        return torch.tensor(done)
+
+
+@pytest.mark.parametrize('P', [4, 18])                # 18 > block_size: cropped and recomputed from the start
+@pytest.mark.parametrize('temperature', [0, 1.0])
+def test_stop_drops_finished_rows_and_pads_them(temperature, P):
+    m, prompt, ends, pad = tiny_gpt(), tokens(B=4, T=P), [3, 1, 6, 2], 61   # 61: no token id of the vocabulary
+    runs = {}
+    for use_cache in (True, False):
+        stop = StopAfter(ends)
+        runs[use_cache] = m.generate(prompt, 9, temperature=temperature, generator=seeded(), stop=stop, pad_id=pad,
+                                     use_cache=use_cache)
+        assert stop.sizes == [4, 3, 2, 1, 1, 1]       # finished rows leave the batch
+    out = runs[True]
+    assert out.shape == (4, P + 6) and torch.equal(out, runs[False])  # ends once every row is finished
+    for i, n in enumerate(ends):
+        assert (out[i, P + n:] == pad).all() and (out[i, :P + n] != pad).all()
+    if temperature == 0:                             # greedy rows do not depend on each other
+        full = m.generate(prompt, 9, temperature=0)
+        for i, n in enumerate(ends):
+            assert torch.equal(out[i, :P + n], full[i, :P + n])
+
+
+def test_generate_turns_dropout_off_and_restores_the_mode():
+    m = tiny_gpt(dropout=0.5).train()
+    prompt = tokens(B=2, T=3)
+    out = m.generate(prompt, 8, generator=seeded())
+    assert m.training and all(module.training for module in m.modules())
+    assert torch.equal(out, m.generate(prompt, 8, generator=seeded(), use_cache=False))  # no dropout draws
+    with pytest.raises(ZeroDivisionError), evaluating(m):
+        assert not m.training and not m.transformer.h[0].mlp.dropout.training
+        1 / 0
+    assert m.training
+    m.eval()
+    with evaluating(m):
+        pass
+    assert not m.training
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='no CUDA device')
+def test_cached_generate_on_cuda_with_a_cuda_generator():
+    m, prompt = tiny_gpt().cuda(), tokens(B=3, T=5).cuda()
+    run = lambda use_cache: m.generate(prompt, 20, generator=seeded(device='cuda'), use_cache=use_cache,  # noqa: E731
+                                       stop=lambda new: (new[:, -1] % 7 == 0).cpu())
+    out = run(True)
+    assert out.device.type == 'cuda' and torch.equal(out, run(False))
 
 
 def test_flops_per_token_scales_with_active_layers():

@@ -126,11 +126,10 @@ def tiny_t5(n_layer=2, seed=0):
     """A tiny T5-lite with large random weights, so that every part of the forward moves the output."""
     torch.manual_seed(seed)
     model = T5Lite(T5Config(block_size=16, vocab_size=40, n_layer=n_layer, n_head=2, n_embd=16, d_ff=24,
-                            rel_buckets=8, rel_max_distance=12))
+                            rel_buckets=8, rel_max_distance=12, compile_loss=False))
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(torch.randn_like(p) * (1.0 if 'rel_bias' in name or 'ln' in name else 0.3))
-    model.compile_loss = False
     return model.eval()
 
 
@@ -258,12 +257,17 @@ def test_checkpoint_round_trip(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded.logits(enc_in, dec_in), model.logits(enc_in, dec_in))
     assert loaded.config == model.config
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt['model_args']['compile_loss']          # a checkpoint from before the field: the default
+    assert T5Lite.from_checkpoint(ckpt).config.compile_loss is True
+    assert not T5Lite.from_checkpoint(ckpt, compile_loss=False).loss_kernels.compiled
 
 
 def test_greedy_generate_is_the_argmax_of_the_logits():
-    model = tiny_t5()
+    model = tiny_t5().train()
     enc_in = batch()[0]
     out = model.generate(enc_in, 7, temperature=0.0)
+    assert model.training                                   # generate evaluates, then restores the mode
     assert out.shape == (3, 8) and (out[:, 0] == model.start_id).all()
     with torch.no_grad():
         want = model.logits(enc_in, out[:, :-1]).argmax(dim=-1)
@@ -285,8 +289,7 @@ def test_sampling_is_seeded_and_stops_at_eos():
 def test_flops_per_token_matches_a_flop_counter():
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
-    model = T5Lite(T5Config(block_size=64, vocab_size=320, n_layer=2, n_head=2, n_embd=32))
-    model.compile_loss = False
+    model = T5Lite(T5Config(block_size=64, vocab_size=320, n_layer=2, n_head=2, n_embd=32, compile_loss=False))
     raw = torch.randint(0, 256, (2, raw_length_for(64)))
     enc_in, dec_in, targets = span_corrupt(raw, torch.Generator().manual_seed(0), BYTES)
     for n_active in (2, 1):
