@@ -11,29 +11,32 @@ The idea in three lines:
 Use: python train.py --optimizer=sophiag
 (authors' GPT-2 small setting: lr 6e-4, rho 0.05, weight decay 0.2, betas (0.965, 0.99), k = 10).
 
-What `bs` means (the question users ask most in the authors' repository): the number of *tokens* per
-optimizer step, batch_size * block_size * grad_accum * world_size (the authors pass 480 * 1024).
-Why it is there: the Gauss-Newton-Bartlett estimate is B * g_hat * g_hat for a mean loss over B tokens
-(paper, Algorithm 2); h stores g_hat * g_hat without the B, and the step puts it back as rho * bs * h.
-So rho and bs trade off: change the batch and the step changes unless bs follows it. It is a required
-argument of step() here, because the authors' silent default (5120) is wrong for almost every run.
-
 Per parameter, in this order:
   p *= 1 - lr*wd;  m = b1*m + (1-b1)*g;  p -= lr * sign(m) * min(|m| / (rho*bs*h + 1e-15), 1).
-`win_rate` is the fraction of coordinates whose ratio is below 1, i.e. NOT clipped (the authors tune
-rho to keep it in 0.1-0.5).
+`win_rate` is the fraction of coordinates NOT clipped, |m| < rho*bs*h (the authors count |m| >= rho*bs*h
+as clipped, so a coordinate with m = h = 0 is clipped; they tune rho to keep the rate in 0.1-0.5).
 
-The Hessian estimate (gnb_hessian_step) is a hook the one training loop calls; see its docstring.
+What `bs` means (the question users ask most in the authors' repository): the number of *tokens whose
+loss is averaged* in one optimizer step, batch_size * grad_accum * world_size * targets per example
+(block_size for GPT, the target length for T5; the authors pass 480 * 1024). Why it is there: the
+Gauss-Newton-Bartlett estimate is B * g_hat * g_hat for a mean loss over B tokens (paper, Algorithm 2);
+h stores g_hat * g_hat without the B, and the step puts it back as rho * bs * h. So rho and bs trade off:
+change the batch and the step changes unless bs follows it. It is a required argument of the
+constructor, because the authors' silent default (5120) is wrong for almost every run.
+
+The Hessian estimate is the training loop's every-k-steps hook (HessianHook): after the normal step,
+on fresh micro-batches, sample labels from the model's own softmax, backpropagate the mean cross
+entropy against them through the same (DDP-wrapped) model and the same gradient accumulation as a
+training step, clip that gradient to norm 1, and fold its square into h.
 """
 import torch
-import torch.nn.functional as F
 from torch.optim import Optimizer
 
 
 class SophiaG(Optimizer):
     """Sophia-G (Liu et al. 2023). State per parameter: `exp_avg` (m) and `hessian` (h)."""
 
-    def __init__(self, params, lr=1e-4, betas=(0.965, 0.99), rho=0.04, weight_decay=0.1):
+    def __init__(self, params, lr=1e-4, betas=(0.965, 0.99), rho=0.04, weight_decay=0.1, *, bs):
         if not lr >= 0.0:
             raise ValueError(f"lr must be >= 0, got {lr}")
         for i, beta in enumerate(betas):
@@ -43,7 +46,9 @@ class SophiaG(Optimizer):
             raise ValueError(f"rho must be >= 0, got {rho}")
         if not weight_decay >= 0.0:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-        defaults = dict(lr=lr, betas=tuple(betas), rho=rho, weight_decay=weight_decay)
+        if not bs > 0:
+            raise ValueError(f"bs must be > 0 (tokens averaged per optimizer step), got {bs}")
+        defaults = dict(lr=lr, betas=tuple(betas), rho=rho, weight_decay=weight_decay, bs=bs)
         super().__init__(params, defaults)
         self._win_count = None  # tensor: coordinates not clipped in the last step (read via win_rate)
         self._win_total = 0
@@ -75,10 +80,7 @@ class SophiaG(Optimizer):
                     self._state(p)["hessian"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
 
     @torch.no_grad()
-    def step(self, bs, closure=None):
-        """One Sophia-G step. bs: tokens per optimizer step (see the module docstring)."""
-        if not bs > 0:
-            raise ValueError(f"bs must be > 0 (tokens per optimizer step), got {bs}")
+    def step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -88,7 +90,7 @@ class SophiaG(Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                win_counts.append(self._update(p, group, bs))
+                win_counts.append(self._update(p, group))
                 total += p.numel()
         if win_counts:
             device = win_counts[0].device
@@ -96,16 +98,17 @@ class SophiaG(Optimizer):
             self._win_total = total
         return loss
 
-    def _update(self, p, group, bs):
+    def _update(self, p, group):
         state = self._state(p)
         exp_avg, hessian = state["exp_avg"], state["hessian"]
-        lr, wd, rho, beta1 = group["lr"], group["weight_decay"], group["rho"], group["betas"][0]
+        lr, wd, rho, beta1, bs = group["lr"], group["weight_decay"], group["rho"], group["betas"][0], group["bs"]
         p.mul_(1 - lr * wd)
         exp_avg.mul_(beta1).add_(p.grad, alpha=1 - beta1)
+        scaled_h = rho * bs * hessian
         # 1e-15 keeps 0/0 finite; where h = 0 the ratio is clipped to 1 and the step is lr*sign(m).
-        ratio = (exp_avg.abs() / (rho * bs * hessian + 1e-15)).clamp_(max=1)
+        ratio = (exp_avg.abs() / (scaled_h + 1e-15)).clamp_(max=1)
         p.addcmul_(exp_avg.sign(), ratio, value=-lr)
-        return (ratio < 1).sum()
+        return (exp_avg.abs() < scaled_h).sum()
 
 
 def sample_labels(logits, generator=None):
@@ -116,27 +119,45 @@ def sample_labels(logits, generator=None):
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def gnb_hessian_step(optimizer, logits_fn, generator=None, clip=1.0):
-    """Gauss-Newton-Bartlett estimate of diag(H), folded into optimizer's `hessian` EMA.
+def sampled_label_loss(model, inputs, targets, generator=None):
+    """Mean cross entropy of a micro-batch against labels sampled from the model's own softmax, over
+    the positions whose loss training averages (targets >= 0). The labels come from a no-grad pass;
+    the loss is taken through `model` itself (DDP-wrapped in a DDP run, so the gradient is all-reduced)
+    on the shared per-token loss path."""
+    with torch.no_grad():
+        logits = getattr(model, 'module', model).logits(*inputs)                       # (B, T, V)
+    y_hat = sample_labels(logits, generator).view(targets.shape)
+    y_hat = torch.where(targets >= 0, y_hat, -1)
+    return model(*inputs, y_hat).sum() / (y_hat >= 0).sum()
 
-    logits_fn(): runs the model forward on a *fresh* batch with grad enabled and returns logits (..., V).
-    Sampling y_hat from softmax(logits) and backpropagating CE(logits, y_hat) gives a gradient whose
-    square is, in expectation, the Gauss-Newton diagonal (Bartlett's identity) -- no true labels needed.
 
-    Call it AFTER the normal optimizer.step(bs) when iter % hess_interval == hess_interval - 1
-    (hess_interval = k = 10 in the paper), as the authors' train_sophiag.py does. Any grads still on the
-    parameters are discarded first (zero_grad(set_to_none=True)) so they cannot leak into h; therefore
-    never call it in the middle of gradient accumulation. Weights and exp_avg are not touched; the
-    grads are None afterwards. Returns the sampled-label loss (float, one sync).
+def gnb_hessian_step(optimizer, backward, clip=1.0):
+    """Gauss-Newton-Bartlett estimate of diag(H), folded into the optimizer's `hessian` EMA.
+
+    backward(): computes and backpropagates the sampled-label loss of a fresh batch (the loop runs it over
+    all micro-batches of a step) and returns it. Sampling y_hat from softmax(logits) and backpropagating
+    CE(logits, y_hat) gives a gradient whose square is, in expectation, the Gauss-Newton diagonal
+    (Bartlett's identity): no true labels needed. Grads left on the parameters are discarded first, so
+    they cannot leak into h; the weights and exp_avg are not touched; the grads are None afterwards.
     """
     params = [p for group in optimizer.param_groups for p in group["params"]]
     optimizer.zero_grad(set_to_none=True)
-    logits = logits_fn()  # (..., V)
-    y_hat = sample_labels(logits, generator)  # (N,)
-    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y_hat)  # mean over tokens
-    loss.backward()
-    # The authors clip this gradient to norm 1 before the EMA, like the training gradient.
-    torch.nn.utils.clip_grad_norm_(params, clip)
+    loss = backward()
+    torch.nn.utils.clip_grad_norm_(params, clip)  # the authors clip it like the training gradient
     optimizer.update_hessian()
     optimizer.zero_grad(set_to_none=True)
-    return loss.item()
+    return loss
+
+
+class HessianHook:
+    """The loop's every-k-steps hook: runs after the optimizer step when step % every == every - 1,
+    as the authors' train_sophiag.py does, and returns what to log (the win rate of the step just taken).
+    `charge_as` names the cost-table entry the loop charges for it (None: free, the paper's ablation)."""
+
+    def __init__(self, every, charged=True):
+        self.every, self.charge_as = every, 'sophiag' if charged else None
+
+    def __call__(self, optimizer, accumulate, fresh_batch):
+        win_rate = optimizer.win_rate
+        gnb_hessian_step(optimizer, lambda: accumulate(lambda model: sampled_label_loss(model, *fresh_batch())))
+        return {} if win_rate is None else {'win_rate': win_rate}

@@ -13,6 +13,17 @@ from optim_lion import Lion  # noqa: E402
 from optim_sophia import SophiaG, gnb_hessian_step, sample_labels  # noqa: E402
 
 
+def _gnb(opt, logits_fn, generator=None, clip=1.0):
+    """The estimate on one batch of logits: mean CE against labels sampled from them."""
+    def backward():
+        logits = logits_fn()
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), sample_labels(logits, generator))
+        loss.backward()
+        return loss.item()
+    return gnb_hessian_step(opt, backward, clip)
+
+
+
 def _tensors(seed, shapes, dtype=torch.float64, scale=1.0):
     g = torch.Generator().manual_seed(seed)
     return [scale * torch.randn(s, generator=g, dtype=dtype) for s in shapes]
@@ -138,14 +149,14 @@ def sophia_reference(p, events, lr, b1, b2, rho, wd, bs):
     return p, m, h
 
 
-def _sophia_events(opt, params, events, bs):
+def _sophia_events(opt, params, events):
     for kind, grads in events:
         for p, g in zip(params, grads):
             p.grad = g.clone()
         if kind == "hess":
             opt.update_hessian()
         else:
-            opt.step(bs=bs)
+            opt.step()
         opt.zero_grad(set_to_none=True)
 
 
@@ -154,8 +165,8 @@ def test_sophia_zero_hessian_is_sign_step():
     params = [p.requires_grad_() for p in _tensors(4, SHAPES)]
     start = [p.detach().clone() for p in params]
     grads = _tensors(400, SHAPES)
-    opt = SophiaG(params, lr=lr, weight_decay=wd)
-    _sophia_events(opt, params, [("step", grads)], bs=1024)
+    opt = SophiaG(params, lr=lr, weight_decay=wd, bs=1024)
+    _sophia_events(opt, params, [("step", grads)])
     for p, p0, g in zip(params, start, grads):
         torch.testing.assert_close(p.detach(), p0 * (1 - lr * wd) - lr * torch.sign(g), rtol=0, atol=1e-12)
     assert opt.win_rate == 0.0  # every coordinate clipped at ratio 1
@@ -167,8 +178,8 @@ def test_sophia_matches_reference_with_hessian():
     start = [p.detach().numpy().copy() for p in params]
     kinds = ["hess", "step", "step", "hess", "step", "step", "hess", "step"]
     events = [(k, _tensors(500 + i, SHAPES, scale=0.3 if k == "step" else 0.1)) for i, k in enumerate(kinds)]
-    opt = SophiaG(params, lr=lr, betas=(b1, b2), rho=rho, weight_decay=wd)
-    _sophia_events(opt, params, events, bs)
+    opt = SophiaG(params, lr=lr, betas=(b1, b2), rho=rho, weight_decay=wd, bs=bs)
+    _sophia_events(opt, params, events)
     for i, p in enumerate(params):
         ev = [(k, gs[i].numpy()) for k, gs in events]
         want_p, want_m, want_h = sophia_reference(start[i], ev, lr, b1, b2, rho, wd, bs)
@@ -182,7 +193,7 @@ def test_sophia_matches_reference_with_hessian():
 def test_sophia_update_hessian_ema():
     b2 = 0.7
     p = torch.zeros(3, dtype=torch.float64, requires_grad=True)
-    opt = SophiaG([p], betas=(0.9, b2))
+    opt = SophiaG([p], betas=(0.9, b2), bs=1)
     g1 = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
     g2 = torch.tensor([3.0, 0.0, -1.0], dtype=torch.float64)
     for g in (g1, g2):
@@ -198,22 +209,41 @@ def test_sophia_win_rate_hand_computed():
     a = torch.zeros(4, dtype=torch.float64, requires_grad=True)
     b = torch.zeros(2, dtype=torch.float64, requires_grad=True)
     c = torch.zeros(5, dtype=torch.float64, requires_grad=True)  # no grad: must not count
-    opt = SophiaG([a, b, c], lr=0.1, betas=(0.0, 0.0), rho=1.0, weight_decay=0.0)
+    opt = SophiaG([a, b, c], lr=0.1, betas=(0.0, 0.0), rho=1.0, weight_decay=0.0, bs=1)
     a.grad, b.grad = torch.tensor([2.0, 0.5, 1.0, 2.0]).double(), torch.tensor([1.0, 1.0]).double()
     opt.update_hessian()  # h_a = [4, .25, 1, 4], h_b = [1, 1]
     a.grad, b.grad = torch.tensor([1.0, -1.0, 0.5, 2.0]).double(), torch.tensor([3.0, -0.1]).double()
-    opt.step(bs=1)
+    opt.step()
     # ratios: a -> [.25, 4, .5, .5], b -> [3, .1]; below 1 (not clipped): 3 + 1 of 6 coordinates.
     assert opt.win_rate == pytest.approx(4 / 6, abs=1e-12)
     np.testing.assert_allclose(a.detach().numpy(), -0.1 * np.array([0.25, -1.0, 0.5, 0.5]), atol=1e-12)
     assert c.grad is None and c not in opt.state
 
 
+def test_sophia_win_rate_counts_m_and_h_zero_as_clipped():
+    # The authors count |m| >= rho*bs*h as clipped: where m = h = 0 (a zero gradient, no estimate yet)
+    # the coordinate is clipped, not a "win". Before, 0 / 1e-15 < 1 counted it as not clipped.
+    p = torch.zeros(4, dtype=torch.float64, requires_grad=True)
+    opt = SophiaG([p], lr=0.1, betas=(0.0, 0.0), rho=1.0, weight_decay=0.0, bs=1)
+    p.grad = torch.tensor([1.0, 1.0, 1.0, 1.0], dtype=torch.float64)
+    opt.update_hessian()  # h = 1 everywhere
+    p.grad = torch.tensor([0.5, 0.0, 2.0, 0.5], dtype=torch.float64)
+    opt.step()  # |m| < h on coordinates 0 and 3; coordinate 1 has m = 0 < h: not clipped either
+    assert opt.win_rate == pytest.approx(3 / 4)
+    q = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    opt = SophiaG([q], lr=0.1, betas=(0.0, 0.0), rho=1.0, weight_decay=0.0, bs=1)
+    q.grad = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)
+    opt.step()  # h = 0: every coordinate is clipped, the two with m = 0 included
+    assert opt.win_rate == 0.0
+
+
 def test_sophia_bad_args():
     with pytest.raises(ValueError, match="rho"):
-        SophiaG([torch.zeros(2, requires_grad=True)], rho=-1.0)
+        SophiaG([torch.zeros(2, requires_grad=True)], rho=-1.0, bs=1)
     with pytest.raises(ValueError, match="bs"):
-        SophiaG([torch.zeros(2, requires_grad=True)]).step(bs=0)
+        SophiaG([torch.zeros(2, requires_grad=True)], bs=0)
+    with pytest.raises(TypeError, match="bs"):
+        SophiaG([torch.zeros(2, requires_grad=True)])  # required: the authors' silent default is wrong
 
 
 # ----- Gauss-Newton-Bartlett estimator --------------------------------------------------------------
@@ -240,13 +270,13 @@ def test_sample_labels_one_hot_is_argmax():
 
 def test_gnb_changes_only_hessian():
     W, x, _ = _one_hot_model()
-    opt = SophiaG([W], lr=1e-3)
+    opt = SophiaG([W], lr=1e-3, bs=12)
     W.grad = torch.full_like(W, 0.01)
     opt.update_hessian()
-    opt.step(bs=12)  # nonzero m and h, so "unchanged" below means something
+    opt.step()  # nonzero m and h, so "unchanged" below means something
     opt.zero_grad(set_to_none=True)
     W0, m0, h0 = W.detach().clone(), opt.state[W]["exp_avg"].clone(), opt.state[W]["hessian"].clone()
-    loss = gnb_hessian_step(opt, lambda: x @ W.T, generator=torch.Generator().manual_seed(0))
+    loss = _gnb(opt, lambda: x @ W.T, generator=torch.Generator().manual_seed(0))
     assert loss < 1e-40  # every sampled label was the argmax; one miss would cost ~100/12
     assert torch.equal(W.detach(), W0) and torch.equal(opt.state[W]["exp_avg"], m0)
     assert not torch.equal(opt.state[W]["hessian"], h0)
@@ -257,9 +287,9 @@ def test_gnb_matches_reference():
     b2, clip = 0.9, 0.05
     W = torch.randn(V, 4, generator=torch.Generator().manual_seed(6), dtype=torch.float64).requires_grad_()
     x = torch.randn(3, 7, 4, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
-    opt = SophiaG([W], betas=(0.9, b2))
+    opt = SophiaG([W], betas=(0.9, b2), bs=1)
     W.grad = torch.ones_like(W)  # stale grad: must be discarded, not added to the estimator's
-    loss = gnb_hessian_step(opt, lambda: x @ W.T, generator=torch.Generator().manual_seed(8), clip=clip)
+    loss = _gnb(opt, lambda: x @ W.T, generator=torch.Generator().manual_seed(8), clip=clip)
 
     W_ref = W.detach().clone().requires_grad_()
     logits = (x @ W_ref.T).reshape(-1, V)
@@ -280,7 +310,7 @@ def _make(kind, params):
     if kind == "lion":
         groups = [dict(params=params[:2], weight_decay=0.1), dict(params=params[2:], rms_scale=True)]
         return Lion(groups, lr=1e-2)
-    return SophiaG([dict(params=params[:2]), dict(params=params[2:], rho=0.1)], lr=1e-2)
+    return SophiaG([dict(params=params[:2]), dict(params=params[2:], rho=0.1)], lr=1e-2, bs=256)
 
 
 def _train(kind, opt, params, start, n):
@@ -290,7 +320,7 @@ def _train(kind, opt, params, start, n):
         if kind == "lion":
             opt.step()
         else:
-            opt.step(bs=256)
+            opt.step()
             if i % 3 == 2:  # the Hessian hook, as the loop calls it: after the step
                 for p, g in zip(params, _tensors(700 + i, SHAPES, torch.float32, scale=0.1)):
                     p.grad = g
@@ -340,15 +370,15 @@ def test_lion_lowers_loss():
 
 def test_sophia_lowers_loss():
     X, y, W, loss_fn = _softmax_problem()
-    opt = SophiaG([W], lr=0.02, weight_decay=0.0)
+    opt = SophiaG([W], lr=0.02, weight_decay=0.0, bs=len(X))
     gen = torch.Generator().manual_seed(11)
     first = loss_fn().item()
     for it in range(50):
         loss_fn().backward()
-        opt.step(bs=len(X))
+        opt.step()
         opt.zero_grad(set_to_none=True)
         if it % 10 == 9:
             fresh = X[torch.randperm(len(X), generator=gen)[:64]]
-            gnb_hessian_step(opt, lambda: fresh @ W, generator=gen)
+            _gnb(opt, lambda: fresh @ W, generator=gen)
     assert loss_fn().item() < 0.5 * first
     assert opt.win_rate is not None
