@@ -50,8 +50,10 @@ def onecycle(p, w, **kw):
 
 
 def rex(p, w, **kw):
-    """REX (Chen et al., MLSys 2022): (1 - p) / (1 - p/2), the paper's constant 1/2 (its public code uses 0.9)."""
-    return (1 - p) / (1 - p / 2)
+    """REX (Chen et al., MLSys 2022): (1 - x) / (1 - x/2) over the progress x after the warm-up, the
+    paper's constant 1/2 (its public code uses 0.9); x = 0 where the warm-up ends, so the lr does not jump."""
+    x = (p - w) / (1 - w)
+    return (1 - x) / (1 - x / 2)
 
 
 def wsd(p, w, cooldown_frac=0.2, cooldown_shape='1-sqrt', **kw):
@@ -113,49 +115,19 @@ def plot_schedules(cfg, path='schedules.png'):
 
 
 # -----------------------------------------------------------------------------
-# WSD cooldown branches: fully decayed checkpoints at several budgets from one trunk (SPEC section 7)
+# WSD cooldown branches: the plan (train.train_wsd_branches runs it)
 
-def run_finished(out_dir):
-    """A run folder whose checkpoint has spent its whole budget."""
-    path = Path(out_dir) / 'ckpt.pt'
-    if not path.exists():
-        return False
-    import train
-    ckpt = train.load_checkpoint(path)
-    return ckpt['budget'][ckpt['config']['budget_unit']] >= ckpt['config']['budget']
-
-
-def train_wsd_branches(cfg, objective_fn=lambda cfg: None):
-    """WSD with cooldown branches (SPEC section 7): one trunk runs to the largest budget and, just before
-    each smaller budget's cooldown starts, saves a checkpoint from which a branch cools down to exactly
-    that budget. Every budget B gets a run folder out_dir/budget_B that reads like a standalone run, and
-    equals one bit for bit, because warm-up is in absolute units. A killed trunk or branch resumes."""
-    import train
+def branch_plan(cfg):
+    """WSD cooldown branches (SPEC section 7): the budgets (ascending), a run folder per budget
+    (out_dir/budget_B, the largest is the trunk's), the spent amount at which the trunk saves each smaller
+    budget's branch point ((1 - cooldown_frac) * B), and the config every budget shares. The warm-up is
+    made absolute, so each branch equals a standalone WSD run at its budget bit for bit."""
     budgets = sorted(cfg.budget * m for m in cfg.branch_budgets)
-    folder = {b: Path(cfg.out_dir) / f'budget_{b:g}' for b in budgets}
+    folders = {b: Path(cfg.out_dir) / f'budget_{b:g}' for b in budgets}
+    points = {b: (1 - cfg.cooldown_frac) * b for b in budgets[:-1]}
     warmup = cfg.warmup_units or cfg.warmup_frac * cfg.budget
     base = dataclasses.replace(cfg, branch_budgets=(), warmup_units=warmup, overwrite=False)
-    trunk = dataclasses.replace(base, budget=budgets[-1], out_dir=str(folder[budgets[-1]]))
-    if not run_finished(trunk.out_dir):
-        # no trunk checkpoint: a first run, or one killed before it saved (its log is stale: start again)
-        resume = (folder[budgets[-1]] / 'ckpt.pt').exists()
-        trunk = dataclasses.replace(trunk, init_from='resume' if resume else cfg.init_from, overwrite=not resume)
-        trainer = train.Trainer(trunk, objective_fn(trunk))
-        trainer.branch_points = [((1 - cfg.cooldown_frac) * b, folder[b] / 'ckpt.pt') for b in budgets[:-1]
-                                 if not (folder[b] / 'ckpt.pt').exists()]
-        if trainer.run()['interrupted']:
-            return {}  # Ctrl-C: stop here; the same command resumes the trunk, then runs the branches
-    results = {}
-    for b in budgets[:-1]:
-        if not run_finished(folder[b]):
-            branch = dataclasses.replace(base, budget=b, out_dir=str(folder[b]), init_from='resume')
-            results[b] = train.train(branch, objective_fn(branch))
-            if results[b]['interrupted']:
-                return results
-    spent = budgets[-1] + cfg.cooldown_frac * sum(budgets[:-1])
-    print(f'budgets {", ".join(f"{b:g}" for b in budgets)} {cfg.budget_unit}: branches spent {spent:g}, '
-          f'separate runs would spend {sum(budgets):g} ({spent / sum(budgets):.2f}x)')
-    return results
+    return budgets, folders, points, base
 
 
 # -----------------------------------------------------------------------------
@@ -176,9 +148,12 @@ def calibrate_command(key):
             f'--batch_size={B}  (vocab {V}, from the dataset)')
 
 
-def load_table(key, override=''):
+def load_table(key, override='', required=True):
+    """The cost table of a shape; with required=False, None when there is none (RST is then not counted)."""
     path = table_path(key, override)
     if not path.exists():
+        if not required and not override:
+            return None
         raise UserError(f'no RST cost table for this shape ({path}): measure one with '
                         f'`{calibrate_command(key)}`, or use --budget_unit=tokens|iters|flops|wall')
     try:
@@ -226,11 +201,18 @@ class Budget:
         self._rst('optimizer', name)
         self.spent['iters'] += 1
 
-    def charge_hessian(self, name, n_layers):
-        """Sophia's Gauss-Newton-Bartlett step: a forward+backward on a micro-batch plus the EMA."""
-        self._rst('hessian', name)
+    def charge_hessian(self, entry, n_examples, n_layers):
+        """Sophia's Gauss-Newton-Bartlett step on n_examples: a no-grad pass that samples the labels, a
+        forward+backward against them and the EMA (the table's entry is per micro-batch)."""
+        self._rst('hessian', entry, n_examples / self.batch_size)
         self.spent['hessian_steps'] += 1
-        self.spent['flops'] += self.batch_size * self.tokens_per_example * self.flops_per_token(n_layers)
+        self.spent['flops'] += 4 / 3 * n_examples * self.tokens_per_example * self.flops_per_token(n_layers)
+
+    def charge_before_start(self, spent):
+        """Costs paid before this run began (an IL model's training and precompute), added to its count."""
+        for unit, value in spent.items():
+            if self.spent.get(unit) is not None and value is not None:
+                self.spent[unit] += value
 
     def add_wall(self, seconds):
         self.spent['wall'] += seconds
@@ -250,6 +232,38 @@ class Budget:
         self.spent.update(state)
 
 
+class Meter:
+    """Averages the train loss and the logs over a log interval (each log over the steps that logged it:
+    Sophia's win rate comes only on Hessian steps); rates use the training wall clock
+    (budget.spent['wall']), which stops during eval and checkpoints."""
+
+    def __init__(self, budget):
+        self.budget = budget
+        self._reset()
+
+    def _reset(self):
+        self.loss, self.logs, self.n = 0.0, {}, 0
+        self.since = {k: self.budget.spent[k] for k in ('wall', 'tokens', 'flops')} | {'p': self.budget.progress}
+
+    def add(self, loss, logs):
+        self.loss, self.n = self.loss + loss, self.n + 1
+        for k, v in logs.items():
+            total, count = self.logs.get(k, (0.0, 0))
+            self.logs[k] = (total + v, count + 1)
+
+    def read(self, peak_flops, world_size):
+        spent = self.budget.spent
+        dt = max(spent['wall'] - self.since['wall'], 1e-9)
+        tok_s = (spent['tokens'] - self.since['tokens']) / dt / world_size
+        dp = self.budget.progress - self.since['p']
+        flops_s = (spent['flops'] - self.since['flops']) / dt / world_size  # what ran: dropped blocks, scoring
+        rates = {'tokens_per_s': tok_s, 'mfu': flops_s / peak_flops,
+                 'eta_s': (1 - self.budget.progress) * dt / dp if dp > 0 else None}
+        loss, logs = float(self.loss) / max(self.n, 1), {k: float(t) / c for k, (t, c) in self.logs.items()}
+        self._reset()
+        return loss, logs, rates
+
+
 # -----------------------------------------------------------------------------
 # calibration: measure a cost table on this machine
 
@@ -266,8 +280,9 @@ def _median_seconds(fn, warmup=2, repeats=7, sync=lambda: None):
     return statistics.median(times)
 
 
-def measure_table(model, make_optimizer, batch, autocast, device):
-    """Seconds per micro-batch: fwd+bwd and fwd at 1..L active blocks, and per optimizer update.
+def measure_table(model, optimizers, batch, autocast, device):
+    """Seconds per micro-batch: fwd+bwd and fwd at 1..L active blocks, per optimizer update, and per
+    Hessian estimate of the optimizers that have one. optimizers: {name: (optimizer, its step hooks)};
     batch: the model's inputs, then its targets (GPT: x, y; T5: enc_in, dec_in, targets)."""
     inputs = batch[:-1]
     sync = torch.cuda.synchronize if str(device).startswith('cuda') else (lambda: None)
@@ -288,34 +303,27 @@ def measure_table(model, make_optimizer, batch, autocast, device):
         table['fwd_bwd'][str(n)] = _median_seconds(fwd_bwd, sync=sync)
         table['fwd'][str(n)] = _median_seconds(fwd, sync=sync)
     model.set_active_layers(model.n_layer)
-    for name in ('adamw', 'lion', 'sophiag'):
-        optimizer = make_optimizer(name)
+    for name, (optimizer, hooks) in optimizers.items():
         with autocast:
             model(*batch).mean().backward()
-        step = (lambda: optimizer.step(bs=inputs[0].numel())) if name == 'sophiag' else optimizer.step
-        table['optimizer'][name] = _median_seconds(step, sync=sync)
+        table['optimizer'][name] = _median_seconds(optimizer.step, sync=sync)
         model.zero_grad(set_to_none=True)
-        if name == 'sophiag':
-            from optim_sophia import gnb_hessian_step
-            table['hessian'][name] = _median_seconds(lambda: gnb_hessian_step(optimizer, lambda: model.logits(*inputs)), sync=sync)
+        if hooks:  # Sophia-G's Hessian estimate on one micro-batch, as the loop runs it per micro-batch
+            from optim_sophia import gnb_hessian_step, sampled_label_loss
+
+            def estimate():
+                with autocast:
+                    loss = sampled_label_loss(model, inputs, batch[-1])
+                loss.backward()
+                return loss
+            table['hessian'][name] = _median_seconds(lambda: gnb_hessian_step(optimizer, estimate), sync=sync)
     return table
 
 
-def calibrate(cfg):
-    import train  # train imports budget: import here to keep the module graph one-way at import time
-    run = train.setup_device(cfg)
-    corpus = train.load_corpus(cfg)
-    model = train.build_model(cfg, corpus.vocab_size).to(run.device)
-    key = train.run_shape_key(cfg, model)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, corpus.vocab_size, (cfg.batch_size, train.example_length(cfg, model) + 1), generator=g)
-    if cfg.model_type == 't5':  # a span-corrupted batch of the run's shapes
-        from data.spans import SpanVocab, span_corrupt
-        batch = span_corrupt(x, g, SpanVocab(corpus.vocab_size, model.config.vocab_size))
-    else:
-        batch = (x[:, :-1], x[:, :-1])
-    batch = tuple(t.to(run.device) for t in batch)
-    table = measure_table(model, lambda name: train.build_optimizer(cfg, model, name), batch, run.autocast(), run.device)
+def calibrate(cfg, run, model, batch, optimizers, key):
+    """Measure the cost table of this shape on this machine and save it with the machine's description.
+    train.calibration_inputs(cfg) builds the arguments (the model, a batch of the run's shapes, every optimizer)."""
+    table = measure_table(model, optimizers, batch, run.autocast(), run.device)
     table.update(key=key, machine=platform.processor() or platform.machine(), platform=platform.platform(),
                  device=str(run.device), torch=torch.__version__, date=str(date.today()),
                  threads=torch.get_num_threads(), compile=cfg.compile, dtype=str(run.dtype))
@@ -361,6 +369,34 @@ def mean_std(xs):
     return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
+# two-sided 95% quantiles of Student's t by degrees of freedom (1.96 past 30)
+T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+       2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t95(df):
+    return T95[int(df) - 1] if df < len(T95) + 1 else 1.96
+
+
+def t_interval(xs):
+    """(mean, half-width of the t-based 95% CI); the half-width is nan for fewer than 2 values. The one
+    significance rule of the lab: budget.py compare, slm.py and madpo.py tables all use it."""
+    m, sd = mean_std(xs)
+    return m, (t95(len(xs) - 1) * sd / math.sqrt(len(xs)) if len(xs) > 1 else math.nan)
+
+
+def welch_interval(a, b):
+    """(mean(a) - mean(b), half-width of its 95% CI) for unpaired samples (Welch's t, df floored)."""
+    (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
+    if len(a) < 2 or len(b) < 2:
+        return ma - mb, math.nan
+    va, vb = sa ** 2 / len(a), sb ** 2 / len(b)
+    if va + vb == 0:
+        return ma - mb, 0.0
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    return ma - mb, t95(max(1, math.floor(df))) * math.sqrt(va + vb)
+
+
 def crossing(points, target):
     """First x at which y <= target along [(x, y)], linearly interpolated; None when never reached."""
     for i, (x, y) in enumerate(points):
@@ -381,7 +417,7 @@ def group_runs(runs):
 
 def ablation_table(groups, baseline='baseline'):
     """Markdown: rows = methods, columns = budgets; mean ± std of final val loss over seeds, the delta to
-    the baseline, * when |delta| > 2 standard errors; and the steps taken."""
+    the baseline, * when its 95% CI (welch_interval) excludes 0; and the steps taken."""
     budgets = sorted({b for g in groups.values() for b in g})
     head = '| method | ' + ' | '.join(f'budget {b:g}' for b in budgets) + ' |'
     lines = [head, '|' + ' --- |' * (len(budgets) + 1)]
@@ -398,10 +434,8 @@ def ablation_table(groups, baseline='baseline'):
             cell = f'{m:.4f} ± {sd:.4f} (n={len(finals)})'
             base = [r['final'] for r in groups.get(baseline, {}).get(b, []) if r['complete']]
             if label != baseline and base:
-                bm, bsd = mean_std(base)
-                se = math.sqrt(sd ** 2 / len(finals) + bsd ** 2 / len(base))
-                mark = '*' if len(finals) > 1 and len(base) > 1 and abs(m - bm) > 2 * se else ''
-                cell += f' {m - bm:+.4f}{mark}'
+                delta, half = welch_interval(finals, base)
+                cell += f" {delta:+.4f}{'*' if abs(delta) > half else ''}"  # nan half-width: no star
             cells.append(cell)
             step_cells.append(f"{statistics.mean(r['steps'] for r in by_budget[b] if r['complete']):.0f}")
         lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
@@ -558,14 +592,18 @@ def sweep_plan(cfg):
 
 
 def run_command(script, args):
-    import train
     resume = not args.get('branch_budgets') and (Path(args['out_dir']) / 'ckpt.pt').exists()
     args = {**args, 'init_from': 'resume'} if resume else {**args, 'overwrite': not args.get('branch_budgets')}
     return [sys.executable, script] + [f'--{k}={v!r}' if isinstance(v, (str, tuple)) else f'--{k}={v}' for k, v in args.items()]
 
 
+def run_finished(out_dir):
+    """A run folder whose log shows its whole budget spent."""
+    run = read_run(out_dir)
+    return 'error' not in run and run['complete']
+
+
 def ablate(cfg):
-    import train
     plan, t0, done_units = sweep_plan(cfg), time.time(), 0.0
     total_units = sum(a['budget'] * max(a.get('branch_budgets', (1,))) for _, _, a in plan)
     for i, (label, script, args) in enumerate(plan):
@@ -598,14 +636,14 @@ class CompareConfig:
 
 
 def main(argv):
-    import train
+    import train  # the commands that build models; train imports budget, never the reverse at import time
     usage = 'usage: python budget.py {calibrate|ablate|compare|schedules} [config.py] [--key=value ...]'
     if not argv or argv[0] not in ('calibrate', 'ablate', 'compare', 'schedules'):
         print(usage, file=sys.stderr)
         sys.exit(2)
     command, rest = argv[0], argv[1:]
     if command == 'calibrate':
-        return cli(calibrate, train.TrainConfig, rest)
+        return cli(lambda c: calibrate(c, *train.calibration_inputs(c)), train.TrainConfig, rest)
     rest = [f'--target={a[9:]!r}' if a.startswith('--target=') and _is_number(a[9:]) else a for a in rest]  # a str key
     if command == 'ablate':
         return cli(ablate, AblateConfig, rest)

@@ -10,10 +10,15 @@ error naming the key, exit code 2, no traceback. Unlike nanoGPT's configurator n
 module's globals, so every file stays importable and testable.
 """
 import ast
+import contextlib
 import dataclasses
 import difflib
+import inspect
+import re
 import runpy
+import signal
 import sys
+import threading
 
 
 class UserError(Exception):
@@ -65,9 +70,12 @@ def _read_file(path):
 
 
 def parse(cls, argv):
-    """Build a cls instance from defaults, then config files and --key=value overrides, in order."""
+    """Build a cls instance from defaults, then config files and --key=value overrides, in order.
+
+    The one --quick mechanism: a config class with a `quick` field and a QUICK dict (a class attribute
+    of smoke-run values) gets QUICK's value for every key the arguments did not set, when quick is on."""
     defaults = {f.name: f.default for f in dataclasses.fields(cls)}
-    values = dict(defaults)
+    values, given = dict(defaults), set()
     for arg in argv:
         if arg.startswith('--'):
             key, eq, text = arg[2:].partition('=')
@@ -79,22 +87,80 @@ def parse(cls, argv):
         for key, value in updates.items():
             require(key in defaults, f'unknown config key --{key}{_closest(key, list(defaults))}')
             values[key] = coerce(key, value, defaults[key])
+            given.add(key)
+    if values.get('quick'):
+        values.update({k: v for k, v in getattr(cls, 'QUICK', {}).items() if k not in given})
     return cls(**values)
 
 
+def field_comments(cls):
+    """{key: its trailing comment} from the source of cls and its bases (a subclass's comment wins)."""
+    comments = {}
+    for klass in reversed(cls.__mro__):
+        try:
+            lines = inspect.getsource(klass).splitlines()
+        except (OSError, TypeError):
+            continue
+        for line in lines:
+            m = re.match(r'\s+(\w+)\s*:[^=#]*=[^#]*#\s*(.+)$', line)
+            if m:
+                comments[m.group(1)] = m.group(2).strip()
+    return comments
+
+
 def describe(cfg):
-    return '\n'.join(f'  {k} = {v!r}' for k, v in dataclasses.asdict(cfg).items())
+    """Every key with its value and the comment beside its default (what it does, which stage reads it)."""
+    comments = field_comments(type(cfg))
+    rows = [(f'{k} = {v!r}', comments.get(k, '')) for k, v in dataclasses.asdict(cfg).items()]
+    width = max(len(r[0]) for r in rows)
+    return '\n'.join(f'  {a:<{width}}  # {c}' if c else f'  {a}' for a, c in rows)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def cli(entry, cls, argv=None):
-    """Parse argv into cls and call entry(cfg); user errors become one line on stderr and exit 2."""
+    """Parse argv into cls and call entry(cfg); user errors become one line on stderr and exit 2.
+
+    The one Ctrl-C/SIGTERM path of every entry point: SIGTERM (a scheduler's stop) raises
+    KeyboardInterrupt like Ctrl-C; the training loop turns both into a checkpoint at a step boundary
+    (signals_between_steps below), and one that reaches here ends the program with exit code 130."""
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ('-h', '--help'):
         print(f'usage: python {sys.argv[0]} [config.py ...] [--key=value ...]\n\nkeys and defaults:')
         print(describe(cls()))
         return None
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         return entry(parse(cls, argv))
     except UserError as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print('interrupted', file=sys.stderr)
+        sys.exit(130)
+
+
+@contextlib.contextmanager
+def signals_between_steps():
+    """Ctrl-C and SIGTERM mostly land inside a step, after its batch (and layer-drop mask) was drawn:
+    raising there would checkpoint the previous step with the data already advanced, and the resumed
+    run would skip a batch. They are recorded instead and the loop stops at the next step boundary;
+    a second Ctrl-C interrupts at once."""
+    stop = []
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum, frame):
+        if stop:
+            raise KeyboardInterrupt
+        stop.append(signum)
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)

@@ -5,22 +5,24 @@
     python train.py config/t5_lite.py                      # T5-lite on span corruption, same loop and budget
     torchrun --standalone --nproc_per_node=2 train.py      # DDP (gloo on CPU, nccl on GPU)
 
-Methods plug into this loop, they never copy it. A method supplies an *objective*: a callable
-`objective(model, data, budget) -> Step` that draws the examples it needs from `data`, returns the loss
-to backpropagate (and what to log), and charges the budget for any extra passes it makes (a scoring
-forward, a reference model). The loop charges the forward+backward of the trained examples, the
-optimizer update and Sophia's Hessian step, and stops when the budget is spent, which is exactly when
-the learning rate reaches min_lr.
+Methods plug into this loop through named hooks; they never copy it:
+  objective(model, data, ctx) -> Step   the loss of one micro-batch (CausalLM is the baseline's own)
+  objective.setup(ctx)                  once: ask the RunContext for what the method needs (a subset of
+                                        the examples, parameters of its own, costs paid before the run)
+  objective.evaluate(model, ctx)        optional: the method's own val loss
+  optimizer hooks, every k steps        Sophia-G's Hessian estimate (optim_sophia.HessianHook)
+  arch.before_step(model, optimizer, p) the budget-progress hook: stacking doubles, dropping resamples
+The loop charges the trained examples' forward+backward, the optimizer update and the hooks' passes
+(methods charge their extra forwards through ctx), and stops when the budget is spent, which is
+exactly when the learning rate reaches min_lr.
 """
 import contextlib
 import dataclasses
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -31,12 +33,11 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import budget as budget_lib
-from configurator import ConfigError, UserError, cli, require
-from data.loader import Batches, Corpus, DataError, data_dir, get_examples, get_tokenizer, prepare_command, val_ids
-from data.spans import SpanVocab, raw_length_for, span_corrupt, span_vocab
-from model import ARCHS, MODELS, PRESETS, build_arch, device_peak_flops
-
-OPTIMIZERS = ('adamw', 'lion', 'sophiag')
+from configurator import ConfigError, UserError, cli, require, signals_between_steps
+from data.loader import (Batches, Corpus, DataError, atomic_write, data_dir, get_examples, get_tokenizer,
+                         prepare_command, val_ids)
+from data.spans import SpanVocab, raw_length_for, span_corrupt, span_vocab, t5_lengths
+from model import ARCHS, MODELS, PRESETS, build_arch, device_peak_flops, evaluating
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,9 @@ class NonFiniteLoss(UserError):
     pass
 
 
+# -----------------------------------------------------------------------------
+# what a method plugs in: an objective, and the run context it talks to the loop through
+
 @dataclass
 class Step:
     """What an objective returns for one micro-batch."""
@@ -150,28 +154,92 @@ class Step:
     logs: dict = dataclasses.field(default_factory=dict)  # floats or 0-d tensors, averaged per log line
 
 
+class RunContext:
+    """A method's view of the run: facts it may read, and the few things it may ask of the loop.
+
+    Requests made in `setup` (restrict_examples, add_params, charge_before_start, log) are applied by the
+    loop when it builds the data stream, the optimizer and the budget, before a resume restores their
+    saved state: so the order of setup and resume never matters, and no method assigns loop state.
+    """
+
+    def __init__(self, trainer):
+        self._trainer = trainer
+        self.cfg, self.rt, self.device = trainer.cfg, trainer.rt, trainer.rt.device
+        self.out_dir, self.corpus, self.model = trainer.out_dir, trainer.corpus, trainer.model
+        self.examples, self.param_groups, self.charges, self.records = None, [], {}, []
+
+    # read, once the loop runs: where the run is
+    @property
+    def step(self):
+        return self._trainer.iter_num
+
+    @property
+    def spent(self):
+        return dict(self._trainer.budget.spent)
+
+    @property
+    def progress(self):
+        return self._trainer.budget.progress
+
+    # ask, in setup
+    def restrict_examples(self, examples):
+        """Train only on these example indices (k; the example's id is k * block_size)."""
+        self.examples = examples
+
+    def add_params(self, params, weight_decay=0.0):
+        """Train these parameters too (a head the method owns; saved in its state_dict)."""
+        self.param_groups.append({'params': list(params), 'weight_decay': weight_decay})
+
+    def charge_before_start(self, spent):
+        """Costs paid before the run (an IL model): added to a fresh run's budget (a resumed run's has them)."""
+        for unit, value in spent.items():
+            self.charges[unit] = self.charges.get(unit, 0.0) + (value or 0.0)
+
+    # ask, any time
+    def log(self, record):
+        """A log.jsonl record; in setup it is written only by a fresh run (a resumed run's log has it)."""
+        if self._trainer.building:
+            self.records.append(record)
+        else:
+            self._trainer.log(record)
+
+    def charge_forward(self, n_examples, n_layers):
+        """A forward-only pass of n_examples per rank (scoring, a reference model) at n_layers blocks."""
+        self._trainer.budget.charge_forward(n_examples * self.rt.world_size, n_layers)
+
+    def evaluate(self, model, inputs, targets):
+        """Mean per-token loss of model on fixed examples (every block), in eval mode."""
+        return evaluate(model, inputs, targets, self.cfg.batch_size, self.rt)
+
+
 class CausalLM:
     """The baseline objective: mean next-token loss over every token of a micro-batch.
 
-    Method objectives subclass it. Optional hooks: `setup(trainer)` runs once before any resume (to
-    restrict the data, add parameters to the optimizer, load caches); `evaluate(model)` replaces the
-    val loss with the method's own (it must still return a loss, lower is better).
+    A method's objective subclasses it and may override:
+      __call__(model, data, ctx) -> Step   the loss of one micro-batch (data.next(n) -> x, y, ids)
+      setup(ctx)                           once, before the loop: ask the RunContext for what it needs
+      evaluate(model, ctx) -> float        the method's own val loss (lower is better); None = the loop's
+      val_batch(x, y), hessian_batch(data) the model's (inputs, targets) for val and Sophia's estimate
+      state_dict() / load_state_dict()     whatever a resume needs to continue exactly
     """
     evaluate = None
 
     def __init__(self, batch_size):
         self.batch_size = batch_size
 
-    def setup(self, trainer):
+    def setup(self, ctx):
         pass
 
-    def __call__(self, model, data, budget):
+    def __call__(self, model, data, ctx):
         x, y, _ = data.next(self.batch_size)
         return Step(model(x, y).mean(), len(x))
 
-    def sample_logits(self, model, data):
-        """Vocabulary logits on a fresh batch, for Sophia's Hessian estimate."""
-        return model.logits(data.next(self.batch_size)[0])
+    def val_batch(self, x, y):
+        return (x,), y
+
+    def hessian_batch(self, data):
+        """A fresh micro-batch for Sophia's estimate: (model inputs, targets); labels are sampled."""
+        return self.val_batch(*data.next(self.batch_size)[:2])
 
     def state_dict(self):
         return {}
@@ -190,22 +258,24 @@ class SpanCorruption(CausalLM):
         super().__init__(batch_size)
         self.generator = torch.Generator().manual_seed(seed)
 
-    def setup(self, trainer):
-        self.vocab = SpanVocab(trainer.corpus.vocab_size, trainer.model.config.vocab_size)
-        enc_in, dec_in, targets = self.corrupt(trainer.val_x, trainer.val_y, torch.Generator().manual_seed(0))
-        trainer.val_x, trainer.val_y = (enc_in, dec_in), targets  # evaluate() takes a tuple of model inputs
+    def setup(self, ctx):
+        self.vocab = SpanVocab(ctx.corpus.vocab_size, ctx.model.config.vocab_size)
 
     def corrupt(self, x, y, generator):
-        return span_corrupt(torch.cat([x, y[:, -1:]], dim=1), generator, self.vocab)
+        enc_in, dec_in, targets = span_corrupt(torch.cat([x, y[:, -1:]], dim=1), generator, self.vocab)
+        return (enc_in, dec_in), targets
 
-    def __call__(self, model, data, budget):
+    def __call__(self, model, data, ctx):
         x, y, _ = data.next(self.batch_size)
-        enc_in, dec_in, targets = self.corrupt(x, y, self.generator)
-        return Step(model(enc_in, dec_in, targets).mean(), len(x))
+        inputs, targets = self.corrupt(x, y, self.generator)
+        return Step(model(*inputs, targets).mean(), len(x))
 
-    def sample_logits(self, model, data):
+    def val_batch(self, x, y):
+        return self.corrupt(x, y, torch.Generator().manual_seed(0))
+
+    def hessian_batch(self, data):
         x, y, _ = data.next(self.batch_size)
-        return model.logits(*self.corrupt(x, y, self.generator)[:2])
+        return self.corrupt(x, y, self.generator)
 
     def state_dict(self):
         return {'generator': self.generator.get_state()}
@@ -295,6 +365,12 @@ def example_length(cfg, model):
     return raw_length_for(T) - 1 if cfg.model_type == 't5' else T
 
 
+def targets_per_example(cfg, model):
+    """Tokens whose loss an example adds to the mean: GPT's block_size, T5's target length."""
+    T = model.config.block_size
+    return t5_lengths(raw_length_for(T))[1] if cfg.model_type == 't5' else T
+
+
 def build_model(cfg, vocab_size):
     """A fresh model from the config, or one initialised from --init_from=PATH (its shape wins)."""
     if cfg.init_from.endswith('.pt'):
@@ -306,14 +382,19 @@ def build_model(cfg, vocab_size):
         if ckpt['model_args']['vocab_size'] != want:
             raise UserError(f"{cfg.init_from} has vocab {ckpt['model_args']['vocab_size']}, the data needs {want}: "
                             f"use the dataset and tokenizer it was trained with")
-        model = MODELS[model_type][0].from_checkpoint({**ckpt, 'model_args': {**ckpt['model_args'], 'dropout': cfg.dropout}})
-    else:
-        model_cls, config_cls = MODELS[cfg.model_type]
-        dims = cfg.model_dims()
-        model = model_cls(config_cls(vocab_size=model_vocab_size(cfg.model_type, vocab_size, dims['block_size']),
-                                     dropout=cfg.dropout, bias=cfg.bias, **dims))
-    model.compile_loss = cfg.compile_loss
-    return model
+        return MODELS[model_type][0].from_checkpoint(ckpt, dropout=cfg.dropout, compile_loss=cfg.compile_loss)
+    model_cls, config_cls = MODELS[cfg.model_type]
+    dims = cfg.model_dims()
+    return model_cls(config_cls(vocab_size=model_vocab_size(cfg.model_type, vocab_size, dims['block_size']),
+                                dropout=cfg.dropout, bias=cfg.bias, compile_loss=cfg.compile_loss, **dims))
+
+
+def load_model(path, device, compile_loss=True):
+    """A saved model for scoring or sampling (a reference, IL or reward backbone): frozen, in eval mode."""
+    ckpt = load_checkpoint(Path(path))
+    model_type = ckpt.get('config', {}).get('model_type', 'gpt')
+    model = MODELS[model_type][0].from_checkpoint(ckpt, dropout=0.0, compile_loss=compile_loss)
+    return model.to(device).eval().requires_grad_(False)
 
 
 def run_shape_key(cfg, model):
@@ -321,20 +402,49 @@ def run_shape_key(cfg, model):
     return budget_lib.shape_key(cfg.model_type, c.n_layer, c.n_head, c.n_embd, c.block_size, c.vocab_size, cfg.batch_size)
 
 
-def build_optimizer(cfg, model, name=None):
-    """AdamW, Lion or Sophia-G by name, with weight decay on matrices only (not biases or norms)."""
+def adamw(cfg, groups, betas, bs, device):
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, fused=device.type == 'cuda'), []
+
+
+def lion(cfg, groups, betas, bs, device):
+    from optim_lion import Lion
+    return Lion(groups, lr=cfg.lr, betas=betas), []
+
+
+def sophiag(cfg, groups, betas, bs, device):
+    from optim_sophia import HessianHook, SophiaG
+    return SophiaG(groups, lr=cfg.lr, betas=betas, rho=cfg.rho, bs=bs), [HessianHook(cfg.hess_interval, not cfg.free_hessian)]
+
+
+OPTIMIZERS = {'adamw': adamw, 'lion': lion, 'sophiag': sophiag}  # name -> (optimizer, its every-k-steps hooks)
+
+
+def build_optimizer(cfg, model, bs, extra_groups=(), name=None):
+    """The optimizer --optimizer names and its step hooks, with weight decay on matrices only (not biases
+    or norms); extra_groups: parameters a method added (RunContext.add_params). bs: tokens whose loss
+    one optimizer step averages (Sophia-G's `bs`)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': cfg.weight_decay},
-              {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
-    name, betas = name or cfg.optimizer, (cfg.beta1, cfg.beta2)
-    if name == 'adamw':
-        fused = next(model.parameters()).device.type == 'cuda'
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, fused=fused)
-    if name == 'lion':
-        from optim_lion import Lion
-        return Lion(groups, lr=cfg.lr, betas=betas)
-    from optim_sophia import SophiaG
-    return SophiaG(groups, lr=cfg.lr, betas=betas, rho=cfg.rho)
+              {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}, *extra_groups]
+    device = next(model.parameters()).device
+    return OPTIMIZERS[name or cfg.optimizer](cfg, groups, (cfg.beta1, cfg.beta2), bs, device)
+
+
+def calibration_inputs(cfg):
+    """What budget.calibrate measures: the runtime, the model, a random batch of the run's shapes (a
+    span-corrupted one for T5), every optimizer with its hooks, and the shape's table key."""
+    run = setup_device(cfg)
+    corpus = load_corpus(cfg)
+    model = build_model(cfg, corpus.vocab_size).to(run.device)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, corpus.vocab_size, (cfg.batch_size, example_length(cfg, model) + 1), generator=g)
+    objective = build_objective(cfg)
+    objective.vocab = SpanVocab(corpus.vocab_size, model.config.vocab_size)  # what its setup would set
+    inputs, targets = objective.val_batch(x[:, :-1], x[:, 1:])
+    batch = tuple(t.to(run.device) for t in (*inputs, targets))
+    bs = cfg.batch_size * targets_per_example(cfg, model)
+    optimizers = {name: build_optimizer(cfg, model, bs, name=name) for name in OPTIMIZERS}
+    return run, model, batch, optimizers, run_shape_key(cfg, model)
 
 
 class DataSource:
@@ -354,13 +464,7 @@ class DataSource:
 # checkpoints and logs
 
 def save_checkpoint(path, ckpt):
-    """Write to a temp file, fsync, rename: a crash mid-write leaves the previous checkpoint intact."""
-    tmp = path.with_suffix(f'.tmp{os.getpid()}')
-    with open(tmp, 'wb') as f:
-        torch.save(ckpt, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: torch.save(ckpt, f))  # a crash mid-write leaves the previous checkpoint
 
 
 def load_checkpoint(path):
@@ -409,21 +513,19 @@ def trim_log(log_path, iter_num):
 # eval and sampling
 
 @torch.no_grad()
-def evaluate(model, val_x, val_y, batch_size, runtime, n_layers=None):
-    """Mean per-token loss on the fixed val set, through the first n_layers blocks (default: all).
-    val_x: the model's input, or a tuple of its inputs (T5: enc_in, dec_in)."""
-    was_training, active = model.training, model.active_layers
-    model.eval()
+def evaluate(model, inputs, targets, batch_size, runtime, n_layers=None):
+    """Mean per-token loss on fixed examples, through the first n_layers blocks (default: all), in eval
+    mode. inputs: a tuple of the model's inputs (GPT: x; T5: enc_in, dec_in); -1 targets are ignored."""
+    active = model.active_layers
     model.set_active_layers(n_layers or model.n_layer)
-    inputs = val_x if isinstance(val_x, tuple) else (val_x,)
     total, count = 0.0, 0
-    for i in range(0, len(val_y), batch_size):
-        x, y = [t[i:i + batch_size].to(runtime.device) for t in inputs], val_y[i:i + batch_size].to(runtime.device)
-        with runtime.autocast():
-            total += model(*x, y).sum().item()
-        count += y.numel()
+    with evaluating(model):
+        for i in range(0, len(targets), batch_size):
+            x, y = [t[i:i + batch_size].to(runtime.device) for t in inputs], targets[i:i + batch_size].to(runtime.device)
+            with runtime.autocast():
+                total += model(*x, y).sum().item()
+            count += (y >= 0).sum().item()
     model.set_active_layers(active)
-    model.train(was_training)
     return total / count
 
 
@@ -441,9 +543,10 @@ def format_seconds(s):
 
 
 class Trainer:
-    """Holds one run's pieces; `run()` is the loop. Methods customise it through the objective."""
+    """Holds one run's pieces; `run()` is the loop. Methods reach it only through the objective's hooks
+    and the RunContext. branch_points: [(spent, path)] at which to save WSD cooldown branch checkpoints."""
 
-    def __init__(self, cfg, objective=None):
+    def __init__(self, cfg, objective=None, branch_points=()):
         self.cfg, self.rt = cfg, setup_device(cfg)
         torch.manual_seed(cfg.seed)
         self.out_dir = Path(cfg.out_dir)
@@ -452,37 +555,40 @@ class Trainer:
         self.corpus = load_corpus(cfg)
         self.tokenizer = get_tokenizer(self.corpus.meta['tokenizer'])
         self.model = build_model(cfg, self.corpus.vocab_size).to(self.rt.device)
-        T, T_data = self.model.config.block_size, example_length(cfg, self.model)
-        batches = Batches(self.corpus.splits['train'], T_data, cfg.seed, rank=self.rt.rank, world_size=self.rt.world_size)
-        self.data = DataSource(batches, self.rt.device)
-        ids = val_ids(self.corpus.splits['val'], T_data, cfg.eval_batches * cfg.batch_size)
-        self.val_x, self.val_y = get_examples(self.corpus.splits['val'], ids, T_data)
-        self.optimizer = build_optimizer(cfg, self.model)
-        table = budget_lib.load_table(run_shape_key(cfg, self.model), cfg.rst_table) \
-            if cfg.budget_unit == 'rst' or cfg.rst_table else self._optional_table()
-        self.budget = budget_lib.Budget(cfg.budget_unit, cfg.budget, table,
-                                        lambda L: self.model.flops_per_token(L), T, cfg.batch_size)
-        self.objective = objective or build_objective(cfg)
-        self.arch = build_arch(cfg, self.model.n_layer)
-        self.iter_num, self.val_loss, self.evaluated_at = 0, float('inf'), None
-        self.skipped_steps = 0
-        self.branch_points = []  # (spent at which to save, path): set by train_wsd_branches
-        self.objective.setup(self)
+        self.objective, self.building = objective or build_objective(cfg), True
+        self.ctx = RunContext(self)
+        self.objective.setup(self.ctx)  # requests only: the pieces below are built from them
+        self._build(cfg)
+        self.iter_num, self.val_loss, self.best_val_loss, self.evaluated_at = 0, float('inf'), float('inf'), None
+        self.skipped_steps, self.last_wall, self.last_cost = 0, 0.0, 0.0
+        self.branch_points = sorted(branch_points)
         if cfg.init_from == 'resume':
             self._resume()
-        self.train_model = self.model
-        if cfg.compile:
-            self.train_model = torch.compile(self.model)
+        else:
+            self.budget.charge_before_start(self.ctx.charges)
+            for record in self.ctx.records:
+                self.log(record)
+        self.building = False
+        self.train_model = torch.compile(self.model) if cfg.compile else self.model
         if self.rt.world_size > 1:
             self.train_model = DDP(self.train_model, device_ids=[self.rt.local_rank] if self.rt.device.type == 'cuda' else None,
                                    find_unused_parameters=cfg.arch != 'full')  # skipped blocks get no grads
         self.peak_flops = cfg.peak_flops or device_peak_flops(self.rt.device)
 
-    def _optional_table(self):
-        try:
-            return budget_lib.load_table(run_shape_key(self.cfg, self.model))
-        except UserError:
-            return None  # RST is then not counted; other units are
+    def _build(self, cfg):
+        """The data stream, the val set, the optimizer, the budget and the active-layer schedule."""
+        T_data, splits = example_length(cfg, self.model), self.corpus.splits
+        batches = Batches(splits['train'], T_data, cfg.seed, examples=self.ctx.examples,
+                          rank=self.rt.rank, world_size=self.rt.world_size)
+        self.data = DataSource(batches, self.rt.device)
+        val = get_examples(splits['val'], val_ids(splits['val'], T_data, cfg.eval_batches * cfg.batch_size), T_data)
+        self.val_inputs, self.val_targets = self.objective.val_batch(*val)
+        self.bs = cfg.batch_size * cfg.grad_accum * self.rt.world_size * targets_per_example(cfg, self.model)
+        self.optimizer, self.hooks = build_optimizer(cfg, self.model, self.bs, self.ctx.param_groups)
+        table = budget_lib.load_table(run_shape_key(cfg, self.model), cfg.rst_table, required=cfg.budget_unit == 'rst')
+        self.budget = budget_lib.Budget(cfg.budget_unit, cfg.budget, table, lambda L: self.model.flops_per_token(L),
+                                        self.model.config.block_size, cfg.batch_size)
+        self.arch = build_arch(cfg, self.model.n_layer)
 
     def _resume(self):
         ckpt = load_checkpoint(self.out_dir / 'ckpt.pt')
@@ -494,6 +600,8 @@ class Trainer:
         self.arch.load_state_dict(ckpt['arch'])
         self.model.set_active_layers(ckpt['active_layers'])
         self.iter_num, self.val_loss = ckpt['iter_num'], ckpt['val_loss']
+        self.best_val_loss = ckpt.get('best_val_loss', self.val_loss)
+        self.last_wall, self.last_cost = ckpt.get('last_wall', 0.0), ckpt.get('last_cost', 0.0)
         # saved right after this step's eval, except a WSD branch point: a branch evaluates when it ends
         self.evaluated_at = self.iter_num if ckpt.get('evaluated', True) else None
         torch.set_rng_state(ckpt['rng']['cpu'])
@@ -507,13 +615,13 @@ class Trainer:
     def checkpoint(self, path=None):
         if not self.rt.master:
             return
-        c = self.model.config
         ckpt = {'model': self.model.state_dict(), 'optimizer': self.optimizer.state_dict(),
-                'model_args': dataclasses.asdict(c), 'iter_num': self.iter_num, 'val_loss': self.val_loss,
-                'best_val_loss': self.val_loss, 'config': dataclasses.asdict(self.cfg),
+                'model_args': dataclasses.asdict(self.model.config), 'iter_num': self.iter_num,
+                'val_loss': self.val_loss, 'best_val_loss': self.best_val_loss, 'config': dataclasses.asdict(self.cfg),
                 'budget': self.budget.state_dict(), 'data': self.data.batches.state_dict(),
                 'objective': self.objective.state_dict(), 'arch': self.arch.state_dict(),
                 'active_layers': self.model.active_layers, 'evaluated': self.evaluated_at == self.iter_num,
+                'last_wall': self.last_wall, 'last_cost': self.last_cost,
                 'rng': {'cpu': torch.get_rng_state(),
                         'cuda': torch.cuda.get_rng_state() if self.rt.device.type == 'cuda' else None}}
         save_checkpoint(path or self.out_dir / 'ckpt.pt', ckpt)
@@ -526,83 +634,96 @@ class Trainer:
 
     def eval_and_save(self):
         if self.objective.evaluate is not None:
-            self.val_loss = self.objective.evaluate(self.model)
+            self.val_loss = self.objective.evaluate(self.model, self.ctx)
         else:
-            self.val_loss = evaluate(self.model, self.val_x, self.val_y, self.cfg.batch_size, self.rt,
+            self.val_loss = evaluate(self.model, self.val_inputs, self.val_targets, self.cfg.batch_size, self.rt,
                                      self.arch.eval_layers(self.model))
+        self.best_val_loss = min(self.best_val_loss, self.val_loss)
         self.log({'step': self.iter_num, 'val_loss': self.val_loss, **self.budget.spent})
         self.evaluated_at = self.iter_num
         self.checkpoint()
         self.rt.print(f'step {self.iter_num} | val loss {self.val_loss:.4f} | saved {self.out_dir / "ckpt.pt"}')
 
-    def train_step(self, lr):
-        """One optimizer step: grad_accum micro-batches from the objective, clip, update, charge."""
-        cfg, model = self.cfg, self.train_model
-        logs, loss_sum, depth = {}, 0.0, 0
-        self.arch.before_step(self.model, self.optimizer, self.budget.progress)
-        for micro in range(cfg.grad_accum):
-            self.arch.before_micro_batch(self.model, self.budget.progress)
-            depth += len(self.model.active_layers) / cfg.grad_accum
-            if isinstance(model, DDP):  # sync gradients only on the last micro-batch
-                model.require_backward_grad_sync = micro == cfg.grad_accum - 1
+    def accumulate(self, micro_loss):
+        """Backpropagate the mean of micro_loss(model) over grad_accum micro-batches through the model the
+        loop trains (DDP-wrapped in a DDP run: gradients are all-reduced once, on the last micro-batch).
+        Returns the mean loss (a 0-d tensor). Training steps and Sophia's estimate both go through here."""
+        total, n = 0.0, self.cfg.grad_accum
+        for micro in range(n):
+            if isinstance(self.train_model, DDP):
+                self.train_model.require_backward_grad_sync = micro == n - 1
             with self.rt.autocast():
-                step = self.objective(model, self.data, self.budget)
-            (step.loss / cfg.grad_accum).backward()
-            self.budget.charge_train(step.examples * self.rt.world_size, len(self.model.active_layers))
-            loss_sum += step.loss.detach()
+                loss = micro_loss(self.train_model)
+            (loss / n).backward()
+            total += loss.detach()
+        return total / n
+
+    def train_step(self):
+        """One optimizer step: grad_accum micro-batches from the objective, clip, update, charge, hooks."""
+        cfg, logs, depth = self.cfg, {}, []
+        before = self.budget.spent[cfg.budget_unit]
+        self.arch.before_step(self.model, self.optimizer, self.budget.progress)  # the budget-progress hook
+
+        def micro_loss(model):
+            self.arch.before_micro_batch(self.model, self.budget.progress)
+            depth.append(len(self.model.active_layers))
+            step = self.objective(model, self.data, self.ctx)
+            self.budget.charge_train(step.examples * self.rt.world_size, depth[-1])
             for k, v in step.logs.items():
                 logs[k] = logs.get(k, 0.0) + v / cfg.grad_accum
-        loss = loss_sum / cfg.grad_accum
+            return step.loss
+        loss = self.accumulate(micro_loss)
         if not math.isfinite(float(loss)):  # one sync a step: a nan must never reach the weights
             self.optimizer.zero_grad(set_to_none=True)
             if not cfg.skip_nonfinite:
                 raise NonFiniteLoss(f'loss is {float(loss)} at step {self.iter_num + 1}: the last good checkpoint '
                                     f'is kept; lower --lr, raise --warmup_frac, or pass --skip_nonfinite=True')
             self.skipped_steps += 1
-            return loss, {**logs, 'skipped_steps': self.skipped_steps}
+            return loss, before, {**logs, 'skipped_steps': self.skipped_steps}
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.budget.charge_optimizer(cfg.optimizer)
+        lr = self.step_lr(before)
         for group in self.optimizer.param_groups:
             group['lr'] = lr
-        if cfg.optimizer == 'sophiag':
-            tokens = cfg.batch_size * cfg.grad_accum * self.model.config.block_size * self.rt.world_size
-            self.optimizer.step(bs=tokens)
-        else:
-            self.optimizer.step()
+        self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.budget.charge_optimizer(cfg.optimizer)
-        if cfg.optimizer == 'sophiag' and self.iter_num % cfg.hess_interval == cfg.hess_interval - 1:
-            self.hessian_step()
-        logs['active_layers'] = depth
-        return loss, logs
+        for hook in self.hooks:  # every-k-steps hooks (Sophia-G's Hessian estimate), after the step
+            if self.iter_num % hook.every == hook.every - 1:
+                logs.update(hook(self.optimizer, self.accumulate, lambda: self.objective.hessian_batch(self.data)))
+                if hook.charge_as:
+                    examples = self.cfg.batch_size * self.cfg.grad_accum * self.rt.world_size
+                    self.budget.charge_hessian(hook.charge_as, examples, len(self.model.active_layers))
+        logs['active_layers'] = sum(depth) / len(depth)
+        return loss, lr, logs
 
-    def hessian_step(self):
-        """Sophia-G's Gauss-Newton-Bartlett estimate on a fresh batch, after the normal step."""
-        from optim_sophia import gnb_hessian_step
-        with self.rt.autocast():
-            gnb_hessian_step(self.optimizer, lambda: self.objective.sample_logits(self.model, self.data))
-        if not self.cfg.free_hessian:
-            self.budget.charge_hessian('sophiag', len(self.model.active_layers))
+    def step_lr(self, before):
+        """The schedule's lr at the middle of this step's cost (in budget units): the first step does not
+        run at lr 0, and min_lr is reached exactly when the budget is spent. A wall-clock budget uses the
+        previous step's time as this one's."""
+        unit = self.cfg.budget_unit
+        after = before + self.last_wall if unit == 'wall' else self.budget.spent[unit]
+        return budget_lib.lr_at((before + after) / 2, self.budget.total, self.cfg)
 
     def run(self):
         cfg, rt = self.cfg, self.rt
         if rt.master:
             (self.out_dir / 'config.json').write_text(json.dumps(run_info(cfg), indent=1))
-        tokens_per_step = cfg.batch_size * cfg.grad_accum * self.model.config.block_size * rt.world_size
-        rt.print(f'{self.model.num_params() / 1e6:.2f}M params | {tokens_per_step:,} tokens per step | '
+        rt.print(f'{self.model.num_params() / 1e6:.2f}M params | {self.bs:,} tokens per step | '
                  f'budget {cfg.budget:g} {cfg.budget_unit} | {cfg.optimizer} lr {cfg.lr:g} {cfg.schedule} | '
                  f'arch {cfg.arch} | data {self.corpus.path} | device {rt.device} {str(rt.dtype).removeprefix("torch.")}')
         self.model.train()
-        interrupted, t_start, meter = False, time.time(), Meter(self.budget)
+        interrupted, t_start, meter = False, time.time(), budget_lib.Meter(self.budget)
         try:
             with signals_between_steps() as stop:
                 while not self.budget.done:
                     if stop:
                         raise KeyboardInterrupt
-                    lr = budget_lib.lr_at(self.budget.spent[cfg.budget_unit], self.budget.total, cfg)
-                    t0 = time.time()
-                    loss, logs = self.train_step(lr)
-                    self.budget.add_wall(self._agree(time.time() - t0))
+                    t0, before = time.time(), self.budget.spent[cfg.budget_unit]
+                    loss, lr, logs = self.train_step()
+                    self.last_wall = self._agree(time.time() - t0)
+                    self.budget.add_wall(self.last_wall)
+                    self.last_cost = self.budget.spent[cfg.budget_unit] - before
                     self.iter_num += 1
                     meter.add(loss, logs)
                     if self.iter_num % cfg.log_interval == 0 or self.budget.done:
@@ -626,8 +747,11 @@ class Trainer:
                 'interrupted': interrupted}
 
     def save_branch_points(self):
-        """WSD cooldown branches: checkpoint the trunk just before each smaller budget's cooldown begins."""
-        while self.branch_points and self.budget.spent[self.cfg.budget_unit] > self.branch_points[0][0]:
+        """WSD cooldown branches: checkpoint the trunk just before each smaller budget's cooldown begins,
+        i.e. before the first step whose middle (where step_lr reads the schedule) would lie past it; the
+        next step is assumed to cost what this one did."""
+        spent = self.budget.spent[self.cfg.budget_unit]
+        while self.branch_points and spent + self.last_cost / 2 > self.branch_points[0][0]:
             _, path = self.branch_points.pop(0)
             path.parent.mkdir(parents=True, exist_ok=True)
             self.checkpoint(path)
@@ -645,8 +769,6 @@ class Trainer:
 
     def _log_progress(self, meter, lr):
         loss, logs, rates = meter.read(self.peak_flops, self.rt.world_size)
-        if self.cfg.optimizer == 'sophiag' and self.optimizer.win_rate is not None:
-            logs['win_rate'] = self.optimizer.win_rate  # fraction of coordinates not clipped
         if self.rt.world_size > 1:
             loss = torch.tensor(loss, device=self.rt.device)
             dist.all_reduce(loss, op=dist.ReduceOp.AVG)
@@ -658,62 +780,9 @@ class Trainer:
                       f"mfu {100 * rates['mfu']:.1f}%{extra}")
 
 
-@contextlib.contextmanager
-def signals_between_steps():
-    """Ctrl-C and SIGTERM mostly land inside a step, after its batch (and layer-drop mask) was drawn:
-    raising there would checkpoint the previous step with the data already advanced, and the resumed
-    run would skip a batch. They are recorded instead and the loop stops at the next step boundary;
-    a second Ctrl-C interrupts at once."""
-    stop = []
-    if threading.current_thread() is not threading.main_thread():
-        yield stop
-        return
-
-    def handler(signum, frame):
-        if stop:
-            raise KeyboardInterrupt
-        stop.append(signum)
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield stop
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
-class Meter:
-    """Averages the train loss and the objective's logs over a log interval; rates use the training
-    wall clock (budget.spent['wall']), which stops during eval and checkpoints."""
-
-    def __init__(self, budget):
-        self.budget = budget
-        self._reset()
-
-    def _reset(self):
-        self.loss, self.logs, self.n = 0.0, {}, 0
-        self.since = {k: self.budget.spent[k] for k in ('wall', 'tokens', 'flops')} | {'p': self.budget.progress}
-
-    def add(self, loss, logs):
-        self.loss, self.n = self.loss + loss, self.n + 1
-        for k, v in logs.items():
-            self.logs[k] = self.logs.get(k, 0.0) + v
-
-    def read(self, peak_flops, world_size):
-        spent, n = self.budget.spent, max(self.n, 1)
-        dt = max(spent['wall'] - self.since['wall'], 1e-9)
-        tok_s = (spent['tokens'] - self.since['tokens']) / dt / world_size
-        dp = self.budget.progress - self.since['p']
-        flops_s = (spent['flops'] - self.since['flops']) / dt / world_size  # what ran: dropped blocks, scoring
-        rates = {'tokens_per_s': tok_s, 'mfu': flops_s / peak_flops,
-                 'eta_s': (1 - self.budget.progress) * dt / dp if dp > 0 else None}
-        loss, logs = float(self.loss) / n, {k: float(v) / n for k, v in self.logs.items()}
-        self._reset()
-        return loss, logs, rates
-
-
-def train(cfg, objective=None):
+def train(cfg, objective=None, branch_points=()):
     """Run one budgeted training run; returns its summary. Method files call this with their objective."""
-    trainer = Trainer(cfg, objective)
+    trainer = Trainer(cfg, objective, branch_points)
     try:
         return trainer.run()
     finally:
@@ -721,13 +790,35 @@ def train(cfg, objective=None):
             dist.destroy_process_group()
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt  # SIGTERM (a scheduler's stop) saves a checkpoint like Ctrl-C
+def train_wsd_branches(cfg, objective_fn=lambda cfg: None):
+    """WSD with cooldown branches (SPEC section 7, budget.branch_plan): one trunk runs to the largest
+    budget and, just before each smaller budget's cooldown starts, saves a checkpoint from which a branch
+    cools down to exactly that budget. Every budget B gets a run folder out_dir/budget_B that reads like
+    a standalone run, and equals one bit for bit. A killed trunk or branch resumes."""
+    budgets, folder, points, base = budget_lib.branch_plan(cfg)
+    trunk = dataclasses.replace(base, budget=budgets[-1], out_dir=str(folder[budgets[-1]]))
+    if not budget_lib.run_finished(trunk.out_dir):
+        # no trunk checkpoint: a first run, or one killed before it saved (its log is stale: start again)
+        resume = (folder[budgets[-1]] / 'ckpt.pt').exists()
+        trunk = dataclasses.replace(trunk, init_from='resume' if resume else cfg.init_from, overwrite=not resume)
+        todo = [(points[b], folder[b] / 'ckpt.pt') for b in budgets[:-1] if not (folder[b] / 'ckpt.pt').exists()]
+        if train(trunk, objective_fn(trunk), todo)['interrupted']:
+            return {}  # Ctrl-C: stop here; the same command resumes the trunk, then runs the branches
+    results = {}
+    for b in budgets[:-1]:
+        if not budget_lib.run_finished(folder[b]):
+            branch = dataclasses.replace(base, budget=b, out_dir=str(folder[b]), init_from='resume')
+            results[b] = train(branch, objective_fn(branch))
+            if results[b]['interrupted']:
+                return results
+    spent = budgets[-1] + cfg.cooldown_frac * sum(budgets[:-1])
+    print(f'budgets {", ".join(f"{b:g}" for b in budgets)} {cfg.budget_unit}: branches spent {spent:g}, '
+          f'separate runs would spend {sum(budgets):g} ({spent / sum(budgets):.2f}x)')
+    return results
 
 
 def main(cfg):
-    signal.signal(signal.SIGTERM, _interrupt)
-    return budget_lib.train_wsd_branches(cfg) if cfg.branch_budgets else train(cfg)
+    return train_wsd_branches(cfg) if cfg.branch_budgets else train(cfg)
 
 
 if __name__ == '__main__':

@@ -1,7 +1,7 @@
 # The No Train No Gain sweep at CPU size, read by `python budget.py ablate` (this file is run as Python).
 # COMMON applies to every run; METHODS maps a row label to (entry point, its own overrides). Values are
-# the papers' starting points (SPEC section 4), scaled to this model; the baseline's lr was chosen by
-# the same small sweep as each method's (see README, "Ablation").
+# the papers' starting points (SPEC section 4), scaled to this model. None of them was tuned, the
+# baseline's included: no learning-rate sweep has been run for any row yet.
 
 COMMON = dict(
     model='small', batch_size=32,       # 4 blocks, d=128, T=128: stacking goes 1 -> 2 -> 4

@@ -77,14 +77,32 @@ def is_val(name, val_frac):
     return zlib.crc32(name.encode('utf-8')) % 10_000 < val_frac * 10_000
 
 
-def atomic_write_bytes(path, data):
-    """Write to a temp file, fsync, rename: a reader never sees a half-written file."""
+def atomic_write(path, write):
+    """write(f) into a temp file, fsync, rename: a reader never sees a half-written file, and a crash
+    mid-write leaves the previous file intact (the temp file is removed on failure)."""
     tmp = f'{path}.tmp{os.getpid()}'
-    with open(tmp, 'wb') as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, 'wb') as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write_bytes(path, data):
+    atomic_write(path, lambda f: f.write(data))
+
+
+def file_sha256(path):
+    """The hex SHA-256 of a file, read in 1 MiB blocks (checkpoints can be large)."""
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            h.update(block)
+    return h.hexdigest()
 
 
 def write_corpus(out_dir, docs, tokenizer, source, val_frac=0.05, extra_meta=None):

@@ -24,11 +24,11 @@ class StopAfter(train.CausalLM):
         super().__init__(batch_size)
         self.steps, self.calls = steps, 0
 
-    def __call__(self, model, data, budget):
+    def __call__(self, model, data, ctx):
         if self.calls == self.steps:
             raise KeyboardInterrupt
         self.calls += 1
-        return super().__call__(model, data, budget)
+        return super().__call__(model, data, ctx)
 
 
 @pytest.fixture(scope='session')

@@ -2,6 +2,7 @@
 with fresh optimizer state for the new blocks; progressive layer dropping keeps block i with probability
 1 - (1 - theta(p)) (i+1)/L and evaluates with every block; under an RST budget both buy more steps, as
 many as the cost table predicts; both learn."""
+import dataclasses
 import json
 import math
 import os
@@ -41,8 +42,7 @@ def adamw_steps(model, optimizer, x, y, n):
 @pytest.fixture
 def four_blocks():
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=256, n_layer=4, n_head=2, n_embd=64, block_size=32))
-    model.compile_loss = False
+    model = GPT(GPTConfig(vocab_size=256, n_layer=4, n_head=2, n_embd=64, block_size=32, compile_loss=False))
     g = torch.Generator().manual_seed(1)
     x, y = (torch.randint(0, 256, (4, 32), generator=g) for _ in range(2))
     return model, x, y
@@ -52,7 +52,7 @@ def four_blocks():
 def test_doubling_copies_blocks_and_sets_the_optimizer_state(four_blocks, mode):
     model, x, y = four_blocks
     cfg = TrainConfig(model='tiny', stack_init_layers=2, stack_fracs=(0.5,), stack_optim=mode, lr=1e-2)
-    optimizer = train.build_optimizer(cfg, model)
+    optimizer, _ = train.build_optimizer(cfg, model, bs=4 * 32)
     adamw_steps(model, optimizer, x, y, 2)          # every block has weights of its own and AdamW state
     assert not torch.equal(model.transformer.h[2].attn.c_attn.weight, model.transformer.h[0].attn.c_attn.weight)
     stacking = LayerStacking(cfg, 4)
@@ -117,7 +117,7 @@ def test_stacking_evaluates_the_stacked_depth(tiny_cfg):
     trainer = train.Trainer(cfg)
     result = trainer.run()
     assert trainer.model.active_layers == [0, 1]       # 1 -> 2 of 4 blocks; blocks 2 and 3 never ran
-    args = (trainer.model, trainer.val_x, trainer.val_y, cfg.batch_size, trainer.rt)
+    args = (trainer.model, trainer.val_inputs, trainer.val_targets, cfg.batch_size, trainer.rt)
     assert result['val_loss'] == train.evaluate(*args, 2)
     assert result['val_loss'] != pytest.approx(train.evaluate(*args, 4), rel=1e-4)  # untrained blocks would change it
 
@@ -183,17 +183,16 @@ def test_dropping_evaluates_every_block(tiny_cfg):
     result = trainer.run()
     depth = [r['active_layers'] for r in read_log(cfg.out_dir) if 'train_loss' in r]
     assert min(depth) < 4, depth                        # blocks were dropped in training ...
-    full = GPT(trainer.model.config)                    # ... and eval is a plain full-depth model's
-    full.load_state_dict(trainer.model.state_dict())
-    full.compile_loss = False
+    full = GPT(dataclasses.replace(trainer.model.config, compile_loss=False))
+    full.load_state_dict(trainer.model.state_dict())    # ... and eval is a plain full-depth model's
     full.eval()
+    (val_x,), val_y = trainer.val_inputs, trainer.val_targets
     with torch.no_grad():
-        total = sum(full(trainer.val_x[i:i + 8], trainer.val_y[i:i + 8]).sum().item()
-                    for i in range(0, len(trainer.val_x), 8))
-    assert result['val_loss'] == pytest.approx(total / trainer.val_y.numel(), rel=1e-6)
+        total = sum(full(val_x[i:i + 8], val_y[i:i + 8]).sum().item() for i in range(0, len(val_x), 8))
+    assert result['val_loss'] == pytest.approx(total / val_y.numel(), rel=1e-6)
     full.set_active_layers([0, 1])
     with torch.no_grad():
-        partial = full(trainer.val_x, trainer.val_y).mean().item()
+        partial = full(val_x, val_y).mean().item()
     assert partial != pytest.approx(result['val_loss'], rel=1e-4)
 
 

@@ -51,7 +51,7 @@ def assert_same_checkpoints(got_dir, want_dir):
 def reference(stdlib_corpus, tmp_path_factory):
     """The uninterrupted branches run: budgets 20, 40 and 80 iters from one trunk."""
     out_dir = tmp_path_factory.mktemp('branches') / 'ref'
-    results = budget_lib.train_wsd_branches(branches_cfg(out_dir))
+    results = train.train_wsd_branches(branches_cfg(out_dir))
     return out_dir, results
 
 
@@ -87,7 +87,8 @@ def test_every_budget_gets_a_run_folder(reference):
             f'budget {b}: train records for steps {steps}: the trunk copies its log to the branch before it logs '
             f'the branch-point step, so that step is missing (train.py: save branch points after logging)')
         lrs = [r['lr'] for r in read_log(folder / 'log.jsonl') if 'train_loss' in r]
-        assert lrs[WARMUP:int(0.8 * b) + 1] == [2e-3] * (int(0.8 * b) + 1 - WARMUP) and lrs[-1] < 2e-3 / 4
+        # each step runs at the lr of its middle: steps 3..0.8b at the peak, then the cooldown
+        assert lrs[WARMUP:int(0.8 * b)] == [2e-3] * (int(0.8 * b) - WARMUP) and lrs[-1] < 2e-3 / 4
 
 
 @pytest.mark.parametrize('b', [20, 40])
@@ -116,12 +117,12 @@ def test_ctrl_c_in_the_trunk_then_the_same_call_again(reference, tmp_path):
     """Ctrl-C at trunk step 24 (past the budget-20 branch point at 16, before budget 40's at 32)."""
     cfg = branches_cfg(tmp_path / 'cut')
     try:
-        budget_lib.train_wsd_branches(cfg, lambda c: StopAfter(8, 24) if c.budget == 80 else None)
+        train.train_wsd_branches(cfg, lambda c: StopAfter(8, 24) if c.budget == 80 else None)
         first_call = None
     except Exception as e:  # noqa: BLE001 -- reported below, after checking what a second call makes of it
         first_call = f'{type(e).__name__}: {e}'
     assert load(folders(tmp_path / 'cut')[80] / 'ckpt.pt')['iter_num'] == 24   # Ctrl-C saved the trunk
-    budget_lib.train_wsd_branches(cfg)
+    train.train_wsd_branches(cfg)
     assert_same_checkpoints(tmp_path / 'cut', reference[0])
     assert first_call is None, (
         f'after Ctrl-C stopped the trunk, train_wsd_branches went on to the branches and failed ({first_call}): '
@@ -133,22 +134,22 @@ class Crash(BaseException):
 
 
 class CrashAfter(StopAfter):
-    def __call__(self, model, data, budget):
+    def __call__(self, model, data, ctx):
         if self.calls == self.steps:
             raise Crash
-        return super().__call__(model, data, budget)
+        return super().__call__(model, data, ctx)
 
 
 def test_a_crashed_trunk_then_the_same_call_again(reference, tmp_path):
     """The trunk dies at step 20 (past the first branch checkpoint, before it saved one of its own)."""
     cfg = branches_cfg(tmp_path / 'crash')
     with pytest.raises(Crash):
-        budget_lib.train_wsd_branches(cfg, lambda c: CrashAfter(8, 20) if c.budget == 80 else None)
+        train.train_wsd_branches(cfg, lambda c: CrashAfter(8, 20) if c.budget == 80 else None)
     trunk = folders(tmp_path / 'crash')[80]
     assert (trunk / 'log.jsonl').exists() and not (trunk / 'ckpt.pt').exists()
-    assert load(folders(tmp_path / 'crash')[20] / 'ckpt.pt')['iter_num'] == 17
+    assert load(folders(tmp_path / 'crash')[20] / 'ckpt.pt')['iter_num'] == 16  # step 17 is budget 20's cooldown
     try:
-        budget_lib.train_wsd_branches(cfg)
+        train.train_wsd_branches(cfg)
     except UserError as e:
         pytest.fail(f'running the same command again after the trunk died fails: {e} -- the trunk had written its '
                     f'log but no checkpoint, and train_wsd_branches restarts it with overwrite=False (see the report)')
@@ -158,7 +159,7 @@ def test_a_crashed_trunk_then_the_same_call_again(reference, tmp_path):
 def test_a_branch_whose_cooldown_is_shorter_than_a_step(tmp_path):
     """Budget 5 iters: the cooldown (1 unit) starts after step 4, so the trunk's step-5 checkpoint already
     holds the whole budget; the branch must still end as a finished, evaluated run like a standalone one."""
-    results = budget_lib.train_wsd_branches(TrainConfig(out_dir=str(tmp_path / 'br'), budget=5, branch_budgets=MULTIPLES, **RUN))
+    results = train.train_wsd_branches(TrainConfig(out_dir=str(tmp_path / 'br'), budget=5, branch_budgets=MULTIPLES, **RUN))
     alone = train.train(TrainConfig(out_dir=str(tmp_path / 'alone'), budget=5, **RUN))
     assert results[5]['val_loss'] == alone['val_loss'] and budget_lib.read_run(tmp_path / 'br' / 'budget_5')['complete'], (
         f"the budget-5 branch resumed with nothing left to train, skipped its final eval (val loss "

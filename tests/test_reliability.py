@@ -156,7 +156,7 @@ def zygote(work):
     # Building an optimizer imports torch._dynamo (~800 modules, seconds here): do it once, before forking.
     # Nothing is computed, so no thread pool exists yet that a fork could break.
     for name in train.OPTIMIZERS:
-        train.build_optimizer(train.TrainConfig(), torch.nn.Linear(1, 1), name)
+        train.build_optimizer(train.TrainConfig(), torch.nn.Linear(1, 1), 1, name=name)
     out = sys.stdout
     sys.stdout = sys.stderr  # anything else the zygote prints stays off the answer channel
     for n, line in enumerate(sys.stdin):
@@ -374,7 +374,7 @@ def bad_cases(w):
     rv = ['data/reviews/prepare.py', '--out_dir={fresh}']
     return [
         # madpo.py
-        ('madpo-unknown-key', *mp, '--lrr=1', ['unknown config key --lrr', 'closest: lr']),
+        ('madpo-unknown-key', *mp, '--lrr=1', ['unknown config key --lrr', 'closest: rm_lr, po_lr']),
         ('madpo-type', *mp, '--n_pairs=abc', ['--n_pairs must be int']),
         ('madpo-beta-negative', *mp, '--beta=-1', ['--beta must be positive']),
         ('madpo-lr-negative', *mp, '--po_lr=-1', ['--po_lr must be positive']),
@@ -838,10 +838,10 @@ def test_interrupt_then_resume_is_bit_identical(world, tmp_path, monkeypatch, me
     full = train.train(full_cfg, objective(full_cfg))
     real_step = train.Trainer.train_step
 
-    def train_step(self, lr):  # Ctrl-C as step cut + 1 begins
+    def train_step(self):  # Ctrl-C as step cut + 1 begins
         if self.iter_num == cut:
             raise KeyboardInterrupt
-        return real_step(self, lr)
+        return real_step(self)
     monkeypatch.setattr(train.Trainer, 'train_step', train_step)
     part = train.train(cut_cfg, objective(cut_cfg))
     monkeypatch.undo()
