@@ -23,62 +23,118 @@ separately and, as in that paper, left out of the budget unless --charge_il=True
     python rho.py --method=sb --out_dir=out/sb     # Selective Backprop
 """
 import dataclasses
-import hashlib
 import json
 import os
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import budget as budget_lib
 import train
 from configurator import UserError, cli, require
-from data.loader import Batches, DataError, atomic_write_bytes, get_examples, num_examples
-from model import GPT
+from data.loader import DataError, atomic_write_bytes, file_sha256, get_examples, num_examples
+from model import evaluating
 from train import CausalLM, Step, TrainConfig
 
 
-@dataclass(frozen=True)
-class RhoConfig(TrainConfig):
-    out_dir: str = 'out/rho'
-    method: str = 'rho'              # 'rho' (RHO-LOSS) or 'sb' (Selective Backprop)
-    stage: str = 'all'               # rho: 'il' (IL model + cache), 'train' (needs the cache), 'all' (il if no valid cache, then train)
-    holdout_frac: float = 0.2        # share of the training examples the IL model trains on (No Train No Gain: 20%)
-    select_frac: float = 0.5         # nb/nB (No Train No Gain: 0.5; the RHO-LOSS paper: 0.1)
-    mega_batch: int = 0              # nB, examples scored per micro-batch; 0 = batch_size / select_frac (nb = batch_size)
-    sb_beta: float = 1.0             # Selective Backprop: keep probability = percentile ** sb_beta
-    sb_history: int = 5000           # Selective Backprop: losses the percentile is taken over
-    il_out_dir: str = 'out/rho_il'   # the IL model's run (checkpoint, log)
-    il_budget: float = 0.0           # the IL model's budget in budget_unit; 0 = --budget
-    il_cache: str = ''               # folder of il_loss.f16 + il_loss.json; '' = <data dir>/il/<name of il_out_dir>
-    charge_il: bool = False          # add IL training + precompute (rst, tokens, flops, wall) to this budget (the paper: no)
-
-    def __post_init__(self):
-        super().__post_init__()
-        require(self.method in ('rho', 'sb'), f"--method must be 'rho' or 'sb', got '{self.method}'")
-        require(self.stage in ('il', 'train', 'all'), f"--stage must be 'il', 'train' or 'all', got '{self.stage}'")
-        require(self.method == 'rho' or self.stage != 'il',
-                'Selective Backprop has no IL model: --stage=il needs --method=rho')
-        require(0 < self.holdout_frac < 1, f'--holdout_frac must be in (0, 1), got {self.holdout_frac}')
-        require(0 < self.select_frac <= 1, f'--select_frac must be in (0, 1], got {self.select_frac}')
-        require(self.mega_batch >= 0, f'--mega_batch must be >= 0, got {self.mega_batch}')
-        require(self.sb_beta > 0 and self.sb_history > 0, '--sb_beta and --sb_history must be positive')
-        require(self.il_budget >= 0, f'--il_budget must be >= 0, got {self.il_budget}')
-        require(Path(self.il_out_dir).resolve() != Path(self.out_dir).resolve(), '--il_out_dir must differ from --out_dir')
-
-    def selection_sizes(self):
-        """(nB, nb): examples scored and examples trained per micro-batch."""
-        n_B = self.mega_batch or round(self.batch_size / self.select_frac)
-        return n_B, max(1, round(self.select_frac * n_B))
-
-
 # -----------------------------------------------------------------------------
-# data: the holdout split and the per-example score
+# the two objectives
+
+class RhoLoss(CausalLM):
+    """RHO-LOSS: score nB, train on the top nb by reducible loss."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg.batch_size)
+        self.cfg = cfg
+        self.n_B, self.n_b = cfg.selection_sizes()
+
+    def setup(self, ctx):
+        self.block_size = T = ctx.model.config.block_size
+        train_k, _ = split_examples(num_examples(ctx.corpus.splits['train'], T), self.cfg.holdout_frac)
+        ctx.restrict_examples(train_k)  # the target run never sees the IL model's holdout
+        losses, info = load_il_cache(self.cfg, ctx.corpus, T)
+        self.irreducible_loss = torch.from_numpy(losses.astype(np.float32)).to(ctx.device)  # (n_examples,)
+        if not torch.isfinite(self.irreducible_loss[torch.from_numpy(train_k)]).all():
+            raise UserError('the IL cache has no loss for some training examples: rebuild it with --stage=il')
+        report_il(ctx, info, self.cfg.charge_il)
+
+    def __call__(self, model, data, ctx):
+        x, y, ids = data.next(self.n_B)                                    # (nB, T)
+        train_loss = score_examples(model, x, y)                           # (nB,)
+        ctx.charge_forward(self.n_B, len(ctx.model.active_layers))
+        irreducible_loss = self.irreducible_loss[(ids // self.block_size).to(train_loss.device)]
+        reducible_loss = train_loss - irreducible_loss
+        top = select_top(reducible_loss, self.n_b)                         # (nb,)
+        loss = model(x[top], y[top]).mean()
+        return Step(loss, self.n_b, {'selected_frac': self.n_b / self.n_B, 'loss_selected': train_loss[top].mean(),
+                                     'loss_scored': train_loss.mean(), 'il_selected': irreducible_loss[top].mean()})
+
+
+class SelectiveBackprop(CausalLM):
+    """Selective Backprop: keep each scored example with probability percentile ** beta; train on full batches."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg.batch_size)
+        self.beta, self.history_len = cfg.sb_beta, cfg.sb_history
+        self.history = torch.zeros(0)                    # the last sb_history scored losses, oldest first
+        self.buffer_ids, self.buffer_losses = [], []     # kept examples waiting for a full batch
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+
+    def setup(self, ctx):
+        if ctx.rt.world_size > 1:  # ranks would fill buffers at different rates and budgets would diverge
+            raise UserError('Selective Backprop runs on one process: launch it without torchrun')
+
+    def keep_prob(self, losses):
+        """(percentile of each loss among the last sb_history losses, these included) ** beta."""
+        self.history = torch.cat([self.history, losses])[-self.history_len:]
+        rank = torch.searchsorted(self.history.sort().values, losses, right=True)  # history losses <= each
+        return (rank / len(self.history)) ** self.beta
+
+    def __call__(self, model, data, ctx):
+        scored, kept = [], 0
+        while len(self.buffer_ids) < self.batch_size:
+            x, y, ids = data.next(self.batch_size)
+            losses = score_examples(model, x, y).cpu()                     # (B,)
+            ctx.charge_forward(len(ids), len(ctx.model.active_layers))
+            keep = torch.rand(len(losses), generator=self.generator) < self.keep_prob(losses)
+            self.buffer_ids += ids[keep].tolist()
+            self.buffer_losses += losses[keep].tolist()
+            scored.append(losses)
+            kept += int(keep.sum())
+        ids, kept_losses = self.buffer_ids[:self.batch_size], self.buffer_losses[:self.batch_size]
+        del self.buffer_ids[:self.batch_size], self.buffer_losses[:self.batch_size]
+        x, y = get_examples(ctx.corpus.splits['train'], np.array(ids), ctx.model.config.block_size)
+        loss = model(x.to(ctx.device), y.to(ctx.device)).mean()
+        scored = torch.cat(scored)
+        return Step(loss, len(ids), {'selected_frac': kept / len(scored),
+                                     'loss_selected': sum(kept_losses) / len(kept_losses), 'loss_scored': scored.mean()})
+
+    def state_dict(self):
+        return {'history': self.history, 'buffer_ids': torch.tensor(self.buffer_ids, dtype=torch.int64),
+                'buffer_losses': torch.tensor(self.buffer_losses), 'generator': self.generator.get_state()}
+
+    def load_state_dict(self, state):
+        self.history = state['history']
+        self.buffer_ids, self.buffer_losses = state['buffer_ids'].tolist(), state['buffer_losses'].tolist()
+        self.generator.set_state(state['generator'])
+
+
+@torch.no_grad()
+def score_examples(model, x, y):
+    """Each example's loss (mean over its tokens) under the current weights, in eval mode: (n,) fp32.
+    The one scoring function of both methods and the IL precompute. A DDP-wrapped model is called as
+    is: without grad its forward registers nothing for the backward."""
+    with evaluating(model):
+        return model(x, y).mean(dim=1).float()  # (n, T) per-token losses from the compiled loss path -> (n,)
+
+
+def select_top(scores, k):
+    """Positions of the k largest scores; ties go to the earlier position (a stable sort)."""
+    return torch.sort(scores, descending=True, stable=True).indices[:k]
+
 
 def holdout_mask(n_examples, holdout_frac):
     """True where example k is in the IL model's holdout. A fixed hash of k (splitmix64), so the split
@@ -99,117 +155,6 @@ def split_examples(n_examples, holdout_frac):
     return train_k, holdout_k
 
 
-def restrict_examples(trainer, examples):
-    """Make the run draw only these example indices (same seed, rank and world size)."""
-    b = trainer.data.batches
-    trainer.data.batches = Batches(b.tokens, b.block_size, b.seed, examples=examples, rank=b.rank, world_size=b.world_size)
-
-
-@torch.no_grad()
-def score_examples(model, x, y):
-    """Each example's loss (mean over its tokens) under the current weights, in eval mode: (n,) fp32.
-    The one scoring function of both methods and the IL precompute (a T5-lite pair plugs in here)."""
-    was_training = model.training
-    model.eval()
-    loss = model(x, y).mean(dim=1)  # (n, T) per-token losses from the compiled loss path -> (n,)
-    model.train(was_training)
-    return loss.float()
-
-
-def select_top(scores, k):
-    """Positions of the k largest scores; ties go to the earlier position (a stable sort)."""
-    return torch.sort(scores, descending=True, stable=True).indices[:k]
-
-
-def unwrap_ddp(model):
-    return model.module if isinstance(model, DDP) else model  # score without DDP's gradient hooks
-
-
-# -----------------------------------------------------------------------------
-# the two objectives
-
-class RhoLoss(CausalLM):
-    """RHO-LOSS: score nB, train on the top nb by reducible loss."""
-
-    def __init__(self, cfg):
-        super().__init__(cfg.batch_size)
-        self.cfg = cfg
-        self.n_B, self.n_b = cfg.selection_sizes()
-
-    def setup(self, trainer):
-        self.model, self.world_size = trainer.model, trainer.rt.world_size
-        self.block_size = T = trainer.model.config.block_size
-        train_k, _ = split_examples(num_examples(trainer.corpus.splits['train'], T), self.cfg.holdout_frac)
-        restrict_examples(trainer, train_k)  # the target run never sees the IL model's holdout
-        losses, info = load_il_cache(self.cfg, trainer.corpus, T)
-        self.irreducible_loss = torch.from_numpy(losses.astype(np.float32)).to(trainer.rt.device)  # (n_examples,)
-        if not torch.isfinite(self.irreducible_loss[torch.from_numpy(train_k)]).all():
-            raise UserError('the IL cache has no loss for some training examples: rebuild it with --stage=il')
-        report_il(trainer, info, self.cfg.charge_il)
-
-    def __call__(self, model, data, budget):
-        x, y, ids = data.next(self.n_B)                                    # (nB, T)
-        train_loss = score_examples(unwrap_ddp(model), x, y)               # (nB,)
-        budget.charge_forward(self.n_B * self.world_size, len(self.model.active_layers))
-        irreducible_loss = self.irreducible_loss[(ids // self.block_size).to(train_loss.device)]
-        reducible_loss = train_loss - irreducible_loss
-        top = select_top(reducible_loss, self.n_b)                         # (nb,)
-        loss = model(x[top], y[top]).mean()
-        return Step(loss, self.n_b, {'selected_frac': self.n_b / self.n_B, 'loss_selected': train_loss[top].mean(),
-                                     'loss_scored': train_loss.mean(), 'il_selected': irreducible_loss[top].mean()})
-
-
-class SelectiveBackprop(CausalLM):
-    """Selective Backprop: keep each scored example with probability percentile ** beta; train on full batches."""
-
-    def __init__(self, cfg):
-        super().__init__(cfg.batch_size)
-        self.beta, self.history_len = cfg.sb_beta, cfg.sb_history
-        self.history = torch.zeros(0)                    # the last sb_history scored losses, oldest first
-        self.buffer_ids, self.buffer_losses = [], []     # kept examples waiting for a full batch
-        self.generator = torch.Generator().manual_seed(cfg.seed)
-
-    def setup(self, trainer):
-        if trainer.rt.world_size > 1:  # ranks would fill buffers at different rates and budgets would diverge
-            raise UserError('Selective Backprop runs on one process: launch it without torchrun')
-        self.model, self.device = trainer.model, trainer.rt.device
-        self.tokens, self.block_size = trainer.data.batches.tokens, trainer.model.config.block_size
-
-    def keep_prob(self, losses):
-        """(percentile of each loss among the last sb_history losses, these included) ** beta."""
-        self.history = torch.cat([self.history, losses])[-self.history_len:]
-        rank = torch.searchsorted(self.history.sort().values, losses, right=True)  # history losses <= each
-        return (rank / len(self.history)) ** self.beta
-
-    def __call__(self, model, data, budget):
-        scored, kept = [], 0
-        while len(self.buffer_ids) < self.batch_size:
-            x, y, ids = data.next(self.batch_size)
-            losses = score_examples(unwrap_ddp(model), x, y).cpu()       # (B,)
-            budget.charge_forward(len(ids), len(self.model.active_layers))
-            keep = torch.rand(len(losses), generator=self.generator) < self.keep_prob(losses)
-            self.buffer_ids += ids[keep].tolist()
-            self.buffer_losses += losses[keep].tolist()
-            scored.append(losses)
-            kept += int(keep.sum())
-        ids, kept_losses = self.buffer_ids[:self.batch_size], self.buffer_losses[:self.batch_size]
-        del self.buffer_ids[:self.batch_size], self.buffer_losses[:self.batch_size]
-        x, y = get_examples(self.tokens, np.array(ids), self.block_size)
-        loss = model(x.to(self.device), y.to(self.device)).mean()
-        scored = torch.cat(scored)
-        return Step(loss, len(ids), {'selected_frac': kept / len(scored),
-                                     'loss_selected': sum(kept_losses) / len(kept_losses), 'loss_scored': scored.mean()})
-
-    def state_dict(self):
-        return {'history': self.history, 'buffer_ids': torch.tensor(self.buffer_ids, dtype=torch.int64),
-                'buffer_losses': torch.tensor(self.buffer_losses), 'generator': self.generator.get_state()}
-
-    def load_state_dict(self, state):
-        self.history = state['history']
-        self.buffer_ids, self.buffer_losses = state['buffer_ids'].tolist(), state['buffer_losses'].tolist()
-        self.generator.set_state(state['generator'])
-
-
 # -----------------------------------------------------------------------------
 # the IL model and its cache of irreducible losses
 
@@ -220,21 +165,39 @@ class HoldoutLM(CausalLM):
         super().__init__(cfg.batch_size)
         self.holdout_frac = cfg.holdout_frac
 
-    def setup(self, trainer):
-        T = trainer.model.config.block_size
-        restrict_examples(trainer, split_examples(num_examples(trainer.corpus.splits['train'], T), self.holdout_frac)[1])
+    def setup(self, ctx):
+        T = ctx.model.config.block_size
+        ctx.restrict_examples(split_examples(num_examples(ctx.corpus.splits['train'], T), self.holdout_frac)[1])
+
+
+# Keys of the target run only: the IL model is a plain baseline, full depth with AdamW (the defaults).
+TARGET_ONLY = ('arch', 'stack_init_layers', 'stack_fracs', 'stack_optim', 'theta_bar', 'gamma_f',
+               'optimizer', 'rho', 'hess_interval', 'free_hessian')
+
+
+def il_config(cfg):
+    """The IL model's run: the target's data, shape, AdamW keys, schedule, eval and system keys; its own
+    folder and budget; TARGET_ONLY keys at their defaults."""
+    own = {'out_dir': cfg.il_out_dir, 'budget': cfg.il_budget or cfg.budget, 'label': 'rho_il',  # not a baseline
+           'init_from': 'scratch' if cfg.init_from.endswith('.pt') else cfg.init_from,
+           **{k: getattr(TrainConfig, k) for k in TARGET_ONLY}}
+    return TrainConfig(**{f.name: own.get(f.name, getattr(cfg, f.name)) for f in dataclasses.fields(TrainConfig)})
+
+
+def train_il(cfg):
+    """Train the IL model on the holdout with the shared loop, then precompute its cache."""
+    print(f'--- IL model: {cfg.il_budget or cfg.budget:g} {cfg.budget_unit} on the {cfg.holdout_frac:.0%} holdout, '
+          f'full depth, AdamW -> {cfg.il_out_dir}')
+    result = train.train(il_config(cfg), HoldoutLM(cfg))
+    if result['interrupted']:
+        print('IL training interrupted: resume it with --stage=il --init_from=resume')
+        return None
+    precompute_il(cfg, result)
+    return result
 
 
 def cache_dir(cfg, corpus):
     return Path(cfg.il_cache) if cfg.il_cache else corpus.path / 'il' / Path(cfg.il_out_dir).name
-
-
-def file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            h.update(block)
-    return h.hexdigest()
 
 
 def cache_key(cfg, corpus, block_size):
@@ -243,26 +206,11 @@ def cache_key(cfg, corpus, block_size):
             'holdout_frac': cfg.holdout_frac, 'num_examples': num_examples(corpus.splits['train'], block_size)}
 
 
-def train_il(cfg):
-    """Train the IL model on the holdout with the shared loop, then precompute its cache."""
-    overrides = {'out_dir': cfg.il_out_dir, 'budget': cfg.il_budget or cfg.budget, 'label': 'rho_il',  # not a baseline
-                 'init_from': 'scratch' if cfg.init_from.endswith('.pt') else cfg.init_from}
-    il_cfg = TrainConfig(**{f.name: overrides.get(f.name, getattr(cfg, f.name)) for f in dataclasses.fields(TrainConfig)})
-    print(f'--- IL model: {il_cfg.budget:g} {il_cfg.budget_unit} on the {cfg.holdout_frac:.0%} holdout -> {cfg.il_out_dir}')
-    result = train.train(il_cfg, HoldoutLM(cfg))
-    if result['interrupted']:
-        print('IL training interrupted: resume it with --stage=il --init_from=resume')
-        return None
-    precompute_il(cfg, result)
-    return result
-
-
 def precompute_il(cfg, il_result):
     """One no-grad pass of the IL checkpoint over every training example; writes the cache atomically."""
     rt, corpus = train.setup_device(cfg), train.load_corpus(cfg)
     ckpt_path = Path(cfg.il_out_dir) / 'ckpt.pt'
-    model = GPT.from_checkpoint(train.load_checkpoint(ckpt_path)).to(rt.device)
-    model.compile_loss = cfg.compile_loss
+    model = train.load_model(ckpt_path, rt.device, compile_loss=cfg.compile_loss)
     T, tokens = model.config.block_size, corpus.splits['train']
     train_k, _ = split_examples(num_examples(tokens, T), cfg.holdout_frac)
     irreducible_loss = np.full(num_examples(tokens, T), np.nan, dtype=np.float16)  # NaN = holdout, never looked up
@@ -273,7 +221,8 @@ def precompute_il(cfg, il_result):
         with rt.autocast():
             irreducible_loss[k] = score_examples(model, x.to(rt.device), y.to(rt.device)).cpu().numpy()
     seconds = time.time() - t0
-    table = load_optional_table(cfg, model)  # the precompute's RST, as forward-only passes
+    # the precompute's RST, as forward-only passes (None without a cost table: the other units still count)
+    table = budget_lib.load_table(train.run_shape_key(cfg, model), cfg.rst_table, required=False)
     accountant = budget_lib.Budget('iters', 1, table, model.flops_per_token, T, cfg.batch_size)
     accountant.charge_forward(len(train_k), model.n_layer)
     info = {**cache_key(cfg, corpus, T), 'il_ckpt': str(ckpt_path), 'il_ckpt_sha256': file_sha256(ckpt_path),
@@ -288,13 +237,6 @@ def precompute_il(cfg, il_result):
     atomic_write_bytes(out / 'il_loss.json', json.dumps(info, indent=1).encode())
     print(f'IL cache: {len(train_k):,} examples in {seconds:.1f}s -> {out}')
     return info
-
-
-def load_optional_table(cfg, model):
-    try:
-        return budget_lib.load_table(train.run_shape_key(cfg, model), cfg.rst_table)
-    except UserError:
-        return None  # no RST for this shape: the other units are still counted
 
 
 def load_il_cache(cfg, corpus, block_size):
@@ -323,21 +265,17 @@ def rst(v):
     return 'no' if v is None else f'{v:.2f}'  # None: no cost table for this shape
 
 
-def report_il(trainer, info, charge_il):
-    """Print and log the IL costs once; with charge_il, add them to this run's budget (not on resume:
-    the checkpoint's budget already holds them)."""
+def report_il(ctx, info, charge_il):
+    """Print the IL costs; log them and, with charge_il, add them to this run's budget. The loop applies
+    both to a fresh run only: a resumed run's log and budget already hold them."""
     il, pre = info['il_train'], info['il_precompute']
-    trainer.rt.print(f"IL model: {rst(il['rst'])} RST s, {il['tokens']:,.0f} tokens, {il['wall']:.1f}s wall, val loss "
-                     f"{info['il_val_loss']:.4f} | IL precompute: {pre['examples']:,} examples, {rst(pre['rst'])} RST s, "
-                     f"{pre['wall']:.1f}s wall | {'charged to' if charge_il else 'left out of'} this budget")
-    if trainer.cfg.init_from == 'resume':
-        return
-    trainer.log({'step': 0, 'il_train_rst': il['rst'], 'il_train_tokens': il['tokens'], 'il_train_wall': il['wall'],
-                 'il_precompute_rst': pre['rst'], 'il_precompute_wall': pre['wall'], 'il_charged': charge_il})
-    if charge_il:
-        for unit in ('rst', 'tokens', 'flops', 'wall'):
-            if trainer.budget.spent[unit] is not None:  # precompute trains no tokens; no table counts no rst
-                trainer.budget.spent[unit] += (il[unit] or 0.0) + (pre.get(unit) or 0.0)
+    ctx.rt.print(f"IL model: {rst(il['rst'])} RST s, {il['tokens']:,.0f} tokens, {il['wall']:.1f}s wall, val loss "
+                 f"{info['il_val_loss']:.4f} | IL precompute: {pre['examples']:,} examples, {rst(pre['rst'])} RST s, "
+                 f"{pre['wall']:.1f}s wall | {'charged to' if charge_il else 'left out of'} this budget")
+    ctx.log({'step': 0, 'il_train_rst': il['rst'], 'il_train_tokens': il['tokens'], 'il_train_wall': il['wall'],
+             'il_precompute_rst': pre['rst'], 'il_precompute_wall': pre['wall'], 'il_charged': charge_il})
+    if charge_il:  # the precompute trains no tokens; a stage without a cost table counts no rst
+        ctx.charge_before_start({u: (il[u] or 0.0) + (pre.get(u) or 0.0) for u in ('rst', 'tokens', 'flops', 'wall')})
 
 
 def il_cache_is_valid(cfg):
@@ -351,8 +289,53 @@ def il_cache_is_valid(cfg):
     return True
 
 
+# -----------------------------------------------------------------------------
+# config and stages
+
+@dataclass(frozen=True)
+class RhoConfig(TrainConfig):
+    """TrainConfig's keys configure the target run (train). The IL model (il) reuses its data, shape, AdamW
+    (lr, min_lr, weight_decay, beta1, beta2, grad_clip), schedule, eval and system keys; it is always a
+    plain baseline, full depth with AdamW: the arch keys (arch, stack_*, theta_bar, gamma_f) and Sophia's
+    are the target's only, and a non-AdamW --optimizer is refused when the IL model trains."""
+    out_dir: str = 'out/rho'         # train: the target run's folder (the IL model's is il_out_dir)
+    method: str = 'rho'              # both: 'rho' (RHO-LOSS) or 'sb' (Selective Backprop, no IL model)
+    stage: str = 'all'               # 'il' (IL model + cache), 'train' (needs the cache), 'all' (il if no valid cache, then train)
+    holdout_frac: float = 0.2        # both: the IL model's share of the training examples, never trained on by the target (NTNG: 20%)
+    select_frac: float = 0.5         # train: nb/nB (No Train No Gain: 0.5; the RHO-LOSS paper: 0.1)
+    mega_batch: int = 0              # train: nB, examples scored per micro-batch; 0 = batch_size / select_frac (nb = batch_size)
+    sb_beta: float = 1.0             # train, sb: keep probability = percentile ** sb_beta
+    sb_history: int = 5000           # train, sb: losses the percentile is taken over
+    il_out_dir: str = 'out/rho_il'   # both: the IL model's run; train checks the cache against its checkpoint
+    il_budget: float = 0.0           # il: the IL model's budget in budget_unit; 0 = --budget
+    il_cache: str = ''               # both: folder of il_loss.f16 + il_loss.json; '' = <data dir>/il/<name of il_out_dir>
+    charge_il: bool = False          # train: add IL training + precompute (rst, tokens, flops, wall) to this budget (the paper: no)
+
+    def __post_init__(self):
+        super().__post_init__()
+        require(self.method in ('rho', 'sb'), f"--method must be 'rho' or 'sb', got '{self.method}'")
+        require(self.stage in ('il', 'train', 'all'), f"--stage must be 'il', 'train' or 'all', got '{self.stage}'")
+        require(self.method == 'rho' or self.stage != 'il',
+                'Selective Backprop has no IL model: --stage=il needs --method=rho')
+        require(self.method == 'sb' or self.stage == 'train' or self.optimizer == 'adamw',
+                f"the IL model trains with AdamW on this run's --lr and --weight_decay: build it with --stage=il, "
+                f'then pass --optimizer={self.optimizer} with --stage=train')
+        require(self.model_type == 'gpt', 'rho.py selects GPT examples: --model_type=t5 is not supported')
+        require(not self.branch_budgets, "--branch_budgets is train.py's: rho.py runs one budget")
+        require(0 < self.holdout_frac < 1, f'--holdout_frac must be in (0, 1), got {self.holdout_frac}')
+        require(0 < self.select_frac <= 1, f'--select_frac must be in (0, 1], got {self.select_frac}')
+        require(self.mega_batch >= 0, f'--mega_batch must be >= 0, got {self.mega_batch}')
+        require(self.sb_beta > 0 and self.sb_history > 0, '--sb_beta and --sb_history must be positive')
+        require(self.il_budget >= 0, f'--il_budget must be >= 0, got {self.il_budget}')
+        require(Path(self.il_out_dir).resolve() != Path(self.out_dir).resolve(), '--il_out_dir must differ from --out_dir')
+
+    def selection_sizes(self):
+        """(nB, nb): examples scored and examples trained per micro-batch."""
+        n_B = self.mega_batch or round(self.batch_size / self.select_frac)
+        return n_B, max(1, round(self.select_frac * n_B))
+
+
 def main(cfg):
-    signal.signal(signal.SIGTERM, train._interrupt)
     if cfg.method == 'sb':
         return train.train(cfg, SelectiveBackprop(cfg))
     if cfg.stage != 'train' and 'RANK' in os.environ:  # the precompute is one pass on one process

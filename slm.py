@@ -16,6 +16,7 @@ never changes. Excess-loss selection cannot be static: train_loss is the *curren
 token leaves the selection once it is learned (and may come back if forgotten); every step needs the
 trained model's forward on every token. So SLM saves no forward compute and the backward still runs
 through the whole network: it changes which tokens the gradient comes from, not what a step costs.
+The task (data/mathmix): prepare.py writes the corpora and held-out problems, fewshot.py scores them.
 
     python slm.py --quick=True          # ref, score, CLM and SLM, eval, compare: ~3 minutes on a CPU
     python slm.py                       # 5 arms (clm, excess, reference, train, random) x 3 seeds, ~25 min
@@ -23,98 +24,22 @@ through the whole network: it changes which tokens the gradient comes from, not 
 (On a busy CPU, OMP_NUM_THREADS=1 runs these small models several times faster.)
 """
 import dataclasses
-import hashlib
 import json
-import re
+import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import train
+from budget import t_interval
 from configurator import cli, require
-from data.loader import DATA_ROOT, Corpus, DataError, atomic_write_bytes, get_examples, num_examples, val_ids
+from data.loader import (DATA_ROOT, DataError, atomic_write_bytes, file_sha256, get_examples, num_examples)
+from data.mathmix.fewshot import clean_val, few_shot_eval, load_problems
 from data.mathmix.prepare import FAMILIES, NOISE_KINDS, PrepareConfig, prepare
-from model import GPT
-
-SELECT_BY = ('excess', 'reference', 'train', 'random')
-STAGES = ('all', 'ref', 'score', 'train', 'eval', 'compare', 'export', 'timing')
-
-
-@dataclass(frozen=True)
-class SLMConfig(train.TrainConfig):
-    out_dir: str = 'out/slm'        # the pipeline's root: ref/, <arm>_s<seed>/ runs, compare.md, compare_accuracy.png
-    n_layer: int = 2                # the small preset at 2 blocks: the CPU pipeline in ~25 minutes
-    block_size: int = 256           # room for a few-shot prompt
-    batch_size: int = 8
-    budget_unit: str = 'tokens'     # arms are compared at equal training tokens
-    budget: float = 1e6             # training tokens per run
-    eval_interval: int = 100
-    sample_tokens: int = 0
-    stage: str = 'all'              # all, ref, score, train, eval, compare, export, timing
-    quick: bool = False             # QUICK's values for the keys left at their default
-    k: float = 0.6                  # fraction of the batch's tokens trained on (paper: 0.6 math, 0.7 general)
-    select_by: str = 'excess'       # excess (Rho-1), reference (low ref_loss), train (high loss), random
-    ref_mode: str = 'cached'        # cached (ref_loss.bin, stage score) or online (a reference forward per step)
-    ref_budget: float = 2e6         # the reference model's budget (budget_unit), on the clean corpus
-    ref_ckpt: str = ''              # '' = <out_dir>/ref/ckpt.pt
-    mathmix_dir: str = ''           # '' = data/mathmix (prepared on first use)
-    arms: str = ''                  # stage all, a comma list: clm (k = 1) or a select_by at k; '' = ALL_ARMS
-    seeds: int = 0                  # stage all: seed, seed+1, ...; 0 = 3 (1 with --quick)
-    eval_problems: int = 60         # per family, final eval (eval.jsonl holds up to 60)
-    curve_problems: int = 20        # per family at each eval, for the accuracy-vs-tokens curve (0 = off)
-    max_new_tokens: int = 72        # greedy decode cap (solutions are 30-60 bytes); the prompt gets the rest
-    timing_iters: int = 40          # stage timing: steps per run
-
-    def __post_init__(self):
-        super().__post_init__()
-        require(self.stage in STAGES, f"--stage must be one of {', '.join(STAGES)}, got '{self.stage}'")
-        require(0 < self.k <= 1, f'--k must be in (0, 1], got {self.k}')
-        require(self.select_by in SELECT_BY, f"--select_by must be one of {', '.join(SELECT_BY)}")
-        require(self.ref_mode in ('cached', 'online'), "--ref_mode must be 'cached' or 'online'")
-        require(self.tokenizer == 'byte', "--tokenizer must be 'byte' (mathmix is byte-level)")
-        require(not self.arms or set(self.arms.split(',')) <= {'clm', *SELECT_BY}, f"--arms: a comma list of clm, {', '.join(SELECT_BY)}")
-        require(self.seeds >= 0 and min(self.ref_budget, self.eval_problems) > 0, '--seeds >= 0, --ref_budget, --eval_problems > 0')
-        require(self.model_dims()['block_size'] - self.max_new_tokens >= 32, '--block_size must exceed --max_new_tokens by 32')
-
-
-ALL_ARMS = 'clm,excess,reference,train,random'
-QUICK = dict(budget=4e5, ref_budget=4e5, eval_interval=25, curve_problems=10, n_embd=96, n_head=2, batch_size=16,
-             timing_iters=20)
-
-
-def resolve(cfg):
-    """--quick=True swaps in QUICK's values for the keys still at their default; then seeds and arms:
-    3 seeds of ALL_ARMS, or with --quick 1 seed of clm,excess, unless they were given."""
-    quick = {k: v for k, v in QUICK.items() if getattr(cfg, k) == getattr(SLMConfig, k)} if cfg.quick else {}
-    return dataclasses.replace(cfg, **quick, seeds=cfg.seeds or (1 if cfg.quick else 3),
-                               arms=cfg.arms or ('clm,excess' if cfg.quick else ALL_ARMS))
-
-
-@dataclass(frozen=True)
-class Paths:
-    root: Path        # out_dir
-    ref_ckpt: Path
-    ref_data: Path    # the clean corpus (its val split: clean target-domain val text)
-    train_data: Path  # the noisy corpus: train.bin, noise.bin, ref_loss.bin, ref_loss.json
-    eval_file: Path
-
-
-def get_paths(cfg):
-    data, root = Path(cfg.mathmix_dir) if cfg.mathmix_dir else DATA_ROOT / 'mathmix', Path(cfg.out_dir)
-    return Paths(root, Path(cfg.ref_ckpt) if cfg.ref_ckpt else root / 'ref' / 'ckpt.pt',
-                 data / 'ref' / 'byte', data / 'train' / 'byte', data / 'eval' / 'eval.jsonl')
-
-
-def arm_name(k, select_by):
-    return 'clm' if k == 1 else f'{select_by}_k{round(100 * k)}'
-
-
-def run_dir(cfg, paths):
-    return paths.root / f'{arm_name(cfg.k, cfg.select_by)}_s{cfg.seed}'
 
 
 # -----------------------------------------------------------------------------
@@ -154,15 +79,91 @@ def stream_positions(ids, T):
 
 
 # -----------------------------------------------------------------------------
+# the objective
+
+class SelectiveLM(train.CausalLM):
+    """SLM: forward every token, backpropagate the top k by select_by; log what gets selected. Its
+    val_loss is the clean target-domain val loss; each eval adds a point to <run>/curve.jsonl."""
+
+    def __init__(self, cfg, paths):
+        super().__init__(cfg.batch_size)
+        self.cfg, self.paths, self.k, self.select_by = cfg, paths, cfg.k, cfg.select_by
+        self.generator = torch.Generator().manual_seed(cfg.seed)             # select_by='random'
+        self.counts = torch.zeros(len(NOISE_KINDS), 2, dtype=torch.float64)  # per noise kind: seen, selected
+        self.curve_step = -1  # step of the last curve point written (-1: none yet, a fresh run starts the file)
+
+    def setup(self, ctx):
+        T = ctx.model.config.block_size
+        self.counts = self.counts.to(ctx.device)
+        self.noise = np.memmap(self.paths.train_data / 'noise.bin', dtype=np.uint8, mode='r')
+        if self.cfg.ref_mode == 'cached':
+            self.cache = load_cache(self.paths, T)
+        else:
+            self.ref_model = train.load_model(self.paths.ref_ckpt, ctx.device, self.cfg.compile_loss)
+        self.val_x, self.val_y = clean_val(self.paths.ref_data, T, self.cfg.eval_batches * self.cfg.batch_size)
+        self.problems = load_problems(self.paths.eval_file, self.cfg.curve_problems)
+        self.curve = ctx.out_dir / 'curve.jsonl' if ctx.rt.master else None
+
+    def reference_losses(self, x, y, ids, ctx):
+        if self.cfg.ref_mode == 'cached':  # costs no reference forward
+            return torch.from_numpy(self.cache[stream_positions(ids, x.size(1))].astype(np.float32)).to(x.device)
+        with torch.no_grad():
+            ref = self.ref_model(x, y)
+        ctx.charge_forward(len(x), self.ref_model.n_layer)
+        return ref
+
+    def __call__(self, model, data, ctx):
+        x, y, ids = data.next(self.batch_size)
+        losses = model(x, y)                                            # (B, T) train_loss
+        ref_loss = self.reference_losses(x, y, ids, ctx)                # (B, T)
+        mask = top_k_mask(selection_score(self.select_by, losses.detach(), ref_loss, self.generator), self.k)
+        return train.Step(slm_loss(losses, mask), len(x), self.selection_logs(losses.detach() - ref_loss, mask, ids))
+
+    def selection_logs(self, excess_loss, mask, ids):
+        logs = {'selected_frac': mask.mean(), 'excess_selected': slm_loss(excess_loss, mask)}
+        if self.k < 1:
+            logs['excess_unselected'] = slm_loss(excess_loss, 1 - mask)
+        if self.noise is not None:  # the generator knows which tokens are noise: how often each kind is kept
+            kinds = torch.from_numpy(self.noise[stream_positions(ids, mask.size(1))].astype(np.int64)).to(mask.device)
+            seen = torch.bincount(kinds.flatten(), minlength=len(NOISE_KINDS)).double()
+            kept = torch.bincount(kinds.flatten(), weights=mask.flatten().double(), minlength=len(NOISE_KINDS))
+            self.counts += torch.stack([seen, kept], 1)
+            logs['sel_clean'] = kept[0] / seen[0].clamp(min=1)
+            logs['sel_noise'] = kept[1:].sum() / seen[1:].sum().clamp(min=1)
+        return logs
+
+    def selection_rates(self):
+        """Selection rate per noise kind (and all noise) since the run began."""
+        c = self.counts.cpu()
+        rates = {name: float(c[i, 1] / c[i, 0]) for i, name in enumerate(NOISE_KINDS) if c[i, 0] > 0}
+        return rates | ({'all_noise': float(c[1:, 1].sum() / c[1:, 0].sum())} if c[1:, 0].sum() > 0 else {})
+
+    def evaluate(self, model, ctx):
+        val = ctx.evaluate(model, (self.val_x,), self.val_y)
+        if self.curve is not None:
+            point = {'step': ctx.step, 'tokens': ctx.spent['tokens'], 'val_loss_clean': val,
+                     'selection': self.selection_rates()}
+            if self.problems:
+                point.update(few_shot_eval(model, self.problems, ctx.rt, self.cfg.max_new_tokens)[0])
+            with open(self.curve, 'a' if self.curve_step >= 0 else 'w') as f:
+                f.write(json.dumps(point) + '\n')
+        self.curve_step = ctx.step
+        return val
+
+    def state_dict(self):  # the loop checkpoints right after an eval: 'step' is that eval's curve point
+        return {'generator': self.generator.get_state(), 'counts': self.counts.cpu(), 'step': self.curve_step,
+                'selection': self.selection_rates()}
+
+    def load_state_dict(self, state):
+        self.generator.set_state(state['generator'])
+        self.counts = state['counts'].to(self.counts.device)
+        self.curve_step = state['step']
+        if self.curve is not None:
+            train.trim_log(self.curve, self.curve_step)  # drop points written after the checkpoint
+
+
+# -----------------------------------------------------------------------------
 # reference losses: the cache and its sidecar
-
-def file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            h.update(block)
-    return h.hexdigest()[:16]
-
 
 def cache_identity(paths, block_size):
     """What a valid cache must agree with: the reference checkpoint, the token stream, tokenizer, shape."""
@@ -171,12 +172,6 @@ def cache_identity(paths, block_size):
     meta = json.loads((paths.train_data / 'meta.json').read_text())
     return {'ref_ckpt_sha256': file_sha256(paths.ref_ckpt), 'data_sha256': file_sha256(paths.train_data / 'train.bin'),
             'tokenizer': meta['tokenizer'], 'block_size': block_size, 'n_tokens': meta['counts']['train']['tokens']}
-
-
-def load_reference(path, device, compile_loss=True):
-    model = GPT.from_checkpoint(train.load_checkpoint(Path(path))).to(device).eval().requires_grad_(False)
-    model.compile_loss = compile_loss
-    return model
 
 
 @torch.no_grad()
@@ -195,7 +190,7 @@ def score_stream(model, tokens, rt, batch_size=64):
 def build_cache(cfg, paths):
     """Stage score: one no-grad pass of the reference model; ref_loss.bin first, the sidecar last."""
     rt = train.setup_device(cfg)
-    model = load_reference(paths.ref_ckpt, rt.device, cfg.compile_loss)
+    model = train.load_model(paths.ref_ckpt, rt.device, cfg.compile_loss)
     ref_loss = score_stream(model, np.memmap(paths.train_data / 'train.bin', dtype=np.uint16, mode='r'), rt)
     (paths.train_data / 'ref_loss.json').unlink(missing_ok=True)  # invalid until the sidecar is back
     atomic_write_bytes(paths.train_data / 'ref_loss.bin', ref_loss.tobytes())
@@ -223,199 +218,90 @@ def load_cache(paths, block_size):
 
 
 # -----------------------------------------------------------------------------
-# the objective
+# config: which stage reads which key
 
-class SelectiveLM(train.CausalLM):
-    """SLM: forward every token, backpropagate the top k by select_by; log what gets selected."""
-
-    def __init__(self, cfg, paths):
-        super().__init__(cfg.batch_size)
-        self.cfg, self.paths, self.k, self.select_by = cfg, paths, cfg.k, cfg.select_by
-        self.generator = torch.Generator().manual_seed(cfg.seed)             # select_by='random'
-        self.counts = torch.zeros(len(NOISE_KINDS), 2, dtype=torch.float64)  # per noise kind: seen, selected
-
-    def setup(self, trainer):
-        self.trainer, T, device = trainer, trainer.model.config.block_size, trainer.rt.device
-        self.counts = self.counts.to(device)
-        self.noise = np.memmap(self.paths.train_data / 'noise.bin', dtype=np.uint8, mode='r')
-        if self.cfg.ref_mode == 'cached':
-            self.cache = load_cache(self.paths, T)
-        else:
-            self.ref_model = load_reference(self.paths.ref_ckpt, device, self.cfg.compile_loss)
-        self.val_x, self.val_y = clean_val(self.paths, T, self.cfg.eval_batches * self.cfg.batch_size)
-        self.problems = load_problems(self.paths.eval_file, self.cfg.curve_problems)
-
-    def reference_losses(self, x, y, ids, budget):
-        if self.cfg.ref_mode == 'cached':  # costs no reference forward
-            return torch.from_numpy(self.cache[stream_positions(ids, x.size(1))].astype(np.float32)).to(x.device)
-        with torch.no_grad():
-            ref = self.ref_model(x, y)
-        budget.charge_forward(len(x), self.ref_model.n_layer)
-        return ref
-
-    def __call__(self, model, data, budget):
-        x, y, ids = data.next(self.batch_size)
-        losses = model(x, y)                                            # (B, T) train_loss
-        ref_loss = self.reference_losses(x, y, ids, budget)             # (B, T)
-        mask = top_k_mask(selection_score(self.select_by, losses.detach(), ref_loss, self.generator), self.k)
-        return train.Step(slm_loss(losses, mask), len(x), self.selection_logs(losses.detach() - ref_loss, mask, ids))
-
-    def selection_logs(self, excess_loss, mask, ids):
-        logs = {'selected_frac': mask.mean(), 'excess_selected': slm_loss(excess_loss, mask)}
-        if self.k < 1:
-            logs['excess_unselected'] = slm_loss(excess_loss, 1 - mask)
-        if self.noise is not None:  # the generator knows which tokens are noise: how often each kind is kept
-            kinds = torch.from_numpy(self.noise[stream_positions(ids, mask.size(1))].astype(np.int64)).to(mask.device)
-            seen = torch.bincount(kinds.flatten(), minlength=len(NOISE_KINDS)).double()
-            kept = torch.bincount(kinds.flatten(), weights=mask.flatten().double(), minlength=len(NOISE_KINDS))
-            self.counts += torch.stack([seen, kept], 1)
-            logs['sel_clean'] = kept[0] / seen[0].clamp(min=1)
-            logs['sel_noise'] = kept[1:].sum() / seen[1:].sum().clamp(min=1)
-        return logs
-
-    def selection_rates(self):
-        """Selection rate per noise kind (and all noise) since the run began."""
-        c = self.counts.cpu()
-        rates = {name: float(c[i, 1] / c[i, 0]) for i, name in enumerate(NOISE_KINDS) if c[i, 0] > 0}
-        return rates | ({'all_noise': float(c[1:, 1].sum() / c[1:, 0].sum())} if c[1:, 0].sum() > 0 else {})
-
-    def evaluate(self, model):
-        """The run's val_loss is the clean target-domain val loss; each eval adds a point to curve.jsonl."""
-        t = self.trainer
-        val = train.evaluate(model, self.val_x, self.val_y, self.batch_size, t.rt)
-        if t.rt.master:
-            point = {'step': t.iter_num, 'tokens': t.budget.spent['tokens'], 'val_loss_clean': val,
-                     'selection': self.selection_rates()}
-            if self.problems:
-                point.update(few_shot_eval(model, self.problems, t.rt, self.cfg.max_new_tokens)[0])
-            with open(t.out_dir / 'curve.jsonl', 'a') as f:
-                f.write(json.dumps(point) + '\n')
-        return val
-
-    def state_dict(self):
-        return {'generator': self.generator.get_state(), 'counts': self.counts.cpu(), 'step': self.trainer.iter_num,
-                'selection': self.selection_rates()}
-
-    def load_state_dict(self, state):
-        self.generator.set_state(state['generator'])
-        self.counts = state['counts'].to(self.counts.device)
-        train.trim_log(self.trainer.out_dir / 'curve.jsonl', state['step'])  # points after the checkpoint
+SELECT_BY = ('excess', 'reference', 'train', 'random')
+STAGES = ('all', 'ref', 'score', 'train', 'eval', 'compare', 'export', 'timing')
+ALL_ARMS = 'clm,excess,reference,train,random'
+# TrainConfig keys the reference run reads too (with ref_budget, ref_ckpt); it trains with TrainConfig's
+# defaults for the training recipe (optimizer, lr, schedule, arch, ...): TRAIN_KEYS are the arms' only.
+REF_KEYS = ('model', 'n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'dropout', 'seed', 'init_from', 'overwrite',
+            'batch_size', 'budget_unit', 'rst_table', 'eval_interval', 'eval_batches', 'log_interval',
+            'sample_tokens', 'device', 'dtype', 'compile', 'compile_loss', 'peak_flops')
+NOT_REF = ('out_dir', 'dataset', 'tokenizer', 'model_type', 'budget')  # the pipeline's, and the arms' budget
+TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(train.TrainConfig) if f.name not in REF_KEYS + NOT_REF)
 
 
-# -----------------------------------------------------------------------------
-# downstream eval: few-shot prompt, greedy decode, exact match on the answer line
+@dataclass(frozen=True)
+class SLMConfig(train.TrainConfig):
+    """Each key's comment starts with the stages that read it. Of TrainConfig's keys, REF_KEYS are read
+    by every stage that trains or loads a model, TRAIN_KEYS (optimizer, lr, schedule, arch, ...) only by
+    the stages that train arms (all, train, timing; any other stage refuses them), and --dataset is not
+    read: the data is --mathmix_dir's."""
+    QUICK: ClassVar[dict] = dict(budget=4e5, ref_budget=4e5, eval_interval=25, curve_problems=10, n_embd=96, n_head=2,
+                                 batch_size=16, timing_iters=20, seeds=1, arms='clm,excess')
+    out_dir: str = 'out/slm'        # every stage: the root: ref/, <arm>_s<seed>/ runs, compare.md, compare_accuracy.png
+    n_layer: int = 2                # ref, train: the small preset at 2 blocks: the CPU pipeline in ~25 minutes
+    block_size: int = 256           # ref, train: room for a few-shot prompt
+    batch_size: int = 8             # ref, train, eval (the eval's clean val set: eval_batches x batch_size)
+    budget_unit: str = 'tokens'     # ref, train: arms are compared at equal training tokens
+    budget: float = 1e6             # train: training tokens per arm (the reference's: ref_budget; other stages ignore it)
+    eval_interval: int = 100        # ref, train
+    sample_tokens: int = 0          # ref, train
+    stage: str = 'all'              # all (ref, eval it, score, train + eval each arm x seed, compare) or one of STAGES
+    quick: bool = False             # every stage: QUICK's values for the keys not given
+    k: float = 0.6                  # train, eval, export: fraction of the batch's tokens trained on (paper: 0.6 math)
+    select_by: str = 'excess'       # train, eval: excess (Rho-1), reference (low ref_loss), train (high loss), random
+    ref_mode: str = 'cached'        # train: cached (ref_loss.bin, stage score) or online (a reference forward per step)
+    ref_budget: float = 2e6         # ref: the reference model's budget (budget_unit), on the clean corpus
+    ref_ckpt: str = ''              # ref (writes its folder), score, train, export: '' = <out_dir>/ref/ckpt.pt
+    mathmix_dir: str = ''           # every stage but compare: '' = data/mathmix (prepared on first use)
+    arms: str = ALL_ARMS            # all: a comma list: clm (k = 1) or a select_by at k
+    seeds: int = 3                  # all: seed, seed+1, ...
+    eval_problems: int = 60         # eval: per family, final eval (eval.jsonl holds up to 60)
+    curve_problems: int = 20        # train: per family at each eval, for the accuracy-vs-tokens curve (0 = off)
+    max_new_tokens: int = 72        # train, eval: greedy decode cap (solutions are 30-60 bytes); the prompt gets the rest
+    timing_iters: int = 40          # timing: steps per run
 
-def parse_answer(text):
-    """The integer on the first 'Answer:' line, as a string; None when there is no such line or it
-    holds no clean integer. Malformed output is counted wrong; it never raises."""
-    for line in str(text).splitlines():
-        if line.strip().startswith('Answer:'):
-            m = re.fullmatch(r'Answer:\s*(-?\d{1,12})\.?', line.strip())
-            return str(int(m.group(1))) if m else None
-    return None
-
-
-def load_problems(path, per_family):
-    """The first per_family held-out problems of each family in eval.jsonl."""
-    if per_family <= 0:
-        return []
-    if not path.exists():
-        raise DataError(f'no eval problems at {path}: run `python data/mathmix/prepare.py`')
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line]
-    return [r for f in FAMILIES for r in [r for r in rows if r['family'] == f][:per_family]]
-
-
-def finished(gen):
-    """A generation (bytes) is done once a line after 'Answer:' has ended, or a blank line closed it."""
-    return gen.endswith(b'\n') and (b'\n\n' in gen or re.search(rb'Answer:[^\n]*\n', gen) is not None)
-
-
-@torch.no_grad()
-def decode_step(model, idx, cache, start):
-    """Last-position logits (B, V) of new tokens idx (B, t) at positions start.., attending to earlier
-    keys/values in cache {block: (k, v)}, which it extends: GPT's forward with a KV cache, valid while
-    positions stay below block_size (absolute position embeddings)."""
-    tr, (B, t) = model.transformer, idx.shape
-    x = tr.wte(idx) + tr.wpe(torch.arange(start, start + t, device=idx.device))   # (B, t, C)
-    C = x.size(-1)
-    for i in model.active_layers:
-        block, nh = tr.h[i], tr.h[i].attn.n_head
-        q, k, v = (z.view(B, t, nh, C // nh).transpose(1, 2) for z in block.attn.c_attn(block.ln_1(x)).split(C, dim=2))
-        if i in cache:
-            k, v = torch.cat([cache[i][0], k], 2), torch.cat([cache[i][1], v], 2)  # (B, nh, start + t, hs)
-        cache[i] = (k, v)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=start == 0)  # the prompt is causal; a new token sees all
-        x = x + block.attn.c_proj(y.transpose(1, 2).reshape(B, t, C))
-        x = x + block.mlp(block.ln_2(x))
-    return model.lm_head(tr.ln_f(x[:, -1]))
-
-
-@torch.no_grad()
-def greedy_decode(model, prompts, rt, max_new_tokens):
-    """Greedy continuations (bytes) of equal-length prompts (B, P), P + max_new_tokens <= block_size;
-    finished rows leave the batch."""
-    P, rows, gen, cache = prompts.size(1), list(range(len(prompts))), [bytearray() for _ in prompts], {}
-    with rt.autocast():
-        logits = decode_step(model, prompts.to(rt.device), cache, 0)
-    for pos in range(P, P + max_new_tokens):
-        nxt = logits.argmax(-1)
-        keep = [j for j, (r, token) in enumerate(zip(rows, nxt.tolist())) if not finished(gen[r] + bytes([token]))]
-        for r, token in zip(rows, nxt.tolist()):
-            gen[r].append(token)
-        if not keep or pos == P + max_new_tokens - 1:
-            break
-        keep_t = torch.tensor(keep, device=nxt.device)
-        rows, cache = [rows[j] for j in keep], {i: (k[keep_t], v[keep_t]) for i, (k, v) in cache.items()}
-        with rt.autocast():
-            logits = decode_step(model, nxt[keep_t, None], cache, pos)
-    return [bytes(g) for g in gen]
+    def __post_init__(self):
+        super().__post_init__()
+        require(self.stage in STAGES, f"--stage must be one of {', '.join(STAGES)}, got '{self.stage}'")
+        require(0 < self.k <= 1, f'--k must be in (0, 1], got {self.k}')
+        require(self.select_by in SELECT_BY, f"--select_by must be one of {', '.join(SELECT_BY)}")
+        require(self.ref_mode in ('cached', 'online'), "--ref_mode must be 'cached' or 'online'")
+        require(self.tokenizer == 'byte', "--tokenizer must be 'byte' (mathmix is byte-level)")
+        require(self.model_type == 'gpt', '--model_type must be gpt (SLM selects next-token losses)')
+        require(not self.branch_budgets, '--branch_budgets: slm.py runs no WSD branches')
+        require(set(self.arms.split(',')) <= {'clm', *SELECT_BY}, f"--arms: a comma list of clm, {', '.join(SELECT_BY)}")
+        require(self.seeds > 0 and min(self.ref_budget, self.eval_problems) > 0, '--seeds, --ref_budget, --eval_problems > 0')
+        require(self.model_dims()['block_size'] - self.max_new_tokens >= 32, '--block_size must exceed --max_new_tokens by 32')
+        base = {f.name: f.default for f in dataclasses.fields(self)} | (self.QUICK if self.quick else {})
+        stray = [f'--{key}' for key in TRAIN_KEYS if getattr(self, key) != base[key]]
+        require(self.stage in ('all', 'train', 'timing') or not stray,
+                f"{', '.join(stray)}: read only by the stages that train arms (all, train, timing), not --stage={self.stage}")
 
 
-@torch.no_grad()
-def solution_loss(model, problems, P, rt):
-    """Mean loss per byte of the gold worked solution and answer line after the prompt (teacher forced):
-    a smooth companion to exact match, for models too small to get many answers right."""
-    T, total, count = model.config.block_size, 0.0, 0
-    for p in problems:
-        gold = p['solution'].rstrip('\n').encode() + b'\n'
-        seq = torch.tensor(list((p['prompt'].encode()[-P:] + gold)[-(T + 1):]))
-        y = seq[1:].clone()
-        y[:len(y) - len(gold)] = -1                                     # score the gold completion only
-        with rt.autocast():
-            total += model(seq[None, :-1].to(rt.device), y[None].to(rt.device)).sum().item()
-        count += len(gold)
-    return total / count
+@dataclass(frozen=True)
+class Paths:
+    root: Path        # out_dir
+    ref_ckpt: Path
+    ref_data: Path    # the clean corpus (its val split: clean target-domain val text)
+    train_data: Path  # the noisy corpus: train.bin, noise.bin, ref_loss.bin, ref_loss.json
+    eval_file: Path
 
 
-def few_shot_eval(model, problems, rt, max_new_tokens, batch_size=64):
-    """Exact match per family and their mean, plus the gold solution's loss. A prompt (solved examples
-    of the family, then the held-out question) is cropped on the left, as training windows are, to
-    block_size - max_new_tokens bytes."""
-    was_training, P = model.training, model.config.block_size - max_new_tokens
-    model.eval()
-    prompts = [np.frombuffer(p['prompt'].encode(), dtype=np.uint8)[-P:].astype(np.int64) for p in problems]
-    outputs, by_length = [''] * len(problems), {}
-    for i, p in enumerate(prompts):
-        by_length.setdefault(len(p), []).append(i)
-    for members in by_length.values():
-        for s in range(0, len(members), batch_size):
-            part = members[s:s + batch_size]
-            for i, out in zip(part, greedy_decode(model, torch.from_numpy(np.stack([prompts[i] for i in part])), rt, max_new_tokens)):
-                outputs[i] = out.decode('utf-8', errors='replace')
-    correct = {}
-    for p, out in zip(problems, outputs):
-        correct.setdefault(p['family'], []).append(parse_answer(out) == p['answer'])
-    per_family = {f: sum(c) / len(c) for f, c in correct.items()}
-    result = {'accuracy': statistics.mean(per_family.values()), 'per_family': per_family,
-              'solution_loss': solution_loss(model, problems, P, rt)}
-    model.train(was_training)
-    return result, outputs
+def get_paths(cfg):
+    data, root = Path(cfg.mathmix_dir) if cfg.mathmix_dir else DATA_ROOT / 'mathmix', Path(cfg.out_dir)
+    return Paths(root, Path(cfg.ref_ckpt) if cfg.ref_ckpt else root / 'ref' / 'ckpt.pt',
+                 data / 'ref' / 'byte', data / 'train' / 'byte', data / 'eval' / 'eval.jsonl')
 
 
-def clean_val(paths, T, n):
-    """Fixed examples of the clean corpus's val split: target-domain text no run trains on."""
-    tokens = Corpus(paths.ref_data).splits['val']
-    return get_examples(tokens, val_ids(tokens, T, n), T)
+def arm_name(k, select_by):
+    return 'clm' if k == 1 else f'{select_by}_k{round(100 * k)}'
+
+
+def run_dir(cfg, paths):
+    return paths.root / f'{arm_name(cfg.k, cfg.select_by)}_s{cfg.seed}'
 
 
 # -----------------------------------------------------------------------------
@@ -431,9 +317,9 @@ def ensure_data(cfg, paths):
 
 
 def stage_ref(cfg, paths):
-    """The reference model: plain causal LM on the clean corpus, with the shared loop."""
-    return train.train(dataclasses.replace(cfg, out_dir=str(paths.ref_ckpt.parent), dataset=str(paths.ref_data),
-                                           budget=cfg.ref_budget))
+    """The reference model: plain causal LM on the clean corpus (REF_KEYS, ref_budget), with the shared loop."""
+    return train.train(train.TrainConfig(**{key: getattr(cfg, key) for key in REF_KEYS}, budget=cfg.ref_budget,
+                                         out_dir=str(paths.ref_ckpt.parent), dataset=str(paths.ref_data)))
 
 
 def stage_train(cfg, paths):
@@ -445,17 +331,16 @@ def stage_train(cfg, paths):
 def stage_eval(cfg, paths, folder=None):
     """Few-shot accuracy, solution loss and clean val loss of a run's checkpoint -> <run>/eval.json."""
     folder, rt = folder or run_dir(cfg, paths), train.setup_device(cfg)
-    ckpt = train.load_checkpoint(folder / 'ckpt.pt')
-    model = GPT.from_checkpoint(ckpt).to(rt.device)
-    model.compile_loss = cfg.compile_loss
+    ckpt = train.load_checkpoint(folder / 'ckpt.pt')  # its config and budget; the model is built once more below
+    model = train.load_model(folder / 'ckpt.pt', rt.device, cfg.compile_loss)
     problems = load_problems(paths.eval_file, cfg.eval_problems)
     result, outputs = few_shot_eval(model, problems, rt, cfg.max_new_tokens)
     run_cfg, spent = ckpt['config'], ckpt['budget']
+    val_x, val_y = clean_val(paths.ref_data, model.config.block_size, cfg.eval_batches * cfg.batch_size)
     out = {'run': folder.name, 'arm': 'ref (clean data)' if folder == paths.ref_ckpt.parent else
            arm_name(run_cfg['k'], run_cfg['select_by']), 'seed': run_cfg['seed'], 'tokens': spent['tokens'],
            'rst': spent['rst'], 'steps': ckpt['iter_num'], **result, 'n_problems': len(problems),
-           'val_loss_clean': train.evaluate(model, *clean_val(paths, model.config.block_size,
-                                                              cfg.eval_batches * cfg.batch_size), cfg.batch_size, rt),
+           'val_loss_clean': train.evaluate(model, (val_x,), val_y, cfg.batch_size, rt),
            'selection': ckpt['objective'].get('selection', {}),
            'examples': [{'question': p['question'], 'answer': p['answer'], 'output': o}
                         for p, o in zip(problems, outputs)][::max(1, len(problems) // 8)]}
@@ -488,7 +373,7 @@ def stage_all(cfg, paths):
 
 
 def stage_compare(cfg, paths):
-    """CLM vs SLM vs ablations: mean ± std over seeds of every eval.json under out_dir, and a plot."""
+    """CLM vs SLM vs ablations over every eval.json under out_dir: a table and a plot."""
     order = ALL_ARMS.split(',')  # clm, then SLM, then its ablations; the reference model last
     arms = {}
     for r in sorted((json.loads(p.read_text()) for p in paths.root.glob('*/eval.json')),
@@ -498,11 +383,11 @@ def stage_compare(cfg, paths):
         raise DataError(f'no eval.json under {paths.root}: run `python slm.py` (or --stage=eval) first')
 
     def cell(values, fmt='.3f'):
-        sd = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f'{statistics.mean(values):{fmt}} ± {sd:{fmt}}'
+        mean, half = t_interval(values)
+        return f'{mean:{fmt}}' + ('' if math.isnan(half) else f' ± {half:{fmt}}')  # one seed: no interval
 
     cols = ['arm', 'seeds', 'tokens', 'accuracy', *FAMILIES, 'solution loss', 'clean val loss', 'sel clean', 'sel noise']
-    lines = ['| ' + ' | '.join(cols) + ' |', '|' + '---|' * len(cols)]
+    lines = ['mean ± 95% CI half-width (t, over seeds)', '', '| ' + ' | '.join(cols) + ' |', '|' + '---|' * len(cols)]
     for arm, rs in arms.items():
         sel = [r['selection'] for r in rs]
         row = [arm, str(len(rs)), f"{statistics.mean(r['tokens'] for r in rs) / 1e6:.2f}M", cell([r['accuracy'] for r in rs]),
@@ -584,7 +469,6 @@ STAGE_FNS = {'all': stage_all, 'ref': stage_ref, 'score': build_cache, 'train': 
 
 
 def main(cfg):
-    cfg = resolve(cfg)
     paths = get_paths(cfg)
     if cfg.stage != 'compare':
         ensure_data(cfg, paths)

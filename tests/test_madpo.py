@@ -1,10 +1,12 @@
-"""madpo.py: the losses against hand computations and the issue's check values, the masks, the reward
-model's read position, the reference-log-prob cache, the KV-cache sampler, and a --quick end-to-end run."""
+"""madpo.py and data/reviews/pairs.py: the losses against hand computations and the issue's check values,
+the masks, the reward model's read position, the reference-log-prob cache, the sampler on model.generate's
+KV cache, the config's stage scoping, and a --quick end-to-end run."""
 import json
 import math
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,7 +17,9 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import madpo  # noqa: E402
-from configurator import ConfigError, UserError  # noqa: E402
+from configurator import ConfigError, UserError, parse  # noqa: E402
+from data.reviews import pairs as task  # noqa: E402
+from data.reviews.pairs import EOS, PAD  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 
@@ -25,9 +29,13 @@ def sigmoid(x):
 
 def tiny_gpt(seed=0, block_size=32):
     torch.manual_seed(seed)
-    model = GPT(GPTConfig(vocab_size=256, n_layer=2, n_head=2, n_embd=32, block_size=block_size))
-    model.compile_loss = False
+    model = GPT(GPTConfig(vocab_size=256, n_layer=2, n_head=2, n_embd=32, block_size=block_size, compile_loss=False))
     return model.eval()
+
+
+def ctx_for(tmp_path):
+    """The part of train.RunContext the objectives read outside the loop."""
+    return SimpleNamespace(device=torch.device('cpu'), out_dir=tmp_path, rt=SimpleNamespace(print=print))
 
 
 # ----- the losses -------------------------------------------------------------------------------------
@@ -38,6 +46,20 @@ def test_dpo_loss_check_values():
     assert got[0].item() == pytest.approx(0.598139, abs=1e-6)
     assert got[1].item() == pytest.approx(math.log(2), abs=1e-7)
     assert got[2].item() == pytest.approx(math.log(1 + math.exp(0.3)), abs=1e-6)
+
+
+def test_cdpo_by_hand_and_eps_0_is_dpo():
+    """-(1-eps) log sigmoid(beta h) - eps log sigmoid(-beta h) at beta 0.1, eps 0.1, h 2:
+    0.9 log(1 + e^-0.2) + 0.1 log(1 + e^0.2) = 0.598139 + 0.1 * 0.2."""
+    h = torch.tensor([2.0, 0.0, -3.0], dtype=torch.float64)
+    got = madpo.cdpo_loss(h, 0.1, 0.1)
+    assert got[0].item() == pytest.approx(0.9 * math.log(1 + math.exp(-0.2)) + 0.1 * math.log(1 + math.exp(0.2)), abs=1e-12)
+    assert got[0].item() == pytest.approx(0.618139, abs=1e-6)
+    assert got[1].item() == pytest.approx(math.log(2), abs=1e-12)          # h = 0: both terms log 2
+    assert got[2].item() == pytest.approx(0.9 * math.log(1 + math.exp(0.3)) + 0.1 * math.log(1 + math.exp(-0.3)), abs=1e-12)
+    assert torch.equal(madpo.cdpo_loss(h, 0.1, 0.0), madpo.dpo_loss(h, 0.1))
+    with pytest.raises(ConfigError, match='label_smoothing'):
+        madpo.MadpoConfig(label_smoothing=0.5)
 
 
 def test_ipo_summed_and_per_token_averaged():
@@ -145,15 +167,15 @@ def test_sequence_logps_count_only_the_continuation():
     g = torch.Generator().manual_seed(1)
     seq = torch.randint(1, 256, (3, 20), generator=g)
     lens = torch.tensor([4, 15, 1])
-    seq[0, P + 3] = madpo.EOS
-    seq[1, P + 6] = madpo.PAD                      # a 0 byte inside a continuation still counts
-    seq[0, P + 4:] = madpo.PAD
-    seq[2, P + 1:] = madpo.PAD
+    seq[0, P + 3] = EOS
+    seq[1, P + 6] = PAD                      # a 0 byte inside a continuation still counts
+    seq[0, P + 4:] = PAD
+    seq[2, P + 1:] = PAD
     got = madpo.sequence_logps(model, seq, P, lens)
     assert got.tolist() == pytest.approx(manual_logps(model, seq, P, lens), abs=1e-4)
     x, targets = madpo.continuation_targets(seq, P, lens)
     assert (targets[:, :P - 1] == -1).all() and (targets[0, P - 1:P + 3] == seq[0, P:P + 4]).all()
-    assert (targets[0, P + 3:] == -1).all() and targets[0, P + 2] == madpo.EOS
+    assert (targets[0, P + 3:] == -1).all() and targets[0, P + 2] == EOS
 
 
 def test_prompt_and_padding_tokens_do_not_count():
@@ -167,7 +189,7 @@ def test_prompt_and_padding_tokens_do_not_count():
     g = torch.Generator().manual_seed(2)
     seq = torch.randint(1, 256, (2, 16), generator=g)
     lens = torch.tensor([5, 8])
-    seq[0, P + 5:] = madpo.PAD
+    seq[0, P + 5:] = PAD
     base = madpo.sequence_logps(model, seq, P, lens)
     edited = seq.clone()
     edited[:, 1:P - 1] = (edited[:, 1:P - 1] + 7) % 256   # prompt tokens but the last
@@ -192,7 +214,7 @@ def test_reward_model_reads_the_last_real_token():
         want = [rm.head(h[i, P + int(lens[i]) - 1]).item() for i in range(3)]
         assert r.tolist() == pytest.approx(want, abs=1e-6)
         edited = seq.clone()
-        edited[0, P + 3:] = madpo.PAD                     # everything after the last real token
+        edited[0, P + 3:] = PAD                     # everything after the last real token
         edited[2, P + 6:] = 7
         assert torch.allclose(rm.rewards(model, edited, lens), r, atol=1e-6)
         edited[0, P + 2] = (edited[0, P + 2] + 1) % 256    # the last real token itself
@@ -211,22 +233,26 @@ def test_reward_model_mean_pools_the_continuation_only():
         want = [rm.head(h[i, P:P + int(lens[i])].mean(0)).item() for i in range(2)]
         assert r.tolist() == pytest.approx(want, abs=1e-6)
         edited = seq.clone()
-        edited[0, P + 3:] = madpo.PAD
+        edited[0, P + 3:] = PAD
         assert torch.allclose(rm.rewards(model, edited, lens), r, atol=1e-6)
 
 
-def test_kv_cache_sampler_matches_generate():
-    model, P, M = tiny_gpt(block_size=40), 6, 30
-    prompts = torch.randint(1, 256, (5, P), generator=torch.Generator().manual_seed(4))
-    full = model.generate(prompts, M, temperature=1.0, generator=torch.Generator().manual_seed(5))[:, P:]
-    conts, lens = madpo.sample(model, prompts, M, torch.Generator().manual_seed(5))
-    assert conts.shape == (5, M)
-    for i in range(5):
+def test_kv_cache_sampler_matches_full_recompute():
+    """task.sample (model.generate's KV cache, rows stopping at their eos) against generate recomputing the
+    whole prefix for every token with the same draws; the lengths and padding derived from its output."""
+    model, P, M, N = tiny_gpt(block_size=40), 6, 30, 40
+    prompts = torch.randint(1, 256, (N, P), generator=torch.Generator().manual_seed(4))
+    full = model.generate(prompts, M, temperature=1.0, generator=torch.Generator().manual_seed(5), use_cache=False,
+                          stop=lambda new: new[:, -1] == EOS, pad_id=PAD)[:, P:]
+    conts, lens = task.sample(model, prompts, M, torch.Generator().manual_seed(5))
+    assert conts.shape == (N, M)
+    assert 0 < int((lens < M).sum()) < N                                     # some rows stopped early, some did not
+    for i in range(N):
         n = int(lens[i])
         assert torch.equal(conts[i, :n], full[i, :n])
-        eos = (full[i] == madpo.EOS).nonzero()
+        eos = (full[i] == EOS).nonzero()
         assert n == (int(eos[0]) + 1 if len(eos) else M)
-        assert (conts[i, n:] == madpo.PAD).all()
+        assert (conts[i, n:] == PAD).all()
 
 
 def write_pairs(path, n=12, P=4, M=6, n_val=4, seed=0):
@@ -236,7 +262,7 @@ def write_pairs(path, n=12, P=4, M=6, n_val=4, seed=0):
     for k in ('chosen', 'rejected'):
         lens = torch.randint(1, M + 1, (n,), generator=g)
         conts = torch.randint(1, 256, (n, M), generator=g)
-        pairs[k] = torch.where(torch.arange(M) < lens[:, None], conts, madpo.PAD).to(torch.uint8)
+        pairs[k] = torch.where(torch.arange(M) < lens[:, None], conts, PAD).to(torch.uint8)
         pairs[f'{k}_len'], pairs[f'r_{k}'] = lens, torch.randn(n, generator=g)
     torch.save(pairs, path)
     return pairs
@@ -253,11 +279,10 @@ def test_reference_logps_cached_equal_recomputed(tmp_path):
     ref = tiny_gpt(seed=7, block_size=P + M)
     save_ckpt(ref, tmp_path / 'sft.pt')
     cfg = madpo.MadpoConfig(loss='dpo', prompt_len=P, max_new=M, block_size=P + M, pair_batch=4)
-    trainer = SimpleNamespace(rt=SimpleNamespace(device=torch.device('cpu')), out_dir=tmp_path)
 
     def setup():
         obj = madpo.PreferenceObjective(cfg, tmp_path / 'high.pt', tmp_path / 'sft.pt')
-        obj.setup(trainer)
+        obj.setup(ctx_for(tmp_path))
         return torch.cat([obj.ref_train, obj.ref_val])
     first = setup()
     cache = torch.load(tmp_path / 'high_ref_logps.pt', weights_only=True)
@@ -270,6 +295,60 @@ def test_reference_logps_cached_equal_recomputed(tmp_path):
     assert cached.tolist() == [pytest.approx(w, abs=1e-5) for w in want]
     save_ckpt(tiny_gpt(seed=8, block_size=P + M), tmp_path / 'sft.pt')   # another reference: not the cache
     assert not torch.allclose(setup(), first, atol=1e-3)
+
+
+def preference_objective(tmp_path, **overrides):
+    """A PreferenceObjective set up on random pairs, with a tiny GPT checkpoint as the reference."""
+    P, M = 4, 6
+    write_pairs(tmp_path / 'high.pt', P=P, M=M)
+    save_ckpt(tiny_gpt(seed=7, block_size=P + M), tmp_path / 'sft.pt')
+    cfg = madpo.MadpoConfig(**{'prompt_len': P, 'max_new': M, 'block_size': P + M, 'pair_batch': 4, **overrides})
+    obj = madpo.PreferenceObjective(cfg, tmp_path / 'high.pt', tmp_path / 'sft.pt', tmp_path / 'rm')
+    obj.setup(ctx_for(tmp_path))
+    return obj
+
+
+def test_cdpo_objective_smooths_the_labels(tmp_path):
+    obj = preference_objective(tmp_path, loss='cdpo', label_smoothing=0.2)
+    policy = tiny_gpt(seed=9, block_size=10)
+    state = obj.state_dict()
+    idx = obj.next_indices()
+    obj.load_state_dict(state)
+    step = obj(policy, None, ctx_for(tmp_path))
+    h = obj.margins_h(policy, obj.train_set[0][idx], obj.train_set[1][idx], obj.ref_train[idx])
+    assert step.loss.item() == pytest.approx(madpo.cdpo_loss(h, 0.1, 0.2).mean().item(), rel=1e-6)
+    assert step.loss.item() != pytest.approx(madpo.dpo_loss(h, 0.1).mean().item(), rel=1e-3)
+    assert step.examples == 8
+
+
+def test_madpo_reads_the_saved_reward_model(tmp_path):
+    """The rm stage's head.pt (head + the pooling it was trained with) and ckpt.pt give MADPO's weights."""
+    P, M = 4, 6
+    backbone = tiny_gpt(seed=11, block_size=P + M)
+    rm = madpo.RewardObjective(SimpleNamespace(pair_batch=2, prompt_len=P, seed=0, rm_pool='last'), 'unused.pt')
+    rm.head = torch.nn.Linear(32, 1)
+    (tmp_path / 'rm').mkdir()
+    save_ckpt(backbone, tmp_path / 'rm' / 'ckpt.pt')
+    torch.save({'head': rm.head.state_dict(), 'rm_pool': 'last'}, tmp_path / 'rm' / 'head.pt')
+    obj = preference_objective(tmp_path, loss='madpo', rm_pool='mean')    # the saved pooling wins
+    seq, lens = obj.train_set[:2]
+    want = madpo.madpo_weight(rm.margins(backbone, seq, lens), 4.0)
+    assert torch.allclose(obj.weights, want, atol=1e-6)
+    assert json.loads((tmp_path / 'madpo_weights.json').read_text())['mean'] == pytest.approx(want.mean().item(), rel=1e-5)
+    with pytest.raises(UserError, match='no finished reward model'):
+        preference_objective(tmp_path / 'rm', loss='madpo')
+
+
+@pytest.mark.parametrize('training', [False, True])
+def test_evaluate_keeps_the_model_mode(tmp_path, training):
+    """model.evaluating: the objectives' evals leave the model in the mode they found it in."""
+    obj = preference_objective(tmp_path, loss='dpo')
+    rm = madpo.RewardObjective(SimpleNamespace(pair_batch=2, prompt_len=4, seed=0, rm_pool='mean'), tmp_path / 'high.pt')
+    rm.setup(SimpleNamespace(device=torch.device('cpu'), model=tiny_gpt(), add_params=lambda params, weight_decay: None))
+    for objective in (obj, rm):
+        model = tiny_gpt(block_size=10).train(training)
+        assert math.isfinite(objective.evaluate(model, ctx_for(tmp_path)))
+        assert model.training == training
 
 
 def test_pair_order_resumes_exactly():
@@ -301,18 +380,35 @@ def test_bdpo_state_and_draws_resume_exactly():
         assert torch.equal(ka, kb) and ba == bb and torch.equal(la, lb)
 
 
-def test_config_refuses_dropout_and_short_blocks():
+def test_config_refuses_dropout_loop_keys_and_short_blocks():
+    """MadpoConfig holds only keys that apply to its stages: a loop key (dropout, arch, optimizer) is refused
+    by the configurator with one line, instead of silently applying to the sft, rm and po stages alike."""
     with pytest.raises(ConfigError, match='dropout'):
-        madpo.MadpoConfig(dropout=0.1)
+        parse(madpo.MadpoConfig, ['--dropout=0.1'])
+    for arg in ('--arch=drop', '--optimizer=sophiag', '--lr=1e-3'):
+        with pytest.raises(ConfigError, match=f'unknown config key {arg.split("=")[0]}'):
+            parse(madpo.MadpoConfig, [arg])
     with pytest.raises(ConfigError, match='block_size'):
         madpo.MadpoConfig(prompt_len=24, max_new=200, block_size=128)
+
+
+def test_each_stage_gets_its_own_train_config():
+    cfg = parse(madpo.MadpoConfig, ['--sft_lr=1e-3', '--po_lr=5e-5', '--rm_iters=7', '--loss=ipo', '--tier=low'])
+    sft, rm, po = (madpo.train_config(cfg, s) for s in ('sft', 'rm', 'po'))
+    assert (sft.lr, sft.budget, sft.batch_size, sft.init_from) == (1e-3, 2000, 32, 'scratch')
+    assert (rm.lr, rm.budget, rm.batch_size, rm.init_from) == (3e-4, 7, 16, str(Path('out/madpo/seed0/sft/ckpt.pt')))
+    assert (po.lr, po.out_dir) == (5e-5, str(Path('out/madpo/seed0/po_ipo_low')))
+    assert all(c.arch == 'full' and c.optimizer == 'adamw' and c.dropout == 0 for c in (sft, rm, po))
+    assert madpo.train_config(replace(cfg, init_from='resume'), 'po').init_from == 'resume'
+    quick = parse(madpo.MadpoConfig, ['--quick=True', '--po_iters=60'])      # the one --quick mechanism
+    assert (quick.sft_iters, quick.rm_iters, quick.po_iters) == (1500, 150, 60)
 
 
 def test_missing_vader_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, 'vaderSentiment', None)
     monkeypatch.setitem(sys.modules, 'vaderSentiment.vaderSentiment', None)
     with pytest.raises(UserError, match='pip install vaderSentiment'):
-        madpo.get_scorer('vader')
+        task.get_scorer('vader')
 
 
 # ----- end to end -----------------------------------------------------------------------------------
@@ -327,7 +423,7 @@ def test_quick_end_to_end_dpo_beats_sft(tmp_path):
                    cwd=ROOT, env=env, check=True, capture_output=True)
     out = tmp_path / 'run'
     args = [f'--out_dir={out}', f'--dataset={corpus}', '--quick=True', '--threads=1', "--losses=('dpo',)", "--tiers=('high',)",
-            '--budget=700', '--batch_size=16', '--n_pairs=400', '--val_pairs=50', '--n_eval=200', '--rm_iters=20',
+            '--sft_iters=700', '--sft_batch_size=16', '--n_pairs=400', '--val_pairs=50', '--n_eval=200', '--rm_iters=20',
             '--po_iters=60', '--po_lr=3e-4', '--log_interval=100']
     proc = subprocess.run([sys.executable, 'madpo.py', *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

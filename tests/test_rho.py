@@ -51,6 +51,14 @@ class RowLoss(torch.nn.Module):
         return x.float() * self.w
 
 
+def context(model, budget, tokens=None, world_size=1):
+    """A real RunContext over the few trainer pieces an objective reads (model, budget, rt, the train split)."""
+    trainer = SimpleNamespace(cfg=None, rt=train.Runtime(torch.device('cpu'), torch.float32, 0, world_size),
+                              out_dir=None, corpus=SimpleNamespace(splits={'train': tokens}), model=model,
+                              budget=budget, building=False)
+    return train.RunContext(trainer)
+
+
 class FixedBatch:
     def __init__(self, x, ids):
         self.x, self.ids = x, ids
@@ -60,14 +68,14 @@ class FixedBatch:
         return self.x, self.x, self.ids
 
 
-def rho_objective(losses, il_by_example, ks, n_b, block=4):
+def rho_objective(losses, il_by_example, ks, n_b, budget, block=4, world_size=1):
     """A RhoLoss over one constructed mega-batch (nB = its size): row i has loss losses[i], id ks[i] * block."""
     obj = rho.RhoLoss(rho.RhoConfig(batch_size=n_b))
     obj.n_B, obj.n_b = len(losses), n_b
-    obj.model, obj.world_size, obj.block_size = RowLoss(block), 1, block  # what setup() would set
+    obj.block_size = block  # what setup() would set
     obj.irreducible_loss = torch.tensor(il_by_example, dtype=torch.float32)
     data = FixedBatch(torch.tensor(losses)[:, None].repeat(1, block), torch.tensor(ks) * block)
-    return obj, data
+    return obj, data, context(RowLoss(block), budget, world_size=world_size)
 
 
 def test_rho_selects_top_nb_by_reducible_loss_ties_to_earlier():
@@ -76,10 +84,10 @@ def test_rho_selects_top_nb_by_reducible_loss_ties_to_earlier():
     il_by_k = [1, 0, 0, 1, 1, 3, 8, 3]               # IL loss of example k
     il = [il_by_k[k] for k in ks]                    # [3, 0, 3, 1, 1, 8, 0, 1]
     # reducible = [0, 1, 1, 0, 4, 1, 2, 5] -> 5 (row 7), 4 (row 4), 2 (row 6), then of the tied 1s row 1
-    obj, data = rho_objective(losses, il_by_k, ks, n_b=4)
     budget = budget_lib.Budget('iters', 10, TABLE, lambda L: 1.0, 4, 8)
-    step = obj(obj.model, data, budget)
-    (score_mode, score_grad, _), (train_mode, train_grad, trained) = obj.model.calls
+    obj, data, ctx = rho_objective(losses, il_by_k, ks, n_b=4, budget=budget)
+    step = obj(ctx.model, data, ctx)
+    (score_mode, score_grad, _), (train_mode, train_grad, trained) = ctx.model.calls
     assert (score_mode, score_grad) == (False, False) and (train_mode, train_grad) == (True, True)
     assert trained.tolist() == [losses[i] for i in (7, 4, 6, 1)]
     assert step.examples == 4 and step.loss.item() == pytest.approx((6 + 5 + 2 + 1) / 4)
@@ -92,10 +100,12 @@ def test_rho_selects_top_nb_by_reducible_loss_ties_to_earlier():
 
 def test_rho_with_zero_il_is_highest_loss_selection():
     losses = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3]
-    obj, data = rho_objective(losses, [0.0] * 10, list(range(10)), n_b=4)
-    step = obj(obj.model, data, budget_lib.Budget('iters', 10, None, lambda L: 1.0, 4, 8))
-    assert obj.model.calls[1][2].tolist() == [9, 6, 5, 5]  # rows 5, 7, 4, 8: the tie 5/5 in row order
+    budget = budget_lib.Budget('iters', 10, None, lambda L: 1.0, 4, 8)
+    obj, data, ctx = rho_objective(losses, [0.0] * 10, list(range(10)), n_b=4, budget=budget, world_size=2)
+    step = obj(ctx.model, data, ctx)
+    assert ctx.model.calls[1][2].tolist() == [9, 6, 5, 5]  # rows 5, 7, 4, 8: the tie 5/5 in row order
     assert step.examples == 4
+    assert budget.spent['scored_examples'] == 2 * 10  # the context charges every rank's scoring pass
 
 
 def test_selection_sizes():
@@ -103,7 +113,8 @@ def test_selection_sizes():
     assert rho.RhoConfig(batch_size=32, select_frac=0.1).selection_sizes() == (320, 32)
     assert rho.RhoConfig(batch_size=8, mega_batch=10, select_frac=0.3).selection_sizes() == (10, 3)
     for bad in ({'select_frac': 0.0}, {'holdout_frac': 1.0}, {'method': 'sb', 'stage': 'il'}, {'sb_beta': 0.0},
-                {'method': 'rhoo'}, {'il_out_dir': 'out/rho'}):
+                {'method': 'rhoo'}, {'il_out_dir': 'out/rho'}, {'optimizer': 'lion'}, {'stage': 'il', 'optimizer': 'sophiag'},
+                {'model_type': 't5', 'model': 't5-tiny'}, {'schedule': 'wsd', 'branch_budgets': (1, 2)}):
         with pytest.raises(ConfigError):
             rho.RhoConfig(**bad)
 
@@ -117,25 +128,29 @@ def test_sb_keep_prob_hand_computed():
     assert sb.history.tolist() == [3.0, 4.0, 2.5, 10.0]
 
 
-def sb_on_random_losses(beta, seed=0, n_examples=40_000, block=4, batch_size=8):
+def sb_on_random_losses(beta, budget, seed=0, n_examples=40_000, block=4, batch_size=8):
     """A SelectiveBackprop over a random token stream whose tokens are the losses (RowLoss)."""
     g = np.random.default_rng(0)
     tokens = g.integers(0, 1_000_000, n_examples * block + 1)
     sb = rho.SelectiveBackprop(rho.RhoConfig(batch_size=batch_size, sb_beta=beta, seed=seed))
-    batches = Batches(tokens, block, seed)
-    model = RowLoss(block)
-    sb.setup(SimpleNamespace(rt=SimpleNamespace(world_size=1, device=torch.device('cpu')), model=model,
-                             data=SimpleNamespace(batches=batches)))
-    return sb, train.DataSource(batches, torch.device('cpu')), model
+    ctx = context(RowLoss(block), budget, tokens)
+    sb.setup(ctx)
+    return sb, train.DataSource(Batches(tokens, block, seed), torch.device('cpu')), ctx
+
+
+def test_sb_refuses_ddp():
+    sb = rho.SelectiveBackprop(rho.RhoConfig(method='sb'))
+    with pytest.raises(UserError, match='one process'):
+        sb.setup(context(RowLoss(), None, world_size=2))
 
 
 @pytest.mark.parametrize('beta, want', [(1.0, 1 / 2), (2.0, 1 / 3)])
 def test_sb_long_run_kept_fraction(beta, want):
-    sb, data, model = sb_on_random_losses(beta)
     budget = budget_lib.Budget('iters', 1e9, TABLE, lambda L: 1.0, 4, 8)
-    trained, above = 0, 0
+    sb, data, ctx = sb_on_random_losses(beta, budget)
+    model, trained, above = ctx.model, 0, 0
     while budget.spent['scored_examples'] < 10_000:
-        step = sb(model, data, budget)
+        step = sb(model, data, ctx)
         trained += step.examples
         above += float(step.logs['loss_selected']) > float(step.logs['loss_scored'])
         assert step.examples == 8 and model.calls[-1][:2] == (True, True)
@@ -145,30 +160,30 @@ def test_sb_long_run_kept_fraction(beta, want):
     assert above > 0.8 * trained / 8  # the kept examples are the high-loss ones
 
 
-def trained_rows(sb, data, model, budget, n_steps):
+def trained_rows(sb, data, ctx, n_steps):
     rows = []
     for _ in range(n_steps):
-        sb(model, data, budget)
-        rows.append(model.calls[-1][2].tolist())
+        sb(ctx.model, data, ctx)
+        rows.append(ctx.model.calls[-1][2].tolist())
     return rows
 
 
 def test_sb_state_round_trip_resumes_exactly():
-    sb, data, model = sb_on_random_losses(1.0, seed=3)
     budget = budget_lib.Budget('iters', 1e9, None, lambda L: 1.0, 4, 8)
+    sb, data, ctx = sb_on_random_losses(1.0, budget, seed=3)
     for _ in range(6):
-        sb(model, data, budget)
+        sb(ctx.model, data, ctx)
     buf = io.BytesIO()
     torch.save({'objective': sb.state_dict(), 'data': data.batches.state_dict()}, buf)
     assert sb.buffer_ids  # something to carry over (else the test proves less)
-    want = trained_rows(sb, data, model, budget, 5)
+    want = trained_rows(sb, data, ctx, 5)
     buf.seek(0)
     state = torch.load(buf, weights_only=True)
-    sb2, data2, model2 = sb_on_random_losses(1.0, seed=3)  # fresh: history, buffer and generator from the state
+    sb2, data2, ctx2 = sb_on_random_losses(1.0, budget, seed=3)  # fresh: history, buffer and generator from the state
     sb2.load_state_dict(state['objective'])
     data2.batches.load_state_dict(state['data'])
-    assert trained_rows(sb2, data2, model2, budget, 5) == want
-    assert trained_rows(sb_on_random_losses(1.0, seed=3)[0], data2, model2, budget, 5) != want  # state matters
+    assert trained_rows(sb2, data2, ctx2, 5) == want
+    assert trained_rows(sb_on_random_losses(1.0, budget, seed=3)[0], data2, ctx2, 5) != want  # state matters
 
 
 def test_holdout_split_is_fixed_and_disjoint():
@@ -286,10 +301,16 @@ def test_stale_cache_is_refused(runs, tmp_path):
     assert not (tmp_path / 'rho' / 'ckpt.pt').exists()
 
 
+def target_cfg(runs, out_dir, **kw):
+    """A RHO-LOSS target run of a few steps on the fixture's IL cache, for the real train.Trainer."""
+    base = dict(dataset=str(runs.corpus), model='tiny', batch_size=8, compile_loss=False, sample_tokens=0,
+                eval_batches=4, eval_interval=1000, log_interval=1, peak_flops=1e12, budget_unit='iters',
+                budget=2, out_dir=str(out_dir), il_out_dir=str(runs.il), stage='train', charge_il=True)
+    return rho.RhoConfig(**{**base, **kw})
+
+
 def test_charge_il_adds_il_costs_and_target_never_sees_holdout(runs, tmp_path):
-    cfg = rho.RhoConfig(dataset=str(runs.corpus), model='tiny', batch_size=8, compile_loss=False, sample_tokens=0,
-                        eval_batches=4, eval_interval=1000, log_interval=1, peak_flops=1e12, budget_unit='iters',
-                        budget=2, out_dir=str(tmp_path / 'run'), il_out_dir=str(runs.il), stage='train', charge_il=True)
+    cfg = target_cfg(runs, tmp_path / 'run')
     trainer = train.Trainer(cfg, rho.RhoLoss(cfg))
     n = num_examples(trainer.corpus.splits['train'], T)
     assert torch.equal(trainer.data.batches.examples, torch.from_numpy(rho.split_examples(n, 0.2)[0]))
@@ -299,3 +320,58 @@ def test_charge_il_adds_il_costs_and_target_never_sees_holdout(runs, tmp_path):
     assert spent['rst'] == pytest.approx(il_rst + 2 * (16 / 8 * FWD + FWD_BWD + OPT), rel=1e-9)
     assert spent['tokens'] == info['il_train']['tokens'] + 2 * 8 * T
     assert read_log(tmp_path / 'run')[0]['il_charged'] is True
+
+
+class StopRho(rho.RhoLoss):
+    """RhoLoss, but Ctrl-C arrives when step `steps` + 1 asks for its batch."""
+
+    def __init__(self, cfg, steps):
+        super().__init__(cfg)
+        self.steps, self.calls = steps, 0
+
+    def __call__(self, model, data, ctx):
+        if self.calls == self.steps:
+            raise KeyboardInterrupt
+        self.calls += 1
+        return super().__call__(model, data, ctx)
+
+
+def test_resume_restores_the_restricted_order_and_charges_il_once(runs, tmp_path):
+    """Interrupted after 2 of 4 steps and resumed == uninterrupted, bit for bit: the resumed stream draws
+    the same non-holdout examples from where it stopped (setup only asks; the loop restores the position
+    after building the restricted stream), and the IL costs and record come from the fresh run only."""
+    whole = target_cfg(runs, tmp_path / 'whole', budget=4)
+    want = train.Trainer(whole, rho.RhoLoss(whole)).run()
+    part = dataclasses.replace(whole, out_dir=str(tmp_path / 'part'))
+    assert train.Trainer(part, StopRho(part, 2)).run()['interrupted']
+    part = dataclasses.replace(part, init_from='resume')
+    got = train.Trainer(part, rho.RhoLoss(part)).run()
+    a, b = (torch.load(tmp_path / run / 'ckpt.pt', weights_only=True) for run in ('whole', 'part'))
+    assert a['data'] == b['data'] and a['iter_num'] == b['iter_num'] == 4
+    assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
+    for unit in ('rst', 'tokens', 'flops', 'scored_examples', 'iters'):  # wall differs: it is measured
+        assert got['spent'][unit] == want['spent'][unit], unit
+    info = json.loads((runs.cache / 'il_loss.json').read_text())
+    assert got['spent']['tokens'] == info['il_train']['tokens'] + 4 * 8 * T  # IL tokens charged once
+    assert [r['il_charged'] for r in read_log(tmp_path / 'part') if 'il_charged' in r] == [True]
+
+
+def test_il_model_is_a_full_depth_adamw_baseline(runs, tmp_path):
+    """The target run's --arch keys never reach the IL model, and a non-AdamW --optimizer is refused in one
+    line where the IL model would train (before issue 15 both silently applied to the IL model too)."""
+    il = tmp_path / 'il'
+    out = run_script('rho.py', *flags(runs.corpus, out_dir=tmp_path / 'rho', il_out_dir=il, il_cache=tmp_path / 'cache',
+                                      stage='il', arch='drop', theta_bar=0.1, budget_unit='iters', budget=3),
+                     env=ONE_THREAD)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    config = json.loads((il / 'config.json').read_text())['config']
+    assert (config['arch'], config['theta_bar'], config['optimizer'], config['label']) == ('full', 0.5, 'adamw', 'rho_il')
+    assert all(r['active_layers'] == 2 for r in read_log(il) if 'train_loss' in r)
+    assert (tmp_path / 'cache' / 'il_loss.json').exists()
+    out = run_script('rho.py', *flags(runs.corpus, out_dir=tmp_path / 'rho', il_out_dir=tmp_path / 'il2',
+                                      optimizer='lion'), env=ONE_THREAD)
+    assert out.returncode == 2 and out.stderr.count('\n') == 1 and '--stage=il' in out.stderr, out.stderr
+    assert not (tmp_path / 'il2').exists() and not (tmp_path / 'rho').exists()
+    # the target run takes them: --stage=train with another optimizer and layer dropping
+    cfg = target_cfg(runs, tmp_path / 'lion_drop', optimizer='lion', arch='drop', theta_bar=0.1)
+    assert train.Trainer(cfg, rho.RhoLoss(cfg)).run()['steps'] == 2

@@ -1,8 +1,10 @@
 """slm.py (Rho-1 SLM) and data/mathmix: selection and loss against hand computations, the reference-loss
-cache against direct recomputation, the answer parser, the data's held-out split, a --quick pipeline."""
+cache against direct recomputation, the answer parser and decoder (data/mathmix/fewshot.py), the data's
+held-out split, config scoping, an interrupted run's resume, a --quick pipeline."""
 import dataclasses
 import json
 import re
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,8 +14,9 @@ import slm
 import train
 from budget import Budget
 from conftest import run_script
-from configurator import ConfigError
+from configurator import ConfigError, parse
 from data.loader import DataError, get_examples, num_examples
+from data.mathmix import fewshot
 from data.mathmix.prepare import BOILERPLATE, CLEAN, PROSE, PrepareConfig, prepare
 from model import GPT, GPTConfig
 
@@ -36,14 +39,18 @@ def slm_cfg(mathmix, out_dir, **kw):
 
 def random_gpt(seed):
     torch.manual_seed(seed)
-    model = GPT(GPTConfig(block_size=T, vocab_size=256, n_layer=2, n_head=2, n_embd=32))
-    model.compile_loss = False
-    return model
+    return GPT(GPTConfig(block_size=T, vocab_size=256, n_layer=2, n_head=2, n_embd=32, compile_loss=False))
 
 
 def save_ref(model, path):
     path.parent.mkdir(parents=True, exist_ok=True)
     train.save_checkpoint(path, {'model': model.state_dict(), 'model_args': dataclasses.asdict(model.config)})
+
+
+def run_context(budget):
+    """The loop's RunContext over a stand-in trainer that holds only a budget (CPU, one rank)."""
+    rt = train.setup_device(train.TrainConfig(device='cpu'))
+    return train.RunContext(SimpleNamespace(cfg=None, rt=rt, out_dir=None, corpus=None, model=None, budget=budget))
 
 
 class FixedData:
@@ -102,7 +109,7 @@ def objective_on(cfg, paths, model, x, y, ids, cache):
     obj = slm.SelectiveLM(cfg, paths)
     obj.noise, obj.cache = None, cache
     budget = Budget('iters', 10, None, lambda L: 1.0, x.size(1), len(x))
-    return obj(model, FixedData(x, y, ids), budget)
+    return obj(model, FixedData(x, y, ids), run_context(budget))
 
 
 def test_k_100_equals_plain_causal_lm(mathmix, tmp_path):
@@ -176,7 +183,7 @@ def test_cache_lines_up_with_the_token_stream_and_a_stale_cache_is_refused(mathm
     obj.ref_model = ref
     x, y = get_examples(tokens, [7 * T], T)
     budget = Budget('iters', 10, None, lambda L: 1.0, T, 1)
-    online = obj.reference_losses(x, y, torch.tensor([7 * T]), budget)
+    online = obj.reference_losses(x, y, torch.tensor([7 * T]), run_context(budget))
     assert np.allclose(online.numpy()[0], cache[7 * T + 1:8 * T + 1].astype(np.float32), atol=2e-3)
     assert budget.spent['scored_examples'] == 1  # charged as one forward-only pass
     # stale: another reference checkpoint, other data, another block size
@@ -219,20 +226,29 @@ def test_cache_lines_up_with_the_token_stream_and_a_stale_cache_is_refused(mathm
     (None, None),
 ])
 def test_parse_answer(text, answer):
-    assert slm.parse_answer(text) == answer
+    assert fewshot.parse_answer(text) == answer
 
 
-def test_greedy_decode_with_kv_cache_equals_full_recompute():
+@pytest.mark.parametrize('stops', [False, True])
+def test_greedy_completions_through_the_kv_cache_equal_full_recompute(monkeypatch, stops):
+    """fewshot's decoding (model.generate with a stop rule, finished rows padded with -1) against argmax
+    over the whole prefix at every step. stops=True: a stand-in rule that ends rows at different lengths
+    (a random model rarely writes a finished answer), so rows leave the batch."""
+    if stops:
+        monkeypatch.setattr(fewshot, 'finished', lambda gen: len(gen) >= 3 + 5 * (gen[0] % 4))
     model = random_gpt(3).eval()
-    prompts = torch.randint(0, 256, (3, 40), generator=torch.Generator().manual_seed(4))
+    prompts = torch.randint(0, 256, (6, 40), generator=torch.Generator().manual_seed(4))
     rt = train.setup_device(train.TrainConfig(device='cpu'))
-    got = slm.greedy_decode(model, prompts, rt, 20)
+    got = fewshot.greedy_completions(model, prompts, rt, 20)
     idx = prompts.clone()
     with torch.no_grad():
         for _ in range(20):
             idx = torch.cat([idx, model(idx)[:, -1].argmax(-1, keepdim=True)], 1)
     for row, out in zip(idx, got):  # a row stops early only once its text says it is finished
-        assert out == bytes(row[40:40 + len(out)].tolist()) and (len(out) == 20 or slm.finished(out))
+        assert out == bytes(row[40:40 + len(out)].tolist()) and (len(out) == 20 or fewshot.finished(out))
+        assert not any(fewshot.finished(out[:t]) for t in range(1, len(out)))  # and not later
+    if stops:
+        assert len({len(out) for out in got}) > 1
 
 
 # ----- the data ---------------------------------------------------------------------------------------
@@ -259,12 +275,68 @@ def test_mathmix_noise_mask_and_held_out_problems(mathmix):
 
 def test_config_refuses_bad_values():
     for bad in (dict(k=0.0), dict(k=1.5), dict(select_by='loss'), dict(ref_mode='lazy'), dict(arms='clm,foo'),
-                dict(block_size=64, max_new_tokens=40)):
+                dict(block_size=64, max_new_tokens=40), dict(seeds=0), dict(model_type='t5'),
+                dict(schedule='wsd', branch_budgets=(1, 2))):
         with pytest.raises(ConfigError):
             slm.SLMConfig(**bad)
 
 
+def test_a_stage_gets_only_its_keys(monkeypatch, tmp_path):
+    # a training-recipe key on a stage that trains no arm is refused in one line
+    for stage in ('ref', 'score', 'eval', 'compare', 'export'):
+        with pytest.raises(ConfigError, match=f'--arch, --lr: read only by the stages that train arms.*--stage={stage}'):
+            slm.SLMConfig(stage=stage, lr=1e-3, arch='drop')
+    slm.SLMConfig(stage='train', lr=1e-3, arch='drop')
+    slm.SLMConfig(stage='ref', budget=5e5, n_embd=48)  # budget: the arms', ignored here (documented)
+    # the reference run: the shape and run keys, ref_budget, the clean corpus; TrainConfig's recipe
+    runs = []
+    monkeypatch.setattr(train, 'train', lambda cfg, objective=None: runs.append((cfg, objective)))
+    cfg = slm.SLMConfig(out_dir=str(tmp_path), lr=1e-3, arch='drop', optimizer='lion', n_embd=48, ref_budget=3e5)
+    slm.stage_ref(cfg, slm.get_paths(cfg))
+    (ref, objective), = runs
+    assert type(ref) is train.TrainConfig and objective is None
+    assert (ref.lr, ref.arch, ref.optimizer) == (train.TrainConfig.lr, 'full', 'adamw')
+    assert (ref.n_embd, ref.n_layer, ref.block_size, ref.batch_size) == (48, cfg.n_layer, cfg.block_size, cfg.batch_size)
+    assert (ref.budget, ref.budget_unit, ref.out_dir) == (3e5, 'tokens', str(tmp_path / 'ref'))
+    assert ref.dataset == str(slm.get_paths(cfg).ref_data)
+
+
 # ----- end to end -------------------------------------------------------------------------------------
+
+class CutAt(slm.SelectiveLM):
+    """SLM, but Ctrl-C arrives when the loop asks for step `cut` + 1's batch."""
+    cut = None
+
+    def __call__(self, model, data, ctx):
+        if ctx.step == self.cut:
+            raise KeyboardInterrupt
+        return super().__call__(model, data, ctx)
+
+
+def test_resume_trims_the_accuracy_curve_and_continues_it_exactly(mathmix, tmp_path):
+    """Online reference (charged per step), an eval every 2 steps with the few-shot curve; Ctrl-C after
+    step 5 (its eval is saved), a curve point that a kill between eval and checkpoint leaves behind,
+    then a resume: that point is dropped, and the rest matches the uninterrupted run."""
+    cfg = slm_cfg(mathmix, tmp_path, ref_mode='online', budget_unit='iters', budget=8, eval_interval=2,
+                  curve_problems=1, sample_tokens=0, stage='train')
+    paths = slm.get_paths(cfg)
+    save_ref(random_gpt(5), paths.ref_ckpt)
+    make = lambda name, **kw: dataclasses.replace(cfg, out_dir=str(tmp_path / name), dataset=str(paths.train_data), **kw)  # noqa: E731
+    full = train.train(make('full'), slm.SelectiveLM(make('full'), paths))
+    assert full['spent']['scored_examples'] == 8 * cfg.batch_size  # one reference forward per trained example
+    CutAt.cut = 5
+    assert train.train(make('cut'), CutAt(make('cut'), paths))['interrupted']
+    curve = tmp_path / 'cut' / 'curve.jsonl'
+    with open(curve, 'a') as f:
+        f.write(json.dumps({'step': 6, 'stale': True}) + '\n')
+    resumed = train.train(make('cut', init_from='resume'), slm.SelectiveLM(make('cut', init_from='resume'), paths))
+    assert resumed['val_loss'] == full['val_loss']
+    read = lambda name: [json.loads(line) for line in (tmp_path / name / 'curve.jsonl').read_text().splitlines()]  # noqa: E731
+    got, want = read('cut'), read('full')
+    assert [p['step'] for p in got] == [2, 4, 5, 6, 8] and [p['step'] for p in want] == [2, 4, 6, 8]
+    assert all('accuracy' in p for p in got)
+    assert [p for p in got if p['step'] != 5] == want
+
 
 def test_quick_pipeline_runs_end_to_end(tmp_path):
     data, out = tmp_path / 'mathmix', tmp_path / 'out'
@@ -296,9 +368,9 @@ def test_quick_pipeline_runs_end_to_end(tmp_path):
 
 
 def test_quick_swaps_in_small_settings_but_explicit_keys_win():
-    quick = slm.resolve(slm.SLMConfig(quick=True))
+    quick = parse(slm.SLMConfig, ['--quick=True'])
     assert (quick.budget, quick.n_embd, quick.seeds, quick.arms) == (4e5, 96, 1, 'clm,excess')
-    mine = slm.resolve(slm.SLMConfig(quick=True, budget=1e5, seeds=3, arms=slm.ALL_ARMS))
+    mine = parse(slm.SLMConfig, ['--quick=True', '--budget=1e5', '--seeds=3', f'--arms={slm.ALL_ARMS}'])
     assert (mine.budget, mine.n_embd, mine.seeds, mine.arms) == (1e5, 96, 3, slm.ALL_ARMS)
-    full = slm.resolve(slm.SLMConfig())
+    full = parse(slm.SLMConfig, [])
     assert (full.budget, full.seeds, full.arms.split(',')) == (1e6, 3, ['clm', 'excess', 'reference', 'train', 'random'])
