@@ -254,12 +254,9 @@ class SpanCorruption(CausalLM):
     targets. The val set is corrupted once with a fixed seed; the training corruption's generator is
     checkpointed, so a resumed run corrupts exactly as an uninterrupted one."""
 
-    def __init__(self, batch_size, seed):
+    def __init__(self, batch_size, seed, vocab):
         super().__init__(batch_size)
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def setup(self, ctx):
-        self.vocab = SpanVocab(ctx.corpus.vocab_size, ctx.model.config.vocab_size)
+        self.generator, self.vocab = torch.Generator().manual_seed(seed), vocab
 
     def corrupt(self, x, y, generator):
         enc_in, dec_in, targets = span_corrupt(torch.cat([x, y[:, -1:]], dim=1), generator, self.vocab)
@@ -284,9 +281,11 @@ class SpanCorruption(CausalLM):
         self.generator.set_state(state['generator'])
 
 
-def build_objective(cfg):
+def build_objective(cfg, corpus, model):
     """The baseline objective of a model type: next-token loss for GPT, span corruption for T5."""
-    return SpanCorruption(cfg.batch_size, cfg.seed) if cfg.model_type == 't5' else CausalLM(cfg.batch_size)
+    if cfg.model_type == 't5':
+        return SpanCorruption(cfg.batch_size, cfg.seed, SpanVocab(corpus.vocab_size, model.config.vocab_size))
+    return CausalLM(cfg.batch_size)
 
 
 # -----------------------------------------------------------------------------
@@ -438,9 +437,7 @@ def calibration_inputs(cfg):
     model = build_model(cfg, corpus.vocab_size).to(run.device)
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, corpus.vocab_size, (cfg.batch_size, example_length(cfg, model) + 1), generator=g)
-    objective = build_objective(cfg)
-    objective.vocab = SpanVocab(corpus.vocab_size, model.config.vocab_size)  # what its setup would set
-    inputs, targets = objective.val_batch(x[:, :-1], x[:, 1:])
+    inputs, targets = build_objective(cfg, corpus, model).val_batch(x[:, :-1], x[:, 1:])
     batch = tuple(t.to(run.device) for t in (*inputs, targets))
     bs = cfg.batch_size * targets_per_example(cfg, model)
     optimizers = {name: build_optimizer(cfg, model, bs, name=name) for name in OPTIMIZERS}
@@ -555,7 +552,7 @@ class Trainer:
         self.corpus = load_corpus(cfg)
         self.tokenizer = get_tokenizer(self.corpus.meta['tokenizer'])
         self.model = build_model(cfg, self.corpus.vocab_size).to(self.rt.device)
-        self.objective, self.building = objective or build_objective(cfg), True
+        self.objective, self.building = objective or build_objective(cfg, self.corpus, self.model), True
         self.ctx = RunContext(self)
         self.objective.setup(self.ctx)  # requests only: the pieces below are built from them
         self._build(cfg)

@@ -17,18 +17,23 @@ torch.set_num_threads(1)
 import train  # noqa: E402  (after the sys.path insert)
 
 
-class StopAfter(train.CausalLM):
-    """The baseline objective, but Ctrl-C arrives when step `steps` + 1 asks for its batch."""
-
-    def __init__(self, batch_size, steps):
-        super().__init__(batch_size)
-        self.steps, self.calls = steps, 0
+class Interrupting:
+    """Mix in before any objective: Ctrl-C arrives when step `steps` + 1 asks for its batch."""
+    steps, calls = None, 0
 
     def __call__(self, model, data, ctx):
         if self.calls == self.steps:
             raise KeyboardInterrupt
         self.calls += 1
         return super().__call__(model, data, ctx)
+
+
+class StopAfter(Interrupting, train.CausalLM):
+    """The baseline objective, interrupted after `steps` steps."""
+
+    def __init__(self, batch_size, steps):
+        super().__init__(batch_size)
+        self.steps = steps
 
 
 @pytest.fixture(scope='session')

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import budget as budget_lib
 import rho
 import train
-from conftest import ROOT, run_script
+from conftest import ROOT, Interrupting, run_script
 from configurator import ConfigError, UserError
 from data.loader import Batches, Corpus, get_tokenizer, is_val, num_examples, write_corpus
 from data.stdlib.prepare import stdlib_documents
@@ -322,18 +322,12 @@ def test_charge_il_adds_il_costs_and_target_never_sees_holdout(runs, tmp_path):
     assert read_log(tmp_path / 'run')[0]['il_charged'] is True
 
 
-class StopRho(rho.RhoLoss):
-    """RhoLoss, but Ctrl-C arrives when step `steps` + 1 asks for its batch."""
+class StopRho(Interrupting, rho.RhoLoss):
+    """RhoLoss, interrupted after `steps` steps."""
 
     def __init__(self, cfg, steps):
         super().__init__(cfg)
-        self.steps, self.calls = steps, 0
-
-    def __call__(self, model, data, ctx):
-        if self.calls == self.steps:
-            raise KeyboardInterrupt
-        self.calls += 1
-        return super().__call__(model, data, ctx)
+        self.steps = steps
 
 
 def test_resume_restores_the_restricted_order_and_charges_il_once(runs, tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import run_script
+from conftest import Interrupting, run_script
 from data.spans import SpanVocab, noise_mask, raw_length_for, span_corrupt, span_vocab, t5_lengths
 from model import T5Config, T5Lite, relative_position_bucket
 
@@ -324,21 +324,17 @@ def test_short_run_lowers_val_loss(stdlib_corpus, tmp_path):
 def test_interrupted_run_resumes_exactly(stdlib_corpus, tmp_path):
     import train
 
-    class StopAt(train.SpanCorruption):
-        calls = 0
-
-        def __call__(self, model, data, budget):
-            StopAt.calls += 1
-            if StopAt.calls == 4:
-                raise KeyboardInterrupt  # what SIGTERM does: the loop saves a checkpoint and returns
-            return super().__call__(model, data, budget)
+    class StopAt(Interrupting, train.SpanCorruption):
+        steps = 3  # Ctrl-C as step 4 begins: what SIGTERM does, the loop saves a checkpoint and returns
 
     def cfg(name, **kw):
         return train.TrainConfig(**tiny_run_args(tmp_path / name, budget=6, model_type='t5', bias=False,
                                                  log_interval=1, **kw))
 
     straight = train.train(cfg('a'))
-    stopped = train.Trainer(cfg('b'), StopAt(8, 1337)).run()
+    T = cfg('b').model_dims()['block_size']
+    vocab = SpanVocab(stdlib_corpus.vocab_size, train.model_vocab_size('t5', stdlib_corpus.vocab_size, T))
+    stopped = train.Trainer(cfg('b'), StopAt(8, 1337, vocab)).run()
     resumed = train.train(cfg('b', init_from='resume'))
     assert stopped['interrupted'] and stopped['steps'] == 3 and resumed['steps'] == straight['steps'] == 6
     assert resumed['val_loss'] == straight['val_loss']
