@@ -1,8 +1,9 @@
-"""The shared data layer: tokenizers, writing a corpus, and batches from it.
+"""The shared data layer: tokenizers, writing a corpus, reading it back checked, batches, n-gram floors.
 
 A corpus is a folder holding train.bin and val.bin (flat token streams, np.memmap of uint16, or uint32
-when the vocabulary needs it) and meta.json (tokenizer, vocab size, source, counts). meta.json is
-written last, so a folder with meta.json is complete.
+when the vocabulary needs it) and meta.json (tokenizer, vocab size, source, counts). A corpus is built
+in a folder beside its target and swapped in only when complete and checked (CorpusBuild), meta.json
+last, so a folder with meta.json is complete and a failed re-prepare leaves the old corpus as it was.
 
 An *example* is the aligned chunk [k*T, k*T + T + 1) of a stream (T = block_size); its id is its
 offset k*T in the stream. Aligned chunks mean an id names the same tokens forever, which is what
@@ -10,9 +11,12 @@ batch-selection methods need to key their caches (RHO-LOSS's irreducible losses,
 losses). `Batches` walks the examples in a fresh seeded order each epoch; its whole state is
 (epoch, position), so a checkpoint can resume the exact data order.
 """
+import fcntl
 import hashlib
 import json
 import os
+import re
+import shutil
 import sys
 import zlib
 from pathlib import Path
@@ -23,6 +27,8 @@ import torch
 from configurator import UserError
 
 DATA_ROOT = Path(__file__).resolve().parent
+TOKEN_DTYPES = ('uint16', 'uint32')
+REPREPARE = 'delete the folder and prepare it again'
 
 
 class DataError(UserError):
@@ -56,8 +62,11 @@ class TiktokenTokenizer:
 
 
 def get_tokenizer(name):
+    """'byte', a tiktoken encoding's name, or a tiktoken.Encoding object (one built in code, e.g. by a test)."""
     if name == 'byte':
         return ByteTokenizer()
+    if not isinstance(name, str):  # an Encoding: its end-of-text token separates documents
+        return TiktokenTokenizer(name.name, name)
     try:
         import tiktoken
         enc = tiktoken.get_encoding(name)
@@ -67,6 +76,10 @@ def get_tokenizer(name):
             f"encoding's files once, which needs network: on an offline machine copy a filled cache "
             f"there and set TIKTOKEN_CACHE_DIR, or use --tokenizer=byte") from None
     return TiktokenTokenizer(name, enc)
+
+
+def token_dtype(vocab_size):
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
 
 
 # -----------------------------------------------------------------------------
@@ -105,36 +118,136 @@ def file_sha256(path):
     return h.hexdigest()
 
 
-def write_corpus(out_dir, docs, tokenizer, source, val_frac=0.05, extra_meta=None):
-    """Tokenize (name, text) documents into out_dir/{train,val}.bin + meta.json."""
-    out_dir = Path(out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # a file in the way, no permission
-        raise DataError(f'cannot create the folder {out_dir} ({e.strerror}): give another --out_dir') from None
-    (out_dir / 'meta.json').unlink(missing_ok=True)  # the folder is incomplete until we finish
-    dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
-    sep = [] if tokenizer.eot is None else [tokenizer.eot]
-    parts = {'train': [], 'val': []}
-    for name, text in docs:
-        parts['val' if is_val(name, val_frac) else 'train'].append(np.concatenate([tokenizer.encode(text), sep]))
-    counts = {}
-    for split, arrays in parts.items():
-        if not arrays:
-            raise DataError(f'no documents landed in the {split} split of {out_dir}: give more documents '
-                            f'or change val_frac (now {val_frac})')
-        tokens = np.concatenate(arrays).astype(dtype)
-        atomic_write_bytes(out_dir / f'{split}.bin', tokens.tobytes())
-        counts[split] = {'documents': len(arrays), 'tokens': int(len(tokens))}
-    meta = {'tokenizer': tokenizer.name, 'vocab_size': tokenizer.vocab_size, 'dtype': np.dtype(dtype).name,
-            'source': source, 'val_frac': val_frac, 'counts': counts,
-            'python': sys.version.split()[0], **(extra_meta or {})}
-    atomic_write_bytes(out_dir / 'meta.json', json.dumps(meta, indent=2).encode())
+class CorpusBuild:
+    """A corpus under construction in a folder beside its target (.NAME.build), swapped in by commit().
+
+    The target keeps its old corpus untouched until commit() has the new one complete and checked by
+    the same checks a reader makes. A lock beside it (.NAME.lock, an flock, so a dead holder's lock is
+    free again) makes a second prepare of the same corpus refuse instead of interleaving. On failure the
+    build folder is removed, unless the build is resumable (resume_key given) and has saved its `state`
+    (save_state, e.g. after each finished shard): then the next run with the same key resumes from it.
+    An OSError inside (disk full, read-only folder) becomes one DataError line. The swap is a few
+    renames; a kill -9 inside them leaves the target without meta.json (refused, rebuilt by the next
+    prepare), never a mix of old and new."""
+
+    def __init__(self, out_dir, resume_key=None):
+        self.target = Path(out_dir)
+        self.folder = self.target.parent / f'.{self.target.name}.build'
+        self.lock_path = self.target.parent / f'.{self.target.name}.lock'
+        self.resume_key, self.state, self.committed, self._fd = resume_key, {}, False, None
+
+    def __enter__(self):
+        if self.target.exists() and not self.target.is_dir():
+            raise DataError(f'{self.target} is a file, not a corpus folder: give another --out_dir')
+        if self.target.is_dir() and not os.access(self.target, os.W_OK):  # found now, not after the build
+            raise DataError(f'{self.target} is not writable: fix its permissions or give another --out_dir')
+        try:
+            self.target.parent.mkdir(parents=True, exist_ok=True)
+            self._lock()
+            self._start()
+        except BaseException as e:
+            self.__exit__(type(e), e, None)
+            raise
+        return self
+
+    def _lock(self):
+        while True:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 32).decode(errors='replace').strip() or '?'
+                os.close(fd)
+                raise DataError(f'another prepare (pid {holder}) is writing {self.target}: wait for it to end, '
+                                f'then run again') from None
+            if os.path.exists(self.lock_path) and os.stat(self.lock_path).st_ino == os.fstat(fd).st_ino:
+                break
+            os.close(fd)  # its holder removed the file as we opened it: lock the new one
+        os.ftruncate(fd, 0)
+        os.write(fd, f'{os.getpid()}\n'.encode())
+        self._fd = fd
+
+    def _start(self):
+        state_path = self.folder / 'state.json'
+        if self.resume_key is not None and state_path.exists():
+            try:
+                state = json.loads(state_path.read_text())
+            except ValueError:
+                state = {}
+            if isinstance(state, dict) and state.get('key') == self.resume_key:
+                self.state = state
+                return
+            print(f'{self.folder} was built with other settings: starting over', file=sys.stderr)
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self.folder.mkdir()
+        self.state = {'key': self.resume_key}
+
+    def save_state(self):
+        atomic_write_bytes(self.folder / 'state.json', json.dumps(self.state).encode())
+
+    def commit(self, meta):
+        """meta.json into the build, the reader's checks, then the files into the target, meta.json last."""
+        atomic_write_bytes(self.folder / 'meta.json', json.dumps(meta, indent=2).encode())
+        Corpus(self.folder)
+        (self.folder / 'state.json').unlink(missing_ok=True)
+        self.target.mkdir(exist_ok=True)
+        (self.target / 'meta.json').unlink(missing_ok=True)  # the target is incomplete from here ...
+        for stale in self.target.glob('*.tmp[0-9]*'):
+            stale.unlink()
+        for path in sorted(self.folder.iterdir(), key=lambda p: p.name == 'meta.json'):  # ... to the last rename
+            os.replace(path, self.target / path.name)
+        self.committed = True
+
+    def __exit__(self, kind, exc, tb):
+        keep = self.resume_key is not None and not self.committed and (self.folder / 'state.json').exists()
+        if self._fd is not None:  # only the lock's holder may touch the build folder
+            if not keep:
+                shutil.rmtree(self.folder, ignore_errors=True)
+            os.unlink(self.lock_path)  # before unlocking: a waiter that opened this file retries
+            os.close(self._fd)
+            self._fd = None
+        if kind is not None and issubclass(kind, OSError):
+            where = (f'the finished part is kept in {self.folder}: run again to resume' if keep
+                     else 'nothing was changed there; free disk space, fix permissions or give another --out_dir')
+            raise DataError(f'writing the corpus {self.target} failed ({exc.strerror or exc}): {where}') from None
+        return False
+
+
+def corpus_meta(tokenizer, source, val_frac, counts, extra_meta=None):
+    return {'tokenizer': tokenizer.name, 'vocab_size': tokenizer.vocab_size,
+            'dtype': token_dtype(tokenizer.vocab_size).name, 'source': source, 'val_frac': val_frac,
+            'counts': counts, 'python': sys.version.split()[0], **(extra_meta or {})}
+
+
+def write_corpus(out_dir, docs, tokenizer, source, val_frac=0.05, extra_meta=None, extra_files=None):
+    """Tokenize (name, text) documents into out_dir/{train,val}.bin + meta.json, built beside out_dir and
+    swapped in whole (CorpusBuild). extra_files: {file name: bytes} that belong to the corpus and are
+    swapped in with it (e.g. mathmix's noise.bin), so they can never disagree with it."""
+    with CorpusBuild(out_dir) as build:
+        sep = [] if tokenizer.eot is None else [tokenizer.eot]
+        parts = {'train': [], 'val': []}
+        for name, text in docs:
+            parts['val' if is_val(name, val_frac) else 'train'].append(np.concatenate([tokenizer.encode(text), sep]))
+        counts = {}
+        for split, arrays in parts.items():
+            if not arrays:
+                raise DataError(f'no documents landed in the {split} split of {out_dir}: give more documents '
+                                f'or change val_frac (now {val_frac})')
+            tokens = np.concatenate(arrays).astype(token_dtype(tokenizer.vocab_size))
+            atomic_write_bytes(build.folder / f'{split}.bin', tokens.tobytes())
+            counts[split] = {'documents': len(arrays), 'tokens': int(len(tokens))}
+        for name, data in (extra_files or {}).items():
+            atomic_write_bytes(build.folder / name, data)
+        meta = corpus_meta(tokenizer, source, val_frac, counts, extra_meta)
+        build.commit(meta)
     return meta
 
 
 # -----------------------------------------------------------------------------
 # reading a corpus
+
+NAME_RE = re.compile(r'[A-Za-z0-9_][A-Za-z0-9_.-]*')  # a corpus name: one folder, never '..' or a path
+
 
 def data_dir(dataset, tokenizer):
     """'stdlib' -> data/stdlib/byte; a folder that already holds meta.json is used as it is."""
@@ -145,31 +258,112 @@ def data_dir(dataset, tokenizer):
 
 
 def prepare_command(dataset, tokenizer):
-    script = DATA_ROOT / dataset / 'prepare.py'
-    if script.exists():
-        return f'python {script.relative_to(DATA_ROOT.parent)} --tokenizer={tokenizer}'
-    return f'python data/text/prepare.py --input=YOUR_TEXT --name={dataset} --tokenizer={tokenizer}'
+    """A command that prepares the corpus data_dir(dataset, tokenizer) looks for."""
+    parts = Path(dataset).parts
+    if parts and parts[0] != 'text' and NAME_RE.fullmatch(parts[0]) and (DATA_ROOT / parts[0] / 'prepare.py').exists():
+        return f'python data/{parts[0]}/prepare.py' + (f' --tokenizer={tokenizer}' if len(parts) == 1 else '')
+    if len(parts) == 2 and parts[0] == 'text' and NAME_RE.fullmatch(parts[1]):
+        return f'python data/text/prepare.py --input=YOUR_TEXT --name={parts[1]} --tokenizer={tokenizer}'
+    out = data_dir(dataset, tokenizer).resolve()
+    shown = out.relative_to(DATA_ROOT.parent) if out.is_relative_to(DATA_ROOT.parent) else out
+    return f'python data/text/prepare.py --input=YOUR_TEXT --tokenizer={tokenizer} --out_dir={shown}'
+
+
+def read_json(path):
+    """A JSON file's object, or {} when it is missing or unreadable (for caches, which are rebuilt)."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def meta_problem(meta):
+    """What is wrong with a parsed meta.json for a reader (None when nothing is)."""
+    if not isinstance(meta, dict):
+        return f'holds a JSON {type(meta).__name__}, not an object'
+    missing = [k for k in ('tokenizer', 'vocab_size', 'dtype', 'counts') if k not in meta]
+    if missing:
+        return f"lacks {', '.join(missing)}"
+    vocab_size, dtype = meta['vocab_size'], meta['dtype']
+    if not isinstance(meta['tokenizer'], str):
+        return f"has tokenizer {meta['tokenizer']!r}, not a name"
+    if type(vocab_size) is not int or vocab_size < 1:
+        return f'has vocab_size {vocab_size!r}, not a positive integer'
+    if not isinstance(dtype, str) or dtype not in TOKEN_DTYPES:
+        return f"has dtype {dtype!r}, not one of {', '.join(TOKEN_DTYPES)}"
+    if vocab_size > np.iinfo(dtype).max + 1:
+        return f'has vocab_size {vocab_size}, too large for dtype {dtype}'
+    for split in ('train', 'val'):
+        count = meta['counts'].get(split) if isinstance(meta['counts'], dict) else None
+        tokens = count.get('tokens') if isinstance(count, dict) else None
+        if type(tokens) is not int or tokens < 1:
+            return f'has no positive token count counts.{split}.tokens (got {tokens!r})'
+    return None
+
+
+def read_meta(folder):
+    path = Path(folder) / 'meta.json'
+    if not path.exists():
+        raise DataError(f'no prepared corpus in {folder} (meta.json missing)')
+    try:
+        meta = json.loads(path.read_text(encoding='utf-8'))
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path} is unreadable ({type(e).__name__}: {' '.join(str(e).split())[:80]}): {REPREPARE}") from None
+    problem = meta_problem(meta)
+    if problem:
+        raise DataError(f'{path} {problem}: {REPREPARE}')
+    return meta
 
 
 class Corpus:
-    """The token streams of one prepared corpus folder, as read-only memmaps."""
+    """The token streams of one prepared corpus folder, as read-only memmaps, checked before use:
+    meta.json's keys and types, each file's size against its token count and dtype, and every token
+    below vocab_size (a lying dtype or vocab_size shows there). The token scan is remembered in
+    checked.json by the files' identity, so a large corpus pays it once."""
 
     def __init__(self, path):
         self.path = Path(path)
-        meta_path = self.path / 'meta.json'
-        if not meta_path.exists():
-            raise DataError(f'no prepared corpus in {self.path} (meta.json missing)')
-        try:
-            self.meta = json.loads(meta_path.read_text())
-            dtype = np.dtype(self.meta['dtype'])
-            self.splits = {s: np.memmap(self.path / f'{s}.bin', dtype=dtype, mode='r') for s in ('train', 'val')}
-        except (OSError, ValueError, KeyError) as e:
-            raise DataError(f'corpus in {self.path} is unreadable ({e}): delete the folder and prepare it again') from None
-        for split, tokens in self.splits.items():
-            if len(tokens) != self.meta['counts'][split]['tokens']:
-                raise DataError(f'{self.path}/{split}.bin has {len(tokens)} tokens but meta.json says '
-                                f"{self.meta['counts'][split]['tokens']}: delete the folder and prepare it again")
+        self.meta = read_meta(self.path)
         self.vocab_size = self.meta['vocab_size']
+        dtype = np.dtype(self.meta['dtype'])
+        self.splits = {s: self._stream(s, dtype) for s in ('train', 'val')}
+        self._check_token_range()
+
+    def _stream(self, split, dtype):
+        file, n = self.path / f'{split}.bin', self.meta['counts'][split]['tokens']
+        size = file.stat().st_size if file.is_file() else None
+        if size != n * dtype.itemsize:
+            has = 'is missing' if size is None else f'holds {size:,} bytes'
+            raise DataError(f'{file} {has}, but meta.json says {n:,} {dtype.name} tokens ({n * dtype.itemsize:,} '
+                            f'bytes): {REPREPARE}')
+        try:
+            return np.memmap(file, dtype=dtype, mode='r')
+        except OSError as e:
+            raise DataError(f'cannot read {file} ({e.strerror}): {REPREPARE}') from None
+
+    def identity(self):
+        """Names these exact files: meta.json's bytes and each stream's size, mtime and inode. A
+        re-prepared corpus has new files, so a cache keyed by this is rebuilt."""
+        h = hashlib.sha256((self.path / 'meta.json').read_bytes())
+        for split in ('train', 'val'):
+            st = os.stat(self.path / f'{split}.bin')
+            h.update(f'{split}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino};'.encode())
+        return h.hexdigest()[:16]
+
+    def _check_token_range(self):
+        cache, identity = self.path / 'checked.json', self.identity()
+        if read_json(cache).get('identity') == identity:
+            return
+        for split, tokens in self.splits.items():
+            top = max(int(tokens[i:i + (1 << 24)].max()) for i in range(0, len(tokens), 1 << 24))
+            if top >= self.vocab_size:
+                raise DataError(f'{self.path}/{split}.bin holds token id {top} but vocab_size is {self.vocab_size} '
+                                f'(a wrong dtype or vocab_size in meta.json?): {REPREPARE}')
+        try:
+            atomic_write_bytes(cache, json.dumps({'identity': identity}).encode())
+        except OSError:
+            pass  # a read-only corpus folder: checked again next time
 
     def fingerprint(self):
         """A short hash of the token streams: caches built from other data are refused by it."""
@@ -177,6 +371,85 @@ class Corpus:
         for tokens in self.splits.values():
             h.update(np.ascontiguousarray(tokens[:1 << 20]).tobytes())
         return h.hexdigest()[:16]
+
+
+# -----------------------------------------------------------------------------
+# n-gram floors: the val loss that counting alone reaches
+
+FLOOR_ORDERS = {'unigram': 1, 'bigram': 2, 'trigram': 3}
+
+
+def ngram_floors(corpus, max_train_tokens=1 << 26):
+    """{'unigram', 'bigram', 'trigram'}: cross-entropy (nats per token) of the val split under n-gram
+    models counted on the train split. A run whose val loss is above the trigram floor has learned
+    less than a table of counts.
+
+    Smoothing: interpolated Kneser-Ney (Chen & Goodman 1998) with one absolute discount per order,
+    D = n1 / (n1 + 2 n2) from that order's counts of counts (0.5 when no n-gram occurs once), recursing
+    down to the uniform distribution over the vocabulary, so every probability is positive and every
+    floor finite. The top order uses raw counts, lower orders continuation counts (the number of
+    distinct tokens seen before an n-gram); the unigram floor is the order-1 case (discounted counts
+    interpolated with uniform). All three score the same val positions, from the third token on.
+    Counts come from the first max_train_tokens of train (all of a small corpus; the cap bounds the
+    memory of a large one). Cached in the corpus folder (ngram_floors.json) by the files' identity."""
+    corpus = corpus if isinstance(corpus, Corpus) else Corpus(corpus)
+    cache = corpus.path / 'ngram_floors.json'
+    key = {'identity': corpus.identity(), 'max_train_tokens': max_train_tokens}
+    cached = read_json(cache)
+    if cached.get('key') == key:
+        return cached['floors']
+    V = corpus.vocab_size
+    if V ** 3 >= 2 ** 63:
+        raise DataError(f'vocab_size {V} is too large for trigram keys in int64: n-gram floors need V < 2,097,152')
+    train = np.asarray(corpus.splits['train'][:max_train_tokens], dtype=np.int64)
+    val = np.asarray(corpus.splits['val'][:max_train_tokens], dtype=np.int64)
+    if len(train) < 3 or len(val) < 3:
+        raise DataError(f'{corpus.path} is too small for n-gram floors (train and val need 3 tokens each)')
+    floors = {name: kneser_ney_nats(train, val, n, V) for name, n in FLOOR_ORDERS.items()}
+    try:
+        atomic_write_bytes(cache, json.dumps({'key': key, 'smoothing': 'interpolated Kneser-Ney',
+                                              'floors': floors}, indent=1).encode())
+    except OSError:
+        pass  # a read-only corpus folder: computed again next time
+    return floors
+
+
+def ngram_keys(tokens, n, V, start):
+    """One int64 per n-gram ending at positions start..len-1: the base-V number of its n tokens."""
+    key = np.zeros(len(tokens) - start, dtype=np.int64)
+    for j in range(n):
+        key = key * V + tokens[start - n + 1 + j:len(tokens) - n + 1 + j]
+    return key
+
+
+def kneser_ney_nats(train, val, order, V):
+    """-mean log P(val[i] | the order-1 tokens before it), i >= 2, under interpolated Kneser-Ney."""
+    keys, counts = np.unique(ngram_keys(train, order, V, order - 1), return_counts=True)
+    levels = [(keys, counts)]
+    for n in range(order - 1, 0, -1):  # continuation counts: how many distinct tokens precede each n-gram
+        keys, counts = np.unique(keys % V ** n, return_counts=True)
+        levels.append((keys, counts))
+    p = np.full(len(val) - 2, 1.0 / V)  # order 0: uniform
+    for n, (keys, counts) in enumerate(reversed(levels), 1):
+        p = interpolate(keys, counts, ngram_keys(val, n, V, 2), V, p)
+    return float(-np.log(p).mean())
+
+
+def _lookup(sorted_keys, values, query):
+    i = np.minimum(np.searchsorted(sorted_keys, query), len(sorted_keys) - 1)
+    return np.where(sorted_keys[i] == query, values[i], 0)
+
+
+def interpolate(keys, counts, query, V, lower):
+    """P(w | h) = (max(c(hw) - D, 0) + D * types(h) * P_lower(w)) / c(h), or P_lower where c(h) = 0;
+    keys (sorted, unique) and counts are the n-grams hw, query the val n-grams, lower P_lower of each."""
+    n1, n2 = np.count_nonzero(counts == 1), np.count_nonzero(counts == 2)
+    D = n1 / (n1 + 2 * n2) if n1 else 0.5
+    contexts, first = np.unique(keys // V, return_index=True)  # sorted keys: each context is one run
+    total, types = np.add.reduceat(counts, first), np.diff(np.append(first, len(keys)))
+    c = _lookup(keys, counts, query)
+    c_h, types_h = _lookup(contexts, total, query // V), _lookup(contexts, types, query // V)
+    return np.where(c_h > 0, (np.maximum(c - D, 0) + D * types_h * lower) / np.maximum(c_h, 1), lower)
 
 
 def num_examples(tokens, block_size):

@@ -1,4 +1,4 @@
-"""data: the stdlib corpus is deterministic and split by document, tokenizers, text prepare, Batches."""
+"""data: the stdlib corpus (deterministic, split by document), tokenizers, text prepare, Batches, n-gram floors."""
 import json
 import os
 import shutil
@@ -234,3 +234,54 @@ def test_corpus_refuses_truncated_bin(tmp_path):
 
 def test_repo_root_fixture_points_at_the_repo():
     assert (ROOT / 'train.py').exists() and DATA_ROOT == ROOT / 'data'
+
+
+# -----------------------------------------------------------------------------
+# n-gram floors
+
+def hand_corpus(folder, train, val, vocab_size=256):
+    """A corpus folder written by hand (no writer involved): byte strings or token lists."""
+    folder.mkdir(parents=True)
+    counts = {}
+    for split, tokens in (('train', train), ('val', val)):
+        arr = np.frombuffer(tokens.encode(), np.uint8) if isinstance(tokens, str) else np.asarray(tokens)
+        arr.astype(np.uint16).tofile(folder / f'{split}.bin')
+        counts[split] = {'documents': 1, 'tokens': len(arr)}
+    (folder / 'meta.json').write_text(json.dumps({'tokenizer': 'byte', 'vocab_size': vocab_size, 'dtype': 'uint16',
+                                                  'counts': counts}))
+    return Corpus(folder)
+
+
+def test_ngram_floors_on_a_hand_computed_corpus(tmp_path):
+    """train 'ababac', val 'xaba': the scored positions are 2 ('b' after 'xa') and 3 ('a' after 'ab'); V = 256.
+    unigram: counts a3 b2 c1, n1 = n2 = 1, D = 1/(1+2); P(w) = (max(c_w - D, 0) + D * 3 types / V) / 6.
+    bigram: counts ab2 ba2 ac1, n1 = 1, n2 = 2, D = 1/5. Its unigram level counts distinct predecessors
+      (b:{a} a:{b} c:{a}, all 1, so D = 1): P1 = (0 + 1 * 3 / V) / 3 = 1/V.
+      P(b|a) = (2 - D + D * 2 * P1) / 3 (a is followed 3 times, by 2 types); P(a|b) = (2 - D + D * 1 * P1) / 2.
+    trigram: counts aba2 bab1 bac1, n1 = 2, n2 = 1, D = 1/2. Bigram level, distinct predecessors of each
+      bigram (ba:{a} ab:{b} ac:{b}, all 1: D = 1): P2(b|a) = (0 + 1 * 2 * P1) / 2 = 1/V, P2(a|b) = 1/V, with
+      P1 = 1/V again (b, c, a each after one type). 'xa' never occurs, so P(b|xa) = P2(b|a) = 1/V;
+      P(a|ab) = (2 - D + D * 1 * P2(a|b)) / 2."""
+    from data.loader import ngram_floors
+    V = 256
+    ce = lambda p, q: -(np.log(p) + np.log(q)) / 2  # noqa: E731
+    D1, D2, D3 = 1 / 3, 1 / 5, 1 / 2
+    want = {'unigram': ce((2 - D1 + D1 * 3 / V) / 6, (3 - D1 + D1 * 3 / V) / 6),
+            'bigram': ce((2 - D2 + D2 * 2 / V) / 3, (2 - D2 + D2 / V) / 2),
+            'trigram': ce(1 / V, (2 - D3 + D3 / V) / 2)}
+    got = ngram_floors(hand_corpus(tmp_path / 'c', 'ababac', 'xaba'))
+    assert got.keys() == want.keys()
+    for name in want:
+        assert got[name] == pytest.approx(want[name], rel=1e-12), name
+
+
+def test_ngram_floors_are_finite_sparse_and_cached(tmp_path, monkeypatch):
+    """A gpt2-sized vocabulary (sparse counts), val tokens train never saw; the second call reads the cache."""
+    import data.loader as loader
+    rng = np.random.default_rng(0)
+    corpus = hand_corpus(tmp_path / 'c', rng.integers(0, 50_000, 20_000), rng.integers(0, 50_257, 3_000), 50_257)
+    floors = loader.ngram_floors(corpus)
+    assert all(np.isfinite(v) and 0 < v < 2 * np.log(50_257) for v in floors.values()), floors
+    assert floors['unigram'] > np.log(20_000) - 1  # random tokens: about log of the types seen
+    monkeypatch.setattr(loader, 'kneser_ney_nats', lambda *a: pytest.fail('recomputed despite the cache'))
+    assert loader.ngram_floors(Corpus(tmp_path / 'c')) == floors

@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
 from configurator import cli, require  # noqa: E402
-from data.loader import DATA_ROOT, get_tokenizer, write_corpus  # noqa: E402
+from data.loader import DATA_ROOT, NAME_RE, get_tokenizer, write_corpus  # noqa: E402
 
 SKIP_PARTS = {'test', 'tests', 'idle_test', 'site-packages', '__pycache__'}
 
@@ -26,6 +26,7 @@ class PrepareConfig:
 
     def __post_init__(self):
         require(0 < self.val_frac < 1, f'--val_frac must be in (0, 1), got {self.val_frac}')
+        require(NAME_RE.fullmatch(self.tokenizer), f"--tokenizer must be 'byte' or an encoding's name, got '{self.tokenizer}'")
 
 
 def stdlib_documents():

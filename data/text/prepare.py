@@ -4,7 +4,8 @@
     python train.py --dataset=text/book
 
 Each file is a document; a hash of its path puts about 5% of documents in val. A single file is cut
-into documents of `doc_chars` characters so it has a val split too.
+into documents of `doc_chars` characters so it has a val split too. --out_dir writes the corpus
+anywhere else instead (then train with --dataset=THAT_FOLDER).
 """
 import sys
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
 from configurator import ConfigError, cli, require  # noqa: E402
-from data.loader import DATA_ROOT, get_tokenizer, write_corpus  # noqa: E402
+from data.loader import DATA_ROOT, NAME_RE, DataError, get_tokenizer, write_corpus  # noqa: E402
 
 TEXT_SUFFIXES = {'.txt', '.md', '.rst', '.py', '.tex', '.html', '.json', '.csv', ''}
 
@@ -20,25 +21,36 @@ TEXT_SUFFIXES = {'.txt', '.md', '.rst', '.py', '.tex', '.html', '.json', '.csv',
 @dataclass(frozen=True)
 class PrepareConfig:
     input: str = ''          # a text file or a folder of them
-    name: str = ''           # corpus name; '' = the input's stem. Used as --dataset=text/<name>
+    name: str = ''           # corpus name (one folder name); '' = the input's stem. Used as --dataset=text/<name>
     tokenizer: str = 'byte'  # 'byte' or a tiktoken encoding name
     val_frac: float = 0.05   # fraction of documents (by name hash) in val
     doc_chars: int = 20_000  # a single input file is cut into documents this long
+    out_dir: str = ''        # '' = data/text/<name>/<tokenizer>; else the corpus folder itself
 
     def __post_init__(self):
         require(self.input, '--input=PATH is required: a text file or a folder of text files')
         require(0 < self.val_frac < 1, f'--val_frac must be in (0, 1), got {self.val_frac}')
         require(self.doc_chars > 0, f'--doc_chars must be positive, got {self.doc_chars}')
+        require(not self.name or NAME_RE.fullmatch(self.name),
+                f"--name must be one folder name (letters, digits, _ . -), got '{self.name}': it becomes data/text/<name>")
+        require(NAME_RE.fullmatch(self.tokenizer), f"--tokenizer must be 'byte' or an encoding's name, got '{self.tokenizer}'")
+
+
+def read_text(path):
+    try:
+        return path.read_text(encoding='utf-8', errors='replace')
+    except OSError as e:
+        raise DataError(f'cannot read {path} ({e.strerror}): fix its permissions or leave it out of --input') from None
 
 
 def text_documents(path, doc_chars):
     if path.is_file():
-        text = path.read_text(encoding='utf-8', errors='replace')
+        text = read_text(path)
         for i in range(0, len(text), doc_chars):
             yield f'{path.name}:{i}', text[i:i + doc_chars]
         return
     for p in sorted(q for q in path.rglob('*') if q.is_file() and q.suffix in TEXT_SUFFIXES):
-        yield p.relative_to(path).as_posix(), p.read_text(encoding='utf-8', errors='replace')
+        yield p.relative_to(path).as_posix(), read_text(p)
 
 
 def prepare(cfg):
@@ -46,11 +58,14 @@ def prepare(cfg):
     if not path.exists():
         raise ConfigError(f'--input={cfg.input} does not exist')
     name = cfg.name or path.stem
-    out_dir = DATA_ROOT / 'text' / name / cfg.tokenizer
+    if not cfg.out_dir and not NAME_RE.fullmatch(name):
+        raise ConfigError(f"the corpus name '{name}' (from --input) is not one folder name: give --name")
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else DATA_ROOT / 'text' / name / cfg.tokenizer
     meta = write_corpus(out_dir, text_documents(path, cfg.doc_chars), get_tokenizer(cfg.tokenizer),
                         source=str(path.resolve()), val_frac=cfg.val_frac)
+    dataset = cfg.out_dir or f'text/{name}'
     print(f"wrote {out_dir}: train {meta['counts']['train']['tokens']:,} tokens, "
-          f"val {meta['counts']['val']['tokens']:,} tokens; train with --dataset=text/{name}")
+          f"val {meta['counts']['val']['tokens']:,} tokens; train with --dataset={dataset}")
     return out_dir
 
 
