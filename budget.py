@@ -13,8 +13,10 @@ and reaches min_lr exactly at p = 1, when the run stops: the baseline is always 
     python budget.py calibrate [config.py] [--key=value ...]   # measure a cost table on this machine
 """
 import dataclasses
+import itertools
 import json
 import math
+import os
 import platform
 import statistics
 import subprocess
@@ -26,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from configurator import ConfigError, UserError, cli, require
+from configurator import ConfigError, UserError, cli, key, read_config_file, require, require_writable
+from data.loader import DataError, atomic_write_bytes, data_dir, ngram_floors
 
 UNITS = ('rst', 'tokens', 'iters', 'flops', 'wall')
 TABLE_DIR = Path(__file__).resolve().parent / 'config' / 'rst'
@@ -148,9 +151,12 @@ def calibrate_command(key):
             f'--batch_size={B}  (vocab {V}, from the dataset)')
 
 
-def load_table(key, override='', required=True):
-    """The cost table of a shape; with required=False, None when there is none (RST is then not counted)."""
+def load_table(key, override='', required=True, needs=None):
+    """The cost table of a shape; with required=False, None when there is none (RST is then not counted).
+    needs: {kind: [entries]} the run will charge beyond the per-block ones (its optimizer, Hessian step)."""
     path = table_path(key, override)
+    if path.is_dir():
+        raise UserError(f'--rst_table={path} is a folder: give a table file (.json)')
     if not path.exists():
         if not required and not override:
             return None
@@ -160,9 +166,30 @@ def load_table(key, override='', required=True):
         table = json.loads(path.read_text())
     except ValueError as e:
         raise UserError(f'RST table {path} is not valid JSON ({e}): calibrate it again') from None
-    if table.get('key') != key:
-        raise UserError(f"RST table {path} is for shape {table.get('key')}, this run is {key}")
+    problem = table_problem(table, key) or next((f'has no {kind} entry for {e}' for kind, entries in (needs or {}).items()
+                                                 for e in entries if str(e) not in table[kind]), None)
+    if problem:
+        raise UserError(f'RST table {path} {problem}: calibrate it again (`{calibrate_command(key)}`)')
     return table
+
+
+def table_problem(table, key):
+    """What is wrong with a parsed cost table for shape key, or None: it must be a dict for this key with
+    a positive finite time per active-block count (1..n_layer) for fwd_bwd and fwd, and per optimizer."""
+    if not isinstance(table, dict):
+        return f'is a {type(table).__name__}, not a table'
+    if table.get('key') != key:
+        return f"is for shape {table.get('key')}, this run is {key}"
+    n_layer = int(key.split('_L')[1].split('_')[0]) if '_L' in key else None
+    for kind in ('fwd_bwd', 'fwd', 'optimizer', 'hessian'):
+        entries = table.get(kind)
+        if not isinstance(entries, dict) or (kind != 'hessian' and not entries):
+            return f'has no {kind} entries'
+        bad = [k for k, v in entries.items() if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0)]
+        if bad:
+            return f'has a {kind} entry {bad[0]} that is not a positive number of seconds'
+    missing = [str(n) for n in range(1, (n_layer or 0) + 1) if str(n) not in table['fwd_bwd'] or str(n) not in table['fwd']]
+    return f'lacks fwd_bwd/fwd for {len(missing)} active-block count(s) ({missing[0]}..)' if missing else None
 
 
 class Budget:
@@ -323,14 +350,20 @@ def measure_table(model, optimizers, batch, autocast, device):
 def calibrate(cfg, run, model, batch, optimizers, key):
     """Measure the cost table of this shape on this machine and save it with the machine's description.
     train.calibration_inputs(cfg) builds the arguments (the model, a batch of the run's shapes, every optimizer)."""
-    table = measure_table(model, optimizers, batch, run.autocast(), run.device)
-    table.update(key=key, machine=platform.processor() or platform.machine(), platform=platform.platform(),
+    path = table_path(key, cfg.rst_table)
+    require_writable(path)  # before minutes of measuring
+    tables = [measure_table(model, optimizers, batch, run.autocast(), run.device) for _ in range(cfg.rst_repeats)]
+    table = {kind: {e: statistics.median(t[kind][e] for t in tables) for e in entries} for kind, entries in tables[0].items()}
+    if len(tables) > 1:  # each entry's coefficient of variation over the repeats: how far one table can be trusted
+        table['cv'] = {kind: {e: mean_std([t[kind][e] for t in tables])[1] / table[kind][e] for e in entries}
+                       for kind, entries in tables[0].items()}
+    table.update(key=key, repeats=len(tables), machine=platform.processor() or platform.machine(), platform=platform.platform(),
                  device=str(run.device), torch=torch.__version__, date=str(date.today()),
                  threads=torch.get_num_threads(), compile=cfg.compile, dtype=str(run.dtype))
-    path = table_path(key, cfg.rst_table)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(table, indent=1))
-    print(f"wrote {path}: fwd_bwd {table['fwd_bwd']}")
+    atomic_write_bytes(path, json.dumps(table, indent=1).encode())
+    worst = max(((v, f'{k}[{e}]') for k, entries in table.get('cv', {}).items() for e, v in entries.items()), default=None)
+    print(f"wrote {path}: fwd_bwd {table['fwd_bwd']}" + (f' | largest CV {worst[0]:.1%} ({worst[1]})' if worst else ''))
     return path
 
 
@@ -349,33 +382,89 @@ def derive_label(c):
     return 'wsd' if c.get('schedule') == 'wsd' else 'baseline'
 
 
+def read_log(log_path):
+    """log.jsonl's records; a line that is not a JSON object (the partial last line of a killed run) is dropped."""
+    records = []
+    for line in log_path.read_text(errors='replace').splitlines() if log_path.is_file() else []:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
 def read_run(path):
     """A run folder -> its label, budget, seed, evals [(rst, tokens, val_loss)], steps, and completeness."""
     path = Path(path)
     try:
         c = json.loads((path / 'config.json').read_text())['config']
-        records = [json.loads(l) for l in (path / 'log.jsonl').read_text().splitlines() if l.strip()]
-    except (OSError, ValueError, KeyError) as e:
+        if not (path / 'log.jsonl').is_file():
+            raise FileNotFoundError(path / 'log.jsonl')
+        records = read_log(path / 'log.jsonl')
+        if not all(k in c for k in ('budget', 'budget_unit', 'seed')):
+            raise KeyError('budget')  # a config.json without them is not a run's
+    except (OSError, ValueError, KeyError, TypeError) as e:
         return {'path': str(path), 'error': f'unreadable ({type(e).__name__})'}
     evals = [r for r in records if 'val_loss' in r]
     spent = max((r.get(c['budget_unit'], 0) for r in records), default=0)
     return {'path': str(path), 'label': derive_label(c), 'budget': c['budget'], 'unit': c['budget_unit'],
             'seed': c['seed'], 'steps': max((r['step'] for r in records), default=0),
             'evals': [(e.get('rst'), e['tokens'], e['val_loss']) for e in evals],
-            'final': evals[-1]['val_loss'] if evals else None, 'complete': bool(evals) and spent >= c['budget']}
+            'final': evals[-1]['val_loss'] if evals else None, 'complete': bool(evals) and spent >= c['budget'],
+            'dataset': c.get('dataset'), 'tokenizer': c.get('tokenizer'), 'stats': logged_means(records)}
+
+
+METHOD_STATS = ('selected_frac', 'win_rate')  # what methods log about themselves (see method_stats)
+
+
+def logged_means(records):
+    """The mean of each method statistic over a run's log records (see method_stats)."""
+    out = {}
+    for name in METHOD_STATS:
+        values = [r[name] for r in records if isinstance(r.get(name), (int, float))]
+        if values:
+            out[name] = statistics.mean(values)
+    return out
 
 
 def mean_std(xs):
     return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
-# two-sided 95% quantiles of Student's t by degrees of freedom (1.96 past 30)
-T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-       2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+def _betainc(a, b, x):
+    """The regularized incomplete beta function I_x(a, b), by its continued fraction (modified Lentz)."""
+    if x <= 0 or x >= 1:
+        return float(x >= 1)
+    if x > (a + 1) / (a + b + 2):  # the fraction converges fast on this side; use the symmetry otherwise
+        return 1 - _betainc(b, a, 1 - x)
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)) / a
+    f, c, d = 1.0, 1.0, 0.0
+    for i in range(400):
+        m = i // 2
+        num = 1.0 if i == 0 else (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)) if i % 2 == 0
+                                  else -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)))
+        d = 1 / (d if abs(d := 1 + num * d) > 1e-300 else 1e-300)
+        c = c if abs(c := 1 + num / c) > 1e-300 else 1e-300
+        f *= c * d
+        if abs(c * d - 1) < 1e-14:
+            break
+    return front * (f - 1)
+
+
+def t_p_value(t, df):
+    """Two-sided p-value of Student's t statistic t with df degrees of freedom."""
+    return 1.0 if t == 0 else _betainc(df / 2, 0.5, df / (df + t * t))
 
 
 def t95(df):
-    return T95[int(df) - 1] if df < len(T95) + 1 else 1.96
+    """The two-sided 95% quantile of Student's t with df degrees of freedom (bisection on t_p_value)."""
+    lo, hi = 0.0, 1000.0
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_p_value(mid, df) > 0.05 else (lo, mid)
+    return (lo + hi) / 2
 
 
 def t_interval(xs):
@@ -385,16 +474,25 @@ def t_interval(xs):
     return m, (t95(len(xs) - 1) * sd / math.sqrt(len(xs)) if len(xs) > 1 else math.nan)
 
 
-def welch_interval(a, b):
-    """(mean(a) - mean(b), half-width of its 95% CI) for unpaired samples (Welch's t, df floored)."""
-    (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
-    if len(a) < 2 or len(b) < 2:
-        return ma - mb, math.nan
-    va, vb = sa ** 2 / len(a), sb ** 2 / len(b)
-    if va + vb == 0:
-        return ma - mb, 0.0
-    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
-    return ma - mb, t95(max(1, math.floor(df))) * math.sqrt(va + vb)
+def paired_test(a, b):
+    """Paired seeds: (mean of a_i - b_i, half-width of its t-based 95% CI, two-sided p of the paired t-test).
+    Half-width and p are nan for fewer than two pairs; p is 0 when every difference is the same nonzero value."""
+    d = [x - y for x, y in zip(a, b)]
+    m, half = t_interval(d)
+    if len(d) < 2:
+        return m, math.nan, math.nan
+    se = statistics.stdev(d) / math.sqrt(len(d))
+    return m, half, (t_p_value(m / se, len(d) - 1) if se > 0 else float(m == 0))
+
+
+def holm(p_values):
+    """Holm's step-down adjustment of a family of p-values (nan ones are left out of the family and stay nan)."""
+    order = sorted((p, i) for i, p in enumerate(p_values) if not math.isnan(p))
+    adjusted, running = [math.nan] * len(p_values), 0.0
+    for rank, (p, i) in enumerate(order):
+        running = max(running, min(1.0, (len(order) - rank) * p))
+        adjusted[i] = running
+    return adjusted
 
 
 def crossing(points, target):
@@ -415,63 +513,114 @@ def group_runs(runs):
     return groups
 
 
-def ablation_table(groups, baseline='baseline'):
-    """Markdown: rows = methods, columns = budgets; mean ± std of final val loss over seeds, the delta to
-    the baseline, * when its 95% CI (welch_interval) excludes 0; and the steps taken."""
-    budgets = sorted({b for g in groups.values() for b in g})
-    head = '| method | ' + ' | '.join(f'budget {b:g}' for b in budgets) + ' |'
-    lines = [head, '|' + ' --- |' * (len(budgets) + 1)]
-    steps = [head.replace('method', 'steps'), lines[1]]
+def finals_by_seed(runs):
+    return {r['seed']: r['final'] for r in runs if r['complete']}
+
+
+def paired_cells(groups, baseline):
+    """{(label, budget): (delta, half-width, p, pairs)} of every method against the baseline at each budget,
+    over the seeds both completed (a seed fixes initialisation and data order for every method), with
+    Holm-adjusted p-values across the whole table."""
+    cells = {}
     for label, by_budget in groups.items():
-        cells, step_cells = [], []
+        for b, runs in by_budget.items():
+            base = finals_by_seed(groups.get(baseline, {}).get(b, []))
+            mine = finals_by_seed(runs)
+            seeds = sorted(mine.keys() & base.keys())
+            if label != baseline and seeds:
+                cells[label, b] = (*paired_test([mine[s] for s in seeds], [base[s] for s in seeds]), len(seeds))
+    keys = list(cells)
+    for k, p in zip(keys, holm([cells[k][2] for k in keys])):
+        cells[k] = (cells[k][0], cells[k][1], p, cells[k][3])
+    return cells
+
+
+def ablation_table(groups, baseline='baseline'):
+    """Markdown: rows = methods, columns = budgets; mean ± sd of final val loss over seeds (n), and for a
+    method its paired difference to the baseline with a t-based 95% CI and a Holm-adjusted p (* below 0.05);
+    then the steps taken."""
+    budgets = sorted({b for g in groups.values() for b in g})
+    cells = paired_cells(groups, baseline)
+    head = '| method | ' + ' | '.join(f'budget {b:g}' for b in budgets) + ' |'
+    lines, steps = [head, '|' + ' --- |' * (len(budgets) + 1)], [head.replace('method', 'steps'), '|' + ' --- |' * (len(budgets) + 1)]
+    for label, by_budget in groups.items():
+        row, step_row = [], []
         for b in budgets:
-            finals = [r['final'] for r in by_budget.get(b, []) if r['complete']]
-            if not finals:
-                cells.append('—')
-                step_cells.append('—')
+            complete = [r for r in by_budget.get(b, []) if r['complete']]
+            if not complete:
+                row.append('—')
+                step_row.append('—')
                 continue
-            m, sd = mean_std(finals)
-            cell = f'{m:.4f} ± {sd:.4f} (n={len(finals)})'
-            base = [r['final'] for r in groups.get(baseline, {}).get(b, []) if r['complete']]
-            if label != baseline and base:
-                delta, half = welch_interval(finals, base)
-                cell += f" {delta:+.4f}{'*' if abs(delta) > half else ''}"  # nan half-width: no star
-            cells.append(cell)
-            step_cells.append(f"{statistics.mean(r['steps'] for r in by_budget[b] if r['complete']):.0f}")
-        lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
-        steps.append(f'| {label} | ' + ' | '.join(step_cells) + ' |')
-    return '\n'.join(lines) + '\n\n' + '\n'.join(steps)
+            m, sd = mean_std([r['final'] for r in complete])
+            cell = f'{m:.4f} ± {sd:.4f} (n={len(complete)})'
+            if (label, b) in cells:
+                delta, half, p, pairs = cells[label, b]
+                ci = f' [{delta - half:+.4f}, {delta + half:+.4f}] p={p:.3g}' if not math.isnan(half) else ''
+                cell += f" Δ {delta:+.4f}{ci}{'*' if p < 0.05 else ''}" + (f' ({pairs} paired)' if pairs != len(complete) else '')
+            row.append(cell)
+            step_row.append(f"{statistics.mean(r['steps'] for r in complete):.0f}")
+        lines.append(f'| {label} | ' + ' | '.join(row) + ' |')
+        steps.append(f'| {label} | ' + ' | '.join(step_row) + ' |')
+    n_tests = sum(not math.isnan(c[2]) for c in cells.values())
+    note = (f'Δ: paired difference to {baseline} over common seeds, t-based 95% CI; p: paired t-test, '
+            f'Holm-adjusted over the table\'s {n_tests} comparisons; * p < 0.05.')
+    return '\n'.join(lines) + '\n\n' + note + '\n\n' + '\n'.join(steps)
 
 
 def target_table(groups, target, baseline='baseline'):
-    """Time to target (AlgoPerf turned around): per method, RST and tokens at the first eval at or below
-    the target in its largest-budget runs (interpolated), and the smallest budget whose fully decayed
-    endpoint reaches it (interpolated between budgets); speedup = baseline time / method time."""
-    rows, base_time = [], None
-    lines = [f'target val loss {target:.4f}', '',
-             '| method | first eval <= target: RST (tokens), seeds reached | speedup | decayed endpoint: budget | speedup |',
-             '| --- | --- | --- | --- | --- |']
+    """Time to target from fully decayed endpoints: per seed, the budget at which its final val loss
+    reaches the target (interpolated between budgets; a seed that never does counts as not reached);
+    per method the median over all seeds (not reached = infinite) and speedup = baseline median / method's."""
+    lines = [f'target val loss {target:.4f} (fully decayed endpoints, per seed)', '',
+             '| method | budget to target: median | seeds reached | speedup |', '| --- | --- | --- | --- |']
+    medians = {}
     for label, by_budget in groups.items():
-        largest = [r for r in by_budget[max(by_budget)] if r['complete']]
-        hits = [(crossing([(e[0], e[2]) for e in r['evals']], target) if r['evals'][-1][0] is not None else math.nan,
-                 crossing([(e[1], e[2]) for e in r['evals']], target)) for r in largest]
-        reached = [h for h in hits if h[1] is not None]  # RST is nan for runs without a cost table
-        first = statistics.mean(h[0] for h in reached) if reached else None
-        ends = [(b, statistics.mean(r['final'] for r in rs if r['complete'])) for b, rs in sorted(by_budget.items())
-                if any(r['complete'] for r in rs)]
-        endpoint = crossing(ends, target)
-        rows.append((label, first, reached, len(hits), endpoint))
-        if label == baseline:
-            base_time = (first, endpoint)
-    for label, first, reached, n, endpoint in rows:
-        speed = ['—' if not t or not base_time or not base_time[i] or math.isnan(t) else f'{base_time[i] / t:.2f}x'
-                 for i, t in enumerate((first, endpoint))]
-        rst = '—' if first is None or math.isnan(first) else f'{first:.1f}'
-        first_s = f"{rst} ({statistics.mean(h[1] for h in reached):,.0f} tokens), {len(reached)}/{n}" \
-            if reached else f'not reached, 0/{n}'
-        end_s = f'{endpoint:.1f}' if endpoint is not None else 'not reached'
-        lines.append(f'| {label} | {first_s} | {speed[0]} | {end_s} | {speed[1]} |')
+        seeds = sorted({r['seed'] for rs in by_budget.values() for r in rs if r['complete']})
+        times = []
+        for seed in seeds:
+            ends = [(b, finals_by_seed(rs)[seed]) for b, rs in sorted(by_budget.items()) if seed in finals_by_seed(rs)]
+            hit = crossing(ends, target)
+            times.append(math.inf if hit is None else hit)
+        medians[label] = (statistics.median(times) if times else math.inf, sum(t < math.inf for t in times), len(times))
+    base = medians.get(baseline, (math.inf,))[0]
+    for label, (median, reached, n) in medians.items():
+        speed = f'{base / median:.2f}x' if math.isfinite(median) and math.isfinite(base) else '—'
+        lines.append(f"| {label} | {f'{median:.1f}' if math.isfinite(median) else 'not reached'} | {reached}/{n} | {speed} |")
     return '\n'.join(lines)
+
+
+def method_stats(groups):
+    """What some methods log about themselves, averaged over each run's log records and then over seeds:
+    Selective Backprop's kept fraction (RHO-LOSS's is fixed), Sophia-G's win rate (coordinates not clipped)."""
+    rows = []
+    for label, by_budget in groups.items():
+        for b, runs in sorted(by_budget.items()):
+            for name in METHOD_STATS:
+                values = [r['stats'][name] for r in runs if r['complete'] and name in r['stats']]
+                if values:
+                    m, half = t_interval(values)
+                    rows.append(f"| {label} | {b:g} | {name} | {m:.3f}{f' ± {half:.3f}' if not math.isnan(half) else ''} (n={len(values)}) |")
+    return '\n'.join(['| method | budget | logged | mean over the run (95% CI over seeds) |', '| --- | --- | --- | --- |', *rows]) if rows else ''
+
+
+def floors_note(runs, groups, baseline):
+    """The count-based n-gram floors of the runs' val split, and the budgets at which the baseline is still
+    above the trigram floor: there the table measures how fast a method learns n-gram statistics."""
+    corpora = {(r['dataset'], r['tokenizer']) for r in runs}
+    if len(corpora) != 1 or None in next(iter(corpora)):
+        return ''
+    try:
+        floors = ngram_floors(data_dir(*next(iter(corpora))))
+    except DataError as e:
+        return f'(n-gram floors unavailable: {e})'
+    above = [b for b, rs in sorted(groups.get(baseline, {}).items())
+             if any(r['complete'] for r in rs) and mean_std([r['final'] for r in rs if r['complete']])[0] > floors['trigram']]
+    note = ('n-gram floors of the val split (nats/token, counts from train): '
+            + ', '.join(f'{k} {v:.3f}' for k, v in floors.items() if k in ('unigram', 'bigram', 'trigram')))
+    if above:
+        note += (f"\nthe baseline is above the trigram floor at budget(s) {', '.join(f'{b:g}' for b in above)}: "
+                 f'there this table measures n-gram learning')
+    return note
 
 
 def plot_runs(groups, path):
@@ -512,29 +661,47 @@ def plot_runs(groups, path):
 
 
 def compare(run_dirs, out='ablation', target='auto', baseline='baseline'):
+    """The ablation table (and time to target, plot) of run folders; runs in different budget units get a
+    table each (their budgets are not comparable), and a folder given twice is refused."""
+    seen = {}
+    for d in run_dirs:
+        real = os.path.realpath(d)
+        require(real not in seen, f'run folder {d} is given twice (also as {seen.get(real)}): each run counts once')
+        seen[real] = d
+    for path in (f'{out}.md', f'{out}.png'):
+        require_writable(path)
     runs = [read_run(d) for d in run_dirs]
     bad = [r for r in runs if 'error' in r or not r['complete']]
     runs = [r for r in runs if 'error' not in r]
     if not runs:
         raise UserError(f"no readable runs among the {len(bad)} folder(s) given ({bad[0]['path']}: {bad[0]['error']}): "
                         f'a run folder holds config.json and log.jsonl')
-    groups = group_runs(runs)
-    report = ablation_table(groups, baseline)
-    if target != 'none':
-        base = groups.get(baseline, {})
-        finals = [r['final'] for r in base.get(max(base), []) if r['complete']] if base else []
-        value = float(target) if target != 'auto' else (statistics.mean(finals) if finals else None)
-        if value is not None:
-            report += '\n\n' + target_table(groups, value, baseline)
+    units = sorted({r['unit'] for r in runs})
+    sections = [(f'budget unit: {u}\n\n' if len(units) > 1 else '') + unit_report([r for r in runs if r['unit'] == u], target, baseline)
+                for u in units]
+    report = '\n\n'.join(sections)
     if bad:
         report += '\n\nmissing or partial runs (left out of the means):\n' + '\n'.join(
             f"- {r['path']}: {r.get('error', 'budget not spent')}" for r in bad)
     print(report)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(f'{out}.md').write_text(report + '\n')
-    png = plot_runs(groups, f'{out}.png')
-    print(f'wrote {out}.md' + (f' and {png}' if png else ''))
+    atomic_write_bytes(Path(f'{out}.md'), (report + '\n').encode())
+    png = plot_runs(group_runs([r for r in runs if r['unit'] == units[0]]), f'{out}.png')
+    print(f'wrote {out}.md' + (f' and {png} (budget unit {units[0]})' if png else ''))
     return report
+
+
+def unit_report(runs, target, baseline):
+    """compare's report for runs in one budget unit: the table, the floors, what methods log, time to target."""
+    groups = group_runs(runs)
+    parts = [ablation_table(groups, baseline), floors_note(runs, groups, baseline), method_stats(groups)]
+    if target != 'none':
+        base = groups.get(baseline, {})
+        finals = [r['final'] for r in base.get(max(base), []) if r['complete']] if base else []
+        value = float(target) if target != 'auto' else (statistics.mean(finals) if finals else None)
+        if value is not None:
+            parts.append(target_table(groups, value, baseline))
+    return '\n\n'.join(p for p in parts if p)
 
 
 # -----------------------------------------------------------------------------
@@ -542,18 +709,30 @@ def compare(run_dirs, out='ablation', target='auto', baseline='baseline'):
 
 @dataclass(frozen=True)
 class AblateConfig:
-    config: str = 'config/ablation.py'  # COMMON, BUDGETS, QUICK_BUDGETS, METHODS (your own Python)
-    out_dir: str = 'out/ablation'
+    config: str = key('config/ablation.py', 'path')  # COMMON, BUDGETS, QUICK_BUDGETS, METHODS (your own Python)
+    out_dir: str = key('out/ablation', 'path')
     methods: tuple = ('',)               # ('',) = every method in the config file
-    budgets: tuple = (0.0,)              # (0.0,) = the config file's BUDGETS (QUICK_BUDGETS with --quick)
-    seeds: tuple = (0, 1, 2)
+    budgets: tuple = key((0.0,), '>=0')  # (0.0,) = the config file's BUDGETS (QUICK_BUDGETS with --quick)
+    seeds: tuple = key((0, 1, 2, 3, 4), '>=0')  # paired: a seed fixes initialisation and data order for every method
     quick: bool = False                  # a smoke sweep: QUICK_BUDGETS, one seed
-    baseline_schedule: str = 'cosine'    # 'wsd_branches' adds a WSD row trained as cooldown branches
+    baseline_schedule: str = key('cosine', ('cosine', 'wsd_branches'))  # 'wsd_branches' adds a WSD row trained as cooldown branches
     target: str = 'auto'                 # time-to-target: 'auto' (baseline at the largest budget), a number, 'none'
+    tuned: str = ''                      # a tuned.json from `budget.py tune` of this sweep: its values override METHODS'
+    jobs: int = key(1, '>0')             # runs at once, the CPU threads split between them
 
     def __post_init__(self):
-        require(self.baseline_schedule in ('cosine', 'wsd_branches'), "--baseline_schedule must be 'cosine' or 'wsd_branches'")
         check_target(self.target)
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    config: str = key('config/ablation.py', 'path')  # the sweep file whose methods are tuned
+    out_dir: str = key('out/tune', 'path')  # runs, tuned.json (what ablate --tuned reads) and tune.png
+    methods: tuple = ('',)               # ('',) = every method in the config file
+    budget: float = key(0.0, '>=0')      # 0 = the smallest of the config file's BUDGETS
+    seeds: tuple = key((1000,), '>=0')   # tuning seeds: never the reported ones
+    points: int = key(5, '>=3')          # lr grid points, spaced x2 around the method's own lr
+    jobs: int = key(1, '>0')             # runs at once, the CPU threads split between them
 
 
 def _is_number(text):
@@ -567,27 +746,38 @@ def check_target(target):
     require(target in ('auto', 'none') or _is_number(target), f"--target must be 'auto', 'none' or a number, got '{target}'")
 
 
-def sweep_plan(cfg):
-    import runpy
-    if not Path(cfg.config).is_file():
-        raise ConfigError(f'--config={cfg.config} not found: give the sweep file (your own Python), e.g. config/ablation.py')
-    spec = runpy.run_path(cfg.config)
+def read_sweep(path):
+    """The sweep file's COMMON, BUDGETS, QUICK_BUDGETS, METHODS (and optional TUNE: extra grid axes)."""
+    if not Path(path).is_file():
+        raise ConfigError(f'--config={path} not found: give the sweep file (your own Python), e.g. config/ablation.py')
+    spec = read_config_file(path)
     missing = [k for k in ('COMMON', 'BUDGETS', 'QUICK_BUDGETS', 'METHODS') if k not in spec]
-    require(not missing, f"{cfg.config} does not define {', '.join(missing)} (see config/ablation.py)")
+    require(not missing, f"{path} does not define {', '.join(missing)} (see config/ablation.py)")
+    return spec
+
+
+def chosen_methods(spec, wanted, path):
+    unknown = set(wanted) - set(spec['METHODS']) - {''}
+    require(not unknown, f"unknown method(s) {', '.join(sorted(unknown))}: {path} has {', '.join(spec['METHODS'])}")
+    return {k: v for k, v in spec['METHODS'].items() if k in wanted or wanted == ('',)}
+
+
+def sweep_plan(cfg):
+    spec = read_sweep(cfg.config)
     budgets = [b for b in cfg.budgets if b > 0] or list(spec['QUICK_BUDGETS' if cfg.quick else 'BUDGETS'])
     seeds = cfg.seeds[:1] if cfg.quick else cfg.seeds
-    methods = {k: v for k, v in spec['METHODS'].items() if k in cfg.methods or cfg.methods == ('',)}
-    unknown = set(cfg.methods) - set(spec['METHODS']) - {''}
-    require(not unknown, f"unknown method(s) {', '.join(sorted(unknown))}: the config file has {', '.join(spec['METHODS'])}")
+    methods = chosen_methods(spec, cfg.methods, cfg.config)
+    tuned = read_tuned(cfg.tuned, spec, cfg.config, min(budgets)) if cfg.tuned else {}
     # RHO-LOSS's irreducible-loss model is trained once per sweep, at the largest budget, and reused
     il = {'il_out_dir': f'{cfg.out_dir}/il', 'il_cache': f'{cfg.out_dir}/il_cache', 'il_budget': max(budgets)}
-    plan = [(label, script, {**spec['COMMON'], **(il if args.get('method') == 'rho' else {}), **args, 'budget': b,
-                             'seed': seed, 'label': label, 'out_dir': f'{cfg.out_dir}/{label}/b{b:g}/s{seed}'})
+    plan = [(label, script, {**spec['COMMON'], **(il if args.get('method') == 'rho' else {}), **args,
+                             **tuned.get(label, {}), 'budget': b, 'seed': seed, 'label': label,
+                             'out_dir': f'{cfg.out_dir}/{label}/b{b:g}/s{seed}'})
             for seed in seeds for b in budgets for label, (script, args) in methods.items()]
     if cfg.baseline_schedule == 'wsd_branches':
-        plan += [('wsd (branches)', 'train.py', {**spec['COMMON'], 'schedule': 'wsd', 'budget': min(budgets), 'seed': seed,
-                  'branch_budgets': tuple(b / min(budgets) for b in budgets), 'label': 'wsd (branches)',
-                  'out_dir': f'{cfg.out_dir}/wsd_branches/s{seed}'}) for seed in seeds]
+        plan += [('wsd (branches)', 'train.py', {**spec['COMMON'], **tuned.get('baseline', {}), 'schedule': 'wsd',
+                  'budget': min(budgets), 'seed': seed, 'branch_budgets': tuple(b / min(budgets) for b in budgets),
+                  'label': 'wsd (branches)', 'out_dir': f'{cfg.out_dir}/wsd_branches/s{seed}'}) for seed in seeds]
     return plan
 
 
@@ -603,26 +793,148 @@ def run_finished(out_dir):
     return 'error' not in run and run['complete']
 
 
+def run_plan(plan, jobs):
+    """Run every unfinished (label, script, args) of a plan, `jobs` at a time with the CPU threads split
+    between them (each run's output goes to <out_dir>.out). A run that needs RHO-LOSS's shared IL model
+    waits for the first such run to build it. Resumable: finished runs are skipped, killed ones resume."""
+    todo = [item for item in plan if item[2].get('branch_budgets') or not run_finished(item[2]['out_dir'])]
+    env = {**os.environ, 'OMP_NUM_THREADS': str(max(1, (os.cpu_count() or 1) // jobs))}
+    running, failed, t0, n = {}, [], time.time(), len(todo)
+    while todo or running:
+        busy_il = any(a.get('il_out_dir') for _, _, a in running.values())
+        for item in [i for i in todo if not (i[2].get('il_out_dir') and busy_il)][:jobs - len(running)]:
+            todo.remove(item)
+            busy_il = busy_il or bool(item[2].get('il_out_dir'))
+            Path(item[2]['out_dir']).parent.mkdir(parents=True, exist_ok=True)
+            with open(f"{item[2]['out_dir']}.out", 'w') as out:
+                proc = subprocess.Popen(run_command(item[1], item[2]), stdout=out, stderr=subprocess.STDOUT, env=env,
+                                        cwd=Path(__file__).parent)
+            running[proc] = item
+        time.sleep(0.5)
+        for proc in [p for p in running if p.poll() is not None]:
+            label, _, args = running.pop(proc)
+            lines = Path(f"{args['out_dir']}.out").read_text(errors='replace').splitlines() or ['?']
+            status = next((l for l in reversed(lines) if l.startswith('done:')), lines[-1])
+            if proc.returncode != 0:
+                failed.append(f"{label} (budget {args['budget']:g}, seed {args['seed']}): {lines[-1]}")
+            done = n - len(todo) - len(running)
+            eta = (time.time() - t0) / done * (n - done)
+            print(f"[{done}/{n}] {label} budget {args['budget']:g} seed {args['seed']}: {status} | eta {eta / 60:.1f} min",
+                  flush=True)
+    if failed:
+        raise UserError(f'{len(failed)} run(s) failed, first: {failed[0]} (see its .out file)')
+
+
 def ablate(cfg):
-    plan, t0, done_units = sweep_plan(cfg), time.time(), 0.0
-    total_units = sum(a['budget'] * max(a.get('branch_budgets', (1,))) for _, _, a in plan)
-    for i, (label, script, args) in enumerate(plan):
-        units = args['budget'] * max(args.get('branch_budgets', (1,)))
-        if not args.get('branch_budgets') and run_finished(args['out_dir']):
-            total_units -= units
-            continue
-        out = subprocess.run(run_command(script, args), capture_output=True, text=True, cwd=Path(__file__).parent)
-        if out.returncode != 0:
-            raise UserError(f"{label} (budget {args['budget']:g}, seed {args['seed']}) failed: "
-                            f"{(out.stderr.strip().splitlines() or ['?'])[-1]} (see {args['out_dir']})")
-        done_units += units
-        eta = (time.time() - t0) / done_units * (total_units - done_units)
-        final = [l for l in out.stdout.splitlines() if l.startswith('done:')]
-        print(f'[{i + 1}/{len(plan)}] {label} budget {args["budget"]:g} seed {args["seed"]}: '
-              f'{final[-1] if final else "done"} | sweep eta {eta / 60:.1f} min', flush=True)
+    require_writable(Path(cfg.out_dir) / 'ablation.md')
+    run_plan(sweep_plan(cfg), cfg.jobs)
     il_model = Path(cfg.out_dir) / 'il'  # RHO-LOSS's IL model: its cost is reported apart, it is not a method
     run_dirs = sorted(str(p.parent) for p in Path(cfg.out_dir).rglob('config.json') if il_model not in p.parents)
     return compare(run_dirs, out=f'{cfg.out_dir}/ablation', target=cfg.target)
+
+
+# -----------------------------------------------------------------------------
+# equal-effort tuning: the same lr grid for every method, the baseline included, on seeds never reported
+
+def tune_point(args, common, lr, extra):
+    """A method's overrides at learning rate lr: Lion keeps lr x weight_decay at its configured product."""
+    point = {**args, 'lr': lr, **extra}
+    if {**common, **args}.get('optimizer') == 'lion':
+        lr0, wd0 = args.get('lr', common.get('lr')), args.get('weight_decay', common.get('weight_decay', 0.1))
+        point['weight_decay'] = wd0 * lr0 / lr
+    return point
+
+
+def tune(cfg):
+    """Final val loss at the smallest budget over an lr grid (x2 spacing) per method; Sophia-G's grid also
+    spans the sweep file's TUNE rho values. A best point at an edge of the grid extends it (up to 3 times).
+    Writes tuned.json (read by `ablate --tuned`) and tune.png."""
+    spec, out = read_sweep(cfg.config), Path(cfg.out_dir)
+    require_writable(out / 'tuned.json')
+    budget = cfg.budget or min(spec['BUDGETS'])
+    common, results = spec['COMMON'], {}
+    for label, (script, args) in chosen_methods(spec, cfg.methods, cfg.config).items():
+        lr0 = args.get('lr', common.get('lr', 2e-3))
+        axes = spec.get('TUNE', {}).get(label, {})
+        extras = [dict(zip(axes, values)) for values in itertools.product(*axes.values())] or [{}]
+        ks = list(range(-(cfg.points // 2), cfg.points - cfg.points // 2))
+        for _ in range(4):
+            grid = [(lr0 * 2.0 ** k, extra) for k in ks for extra in extras]
+            plan = [(label, script, {**common, **tune_point(args, common, lr, extra), 'budget': budget, 'seed': seed,
+                                     'label': f'{label} (tuning)', 'out_dir': str(out / label / point_name(lr, extra) / f's{seed}')})
+                    for lr, extra in grid for seed in cfg.seeds]
+            run_plan(plan, cfg.jobs)
+            points = [tune_summary(out / label / point_name(lr, extra), cfg.seeds, lr, extra) for lr, extra in grid]
+            best = min(points, key=lambda p: p['final'])
+            k_best = round(math.log2(best['lr'] / lr0))
+            if min(ks) < k_best < max(ks):
+                break
+            ks = sorted(set(ks) | {k_best - 1 if k_best == min(ks) else k_best + 1})
+        results[label] = {**{k: v for k, v in tune_point(args, common, best['lr'], best['extra']).items()
+                             if k in ('lr', 'weight_decay', *axes)}, 'grid': points}
+        print(f"{label}: best lr {best['lr']:.3g} {best['extra'] or ''} final val loss {best['final']:.4f}", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    record = {'config': cfg.config, 'common': repr(common), 'methods': {k: repr(v) for k, v in spec['METHODS'].items()},
+              'budget': budget, 'seeds': list(cfg.seeds), 'tuned': results}
+    atomic_write_bytes(out / 'tuned.json', json.dumps(record, indent=1).encode())
+    plot_tuning(results, out / 'tune.png')
+    print(f"wrote {out / 'tuned.json'}")
+    return results
+
+
+def point_name(lr, extra):
+    return f'lr{lr:.3g}' + ''.join(f'_{k}{v:g}' for k, v in extra.items())
+
+
+def tune_summary(folder, seeds, lr, extra):
+    """One grid point: its mean final val loss over the tuning seeds (and Sophia-G's win rate)."""
+    runs = [read_run(folder / f's{seed}') for seed in seeds]
+    finals = [r['final'] for r in runs if 'error' not in r and r['complete']]
+    wins = [r['stats']['win_rate'] for r in runs if 'error' not in r and 'win_rate' in r['stats']]
+    final = statistics.mean(finals) if len(finals) == len(seeds) and all(map(math.isfinite, finals)) else math.inf
+    return {'lr': lr, 'extra': extra, 'final': final, **({'win_rate': statistics.mean(wins)} if wins else {})}
+
+
+def read_tuned(path, spec, config, smallest_budget):
+    """{label: overrides} from a tuned.json, refused (naming the difference) when it was made for another sweep."""
+    try:
+        record = json.loads(Path(path).read_text())
+        tuned, methods = record['tuned'], record['methods']
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f'--tuned={path} is not a tuned.json from `budget.py tune` ({type(e).__name__})') from None
+    if record.get('common') != repr(spec['COMMON']):
+        raise UserError(f"--tuned={path} was made for COMMON {record.get('common')}, {config} has {spec['COMMON']!r}: tune again")
+    for label in tuned:
+        if label in spec['METHODS'] and methods.get(label) != repr(spec['METHODS'][label]):
+            raise UserError(f'--tuned={path} was made for {label} = {methods.get(label)}, {config} has '
+                            f"{spec['METHODS'][label]!r}: tune again")
+    if record.get('budget') != smallest_budget:
+        raise UserError(f"--tuned={path} was tuned at budget {record.get('budget')}, this sweep's smallest is {smallest_budget}")
+    return {label: {k: v for k, v in t.items() if k != 'grid'} for label, t in tuned.items()}
+
+
+def plot_tuning(results, path):
+    """Final val loss against lr, one line per method (per extra grid value), on one figure."""
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print('(matplotlib is not installed: no tuning plot; `pip install matplotlib` for one)')
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, result in results.items():
+        lines = {}
+        for p in result['grid']:
+            lines.setdefault(' '.join(f'{k}={v:g}' for k, v in p['extra'].items()), []).append((p['lr'], p['final']))
+        for extra, pts in lines.items():
+            pts = sorted(pt for pt in pts if math.isfinite(pt[1]))
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], 'o-', label=f'{label} {extra}'.strip())
+    ax.set(xscale='log', xlabel='peak lr', ylabel='final val loss (mean over tuning seeds)')
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
 
 
 @dataclass(frozen=True)
@@ -637,8 +949,8 @@ class CompareConfig:
 
 def main(argv):
     import train  # the commands that build models; train imports budget, never the reverse at import time
-    usage = 'usage: python budget.py {calibrate|ablate|compare|schedules} [config.py] [--key=value ...]'
-    if not argv or argv[0] not in ('calibrate', 'ablate', 'compare', 'schedules'):
+    usage = 'usage: python budget.py {calibrate|tune|ablate|compare|schedules} [config.py] [--key=value ...]'
+    if not argv or argv[0] not in ('calibrate', 'tune', 'ablate', 'compare', 'schedules'):
         print(usage, file=sys.stderr)
         sys.exit(2)
     command, rest = argv[0], argv[1:]
@@ -647,6 +959,8 @@ def main(argv):
     rest = [f'--target={a[9:]!r}' if a.startswith('--target=') and _is_number(a[9:]) else a for a in rest]  # a str key
     if command == 'ablate':
         return cli(ablate, AblateConfig, rest)
+    if command == 'tune':
+        return cli(tune, TuneConfig, rest)
     if command == 'schedules':
         return cli(plot_schedules, train.TrainConfig, rest)
     dirs = [a for a in rest if not a.startswith('--')]

@@ -5,8 +5,9 @@
 Arguments apply left to right: a config file (a Python file you wrote; it is run, so only use your own)
 sets any of its top-level names, then each --key=value overrides. Values are parsed with
 ast.literal_eval (a bare word stays a string), and must have the default's type (an int is accepted
-for a float, a list for a tuple). An unknown key, a wrong type or an out-of-range value is a one-line
-error naming the key, exit code 2, no traceback. Unlike nanoGPT's configurator nothing is exec'd into a
+for a float, a list for a tuple), and be finite. Each key may declare its valid range next to its default
+(`lr: float = key(2e-3, '>0')`), checked for every entry point. An unknown key, a wrong type or an
+out-of-range value is a one-line error naming the key, exit code 2, no traceback. Unlike nanoGPT's configurator nothing is exec'd into a
 module's globals, so every file stays importable and testable.
 """
 import ast
@@ -14,24 +15,92 @@ import contextlib
 import dataclasses
 import difflib
 import inspect
+import math
+import os
 import re
 import runpy
 import signal
 import sys
 import threading
+import traceback
 
 
 class UserError(Exception):
     """Bad input from the user: printed as one line, exit code 2, no traceback."""
+    exit_code = 2
+
+
+class Interrupted(UserError):
+    """Ctrl-C or SIGTERM where there is nothing to save (during setup): one line, exit code 130."""
+    exit_code = 130
 
 
 class ConfigError(UserError):
     pass
 
 
+def require_writable(path):
+    """Before the work: path (a file to write) can be created in its folder, and is not a folder."""
+    path = os.path.abspath(path)
+    folder = os.path.dirname(path)
+    require(not os.path.isdir(path), f'{path} is a folder: give a file name')
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    require(os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK), f'cannot write {path}: {folder} is not writable')
+
+
 def require(ok, message):
     if not ok:
         raise ConfigError(message)
+
+
+def key(default, valid=None):
+    """A config field with its valid values beside it: '>0', '>=0', an interval '[0,1)', 'path' (a non-empty
+    string) or a tuple of choices. A tuple-valued key's check applies to each element."""
+    return dataclasses.field(default=default, metadata={'valid': valid} if valid is not None else {})
+
+
+_INTERVAL = re.compile(r'([\[(])\s*(\S+?)\s*,\s*(\S+?)\s*([\])])$')
+
+
+def _fits(value, valid):
+    if isinstance(valid, tuple):
+        return value in valid
+    if valid == 'path':
+        return isinstance(value, str) and value.strip() != ''
+    if valid.startswith('>='):
+        return value >= float(valid[2:])
+    if valid.startswith('>'):
+        return value > float(valid[1:])
+    opening, low, high, closing = _INTERVAL.match(valid).groups()
+    low, high = float(low), float(high)
+    return (low <= value if opening == '[' else low < value) and (value <= high if closing == ']' else value < high)
+
+
+def _says(valid):
+    """How an error names the valid values: 'one of a, b', 'a non-empty path', '> 0', 'in [0, 1)'."""
+    if isinstance(valid, tuple):
+        return f"one of {', '.join(map(str, valid))}"
+    if valid == 'path':
+        return 'a non-empty path'
+    if valid.startswith('>'):
+        op = valid.rstrip('0123456789.e+-')
+        return f'{op} {valid[len(op):]}'
+    opening, low, high, closing = _INTERVAL.match(valid).groups()
+    return f'in {opening}{low}, {high}{closing}'
+
+
+def check_ranges(cfg):
+    """Every number finite (a tuple's elements too), and every field in its declared range (see key());
+    raises ConfigError naming the first key that is not."""
+    for f in dataclasses.fields(cfg):
+        valid, value = f.metadata.get('valid'), getattr(cfg, f.name)
+        values = value if isinstance(value, tuple) else (value,)
+        require(all(math.isfinite(v) for v in values if isinstance(v, float)), f'--{f.name} must be a finite number, got {value!r}')
+        if valid is None:
+            continue
+        for v in (value,) if isinstance(valid, tuple) else values:
+            require(_fits(v, valid), f'--{f.name} must be {_says(valid)}, got {value!r}')
 
 
 def _closest(key, keys):
@@ -60,11 +129,19 @@ def _literal(text):
         return text  # a bare word: --optimizer=lion
 
 
-def _read_file(path):
+def read_config_file(path):
+    """A config file's top-level names; an error inside it is one line naming file:line."""
+    if not os.path.isfile(path):
+        raise ConfigError(f'config file {path} not found (or not a file)')
     try:
         names = runpy.run_path(path)
-    except FileNotFoundError:
-        raise ConfigError(f'config file {path} not found') from None
+    except SyntaxError as e:
+        raise ConfigError(f'{path}:{e.lineno}: syntax error in the config file ({e.msg})') from None
+    except Exception as e:
+        here = os.path.abspath(path)
+        lines = [f.lineno for f in traceback.extract_tb(e.__traceback__) if os.path.abspath(f.filename) == here]
+        raise ConfigError(f'{path}:{lines[-1] if lines else "?"}: the config file raised '
+                          f'{type(e).__name__}: {e}') from None
     return {k: v for k, v in names.items() if not k.startswith('_') and not callable(v)
             and type(v).__name__ != 'module'}
 
@@ -83,14 +160,16 @@ def parse(cls, argv):
             updates = {key: _literal(text)}
         else:
             require(arg.endswith('.py'), f"expected a config file (.py) or --key=value, got '{arg}'")
-            updates = _read_file(arg)
+            updates = read_config_file(arg)
         for key, value in updates.items():
             require(key in defaults, f'unknown config key --{key}{_closest(key, list(defaults))}')
             values[key] = coerce(key, value, defaults[key])
             given.add(key)
     if values.get('quick'):
         values.update({k: v for k, v in getattr(cls, 'QUICK', {}).items() if k not in given})
-    return cls(**values)
+    cfg = cls(**values)
+    check_ranges(cfg)
+    return cfg
 
 
 def field_comments(cls):
@@ -135,9 +214,15 @@ def cli(entry, cls, argv=None):
         signal.signal(signal.SIGTERM, _interrupt)
     try:
         return entry(parse(cls, argv))
+    except Interrupted as e:
+        print(e, file=sys.stderr)
+        sys.exit(e.exit_code)
     except UserError as e:
         print(f'error: {e}', file=sys.stderr)
-        sys.exit(2)
+        sys.exit(e.exit_code)
+    except OSError as e:  # disk full, read-only folder, a folder where a file belongs: the machine, not a bug
+        print(f'error: {e.strerror or e}' + (f': {e.filename}' if e.filename else ''), file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print('interrupted', file=sys.stderr)
         sys.exit(130)

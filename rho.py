@@ -9,7 +9,7 @@ and Not Yet Learnt", arXiv 2206.07137.
 
 Selective Backprop: Jiang et al. 2019, "Accelerating Deep Learning by Focusing on the Biggest Losers",
 arXiv 1910.00762.
-  1. Score each example with a no-grad forward; add its loss to a history of the last 5000 losses.
+  1. Score each example with a no-grad forward; add its loss to a history of recent losses.
   2. Keep it with probability (percentile of its loss in that history) ** beta.
   3. Kept examples fill a buffer; train on a full batch whenever one is ready (leftovers carry over).
 
@@ -73,12 +73,21 @@ class RhoLoss(CausalLM):
                                      'loss_scored': train_loss.mean(), 'il_selected': irreducible_loss[top].mean()})
 
 
+SB_HISTORY_BATCHES = 10  # --sb_history=0: the history holds the last 10 micro-batches' scored losses
+
+
 class SelectiveBackprop(CausalLM):
-    """Selective Backprop: keep each scored example with probability percentile ** beta; train on full batches."""
+    """Selective Backprop: keep each scored example with probability percentile ** beta; train on full batches.
+
+    The history's size decides what a percentile means. The paper's 5000 losses span a whole short run, so
+    early (larger) losses dominate it, current losses sit at low percentiles, and far fewer than half are
+    kept at beta = 1. The rule here: the history holds the losses scored in the last SB_HISTORY_BATCHES
+    micro-batches (a few steps of the run), so an example is ranked against the model's current losses; a
+    percentile is then close to uniform and beta = 1 keeps about half (the run logs selected_frac)."""
 
     def __init__(self, cfg):
         super().__init__(cfg.batch_size)
-        self.beta, self.history_len = cfg.sb_beta, cfg.sb_history
+        self.beta, self.history_len = cfg.sb_beta, cfg.sb_history or SB_HISTORY_BATCHES * cfg.batch_size
         self.history = torch.zeros(0)                    # the last sb_history scored losses, oldest first
         self.buffer_ids, self.buffer_losses = [], []     # kept examples waiting for a full batch
         self.generator = torch.Generator().manual_seed(cfg.seed)
@@ -305,7 +314,7 @@ class RhoConfig(TrainConfig):
     select_frac: float = 0.5         # train: nb/nB (No Train No Gain: 0.5; the RHO-LOSS paper: 0.1)
     mega_batch: int = 0              # train: nB, examples scored per micro-batch; 0 = batch_size / select_frac (nb = batch_size)
     sb_beta: float = 1.0             # train, sb: keep probability = percentile ** sb_beta
-    sb_history: int = 5000           # train, sb: losses the percentile is taken over
+    sb_history: int = 0              # train, sb: losses the percentile is taken over; 0 = the last 10 micro-batches' (see SelectiveBackprop)
     il_out_dir: str = 'out/rho_il'   # both: the IL model's run; train checks the cache against its checkpoint
     il_budget: float = 0.0           # il: the IL model's budget in budget_unit; 0 = --budget
     il_cache: str = ''               # both: folder of il_loss.f16 + il_loss.json; '' = <data dir>/il/<name of il_out_dir>
@@ -325,7 +334,7 @@ class RhoConfig(TrainConfig):
         require(0 < self.holdout_frac < 1, f'--holdout_frac must be in (0, 1), got {self.holdout_frac}')
         require(0 < self.select_frac <= 1, f'--select_frac must be in (0, 1], got {self.select_frac}')
         require(self.mega_batch >= 0, f'--mega_batch must be >= 0, got {self.mega_batch}')
-        require(self.sb_beta > 0 and self.sb_history > 0, '--sb_beta and --sb_history must be positive')
+        require(self.sb_beta > 0 and self.sb_history >= 0, '--sb_beta must be positive and --sb_history >= 0')
         require(self.il_budget >= 0, f'--il_budget must be >= 0, got {self.il_budget}')
         require(Path(self.il_out_dir).resolve() != Path(self.out_dir).resolve(), '--il_out_dir must differ from --out_dir')
 

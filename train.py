@@ -18,9 +18,11 @@ exactly when the learning rate reaches min_lr.
 """
 import contextlib
 import dataclasses
+import itertools
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -33,8 +35,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import budget as budget_lib
-from configurator import ConfigError, UserError, cli, require, signals_between_steps
-from data.loader import (Batches, Corpus, DataError, atomic_write, data_dir, get_examples, get_tokenizer,
+from configurator import (ConfigError, Interrupted, UserError, check_ranges, cli, key, require, require_writable,
+                          signals_between_steps)
+from data.loader import (Batches, Corpus, DataError, atomic_write, atomic_write_bytes, data_dir, get_examples, get_tokenizer,
                          prepare_command, val_ids)
 from data.spans import SpanVocab, raw_length_for, span_corrupt, span_vocab, t5_lengths
 from model import ARCHS, MODELS, PRESETS, build_arch, device_peak_flops, evaluating
@@ -43,96 +46,85 @@ from model import ARCHS, MODELS, PRESETS, build_arch, device_peak_flops, evaluat
 @dataclass(frozen=True)
 class TrainConfig:
     # run
-    out_dir: str = 'out/default'     # checkpoint, log.jsonl and config.json go here
+    out_dir: str = key('out/default', 'path')  # checkpoint, log.jsonl and config.json go here
     label: str = ''                  # the method's name in `budget.py compare`; '' = derived from the config
-    init_from: str = 'scratch'       # 'scratch', 'resume' (out_dir/ckpt.pt), or a ckpt.pt to start from
+    init_from: str = key('scratch', 'path')  # 'scratch', 'resume' (out_dir/ckpt.pt), or a ckpt.pt to start from
     overwrite: bool = False          # allow a scratch run over an out_dir that holds a run
-    seed: int = 1337
+    seed: int = key(1337, '>=0')
     # data
-    dataset: str = 'stdlib'          # a folder under data/ (prepared on first use for stdlib) or a path
-    tokenizer: str = 'byte'          # 'byte' or a tiktoken encoding name
-    batch_size: int = 32             # examples per micro-batch
-    grad_accum: int = 1              # micro-batches per optimizer step
+    dataset: str = key('stdlib', 'path')  # a folder under data/ (prepared on first use for stdlib) or a path
+    tokenizer: str = key('byte', 'path')  # 'byte' or a tiktoken encoding name
+    batch_size: int = key(32, '>0')  # examples per micro-batch
+    grad_accum: int = key(1, '>0')   # micro-batches per optimizer step
     # model
-    model_type: str = 'gpt'          # 'gpt' (next-token loss) or 't5' (T5-lite on span corruption)
-    model: str = 'small'             # a preset in model.PRESETS: tiny, small, base, gpt2, gpt2-medium, t5-tiny, t5-small-cpu, t5-small
-    n_layer: int = 0                 # 0 = the preset's
-    n_head: int = 0                  # 0 = the preset's
-    n_embd: int = 0                  # 0 = the preset's
-    block_size: int = 0              # 0 = the preset's
-    dropout: float = 0.0
+    model_type: str = key('gpt', tuple(MODELS))  # 'gpt' (next-token loss) or 't5' (T5-lite on span corruption)
+    model: str = key('small', tuple(PRESETS))  # a preset in model.PRESETS: tiny, small, base, gpt2, gpt2-medium, t5-tiny, t5-small-cpu, t5-small
+    n_layer: int = key(0, '>=0')     # 0 = the preset's
+    n_head: int = key(0, '>=0')      # 0 = the preset's
+    n_embd: int = key(0, '>=0')      # 0 = the preset's
+    block_size: int = key(0, '>=0')  # 0 = the preset's
+    dropout: float = key(0.0, '[0,1)')
     bias: bool = True
     # dynamic architecture (No Train No Gain section 3.1)
-    arch: str = 'full'               # full, stack (layer stacking) or drop (progressive layer dropping)
-    stack_init_layers: int = 0       # stack: blocks active at the start; 0 = n_layer // 4
-    stack_fracs: tuple = (0.125, 0.3)  # stack: budget fractions at which the active depth doubles
-    stack_optim: str = 'fresh_new'   # stack: 'fresh_new' (new blocks start with no state), 'reset' (all), 'keep'
-    theta_bar: float = 0.5           # drop: the keep probability theta(t) decays to this
-    gamma_f: float = 100.0           # drop: decay speed of theta(t) (100 BERT-like, 20 for T5)
+    arch: str = key('full', tuple(ARCHS))  # full, stack (layer stacking) or drop (progressive layer dropping)
+    stack_init_layers: int = key(0, '>=0')  # stack: blocks active at the start; 0 = n_layer // 4
+    stack_fracs: tuple = key((0.125, 0.3), '(0,1)')  # stack: budget fractions at which the active depth doubles
+    stack_optim: str = key('fresh_new', ('fresh_new', 'reset', 'keep'))  # stack: 'fresh_new' (new blocks start with no state), 'reset' (all), 'keep'
+    theta_bar: float = key(0.5, '(0,1]')  # drop: the keep probability theta(t) decays to this
+    gamma_f: float = key(100.0, '>=0')  # drop: decay speed of theta(t) (100 BERT-like, 20 for T5)
     # optimizer
-    optimizer: str = 'adamw'         # adamw, lion or sophiag
-    lr: float = 2e-3                 # peak learning rate
-    min_lr: float = 0.0              # reached exactly when the budget is spent
-    weight_decay: float = 0.1        # on matrices only
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0           # 0 = off
-    rho: float = 0.04                # Sophia-G: clipping scale of the preconditioned step
-    hess_interval: int = 10          # Sophia-G: Hessian estimate every k steps
+    optimizer: str = key('adamw', ('adamw', 'lion', 'sophiag'))  # the optimizer (train.OPTIMIZERS)
+    lr: float = key(2e-3, '>0')      # peak learning rate
+    min_lr: float = key(0.0, '>=0')  # reached exactly when the budget is spent
+    weight_decay: float = key(0.1, '>=0')  # on matrices only
+    beta1: float = key(0.9, '[0,1)')
+    beta2: float = key(0.95, '[0,1)')
+    grad_clip: float = key(1.0, '>=0')  # 0 = off
+    rho: float = key(0.04, '>0')     # Sophia-G: clipping scale of the preconditioned step
+    hess_interval: int = key(10, '>0')  # Sophia-G: Hessian estimate every k steps
     free_hessian: bool = False       # Sophia-G: do not charge Hessian steps (the paper's ablation)
     # budget and schedule
-    budget_unit: str = 'rst'         # rst, tokens, iters, flops or wall
-    budget: float = 180.0            # in budget_unit
-    schedule: str = 'cosine'         # cosine, linear, onecycle, wsd, rex (see budget.py)
-    warmup_frac: float = 0.02        # of the budget
-    warmup_units: float = 0.0        # > 0: warm-up in budget units instead (the same for every budget)
-    cooldown_frac: float = 0.2       # wsd: the cooldown's share of the budget
-    cooldown_shape: str = '1-sqrt'   # wsd: '1-sqrt' or 'linear'
-    branch_budgets: tuple = ()       # wsd: multiples of --budget, e.g. (1, 2, 4): one trunk, a cooldown branch each
+    budget_unit: str = key('rst', budget_lib.UNITS)  # rst, tokens, iters, flops or wall
+    budget: float = key(180.0, '>0')  # in budget_unit
+    schedule: str = key('cosine', tuple(budget_lib.SCHEDULES))  # cosine, linear, onecycle, wsd, rex (see budget.py)
+    warmup_frac: float = key(0.02, '[0,1)')  # of the budget
+    warmup_units: float = key(0.0, '>=0')  # > 0: warm-up in budget units instead (the same for every budget)
+    cooldown_frac: float = key(0.2, '(0,1]')  # wsd: the cooldown's share of the budget
+    cooldown_shape: str = key('1-sqrt', ('1-sqrt', 'linear'))  # wsd: '1-sqrt' or 'linear'
+    branch_budgets: tuple = key((), '>0')  # wsd: multiples of --budget, e.g. (1, 2, 4): one trunk, a cooldown branch each
     rst_table: str = ''              # '' = config/rst/<shape>.json
-    # eval, logging, checkpoints
-    eval_interval: int = 250         # optimizer steps between evals (and checkpoints)
-    eval_batches: int = 16           # fixed val set: eval_batches x batch_size examples
-    log_interval: int = 25
-    sample_tokens: int = 300         # generated at the end; 0 = none
+    rst_repeats: int = key(1, '>0')  # budget.py calibrate: measure the table N times (median; each entry's CV saved)
+    # eval, logging, checkpoints, sampling
+    eval_interval: int = key(250, '>0')  # optimizer steps between evals (and checkpoints)
+    eval_batches: int = key(16, '>0')  # fixed val set: eval_batches x batch_size examples
+    log_interval: int = key(25, '>0')
+    sample_tokens: int = key(300, '>=0')  # generated at the end (and by --sample_only); 0 = none
+    sample_only: bool = False        # print samples from --init_from's checkpoint (resume = out_dir's) and exit
+    start: str = '\ndef '            # the prompt samples continue (T5: the encoder's input)
+    num_samples: int = key(1, '>0')  # samples printed by --sample_only
+    wandb_log: bool = False          # also log log.jsonl's records to Weights & Biases (pip install wandb)
+    wandb_project: str = key('efficient-lm', 'path')  # wandb: project
+    wandb_run_name: str = ''         # wandb: run name; '' = out_dir
     # system
-    device: str = 'auto'             # auto, cpu, cuda, cuda:1, mps
-    dtype: str = 'auto'              # auto (bf16 on GPU, else float32), float32, bfloat16, float16
+    device: str = key('auto', 'path')  # auto, cpu, cuda, cuda:1, mps
+    dtype: str = key('auto', ('auto', 'float32', 'bfloat16', 'float16'))  # auto: bf16 on GPU, else float32
     compile: bool = False            # torch.compile the whole model
     compile_loss: bool = True        # torch.compile the per-token loss kernels
-    peak_flops: float = 0.0          # for MFU; 0 = the device's (a measured matmul peak on CPU)
+    peak_flops: float = key(0.0, '>=0')  # for MFU; 0 = the device's (a measured matmul peak on CPU)
     skip_nonfinite: bool = False     # skip (and count) steps whose loss is nan/inf instead of stopping
 
     def __post_init__(self):
+        check_ranges(self)
         require(self.init_from in ('scratch', 'resume') or self.init_from.endswith('.pt'),
                 f"--init_from must be 'scratch', 'resume' or a checkpoint path (.pt), got '{self.init_from}'")
-        require(self.model in PRESETS, f"--model must be one of {', '.join(PRESETS)}, got '{self.model}'")
-        require(self.model_type in MODELS, f"--model_type must be one of {', '.join(MODELS)}, got '{self.model_type}'")
-        require(self.model_type != 't5' or self.model_dims()['block_size'] >= 3,
-                '--block_size (the encoder input length) must be >= 3 for T5')
-        require(self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got '{self.optimizer}'")
-        require(self.schedule in budget_lib.SCHEDULES, f"--schedule must be one of {', '.join(budget_lib.SCHEDULES)}")
-        require(self.budget_unit in budget_lib.UNITS, f"--budget_unit must be one of {', '.join(budget_lib.UNITS)}")
-        require(self.budget > 0, f'--budget must be > 0, got {self.budget}')
-        require(self.lr > 0 and self.min_lr >= 0, f'--lr must be > 0 and --min_lr >= 0, got {self.lr}, {self.min_lr}')
-        require(self.min_lr <= self.lr, f'--min_lr ({self.min_lr}) must not exceed --lr ({self.lr})')
-        require(0 <= self.warmup_frac < 1 and 0 < self.cooldown_frac <= 1, '--warmup_frac must be in [0, 1), --cooldown_frac in (0, 1]')
-        require(0 <= self.warmup_units < self.budget, f'--warmup_units must be in [0, budget), got {self.warmup_units}')
-        require(self.cooldown_shape in ('1-sqrt', 'linear'), "--cooldown_shape must be '1-sqrt' or 'linear'")
-        require(not self.branch_budgets or (self.schedule == 'wsd' and all(m > 0 for m in self.branch_budgets)),
-                '--branch_budgets needs --schedule=wsd and positive multiples of --budget')
-        for key in ('batch_size', 'grad_accum', 'eval_interval', 'eval_batches', 'log_interval', 'hess_interval'):
-            require(getattr(self, key) > 0, f'--{key} must be positive, got {getattr(self, key)}')
-        require(0 <= self.dropout < 1, f'--dropout must be in [0, 1), got {self.dropout}')
-        require(self.arch in ARCHS, f"--arch must be one of {', '.join(ARCHS)}, got '{self.arch}'")
-        require(self.stack_optim in ('fresh_new', 'reset', 'keep'), "--stack_optim must be 'fresh_new', 'reset' or 'keep'")
-        require(list(self.stack_fracs) == sorted(self.stack_fracs) and all(0 < f < 1 for f in self.stack_fracs),
-                f'--stack_fracs must be increasing fractions in (0, 1), got {self.stack_fracs}')
-        require(0 < self.theta_bar <= 1 and self.gamma_f >= 0, '--theta_bar must be in (0, 1] and --gamma_f >= 0')
-        require(self.weight_decay >= 0 and self.grad_clip >= 0, '--weight_decay and --grad_clip must be >= 0')
         dims = self.model_dims()
-        require(dims['n_embd'] % dims['n_head'] == 0,
-                f"--n_head={dims['n_head']} must divide --n_embd={dims['n_embd']}")
+        require(self.model_type != 't5' or dims['block_size'] >= 3, '--block_size (the encoder input length) must be >= 3 for T5')
+        require(dims['n_embd'] % dims['n_head'] == 0, f"--n_head={dims['n_head']} must divide --n_embd={dims['n_embd']}")
+        require(self.min_lr <= self.lr, f'--min_lr ({self.min_lr}) must not exceed --lr ({self.lr})')
+        require(self.warmup_units < self.budget, f'--warmup_units must be below --budget, got {self.warmup_units}')
+        require(not self.branch_budgets or self.schedule == 'wsd', '--branch_budgets needs --schedule=wsd')
+        require(list(self.stack_fracs) == sorted(self.stack_fracs), f'--stack_fracs must increase, got {self.stack_fracs}')
+        require(self.stack_init_layers <= dims['n_layer'], f"--stack_init_layers must be <= n_layer ({dims['n_layer']})")
 
     def model_dims(self):
         preset = PRESETS[self.model] if self.model in PRESETS else PRESETS['small']
@@ -336,9 +328,33 @@ def setup_device(cfg):
     dtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}.get(cfg.dtype)
     if cfg.dtype == 'auto':
         dtype = torch.bfloat16 if device.type == 'cuda' and torch.cuda.is_bf16_supported() else torch.float32
-    if dtype is None:
-        raise ConfigError(f"--dtype must be auto, float32, bfloat16 or float16, got '{cfg.dtype}'")
     return Runtime(device, dtype, rank, world, local)
+
+
+def free_memory(device):
+    """Bytes this process could still allocate on device (CPU: the kernel's MemAvailable)."""
+    if device.type == 'cuda':
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open('/proc/meminfo') as f:
+            return next(int(l.split()[1]) * 1024 for l in f if l.startswith('MemAvailable:'))
+    except (OSError, StopIteration, ValueError):
+        return os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+
+
+def check_memory(cfg, vocab_size, device):
+    """Refuse, before allocating, a configuration whose training step cannot fit: fp32 weights, grads and
+    two optimizer moments (16 bytes a parameter), plus one micro-batch's activations (a lower bound: ~16
+    fp32 values of width n_embd per token and block, the attention scores, one chunk of loss logits)."""
+    d = cfg.model_dims()
+    L, C, T, B = d['n_layer'], d['n_embd'], d['block_size'], cfg.batch_size
+    params = 12 * L * C * C + (vocab_size + T) * C
+    activations = B * T * L * (16 * C + 2 * d['n_head'] * T) + 2048 * vocab_size
+    need, have = 16 * params + 4 * activations, free_memory(device)
+    if need > have:
+        raise UserError(f'this configuration needs at least {need / 2**30:.1f} GiB (weights, gradients, optimizer '
+                        f'state, one micro-batch), {device} has {have / 2**30:.1f} GiB free: lower --batch_size '
+                        f'(raise --grad_accum to keep the step), --block_size or the model size')
 
 
 def load_corpus(cfg):
@@ -370,18 +386,32 @@ def targets_per_example(cfg, model):
     return t5_lengths(raw_length_for(T))[1] if cfg.model_type == 't5' else T
 
 
+def checkpoint_model_type(ckpt):
+    return ckpt.get('config', {}).get('model_type', 'gpt')  # nanoGPT's checkpoints are GPTs
+
+
+def model_from_checkpoint(ckpt, path, **overrides):
+    """The model a checkpoint holds; one whose model_args do not describe its weights is refused."""
+    try:
+        return MODELS[checkpoint_model_type(ckpt)][0].from_checkpoint(ckpt, **overrides)
+    except (RuntimeError, TypeError, ValueError, KeyError, AssertionError) as e:
+        raise UserError(f'checkpoint {path} does not match its own model_args ({type(e).__name__}: '
+                        f"{' '.join(str(e).split())[:120]}): it is damaged or not a model checkpoint") from None
+
+
 def build_model(cfg, vocab_size):
     """A fresh model from the config, or one initialised from --init_from=PATH (its shape wins)."""
     if cfg.init_from.endswith('.pt'):
         ckpt = load_checkpoint(Path(cfg.init_from))
-        model_type = ckpt.get('config', {}).get('model_type', 'gpt')  # nanoGPT's checkpoints are GPTs
+        model_type = checkpoint_model_type(ckpt)
         if model_type != cfg.model_type:
             raise UserError(f"{cfg.init_from} holds a '{model_type}' model: pass --model_type={model_type}")
         want = model_vocab_size(model_type, vocab_size, ckpt['model_args']['block_size'])
         if ckpt['model_args']['vocab_size'] != want:
             raise UserError(f"{cfg.init_from} has vocab {ckpt['model_args']['vocab_size']}, the data needs {want}: "
                             f"use the dataset and tokenizer it was trained with")
-        return MODELS[model_type][0].from_checkpoint(ckpt, dropout=cfg.dropout, compile_loss=cfg.compile_loss)
+        return model_from_checkpoint(ckpt, cfg.init_from, dropout=cfg.dropout, compile_loss=cfg.compile_loss)
+    check_memory(cfg, vocab_size, setup_device(cfg).device)
     model_cls, config_cls = MODELS[cfg.model_type]
     dims = cfg.model_dims()
     return model_cls(config_cls(vocab_size=model_vocab_size(cfg.model_type, vocab_size, dims['block_size']),
@@ -390,9 +420,7 @@ def build_model(cfg, vocab_size):
 
 def load_model(path, device, compile_loss=True):
     """A saved model for scoring or sampling (a reference, IL or reward backbone): frozen, in eval mode."""
-    ckpt = load_checkpoint(Path(path))
-    model_type = ckpt.get('config', {}).get('model_type', 'gpt')
-    model = MODELS[model_type][0].from_checkpoint(ckpt, dropout=0.0, compile_loss=compile_loss)
+    model = model_from_checkpoint(load_checkpoint(Path(path)), path, dropout=0.0, compile_loss=compile_loss)
     return model.to(device).eval().requires_grad_(False)
 
 
@@ -464,15 +492,64 @@ def save_checkpoint(path, ckpt):
     atomic_write(path, lambda f: torch.save(ckpt, f))  # a crash mid-write leaves the previous checkpoint
 
 
+MODEL_ARGS = ('vocab_size', 'block_size', 'n_layer', 'n_embd')  # what every checkpoint's model_args must give
+
+
 def load_checkpoint(path):
-    if not path.exists():
+    """A checkpoint dict: ours, or nanoGPT's (model + model_args); pickled code is never run."""
+    if not path.is_file():
         raise UserError(f'no checkpoint at {path}: check --init_from and --out_dir (or start with --init_from=scratch)')
     try:
         with warnings.catch_warnings():  # a garbage file can make the unpickler warn before it fails
             warnings.simplefilter('ignore')
-            return torch.load(path, map_location='cpu', weights_only=True)
+            ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
         raise UserError(f'checkpoint {path} is unreadable ({type(e).__name__}): it is corrupt or not ours') from None
+    args = ckpt.get('model_args') if isinstance(ckpt, dict) else None
+    if not (isinstance(ckpt.get('model') if args is not None else None, dict) and isinstance(args, dict)
+            and all(isinstance(args.get(k), int) and args[k] > 0 for k in MODEL_ARGS)):
+        raise UserError(f"{path} is not a model checkpoint (a dict with 'model' weights and 'model_args' giving "
+                        f"{', '.join(MODEL_ARGS)})")
+    return ckpt
+
+
+RESUME_KEYS = ('optimizer', 'budget', 'data', 'objective', 'arch', 'active_layers', 'iter_num', 'val_loss', 'rng')
+# keys a resumed run may change: where and how it runs, how often it reports; every other key (the data,
+# the model, the method, the budget and its schedule) is what the saved run is, and may not change
+MAY_CHANGE_ON_RESUME = {'out_dir', 'rst_repeats', 'init_from', 'overwrite', 'eval_interval', 'log_interval', 'sample_tokens',
+                        'sample_only', 'start', 'num_samples', 'wandb_log', 'wandb_project', 'wandb_run_name',
+                        'device', 'dtype', 'compile', 'compile_loss', 'peak_flops', 'skip_nonfinite'}
+
+
+def method_name(objective):
+    """A run's method: the script and class of its objective (rho.SelectiveBackprop). A class that only
+    wraps another objective (a test's interruption, say) has wraps_objective = True and is skipped."""
+    cls = next(c for c in type(objective).__mro__ if not getattr(c, 'wraps_objective', False))
+    module = sys.modules.get(cls.__module__)
+    return f"{Path(getattr(module, '__file__', None) or cls.__module__).stem}.{cls.__name__}"
+
+
+def check_resume_config(cfg, ckpt, path):
+    """A resumed run must be the saved run: the same value of every key that is not in MAY_CHANGE_ON_RESUME
+    (checked before anything is loaded or written; one line names the first difference)."""
+    missing = [k for k in RESUME_KEYS if k not in ckpt]
+    if missing:
+        raise UserError(f'{path} cannot be resumed (it lacks {", ".join(missing)}): start from it with '
+                        f'--init_from={path} instead')
+    saved, now = ckpt.get('config', {}), dataclasses.asdict(cfg)
+    for k in sorted((saved.keys() | now.keys()) - MAY_CHANGE_ON_RESUME):
+        was, new = saved.get(k, now.get(k)), now.get(k, saved.get(k))
+        if (tuple(was) if isinstance(was, list) else was) != new:
+            raise UserError(f'--{k}={new!r} differs from the saved run ({k}={was!r}) in {path.parent}: resume '
+                            f'with the same value, or start a new run in another --out_dir')
+
+
+def check_resume_method(ckpt, method, path):
+    """...and the same method: a Selective Backprop run is not continued by train.py, nor a baseline by rho.py."""
+    saved_method = ckpt.get('method', method)  # checkpoints from before methods were recorded: not checked
+    if saved_method != method:
+        raise UserError(f'{path} is a {saved_method} run, this command would continue it as {method}: resume it '
+                        f'with {saved_method.split(".")[0]}.py, or start a new run in another --out_dir')
 
 
 def run_info(cfg):
@@ -496,14 +573,78 @@ def prepare_out_dir(cfg, out_dir, master):
         raise UserError(f'{out_dir} already holds a run: use --init_from=resume to continue it, '
                         f'--overwrite=True to replace it, or another --out_dir')
     if master:
+        require_writable(out_dir / 'ckpt.pt')
         out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def start_wandb(cfg, saved):
+    """--wandb_log=True: a Weights & Biases run that receives every log.jsonl record (WANDB_MODE=offline
+    works without network); a resumed run continues the saved wandb run."""
+    try:
+        import wandb
+    except ImportError:
+        raise UserError('--wandb_log=True needs the optional package wandb: pip install wandb') from None
+    run_id = (saved or {}).get('wandb_id') or wandb.util.generate_id()
+    return wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or cfg.out_dir, id=run_id, resume='allow',
+                      config=dataclasses.asdict(cfg), dir=cfg.out_dir)
 
 
 def trim_log(log_path, iter_num):
     """After a resume, drop log records written after the checkpoint we resumed from."""
     if log_path.exists():
-        lines = [l for l in log_path.read_text().splitlines() if l and json.loads(l).get('step', 0) <= iter_num]
-        log_path.write_text(''.join(l + '\n' for l in lines))
+        kept = [r for r in budget_lib.read_log(log_path) if not isinstance(r.get('step', 0), (int, float)) or r.get('step', 0) <= iter_num]
+        atomic_write_bytes(log_path, ''.join(json.dumps(r) + '\n' for r in kept).encode())
+
+
+@contextlib.contextmanager
+def locked_out_dir(cfg):
+    """Checks out_dir (prepare_out_dir), then holds out_dir/lock for the run: a second run on the folder
+    refuses while the first lives; a lock left by a dead process (kill -9) is taken over."""
+    out_dir, master = Path(cfg.out_dir), int(os.environ.get('RANK', 0)) == 0
+    prepare_out_dir(cfg, out_dir, master)
+    if not master:
+        yield
+        return
+    lock, me = out_dir / 'lock', f'{socket.gethostname()} {os.getpid()}'
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            owner = lock.read_text(errors='replace') if lock.exists() else ''
+            if owner_alive(owner):
+                raise UserError(f'{out_dir} is in use by another run ({owner.strip() or "unknown owner"}): wait for it, use '
+                                f'another --out_dir, or delete {lock} if no run is using the folder') from None
+            stale = lock.with_name(f'lock.stale{os.getpid()}')
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(lock, stale)
+                os.unlink(stale)
+    else:
+        raise UserError(f'could not lock {lock}: another run keeps taking it; use another --out_dir')
+    with os.fdopen(fd, 'w') as f:
+        f.write(me + '\n')
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            if lock.read_text().strip() == me:
+                lock.unlink()
+
+
+def owner_alive(owner):
+    """Whether a lock's 'host pid' names a live process (on another host: assume it does)."""
+    host, _, pid = owner.strip().rpartition(' ')
+    if not pid.isdigit():
+        return False  # an empty or damaged lock file: a crash while writing it
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return int(pid) != os.getpid()  # our own pid: a lock an earlier run in this process did not release
 
 
 # -----------------------------------------------------------------------------
@@ -526,10 +667,20 @@ def evaluate(model, inputs, targets, batch_size, runtime, n_layers=None):
     return total / count
 
 
-def sample_text(model, tokenizer, runtime, n_tokens, prompt='\ndef '):
-    start = torch.tensor([list(tokenizer.encode(prompt))], device=runtime.device)
-    out = model.generate(start, n_tokens, temperature=0.8, top_k=40, generator=torch.Generator(runtime.device).manual_seed(0))
-    return tokenizer.decode(out[0].tolist())
+def sample_text(model, tokenizer, runtime, n_tokens, prompt='\ndef ', seed=0):
+    """GPT: prompt and its continuation. T5-lite: the prompt, then what its decoder writes for one masked
+    span at the prompt's end (sentinel ids printed as <extra_id_i>, as in T5)."""
+    ids = list(tokenizer.encode(prompt))
+    g = torch.Generator(runtime.device).manual_seed(seed)
+    if not hasattr(model, 'encode'):
+        out = model.generate(torch.tensor([ids], device=runtime.device), n_tokens, temperature=0.8, top_k=40, generator=g)
+        return tokenizer.decode(out[0].tolist())
+    base = tokenizer.vocab_size  # the sentinels' first id (data/spans.py)
+    enc_in = torch.tensor([ids + [base, model.eos_id]], device=runtime.device)
+    out = model.generate(enc_in, n_tokens, temperature=0.8, top_k=40, generator=g)[0, 1:].tolist()
+    runs = itertools.groupby((t for t in out if t != model.eos_id), key=lambda t: t < base)
+    text = ''.join(tokenizer.decode(list(r)) if words else ''.join(f'<extra_id_{t - base}>' for t in r) for words, r in runs)
+    return f'{prompt} => {text}'
 
 
 # -----------------------------------------------------------------------------
@@ -549,18 +700,25 @@ class Trainer:
         self.out_dir = Path(cfg.out_dir)
         prepare_out_dir(cfg, self.out_dir, self.rt.master)
         self.new_log = cfg.init_from != 'resume'  # the first record replaces an old run's log (--overwrite)
+        saved = load_checkpoint(self.out_dir / 'ckpt.pt') if cfg.init_from == 'resume' else None
+        if saved is not None:
+            check_resume_config(cfg, saved, self.out_dir / 'ckpt.pt')
         self.corpus = load_corpus(cfg)
         self.tokenizer = get_tokenizer(self.corpus.meta['tokenizer'])
         self.model = build_model(cfg, self.corpus.vocab_size).to(self.rt.device)
         self.objective, self.building = objective or build_objective(cfg, self.corpus, self.model), True
+        self.method = method_name(self.objective)
+        if saved is not None:
+            check_resume_method(saved, self.method, self.out_dir / 'ckpt.pt')
+        self.wandb = start_wandb(cfg, saved) if cfg.wandb_log and self.rt.master else None
         self.ctx = RunContext(self)
         self.objective.setup(self.ctx)  # requests only: the pieces below are built from them
         self._build(cfg)
         self.iter_num, self.val_loss, self.best_val_loss, self.evaluated_at = 0, float('inf'), float('inf'), None
         self.skipped_steps, self.last_wall, self.last_cost = 0, 0.0, 0.0
         self.branch_points = sorted(branch_points)
-        if cfg.init_from == 'resume':
-            self._resume()
+        if saved is not None:
+            self._resume(saved)
         else:
             self.budget.charge_before_start(self.ctx.charges)
             for record in self.ctx.records:
@@ -582,13 +740,13 @@ class Trainer:
         self.val_inputs, self.val_targets = self.objective.val_batch(*val)
         self.bs = cfg.batch_size * cfg.grad_accum * self.rt.world_size * targets_per_example(cfg, self.model)
         self.optimizer, self.hooks = build_optimizer(cfg, self.model, self.bs, self.ctx.param_groups)
-        table = budget_lib.load_table(run_shape_key(cfg, self.model), cfg.rst_table, required=cfg.budget_unit == 'rst')
+        needs = {'optimizer': [cfg.optimizer], 'hessian': [h.charge_as for h in self.hooks if h.charge_as]}
+        table = budget_lib.load_table(run_shape_key(cfg, self.model), cfg.rst_table, cfg.budget_unit == 'rst', needs)
         self.budget = budget_lib.Budget(cfg.budget_unit, cfg.budget, table, lambda L: self.model.flops_per_token(L),
                                         self.model.config.block_size, cfg.batch_size)
         self.arch = build_arch(cfg, self.model.n_layer)
 
-    def _resume(self):
-        ckpt = load_checkpoint(self.out_dir / 'ckpt.pt')
+    def _resume(self, ckpt):
         self.model.load_state_dict(ckpt['model'])
         self.optimizer.load_state_dict(ckpt['optimizer'])
         self.budget.load_state_dict(ckpt['budget'])
@@ -609,16 +767,17 @@ class Trainer:
         self.rt.print(f'resumed from {self.out_dir / "ckpt.pt"} at step {self.iter_num}, '
                       f'{100 * self.budget.progress:.1f}% of the budget spent')
 
-    def checkpoint(self, path=None):
+    def checkpoint(self, path=None, cfg=None):
+        """Save the run (to out_dir/ckpt.pt, or to path as the run cfg names: a WSD branch's)."""
         if not self.rt.master:
             return
         ckpt = {'model': self.model.state_dict(), 'optimizer': self.optimizer.state_dict(),
-                'model_args': dataclasses.asdict(self.model.config), 'iter_num': self.iter_num,
-                'val_loss': self.val_loss, 'best_val_loss': self.best_val_loss, 'config': dataclasses.asdict(self.cfg),
+                'model_args': dataclasses.asdict(self.model.config), 'iter_num': self.iter_num, 'method': self.method,
+                'val_loss': self.val_loss, 'best_val_loss': self.best_val_loss, 'config': dataclasses.asdict(cfg or self.cfg),
                 'budget': self.budget.state_dict(), 'data': self.data.batches.state_dict(),
                 'objective': self.objective.state_dict(), 'arch': self.arch.state_dict(),
                 'active_layers': self.model.active_layers, 'evaluated': self.evaluated_at == self.iter_num,
-                'last_wall': self.last_wall, 'last_cost': self.last_cost,
+                'last_wall': self.last_wall, 'last_cost': self.last_cost, 'wandb_id': self.wandb and self.wandb.id,
                 'rng': {'cpu': torch.get_rng_state(),
                         'cuda': torch.cuda.get_rng_state() if self.rt.device.type == 'cuda' else None}}
         save_checkpoint(path or self.out_dir / 'ckpt.pt', ckpt)
@@ -628,6 +787,8 @@ class Trainer:
             with open(self.out_dir / 'log.jsonl', 'w' if self.new_log else 'a') as f:
                 f.write(json.dumps(record) + '\n')
             self.new_log = False
+            if self.wandb is not None:
+                self.wandb.log(record)
 
     def eval_and_save(self):
         if self.objective.evaluate is not None:
@@ -705,7 +866,7 @@ class Trainer:
     def run(self):
         cfg, rt = self.cfg, self.rt
         if rt.master:
-            (self.out_dir / 'config.json').write_text(json.dumps(run_info(cfg), indent=1))
+            atomic_write_bytes(self.out_dir / 'config.json', json.dumps(run_info(cfg), indent=1).encode())
         rt.print(f'{self.model.num_params() / 1e6:.2f}M params | {self.bs:,} tokens per step | '
                  f'budget {cfg.budget:g} {cfg.budget_unit} | {cfg.optimizer} lr {cfg.lr:g} {cfg.schedule} | '
                  f'arch {cfg.arch} | data {self.corpus.path} | device {rt.device} {str(rt.dtype).removeprefix("torch.")}')
@@ -739,7 +900,9 @@ class Trainer:
         rt.print(f'done: {self.iter_num} steps, {self.budget.spent["tokens"]:,.0f} tokens, '
                  f'{format_seconds(time.time() - t_start)} wall, final val loss {self.val_loss:.4f}')
         if rt.master and cfg.sample_tokens and not interrupted:
-            rt.print('--- sample ---' + sample_text(self.model, self.tokenizer, rt, cfg.sample_tokens) + '\n---')
+            rt.print('--- sample ---' + sample_text(self.model, self.tokenizer, rt, cfg.sample_tokens, cfg.start) + '\n---')
+        if self.wandb is not None:
+            self.wandb.finish()
         return {'steps': self.iter_num, 'val_loss': self.val_loss, 'spent': dict(self.budget.spent),
                 'interrupted': interrupted}
 
@@ -749,9 +912,9 @@ class Trainer:
         next step is assumed to cost what this one did."""
         spent = self.budget.spent[self.cfg.budget_unit]
         while self.branch_points and spent + self.last_cost / 2 > self.branch_points[0][0]:
-            _, path = self.branch_points.pop(0)
+            _, path, budget = self.branch_points.pop(0)
             path.parent.mkdir(parents=True, exist_ok=True)
-            self.checkpoint(path)
+            self.checkpoint(path, dataclasses.replace(self.cfg, budget=budget, out_dir=str(path.parent)))
             if self.rt.master:
                 log = self.out_dir / 'log.jsonl'  # the trunk's log so far is the branch's
                 (path.parent / 'log.jsonl').write_bytes(log.read_bytes() if log.exists() else b'')
@@ -779,9 +942,14 @@ class Trainer:
 
 def train(cfg, objective=None, branch_points=()):
     """Run one budgeted training run; returns its summary. Method files call this with their objective."""
-    trainer = Trainer(cfg, objective, branch_points)
     try:
-        return trainer.run()
+        with locked_out_dir(cfg):
+            try:
+                trainer = Trainer(cfg, objective, branch_points)
+            except KeyboardInterrupt:
+                raise Interrupted('interrupted before step 1: nothing saved' if cfg.init_from != 'resume'
+                                  else 'interrupted while resuming: the saved run is unchanged') from None
+            return trainer.run()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -798,7 +966,7 @@ def train_wsd_branches(cfg, objective_fn=lambda cfg: None):
         # no trunk checkpoint: a first run, or one killed before it saved (its log is stale: start again)
         resume = (folder[budgets[-1]] / 'ckpt.pt').exists()
         trunk = dataclasses.replace(trunk, init_from='resume' if resume else cfg.init_from, overwrite=not resume)
-        todo = [(points[b], folder[b] / 'ckpt.pt') for b in budgets[:-1] if not (folder[b] / 'ckpt.pt').exists()]
+        todo = [(points[b], folder[b] / 'ckpt.pt', b) for b in budgets[:-1] if not (folder[b] / 'ckpt.pt').exists()]
         if train(trunk, objective_fn(trunk), todo)['interrupted']:
             return {}  # Ctrl-C: stop here; the same command resumes the trunk, then runs the branches
     results = {}
@@ -814,7 +982,20 @@ def train_wsd_branches(cfg, objective_fn=lambda cfg: None):
     return results
 
 
+def sample_only(cfg):
+    """--sample_only=True: print --num_samples continuations of --start from a saved model, no training."""
+    path = Path(cfg.out_dir) / 'ckpt.pt' if cfg.init_from == 'resume' else Path(cfg.init_from)
+    require(cfg.init_from != 'scratch', '--sample_only needs --init_from=resume (out_dir\'s run) or a checkpoint path')
+    rt, ckpt = setup_device(cfg), load_checkpoint(path)
+    model = model_from_checkpoint(ckpt, path, dropout=0.0, compile_loss=False).to(rt.device).eval()
+    tokenizer = get_tokenizer(ckpt.get('config', {}).get('tokenizer', cfg.tokenizer))
+    for i in range(cfg.num_samples):
+        print(f'--- sample {i + 1} ---' + sample_text(model, tokenizer, rt, cfg.sample_tokens or 300, cfg.start, cfg.seed + i))
+
+
 def main(cfg):
+    if cfg.sample_only:
+        return sample_only(cfg)
     return train_wsd_branches(cfg) if cfg.branch_budgets else train(cfg)
 
 

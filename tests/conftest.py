@@ -18,8 +18,9 @@ import train  # noqa: E402  (after the sys.path insert)
 
 
 class Interrupting:
-    """Mix in before any objective: Ctrl-C arrives when step `steps` + 1 asks for its batch."""
-    steps, calls = None, 0
+    """Mix in before any objective: Ctrl-C arrives when step `steps` + 1 asks for its batch. The run's
+    method stays the objective's (train.method_name), so the plain objective resumes it."""
+    steps, calls, wraps_objective = None, 0, True
 
     def __call__(self, model, data, ctx):
         if self.calls == self.steps:

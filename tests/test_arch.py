@@ -231,7 +231,9 @@ def test_resume_continues_the_architecture(tiny_cfg, monkeypatch, arch):
 
 
 class SigintDuringForward(train.CausalLM):
-    """A real Ctrl-C: SIGINT arrives while step 8's forward is running (after its batch was drawn)."""
+    """A real Ctrl-C: SIGINT arrives while step 8's forward is running (after its batch was drawn). The
+    run's method stays the baseline's, which resumes it."""
+    wraps_objective = True
 
     def __call__(self, model, data, budget):
         step = super().__call__(model, data, budget)

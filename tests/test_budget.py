@@ -16,7 +16,7 @@ from train import TrainConfig
 TINY_TABLE = json.loads((ROOT / 'config' / 'rst' / 'gpt_L2_H2_D64_T64_V256_B8.json').read_text())
 TOKENS_PER_STEP = 8 * 64                         # tiny: batch 8 x block 64
 C, T, V, L = 64, 64, 256, 2                      # tiny on the byte corpus
-FLOPS_PER_TOKEN = 6 * (L * (12 * C * C + 13 * C) + V * C) + 12 * L * C * T  # nanoGPT's 6N + attention
+FLOPS_PER_TOKEN = 6 * (L * (12 * C * C + 13 * C) + V * C + 2 * C) + 12 * L * C * T  # nanoGPT's 6N (N: blocks, wte, ln_f) + attention
 
 
 def lr(p, total=1000.0, **kw):

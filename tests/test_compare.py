@@ -1,7 +1,7 @@
-"""The ablation comparison (issues 9 and 12): the method x budget table (mean, sample std, delta to the
-baseline, a significance mark at 2 standard errors, steps), missing and partial runs named, time to target
-(interpolated first crossing, decayed endpoint between budgets, speedups), the compare and schedules
-commands, and a resumable `budget.py ablate` sweep."""
+"""The ablation comparison: the method x budget table (mean, sample std, the paired difference to the
+baseline with its t-based CI and Holm-adjusted p), missing and partial runs named, units never mixed, time
+to target from decayed endpoints over all seeds, what methods log, the compare and schedules commands,
+equal-effort tuning, and a resumable `budget.py ablate` sweep that can run jobs in parallel."""
 import json
 import math
 import statistics
@@ -47,13 +47,11 @@ def row(report, label, table=0):
 
 @pytest.fixture
 def table_runs(tmp_path):
-    """Budget 10: baseline 3.00/3.02/3.04; 'better' 0.21 lower and tight (marked); 'noisy' 0.02 lower with
-    std 0.1 (unmarked); 'edge_in' / 'edge_out' 2.90 and 2.65 standard errors away, either side of Welch's 95%
-    quantile at df 4 (t = 2.776; the old "> 2 SE" rule marked both, p = 0.05-0.11). Budget 20: a baseline
-    only. Plus an unreadable run, and a partial one whose loss must not enter the mean."""
+    """Budget 10, seeds 0-2: baseline 3.00/3.02/3.04; 'better' 0.20/0.21/0.22 lower (paired differences
+    tight); 'noisy' -0.10/-0.02/+0.06. Budget 20: a baseline only. Plus an unreadable run, and a partial
+    one whose loss must not enter the mean."""
     root = tmp_path / 'runs'
-    finals = {'baseline': [3.00, 3.02, 3.04], 'better': [2.80, 2.81, 2.82], 'noisy': [2.90, 3.00, 3.10],
-              'edge_in': [2.9526, 2.9726, 2.9926], 'edge_out': [3.0433, 3.0633, 3.0833]}
+    finals = {'baseline': [3.00, 3.02, 3.04], 'better': [2.80, 2.81, 2.82], 'noisy': [2.90, 3.00, 3.10]}
     dirs = [finished(root, f'{label}_s{seed}', label, 10.0, seed, final, steps=100 + 10 * seed)
             for label, values in finals.items() for seed, final in enumerate(values)]
     dirs.append(finished(root, 'baseline_b20', 'baseline', 20.0, 0, 2.5, steps=200))
@@ -62,35 +60,82 @@ def table_runs(tmp_path):
     return dirs, finals
 
 
-def test_the_table(table_runs, tmp_path, monkeypatch):
+def t2_p(t):
+    """Two-sided p of Student's t with 2 degrees of freedom, in closed form: 1 - |t| / sqrt(2 + t^2)."""
+    return 1 - abs(t) / math.sqrt(2 + t * t)
+
+
+def test_student_t_and_holm_against_hand_computed_values():
+    assert budget_lib.t_p_value(1.5, 2) == pytest.approx(t2_p(1.5), rel=1e-10)
+    assert budget_lib.t_p_value(-7.0, 2) == pytest.approx(t2_p(7.0), rel=1e-10)
+    assert budget_lib.t_p_value(1.0, 1) == pytest.approx(0.5, rel=1e-10)       # Cauchy: 1 - 2 atan(1) / pi
+    assert budget_lib.t95(4) == pytest.approx(2.7764, abs=1e-4) and budget_lib.t95(1) == pytest.approx(12.7062, abs=1e-3)
+    # Holm: sorted p 0.005, 0.01, 0.03, 0.04 (m = 4) -> 0.02, 0.03, 0.06, max(0.06, 0.04); nan stays out
+    assert budget_lib.holm([0.01, 0.04, 0.03, math.nan, 0.005])[:3] == pytest.approx([0.03, 0.06, 0.06])
+    assert budget_lib.holm([0.01, 0.04, 0.03, math.nan, 0.005])[4] == pytest.approx(0.02)
+    assert math.isnan(budget_lib.holm([0.01, math.nan])[1]) and budget_lib.holm([0.6, 0.5]) == [1.0, 1.0]
+    delta, half, p = budget_lib.paired_test([1.0, 2.0, 3.5], [0.5, 1.0, 2.0])     # differences 0.5, 1.0, 1.5
+    assert (delta, half) == pytest.approx((1.0, 4.3027 * 0.5 / math.sqrt(3)), abs=1e-4)
+    assert p == pytest.approx(t2_p(1.0 / (0.5 / math.sqrt(3))), rel=1e-9)
+
+
+def test_the_table_is_paired_with_holm_adjusted_p(table_runs, tmp_path, monkeypatch):
     dirs, finals = table_runs
     monkeypatch.setattr(budget_lib, 'plot_runs', lambda groups, path: None)  # the plot has its own test
     report = budget_lib.compare(dirs, out=str(tmp_path / 'x'), target='none')
     assert (tmp_path / 'x.md').read_text() == report + '\n'
     assert report.splitlines()[0] == '| method | budget 10 | budget 20 |'
-    base_mean, base_sd = 3.02, 0.02                               # sample std (n - 1): 0.02, not 0.0163
     assert row(report, 'baseline') == ['3.0200 ± 0.0200 (n=3)', '2.5000 ± 0.0000 (n=1)']
-    for label, values in finals.items():
-        if label == 'baseline':
-            continue
-        mean, sd = statistics.mean(values), statistics.stdev(values)
-        se = math.sqrt(sd ** 2 / 3 + base_sd ** 2 / 3)
-        marked = abs(mean - base_mean) > 2.776 * se  # equal variances, n = 3 each: Welch's df = 4
-        assert marked == (label in ('better', 'edge_in')), (label, (mean - base_mean) / se)  # the fixture's intent
-        want = f'{mean:.4f} ± {sd:.4f} (n=3) {mean - base_mean:+.4f}' + ('*' if marked else '')
+    p = {}
+    for label in ('better', 'noisy'):
+        d = [m - b for m, b in zip(finals[label], finals['baseline'])]
+        se = statistics.stdev(d) / math.sqrt(3)
+        p[label] = t2_p(statistics.mean(d) / se)
+    holm = {'better': 2 * p['better'], 'noisy': max(2 * p['better'], p['noisy'])}   # better's p is the smaller
+    for label in ('better', 'noisy'):
+        d = [m - b for m, b in zip(finals[label], finals['baseline'])]
+        mean, half = statistics.mean(d), 4.302653 * statistics.stdev(d) / math.sqrt(3)
+        m, sd = statistics.mean(finals[label]), statistics.stdev(finals[label])
+        want = (f'{m:.4f} ± {sd:.4f} (n=3) Δ {mean:+.4f} [{mean - half:+.4f}, {mean + half:+.4f}] p={holm[label]:.3g}'
+                + ('*' if holm[label] < 0.05 else ''))
         assert row(report, label) == [want, '—'], label
-    assert row(report, 'better')[0] == '2.8100 ± 0.0100 (n=3) -0.2100*'   # the partial run (0.5) is left out
-    assert row(report, 'noisy')[0] == '3.0000 ± 0.1000 (n=3) -0.0200'
+    assert row(report, 'better')[0].endswith('*') and not row(report, 'noisy')[0].endswith('*')
+    assert "Holm-adjusted over the table's 2 comparisons" in report
     assert row(report, 'baseline', 1) == ['110', '200'] and row(report, 'better', 1) == ['110', '—']  # steps
     missing = report.split('missing or partial runs (left out of the means):\n')[1].splitlines()
     assert sorted(missing) == sorted([f'- {tmp_path}/runs/better_s9: budget not spent',
                                       f'- {tmp_path}/runs/lost_s0: unreadable (FileNotFoundError)'])
 
 
-def test_no_significance_mark_with_a_single_seed(tmp_path):
-    dirs = [finished(tmp_path, 'b', 'baseline', 10.0, 0, 3.0), finished(tmp_path, 'm', 'm', 10.0, 0, 2.0)]
+def test_pairs_are_by_seed_and_a_single_pair_has_no_interval(tmp_path):
+    dirs = [finished(tmp_path, 'b0', 'baseline', 10.0, 0, 3.0), finished(tmp_path, 'b1', 'baseline', 10.0, 1, 3.5),
+            finished(tmp_path, 'm1', 'm', 10.0, 1, 3.25)]              # only seed 1 is shared
     groups = budget_lib.group_runs([budget_lib.read_run(d) for d in dirs])
-    assert row(budget_lib.ablation_table(groups), 'm') == ['2.0000 ± 0.0000 (n=1) -1.0000']   # no SE from one seed
+    assert row(budget_lib.ablation_table(groups), 'm') == ['3.2500 ± 0.0000 (n=1) Δ -0.2500']
+
+
+def test_a_run_given_twice_is_refused_and_units_get_a_table_each(tmp_path, monkeypatch):
+    monkeypatch.setattr(budget_lib, 'plot_runs', lambda groups, path: None)
+    a = finished(tmp_path, 'a', 'baseline', 10.0, 0, 3.0)
+    with pytest.raises(ConfigError, match='given twice'):
+        budget_lib.compare([a, str(a) + '/'], out=str(tmp_path / 'x'))
+    b = write_run(tmp_path, 'b', 'baseline', 10.0, 0, [(1, 100, 3.5), (2, 200, 2.0)], unit='iters')
+    report = budget_lib.compare([a, b], out=str(tmp_path / 'x'), target='none')
+    assert 'budget unit: iters' in report and 'budget unit: rst' in report
+    assert report.count('(n=1)') == 2 and '(n=2)' not in report               # never averaged together
+
+
+def test_method_statistics_are_reported(tmp_path, monkeypatch):
+    monkeypatch.setattr(budget_lib, 'plot_runs', lambda groups, path: None)
+    dirs = []
+    for seed, frac in enumerate((0.4, 0.6)):
+        d = finished(tmp_path, f'sb{seed}', 'sb', 10.0, seed, 3.0)
+        with open(d / 'log.jsonl', 'a') as f:   # two log records: the run's mean is their mean
+            f.write(json.dumps({'step': 1, 'selected_frac': frac - 0.1}) + '\n' + json.dumps({'step': 2, 'selected_frac': frac + 0.1}) + '\n')
+        dirs.append(d)
+    report = budget_lib.compare(dirs, out=str(tmp_path / 'x'), target='none')
+    half = 12.7062 * statistics.stdev([0.4, 0.6]) / math.sqrt(2)                 # t at df 1
+    assert f'| sb | 10 | selected_frac | 0.500 ± {half:.3f} (n=2) |' in report
 
 
 # -----------------------------------------------------------------------------
@@ -108,41 +153,32 @@ def test_crossing():
 
 @pytest.fixture
 def target_runs(tmp_path):
-    """Budgets 10 and 20 RST. Baseline (2 seeds at 20): finals 2.9 and 3.1, so target 'auto' = 3.0; only
-    seed 0 reaches it, at 10 + 0.5/0.6 x 10 = 18.33 RST. 'fast' crosses 3.0 between its evals at 10 (3.1)
-    and 15 (2.9): 12.5 RST, 1250 tokens. 'slow' never does. Decayed endpoints: baseline 3.4 at 10 and 3.0
-    at 20 -> 20; fast 3.1 at 10 and 2.8 at 20 -> 13.33."""
-    def run(name, label, budget, seed, evals):
-        return write_run(tmp_path, name, label, budget, seed, [(r, 100 * r, loss) for r, loss in evals])
-    return [run('b10', 'baseline', 10.0, 0, [(5, 3.8), (10, 3.4)]),
-            run('b20s0', 'baseline', 20.0, 0, [(10, 3.5), (20, 2.9)]),
-            run('b20s1', 'baseline', 20.0, 1, [(10, 3.5), (20, 3.1)]),
-            run('f10', 'fast', 10.0, 0, [(5, 3.5), (10, 3.1)]),
-            run('f20', 'fast', 20.0, 0, [(5, 3.6), (10, 3.1), (15, 2.9), (20, 2.8)]),
-            run('s10', 'slow', 10.0, 0, [(10, 3.5)]),
-            run('s20', 'slow', 20.0, 0, [(10, 3.4), (20, 3.2)])]
+    """Budgets 10 and 20 RST, fully decayed endpoints per seed. Baseline seed 0: 3.4 at 10, 2.9 at 20;
+    seed 1: 3.4 at 10, 3.1 at 20; so target 'auto' = mean at 20 = 3.0: seed 0 reaches it at 10 + 0.4/0.5 x 10
+    = 18, seed 1 never (it counts: median of (18, inf) is inf). 'fast' seed 0: 3.1 at 10, 2.8 at 20 -> 13.33;
+    seed 1: 2.95 at 10 -> 10. 'slow' never."""
+    def run(name, label, budget, seed, final):
+        return write_run(tmp_path, name, label, budget, seed, [(budget / 2, 50 * budget, final + 0.5), (budget, 100 * budget, final)])
+    return [run('b10s0', 'baseline', 10.0, 0, 3.4), run('b20s0', 'baseline', 20.0, 0, 2.9),
+            run('b10s1', 'baseline', 10.0, 1, 3.4), run('b20s1', 'baseline', 20.0, 1, 3.1),
+            run('f10s0', 'fast', 10.0, 0, 3.1), run('f20s0', 'fast', 20.0, 0, 2.8),
+            run('f10s1', 'fast', 10.0, 1, 2.95), run('f20s1', 'fast', 20.0, 1, 2.9),
+            run('s10s0', 'slow', 10.0, 0, 3.5), run('s20s0', 'slow', 20.0, 0, 3.2)]
 
 
-def test_time_to_target(target_runs, tmp_path, monkeypatch):
+def test_time_to_target_from_decayed_endpoints_over_all_seeds(target_runs, tmp_path, monkeypatch):
     monkeypatch.setattr(budget_lib, 'plot_runs', lambda groups, path: None)
     report = budget_lib.compare(target_runs, out=str(tmp_path / 'x'))   # target='auto'
     assert 'target val loss 3.0000' in report
-    base_first, fast_first = 10 + 0.5 / 0.6 * 10, 12.5
-    base_end, fast_end = 20.0, 10 + 0.1 / 0.3 * 10
-    assert row(report, 'baseline', 2) == [f'{base_first:.1f} ({base_first * 100:,.0f} tokens), 1/2', '1.00x',
-                                          f'{base_end:.1f}', '1.00x']
-    assert row(report, 'fast', 2) == [f'{fast_first:.1f} (1,250 tokens), 1/1', f'{base_first / fast_first:.2f}x',
-                                      f'{fast_end:.1f}', f'{base_end / fast_end:.2f}x']
-    assert row(report, 'fast', 2)[1] == '1.47x' and row(report, 'fast', 2)[3] == '1.50x'
-    assert row(report, 'slow', 2) == ['not reached, 0/1', '—', 'not reached', '—']
-    explicit = budget_lib.compare(target_runs, out=str(tmp_path / 'y'), target='3.45')
-    assert 'target val loss 3.4500' in explicit
-    # baseline seeds cross 3.45 at 10 + 0.05/0.6 x 10 and 10 + 0.05/0.4 x 10; its 10-RST run ends at 3.4 <= 3.45
-    first = statistics.mean([10 + 0.05 / 0.6 * 10, 10 + 0.05 / 0.4 * 10])
-    assert row(explicit, 'baseline', 2)[0] == f'{first:.1f} ({first * 100:,.0f} tokens), 2/2'
-    assert row(explicit, 'baseline', 2)[2] == '10.0'
-    # slow: its first eval (3.4 at 10 RST) is already below; endpoints 3.5 at 10 and 3.2 at 20 -> 11.67
-    assert row(explicit, 'slow', 2) == ['10.0 (1,000 tokens), 1/1', f'{first / 10:.2f}x', '11.7', f'{10 / (10 + 0.05 / 0.3 * 10):.2f}x']
+    assert row(report, 'baseline', 2) == ['not reached', '1/2', '—']     # seed 1 never reaches it: not dropped
+    fast = statistics.median([10 + 0.1 / 0.3 * 10, 10.0])
+    assert row(report, 'fast', 2) == [f'{fast:.1f}', '2/2', '—']
+    assert row(report, 'slow', 2) == ['not reached', '0/1', '—']
+    explicit = budget_lib.compare(target_runs, out=str(tmp_path / 'y'), target='3.2')
+    base = statistics.median([10 + 0.2 / 0.5 * 10, 10 + 0.2 / 0.3 * 10])
+    assert row(explicit, 'baseline', 2) == [f'{base:.1f}', '2/2', '1.00x']
+    assert row(explicit, 'fast', 2) == ['10.0', '2/2', f'{base / 10:.2f}x']
+    assert row(explicit, 'slow', 2) == ['20.0', '1/1', f'{base / 20:.2f}x']
 
 
 # -----------------------------------------------------------------------------
@@ -227,11 +263,12 @@ def test_ablate_runs_the_sweep_once(tmp_path, monkeypatch, capsys):
     (tmp_path / 'sweep.py').write_text(SWEEP)
     monkeypatch.setattr(budget_lib, 'plot_runs', lambda groups, path: None)   # test_compare_command plots
     budget_lib.main(['ablate', f'--config={tmp_path}/sweep.py', f'--out_dir={tmp_path}/abl', '--quick=True',
-                     "--methods=('baseline','stack')"])
+                     "--methods=('baseline','stack')", '--jobs=2'])
     out = capsys.readouterr().out
     progress = [l for l in out.splitlines() if l.startswith('[')]
-    assert len(progress) == 2 and progress[0].startswith('[1/2] baseline budget 6 seed 0: done: 6 steps'), out
-    assert progress[1].startswith('[2/2] stack budget 6 seed 0: done: 6 steps'), out
+    assert [p[:5] for p in progress] == ['[1/2]', '[2/2]'], out         # two at once: either may end first
+    ends = sorted(p.split('] ', 1)[1].split(', ')[0] for p in progress)  # 'baseline budget 6 seed 0: done: 6 steps'
+    assert ends == ['baseline budget 6 seed 0: done: 6 steps', 'stack budget 6 seed 0: done: 6 steps'], out
     first = (tmp_path / 'abl' / 'ablation.md').read_text()
     assert first.strip() in out and '(n=1)' in row(first, 'baseline')[0] and '(n=1)' in row(first, 'stack')[0]
     layers = [json.loads(l).get('active_layers') for l in (tmp_path / 'abl/stack/b6/s0/log.jsonl').read_text().splitlines()]
@@ -241,7 +278,42 @@ def test_ablate_runs_the_sweep_once(tmp_path, monkeypatch, capsys):
 
     def no_rerun(*args, **kwargs):
         raise AssertionError(f'ablate reran a finished run: {args[0]}')
-    monkeypatch.setattr(budget_lib.subprocess, 'run', no_rerun)
+    monkeypatch.setattr(budget_lib.subprocess, 'Popen', no_rerun)
     again = budget_lib.ablate(budget_lib.AblateConfig(config=f'{tmp_path}/sweep.py', out_dir=f'{tmp_path}/abl',
                                                       quick=True, methods=('baseline', 'stack')))
     assert again + '\n' == first == (tmp_path / 'abl' / 'ablation.md').read_text()
+
+
+def test_tune_grid_extends_at_an_edge_and_ablate_reads_the_result(tmp_path, monkeypatch):
+    """A 3-point grid (x2 spacing) per method on a known loss landscape (final = log2(lr / optimum)^2; the
+    runs themselves are test_ablate's): a best point at an edge adds the next point beyond it until the
+    best is inside; Lion's weight decay keeps lr x wd at its configured product; ablate --tuned takes the
+    chosen values and refuses a tuned file made for another sweep."""
+    (tmp_path / 'sweep.py').write_text(SWEEP)
+    optimum = {'baseline': 3e-3 * 4, 'lion': 3e-4 / 2}
+    plans = []
+    monkeypatch.setattr(budget_lib, 'run_plan', lambda plan, jobs: plans.extend(plan))
+    monkeypatch.setattr(budget_lib, 'tune_summary', lambda folder, seeds, lr, extra: {
+        'lr': lr, 'extra': extra, 'final': math.log2(lr / optimum[folder.parent.name]) ** 2})
+    monkeypatch.setattr(budget_lib, 'plot_tuning', lambda results, path: None)
+    cfg = budget_lib.TuneConfig(config=str(tmp_path / 'sweep.py'), out_dir=str(tmp_path / 'tune'),
+                                methods=('baseline', 'lion'), points=3, seeds=(7, 8))
+    results = budget_lib.tune(cfg)
+    for label, lr0 in (('baseline', 3e-3), ('lion', 3e-4)):
+        assert results[label]['lr'] == pytest.approx(optimum[label])
+        tried = sorted(round(p['lr'] / lr0, 6) for p in results[label]['grid'])
+        want = {'baseline': [0.5, 1.0, 2.0, 4.0, 8.0], 'lion': [0.25, 0.5, 1.0, 2.0]}[label]
+        assert tried == want                                  # extended one point at a time, and no further
+    runs = [a for _, _, a in plans]
+    assert all(a['budget'] == 6.0 and a['seed'] in (7, 8) for a in runs)      # the smallest budget, tuning seeds
+    for a in runs:
+        if a['label'] == 'lion (tuning)':
+            assert a['weight_decay'] * a['lr'] == pytest.approx(0.1 * 3e-4)  # lr x wd stays at the product
+    assert results['lion']['weight_decay'] == pytest.approx(0.1 * 3e-4 / optimum['lion'])
+    tuned = str(tmp_path / 'tune' / 'tuned.json')
+    plan = budget_lib.sweep_plan(budget_lib.AblateConfig(config=cfg.config, tuned=tuned, methods=('baseline', 'lion'), seeds=(0,)))
+    assert {label: (a['lr'], a.get('weight_decay')) for label, _, a in plan if a['budget'] == 6.0} == {
+        'baseline': (optimum['baseline'], None), 'lion': (optimum['lion'], results['lion']['weight_decay'])}
+    (tmp_path / 'sweep.py').write_text(SWEEP.replace('lr=3e-3)', 'lr=1e-3)'))
+    with pytest.raises(budget_lib.UserError, match='was made for COMMON'):
+        budget_lib.sweep_plan(budget_lib.AblateConfig(config=cfg.config, tuned=tuned))

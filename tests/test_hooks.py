@@ -102,6 +102,8 @@ class Restricting(train.CausalLM):
 
 
 class StoppingRestricting(Restricting):
+    wraps_objective = True  # the run's method stays Restricting, which resumes it
+
     def __call__(self, model, data, ctx):
         if ctx.step == 4:
             raise KeyboardInterrupt

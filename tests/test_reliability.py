@@ -736,11 +736,13 @@ def test_kill_9_mid_corpus_write_is_never_half_read(zyg, world, tmp_path, stdlib
     is refused (no meta.json), never read half-written; a rerun rebuilds the same corpus."""
     out_dir = tmp_path / 'stdlib'
     r = zyg.run('data/stdlib/prepare.py', f'--out_dir={out_dir}', hooks=['die_in_write:train.bin'])
-    assert r['rc'] == -9 and not (out_dir / 'meta.json').exists() and list(out_dir.glob('train.bin.tmp*'))
+    build = out_dir.parent / f'.{out_dir.name}.build'  # the corpus is built beside its target, then swapped in
+    assert r['rc'] == -9 and not (out_dir / 'meta.json').exists() and list(build.glob('train.bin.tmp*'))
     with pytest.raises(DataError, match='meta.json missing'):
         Corpus(out_dir)
     r = zyg.run('data/stdlib/prepare.py', f'--out_dir={out_dir}')
     assert r['rc'] == 0, r['stderr'][-2000:]
+    assert not build.exists() and not (out_dir.parent / f'.{out_dir.name}.lock').exists()  # taken over, removed
     corpus = Corpus(out_dir)
     assert corpus.meta['counts'] == stdlib_corpus.meta['counts']
     for split in ('train', 'val'):

@@ -1,0 +1,247 @@
+"""Run integrity (issue 17) for the loop, the configurator and budget.py: a resume that would change what the
+saved run is, two runs on one folder, files that parse but have the wrong shape, values out of range or not
+finite, operating-system errors, a configuration too large for the machine, and Ctrl-C during setup. Every
+bad call: one line on stderr, its exit code, and the saved run byte for byte as it was.
+
+The entry points run in this process through configurator.cli (the path `python train.py ...` takes), so
+~80 cases cost seconds; the lock is also tested with two real processes. The data layer's classes (corpus
+writes, meta.json, paths) are in test_hostile_data.py."""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import budget as budget_lib
+import rho
+import train
+from configurator import cli
+from conftest import ROOT, StopAfter
+
+TINY = ['--model=tiny', '--batch_size=8', '--budget_unit=iters', '--compile_loss=False', '--sample_tokens=0',
+        '--eval_batches=2', '--peak_flops=1e12', '--log_interval=1']
+
+
+def snapshot(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(folder).iterdir()) if p.is_file()}
+
+
+def call(main, cls, argv, capsys):
+    """(exit code, stderr lines) of an entry point as `python SCRIPT ARGV` runs it."""
+    capsys.readouterr()
+    try:
+        cli(main, cls, [str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.fixture(scope='module')
+def saved(tmp_path_factory, stdlib_corpus):
+    """A finished baseline run, a Selective Backprop run, and damaged checkpoints and tables."""
+    root = tmp_path_factory.mktemp('integrity')
+    base = dict(model='tiny', batch_size=8, budget_unit='iters', budget=4, compile_loss=False, sample_tokens=0,
+                eval_batches=2, peak_flops=1e12, eval_interval=2)
+    train.train(train.TrainConfig(out_dir=str(root / 'good'), **base))
+    train.train(rho.RhoConfig(out_dir=str(root / 'sb'), method='sb', **base), rho.SelectiveBackprop(
+        rho.RhoConfig(out_dir=str(root / 'sb'), method='sb', **base)))
+    good = torch.load(root / 'good' / 'ckpt.pt', weights_only=True)
+    bad = {'list': [1, 2], 'no_model_args': {'model': {}}, 'empty_model': {'model': {}, 'model_args': {}},
+           'no_block_size': {**good, 'model_args': {k: v for k, v in good['model_args'].items() if k != 'block_size'}},
+           'wrong_width': {**good, 'model_args': {**good['model_args'], 'n_embd': 32}},
+           'string_vocab': {**good, 'model_args': {**good['model_args'], 'vocab_size': '256'}},
+           'no_resume_state': {k: v for k, v in good.items() if k not in ('optimizer', 'budget')}}
+    for name, ckpt in bad.items():
+        (root / name).mkdir()
+        torch.save(ckpt, root / name / 'ckpt.pt')
+    table = json.loads(next(Path(ROOT / 'config' / 'rst').glob('gpt_L2_H2_D64_T64_V256_B8.json')).read_text())
+    tables = {'list.json': [table], 'no_fwd_bwd.json': {k: v for k, v in table.items() if k != 'fwd_bwd'},
+              'negative.json': {**table, 'fwd': {**table['fwd'], '1': -1.0}},
+              'no_layer_2.json': {**table, 'fwd_bwd': {'1': table['fwd_bwd']['1']}},
+              'no_lion.json': {**table, 'optimizer': {'adamw': table['optimizer']['adamw']}}}
+    for name, t in tables.items():
+        (root / name).write_text(json.dumps(t))
+    (root / 'syntax.py').write_text('lr = 1e-3\nbudget = (\n')
+    (root / 'raises.py').write_text('lr = 1e-3\nbudget = 1 / 0\n')
+    (root / 'inf.py').write_text("budget = float('inf')\n")
+    (root / 'table.md').mkdir()
+    (root / 'a_file').write_text('x')
+    return {'root': root, 'good': root / 'good', 'sb': root / 'sb', 'files': {p: snapshot(root / p) for p in ('good', 'sb')}}
+
+
+def train_cases(w):
+    G, r = w['good'], w['root']
+    resume = [*TINY, f'--out_dir={G}', '--init_from=resume', '--budget=4', '--eval_interval=2']
+    return [
+        # class 2: a resume that would change what the run is
+        ('resume-smaller-budget', [*resume, '--budget=2'], ['--budget=2.0 differs from the saved run (budget=4']),
+        ('resume-larger-budget', [*resume, '--budget=40'], ['--budget=40.0 differs']),
+        ('resume-other-dataset', [*resume, f'--dataset={r}/nope'], [f"--dataset='{r}/nope' differs"]),
+        ('resume-n-embd', [*resume, '--n_embd=128'], ['--n_embd=128 differs']),
+        ('resume-n-layer', [*resume, '--n_layer=3'], ['--n_layer=3 differs']),
+        ('resume-block-size', [*resume, '--block_size=32'], ['--block_size=32 differs']),
+        ('resume-arch', [*resume, '--arch=stack'], ["--arch='stack' differs"]),
+        ('resume-optimizer', [*resume, '--optimizer=lion'], ["--optimizer='lion' differs"]),
+        ('resume-schedule', [*resume, '--schedule=wsd'], ["--schedule='wsd' differs"]),
+        ('resume-lr', [*resume, '--lr=0.01'], ['--lr=0.01 differs']),
+        ('resume-seed', [*resume, '--seed=7'], ['--seed=7 differs']),
+        ('resume-label', [*resume, '--label=other'], ["--label='other' differs"]),
+        ('resume-eval-batches', [*resume, '--eval_batches=3'], ['--eval_batches=3 differs']),
+        ('resume-sb-with-train', [*TINY, f"--out_dir={w['sb']}", '--init_from=resume', '--budget=4'],
+         ['is a rho.SelectiveBackprop run', 'this command would continue it as train.CausalLM']),
+        ('resume-not-resumable', [*TINY, f'--out_dir={r}/no_resume_state', '--init_from=resume', '--budget=4'],
+         ['cannot be resumed (it lacks optimizer, budget)']),
+        # class 4: checkpoints and files that parse but have the wrong shape
+        *[(f'init-from-{name}', [*TINY, '--budget=2', f'--out_dir={r}/fresh_{name}', f'--init_from={r}/{name}/ckpt.pt'], [want])
+          for name, want in (('list', 'is not a model checkpoint'), ('no_model_args', 'is not a model checkpoint'),
+                             ('empty_model', 'is not a model checkpoint'), ('no_block_size', 'is not a model checkpoint'),
+                             ('string_vocab', 'is not a model checkpoint'), ('wrong_width', 'does not match its own model_args'))],
+        ('init-from-a-folder', [*TINY, '--budget=2', f'--out_dir={r}/fresh_f', f'--init_from={r}/table.md/x.pt'], ['no checkpoint at']),
+        *[(f'rst-table-{name}', [*TINY, '--budget=2', '--budget_unit=rst', f'--out_dir={r}/fresh_t', f'--rst_table={r}/{name}.json',
+                                 *(['--optimizer=lion'] if name == 'no_lion' else [])], [want])
+          for name, want in (('list', 'is a list, not a table'), ('no_fwd_bwd', 'has no fwd_bwd entries'),
+                             ('negative', 'not a positive number of seconds'), ('no_layer_2', 'lacks fwd_bwd/fwd'),
+                             ('no_lion', 'has no optimizer entry for lion'))],
+        ('rst-table-folder', [*TINY, '--budget=2', '--budget_unit=rst', f'--out_dir={r}/fresh_t', f'--rst_table={r}/table.md'],
+         ['is a folder']),
+        ('config-syntax-error', [f'{r}/syntax.py', *TINY, f'--out_dir={r}/fresh_c'], [f'{r}/syntax.py:2: syntax error']),
+        ('config-raises', [f'{r}/raises.py', *TINY, f'--out_dir={r}/fresh_c'], [f'{r}/raises.py:2: the config file raised ZeroDivisionError']),
+        # class 5: every key's range, for every source of values
+        ('budget-inf', [*TINY, f'--out_dir={r}/fresh_r', '--budget=1e999'], ['--budget must be a finite number']),
+        ('budget-inf-in-a-file', [f'{r}/inf.py', *TINY, f'--out_dir={r}/fresh_r'], ['--budget must be a finite number']),
+        ('branch-budgets-inf', [*TINY, '--budget=2', f'--out_dir={r}/fresh_r', '--schedule=wsd', '--branch_budgets=(1,1e999)'],
+         ['--branch_budgets must be a finite number']),
+        ('branch-budgets-zero', [*TINY, '--budget=2', f'--out_dir={r}/fresh_r', '--schedule=wsd', '--branch_budgets=(1,0)'],
+         ['--branch_budgets must be > 0']),
+        ('beta1-high', [*TINY, f'--out_dir={r}/fresh_r', '--beta1=1.5'], ['--beta1 must be in [0, 1)']),
+        ('beta2-negative', [*TINY, f'--out_dir={r}/fresh_r', '--beta2=-0.1'], ['--beta2 must be in [0, 1)']),
+        ('n-layer-negative', [*TINY, f'--out_dir={r}/fresh_r', '--n_layer=-1'], ['--n_layer must be >= 0']),
+        ('n-embd-negative', [*TINY, f'--out_dir={r}/fresh_r', '--n_embd=-8'], ['--n_embd must be >= 0']),
+        ('block-size-negative', [*TINY, f'--out_dir={r}/fresh_r', '--block_size=-1'], ['--block_size must be >= 0']),
+        ('rho-negative', [*TINY, f'--out_dir={r}/fresh_r', '--rho=-1'], ['--rho must be > 0']),
+        ('stack-init-layers', [*TINY, f'--out_dir={r}/fresh_r', '--arch=stack', '--stack_init_layers=99'],
+         ['--stack_init_layers must be <= n_layer']),
+        ('sample-tokens-negative', [*TINY, f'--out_dir={r}/fresh_r', '--sample_tokens=-5'], ['--sample_tokens must be >= 0']),
+        ('out-dir-empty', [*TINY, '--out_dir='], ['--out_dir must be a non-empty path']),
+        ('dataset-empty', [*TINY, f'--out_dir={r}/fresh_r', '--dataset= '], ['--dataset must be a non-empty path']),
+        ('seed-negative', [*TINY, f'--out_dir={r}/fresh_r', '--seed=-1'], ['--seed must be >= 0']),
+        ('num-samples-zero', [*TINY, f'--out_dir={r}/fresh_r', '--num_samples=0'], ['--num_samples must be > 0']),
+        # class 6: a folder where a file belongs, an unwritable place
+        ('out-dir-under-a-file', [*TINY, f'--out_dir={r}/a_file/run'], ['not writable']),
+        # class 8: too large for the machine, refused before allocating
+        ('batch-huge', [*TINY, f'--out_dir={r}/fresh_m', '--batch_size=10000000'], ['needs at least', '--batch_size']),
+        ('block-huge', [*TINY, f'--out_dir={r}/fresh_m', '--block_size=100000000'], ['needs at least']),
+        ('width-huge', [*TINY, f'--out_dir={r}/fresh_m', '--n_embd=1048576', '--n_head=1'], ['needs at least']),
+    ]
+
+
+CASE_IDS = [c[0] for c in train_cases({'good': Path('/g'), 'sb': Path('/s'), 'root': Path('/r')})]
+
+
+@pytest.mark.parametrize('case_id', CASE_IDS)
+def test_train_refuses_in_one_line_and_touches_nothing(saved, capsys, case_id):
+    argv, expect = next((a, e) for c, a, e in train_cases(saved) if c == case_id)
+    code, err = call(train.main, train.TrainConfig, argv, capsys)
+    what = f'`python train.py {" ".join(map(str, argv))}` -> exit {code}, stderr {err}'
+    assert code == 2 and len(err) == 1, what
+    for phrase in expect:
+        assert phrase in err[0], f'want {phrase!r}: {what}'
+    assert {p: snapshot(saved['root'] / p) for p in ('good', 'sb')} == saved['files'], f'a saved run changed: {what}'
+    fresh = [p for p in saved['root'].glob('fresh_*') if any(p.iterdir())]
+    assert not fresh, f'{what} left files in {fresh}'
+
+
+def test_keys_that_may_change_on_resume_pass_the_check(saved):
+    ckpt = torch.load(saved['good'] / 'ckpt.pt', weights_only=True)
+    cfg = train.TrainConfig(**ckpt['config'])
+    for change in (dict(eval_interval=7), dict(log_interval=3), dict(device='cpu'), dict(compile=True),
+                   dict(out_dir='/elsewhere'), dict(sample_tokens=5), dict(peak_flops=3e12)):
+        train.check_resume_config(train.dataclasses.replace(cfg, init_from='resume', **change), ckpt, Path('x'))
+
+
+def test_a_method_script_refuses_to_continue_another_method(saved, capsys):
+    code, err = call(rho.main, rho.RhoConfig, [*TINY, f"--out_dir={saved['good']}", '--init_from=resume', '--budget=4',
+                                                '--eval_interval=2', '--method=sb'], capsys)
+    assert code == 2 and len(err) == 1 and 'is a train.CausalLM run' in err[0] and 'rho.SelectiveBackprop' in err[0], err
+    assert snapshot(saved['good']) == saved['files']['good']
+
+
+def test_budget_commands_refuse_in_one_line(saved, capsys, tmp_path):
+    r = saved['root']
+    cases = [(['schedules', '--lr=1e999'], '--lr must be a finite number'),
+             (['compare', str(saved['good']), f'--out={r}/table'], 'is a folder'),
+             (['compare', str(saved['good']), str(saved['good']), f'--out={tmp_path}/x'], 'is given twice'),
+             (['calibrate', *TINY, f'--rst_table={r}/a_file/t.json'], 'not writable'),
+             (['ablate', '--jobs=0'], '--jobs must be > 0'),
+             (['tune', '--points=2'], '--points must be >= 3')]
+    for argv, phrase in cases:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            budget_lib.main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and phrase in err[0], (argv, err)
+
+
+def test_a_partial_last_log_line_is_dropped_on_resume(tiny_cfg, tmp_path):
+    cfg = tiny_cfg(out_dir=str(tmp_path / 'a'), budget=6, eval_interval=3)
+    train.train(cfg, StopAfter(8, 3))
+    with open(tmp_path / 'a' / 'log.jsonl', 'a') as f:
+        f.write('{"step": 4, "train_loss": 2.')             # killed mid-write
+    result = train.train(train.dataclasses.replace(cfg, init_from='resume'))
+    records = [json.loads(line) for line in (tmp_path / 'a' / 'log.jsonl').read_text().splitlines()]
+    assert result['steps'] == 6 and [r['step'] for r in records if 'train_loss' in r] == [1, 2, 3, 4, 5, 6]
+    assert budget_lib.read_run(tmp_path / 'a')['complete']
+
+
+def test_ctrl_c_during_setup_is_one_line_exit_130(saved, capsys, monkeypatch, tmp_path):
+    def interrupt(cfg):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, 'load_corpus', interrupt)
+    code, err = call(train.main, train.TrainConfig, [*TINY, '--budget=2', f'--out_dir={tmp_path}/new'], capsys)
+    assert (code, err) == (130, ['interrupted before step 1: nothing saved'])
+    assert not any((tmp_path / 'new').iterdir())
+    code, err = call(train.main, train.TrainConfig, [*TINY, f"--out_dir={saved['good']}", '--init_from=resume',
+                                                     '--budget=4', '--eval_interval=2'], capsys)
+    assert (code, err) == (130, ['interrupted while resuming: the saved run is unchanged'])
+    assert snapshot(saved['good']) == saved['files']['good']
+
+
+# -----------------------------------------------------------------------------
+# class 3: one run per folder
+
+def test_a_live_lock_refuses_and_a_dead_ones_is_taken_over(tiny_cfg, tmp_path, capsys):
+    folder = tmp_path / 'run'
+    folder.mkdir()
+    sleeper = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
+    try:
+        (folder / 'lock').write_text(f'{os.uname().nodename} {sleeper.pid}\n')
+        code, err = call(train.main, train.TrainConfig, [*TINY, '--budget=2', f'--out_dir={folder}'], capsys)
+        assert code == 2 and len(err) == 1 and f'is in use by another run ({os.uname().nodename} {sleeper.pid})' in err[0], err
+        assert sorted(p.name for p in folder.iterdir()) == ['lock']
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    code, err = call(train.main, train.TrainConfig, [*TINY, '--budget=2', f'--out_dir={folder}'], capsys)  # its pid is dead now
+    assert code == 0, err
+    assert not (folder / 'lock').exists() and (folder / 'ckpt.pt').exists()
+
+
+def test_two_runs_started_on_one_folder(tmp_path, stdlib_corpus):
+    """Two real `python train.py` started at once on one out_dir: one runs, the other refuses in one line
+    (the lock, or the first's log if it is already there); the log is the one run's, no step twice."""
+    args = [sys.executable, 'train.py', *TINY, '--budget=300', f'--out_dir={tmp_path}/run', '--eval_interval=100']
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    runs = [subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]
+    results = sorted((p.communicate(timeout=300)[1], p.returncode)[::-1] for p in runs)  # (exit code, stderr)
+    assert results[0][0] == 0, results[0][1][-2000:]
+    code, err = results[1]
+    assert code == 2 and len(err.strip().splitlines()) == 1, err[-2000:]
+    assert 'is in use by another run' in err or 'already holds a run' in err, err
+    steps = [json.loads(l)['step'] for l in (tmp_path / 'run' / 'log.jsonl').read_text().splitlines() if 'train_loss' in l]
+    assert steps == list(range(1, 301)) and not (tmp_path / 'run' / 'lock').exists()
