@@ -26,6 +26,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -584,7 +585,7 @@ def start_wandb(cfg, saved):
         import wandb
     except ImportError:
         raise UserError('--wandb_log=True needs the optional package wandb: pip install wandb') from None
-    run_id = (saved or {}).get('wandb_id') or wandb.util.generate_id()
+    run_id = (saved or {}).get('wandb_id') or uuid.uuid4().hex[:8]
     return wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or cfg.out_dir, id=run_id, resume='allow',
                       config=dataclasses.asdict(cfg), dir=cfg.out_dir)
 
@@ -990,7 +991,7 @@ def sample_only(cfg):
     model = model_from_checkpoint(ckpt, path, dropout=0.0, compile_loss=False).to(rt.device).eval()
     tokenizer = get_tokenizer(ckpt.get('config', {}).get('tokenizer', cfg.tokenizer))
     for i in range(cfg.num_samples):
-        print(f'--- sample {i + 1} ---' + sample_text(model, tokenizer, rt, cfg.sample_tokens or 300, cfg.start, cfg.seed + i))
+        print(f'--- sample {i + 1} ---\n' + sample_text(model, tokenizer, rt, cfg.sample_tokens or 300, cfg.start, cfg.seed + i))
 
 
 def main(cfg):

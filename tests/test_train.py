@@ -166,3 +166,47 @@ def test_ddp_two_processes(tiny_cfg, tmp_path):
     train.train(single)
     ref = load(single.out_dir)['model']
     assert max((ddp[k] - ref[k]).abs().max().item() for k in ref) < 1e-4
+
+
+def test_sample_only_prints_samples_from_a_saved_run(tiny_cfg, capsys):
+    """--sample_only=True: GPT continues --start; T5-lite fills a masked span after it; nothing is trained,
+    nothing in the run folder changes."""
+    for model_type, extra in (('gpt', {}), ('t5', dict(model='t5-tiny', block_size=32))):
+        cfg = tiny_cfg(out_dir=str(Path(tiny_cfg().out_dir) / model_type), model_type=model_type, budget=2, **extra)
+        train.train(cfg)
+        before = {p.name: p.read_bytes() for p in Path(cfg.out_dir).iterdir()}
+        capsys.readouterr()
+        train.main(dataclasses.replace(cfg, init_from='resume', sample_only=True, start='def f(', num_samples=2,
+                                       sample_tokens=20))
+        out = capsys.readouterr().out
+        samples = out.split('--- sample ')[1:]
+        assert [s[:4] for s in samples] == ['1 --', '2 --'], out
+        assert all(s.split('---\n', 1)[1].startswith('def f(') for s in samples), out
+        if model_type == 't5':
+            assert all(' => ' in s for s in samples), out
+        assert {p.name: p.read_bytes() for p in Path(cfg.out_dir).iterdir()} == before
+
+
+def test_wandb_logs_what_log_jsonl_holds(tiny_cfg, monkeypatch):
+    wandb = pytest.importorskip('wandb', reason='wandb is an optional extra (pip install wandb)')
+    monkeypatch.setenv('WANDB_MODE', 'offline')
+    monkeypatch.setenv('WANDB_SILENT', 'true')
+    logged = []
+    real_init = wandb.init
+
+    def init(**kwargs):
+        run = real_init(**kwargs)
+        real_log = run.log
+        run.log = lambda record, **kw: (logged.append(dict(record)), real_log(record, **kw))[1]
+        return run
+    monkeypatch.setattr(wandb, 'init', init)
+    cfg = tiny_cfg(budget=4, eval_interval=2, wandb_log=True, wandb_run_name='t')
+    train.train(cfg)
+    assert logged == read_log(cfg.out_dir)
+    assert any((Path(cfg.out_dir) / 'wandb').glob('offline-run-*'))   # the offline run's files, for `wandb sync`
+
+
+def test_wandb_missing_is_one_line(tiny_cfg, monkeypatch):
+    monkeypatch.setitem(sys.modules, 'wandb', None)                   # import wandb raises ImportError
+    with pytest.raises(UserError, match='pip install wandb'):
+        train.train(tiny_cfg(budget=2, wandb_log=True))
