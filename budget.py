@@ -30,6 +30,7 @@ import torch
 
 from configurator import ConfigError, UserError, cli, key, read_config_file, require, require_writable
 from data.loader import DataError, atomic_write_bytes, data_dir, ngram_floors
+from runs import METHOD_STATS, read_run, run_finished
 
 UNITS = ('rst', 'tokens', 'iters', 'flops', 'wall')
 TABLE_DIR = Path(__file__).resolve().parent / 'config' / 'rst'
@@ -369,65 +370,6 @@ def calibrate(cfg, run, model, batch, optimizers, key):
 
 # -----------------------------------------------------------------------------
 # comparing runs: the method x budget table, time to target, the plot
-
-def derive_label(c):
-    if c.get('label'):
-        return c['label']
-    if c.get('method'):
-        return c['method']
-    if c.get('arch', 'full') != 'full':
-        return c['arch']
-    if c.get('optimizer', 'adamw') != 'adamw':
-        return c['optimizer']
-    return 'wsd' if c.get('schedule') == 'wsd' else 'baseline'
-
-
-def read_log(log_path):
-    """log.jsonl's records; a line that is not a JSON object (the partial last line of a killed run) is dropped."""
-    records = []
-    for line in log_path.read_text(errors='replace').splitlines() if log_path.is_file() else []:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
-
-
-def read_run(path):
-    """A run folder -> its label, budget, seed, evals [(rst, tokens, val_loss)], steps, and completeness."""
-    path = Path(path)
-    try:
-        c = json.loads((path / 'config.json').read_text())['config']
-        if not (path / 'log.jsonl').is_file():
-            raise FileNotFoundError(path / 'log.jsonl')
-        records = read_log(path / 'log.jsonl')
-        if not all(k in c for k in ('budget', 'budget_unit', 'seed')):
-            raise KeyError('budget')  # a config.json without them is not a run's
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        return {'path': str(path), 'error': f'unreadable ({type(e).__name__})'}
-    evals = [r for r in records if 'val_loss' in r]
-    spent = max((r.get(c['budget_unit'], 0) for r in records), default=0)
-    return {'path': str(path), 'label': derive_label(c), 'budget': c['budget'], 'unit': c['budget_unit'],
-            'seed': c['seed'], 'steps': max((r['step'] for r in records), default=0),
-            'evals': [(e.get('rst'), e['tokens'], e['val_loss']) for e in evals],
-            'final': evals[-1]['val_loss'] if evals else None, 'complete': bool(evals) and spent >= c['budget'],
-            'dataset': c.get('dataset'), 'tokenizer': c.get('tokenizer'), 'stats': logged_means(records)}
-
-
-METHOD_STATS = ('selected_frac', 'win_rate')  # what methods log about themselves (see method_stats)
-
-
-def logged_means(records):
-    """The mean of each method statistic over a run's log records (see method_stats)."""
-    out = {}
-    for name in METHOD_STATS:
-        values = [r[name] for r in records if isinstance(r.get(name), (int, float))]
-        if values:
-            out[name] = statistics.mean(values)
-    return out
-
 
 def mean_std(xs):
     return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
@@ -785,12 +727,6 @@ def run_command(script, args):
     resume = not args.get('branch_budgets') and (Path(args['out_dir']) / 'ckpt.pt').exists()
     args = {**args, 'init_from': 'resume'} if resume else {**args, 'overwrite': not args.get('branch_budgets')}
     return [sys.executable, script] + [f'--{k}={v!r}' if isinstance(v, (str, tuple)) else f'--{k}={v}' for k, v in args.items()]
-
-
-def run_finished(out_dir):
-    """A run folder whose log shows its whole budget spent."""
-    run = read_run(out_dir)
-    return 'error' not in run and run['complete']
 
 
 def run_plan(plan, jobs):

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 import budget as budget_lib
+import runs
 import train
 from configurator import UserError, cli, require
 from data.loader import DataError, atomic_write_bytes, file_sha256, get_examples, num_examples
@@ -219,7 +220,7 @@ def precompute_il(cfg, il_result):
     """One no-grad pass of the IL checkpoint over every training example; writes the cache atomically."""
     rt, corpus = train.setup_device(cfg), train.load_corpus(cfg)
     ckpt_path = Path(cfg.il_out_dir) / 'ckpt.pt'
-    model = train.load_model(ckpt_path, rt.device, compile_loss=cfg.compile_loss)
+    model = runs.load_model(ckpt_path, rt.device, compile_loss=cfg.compile_loss)
     T, tokens = model.config.block_size, corpus.splits['train']
     train_k, _ = split_examples(num_examples(tokens, T), cfg.holdout_frac)
     irreducible_loss = np.full(num_examples(tokens, T), np.nan, dtype=np.float16)  # NaN = holdout, never looked up

@@ -22,12 +22,7 @@ import itertools
 import json
 import math
 import os
-import socket
-import subprocess
-import sys
 import time
-import uuid
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,12 +31,14 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import budget as budget_lib
-from configurator import (ConfigError, Interrupted, UserError, check_ranges, cli, key, require, require_writable,
-                          signals_between_steps)
-from data.loader import (Batches, Corpus, DataError, atomic_write, atomic_write_bytes, data_dir, get_examples, get_tokenizer,
+from configurator import ConfigError, Interrupted, UserError, check_ranges, cli, key, require, signals_between_steps
+from data.loader import (Batches, Corpus, DataError, atomic_write_bytes, data_dir, get_examples, get_tokenizer,
                          prepare_command, val_ids)
 from data.spans import SpanVocab, raw_length_for, span_corrupt, span_vocab, t5_lengths
 from model import ARCHS, MODELS, PRESETS, build_arch, device_peak_flops, evaluating
+from runs import (check_resume_config, check_resume_method, checkpoint_model_type, load_checkpoint, load_model,
+                  locked_out_dir, method_name, model_from_checkpoint, prepare_out_dir, run_info, save_checkpoint,
+                  start_wandb, trim_log)
 
 
 @dataclass(frozen=True)
@@ -387,19 +384,6 @@ def targets_per_example(cfg, model):
     return t5_lengths(raw_length_for(T))[1] if cfg.model_type == 't5' else T
 
 
-def checkpoint_model_type(ckpt):
-    return ckpt.get('config', {}).get('model_type', 'gpt')  # nanoGPT's checkpoints are GPTs
-
-
-def model_from_checkpoint(ckpt, path, **overrides):
-    """The model a checkpoint holds; one whose model_args do not describe its weights is refused."""
-    try:
-        return MODELS[checkpoint_model_type(ckpt)][0].from_checkpoint(ckpt, **overrides)
-    except (RuntimeError, TypeError, ValueError, KeyError, AssertionError) as e:
-        raise UserError(f'checkpoint {path} does not match its own model_args ({type(e).__name__}: '
-                        f"{' '.join(str(e).split())[:120]}): it is damaged or not a model checkpoint") from None
-
-
 def build_model(cfg, vocab_size):
     """A fresh model from the config, or one initialised from --init_from=PATH (its shape wins)."""
     if cfg.init_from.endswith('.pt'):
@@ -417,12 +401,6 @@ def build_model(cfg, vocab_size):
     dims = cfg.model_dims()
     return model_cls(config_cls(vocab_size=model_vocab_size(cfg.model_type, vocab_size, dims['block_size']),
                                 dropout=cfg.dropout, bias=cfg.bias, compile_loss=cfg.compile_loss, **dims))
-
-
-def load_model(path, device, compile_loss=True):
-    """A saved model for scoring or sampling (a reference, IL or reward backbone): frozen, in eval mode."""
-    model = model_from_checkpoint(load_checkpoint(Path(path)), path, dropout=0.0, compile_loss=compile_loss)
-    return model.to(device).eval().requires_grad_(False)
 
 
 def run_shape_key(cfg, model):
@@ -484,168 +462,6 @@ class DataSource:
         if self.device.type == 'cuda':
             return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True), ids
         return x.to(self.device), y.to(self.device), ids
-
-
-# -----------------------------------------------------------------------------
-# checkpoints and logs
-
-def save_checkpoint(path, ckpt):
-    atomic_write(path, lambda f: torch.save(ckpt, f))  # a crash mid-write leaves the previous checkpoint
-
-
-MODEL_ARGS = ('vocab_size', 'block_size', 'n_layer', 'n_embd')  # what every checkpoint's model_args must give
-
-
-def load_checkpoint(path):
-    """A checkpoint dict: ours, or nanoGPT's (model + model_args); pickled code is never run."""
-    if not path.is_file():
-        raise UserError(f'no checkpoint at {path}: check --init_from and --out_dir (or start with --init_from=scratch)')
-    try:
-        with warnings.catch_warnings():  # a garbage file can make the unpickler warn before it fails
-            warnings.simplefilter('ignore')
-            ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        raise UserError(f'checkpoint {path} is unreadable ({type(e).__name__}): it is corrupt or not ours') from None
-    args = ckpt.get('model_args') if isinstance(ckpt, dict) else None
-    if not (isinstance(ckpt.get('model') if args is not None else None, dict) and isinstance(args, dict)
-            and all(isinstance(args.get(k), int) and args[k] > 0 for k in MODEL_ARGS)):
-        raise UserError(f"{path} is not a model checkpoint (a dict with 'model' weights and 'model_args' giving "
-                        f"{', '.join(MODEL_ARGS)})")
-    return ckpt
-
-
-RESUME_KEYS = ('optimizer', 'budget', 'data', 'objective', 'arch', 'active_layers', 'iter_num', 'val_loss', 'rng')
-# keys a resumed run may change: where and how it runs, how often it reports; every other key (the data,
-# the model, the method, the budget and its schedule) is what the saved run is, and may not change
-MAY_CHANGE_ON_RESUME = {'out_dir', 'rst_repeats', 'init_from', 'overwrite', 'eval_interval', 'log_interval', 'sample_tokens',
-                        'sample_only', 'start', 'num_samples', 'wandb_log', 'wandb_project', 'wandb_run_name',
-                        'device', 'dtype', 'compile', 'compile_loss', 'peak_flops', 'skip_nonfinite'}
-
-
-def method_name(objective):
-    """A run's method: the script and class of its objective (rho.SelectiveBackprop). A class that only
-    wraps another objective (a test's interruption, say) has wraps_objective = True and is skipped."""
-    cls = next(c for c in type(objective).__mro__ if not getattr(c, 'wraps_objective', False))
-    module = sys.modules.get(cls.__module__)
-    return f"{Path(getattr(module, '__file__', None) or cls.__module__).stem}.{cls.__name__}"
-
-
-def check_resume_config(cfg, ckpt, path):
-    """A resumed run must be the saved run: the same value of every key that is not in MAY_CHANGE_ON_RESUME
-    (checked before anything is loaded or written; one line names the first difference)."""
-    missing = [k for k in RESUME_KEYS if k not in ckpt]
-    if missing:
-        raise UserError(f'{path} cannot be resumed (it lacks {", ".join(missing)}): start from it with '
-                        f'--init_from={path} instead')
-    saved, now = ckpt.get('config', {}), dataclasses.asdict(cfg)
-    for k in sorted((saved.keys() | now.keys()) - MAY_CHANGE_ON_RESUME):
-        was, new = saved.get(k, now.get(k)), now.get(k, saved.get(k))
-        if (tuple(was) if isinstance(was, list) else was) != new:
-            raise UserError(f'--{k}={new!r} differs from the saved run ({k}={was!r}) in {path.parent}: resume '
-                            f'with the same value, or start a new run in another --out_dir')
-
-
-def check_resume_method(ckpt, method, path):
-    """...and the same method: a Selective Backprop run is not continued by train.py, nor a baseline by rho.py."""
-    saved_method = ckpt.get('method', method)  # checkpoints from before methods were recorded: not checked
-    if saved_method != method:
-        raise UserError(f'{path} is a {saved_method} run, this command would continue it as {method}: resume it '
-                        f'with {saved_method.split(".")[0]}.py, or start a new run in another --out_dir')
-
-
-def run_info(cfg):
-    try:
-        commit = subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ''
-    return {'config': dataclasses.asdict(cfg), 'argv': sys.argv, 'git_commit': commit,
-            'python': sys.version.split()[0], 'torch': torch.__version__}
-
-
-def prepare_out_dir(cfg, out_dir, master):
-    """Refuse to train from scratch over an existing run unless asked to. Nothing is deleted here: with
-    --overwrite=True the old log is replaced by the new run's first record (Trainer.log), so a call that
-    fails a later check (data, checkpoint, device) leaves the old run as it was."""
-    ckpt, log = out_dir / 'ckpt.pt', out_dir / 'log.jsonl'
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f'--out_dir={out_dir} is a file: give a folder')
-    if cfg.init_from != 'resume' and (ckpt.exists() or log.exists()) and not cfg.overwrite:
-        raise UserError(f'{out_dir} already holds a run: use --init_from=resume to continue it, '
-                        f'--overwrite=True to replace it, or another --out_dir')
-    if master:
-        require_writable(out_dir / 'ckpt.pt')
-        out_dir.mkdir(parents=True, exist_ok=True)
-
-
-def start_wandb(cfg, saved):
-    """--wandb_log=True: a Weights & Biases run that receives every log.jsonl record (WANDB_MODE=offline
-    works without network); a resumed run continues the saved wandb run."""
-    try:
-        import wandb
-    except ImportError:
-        raise UserError('--wandb_log=True needs the optional package wandb: pip install wandb') from None
-    run_id = (saved or {}).get('wandb_id') or uuid.uuid4().hex[:8]
-    return wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or cfg.out_dir, id=run_id, resume='allow',
-                      config=dataclasses.asdict(cfg), dir=cfg.out_dir)
-
-
-def trim_log(log_path, iter_num):
-    """After a resume, drop log records written after the checkpoint we resumed from."""
-    if log_path.exists():
-        kept = [r for r in budget_lib.read_log(log_path) if not isinstance(r.get('step', 0), (int, float)) or r.get('step', 0) <= iter_num]
-        atomic_write_bytes(log_path, ''.join(json.dumps(r) + '\n' for r in kept).encode())
-
-
-@contextlib.contextmanager
-def locked_out_dir(cfg):
-    """Checks out_dir (prepare_out_dir), then holds out_dir/lock for the run: a second run on the folder
-    refuses while the first lives; a lock left by a dead process (kill -9) is taken over."""
-    out_dir, master = Path(cfg.out_dir), int(os.environ.get('RANK', 0)) == 0
-    prepare_out_dir(cfg, out_dir, master)
-    if not master:
-        yield
-        return
-    lock, me = out_dir / 'lock', f'{socket.gethostname()} {os.getpid()}'
-    for _ in range(3):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
-        except FileExistsError:
-            owner = lock.read_text(errors='replace') if lock.exists() else ''
-            if owner_alive(owner):
-                raise UserError(f'{out_dir} is in use by another run ({owner.strip() or "unknown owner"}): wait for it, use '
-                                f'another --out_dir, or delete {lock} if no run is using the folder') from None
-            stale = lock.with_name(f'lock.stale{os.getpid()}')
-            with contextlib.suppress(FileNotFoundError):
-                os.replace(lock, stale)
-                os.unlink(stale)
-    else:
-        raise UserError(f'could not lock {lock}: another run keeps taking it; use another --out_dir')
-    with os.fdopen(fd, 'w') as f:
-        f.write(me + '\n')
-    try:
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            if lock.read_text().strip() == me:
-                lock.unlink()
-
-
-def owner_alive(owner):
-    """Whether a lock's 'host pid' names a live process (on another host: assume it does)."""
-    host, _, pid = owner.strip().rpartition(' ')
-    if not pid.isdigit():
-        return False  # an empty or damaged lock file: a crash while writing it
-    if host != socket.gethostname():
-        return True
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return int(pid) != os.getpid()  # our own pid: a lock an earlier run in this process did not release
 
 
 # -----------------------------------------------------------------------------

@@ -118,6 +118,47 @@ def file_sha256(path):
     return h.hexdigest()
 
 
+class FolderLock:
+    """An exclusive lock on a file (an flock, holding the owner's pid): a second process refuses with
+    busy(pid); the kernel frees a dead holder's lock (kill -9), so a stale lock file is simply taken over.
+    Shared by corpus builds and run folders (train.py's out_dir)."""
+
+    def __init__(self, path, busy):
+        self.path, self.busy, self.fd = Path(path), busy, None
+
+    @property
+    def held(self):
+        return self.fd is not None
+
+    def acquire(self):
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 32).decode(errors='replace').strip() or '?'
+                os.close(fd)
+                raise self.busy(holder) from None
+            if self.path.exists() and os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                break
+            os.close(fd)  # its holder removed the file as we opened it: lock the new one
+        os.ftruncate(fd, 0)
+        os.write(fd, f'{os.getpid()}\n'.encode())
+        self.fd = fd
+        return self
+
+    def release(self):
+        os.unlink(self.path)  # before unlocking: a waiter that opened this file retries
+        os.close(self.fd)
+        self.fd = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
 class CorpusBuild:
     """A corpus under construction in a folder beside its target (.NAME.build), swapped in by commit().
 
@@ -134,7 +175,9 @@ class CorpusBuild:
         self.target = Path(out_dir)
         self.folder = self.target.parent / f'.{self.target.name}.build'
         self.lock_path = self.target.parent / f'.{self.target.name}.lock'
-        self.resume_key, self.state, self.committed, self._fd = resume_key, {}, False, None
+        self.resume_key, self.state, self.committed = resume_key, {}, False
+        self.lock = FolderLock(self.lock_path, lambda pid: DataError(
+            f'another prepare (pid {pid}) is writing {self.target}: wait for it to end, then run again'))
 
     def __enter__(self):
         if self.target.exists() and not self.target.is_dir():
@@ -143,29 +186,12 @@ class CorpusBuild:
             raise DataError(f'{self.target} is not writable: fix its permissions or give another --out_dir')
         try:
             self.target.parent.mkdir(parents=True, exist_ok=True)
-            self._lock()
+            self.lock.acquire()
             self._start()
         except BaseException as e:
             self.__exit__(type(e), e, None)
             raise
         return self
-
-    def _lock(self):
-        while True:
-            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.read(fd, 32).decode(errors='replace').strip() or '?'
-                os.close(fd)
-                raise DataError(f'another prepare (pid {holder}) is writing {self.target}: wait for it to end, '
-                                f'then run again') from None
-            if os.path.exists(self.lock_path) and os.stat(self.lock_path).st_ino == os.fstat(fd).st_ino:
-                break
-            os.close(fd)  # its holder removed the file as we opened it: lock the new one
-        os.ftruncate(fd, 0)
-        os.write(fd, f'{os.getpid()}\n'.encode())
-        self._fd = fd
 
     def _start(self):
         state_path = self.folder / 'state.json'
@@ -200,12 +226,10 @@ class CorpusBuild:
 
     def __exit__(self, kind, exc, tb):
         keep = self.resume_key is not None and not self.committed and (self.folder / 'state.json').exists()
-        if self._fd is not None:  # only the lock's holder may touch the build folder
+        if self.lock.held:  # only the lock's holder may touch the build folder
             if not keep:
                 shutil.rmtree(self.folder, ignore_errors=True)
-            os.unlink(self.lock_path)  # before unlocking: a waiter that opened this file retries
-            os.close(self._fd)
-            self._fd = None
+            self.lock.release()
         if kind is not None and issubclass(kind, OSError):
             where = (f'the finished part is kept in {self.folder}: run again to resume' if keep
                      else 'nothing was changed there; free disk space, fix permissions or give another --out_dir')

@@ -217,16 +217,20 @@ def test_ctrl_c_during_setup_is_one_line_exit_130(saved, capsys, monkeypatch, tm
 def test_a_live_lock_refuses_and_a_dead_ones_is_taken_over(tiny_cfg, tmp_path, capsys):
     folder = tmp_path / 'run'
     folder.mkdir()
-    sleeper = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
+    holder = subprocess.Popen([sys.executable, '-c', 'import sys; sys.path.insert(0, sys.argv[1]); import time; '
+                               'from data.loader import FolderLock; FolderLock(sys.argv[2], None).acquire(); '
+                               'print("locked", flush=True); time.sleep(60)', str(ROOT), str(folder / 'lock')],
+                              stdout=subprocess.PIPE, text=True)
     try:
-        (folder / 'lock').write_text(f'{os.uname().nodename} {sleeper.pid}\n')
+        assert holder.stdout.readline().strip() == 'locked'
         code, err = call(train.main, train.TrainConfig, [*TINY, '--budget=2', f'--out_dir={folder}'], capsys)
-        assert code == 2 and len(err) == 1 and f'is in use by another run ({os.uname().nodename} {sleeper.pid})' in err[0], err
+        assert code == 2 and len(err) == 1 and f'is in use by another run (pid {holder.pid})' in err[0], err
         assert sorted(p.name for p in folder.iterdir()) == ['lock']
     finally:
-        sleeper.kill()
-        sleeper.wait()
-    code, err = call(train.main, train.TrainConfig, [*TINY, '--budget=2', f'--out_dir={folder}'], capsys)  # its pid is dead now
+        holder.kill()                                     # kill -9: its lock file stays, its flock goes
+        holder.wait()
+    assert (folder / 'lock').exists()
+    code, err = call(train.main, train.TrainConfig, [*TINY, '--budget=2', f'--out_dir={folder}'], capsys)
     assert code == 0, err
     assert not (folder / 'lock').exists() and (folder / 'ckpt.pt').exists()
 

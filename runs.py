@@ -1,0 +1,246 @@
+"""The run folder, which train.py writes and everything else reads: its checkpoint, log and config, the
+rules for continuing it, and its lock.
+
+    out_dir/ckpt.pt      one dict: the model (+ model_args), optimizer, budget, data position, RNG states, the
+                         method and the config; loaded with weights_only=True (nanoGPT's checkpoints load too)
+    out_dir/log.jsonl    one JSON record per line: train steps, evals, what methods log
+    out_dir/config.json  the run's keys, command line, git commit, versions
+    out_dir/lock         held (an flock) while a run writes the folder
+
+A resumed run must be the saved run (check_resume_config, check_resume_method); budget.py reads finished
+runs (read_run); method files load saved models (load_model) to score with or start from.
+"""
+import contextlib
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import uuid
+import warnings
+from pathlib import Path
+
+import torch
+
+from configurator import UserError, require_writable
+from data.loader import FolderLock, atomic_write, atomic_write_bytes
+from model import MODELS
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+def save_checkpoint(path, ckpt):
+    atomic_write(path, lambda f: torch.save(ckpt, f))  # a crash mid-write leaves the previous checkpoint
+
+
+MODEL_ARGS = ('vocab_size', 'block_size', 'n_layer', 'n_embd')  # what every checkpoint's model_args must give
+
+
+def load_checkpoint(path):
+    """A checkpoint dict: ours, or nanoGPT's (model + model_args); pickled code is never run."""
+    if not path.is_file():
+        raise UserError(f'no checkpoint at {path}: check --init_from and --out_dir (or start with --init_from=scratch)')
+    try:
+        with warnings.catch_warnings():  # a garbage file can make the unpickler warn before it fails
+            warnings.simplefilter('ignore')
+            ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise UserError(f'checkpoint {path} is unreadable ({type(e).__name__}): it is corrupt or not ours') from None
+    args = ckpt.get('model_args') if isinstance(ckpt, dict) else None
+    if not (isinstance(ckpt.get('model') if args is not None else None, dict) and isinstance(args, dict)
+            and all(isinstance(args.get(k), int) and args[k] > 0 for k in MODEL_ARGS)):
+        raise UserError(f"{path} is not a model checkpoint (a dict with 'model' weights and 'model_args' giving "
+                        f"{', '.join(MODEL_ARGS)})")
+    return ckpt
+
+
+def checkpoint_model_type(ckpt):
+    return ckpt.get('config', {}).get('model_type', 'gpt')  # nanoGPT's checkpoints are GPTs
+
+
+def model_from_checkpoint(ckpt, path, **overrides):
+    """The model a checkpoint holds; one whose model_args do not describe its weights is refused."""
+    try:
+        return MODELS[checkpoint_model_type(ckpt)][0].from_checkpoint(ckpt, **overrides)
+    except (RuntimeError, TypeError, ValueError, KeyError, AssertionError) as e:
+        raise UserError(f'checkpoint {path} does not match its own model_args ({type(e).__name__}: '
+                        f"{' '.join(str(e).split())[:120]}): it is damaged or not a model checkpoint") from None
+
+
+def load_model(path, device, compile_loss=True):
+    """A saved model for scoring or sampling (a reference, IL or reward backbone): frozen, in eval mode."""
+    model = model_from_checkpoint(load_checkpoint(Path(path)), path, dropout=0.0, compile_loss=compile_loss)
+    return model.to(device).eval().requires_grad_(False)
+
+
+# -----------------------------------------------------------------------------
+# continuing a run
+
+RESUME_KEYS = ('optimizer', 'budget', 'data', 'objective', 'arch', 'active_layers', 'iter_num', 'val_loss', 'rng')
+# keys a resumed run may change: where and how it runs, how often it reports; every other key (the data,
+# the model, the method, the budget and its schedule) is what the saved run is, and may not change
+MAY_CHANGE_ON_RESUME = {'out_dir', 'rst_repeats', 'init_from', 'overwrite', 'eval_interval', 'log_interval', 'sample_tokens',
+                        'sample_only', 'start', 'num_samples', 'wandb_log', 'wandb_project', 'wandb_run_name',
+                        'device', 'dtype', 'compile', 'compile_loss', 'peak_flops', 'skip_nonfinite'}
+
+
+def method_name(objective):
+    """A run's method: the script and class of its objective (rho.SelectiveBackprop). A class that only
+    wraps another objective (a test's interruption, say) has wraps_objective = True and is skipped."""
+    cls = next(c for c in type(objective).__mro__ if not getattr(c, 'wraps_objective', False))
+    module = sys.modules.get(cls.__module__)
+    return f"{Path(getattr(module, '__file__', None) or cls.__module__).stem}.{cls.__name__}"
+
+
+def check_resume_config(cfg, ckpt, path):
+    """A resumed run must be the saved run: the same value of every key that is not in MAY_CHANGE_ON_RESUME
+    (checked before anything is loaded or written; one line names the first difference)."""
+    missing = [k for k in RESUME_KEYS if k not in ckpt]
+    if missing:
+        raise UserError(f'{path} cannot be resumed (it lacks {", ".join(missing)}): start from it with '
+                        f'--init_from={path} instead')
+    saved, now = ckpt.get('config', {}), dataclasses.asdict(cfg)
+    for k in sorted((saved.keys() | now.keys()) - MAY_CHANGE_ON_RESUME):
+        was, new = saved.get(k, now.get(k)), now.get(k, saved.get(k))
+        if (tuple(was) if isinstance(was, list) else was) != new:
+            raise UserError(f'--{k}={new!r} differs from the saved run ({k}={was!r}) in {path.parent}: resume '
+                            f'with the same value, or start a new run in another --out_dir')
+
+
+def check_resume_method(ckpt, method, path):
+    """...and the same method: a Selective Backprop run is not continued by train.py, nor a baseline by rho.py."""
+    saved_method = ckpt.get('method', method)  # checkpoints from before methods were recorded: not checked
+    if saved_method != method:
+        raise UserError(f'{path} is a {saved_method} run, this command would continue it as {method}: resume it '
+                        f'with {saved_method.split(".")[0]}.py, or start a new run in another --out_dir')
+
+
+# -----------------------------------------------------------------------------
+# the folder: config.json, its lock, the log
+
+def run_info(cfg):
+    try:
+        commit = subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ''
+    return {'config': dataclasses.asdict(cfg), 'argv': sys.argv, 'git_commit': commit,
+            'python': sys.version.split()[0], 'torch': torch.__version__}
+
+
+def prepare_out_dir(cfg, out_dir, master):
+    """Refuse to train from scratch over an existing run unless asked to. Nothing is deleted here: with
+    --overwrite=True the old log is replaced by the new run's first record (Trainer.log), so a call that
+    fails a later check (data, checkpoint, device) leaves the old run as it was."""
+    ckpt, log = out_dir / 'ckpt.pt', out_dir / 'log.jsonl'
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f'--out_dir={out_dir} is a file: give a folder')
+    if cfg.init_from != 'resume' and (ckpt.exists() or log.exists()) and not cfg.overwrite:
+        raise UserError(f'{out_dir} already holds a run: use --init_from=resume to continue it, '
+                        f'--overwrite=True to replace it, or another --out_dir')
+    if master:
+        require_writable(out_dir / 'ckpt.pt')
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def start_wandb(cfg, saved):
+    """--wandb_log=True: a Weights & Biases run that receives every log.jsonl record (WANDB_MODE=offline
+    works without network); a resumed run continues the saved wandb run."""
+    try:
+        import wandb
+    except ImportError:
+        raise UserError('--wandb_log=True needs the optional package wandb: pip install wandb') from None
+    run_id = (saved or {}).get('wandb_id') or uuid.uuid4().hex[:8]
+    return wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or cfg.out_dir, id=run_id, resume='allow',
+                      config=dataclasses.asdict(cfg), dir=cfg.out_dir)
+
+
+def trim_log(log_path, iter_num):
+    """After a resume, drop log records written after the checkpoint we resumed from."""
+    if log_path.exists():
+        kept = [r for r in read_log(log_path) if not isinstance(r.get('step', 0), (int, float)) or r.get('step', 0) <= iter_num]
+        atomic_write_bytes(log_path, ''.join(json.dumps(r) + '\n' for r in kept).encode())
+
+
+@contextlib.contextmanager
+def locked_out_dir(cfg):
+    """Checks out_dir (prepare_out_dir), then holds out_dir/lock for the run: a second run on the folder
+    refuses while the first lives; a lock left by a dead process (kill -9) is free again."""
+    out_dir, master = Path(cfg.out_dir), int(os.environ.get('RANK', 0)) == 0
+    prepare_out_dir(cfg, out_dir, master)
+    if not master:
+        yield
+        return
+    with FolderLock(out_dir / 'lock', lambda pid: UserError(
+            f'{out_dir} is in use by another run (pid {pid}): wait for it to end, or use another --out_dir')):
+        yield
+
+
+# -----------------------------------------------------------------------------
+# reading finished runs (budget.py compare, ablate, tune)
+
+def derive_label(c):
+    if c.get('label'):
+        return c['label']
+    if c.get('method'):
+        return c['method']
+    if c.get('arch', 'full') != 'full':
+        return c['arch']
+    if c.get('optimizer', 'adamw') != 'adamw':
+        return c['optimizer']
+    return 'wsd' if c.get('schedule') == 'wsd' else 'baseline'
+
+
+def read_log(log_path):
+    """log.jsonl's records; a line that is not a JSON object (the partial last line of a killed run) is dropped."""
+    records = []
+    for line in log_path.read_text(errors='replace').splitlines() if log_path.is_file() else []:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def read_run(path):
+    """A run folder -> its label, budget, seed, evals [(rst, tokens, val_loss)], steps, and completeness."""
+    path = Path(path)
+    try:
+        c = json.loads((path / 'config.json').read_text())['config']
+        if not (path / 'log.jsonl').is_file():
+            raise FileNotFoundError(path / 'log.jsonl')
+        records = read_log(path / 'log.jsonl')
+        if not all(k in c for k in ('budget', 'budget_unit', 'seed')):
+            raise KeyError('budget')  # a config.json without them is not a run's
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return {'path': str(path), 'error': f'unreadable ({type(e).__name__})'}
+    evals = [r for r in records if 'val_loss' in r]
+    spent = max((r.get(c['budget_unit'], 0) for r in records), default=0)
+    return {'path': str(path), 'label': derive_label(c), 'budget': c['budget'], 'unit': c['budget_unit'],
+            'seed': c['seed'], 'steps': max((r['step'] for r in records), default=0),
+            'evals': [(e.get('rst'), e['tokens'], e['val_loss']) for e in evals],
+            'final': evals[-1]['val_loss'] if evals else None, 'complete': bool(evals) and spent >= c['budget'],
+            'dataset': c.get('dataset'), 'tokenizer': c.get('tokenizer'), 'stats': logged_means(records)}
+
+
+METHOD_STATS = ('selected_frac', 'win_rate')  # what methods log about themselves (see method_stats)
+
+
+def logged_means(records):
+    """The mean of each method statistic over a run's log records (see method_stats)."""
+    out = {}
+    for name in METHOD_STATS:
+        values = [r[name] for r in records if isinstance(r.get(name), (int, float))]
+        if values:
+            out[name] = statistics.mean(values)
+    return out
+
+
+def run_finished(out_dir):
+    """A run folder whose log shows its whole budget spent."""
+    run = read_run(out_dir)
+    return 'error' not in run and run['complete']
