@@ -710,8 +710,7 @@ def sweep_plan(cfg):
     seeds = cfg.seeds[:1] if cfg.quick else cfg.seeds
     methods = chosen_methods(spec, cfg.methods, cfg.config)
     tuned = read_tuned(cfg.tuned, spec, cfg.config, min(budgets)) if cfg.tuned else {}
-    # RHO-LOSS's irreducible-loss model is trained once per sweep, at the largest budget, and reused
-    il = {'il_out_dir': f'{cfg.out_dir}/il', 'il_cache': f'{cfg.out_dir}/il_cache', 'il_budget': max(budgets)}
+    il = il_args(cfg.out_dir, max(budgets))
     plan = [(label, script, {**spec['COMMON'], **(il if args.get('method') == 'rho' else {}), **args,
                              **tuned.get(label, {}), 'budget': b, 'seed': seed, 'label': label,
                              'out_dir': f'{cfg.out_dir}/{label}/b{b:g}/s{seed}'})
@@ -721,6 +720,12 @@ def sweep_plan(cfg):
                   'budget': min(budgets), 'seed': seed, 'branch_budgets': tuple(b / min(budgets) for b in budgets),
                   'label': 'wsd (branches)', 'out_dir': f'{cfg.out_dir}/wsd_branches/s{seed}'}) for seed in seeds]
     return plan
+
+
+def il_args(out_dir, budget):
+    """RHO-LOSS's irreducible-loss model is trained once per sweep (by its first RHO-LOSS run, at the
+    largest budget) and reused by every other."""
+    return {'il_out_dir': f'{out_dir}/il', 'il_cache': f'{out_dir}/il_cache', 'il_budget': budget}
 
 
 def run_command(script, args):
@@ -794,9 +799,10 @@ def tune(cfg):
         axes = spec.get('TUNE', {}).get(label, {})
         extras = [dict(zip(axes, values)) for values in itertools.product(*axes.values())] or [{}]
         ks = list(range(-(cfg.points // 2), cfg.points - cfg.points // 2))
-        for _ in range(4):
-            grid = [(lr0 * 2.0 ** k, extra) for k in ks for extra in extras]
-            plan = [(label, script, {**common, **tune_point(args, common, lr, extra), 'budget': budget, 'seed': seed,
+        il = il_args(cfg.out_dir, max(spec['BUDGETS'])) if args.get('method') == 'rho' else {}
+        for _ in range(4):  # the method's own lr first: RHO-LOSS's first run trains the shared IL model with it
+            grid = [(lr0 * 2.0 ** k, extra) for k in sorted(ks, key=abs) for extra in extras]
+            plan = [(label, script, {**common, **il, **tune_point(args, common, lr, extra), 'budget': budget, 'seed': seed,
                                      'label': f'{label} (tuning)', 'out_dir': str(out / label / point_name(lr, extra) / f's{seed}')})
                     for lr, extra in grid for seed in cfg.seeds]
             run_plan(plan, cfg.jobs)
@@ -812,6 +818,10 @@ def tune(cfg):
     out.mkdir(parents=True, exist_ok=True)
     record = {'config': cfg.config, 'common': repr(common), 'methods': {k: repr(v) for k, v in spec['METHODS'].items()},
               'budget': budget, 'seeds': list(cfg.seeds), 'tuned': results}
+    if (out / 'tuned.json').exists():  # methods tuned earlier for this same sweep stay
+        old = json.loads((out / 'tuned.json').read_text())
+        if all(old.get(k) == record[k] for k in ('common', 'methods', 'budget', 'seeds')):
+            record['tuned'] = {**old['tuned'], **results}
     atomic_write_bytes(out / 'tuned.json', json.dumps(record, indent=1).encode())
     plot_tuning(results, out / 'tune.png')
     print(f"wrote {out / 'tuned.json'}")

@@ -36,7 +36,7 @@ import budget as budget_lib
 import runs
 import train
 from configurator import UserError, cli, require
-from data.loader import DataError, atomic_write_bytes, file_sha256, get_examples, num_examples
+from data.loader import DataError, atomic_write_bytes, file_sha256, get_examples, num_examples, read_json
 from model import evaluating
 from train import CausalLM, Step, TrainConfig
 
@@ -249,6 +249,10 @@ def precompute_il(cfg, il_result):
     return info
 
 
+IL_SIDECAR_KEYS = ('corpus_fingerprint', 'tokenizer', 'block_size', 'holdout_frac', 'num_examples', 'il_ckpt_sha256',
+                   'il_val_loss', 'il_train', 'il_precompute')  # what il_loss.json must hold
+
+
 def load_il_cache(cfg, corpus, block_size):
     """The irreducible losses (memmap, index k = example id k * block_size) and their sidecar;
     refused with the rebuild command when built for other data, settings or IL checkpoint."""
@@ -256,7 +260,10 @@ def load_il_cache(cfg, corpus, block_size):
     rebuild = "`python rho.py --stage=il --overwrite=True` with this run's data and model flags"
     if not (path / 'il_loss.json').exists():
         raise UserError(f'no IL cache in {path}: build it with {rebuild}')
-    info = json.loads((path / 'il_loss.json').read_text())
+    info = read_json(path / 'il_loss.json')
+    missing = [k for k in IL_SIDECAR_KEYS if k not in info]
+    if missing:
+        raise UserError(f'IL cache sidecar {path / "il_loss.json"} is damaged (no {missing[0]}): rebuild it with {rebuild}')
     for key, want in cache_key(cfg, corpus, block_size).items():
         if info.get(key) != want:
             raise UserError(f'stale IL cache in {path}: built with {key}={info.get(key)!r}, this run has {want!r} '
@@ -265,10 +272,10 @@ def load_il_cache(cfg, corpus, block_size):
     if not ckpt.exists() or file_sha256(ckpt) != info['il_ckpt_sha256']:
         raise UserError(f'stale IL cache in {path}: it was not computed by the IL checkpoint {ckpt} '
                         f'({"missing" if not ckpt.exists() else "its hash differs"}): rebuild it with {rebuild}')
-    losses = np.memmap(path / 'il_loss.f16', dtype=np.float16, mode='r')
-    if len(losses) != info['num_examples']:
-        raise UserError(f'IL cache {path / "il_loss.f16"} is truncated: rebuild it with {rebuild}')
-    return losses, info
+    data = path / 'il_loss.f16'
+    if not data.is_file() or data.stat().st_size != 2 * info['num_examples']:  # float16: 2 bytes a loss
+        raise UserError(f'IL cache {data} is missing or truncated: rebuild it with {rebuild}')
+    return np.memmap(data, dtype=np.float16, mode='r'), info
 
 
 def rst(v):

@@ -20,6 +20,7 @@ import budget as budget_lib
 import rho
 import train
 from configurator import cli
+from data.loader import get_tokenizer, write_corpus
 from conftest import ROOT, StopAfter
 
 TINY = ['--model=tiny', '--batch_size=8', '--budget_unit=iters', '--compile_loss=False', '--sample_tokens=0',
@@ -249,3 +250,29 @@ def test_two_runs_started_on_one_folder(tmp_path, stdlib_corpus):
     assert 'is in use by another run' in err or 'already holds a run' in err, err
     steps = [json.loads(l)['step'] for l in (tmp_path / 'run' / 'log.jsonl').read_text().splitlines() if 'train_loss' in l]
     assert steps == list(range(1, 301)) and not (tmp_path / 'run' / 'lock').exists()
+
+
+def test_a_damaged_il_cache_is_one_line(tmp_path, capsys, stdlib_corpus):
+    """RHO-LOSS's cache: a sidecar that is not an object, lacks a key, or a loss file that is cut or gone."""
+    source = (ROOT / 'train.py').read_text()
+    write_corpus(tmp_path / 'corpus', [(f'doc{i}', source[2000 * i:2000 * (i + 1)]) for i in range(20)],
+                 get_tokenizer('byte'), 'test: train.py', val_frac=0.3)  # small: the precompute scores every example
+    il = [*TINY, '--budget=2', f'--il_out_dir={tmp_path}/il', f'--il_cache={tmp_path}/cache', '--block_size=32',
+          f'--dataset={tmp_path}/corpus']
+    code, err = call(rho.main, rho.RhoConfig, [*il, '--stage=il', f'--out_dir={tmp_path}/t'], capsys)
+    assert code == 0, err
+    sidecar, losses = tmp_path / 'cache' / 'il_loss.json', tmp_path / 'cache' / 'il_loss.f16'
+    good_sidecar, good_losses = sidecar.read_bytes(), losses.read_bytes()
+    damage = {'sidecar-a-list': lambda: sidecar.write_text('[1, 2]'),
+              'sidecar-not-json': lambda: sidecar.write_text('{"num_ex'),
+              'sidecar-no-hash': lambda: sidecar.write_text(json.dumps({k: v for k, v in json.loads(good_sidecar).items()
+                                                                         if k != 'il_ckpt_sha256'})),
+              'losses-half': lambda: losses.write_bytes(good_losses[:len(good_losses) // 2]),
+              'losses-odd-byte': lambda: losses.write_bytes(good_losses[:-1]),
+              'losses-gone': losses.unlink}
+    for name, break_it in damage.items():
+        break_it()
+        code, err = call(rho.main, rho.RhoConfig, [*il, '--stage=train', f'--out_dir={tmp_path}/{name}'], capsys)
+        assert code == 2 and len(err) == 1 and 'rebuild it with' in err[0], (name, err)
+        sidecar.write_bytes(good_sidecar)
+        losses.write_bytes(good_losses)
