@@ -1,33 +1,36 @@
-"""The models and the per-token loss that every method shares.
+"""The models and the loss that every method shares.
 
 GPT: a pre-LN decoder with causal scaled_dot_product_attention and tied embeddings, with nanoGPT's
-parameter names and checkpoint fields, so a nanoGPT checkpoint loads. It exposes what the methods
-need: per-token losses instead of a mean (selection methods rank tokens or examples by them), active
-layers (stacking and dropping run a subset of blocks), vocabulary logits (Sophia's estimator),
-generate (with a KV cache, the one decoder that evaluation and sampling share), and estimate_mfu.
+parameter names and checkpoint fields, so a nanoGPT checkpoint loads. It exposes what the methods need:
+per-token losses (selection methods rank tokens or examples by them), active layers (stacking and
+dropping run a subset of blocks), generate (with a KV cache, the one decoder evaluation and sampling
+share) and estimate_mfu. T5-lite: T5 v1.1 in miniature (Raffel et al. 2020, arXiv 1910.10683), an
+encoder-decoder of the same Block (RMSNorm, gated-GELU, a relative position bias per block), trained on
+span corruption (data/spans.py), with the same loss, active layers, generate and estimate_mfu.
 
-T5-lite: T5 v1.1 in miniature ("Exploring the Limits of Transfer Learning with a Unified Text-to-Text
-Transformer", Raffel et al. 2020, arXiv 1910.10683), an encoder-decoder built from the same Block as
-GPT (RMSNorm, gated-GELU, a relative position bias per block), trained on span corruption
-(data/spans.py), with the same per-token loss, active layers, generate and estimate_mfu.
-
-The per-token loss (hidden states -> lm_head -> cross entropy, reduction='none') is the hot path of
-SLM, RHO-LOSS, Selective Backprop and every training step. It never materializes the full
-(tokens x vocab) fp32 logits: it walks the tokens in chunks, keeps only each token's log-sum-exp, and
-recomputes a chunk's logits in the backward. The chunk kernels are compiled with torch.compile once per
-process; a model whose compiled kernels fail falls back to eager on its own.
+The loss (hidden states -> lm_head -> cross entropy) never materializes the (tokens x vocab) fp32 logits:
+it walks the tokens in chunks. Two forms: `model(x, y)` gives per-token losses (two passes: the backward
+recomputes each chunk's logits), and `model(x, y, weight=w)` gives sum_t w_t * loss_t with both gradients
+computed in the forward from the one read of each chunk's logits (three matmuls, as eager), for every loss
+whose weights are known before the forward (the mean, a mask, per-example weights). The chunk kernels are
+compiled once per process; a model whose compiled kernels fail falls back to eager on its own.
 """
 import contextlib
 import functools
+import json
 import math
+import os
+import platform
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from data.loader import atomic_write_bytes
 from data.spans import raw_length_for, t5_lengths
 
 # Named size presets. vocab_size is set by the data (256 for the byte tokenizer; T5-lite adds sentinels).
@@ -58,9 +61,10 @@ class GPTConfig:
 
 
 # -----------------------------------------------------------------------------
-# the per-token loss
+# the loss
 
-LOSS_CHUNK = 2048  # tokens per chunk: chunk x vocab fp32 logits is the peak extra memory
+LOSS_CHUNK = 2048   # tokens per chunk of per-token losses: chunk x vocab fp32 logits is the extra memory
+FUSED_CHUNK = 512   # tokens per chunk of the fused loss (tests/bench.py: as fast as 1024 on a CPU, less memory)
 
 
 def _upcast(logits):
@@ -68,25 +72,44 @@ def _upcast(logits):
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
-def _chunk_loss(h, w, targets):
-    """h (n, C), w (V, C), targets (n,) with -1 = ignore -> loss (n,), lse (n,), both at least fp32."""
-    logits = _upcast(h @ w.t())                                    # (n, V)
+def _chunk_loss(logits, targets):
+    """logits (n, V) of one chunk, targets (n,) with -1 = ignore -> loss (n,), lse (n,), at least fp32."""
+    logits = _upcast(logits)
     lse = torch.logsumexp(logits, dim=-1)
     target_logit = logits.gather(1, targets.clamp(min=0)[:, None]).squeeze(1)
     return torch.where(targets >= 0, lse - target_logit, 0.0), lse
 
 
-def _chunk_grad(h, w, targets, lse, grad_loss):
-    """d(sum_i grad_loss_i * loss_i) / (h, w) for one chunk: softmax minus one-hot, scaled."""
-    logits = _upcast(h @ w.t())                                    # (n, V), recomputed
-    dlogits = torch.exp(logits - lse[:, None])
+def _dlogits(logits, targets, lse, scale):
+    """d(sum_i scale_i * loss_i) / d logits (n, V): softmax minus one-hot, scaled; 0 where ignored."""
+    dlogits = torch.exp(_upcast(logits) - lse[:, None])
     dlogits.scatter_add_(1, targets.clamp(min=0)[:, None], -torch.ones_like(lse)[:, None])
-    dlogits = dlogits * torch.where(targets >= 0, grad_loss, 0.0)[:, None]
-    dlogits = dlogits.to(h.dtype)
-    return dlogits @ w, dlogits.t() @ h                            # (n, C), (V, C)
+    return dlogits * torch.where(targets >= 0, scale, 0.0)[:, None]
 
 
-EAGER_KERNELS = {'loss': _chunk_loss, 'grad': _chunk_grad}
+def _chunk_grad_(logits, targets, lse, scale):
+    """Overwrites a chunk's logits with their gradient (one chunk buffer, not two; where the logits are
+    bf16 under autocast, the matmuls that read the gradient would round it to bf16 anyway)."""
+    logits.copy_(_dlogits(logits, targets, lse, scale))
+
+
+def _chunk_fused_(logits, targets, weight):
+    """Loss and gradient from one read of the logits: returns loss (n,), logits := d(sum_i weight_i *
+    loss_i) / d logits."""
+    loss, lse = _chunk_loss(logits, targets)
+    logits.copy_(_dlogits(logits, targets, lse, weight))
+    return loss
+
+
+def _add_lm_head_grad(grad_w, dlogits, h):
+    """grad_w (V, C) += dlogits.T @ h: in place where the dtypes agree (no (V, C) temporary)."""
+    if grad_w.dtype == dlogits.dtype == h.dtype:
+        torch.addmm(grad_w, dlogits.t(), h, out=grad_w)  # not addmm_: FlopCounterMode counts this one
+    else:
+        grad_w += dlogits.t() @ h
+
+
+EAGER_KERNELS = {'loss': _chunk_loss, 'grad': _chunk_grad_, 'fused': _chunk_fused_}
 
 
 @functools.cache
@@ -103,7 +126,7 @@ class LossKernels:
         self.compiled = use_compile
 
     def __call__(self, name, *args):
-        if self.compiled:
+        if self.compiled and not torch.compiler.is_compiling():  # in a compiled model: traced into its graph
             try:
                 return compiled_kernels()[name](*args)
             except Exception as e:  # an inductor/compiler problem must not stop a run
@@ -113,11 +136,19 @@ class LossKernels:
         return EAGER_KERNELS[name](*args)
 
 
+def _losses(h, w, targets, chunk, kernels):
+    """Per-token losses (N,) and log-sum-exps (N,), a chunk of logits at a time."""
+    parts = [kernels('loss', h[i:i + chunk] @ w.t(), targets[i:i + chunk]) for i in range(0, len(h), chunk)]
+    return [torch.cat(p) for p in zip(*parts)]
+
+
 class ChunkedCrossEntropy(torch.autograd.Function):
+    """Per-token losses; the backward recomputes each chunk's logits (a 4th matmul: the price of not
+    knowing the loss's weights in the forward)."""
+
     @staticmethod
     def forward(ctx, h, w, targets, chunk, kernels):
-        parts = [kernels('loss', h[i:i + chunk], w, targets[i:i + chunk]) for i in range(0, len(h), chunk)]
-        loss, lse = (torch.cat(p) for p in zip(*parts))
+        loss, lse = _losses(h, w, targets, chunk, kernels)
         ctx.save_for_backward(h, w, targets, lse)
         ctx.chunk, ctx.kernels = chunk, kernels
         return loss
@@ -128,10 +159,43 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = torch.empty_like(h), torch.zeros_like(w, dtype=lse.dtype)
         for i in range(0, len(h), ctx.chunk):
             s = slice(i, i + ctx.chunk)
-            dh, dw = ctx.kernels('grad', h[s], w, targets[s], lse[s], grad_loss[s])
-            grad_h[s] = dh
-            grad_w += dw
+            logits = h[s] @ w.t()
+            ctx.kernels('grad', logits, targets[s], lse[s], grad_loss[s])                  # logits := dlogits
+            grad_h[s] = logits @ w
+            _add_lm_head_grad(grad_w, logits, h[s])
         return grad_h, grad_w.to(w.dtype), None, None, None
+
+
+class FusedCrossEntropy(torch.autograd.Function):
+    """sum_i weight_i * loss_i, with the gradients of h and w computed in the forward from the one read
+    of each chunk's logits (3 matmuls, as eager); the backward only scales them by the incoming grad."""
+
+    @staticmethod
+    def forward(ctx, h, w, targets, weight, chunk, kernels, sample, grad_enabled):
+        need_h, need_w, _, need_weight = (grad_enabled and need for need in ctx.needs_input_grad[:4])
+        grad_h = torch.zeros_like(h) if need_h else None
+        grad_w = torch.zeros_like(w, dtype=_upcast(w).dtype) if need_w else None
+        losses = []
+        for i in range(0, len(h), chunk):
+            s = slice(i, i + chunk)
+            logits = h[s] @ w.t()                                                        # (n, V)
+            t = targets[s] if sample is None else torch.where(targets[s] >= 0, sample(logits), -1)
+            if not (need_h or need_w):
+                losses.append(kernels('loss', logits, t)[0])
+                continue
+            losses.append(kernels('fused', logits, t, weight[s]))                       # logits := dlogits
+            if need_h:
+                grad_h[s] = logits @ w                                                   # (n, C)
+            if need_w:
+                _add_lm_head_grad(grad_w, logits, h[s])                                  # (V, C)
+        loss = torch.cat(losses)
+        ctx.save_for_backward(grad_h, None if grad_w is None else grad_w.to(w.dtype), loss if need_weight else None)
+        return (loss * weight).sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_h, grad_w, grad_weight = (None if g is None else grad * g for g in ctx.saved_tensors)
+        return grad_h, grad_w, None, grad_weight, None, None, None, None
 
 
 def per_token_loss(h, w, targets, chunk=LOSS_CHUNK, use_compile=True, kernels=None):
@@ -140,6 +204,17 @@ def per_token_loss(h, w, targets, chunk=LOSS_CHUNK, use_compile=True, kernels=No
     (fp64 stays fp64). kernels: the caller's LossKernels, which remembers a compile failure (a model
     passes its own); by default a fresh one as use_compile says."""
     return ChunkedCrossEntropy.apply(h, w, targets, chunk, kernels or LossKernels(use_compile))
+
+
+def weighted_loss(h, w, targets, weight, chunk=FUSED_CHUNK, use_compile=True, kernels=None, sample=None):
+    """sum_i weight_i * loss_i of per_token_loss's losses (a 0-d tensor): weight a float (1/N: the mean)
+    or a tensor broadcastable to targets (a mask, per-example weights). With grad enabled the gradients
+    come out of the forward (FusedCrossEntropy); under no_grad no gradient work is done. sample(logits
+    (n, V)) -> labels (n,): the loss is against labels drawn from the model's own logits where targets
+    >= 0 (Sophia's estimator), in the same pass."""
+    weight = torch.as_tensor(weight, dtype=_upcast(h).dtype, device=h.device).expand(targets.shape).reshape(-1)
+    return FusedCrossEntropy.apply(h, w, targets.reshape(-1), weight, chunk, kernels or LossKernels(use_compile),
+                                   sample, torch.is_grad_enabled())
 
 
 # -----------------------------------------------------------------------------
@@ -396,18 +471,20 @@ class LayeredLM(nn.Module):
         assert layers and all(0 <= i < self.n_layer for i in layers), layers
         self.active_layers = layers
 
-    def _loss_or_logits(self, h, targets):
-        """Final hidden states h (B, T, C) -> per-token losses (B, T) (-1 targets: loss 0), or without
-        targets the logits of the last position (B, 1, V)."""
+    def _loss_or_logits(self, h, targets, weight=None, sample=None):
+        """Final hidden states h (B, T, C) -> per-token losses (B, T) (-1 targets: loss 0); with weight, the
+        fused sum_t weight_t * loss_t (weighted_loss: weight and sample as there); without targets the
+        logits of the last position (B, 1, V)."""
         if targets is None:
             return self.lm_head(h[:, [-1], :])
-        B, T, C = h.shape
-        return per_token_loss(h.view(B * T, C), self.lm_head.weight, targets.reshape(B * T),
-                              kernels=self.loss_kernels).view(B, T)
+        h, w = h.flatten(0, 1), self.lm_head.weight
+        if weight is None:
+            return per_token_loss(h, w, targets.reshape(-1), kernels=self.loss_kernels).view(targets.shape)
+        return weighted_loss(h, w, targets, weight, kernels=self.loss_kernels, sample=sample)
 
     def logits(self, *inputs):
         """Full vocabulary logits (B, T, V) of every (decoder) position, for the rare user who needs them
-        (Sophia's estimator)."""
+        (tests, analysis; the loss never materializes them)."""
         return self.lm_head(self.hidden(*inputs))
 
     def estimate_mfu(self, tokens_per_sec, peak_flops):
@@ -463,18 +540,20 @@ class GPT(LayeredLM):
             x = self.transformer.h[i](x, cache=None if cache is None else cache[i])
         return self.transformer.ln_f(x)
 
-    def forward(self, idx, targets=None):
-        """With targets: per-token losses (B, T) fp32. Without: logits of the last position (B, 1, V)."""
-        return self._loss_or_logits(self.hidden(idx), targets)
+    def forward(self, idx, targets=None, weight=None, sample=None):
+        """With targets: per-token losses (B, T) fp32, or with weight their weighted sum (a scalar, the
+        gradients computed in the forward). Without: logits of the last position (B, 1, V)."""
+        return self._loss_or_logits(self.hidden(idx), targets, weight, sample)
 
     def flops_per_token(self, n_active=None, seq_len=None):
-        """Forward+backward FLOPs per token at n_active blocks (PaLM appendix B, as nanoGPT)."""
+        """Forward+backward FLOPs per token at n_active blocks: nanoGPT's 6 N + 12 L H Q T (PaLM appendix B),
+        N the non-embedding parameters of the blocks that run, so an MFU compares with nanoGPT's."""
         cfg = self.config
         L = len(self.active_layers) if n_active is None else n_active
         T = cfg.block_size if seq_len is None else seq_len
         per_block = sum(p.numel() for p in self.transformer.h[0].parameters())
-        matmul_params = L * per_block + cfg.vocab_size * cfg.n_embd
-        return 6 * matmul_params + 12 * L * cfg.n_embd * T
+        N = self.num_params() - (cfg.n_layer - L) * per_block
+        return 6 * N + 12 * L * cfg.n_head * (cfg.n_embd // cfg.n_head) * T
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, stop=None, pad_id=0,
@@ -579,10 +658,10 @@ class T5Lite(LayeredLM):
         """(B, Tt, C) the decoder's final hidden states for dec_in, reading the encoded enc_in."""
         return self.decode(dec_in, self.encode(enc_in))
 
-    def forward(self, enc_in, dec_in, targets=None):
-        """With targets (B, Tt): per-token losses (B, Tt) fp32 (-1 = ignore, loss 0). Without: logits of
-        the last decoder position (B, 1, V)."""
-        return self._loss_or_logits(self.hidden(enc_in, dec_in), targets)
+    def forward(self, enc_in, dec_in, targets=None, weight=None, sample=None):
+        """With targets (B, Tt): per-token losses (B, Tt) fp32 (-1 = ignore, loss 0), or with weight their
+        weighted sum (as GPT's). Without: logits of the last decoder position (B, 1, V)."""
+        return self._loss_or_logits(self.hidden(enc_in, dec_in), targets, weight, sample)
 
     def flops_per_token(self, n_active=None, seq_len=None):
         """Forward+backward FLOPs per encoder input token at n_active blocks per stack: one example's
@@ -722,21 +801,59 @@ def build_arch(cfg, n_layer):
 GPU_BF16_PEAK = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L4': 121e12, 'A10': 125e12, '4090': 165e12}
 
 
-def measure_cpu_peak(dtype=torch.float32, n=1024, repeats=5):
-    """The matmul FLOP/s this CPU reaches on an n x n matmul: the honest 'peak' for a CPU MFU."""
+def measure_cpu_peak(sizes=(1024, 2048, 4096), repeats=3, dtype=torch.float32):
+    """The best FLOP/s of square fp32 matmuls at these sizes: the honest 'peak' of a CPU MFU (the best,
+    not a median: other processes' load only ever slows a matmul down)."""
     g = torch.Generator().manual_seed(0)  # leave the global RNG alone: a resume restores it before this runs
-    a, b = torch.randn(n, n, dtype=dtype, generator=g), torch.randn(n, n, dtype=dtype, generator=g)
-    a @ b  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - t0)
-    return 2 * n ** 3 / sorted(times)[len(times) // 2]
+    best = 0.0
+    for n in sizes:
+        a, b = torch.randn(n, n, dtype=dtype, generator=g), torch.randn(n, n, dtype=dtype, generator=g)
+        a @ b  # warm-up
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            a @ b
+            best = max(best, 2 * n ** 3 / (time.perf_counter() - t0))
+    return best
 
 
-def device_peak_flops(device):
-    """Dense bf16 peak of a known GPU; a measured fp32 matmul peak on a CPU."""
+def cpu_peak_cache():
+    """Where measured CPU peaks are kept: $NANO_EFFICIENT_PEAK_CACHE, else ~/.cache/nano-efficient/."""
+    default = Path.home() / '.cache' / 'nano-efficient' / 'peak_flops.json'
+    return Path(os.environ.get('NANO_EFFICIENT_PEAK_CACHE') or default)
+
+
+def cpu_key():
+    """A CPU peak holds for one CPU model, thread count and torch version."""
+    info = Path('/proc/cpuinfo').read_text() if Path('/proc/cpuinfo').exists() else ''
+    names = [line.split(':', 1)[1].strip() for line in info.splitlines() if line.startswith('model name')]
+    cpu = names[0] if names else platform.processor()
+    return f'{cpu} | {torch.get_num_threads()} threads | torch {torch.__version__}'
+
+
+def cached_cpu_peak(remeasure=False):
+    """This machine's CPU peak, measured once and cached (a corrupt or unwritable cache: measured again).
+    remeasure: measure now and keep the larger of the two (a peak measured under load was too low)."""
+    path, key = cpu_peak_cache(), cpu_key()
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    cache = cache if isinstance(cache, dict) else {}
+    known = cache.get(key) if isinstance(cache.get(key), (int, float)) and cache.get(key) > 0 else None
+    if known and not remeasure:
+        return known
+    peak = max(measure_cpu_peak(), known or 0.0)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, json.dumps({**cache, key: peak}, indent=1).encode())
+    except OSError as e:
+        warnings.warn(f'could not cache the CPU peak in {path} ({e}); set NANO_EFFICIENT_PEAK_CACHE or --peak_flops')
+    return peak
+
+
+def device_peak_flops(device, remeasure=False):
+    """Dense bf16 peak of a known GPU; on a CPU the best fp32 matmul rate measured on this machine
+    (cached_cpu_peak; remeasure when an MFU above 100% shows the cached peak was measured too low)."""
     if str(device).startswith('cuda'):
         name = torch.cuda.get_device_name(device)
         for key, peak in GPU_BF16_PEAK.items():
@@ -744,4 +861,4 @@ def device_peak_flops(device):
                 return peak
         warnings.warn(f'unknown GPU {name}: MFU uses 312 TFLOP/s; set --peak_flops')
         return 312e12
-    return measure_cpu_peak()
+    return cached_cpu_peak(remeasure)

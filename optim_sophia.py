@@ -27,7 +27,8 @@ constructor, because the authors' silent default (5120) is wrong for almost ever
 The Hessian estimate is the training loop's every-k-steps hook (HessianHook): after the normal step,
 on fresh micro-batches, sample labels from the model's own softmax, backpropagate the mean cross
 entropy against them through the same (DDP-wrapped) model and the same gradient accumulation as a
-training step, clip that gradient to norm 1, and fold its square into h.
+training step, clip that gradient to norm 1, and fold its square into h. It costs one forward and
+backward per micro-batch: the model's fused loss draws the labels from each chunk of logits it computes.
 """
 import torch
 from torch.optim import Optimizer
@@ -50,18 +51,24 @@ class SophiaG(Optimizer):
             raise ValueError(f"bs must be > 0 (tokens averaged per optimizer step), got {bs}")
         defaults = dict(lr=lr, betas=tuple(betas), rho=rho, weight_decay=weight_decay, bs=bs)
         super().__init__(params, defaults)
-        self._win_count = None  # tensor: coordinates not clipped in the last step (read via win_rate)
-        self._win_total = 0
+        self._stepped = []       # [(group, params)] that the last step updated
+        self._win_count = None   # their coordinates not clipped, a tensor, counted when first asked for
 
     @property
     def win_rate(self):
-        """Fraction of coordinates not clipped in the last step; None before the first step.
-
-        Kept as a tensor until read, so a step costs no device sync unless someone logs it.
-        """
-        if self._win_count is None or self._win_total == 0:
+        """Fraction of coordinates not clipped in the last step; None before the first step. Counted only
+        when asked for (the loop logs it on Hessian steps) and before update_hessian changes h, from m and
+        h as the step used them; kept as a tensor until read, so counting costs no device sync."""
+        total = sum(p.numel() for _, params in self._stepped for p in params)
+        if total == 0:
             return None
-        return self._win_count.item() / self._win_total
+        return self._count_wins().item() / total
+
+    def _count_wins(self):
+        if self._win_count is None:
+            self._win_count = sum((self.state[p]["exp_avg"].abs() < g["rho"] * g["bs"] * self.state[p]["hessian"]).sum()
+                                  for g, params in self._stepped for p in params)
+        return self._win_count
 
     def _state(self, p):
         state = self.state[p]
@@ -73,11 +80,15 @@ class SophiaG(Optimizer):
     @torch.no_grad()
     def update_hessian(self):
         """h = b2*h + (1-b2) * grad*grad, for every param with a grad (grad = the GNB estimator's)."""
+        if self._stepped:
+            self._count_wins()  # the last step's win rate, before h moves on
         for group in self.param_groups:
-            beta2 = group["betas"][1]
-            for p in group["params"]:
-                if p.grad is not None:
-                    self._state(p)["hessian"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                hessians = [self._state(p)["hessian"] for p in params]
+                grads = [p.grad for p in params]
+                torch._foreach_mul_(hessians, group["betas"][1])
+                torch._foreach_addcmul_(hessians, grads, grads, value=1 - group["betas"][1])
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -85,30 +96,31 @@ class SophiaG(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        win_counts, total = [], 0
+        self._stepped, self._win_count = [], None
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                win_counts.append(self._update(p, group))
-                total += p.numel()
-        if win_counts:
-            device = win_counts[0].device
-            self._win_count = torch.stack([c.to(device) for c in win_counts]).sum()
-            self._win_total = total
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                self._update(group, params)
+                self._stepped.append((group, params))
         return loss
 
-    def _update(self, p, group):
-        state = self._state(p)
-        exp_avg, hessian = state["exp_avg"], state["hessian"]
+    def _update(self, group, params):
+        """One group's step, as foreach ops over all its tensors (a few kernels, not a few per tensor).
+        sign(m) * min(|m| / d, 1) is computed as clamp(m / d, -1, 1): the same numbers, one buffer fewer."""
         lr, wd, rho, beta1, bs = group["lr"], group["weight_decay"], group["rho"], group["betas"][0], group["bs"]
-        p.mul_(1 - lr * wd)
-        exp_avg.mul_(beta1).add_(p.grad, alpha=1 - beta1)
-        scaled_h = rho * bs * hessian
+        states = [self._state(p) for p in params]
+        exp_avgs, hessians = [s["exp_avg"] for s in states], [s["hessian"] for s in states]
+        torch._foreach_mul_(params, 1 - lr * wd)
+        torch._foreach_mul_(exp_avgs, beta1)
+        torch._foreach_add_(exp_avgs, [p.grad for p in params], alpha=1 - beta1)
+        denom = torch._foreach_mul(hessians, rho * bs)
         # 1e-15 keeps 0/0 finite; where h = 0 the ratio is clipped to 1 and the step is lr*sign(m).
-        ratio = (exp_avg.abs() / (scaled_h + 1e-15)).clamp_(max=1)
-        p.addcmul_(exp_avg.sign(), ratio, value=-lr)
-        return (exp_avg.abs() < scaled_h).sum()
+        torch._foreach_add_(denom, 1e-15)
+        ratio = torch._foreach_div(exp_avgs, denom)
+        del denom
+        torch._foreach_clamp_min_(ratio, -1.0)
+        torch._foreach_clamp_max_(ratio, 1.0)
+        torch._foreach_add_(params, ratio, alpha=-lr)
 
 
 def sample_labels(logits, generator=None):
@@ -121,14 +133,11 @@ def sample_labels(logits, generator=None):
 
 def sampled_label_loss(model, inputs, targets, generator=None):
     """Mean cross entropy of a micro-batch against labels sampled from the model's own softmax, over
-    the positions whose loss training averages (targets >= 0). The labels come from a no-grad pass;
-    the loss is taken through `model` itself (DDP-wrapped in a DDP run, so the gradient is all-reduced)
-    on the shared per-token loss path."""
-    with torch.no_grad():
-        logits = getattr(model, 'module', model).logits(*inputs)                       # (B, T, V)
-    y_hat = sample_labels(logits, generator).view(targets.shape)
-    y_hat = torch.where(targets >= 0, y_hat, -1)
-    return model(*inputs, y_hat).sum() / (y_hat >= 0).sum()
+    the positions whose loss training averages (targets >= 0). One pass through `model` itself (DDP-wrapped
+    in a DDP run, so the gradient is all-reduced) on the fused loss path: each chunk's logits are sampled
+    from, then scored against the sample, and their gradients computed, while they are in memory."""
+    n = (targets >= 0).sum().clamp(min=1)
+    return model(*inputs, targets, weight=1.0 / n, sample=lambda logits: sample_labels(logits, generator))
 
 
 def gnb_hessian_step(optimizer, backward, clip=1.0):

@@ -1,12 +1,16 @@
 """Benchmarks (not tests): every figure is a ratio against a baseline measured in the same run.
 
-    python tests/bench.py            # all of it, a few minutes on 2 CPU cores
-    python tests/bench.py loss       # the per-token loss only (vocab 50304, B*T 4096, d 768)
+    python tests/bench.py            # all of it, ~20 minutes on one busy CPU core
+    python tests/bench.py loss       # the loss path against eager (vocab 50304, B*T 4096, d 768)
     python tests/bench.py train      # tokens/s and MFU of the default config, optimizer step-time ratios
+    python tests/bench.py compile    # whole-model --compile=True against eager, tokens/s
+    python tests/bench.py slm        # SLM's step time (cached / online reference) against CLM's
+    python tests/bench.py loss --chunks=256,512,1024   # the fused path at other chunk sizes
 
 Memory on the CPU: torch's CPU allocator keeps no peak counter, so a thread samples the process's
 resident set every millisecond during the measured call (a fresh subprocess per variant); the figure
-is the peak minus the resident set just before the call.
+is the peak minus the resident set just before the call. Times are the best of a few calls, the variants
+taking turns in one process: load from other processes only ever slows a call down.
 """
 import json
 import resource
@@ -49,50 +53,73 @@ def peak_extra_mb(fn):
     return max(peak[0], _rss_mb()) - base
 
 
-def _loss_variant(name, backward, repeats=3):
-    """Runs inside a fresh subprocess: median seconds and peak extra MB of one variant."""
-    from model import per_token_loss
+def loss_inputs(n, d, v, backward, device='cpu'):
     g = torch.Generator().manual_seed(0)
-    h = (torch.randn(N, D, generator=g) * 0.5).requires_grad_(backward)
-    w = (torch.randn(V, D, generator=g) * 0.02).requires_grad_(backward)
-    t = torch.randint(0, V, (N,), generator=g)
+    h = (torch.randn(n, d, generator=g) * 0.5).to(device).requires_grad_(backward)
+    w = (torch.randn(v, d, generator=g) * 0.02).to(device).requires_grad_(backward)
+    return h, w, torch.randint(0, v, (n,), generator=g).to(device)
 
-    def run():
+
+def loss_call(name, h, w, t, backward, use_compile=True):
+    """One call of a loss variant: eager (F.cross_entropy on full logits, nanoGPT's), per_token (chunked,
+    two-pass: the weights are not known in the forward) or fused_<chunk> (weighted_loss, mean weights);
+    use_compile: the chunk kernels compiled (the default) or eager."""
+    from model import LOSS_CHUNK, per_token_loss, weighted_loss
+    with torch.set_grad_enabled(backward):
         if name == 'eager':
-            loss = F.cross_entropy((h @ w.t()).float(), t, reduction='none')
+            loss = F.cross_entropy((h @ w.t()).float(), t)
+        elif name == 'per_token':
+            loss = per_token_loss(h, w, t, chunk=LOSS_CHUNK, use_compile=use_compile).mean()
         else:
-            loss = per_token_loss(h, w, t, chunk=int(name.split('_')[1]), use_compile=True)
-        if backward:
-            loss.sum().backward()
-            h.grad = w.grad = None
-        return loss
-
-    run()  # compile / warm-up
-    peak = peak_extra_mb(run)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-    return {'seconds': sorted(times)[len(times) // 2], 'peak_mb': peak}
+            loss = weighted_loss(h, w, t, 1 / len(t), chunk=int(name.split('_')[1]), use_compile=use_compile)
+    if backward:
+        loss.backward()
+        h.grad = w.grad = None
 
 
-def bench_loss():
-    print(f'per-token loss: N={N} tokens, d={D}, vocab={V}; eager = F.cross_entropy((h @ w.T).float(), reduction="none")')
+def _loss_memory(name, backward):
+    """Runs inside a fresh subprocess: the peak extra MB of one call of a variant (after a warm-up)."""
+    h, w, t = loss_inputs(N, D, V, backward)
+    loss_call(name, h, w, t, backward)  # compile / warm-up
+    return peak_extra_mb(lambda: loss_call(name, h, w, t, backward))
+
+
+def _loss_seconds(names, backward, rounds=3):
+    """Runs inside one subprocess: the best seconds of each variant over rounds in which the variants take
+    turns, so a change in the machine's load hits them alike."""
+    h, w, t = loss_inputs(N, D, V, backward)
+    times = {name: [] for name in names}
+    for name in names:
+        loss_call(name, h, w, t, backward)  # compile / warm-up
+    for _ in range(rounds):
+        for name in names:
+            t0 = time.perf_counter()
+            loss_call(name, h, w, t, backward)
+            times[name].append(time.perf_counter() - t0)
+    return {name: min(ts) for name, ts in times.items()}
+
+
+def _in_subprocess(call):
+    code = f'import sys; sys.path.insert(0, {str(ROOT / "tests")!r}); import bench, json; print(json.dumps(bench.{call}))'
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=ROOT)
+    if out.returncode != 0:
+        raise SystemExit(f'{call}: {out.stderr[-2000:]}')
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bench_loss(chunks):
+    from model import FUSED_CHUNK, LOSS_CHUNK
+    print(f'loss: N={N} tokens, d={D}, vocab={V}, fp32; eager = F.cross_entropy((h @ w.T).float(), t) '
+          f'(the mean); per_token = chunk {LOSS_CHUNK}, two-pass; fused = weighted_loss (weights known)')
+    names = ['eager', 'per_token', *(f'fused_{c}' for c in chunks or [FUSED_CHUNK])]
     for backward in (False, True):
-        results = {}
-        for name in ('eager', 'chunked_512', 'chunked_2048'):
-            code = f'import sys; sys.path.insert(0, {str(ROOT / "tests")!r}); import bench, json; ' \
-                   f'print(json.dumps(bench._loss_variant({name!r}, {backward})))'
-            out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=ROOT)
-            results[name] = json.loads(out.stdout.strip().splitlines()[-1])
-        base = results['eager']
-        label = 'forward+backward' if backward else 'forward only'
-        print(f'  {label}: eager {base["seconds"]:.3f}s, {base["peak_mb"]:.0f} MB extra peak')
-        for name, r in results.items():
-            if name != 'eager':
-                print(f'    {name} (compiled): time {r["seconds"] / base["seconds"]:.2f}x, '
-                      f'peak memory {r["peak_mb"] / max(base["peak_mb"], 1):.2f}x ({r["seconds"]:.3f}s, {r["peak_mb"]:.0f} MB)')
+        seconds = _in_subprocess(f'_loss_seconds({names!r}, {backward})')
+        memory = {name: _in_subprocess(f'_loss_memory({name!r}, {backward})') for name in names}
+        print(f'  {"forward+backward" if backward else "forward only"}: eager {seconds["eager"]:.2f}s, '
+              f'{memory["eager"]:.0f} MB extra peak')
+        for name in names[1:]:
+            print(f'    {name} (compiled kernels): time {seconds[name] / seconds["eager"]:.2f}x, peak memory '
+                  f'{memory[name] / max(memory["eager"], 1):.2f}x ({seconds[name]:.2f}s, {memory[name]:.0f} MB)')
 
 
 def _run_train(**overrides):
@@ -107,28 +134,81 @@ def _run_train(**overrides):
         return summary, state, trainer.peak_flops, trainer.model
 
 
-def bench_train(steps=60):
-    print(f'default config (python train.py), {steps} optimizer steps each, wall of training steps only:')
-    rows = {}
+def tokens_per_s(summary):
+    return summary['spent']['tokens'] / summary['spent']['wall']
+
+
+def bench_train(steps=30, rounds=2):
+    print(f'default config (python train.py), {steps} optimizer steps a run, the optimizers taking turns for '
+          f'{rounds} rounds (best per-step wall of each), wall of training steps only:')
+    runs = {'adamw': 2e-3, 'lion': 3e-4, 'sophiag': 1e-3}
+    best, state_bytes = {}, {}
     _run_train(optimizer='adamw', budget=10)  # warm-up: the first run in a process pays one-off costs
-    for name, lr in (('adamw', 2e-3), ('lion', 3e-4), ('sophiag', 1e-3)):
-        summary, state_bytes, peak, model = _run_train(optimizer=name, lr=lr, budget=steps)
-        rows[name] = (summary['spent']['wall'] / summary['steps'], state_bytes)
-        if name == 'adamw':
-            tok_s = summary['spent']['tokens'] / summary['spent']['wall']
-            print(f'  adamw: {tok_s / 1e3:.1f}k tokens/s, MFU {100 * model.estimate_mfu(tok_s, peak):.1f}% '
-                  f'of the measured fp32 matmul peak ({peak / 1e9:.0f} GFLOP/s)')
-    base_time, base_state = rows['adamw']
-    for name, (sec, state) in rows.items():
-        print(f'  {name}: step time {sec / base_time:.3f}x adamw ({1e3 * sec:.1f} ms; sophiag amortised over '
-              f'its Hessian steps), optimizer state {state / base_state:.2f}x ({state / 1e6:.1f} MB)')
+    for _ in range(rounds):
+        for name, lr in runs.items():
+            summary, state_bytes[name], peak, model = _run_train(optimizer=name, lr=lr, budget=steps)
+            best[name] = min(best.get(name, float('inf')), summary['spent']['wall'] / summary['steps'])
+            if name == 'adamw':
+                tok_s = tokens_per_s(summary)
+                print(f'  adamw: {tok_s / 1e3:.1f}k tokens/s, MFU {100 * model.estimate_mfu(tok_s, peak):.1f}% of the '
+                      f'fp32 matmul peak ({peak / 1e9:.1f} GFLOP/s, model.device_peak_flops)')
+    for name in runs:
+        print(f'  {name}: step time {best[name] / best["adamw"]:.3f}x adamw ({1e3 * best[name]:.1f} ms; sophiag '
+              f'amortised over its Hessian steps), optimizer state {state_bytes[name] / state_bytes["adamw"]:.2f}x '
+              f'({state_bytes[name] / 1e6:.1f} MB)')
+
+
+def bench_compile(steps=40):
+    """Whole-model torch.compile against eager on the default config: tokens/s of the training steps,
+    after a warm-up run of each in this process (the compile is paid there)."""
+    print(f'whole-model compile, default config, {steps} steps each (after a warm-up run of each):')
+    rates = {}
+    for compile_ in (False, True):
+        _run_train(compile=compile_, budget=5)
+        rates[compile_] = tokens_per_s(_run_train(compile=compile_, budget=steps)[0])
+    print(f'  eager {rates[False] / 1e3:.1f}k tokens/s, --compile=True {rates[True] / 1e3:.1f}k tokens/s: '
+          f'{rates[True] / rates[False]:.2f}x')
+
+
+def bench_slm(steps=40):
+    """Per-step time of SLM (cached reference losses; an online reference forward per step) against plain
+    CLM (k = 1), slm.py's default shape, runs taking turns in one process (the first round warms up)."""
+    import dataclasses
+    import statistics
+    import slm
+    import train
+    with tempfile.TemporaryDirectory() as out:
+        cfg = slm.SLMConfig(out_dir=out, stage='train', budget_unit='iters', budget=steps, ref_budget=20,
+                            eval_interval=10 ** 6, log_interval=5, peak_flops=1e12)
+        slm.ensure_prepared('', [cfg.noise])
+        paths = slm.get_paths(cfg)
+        slm.stage_ref(cfg, paths)        # 20 steps: its weights do not change what a step costs
+        slm.build_cache(cfg, paths)
+        seconds = {'clm': [], 'cached': [], 'online': []}
+        for rep in range(3):
+            for mode in seconds:
+                run = dataclasses.replace(cfg, out_dir=f'{out}/{mode}', overwrite=True, k=1.0 if mode == 'clm' else cfg.k,
+                                          ref_mode='online' if mode == 'online' else 'cached', dataset=str(paths.corpus(cfg.noise)))
+                train.train(run, slm.SelectiveLM(run, paths))
+                logs = [json.loads(line) for line in Path(f'{out}/{mode}/log.jsonl').read_text().splitlines()]
+                per_step = [run.batch_size * run.block_size / r['tokens_per_s'] for r in logs if 'tokens_per_s' in r]
+                seconds[mode] += per_step[1:] if rep else []
+    med = {m: statistics.median(v) for m, v in seconds.items()}
+    print(f"SLM per-step time / CLM's: cached {med['cached'] / med['clm']:.2f}x, online {med['online'] / med['clm']:.2f}x "
+          f"(median seconds per step {med})")
 
 
 if __name__ == '__main__':
-    which = sys.argv[1:] or ['loss', 'train']
+    args = [a for a in sys.argv[1:] if not a.startswith('--')]
+    chunks = [int(c) for a in sys.argv[1:] if a.startswith('--chunks=') for c in a.split('=')[1].split(',')]
+    which = args or ['loss', 'train', 'compile', 'slm']
     torch.manual_seed(0)
-    print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, {time.strftime("%Y-%m-%d")}')
+    print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, {time.strftime("%Y-%m-%d %H:%M")}')
     if 'loss' in which:
-        bench_loss()
+        bench_loss(chunks)
     if 'train' in which:
         bench_train()
+    if 'compile' in which:
+        bench_compile()
+    if 'slm' in which:
+        bench_slm()

@@ -1,6 +1,8 @@
-"""model: the chunked per-token loss against F.cross_entropy (fp32, fp64, a compile failure's fallback),
-nanoGPT checkpoints, config overrides, active layers, generate with its KV cache against full recompute."""
+"""model: the chunked per-token loss and the fused weighted loss against F.cross_entropy (fp32, fp64, weights,
+no_grad, a compile failure's fallback, DDP), nanoGPT checkpoints, config overrides, active layers, generate with
+its KV cache against full recompute, the FLOP count and the cached CPU peak."""
 import dataclasses
+import json
 import math
 import warnings
 
@@ -9,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import model as model_lib
-from model import GPT, GPTConfig, LossKernels, evaluating, per_token_loss
+from model import GPT, GPTConfig, LossKernels, T5Config, T5Lite, evaluating, per_token_loss, weighted_loss
 
 
 def loss_inputs(N=50, C=16, V=37, seed=0, ignore=()):
@@ -65,16 +67,77 @@ def test_ignored_targets_give_zero_loss_and_no_gradient():
     assert_close(loss_and_grads(reference, h[kept], w, targets[kept], upstream[kept])[2:], (gw,))
 
 
-def test_compiled_per_token_loss_equals_cross_entropy():
-    """The one compiled test of this module: the torch.compile'd chunk kernels, forward and backward."""
+def test_compiled_kernels_equal_cross_entropy():
+    """The one compiled test of this module: the torch.compile'd chunk kernels of both loss paths."""
     inputs, kernels = loss_inputs(N=64, ignore=(3,)), LossKernels(use_compile=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
         got = loss_and_grads(lambda h, w, t: per_token_loss(h, w, t, chunk=32, kernels=kernels), *inputs)
+        fused = fused_and_grads(lambda h, w, t, wt: weighted_loss(h, w, t, wt, chunk=32, kernels=kernels), *inputs)
     if any('torch.compile of the per-token loss failed' in str(c.message) for c in caught):
         pytest.skip('torch.compile is unavailable here: the eager fallback ran (tested above)')
     assert kernels.compiled and model_lib.compiled_kernels()['loss'] is not model_lib._chunk_loss
     assert_close(got, loss_and_grads(reference, *inputs))
+    assert_close(fused, fused_and_grads(weighted_reference, *inputs))
+
+
+def fused_and_grads(fn, h, w, targets, weight, scale=3.0):
+    """The weighted loss and, for an upstream grad `scale` (as grad_accum's 1/n), the gradients of h and w."""
+    h, w = h.clone().requires_grad_(), w.clone().requires_grad_()
+    loss = fn(h, w, targets, weight)
+    (scale * loss).backward()
+    return loss.detach(), h.grad, w.grad
+
+
+def weighted_reference(h, w, targets, weight):
+    return (reference(h, w, targets) * weight).sum()
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+@pytest.mark.parametrize('chunk', [2048, 7])
+@pytest.mark.parametrize('weights', ['mean', 'per_token', 'mask'])
+def test_fused_loss_and_gradients_equal_weighted_cross_entropy(dtype, chunk, weights):
+    h, w, targets, upstream = (t.to(dtype) if t.is_floating_point() else t for t in loss_inputs(ignore=(2, 9)))
+    weight = {'mean': 1 / 48, 'per_token': upstream, 'mask': (upstream > 0.5).to(dtype) / 10}[weights]
+    fused = lambda h, w, t, wt: weighted_loss(h, w, t, wt, chunk=chunk, use_compile=False)  # noqa: E731
+    got, want = fused_and_grads(fused, h, w, targets, weight), fused_and_grads(weighted_reference, h, w, targets, weight)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype == dtype and a.shape == b.shape
+        torch.testing.assert_close(a, b, atol=1e-5 if dtype == torch.float32 else 1e-12, rtol=0)
+
+
+def test_fused_loss_takes_a_gradient_through_its_weights():
+    """Per-example weights (B, 1) broadcast over the targets (B, T); their gradient is each example's loss sum."""
+    h, w, targets, _ = loss_inputs(N=48, ignore=(5,))
+    targets = targets.view(4, 12)
+    weight = torch.rand(4, 1, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    weighted_loss(h, w, targets, weight, chunk=10, use_compile=False).backward()
+    per_example = reference(h, w, targets.flatten()).view(4, 12).sum(1, keepdim=True)
+    torch.testing.assert_close(weight.grad, per_example, atol=1e-5, rtol=0)
+
+
+def test_fused_loss_does_no_gradient_work_without_grad(monkeypatch):
+    """Under no_grad (or with nothing requiring grad) the fused path runs only the loss kernel."""
+    ran, kernels = [], LossKernels(use_compile=False)
+    monkeypatch.setattr(model_lib, 'EAGER_KERNELS', {k: (lambda *a, f=f: ran.append(f.__name__) or f(*a))
+                                                     for k, f in model_lib.EAGER_KERNELS.items()})
+    h, w, targets, upstream = loss_inputs(ignore=(1,))
+    with torch.no_grad():
+        loss = weighted_loss(h.requires_grad_(), w, targets, upstream, chunk=16, kernels=kernels)
+    assert not loss.requires_grad and set(ran) == {'_chunk_loss'}
+    torch.testing.assert_close(loss, weighted_reference(h.detach(), w, targets, upstream), atol=1e-5, rtol=0)
+    weighted_loss(h.detach(), w, targets, upstream, chunk=16, kernels=kernels)
+    assert set(ran) == {'_chunk_loss'}
+
+
+def test_sampled_labels_are_scored_against_the_same_logits():
+    """sample: the labels come from each chunk's own logits (argmax here), where targets >= 0."""
+    h, w, targets, _ = loss_inputs(ignore=(0, 7))
+    argmax = lambda logits: logits.argmax(-1)  # noqa: E731
+    got = fused_and_grads(lambda h, w, t, wt: weighted_loss(h, w, t, wt, chunk=9, use_compile=False, sample=argmax),
+                          h, w, targets, 0.1)
+    labels = torch.where(targets >= 0, (h @ w.t()).argmax(-1), -1)
+    assert_close(got, fused_and_grads(weighted_reference, h, w, labels, 0.1))
 
 
 def test_float64_inputs_compute_in_float64():
@@ -90,15 +153,15 @@ def test_float64_inputs_compute_in_float64():
 def test_a_compile_failure_falls_back_for_that_model_only(monkeypatch):
     """The compiled kernels are shared by the process, the fallback is not: the model whose compiled kernel
     raised turns eager (one warning), another model keeps running the compiled kernels."""
-    broken, a, b = tiny_gpt(compile_loss=True), tiny_gpt(compile_loss=True), tiny_gpt()
+    broken, a, b = tiny_gpt(compile_loss=True, vocab_size=67), tiny_gpt(compile_loss=True), tiny_gpt(vocab_size=67)
     ran = []
 
     def fake_compile(fn):
-        def kernel(h, w, *args):
-            if w.data_ptr() == broken.lm_head.weight.data_ptr():
+        def kernel(logits, *args):
+            if logits.size(1) == 67:  # the broken model's vocabulary
                 raise RuntimeError('inductor: no such op')
             ran.append(fn.__name__)
-            return fn(h, w, *args)
+            return fn(logits, *args)
         return kernel
     fakes = {name: fake_compile(fn) for name, fn in model_lib.EAGER_KERNELS.items()}
     monkeypatch.setattr(model_lib, 'compiled_kernels', lambda: fakes)
@@ -111,7 +174,8 @@ def test_a_compile_failure_falls_back_for_that_model_only(monkeypatch):
         warnings.simplefilter('error')                              # no second warning
         a(x, y).sum().backward()
         broken(x, y).sum().backward()
-    assert ran == ['_chunk_loss', '_chunk_grad'] and a.loss_kernels.compiled
+    a(x, y, weight=0.5).backward()
+    assert ran == ['_chunk_loss', '_chunk_grad_', '_chunk_fused_'] and a.loss_kernels.compiled
 
 
 # -----------------------------------------------------------------------------
@@ -140,6 +204,52 @@ def test_forward_returns_per_token_losses_of_its_logits():
     torch.testing.assert_close(m(x), logits[:, [-1], :])
     assert m.hidden(x).shape == (2, 16, 32)
     assert m.lm_head.weight is m.transformer.wte.weight
+
+
+def model_grads(m, loss):
+    m.zero_grad(set_to_none=True)
+    loss.backward()
+    return {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize('kind', ['gpt', 't5'])
+def test_a_weighted_forward_equals_the_weighted_per_token_losses(kind):
+    """model(..., targets, weight=w) == sum(w * model(..., targets)), with the same parameter gradients:
+    the mean (a float), per-example weights (B, 1), for GPT and T5-lite."""
+    if kind == 'gpt':
+        m, x = tiny_gpt(), tokens()
+        y = torch.roll(x, -1, dims=1)
+        inputs = (x,)
+    else:
+        torch.manual_seed(0)
+        m = T5Lite(T5Config(block_size=16, vocab_size=61, n_layer=2, n_head=2, n_embd=32, compile_loss=False)).eval()
+        inputs, y = (tokens(), tokens(T=6, seed=2)), tokens(T=6, seed=3)
+    y[0, -1] = -1
+    for weight in (1 / y.numel(), torch.tensor([[0.5], [2.0]])):
+        fused = m(*inputs, y, weight=weight)
+        two_pass = (m(*inputs, y) * weight).sum()
+        assert fused.shape == () and fused.dtype == torch.float32
+        torch.testing.assert_close(fused, two_pass, atol=1e-6, rtol=0)
+        want = model_grads(m, two_pass)
+        for name, grad in model_grads(m, fused).items():
+            torch.testing.assert_close(grad, want[name], atol=1e-6, rtol=1e-5)
+
+
+def test_a_weighted_forward_through_ddp_gives_eager_gradients(tmp_path):
+    """The fused loss through a (1-rank gloo) DDP wrapper, weight passed as a keyword: the gradients DDP
+    reduces are F.cross_entropy's."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    dist.init_process_group('gloo', init_method=f'file://{tmp_path / "rendezvous"}', rank=0, world_size=1)
+    try:
+        m, x = tiny_gpt(), tokens()
+        y = torch.roll(x, -1, dims=1)
+        got = model_grads(m, DDP(m)(x, y, weight=1 / y.numel()))
+        want = model_grads(m, F.cross_entropy(m.logits(x).flatten(0, 1), y.flatten()))
+        for name, grad in got.items():
+            torch.testing.assert_close(grad, want[name], atol=1e-6, rtol=1e-5)
+    finally:
+        dist.destroy_process_group()
 
 
 NANOGPT_BLOCK = {  # nanoGPT's parameter names and shapes, per block, for n_embd = C
@@ -330,13 +440,35 @@ def test_cached_generate_on_cuda_with_a_cuda_generator():
     assert out.device.type == 'cuda' and torch.equal(out, run(False))
 
 
-def test_flops_per_token_scales_with_active_layers():
+def test_flops_per_token_is_nanogpts_formula_at_the_active_depth():
     m = tiny_gpt(block_size=16, n_embd=32, n_layer=3, vocab_size=61)
-    C, T, V = 32, 16, 61
+    C, T, V, H = 32, 16, 61, 2
     per_block = 12 * C * C + 13 * C  # c_attn, c_proj, c_fc, c_proj weights + biases, two layer norms
-    want = lambda L: 6 * (L * per_block + V * C) + 12 * L * C * T  # noqa: E731
+    want = lambda L: 6 * (L * per_block + V * C + 2 * C) + 12 * L * H * (C // H) * T  # noqa: E731  (+ ln_f)
+    assert m.flops_per_token() == 6 * m.num_params() + 12 * 3 * H * (C // H) * T  # nanoGPT's estimate_mfu
     assert [m.flops_per_token(L) for L in (1, 2, 3)] == [want(1), want(2), want(3)]
-    assert m.flops_per_token() == want(3)
     m.set_active_layers([0, 2])
     assert m.flops_per_token() == want(2)
     assert m.estimate_mfu(1000.0, want(2) * 1000.0 * 4) == pytest.approx(0.25)
+
+
+def test_the_cpu_peak_is_measured_once_cached_and_only_raised(tmp_path, monkeypatch):
+    cache = tmp_path / 'cache' / 'peak.json'
+    monkeypatch.setenv('NANO_EFFICIENT_PEAK_CACHE', str(cache))
+    measured = iter([40e9, 30e9, 55e9, 20e9])
+    monkeypatch.setattr(model_lib, 'measure_cpu_peak', lambda: next(measured))
+    assert model_lib.device_peak_flops('cpu') == 40e9                       # measured, cached
+    assert model_lib.device_peak_flops('cpu') == 40e9                       # read back, not measured
+    assert json.loads(cache.read_text()) == {model_lib.cpu_key(): 40e9}
+    assert model_lib.device_peak_flops('cpu', remeasure=True) == 40e9       # 30e9 under load: the old one stays
+    assert model_lib.device_peak_flops('cpu', remeasure=True) == 55e9       # a better measurement raises it
+    cache.write_text('{"half a file')
+    assert model_lib.device_peak_flops('cpu') == 20e9                       # corrupt: measured again
+    assert json.loads(cache.read_text()) == {model_lib.cpu_key(): 20e9}
+    assert not list(cache.parent.glob('*.tmp*'))
+
+
+def test_measuring_the_cpu_peak_leaves_the_global_rng_alone():
+    state = torch.get_rng_state()
+    assert model_lib.measure_cpu_peak(sizes=(32, 64), repeats=2) > 0
+    assert torch.equal(torch.get_rng_state(), state)

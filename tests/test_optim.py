@@ -161,7 +161,7 @@ def _sophia_events(opt, params, events):
 
 
 def test_sophia_zero_hessian_is_sign_step():
-    lr, wd, b1 = 0.02, 0.1, 0.965
+    lr, wd = 0.02, 0.1
     params = [p.requires_grad_() for p in _tensors(4, SHAPES)]
     start = [p.detach().clone() for p in params]
     grads = _tensors(400, SHAPES)
@@ -382,3 +382,40 @@ def test_sophia_lowers_loss():
             _gnb(opt, lambda: fresh @ W, generator=gen)
     assert loss_fn().item() < 0.5 * first
     assert opt.win_rate is not None
+
+
+def test_sophia_win_rate_stays_the_last_steps_after_update_hessian():
+    # Counted lazily from m and h, but before update_hessian moves h on: still the step's 3 of 4.
+    p = torch.zeros(4, dtype=torch.float64, requires_grad=True)
+    opt = SophiaG([p], lr=0.1, betas=(0.0, 0.0), rho=1.0, weight_decay=0.0, bs=1)
+    p.grad = torch.ones(4, dtype=torch.float64)
+    opt.update_hessian()
+    p.grad = torch.tensor([0.5, 0.0, 2.0, 0.5], dtype=torch.float64)
+    opt.step()
+    p.grad = torch.full((4,), 1e-3, dtype=torch.float64)
+    opt.update_hessian()  # h = 1e-6: counted now, every coordinate would be clipped
+    assert opt.win_rate == pytest.approx(3 / 4)
+
+
+def test_sampled_label_loss_is_one_pass_with_the_mean_loss_gradient(monkeypatch):
+    """The estimate's loss: one forward (labels drawn from each chunk's logits as they are computed),
+    the mean cross entropy over the targets >= 0, and its gradient, as F.cross_entropy gives them."""
+    import optim_sophia
+    from model import GPT, GPTConfig
+    monkeypatch.setattr(optim_sophia, "sample_labels", lambda logits, generator=None: logits.argmax(-1))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=8, vocab_size=29, n_layer=1, n_head=2, n_embd=16, compile_loss=False))
+    x = torch.randint(0, 29, (3, 8), generator=torch.Generator().manual_seed(1))
+    y = torch.roll(x, -1, dims=1)
+    y[:, -1] = -1
+    passes, hidden = [], model.hidden
+    monkeypatch.setattr(model, "hidden", lambda *a: passes.append(1) or hidden(*a))
+    loss = optim_sophia.sampled_label_loss(model, (x,), y)
+    got = torch.autograd.grad(loss, list(model.parameters()))
+    assert len(passes) == 1
+    logits = hidden(x) @ model.lm_head.weight.t()
+    labels = torch.where(y >= 0, logits.argmax(-1), -1)
+    want_loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-1)
+    torch.testing.assert_close(loss, want_loss, atol=1e-6, rtol=0)
+    for g, w in zip(got, torch.autograd.grad(want_loss, list(model.parameters()))):
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-5)

@@ -1,0 +1,206 @@
+"""The GPU check: what a lent GPU must confirm, in one script that finishes in <= 8 minutes on one GPU.
+
+    python tests/gpu_check.py                   # on a GPU machine (H100/H200/A100: ~5 minutes)
+    python tests/gpu_check.py --device=cpu      # its CPU form at tiny sizes: tests/test_gpu_check.py runs it in CI
+    python tests/gpu_check.py --only=loss,methods --methods=all
+
+1. gpt2     GPT-2 124M training steps with bf16 autocast, torch.compile and fused AdamW: tokens/s and MFU
+            against the GPU's dense bf16 peak (model.device_peak_flops; nanoGPT's FLOP count).
+2. loss     the fused loss path against eager F.cross_entropy at V 50304, N 32768, d 768: time and peak
+            memory ratios, forward+backward.
+3. methods  a few steps of every method through its own entry point (train.py with each optimizer and
+            architecture and T5-lite, rho.py, slm.py --quick, madpo.py --quick), each in a subprocess.
+4. ddp      with two GPUs or more: a 2-process torchrun of train.py over nccl.
+
+Each check prints its figures on one line; the script exits 1 if any check failed (after running all).
+"""
+import argparse
+import contextlib
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / 'tests'))
+
+from model import FUSED_CHUNK, GPT, PRESETS, GPTConfig, device_peak_flops  # noqa: E402
+
+# The sizes of each form: the GPU form's are the issue's; the CPU form's only keep the code paths alive.
+SIZES = {
+    'cuda': dict(preset='gpt2', vocab=50304, batch=16, steps=20, compile=True, loss_n=32768,
+                 loss_chunks=(FUSED_CHUNK, 8192), method_steps=20, method_model={}),
+    'cpu': dict(preset='tiny', vocab=256, batch=4, steps=3, compile=False, loss_n=512, loss_chunks=(128,),
+                method_steps=2, method_model={'model': 'tiny', 'batch_size': 4, 'compile_loss': False}),
+}
+
+
+def synchronize(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def check_gpt2(device, size):
+    """Training steps of the preset (GPT-2 124M on a GPU) on random tokens, the loop's fused mean loss."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(**PRESETS[size['preset']], vocab_size=size['vocab'], compile_loss=device.type == 'cuda')
+    model = GPT(cfg).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=6e-4, fused=device.type == 'cuda')
+    train_model = torch.compile(model) if size['compile'] else model
+    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device.type == 'cuda' else contextlib.nullcontext()
+    x = torch.randint(0, cfg.vocab_size, (size['batch'], cfg.block_size), device=device)
+    y = torch.roll(x, -1, dims=1)
+
+    def step():
+        with autocast:
+            loss = train_model(x, y, weight=1 / y.numel())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    t0 = time.perf_counter()
+    for _ in range(3):  # the compile and the allocator's warm-up
+        step()
+    synchronize(device)
+    warm = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(size['steps']):
+        loss = step()
+    synchronize(device)
+    tok_s = size['steps'] * x.numel() / (time.perf_counter() - t0)
+    mfu = model.estimate_mfu(tok_s, device_peak_flops(device))
+    assert torch.isfinite(loss), f'loss {loss.item()}'
+    return (f'{size["preset"]} ({model.num_params() / 1e6:.0f}M), batch {size["batch"]}x{cfg.block_size}, '
+            f'compile {size["compile"]}: {tok_s / 1e3:.1f}k tokens/s, MFU {100 * mfu:.1f}% '
+            f'(warm-up {warm:.0f}s, loss {loss.item():.3f})')
+
+
+def measure_loss(name, device, n, v, d=768):
+    """Best seconds of 3 calls (after a warm-up) and peak memory in MB (CUDA: allocated above the inputs;
+    CPU: the resident set's rise, so a rough figure) of one forward+backward of a loss variant."""
+    from bench import loss_call, loss_inputs, peak_extra_mb
+    h, w, t = loss_inputs(n, d, v, backward=True, device=device)
+    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device.type == 'cuda' else contextlib.nullcontext()
+
+    def call():
+        with autocast:
+            loss_call(name, h, w, t, backward=True, use_compile=device.type == 'cuda')
+        synchronize(device)
+    call()
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        call()
+        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    else:
+        peak = peak_extra_mb(call)
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t0)
+    return min(times), peak
+
+
+def check_loss(device, size):
+    n, v = size['loss_n'], 50304 if device.type == 'cuda' else 1024
+    base_s, base_mb = measure_loss('eager', device, n, v)
+    parts = [f'N {n}, V {v}, d 768, fwd+bwd: eager {base_s * 1e3:.1f} ms, {base_mb:.0f} MB']
+    for chunk in size['loss_chunks']:
+        s, mb = measure_loss(f'fused_{chunk}', device, n, v)
+        parts.append(f'fused chunk {chunk}: time {s / base_s:.2f}x, memory {mb / max(base_mb, 1e-9):.3f}x ({mb:.0f} MB)')
+    return '; '.join(parts)
+
+
+def method_commands(device, size, out):
+    """{name: argv}: every method through its entry point, a few steps each, writing under out."""
+    steps = size['method_steps']
+    run = dict(device=device.type, budget_unit='iters', budget=steps, sample_tokens=0, eval_interval=steps,
+               eval_batches=2, log_interval=1, overwrite=True, **size['method_model'])
+    t5 = {**run, 'model_type': 't5', 'model': 't5-tiny' if device.type == 'cpu' else 't5-small-cpu'}
+    commands = {
+        'adamw': ('train.py', run),
+        'lion': ('train.py', {**run, 'optimizer': 'lion', 'lr': 3e-4}),
+        'sophiag': ('train.py', {**run, 'optimizer': 'sophiag', 'lr': 1e-3, 'hess_interval': 2}),
+        'stack': ('train.py', {**run, 'arch': 'stack'}),
+        'drop': ('train.py', {**run, 'arch': 'drop'}),
+        't5': ('train.py', t5),
+        'sb': ('rho.py', {**run, 'method': 'sb'}),
+        'rho': ('rho.py', {**run, 'method': 'rho', 'il_out_dir': str(out / 'rho_il'), 'il_cache': str(out / 'il_cache')}),
+        'slm': ('slm.py', {'quick': True, 'device': device.type}),
+        'madpo': ('madpo.py', {'quick': True, 'device': device.type}),
+    }
+    return {name: [sys.executable, script, *(f'--{k}={v}' for k, v in {**keys, 'out_dir': str(out / name)}.items())]
+            for name, (script, keys) in commands.items()}
+
+
+FAST_METHODS = ('sophiag', 't5', 'sb')  # the CPU form's: the loop with a hook, T5-lite, rho.py (the rest: --methods=all)
+
+
+def check_methods(device, size, which):
+    with tempfile.TemporaryDirectory() as tmp:
+        commands = method_commands(device, size, Path(tmp))
+        names = list(commands) if which == 'all' else FAST_METHODS if which == 'fast' else which.split(',')
+        lines, failed = [], []
+        for name in names:
+            t0 = time.perf_counter()
+            out = subprocess.run(commands[name], cwd=ROOT, capture_output=True, text=True, timeout=600)
+            ok = out.returncode == 0
+            lines.append(f'{name} {"ok" if ok else "FAILED"} {time.perf_counter() - t0:.0f}s')
+            if not ok:
+                failed.append(f'{name}: {" ".join(commands[name][1:])}\n{(out.stdout + out.stderr)[-1500:]}')
+    if failed:
+        raise RuntimeError(', '.join(lines) + '\n' + '\n'.join(failed))
+    return ', '.join(lines)
+
+
+def check_ddp(device, size):
+    if device.type != 'cuda' or torch.cuda.device_count() < 2:
+        return 'skipped: needs 2 GPUs'
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py',
+               '--budget_unit=iters', '--budget=20', '--sample_tokens=0', '--eval_interval=20', '--eval_batches=2',
+               f'--out_dir={tmp}/ddp']
+        out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:
+        raise RuntimeError((out.stdout + out.stderr)[-2000:])
+    return '2 processes over nccl: ' + out.stdout.strip().splitlines()[-1]
+
+
+CHECKS = {'gpt2': check_gpt2, 'loss': check_loss, 'methods': check_methods, 'ddp': check_ddp}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', choices=('cuda', 'cpu'))
+    parser.add_argument('--only', default=','.join(CHECKS), help='a comma list of: ' + ', '.join(CHECKS))
+    parser.add_argument('--methods', default=None, help="all, fast (the CPU default) or a comma list of methods")
+    args = parser.parse_args(argv)
+    if args.device == 'cuda' and not torch.cuda.is_available():
+        parser.exit(2, 'gpu_check: no CUDA device here; run with --device=cpu for the CPU form\n')
+    unknown = set(args.only.split(',')) - set(CHECKS)
+    if unknown:
+        parser.exit(2, f'gpu_check: unknown check {", ".join(sorted(unknown))}; choose from {", ".join(CHECKS)}\n')
+    device, size = torch.device(args.device), SIZES[args.device]
+    name = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU, {torch.get_num_threads()} threads'
+    print(f'gpu_check on {name}, torch {torch.__version__}, {time.strftime("%Y-%m-%d %H:%M")}', flush=True)
+    failures = 0
+    for check in args.only.split(','):
+        t0 = time.perf_counter()
+        try:
+            extra = (args.methods or ('all' if device.type == 'cuda' else 'fast'),) if check == 'methods' else ()
+            result = CHECKS[check](device, size, *extra)
+            print(f'{check}: {result} [{time.perf_counter() - t0:.0f}s]', flush=True)
+        except Exception as e:  # report every check, then fail
+            failures += 1
+            print(f'{check}: FAILED ({type(e).__name__}: {e}) [{time.perf_counter() - t0:.0f}s]', flush=True)
+    return 1 if failures else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
