@@ -1,32 +1,37 @@
-"""Rho-1: Selective Language Modeling (SLM), on a math target task with cached reference losses.
+"""Rho-1: Selective Language Modeling (SLM), measured on a task a CPU-size model learns.
 
-Paper: "Rho-1: Not All Tokens Are What You Need" (Lin et al. 2024, arXiv 2404.07965). The idea:
+Paper: "Rho-1: Not All Tokens Are What You Need" (Lin et al. 2024, arXiv 2404.07965). The algorithm:
   1. train a reference model on a small clean target-domain corpus; ref_loss[i] = its loss on token i;
   2. forward every token of a batch of the large noisy corpus: excess_loss = train_loss - ref_loss;
-  3. backpropagate only the top k of the batch's B*T tokens (global top-k; k = 0.6 for math):
-     loss = sum of the selected tokens' losses / number selected. k = 1 is plain causal LM (CLM).
-Ablations (select_by): 'reference' (lowest ref_loss), 'train' (highest train_loss), 'random'.
+  3. backpropagate only the top k of the batch's B*T tokens (global top-k; the paper's k = 0.6 for math):
+       L_SLM = sum of the selected tokens' losses / number selected        (k = 1: plain causal LM, CLM)
+Ablations (select_by): 'reference' (lowest ref_loss), 'train' (highest train_loss), 'random', and
+'oracle', which trains on exactly the tokens the data generator labelled clean (no k: an upper bound).
+SLM saves no compute: every token is forwarded and the backward runs through the whole network; it
+changes which tokens the gradient comes from. Excess-loss selection cannot be precomputed into a static
+dataset (train_loss is the current model's); only select_by='reference' can (--stage=export).
 
-ref_loss is computed once (stage score) into ref_loss.bin beside train.bin: float16, entry id+t+1 is the
-loss of y[t] in the example at id (the token stream's position of the predicted token), with a sidecar
-ref_loss.json (reference checkpoint hash, data hash, tokenizer, block size): a stale cache is refused.
-ref_mode=online runs the reference forward each step instead, charged as a forward-only pass.
-Only select_by='reference' can be exported as a static "concentrated" dataset (stage export): ref_loss
-never changes. Excess-loss selection cannot be static: train_loss is the *current* model's loss, so a
-token leaves the selection once it is learned (and may come back if forgotten); every step needs the
-trained model's forward on every token. So SLM saves no forward compute and the backward still runs
-through the whole network: it changes which tokens the gradient comes from, not what a step costs.
-The task (data/mathmix): prepare.py writes the corpora and held-out problems, fewshot.py scores them.
+The task (data/mathmix), option (a) of issue 18: two-digit addition facts `ab+cd=` with held-out operand
+pairs. Not Rho-1's own recipe (b) (a base model that can copy, fine-tuned into the reference, then
+continued pre-training): copying never formed at CPU size in 1M tokens, and (b) puts three trainings
+before the first arm. The facts are learned from ~0.4M clean tokens (the default reference: 100% held-out
+exact match after 0.6M), unseen pairs test generalisation, not recall, and every token's kind is known:
+clean, a bad source's wrong digit (the majority answer on "trap" sums), boilerplate inside worksheets,
+off-domain prose; so the selection rate per kind and the oracle arm are exact.
 
-    python slm.py --quick=True          # ref, score, CLM and SLM, eval, compare: ~3 minutes on a CPU
-    python slm.py                       # 5 arms (clm, excess, reference, train, random) x 3 seeds, ~25 min
-    python slm.py --stage=ref|score|train|eval|compare|export|timing [--k=0.6 --select_by=excess --seed=1]
-(On a busy CPU, OMP_NUM_THREADS=1 runs these small models several times faster.)
+The study (a finished stage or run is skipped on a rerun; a killed one resumes): gates first, the
+reference's held-out exact match >= --gate_ref, then the oracle arm's first seed >= --gate_oracle (a
+failing gate stops with one line); then clm, excess (SLM), reference, train, random, oracle x --seeds at
+--noise, excess at each --k_sweep, clm and excess at each --noise_sweep. data/mathmix/report.py: the
+table, exact match against tokens with 95% CIs, tokens SLM needs to reach CLM's final exact match, the
+selection rate per token kind.
+
+    python slm.py                       # the study: 60 runs of 1.2M tokens (its cost: README)
+    python slm.py --quick=True          # a few-minute smoke run (gates printed, not enforced)
+    python slm.py --stage=ref|score|train|compare|export [--noise=0.2 --select_by=excess --k=0.6 --seed=1]
 """
 import dataclasses
 import json
-import math
-import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -34,12 +39,13 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+import runs
 import train
-from budget import t_interval
-from configurator import cli, require
-from data.loader import (DATA_ROOT, DataError, atomic_write_bytes, file_sha256, get_examples, num_examples)
-from data.mathmix.fewshot import clean_val, few_shot_eval, load_problems
-from data.mathmix.prepare import FAMILIES, NOISE_KINDS, PrepareConfig, prepare
+from configurator import UserError, cli, require
+from data.loader import DATA_ROOT, DataError, atomic_write_bytes, file_sha256, get_examples, num_examples
+from data.mathmix.fewshot import clean_val, exact_match, load_problems
+from data.mathmix.prepare import CLEAN, KINDS, LINE, corpus_name, ensure_prepared, load_kinds
+from data.mathmix.report import report
 
 
 # -----------------------------------------------------------------------------
@@ -68,9 +74,16 @@ def top_k_mask(score, k):
     return mask.view_as(score)
 
 
+def selection_mask(select_by, k, train_loss, ref_loss, kinds, generator=None):
+    """The tokens to train on (B, T): the oracle's are the clean ones, every other arm's the top k."""
+    if select_by == 'oracle':
+        return (kinds == CLEAN).float()
+    return top_k_mask(selection_score(select_by, train_loss, ref_loss, generator), k)
+
+
 def slm_loss(losses, mask):
     """Sum of the selected tokens' losses / number selected (k = 1: the CLM mean)."""
-    return (losses * mask).sum() / mask.sum()
+    return (losses * mask).sum() / mask.sum().clamp(min=1)
 
 
 def stream_positions(ids, T):
@@ -82,26 +95,27 @@ def stream_positions(ids, T):
 # the objective
 
 class SelectiveLM(train.CausalLM):
-    """SLM: forward every token, backpropagate the top k by select_by; log what gets selected. Its
-    val_loss is the clean target-domain val loss; each eval adds a point to <run>/curve.jsonl."""
+    """SLM: forward every token, backpropagate the selected ones, count what gets selected per token
+    kind. Its val loss is the clean target-domain val loss; each eval appends the held-out exact match
+    to <run>/curve.jsonl (the accuracy-vs-tokens curve)."""
 
     def __init__(self, cfg, paths):
         super().__init__(cfg.batch_size)
-        self.cfg, self.paths, self.k, self.select_by = cfg, paths, cfg.k, cfg.select_by
-        self.generator = torch.Generator().manual_seed(cfg.seed)             # select_by='random'
-        self.counts = torch.zeros(len(NOISE_KINDS), 2, dtype=torch.float64)  # per noise kind: seen, selected
+        self.cfg, self.paths, self.corpus = cfg, paths, paths.corpus(cfg.noise)
+        self.generator = torch.Generator().manual_seed(cfg.seed)            # select_by='random'
+        self.counts = torch.zeros(len(KINDS), 2, dtype=torch.float64)      # per kind: seen, selected
         self.curve_step = -1  # step of the last curve point written (-1: none yet, a fresh run starts the file)
 
     def setup(self, ctx):
-        T = ctx.model.config.block_size
+        T, self.rt = ctx.model.config.block_size, ctx.rt
         self.counts = self.counts.to(ctx.device)
-        self.noise = np.memmap(self.paths.train_data / 'noise.bin', dtype=np.uint8, mode='r')
+        self.kinds = load_kinds(self.corpus)
         if self.cfg.ref_mode == 'cached':
-            self.cache = load_cache(self.paths, T)
+            self.cache = load_cache(self.corpus, self.paths.ref_ckpt, T)
         else:
-            self.ref_model = train.load_model(self.paths.ref_ckpt, ctx.device, self.cfg.compile_loss)
+            self.ref_model = runs.load_model(self.paths.ref_ckpt, ctx.device, self.cfg.compile_loss)
         self.val_x, self.val_y = clean_val(self.paths.ref_data, T, self.cfg.eval_batches * self.cfg.batch_size)
-        self.problems = load_problems(self.paths.eval_file, self.cfg.curve_problems)
+        self.problems = load_problems(self.paths.eval_file)
         self.curve = ctx.out_dir / 'curve.jsonl' if ctx.rt.master else None
 
     def reference_losses(self, x, y, ids, ctx):
@@ -116,61 +130,49 @@ class SelectiveLM(train.CausalLM):
         x, y, ids = data.next(self.batch_size)
         losses = model(x, y)                                            # (B, T) train_loss
         ref_loss = self.reference_losses(x, y, ids, ctx)                # (B, T)
-        mask = top_k_mask(selection_score(self.select_by, losses.detach(), ref_loss, self.generator), self.k)
-        return train.Step(slm_loss(losses, mask), len(x), self.selection_logs(losses.detach() - ref_loss, mask, ids))
-
-    def selection_logs(self, excess_loss, mask, ids):
-        logs = {'selected_frac': mask.mean(), 'excess_selected': slm_loss(excess_loss, mask)}
-        if self.k < 1:
-            logs['excess_unselected'] = slm_loss(excess_loss, 1 - mask)
-        if self.noise is not None:  # the generator knows which tokens are noise: how often each kind is kept
-            kinds = torch.from_numpy(self.noise[stream_positions(ids, mask.size(1))].astype(np.int64)).to(mask.device)
-            seen = torch.bincount(kinds.flatten(), minlength=len(NOISE_KINDS)).double()
-            kept = torch.bincount(kinds.flatten(), weights=mask.flatten().double(), minlength=len(NOISE_KINDS))
-            self.counts += torch.stack([seen, kept], 1)
-            logs['sel_clean'] = kept[0] / seen[0].clamp(min=1)
-            logs['sel_noise'] = kept[1:].sum() / seen[1:].sum().clamp(min=1)
-        return logs
+        kinds = torch.from_numpy(self.kinds[stream_positions(ids, x.size(1))].astype(np.int64)).to(x.device)
+        mask = selection_mask(self.cfg.select_by, self.cfg.k, losses.detach(), ref_loss, kinds, self.generator)
+        seen = torch.bincount(kinds.flatten(), minlength=len(KINDS)).double()   # per kind: tokens seen, selected
+        kept = torch.bincount(kinds.flatten(), weights=mask.flatten().double(), minlength=len(KINDS))
+        self.counts += torch.stack([seen, kept], 1)
+        logs = {'selected_frac': mask.mean(), 'excess_selected': slm_loss(losses.detach() - ref_loss, mask)}
+        return train.Step(slm_loss(losses, mask), len(x), logs)
 
     def selection_rates(self):
-        """Selection rate per noise kind (and all noise) since the run began."""
+        """Fraction of each kind's tokens selected since the run began (kinds never seen are left out)."""
         c = self.counts.cpu()
-        rates = {name: float(c[i, 1] / c[i, 0]) for i, name in enumerate(NOISE_KINDS) if c[i, 0] > 0}
-        return rates | ({'all_noise': float(c[1:, 1].sum() / c[1:, 0].sum())} if c[1:, 0].sum() > 0 else {})
+        return {name: float(c[i, 1] / c[i, 0]) for i, name in enumerate(KINDS) if c[i, 0] > 0}
 
     def evaluate(self, model, ctx):
         val = ctx.evaluate(model, (self.val_x,), self.val_y)
         if self.curve is not None:
             point = {'step': ctx.step, 'tokens': ctx.spent['tokens'], 'val_loss_clean': val,
-                     'selection': self.selection_rates()}
-            if self.problems:
-                point.update(few_shot_eval(model, self.problems, ctx.rt, self.cfg.max_new_tokens)[0])
+                     **exact_match(model, self.problems, self.rt), 'selection': self.selection_rates()}
             with open(self.curve, 'a' if self.curve_step >= 0 else 'w') as f:
                 f.write(json.dumps(point) + '\n')
         self.curve_step = ctx.step
         return val
 
     def state_dict(self):  # the loop checkpoints right after an eval: 'step' is that eval's curve point
-        return {'generator': self.generator.get_state(), 'counts': self.counts.cpu(), 'step': self.curve_step,
-                'selection': self.selection_rates()}
+        return {'generator': self.generator.get_state(), 'counts': self.counts.cpu(), 'step': self.curve_step}
 
     def load_state_dict(self, state):
         self.generator.set_state(state['generator'])
         self.counts = state['counts'].to(self.counts.device)
         self.curve_step = state['step']
         if self.curve is not None:
-            train.trim_log(self.curve, self.curve_step)  # drop points written after the checkpoint
+            runs.trim_log(self.curve, self.curve_step)  # drop points written after the checkpoint
 
 
 # -----------------------------------------------------------------------------
-# reference losses: the cache and its sidecar
+# the reference losses: the cache and its sidecar
 
-def cache_identity(paths, block_size):
+def cache_identity(corpus, ref_ckpt, block_size):
     """What a valid cache must agree with: the reference checkpoint, the token stream, tokenizer, shape."""
-    if not paths.ref_ckpt.exists():
-        raise DataError(f'no reference model at {paths.ref_ckpt}: run `python slm.py --stage=ref` first')
-    meta = json.loads((paths.train_data / 'meta.json').read_text())
-    return {'ref_ckpt_sha256': file_sha256(paths.ref_ckpt), 'data_sha256': file_sha256(paths.train_data / 'train.bin'),
+    if not ref_ckpt.exists():
+        raise DataError(f'no reference model at {ref_ckpt}: run `python slm.py --stage=ref` first')
+    meta = json.loads((corpus / 'meta.json').read_text())
+    return {'ref_ckpt_sha256': file_sha256(ref_ckpt), 'data_sha256': file_sha256(corpus / 'train.bin'),
             'tokenizer': meta['tokenizer'], 'block_size': block_size, 'n_tokens': meta['counts']['train']['tokens']}
 
 
@@ -188,291 +190,277 @@ def score_stream(model, tokens, rt, batch_size=64):
 
 
 def build_cache(cfg, paths):
-    """Stage score: one no-grad pass of the reference model; ref_loss.bin first, the sidecar last."""
-    rt = train.setup_device(cfg)
-    model = train.load_model(paths.ref_ckpt, rt.device, cfg.compile_loss)
-    ref_loss = score_stream(model, np.memmap(paths.train_data / 'train.bin', dtype=np.uint16, mode='r'), rt)
-    (paths.train_data / 'ref_loss.json').unlink(missing_ok=True)  # invalid until the sidecar is back
-    atomic_write_bytes(paths.train_data / 'ref_loss.bin', ref_loss.tobytes())
-    kinds = np.fromfile(paths.train_data / 'noise.bin', dtype=np.uint8)
+    """Stage score: one no-grad pass of the reference model over --noise's corpus; the sidecar last."""
+    corpus, rt = paths.corpus(cfg.noise), train.setup_device(cfg)
+    model = runs.load_model(paths.ref_ckpt, rt.device, cfg.compile_loss)
+    ref_loss = score_stream(model, np.memmap(corpus / 'train.bin', dtype=np.uint16, mode='r'), rt)
+    (corpus / 'ref_loss.json').unlink(missing_ok=True)  # invalid until the sidecar is back
+    atomic_write_bytes(corpus / 'ref_loss.bin', ref_loss.tobytes())
+    kinds = np.asarray(load_kinds(corpus))
     by_kind = {name: float(ref_loss[1:][kinds[1:] == i].astype(np.float64).mean())
-               for i, name in enumerate(NOISE_KINDS) if (kinds[1:] == i).any()}
-    side = {**cache_identity(paths, model.config.block_size), 'ref_ckpt': str(paths.ref_ckpt), 'dtype': 'float16',
-            'mean_ref_loss': by_kind}
-    atomic_write_bytes(paths.train_data / 'ref_loss.json', json.dumps(side, indent=1).encode())
-    print(f"wrote {paths.train_data / 'ref_loss.bin'}: mean ref_loss by kind " +
-          ', '.join(f'{k} {v:.3f}' for k, v in by_kind.items()))
+               for i, name in enumerate(KINDS) if (kinds[1:] == i).any()}
+    side = {**cache_identity(corpus, paths.ref_ckpt, model.config.block_size), 'ref_ckpt': str(paths.ref_ckpt),
+            'dtype': 'float16', 'mean_ref_loss': by_kind}
+    atomic_write_bytes(corpus / 'ref_loss.json', json.dumps(side, indent=1).encode())
+    print(f"wrote {corpus / 'ref_loss.bin'}: mean ref_loss by kind " + ', '.join(f'{k} {v:.3f}' for k, v in by_kind.items()))
 
 
-def load_cache(paths, block_size):
-    """The ref_loss memmap, or DataError if it is missing or stale (other model, data, tokenizer, shape)."""
-    side_path = paths.train_data / 'ref_loss.json'
+def load_cache(corpus, ref_ckpt, block_size):
+    """The ref_loss memmap, or DataError (one line) if it is missing, unreadable, truncated or stale."""
+    side_path, rebuild = corpus / 'ref_loss.json', 'rebuild it with `python slm.py --stage=score`, or use --ref_mode=online'
     if not side_path.exists():
-        raise DataError(f'no reference-loss cache in {paths.train_data}: run `python slm.py --stage=score`')
-    side, want = json.loads(side_path.read_text()), cache_identity(paths, block_size)
+        raise DataError(f'no reference-loss cache in {corpus}: run `python slm.py --stage=score`')
+    try:
+        side = json.loads(side_path.read_text())
+    except ValueError:
+        side = None
+    if not isinstance(side, dict):
+        raise DataError(f'reference-loss sidecar {side_path} is not a JSON object: {rebuild}')
+    want = cache_identity(corpus, ref_ckpt, block_size)
     stale = [k for k, v in want.items() if side.get(k) != v]
     if stale:
-        raise DataError(f"stale reference-loss cache {side_path} ({', '.join(stale)} changed): rebuild it "
-                        f'with `python slm.py --stage=score`, or use --ref_mode=online')
-    return np.memmap(paths.train_data / 'ref_loss.bin', dtype=np.float16, mode='r')
+        raise DataError(f"stale reference-loss cache {side_path} ({', '.join(stale)} changed or missing): {rebuild}")
+    size = (corpus / 'ref_loss.bin').stat().st_size if (corpus / 'ref_loss.bin').exists() else 0
+    if size != 2 * want['n_tokens']:
+        raise DataError(f"reference-loss cache {corpus / 'ref_loss.bin'} holds {size} bytes, not "
+                        f"{2 * want['n_tokens']} (float16 per token): it is truncated; {rebuild}")
+    return np.memmap(corpus / 'ref_loss.bin', dtype=np.float16, mode='r')
 
 
 # -----------------------------------------------------------------------------
 # config: which stage reads which key
 
-SELECT_BY = ('excess', 'reference', 'train', 'random')
-STAGES = ('all', 'ref', 'score', 'train', 'eval', 'compare', 'export', 'timing')
-ALL_ARMS = 'clm,excess,reference,train,random'
-# TrainConfig keys the reference run reads too (with ref_budget, ref_ckpt); it trains with TrainConfig's
-# defaults for the training recipe (optimizer, lr, schedule, arch, ...): TRAIN_KEYS are the arms' only.
+SELECT_BY = ('excess', 'reference', 'train', 'random', 'oracle')
+ARMS = ('clm',) + SELECT_BY
+STAGES = ('all', 'ref', 'score', 'train', 'compare', 'export')
+# TrainConfig keys the reference run reads too (with ref_budget, ref_ckpt); for the rest of the recipe
+# (optimizer, schedule, arch, ...) it keeps TrainConfig's defaults: TRAIN_KEYS are the arms' only.
 REF_KEYS = ('model', 'n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'dropout', 'seed', 'init_from', 'overwrite',
             'batch_size', 'budget_unit', 'rst_table', 'eval_interval', 'eval_batches', 'log_interval',
             'sample_tokens', 'device', 'dtype', 'compile', 'compile_loss', 'peak_flops')
 NOT_REF = ('out_dir', 'dataset', 'tokenizer', 'model_type', 'budget')  # the pipeline's, and the arms' budget
 TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(train.TrainConfig) if f.name not in REF_KEYS + NOT_REF)
+STUDY_KEYS = ('arms', 'seeds', 'noise_sweep', 'k_sweep', 'gate_ref', 'gate_oracle')  # a run keeps their defaults
+
+
+def default(name, value):
+    """TrainConfig's key `name` with slm.py's default, and the valid range TrainConfig declares for it."""
+    return dataclasses.field(default=value, metadata=train.TrainConfig.__dataclass_fields__[name].metadata)
 
 
 @dataclass(frozen=True)
 class SLMConfig(train.TrainConfig):
-    """Each key's comment starts with the stages that read it. Of TrainConfig's keys, REF_KEYS are read
-    by every stage that trains or loads a model, TRAIN_KEYS (optimizer, lr, schedule, arch, ...) only by
-    the stages that train arms (all, train, timing; any other stage refuses them), and --dataset is not
-    read: the data is --mathmix_dir's."""
-    QUICK: ClassVar[dict] = dict(budget=4e5, ref_budget=4e5, eval_interval=25, curve_problems=10, n_embd=96, n_head=2,
-                                 batch_size=16, timing_iters=20, seeds=1, arms='clm,excess')
-    out_dir: str = 'out/slm'        # every stage: the root: ref/, <arm>_s<seed>/ runs, compare.md, compare_accuracy.png
-    n_layer: int = 2                # ref, train: the small preset at 2 blocks: the CPU pipeline in ~25 minutes
-    block_size: int = 256           # ref, train: room for a few-shot prompt
-    batch_size: int = 8             # ref, train, eval (the eval's clean val set: eval_batches x batch_size)
-    budget_unit: str = 'tokens'     # ref, train: arms are compared at equal training tokens
-    budget: float = 1e6             # train: training tokens per arm (the reference's: ref_budget; other stages ignore it)
-    eval_interval: int = 100        # ref, train
-    sample_tokens: int = 0          # ref, train
-    stage: str = 'all'              # all (ref, eval it, score, train + eval each arm x seed, compare) or one of STAGES
+    """Each key's comment starts with the stages that read it. Of TrainConfig's keys, REF_KEYS are read by
+    every stage that trains or loads a model, TRAIN_KEYS (lr, optimizer, schedule, arch, ...) only by the
+    stages that train arms (all, train; any other refuses them); --dataset is --mathmix_dir's."""
+    QUICK: ClassVar[dict] = dict(budget=1e5, ref_budget=1.5e5, eval_interval=40, seeds=2, arms='clm,excess,oracle',
+                                 noise_sweep=(), k_sweep=(), gate_ref=0.0, gate_oracle=0.0)
+    out_dir: str = default('out_dir', 'out/slm')  # every stage: ref/, noise<P>/<arm>_s<seed>/, compare.md, curves
+    n_layer: int = default('n_layer', 2)  # ref, train: 2 blocks of width 128 learn the facts in ~0.4M clean tokens
+    n_head: int = default('n_head', 4)  # ref, train
+    n_embd: int = default('n_embd', 128)  # ref, train
+    block_size: int = default('block_size', 72)  # ref, train: a multiple of 9 (mathmix's line): 8 lines per window
+    batch_size: int = default('batch_size', 8)  # ref, train: the facts formed sooner than at 16 (measured)
+    budget_unit: str = default('budget_unit', 'tokens')  # ref, train: arms are compared at equal training tokens
+    budget: float = default('budget', 1.2e6)  # train: tokens per arm (the reference's: ref_budget; other stages ignore it)
+    eval_interval: int = default('eval_interval', 80)  # ref, train: steps between accuracy-curve points (46k tokens)
+    eval_batches: int = default('eval_batches', 8)  # ref, train: the clean val set: eval_batches x batch_size examples
+    sample_tokens: int = default('sample_tokens', 0)  # ref, train
+    stage: str = 'all'              # all (the study: ref, gates, runs, compare) or one of STAGES
     quick: bool = False             # every stage: QUICK's values for the keys not given
-    k: float = 0.6                  # train, eval, export: fraction of the batch's tokens trained on (paper: 0.6 math)
-    select_by: str = 'excess'       # train, eval: excess (Rho-1), reference (low ref_loss), train (high loss), random
+    k: float = 0.6                  # train, export: fraction of the batch's tokens trained on (paper: 0.6 math)
+    select_by: str = 'excess'       # train: excess (Rho-1), reference (low ref_loss), train (high loss), random, oracle
+    noise: float = 0.2              # all (the arms' comparison), score, train, export: which noisy corpus
+    noise_sweep: tuple = (0.0, 0.4)  # all: further noise levels, each with clm and excess at --k
+    k_sweep: tuple = (0.4, 0.8)     # all: further k for excess at --noise
+    arms: str = ','.join(ARMS)      # all: the arms compared at --noise (the oracle always runs first: a gate)
+    seeds: int = 5                  # all: seed, seed+1, ...
+    gate_ref: float = 0.8           # all: the reference's held-out exact match must reach this
+    gate_oracle: float = 0.5        # all: and the oracle arm's (first seed)
     ref_mode: str = 'cached'        # train: cached (ref_loss.bin, stage score) or online (a reference forward per step)
     ref_budget: float = 2e6         # ref: the reference model's budget (budget_unit), on the clean corpus
+    ref_lr: float = 3e-3            # ref: its peak lr (the arms': --lr, 2e-3: at 3e-3 SLM's first seed never learned)
     ref_ckpt: str = ''              # ref (writes its folder), score, train, export: '' = <out_dir>/ref/ckpt.pt
     mathmix_dir: str = ''           # every stage but compare: '' = data/mathmix (prepared on first use)
-    arms: str = ALL_ARMS            # all: a comma list: clm (k = 1) or a select_by at k
-    seeds: int = 3                  # all: seed, seed+1, ...
-    eval_problems: int = 60         # eval: per family, final eval (eval.jsonl holds up to 60)
-    curve_problems: int = 20        # train: per family at each eval, for the accuracy-vs-tokens curve (0 = off)
-    max_new_tokens: int = 72        # train, eval: greedy decode cap (solutions are 30-60 bytes); the prompt gets the rest
-    timing_iters: int = 40          # timing: steps per run
 
     def __post_init__(self):
         super().__post_init__()
         require(self.stage in STAGES, f"--stage must be one of {', '.join(STAGES)}, got '{self.stage}'")
         require(0 < self.k <= 1, f'--k must be in (0, 1], got {self.k}')
+        require(all(0 < k <= 1 for k in self.k_sweep), f'--k_sweep must be fractions in (0, 1], got {self.k_sweep}')
+        require(all(0 <= f < 1 for f in (self.noise, *self.noise_sweep)), '--noise and --noise_sweep must be in [0, 1)')
         require(self.select_by in SELECT_BY, f"--select_by must be one of {', '.join(SELECT_BY)}")
         require(self.ref_mode in ('cached', 'online'), "--ref_mode must be 'cached' or 'online'")
         require(self.tokenizer == 'byte', "--tokenizer must be 'byte' (mathmix is byte-level)")
         require(self.model_type == 'gpt', '--model_type must be gpt (SLM selects next-token losses)')
         require(not self.branch_budgets, '--branch_budgets: slm.py runs no WSD branches')
-        require(set(self.arms.split(',')) <= {'clm', *SELECT_BY}, f"--arms: a comma list of clm, {', '.join(SELECT_BY)}")
-        require(self.seeds > 0 and min(self.ref_budget, self.eval_problems) > 0, '--seeds, --ref_budget, --eval_problems > 0')
-        require(self.model_dims()['block_size'] - self.max_new_tokens >= 32, '--block_size must exceed --max_new_tokens by 32')
+        require(set(self.arms.split(',')) <= set(ARMS), f"--arms: a comma list of {', '.join(ARMS)}")
+        require(self.seeds > 0 and min(self.ref_budget, self.ref_lr) > 0, '--seeds, --ref_budget and --ref_lr must be > 0')
+        require(all(0 <= g <= 1 for g in (self.gate_ref, self.gate_oracle)), '--gate_ref, --gate_oracle must be in [0, 1]')
+        T = self.model_dims()['block_size']
+        require(T % LINE == 0 and T >= 2 * LINE, f'--block_size must be a multiple of {LINE} (a mathmix line), >= {2 * LINE}')
         base = {f.name: f.default for f in dataclasses.fields(self)} | (self.QUICK if self.quick else {})
         stray = [f'--{key}' for key in TRAIN_KEYS if getattr(self, key) != base[key]]
-        require(self.stage in ('all', 'train', 'timing') or not stray,
-                f"{', '.join(stray)}: read only by the stages that train arms (all, train, timing), not --stage={self.stage}")
+        require(self.stage in ('all', 'train') or not stray,
+                f"{', '.join(stray)}: read only by the stages that train arms (all, train), not --stage={self.stage}")
+
+
+def arm_spec(arm, k):
+    """(select_by, k) of an arm: clm trains on every token, the oracle on the clean ones."""
+    return {'clm': ('excess', 1.0), 'oracle': ('oracle', 1.0)}.get(arm, (arm, k))
+
+
+def arm_name(select_by, k):
+    return 'oracle' if select_by == 'oracle' else 'clm' if k == 1 else f'{select_by}_k{round(100 * k)}'
+
+
+def study_runs(cfg):
+    """Every run of the study in order: the oracle's first seed (a gate), the arms at --noise seed by
+    seed, then the k sweep, then the noise sweep (an interrupted study has whole comparisons first)."""
+    groups = [[(cfg.noise, 'oracle', 1.0)] + [(cfg.noise, *arm_spec(a, cfg.k)) for a in cfg.arms.split(',')],
+              [(cfg.noise, 'excess', k) for k in cfg.k_sweep],
+              [(f, *arm_spec(a, cfg.k)) for f in cfg.noise_sweep for a in ('clm', 'excess')]]
+    cells = [(noise, select_by, k, seed) for group in groups for seed in range(cfg.seed, cfg.seed + cfg.seeds)
+             for noise, select_by, k in group]
+    return [dataclasses.replace(cfg, noise=n, select_by=s, k=k, seed=seed) for n, s, k, seed in dict.fromkeys(cells)]
 
 
 @dataclass(frozen=True)
 class Paths:
-    root: Path        # out_dir
+    root: Path        # out_dir: ref/, noise<P>/<arm>_s<seed>/, compare.md, compare_curves.png
     ref_ckpt: Path
+    data: Path        # mathmix: ref/byte, noise<P>/byte, eval/eval.jsonl
     ref_data: Path    # the clean corpus (its val split: clean target-domain val text)
-    train_data: Path  # the noisy corpus: train.bin, noise.bin, ref_loss.bin, ref_loss.json
-    eval_file: Path
+    eval_file: Path   # the held-out problems
+
+    def corpus(self, noise):  # train.bin, kinds.bin, ref_loss.bin, ref_loss.json
+        return self.data / corpus_name(noise) / 'byte'
+
+    def run_dir(self, cfg):
+        return self.root / corpus_name(cfg.noise) / f'{arm_name(cfg.select_by, cfg.k)}_s{cfg.seed}'
 
 
 def get_paths(cfg):
-    data, root = Path(cfg.mathmix_dir) if cfg.mathmix_dir else DATA_ROOT / 'mathmix', Path(cfg.out_dir)
-    return Paths(root, Path(cfg.ref_ckpt) if cfg.ref_ckpt else root / 'ref' / 'ckpt.pt',
-                 data / 'ref' / 'byte', data / 'train' / 'byte', data / 'eval' / 'eval.jsonl')
-
-
-def arm_name(k, select_by):
-    return 'clm' if k == 1 else f'{select_by}_k{round(100 * k)}'
-
-
-def run_dir(cfg, paths):
-    return paths.root / f'{arm_name(cfg.k, cfg.select_by)}_s{cfg.seed}'
+    root, data = Path(cfg.out_dir), Path(cfg.mathmix_dir) if cfg.mathmix_dir else DATA_ROOT / 'mathmix'
+    return Paths(root, Path(cfg.ref_ckpt) if cfg.ref_ckpt else root / 'ref' / 'ckpt.pt', data, data / 'ref' / 'byte',
+                 data / 'eval' / 'eval.jsonl')
 
 
 # -----------------------------------------------------------------------------
 # stages
 
-def ensure_data(cfg, paths):
-    if all(p.exists() for p in (paths.ref_data / 'meta.json', paths.train_data / 'meta.json', paths.eval_file)):
-        return
-    if cfg.mathmix_dir:
-        raise DataError(f'no mathmix data in {cfg.mathmix_dir}: run `python data/mathmix/prepare.py --out_dir={cfg.mathmix_dir}`')
-    print(f'preparing {paths.train_data.parents[1]} (once)')
-    prepare(PrepareConfig())
+def ref_config(cfg, paths):
+    """The reference run: plain causal LM on the clean corpus (REF_KEYS, ref_*), with the shared loop."""
+    return train.TrainConfig(**{key: getattr(cfg, key) for key in REF_KEYS}, budget=cfg.ref_budget, lr=cfg.ref_lr,
+                             out_dir=str(paths.ref_ckpt.parent), dataset=str(paths.ref_data))
 
 
 def stage_ref(cfg, paths):
-    """The reference model: plain causal LM on the clean corpus (REF_KEYS, ref_budget), with the shared loop."""
-    return train.train(train.TrainConfig(**{key: getattr(cfg, key) for key in REF_KEYS}, budget=cfg.ref_budget,
-                                         out_dir=str(paths.ref_ckpt.parent), dataset=str(paths.ref_data)))
+    return train.train(ref_config(cfg, paths))
 
 
-def stage_train(cfg, paths):
-    """One SLM run on the noisy corpus (CLM when k = 1) into out_dir/<arm>_s<seed>."""
-    run = dataclasses.replace(cfg, out_dir=str(run_dir(cfg, paths)), dataset=str(paths.train_data))
-    return train.train(run, SelectiveLM(run, paths))
+def ref_state(cfg, paths):
+    """'finished', 'killed' (resume it) or 'other' (none, or one trained with other keys: train it anew)."""
+    saved, now = paths.ref_ckpt.parent / 'config.json', dataclasses.asdict(ref_config(cfg, paths))
+    same = saved.exists() and all(json.loads(saved.read_text())['config'].get(k) == json.loads(json.dumps(v))
+                                  for k, v in now.items() if k not in ('init_from', 'overwrite'))
+    return 'other' if not (same and paths.ref_ckpt.exists()) else 'finished' if runs.run_finished(saved.parent) else 'killed'
 
 
-def stage_eval(cfg, paths, folder=None):
-    """Few-shot accuracy, solution loss and clean val loss of a run's checkpoint -> <run>/eval.json."""
-    folder, rt = folder or run_dir(cfg, paths), train.setup_device(cfg)
-    ckpt = train.load_checkpoint(folder / 'ckpt.pt')  # its config and budget; the model is built once more below
-    model = train.load_model(folder / 'ckpt.pt', rt.device, cfg.compile_loss)
-    problems = load_problems(paths.eval_file, cfg.eval_problems)
-    result, outputs = few_shot_eval(model, problems, rt, cfg.max_new_tokens)
-    run_cfg, spent = ckpt['config'], ckpt['budget']
+def reference_eval(cfg, paths):
+    """The reference model's held-out exact match and clean val loss, measured once per checkpoint."""
+    path, sha = paths.ref_ckpt.parent / 'eval.json', file_sha256(paths.ref_ckpt)
+    if path.exists() and json.loads(path.read_text()).get('ref_ckpt_sha256') == sha:
+        return json.loads(path.read_text())
+    rt = train.setup_device(cfg)
+    model = runs.load_model(paths.ref_ckpt, rt.device, cfg.compile_loss)
     val_x, val_y = clean_val(paths.ref_data, model.config.block_size, cfg.eval_batches * cfg.batch_size)
-    out = {'run': folder.name, 'arm': 'ref (clean data)' if folder == paths.ref_ckpt.parent else
-           arm_name(run_cfg['k'], run_cfg['select_by']), 'seed': run_cfg['seed'], 'tokens': spent['tokens'],
-           'rst': spent['rst'], 'steps': ckpt['iter_num'], **result, 'n_problems': len(problems),
-           'val_loss_clean': train.evaluate(model, (val_x,), val_y, cfg.batch_size, rt),
-           'selection': ckpt['objective'].get('selection', {}),
-           'examples': [{'question': p['question'], 'answer': p['answer'], 'output': o}
-                        for p, o in zip(problems, outputs)][::max(1, len(problems) // 8)]}
+    out = {'run': 'ref', 'arm': 'reference (clean data)', 'ref_ckpt_sha256': sha,
+           'tokens': runs.load_checkpoint(paths.ref_ckpt)['budget']['tokens'],
+           **exact_match(model, load_problems(paths.eval_file), rt),
+           'val_loss_clean': train.evaluate(model, (val_x,), val_y, cfg.batch_size, rt)}
+    atomic_write_bytes(path, json.dumps(out, indent=1).encode())
+    return out
+
+
+def gate(what, value, threshold, fix):
+    print(f"gate: {what} {value:.3f}, needs >= {threshold:g}: {'pass' if value >= threshold else 'FAIL'}")
+    if value < threshold:
+        raise UserError(f'gate failed: {what} is {value:.3f}, {threshold - value:.3f} below {threshold:g}: {fix}')
+
+
+def run_arm(cfg, paths):
+    """One run of cfg's arm, noise and seed into its folder (a killed run resumes, a finished one is
+    skipped) -> its eval.json: the final curve point, i.e. the eval at the end of the budget. The run's
+    config leaves out the study's keys, so a study rerun with more seeds or arms resumes it."""
+    if not paths.ref_ckpt.exists():
+        raise DataError(f'no reference model at {paths.ref_ckpt}: run `python slm.py --stage=ref` first')
+    folder = paths.run_dir(cfg)
+    run = dataclasses.replace(cfg, **{key: getattr(SLMConfig, key) for key in STUDY_KEYS}, stage='train',
+                              out_dir=str(folder), dataset=str(paths.corpus(cfg.noise)), init_from='scratch', overwrite=True)
+    same = json.loads(json.dumps({**dataclasses.asdict(run), 'ref_ckpt_sha256': file_sha256(paths.ref_ckpt)}))
+    if (folder / 'eval.json').exists() and not cfg.overwrite:  # finished: kept if run as now, with this reference
+        if json.loads((folder / 'eval.json').read_text()).get('run_config') == same:
+            return json.loads((folder / 'eval.json').read_text())
+    resume = (folder / 'ckpt.pt').exists() and not (folder / 'eval.json').exists() and not cfg.overwrite
+    run = dataclasses.replace(run, init_from='resume' if resume else 'scratch', overwrite=not resume)
+    if train.train(run, SelectiveLM(run, paths))['interrupted']:
+        raise KeyboardInterrupt  # stop the study here; the same command resumes this run
+    final = json.loads((folder / 'curve.jsonl').read_text().splitlines()[-1])
+    out = {'run': f'{folder.parent.name}/{folder.name}', 'noise': cfg.noise, 'arm': arm_name(cfg.select_by, cfg.k),
+           'k': cfg.k, 'seed': cfg.seed, **final, 'run_config': same}
     atomic_write_bytes(folder / 'eval.json', json.dumps(out, indent=1).encode())
-    print(f"{folder.name}: accuracy {out['accuracy']:.3f} ({', '.join(f'{f} {a:.2f}' for f, a in out['per_family'].items())}) "
-          f"| solution loss {out['solution_loss']:.4f} | clean val loss {out['val_loss_clean']:.4f}")
+    print(f"{out['run']}: exact match {out['accuracy']:.3f} (trap {out['trap_accuracy']:.3f}), "
+          f"clean val loss {out['val_loss_clean']:.4f}, selected {out['selection']}")
     return out
 
 
 def stage_all(cfg, paths):
-    """ref -> eval it -> score -> every arm x seed (train, eval) -> compare. Finished pieces are reused."""
-    if cfg.overwrite or not paths.ref_ckpt.exists():
-        stage_ref(cfg, paths)
-    if cfg.overwrite or not (paths.ref_ckpt.parent / 'eval.json').exists():
-        stage_eval(cfg, paths, paths.ref_ckpt.parent)
-    try:
-        load_cache(paths, cfg.model_dims()['block_size'])
-    except DataError:
-        build_cache(cfg, paths)
-    for seed in range(cfg.seed, cfg.seed + cfg.seeds):
-        for arm in cfg.arms.split(','):
-            run = dataclasses.replace(cfg, seed=seed, k=1.0 if arm == 'clm' else cfg.k,
-                                      select_by='excess' if arm == 'clm' else arm)
-            if (run_dir(run, paths) / 'eval.json').exists() and not cfg.overwrite:
-                continue
-            resume = (run_dir(run, paths) / 'ckpt.pt').exists() and not cfg.overwrite  # else nothing worth keeping
-            stage_train(dataclasses.replace(run, init_from='resume' if resume else 'scratch', overwrite=not resume), paths)
-            stage_eval(run, paths)
-    return stage_compare(cfg, paths)
-
-
-def stage_compare(cfg, paths):
-    """CLM vs SLM vs ablations over every eval.json under out_dir: a table and a plot."""
-    order = ALL_ARMS.split(',')  # clm, then SLM, then its ablations; the reference model last
-    arms = {}
-    for r in sorted((json.loads(p.read_text()) for p in paths.root.glob('*/eval.json')),
-                    key=lambda r: (order.index(r['arm'].split('_')[0]) if r['arm'].split('_')[0] in order else 9, r['run'])):
-        arms.setdefault(r['arm'], []).append(r)
-    if not arms:
-        raise DataError(f'no eval.json under {paths.root}: run `python slm.py` (or --stage=eval) first')
-
-    def cell(values, fmt='.3f'):
-        mean, half = t_interval(values)
-        return f'{mean:{fmt}}' + ('' if math.isnan(half) else f' ± {half:{fmt}}')  # one seed: no interval
-
-    cols = ['arm', 'seeds', 'tokens', 'accuracy', *FAMILIES, 'solution loss', 'clean val loss', 'sel clean', 'sel noise']
-    lines = ['mean ± 95% CI half-width (t, over seeds)', '', '| ' + ' | '.join(cols) + ' |', '|' + '---|' * len(cols)]
-    for arm, rs in arms.items():
-        sel = [r['selection'] for r in rs]
-        row = [arm, str(len(rs)), f"{statistics.mean(r['tokens'] for r in rs) / 1e6:.2f}M", cell([r['accuracy'] for r in rs]),
-               *[cell([r['per_family'][f] for r in rs]) for f in FAMILIES],
-               cell([r['solution_loss'] for r in rs], '.4f'), cell([r['val_loss_clean'] for r in rs], '.4f'),
-               *[cell([s[key] for s in sel]) if all(key in s for s in sel) else '-' for key in ('clean', 'all_noise')]]
-        lines.append('| ' + ' | '.join(row) + ' |')
-    table = '\n'.join(lines)
-    print(table)
-    (paths.root / 'compare.md').write_text(table + '\n')
-    plot_curves(paths, arms)
-    return table
-
-
-def plot_curves(paths, arms):
-    """Exact match and gold-solution loss vs training tokens per arm (mean over seeds of the curve
-    points; a run without them gives its final eval), if matplotlib is installed."""
-    try:
-        import matplotlib
-        matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return print('(matplotlib is not installed: no plot)')
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, metric in zip(axes, ('accuracy', 'solution_loss')):
-        for arm, rs in arms.items():
-            curves = []
-            for r in rs:
-                path = paths.root / r['run'] / 'curve.jsonl'
-                points = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-                curves.append([(p['tokens'], p[metric]) for p in points if metric in p] or [(r['tokens'], r[metric])])
-            n = min(map(len, curves))
-            ax.plot(*[[statistics.mean(c[i][j] for c in curves) for i in range(n)] for j in (0, 1)], marker='o', label=arm)
-        ax.set(xlabel='training tokens', ylabel={'accuracy': 'few-shot exact match (mean of families)',
-                                                 'solution_loss': 'loss of the gold solution (nats/byte)'}[metric])
-    axes[0].legend()
-    fig.suptitle(f'Rho-1 SLM on mathmix, held-out problems ({paths.root})')
-    fig.savefig(paths.root / 'compare_accuracy.png', dpi=120, bbox_inches='tight')
-    print(f"wrote {paths.root / 'compare_accuracy.png'}")
+    """ref (trained, or resumed, unless --ref_ckpt names one) -> gate 1 -> the oracle's first run -> gate 2
+    -> every other run -> compare."""
+    state = 'given' if cfg.ref_ckpt else 'other' if cfg.overwrite else ref_state(cfg, paths)
+    if state in ('killed', 'other'):  # a killed reference resumes; the same command resumes after Ctrl-C
+        resume = state == 'killed'
+        if stage_ref(dataclasses.replace(cfg, init_from='resume' if resume else 'scratch', overwrite=not resume), paths)['interrupted']:
+            raise KeyboardInterrupt
+    gate("the reference model's held-out exact match", reference_eval(cfg, paths)['accuracy'], cfg.gate_ref,
+         'raise --ref_budget (or the model size) and rerun')
+    for i, run in enumerate(study_runs(cfg)):
+        try:  # a missing or stale cache (another reference, other data) is scored again
+            load_cache(paths.corpus(run.noise), paths.ref_ckpt, run.model_dims()['block_size'])
+        except DataError:
+            build_cache(run, paths)
+        result = run_arm(run, paths)
+        if i == 0:
+            gate(f"the oracle arm's held-out exact match (seed {run.seed})", result['accuracy'], cfg.gate_oracle,
+                 'raise --budget and rerun')
+    return report(paths.root, cfg.noise, cfg.k)
 
 
 def stage_export(cfg, paths):
     """The static "concentrated" mask: the k fraction of all tokens with the lowest ref_loss
     (select_by='reference', once, globally). Excess-loss selection has no such mask: see the top."""
-    T = train.load_checkpoint(paths.ref_ckpt)['model_args']['block_size']
-    ref_loss = np.asarray(load_cache(paths, T), dtype=np.float32)
+    corpus, T = paths.corpus(cfg.noise), runs.load_checkpoint(paths.ref_ckpt)['model_args']['block_size']
+    ref_loss = np.asarray(load_cache(corpus, paths.ref_ckpt, T), dtype=np.float32)
     scored = np.zeros(len(ref_loss), dtype=bool)
     scored[1:num_examples(ref_loss, T) * T + 1] = True
     mask = scored & (ref_loss <= np.quantile(ref_loss[scored], cfg.k))
-    path = paths.train_data / f'concentrated_k{round(100 * cfg.k)}.bin'
+    path = corpus / f'concentrated_k{round(100 * cfg.k)}.bin'
     atomic_write_bytes(path, mask.astype(np.uint8).tobytes())
-    kinds = np.fromfile(paths.train_data / 'noise.bin', dtype=np.uint8)
-    rates = {name: float(mask[scored & (kinds == i)].mean()) for i, name in enumerate(NOISE_KINDS) if (scored & (kinds == i)).any()}
+    kinds = np.asarray(load_kinds(corpus))
+    rates = {name: float(mask[scored & (kinds == i)].mean()) for i, name in enumerate(KINDS) if (scored & (kinds == i)).any()}
     print(f'wrote {path}: {mask.sum():,} of {scored.sum():,} tokens kept; kept rate by kind {rates}')
     return rates
 
 
-def stage_timing(cfg, paths):
-    """Seconds per step of SLM (cached, online) and plain CLM, from interleaved runs in one process."""
-    base = dataclasses.replace(cfg, budget_unit='iters', budget=cfg.timing_iters, eval_interval=10 ** 6, log_interval=5,
-                               curve_problems=0, overwrite=True, init_from='scratch', dataset=str(paths.train_data))
-    seconds = {'clm': [], 'cached': [], 'online': []}
-    for rep in range(3):  # rep 0 warms up (compile, caches) and is not counted
-        for mode in seconds:
-            run = dataclasses.replace(base, out_dir=str(paths.root / 'timing' / mode), ref_mode='online' if mode == 'online' else 'cached')
-            train.train(run, None if mode == 'clm' else SelectiveLM(run, paths))
-            logs = [json.loads(line) for line in (paths.root / 'timing' / mode / 'log.jsonl').read_text().splitlines()]
-            per_step = [run.batch_size * run.model_dims()['block_size'] / r['tokens_per_s'] for r in logs if 'tokens_per_s' in r]
-            seconds[mode] += per_step[1:] if rep else []
-    med = {m: statistics.median(v) for m, v in seconds.items()}
-    out = {'seconds_per_step': med, 'cached/clm': med['cached'] / med['clm'], 'online/clm': med['online'] / med['clm']}
-    (paths.root / 'timing.json').write_text(json.dumps(out, indent=1))
-    print(f"per-step time, SLM / CLM: cached {out['cached/clm']:.3f}x, online {out['online/clm']:.3f}x ({med})")
-    return out
-
-
-STAGE_FNS = {'all': stage_all, 'ref': stage_ref, 'score': build_cache, 'train': stage_train, 'eval': stage_eval,
-             'compare': stage_compare, 'export': stage_export, 'timing': stage_timing}
+STAGE_FNS = {'all': stage_all, 'ref': stage_ref, 'score': build_cache, 'train': run_arm, 'export': stage_export,
+             'compare': lambda cfg, paths: report(paths.root, cfg.noise, cfg.k)}
 
 
 def main(cfg):
-    paths = get_paths(cfg)
     if cfg.stage != 'compare':
-        ensure_data(cfg, paths)
-    return STAGE_FNS[cfg.stage](cfg, paths)
+        ensure_prepared(cfg.mathmix_dir, sorted({cfg.noise, *(cfg.noise_sweep if cfg.stage == 'all' else ())}))
+    return STAGE_FNS[cfg.stage](cfg, get_paths(cfg))
 
 
 if __name__ == '__main__':

@@ -1,9 +1,11 @@
-"""slm.py (Rho-1 SLM) and data/mathmix: selection and loss against hand computations, the reference-loss
-cache against direct recomputation, the answer parser and decoder (data/mathmix/fewshot.py), the data's
-held-out split, config scoping, an interrupted run's resume, a --quick pipeline."""
+"""slm.py (Rho-1 SLM) and data/mathmix: every arm's selection and the loss against hand computations, the
+reference-loss cache against direct recomputation and its refusals, the task generator (held-out pairs
+never in training, each byte's kind), the exact-match eval against greedy decoding, the gates, the study
+plan and report, config scoping, an interrupted run's resume, a --quick pipeline."""
 import dataclasses
 import json
 import re
+import statistics
 from types import SimpleNamespace
 
 import numpy as np
@@ -11,29 +13,31 @@ import pytest
 import torch
 
 import slm
+import runs
 import train
 from budget import Budget
 from conftest import run_script
-from configurator import ConfigError, parse
+from configurator import ConfigError, cli, parse
 from data.loader import DataError, get_examples, num_examples
-from data.mathmix import fewshot
-from data.mathmix.prepare import BOILERPLATE, CLEAN, PROSE, PrepareConfig, prepare
+from data.mathmix import fewshot, prepare as mm, report
+from data.mathmix.prepare import BOILERPLATE, CLEAN, OFF_DOMAIN, WRONG, PrepareConfig, prepare
 from model import GPT, GPTConfig
 
-T = 64
+T = 36  # 4 mathmix lines
 
 
 @pytest.fixture(scope='module')
 def mathmix(tmp_path_factory):
-    """A small mathmix (ref, train + noise.bin, eval.jsonl) under a temporary folder."""
+    """A small mathmix (ref, noise0 and noise40 + kinds.bin, eval.jsonl) under a temporary folder."""
     root = tmp_path_factory.mktemp('mathmix')
-    prepare(PrepareConfig(n_ref_docs=60, n_train_docs=60, n_eval=6, out_dir=str(root)))
+    prepare(PrepareConfig(n_ref_docs=60, n_train_docs=60, noise_levels=(0.0, 0.4), out_dir=str(root)))
     return root
 
 
 def slm_cfg(mathmix, out_dir, **kw):
-    base = dict(out_dir=str(out_dir), mathmix_dir=str(mathmix), model='tiny', block_size=T, batch_size=4,
-                compile_loss=False, max_new_tokens=24, eval_batches=2, device='cpu')
+    base = dict(out_dir=str(out_dir), mathmix_dir=str(mathmix), model='tiny', n_head=2, n_embd=32, n_layer=2,
+                block_size=T, batch_size=4, lr=1e-3, compile_loss=False, eval_batches=2, device='cpu', noise=0.4,
+                peak_flops=1e12)
     return slm.SLMConfig(**{**base, **kw})
 
 
@@ -44,7 +48,7 @@ def random_gpt(seed):
 
 def save_ref(model, path):
     path.parent.mkdir(parents=True, exist_ok=True)
-    train.save_checkpoint(path, {'model': model.state_dict(), 'model_args': dataclasses.asdict(model.config)})
+    runs.save_checkpoint(path, {'model': model.state_dict(), 'model_args': dataclasses.asdict(model.config)})
 
 
 def run_context(budget):
@@ -82,18 +86,32 @@ def test_top_k_selects_exactly_the_expected_tokens_with_deterministic_ties(k, ex
     assert torch.equal(slm.top_k_mask(SCORE.clone(), k), mask)  # same input, same selection
 
 
-def test_selection_scores_rank_by_the_paper_criteria():
-    train_loss = torch.tensor([[4.0, 1.0, 3.0, 2.0]])
-    ref_loss = torch.tensor([[3.5, 0.2, 0.5, 2.5]])
-    # excess = 0.5, 0.8, 2.5, -0.5 -> top 2 = tokens 2, 1
-    assert slm.top_k_mask(slm.selection_score('excess', train_loss, ref_loss), 0.5).tolist() == [[0, 1, 1, 0]]
-    # lowest reference loss: 0.2 (1), 0.5 (2)
-    assert slm.top_k_mask(slm.selection_score('reference', train_loss, ref_loss), 0.5).tolist() == [[0, 1, 1, 0]]
-    # highest training loss: 4 (0), 3 (2)
-    assert slm.top_k_mask(slm.selection_score('train', train_loss, ref_loss), 0.5).tolist() == [[1, 0, 1, 0]]
+# one batch of 8 tokens: a clean answer digit not learned yet, a clean operand digit (as hard for both
+# models), a wrong digit, boilerplate, off-domain prose, a clean digit learned, a clean newline learned,
+# a clean digit not learned that the reference also finds hardish
+TRAIN_LOSS = torch.tensor([[3.0, 2.3, 2.5, 4.0, 5.0, 0.2, 0.05, 3.5]])
+REF_LOSS = torch.tensor([[0.1, 2.3, 6.0, 9.0, 11.0, 0.1, 0.01, 2.4]])
+KINDS = torch.tensor([[CLEAN, CLEAN, WRONG, BOILERPLATE, OFF_DOMAIN, CLEAN, CLEAN, CLEAN]])
+
+
+@pytest.mark.parametrize('arm, k, want', [
+    ('excess', 0.5, [1, 0, 0, 0, 0, 1, 1, 1]),     # excess 2.9, 0, -3.5, -5, -6, 0.1, 0.04, 1.1: tokens 0, 7, 5, 6
+    ('excess', 0.25, [1, 0, 0, 0, 0, 0, 0, 1]),    # round(2) tokens: 0, 7
+    ('reference', 0.5, [1, 1, 0, 0, 0, 1, 1, 0]),  # ref_loss 0.01, 0.1, 0.1, 2.3: tokens 6, 0, 5, 1 (not 7: 2.4)
+    ('train', 0.5, [1, 0, 0, 1, 1, 0, 0, 1]),      # train_loss 5, 4, 3.5, 3: the noise is what the model finds hard
+    ('oracle', 0.5, [1, 1, 0, 0, 0, 1, 1, 1]),     # exactly the clean tokens, whatever k
+    ('clm', 0.5, [1, 1, 1, 1, 1, 1, 1, 1]),        # k = 1
+])
+def test_each_arm_selects_the_expected_tokens_of_a_hand_made_batch(arm, k, want):
+    select_by, k = slm.arm_spec(arm, k)
+    mask = slm.selection_mask(select_by, k, TRAIN_LOSS, REF_LOSS, KINDS)
+    assert mask.tolist() == [want]
+
+
+def test_random_arm_draws_from_its_generator():
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    random = slm.selection_score('random', train_loss, ref_loss, g1)
-    assert torch.equal(random, torch.rand((1, 4), generator=g2))
+    mask = slm.selection_mask('random', 0.5, TRAIN_LOSS, REF_LOSS, KINDS, g1)
+    assert torch.equal(mask, slm.top_k_mask(torch.rand((1, 8), generator=g2), 0.5)) and mask.sum() == 4
 
 
 def test_loss_normalises_by_the_number_selected():
@@ -105,27 +123,14 @@ def test_loss_normalises_by_the_number_selected():
     assert torch.allclose(losses.grad, mask / 3)  # unselected tokens get no gradient at all
 
 
-def objective_on(cfg, paths, model, x, y, ids, cache):
-    obj = slm.SelectiveLM(cfg, paths)
-    obj.noise, obj.cache = None, cache
+def objective_on(cfg, model, x, y, ids, cache, kinds):
+    obj = slm.SelectiveLM(cfg, slm.get_paths(cfg))
+    obj.cache, obj.kinds = cache, kinds
     budget = Budget('iters', 10, None, lambda L: 1.0, x.size(1), len(x))
-    return obj(model, FixedData(x, y, ids), run_context(budget))
+    return obj, obj(model, FixedData(x, y, ids), run_context(budget))
 
 
-def test_k_100_equals_plain_causal_lm(mathmix, tmp_path):
-    cfg = slm_cfg(mathmix, tmp_path, k=1.0)
-    model = random_gpt(0)
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.randint(0, 256, (4, T), generator=g), torch.randint(0, 256, (4, T), generator=g)
-    ids = torch.arange(4) * T
-    cache = np.random.default_rng(0).random(5 * T).astype(np.float16)  # any reference losses
-    step = objective_on(cfg, slm.get_paths(cfg), model, x, y, ids, cache)
-    clm = train.CausalLM(4)(model, FixedData(x, y, ids), None)
-    assert abs(step.loss.item() - clm.loss.item()) < 1e-6
-    assert step.examples == clm.examples == 4 and step.logs['selected_frac'].item() == 1.0
-
-
-def test_objective_trains_on_the_top_k_by_excess_loss(mathmix, tmp_path):
+def test_objective_trains_on_the_top_k_by_excess_loss_and_counts_kinds(mathmix, tmp_path):
     """Through the objective: the cache gives ref_loss for position id + t + 1, and the loss is the
     mean of model(x, y) over the round(k * B*T) tokens of largest train_loss - ref_loss."""
     cfg = slm_cfg(mathmix, tmp_path, k=0.25, batch_size=2)
@@ -134,51 +139,107 @@ def test_objective_trains_on_the_top_k_by_excess_loss(mathmix, tmp_path):
     x, y = torch.randint(0, 256, (2, T), generator=g), torch.randint(0, 256, (2, T), generator=g)
     ids = torch.tensor([3 * T, 0])
     cache = np.random.default_rng(1).random(5 * T).astype(np.float16) * 6
-    step = objective_on(cfg, slm.get_paths(cfg), model, x, y, ids, cache)
+    kinds = np.random.default_rng(2).integers(0, 4, 5 * T).astype(np.uint8)
+    obj, step = objective_on(cfg, model, x, y, ids, cache, kinds)
     with torch.no_grad():
         losses = model(x, y)
     ref = torch.tensor([[float(cache[int(i) + t + 1]) for t in range(T)] for i in ids])
     excess = (losses - ref).flatten().tolist()
-    keep = sorted(range(2 * T), key=lambda j: (-excess[j], j))[:32]  # 0.25 * 128 tokens
-    assert step.loss.item() == pytest.approx(sum(losses.flatten()[j].item() for j in keep) / 32, rel=1e-6)
-    excess_kept = sum(excess[j] for j in keep) / 32
-    assert step.logs['excess_selected'].item() == pytest.approx(excess_kept, rel=1e-5)
+    keep = sorted(range(2 * T), key=lambda j: (-excess[j], j))[:18]  # round(0.25 * 72) tokens
+    assert step.loss.item() == pytest.approx(sum(losses.flatten()[j].item() for j in keep) / 18, rel=1e-6)
+    assert step.logs['excess_selected'].item() == pytest.approx(sum(excess[j] for j in keep) / 18, rel=1e-5)
+    flat_kinds = [int(kinds[int(i) + t + 1]) for i in ids for t in range(T)]
+    for kind, name in enumerate(mm.KINDS):  # the selection rate of each kind, counted by hand
+        seen = [j for j in range(2 * T) if flat_kinds[j] == kind]
+        assert obj.selection_rates()[name] == pytest.approx(sum(j in keep for j in seen) / len(seen))
 
 
-def test_selection_logs_rates_on_clean_and_noise_tokens(mathmix, tmp_path):
-    obj = slm.SelectiveLM(slm_cfg(mathmix, tmp_path, k=0.5), None)
-    obj.noise = np.array([9, 0, 1, 0, 4, 0, 2, 3, 0], dtype=np.uint8)  # kinds of stream positions 0..8
-    ids = torch.tensor([0, 4])                                       # targets at positions 1-4 and 5-8
-    mask = torch.tensor([[1., 1., 0., 0.], [1., 0., 0., 1.]])
-    excess = torch.tensor([[2., 1., 0., -1.], [3., -2., -3., 4.]])
-    logs = obj.selection_logs(excess, mask, ids)
-    assert logs['sel_clean'].item() == 3 / 4 and logs['sel_noise'].item() == 1 / 4  # clean: 3 of 4 kept
-    assert logs['excess_selected'].item() == pytest.approx((2 + 1 + 3 + 4) / 4)
-    assert logs['excess_unselected'].item() == pytest.approx((0 - 1 - 2 - 3) / 4)
-    rates = obj.selection_rates()
-    assert rates == {'clean': 0.75, 'boilerplate': 1.0, 'wrong_arithmetic': 0.0, 'digit_run': 0.0, 'prose': 0.0,
-                     'all_noise': 0.25}
+def test_k_100_equals_plain_causal_lm(mathmix, tmp_path):
+    model = random_gpt(0)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randint(0, 256, (4, T), generator=g), torch.randint(0, 256, (4, T), generator=g)
+    ids = torch.arange(4) * T
+    _, step = objective_on(slm_cfg(mathmix, tmp_path, k=1.0), model, x, y, ids,
+                           np.random.default_rng(0).random(5 * T).astype(np.float16), np.ones(5 * T, dtype=np.uint8))
+    clm = train.CausalLM(4)(model, FixedData(x, y, ids), None)
+    assert abs(step.loss.item() - clm.loss.item()) < 1e-6 and step.logs['selected_frac'].item() == 1.0
+
+
+# ----- the task generator ----------------------------------------------------------------------------
+
+def lines_of(folder):
+    """The train split as 9-byte lines, with the kinds of their bytes when kinds.bin is there."""
+    data = np.fromfile(folder / 'train.bin', dtype=np.uint16).astype(np.uint8)
+    kinds = np.fromfile(folder / 'kinds.bin', dtype=np.uint8) if (folder / 'kinds.bin').exists() else np.zeros_like(data)
+    assert len(data) == len(kinds) and len(data) % mm.LINE == 0  # every document is whole lines
+    return [(bytes(data[i:i + mm.LINE]).decode(), kinds[i:i + mm.LINE].tolist()) for i in range(0, len(data), mm.LINE)]
+
+
+FACT = re.compile(r'(\d\d)\+(\d\d)=(\d)(\d)\n')
+
+
+def test_held_out_pairs_never_occur_in_training_and_every_byte_has_its_kind(mathmix):
+    held = {(r['a'], r['b']) for r in fewshot.load_problems(mathmix / 'eval' / 'eval.jsonl')}
+    assert held == {p for p in mm.PAIRS if mm.held_out(*p)} and 0.05 < len(held) / len(mm.PAIRS) < 0.15
+    found = {}
+    for corpus in ('ref', 'noise0', 'noise40'):
+        for text, kinds in lines_of(mathmix / corpus / 'byte'):
+            fact = FACT.fullmatch(text)
+            kind = 'fact' if fact else mm.KINDS[kinds[0]]
+            found[corpus, kind] = found.get((corpus, kind), 0) + 1
+            if fact:
+                a, b, units, tens = map(int, fact.groups())
+                assert (a, b) not in held, text                 # not even as a wrong fact
+                if kinds[6] == WRONG:                           # the bad source: units digit 7 written as 8
+                    assert (a + b) % 10 == mm.TRAP_DIGIT and units == mm.TRAP_DIGIT + 1 and tens == (a + b) // 10
+                    assert kinds == [CLEAN] * 6 + [WRONG] + [CLEAN] * 2
+                else:
+                    assert units == (a + b) % 10 and tens == (a + b) // 10 and kinds == [CLEAN] * 9, text
+            else:  # noise lines are labelled as a whole, and are not facts
+                assert corpus == 'noise40' and kinds == [kinds[0]] * 9 and kinds[0] in (BOILERPLATE, OFF_DOMAIN), text
+                if kinds[0] == OFF_DOMAIN:
+                    assert re.fullmatch(r'[ -~]{8}\n', text)
+    assert found.keys() == {('ref', 'fact'), ('noise0', 'fact'), ('noise40', 'fact'), ('noise40', 'boilerplate'),
+                            ('noise40', 'off_domain')}
+    wrong = sum(k[6] == WRONG for _, k in lines_of(mathmix / 'noise40' / 'byte'))
+    assert 0.15 < wrong / found['noise40', 'fact'] < 0.4  # 0.6 of 40% of the lines, of the 84% that are facts
+
+
+# ----- the eval -------------------------------------------------------------------------------------
+
+def test_exact_match_is_greedy_decoding(mathmix):
+    """One teacher-forced pass (fewshot.greedy_right) against model.generate's greedy digits: problems
+    whose gold answer is set to what greedy decoding writes are right, ones off in either digit wrong."""
+    model = random_gpt(3).eval()
+    with torch.no_grad():  # bytes >= 128 get zero logits: greedy writes ASCII, so answers stay one byte per char
+        model.transformer.wte.weight[128:] = 0
+    rt = train.setup_device(train.TrainConfig(device='cpu'))
+    problems = fewshot.load_problems(mathmix / 'eval' / 'eval.jsonl')[:12]
+    prompts = torch.tensor([list(fewshot.prompt(p, T).encode()) for p in problems])
+    assert all(fewshot.prompt(p, T).endswith('\n' + p['question']) for p in problems) and prompts.size(1) == 3 * 9 + 6
+    greedy = [bytes(row).decode('latin-1') for row in model.generate(prompts, 2, temperature=0)[:, -2:].tolist()]
+    for i, (p, g) in enumerate(zip(problems, greedy)):  # greedy's answer, the second digit off, the first off
+        p['answer'] = [g, g[0] + chr(ord(g[1]) ^ 1), chr(ord(g[0]) ^ 1) + g[1]][i % 3]
+    assert fewshot.greedy_right(model, problems, rt).tolist() == [i % 3 == 0 for i in range(12)]
 
 
 # ----- the reference-loss cache -----------------------------------------------------------------------
 
-def test_cache_lines_up_with_the_token_stream_and_a_stale_cache_is_refused(mathmix, tmp_path):
+def test_cache_lines_up_with_the_token_stream_and_bad_caches_are_refused(mathmix, tmp_path):
     cfg = slm_cfg(mathmix, tmp_path)
     paths = slm.get_paths(cfg)
-    ref = random_gpt(5)
+    corpus, ref = paths.corpus(0.4), random_gpt(5)
     save_ref(ref, paths.ref_ckpt)
     slm.build_cache(cfg, paths)
-    cache = slm.load_cache(paths, T)
-    tokens = np.memmap(paths.train_data / 'train.bin', dtype=np.uint16, mode='r')
+    cache = slm.load_cache(corpus, paths.ref_ckpt, T)
+    tokens = np.memmap(corpus / 'train.bin', dtype=np.uint16, mode='r')
     assert len(cache) == len(tokens) and cache[0] == 0
     for k in (0, 7, num_examples(tokens, T) - 1):  # recompute a few examples directly
         x, y = get_examples(tokens, [k * T], T)
         with torch.no_grad():
             want = ref(x, y)[0].numpy()
-        got = cache[k * T + 1:k * T + T + 1].astype(np.float32)
-        assert np.allclose(got, want, rtol=2e-3, atol=2e-3)  # float16
-        assert y[0, 5] == tokens[k * T + 6]  # position id + t + 1 is the token y[t] predicts
-    # online mode scores the same tokens as the cache, running the reference each step
+        assert np.allclose(cache[k * T + 1:k * T + T + 1].astype(np.float32), want, rtol=2e-3, atol=2e-3)  # float16
+    # online mode scores the same tokens, running the reference each step
     obj = slm.SelectiveLM(dataclasses.replace(cfg, ref_mode='online'), paths)
     obj.ref_model = ref
     x, y = get_examples(tokens, [7 * T], T)
@@ -186,126 +247,147 @@ def test_cache_lines_up_with_the_token_stream_and_a_stale_cache_is_refused(mathm
     online = obj.reference_losses(x, y, torch.tensor([7 * T]), run_context(budget))
     assert np.allclose(online.numpy()[0], cache[7 * T + 1:8 * T + 1].astype(np.float32), atol=2e-3)
     assert budget.spent['scored_examples'] == 1  # charged as one forward-only pass
-    # stale: another reference checkpoint, other data, another block size
+    # stale: another block size, another reference checkpoint (the same weights again: valid)
     with pytest.raises(DataError, match='stale.*block_size'):
-        slm.load_cache(paths, 2 * T)
+        slm.load_cache(corpus, paths.ref_ckpt, 2 * T)
     save_ref(random_gpt(6), paths.ref_ckpt)
     with pytest.raises(DataError, match='stale.*ref_ckpt_sha256'):
-        slm.load_cache(paths, T)
+        slm.load_cache(corpus, paths.ref_ckpt, T)
     save_ref(ref, paths.ref_ckpt)
-    slm.load_cache(paths, T)  # the same weights again: valid
-    raw = (paths.train_data / 'train.bin').read_bytes()
-    try:
-        (paths.train_data / 'train.bin').write_bytes(raw[:100] + bytes([raw[100] ^ 1]) + raw[101:])
-        with pytest.raises(DataError, match='stale.*data_sha256'):
-            slm.load_cache(paths, T)
-    finally:
-        (paths.train_data / 'train.bin').write_bytes(raw)
-    # the static "concentrated" mask for select_by='reference' comes from the same cache
+    slm.load_cache(corpus, paths.ref_ckpt, T)
+    # refused in one line (a DataError, printed by the CLI): truncated, half length, sidecar keys missing
+    # or not JSON; then the static "concentrated" mask for select_by='reference' from the rebuilt cache
+    side, raw = (corpus / 'ref_loss.json').read_text(), (corpus / 'ref_loss.bin').read_bytes()
+    for name, data, match in (('ref_loss.bin', raw[:-7], 'truncated'), ('ref_loss.bin', raw[:len(raw) // 2], 'truncated'),
+                              ('ref_loss.json', json.dumps({'dtype': 'float16'}), 'stale.*data_sha256.*missing'),
+                              ('ref_loss.json', side[:40], 'not a JSON object'), ('ref_loss.json', '[1, 2]', 'not a JSON object')):
+        (corpus / name).write_bytes(data if isinstance(data, bytes) else data.encode())
+        with pytest.raises(DataError, match=match):
+            slm.load_cache(corpus, paths.ref_ckpt, T)
+        (corpus / 'ref_loss.json').write_text(side)
+        (corpus / 'ref_loss.bin').write_bytes(raw)
     rates = slm.stage_export(dataclasses.replace(cfg, k=0.5), paths)
-    mask = np.fromfile(paths.train_data / 'concentrated_k50.bin', dtype=np.uint8)
-    assert len(mask) == len(tokens) and 0.45 < mask[1:].mean() < 0.55 and set(rates) >= {'clean'}
+    mask = np.fromfile(corpus / 'concentrated_k50.bin', dtype=np.uint8)
+    assert len(mask) == len(tokens) and 0.45 < mask[1:].mean() < 0.55 and set(rates) == set(mm.KINDS)
 
 
-# ----- the eval parser and the greedy decoder --------------------------------------------------------
-
-@pytest.mark.parametrize('text, answer', [
-    (' 3 + 4 = 7. 7 - 2 = 5.\nAnswer: 5\n\n', '5'),
-    (' 9 > 3, so the larger number is 9.\nAnswer: 9.\n', '9'),
-    ('\nAnswer: -12', '-12'),
-    ('Answer:007\nAnswer: 8\n', '7'),          # the first answer line counts; leading zeros do not matter
-    ('  Answer: 42  \n', '42'),
-    (' 3 + 4 = 7.\nAnswer: seven\n', None),     # malformed: counted wrong
-    ('Answer: 4 2\n', None),
-    ('Answer: 12abc\n', None),
-    ('Answer: x\nAnswer: 5\n', None),          # a malformed first answer line is not rescued
-    (' 1 1 1 1 1 1 1 1 1', None),              # no answer line
-    ('Answers: 3\n', None),
-    ('\ufffd\x00\x07Answer:\n', None),
-    ('', None),
-    (None, None),
-])
-def test_parse_answer(text, answer):
-    assert fewshot.parse_answer(text) == answer
+def test_kinds_that_do_not_match_the_corpus_are_refused(mathmix, tmp_path):
+    corpus = tmp_path / 'c'
+    corpus.mkdir()
+    for name in ('meta.json', 'kinds.bin'):
+        (corpus / name).write_bytes((mathmix / 'noise40' / 'byte' / name).read_bytes())
+    mm.load_kinds(corpus)
+    (corpus / 'kinds.bin').write_bytes((corpus / 'kinds.bin').read_bytes()[:100])
+    with pytest.raises(DataError, match='kinds.bin is missing or does not match'):
+        mm.load_kinds(corpus)
 
 
-@pytest.mark.parametrize('stops', [False, True])
-def test_greedy_completions_through_the_kv_cache_equal_full_recompute(monkeypatch, stops):
-    """fewshot's decoding (model.generate with a stop rule, finished rows padded with -1) against argmax
-    over the whole prefix at every step. stops=True: a stand-in rule that ends rows at different lengths
-    (a random model rarely writes a finished answer), so rows leave the batch."""
-    if stops:
-        monkeypatch.setattr(fewshot, 'finished', lambda gen: len(gen) >= 3 + 5 * (gen[0] % 4))
-    model = random_gpt(3).eval()
-    prompts = torch.randint(0, 256, (6, 40), generator=torch.Generator().manual_seed(4))
-    rt = train.setup_device(train.TrainConfig(device='cpu'))
-    got = fewshot.greedy_completions(model, prompts, rt, 20)
-    idx = prompts.clone()
-    with torch.no_grad():
-        for _ in range(20):
-            idx = torch.cat([idx, model(idx)[:, -1].argmax(-1, keepdim=True)], 1)
-    for row, out in zip(idx, got):  # a row stops early only once its text says it is finished
-        assert out == bytes(row[40:40 + len(out)].tolist()) and (len(out) == 20 or fewshot.finished(out))
-        assert not any(fewshot.finished(out[:t]) for t in range(1, len(out)))  # and not later
-    if stops:
-        assert len({len(out) for out in got}) > 1
+# ----- the study: plan, gates, report ----------------------------------------------------------------
+
+def test_study_plan_runs_the_oracle_first_then_whole_comparisons():
+    cfg = slm.SLMConfig(seeds=2, seed=1, arms='clm,excess,oracle', k=0.6, noise=0.4, k_sweep=(0.8,), noise_sweep=(0.0, 0.2))
+    runs = [(r.noise, slm.arm_name(r.select_by, r.k), r.seed) for r in slm.study_runs(cfg)]
+    assert runs == [(0.4, 'oracle', 1), (0.4, 'clm', 1), (0.4, 'excess_k60', 1),
+                    (0.4, 'oracle', 2), (0.4, 'clm', 2), (0.4, 'excess_k60', 2),
+                    (0.4, 'excess_k80', 1), (0.4, 'excess_k80', 2),
+                    (0.0, 'clm', 1), (0.0, 'excess_k60', 1), (0.2, 'clm', 1), (0.2, 'excess_k60', 1),
+                    (0.0, 'clm', 2), (0.0, 'excess_k60', 2), (0.2, 'clm', 2), (0.2, 'excess_k60', 2)]
 
 
-# ----- the data ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize('failing', ['ref', 'oracle'])
+def test_a_failing_gate_stops_the_study_with_one_line(mathmix, tmp_path, capsys, failing):
+    """Untrained-size runs: a gate at 1.0 cannot pass. The reference gate stops before any arm runs; the
+    oracle gate right after the oracle's first run, before any other arm."""
+    gates = {'ref': ['--gate_ref=1.0'], 'oracle': ['--gate_ref=0.0', '--gate_oracle=1.0']}[failing]
+    argv = [f'--mathmix_dir={mathmix}', f'--out_dir={tmp_path}', '--n_layer=1', '--n_embd=32', '--n_head=2',
+            f'--block_size={T}', '--batch_size=4', '--budget=300', '--ref_budget=300', '--eval_interval=1000',
+            '--compile_loss=False', '--device=cpu', '--log_interval=1000', '--peak_flops=1e12', '--noise=0.4', '--noise_sweep=()', '--k_sweep=()', *gates]
+    with pytest.raises(SystemExit) as stop:
+        cli(slm.main, slm.SLMConfig, argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count('\n') == 1 and 'Traceback' not in err
+    what = "the reference model's" if failing == 'ref' else "the oracle arm's"
+    number = r'\d\.\d+'
+    assert re.fullmatch(rf"error: gate failed: {what} held-out exact match( \(seed 1337\))? is {number}, {number} below 1: .*\n", err)
+    value, gap = map(float, re.findall(r'is (\d\.\d+), (\d\.\d+)', err)[0])
+    assert value + gap == pytest.approx(1.0, abs=1e-3)
+    arms = sorted(p.parent.name for p in tmp_path.glob('noise*/*/ckpt.pt'))
+    assert arms == ([] if failing == 'ref' else ['oracle_s1337'])
 
-def test_mathmix_noise_mask_and_held_out_problems(mathmix):
-    train_bin = np.fromfile(mathmix / 'train' / 'byte' / 'train.bin', dtype=np.uint16)
-    noise = np.fromfile(mathmix / 'train' / 'byte' / 'noise.bin', dtype=np.uint8)
-    assert len(noise) == len(train_bin) and 0.2 < (noise > 0).mean() < 0.6
-    text = lambda kind: bytes(train_bin[noise == kind].astype(np.uint8)).decode('utf-8', 'replace')  # noqa: E731
-    assert 'Problem:' in text(CLEAN) and 'Answer:' in text(CLEAN)
-    assert 'Copyright' not in text(CLEAN) and 'Home | Topics' not in text(CLEAN)
-    assert 'Copyright' in text(BOILERPLATE) or 'Share this' in text(BOILERPLATE)
-    assert 'Problem:' not in text(PROSE)
-    ref_text = bytes(np.fromfile(mathmix / 'ref' / 'byte' / 'train.bin', dtype=np.uint16).astype(np.uint8)).decode()
-    target_text = ref_text + text(CLEAN)  # the target-domain text a model trains on (noise aside)
-    rows = [json.loads(line) for line in (mathmix / 'eval' / 'eval.jsonl').read_text().splitlines()]
-    assert {r['family'] for r in rows} == {'addsub', 'mul', 'word', 'compare'}
-    for r in rows:  # held-out templates: their wording up to the first number never occurs there
-        assert r['prompt'].endswith(f"Problem: {r['question']}\nSolution:") and r['prompt'].count('Answer:') >= 3
-        stem = re.split(r'\d', r['question'])[0]
-        assert stem and (len(stem) < 4 or stem not in target_text), stem
-        assert f"Problem: {r['question']}" not in target_text
 
+def test_report_tokens_to_reach_clm_and_the_table(tmp_path):
+    """A hand-made study: CLM ends at 0.6 (mean of two seeds); SLM's curves reach 0.6 at 150k and 300k
+    tokens (interpolated): 225k ± t(1) * stdev / sqrt(2), and CLM's 400k / those: 2.67 and 1.33."""
+    def write(noise, arm, seed, points):
+        folder = tmp_path / f'noise{round(100 * noise)}' / f'{arm}_s{seed}'
+        folder.mkdir(parents=True)
+        curve = [{'tokens': 1000 * t, 'accuracy': a, 'trap_accuracy': a / 2, 'val_loss_clean': 1.0,
+                  'selection': {'clean': 0.9, 'wrong_digit': 0.1}} for t, a in points]
+        (folder / 'curve.jsonl').write_text(''.join(json.dumps(p) + '\n' for p in curve))
+        (folder / 'eval.json').write_text(json.dumps({'noise': noise, 'arm': arm, 'seed': seed, **curve[-1]}))
+    write(0.4, 'clm', 1, [(100, 0.1), (200, 0.3), (400, 0.5)])
+    write(0.4, 'clm', 2, [(100, 0.1), (200, 0.5), (400, 0.7)])
+    write(0.4, 'excess_k60', 1, [(100, 0.4), (200, 0.8), (400, 0.9)])  # 0.6 at 150
+    write(0.4, 'excess_k60', 2, [(100, 0.2), (200, 0.4), (400, 0.8)])  # 0.6 at 300
+    write(0.4, 'random_k60', 1, [(100, 0.1), (200, 0.2), (400, 0.3)])  # never
+    groups = report.load_runs(tmp_path)
+    assert list(groups) == [(0.4, 'clm'), (0.4, 'excess_k60'), (0.4, 'random_k60')]
+    assert [report.tokens_to_reach(r, 0.6) for r in groups[0.4, 'excess_k60']] == [pytest.approx(150e3), pytest.approx(300e3)]
+    reached, tokens, ratio = report.match_cells(groups[0.4, 'excess_k60'], groups[0.4, 'clm'])
+    half = 12.706 * statistics.stdev([150, 300]) / 2 ** 0.5  # t(1) quantile, in thousands of tokens
+    assert reached == '2/2' and tokens == f'225 ± {half:.0f}k' and ratio.startswith('2.00 ±')
+    assert report.match_cells(groups[0.4, 'random_k60'], groups[0.4, 'clm']) == ['0/1', '-', '-']
+    text = report.report(tmp_path, 0.4, 0.6)
+    assert '| 0.4 | excess_k60 | 2 | 0.850 ± 0.635 | 0.425 ± 0.318 |' in text and (tmp_path / 'compare.md').exists()
+
+
+# ----- config -----------------------------------------------------------------------------------------
 
 def test_config_refuses_bad_values():
-    for bad in (dict(k=0.0), dict(k=1.5), dict(select_by='loss'), dict(ref_mode='lazy'), dict(arms='clm,foo'),
-                dict(block_size=64, max_new_tokens=40), dict(seeds=0), dict(model_type='t5'),
-                dict(schedule='wsd', branch_budgets=(1, 2))):
+    for bad in (dict(k=0.0), dict(k=1.5), dict(k_sweep=(0.5, 0.0)), dict(noise=1.0), dict(noise_sweep=(-0.1,)), dict(budget=0.0),
+                dict(select_by='loss'), dict(ref_mode='lazy'), dict(arms='clm,foo'), dict(block_size=64),
+                dict(seeds=0), dict(model_type='t5'), dict(gate_ref=1.5), dict(schedule='wsd', branch_budgets=(1, 2))):
         with pytest.raises(ConfigError):
             slm.SLMConfig(**bad)
 
 
 def test_a_stage_gets_only_its_keys(monkeypatch, tmp_path):
     # a training-recipe key on a stage that trains no arm is refused in one line
-    for stage in ('ref', 'score', 'eval', 'compare', 'export'):
-        with pytest.raises(ConfigError, match=f'--arch, --lr: read only by the stages that train arms.*--stage={stage}'):
-            slm.SLMConfig(stage=stage, lr=1e-3, arch='drop')
-    slm.SLMConfig(stage='train', lr=1e-3, arch='drop')
-    slm.SLMConfig(stage='ref', budget=5e5, n_embd=48)  # budget: the arms', ignored here (documented)
-    # the reference run: the shape and run keys, ref_budget, the clean corpus; TrainConfig's recipe
+    for stage in ('ref', 'score', 'compare', 'export'):
+        with pytest.raises(ConfigError, match=f'--arch, --lr, --weight_decay: read only by the stages that train arms.*--stage={stage}'):
+            slm.SLMConfig(stage=stage, weight_decay=0.2, arch='drop', lr=1e-3)
+    slm.SLMConfig(stage='train', weight_decay=0.2, arch='drop')
+    slm.SLMConfig(stage='ref', budget=5e5, n_embd=48, ref_lr=1e-3)  # budget: the arms', ignored here (documented)
+    # the reference run: the shape and run keys, ref_budget, ref_lr, the clean corpus; TrainConfig's recipe
     runs = []
     monkeypatch.setattr(train, 'train', lambda cfg, objective=None: runs.append((cfg, objective)))
-    cfg = slm.SLMConfig(out_dir=str(tmp_path), lr=1e-3, arch='drop', optimizer='lion', n_embd=48, ref_budget=3e5)
+    cfg = slm.SLMConfig(out_dir=str(tmp_path), weight_decay=0.2, arch='drop', optimizer='lion', n_embd=48, ref_budget=3e5,
+                        lr=1e-3, ref_lr=4e-3)
     slm.stage_ref(cfg, slm.get_paths(cfg))
     (ref, objective), = runs
     assert type(ref) is train.TrainConfig and objective is None
-    assert (ref.lr, ref.arch, ref.optimizer) == (train.TrainConfig.lr, 'full', 'adamw')
+    assert (ref.weight_decay, ref.arch, ref.optimizer, ref.lr) == (train.TrainConfig.weight_decay, 'full', 'adamw', 4e-3)
     assert (ref.n_embd, ref.n_layer, ref.block_size, ref.batch_size) == (48, cfg.n_layer, cfg.block_size, cfg.batch_size)
     assert (ref.budget, ref.budget_unit, ref.out_dir) == (3e5, 'tokens', str(tmp_path / 'ref'))
     assert ref.dataset == str(slm.get_paths(cfg).ref_data)
+
+
+def test_quick_swaps_in_small_settings_but_explicit_keys_win():
+    quick = parse(slm.SLMConfig, ['--quick=True'])
+    assert (quick.budget, quick.seeds, quick.arms, quick.gate_ref, quick.noise_sweep) == (1e5, 2, 'clm,excess,oracle', 0.0, ())
+    mine = parse(slm.SLMConfig, ['--quick=True', '--budget=2e5', '--seeds=3', '--gate_ref=0.5'])
+    assert (mine.budget, mine.seeds, mine.gate_ref, mine.arms) == (2e5, 3, 0.5, 'clm,excess,oracle')
+    full = parse(slm.SLMConfig, [])
+    assert (full.budget, full.seeds, full.gate_ref, full.gate_oracle, full.noise, full.noise_sweep, full.k_sweep) == \
+        (1.2e6, 5, 0.8, 0.5, 0.2, (0.0, 0.4), (0.4, 0.8))
+    assert full.arms.split(',') == ['clm', 'excess', 'reference', 'train', 'random', 'oracle']
 
 
 # ----- end to end -------------------------------------------------------------------------------------
 
 class CutAt(slm.SelectiveLM):
     """SLM, but Ctrl-C arrives when the loop asks for step `cut` + 1's batch."""
-    cut = None
+    cut, wraps_objective = None, True  # the run's method stays slm.SelectiveLM
 
     def __call__(self, model, data, ctx):
         if ctx.step == self.cut:
@@ -314,14 +396,14 @@ class CutAt(slm.SelectiveLM):
 
 
 def test_resume_trims_the_accuracy_curve_and_continues_it_exactly(mathmix, tmp_path):
-    """Online reference (charged per step), an eval every 2 steps with the few-shot curve; Ctrl-C after
-    step 5 (its eval is saved), a curve point that a kill between eval and checkpoint leaves behind,
-    then a resume: that point is dropped, and the rest matches the uninterrupted run."""
+    """Online reference (charged per step), an eval every 2 steps with the exact-match curve; Ctrl-C
+    after step 5 (its eval is saved), a curve point that a kill between eval and checkpoint leaves
+    behind, then a resume: that point is dropped, and the rest matches the uninterrupted run."""
     cfg = slm_cfg(mathmix, tmp_path, ref_mode='online', budget_unit='iters', budget=8, eval_interval=2,
-                  curve_problems=1, sample_tokens=0, stage='train')
+                  sample_tokens=0, stage='train', select_by='oracle')
     paths = slm.get_paths(cfg)
     save_ref(random_gpt(5), paths.ref_ckpt)
-    make = lambda name, **kw: dataclasses.replace(cfg, out_dir=str(tmp_path / name), dataset=str(paths.train_data), **kw)  # noqa: E731
+    make = lambda name, **kw: dataclasses.replace(cfg, out_dir=str(tmp_path / name), dataset=str(paths.corpus(0.4)), **kw)  # noqa: E731
     full = train.train(make('full'), slm.SelectiveLM(make('full'), paths))
     assert full['spent']['scored_examples'] == 8 * cfg.batch_size  # one reference forward per trained example
     CutAt.cut = 5
@@ -334,43 +416,38 @@ def test_resume_trims_the_accuracy_curve_and_continues_it_exactly(mathmix, tmp_p
     read = lambda name: [json.loads(line) for line in (tmp_path / name / 'curve.jsonl').read_text().splitlines()]  # noqa: E731
     got, want = read('cut'), read('full')
     assert [p['step'] for p in got] == [2, 4, 5, 6, 8] and [p['step'] for p in want] == [2, 4, 6, 8]
-    assert all('accuracy' in p for p in got)
+    assert all('accuracy' in p and 'trap_accuracy' in p for p in got) and want[-1]['selection']['wrong_digit'] == 0.0
     assert [p for p in got if p['step'] != 5] == want
 
 
-def test_quick_pipeline_runs_end_to_end(tmp_path):
+def test_quick_pipeline_runs_end_to_end(tmp_path, capsys):
+    """slm.py --quick as a process, as CI runs it (at test size: one noise level, two seeds); then the same
+    command again in-process: every stage is finished, nothing trains. prepare.py is deterministic."""
     data, out = tmp_path / 'mathmix', tmp_path / 'out'
-    prep = run_script('data/mathmix/prepare.py', f'--out_dir={data}', '--n_ref_docs=60', '--n_train_docs=60', '--n_eval=6')
-    assert prep.returncode == 0, prep.stderr
-    r = run_script('slm.py', '--quick=True', f'--mathmix_dir={data}', f'--out_dir={out}', '--model=tiny',
-                   '--block_size=128', '--batch_size=4', '--budget=4096', '--ref_budget=4096', '--eval_interval=4',
-                   '--eval_problems=3', '--curve_problems=1', '--max_new_tokens=48', '--eval_batches=2',
-                   '--compile_loss=False', env={'OMP_NUM_THREADS': '1'}, timeout=150)
+    prep = ['--n_ref_docs=60', '--n_train_docs=60', '--noise_levels=(0.2,)']
+    cli(prepare, PrepareConfig, [f'--out_dir={data}', *prep])
+    argv = ['--quick=True', f'--mathmix_dir={data}', f'--out_dir={out}', '--n_layer=1', '--n_embd=32', '--n_head=2',
+            f'--block_size={T}', '--batch_size=4', '--budget=1152', '--ref_budget=1152', '--eval_interval=4',
+            '--eval_batches=2', '--compile_loss=False', '--peak_flops=1e12']
+    r = run_script('slm.py', *argv, env={'OMP_NUM_THREADS': '1'}, timeout=150)
     assert r.returncode == 0, r.stderr[-2000:]
-    for run in ('ref', 'clm_s1337', 'excess_k60_s1337'):
-        result = json.loads((out / run / 'eval.json').read_text())
-        assert result['n_problems'] == 12 and set(result['per_family']) == {'addsub', 'mul', 'word', 'compare'}
-        assert 0 <= result['accuracy'] <= 1 and result['val_loss_clean'] > 0
-    side = json.loads((data / 'train' / 'byte' / 'ref_loss.json').read_text())
-    assert side['block_size'] == 128 and side['tokenizer'] == 'byte'
-    excess = json.loads((out / 'excess_k60_s1337' / 'eval.json').read_text())
-    assert excess['tokens'] == 4096 and 0 < excess['selection']['clean'] < 1
-    curve = [json.loads(line) for line in (out / 'excess_k60_s1337' / 'curve.jsonl').read_text().splitlines()]
-    assert [p['step'] for p in curve] == [4, 8] and all('accuracy' in p for p in curve)
-    assert re.search(r'\| clm \| 1 \|.*\n\| excess_k60 \| 1 \|', r.stdout), r.stdout[-1500:]
+    assert re.search(r"gate: the reference model's held-out exact match \d\.\d+, needs >= 0: pass", r.stdout)
+    for run in ('oracle_s1337', 'clm_s1337', 'excess_k60_s1337', 'excess_k60_s1338'):
+        result = json.loads((out / 'noise20' / run / 'eval.json').read_text())
+        assert 0 <= result['accuracy'] <= 1 and result['val_loss_clean'] > 0 and result['tokens'] == 1152
+        curve = [json.loads(line) for line in (out / 'noise20' / run / 'curve.jsonl').read_text().splitlines()]
+        assert [p['step'] for p in curve] == [4, 8]
+    sel = json.loads((out / 'noise20' / 'excess_k60_s1337' / 'eval.json').read_text())['selection']
+    assert set(sel) == set(mm.KINDS) and 0 < sel['clean'] < 1
+    side = json.loads((data / 'noise20' / 'byte' / 'ref_loss.json').read_text())
+    assert side['block_size'] == T and side['tokenizer'] == 'byte'
+    assert re.search(r'\| 0\.2 \| oracle \| 2 \|.*\n\| 0\.2 \| clm \| 2 \|.*\n\| 0\.2 \| excess_k60 \| 2 \|', r.stdout), r.stdout[-1500:]
     assert (out / 'compare.md').exists()
-    # deterministic data: the same seed gives the same bytes
-    prep2 = run_script('data/mathmix/prepare.py', f'--out_dir={tmp_path / "again"}', '--n_ref_docs=60',
-                       '--n_train_docs=60', '--n_eval=6')
-    assert prep2.returncode == 0
-    for rel in ('train/byte/train.bin', 'train/byte/noise.bin', 'ref/byte/val.bin', 'eval/eval.jsonl'):
+    capsys.readouterr()
+    cli(slm.main, slm.SLMConfig, argv)
+    assert 'params' not in capsys.readouterr().out  # nothing trained again
+    cli(slm.main, slm.SLMConfig, [*argv, '--ref_budget=1728', '--seeds=1'])  # another reference: it and the runs again
+    assert capsys.readouterr().out.count('params') == 4 and json.loads((out / 'ref' / 'eval.json').read_text())['tokens'] == 1728
+    cli(prepare, PrepareConfig, [f'--out_dir={tmp_path / "again"}', *prep])
+    for rel in ('noise20/byte/train.bin', 'noise20/byte/kinds.bin', 'ref/byte/val.bin', 'eval/eval.jsonl'):
         assert (data / rel).read_bytes() == (tmp_path / 'again' / rel).read_bytes()
-
-
-def test_quick_swaps_in_small_settings_but_explicit_keys_win():
-    quick = parse(slm.SLMConfig, ['--quick=True'])
-    assert (quick.budget, quick.n_embd, quick.seeds, quick.arms) == (4e5, 96, 1, 'clm,excess')
-    mine = parse(slm.SLMConfig, ['--quick=True', '--budget=1e5', '--seeds=3', f'--arms={slm.ALL_ARMS}'])
-    assert (mine.budget, mine.n_embd, mine.seeds, mine.arms) == (1e5, 96, 3, slm.ALL_ARMS)
-    full = parse(slm.SLMConfig, [])
-    assert (full.budget, full.seeds, full.arms.split(',')) == (1e6, 3, ['clm', 'excess', 'reference', 'train', 'random'])

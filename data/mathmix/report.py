@@ -1,0 +1,111 @@
+"""The Rho-1 study's report on mathmix (slm.py --stage=compare): what each run's eval.json and curve.jsonl
+say, over seeds.
+
+  compare.md           one row per (noise, arm): held-out exact match, trap exact match, clean val loss,
+                       the selection rate of each token kind, and the tokens the arm needs to reach CLM's
+                       final exact match at the same noise (with the CLM/arm token ratio); the reference
+                       model's row first
+  compare_curves.png   exact match against training tokens per arm, one panel per noise level, mean and
+                       95% CI band over seeds (if matplotlib is installed)
+Every interval is the t-based 95% CI over seeds (budget.t_interval, the lab's one rule); a run whose curve
+never reaches the target counts in "reached" and is left out of the tokens' mean.
+"""
+import json
+import math
+from pathlib import Path
+
+from budget import crossing, t_interval
+from data.loader import DataError
+from data.mathmix.prepare import KINDS
+
+ORDER = ('oracle', 'clm', 'excess', 'reference', 'train', 'random')  # then by k
+
+
+def cell(values, fmt='.3f'):
+    if not values:
+        return '-'
+    mean, half = t_interval(values)
+    return f'{mean:{fmt}}' + ('' if math.isnan(half) else f' ± {half:{fmt}}')  # one seed: no interval
+
+
+def load_runs(root):
+    """{(noise, arm): [eval.json with its curve points]}, in table order."""
+    groups = {}
+    for path in sorted(Path(root).glob('noise*/*/eval.json')):
+        run = json.loads(path.read_text())
+        run['curve'] = [json.loads(line) for line in (path.parent / 'curve.jsonl').read_text().splitlines()]
+        groups.setdefault((run['noise'], run['arm']), []).append(run)
+    key = lambda g: (-g[0], ORDER.index(g[1].split('_')[0]), g[1])  # noqa: E731
+    return {g: groups[g] for g in sorted(groups, key=key)}
+
+
+def tokens_to_reach(run, target):
+    """Training tokens at the first eval where exact match >= target (interpolated), or None."""
+    return crossing([(p['tokens'], -p['accuracy']) for p in run['curve']], -target)
+
+
+def match_cells(runs, clm_runs):
+    """Tokens to reach CLM's mean final exact match, and CLM's tokens / those, over the seeds that did."""
+    if not clm_runs:
+        return ['-', '-', '-']
+    target = sum(r['accuracy'] for r in clm_runs) / len(clm_runs)
+    tokens = [t for t in (tokens_to_reach(r, target) for r in runs) if t is not None]
+    ratio = [clm_runs[0]['tokens'] / max(t, 1.0) for t in tokens]
+    return [f'{len(tokens)}/{len(runs)}', cell([t / 1e3 for t in tokens], '.0f') + 'k' if tokens else '-', cell(ratio, '.2f')]
+
+
+def table(groups, ref):
+    cols = ['noise', 'arm', 'seeds', 'exact match', 'trap exact match', 'clean val loss',
+            *[f'sel {k}' for k in KINDS], 'reached CLM', 'tokens to CLM final', 'CLM tokens / tokens']
+    lines = ['| ' + ' | '.join(cols) + ' |', '|' + '---|' * len(cols)]
+    if ref:
+        lines.append(f"| - | reference (clean data, {ref['tokens'] / 1e6:.2f}M tokens) | 1 | {ref['accuracy']:.3f} | "
+                     f"{ref['trap_accuracy']:.3f} | {ref['val_loss_clean']:.4f} |" + ' - |' * (len(KINDS) + 3))
+    for (noise, arm), runs in groups.items():
+        sel = [cell([r['selection'][k] for r in runs if k in r['selection']]) for k in KINDS]
+        match = match_cells(runs, groups.get((noise, 'clm'), [])) if arm != 'clm' else ['-', '-', '-']
+        row = [f'{noise:g}', arm, str(len(runs)), cell([r['accuracy'] for r in runs]),
+               cell([r['trap_accuracy'] for r in runs]), cell([r['val_loss_clean'] for r in runs], '.4f'), *sel, *match]
+        lines.append('| ' + ' | '.join(row) + ' |')
+    return '\n'.join(lines)
+
+
+def report(root, noise, k):
+    """compare.md and the curves from every finished run under root; returns the table."""
+    root, groups = Path(root), load_runs(root)
+    if not groups:
+        raise DataError(f'no finished runs under {root}: run `python slm.py` first')
+    ref_path = root / 'ref' / 'eval.json'
+    ref = json.loads(ref_path.read_text()) if ref_path.exists() else None
+    text = (f'mathmix held-out exact match after the budget, mean ± 95% CI over seeds (t); arms at noise {noise:g} '
+            f'select k = {k:g} of each batch\'s tokens\n\n' + table(groups, ref))
+    print(text)
+    (root / 'compare.md').write_text(text + '\n')
+    plot_curves(root, groups)
+    return text
+
+
+def plot_curves(root, groups):
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return print('(matplotlib is not installed: no curves plot; the table above has the figures)')
+    levels = sorted({noise for noise, _ in groups}, reverse=True)
+    fig, axes = plt.subplots(1, len(levels), figsize=(5.5 * len(levels), 4), squeeze=False)
+    for ax, level in zip(axes[0], levels):
+        for (noise, arm), runs in groups.items():
+            if noise != level:
+                continue
+            n = min(len(r['curve']) for r in runs)  # the same eval steps in every seed
+            x = [runs[0]['curve'][i]['tokens'] for i in range(n)]
+            stats = [t_interval([r['curve'][i]['accuracy'] for r in runs]) for i in range(n)]
+            mean = [m for m, _ in stats]
+            half = [0.0 if math.isnan(h) else h for _, h in stats]
+            ax.plot(x, mean, label=f'{arm} ({len(runs)})')
+            ax.fill_between(x, [m - h for m, h in zip(mean, half)], [m + h for m, h in zip(mean, half)], alpha=0.2)
+        ax.set(title=f'noise {level:g}', xlabel='training tokens', ylabel='held-out exact match', ylim=(0, 1.02))
+        ax.legend(fontsize=8)
+    fig.savefig(root / 'compare_curves.png', dpi=110, bbox_inches='tight')
+    print(f"wrote {root / 'compare_curves.png'}")
