@@ -6,7 +6,7 @@ import math
 import os
 import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import madpo  # noqa: E402
 from configurator import ConfigError, UserError, parse  # noqa: E402
+from data.reviews import evaluate as scoring  # noqa: E402
 from data.reviews import pairs as task  # noqa: E402
 from data.reviews.pairs import EOS, PAD  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
@@ -35,7 +36,7 @@ def tiny_gpt(seed=0, block_size=32):
 
 def ctx_for(tmp_path):
     """The part of train.RunContext the objectives read outside the loop."""
-    return SimpleNamespace(device=torch.device('cpu'), out_dir=tmp_path, rt=SimpleNamespace(print=print))
+    return SimpleNamespace(device=torch.device('cpu'), out_dir=tmp_path, rt=SimpleNamespace(print=print), step=0)
 
 
 # ----- the losses -------------------------------------------------------------------------------------
@@ -154,6 +155,98 @@ def test_madpo_defaults_and_detached_weights():
     assert h.grad.tolist() == pytest.approx(want, rel=1e-5)
 
 
+# ----- the study: ceilings, margin sources, arms, matched KL ----------------------------------------
+
+def test_bt_ceiling_by_hand_and_no_predictor_beats_it():
+    """Pairs with r_w - r_l = 0, ln 3, -ln 3, 3: the best predictor (the higher true reward wins) is right
+    with probability 1/2, 3/4, 3/4, sigmoid(3) against Bradley-Terry draws."""
+    r = torch.tensor([[1.0, 1.0], [math.log(3), 0.0], [0.0, math.log(3)], [2.0, -1.0]], dtype=torch.float64)
+    want = (0.5 + 0.75 + 0.75 + sigmoid(3)) / 4
+    assert task.bt_ceiling(r) == pytest.approx(want, abs=1e-12)
+    assert task.oracle_accuracy(r) == pytest.approx((0.5 + 1 + 0 + 1) / 4)   # on these labels: pair 3 is flipped
+    g = torch.Generator().manual_seed(0)
+    first_wins = torch.rand(200_000, 4, generator=g, dtype=torch.float64) < torch.sigmoid(r[:, 0] - r[:, 1])
+    truth = (r[:, 0] - r[:, 1]) > 0
+    for guess, wins in ((truth, True), (torch.tensor([True, True, True, False]), False), (torch.ones(4, dtype=torch.bool), False)):
+        acc = (first_wins == guess).double().mean().item()                     # pair 0's guess is a coin flip either way
+        assert acc == pytest.approx(want, abs=2e-3) if wins else acc < want - 0.02
+
+
+def test_oracle_margins_noise_scale_and_seed():
+    r = torch.randn(40_000, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    oracle = r[:, 0] - r[:, 1]
+    assert torch.equal(madpo.oracle_margins(r), oracle)
+    noisy = madpo.oracle_margins(r, noise=0.5, seed=3)
+    assert (noisy - oracle).std().item() == pytest.approx(0.5, rel=0.02)
+    assert abs((noisy - oracle).mean().item()) < 0.01
+    assert torch.equal(noisy, madpo.oracle_margins(r, noise=0.5, seed=3))    # the same seed, the same noise
+    assert not torch.allclose(noisy, madpo.oracle_margins(r, noise=0.5, seed=4))
+    assert torch.allclose(madpo.oracle_margins(r, noise=2.0, seed=3) - oracle, 4 * (noisy - oracle))  # scale only
+
+
+def test_arms_are_named_by_their_keys():
+    cfg = madpo.MadpoConfig(margins='noisy', c_max=3.0, ipo_average=True)    # the arm's keys win
+    for arm in madpo.ARMS:
+        c = madpo.arm_config(cfg, arm)
+        assert madpo.method_name(c) == arm
+        assert madpo.folder(replace(c, beta=0.03), 'po') == Path(f'out/madpo/seed0/po_{arm}_b0.03_high')
+
+
+def reference_arm_loss(arm, obj, h, h_avg, idx, bdpo):
+    """Each arm's loss from the formulas, on its own (SPEC section 6)."""
+    beta = obj.cfg.beta
+    dpo = [math.log(1 + math.exp(-beta * x)) for x in h.tolist()]
+    if arm == 'dpo':
+        return sum(dpo) / len(dpo)
+    if arm == 'cdpo':
+        return sum(0.9 * d + 0.1 * math.log(1 + math.exp(beta * x)) for d, x in zip(dpo, h.tolist())) / len(dpo)
+    if arm in ('ipo', 'ipo_avg'):
+        return sum((x - 1 / (2 * beta)) ** 2 for x in (h_avg if arm == 'ipo_avg' else h).tolist()) / len(h)
+    if arm == 'bdpo':
+        return bdpo(h)[0].item()
+    r = obj.train_set[2][idx.cpu()].double()
+    noise = torch.randn(len(obj.train_set[2]), generator=torch.Generator().manual_seed(0), dtype=torch.float64)[idx.cpu()]
+    m = r[:, 0] - r[:, 1] + (1.0 if arm.endswith('noisy') else 0.0) * noise
+    c_max = 2.0 if arm.startswith('madpo2') else 4.0
+    w = [madpo_weight_by_hand(x, c_max) for x in m.tolist()]
+    return sum(wi * d for wi, d in zip(w, dpo)) / len(dpo)
+
+
+@pytest.mark.parametrize('arm', ['dpo', 'cdpo', 'ipo', 'ipo_avg', 'bdpo', 'madpo2_oracle', 'madpo4_oracle', 'madpo4_noisy'])
+def test_each_arm_runs_its_loss(tmp_path, arm):
+    keys = madpo.ARMS.get(arm) or {**madpo.ARMS['madpo2'], 'margins': 'oracle'}
+    obj = preference_objective(tmp_path, **{'beta': 0.3, **keys})
+    policy = tiny_gpt(seed=9, block_size=10)
+    state, bdpo = obj.state_dict(), madpo.BetaDPO(0.3)
+    idx = obj.next_indices()
+    obj.load_state_dict(state)
+    seq, lens, ref = obj.train_set[0][idx], obj.train_set[1][idx], obj.ref_train[idx]
+    with torch.no_grad():
+        h = obj.margins_h(policy, seq, lens, ref).double()
+        lp = torch.stack(task.sequence_logps(policy, *obj.flat(seq, lens)[:1], 4, obj.flat(seq, lens)[1]).chunk(2), 1)
+        h_avg = ((lp - ref) / lens).double() @ torch.tensor([1.0, -1.0], dtype=torch.float64)
+        rng = torch.Generator().manual_seed(0)
+        want = reference_arm_loss(arm, obj, h, h_avg, idx, lambda x: bdpo(x, rng))
+    assert obj(policy, None, ctx_for(tmp_path)).loss.item() == pytest.approx(want, rel=1e-5)
+
+
+def test_reward_at_matched_kl_by_hand():
+    """The frontier: dominated points dropped, linear between frontier points, flat after the best one,
+    and 'not reached' (None) past the largest KL any point has."""
+    points = [(0.0, 0.0), (1.0, 1.0), (3.0, 0.5), (4.0, 2.0), (6.0, 1.5)]
+    assert scoring.frontier(points) == [(0.0, 0.0), (1.0, 1.0), (4.0, 2.0)]
+    assert scoring.reward_at_kl(points, 0.5) == pytest.approx(0.5)
+    assert scoring.reward_at_kl(points, 2.0) == pytest.approx(1 + 1 / 3)   # (3, 0.5) is beaten at less KL
+    assert scoring.reward_at_kl(points, 5.0) == pytest.approx(2.0)         # reached (6 >= 5), the best so far
+    assert scoring.reward_at_kl(points, 6.5) is None                       # not reached: no extrapolation
+    assert scoring.reward_at_kl([], 1.0) is None
+    assert scoring.matched_kl_cell([1.0, 2.0, 3.0]) == f'2.00 ± {4.302653 / math.sqrt(3):.2f} (3)'  # t(0.975, 2 df)
+    assert scoring.matched_kl_cell([1.0, None, 3.0]) == 'not reached (2/3)'
+    curves = {('dpo', 'high', s): [(0.0, 0.0), (4.0, 2.0 + s)] for s in range(3)}
+    table = '\n'.join(scoring.matched_kl_table(curves, ['dpo', 'ipo'], (2.0, 5.0)))
+    assert '| dpo | 1.50 ± ' in table and '| dpo | not reached (0/3) | - | - |' in table and 'ipo' not in table
+
+
 # ----- sequences, masks, reward model, cache ------------------------------------------------------
 
 def manual_logps(model, seq, P, lens):
@@ -171,9 +264,9 @@ def test_sequence_logps_count_only_the_continuation():
     seq[1, P + 6] = PAD                      # a 0 byte inside a continuation still counts
     seq[0, P + 4:] = PAD
     seq[2, P + 1:] = PAD
-    got = madpo.sequence_logps(model, seq, P, lens)
+    got = task.sequence_logps(model, seq, P, lens)
     assert got.tolist() == pytest.approx(manual_logps(model, seq, P, lens), abs=1e-4)
-    x, targets = madpo.continuation_targets(seq, P, lens)
+    x, targets = task.continuation_targets(seq, P, lens)
     assert (targets[:, :P - 1] == -1).all() and (targets[0, P - 1:P + 3] == seq[0, P:P + 4]).all()
     assert (targets[0, P + 3:] == -1).all() and targets[0, P + 2] == EOS
 
@@ -190,20 +283,20 @@ def test_prompt_and_padding_tokens_do_not_count():
     seq = torch.randint(1, 256, (2, 16), generator=g)
     lens = torch.tensor([5, 8])
     seq[0, P + 5:] = PAD
-    base = madpo.sequence_logps(model, seq, P, lens)
+    base = task.sequence_logps(model, seq, P, lens)
     edited = seq.clone()
     edited[:, 1:P - 1] = (edited[:, 1:P - 1] + 7) % 256   # prompt tokens but the last
     edited[0, P + 5:] = 99                                # padding after the first continuation
-    assert torch.allclose(madpo.sequence_logps(model, edited, P, lens), base, atol=1e-6)
+    assert torch.allclose(task.sequence_logps(model, edited, P, lens), base, atol=1e-6)
     full = -model(seq[:, :-1], seq[:, 1:]).sum(1)         # no mask: the prompt edit shows
     assert not torch.allclose(-model(edited[:, :-1], edited[:, 1:]).sum(1), full, atol=1e-3)
     edited[1, P + 2] = (edited[1, P + 2] + 1) % 256       # a continuation token does change it
-    assert not torch.allclose(madpo.sequence_logps(model, edited, P, lens)[1], base[1])
+    assert not torch.allclose(task.sequence_logps(model, edited, P, lens)[1], base[1])
 
 
 def test_reward_model_reads_the_last_real_token():
     model, P = tiny_gpt(), 4
-    rm = madpo.RewardObjective(SimpleNamespace(pair_batch=2, prompt_len=P, seed=0, rm_pool='last'), 'unused.pt')
+    rm = madpo.RewardObjective(SimpleNamespace(pair_batch=2, prompt_len=P, seed=0, rm_pool='last', rm_head=0, rm_freeze=False), 'unused.pt')
     rm.head = torch.nn.Linear(32, 1)
     g = torch.Generator().manual_seed(3)
     seq = torch.randint(1, 256, (3, 14), generator=g)
@@ -223,7 +316,7 @@ def test_reward_model_reads_the_last_real_token():
 
 def test_reward_model_mean_pools_the_continuation_only():
     model, P = tiny_gpt(), 4
-    rm = madpo.RewardObjective(SimpleNamespace(pair_batch=2, prompt_len=P, seed=0, rm_pool='mean'), 'unused.pt')
+    rm = madpo.RewardObjective(SimpleNamespace(pair_batch=2, prompt_len=P, seed=0, rm_pool='mean', rm_head=0, rm_freeze=False), 'unused.pt')
     rm.head = torch.nn.Linear(32, 1)
     seq = torch.randint(1, 256, (2, 14), generator=torch.Generator().manual_seed(6))
     lens = torch.tensor([3, 10])
@@ -235,6 +328,41 @@ def test_reward_model_mean_pools_the_continuation_only():
         edited = seq.clone()
         edited[0, P + 3:] = PAD
         assert torch.allclose(rm.rewards(model, edited, lens), r, atol=1e-6)
+
+
+def test_reward_model_frozen_backbone_sums_a_per_token_mlp(tmp_path):
+    """--rm_freeze: only the head trains; --rm_pool=sum with an MLP head: the reward is the sum of the
+    head's scores over the continuation's positions."""
+    write_pairs(tmp_path / 'high.pt')
+    model, P, added = tiny_gpt(), 4, []
+    cfg = SimpleNamespace(pair_batch=2, prompt_len=P, seed=0, rm_pool='sum', rm_head=8, rm_freeze=True)
+    rm = madpo.RewardObjective(cfg, tmp_path / 'high.pt')
+    rm.setup(SimpleNamespace(device=torch.device('cpu'), model=model, add_params=lambda params, weight_decay: added.extend(params)))
+    assert not any(p.requires_grad for p in model.parameters()) and added == list(rm.head.parameters())
+    seq = torch.randint(1, 256, (2, 14), generator=torch.Generator().manual_seed(6))
+    lens = torch.tensor([3, 10])
+    r = rm.rewards(model, seq, lens)
+    with torch.no_grad():
+        h = model.hidden(seq)
+        want = [sum(rm.head(h[i, t]).item() for t in range(P, P + int(lens[i]))) for i in range(2)]
+    assert r.tolist() == pytest.approx(want, abs=1e-5)
+    r.sum().backward()
+    assert all(p.grad is not None for p in rm.head.parameters())
+
+
+def test_reward_model_early_stopping_selects_on_one_half_reports_the_other(tmp_path):
+    write_pairs(tmp_path / 'high.pt', n=12, n_val=4)
+    rm = madpo.RewardObjective(SimpleNamespace(pair_batch=2, prompt_len=4, seed=0, rm_pool='mean', rm_head=0, rm_freeze=False),
+                               tmp_path / 'high.pt')
+    rm.setup(SimpleNamespace(device=torch.device('cpu'), model=tiny_gpt(), add_params=lambda params, weight_decay: None))
+    ctx = ctx_for(tmp_path)
+    for step, m in ((100, [1.0, 1.0, -1.0, 1.0]), (200, [1.0, -1.0, 1.0, 1.0])):  # selection half acc 1, then 0.5
+        rm.margins = lambda model, seq, lens, m=m: torch.tensor(m)
+        ctx.step = step
+        rm.evaluate(tiny_gpt(), ctx)
+    r = rm.val_set[2]
+    assert rm.val_metrics['step'] == 100 and rm.val_metrics['acc'] == 0.5        # report half [-1, 1] at step 100
+    assert rm.val_metrics['ceiling'] == pytest.approx(task.bt_ceiling(r[2:]))
 
 
 def test_kv_cache_sampler_matches_full_recompute():
@@ -269,7 +397,6 @@ def write_pairs(path, n=12, P=4, M=6, n_val=4, seed=0):
 
 
 def save_ckpt(model, path):
-    from dataclasses import asdict
     torch.save({'model': model.state_dict(), 'model_args': asdict(model.config)}, path)
 
 
@@ -289,7 +416,7 @@ def test_reference_logps_cached_equal_recomputed(tmp_path):
     cached = setup()
     torch.save({**cache, 'logps': cache['logps'] + 1}, tmp_path / 'high_ref_logps.pt')
     assert torch.equal(setup(), first + 1)                                   # it is read, not recomputed
-    want = [[madpo.sequence_logps(ref, torch.cat([pairs['prompt'][i:i + 1], pairs[k][i:i + 1]], 1).long(), P,
+    want = [[task.sequence_logps(ref, torch.cat([pairs['prompt'][i:i + 1], pairs[k][i:i + 1]], 1).long(), P,
                                   pairs[f'{k}_len'][i:i + 1]).item() for k in ('chosen', 'rejected')] for i in range(12)]
     assert torch.equal(first, cached)
     assert cached.tolist() == [pytest.approx(w, abs=1e-5) for w in want]
@@ -322,15 +449,15 @@ def test_cdpo_objective_smooths_the_labels(tmp_path):
 
 
 def test_madpo_reads_the_saved_reward_model(tmp_path):
-    """The rm stage's head.pt (head + the pooling it was trained with) and ckpt.pt give MADPO's weights."""
+    """The rm stage's rm.pt (the best step's backbone, head and the pooling it was trained with) gives MADPO's weights."""
     P, M = 4, 6
     backbone = tiny_gpt(seed=11, block_size=P + M)
-    rm = madpo.RewardObjective(SimpleNamespace(pair_batch=2, prompt_len=P, seed=0, rm_pool='last'), 'unused.pt')
-    rm.head = torch.nn.Linear(32, 1)
+    rm = madpo.RewardObjective(SimpleNamespace(pair_batch=2, prompt_len=P, seed=0, rm_pool='last', rm_head=0, rm_freeze=False), 'unused.pt')
+    rm.head, rm.model_args = torch.nn.Linear(32, 1), asdict(backbone.config)
+    rm.best = {'model': backbone.state_dict(), 'head': rm.head.state_dict()}
     (tmp_path / 'rm').mkdir()
-    save_ckpt(backbone, tmp_path / 'rm' / 'ckpt.pt')
-    torch.save({'head': rm.head.state_dict(), 'rm_pool': 'last'}, tmp_path / 'rm' / 'head.pt')
-    obj = preference_objective(tmp_path, loss='madpo', rm_pool='mean')    # the saved pooling wins
+    rm.save(tmp_path / 'rm' / 'rm.pt')
+    obj = preference_objective(tmp_path, loss='madpo', rm_pool='mean')    # the saved pooling and head win
     seq, lens = obj.train_set[:2]
     want = madpo.madpo_weight(rm.margins(backbone, seq, lens), 4.0)
     assert torch.allclose(obj.weights, want, atol=1e-6)
@@ -343,7 +470,7 @@ def test_madpo_reads_the_saved_reward_model(tmp_path):
 def test_evaluate_keeps_the_model_mode(tmp_path, training):
     """model.evaluating: the objectives' evals leave the model in the mode they found it in."""
     obj = preference_objective(tmp_path, loss='dpo')
-    rm = madpo.RewardObjective(SimpleNamespace(pair_batch=2, prompt_len=4, seed=0, rm_pool='mean'), tmp_path / 'high.pt')
+    rm = madpo.RewardObjective(SimpleNamespace(pair_batch=2, prompt_len=4, seed=0, rm_pool='mean', rm_head=0, rm_freeze=False), tmp_path / 'high.pt')
     rm.setup(SimpleNamespace(device=torch.device('cpu'), model=tiny_gpt(), add_params=lambda params, weight_decay: None))
     for objective in (obj, rm):
         model = tiny_gpt(block_size=10).train(training)
@@ -396,12 +523,12 @@ def test_each_stage_gets_its_own_train_config():
     cfg = parse(madpo.MadpoConfig, ['--sft_lr=1e-3', '--po_lr=5e-5', '--rm_iters=7', '--loss=ipo', '--tier=low'])
     sft, rm, po = (madpo.train_config(cfg, s) for s in ('sft', 'rm', 'po'))
     assert (sft.lr, sft.budget, sft.batch_size, sft.init_from) == (1e-3, 2000, 32, 'scratch')
-    assert (rm.lr, rm.budget, rm.batch_size, rm.init_from) == (3e-4, 7, 16, str(Path('out/madpo/seed0/sft/ckpt.pt')))
-    assert (po.lr, po.out_dir) == (5e-5, str(Path('out/madpo/seed0/po_ipo_low')))
+    assert (rm.lr, rm.budget, rm.batch_size, rm.init_from) == (3e-3, 7, 16, str(Path('out/madpo/seed0/sft/ckpt.pt')))
+    assert (po.lr, po.out_dir, po.eval_interval) == (5e-5, str(Path('out/madpo/seed0/po_ipo_b0.1_low')), 30)  # 120 iters / 4 points
     assert all(c.arch == 'full' and c.optimizer == 'adamw' and c.dropout == 0 for c in (sft, rm, po))
     assert madpo.train_config(replace(cfg, init_from='resume'), 'po').init_from == 'resume'
     quick = parse(madpo.MadpoConfig, ['--quick=True', '--po_iters=60'])      # the one --quick mechanism
-    assert (quick.sft_iters, quick.rm_iters, quick.po_iters) == (1500, 150, 60)
+    assert (quick.sft_iters, quick.rm_iters, quick.po_iters, quick.seeds, quick.betas) == (1500, 300, 60, (0,), (0.1,))
 
 
 def test_missing_vader_is_a_clear_error(monkeypatch):
@@ -415,21 +542,27 @@ def test_missing_vader_is_a_clear_error(monkeypatch):
 
 def test_quick_end_to_end_dpo_beats_sft(tmp_path):
     """The real entry point on a small review corpus (4 sentiment words per polarity, so that a tiny
-    model learns them in a few hundred steps): sft, pairs, rm, po (DPO), eval, compare."""
+    model learns them in a few hundred steps): sft, pairs, rm, po (DPO and MADPO on noisy oracle margins,
+    each scored along training), compare; then a rerun skips every finished stage."""
     pytest.importorskip('vaderSentiment')
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
     corpus = tmp_path / 'reviews'
     subprocess.run([sys.executable, 'data/reviews/prepare.py', f'--out_dir={corpus}', '--n_reviews=4000', '--n_words=4'],
                    cwd=ROOT, env=env, check=True, capture_output=True)
     out = tmp_path / 'run'
-    args = [f'--out_dir={out}', f'--dataset={corpus}', '--quick=True', '--threads=1', "--losses=('dpo',)", "--tiers=('high',)",
-            '--sft_iters=700', '--sft_batch_size=16', '--n_pairs=400', '--val_pairs=50', '--n_eval=200', '--rm_iters=20',
-            '--po_iters=60', '--po_lr=3e-4', '--log_interval=100']
+    args = [f'--out_dir={out}', f'--dataset={corpus}', '--quick=True', '--threads=1', "--arms=('dpo','madpo4_noisy')",
+            "--tiers=('high',)", '--sft_iters=700', '--sft_batch_size=16', '--n_pairs=400', '--val_pairs=50', '--n_eval=200',
+            '--rm_iters=20', '--po_iters=60', '--po_lr=3e-4', '--log_interval=100']
     proc = subprocess.run([sys.executable, 'madpo.py', *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads((out / 'seed0' / 'eval' / 'done.json').read_text())
-    sft, dpo = result['sft'], result['dpo_high']
+    dpo = json.loads((out / 'seed0' / 'po_dpo_b0.1_high' / 'done.json').read_text())
+    sft = dpo['curve'][0]
+    assert [p['step'] for p in dpo['curve']] == [0, 30, 60] and (sft['kl'], sft['win_rate']) == (0.0, 0.5)
     assert dpo['reward'] > sft['reward'] + 0.05 and dpo['win_rate'] > 0.5, (sft, dpo)  # same prompts, same draws
     assert dpo['kl'] > 0
-    assert '| dpo |' in (out / 'compare.md').read_text()
-    assert json.loads((out / 'seed0' / 'rm_high' / 'done.json').read_text())['acc'] >= 0
+    compare = (out / 'compare.md').read_text()
+    assert '| dpo |' in compare and '| madpo4_noisy |' in compare and 'BT ceiling' in compare
+    rm = json.loads((out / 'seed0' / 'rm_high' / 'done.json').read_text())
+    assert 0.5 <= rm['ceiling'] <= 1 and 0 <= rm['acc'] <= 1
+    again = subprocess.run([sys.executable, 'madpo.py', *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and again.stdout.count('done, skipped') == 5, again.stdout[-2000:]

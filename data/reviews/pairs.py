@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from configurator import UserError, require
-from data.loader import Corpus, data_dir
+from data.loader import Corpus, atomic_write, data_dir
+from model import evaluating
 
 EOS, PAD = 10, 0
 TIERS = {'high': 0.0, 'medium': 0.5, 'low': 1.0}  # tier -> fraction of pairs replaced by an easy off-policy pair
@@ -49,6 +50,18 @@ def decode(prompt, cont, n):
 
 def rewards(scorer, prompts, conts, lens):
     return scorer([decode(p, c, n) for p, c, n in zip(prompts.cpu(), conts.cpu(), lens.tolist())])
+
+
+def bt_ceiling(r):
+    """The best expected accuracy any reward model can reach against Bradley-Terry labels drawn from the
+    true rewards r (n, 2) = [chosen, rejected]: the label is the higher-reward side with probability
+    sigmoid(|r_w - r_l|), so predicting that side is optimal (a tie is a coin flip: 0.5)."""
+    return torch.sigmoid((r[:, 0] - r[:, 1]).abs()).mean().item()
+
+
+def oracle_accuracy(r):
+    """The accuracy that predicting the true order reaches on these drawn labels (ties count half)."""
+    return ((r[:, 0] > r[:, 1]).float() + 0.5 * (r[:, 0] == r[:, 1]).float()).mean().item()
 
 
 # -----------------------------------------------------------------------------
@@ -106,6 +119,29 @@ def negative_continuations(cfg, n, scorer, seed):
 
 
 # -----------------------------------------------------------------------------
+# sequences: prompt + continuation, log-probs of the continuation only
+
+def continuation_targets(seq, prompt_len, cont_len):
+    """seq (N, L) -> x (N, L-1) and targets with -1 everywhere but the continuation (eos included)."""
+    pos = torch.arange(1, seq.size(1), device=seq.device)  # position in seq of each target
+    keep = (pos >= prompt_len) & (pos < prompt_len + cont_len[:, None])
+    return seq[:, :-1], torch.where(keep, seq[:, 1:], -1)
+
+
+def sequence_logps(model, seq, prompt_len, cont_len):
+    """Summed log-probs of each continuation given its prompt: (N,). Prompt and padding count 0."""
+    x, targets = continuation_targets(seq, prompt_len, cont_len)
+    return -model(x, targets).sum(1)
+
+
+@torch.no_grad()
+def batched_logps(model, seq, prompt_len, cont_len, batch=64):
+    with evaluating(model):
+        return torch.cat([sequence_logps(model, seq[i:i + batch], prompt_len, cont_len[i:i + batch])
+                          for i in range(0, len(seq), batch)])
+
+
+# -----------------------------------------------------------------------------
 # the pairs
 
 def rows_where(mask, x, y):
@@ -139,16 +175,16 @@ def build_pairs(cfg, sft, device, out_dir):
         pairs = {'prompt': prompts.to(torch.uint8), 'chosen': chosen[0].to(torch.uint8), 'rejected': rejected[0].to(torch.uint8),
                  'chosen_len': chosen[1], 'rejected_len': rejected[1], 'r_chosen': chosen[2], 'r_rejected': rejected[2],
                  'replaced': replaced, 'n_val': cfg.val_pairs}
-        torch.save(pairs, out_dir / f'{tier}.pt')
+        atomic_write(out_dir / f'{tier}.pt', lambda f: torch.save(pairs, f))  # never half-written
         with open(out_dir / f'{tier}_examples.jsonl', 'w') as f:
             for i in range(20):
                 f.write(json.dumps({'chosen': decode(prompts[i], chosen[0][i], chosen[1][i]),
                                     'rejected': decode(prompts[i], rejected[0][i], rejected[1][i]),
                                     'r': [chosen[2][i].item(), rejected[2][i].item()]}) + '\n')
-        strict = chosen[2] != rejected[2]
+        strict, r = chosen[2] != rejected[2], torch.stack([chosen[2], rejected[2]], 1)[n - cfg.val_pairs:]
         results[tier] = {'label_agrees_with_truth': (chosen[2] > rejected[2])[strict].float().mean().item(),
                          'ties': 1 - strict.float().mean().item(), 'r_chosen': chosen[2].mean().item(),
-                         'r_rejected': rejected[2].mean().item()}
+                         'r_rejected': rejected[2].mean().item(), 'val_ceiling': bt_ceiling(r)}
     return results
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
 from configurator import ConfigError, UserError, cli, require  # noqa: E402
-from data.loader import DATA_ROOT, get_tokenizer, write_corpus  # noqa: E402
+from data.loader import DATA_ROOT, data_dir, get_tokenizer, write_corpus  # noqa: E402
 
 NAMES = ('Anna Ben Carla Dmitri Elena Farid Gwen Hiro Ines Jonas Kemal Lena Marco Nadia Oscar Priya Quentin Rosa Sven '
          'Tomas Uma Victor Wen Yusuf Zoe').split()
@@ -183,6 +183,17 @@ def prepare(cfg):
     print(f"wrote {out_dir}: train {meta['counts']['train']['documents']:,} reviews "
           f"({meta['counts']['train']['tokens']:,} bytes), val {meta['counts']['val']['documents']:,} reviews")
     return out_dir
+
+
+def ensure_prepared(dataset):
+    """madpo.py's corpus: the generated reviews are prepared on first use; IMDb needs its own command."""
+    if (data_dir(dataset, 'byte') / 'meta.json').exists():
+        return
+    if dataset == 'reviews/imdb':
+        raise UserError('no prepared IMDb reviews: run `python data/reviews/prepare.py --source=imdb` (needs network)')
+    if dataset == 'reviews':
+        print('preparing the generated review corpus in data/reviews/byte (once)')
+        prepare(PrepareConfig())
 
 
 if __name__ == '__main__':
