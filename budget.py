@@ -318,7 +318,7 @@ def measure_table(model, optimizers, batch, autocast, device):
 
     def fwd_bwd():
         with autocast:
-            loss = model(*batch).mean()
+            loss = model(*batch, weight=1 / batch[-1].numel())  # the loop's fused mean
         loss.backward()
         model.zero_grad(set_to_none=True)
 
@@ -333,7 +333,7 @@ def measure_table(model, optimizers, batch, autocast, device):
     model.set_active_layers(model.n_layer)
     for name, (optimizer, hooks) in optimizers.items():
         with autocast:
-            model(*batch).mean().backward()
+            model(*batch, weight=1 / batch[-1].numel()).backward()
         table['optimizer'][name] = _median_seconds(optimizer.step, sync=sync)
         model.zero_grad(set_to_none=True)
         if hooks:  # Sophia-G's Hessian estimate on one micro-batch, as the loop runs it per micro-batch

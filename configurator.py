@@ -90,11 +90,21 @@ def _says(valid):
     return f'in {opening}{low}, {high}{closing}'
 
 
+def declared_range(cls, name):
+    """A key's declared range: its own, or the nearest base's (a method config that only changes a
+    default, `out_dir: str = 'out/rho'`, keeps TrainConfig's 'path')."""
+    for klass in cls.__mro__:
+        field = getattr(klass, '__dataclass_fields__', {}).get(name)
+        if field is not None and 'valid' in field.metadata:
+            return field.metadata['valid']
+    return None
+
+
 def check_ranges(cfg):
     """Every number finite (a tuple's elements too), and every field in its declared range (see key());
     raises ConfigError naming the first key that is not."""
     for f in dataclasses.fields(cfg):
-        valid, value = f.metadata.get('valid'), getattr(cfg, f.name)
+        valid, value = declared_range(type(cfg), f.name), getattr(cfg, f.name)
         values = value if isinstance(value, tuple) else (value,)
         require(all(math.isfinite(v) for v in values if isinstance(v, float)), f'--{f.name} must be a finite number, got {value!r}')
         if valid is None:

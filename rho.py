@@ -69,7 +69,7 @@ class RhoLoss(CausalLM):
         irreducible_loss = self.irreducible_loss[(ids // self.block_size).to(train_loss.device)]
         reducible_loss = train_loss - irreducible_loss
         top = select_top(reducible_loss, self.n_b)                         # (nb,)
-        loss = model(x[top], y[top]).mean()
+        loss = model(x[top], y[top], weight=1 / y[top].numel())
         return Step(loss, self.n_b, {'selected_frac': self.n_b / self.n_B, 'loss_selected': train_loss[top].mean(),
                                      'loss_scored': train_loss.mean(), 'il_selected': irreducible_loss[top].mean()})
 
@@ -117,7 +117,8 @@ class SelectiveBackprop(CausalLM):
         ids, kept_losses = self.buffer_ids[:self.batch_size], self.buffer_losses[:self.batch_size]
         del self.buffer_ids[:self.batch_size], self.buffer_losses[:self.batch_size]
         x, y = get_examples(ctx.corpus.splits['train'], np.array(ids), ctx.model.config.block_size)
-        loss = model(x.to(ctx.device), y.to(ctx.device)).mean()
+        y = y.to(ctx.device)
+        loss = model(x.to(ctx.device), y, weight=1 / y.numel())
         scored = torch.cat(scored)
         return Step(loss, len(ids), {'selected_frac': kept / len(scored),
                                      'loss_selected': sum(kept_losses) / len(kept_losses), 'loss_scored': scored.mean()})

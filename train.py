@@ -36,9 +36,8 @@ from data.loader import (Batches, Corpus, DataError, atomic_write_bytes, data_di
                          prepare_command, val_ids)
 from data.spans import SpanVocab, raw_length_for, span_corrupt, span_vocab, t5_lengths
 from model import ARCHS, MODELS, PRESETS, build_arch, device_peak_flops, evaluating
-from runs import (check_resume_config, check_resume_method, checkpoint_model_type, load_checkpoint, load_model,
-                  locked_out_dir, method_name, model_from_checkpoint, prepare_out_dir, run_info, save_checkpoint,
-                  start_wandb, trim_log)
+from runs import (check_resume_config, check_resume_method, checkpoint_model_type, load_checkpoint, locked_out_dir,
+                  method_name, model_from_checkpoint, prepare_out_dir, run_info, save_checkpoint, start_wandb, trim_log)
 
 
 @dataclass(frozen=True)
@@ -180,6 +179,10 @@ class RunContext:
         """Train these parameters too (a head the method owns; saved in its state_dict)."""
         self.param_groups.append({'params': list(params), 'weight_decay': weight_decay})
 
+    def freeze_model(self):
+        """Train only the parameters added with add_params: the model is a frozen backbone."""
+        self.model.requires_grad_(False)  # build_optimizer takes only parameters that require grad
+
     def charge_before_start(self, spent):
         """Costs paid before the run (an IL model): added to a fresh run's budget (a resumed run's has them)."""
         for unit, value in spent.items():
@@ -222,7 +225,7 @@ class CausalLM:
 
     def __call__(self, model, data, ctx):
         x, y, _ = data.next(self.batch_size)
-        return Step(model(x, y).mean(), len(x))
+        return Step(model(x, y, weight=1 / y.numel()), len(x))  # the mean, fused: gradients made in the forward
 
     def val_batch(self, x, y):
         return (x,), y
@@ -255,7 +258,7 @@ class SpanCorruption(CausalLM):
     def __call__(self, model, data, ctx):
         x, y, _ = data.next(self.batch_size)
         inputs, targets = self.corrupt(x, y, self.generator)
-        return Step(model(*inputs, targets).mean(), len(x))
+        return Step(model(*inputs, targets, weight=1 / targets.numel()), len(x))
 
     def val_batch(self, x, y):
         return self.corrupt(x, y, torch.Generator().manual_seed(0))
@@ -746,6 +749,10 @@ class Trainer:
 
     def _log_progress(self, meter, lr):
         loss, logs, rates = meter.read(self.peak_flops, self.rt.world_size)
+        if rates['mfu'] > 1 and not self.cfg.peak_flops:  # the cached CPU peak was measured under load
+            peak = device_peak_flops(self.rt.device, remeasure=True)
+            rates['mfu'] *= self.peak_flops / peak
+            self.peak_flops = peak
         if self.rt.world_size > 1:
             loss = torch.tensor(loss, device=self.rt.device)
             dist.all_reduce(loss, op=dist.ReduceOp.AVG)

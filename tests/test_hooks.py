@@ -12,6 +12,7 @@ import torch
 
 import budget as budget_lib
 import optim_sophia
+import runs
 import train
 from conftest import ROOT
 
@@ -149,7 +150,7 @@ def test_checkpoint_keeps_the_best_val_loss_not_the_last(tiny_cfg):
     losses = iter([3.0, 2.0, 2.5, 2.7])
     trainer.objective.evaluate = lambda model, ctx: next(losses)
     trainer.run()
-    ckpt = train.load_checkpoint(Path(trainer.cfg.out_dir) / 'ckpt.pt')
+    ckpt = runs.load_checkpoint(Path(trainer.cfg.out_dir) / 'ckpt.pt')
     assert ckpt['val_loss'] == 2.7 and ckpt['best_val_loss'] == 2.0
 
 

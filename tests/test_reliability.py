@@ -305,12 +305,13 @@ def world(tmp_path_factory, stdlib_corpus):
     assert rho.train_il(rho_cfg) is not None
     w['rho_cfg'] = rho_cfg
     import slm  # here, not at the top: slm imports the mathmix generator
-    from data.mathmix.prepare import PrepareConfig
-    w['mathmix'] = root / 'mathmix'  # a small mathmix and a reference-loss cache scored by the finished run
-    slm.prepare(PrepareConfig(out_dir=str(w['mathmix']), n_ref_docs=40, n_train_docs=200, n_eval=5))
-    slm_cfg = slm.SLMConfig(out_dir=str(root / 'slm'), mathmix_dir=str(w['mathmix']), ref_ckpt=str(w['good'] / 'ckpt.pt'),
-                            block_size=64, max_new_tokens=0, curve_problems=0, budget=4, eval_interval=1000,
-                            **{**base, 'dataset': 'stdlib'})
+    from data.mathmix.prepare import PrepareConfig, prepare
+    w['mathmix'] = root / 'mathmix'  # a small mathmix, a 4-step reference on it, and its reference-loss cache
+    prepare(PrepareConfig(out_dir=str(w['mathmix']), n_ref_docs=40, n_train_docs=200, noise_levels=(0.2,)))
+    slm_cfg = slm.SLMConfig(out_dir=str(root / 'slm'), mathmix_dir=str(w['mathmix']), block_size=36, budget=4,
+                            ref_budget=4, eval_interval=1000, **{**base, 'dataset': 'stdlib'})
+    slm.stage_ref(slm_cfg, slm.get_paths(slm_cfg))
+    w['slm_ref'] = root / 'slm' / 'ref'
     slm.build_cache(slm_cfg, slm.get_paths(slm_cfg))
     w['slm_cfg'] = slm_cfg
     w['corrupt'] = root / 'corrupt'  # a run folder whose checkpoint is garbage
@@ -337,7 +338,7 @@ def world(tmp_path_factory, stdlib_corpus):
     w['sweep'].write_text("COMMON = dict(model='tiny')\nBUDGETS = (1.0,)\nQUICK_BUDGETS = (1.0,)\n")
     w['empty_dir'] = root / 'empty_dir'
     w['empty_dir'].mkdir()
-    w['protected'] = [w[k] for k in ('corpus', 'micro', 'good', 'il', 'cache', 'mathmix', 'corrupt', 'half_ckpt', 'trunc', 'badmeta',
+    w['protected'] = [w[k] for k in ('corpus', 'micro', 'good', 'il', 'cache', 'mathmix', 'slm_ref', 'corrupt', 'half_ckpt', 'trunc', 'badmeta',
                                      'cache_trunc', 'empty_dir')] + [w['a_file'], w['sweep']]
     w['pristine'] = root / 'pristine'
     for p in w['protected']:
@@ -368,7 +369,8 @@ def bad_cases(w):
     il = [f"--il_out_dir={w['il']}", f"--il_cache={w['cache']}", f'--dataset={C}']
     t = ['train.py', *TINY, '--budget=4']
     r = ['rho.py', *TINY, '--budget=4', *il]
-    s = ['slm.py', *TINY, '--budget=4', f"--mathmix_dir={w['mathmix']}", f'--ref_ckpt={G}/ckpt.pt', '--out_dir={fresh}']
+    s = ['slm.py', *TINY, '--block_size=36', '--budget=4', f"--mathmix_dir={w['mathmix']}",
+         f"--ref_ckpt={w['slm_ref']}/ckpt.pt", '--out_dir={fresh}']
     mm = ['data/mathmix/prepare.py', '--out_dir={fresh}']
     mp = ['madpo.py', '--out_dir={fresh}', '--threads=1']
     rv = ['data/reviews/prepare.py', '--out_dir={fresh}']
@@ -499,19 +501,22 @@ def bad_cases(w):
         ('slm-budget-zero', *s, '--budget=0', ['--budget must be > 0']),
         ('slm-budget-unit', *s, '--budget_unit=epochs', ['--budget_unit must be one of']),
         ('slm-n-head', *s, '--n_head=3', ['must divide']),
-        ('slm-block-vs-prompt', *s, '--block_size=100', ['--block_size must exceed --max_new_tokens']),
-        ('slm-missing-data', *s, '--mathmix_dir=/nope/mathmix', ['no mathmix data']),
+        ('slm-block-not-lines', *s, '--block_size=100', ['--block_size must be a multiple of 9']),
+        ('slm-noise-high', *s, '--noise=1', ['--noise and --noise_sweep must be in [0, 1)']),
+        ('slm-k-sweep', *s, '--k_sweep=(0.5,0)', ['--k_sweep must be fractions in (0, 1]']),
+        ('slm-gate', *s, '--gate_ref=2', ['--gate_ref, --gate_oracle must be in [0, 1]']),
+        ('slm-missing-data', *s, '--mathmix_dir=/nope/mathmix', ['mathmix data missing in /nope/mathmix']),
         ('slm-stale-cache', *s, '--stage=train', f"--ref_ckpt={w['il']}/ckpt.pt", ['stale reference-loss cache']),
         ('slm-missing-ref-ckpt', *s, '--stage=score', '--ref_ckpt=/nope/ckpt.pt', ['/nope/ckpt.pt']),
         ('slm-corrupt-ref-ckpt', *s, '--stage=score', f"--ref_ckpt={w['corrupt']}/ckpt.pt", ['unreadable']),
-        ('slm-eval-no-run', *s, '--stage=eval', ['no checkpoint at']),
-        ('slm-compare-nothing', *s, '--stage=compare', ['no eval.json']),
+        ('slm-train-no-ref', *s, '--stage=train', '--ref_ckpt=/nope/ckpt.pt', ['no reference model at /nope/ckpt.pt']),
+        ('slm-compare-nothing', *s, '--stage=compare', ['no finished runs under']),
         # data/mathmix/prepare.py
-        ('mathmix-unknown-key', *mm, '--n_evals=5', ['closest: n_eval']),
+        ('mathmix-unknown-key', *mm, '--n_contexts=5', ['closest: n_context']),
         ('mathmix-type', *mm, '--seed=abc', ['--seed must be int']),
-        ('mathmix-noise-high', *mm, '--noise=3', ['--noise must be in [0, 2]']),
-        ('mathmix-noise-negative', *mm, '--noise=-1', ['--noise must be in [0, 2]']),
-        ('mathmix-counts', *mm, '--n_eval=0', ['must be positive']),
+        ('mathmix-noise-high', *mm, '--noise_levels=(0.2,1)', ['--noise_levels must be fractions in [0, 1)']),
+        ('mathmix-noise-negative', *mm, '--noise_levels=(-1,)', ['--noise_levels must be fractions in [0, 1)']),
+        ('mathmix-counts', *mm, '--n_context=0', ['must be positive']),
         ('mathmix-tokenizer', *mm, '--tokenizer=gpt2', ["--tokenizer must be 'byte'"]),
         ('mathmix-too-few-docs', *mm, '--n_ref_docs=3', '--n_train_docs=3', ['no documents landed']),
         ('mathmix-out-dir-is-a-file', 'data/mathmix/prepare.py', f"--out_dir={w['a_file']}", ['--out_dir']),
@@ -558,7 +563,7 @@ def bad_cases(w):
 
 
 def _case_ids():
-    return [c[0] for c in bad_cases({k: Path('/x') for k in ('good', 'corpus', 'micro', 'il', 'cache', 'mathmix', 'corrupt', 'half_ckpt',
+    return [c[0] for c in bad_cases({k: Path('/x') for k in ('good', 'corpus', 'micro', 'il', 'cache', 'mathmix', 'slm_ref', 'corrupt', 'half_ckpt',
                                                               'trunc', 'badmeta', 'cache_trunc', 'a_file', 'empty_dir',
                                                               'sweep')})]
 
@@ -827,7 +832,7 @@ def test_interrupt_then_resume_is_bit_identical(world, tmp_path, monkeypatch, me
     if method == 'slm':  # Rho-1's SLM on the small mathmix, with the cached reference losses
         import slm
         paths = slm.get_paths(world['slm_cfg'])
-        kw['dataset'] = str(paths.train_data)
+        kw['dataset'] = str(paths.corpus(0.2))
         make = lambda d, **o: dataclasses.replace(world['slm_cfg'], **{**kw, 'out_dir': str(d), **o})  # noqa: E731
         objective = lambda c: slm.SelectiveLM(c, paths)  # noqa: E731
     elif 'method' in kw:

@@ -46,9 +46,11 @@ class RowLoss(torch.nn.Module):
         self.w = torch.nn.Parameter(torch.ones(()))
         self.active_layers, self.config, self.calls = [0, 1], SimpleNamespace(block_size=block_size), []
 
-    def forward(self, x, y):
+    def forward(self, x, y, weight=None):
+        """Per-token losses, or with weight their weighted sum (the model's fused path)."""
         self.calls.append((self.training, torch.is_grad_enabled(), x[:, 0].clone()))
-        return x.float() * self.w
+        losses = x.float() * self.w
+        return losses if weight is None else (losses * weight).sum()
 
 
 def context(model, budget, tokens=None, world_size=1):

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import runs
 import train
 from configurator import UserError
 from conftest import ROOT, StopAfter, run_script
@@ -99,7 +100,7 @@ def test_a_crash_mid_write_leaves_the_previous_checkpoint(tiny_cfg, monkeypatch)
         train.train(cfg)  # the second checkpoint (step 8) fails mid-write
     monkeypatch.setattr(torch, 'save', real_save)
     assert len(calls) == 2
-    assert train.load_checkpoint(Path(cfg.out_dir) / 'ckpt.pt')['iter_num'] == 4
+    assert runs.load_checkpoint(Path(cfg.out_dir) / 'ckpt.pt')['iter_num'] == 4
     result = train.train(dataclasses.replace(cfg, init_from='resume'))
     assert result['steps'] == 8 and load(cfg.out_dir)['iter_num'] == 8
 
