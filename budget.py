@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from configurator import ConfigError, UserError, cli, key, read_config_file, require, require_writable
@@ -92,6 +93,18 @@ def lr_at(spent, total, cfg):
     return cfg.min_lr + (cfg.lr - cfg.min_lr) * min(max(factor, 0.0), 1.0)
 
 
+def pyplot(what):
+    """matplotlib.pyplot without a display, or None (and one line saying what is not plotted) without it."""
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f'(matplotlib is not installed: no plot of {what}; `pip install matplotlib` for one)')
+        return None
+    return plt
+
+
 def plot_schedules(cfg, path='schedules.png'):
     """Every schedule against budget progress: a PNG with matplotlib, a text table without."""
     ps = [i / 100 for i in range(101)]
@@ -99,12 +112,8 @@ def plot_schedules(cfg, path='schedules.png'):
     print('p     ' + ''.join(f'{name:>10}' for name in curves))
     for i in range(0, 101, 10):
         print(f'{ps[i]:<6.2f}' + ''.join(f'{c[i]:>10.3f}' for c in curves.values()))
-    try:
-        import matplotlib
-        matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print('(matplotlib is not installed: table only; `pip install matplotlib` for the plot)')
+    plt = pyplot('the schedules')
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, c in curves.items():
@@ -567,13 +576,8 @@ def floors_note(runs, groups, baseline):
 
 def plot_runs(groups, path):
     """Val loss against RST spent, one line per method (mean over seeds, shaded min-max), a panel per budget."""
-    try:
-        import matplotlib
-        matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
-        import numpy as np
-    except ImportError:
-        print('(matplotlib is not installed: no plot; `pip install matplotlib` for one)')
+    plt = pyplot('val loss against RST')
+    if plt is None:
         return None
     budgets = sorted({b for g in groups.values() for b in g})
     every = [r for g in groups.values() for rs in g.values() for r in rs if r['evals']]
@@ -861,12 +865,8 @@ def read_tuned(path, spec, config, smallest_budget):
 
 def plot_tuning(results, path):
     """Final val loss against lr, one line per method (per extra grid value), on one figure."""
-    try:
-        import matplotlib
-        matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print('(matplotlib is not installed: no tuning plot; `pip install matplotlib` for one)')
+    plt = pyplot('the tuning curves')
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, result in results.items():
