@@ -8,7 +8,8 @@ rules for continuing it, and its lock.
     out_dir/lock         held (an flock) while a run writes the folder
 
 A resumed run must be the saved run (check_resume_config, check_resume_method); budget.py reads finished
-runs (read_run); method files load saved models (load_model) to score with or start from.
+runs (read_run); method files load saved models (load_model) to score with or start from. It is a file of
+its own because all three need the folder's format and budget.py must not import the training loop.
 """
 import contextlib
 import dataclasses

@@ -512,7 +512,7 @@ def format_seconds(s):
 
 class Trainer:
     """Holds one run's pieces; `run()` is the loop. Methods reach it only through the objective's hooks
-    and the RunContext. branch_points: [(spent, path)] at which to save WSD cooldown branch checkpoints."""
+    and the RunContext. branch_points: [(spent, path, budget)]: where to save WSD cooldown branch checkpoints."""
 
     def __init__(self, cfg, objective=None, branch_points=()):
         self.cfg, self.rt = cfg, setup_device(cfg)
@@ -530,10 +530,10 @@ class Trainer:
         self.method = method_name(self.objective)
         if saved is not None:
             check_resume_method(saved, self.method, self.out_dir / 'ckpt.pt')
-        self.wandb = start_wandb(cfg, saved) if cfg.wandb_log and self.rt.master else None
         self.ctx = RunContext(self)
         self.objective.setup(self.ctx)  # requests only: the pieces below are built from them
         self._build(cfg)
+        self.wandb = start_wandb(cfg, saved) if cfg.wandb_log and self.rt.master else None  # once the run can start
         self.iter_num, self.val_loss, self.best_val_loss, self.evaluated_at = 0, float('inf'), float('inf'), None
         self.skipped_steps, self.last_wall, self.last_cost = 0, 0.0, 0.0
         self.branch_points = sorted(branch_points)
