@@ -337,7 +337,8 @@ def test_reward_model_frozen_backbone_sums_a_per_token_mlp(tmp_path):
     model, P, added = tiny_gpt(), 4, []
     cfg = SimpleNamespace(pair_batch=2, prompt_len=P, seed=0, rm_pool='sum', rm_head=8, rm_freeze=True)
     rm = madpo.RewardObjective(cfg, tmp_path / 'high.pt')
-    rm.setup(SimpleNamespace(device=torch.device('cpu'), model=model, add_params=lambda params, weight_decay: added.extend(params)))
+    rm.setup(SimpleNamespace(device=torch.device('cpu'), model=model, add_params=lambda params, weight_decay: added.extend(params),
+                             freeze_model=lambda: model.requires_grad_(False)))  # train.RunContext.freeze_model
     assert not any(p.requires_grad for p in model.parameters()) and added == list(rm.head.parameters())
     seq = torch.randint(1, 256, (2, 14), generator=torch.Generator().manual_seed(6))
     lens = torch.tensor([3, 10])
