@@ -7,8 +7,8 @@ sets any of its top-level names, then each --key=value overrides. Values are par
 ast.literal_eval (a bare word stays a string), and must have the default's type (an int is accepted
 for a float, a list for a tuple), and be finite. Each key may declare its valid range next to its default
 (`lr: float = key(2e-3, '>0')`), checked for every entry point. An unknown key, a wrong type or an
-out-of-range value is a one-line error naming the key, exit code 2, no traceback. Unlike nanoGPT's configurator nothing is exec'd into a
-module's globals, so every file stays importable and testable.
+out-of-range value is a one-line error naming the key, exit code 2, no traceback. Unlike nanoGPT's
+configurator nothing is exec'd into a module's globals, so every file stays importable and testable.
 """
 import ast
 import contextlib

@@ -55,7 +55,7 @@ class TrainConfig:
     grad_accum: int = key(1, '>0')   # micro-batches per optimizer step
     # model
     model_type: str = key('gpt', tuple(MODELS))  # 'gpt' (next-token loss) or 't5' (T5-lite on span corruption)
-    model: str = key('small', tuple(PRESETS))  # a preset in model.PRESETS: tiny, small, base, gpt2, gpt2-medium, t5-tiny, t5-small-cpu, t5-small
+    model: str = key('small', tuple(PRESETS))  # a size preset in model.PRESETS (GPT and T5-lite)
     n_layer: int = key(0, '>=0')     # 0 = the preset's
     n_head: int = key(0, '>=0')      # 0 = the preset's
     n_embd: int = key(0, '>=0')      # 0 = the preset's
@@ -66,7 +66,7 @@ class TrainConfig:
     arch: str = key('full', tuple(ARCHS))  # full, stack (layer stacking) or drop (progressive layer dropping)
     stack_init_layers: int = key(0, '>=0')  # stack: blocks active at the start; 0 = n_layer // 4
     stack_fracs: tuple = key((0.125, 0.3), '(0,1)')  # stack: budget fractions at which the active depth doubles
-    stack_optim: str = key('fresh_new', ('fresh_new', 'reset', 'keep'))  # stack: 'fresh_new' (new blocks start with no state), 'reset' (all), 'keep'
+    stack_optim: str = key('fresh_new', ('fresh_new', 'reset', 'keep'))  # stack: new blocks' optimizer state: none, all reset, kept
     theta_bar: float = key(0.5, '(0,1]')  # drop: the keep probability theta(t) decays to this
     gamma_f: float = key(100.0, '>=0')  # drop: decay speed of theta(t) (100 BERT-like, 20 for T5)
     # optimizer
