@@ -66,7 +66,7 @@ class TrainConfig:
     arch: str = key('full', tuple(ARCHS))  # full, stack (layer stacking) or drop (progressive layer dropping)
     stack_init_layers: int = key(0, '>=0')  # stack: blocks active at the start; 0 = n_layer // 4
     stack_fracs: tuple = key((0.125, 0.3), '(0,1)')  # stack: budget fractions at which the active depth doubles
-    stack_optim: str = key('fresh_new', ('fresh_new', 'reset', 'keep'))  # stack: new blocks' optimizer state: none, all reset, kept
+    stack_optim: str = key('fresh_new', ('fresh_new', 'reset', 'keep'))  # stack: after doubling, new blocks' state empty / all reset / kept
     theta_bar: float = key(0.5, '(0,1]')  # drop: the keep probability theta(t) decays to this
     gamma_f: float = key(100.0, '>=0')  # drop: decay speed of theta(t) (100 BERT-like, 20 for T5)
     # optimizer
