@@ -140,16 +140,16 @@ def worksheet(rng, noise, source):
 # the outputs
 
 def write_noisy_corpus(out_dir, docs, tokenizer, noise):
-    """write_corpus, then kinds.bin (the kind of every train.bin byte): its length is checked on use."""
-    kinds = np.concatenate([k for name, (_, k) in docs if not is_val(name, VAL_FRAC)])
-    meta = write_corpus(out_dir, [(name, text) for name, (text, _) in docs], tokenizer, val_frac=VAL_FRAC,
+    """write_corpus with kinds.bin (the kind of every train.bin byte) swapped in together with it."""
+    train = [(text, k) for name, (text, k) in docs if not is_val(name, VAL_FRAC)]
+    kinds = np.concatenate([k for _, k in train])
+    if sum(len(text.encode('utf-8')) for text, _ in train) != len(kinds):
+        raise DataError(f'{out_dir}: kinds.bin would not line up with train.bin (bytes != characters?)')
+    return write_corpus(out_dir, [(name, text) for name, (text, _) in docs], tokenizer, val_frac=VAL_FRAC,
                         source=f'mathmix (synthetic, noise {noise:g})',
                         extra_meta={'kinds': list(KINDS), 'noise': noise,
-                                    'kind_fracs': {k: float((kinds == i).mean()) for i, k in enumerate(KINDS)}})
-    if meta['counts']['train']['tokens'] != len(kinds):
-        raise DataError(f'{out_dir}: kinds.bin would not line up with train.bin (bytes != characters?)')
-    atomic_write_bytes(Path(out_dir) / 'kinds.bin', kinds.tobytes())
-    return meta
+                                    'kind_fracs': {k: float((kinds == i).mean()) for i, k in enumerate(KINDS)}},
+                        extra_files={'kinds.bin': kinds.tobytes()})
 
 
 def eval_problems(rng, n_context):
