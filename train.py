@@ -387,8 +387,8 @@ def targets_per_example(cfg, model):
     return t5_lengths(raw_length_for(T))[1] if cfg.model_type == 't5' else T
 
 
-def build_model(cfg, vocab_size):
-    """A fresh model from the config, or one initialised from --init_from=PATH (its shape wins)."""
+def build_model(cfg, vocab_size, device):
+    """A fresh model from the config, or one initialised from --init_from=PATH (its shape wins), on device."""
     if cfg.init_from.endswith('.pt'):
         ckpt = load_checkpoint(Path(cfg.init_from))
         model_type = checkpoint_model_type(ckpt)
@@ -398,12 +398,12 @@ def build_model(cfg, vocab_size):
         if ckpt['model_args']['vocab_size'] != want:
             raise UserError(f"{cfg.init_from} has vocab {ckpt['model_args']['vocab_size']}, the data needs {want}: "
                             f"use the dataset and tokenizer it was trained with")
-        return model_from_checkpoint(ckpt, cfg.init_from, dropout=cfg.dropout, compile_loss=cfg.compile_loss)
-    check_memory(cfg, vocab_size, setup_device(cfg).device)
+        return model_from_checkpoint(ckpt, cfg.init_from, dropout=cfg.dropout, compile_loss=cfg.compile_loss).to(device)
+    check_memory(cfg, vocab_size, device)
     model_cls, config_cls = MODELS[cfg.model_type]
     dims = cfg.model_dims()
     return model_cls(config_cls(vocab_size=model_vocab_size(cfg.model_type, vocab_size, dims['block_size']),
-                                dropout=cfg.dropout, bias=cfg.bias, compile_loss=cfg.compile_loss, **dims))
+                                dropout=cfg.dropout, bias=cfg.bias, compile_loss=cfg.compile_loss, **dims)).to(device)
 
 
 def run_shape_key(cfg, model):
@@ -444,7 +444,7 @@ def calibration_inputs(cfg):
     span-corrupted one for T5), every optimizer with its hooks, and the shape's table key."""
     run = setup_device(cfg)
     corpus = load_corpus(cfg)
-    model = build_model(cfg, corpus.vocab_size).to(run.device)
+    model = build_model(cfg, corpus.vocab_size, run.device)
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, corpus.vocab_size, (cfg.batch_size, example_length(cfg, model) + 1), generator=g)
     inputs, targets = build_objective(cfg, corpus, model).val_batch(x[:, :-1], x[:, 1:])
@@ -525,7 +525,7 @@ class Trainer:
             check_resume_config(cfg, saved, self.out_dir / 'ckpt.pt')
         self.corpus = load_corpus(cfg)
         self.tokenizer = get_tokenizer(self.corpus.meta['tokenizer'])
-        self.model = build_model(cfg, self.corpus.vocab_size).to(self.rt.device)
+        self.model = build_model(cfg, self.corpus.vocab_size, self.rt.device)
         self.objective, self.building = objective or build_objective(cfg, self.corpus, self.model), True
         self.method = method_name(self.objective)
         if saved is not None:
