@@ -1,5 +1,6 @@
 """Shared test setup: the repo root on sys.path, the embedded corpus prepared once, a tiny run config."""
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -55,6 +56,15 @@ def tiny_cfg(stdlib_corpus, tmp_path):
                     log_interval=1)
         return TrainConfig(**{**base, **overrides})
     return make
+
+
+@pytest.fixture
+def text_name():
+    """A corpus name under data/text/ (git-ignored) for a test's prepare, removed afterwards."""
+    from data.loader import DATA_ROOT
+    name = f'pytest_text_{os.getpid()}'
+    yield name
+    shutil.rmtree(DATA_ROOT / 'text' / name, ignore_errors=True)
 
 
 def run_script(*args, cwd=ROOT, env=None, timeout=120):

@@ -1,7 +1,5 @@
 """data: the stdlib corpus (deterministic, split by document), tokenizers, text prepare, Batches, n-gram floors."""
 import json
-import os
-import shutil
 import subprocess
 import sys
 
@@ -104,14 +102,7 @@ def random_text(seed, n_words):
     return ' '.join(np.random.default_rng(seed).choice(words, n_words))
 
 
-@pytest.fixture
-def text_corpus_name():
-    name = f'pytest_text_corpus_{os.getpid()}'  # under data/text/ (git-ignored), removed afterwards
-    yield name
-    shutil.rmtree(DATA_ROOT / 'text' / name, ignore_errors=True)
-
-
-def test_text_prepare_on_a_folder(tmp_path, text_corpus_name):
+def test_text_prepare_on_a_folder(tmp_path, text_name):
     folder = tmp_path / 'notes'
     docs = {}
     for i in range(40):
@@ -124,10 +115,10 @@ def test_text_prepare_on_a_folder(tmp_path, text_corpus_name):
         (folder / rel).write_text(text, encoding='utf-8')
     val_frac = 0.2
     assert any(is_val(r, val_frac) for r in docs) and not all(is_val(r, val_frac) for r in docs)
-    out = run_script('data/text/prepare.py', f'--input={folder}', f'--name={text_corpus_name}',
+    out = run_script('data/text/prepare.py', f'--input={folder}', f'--name={text_name}',
                      f'--val_frac={val_frac}')
     assert out.returncode == 0, out.stderr
-    corpus = Corpus(DATA_ROOT / 'text' / text_corpus_name / 'byte')
+    corpus = Corpus(DATA_ROOT / 'text' / text_name / 'byte')
     assert not corpus.meta.get('moved_to_train')  # no two notes share text
     for split in ('train', 'val'):
         want = b''.join(docs[r].encode() for r in sorted(docs) if is_val(r, val_frac) == (split == 'val'))

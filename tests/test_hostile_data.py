@@ -60,13 +60,6 @@ def old(tmp_path):
     return target, files(target)
 
 
-@pytest.fixture
-def text_name():
-    name = f'pytest_hostile_{os.getpid()}'  # under data/text/ (git-ignored), removed afterwards
-    yield name
-    shutil.rmtree(DATA_ROOT / 'text' / name, ignore_errors=True)
-
-
 # -----------------------------------------------------------------------------
 # class 1: a failed re-prepare never destroys the working corpus
 
