@@ -165,16 +165,16 @@ def parse(cls, argv):
     values, given = dict(defaults), set()
     for arg in argv:
         if arg.startswith('--'):
-            key, eq, text = arg[2:].partition('=')
+            name, eq, text = arg[2:].partition('=')
             require(eq, f"expected --key=value, got '{arg}'")
-            updates = {key: _literal(text)}
+            updates = {name: _literal(text)}
         else:
             require(arg.endswith('.py'), f"expected a config file (.py) or --key=value, got '{arg}'")
             updates = read_config_file(arg)
-        for key, value in updates.items():
-            require(key in defaults, f'unknown config key --{key}{_closest(key, list(defaults))}')
-            values[key] = coerce(key, value, defaults[key])
-            given.add(key)
+        for name, value in updates.items():  # `name`: key() is this module's field declaration
+            require(name in defaults, f'unknown config key --{name}{_closest(name, list(defaults))}')
+            values[name] = coerce(name, value, defaults[name])
+            given.add(name)
     if values.get('quick'):
         values.update({k: v for k, v in getattr(cls, 'QUICK', {}).items() if k not in given})
     cfg = cls(**values)
