@@ -19,7 +19,6 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ import torch
 
 from configurator import ConfigError, UserError, cli, key, read_config_file, require, require_writable
 from data.loader import DataError, atomic_write_bytes, data_dir, ngram_floors
-from runs import METHOD_STATS, read_run, run_finished
+from runs import METHOD_STATS, Job, read_run, run_finished, run_jobs
 
 UNITS = ('rst', 'tokens', 'iters', 'flops', 'wall')
 TABLE_DIR = Path(__file__).resolve().parent / 'config' / 'rst'
@@ -739,35 +738,16 @@ def run_command(script, args):
 
 
 def run_plan(plan, jobs):
-    """Run every unfinished (label, script, args) of a plan, `jobs` at a time with the CPU threads split
-    between them (each run's output goes to <out_dir>.out). A run that needs RHO-LOSS's shared IL model
-    waits for the first such run to build it. Resumable: finished runs are skipped, killed ones resume."""
+    """Run every unfinished (label, script, args) of a plan, `jobs` at a time (runs.run_jobs; each run's
+    output goes to <out_dir>.out). The runs that need RHO-LOSS's shared IL model never overlap: the first
+    builds it, the others reuse it. Resumable: finished runs are skipped, killed ones resume."""
     todo = [item for item in plan if item[2].get('branch_budgets') or not run_finished(item[2]['out_dir'])]
-    env = {**os.environ, 'OMP_NUM_THREADS': str(max(1, (os.cpu_count() or 1) // jobs))}
-    running, failed, t0, n = {}, [], time.time(), len(todo)
-    while todo or running:
-        busy_il = any(a.get('il_out_dir') for _, _, a in running.values())
-        for item in [i for i in todo if not (i[2].get('il_out_dir') and busy_il)][:jobs - len(running)]:
-            todo.remove(item)
-            busy_il = busy_il or bool(item[2].get('il_out_dir'))
-            Path(item[2]['out_dir']).parent.mkdir(parents=True, exist_ok=True)
-            with open(f"{item[2]['out_dir']}.out", 'w') as out:
-                proc = subprocess.Popen(run_command(item[1], item[2]), stdout=out, stderr=subprocess.STDOUT, env=env,
-                                        cwd=Path(__file__).parent)
-            running[proc] = item
-        time.sleep(0.5)
-        for proc in [p for p in running if p.poll() is not None]:
-            label, _, args = running.pop(proc)
-            lines = Path(f"{args['out_dir']}.out").read_text(errors='replace').splitlines() or ['?']
-            status = next((l for l in reversed(lines) if l.startswith('done:')), lines[-1])
-            if proc.returncode != 0:
-                failed.append(f"{label} (budget {args['budget']:g}, seed {args['seed']}): {lines[-1]}")
-            done = n - len(todo) - len(running)
-            eta = (time.time() - t0) / done * (n - done)
-            print(f"[{done}/{n}] {label} budget {args['budget']:g} seed {args['seed']}: {status} | eta {eta / 60:.1f} min",
-                  flush=True)
+    failed = run_jobs([Job(f"{label} budget {args['budget']:g} seed {args['seed']}", run_command(script, args),
+                           Path(f"{args['out_dir']}.out"), 'il' if args.get('il_out_dir') else '')
+                       for label, script, args in todo], jobs, cwd=Path(__file__).parent)
     if failed:
-        raise UserError(f'{len(failed)} run(s) failed, first: {failed[0]} (see its .out file)')
+        job, last = failed[0]
+        raise UserError(f'{len(failed)} run(s) failed, first: {job.label}: {last} (see {job.log})')
 
 
 def ablate(cfg):

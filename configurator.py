@@ -182,6 +182,11 @@ def parse(cls, argv):
     return cfg
 
 
+def cli_args(cfg):
+    """The --key=value arguments that rebuild cfg with parse(): every key that differs from its default."""
+    return [f'--{f.name}={getattr(cfg, f.name)!r}' for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != f.default]
+
+
 def field_comments(cls):
     """{key: its trailing comment} from the source of cls and its bases (a subclass's comment wins)."""
     comments = {}

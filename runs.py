@@ -18,6 +18,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 import uuid
 import warnings
 from pathlib import Path
@@ -245,3 +246,40 @@ def run_finished(out_dir):
     """A run folder whose log shows its whole budget spent."""
     run = read_run(out_dir)
     return 'error' not in run and run['complete']
+
+
+# -----------------------------------------------------------------------------
+# running many runs at once
+
+@dataclasses.dataclass
+class Job:
+    label: str              # what the progress line calls it
+    argv: list              # the command
+    log: Path               # its stdout and stderr
+    exclusive: str = ''     # jobs sharing a non-empty tag never run at the same time (e.g. one builds a shared model)
+
+
+def run_jobs(jobs, n_parallel, cwd=None):
+    """Run every Job, n_parallel at a time with the CPU threads split between them; print one line as
+    each ends (its last 'done:' line, or its last line) -> the failed ones' (job, last line)."""
+    todo, running, failed, t0, n = list(jobs), {}, [], time.time(), len(jobs)
+    env = {**os.environ, 'OMP_NUM_THREADS': str(max(1, (os.cpu_count() or 1) // n_parallel))}
+    while todo or running:
+        busy = {job.exclusive for job in running.values() if job.exclusive}
+        for job in [j for j in todo if j.exclusive not in busy][:n_parallel - len(running)]:
+            todo.remove(job)
+            busy |= {job.exclusive} - {''}
+            job.log.parent.mkdir(parents=True, exist_ok=True)
+            with open(job.log, 'w') as out:
+                running[subprocess.Popen(job.argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd)] = job
+        time.sleep(0.5)
+        for proc in [p for p in running if p.poll() is not None]:
+            job = running.pop(proc)
+            lines = job.log.read_text(errors='replace').splitlines() or ['?']
+            if proc.returncode != 0:
+                failed.append((job, lines[-1]))
+            done = n - len(todo) - len(running)
+            eta = (time.time() - t0) / done * (n - done)
+            status = next((l for l in reversed(lines) if l.startswith('done:')), lines[-1])
+            print(f'[{done}/{n}] {job.label}: {status} | eta {eta / 60:.1f} min', flush=True)
+    return failed

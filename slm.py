@@ -22,16 +22,18 @@ off-domain prose; so the selection rate per kind and the oracle arm are exact.
 The study (a finished stage or run is skipped on a rerun; a killed one resumes): gates first, the
 reference's held-out exact match >= --gate_ref, then the oracle arm's first seed >= --gate_oracle (a
 failing gate stops with one line); then clm, excess (SLM), reference, train, random, oracle x --seeds at
---noise, excess at each --k_sweep, clm and excess at each --noise_sweep. data/mathmix/report.py: the
+--noise, then excess at each --k_sweep and clm and excess at each --noise_sweep over --sweep_seeds seeds, --jobs
+runs at a time. data/mathmix/report.py: the
 table, exact match against tokens with 95% CIs, tokens SLM needs to reach CLM's final exact match, the
 selection rate per token kind.
 
-    python slm.py                       # the study: 60 runs of 1.2M tokens (its cost: README)
+    python slm.py                       # the study: 48 runs of 1M tokens, two at a time (its cost: README)
     python slm.py --quick=True          # a few-minute smoke run (gates printed, not enforced)
     python slm.py --stage=ref|score|train|compare|export [--noise=0.2 --select_by=excess --k=0.6 --seed=1]
 """
 import dataclasses
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -41,7 +43,7 @@ import torch
 
 import runs
 import train
-from configurator import UserError, cli, require
+from configurator import UserError, cli, cli_args, require
 from data.loader import DATA_ROOT, DataError, atomic_write_bytes, file_sha256, get_examples, num_examples
 from data.mathmix.fewshot import clean_val, exact_match, load_problems
 from data.mathmix.prepare import CLEAN, KINDS, LINE, corpus_name, ensure_prepared, load_kinds
@@ -240,7 +242,7 @@ REF_KEYS = ('model', 'n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'dropo
             'sample_tokens', 'device', 'dtype', 'compile', 'compile_loss', 'peak_flops')
 NOT_REF = ('out_dir', 'dataset', 'tokenizer', 'model_type', 'budget')  # the pipeline's, and the arms' budget
 TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(train.TrainConfig) if f.name not in REF_KEYS + NOT_REF)
-STUDY_KEYS = ('arms', 'seeds', 'noise_sweep', 'k_sweep', 'gate_ref', 'gate_oracle')  # a run keeps their defaults
+STUDY_KEYS = ('arms', 'seeds', 'sweep_seeds', 'noise_sweep', 'k_sweep', 'gate_ref', 'gate_oracle', 'jobs')  # a run keeps their defaults
 
 
 def default(name, value):
@@ -262,7 +264,7 @@ class SLMConfig(train.TrainConfig):
     block_size: int = default('block_size', 72)  # ref, train: a multiple of 9 (mathmix's line): 8 lines per window
     batch_size: int = default('batch_size', 8)  # ref, train: the facts formed sooner than at 16 (measured)
     budget_unit: str = default('budget_unit', 'tokens')  # ref, train: arms are compared at equal training tokens
-    budget: float = default('budget', 1.2e6)  # train: tokens per arm (the reference's: ref_budget; other stages ignore it)
+    budget: float = default('budget', 1e6)  # train: tokens per arm (the reference's: ref_budget; other stages ignore it)
     eval_interval: int = default('eval_interval', 80)  # ref, train: steps between accuracy-curve points (46k tokens)
     eval_batches: int = default('eval_batches', 8)  # ref, train: the clean val set: eval_batches x batch_size examples
     sample_tokens: int = default('sample_tokens', 0)  # ref, train
@@ -274,7 +276,9 @@ class SLMConfig(train.TrainConfig):
     noise_sweep: tuple = (0.0, 0.4)  # all: further noise levels, each with clm and excess at --k
     k_sweep: tuple = (0.4, 0.8)     # all: further k for excess at --noise
     arms: str = ','.join(ARMS)      # all: the arms compared at --noise (the oracle always runs first: a gate)
-    seeds: int = 5                  # all: seed, seed+1, ...
+    seeds: int = 5                  # all: seed, seed+1, ... for the arms at --noise
+    sweep_seeds: int = 3            # all: the k and noise sweeps run the first sweep_seeds of the seeds
+    jobs: int = 2                   # all: runs at once after the gates, the CPU threads split between them
     gate_ref: float = 0.8           # all: the reference's held-out exact match must reach this
     gate_oracle: float = 0.5        # all: and the oracle arm's (first seed)
     ref_mode: str = 'cached'        # train: cached (ref_loss.bin, stage score) or online (a reference forward per step)
@@ -295,7 +299,8 @@ class SLMConfig(train.TrainConfig):
         require(self.model_type == 'gpt', '--model_type must be gpt (SLM selects next-token losses)')
         require(not self.branch_budgets, '--branch_budgets: slm.py runs no WSD branches')
         require(set(self.arms.split(',')) <= set(ARMS), f"--arms: a comma list of {', '.join(ARMS)}")
-        require(self.seeds > 0 and min(self.ref_budget, self.ref_lr) > 0, '--seeds, --ref_budget and --ref_lr must be > 0')
+        require(min(self.seeds, self.sweep_seeds, self.jobs, self.ref_budget, self.ref_lr) > 0,
+                '--seeds, --sweep_seeds, --jobs, --ref_budget and --ref_lr must be > 0')
         require(all(0 <= g <= 1 for g in (self.gate_ref, self.gate_oracle)), '--gate_ref, --gate_oracle must be in [0, 1]')
         T = self.model_dims()['block_size']
         require(T % LINE == 0 and T >= 2 * LINE, f'--block_size must be a multiple of {LINE} (a mathmix line), >= {2 * LINE}')
@@ -320,8 +325,8 @@ def study_runs(cfg):
     groups = [[(cfg.noise, 'oracle', 1.0)] + [(cfg.noise, *arm_spec(a, cfg.k)) for a in cfg.arms.split(',')],
               [(cfg.noise, 'excess', k) for k in cfg.k_sweep],
               [(f, *arm_spec(a, cfg.k)) for f in cfg.noise_sweep for a in ('clm', 'excess')]]
-    cells = [(noise, select_by, k, seed) for group in groups for seed in range(cfg.seed, cfg.seed + cfg.seeds)
-             for noise, select_by, k in group]
+    cells = [(noise, select_by, k, seed) for group, n_seeds in zip(groups, (cfg.seeds, *2 * [min(cfg.seeds, cfg.sweep_seeds)]))
+             for seed in range(cfg.seed, cfg.seed + n_seeds) for noise, select_by, k in group]
     return [dataclasses.replace(cfg, noise=n, select_by=s, k=k, seed=seed) for n, s, k, seed in dict.fromkeys(cells)]
 
 
@@ -389,19 +394,38 @@ def gate(what, value, threshold, fix):
         raise UserError(f'gate failed: {what} is {value:.3f}, {threshold - value:.3f} below {threshold:g}: {fix}')
 
 
+def alone(cfg):
+    """The arm as `--stage=train` runs it: the study's keys at their defaults, --quick's values written out."""
+    return dataclasses.replace(cfg, **{key: getattr(SLMConfig, key) for key in STUDY_KEYS}, stage='train', quick=False)
+
+
+def arm_config(cfg, paths):
+    """The arm's run config and what its eval.json records it as: the run config and the reference's checksum."""
+    if not paths.ref_ckpt.exists():
+        raise DataError(f'no reference model at {paths.ref_ckpt}: run `python slm.py --stage=ref` first')
+    run = dataclasses.replace(alone(cfg), out_dir=str(paths.run_dir(cfg)), dataset=str(paths.corpus(cfg.noise)),
+                              init_from='scratch', overwrite=True)
+    return run, json.loads(json.dumps({**dataclasses.asdict(run), 'ref_ckpt_sha256': file_sha256(paths.ref_ckpt)}))
+
+
+def finished_arm(cfg, paths):
+    """The arm's eval.json if it finished as cfg asks now, with this reference; else None."""
+    path = paths.run_dir(cfg) / 'eval.json'
+    if cfg.overwrite or not path.exists():
+        return None
+    result = json.loads(path.read_text())
+    return result if result.get('run_config') == arm_config(cfg, paths)[1] else None
+
+
 def run_arm(cfg, paths):
     """One run of cfg's arm, noise and seed into its folder (a killed run resumes, a finished one is
     skipped) -> its eval.json: the final curve point, i.e. the eval at the end of the budget. The run's
     config leaves out the study's keys, so a study rerun with more seeds or arms resumes it."""
-    if not paths.ref_ckpt.exists():
-        raise DataError(f'no reference model at {paths.ref_ckpt}: run `python slm.py --stage=ref` first')
+    run, same = arm_config(cfg, paths)
+    done = finished_arm(cfg, paths)
+    if done:
+        return done
     folder = paths.run_dir(cfg)
-    run = dataclasses.replace(cfg, **{key: getattr(SLMConfig, key) for key in STUDY_KEYS}, stage='train',
-                              out_dir=str(folder), dataset=str(paths.corpus(cfg.noise)), init_from='scratch', overwrite=True)
-    same = json.loads(json.dumps({**dataclasses.asdict(run), 'ref_ckpt_sha256': file_sha256(paths.ref_ckpt)}))
-    if (folder / 'eval.json').exists() and not cfg.overwrite:  # finished: kept if run as now, with this reference
-        if json.loads((folder / 'eval.json').read_text()).get('run_config') == same:
-            return json.loads((folder / 'eval.json').read_text())
     resume = (folder / 'ckpt.pt').exists() and not (folder / 'eval.json').exists() and not cfg.overwrite
     run = dataclasses.replace(run, init_from='resume' if resume else 'scratch', overwrite=not resume)
     if train.train(run, SelectiveLM(run, paths))['interrupted']:
@@ -415,6 +439,15 @@ def run_arm(cfg, paths):
     return out
 
 
+def ensure_cache(cfg, paths):
+    """Score cfg's corpus with the reference unless a valid cache is there (another reference or other
+    data make it stale)."""
+    try:
+        load_cache(paths.corpus(cfg.noise), paths.ref_ckpt, cfg.model_dims()['block_size'])
+    except DataError:
+        build_cache(cfg, paths)
+
+
 def stage_all(cfg, paths):
     """ref (trained, or resumed, unless --ref_ckpt names one) -> gate 1 -> the oracle's first run -> gate 2
     -> every other run -> compare."""
@@ -425,15 +458,22 @@ def stage_all(cfg, paths):
             raise KeyboardInterrupt
     gate("the reference model's held-out exact match", reference_eval(cfg, paths)['accuracy'], cfg.gate_ref,
          'raise --ref_budget (or the model size) and rerun')
-    for i, run in enumerate(study_runs(cfg)):
-        try:  # a missing or stale cache (another reference, other data) is scored again
-            load_cache(paths.corpus(run.noise), paths.ref_ckpt, run.model_dims()['block_size'])
-        except DataError:
-            build_cache(run, paths)
-        result = run_arm(run, paths)
-        if i == 0:
-            gate(f"the oracle arm's held-out exact match (seed {run.seed})", result['accuracy'], cfg.gate_oracle,
-                 'raise --budget and rerun')
+    first, *rest = study_runs(cfg)
+    ensure_cache(first, paths)
+    gate(f"the oracle arm's held-out exact match (seed {first.seed})", run_arm(first, paths)['accuracy'],
+         cfg.gate_oracle, 'raise --budget and rerun')
+    rest = [run for run in rest if not finished_arm(run, paths)]
+    for noise in sorted({run.noise for run in rest}):
+        ensure_cache(next(run for run in rest if run.noise == noise), paths)
+    if cfg.jobs == 1:
+        for run in rest:
+            run_arm(run, paths)
+    else:  # each run its own process, as `--stage=train` would run it alone
+        failed = runs.run_jobs([runs.Job(str(paths.run_dir(run)), [sys.executable, __file__, *cli_args(alone(run))],
+                                         paths.run_dir(run).with_suffix('.out')) for run in rest], cfg.jobs)
+        if failed:
+            job, last = failed[0]
+            raise UserError(f'{len(failed)} run(s) failed, first: {job.label}: {last} (see {job.log})')
     return report(paths.root, cfg.noise, cfg.k)
 
 

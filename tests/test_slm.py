@@ -379,7 +379,7 @@ def test_quick_swaps_in_small_settings_but_explicit_keys_win():
     assert (mine.budget, mine.seeds, mine.gate_ref, mine.arms) == (2e5, 3, 0.5, 'clm,excess,oracle')
     full = parse(slm.SLMConfig, [])
     assert (full.budget, full.seeds, full.gate_ref, full.gate_oracle, full.noise, full.noise_sweep, full.k_sweep) == \
-        (1.2e6, 5, 0.8, 0.5, 0.2, (0.0, 0.4), (0.4, 0.8))
+        (1e6, 5, 0.8, 0.5, 0.2, (0.0, 0.4), (0.4, 0.8))
     assert full.arms.split(',') == ['clm', 'excess', 'reference', 'train', 'random', 'oracle']
 
 
@@ -446,7 +446,7 @@ def test_quick_pipeline_runs_end_to_end(tmp_path, capsys):
     capsys.readouterr()
     cli(slm.main, slm.SLMConfig, argv)
     assert 'params' not in capsys.readouterr().out  # nothing trained again
-    cli(slm.main, slm.SLMConfig, [*argv, '--ref_budget=1728', '--seeds=1'])  # another reference: it and the runs again
+    cli(slm.main, slm.SLMConfig, [*argv, '--ref_budget=1728', '--seeds=1', '--jobs=1'])  # another reference: it and the runs again
     assert capsys.readouterr().out.count('params') == 4 and json.loads((out / 'ref' / 'eval.json').read_text())['tokens'] == 1728
     cli(prepare, PrepareConfig, [f'--out_dir={tmp_path / "again"}', *prep])
     for rel in ('noise20/byte/train.bin', 'noise20/byte/kinds.bin', 'ref/byte/val.bin', 'eval/eval.jsonl'):
