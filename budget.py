@@ -8,7 +8,9 @@ method that makes steps cheaper (fewer layers) or dearer (scoring passes) is cha
 A budget is given in one unit: rst (reference seconds), tokens (trained), iters (optimizer steps),
 flops (6N-style estimate) or wall (seconds, live). Every unit is counted on every run, so logs can be
 plotted against RST whatever the budget was. The LR is a function of budget progress p = spent/budget
-and reaches min_lr exactly at p = 1, when the run stops: the baseline is always fully decayed.
+and reaches min_lr exactly at p = 1, when the run stops: the baseline is always fully decayed. The
+logged MFU divides the counted FLOPs by the device's peak (device_peak_flops: a known GPU's, or on a
+CPU a matmul rate measured once and cached).
 
     python budget.py calibrate [config.py] [--key=value ...]   # measure a cost table on this machine
 """
@@ -21,6 +23,7 @@ import platform
 import statistics
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -298,6 +301,75 @@ class Meter:
         loss, logs = float(self.loss) / max(self.n, 1), {k: float(t) / c for k, (t, c) in self.logs.items()}
         self._reset()
         return loss, logs, rates
+
+
+# -----------------------------------------------------------------------------
+# peak FLOP/s: the denominator of the MFU that Meter.read reports
+
+GPU_BF16_PEAK = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L4': 121e12, 'A10': 125e12, '4090': 165e12}
+
+
+def measure_cpu_peak(sizes=(1024, 2048, 4096), repeats=3, dtype=torch.float32):
+    """The best FLOP/s of square fp32 matmuls at these sizes: the honest 'peak' of a CPU MFU (the best,
+    not a median: other processes' load only ever slows a matmul down)."""
+    g = torch.Generator().manual_seed(0)  # leave the global RNG alone: a resume restores it before this runs
+    best = 0.0
+    for n in sizes:
+        a, b = torch.randn(n, n, dtype=dtype, generator=g), torch.randn(n, n, dtype=dtype, generator=g)
+        a @ b  # warm-up
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            a @ b
+            best = max(best, 2 * n ** 3 / (time.perf_counter() - t0))
+    return best
+
+
+def cpu_peak_cache():
+    """Where measured CPU peaks are kept: $NANO_EFFICIENT_PEAK_CACHE, else ~/.cache/nano-efficient/."""
+    default = Path.home() / '.cache' / 'nano-efficient' / 'peak_flops.json'
+    return Path(os.environ.get('NANO_EFFICIENT_PEAK_CACHE') or default)
+
+
+def cpu_key():
+    """A CPU peak holds for one CPU model, thread count and torch version."""
+    info = Path('/proc/cpuinfo').read_text() if Path('/proc/cpuinfo').exists() else ''
+    names = [line.split(':', 1)[1].strip() for line in info.splitlines() if line.startswith('model name')]
+    cpu = names[0] if names else platform.processor()
+    return f'{cpu} | {torch.get_num_threads()} threads | torch {torch.__version__}'
+
+
+def cached_cpu_peak(remeasure=False):
+    """This machine's CPU peak, measured once and cached (a corrupt or unwritable cache: measured again).
+    remeasure: measure now and keep the larger of the two (a peak measured under load was too low)."""
+    path, cpu = cpu_peak_cache(), cpu_key()
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    cache = cache if isinstance(cache, dict) else {}
+    known = cache.get(cpu) if isinstance(cache.get(cpu), (int, float)) and cache.get(cpu) > 0 else None
+    if known and not remeasure:
+        return known
+    peak = max(measure_cpu_peak(), known or 0.0)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, json.dumps({**cache, cpu: peak}, indent=1).encode())
+    except OSError as e:
+        warnings.warn(f'could not cache the CPU peak in {path} ({e}); set NANO_EFFICIENT_PEAK_CACHE or --peak_flops')
+    return peak
+
+
+def device_peak_flops(device, remeasure=False):
+    """Dense bf16 peak of a known GPU; on a CPU the best fp32 matmul rate measured on this machine
+    (cached_cpu_peak; remeasure when an MFU above 100% shows the cached peak was measured too low)."""
+    if str(device).startswith('cuda'):
+        name = torch.cuda.get_device_name(device)
+        for gpu, peak in GPU_BF16_PEAK.items():
+            if gpu in name:
+                return peak
+        warnings.warn(f'unknown GPU {name}: MFU uses 312 TFLOP/s; set --peak_flops')
+        return 312e12
+    return cached_cpu_peak(remeasure)
 
 
 # -----------------------------------------------------------------------------

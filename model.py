@@ -1,37 +1,29 @@
-"""The models and the loss that every method shares.
+"""The models every method shares.
 
 GPT: a pre-LN decoder with causal scaled_dot_product_attention and tied embeddings, with nanoGPT's
 parameter names and checkpoint fields, so a nanoGPT checkpoint loads. It exposes what the methods need:
 per-token losses (selection methods rank tokens or examples by them), active layers (stacking and
-dropping run a subset of blocks), generate (with a KV cache, the one decoder evaluation and sampling
-share) and estimate_mfu. T5-lite: T5 v1.1 in miniature (Raffel et al. 2020, arXiv 1910.10683), an
-encoder-decoder of the same Block (RMSNorm, gated-GELU, a relative position bias per block), trained on
-span corruption (data/spans.py), with the same loss, active layers, generate and estimate_mfu.
+dropping run a subset of blocks: arch.py), generate (with a KV cache, the one decoder evaluation and
+sampling share) and estimate_mfu. T5-lite: T5 v1.1 in miniature (Raffel et al. 2020, arXiv 1910.10683),
+an encoder-decoder of the same Block (RMSNorm, gated-GELU, a relative position bias per block), trained
+on span corruption (data/spans.py), with the same loss, active layers, generate and estimate_mfu.
 
-The loss (hidden states -> lm_head -> cross entropy) never materializes the (tokens x vocab) fp32 logits:
-it walks the tokens in chunks. Two forms: `model(x, y)` gives per-token losses (two passes: the backward
-recomputes each chunk's logits), and `model(x, y, weight=w)` gives sum_t w_t * loss_t with both gradients
-computed in the forward from the one read of each chunk's logits (three matmuls, as eager), for every loss
-whose weights are known before the forward (the mean, a mask, per-example weights). The chunk kernels are
-compiled once per process; a model whose compiled kernels fail falls back to eager on its own.
+Both end in loss.py's chunked cross entropy, which never materializes the (tokens x vocab) fp32 logits:
+`model(x, y)` gives per-token losses, `model(x, y, weight=w)` the fused sum_t w_t * loss_t. evaluate (the
+mean loss on fixed examples) and sample_text (a prompt's continuation, as text) serve either model.
 """
 import contextlib
 import functools
-import json
+import itertools
 import math
-import os
-import platform
-import time
-import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data.loader import atomic_write_bytes
-from data.spans import raw_length_for, t5_lengths
+from data.spans import raw_length_for, span_vocab, t5_lengths
+from loss import LossKernels, per_token_loss, weighted_loss
 
 # Named size presets. vocab_size is set by the data (256 for the byte tokenizer; T5-lite adds sentinels).
 PRESETS = {
@@ -58,163 +50,6 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True
     compile_loss: bool = True  # torch.compile the per-token loss kernels (False: eager)
-
-
-# -----------------------------------------------------------------------------
-# the loss
-
-LOSS_CHUNK = 2048   # tokens per chunk of per-token losses: chunk x vocab fp32 logits is the extra memory
-FUSED_CHUNK = 512   # tokens per chunk of the fused loss (tests/bench.py: as fast as 1024 on a CPU, less memory)
-
-
-def _upcast(logits):
-    """At least fp32 (a bf16 log-sum-exp is too coarse); fp64 stays fp64."""
-    return logits.to(torch.promote_types(logits.dtype, torch.float32))
-
-
-def _chunk_loss(logits, targets):
-    """logits (n, V) of one chunk, targets (n,) with -1 = ignore -> loss (n,), lse (n,), at least fp32."""
-    logits = _upcast(logits)
-    lse = torch.logsumexp(logits, dim=-1)
-    target_logit = logits.gather(1, targets.clamp(min=0)[:, None]).squeeze(1)
-    return torch.where(targets >= 0, lse - target_logit, 0.0), lse
-
-
-def _dlogits(logits, targets, lse, scale):
-    """d(sum_i scale_i * loss_i) / d logits (n, V): softmax minus one-hot, scaled; 0 where ignored."""
-    dlogits = torch.exp(_upcast(logits) - lse[:, None])
-    dlogits.scatter_add_(1, targets.clamp(min=0)[:, None], -torch.ones_like(lse)[:, None])
-    return dlogits * torch.where(targets >= 0, scale, 0.0)[:, None]
-
-
-def _chunk_grad_(logits, targets, lse, scale):
-    """Overwrites a chunk's logits with their gradient (one chunk buffer, not two; where the logits are
-    bf16 under autocast, the matmuls that read the gradient would round it to bf16 anyway)."""
-    logits.copy_(_dlogits(logits, targets, lse, scale))
-
-
-def _chunk_fused_(logits, targets, weight):
-    """Loss and gradient from one read of the logits: returns loss (n,), logits := d(sum_i weight_i *
-    loss_i) / d logits."""
-    loss, lse = _chunk_loss(logits, targets)
-    logits.copy_(_dlogits(logits, targets, lse, weight))
-    return loss
-
-
-def _add_lm_head_grad(grad_w, dlogits, h):
-    """grad_w (V, C) += dlogits.T @ h: in place where the dtypes agree (no (V, C) temporary)."""
-    if grad_w.dtype == dlogits.dtype == h.dtype:
-        torch.addmm(grad_w, dlogits.t(), h, out=grad_w)  # not addmm_: FlopCounterMode counts this one
-    else:
-        grad_w += dlogits.t() @ h
-
-
-EAGER_KERNELS = {'loss': _chunk_loss, 'grad': _chunk_grad_, 'fused': _chunk_fused_}
-
-
-@functools.cache
-def compiled_kernels():
-    """The chunk kernels compiled once per process, shared by every model (compiling is the cost)."""
-    return {name: torch.compile(fn, dynamic=None) for name, fn in EAGER_KERNELS.items()}
-
-
-class LossKernels:
-    """One model's chunk kernels: the shared compiled ones, or eager where compile is off or has failed
-    for this model (warned once). A failure is this model's: another's inputs may compile fine."""
-
-    def __init__(self, use_compile=True):
-        self.compiled = use_compile
-
-    def __call__(self, name, *args):
-        if self.compiled and not torch.compiler.is_compiling():  # in a compiled model: traced into its graph
-            try:
-                return compiled_kernels()[name](*args)
-            except Exception as e:  # an inductor/compiler problem must not stop a run
-                self.compiled = False
-                warnings.warn(f'torch.compile of the per-token loss failed ({type(e).__name__}: {e}); '
-                              f'this model uses the eager kernels')
-        return EAGER_KERNELS[name](*args)
-
-
-def _losses(h, w, targets, chunk, kernels):
-    """Per-token losses (N,) and log-sum-exps (N,), a chunk of logits at a time."""
-    parts = [kernels('loss', h[i:i + chunk] @ w.t(), targets[i:i + chunk]) for i in range(0, len(h), chunk)]
-    return [torch.cat(p) for p in zip(*parts)]
-
-
-class ChunkedCrossEntropy(torch.autograd.Function):
-    """Per-token losses; the backward recomputes each chunk's logits (a 4th matmul: the price of not
-    knowing the loss's weights in the forward)."""
-
-    @staticmethod
-    def forward(ctx, h, w, targets, chunk, kernels):
-        loss, lse = _losses(h, w, targets, chunk, kernels)
-        ctx.save_for_backward(h, w, targets, lse)
-        ctx.chunk, ctx.kernels = chunk, kernels
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        h, w, targets, lse = ctx.saved_tensors
-        grad_h, grad_w = torch.empty_like(h), torch.zeros_like(w, dtype=lse.dtype)
-        for i in range(0, len(h), ctx.chunk):
-            s = slice(i, i + ctx.chunk)
-            logits = h[s] @ w.t()
-            ctx.kernels('grad', logits, targets[s], lse[s], grad_loss[s])                  # logits := dlogits
-            grad_h[s] = logits @ w
-            _add_lm_head_grad(grad_w, logits, h[s])
-        return grad_h, grad_w.to(w.dtype), None, None, None
-
-
-class FusedCrossEntropy(torch.autograd.Function):
-    """sum_i weight_i * loss_i, with the gradients of h and w computed in the forward from the one read
-    of each chunk's logits (3 matmuls, as eager); the backward only scales them by the incoming grad."""
-
-    @staticmethod
-    def forward(ctx, h, w, targets, weight, chunk, kernels, sample, grad_enabled):
-        need_h, need_w, _, need_weight = (grad_enabled and need for need in ctx.needs_input_grad[:4])
-        grad_h = torch.zeros_like(h) if need_h else None
-        grad_w = torch.zeros_like(w, dtype=_upcast(w).dtype) if need_w else None
-        losses = []
-        for i in range(0, len(h), chunk):
-            s = slice(i, i + chunk)
-            logits = h[s] @ w.t()                                                        # (n, V)
-            t = targets[s] if sample is None else torch.where(targets[s] >= 0, sample(logits), -1)
-            if not (need_h or need_w):
-                losses.append(kernels('loss', logits, t)[0])
-                continue
-            losses.append(kernels('fused', logits, t, weight[s]))                       # logits := dlogits
-            if need_h:
-                grad_h[s] = logits @ w                                                   # (n, C)
-            if need_w:
-                _add_lm_head_grad(grad_w, logits, h[s])                                  # (V, C)
-        loss = torch.cat(losses)
-        ctx.save_for_backward(grad_h, None if grad_w is None else grad_w.to(w.dtype), loss if need_weight else None)
-        return (loss * weight).sum()
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad_h, grad_w, grad_weight = (None if g is None else grad * g for g in ctx.saved_tensors)
-        return grad_h, grad_w, None, grad_weight, None, None, None, None
-
-
-def per_token_loss(h, w, targets, chunk=LOSS_CHUNK, use_compile=True, kernels=None):
-    """Cross entropy of each token, reduction='none': h (N, C) hidden states, w (V, C) the lm_head
-    weight, targets (N,) with -1 meaning ignore (loss 0). Returns (N,) in h's dtype promoted to fp32
-    (fp64 stays fp64). kernels: the caller's LossKernels, which remembers a compile failure (a model
-    passes its own); by default a fresh one as use_compile says."""
-    return ChunkedCrossEntropy.apply(h, w, targets, chunk, kernels or LossKernels(use_compile))
-
-
-def weighted_loss(h, w, targets, weight, chunk=FUSED_CHUNK, use_compile=True, kernels=None, sample=None):
-    """sum_i weight_i * loss_i of per_token_loss's losses (a 0-d tensor): weight a float (1/N: the mean)
-    or a tensor broadcastable to targets (a mask, per-example weights). With grad enabled the gradients
-    come out of the forward (FusedCrossEntropy); under no_grad no gradient work is done. sample(logits
-    (n, V)) -> labels (n,): the loss is against labels drawn from the model's own logits where targets
-    >= 0 (Sophia's estimator), in the same pass."""
-    weight = torch.as_tensor(weight, dtype=_upcast(h).dtype, device=h.device).expand(targets.shape).reshape(-1)
-    return FusedCrossEntropy.apply(h, w, targets.reshape(-1), weight, chunk, kernels or LossKernels(use_compile),
-                                   sample, torch.is_grad_enabled())
 
 
 # -----------------------------------------------------------------------------
@@ -695,170 +530,42 @@ class T5Lite(LayeredLM):
 MODELS = {'gpt': (GPT, GPTConfig), 't5': (T5Lite, T5Config)}  # model_type -> (model class, its config)
 
 
-# -----------------------------------------------------------------------------
-# active layers over a run: layer stacking and progressive layer dropping (No Train No Gain section 3.1),
-# as functions of budget progress p. The training loop calls before_step / before_micro_batch.
-
-class FullDepth:
-    """The baseline: every block, every step."""
-
-    def before_step(self, model, optimizer, p):
-        pass
-
-    def before_micro_batch(self, model, p):
-        pass
-
-    def eval_layers(self, model):
-        return model.n_layer
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass
-
-
-class LayerStacking(FullDepth):
-    """Gong et al. 2019 (as No Train No Gain ran it): train stack_init_layers blocks, and at each budget
-    fraction in stack_fracs double the depth by copying block i-L into block i for i in [L, 2L)."""
-
-    def __init__(self, cfg, n_layer):
-        self.n_active = cfg.stack_init_layers or max(1, n_layer // 4)
-        self.fracs, self.optim_mode, self.doublings = cfg.stack_fracs, cfg.stack_optim, 0
-
-    def before_step(self, model, optimizer, p):
-        if self.doublings == 0 and model.active_layers != list(range(self.n_active)):
-            model.set_active_layers(self.n_active)  # the first step, or a resume
-        while self.doublings < len(self.fracs) and p >= self.fracs[self.doublings]:
-            self.double(model, optimizer)
-
-    def double(self, model, optimizer):
-        L = self.n_active
-        new = list(range(L, min(2 * L, model.n_layer)))
-        for blocks in model.block_stacks():  # GPT: its blocks; T5: the encoder's and the decoder's alike
-            for i in new:
-                blocks[i].load_state_dict(blocks[i - L].state_dict())
-        if self.optim_mode == 'reset':  # BERT code: the whole optimizer state starts again
-            optimizer.state.clear()
-        elif self.optim_mode == 'fresh_new':  # the new blocks' state, if any, is dropped, not copied
-            for blocks in model.block_stacks():
-                for i in new:
-                    for param in blocks[i].parameters():
-                        optimizer.state.pop(param, None)
-        self.n_active, self.doublings = L + len(new), self.doublings + 1
-        model.set_active_layers(self.n_active)
-
-    def eval_layers(self, model):
-        return self.n_active
-
-    def state_dict(self):
-        return {'n_active': self.n_active, 'doublings': self.doublings}
-
-    def load_state_dict(self, state):
-        self.n_active, self.doublings = state['n_active'], state['doublings']
-
-
-class LayerDropping(FullDepth):
-    """Progressive Layer Dropping (Zhang & He 2020): keep_prob theta(p) = theta_bar + (1 - theta_bar) *
-    exp(-gamma_f * p); block i of L is dropped with probability (1 - theta) * (i + 1) / L, resampled every
-    micro-batch; kept blocks are not rescaled; evaluation runs every block."""
-
-    def __init__(self, cfg):
-        self.theta_bar, self.gamma_f = cfg.theta_bar, cfg.gamma_f
-        self.generator = torch.Generator().manual_seed(cfg.seed + 1)
-
-    def keep_prob(self, p):
-        return self.theta_bar + (1 - self.theta_bar) * math.exp(-self.gamma_f * p)
-
-    def before_micro_batch(self, model, p):
-        L = model.n_layer
-        drop_prob = (1 - self.keep_prob(p)) * torch.arange(1, L + 1) / L
-        kept = (torch.rand(L, generator=self.generator) >= drop_prob).nonzero().flatten().tolist()
-        model.set_active_layers(kept or [0])  # at least one block runs (block 0 if all drew a drop)
-
-    def state_dict(self):
-        return {'generator': self.generator.get_state()}
-
-    def load_state_dict(self, state):
-        self.generator.set_state(state['generator'])
-
-
-ARCHS = ('full', 'stack', 'drop')
-
-
-def build_arch(cfg, n_layer):
-    """The schedule of active blocks that --arch names (cfg: the run config)."""
-    if cfg.arch == 'stack':
-        return LayerStacking(cfg, n_layer)
-    if cfg.arch == 'drop':
-        return LayerDropping(cfg)
-    return FullDepth()
+def model_vocab_size(model_type, vocab_size, block_size):
+    """The data's vocabulary for GPT; T5-lite adds sentinels, a decoder start id and EOS (data/spans.py)."""
+    return span_vocab(vocab_size, raw_length_for(block_size)).size if model_type == 't5' else vocab_size
 
 
 # -----------------------------------------------------------------------------
-# peak FLOP/s for MFU
+# evaluation and sampling, for either model
 
-GPU_BF16_PEAK = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L4': 121e12, 'A10': 125e12, '4090': 165e12}
-
-
-def measure_cpu_peak(sizes=(1024, 2048, 4096), repeats=3, dtype=torch.float32):
-    """The best FLOP/s of square fp32 matmuls at these sizes: the honest 'peak' of a CPU MFU (the best,
-    not a median: other processes' load only ever slows a matmul down)."""
-    g = torch.Generator().manual_seed(0)  # leave the global RNG alone: a resume restores it before this runs
-    best = 0.0
-    for n in sizes:
-        a, b = torch.randn(n, n, dtype=dtype, generator=g), torch.randn(n, n, dtype=dtype, generator=g)
-        a @ b  # warm-up
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            a @ b
-            best = max(best, 2 * n ** 3 / (time.perf_counter() - t0))
-    return best
-
-
-def cpu_peak_cache():
-    """Where measured CPU peaks are kept: $NANO_EFFICIENT_PEAK_CACHE, else ~/.cache/nano-efficient/."""
-    default = Path.home() / '.cache' / 'nano-efficient' / 'peak_flops.json'
-    return Path(os.environ.get('NANO_EFFICIENT_PEAK_CACHE') or default)
+@torch.no_grad()
+def evaluate(model, inputs, targets, batch_size, runtime, n_layers=None):
+    """Mean per-token loss on fixed examples, through the first n_layers blocks (default: all), in eval
+    mode. inputs: a tuple of the model's inputs (GPT: x; T5: enc_in, dec_in); -1 targets are ignored."""
+    active = model.active_layers
+    model.set_active_layers(n_layers or model.n_layer)
+    total, count = 0.0, 0
+    with evaluating(model):
+        for i in range(0, len(targets), batch_size):
+            x, y = [t[i:i + batch_size].to(runtime.device) for t in inputs], targets[i:i + batch_size].to(runtime.device)
+            with runtime.autocast():
+                total += model(*x, y).sum().item()
+            count += (y >= 0).sum().item()
+    model.set_active_layers(active)
+    return total / count
 
 
-def cpu_key():
-    """A CPU peak holds for one CPU model, thread count and torch version."""
-    info = Path('/proc/cpuinfo').read_text() if Path('/proc/cpuinfo').exists() else ''
-    names = [line.split(':', 1)[1].strip() for line in info.splitlines() if line.startswith('model name')]
-    cpu = names[0] if names else platform.processor()
-    return f'{cpu} | {torch.get_num_threads()} threads | torch {torch.__version__}'
-
-
-def cached_cpu_peak(remeasure=False):
-    """This machine's CPU peak, measured once and cached (a corrupt or unwritable cache: measured again).
-    remeasure: measure now and keep the larger of the two (a peak measured under load was too low)."""
-    path, key = cpu_peak_cache(), cpu_key()
-    try:
-        cache = json.loads(path.read_text())
-    except (OSError, ValueError):
-        cache = {}
-    cache = cache if isinstance(cache, dict) else {}
-    known = cache.get(key) if isinstance(cache.get(key), (int, float)) and cache.get(key) > 0 else None
-    if known and not remeasure:
-        return known
-    peak = max(measure_cpu_peak(), known or 0.0)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, json.dumps({**cache, key: peak}, indent=1).encode())
-    except OSError as e:
-        warnings.warn(f'could not cache the CPU peak in {path} ({e}); set NANO_EFFICIENT_PEAK_CACHE or --peak_flops')
-    return peak
-
-
-def device_peak_flops(device, remeasure=False):
-    """Dense bf16 peak of a known GPU; on a CPU the best fp32 matmul rate measured on this machine
-    (cached_cpu_peak; remeasure when an MFU above 100% shows the cached peak was measured too low)."""
-    if str(device).startswith('cuda'):
-        name = torch.cuda.get_device_name(device)
-        for key, peak in GPU_BF16_PEAK.items():
-            if key in name:
-                return peak
-        warnings.warn(f'unknown GPU {name}: MFU uses 312 TFLOP/s; set --peak_flops')
-        return 312e12
-    return cached_cpu_peak(remeasure)
+def sample_text(model, tokenizer, runtime, n_tokens, prompt='\ndef ', seed=0):
+    """GPT: prompt and its continuation. T5-lite: the prompt, then what its decoder writes for one masked
+    span at the prompt's end (sentinel ids printed as <extra_id_i>, as in T5)."""
+    ids = list(tokenizer.encode(prompt))
+    g = torch.Generator(runtime.device).manual_seed(seed)
+    if not hasattr(model, 'encode'):
+        out = model.generate(torch.tensor([ids], device=runtime.device), n_tokens, temperature=0.8, top_k=40, generator=g)
+        return tokenizer.decode(out[0].tolist())
+    base = tokenizer.vocab_size  # the sentinels' first id (data/spans.py)
+    enc_in = torch.tensor([ids + [base, model.eos_id]], device=runtime.device)
+    out = model.generate(enc_in, n_tokens, temperature=0.8, top_k=40, generator=g)[0, 1:].tolist()
+    runs = itertools.groupby((t for t in out if t != model.eos_id), key=lambda t: t < base)
+    text = ''.join(tokenizer.decode(list(r)) if words else ''.join(f'<extra_id_{t - base}>' for t in r) for words, r in runs)
+    return f'{prompt} => {text}'

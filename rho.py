@@ -219,7 +219,7 @@ def cache_key(cfg, corpus, block_size):
 
 def precompute_il(cfg, il_result):
     """One no-grad pass of the IL checkpoint over every training example; writes the cache atomically."""
-    rt, corpus = train.setup_device(cfg), train.load_corpus(cfg)
+    rt, corpus = runs.setup_device(cfg), train.load_corpus(cfg)
     ckpt_path = Path(cfg.il_out_dir) / 'ckpt.pt'
     model = runs.load_model(ckpt_path, rt.device, compile_loss=cfg.compile_loss)
     T, tokens = model.config.block_size, corpus.splits['train']

@@ -1,5 +1,6 @@
-"""The run folder, which train.py writes and everything else reads: its checkpoint, log and config, the
-rules for continuing it, and its lock.
+"""A run's surroundings: the device it runs on, the model it starts from, and the run folder, which
+train.py writes and everything else reads: its checkpoint, log and config, the rules for continuing it,
+and its lock.
 
     out_dir/ckpt.pt      one dict: the model (+ model_args), optimizer, budget, data position, RNG states, the
                          method and the config; loaded with weights_only=True (nanoGPT's checkpoints load too)
@@ -7,9 +8,11 @@ rules for continuing it, and its lock.
     out_dir/config.json  the run's keys, command line, git commit, versions
     out_dir/lock         held (an flock) while a run writes the folder
 
-A resumed run must be the saved run (check_resume_config, check_resume_method); budget.py reads finished
-runs (read_run); method files load saved models (load_model) to score with or start from. It is a file of
-its own because all three need the folder's format and budget.py must not import the training loop.
+setup_device gives every entry point its Runtime (device, DDP rank, autocast dtype); build_model makes a
+run's model, fresh (after check_memory says it fits) or from --init_from=PATH. A resumed run must be the
+saved run (check_resume_config, check_resume_method); budget.py reads finished runs (read_run); method
+files load saved models (load_model) to score with or start from. It is a file of its own because all of
+them need these and budget.py must not import the training loop.
 """
 import contextlib
 import dataclasses
@@ -21,17 +24,106 @@ import sys
 import time
 import uuid
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
-from configurator import UserError, require_writable
+from configurator import ConfigError, UserError, require_writable
 from data.loader import FolderLock, atomic_write, atomic_write_bytes
-from model import MODELS
+from model import MODELS, model_vocab_size
 
 
 # -----------------------------------------------------------------------------
-# checkpoints
+# where a run runs: the device, DDP, the autocast dtype, and whether the model fits
+
+@dataclass
+class Runtime:
+    """Where this process runs: its device, the autocast dtype, and its rank among world_size (DDP)."""
+    device: torch.device
+    dtype: torch.dtype
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def print(self, *args):
+        if self.master:
+            print(*args, flush=True)
+
+    def reduce(self, value, op):
+        """A float reduced over the ranks (op: dist.ReduceOp.MAX, AVG, ...); the value itself in one process."""
+        if self.world_size == 1:
+            return value
+        t = torch.tensor([value], device=self.device)
+        dist.all_reduce(t, op=op)
+        return t.item()
+
+
+def setup_device(cfg):
+    """The Runtime --device and --dtype name; under torchrun (RANK is set) this process joins the group."""
+    ddp = 'RANK' in os.environ
+    rank, world, local = (int(os.environ.get(k, d)) for k, d in (('RANK', 0), ('WORLD_SIZE', 1), ('LOCAL_RANK', 0)))
+    name = cfg.device
+    if name == 'auto':
+        name = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+    if ddp and name.startswith('cuda'):
+        name = f'cuda:{local}'
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device must be auto, cpu, cuda, cuda:N or mps, got '{cfg.device}'") from None
+    here = {'cpu': True, 'cuda': torch.cuda.is_available(), 'mps': torch.backends.mps.is_available()}
+    if not here.get(device.type, False) or (device.type == 'cuda' and (device.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError(f'--device={cfg.device} is not available on this machine: use --device=auto or --device=cpu')
+    if device.type == 'cuda':
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if ddp and not dist.is_initialized():
+        dist.init_process_group(backend='nccl' if device.type == 'cuda' else 'gloo')
+    dtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}.get(cfg.dtype)
+    if cfg.dtype == 'auto':
+        dtype = torch.bfloat16 if device.type == 'cuda' and torch.cuda.is_bf16_supported() else torch.float32
+    return Runtime(device, dtype, rank, world, local)
+
+
+def free_memory(device):
+    """Bytes this process could still allocate on device (CPU: the kernel's MemAvailable)."""
+    if device.type == 'cuda':
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open('/proc/meminfo') as f:
+            return next(int(l.split()[1]) * 1024 for l in f if l.startswith('MemAvailable:'))
+    except (OSError, StopIteration, ValueError):
+        return os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+
+
+def check_memory(cfg, vocab_size, device):
+    """Refuse, before allocating, a configuration whose training step cannot fit: fp32 weights, grads and
+    two optimizer moments (16 bytes a parameter), plus one micro-batch's activations (a lower bound: ~16
+    fp32 values of width n_embd per token and block, the attention scores, one chunk of loss logits)."""
+    d = cfg.model_dims()
+    L, C, T, B = d['n_layer'], d['n_embd'], d['block_size'], cfg.batch_size
+    params = 12 * L * C * C + (vocab_size + T) * C
+    activations = B * T * L * (16 * C + 2 * d['n_head'] * T) + 2048 * vocab_size
+    need, have = 16 * params + 4 * activations, free_memory(device)
+    if need > have:
+        raise UserError(f'this configuration needs at least {need / 2**30:.1f} GiB (weights, gradients, optimizer '
+                        f'state, one micro-batch), {device} has {have / 2**30:.1f} GiB free: lower --batch_size '
+                        f'(raise --grad_accum to keep the step), --block_size or the model size')
+
+
+# -----------------------------------------------------------------------------
+# checkpoints, and the model a run starts from
 
 def save_checkpoint(path, ckpt):
     atomic_write(path, lambda f: torch.save(ckpt, f))  # a crash mid-write leaves the previous checkpoint
@@ -75,6 +167,25 @@ def load_model(path, device, compile_loss=True):
     """A saved model for scoring or sampling (a reference, IL or reward backbone): frozen, in eval mode."""
     model = model_from_checkpoint(load_checkpoint(Path(path)), path, dropout=0.0, compile_loss=compile_loss)
     return model.to(device).eval().requires_grad_(False)
+
+
+def build_model(cfg, vocab_size, device):
+    """A fresh model from the config, or one initialised from --init_from=PATH (its shape wins), on device."""
+    if cfg.init_from.endswith('.pt'):
+        ckpt = load_checkpoint(Path(cfg.init_from))
+        model_type = checkpoint_model_type(ckpt)
+        if model_type != cfg.model_type:
+            raise UserError(f"{cfg.init_from} holds a '{model_type}' model: pass --model_type={model_type}")
+        want = model_vocab_size(model_type, vocab_size, ckpt['model_args']['block_size'])
+        if ckpt['model_args']['vocab_size'] != want:
+            raise UserError(f"{cfg.init_from} has vocab {ckpt['model_args']['vocab_size']}, the data needs {want}: "
+                            f"use the dataset and tokenizer it was trained with")
+        return model_from_checkpoint(ckpt, cfg.init_from, dropout=cfg.dropout, compile_loss=cfg.compile_loss).to(device)
+    check_memory(cfg, vocab_size, device)
+    model_cls, config_cls = MODELS[cfg.model_type]
+    dims = cfg.model_dims()
+    return model_cls(config_cls(vocab_size=model_vocab_size(cfg.model_type, vocab_size, dims['block_size']),
+                                dropout=cfg.dropout, bias=cfg.bias, compile_loss=cfg.compile_loss, **dims)).to(device)
 
 
 # -----------------------------------------------------------------------------

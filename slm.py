@@ -45,9 +45,10 @@ import runs
 import train
 from configurator import UserError, cli, cli_args, require
 from data.loader import DATA_ROOT, DataError, atomic_write_bytes, file_sha256, get_examples, num_examples
-from data.mathmix.fewshot import clean_val, exact_match, load_problems
+from data.mathmix.fewshot import clean_val, exact_match, line_losses, load_problems
 from data.mathmix.prepare import CLEAN, KINDS, LINE, corpus_name, ensure_prepared, load_kinds
 from data.mathmix.report import report
+from model import evaluate
 
 
 # -----------------------------------------------------------------------------
@@ -193,7 +194,7 @@ def score_stream(model, tokens, rt, batch_size=64):
 
 def build_cache(cfg, paths):
     """Stage score: one no-grad pass of the reference model over --noise's corpus; the sidecar last."""
-    corpus, rt = paths.corpus(cfg.noise), train.setup_device(cfg)
+    corpus, rt = paths.corpus(cfg.noise), runs.setup_device(cfg)
     model = runs.load_model(paths.ref_ckpt, rt.device, cfg.compile_loss)
     ref_loss = score_stream(model, np.memmap(corpus / 'train.bin', dtype=np.uint16, mode='r'), rt)
     (corpus / 'ref_loss.json').unlink(missing_ok=True)  # invalid until the sidecar is back
@@ -377,13 +378,13 @@ def reference_eval(cfg, paths):
     path, sha = paths.ref_ckpt.parent / 'eval.json', file_sha256(paths.ref_ckpt)
     if path.exists() and json.loads(path.read_text()).get('ref_ckpt_sha256') == sha:
         return json.loads(path.read_text())
-    rt = train.setup_device(cfg)
+    rt = runs.setup_device(cfg)
     model = runs.load_model(paths.ref_ckpt, rt.device, cfg.compile_loss)
     val_x, val_y = clean_val(paths.ref_data, model.config.block_size, cfg.eval_batches * cfg.batch_size)
     out = {'run': 'ref', 'arm': 'reference (clean data)', 'ref_ckpt_sha256': sha,
            'tokens': runs.load_checkpoint(paths.ref_ckpt)['budget']['tokens'],
            **exact_match(model, load_problems(paths.eval_file), rt),
-           'val_loss_clean': train.evaluate(model, (val_x,), val_y, cfg.batch_size, rt)}
+           'val_loss_clean': evaluate(model, (val_x,), val_y, cfg.batch_size, rt)}
     atomic_write_bytes(path, json.dumps(out, indent=1).encode())
     return out
 
@@ -474,7 +475,7 @@ def stage_all(cfg, paths):
         if failed:
             job, last = failed[0]
             raise UserError(f'{len(failed)} run(s) failed, first: {job.label}: {last} (see {job.log})')
-    return report(paths.root, cfg.noise, cfg.k)
+    return stage_compare(cfg, paths)
 
 
 def stage_export(cfg, paths):
@@ -493,8 +494,29 @@ def stage_export(cfg, paths):
     return rates
 
 
+def arm_line_losses(cfg, paths):
+    """{model: [line_losses per seed]}: the reference model's and each finished arm's at --noise, from the
+    checkpoints that are here (a copy of the logs alone has none)."""
+    found = [(paths.ref_ckpt, 'reference model')] if paths.ref_ckpt.exists() else []
+    for path in sorted((paths.root / corpus_name(cfg.noise)).glob('*/eval.json')):
+        if (path.parent / 'ckpt.pt').exists():
+            found.append((path.parent / 'ckpt.pt', json.loads(path.read_text())['arm']))
+    if not found or not (paths.ref_data / 'val.bin').exists():
+        return None
+    rt, out = runs.setup_device(cfg), {}
+    for ckpt, name in found:
+        model = runs.load_model(ckpt, rt.device, compile_loss=False)
+        x, y = clean_val(paths.ref_data, model.config.block_size, cfg.eval_batches * cfg.batch_size)
+        out.setdefault(name, []).append(line_losses(model, x, y, rt))
+    return out
+
+
+def stage_compare(cfg, paths):
+    return report(paths.root, cfg.noise, cfg.k, arm_line_losses(cfg, paths))
+
+
 STAGE_FNS = {'all': stage_all, 'ref': stage_ref, 'score': build_cache, 'train': run_arm, 'export': stage_export,
-             'compare': lambda cfg, paths: report(paths.root, cfg.noise, cfg.k)}
+             'compare': stage_compare}
 
 
 def main(cfg):

@@ -11,17 +11,14 @@ Methods plug into this loop through named hooks; they never copy it:
                                         the examples, parameters of its own, costs paid before the run)
   objective.evaluate(model, ctx)        optional: the method's own val loss
   optimizer hooks, every k steps        Sophia-G's Hessian estimate (optim_sophia.HessianHook)
-  arch.before_step(model, optimizer, p) the budget-progress hook: stacking doubles, dropping resamples
+  arch.before_step(model, optimizer, p) the budget-progress hook (arch.py): stacking doubles, dropping resamples
 The loop charges the trained examples' forward+backward, the optimizer update and the hooks' passes
 (methods charge their extra forwards through ctx), and stops when the budget is spent, which is
 exactly when the learning rate reaches min_lr.
 """
-import contextlib
 import dataclasses
-import itertools
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,13 +28,15 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import budget as budget_lib
-from configurator import ConfigError, Interrupted, UserError, check_ranges, cli, key, require, signals_between_steps
+from arch import ARCHS, build_arch
+from configurator import Interrupted, UserError, check_ranges, cli, key, require, signals_between_steps
 from data.loader import (Batches, Corpus, DataError, atomic_write_bytes, data_dir, get_examples, get_tokenizer,
                          prepare_command, val_ids)
-from data.spans import SpanVocab, raw_length_for, span_corrupt, span_vocab, t5_lengths
-from model import ARCHS, MODELS, PRESETS, build_arch, device_peak_flops, evaluating
-from runs import (check_resume_config, check_resume_method, checkpoint_model_type, load_checkpoint, locked_out_dir,
-                  method_name, model_from_checkpoint, prepare_out_dir, run_info, save_checkpoint, start_wandb, trim_log)
+from data.spans import SpanVocab, raw_length_for, span_corrupt, t5_lengths
+from model import MODELS, PRESETS, evaluate, sample_text
+from runs import (build_model, check_resume_config, check_resume_method, load_checkpoint, locked_out_dir, method_name,
+                  model_from_checkpoint, prepare_out_dir, run_finished, run_info, save_checkpoint, setup_device,
+                  start_wandb, trim_log)
 
 
 @dataclass(frozen=True)
@@ -282,81 +281,7 @@ def build_objective(cfg, corpus, model):
 
 
 # -----------------------------------------------------------------------------
-# setup: device, DDP, data, model, optimizer
-
-@dataclass
-class Runtime:
-    device: torch.device
-    dtype: torch.dtype
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def master(self):
-        return self.rank == 0
-
-    def autocast(self):
-        if self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
-
-    def print(self, *args):
-        if self.master:
-            print(*args, flush=True)
-
-
-def setup_device(cfg):
-    ddp = 'RANK' in os.environ
-    rank, world, local = (int(os.environ.get(k, d)) for k, d in (('RANK', 0), ('WORLD_SIZE', 1), ('LOCAL_RANK', 0)))
-    name = cfg.device
-    if name == 'auto':
-        name = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
-    if ddp and name.startswith('cuda'):
-        name = f'cuda:{local}'
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--device must be auto, cpu, cuda, cuda:N or mps, got '{cfg.device}'") from None
-    here = {'cpu': True, 'cuda': torch.cuda.is_available(), 'mps': torch.backends.mps.is_available()}
-    if not here.get(device.type, False) or (device.type == 'cuda' and (device.index or 0) >= torch.cuda.device_count()):
-        raise ConfigError(f'--device={cfg.device} is not available on this machine: use --device=auto or --device=cpu')
-    if device.type == 'cuda':
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if ddp and not dist.is_initialized():
-        dist.init_process_group(backend='nccl' if device.type == 'cuda' else 'gloo')
-    dtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}.get(cfg.dtype)
-    if cfg.dtype == 'auto':
-        dtype = torch.bfloat16 if device.type == 'cuda' and torch.cuda.is_bf16_supported() else torch.float32
-    return Runtime(device, dtype, rank, world, local)
-
-
-def free_memory(device):
-    """Bytes this process could still allocate on device (CPU: the kernel's MemAvailable)."""
-    if device.type == 'cuda':
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open('/proc/meminfo') as f:
-            return next(int(l.split()[1]) * 1024 for l in f if l.startswith('MemAvailable:'))
-    except (OSError, StopIteration, ValueError):
-        return os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
-
-
-def check_memory(cfg, vocab_size, device):
-    """Refuse, before allocating, a configuration whose training step cannot fit: fp32 weights, grads and
-    two optimizer moments (16 bytes a parameter), plus one micro-batch's activations (a lower bound: ~16
-    fp32 values of width n_embd per token and block, the attention scores, one chunk of loss logits)."""
-    d = cfg.model_dims()
-    L, C, T, B = d['n_layer'], d['n_embd'], d['block_size'], cfg.batch_size
-    params = 12 * L * C * C + (vocab_size + T) * C
-    activations = B * T * L * (16 * C + 2 * d['n_head'] * T) + 2048 * vocab_size
-    need, have = 16 * params + 4 * activations, free_memory(device)
-    if need > have:
-        raise UserError(f'this configuration needs at least {need / 2**30:.1f} GiB (weights, gradients, optimizer '
-                        f'state, one micro-batch), {device} has {have / 2**30:.1f} GiB free: lower --batch_size '
-                        f'(raise --grad_accum to keep the step), --block_size or the model size')
-
+# setup: data, model, optimizer
 
 def load_corpus(cfg):
     path = data_dir(cfg.dataset, cfg.tokenizer)
@@ -367,11 +292,6 @@ def load_corpus(cfg):
         print(f'preparing the embedded stdlib corpus in {path} (once)')
         prepare(PrepareConfig(tokenizer=cfg.tokenizer))
     return Corpus(path)
-
-
-def model_vocab_size(model_type, vocab_size, block_size):
-    """The data's vocabulary for GPT; T5-lite adds sentinels, a decoder start id and EOS (data/spans.py)."""
-    return span_vocab(vocab_size, raw_length_for(block_size)).size if model_type == 't5' else vocab_size
 
 
 def example_length(cfg, model):
@@ -385,25 +305,6 @@ def targets_per_example(cfg, model):
     """Tokens whose loss an example adds to the mean: GPT's block_size, T5's target length."""
     T = model.config.block_size
     return t5_lengths(raw_length_for(T))[1] if cfg.model_type == 't5' else T
-
-
-def build_model(cfg, vocab_size, device):
-    """A fresh model from the config, or one initialised from --init_from=PATH (its shape wins), on device."""
-    if cfg.init_from.endswith('.pt'):
-        ckpt = load_checkpoint(Path(cfg.init_from))
-        model_type = checkpoint_model_type(ckpt)
-        if model_type != cfg.model_type:
-            raise UserError(f"{cfg.init_from} holds a '{model_type}' model: pass --model_type={model_type}")
-        want = model_vocab_size(model_type, vocab_size, ckpt['model_args']['block_size'])
-        if ckpt['model_args']['vocab_size'] != want:
-            raise UserError(f"{cfg.init_from} has vocab {ckpt['model_args']['vocab_size']}, the data needs {want}: "
-                            f"use the dataset and tokenizer it was trained with")
-        return model_from_checkpoint(ckpt, cfg.init_from, dropout=cfg.dropout, compile_loss=cfg.compile_loss).to(device)
-    check_memory(cfg, vocab_size, device)
-    model_cls, config_cls = MODELS[cfg.model_type]
-    dims = cfg.model_dims()
-    return model_cls(config_cls(vocab_size=model_vocab_size(cfg.model_type, vocab_size, dims['block_size']),
-                                dropout=cfg.dropout, bias=cfg.bias, compile_loss=cfg.compile_loss, **dims)).to(device)
 
 
 def run_shape_key(cfg, model):
@@ -468,42 +369,6 @@ class DataSource:
 
 
 # -----------------------------------------------------------------------------
-# eval and sampling
-
-@torch.no_grad()
-def evaluate(model, inputs, targets, batch_size, runtime, n_layers=None):
-    """Mean per-token loss on fixed examples, through the first n_layers blocks (default: all), in eval
-    mode. inputs: a tuple of the model's inputs (GPT: x; T5: enc_in, dec_in); -1 targets are ignored."""
-    active = model.active_layers
-    model.set_active_layers(n_layers or model.n_layer)
-    total, count = 0.0, 0
-    with evaluating(model):
-        for i in range(0, len(targets), batch_size):
-            x, y = [t[i:i + batch_size].to(runtime.device) for t in inputs], targets[i:i + batch_size].to(runtime.device)
-            with runtime.autocast():
-                total += model(*x, y).sum().item()
-            count += (y >= 0).sum().item()
-    model.set_active_layers(active)
-    return total / count
-
-
-def sample_text(model, tokenizer, runtime, n_tokens, prompt='\ndef ', seed=0):
-    """GPT: prompt and its continuation. T5-lite: the prompt, then what its decoder writes for one masked
-    span at the prompt's end (sentinel ids printed as <extra_id_i>, as in T5)."""
-    ids = list(tokenizer.encode(prompt))
-    g = torch.Generator(runtime.device).manual_seed(seed)
-    if not hasattr(model, 'encode'):
-        out = model.generate(torch.tensor([ids], device=runtime.device), n_tokens, temperature=0.8, top_k=40, generator=g)
-        return tokenizer.decode(out[0].tolist())
-    base = tokenizer.vocab_size  # the sentinels' first id (data/spans.py)
-    enc_in = torch.tensor([ids + [base, model.eos_id]], device=runtime.device)
-    out = model.generate(enc_in, n_tokens, temperature=0.8, top_k=40, generator=g)[0, 1:].tolist()
-    runs = itertools.groupby((t for t in out if t != model.eos_id), key=lambda t: t < base)
-    text = ''.join(tokenizer.decode(list(r)) if words else ''.join(f'<extra_id_{t - base}>' for t in r) for words, r in runs)
-    return f'{prompt} => {text}'
-
-
-# -----------------------------------------------------------------------------
 # the loop
 
 def format_seconds(s):
@@ -548,7 +413,7 @@ class Trainer:
         if self.rt.world_size > 1:
             self.train_model = DDP(self.train_model, device_ids=[self.rt.local_rank] if self.rt.device.type == 'cuda' else None,
                                    find_unused_parameters=cfg.arch != 'full')  # skipped blocks get no grads
-        self.peak_flops = cfg.peak_flops or device_peak_flops(self.rt.device)
+        self.peak_flops = cfg.peak_flops or budget_lib.device_peak_flops(self.rt.device)
 
     def _build(self, cfg):
         """The data stream, the val set, the optimizer, the budget and the active-layer schedule."""
@@ -566,13 +431,14 @@ class Trainer:
                                         self.model.config.block_size, cfg.batch_size)
         self.arch = build_arch(cfg, self.model.n_layer)
 
+    def _stateful(self):
+        """The pieces whose state_dict a checkpoint holds, under its keys (loaded back in this order)."""
+        return {'model': self.model, 'optimizer': self.optimizer, 'budget': self.budget, 'data': self.data.batches,
+                'objective': self.objective, 'arch': self.arch}
+
     def _resume(self, ckpt):
-        self.model.load_state_dict(ckpt['model'])
-        self.optimizer.load_state_dict(ckpt['optimizer'])
-        self.budget.load_state_dict(ckpt['budget'])
-        self.data.batches.load_state_dict(ckpt['data'])
-        self.objective.load_state_dict(ckpt['objective'])
-        self.arch.load_state_dict(ckpt['arch'])
+        for name, piece in self._stateful().items():
+            piece.load_state_dict(ckpt[name])
         self.model.set_active_layers(ckpt['active_layers'])
         self.iter_num, self.val_loss = ckpt['iter_num'], ckpt['val_loss']
         self.best_val_loss = ckpt.get('best_val_loss', self.val_loss)
@@ -591,15 +457,13 @@ class Trainer:
         """Save the run (to out_dir/ckpt.pt, or to path as the run cfg names: a WSD branch's)."""
         if not self.rt.master:
             return
-        ckpt = {'model': self.model.state_dict(), 'optimizer': self.optimizer.state_dict(),
-                'model_args': dataclasses.asdict(self.model.config), 'iter_num': self.iter_num, 'method': self.method,
-                'val_loss': self.val_loss, 'best_val_loss': self.best_val_loss, 'config': dataclasses.asdict(cfg or self.cfg),
-                'budget': self.budget.state_dict(), 'data': self.data.batches.state_dict(),
-                'objective': self.objective.state_dict(), 'arch': self.arch.state_dict(),
-                'active_layers': self.model.active_layers, 'evaluated': self.evaluated_at == self.iter_num,
-                'last_wall': self.last_wall, 'last_cost': self.last_cost, 'wandb_id': self.wandb and self.wandb.id,
-                'rng': {'cpu': torch.get_rng_state(),
-                        'cuda': torch.cuda.get_rng_state() if self.rt.device.type == 'cuda' else None}}
+        ckpt = {name: piece.state_dict() for name, piece in self._stateful().items()}
+        ckpt.update(model_args=dataclasses.asdict(self.model.config), iter_num=self.iter_num, method=self.method,
+                    val_loss=self.val_loss, best_val_loss=self.best_val_loss, config=dataclasses.asdict(cfg or self.cfg),
+                    active_layers=self.model.active_layers, evaluated=self.evaluated_at == self.iter_num,
+                    last_wall=self.last_wall, last_cost=self.last_cost, wandb_id=self.wandb and self.wandb.id,
+                    rng={'cpu': torch.get_rng_state(),
+                         'cuda': torch.cuda.get_rng_state() if self.rt.device.type == 'cuda' else None})
         save_checkpoint(path or self.out_dir / 'ckpt.pt', ckpt)
 
     def log(self, record):
@@ -699,7 +563,9 @@ class Trainer:
                         raise KeyboardInterrupt
                     t0, before = time.time(), self.budget.spent[cfg.budget_unit]
                     loss, lr, logs = self.train_step()
-                    self.last_wall = self._agree(time.time() - t0)
+                    self.last_wall = time.time() - t0
+                    if cfg.budget_unit == 'wall':  # with DDP all ranks must stop together: the slowest rank's time
+                        self.last_wall = rt.reduce(self.last_wall, dist.ReduceOp.MAX)
                     self.budget.add_wall(self.last_wall)
                     self.last_cost = self.budget.spent[cfg.budget_unit] - before
                     self.iter_num += 1
@@ -739,24 +605,13 @@ class Trainer:
                 log = self.out_dir / 'log.jsonl'  # the trunk's log so far is the branch's
                 (path.parent / 'log.jsonl').write_bytes(log.read_bytes() if log.exists() else b'')
 
-    def _agree(self, seconds):
-        """With DDP, all ranks must stop together: wall time is the slowest rank's."""
-        if self.rt.world_size > 1 and self.cfg.budget_unit == 'wall':
-            t = torch.tensor([seconds], device=self.rt.device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            return t.item()
-        return seconds
-
     def _log_progress(self, meter, lr):
         loss, logs, rates = meter.read(self.peak_flops, self.rt.world_size)
         if rates['mfu'] > 1 and not self.cfg.peak_flops:  # the cached CPU peak was measured under load
-            peak = device_peak_flops(self.rt.device, remeasure=True)
+            peak = budget_lib.device_peak_flops(self.rt.device, remeasure=True)
             rates['mfu'] *= self.peak_flops / peak
             self.peak_flops = peak
-        if self.rt.world_size > 1:
-            loss = torch.tensor(loss, device=self.rt.device)
-            dist.all_reduce(loss, op=dist.ReduceOp.AVG)
-            loss = loss.item()
+        loss = self.rt.reduce(loss, dist.ReduceOp.AVG)
         self.log({'step': self.iter_num, 'train_loss': loss, 'lr': lr, **rates, **self.budget.spent, **logs})
         extra = ''.join(f' | {k} {v:.4g}' for k, v in logs.items() if k != 'active_layers' or self.cfg.arch != 'full')
         self.rt.print(f"step {self.iter_num} | loss {loss:.4f} | lr {lr:.2e} | budget {100 * self.budget.progress:.1f}% "
@@ -786,7 +641,7 @@ def train_wsd_branches(cfg, objective_fn=lambda cfg: None):
     a standalone run, and equals one bit for bit. A killed trunk or branch resumes."""
     budgets, folder, points, base = budget_lib.branch_plan(cfg)
     trunk = dataclasses.replace(base, budget=budgets[-1], out_dir=str(folder[budgets[-1]]))
-    if not budget_lib.run_finished(trunk.out_dir):
+    if not run_finished(trunk.out_dir):
         # no trunk checkpoint: a first run, or one killed before it saved (its log is stale: start again)
         resume = (folder[budgets[-1]] / 'ckpt.pt').exists()
         trunk = dataclasses.replace(trunk, init_from='resume' if resume else cfg.init_from, overwrite=not resume)
@@ -795,7 +650,7 @@ def train_wsd_branches(cfg, objective_fn=lambda cfg: None):
             return {}  # Ctrl-C: stop here; the same command resumes the trunk, then runs the branches
     results = {}
     for b in budgets[:-1]:
-        if not budget_lib.run_finished(folder[b]):
+        if not run_finished(folder[b]):
             branch = dataclasses.replace(base, budget=b, out_dir=str(folder[b]), init_from='resume')
             results[b] = train(branch, objective_fn(branch))
             if results[b]['interrupted']:

@@ -64,7 +64,7 @@ def loss_call(name, h, w, t, backward, use_compile=True):
     """One call of a loss variant: eager (F.cross_entropy on full logits, nanoGPT's), per_token (chunked,
     two-pass: the weights are not known in the forward) or fused_<chunk> (weighted_loss, mean weights);
     use_compile: the chunk kernels compiled (the default) or eager."""
-    from model import LOSS_CHUNK, per_token_loss, weighted_loss
+    from loss import LOSS_CHUNK, per_token_loss, weighted_loss
     with torch.set_grad_enabled(backward):
         if name == 'eager':
             loss = F.cross_entropy((h @ w.t()).float(), t)
@@ -108,7 +108,7 @@ def _in_subprocess(call):
 
 
 def bench_loss(chunks):
-    from model import FUSED_CHUNK, LOSS_CHUNK
+    from loss import FUSED_CHUNK, LOSS_CHUNK
     print(f'loss: N={N} tokens, d={D}, vocab={V}, fp32; eager = F.cross_entropy((h @ w.T).float(), t) '
           f'(the mean); per_token = chunk {LOSS_CHUNK}, two-pass; fused = weighted_loss (weights known)')
     names = ['eager', 'per_token', *(f'fused_{c}' for c in chunks or [FUSED_CHUNK])]
@@ -151,7 +151,7 @@ def bench_train(steps=30, rounds=2):
             if name == 'adamw':
                 tok_s = tokens_per_s(summary)
                 print(f'  adamw: {tok_s / 1e3:.1f}k tokens/s, MFU {100 * model.estimate_mfu(tok_s, peak):.1f}% of the '
-                      f'fp32 matmul peak ({peak / 1e9:.1f} GFLOP/s, model.device_peak_flops)')
+                      f'fp32 matmul peak ({peak / 1e9:.1f} GFLOP/s, budget.device_peak_flops)')
     for name in runs:
         print(f'  {name}: step time {best[name] / best["adamw"]:.3f}x adamw ({1e3 * best[name]:.1f} ms; sophiag '
               f'amortised over its Hessian steps), optimizer state {state_bytes[name] / state_bytes["adamw"]:.2f}x '

@@ -5,7 +5,7 @@
     python tests/gpu_check.py --only=loss,methods --methods=all
 
 1. gpt2     GPT-2 124M training steps with bf16 autocast, torch.compile and fused AdamW: tokens/s and MFU
-            against the GPU's dense bf16 peak (model.device_peak_flops; nanoGPT's FLOP count).
+            against the GPU's dense bf16 peak (budget.device_peak_flops; nanoGPT's FLOP count).
 2. loss     the fused loss path against eager F.cross_entropy at V 50304, N 32768, d 768: time and peak
             memory ratios, forward+backward.
 3. methods  a few steps of every method through its own entry point (train.py with each optimizer and
@@ -28,7 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / 'tests'))
 
-from model import FUSED_CHUNK, GPT, PRESETS, GPTConfig, device_peak_flops  # noqa: E402
+from budget import device_peak_flops  # noqa: E402
+from loss import FUSED_CHUNK  # noqa: E402
+from model import GPT, PRESETS, GPTConfig  # noqa: E402
 
 # The sizes of each form: the GPU form's are the issue's; the CPU form's only keep the code paths alive.
 SIZES = {

@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 
 import train
+from arch import LayerDropping, LayerStacking
 from conftest import ROOT
-from model import GPT, GPTConfig, LayerDropping, LayerStacking
+from model import GPT, GPTConfig, evaluate
 from train import TrainConfig
 
 TINY_TABLE = json.loads((ROOT / 'config' / 'rst' / 'gpt_L2_H2_D64_T64_V256_B8.json').read_text())
@@ -118,8 +119,8 @@ def test_stacking_evaluates_the_stacked_depth(tiny_cfg):
     result = trainer.run()
     assert trainer.model.active_layers == [0, 1]       # 1 -> 2 of 4 blocks; blocks 2 and 3 never ran
     args = (trainer.model, trainer.val_inputs, trainer.val_targets, cfg.batch_size, trainer.rt)
-    assert result['val_loss'] == train.evaluate(*args, 2)
-    assert result['val_loss'] != pytest.approx(train.evaluate(*args, 4), rel=1e-4)  # untrained blocks would change it
+    assert result['val_loss'] == evaluate(*args, 2)
+    assert result['val_loss'] != pytest.approx(evaluate(*args, 4), rel=1e-4)  # untrained blocks would change it
 
 
 # -----------------------------------------------------------------------------

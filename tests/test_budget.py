@@ -1,11 +1,13 @@
 """budget: schedules at closed-form points; every unit stops a real run at its budget with the LR at min_lr;
-RST is charged exactly from the table; calibrate writes a usable table."""
+RST is charged exactly from the table; calibrate writes a usable table; the CPU peak behind MFU is measured
+once, cached and only raised."""
 import json
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import budget as budget_lib
 import train
@@ -185,3 +187,25 @@ def test_calibrate_writes_a_table_a_run_can_use(tiny_cfg, tmp_path):
     step = table['fwd_bwd']['2'] + table['optimizer']['adamw']
     cfg = tiny_cfg(budget_unit='rst', budget=5.5 * step, batch_size=4, rst_table=str(path))
     assert train.train(cfg)['steps'] == 6
+
+
+def test_the_cpu_peak_is_measured_once_cached_and_only_raised(tmp_path, monkeypatch):
+    cache = tmp_path / 'cache' / 'peak.json'
+    monkeypatch.setenv('NANO_EFFICIENT_PEAK_CACHE', str(cache))
+    measured = iter([40e9, 30e9, 55e9, 20e9])
+    monkeypatch.setattr(budget_lib, 'measure_cpu_peak', lambda: next(measured))
+    assert budget_lib.device_peak_flops('cpu') == 40e9                       # measured, cached
+    assert budget_lib.device_peak_flops('cpu') == 40e9                       # read back, not measured
+    assert json.loads(cache.read_text()) == {budget_lib.cpu_key(): 40e9}
+    assert budget_lib.device_peak_flops('cpu', remeasure=True) == 40e9       # 30e9 under load: the old one stays
+    assert budget_lib.device_peak_flops('cpu', remeasure=True) == 55e9       # a better measurement raises it
+    cache.write_text('{"half a file')
+    assert budget_lib.device_peak_flops('cpu') == 20e9                       # corrupt: measured again
+    assert json.loads(cache.read_text()) == {budget_lib.cpu_key(): 20e9}
+    assert not list(cache.parent.glob('*.tmp*'))
+
+
+def test_measuring_the_cpu_peak_leaves_the_global_rng_alone():
+    state = torch.get_rng_state()
+    assert budget_lib.measure_cpu_peak(sizes=(32, 64), repeats=2) > 0
+    assert torch.equal(torch.get_rng_state(), state)

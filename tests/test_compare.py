@@ -9,6 +9,7 @@ import statistics
 import pytest
 
 import budget as budget_lib
+import runs
 from configurator import ConfigError
 from conftest import run_script
 
@@ -278,7 +279,7 @@ def test_ablate_runs_the_sweep_once(tmp_path, monkeypatch, capsys):
 
     def no_rerun(*args, **kwargs):
         raise AssertionError(f'ablate reran a finished run: {args[0]}')
-    monkeypatch.setattr(budget_lib.subprocess, 'Popen', no_rerun)
+    monkeypatch.setattr(runs.subprocess, 'Popen', no_rerun)  # runs.run_jobs starts the runs
     again = budget_lib.ablate(budget_lib.AblateConfig(config=f'{tmp_path}/sweep.py', out_dir=f'{tmp_path}/abl',
                                                       quick=True, methods=('baseline', 'stack')))
     assert again + '\n' == first == (tmp_path / 'abl' / 'ablation.md').read_text()

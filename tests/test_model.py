@@ -1,8 +1,7 @@
-"""model: the chunked per-token loss and the fused weighted loss against F.cross_entropy (fp32, fp64, weights,
-no_grad, a compile failure's fallback, DDP), nanoGPT checkpoints, config overrides, active layers, generate with
-its KV cache against full recompute, the FLOP count and the cached CPU peak."""
+"""model and loss: the chunked per-token loss and the fused weighted loss against F.cross_entropy (fp32, fp64,
+weights, no_grad, a compile failure's fallback, DDP), nanoGPT checkpoints, config overrides, active layers, generate
+with its KV cache against full recompute, and the FLOP count."""
 import dataclasses
-import json
 import math
 import warnings
 
@@ -10,8 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import model as model_lib
-from model import GPT, GPTConfig, LossKernels, T5Config, T5Lite, evaluating, per_token_loss, weighted_loss
+import loss as loss_lib
+from loss import LossKernels, per_token_loss, weighted_loss
+from model import GPT, GPTConfig, T5Config, T5Lite, evaluating
 
 
 def loss_inputs(N=50, C=16, V=37, seed=0, ignore=()):
@@ -76,7 +76,7 @@ def test_compiled_kernels_equal_cross_entropy():
         fused = fused_and_grads(lambda h, w, t, wt: weighted_loss(h, w, t, wt, chunk=32, kernels=kernels), *inputs)
     if any('torch.compile of the per-token loss failed' in str(c.message) for c in caught):
         pytest.skip('torch.compile is unavailable here: the eager fallback ran (tested above)')
-    assert kernels.compiled and model_lib.compiled_kernels()['loss'] is not model_lib._chunk_loss
+    assert kernels.compiled and loss_lib.compiled_kernels()['loss'] is not loss_lib._chunk_loss
     assert_close(got, loss_and_grads(reference, *inputs))
     assert_close(fused, fused_and_grads(weighted_reference, *inputs))
 
@@ -119,8 +119,8 @@ def test_fused_loss_takes_a_gradient_through_its_weights():
 def test_fused_loss_does_no_gradient_work_without_grad(monkeypatch):
     """Under no_grad (or with nothing requiring grad) the fused path runs only the loss kernel."""
     ran, kernels = [], LossKernels(use_compile=False)
-    monkeypatch.setattr(model_lib, 'EAGER_KERNELS', {k: (lambda *a, f=f: ran.append(f.__name__) or f(*a))
-                                                     for k, f in model_lib.EAGER_KERNELS.items()})
+    monkeypatch.setattr(loss_lib, 'EAGER_KERNELS', {k: (lambda *a, f=f: ran.append(f.__name__) or f(*a))
+                                                     for k, f in loss_lib.EAGER_KERNELS.items()})
     h, w, targets, upstream = loss_inputs(ignore=(1,))
     with torch.no_grad():
         loss = weighted_loss(h.requires_grad_(), w, targets, upstream, chunk=16, kernels=kernels)
@@ -163,8 +163,8 @@ def test_a_compile_failure_falls_back_for_that_model_only(monkeypatch):
             ran.append(fn.__name__)
             return fn(logits, *args)
         return kernel
-    fakes = {name: fake_compile(fn) for name, fn in model_lib.EAGER_KERNELS.items()}
-    monkeypatch.setattr(model_lib, 'compiled_kernels', lambda: fakes)
+    fakes = {name: fake_compile(fn) for name, fn in loss_lib.EAGER_KERNELS.items()}
+    monkeypatch.setattr(loss_lib, 'compiled_kernels', lambda: fakes)
     x, y = tokens(), torch.roll(tokens(), -1, dims=1)
     with pytest.warns(UserWarning, match='torch.compile of the per-token loss failed .*no such op'):
         loss = broken(x, y)
@@ -450,25 +450,3 @@ def test_flops_per_token_is_nanogpts_formula_at_the_active_depth():
     m.set_active_layers([0, 2])
     assert m.flops_per_token() == want(2)
     assert m.estimate_mfu(1000.0, want(2) * 1000.0 * 4) == pytest.approx(0.25)
-
-
-def test_the_cpu_peak_is_measured_once_cached_and_only_raised(tmp_path, monkeypatch):
-    cache = tmp_path / 'cache' / 'peak.json'
-    monkeypatch.setenv('NANO_EFFICIENT_PEAK_CACHE', str(cache))
-    measured = iter([40e9, 30e9, 55e9, 20e9])
-    monkeypatch.setattr(model_lib, 'measure_cpu_peak', lambda: next(measured))
-    assert model_lib.device_peak_flops('cpu') == 40e9                       # measured, cached
-    assert model_lib.device_peak_flops('cpu') == 40e9                       # read back, not measured
-    assert json.loads(cache.read_text()) == {model_lib.cpu_key(): 40e9}
-    assert model_lib.device_peak_flops('cpu', remeasure=True) == 40e9       # 30e9 under load: the old one stays
-    assert model_lib.device_peak_flops('cpu', remeasure=True) == 55e9       # a better measurement raises it
-    cache.write_text('{"half a file')
-    assert model_lib.device_peak_flops('cpu') == 20e9                       # corrupt: measured again
-    assert json.loads(cache.read_text()) == {model_lib.cpu_key(): 20e9}
-    assert not list(cache.parent.glob('*.tmp*'))
-
-
-def test_measuring_the_cpu_peak_leaves_the_global_rng_alone():
-    state = torch.get_rng_state()
-    assert model_lib.measure_cpu_peak(sizes=(32, 64), repeats=2) > 0
-    assert torch.equal(torch.get_rng_state(), state)

@@ -22,6 +22,7 @@ request) let a child SIGKILL itself at an exact point, e.g. halfway through writ
 """
 import dataclasses
 import hashlib
+import importlib
 import io
 import json
 import os
@@ -152,7 +153,9 @@ def zygote(work):
     sys.path.insert(0, str(ROOT))
     import torch
     torch.set_num_threads(1)
-    import budget, configurator, data.loader, rho, slm, train  # noqa: F401,E401  (loaded once, shared by every fork)
+    for name in ('budget', 'configurator', 'data.loader', 'rho', 'slm'):  # loaded once, shared by every fork
+        importlib.import_module(name)
+    import train
     # Building an optimizer imports torch._dynamo (~800 modules, seconds here): do it once, before forking.
     # Nothing is computed, so no thread pool exists yet that a fork could break.
     for name in train.OPTIMIZERS:

@@ -20,6 +20,7 @@ from configurator import ConfigError, UserError
 from data.loader import Batches, Corpus, get_tokenizer, is_val, num_examples, write_corpus
 from data.stdlib.prepare import stdlib_documents
 from model import GPT
+from runs import Runtime
 
 TABLE = json.loads((ROOT / 'config' / 'rst' / 'gpt_L2_H2_D64_T64_V256_B8.json').read_text())  # tiny, B = 8
 FWD, FWD_BWD, OPT = TABLE['fwd']['2'], TABLE['fwd_bwd']['2'], TABLE['optimizer']['adamw']
@@ -55,7 +56,7 @@ class RowLoss(torch.nn.Module):
 
 def context(model, budget, tokens=None, world_size=1):
     """A real RunContext over the few trainer pieces an objective reads (model, budget, rt, the train split)."""
-    trainer = SimpleNamespace(cfg=None, rt=train.Runtime(torch.device('cpu'), torch.float32, 0, world_size),
+    trainer = SimpleNamespace(cfg=None, rt=Runtime(torch.device('cpu'), torch.float32, 0, world_size),
                               out_dir=None, corpus=SimpleNamespace(splits={'train': tokens}), model=model,
                               budget=budget, building=False)
     return train.RunContext(trainer)

@@ -53,7 +53,7 @@ def save_ref(model, path):
 
 def run_context(budget):
     """The loop's RunContext over a stand-in trainer that holds only a budget (CPU, one rank)."""
-    rt = train.setup_device(train.TrainConfig(device='cpu'))
+    rt = runs.setup_device(train.TrainConfig(device='cpu'))
     return train.RunContext(SimpleNamespace(cfg=None, rt=rt, out_dir=None, corpus=None, model=None, budget=budget))
 
 
@@ -213,7 +213,7 @@ def test_exact_match_is_greedy_decoding(mathmix):
     model = random_gpt(3).eval()
     with torch.no_grad():  # bytes >= 128 get zero logits: greedy writes ASCII, so answers stay one byte per char
         model.transformer.wte.weight[128:] = 0
-    rt = train.setup_device(train.TrainConfig(device='cpu'))
+    rt = runs.setup_device(train.TrainConfig(device='cpu'))
     problems = fewshot.load_problems(mathmix / 'eval' / 'eval.jsonl')[:12]
     prompts = torch.tensor([list(fewshot.prompt(p, T).encode()) for p in problems])
     assert all(fewshot.prompt(p, T).endswith('\n' + p['question']) for p in problems) and prompts.size(1) == 3 * 9 + 6

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from conftest import Interrupting, run_script
 from data.spans import SpanVocab, noise_mask, raw_length_for, span_corrupt, span_vocab, t5_lengths
-from model import T5Config, T5Lite, relative_position_bucket
+from model import T5Config, T5Lite, model_vocab_size, relative_position_bucket
 
 BYTES = SpanVocab(256, 320)  # what span_vocab gives the byte tokenizer
 
@@ -333,7 +333,7 @@ def test_interrupted_run_resumes_exactly(stdlib_corpus, tmp_path):
 
     straight = train.train(cfg('a'))
     T = cfg('b').model_dims()['block_size']
-    vocab = SpanVocab(stdlib_corpus.vocab_size, train.model_vocab_size('t5', stdlib_corpus.vocab_size, T))
+    vocab = SpanVocab(stdlib_corpus.vocab_size, model_vocab_size('t5', stdlib_corpus.vocab_size, T))
     stopped = train.Trainer(cfg('b'), StopAt(8, 1337, vocab)).run()
     resumed = train.train(cfg('b', init_from='resume'))
     assert stopped['interrupted'] and stopped['steps'] == 3 and resumed['steps'] == straight['steps'] == 6

@@ -6,14 +6,15 @@ writes both digits of the gold answer. That equals "each gold digit is the argma
 the gold digits before it": a greedy decode that wrote the first digit right sees exactly the gold
 prefix for the second, and one that wrote it wrong is wrong either way. So one teacher-forced forward
 pass scores every problem (tested against model.generate). slm.py calls exact_match at every eval (the
-accuracy-vs-tokens curve) and on the reference model (the gate).
+accuracy-vs-tokens curve) and on the reference model (the gate); line_losses says which byte of a line a
+model has not learned (the report's diagnosis).
 """
 import json
 
 import torch
 
 from data.loader import Corpus, DataError, get_examples, val_ids
-from data.mathmix.prepare import LINE
+from data.mathmix.prepare import LINE, LINE_BYTES
 from model import evaluating
 
 
@@ -55,3 +56,15 @@ def clean_val(ref_data, T, n):
     text no run trains on."""
     tokens = Corpus(ref_data).splits['val']
     return get_examples(tokens, val_ids(tokens, T, n), T)
+
+
+@torch.no_grad()
+def line_losses(model, x, y, rt):
+    """Mean loss of each byte of a line (LINE_BYTES, in line order) on windows that start at a line:
+    the target y[:, t] is byte (t + 1) % LINE of its line."""
+    if not (x[:, 2] == ord('+')).all():
+        raise DataError('line_losses needs windows that start at a line (x[:, 2] is not always "+")')
+    with evaluating(model), rt.autocast():
+        losses = model(x.to(rt.device), y.to(rt.device)).float().cpu()            # (B, T)
+    offset = (torch.arange(x.size(1)) + 1) % LINE
+    return {name: losses[:, offset == i].mean().item() for i, name in enumerate(LINE_BYTES)}

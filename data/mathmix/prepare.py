@@ -42,6 +42,7 @@ from data.loader import DATA_ROOT, DataError, atomic_write_bytes, get_tokenizer,
 KINDS = ('clean', 'wrong_digit', 'boilerplate', 'off_domain')
 CLEAN, WRONG, BOILERPLATE, OFF_DOMAIN = range(len(KINDS))
 LINE = 9                  # bytes per line, newline included
+LINE_BYTES = ('a', 'b', '+', 'c', 'd', '=', 'units', 'tens', 'newline')  # `ab+cd=` then the sum, units first
 N_OPERAND = 50            # operands 0..49
 HELDOUT_PERCENT = 10      # of the operand pairs, never in any training line
 TRAP_DIGIT = 7            # the bad source writes this units digit of a sum as TRAP_DIGIT + 1

@@ -5,6 +5,8 @@ say, over seeds.
                        the selection rate of each token kind, and the tokens the arm needs to reach CLM's
                        final exact match at the same noise (with the CLM/arm token ratio); the reference
                        model's row first
+                       and, where the checkpoints are here, the clean val loss of each byte of a line per
+                       arm at the study's noise: which part of the task a model has not learned
   compare_curves.png   exact match against training tokens per arm, one panel per noise level, mean and
                        95% CI band over seeds (if matplotlib is installed)
 Every interval is the t-based 95% CI over seeds (budget.t_interval, the lab's one rule); a run whose curve
@@ -16,7 +18,7 @@ from pathlib import Path
 
 from budget import crossing, t_interval
 from data.loader import DataError
-from data.mathmix.prepare import KINDS
+from data.mathmix.prepare import KINDS, LINE_BYTES
 
 ORDER = ('oracle', 'clm', 'excess', 'reference', 'train', 'random')  # then by k
 
@@ -70,8 +72,19 @@ def table(groups, ref):
     return '\n'.join(lines)
 
 
-def report(root, noise, k):
-    """compare.md and the curves from every finished run under root; returns the table."""
+def line_table(line_losses, noise):
+    """line_losses: {model: [{byte: loss} per seed]} -> the per-byte table (mean over seeds)."""
+    lines = [f'clean val loss of each byte of a line `ab+cd=` units tens (final checkpoints; arms at noise {noise:g}; '
+             'mean over seeds)', '', '| model | seeds | ' + ' | '.join(LINE_BYTES) + ' |', '|' + '---|' * (len(LINE_BYTES) + 2)]
+    for name, per_seed in line_losses.items():
+        means = [sum(seed[b] for seed in per_seed) / len(per_seed) for b in LINE_BYTES]
+        lines.append(f'| {name} | {len(per_seed)} | ' + ' | '.join(f'{m:.3f}' for m in means) + ' |')
+    return '\n'.join(lines)
+
+
+def report(root, noise, k, line_losses=None):
+    """compare.md and the curves from every finished run under root (line_losses: line_table's input, or
+    None); returns the text."""
     root, groups = Path(root), load_runs(root)
     if not groups:
         raise DataError(f'no finished runs under {root}: run `python slm.py` first')
@@ -79,6 +92,8 @@ def report(root, noise, k):
     ref = json.loads(ref_path.read_text()) if ref_path.exists() else None
     text = (f'mathmix held-out exact match after the budget, mean ± 95% CI over seeds (t); arms at noise {noise:g} '
             f'select k = {k:g} of each batch\'s tokens\n\n' + table(groups, ref))
+    if line_losses:
+        text += '\n\n' + line_table(line_losses, noise)
     print(text)
     (root / 'compare.md').write_text(text + '\n')
     plot_curves(root, groups)
