@@ -337,6 +337,7 @@ def test_report_tokens_to_reach_clm_and_the_table(tmp_path):
     half = 12.706 * statistics.stdev([150, 300]) / 2 ** 0.5  # t(1) quantile, in thousands of tokens
     assert reached == '2/2' and tokens == f'225 ± {half:.0f}k' and ratio.startswith('2.00 ±')
     assert report.match_cells(groups[0.4, 'random_k60'], groups[0.4, 'clm']) == ['0/1', '-', '-']
+    assert report.clm_cells(groups[0.4, 'clm']) == ['2/2', '400 ± 0k', '-']  # each seed's final first reached at 400k
     text = report.report(tmp_path, 0.4, 0.6)
     assert '| 0.4 | excess_k60 | 2 | 0.850 ± 0.635 | 0.425 ± 0.318 |' in text and (tmp_path / 'compare.md').exists()
 

@@ -3,8 +3,9 @@ say, over seeds.
 
   compare.md           one row per (noise, arm): held-out exact match, trap exact match, clean val loss,
                        the selection rate of each token kind, and the tokens the arm needs to reach CLM's
-                       final exact match at the same noise (with the CLM/arm token ratio); the reference
-                       model's row first
+                       final exact match at the same noise (with Rho-1's ratio: CLM's whole budget over
+                       those tokens); CLM's row gives the tokens it needed to reach its own final value
+                       (where it plateaued); the reference model's row first
                        and, where the checkpoints are here, the clean val loss of each byte of a line per
                        arm at the study's noise: which part of the task a model has not learned
   compare_curves.png   exact match against training tokens per arm, one panel per noise level, mean and
@@ -46,6 +47,13 @@ def tokens_to_reach(run, target):
     return crossing([(p['tokens'], -p['accuracy']) for p in run['curve']], -target)
 
 
+def clm_cells(clm_runs):
+    """CLM's own row: the tokens each seed needed to first reach its final exact match (where it
+    plateaued: the rest of its budget did not raise it)."""
+    tokens = [tokens_to_reach(r, r['accuracy']) for r in clm_runs]
+    return [f'{len(tokens)}/{len(clm_runs)}', cell([t / 1e3 for t in tokens], '.0f') + 'k', '-']
+
+
 def match_cells(runs, clm_runs):
     """Tokens to reach CLM's mean final exact match, and CLM's tokens / those, over the seeds that did."""
     if not clm_runs:
@@ -65,7 +73,7 @@ def table(groups, ref):
                      f"{ref['trap_accuracy']:.3f} | {ref['val_loss_clean']:.4f} |" + ' - |' * (len(KINDS) + 3))
     for (noise, arm), runs in groups.items():
         sel = [cell([r['selection'][k] for r in runs if k in r['selection']]) for k in KINDS]
-        match = match_cells(runs, groups.get((noise, 'clm'), [])) if arm != 'clm' else ['-', '-', '-']
+        match = match_cells(runs, groups.get((noise, 'clm'), [])) if arm != 'clm' else clm_cells(runs)
         row = [f'{noise:g}', arm, str(len(runs)), cell([r['accuracy'] for r in runs]),
                cell([r['trap_accuracy'] for r in runs]), cell([r['val_loss_clean'] for r in runs], '.4f'), *sel, *match]
         lines.append('| ' + ' | '.join(row) + ' |')
