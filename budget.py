@@ -218,10 +218,13 @@ class Budget:
         if table is None:
             self.spent['rst'] = None  # not counted: no cost table for this shape
         self.spent.update(scored_examples=0.0, hessian_steps=0.0)
+        self.by_entry = {}  # RST charged per cost-table entry ('fwd_bwd:4', 'optimizer:adamw', ...): compare's sensitivity
 
     def _rst(self, kind, entry, scale=1.0):
         if self.table is not None:
-            self.spent['rst'] += self.table[kind][str(entry)] * scale
+            cost = self.table[kind][str(entry)] * scale
+            self.spent['rst'] += cost
+            self.by_entry[f'{kind}:{entry}'] = self.by_entry.get(f'{kind}:{entry}', 0.0) + cost
 
     def charge_train(self, n_examples, n_layers):
         """Forward+backward of n_examples at n_layers active blocks."""
@@ -252,6 +255,8 @@ class Budget:
         for unit, value in spent.items():
             if self.spent.get(unit) is not None and value is not None:
                 self.spent[unit] += value
+        if self.spent['rst'] is not None and spent.get('rst'):
+            self.by_entry['before_start'] = self.by_entry.get('before_start', 0.0) + spent['rst']
 
     def add_wall(self, seconds):
         self.spent['wall'] += seconds
@@ -265,9 +270,11 @@ class Budget:
         return self.spent[self.unit] >= self.total
 
     def state_dict(self):
-        return dict(self.spent)
+        return {**self.spent, 'rst_by_entry': dict(self.by_entry)}
 
     def load_state_dict(self, state):
+        state = dict(state)
+        self.by_entry = dict(state.pop('rst_by_entry', {}))  # a checkpoint from before it was counted: {}
         self.spent.update(state)
 
 
@@ -708,10 +715,55 @@ def compare(run_dirs, out='ablation', target='auto', baseline='baseline'):
     return report
 
 
+def log_budget_interp(ends, b):
+    """A final val loss at budget b from one seed's fully decayed endpoints [(budget, final)], linear in log
+    budget, extended along the first or last segment outside them; None with fewer than two."""
+    if len(ends) < 2:
+        return None
+    i = min(max(np.searchsorted([e[0] for e in ends], b), 1), len(ends) - 1)
+    (b0, y0), (b1, y1) = ends[i - 1], ends[i]
+    return y0 + (y1 - y0) * math.log(b / b0) / math.log(b1 / b0)
+
+
+def perturbed_final(by_budget, seed, b, entry, factor):
+    """The seed's final at budget b had cost-table `entry` cost factor x as much: the run would have stopped
+    after b * R / R' of its RST (R its total, R' = R + (factor - 1) x what entry charged), read off the
+    seed's endpoints across budgets (log_budget_interp)."""
+    ends = sorted((bb, r['final']) for bb, rs in by_budget.items() for r in rs if r['complete'] and r['seed'] == seed)
+    run = next(r for r in by_budget[b] if r['complete'] and r['seed'] == seed)
+    total = sum(run['rst_by_entry'].values())
+    return log_budget_interp(ends, b * total / (total + (factor - 1) * run['rst_by_entry'].get(entry, 0.0)))
+
+
+def cost_sensitivity(groups, baseline, change=0.1):
+    """Does +-change on any single cost-table entry flip the sign of a table cell (a method's mean paired
+    difference to the baseline)? Each run's final is re-read at the budget the perturbed table would have
+    given it (perturbed_final): an estimate from the sweep's budgets, not a rerun."""
+    cells = paired_cells(groups, baseline)
+    runs = [r for g in groups.values() for rs in g.values() for r in rs if r['complete']]
+    if not cells or any(not r.get('rst_by_entry') for r in runs) or any(len(g) < 2 for g in groups.values()):
+        return ''
+    entries = sorted({e for r in runs for e in r['rst_by_entry']})
+    flips, shift = [], 0.0
+    for entry, factor in itertools.product(entries, (1 - change, 1 + change)):
+        for (label, b), (delta, *_rest) in cells.items():
+            seeds = sorted(finals_by_seed(groups[label][b]).keys() & finals_by_seed(groups[baseline][b]).keys())
+            new = statistics.mean(perturbed_final(groups[label], s, b, entry, factor)
+                                  - perturbed_final(groups[baseline], s, b, entry, factor) for s in seeds)
+            shift = max(shift, abs(new - delta))
+            if (new > 0) != (delta > 0):
+                flips.append(f'{label} at budget {b:g}, {entry} x{factor:g}: Δ {delta:+.4f} -> {new:+.4f}')
+    head = (f'cost-table sensitivity: each of {len(entries)} entries ({", ".join(entries)}) at x{1 - change:g} and '
+            f'x{1 + change:g}, finals re-read on each seed\'s endpoints across budgets (largest shift of a Δ: {shift:.4f})')
+    return head + (':\ncells whose sign flips:\n' + '\n'.join(f'- {f}' for f in flips) if flips else ': no cell changes sign')
+
+
 def unit_report(runs, target, baseline):
     """compare's report for runs in one budget unit: the table, the floors, what methods log, time to target."""
     groups = group_runs(runs)
     parts = [ablation_table(groups, baseline), floors_note(runs, groups, baseline), method_stats(groups)]
+    if runs[0]['unit'] == 'rst':
+        parts.append(cost_sensitivity(groups, baseline))
     if target != 'none':
         base = groups.get(baseline, {})
         finals = [r['final'] for r in base.get(max(base), []) if r['complete']] if base else []
@@ -764,12 +816,15 @@ def check_target(target):
 
 
 def read_sweep(path):
-    """The sweep file's COMMON, BUDGETS, QUICK_BUDGETS, METHODS (and optional TUNE: extra grid axes)."""
+    """The sweep file's COMMON, BUDGETS, QUICK_BUDGETS, METHODS (and optional TUNE: extra grid axes;
+    TUNED_AS: {row: another row whose tuned values it runs with})."""
     if not Path(path).is_file():
         raise ConfigError(f'--config={path} not found: give the sweep file (your own Python), e.g. config/ablation.py')
     spec = read_config_file(path)
     missing = [k for k in ('COMMON', 'BUDGETS', 'QUICK_BUDGETS', 'METHODS') if k not in spec]
     require(not missing, f"{path} does not define {', '.join(missing)} (see config/ablation.py)")
+    bad = {k: v for k, v in spec.get('TUNED_AS', {}).items() if k not in spec['METHODS'] or v not in spec['METHODS']}
+    require(not bad, f'{path}: TUNED_AS {bad} names rows that METHODS does not have')
     return spec
 
 
@@ -787,7 +842,7 @@ def sweep_plan(cfg):
     tuned = read_tuned(cfg.tuned, spec, cfg.config, min(budgets)) if cfg.tuned else {}
     il = il_args(cfg.out_dir, max(budgets))
     plan = [(label, script, {**spec['COMMON'], **(il if args.get('method') == 'rho' else {}), **args,
-                             **tuned.get(label, {}), 'budget': b, 'seed': seed, 'label': label,
+                             **tuned.get(spec.get('TUNED_AS', {}).get(label, label), {}), 'budget': b, 'seed': seed, 'label': label,
                              'out_dir': f'{cfg.out_dir}/{label}/b{b:g}/s{seed}'})
             for seed in seeds for b in budgets for label, (script, args) in methods.items()]
     if cfg.baseline_schedule == 'wsd_branches':
@@ -851,6 +906,9 @@ def tune(cfg):
     budget = cfg.budget or min(spec['BUDGETS'])
     common, results = spec['COMMON'], {}
     for label, (script, args) in chosen_methods(spec, cfg.methods, cfg.config).items():
+        if label in spec.get('TUNED_AS', {}):
+            print(f"{label}: runs with {spec['TUNED_AS'][label]}'s tuned values (TUNED_AS)", flush=True)
+            continue
         lr0 = args.get('lr', common.get('lr', 2e-3))
         axes = spec.get('TUNE', {}).get(label, {})
         extras = [dict(zip(axes, values)) for values in itertools.product(*axes.values())] or [{}]

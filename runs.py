@@ -337,7 +337,8 @@ def read_run(path):
             'seed': c['seed'], 'steps': max((r['step'] for r in records), default=0),
             'evals': [(e.get('rst'), e['tokens'], e['val_loss']) for e in evals],
             'final': evals[-1]['val_loss'] if evals else None, 'complete': bool(evals) and spent >= c['budget'],
-            'dataset': c.get('dataset'), 'tokenizer': c.get('tokenizer'), 'stats': logged_means(records)}
+            'dataset': c.get('dataset'), 'tokenizer': c.get('tokenizer'), 'stats': logged_means(records),
+            'rst_by_entry': evals[-1].get('rst_by_entry', {}) if evals else {}}
 
 
 METHOD_STATS = ('selected_frac', 'win_rate')  # what methods log about themselves (see method_stats)

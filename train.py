@@ -481,7 +481,7 @@ class Trainer:
             self.val_loss = evaluate(self.model, self.val_inputs, self.val_targets, self.cfg.batch_size, self.rt,
                                      self.arch.eval_layers(self.model))
         self.best_val_loss = min(self.best_val_loss, self.val_loss)
-        self.log({'step': self.iter_num, 'val_loss': self.val_loss, **self.budget.spent})
+        self.log({'step': self.iter_num, 'val_loss': self.val_loss, **self.budget.spent, 'rst_by_entry': dict(self.budget.by_entry)})
         self.evaluated_at = self.iter_num
         self.checkpoint()
         self.rt.print(f'step {self.iter_num} | val loss {self.val_loss:.4f} | saved {self.out_dir / "ckpt.pt"}')

@@ -23,7 +23,9 @@ METHODS = {
     'drop': ('train.py', dict(arch='drop', theta_bar=0.5, gamma_f=100.0)),
     'sb': ('rho.py', dict(method='sb', sb_beta=1.0)),
     'rho': ('rho.py', dict(method='rho', select_frac=0.5)),  # IL model: once per sweep, at the largest budget
+    'rho_il_charged': ('rho.py', dict(method='rho', select_frac=0.5, charge_il=True)),  # its IL's training + precompute in every budget
     'lion': ('train.py', dict(optimizer='lion', lr=4e-4, weight_decay=0.5, beta1=0.9, beta2=0.99)),
     'sophiag': ('train.py', dict(optimizer='sophiag', lr=1e-3, rho=0.04, weight_decay=0.2, beta1=0.965, beta2=0.99)),
 }
 TUNE = {'sophiag': {'rho': (0.02, 0.04, 0.08)}}
+TUNED_AS = {'rho_il_charged': 'rho'}  # the same method and lr; only the accounting differs (the paper's: IL free)

@@ -152,6 +152,63 @@ def test_crossing():
     assert budget_lib.crossing([(10, 4.0), (20, 2.0), (30, 3.5)], 3.0) == pytest.approx(15.0)  # the first time
 
 
+# -----------------------------------------------------------------------------
+# sensitivity to the cost table
+
+def test_log_budget_interpolation_inside_and_along_the_end_segments():
+    ends = [(100, 3.0), (200, 2.8), (400, 2.7)]
+    assert budget_lib.log_budget_interp(ends, 200) == pytest.approx(2.8)
+    assert budget_lib.log_budget_interp(ends, 100 * 2 ** 0.5) == pytest.approx(2.9)   # halfway in log budget
+    assert budget_lib.log_budget_interp(ends, 50) == pytest.approx(3.2)              # the first segment, extended
+    assert budget_lib.log_budget_interp(ends, 800) == pytest.approx(2.6)             # the last one
+    assert budget_lib.log_budget_interp(ends[:1], 100) is None
+
+
+def test_a_ten_percent_cost_change_that_flips_a_cell_is_named():
+    """'m' spends 30 of its 100 RST on forward-only scoring ('fwd:4'); the baseline none. At budget 100
+    m is 0.001 better (2.999 vs 3.000), at 200 it is 2.70 vs 2.80. With 'fwd:4' x1.1, m's budget-100 run
+    would have stopped at 100 x 100 / 103 RST: 2.999 - (0.299 / ln 2) x ln(100 / 103) = 3.01175, so its
+    Δ becomes +0.01175 (a flip); x0.9 gives 100 x 100 / 97 (Δ -0.0141, no flip). optimizer:adamw x1.1
+    moves both runs to budget 100 / 1.01, but m's endpoints are steeper (0.299 against 0.2 per ln 2):
+    Δ = -0.001 + (0.299 - 0.2) / ln 2 x ln 1.01 = +0.0004, a flip too. The budget-200 cell never flips."""
+    def run(seed, budget, final, entries):
+        scale = budget / 100
+        return {'seed': seed, 'final': final, 'complete': True, 'rst_by_entry': {k: v * scale for k, v in entries.items()}}
+    base, mine = {'fwd_bwd:4': 90.0, 'optimizer:adamw': 10.0}, {'fwd_bwd:4': 60.0, 'fwd:4': 30.0, 'optimizer:adamw': 10.0}
+    groups = {'baseline': {100: [run(s, 100, 3.0 + s / 100, base) for s in (1, 2)],
+                           200: [run(s, 200, 2.8 + s / 100, base) for s in (1, 2)]},
+              'm': {100: [run(s, 100, 2.999 + s / 100, mine) for s in (1, 2)],
+                    200: [run(s, 200, 2.7 + s / 100, mine) for s in (1, 2)]}}
+    got = budget_lib.perturbed_final(groups['m'], 1, 100, 'fwd:4', 1.1)
+    assert got == pytest.approx(2.999 + 0.01 - 0.299 / math.log(2) * math.log(100 / 103))
+    text = budget_lib.cost_sensitivity(groups, 'baseline')
+    assert 'entries (fwd:4, fwd_bwd:4, optimizer:adamw) at x0.9 and x1.1' in text
+    flips = [line for line in text.splitlines() if line.startswith('- ')]
+    assert flips == ['- m at budget 100, fwd:4 x1.1: Δ -0.0010 -> +0.0118',
+                     '- m at budget 100, optimizer:adamw x1.1: Δ -0.0010 -> +0.0004']
+    calm = {k: {b: [dict(r, final=r['final'] - (0.05 if k == 'm' else 0)) for r in rs] for b, rs in g.items()}
+            for k, g in groups.items()}
+    assert budget_lib.cost_sensitivity(calm, 'baseline').endswith(': no cell changes sign')
+    one_budget = {k: {100: g[100]} for k, g in groups.items()}
+    assert budget_lib.cost_sensitivity(one_budget, 'baseline') == ''  # nothing to read a shifted budget from
+
+
+def test_budget_counts_rst_per_cost_entry_and_resumes_it():
+    table = {'fwd_bwd': {'2': 1.0}, 'fwd': {'2': 0.25}, 'optimizer': {'adamw': 0.1}}
+    b = budget_lib.Budget('rst', 100, table, lambda L: 1.0, 8, 4)
+    b.charge_train(8, 2)
+    b.charge_forward(4, 2)
+    b.charge_optimizer('adamw')
+    b.charge_before_start({'rst': 5.0, 'tokens': 10.0})
+    assert b.by_entry == pytest.approx({'fwd_bwd:2': 2.0, 'fwd:2': 0.25, 'optimizer:adamw': 0.1, 'before_start': 5.0})
+    assert sum(b.by_entry.values()) == pytest.approx(b.spent['rst'])
+    again = budget_lib.Budget('rst', 100, table, lambda L: 1.0, 8, 4)
+    again.load_state_dict(b.state_dict())
+    assert again.by_entry == b.by_entry and again.spent == b.spent
+    again.load_state_dict({k: v for k, v in b.state_dict().items() if k != 'rst_by_entry'})  # an older checkpoint
+    assert again.by_entry == {} and again.spent == b.spent
+
+
 @pytest.fixture
 def target_runs(tmp_path):
     """Budgets 10 and 20 RST, fully decayed endpoints per seed. Baseline seed 0: 3.4 at 10, 2.9 at 20;
@@ -318,3 +375,28 @@ def test_tune_grid_extends_at_an_edge_and_ablate_reads_the_result(tmp_path, monk
     (tmp_path / 'sweep.py').write_text(SWEEP.replace('lr=3e-3)', 'lr=1e-3)'))
     with pytest.raises(budget_lib.UserError, match='was made for COMMON'):
         budget_lib.sweep_plan(budget_lib.AblateConfig(config=cfg.config, tuned=tuned))
+
+
+def test_a_row_tuned_as_another_is_not_tuned_and_runs_with_its_values(tmp_path, monkeypatch):
+    """RHO-LOSS 'IL charged' is RHO-LOSS with its IL model's cost in the budget: the same lr, so tune skips
+    it and ablate gives it the tuned values of the row TUNED_AS names (and its own charge_il)."""
+    sweep = SWEEP.replace("    'lion':", "    'rho': ('rho.py', dict(method='rho', select_frac=0.5)),\n"
+                                          "    'rho_il_charged': ('rho.py', dict(method='rho', select_frac=0.5, charge_il=True)),\n    'lion':")
+    (tmp_path / 'sweep.py').write_text(sweep + "TUNED_AS = {'rho_il_charged': 'rho'}\n")
+    plans = []
+    monkeypatch.setattr(budget_lib, 'run_plan', lambda plan, jobs: plans.extend(plan))
+    monkeypatch.setattr(budget_lib, 'tune_summary', lambda folder, seeds, lr, extra: {
+        'lr': lr, 'extra': extra, 'final': math.log2(lr / 3e-3) ** 2})
+    monkeypatch.setattr(budget_lib, 'plot_tuning', lambda results, path: None)
+    cfg = budget_lib.TuneConfig(config=str(tmp_path / 'sweep.py'), out_dir=str(tmp_path / 'tune'),
+                                methods=('rho', 'rho_il_charged'), points=3, seeds=(7,))
+    assert set(budget_lib.tune(cfg)) == {'rho'} and {a['label'] for _, _, a in plans} == {'rho (tuning)'}
+    plan = budget_lib.sweep_plan(budget_lib.AblateConfig(config=cfg.config, tuned=str(tmp_path / 'tune' / 'tuned.json'),
+                                                         methods=('rho', 'rho_il_charged'), seeds=(0,)))
+    rows = {a['label']: a for _, _, a in plan if a['budget'] == 6.0}
+    assert rows['rho_il_charged']['lr'] == rows['rho']['lr'] == pytest.approx(3e-3)
+    assert rows['rho_il_charged']['charge_il'] and 'charge_il' not in rows['rho']
+    assert rows['rho_il_charged']['il_out_dir'] == rows['rho']['il_out_dir']  # one IL model for both rows
+    (tmp_path / 'sweep.py').write_text(sweep + "TUNED_AS = {'rho_il_charged': 'rhoo'}\n")
+    with pytest.raises(ConfigError, match="TUNED_AS {'rho_il_charged': 'rhoo'} names rows that METHODS does not have"):
+        budget_lib.sweep_plan(budget_lib.AblateConfig(config=cfg.config))
