@@ -338,7 +338,14 @@ def read_run(path):
             'evals': [(e.get('rst'), e['tokens'], e['val_loss']) for e in evals],
             'final': evals[-1]['val_loss'] if evals else None, 'complete': bool(evals) and spent >= c['budget'],
             'dataset': c.get('dataset'), 'tokenizer': c.get('tokenizer'), 'stats': logged_means(records),
-            'rst_by_entry': evals[-1].get('rst_by_entry', {}) if evals else {}}
+            'rst_by_entry': rst_by_entry(evals[-1]) if evals else {}}
+
+
+def rst_by_entry(record):
+    """The RST each cost entry charged, if it adds up to the record's RST (a run resumed from a checkpoint
+    older than the count has only part of it: {})."""
+    entries, rst = record.get('rst_by_entry') or {}, record.get('rst')
+    return entries if rst and abs(sum(entries.values()) - rst) <= 1e-6 * rst else {}
 
 
 METHOD_STATS = ('selected_frac', 'win_rate')  # what methods log about themselves (see method_stats)

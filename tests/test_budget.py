@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import budget as budget_lib
+import runs
 import train
 from configurator import UserError
 from conftest import ROOT, run_script
@@ -165,6 +166,10 @@ def test_rst_charges_sophia_hessian_steps_and_grad_accum(tiny_cfg):
     assert [r['rst'] for r in records] == pytest.approx(want, rel=1e-12)
     assert records[-1]['hessian_steps'] == len(records) // 3
     assert records[-1]['tokens'] == len(records) * 2 * TOKENS_PER_STEP
+    n = len(records)  # the final eval record: the RST of each cost entry (compare's sensitivity), adding up
+    final = runs.read_run(cfg.out_dir)['rst_by_entry']
+    assert final == pytest.approx({'fwd_bwd:2': 2 * n * TINY_TABLE['fwd_bwd']['2'], 'optimizer:sophiag': n * TINY_TABLE['optimizer']['sophiag'],
+                                   'hessian:sophiag': 2 * (n // 3) * TINY_TABLE['hessian']['sophiag']}, rel=1e-12)
 
 
 def test_rst_run_without_a_table_names_the_calibrate_command(tiny_cfg):
