@@ -172,6 +172,19 @@ def test_bt_ceiling_by_hand_and_no_predictor_beats_it():
         assert acc == pytest.approx(want, abs=2e-3) if wins else acc < want - 0.02
 
 
+def test_expected_accuracy_by_hand_and_the_oracle_reaches_the_ceiling():
+    """Margins right on pair 1, wrong on pair 2 (expected sigmoid(-ln 3) = 1/4), either way on the tie,
+    zero on pair 4 (a coin flip): the mean over fresh label draws; the true margins reach bt_ceiling."""
+    r = torch.tensor([[math.log(3), 0.0], [0.0, math.log(3)], [1.0, 1.0], [2.0, -1.0]], dtype=torch.float64)
+    m = torch.tensor([0.2, 5.0, -1.0, 0.0], dtype=torch.float64)
+    assert task.expected_accuracy(m, r) == pytest.approx((0.75 + 0.25 + 0.5 + 0.5) / 4, abs=1e-12)
+    assert task.expected_accuracy(r[:, 0] - r[:, 1], r) == pytest.approx(task.bt_ceiling(r), abs=1e-12)
+    g = torch.Generator().manual_seed(0)
+    first_wins = torch.rand(200_000, 4, generator=g, dtype=torch.float64) < torch.sigmoid(r[:, 0] - r[:, 1])
+    acc = ((first_wins == (m > 0)).double()[:, :3].sum(1) + 0.5).mean().item() / 4  # pair 4 scores 1/2 by convention
+    assert task.expected_accuracy(m, r) == pytest.approx(acc, abs=2e-3)
+
+
 def test_oracle_margins_noise_scale_and_seed():
     r = torch.randn(40_000, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     oracle = r[:, 0] - r[:, 1]
@@ -228,6 +241,17 @@ def test_each_arm_runs_its_loss(tmp_path, arm):
         rng = torch.Generator().manual_seed(0)
         want = reference_arm_loss(arm, obj, h, h_avg, idx, lambda x: bdpo(x, rng))
     assert obj(policy, None, ctx_for(tmp_path)).loss.item() == pytest.approx(want, rel=1e-5)
+
+
+def test_ceiling_table_averages_seeds_and_skips_missing_keys(tmp_path):
+    """Gaps per run, then means over the seeds; a run from before expected_acc counts only where it has the key."""
+    for seed, run in enumerate([dict(ceiling=0.8, oracle_acc=0.81, acc=0.7, true_acc=0.9, expected_acc=0.75),
+                                dict(ceiling=0.76, oracle_acc=0.77, acc=0.72, true_acc=0.86)]):
+        (tmp_path / f'seed{seed}' / 'rm_high').mkdir(parents=True)
+        (tmp_path / f'seed{seed}' / 'rm_high' / 'done.json').write_text(json.dumps(run))
+    rows = {line.split(' | ')[0].strip('| '): line.split(' | ')[1] for line in scoring.ceiling_table(tmp_path)[3:]}
+    assert rows['BT ceiling (expected)'] == '0.780 (2)' and rows['ceiling - RM acc'] == '0.070 (2)'
+    assert rows['RM expected acc'] == '0.750 (1)' and rows['ceiling - RM expected acc'] == '0.050 (1)'
 
 
 def test_reward_at_matched_kl_by_hand():
@@ -342,6 +366,8 @@ def test_reward_model_frozen_backbone_sums_a_per_token_mlp(tmp_path):
     assert not any(p.requires_grad for p in model.parameters()) and added == list(rm.head.parameters())
     seq = torch.randint(1, 256, (2, 14), generator=torch.Generator().manual_seed(6))
     lens = torch.tensor([3, 10])
+    assert rm.rewards(model, seq, lens).tolist() == [0.0, 0.0]  # the output layer starts at zero: loss log 2
+    torch.nn.init.normal_(rm.head[-1].weight, generator=torch.Generator().manual_seed(7))
     r = rm.rewards(model, seq, lens)
     with torch.no_grad():
         h = model.hidden(seq)
@@ -524,7 +550,7 @@ def test_each_stage_gets_its_own_train_config():
     cfg = parse(madpo.MadpoConfig, ['--sft_lr=1e-3', '--po_lr=5e-5', '--rm_iters=7', '--loss=ipo', '--tier=low'])
     sft, rm, po = (madpo.train_config(cfg, s) for s in ('sft', 'rm', 'po'))
     assert (sft.lr, sft.budget, sft.batch_size, sft.init_from) == (1e-3, 2000, 32, 'scratch')
-    assert (rm.lr, rm.budget, rm.batch_size, rm.init_from) == (3e-3, 7, 16, str(Path('out/madpo/seed0/sft/ckpt.pt')))
+    assert (rm.lr, rm.budget, rm.batch_size, rm.init_from) == (1e-4, 7, 16, str(Path('out/madpo/seed0/sft/ckpt.pt')))
     assert (po.lr, po.out_dir, po.eval_interval) == (5e-5, str(Path('out/madpo/seed0/po_ipo_b0.1_low')), 30)  # 120 iters / 4 points
     assert all(c.arch == 'full' and c.optimizer == 'adamw' and c.dropout == 0 for c in (sft, rm, po))
     assert madpo.train_config(replace(cfg, init_from='resume'), 'po').init_from == 'resume'

@@ -107,15 +107,21 @@ def matched_kl_table(curves, methods, kls):
 
 def ceiling_table(root):
     """Per tier, over the seeds' rm runs: the Bradley-Terry ceiling, the oracle's accuracy on the same
-    held-out labels, and the trained reward model's accuracy against the labels and the true order."""
+    held-out labels, and the trained reward model's accuracy against the labels, the true order and in
+    expectation over label draws (pairs.expected_accuracy: the gap to the ceiling without label noise)."""
     rows = {'ceiling': 'BT ceiling (expected)', 'oracle_acc': 'oracle on the labels', 'acc': 'RM acc vs labels',
-            'true_acc': 'RM acc vs true order', 'gap': 'ceiling - RM acc'}
+            'true_acc': 'RM acc vs true order', 'gap': 'ceiling - RM acc', 'expected_acc': 'RM expected acc',
+            'expected_gap': 'ceiling - RM expected acc'}
     lines = ['', '| held-out pairs | ' + ' | '.join(TIERS) + ' |', '|---' * (len(TIERS) + 1) + '|']
     runs = {t: [json.loads(p.read_text()) for p in sorted(Path(root).glob(f'seed*/rm_{t}/done.json'))] for t in TIERS}
+    for run in (r for tier_runs in runs.values() for r in tier_runs):
+        run['gap'] = run['ceiling'] - run['acc']
+        if 'expected_acc' in run:  # not in runs from before the key
+            run['expected_gap'] = run['ceiling'] - run['expected_acc']
     for key, label in rows.items():
         cells = []
         for tier in TIERS:
-            xs = [r['ceiling'] - r['acc'] if key == 'gap' else r[key] for r in runs[tier]]
+            xs = [r[key] for r in runs[tier] if key in r]
             cells.append(f'{np.mean(xs):.3f} ({len(xs)})' if xs else '-')
         lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
     return lines

@@ -59,6 +59,13 @@ def bt_ceiling(r):
     return torch.sigmoid((r[:, 0] - r[:, 1]).abs()).mean().item()
 
 
+def expected_accuracy(m, r):
+    """The accuracy that a reward model's margins m (n,) (toward the first side) reach on average over
+    fresh Bradley-Terry label draws from r (n, 2): sigmoid(sign(m) (r_0 - r_1)) per pair, so m = r_0 - r_1
+    reaches bt_ceiling(r). Free of the drawn labels' noise (SE ~0.02 on 500 pairs), unlike the accuracy."""
+    return torch.sigmoid(torch.sign(m) * (r[:, 0] - r[:, 1])).mean().item()
+
+
 def oracle_accuracy(r):
     """The accuracy that predicting the true order reaches on these drawn labels (ties count half)."""
     return ((r[:, 0] > r[:, 1]).float() + 0.5 * (r[:, 0] == r[:, 1]).float()).mean().item()
