@@ -620,7 +620,8 @@ def target_table(groups, target, baseline='baseline'):
 
 def method_stats(groups):
     """What some methods log about themselves, averaged over each run's log records and then over seeds:
-    Selective Backprop's kept fraction (RHO-LOSS's is fixed), Sophia-G's win rate (coordinates not clipped)."""
+    Selective Backprop's kept fraction (RHO-LOSS's is fixed), Sophia-G's win rate (coordinates not clipped),
+    RHO-LOSS's IL model's val loss."""
     rows = []
     for label, by_budget in groups.items():
         for b, runs in sorted(by_budget.items()):
@@ -853,8 +854,8 @@ def sweep_plan(cfg):
 
 
 def il_args(out_dir, budget):
-    """RHO-LOSS's irreducible-loss model is trained once per sweep (by its first RHO-LOSS run, at the
-    largest budget) and reused by every other."""
+    """RHO-LOSS's irreducible-loss model is trained once per sweep (by its first RHO-LOSS run: from the
+    largest budget, doubling while its val loss improves, rho.train_il) and reused by every other."""
     return {'il_out_dir': f'{out_dir}/il', 'il_cache': f'{out_dir}/il_cache', 'il_budget': budget}
 
 

@@ -3,7 +3,8 @@
 RHO-LOSS: Mindermann et al. 2022, "Prioritized Training on Points that are Learnable, Worth Learning,
 and Not Yet Learnt", arXiv 2206.07137.
   1. Train an irreducible-loss (IL) model of the same architecture on a holdout split of the training
-     stream; store its loss on every other training example, keyed by example id, once.
+     stream, until its held-out loss stops improving (budget doublings, train_il); store its loss on every
+     other training example, keyed by example id, once.
   2. Each step, score a mega-batch of nB examples with the current model (no grad).
   3. Train on the nb examples with the largest reducible loss = training loss - irreducible loss.
 
@@ -186,23 +187,59 @@ TARGET_ONLY = ('arch', 'stack_init_layers', 'stack_fracs', 'stack_optim', 'theta
                'optimizer', 'rho', 'hess_interval', 'free_hessian')
 
 
-def il_config(cfg):
-    """The IL model's run: the target's data, shape, AdamW keys, schedule, eval and system keys; its own
-    folder and budget; TARGET_ONLY keys at their defaults."""
-    own = {'out_dir': cfg.il_out_dir, 'budget': cfg.il_budget or cfg.budget, 'label': 'rho_il',  # not a baseline
-           'init_from': 'scratch' if cfg.init_from.endswith('.pt') else cfg.init_from,
-           **{k: getattr(TrainConfig, k) for k in TARGET_ONLY}}
+def il_config(cfg, budget):
+    """One IL run of the search (il_search_dir): the target's data, shape, AdamW keys, schedule, eval and
+    system keys; its own folder and budget; TARGET_ONLY keys at their defaults."""
+    own = {'out_dir': str(il_search_dir(cfg) / f'b{budget:g}'), 'budget': budget, 'label': 'rho_il',  # not a baseline
+           'init_from': 'scratch', 'overwrite': True, **{k: getattr(TrainConfig, k) for k in TARGET_ONLY}}
     return TrainConfig(**{f.name: own.get(f.name, getattr(cfg, f.name)) for f in dataclasses.fields(TrainConfig)})
 
 
+def il_search_dir(cfg):
+    return Path(cfg.il_out_dir) / 'search'
+
+
+def il_run(run, cfg):
+    """Train one IL run, resume it if it was killed, or read it if it finished with this config ->
+    {'val_loss', 'steps', 'spent'}, or None if interrupted."""
+    folder = Path(run.out_dir)
+    saved = folder / 'config.json'
+    same = saved.exists() and {k: v for k, v in json.loads(saved.read_text())['config'].items() if k not in ('init_from', 'overwrite')} == \
+        {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(run))).items() if k not in ('init_from', 'overwrite')}
+    if same and runs.run_finished(folder):
+        ckpt = runs.load_checkpoint(folder / 'ckpt.pt')
+        return {'val_loss': ckpt['val_loss'], 'steps': ckpt['iter_num'],
+                'spent': {k: v for k, v in ckpt['budget'].items() if k != 'rst_by_entry'}}
+    if same and (folder / 'ckpt.pt').exists():
+        run = dataclasses.replace(run, init_from='resume', overwrite=False)
+    result = train.train(run, HoldoutLM(cfg))
+    return None if result['interrupted'] else result
+
+
 def train_il(cfg):
-    """Train the IL model on the holdout with the shared loop, then precompute its cache."""
-    print(f'--- IL model: {cfg.il_budget or cfg.budget:g} {cfg.budget_unit} on the {cfg.holdout_frac:.0%} holdout, '
-          f'full depth, AdamW -> {cfg.il_out_dir}')
-    result = train.train(il_config(cfg), HoldoutLM(cfg))
-    if result['interrupted']:
-        print('IL training interrupted: resume it with --stage=il --init_from=resume')
-        return None
+    """Train the IL model on the holdout until its held-out (val) loss stops improving: fully decayed runs
+    at il_budget (at least the largest budget it serves), 2x, 4x, ... until a doubling gains less than
+    il_tol (at most il_doublings doublings). The best run becomes the IL model (its files are copied to
+    il_out_dir), every run's cost is the IL training cost; then precompute its cache. Resumable."""
+    budget, tried, spent = cfg.il_budget or cfg.budget, [], {u: 0.0 for u in ('rst', 'tokens', 'flops', 'wall')}
+    for i in range(cfg.il_doublings + 1):
+        run = il_config(cfg, budget * 2 ** i)
+        print(f'--- IL model: {run.budget:g} {cfg.budget_unit} on the {cfg.holdout_frac:.0%} holdout, '
+              f'full depth, AdamW -> {run.out_dir}')
+        result = il_run(run, cfg)
+        if result is None:
+            print('IL training interrupted: the same command resumes it')
+            return None
+        tried.append((run, result))
+        spent = {u: None if None in (spent[u], result['spent'].get(u)) else spent[u] + result['spent'][u] for u in spent}
+        if i and tried[-2][1]['val_loss'] - result['val_loss'] < cfg.il_tol:
+            break
+    best_run, best = min(tried, key=lambda t: t[1]['val_loss'])
+    print('IL search: ' + ', '.join(f"{r.budget:g} -> {res['val_loss']:.4f}" for r, res in tried) +
+          f' (val loss); the IL model is the {best_run.budget:g} run')
+    for name in ('ckpt.pt', 'log.jsonl', 'config.json'):  # the IL model's run folder: the best run's files
+        atomic_write_bytes(Path(cfg.il_out_dir) / name, (Path(best_run.out_dir) / name).read_bytes())
+    result = {**best, 'spent': spent, 'search': [(r.budget, res['val_loss']) for r, res in tried]}
     precompute_il(cfg, result)
     return result
 
@@ -238,6 +275,7 @@ def precompute_il(cfg, il_result):
     accountant.charge_forward(len(train_k), model.n_layer)
     info = {**cache_key(cfg, corpus, T), 'il_ckpt': str(ckpt_path), 'il_ckpt_sha256': file_sha256(ckpt_path),
             'dtype': 'float16', 'il_val_loss': il_result['val_loss'], 'il_steps': il_result['steps'],
+            'il_search': il_result.get('search', []),
             'il_train': {u: il_result['spent'][u] for u in ('rst', 'tokens', 'flops', 'wall')},
             'il_precompute': {'examples': len(train_k), 'rst': accountant.spent['rst'],
                               'flops': accountant.spent['flops'], 'wall': seconds}}
@@ -291,7 +329,8 @@ def report_il(ctx, info, charge_il):
                  f"{info['il_val_loss']:.4f} | IL precompute: {pre['examples']:,} examples, {rst(pre['rst'])} RST s, "
                  f"{pre['wall']:.1f}s wall | {'charged to' if charge_il else 'left out of'} this budget")
     ctx.log({'step': 0, 'il_train_rst': il['rst'], 'il_train_tokens': il['tokens'], 'il_train_wall': il['wall'],
-             'il_precompute_rst': pre['rst'], 'il_precompute_wall': pre['wall'], 'il_charged': charge_il})
+             'il_precompute_rst': pre['rst'], 'il_precompute_wall': pre['wall'], 'il_charged': charge_il,
+             'il_val_loss': info['il_val_loss']})
     if charge_il:  # the precompute trains no tokens; a stage without a cost table counts no rst
         ctx.charge_before_start({u: (il[u] or 0.0) + (pre.get(u) or 0.0) for u in ('rst', 'tokens', 'flops', 'wall')})
 
@@ -325,7 +364,9 @@ class RhoConfig(TrainConfig):
     sb_beta: float = 1.0             # train, sb: keep probability = percentile ** sb_beta
     sb_history: int = 0              # train, sb: losses the percentile is taken over; 0 = the last 10 micro-batches' (see SelectiveBackprop)
     il_out_dir: str = 'out/rho_il'   # both: the IL model's run; train checks the cache against its checkpoint
-    il_budget: float = 0.0           # il: the IL model's budget in budget_unit; 0 = --budget
+    il_budget: float = 0.0           # il: the IL model's first budget in budget_unit; 0 = --budget
+    il_doublings: int = 2            # il: then 2x, 4x, ... that budget while its val loss keeps improving (0: one run)
+    il_tol: float = 0.01             # il: a doubling that lowers the IL model's val loss by less has stopped improving
     il_cache: str = ''               # both: folder of il_loss.f16 + il_loss.json; '' = <data dir>/il/<name of il_out_dir>
     charge_il: bool = False          # train: add IL training + precompute (rst, tokens, flops, wall) to this budget (the paper: no)
 
@@ -345,6 +386,7 @@ class RhoConfig(TrainConfig):
         require(self.mega_batch >= 0, f'--mega_batch must be >= 0, got {self.mega_batch}')
         require(self.sb_beta > 0 and self.sb_history >= 0, '--sb_beta must be positive and --sb_history >= 0')
         require(self.il_budget >= 0, f'--il_budget must be >= 0, got {self.il_budget}')
+        require(self.il_doublings >= 0 and self.il_tol >= 0, '--il_doublings and --il_tol must be >= 0')
         require(Path(self.il_out_dir).resolve() != Path(self.out_dir).resolve(), '--il_out_dir must differ from --out_dir')
 
     def selection_sizes(self):

@@ -348,7 +348,7 @@ def rst_by_entry(record):
     return entries if rst and abs(sum(entries.values()) - rst) <= 1e-6 * rst else {}
 
 
-METHOD_STATS = ('selected_frac', 'win_rate')  # what methods log about themselves (see method_stats)
+METHOD_STATS = ('selected_frac', 'win_rate', 'il_val_loss')  # what methods log about themselves (see method_stats)
 
 
 def logged_means(records):

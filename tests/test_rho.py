@@ -5,6 +5,7 @@ import io
 import json
 import math
 import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -20,7 +21,7 @@ from configurator import ConfigError, UserError
 from data.loader import Batches, Corpus, get_tokenizer, is_val, num_examples, write_corpus
 from data.stdlib.prepare import stdlib_documents
 from model import GPT
-from runs import Runtime
+from runs import Runtime, read_run
 
 TABLE = json.loads((ROOT / 'config' / 'rst' / 'gpt_L2_H2_D64_T64_V256_B8.json').read_text())  # tiny, B = 8
 FWD, FWD_BWD, OPT = TABLE['fwd']['2'], TABLE['fwd_bwd']['2'], TABLE['optimizer']['adamw']
@@ -197,6 +198,32 @@ def test_holdout_split_is_fixed_and_disjoint():
     assert np.array_equal(rho.split_examples(9000, 0.2)[1][:len(hold_k)], hold_k)  # keyed by k, not by n
 
 
+# ----- the IL model's search: doublings while its held-out loss improves -------------------------------
+
+def test_il_search_doubles_while_the_val_loss_improves_and_keeps_the_best(tmp_path, monkeypatch):
+    """Val losses 3.0 at budget 1, 2.5 at 2, 2.495 at 4: the 4x run gains 0.005 < il_tol 0.01, so the search
+    stops there (not at 8x) and keeps the 4x run; the IL cost is all three runs'."""
+    losses, trained = {1.0: 3.0, 2.0: 2.5, 4.0: 2.495, 8.0: 2.0}, []
+
+    def fake_train(run, objective):
+        folder = Path(run.out_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        trained.append(run.budget)
+        for name in ('ckpt.pt', 'log.jsonl', 'config.json'):
+            (folder / name).write_text(f'{name} of {run.budget:g}')
+        return {'val_loss': losses[run.budget], 'steps': int(10 * run.budget), 'interrupted': False,
+                'spent': {'rst': run.budget, 'tokens': 100 * run.budget, 'flops': 1.0, 'wall': 0.5}}
+    monkeypatch.setattr(train, 'train', fake_train)
+    monkeypatch.setattr(rho, 'precompute_il', lambda cfg, result: None)
+    cfg = rho.RhoConfig(il_out_dir=str(tmp_path / 'il'), budget=1.0, budget_unit='iters', il_doublings=3, il_tol=0.01)
+    result = rho.train_il(cfg)
+    assert trained == [1.0, 2.0, 4.0] and result['search'] == [(1.0, 3.0), (2.0, 2.5), (4.0, 2.495)]
+    assert result['val_loss'] == 2.495 and result['spent'] == {'rst': 7.0, 'tokens': 700.0, 'flops': 3.0, 'wall': 1.5}
+    assert (tmp_path / 'il' / 'ckpt.pt').read_text() == 'ckpt.pt of 4'
+    one = rho.train_il(dataclasses.replace(cfg, il_doublings=0, il_out_dir=str(tmp_path / 'one')))
+    assert one['search'] == [(1.0, 3.0)] and trained[-1] == 1.0
+
+
 # ----- end to end: a small corpus, the IL stage, the target runs ---------------------------------------
 
 def small_corpus(path, transform=lambda text: text):
@@ -243,6 +270,8 @@ def test_short_runs_lower_val_loss(runs):
     assert all(0 < r['selected_frac'] <= 1 and 'loss_selected' in r for r in read_log(runs.sb) if 'train_loss' in r)
     il_record = read_log(runs.rho)[0]
     assert il_record['step'] == 0 and il_record['il_train_rst'] >= 0.25 and not il_record['il_charged']
+    assert il_record['il_val_loss'] == json.loads((runs.cache / 'il_loss.json').read_text())['il_val_loss']
+    assert read_run(runs.rho)['stats']['il_val_loss'] == il_record['il_val_loss']  # compare's table of what methods log
 
 
 def test_rst_accounting_is_scoring_plus_training(runs):
@@ -273,7 +302,11 @@ def test_il_cache_lines_up_with_the_stream(runs):
     assert info['il_ckpt_sha256'] == hashlib.sha256((runs.il / 'ckpt.pt').read_bytes()).hexdigest()
     assert info['il_precompute']['examples'] == len(train_k)
     assert info['il_precompute']['rst'] == pytest.approx(len(train_k) / 8 * FWD)
-    assert info['il_train']['rst'] == pytest.approx(read_log(runs.il)[-1]['rst'])
+    search = sorted((runs.il / 'search').iterdir(), key=lambda p: float(p.name[1:]))   # b0.25, b0.5, ...
+    assert [b for b, _ in info['il_search']] == [float(p.name[1:]) for p in search][:len(info['il_search'])]
+    assert info['il_train']['rst'] == pytest.approx(sum(read_log(p)[-1]['rst'] for p in search[:len(info['il_search'])]))
+    best = min(info['il_search'], key=lambda t: t[1])  # the IL model is the search's best run, copied
+    assert info['il_val_loss'] == best[1] and (runs.il / 'ckpt.pt').read_bytes() == (runs.il / 'search' / f'b{best[0]:g}' / 'ckpt.pt').read_bytes()
     model = GPT.from_checkpoint(torch.load(runs.il / 'ckpt.pt', weights_only=True)).eval()
     for k in train_k[[0, 1, len(train_k) // 2, -1]]:
         chunk = torch.from_numpy(tokens[k * T:k * T + T + 1].astype(np.int64))
