@@ -22,10 +22,10 @@ off-domain prose; so the selection rate per kind and the oracle arm are exact.
 The study (a finished stage or run is skipped on a rerun; a killed one resumes): gates first, the
 reference's held-out exact match >= --gate_ref, then the oracle arm's first seed >= --gate_oracle (a
 failing gate stops with one line); then clm, excess (SLM), reference, train, random, oracle x --seeds at
---noise, then excess at each --k_sweep and clm and excess at each --noise_sweep over --sweep_seeds seeds, --jobs
-runs at a time. data/mathmix/report.py: the
-table, exact match against tokens with 95% CIs, tokens SLM needs to reach CLM's final exact match, the
-selection rate per token kind.
+--noise, then excess at each --k_sweep and clm and excess at each --noise_sweep over --sweep_seeds seeds,
+--jobs runs at a time. data/mathmix/report.py: the table, exact match against tokens with 95% CIs, tokens
+SLM needs to reach CLM's final exact match, the selection rate per token kind, each model's loss per byte
+of a line.
 
     python slm.py                       # the study: 48 runs of 1M tokens, two at a time (its cost: README)
     python slm.py --quick=True          # a few-minute smoke run (gates printed, not enforced)
@@ -422,10 +422,10 @@ def run_arm(cfg, paths):
     """One run of cfg's arm, noise and seed into its folder (a killed run resumes, a finished one is
     skipped) -> its eval.json: the final curve point, i.e. the eval at the end of the budget. The run's
     config leaves out the study's keys, so a study rerun with more seeds or arms resumes it."""
-    run, same = arm_config(cfg, paths)
     done = finished_arm(cfg, paths)
     if done:
         return done
+    run, same = arm_config(cfg, paths)
     folder = paths.run_dir(cfg)
     resume = (folder / 'ckpt.pt').exists() and not (folder / 'eval.json').exists() and not cfg.overwrite
     run = dataclasses.replace(run, init_from='resume' if resume else 'scratch', overwrite=not resume)
