@@ -203,9 +203,7 @@ def il_run(run, cfg):
     """Train one IL run, resume it if it was killed, or read it if it finished with this config ->
     {'val_loss', 'steps', 'spent'}, or None if interrupted."""
     folder = Path(run.out_dir)
-    saved = folder / 'config.json'
-    same = saved.exists() and {k: v for k, v in json.loads(saved.read_text())['config'].items() if k not in ('init_from', 'overwrite')} == \
-        {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(run))).items() if k not in ('init_from', 'overwrite')}
+    same = runs.records_config(folder, run)
     if same and runs.run_finished(folder):
         ckpt = runs.load_checkpoint(folder / 'ckpt.pt')
         return {'val_loss': ckpt['val_loss'], 'steps': ckpt['iter_num'],

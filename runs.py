@@ -306,6 +306,16 @@ def derive_label(c):
     return 'wsd' if c.get('schedule') == 'wsd' else 'baseline'
 
 
+def records_config(folder, cfg, ignore=('init_from', 'overwrite')):
+    """Whether folder/config.json records a run of cfg (how it was started aside): a finished run of it can
+    be reused, a killed one resumed."""
+    path = Path(folder) / 'config.json'
+    if not path.is_file():
+        return False
+    saved = json.loads(path.read_text()).get('config', {})
+    return all(saved.get(k) == v for k, v in json.loads(json.dumps(dataclasses.asdict(cfg))).items() if k not in ignore)
+
+
 def read_log(log_path):
     """log.jsonl's records; a line that is not a JSON object (the partial last line of a killed run) is dropped."""
     records = []

@@ -367,10 +367,9 @@ def stage_ref(cfg, paths):
 
 def ref_state(cfg, paths):
     """'finished', 'killed' (resume it) or 'other' (none, or one trained with other keys: train it anew)."""
-    saved, now = paths.ref_ckpt.parent / 'config.json', dataclasses.asdict(ref_config(cfg, paths))
-    same = saved.exists() and all(json.loads(saved.read_text())['config'].get(k) == json.loads(json.dumps(v))
-                                  for k, v in now.items() if k not in ('init_from', 'overwrite'))
-    return 'other' if not (same and paths.ref_ckpt.exists()) else 'finished' if runs.run_finished(saved.parent) else 'killed'
+    folder = paths.ref_ckpt.parent
+    same = runs.records_config(folder, ref_config(cfg, paths))
+    return 'other' if not (same and paths.ref_ckpt.exists()) else 'finished' if runs.run_finished(folder) else 'killed'
 
 
 def reference_eval(cfg, paths):

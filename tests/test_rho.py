@@ -17,7 +17,7 @@ import budget as budget_lib
 import rho
 import train
 from conftest import ROOT, Interrupting, run_script
-from configurator import ConfigError, UserError
+from configurator import ConfigError, UserError, parse
 from data.loader import Batches, Corpus, get_tokenizer, is_val, num_examples, write_corpus
 from data.stdlib.prepare import stdlib_documents
 from model import GPT
@@ -313,6 +313,16 @@ def test_il_cache_lines_up_with_the_stream(runs):
         with torch.no_grad():  # an independent path: full logits and F.cross_entropy
             want = F.cross_entropy(model.logits(chunk[None, :-1])[0], chunk[1:]).item()
         assert float(cache[k]) == pytest.approx(want, abs=3e-3), k
+
+
+def test_a_rerun_reads_the_finished_il_search_instead_of_training(runs, monkeypatch):
+    cfg = parse(rho.RhoConfig, flags(runs.corpus, out_dir=runs.rho, il_out_dir=runs.il, method='rho', stage='il'))
+    monkeypatch.setattr(train, 'train', lambda *a, **k: pytest.fail('a finished IL run was trained again'))
+    monkeypatch.setattr(rho, 'precompute_il', lambda cfg, result: None)
+    info = json.loads((runs.cache / 'il_loss.json').read_text())
+    result = rho.train_il(cfg)
+    assert [list(t) for t in result['search']] == info['il_search'] and result['val_loss'] == info['il_val_loss']
+    assert result['spent']['rst'] == pytest.approx(info['il_train']['rst'])
 
 
 def test_stale_cache_is_refused(runs, tmp_path):
