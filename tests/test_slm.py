@@ -333,11 +333,12 @@ def test_report_tokens_to_reach_clm_and_the_table(tmp_path):
     groups = report.load_runs(tmp_path)
     assert list(groups) == [(0.4, 'clm'), (0.4, 'excess_k60'), (0.4, 'random_k60')]
     assert [report.tokens_to_reach(r, 0.6) for r in groups[0.4, 'excess_k60']] == [pytest.approx(150e3), pytest.approx(300e3)]
-    reached, tokens, ratio = report.match_cells(groups[0.4, 'excess_k60'], groups[0.4, 'clm'])
+    reached, tokens, ratio, paired = report.match_cells(groups[0.4, 'excess_k60'], groups[0.4, 'clm'])
     half = 12.706 * statistics.stdev([150, 300]) / 2 ** 0.5  # t(1) quantile, in thousands of tokens
     assert reached == '2/2' and tokens == f'225 ± {half:.0f}k' and ratio.startswith('2.00 ±')
-    assert report.match_cells(groups[0.4, 'random_k60'], groups[0.4, 'clm']) == ['0/1', '-', '-']
-    assert report.clm_cells(groups[0.4, 'clm']) == ['2/2', '400 ± 0k', '-']  # each seed's final first reached at 400k
+    assert paired == '1.00'  # only CLM's seed 2 reaches 0.6 (at 300k), as excess's seed 2 does: one pair
+    assert report.match_cells(groups[0.4, 'random_k60'], groups[0.4, 'clm']) == ['0/1', '-', '-', '-']
+    assert report.clm_cells(groups[0.4, 'clm']) == ['2/2', '400 ± 0k', '-', '-']  # each seed's final first reached at 400k
     text = report.report(tmp_path, 0.4, 0.6)
     assert '| 0.4 | excess_k60 | 2 | 0.850 ± 0.635 | 0.425 ± 0.318 |' in text and (tmp_path / 'compare.md').exists()
 

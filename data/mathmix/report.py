@@ -3,8 +3,9 @@ say, over seeds.
 
   compare.md           one row per (noise, arm): held-out exact match, trap exact match, clean val loss,
                        the selection rate of each token kind, and the tokens the arm needs to reach CLM's
-                       final exact match at the same noise (with Rho-1's ratio: CLM's whole budget over
-                       those tokens); CLM's row gives the tokens it needed to reach its own final value
+                       final exact match at the same noise, with Rho-1's ratio (CLM's whole budget over
+                       those tokens) and the paired ratio (per seed, CLM's own tokens to that value over
+                       the arm's); CLM's row gives the tokens it needed to reach its own final value
                        (where it plateaued); the reference model's row first
                        and, where the checkpoints are here, the clean val loss of each byte of a line per
                        arm at the study's noise: which part of the task a model has not learned
@@ -51,26 +52,32 @@ def clm_cells(clm_runs):
     """CLM's own row: the tokens each seed needed to first reach its final exact match (where it
     plateaued: the rest of its budget did not raise it)."""
     tokens = [tokens_to_reach(r, r['accuracy']) for r in clm_runs]
-    return [f'{len(tokens)}/{len(clm_runs)}', cell([t / 1e3 for t in tokens], '.0f') + 'k', '-']
+    return [f'{len(tokens)}/{len(clm_runs)}', cell([t / 1e3 for t in tokens], '.0f') + 'k', '-', '-']
 
 
 def match_cells(runs, clm_runs):
-    """Tokens to reach CLM's mean final exact match, and CLM's tokens / those, over the seeds that did."""
+    """Tokens to reach CLM's mean final exact match over the seeds that did; Rho-1's ratio (CLM's whole
+    budget over those tokens); and the paired ratio: per seed, the tokens CLM needed to reach that value
+    over the arm's (a CLM that plateaus early makes Rho-1's ratio large for any arm, this one not)."""
     if not clm_runs:
-        return ['-', '-', '-']
+        return ['-'] * 4
     target = sum(r['accuracy'] for r in clm_runs) / len(clm_runs)
-    tokens = [t for t in (tokens_to_reach(r, target) for r in runs) if t is not None]
-    ratio = [clm_runs[0]['tokens'] / max(t, 1.0) for t in tokens]
-    return [f'{len(tokens)}/{len(runs)}', cell([t / 1e3 for t in tokens], '.0f') + 'k' if tokens else '-', cell(ratio, '.2f')]
+    reached = {r['seed']: tokens_to_reach(r, target) for r in runs}
+    tokens = [t for t in reached.values() if t is not None]
+    clm_tokens = {r['seed']: tokens_to_reach(r, target) for r in clm_runs}
+    paired = [clm_tokens[s] / max(t, 1.0) for s, t in reached.items() if t is not None and clm_tokens.get(s) is not None]
+    return [f'{len(tokens)}/{len(runs)}', cell([t / 1e3 for t in tokens], '.0f') + 'k' if tokens else '-',
+            cell([clm_runs[0]['tokens'] / max(t, 1.0) for t in tokens], '.2f'), cell(paired, '.2f')]
 
 
 def table(groups, ref):
     cols = ['noise', 'arm', 'seeds', 'exact match', 'trap exact match', 'clean val loss',
-            *[f'sel {k}' for k in KINDS], 'reached CLM', 'tokens to CLM final', 'CLM tokens / tokens']
+            *[f'sel {k}' for k in KINDS], 'reached CLM', 'tokens to CLM final', 'CLM budget / tokens (Rho-1)',
+            'CLM tokens / tokens (paired)']
     lines = ['| ' + ' | '.join(cols) + ' |', '|' + '---|' * len(cols)]
     if ref:
         lines.append(f"| - | reference (clean data, {ref['tokens'] / 1e6:.2f}M tokens) | 1 | {ref['accuracy']:.3f} | "
-                     f"{ref['trap_accuracy']:.3f} | {ref['val_loss_clean']:.4f} |" + ' - |' * (len(KINDS) + 3))
+                     f"{ref['trap_accuracy']:.3f} | {ref['val_loss_clean']:.4f} |" + ' - |' * (len(KINDS) + 4))
     for (noise, arm), runs in groups.items():
         sel = [cell([r['selection'][k] for r in runs if k in r['selection']]) for k in KINDS]
         match = match_cells(runs, groups.get((noise, 'clm'), [])) if arm != 'clm' else clm_cells(runs)
