@@ -214,11 +214,25 @@ def il_run(run, cfg):
     return None if result['interrupted'] else result
 
 
+def check_il_out_dir(cfg):
+    """il_out_dir receives the best search run's files: refuse, before any training, a folder that holds
+    another run (one that is not an IL model) unless --overwrite=True."""
+    folder = Path(cfg.il_out_dir)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f'--il_out_dir={folder} is a file: give a folder')
+    holds = [name for name in ('ckpt.pt', 'log.jsonl') if (folder / name).exists()]
+    saved = read_json(folder / 'config.json').get('config', {}) if (folder / 'config.json').is_file() else {}
+    if holds and saved.get('label') != 'rho_il' and not cfg.overwrite:
+        raise UserError(f'--il_out_dir={folder} already holds a run that is not an IL model: give another '
+                        f'--il_out_dir, or --overwrite=True to replace it')
+
+
 def train_il(cfg):
     """Train the IL model on the holdout until its held-out (val) loss stops improving: fully decayed runs
     at il_budget (at least the largest budget it serves), 2x, 4x, ... until a doubling gains less than
     il_tol (at most il_doublings doublings). The best run becomes the IL model (its files are copied to
     il_out_dir), every run's cost is the IL training cost; then precompute its cache. Resumable."""
+    check_il_out_dir(cfg)
     budget, tried, spent = cfg.il_budget or cfg.budget, [], {u: 0.0 for u in ('rst', 'tokens', 'flops', 'wall')}
     for i in range(cfg.il_doublings + 1):
         run = il_config(cfg, budget * 2 ** i)

@@ -425,6 +425,8 @@ def run_arm(cfg, paths):
     if done:
         return done
     run, same = arm_config(cfg, paths)
+    if cfg.ref_mode == 'cached':  # refused before the loop reads any data (a stale cache names its fix)
+        load_cache(paths.corpus(cfg.noise), paths.ref_ckpt, run.model_dims()['block_size'])
     folder = paths.run_dir(cfg)
     resume = (folder / 'ckpt.pt').exists() and not (folder / 'eval.json').exists() and not cfg.overwrite
     run = dataclasses.replace(run, init_from='resume' if resume else 'scratch', overwrite=not resume)
@@ -496,12 +498,11 @@ def stage_export(cfg, paths):
 def arm_line_losses(cfg, paths):
     """{model: [line_losses per seed]}: the reference model's and each finished arm's at --noise, from the
     checkpoints that are here (a copy of the logs alone has none)."""
-    found = [(paths.ref_ckpt, 'reference model')] if paths.ref_ckpt.exists() else []
-    for path in sorted((paths.root / corpus_name(cfg.noise)).glob('*/eval.json')):
-        if (path.parent / 'ckpt.pt').exists():
-            found.append((path.parent / 'ckpt.pt', json.loads(path.read_text())['arm']))
-    if not found or not (paths.ref_data / 'val.bin').exists():
+    found = [(path.parent / 'ckpt.pt', json.loads(path.read_text())['arm'])
+             for path in sorted((paths.root / corpus_name(cfg.noise)).glob('*/eval.json')) if (path.parent / 'ckpt.pt').exists()]
+    if not found or not (paths.ref_data / 'val.bin').exists():  # no arm here: nothing to read (or write)
         return None
+    found = ([(paths.ref_ckpt, 'reference model')] if paths.ref_ckpt.exists() else []) + found
     rt, out = runs.setup_device(cfg), {}
     for ckpt, name in found:
         model = runs.load_model(ckpt, rt.device, compile_loss=False)
