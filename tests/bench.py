@@ -63,8 +63,15 @@ def loss_inputs(n, d, v, backward, device='cpu'):
 def loss_call(name, h, w, t, backward, use_compile=True):
     """One call of a loss variant: eager (F.cross_entropy on full logits, nanoGPT's), per_token (chunked,
     two-pass: the weights are not known in the forward) or fused_<chunk> (weighted_loss, mean weights);
-    use_compile: the chunk kernels compiled (the default) or eager."""
+    use_compile: the chunk kernels compiled (the default) or eager. 'matmuls' is the floor: eager's matmuls
+    alone, one for the forward, three with the backward."""
     from loss import LOSS_CHUNK, per_token_loss, weighted_loss
+    if name == 'matmuls':
+        with torch.no_grad():
+            logits = h @ w.t()
+            if backward:
+                logits @ w, logits.t() @ h
+        return
     with torch.set_grad_enabled(backward):
         if name == 'eager':
             loss = F.cross_entropy((h @ w.t()).float(), t)
@@ -111,13 +118,13 @@ def bench_loss(chunks):
     from loss import FUSED_CHUNK, LOSS_CHUNK
     print(f'loss: N={N} tokens, d={D}, vocab={V}, fp32; eager = F.cross_entropy((h @ w.T).float(), t) '
           f'(the mean); per_token = chunk {LOSS_CHUNK}, two-pass; fused = weighted_loss (weights known)')
-    names = ['eager', 'per_token', *(f'fused_{c}' for c in chunks or [FUSED_CHUNK])]
+    names = ['eager', 'matmuls', 'per_token', *(f'fused_{c}' for c in chunks or [FUSED_CHUNK])]
     for backward in (False, True):
         seconds = _in_subprocess(f'_loss_seconds({names!r}, {backward})')
-        memory = {name: _in_subprocess(f'_loss_memory({name!r}, {backward})') for name in names}
+        memory = {name: _in_subprocess(f'_loss_memory({name!r}, {backward})') for name in names if name != 'matmuls'}
         print(f'  {"forward+backward" if backward else "forward only"}: eager {seconds["eager"]:.2f}s, '
-              f'{memory["eager"]:.0f} MB extra peak')
-        for name in names[1:]:
+              f'{memory["eager"]:.0f} MB extra peak; its matmuls alone (the floor) {seconds["matmuls"] / seconds["eager"]:.2f}x')
+        for name in names[2:]:
             print(f'    {name} (compiled kernels): time {seconds[name] / seconds["eager"]:.2f}x, peak memory '
                   f'{memory[name] / max(memory["eager"], 1):.2f}x ({seconds[name]:.2f}s, {memory[name]:.0f} MB)')
 
