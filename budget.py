@@ -33,7 +33,7 @@ import torch
 
 from configurator import ConfigError, UserError, cli, key, read_config_file, require, require_writable
 from data.loader import DataError, atomic_write_bytes, data_dir, ngram_floors
-from runs import METHOD_STATS, Job, read_run, run_finished, run_jobs
+from runs import METHOD_STATS, Job, read_run, records_config, run_finished, run_jobs
 
 UNITS = ('rst', 'tokens', 'iters', 'flops', 'wall')
 TABLE_DIR = Path(__file__).resolve().parent / 'config' / 'rst'
@@ -860,7 +860,10 @@ def il_args(out_dir, budget):
 
 
 def run_command(script, args):
-    resume = not args.get('branch_budgets') and (Path(args['out_dir']) / 'ckpt.pt').exists()
+    """The command of one planned run: it resumes a killed run of these same keys, and starts afresh
+    (replacing it) over anything else in its folder, e.g. a run of an older plan with another budget."""
+    out_dir = Path(args['out_dir'])
+    resume = not args.get('branch_budgets') and (out_dir / 'ckpt.pt').exists() and records_config(out_dir, args)
     args = {**args, 'init_from': 'resume'} if resume else {**args, 'overwrite': not args.get('branch_budgets')}
     return [sys.executable, script] + [f'--{k}={v!r}' if isinstance(v, (str, tuple)) else f'--{k}={v}' for k, v in args.items()]
 
@@ -869,7 +872,8 @@ def run_plan(plan, jobs):
     """Run every unfinished (label, script, args) of a plan, `jobs` at a time (runs.run_jobs; each run's
     output goes to <out_dir>.out). The runs that need RHO-LOSS's shared IL model never overlap: the first
     builds it, the others reuse it. Resumable: finished runs are skipped, killed ones resume."""
-    todo = [item for item in plan if item[2].get('branch_budgets') or not run_finished(item[2]['out_dir'])]
+    todo = [item for item in plan if item[2].get('branch_budgets') or not (run_finished(item[2]['out_dir'])
+                                                                          and records_config(item[2]['out_dir'], item[2]))]
     failed = run_jobs([Job(f"{label} budget {args['budget']:g} seed {args['seed']}", run_command(script, args),
                            Path(f"{args['out_dir']}.out"), 'il' if args.get('il_out_dir') else '')
                        for label, script, args in todo], jobs, cwd=Path(__file__).parent)

@@ -203,7 +203,7 @@ def il_run(run, cfg):
     """Train one IL run, resume it if it was killed, or read it if it finished with this config ->
     {'val_loss', 'steps', 'spent'}, or None if interrupted."""
     folder = Path(run.out_dir)
-    same = runs.records_config(folder, run)
+    same = runs.records_config(folder, dataclasses.asdict(run))
     if same and runs.run_finished(folder):
         ckpt = runs.load_checkpoint(folder / 'ckpt.pt')
         return {'val_loss': ckpt['val_loss'], 'steps': ckpt['iter_num'],

@@ -306,14 +306,17 @@ def derive_label(c):
     return 'wsd' if c.get('schedule') == 'wsd' else 'baseline'
 
 
-def records_config(folder, cfg, ignore=('init_from', 'overwrite')):
-    """Whether folder/config.json records a run of cfg (how it was started aside): a finished run of it can
-    be reused, a killed one resumed."""
+def records_config(folder, values, ignore=('init_from', 'overwrite')):
+    """Whether folder/config.json records a run with these config values (a dict: a config's asdict, or
+    the keys a command line gives; how it was started aside): a finished run of it can be reused, a killed
+    one resumed, any other must not be."""
     path = Path(folder) / 'config.json'
-    if not path.is_file():
+    try:
+        saved = json.loads(path.read_text()).get('config', {}) if path.is_file() else None
+    except ValueError:
         return False
-    saved = json.loads(path.read_text()).get('config', {})
-    return all(saved.get(k) == v for k, v in json.loads(json.dumps(dataclasses.asdict(cfg))).items() if k not in ignore)
+    return isinstance(saved, dict) and all(saved.get(k) == v for k, v in json.loads(json.dumps(values)).items()
+                                           if k not in ignore)
 
 
 def read_log(log_path):

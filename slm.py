@@ -368,7 +368,7 @@ def stage_ref(cfg, paths):
 def ref_state(cfg, paths):
     """'finished', 'killed' (resume it) or 'other' (none, or one trained with other keys: train it anew)."""
     folder = paths.ref_ckpt.parent
-    same = runs.records_config(folder, ref_config(cfg, paths))
+    same = runs.records_config(folder, dataclasses.asdict(ref_config(cfg, paths)))
     return 'other' if not (same and paths.ref_ckpt.exists()) else 'finished' if runs.run_finished(folder) else 'killed'
 
 

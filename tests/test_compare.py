@@ -309,10 +309,15 @@ def test_sweep_plan_and_commands(tmp_path):
 
     cmd = budget_lib.run_command(script, args)                          # a fresh run replaces a stale folder
     assert cmd[1] == 'train.py' and "--arch='stack'" in cmd and '--stack_fracs=(0.5,)' in cmd and '--overwrite=True' in cmd
-    (tmp_path / 'abl' / 'stack' / 'b6' / 's0').mkdir(parents=True)
-    (tmp_path / 'abl' / 'stack' / 'b6' / 's0' / 'ckpt.pt').write_bytes(b'')
-    resume = budget_lib.run_command(script, args)                       # a started run resumes
+    folder = tmp_path / 'abl' / 'stack' / 'b6' / 's0'
+    folder.mkdir(parents=True)
+    (folder / 'ckpt.pt').write_bytes(b'')
+    (folder / 'config.json').write_text(json.dumps({'config': {**args, 'stack_fracs': [0.5], 'init_from': 'scratch'}}))
+    resume = budget_lib.run_command(script, args)                       # a started run of these keys resumes
     assert "--init_from='resume'" in resume and not any(a.startswith('--overwrite') for a in resume)
+    (folder / 'config.json').write_text(json.dumps({'config': {**args, 'budget': 3.0}}))  # an older plan's run
+    again = budget_lib.run_command(script, args)
+    assert '--overwrite=True' in again and not any(a.startswith('--init_from') for a in again)
 
 
 def test_ablate_runs_the_sweep_once(tmp_path, monkeypatch, capsys):
@@ -400,3 +405,19 @@ def test_a_row_tuned_as_another_is_not_tuned_and_runs_with_its_values(tmp_path, 
     (tmp_path / 'sweep.py').write_text(sweep + "TUNED_AS = {'rho_il_charged': 'rhoo'}\n")
     with pytest.raises(ConfigError, match="TUNED_AS {'rho_il_charged': 'rhoo'} names rows that METHODS does not have"):
         budget_lib.sweep_plan(budget_lib.AblateConfig(config=cfg.config))
+
+
+def test_a_finished_run_is_reused_only_by_a_plan_with_its_keys(tmp_path, monkeypatch):
+    """run_plan skips a finished run only if its config.json records the plan's keys: a run left by an
+    older plan (another budget) in the same folder is run again, not read as this plan's."""
+    folder = tmp_path / 'baseline' / 'b6' / 's0'
+    folder.mkdir(parents=True)
+    args = {'model': 'tiny', 'budget_unit': 'iters', 'budget': 3.0, 'seed': 0, 'out_dir': str(folder)}
+    (folder / 'config.json').write_text(json.dumps({'config': args}))
+    (folder / 'log.jsonl').write_text(json.dumps({'step': 3, 'iters': 3.0, 'tokens': 1536.0, 'val_loss': 4.0}) + '\n')
+    started = []
+    monkeypatch.setattr(budget_lib, 'run_jobs', lambda jobs, n, cwd=None: started.extend(jobs) or [])
+    budget_lib.run_plan([('baseline', 'train.py', args)], jobs=1)
+    assert started == []                                        # finished, with these keys: skipped
+    budget_lib.run_plan([('baseline', 'train.py', {**args, 'budget': 6.0})], jobs=1)
+    assert len(started) == 1 and '--overwrite=True' in started[0].argv and '--budget=6.0' in started[0].argv
