@@ -222,9 +222,9 @@ class Budget:
 
     def _rst(self, kind, entry, scale=1.0):
         if self.table is not None:
-            cost = self.table[kind][str(entry)] * scale
+            cost, name = self.table[kind][str(entry)] * scale, f'{kind}:{entry}'
             self.spent['rst'] += cost
-            self.by_entry[f'{kind}:{entry}'] = self.by_entry.get(f'{kind}:{entry}', 0.0) + cost
+            self.by_entry[name] = self.by_entry.get(name, 0.0) + cost
 
     def charge_train(self, n_examples, n_layers):
         """Forward+backward of n_examples at n_layers active blocks."""

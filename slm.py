@@ -102,20 +102,23 @@ class SelectiveLM(train.CausalLM):
     kind. Its val loss is the clean target-domain val loss; each eval appends the held-out exact match
     to <run>/curve.jsonl (the accuracy-vs-tokens curve)."""
 
-    def __init__(self, cfg, paths):
+    def __init__(self, cfg, paths, cache=None):
         super().__init__(cfg.batch_size)
         self.cfg, self.paths, self.corpus = cfg, paths, paths.corpus(cfg.noise)
         self.generator = torch.Generator().manual_seed(cfg.seed)            # select_by='random'
         self.counts = torch.zeros(len(KINDS), 2, dtype=torch.float64)      # per kind: seen, selected
         self.curve_step = -1  # step of the last curve point written (-1: none yet, a fresh run starts the file)
+        # ref_loss per stream position: the corpus's cache unless one is given, checked here, before the
+        # loop reads any data (a stale cache is refused with its fix)
+        self.cache = cache
+        if cache is None and cfg.ref_mode == 'cached':
+            self.cache = load_cache(self.corpus, paths.ref_ckpt, cfg.model_dims()['block_size'])
 
     def setup(self, ctx):
         T, self.rt = ctx.model.config.block_size, ctx.rt
         self.counts = self.counts.to(ctx.device)
         self.kinds = load_kinds(self.corpus)
-        if self.cfg.ref_mode == 'cached':
-            self.cache = load_cache(self.corpus, self.paths.ref_ckpt, T)
-        else:
+        if self.cfg.ref_mode == 'online':
             self.ref_model = runs.load_model(self.paths.ref_ckpt, ctx.device, self.cfg.compile_loss)
         self.val_x, self.val_y = clean_val(self.paths.ref_data, T, self.cfg.eval_batches * self.cfg.batch_size)
         self.problems = load_problems(self.paths.eval_file)
@@ -425,8 +428,6 @@ def run_arm(cfg, paths):
     if done:
         return done
     run, same = arm_config(cfg, paths)
-    if cfg.ref_mode == 'cached':  # refused before the loop reads any data (a stale cache names its fix)
-        load_cache(paths.corpus(cfg.noise), paths.ref_ckpt, run.model_dims()['block_size'])
     folder = paths.run_dir(cfg)
     resume = (folder / 'ckpt.pt').exists() and not (folder / 'eval.json').exists() and not cfg.overwrite
     run = dataclasses.replace(run, init_from='resume' if resume else 'scratch', overwrite=not resume)
@@ -503,11 +504,12 @@ def arm_line_losses(cfg, paths):
     if not found or not (paths.ref_data / 'val.bin').exists():  # no arm here: nothing to read (or write)
         return None
     found = ([(paths.ref_ckpt, 'reference model')] if paths.ref_ckpt.exists() else []) + found
-    rt, out = runs.setup_device(cfg), {}
+    rt, out, val = runs.setup_device(cfg), {}, {}
     for ckpt, name in found:
         model = runs.load_model(ckpt, rt.device, compile_loss=False)
-        x, y = clean_val(paths.ref_data, model.config.block_size, cfg.eval_batches * cfg.batch_size)
-        out.setdefault(name, []).append(line_losses(model, x, y, rt))
+        T = model.config.block_size  # the study's models share it: the val windows are read once
+        val[T] = val.get(T) or clean_val(paths.ref_data, T, cfg.eval_batches * cfg.batch_size)
+        out.setdefault(name, []).append(line_losses(model, *val[T], rt))
     return out
 
 

@@ -124,8 +124,8 @@ def test_loss_normalises_by_the_number_selected():
 
 
 def objective_on(cfg, model, x, y, ids, cache, kinds):
-    obj = slm.SelectiveLM(cfg, slm.get_paths(cfg))
-    obj.cache, obj.kinds = cache, kinds
+    obj = slm.SelectiveLM(cfg, slm.get_paths(cfg), cache=cache)
+    obj.kinds = kinds
     budget = Budget('iters', 10, None, lambda L: 1.0, x.size(1), len(x))
     return obj, obj(model, FixedData(x, y, ids), run_context(budget))
 
