@@ -841,7 +841,9 @@ def sweep_plan(cfg):
     seeds = cfg.seeds[:1] if cfg.quick else cfg.seeds
     methods = chosen_methods(spec, cfg.methods, cfg.config)
     tuned = read_tuned(cfg.tuned, spec, cfg.config, min(budgets)) if cfg.tuned else {}
-    il = il_args(cfg.out_dir, max(budgets))
+    # the IL model trained while tuning (at the sweep's largest budget) serves this sweep too if it has that budget
+    il_home = Path(cfg.tuned).parent if cfg.tuned and max(budgets) == max(spec['BUDGETS']) else cfg.out_dir
+    il = il_args(il_home, max(budgets))
     plan = [(label, script, {**spec['COMMON'], **(il if args.get('method') == 'rho' else {}), **args,
                              **tuned.get(spec.get('TUNED_AS', {}).get(label, label), {}), 'budget': b, 'seed': seed, 'label': label,
                              'out_dir': f'{cfg.out_dir}/{label}/b{b:g}/s{seed}'})
@@ -855,7 +857,8 @@ def sweep_plan(cfg):
 
 def il_args(out_dir, budget):
     """RHO-LOSS's irreducible-loss model is trained once per sweep (by its first RHO-LOSS run: from the
-    largest budget, doubling while its val loss improves, rho.train_il) and reused by every other."""
+    largest budget, doubling while its val loss improves, rho.train_il) and reused by every other, tuning
+    runs and ablation runs alike."""
     return {'il_out_dir': f'{out_dir}/il', 'il_cache': f'{out_dir}/il_cache', 'il_budget': budget}
 
 
@@ -908,31 +911,23 @@ def tune(cfg):
     Writes tuned.json (read by `ablate --tuned`) and tune.png."""
     spec, out = read_sweep(cfg.config), Path(cfg.out_dir)
     require_writable(out / 'tuned.json')
-    budget = cfg.budget or min(spec['BUDGETS'])
-    common, results = spec['COMMON'], {}
-    for label, (script, args) in chosen_methods(spec, cfg.methods, cfg.config).items():
-        if label in spec.get('TUNED_AS', {}):
-            print(f"{label}: runs with {spec['TUNED_AS'][label]}'s tuned values (TUNED_AS)", flush=True)
-            continue
-        lr0 = args.get('lr', common.get('lr', 2e-3))
-        axes = spec.get('TUNE', {}).get(label, {})
-        extras = [dict(zip(axes, values)) for values in itertools.product(*axes.values())] or [{}]
-        ks = list(range(-(cfg.points // 2), cfg.points - cfg.points // 2))
-        il = il_args(cfg.out_dir, max(spec['BUDGETS'])) if args.get('method') == 'rho' else {}
-        for _ in range(4):  # the method's own lr first: RHO-LOSS's first run trains the shared IL model with it
-            grid = [(lr0 * 2.0 ** k, extra) for k in sorted(ks, key=abs) for extra in extras]
-            plan = [(label, script, {**common, **il, **tune_point(args, common, lr, extra), 'budget': budget, 'seed': seed,
-                                     'label': f'{label} (tuning)', 'out_dir': str(out / label / point_name(lr, extra) / f's{seed}')})
-                    for lr, extra in grid for seed in cfg.seeds]
-            run_plan(plan, cfg.jobs)
-            points = [tune_summary(out / label / point_name(lr, extra), cfg.seeds, lr, extra) for lr, extra in grid]
-            best = min(points, key=lambda p: p['final'])
-            k_best = round(math.log2(best['lr'] / lr0))
-            if min(ks) < k_best < max(ks):
-                break
-            ks = sorted(set(ks) | {k_best - 1 if k_best == min(ks) else k_best + 1})
-        results[label] = {**{k: v for k, v in tune_point(args, common, best['lr'], best['extra']).items()
-                             if k in ('lr', 'weight_decay', *axes)}, 'grid': points}
+    budget, common = cfg.budget or min(spec['BUDGETS']), spec['COMMON']
+    methods = chosen_methods(spec, cfg.methods, cfg.config)
+    for label in [label for label in methods if label in spec.get('TUNED_AS', {})]:
+        print(f"{label}: runs with {spec['TUNED_AS'][label]}'s tuned values (TUNED_AS)", flush=True)
+        del methods[label]
+    grids = {label: TuneGrid(label, script, args, spec, cfg, budget) for label, (script, args) in methods.items()}
+    # every method's first grid in one pool, so no core idles between methods; RHO-LOSS's first, as its
+    # first run trains the shared IL model (the longest job)
+    run_plan([item for g in sorted(grids.values(), key=lambda g: not g.il) for item in g.plan()], cfg.jobs)
+    results = {}
+    for label, g in grids.items():
+        run_plan(g.plan(), cfg.jobs)
+        while g.extend():
+            run_plan(g.plan(), cfg.jobs)
+        best = g.best()
+        results[label] = {**{k: v for k, v in tune_point(g.args, common, best['lr'], best['extra']).items()
+                             if k in ('lr', 'weight_decay', *g.axes)}, 'grid': g.points()}
         print(f"{label}: best lr {best['lr']:.3g} {best['extra'] or ''} final val loss {best['final']:.4f}", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     record = {'config': cfg.config, 'common': repr(common), 'methods': {k: repr(v) for k, v in spec['METHODS'].items()},
@@ -945,6 +940,43 @@ def tune(cfg):
     plot_tuning(results, out / 'tune.png')
     print(f"wrote {out / 'tuned.json'}")
     return results
+
+
+class TuneGrid:
+    """One method's lr grid: lr0 x 2^k for k in ks (crossed with its TUNE axes), on the tuning seeds."""
+
+    def __init__(self, label, script, args, spec, cfg, budget):
+        self.label, self.script, self.args, self.cfg, self.budget = label, script, args, cfg, budget
+        self.common, self.out = spec['COMMON'], Path(cfg.out_dir) / label
+        self.lr0 = args.get('lr', self.common.get('lr', 2e-3))
+        self.axes = spec.get('TUNE', {}).get(label, {})
+        self.extras = [dict(zip(self.axes, v)) for v in itertools.product(*self.axes.values())] or [{}]
+        self.ks = list(range(-(cfg.points // 2), cfg.points - cfg.points // 2))
+        self.il = il_args(cfg.out_dir, max(spec['BUDGETS'])) if args.get('method') == 'rho' else {}
+
+    def grid(self):  # the method's own lr first: RHO-LOSS's first run trains the shared IL model with it
+        return [(self.lr0 * 2.0 ** k, extra) for k in sorted(self.ks, key=abs) for extra in self.extras]
+
+    def plan(self):
+        return [(self.label, self.script, {**self.common, **self.il, **tune_point(self.args, self.common, lr, extra),
+                                           'budget': self.budget, 'seed': seed, 'label': f'{self.label} (tuning)',
+                                           'out_dir': str(self.out / point_name(lr, extra) / f's{seed}')})
+                for lr, extra in self.grid() for seed in self.cfg.seeds]
+
+    def points(self):
+        return [tune_summary(self.out / point_name(lr, extra), self.cfg.seeds, lr, extra) for lr, extra in self.grid()]
+
+    def best(self):
+        return min(self.points(), key=lambda p: p['final'])
+
+    def extend(self):
+        """Add the next lr beyond the best point if it lies at an edge of the grid (3 times at most) ->
+        whether it did."""
+        k_best = round(math.log2(self.best()['lr'] / self.lr0))
+        if min(self.ks) < k_best < max(self.ks) or len(self.ks) == self.cfg.points + 3:
+            return False
+        self.ks = sorted(set(self.ks) | {k_best - 1 if k_best == min(self.ks) else k_best + 1})
+        return True
 
 
 def point_name(lr, extra):

@@ -388,19 +388,24 @@ class Job:
     label: str              # what the progress line calls it
     argv: list              # the command
     log: Path               # its stdout and stderr
-    exclusive: str = ''     # jobs sharing a non-empty tag never run at the same time (e.g. one builds a shared model)
+    exclusive: str = ''     # jobs sharing a non-empty tag wait for the first of them to succeed (it builds a shared model)
 
 
 def run_jobs(jobs, n_parallel, cwd=None):
     """Run every Job, n_parallel at a time with the CPU threads split between them; print one line as
     each ends (its last 'done:' line, or its last line) -> the failed ones' (job, last line)."""
     todo, running, failed, t0, n = list(jobs), {}, [], time.time(), len(jobs)
+    built = {''}  # exclusive tags whose first job succeeded: the rest of them may run side by side
     env = {**os.environ, 'OMP_NUM_THREADS': str(max(1, (os.cpu_count() or 1) // n_parallel))}
     while todo or running:
-        busy = {job.exclusive for job in running.values() if job.exclusive}
-        for job in [j for j in todo if j.exclusive not in busy][:n_parallel - len(running)]:
+        busy = {job.exclusive for job in running.values()} - built
+        for job in list(todo):
+            if len(running) == n_parallel:
+                break
+            if job.exclusive in busy:
+                continue
             todo.remove(job)
-            busy |= {job.exclusive} - {''}
+            busy |= {job.exclusive} - built
             job.log.parent.mkdir(parents=True, exist_ok=True)
             with open(job.log, 'w') as out:
                 running[subprocess.Popen(job.argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd)] = job
@@ -410,6 +415,8 @@ def run_jobs(jobs, n_parallel, cwd=None):
             lines = job.log.read_text(errors='replace').splitlines() or ['?']
             if proc.returncode != 0:
                 failed.append((job, lines[-1]))
+            else:
+                built.add(job.exclusive)
             done = n - len(todo) - len(running)
             eta = (time.time() - t0) / done * (n - done)
             status = next((l for l in reversed(lines) if l.startswith('done:')), lines[-1])

@@ -384,7 +384,8 @@ def test_tune_grid_extends_at_an_edge_and_ablate_reads_the_result(tmp_path, monk
 
 def test_a_row_tuned_as_another_is_not_tuned_and_runs_with_its_values(tmp_path, monkeypatch):
     """RHO-LOSS 'IL charged' is RHO-LOSS with its IL model's cost in the budget: the same lr, so tune skips
-    it and ablate gives it the tuned values of the row TUNED_AS names (and its own charge_il)."""
+    it and ablate gives it the tuned values of the row TUNED_AS names (and its own charge_il); both rows
+    use the IL model trained while tuning."""
     sweep = SWEEP.replace("    'lion':", "    'rho': ('rho.py', dict(method='rho', select_frac=0.5)),\n"
                                           "    'rho_il_charged': ('rho.py', dict(method='rho', select_frac=0.5, charge_il=True)),\n    'lion':")
     (tmp_path / 'sweep.py').write_text(sweep + "TUNED_AS = {'rho_il_charged': 'rho'}\n")
@@ -402,6 +403,7 @@ def test_a_row_tuned_as_another_is_not_tuned_and_runs_with_its_values(tmp_path, 
     assert rows['rho_il_charged']['lr'] == rows['rho']['lr'] == pytest.approx(3e-3)
     assert rows['rho_il_charged']['charge_il'] and 'charge_il' not in rows['rho']
     assert rows['rho_il_charged']['il_out_dir'] == rows['rho']['il_out_dir']  # one IL model for both rows
+    assert rows['rho']['il_out_dir'] == str(tmp_path / 'tune' / 'il')  # the one tuning trained serves the sweep
     (tmp_path / 'sweep.py').write_text(sweep + "TUNED_AS = {'rho_il_charged': 'rhoo'}\n")
     with pytest.raises(ConfigError, match="TUNED_AS {'rho_il_charged': 'rhoo'} names rows that METHODS does not have"):
         budget_lib.sweep_plan(budget_lib.AblateConfig(config=cfg.config))
@@ -421,3 +423,21 @@ def test_a_finished_run_is_reused_only_by_a_plan_with_its_keys(tmp_path, monkeyp
     assert started == []                                        # finished, with these keys: skipped
     budget_lib.run_plan([('baseline', 'train.py', {**args, 'budget': 6.0})], jobs=1)
     assert len(started) == 1 and '--overwrite=True' in started[0].argv and '--budget=6.0' in started[0].argv
+
+
+def test_jobs_sharing_a_tag_wait_for_the_first_to_succeed(tmp_path):
+    """run_jobs: jobs with one exclusive tag (RHO-LOSS runs that share an IL model) wait while the first of
+    them runs, even with free slots; once it has succeeded the rest run side by side, and untagged jobs fill
+    the free slots meanwhile."""
+    import sys
+
+    def job(name, tag):
+        code = 'import time; print(time.time()); time.sleep(0.6); print(time.time())'
+        return runs.Job(name, [sys.executable, '-c', code], tmp_path / f'{name}.out', tag)
+
+    jobs = [job('il1', 'il'), job('il2', 'il'), job('il3', 'il'), job('free', '')]
+    assert runs.run_jobs(jobs, n_parallel=3) == []
+    span = {j.label: [float(x) for x in j.log.read_text().split()] for j in jobs}
+    assert span['il1'][1] <= min(span['il2'][0], span['il3'][0])     # the builder ran alone among its tag
+    assert span['free'][0] < span['il1'][1]                           # an untagged job used a free slot
+    assert span['il2'][0] < span['il3'][1] and span['il3'][0] < span['il2'][1]  # then the rest overlapped
