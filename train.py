@@ -30,8 +30,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import budget as budget_lib
 from arch import ARCHS, build_arch
 from configurator import Interrupted, UserError, check_ranges, cli, key, require, signals_between_steps
-from data.loader import (Batches, Corpus, DataError, atomic_write_bytes, data_dir, get_examples, get_tokenizer,
-                         prepare_command, val_ids)
+from data.loader import (Batches, Corpus, CorpusBusy, DataError, atomic_write_bytes, data_dir, get_examples,
+                         get_tokenizer, prepare_command, val_ids)
 from data.spans import SpanVocab, raw_length_for, span_corrupt, t5_lengths
 from model import MODELS, PRESETS, evaluate, sample_text
 from runs import (build_model, check_resume_config, check_resume_method, load_checkpoint, locked_out_dir, method_name,
@@ -290,7 +290,11 @@ def load_corpus(cfg):
             raise DataError(f'no prepared data in {path}: run `{prepare_command(cfg.dataset, cfg.tokenizer)}`')
         from data.stdlib.prepare import PrepareConfig, prepare
         print(f'preparing the embedded stdlib corpus in {path} (once)')
-        prepare(PrepareConfig(tokenizer=cfg.tokenizer))
+        while not (path / 'meta.json').exists():
+            try:
+                prepare(PrepareConfig(tokenizer=cfg.tokenizer, out_dir=str(path)))
+            except CorpusBusy:  # a parallel run (budget.py --jobs=2) is preparing it: use its corpus
+                time.sleep(1.0)
     return Corpus(path)
 
 

@@ -35,6 +35,10 @@ class DataError(UserError):
     """Bad or missing data: the message says what is wrong and how to fix it."""
 
 
+class CorpusBusy(DataError):
+    """Another process is preparing this corpus (it holds the build's lock)."""
+
+
 # -----------------------------------------------------------------------------
 # tokenizers
 
@@ -176,7 +180,7 @@ class CorpusBuild:
         self.folder = self.target.parent / f'.{self.target.name}.build'
         self.lock_path = self.target.parent / f'.{self.target.name}.lock'
         self.resume_key, self.state, self.committed = resume_key, {}, False
-        self.lock = FolderLock(self.lock_path, lambda pid: DataError(
+        self.lock = FolderLock(self.lock_path, lambda pid: CorpusBusy(
             f'another prepare (pid {pid}) is writing {self.target}: wait for it to end, then run again'))
 
     def __enter__(self):

@@ -149,6 +149,27 @@ def test_a_second_prepare_refuses_while_the_first_holds_the_lock(capsys, text_na
     assert leftovers(target) == []  # the lock file and build folder go with their holder
 
 
+def test_a_run_that_finds_the_default_corpus_being_prepared_waits_and_uses_it(tmp_path, monkeypatch, capsys):
+    """Two runs started at once on a fresh clone (budget.py --jobs=2) both find no stdlib corpus: the
+    second waits for the first's prepare and reads its corpus, instead of failing or building it again."""
+    import threading
+    import time
+    import train
+    target = tmp_path / 'stdlib' / 'byte'
+    monkeypatch.setattr(train, 'data_dir', lambda dataset, tokenizer: target)
+
+    def slow_docs():
+        time.sleep(1.5)
+        yield from docs(70)
+    other = threading.Thread(target=write_corpus, args=(target, slow_docs(), get_tokenizer('byte'), 'the other run'))
+    other.start()
+    while not (target.parent / '.byte.lock').exists():
+        time.sleep(0.01)
+    corpus = train.load_corpus(train.TrainConfig())
+    other.join()
+    assert corpus.meta['source'] == 'the other run' and 'preparing the embedded stdlib corpus' in capsys.readouterr().out
+
+
 def test_two_prepares_started_at_once_leave_one_good_corpus(text_name, tmp_path):
     book = tmp_path / 'book.txt'
     book.write_text(''.join(t for _, t in docs(800)))
