@@ -14,7 +14,7 @@ import warnings
 import torch
 
 LOSS_CHUNK = 2048   # tokens per chunk of per-token losses: chunk x vocab fp32 logits is the extra memory
-FUSED_CHUNK = 512   # tokens per chunk of the fused loss (tests/bench.py: as fast as 1024 on a CPU, less memory)
+FUSED_CHUNK = 1024  # tokens per chunk of the fused loss (tests/bench.py, CPU: fwd+bwd 0.79x eager, 512: 0.82x)
 
 
 def _upcast(logits):
@@ -31,10 +31,12 @@ def _chunk_loss(logits, targets):
 
 
 def _dlogits(logits, targets, lse, scale):
-    """d(sum_i scale_i * loss_i) / d logits (n, V): softmax minus one-hot, scaled; 0 where ignored."""
-    dlogits = torch.exp(_upcast(logits) - lse[:, None])
-    dlogits.scatter_add_(1, targets.clamp(min=0)[:, None], -torch.ones_like(lse)[:, None])
-    return dlogits * torch.where(targets >= 0, scale, 0.0)[:, None]
+    """d(sum_i scale_i * loss_i) / d logits (n, V): softmax minus one-hot, scaled; 0 where ignored. The
+    one-hot is a comparison with the vocab index, not a scatter: compiled, the whole expression is one
+    pass over the chunk (a scatter splits it; a 512 x 50304 chunk on one AMD EPYC thread: 0.080 s -> 0.030 s)."""
+    one_hot = torch.arange(logits.shape[1], device=logits.device) == targets[:, None]
+    softmax = torch.exp(_upcast(logits) - lse[:, None])
+    return (softmax - one_hot.to(softmax.dtype)) * torch.where(targets >= 0, scale, 0.0)[:, None]
 
 
 def _chunk_grad_(logits, targets, lse, scale):
