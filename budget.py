@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from configurator import ConfigError, UserError, cli, key, read_config_file, require, require_writable
+from configurator import ConfigError, UserError, check_distinct, cli, key, read_config_file, require, require_writable
 from data.loader import DataError, atomic_write_bytes, data_dir, ngram_floors
 from runs import METHOD_STATS, Job, read_run, records_config, run_finished, run_jobs
 
@@ -792,6 +792,8 @@ class AblateConfig:
 
     def __post_init__(self):
         check_target(self.target)
+        check_distinct('seeds', self.seeds, '(0, 1, 2, 3, 4)')
+        check_distinct('budgets', self.budgets, '(120.0, 240.0)')
 
 
 @dataclass(frozen=True)
@@ -803,6 +805,9 @@ class TuneConfig:
     seeds: tuple = key((1000,), '>=0')   # tuning seeds: never the reported ones
     points: int = key(5, '>=3')          # lr grid points, spaced x2 around the method's own lr
     jobs: int = key(1, '>0')             # runs at once, the CPU threads split between them
+
+    def __post_init__(self):
+        check_distinct('seeds', self.seeds, '(1000,)')
 
 
 def _is_number(text):
@@ -1038,6 +1043,8 @@ class CompareConfig:
 
     def __post_init__(self):
         check_target(self.target)
+        check_distinct('seeds', self.seeds, '(0, 1, 2, 3, 4)')
+        check_distinct('budgets', self.budgets, '(120.0, 240.0)')
 
 
 def main(argv):

@@ -54,6 +54,13 @@ def require(ok, message):
         raise ConfigError(message)
 
 
+def check_distinct(name, values, example):
+    """A sweep's seeds, budgets, betas, ...: at least one, none twice (two runs would share one folder)."""
+    require(len(values) > 0, f'--{name} is empty: give at least one, e.g. --{name}="{example}"')
+    twice = sorted({v for v in values if values.count(v) > 1})
+    require(not twice, f"--{name} has {', '.join(map(str, twice))} more than once: give each once")
+
+
 def key(default, valid=None):
     """A config field with its valid values beside it: '>0', '>=0', an interval '[0,1)', 'path' (a non-empty
     string) or a tuple of choices. A tuple-valued key's check applies to each element."""

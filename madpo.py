@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 import runs
 import train
-from configurator import UserError, check_ranges, cli, key, require
+from configurator import UserError, check_distinct, check_ranges, cli, key, require
 from data.loader import atomic_write, file_sha256
 from data.reviews.evaluate import PolicyScorer, compare, load_runs
 from data.reviews.pairs import TIERS, batched_logps, build_pairs, sequence_logps
@@ -262,7 +262,7 @@ class MadpoConfig:
     stage: str = key('all', ('sft', 'pairs', 'rm', 'po', 'compare', 'all'))  # the stage to run; all: every stage
     out_dir: str = key('out/madpo', 'path')  # all stages: <out_dir>/seed<seed>/{sft,pairs,rm_<tier>,po_<arm>_b<beta>_<tier>}
     seed: int = 0                    # all stages (a single stage runs --seed)
-    seeds: tuple = (0, 1, 2)         # --stage=all: runs every stage for each seed
+    seeds: tuple = key((0, 1, 2), '>=0')  # --stage=all: runs every stage for each seed
     quick: bool = False              # all stages: a few-minute smoke run (QUICK's values for the keys not given)
     arms: tuple = tuple(ARMS)        # --stage=all: the po arms to run (compare: the rows)
     betas: tuple = key((0.01, 0.03, 0.1), '>0')  # --stage=all: each arm runs at each beta (each beta: 27 po runs per seed)
@@ -323,6 +323,8 @@ class MadpoConfig:
         check_ranges(self)
         require(set(self.arms) <= set(ARMS), f"--arms must be among {', '.join(ARMS)}, got {self.arms}")
         require(set(self.tiers) <= set(TIERS), f"--tiers must be among {', '.join(TIERS)}, got {self.tiers}")
+        for name, example in (('seeds', '(0, 1, 2)'), ('arms', "('dpo', 'madpo4')"), ('betas', '(0.1,)'), ('tiers', "('high',)")):
+            check_distinct(name, getattr(self, name), example)
         block_size = train_config(self, 'sft').model_dims()['block_size']  # the loop's own checks run here too
         require(self.prompt_len + self.max_new <= block_size,
                 f'--prompt_len + --max_new ({self.prompt_len + self.max_new}) must be <= --block_size ({block_size})')

@@ -259,6 +259,18 @@ def test_compare_without_run_folders_exits_2_with_one_line(capsys, tmp_path):
     assert not (tmp_path / 'x.md').exists()
 
 
+@pytest.mark.parametrize('arg, says', [('--seeds=()', '--seeds is empty'), ('--seeds=(3,1,3)', '--seeds has 3 more than once'),
+                                        ('--budgets=(6.0,6.0)', '--budgets has 6.0 more than once')])
+def test_a_sweep_refuses_empty_or_repeated_seeds_and_budgets(capsys, tmp_path, arg, says):
+    """A seed given twice would put two runs in one folder (and count one pair twice): refused, one line."""
+    for command in ('ablate', 'tune') if arg.startswith('--seeds') else ('ablate',):
+        with pytest.raises(SystemExit) as e:
+            budget_lib.main([command, arg, f'--out_dir={tmp_path}/x'])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and says in err, err
+    assert not (tmp_path / 'x').exists()
+
+
 def test_schedules_command(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)                                         # it writes schedules.png here
     budget_lib.main(['schedules', '--warmup_frac=0.0'])

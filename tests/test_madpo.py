@@ -4,6 +4,7 @@ KV cache, the config's stage scoping, and a --quick end-to-end run."""
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from dataclasses import asdict, replace
@@ -536,7 +537,8 @@ def test_bdpo_state_and_draws_resume_exactly():
 
 def test_config_refuses_dropout_loop_keys_and_short_blocks():
     """MadpoConfig holds only keys that apply to its stages: a loop key (dropout, arch, optimizer) is refused
-    by the configurator with one line, instead of silently applying to the sft, rm and po stages alike."""
+    by the configurator with one line, instead of silently applying to the sft, rm and po stages alike; so
+    are empty or repeated seeds, betas and arms."""
     with pytest.raises(ConfigError, match='dropout'):
         parse(madpo.MadpoConfig, ['--dropout=0.1'])
     for arg in ('--arch=drop', '--optimizer=sophiag', '--lr=1e-3'):
@@ -544,6 +546,10 @@ def test_config_refuses_dropout_loop_keys_and_short_blocks():
             parse(madpo.MadpoConfig, [arg])
     with pytest.raises(ConfigError, match='block_size'):
         madpo.MadpoConfig(prompt_len=24, max_new=200, block_size=128)
+    for arg, says in (('--seeds=()', '--seeds is empty'), ('--betas=(0.1,0.03,0.1)', '--betas has 0.1 more than once'),
+                      ('--arms=(\'dpo\',\'dpo\')', '--arms has dpo more than once')):
+        with pytest.raises(ConfigError, match=re.escape(says)):  # two runs of one folder, or nothing to run
+            parse(madpo.MadpoConfig, [arg])
 
 
 def test_each_stage_gets_its_own_train_config():
