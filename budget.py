@@ -1043,8 +1043,6 @@ class CompareConfig:
 
     def __post_init__(self):
         check_target(self.target)
-        check_distinct('seeds', self.seeds, '(0, 1, 2, 3, 4)')
-        check_distinct('budgets', self.budgets, '(120.0, 240.0)')
 
 
 def main(argv):
