@@ -989,12 +989,14 @@ def point_name(lr, extra):
 
 
 def tune_summary(folder, seeds, lr, extra):
-    """One grid point: its mean final val loss over the tuning seeds (and Sophia-G's win rate)."""
-    runs = [read_run(folder / f's{seed}') for seed in seeds]
-    finals = [r['final'] for r in runs if 'error' not in r and r['complete']]
-    wins = [r['stats']['win_rate'] for r in runs if 'error' not in r and 'win_rate' in r['stats']]
+    """One grid point: its mean final val loss over the tuning seeds, and the means of what the method
+    logs about itself (Sophia-G's win rate, Selective Backprop's kept fraction: runs.METHOD_STATS)."""
+    runs = [r for r in (read_run(folder / f's{seed}') for seed in seeds) if 'error' not in r]
+    finals = [r['final'] for r in runs if r['complete']]
     final = statistics.mean(finals) if len(finals) == len(seeds) and all(map(math.isfinite, finals)) else math.inf
-    return {'lr': lr, 'extra': extra, 'final': final, **({'win_rate': statistics.mean(wins)} if wins else {})}
+    stats = {name: statistics.mean(values) for name in METHOD_STATS
+             if (values := [r['stats'][name] for r in runs if name in r['stats']])}
+    return {'lr': lr, 'extra': extra, 'final': final, **stats}
 
 
 def read_tuned(path, spec, config, smallest_budget):

@@ -138,6 +138,17 @@ def test_method_statistics_are_reported(tmp_path, monkeypatch):
     half = 12.7062 * statistics.stdev([0.4, 0.6]) / math.sqrt(2)                 # t at df 1
     assert f'| sb | 10 | selected_frac | 0.500 ± {half:.3f} (n=2) |' in report
 
+def test_a_tuning_point_is_the_mean_over_its_seeds_with_what_the_method_logs(tmp_path):
+    """tune_summary: mean final val loss and mean kept fraction over the tuning seeds; a seed that has not
+    finished makes the point unusable (inf), it does not drop out of the mean."""
+    for seed, (final, frac) in enumerate(((2.0, 0.4), (3.0, 0.6))):
+        d = finished(tmp_path / 'lr0.001', f's{seed}', 'sb', 10.0, seed, final)
+        with open(d / 'log.jsonl', 'a') as f:
+            f.write(json.dumps({'step': 1, 'selected_frac': frac}) + '\n')
+    point = budget_lib.tune_summary(tmp_path / 'lr0.001', (0, 1), 1e-3, {})
+    assert point == {'lr': 1e-3, 'extra': {}, 'final': 2.5, 'selected_frac': pytest.approx(0.5)}
+    assert budget_lib.tune_summary(tmp_path / 'lr0.001', (0, 1, 2), 1e-3, {})['final'] == math.inf
+
 
 # -----------------------------------------------------------------------------
 # time to target
