@@ -845,10 +845,9 @@ def sweep_plan(cfg):
     budgets = [b for b in cfg.budgets if b > 0] or list(spec['QUICK_BUDGETS' if cfg.quick else 'BUDGETS'])
     seeds = cfg.seeds[:1] if cfg.quick else cfg.seeds
     methods = chosen_methods(spec, cfg.methods, cfg.config)
-    tuned = read_tuned(cfg.tuned, spec, cfg.config, min(budgets)) if cfg.tuned else {}
-    # the IL model trained while tuning (at the sweep's largest budget) serves this sweep too if it has that budget
-    il_home = Path(cfg.tuned).parent if cfg.tuned and max(budgets) == max(spec['BUDGETS']) else cfg.out_dir
-    il = il_args(il_home, max(budgets))
+    tuned, tuned_il = read_tuned(cfg.tuned, spec, cfg.config, min(budgets)) if cfg.tuned else ({}, None)
+    # the IL model that tuning's RHO-LOSS grid trained serves this sweep too if it was trained for this largest budget
+    il = tuned_il if tuned_il and tuned_il['il_budget'] == max(budgets) else il_args(cfg.out_dir, max(budgets))
     plan = [(label, script, {**spec['COMMON'], **(il if args.get('method') == 'rho' else {}), **args,
                              **tuned.get(spec.get('TUNED_AS', {}).get(label, label), {}), 'budget': b, 'seed': seed, 'label': label,
                              'out_dir': f'{cfg.out_dir}/{label}/b{b:g}/s{seed}'})
@@ -878,8 +877,8 @@ def run_command(script, args):
 
 def run_plan(plan, jobs):
     """Run every unfinished (label, script, args) of a plan, `jobs` at a time (runs.run_jobs; each run's
-    output goes to <out_dir>.out). The runs that need RHO-LOSS's shared IL model never overlap: the first
-    builds it, the others reuse it. Resumable: finished runs are skipped, killed ones resume."""
+    output goes to <out_dir>.out). The runs that need RHO-LOSS's shared IL model wait while the first of
+    them builds it, then run side by side. Resumable: finished runs are skipped, killed ones resume."""
     todo = [item for item in plan if item[2].get('branch_budgets') or not (run_finished(item[2]['out_dir'])
                                                                           and records_config(item[2]['out_dir'], item[2]))]
     failed = run_jobs([Job(f"{label} budget {args['budget']:g} seed {args['seed']}", run_command(script, args),
@@ -918,29 +917,32 @@ def tune(cfg):
     require_writable(out / 'tuned.json')
     budget, common = cfg.budget or min(spec['BUDGETS']), spec['COMMON']
     methods = chosen_methods(spec, cfg.methods, cfg.config)
-    for label in [label for label in methods if label in spec.get('TUNED_AS', {})]:
-        print(f"{label}: runs with {spec['TUNED_AS'][label]}'s tuned values (TUNED_AS)", flush=True)
-        del methods[label]
-    grids = {label: TuneGrid(label, script, args, spec, cfg, budget) for label, (script, args) in methods.items()}
-    # every method's first grid in one pool, so no core idles between methods; RHO-LOSS's first, as its
-    # first run trains the shared IL model (the longest job)
-    run_plan([item for g in sorted(grids.values(), key=lambda g: not g.il) for item in g.plan()], cfg.jobs)
+    for row in [row for row in methods if row in spec.get('TUNED_AS', {})]:
+        print(f"{row}: runs with {spec['TUNED_AS'][row]}'s tuned values (TUNED_AS)", flush=True)
+        del methods[row]
+    grids = [TuneGrid(label, script, args, spec, budget, cfg) for label, (script, args) in methods.items()]
+    # all grids in one pool, so that no core idles between methods; RHO-LOSS's first, as its first run
+    # trains the shared IL model (the longest job); then the grids whose best point is at an edge, extended
+    run_plan([item for g in sorted(grids, key=lambda g: not g.il) for item in g.plan()], cfg.jobs)
+    extending = grids
+    while extending := [g for g in extending if g.extend()]:
+        run_plan([item for g in extending for item in g.plan()], cfg.jobs)
     results = {}
-    for label, g in grids.items():
-        run_plan(g.plan(), cfg.jobs)
-        while g.extend():
-            run_plan(g.plan(), cfg.jobs)
+    for g in grids:
         best = g.best()
-        results[label] = {**{k: v for k, v in tune_point(g.args, common, best['lr'], best['extra']).items()
-                             if k in ('lr', 'weight_decay', *g.axes)}, 'grid': g.points()}
-        print(f"{label}: best lr {best['lr']:.3g} {best['extra'] or ''} final val loss {best['final']:.4f}", flush=True)
+        results[g.label] = {**{k: v for k, v in tune_point(g.args, common, best['lr'], best['extra']).items()
+                               if k in ('lr', 'weight_decay', *g.axes)}, 'grid': g.summaries()}
+        print(f"{g.label}: best lr {best['lr']:.3g} {best['extra'] or ''} final val loss {best['final']:.4f}", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     record = {'config': cfg.config, 'common': repr(common), 'methods': {k: repr(v) for k, v in spec['METHODS'].items()},
               'budget': budget, 'seeds': list(cfg.seeds), 'tuned': results}
+    il = next((g.il for g in grids if g.il), None)
     if (out / 'tuned.json').exists():  # methods tuned earlier for this same sweep stay
         old = json.loads((out / 'tuned.json').read_text())
         if all(old.get(k) == record[k] for k in ('common', 'methods', 'budget', 'seeds')):
-            record['tuned'] = {**old['tuned'], **results}
+            record['tuned'], il = {**old['tuned'], **results}, il or old.get('il')
+    if il:
+        record['il'] = il  # the IL model the RHO-LOSS grid trained: ablate reuses it at the same il_budget
     atomic_write_bytes(out / 'tuned.json', json.dumps(record, indent=1).encode())
     plot_tuning(results, out / 'tune.png')
     print(f"wrote {out / 'tuned.json'}")
@@ -950,13 +952,14 @@ def tune(cfg):
 class TuneGrid:
     """One method's lr grid: lr0 x 2^k for k in ks (crossed with its TUNE axes), on the tuning seeds."""
 
-    def __init__(self, label, script, args, spec, cfg, budget):
-        self.label, self.script, self.args, self.cfg, self.budget = label, script, args, cfg, budget
+    def __init__(self, label, script, args, spec, budget, cfg):
+        self.label, self.script, self.args, self.budget, self.seeds = label, script, args, budget, cfg.seeds
         self.common, self.out = spec['COMMON'], Path(cfg.out_dir) / label
         self.lr0 = args.get('lr', self.common.get('lr', 2e-3))
         self.axes = spec.get('TUNE', {}).get(label, {})
         self.extras = [dict(zip(self.axes, v)) for v in itertools.product(*self.axes.values())] or [{}]
         self.ks = list(range(-(cfg.points // 2), cfg.points - cfg.points // 2))
+        self.max_points = cfg.points + 3  # an edge extends the grid 3 times at most
         self.il = il_args(cfg.out_dir, max(spec['BUDGETS'])) if args.get('method') == 'rho' else {}
 
     def grid(self):  # the method's own lr first: RHO-LOSS's first run trains the shared IL model with it
@@ -966,19 +969,18 @@ class TuneGrid:
         return [(self.label, self.script, {**self.common, **self.il, **tune_point(self.args, self.common, lr, extra),
                                            'budget': self.budget, 'seed': seed, 'label': f'{self.label} (tuning)',
                                            'out_dir': str(self.out / point_name(lr, extra) / f's{seed}')})
-                for lr, extra in self.grid() for seed in self.cfg.seeds]
+                for lr, extra in self.grid() for seed in self.seeds]
 
-    def points(self):
-        return [tune_summary(self.out / point_name(lr, extra), self.cfg.seeds, lr, extra) for lr, extra in self.grid()]
+    def summaries(self):
+        return [tune_summary(self.out / point_name(lr, extra), self.seeds, lr, extra) for lr, extra in self.grid()]
 
     def best(self):
-        return min(self.points(), key=lambda p: p['final'])
+        return min(self.summaries(), key=lambda p: p['final'])
 
     def extend(self):
-        """Add the next lr beyond the best point if it lies at an edge of the grid (3 times at most) ->
-        whether it did."""
+        """Add the next lr beyond the best point if it lies at an edge of the grid -> whether it did."""
         k_best = round(math.log2(self.best()['lr'] / self.lr0))
-        if min(self.ks) < k_best < max(self.ks) or len(self.ks) == self.cfg.points + 3:
+        if min(self.ks) < k_best < max(self.ks) or len(self.ks) == self.max_points:
             return False
         self.ks = sorted(set(self.ks) | {k_best - 1 if k_best == min(self.ks) else k_best + 1})
         return True
@@ -1000,10 +1002,13 @@ def tune_summary(folder, seeds, lr, extra):
 
 
 def read_tuned(path, spec, config, smallest_budget):
-    """{label: overrides} from a tuned.json, refused (naming the difference) when it was made for another sweep."""
+    """({label: overrides}, the IL model's il_args or None) from a tuned.json, refused (naming the
+    difference) when it was made for another sweep."""
     try:
         record = json.loads(Path(path).read_text())
-        tuned, methods = record['tuned'], record['methods']
+        tuned, methods, il = record['tuned'], record['methods'], record.get('il')
+        if il is not None and not (isinstance(il['il_out_dir'], str) and isinstance(il['il_cache'], str) and il['il_budget'] > 0):
+            raise ValueError('il')
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f'--tuned={path} is not a tuned.json from `budget.py tune` ({type(e).__name__})') from None
     if record.get('common') != repr(spec['COMMON']):
@@ -1014,7 +1019,7 @@ def read_tuned(path, spec, config, smallest_budget):
                             f"{spec['METHODS'][label]!r}: tune again")
     if record.get('budget') != smallest_budget:
         raise UserError(f"--tuned={path} was tuned at budget {record.get('budget')}, this sweep's smallest is {smallest_budget}")
-    return {label: {k: v for k, v in t.items() if k != 'grid'} for label, t in tuned.items()}
+    return {label: {k: v for k, v in t.items() if k != 'grid'} for label, t in tuned.items()}, il
 
 
 def plot_tuning(results, path):

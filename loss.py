@@ -33,10 +33,10 @@ def _chunk_loss(logits, targets):
 def _dlogits(logits, targets, lse, scale):
     """d(sum_i scale_i * loss_i) / d logits (n, V): softmax minus one-hot, scaled; 0 where ignored. The
     one-hot is a comparison with the vocab index, not a scatter: compiled, the whole expression is one
-    pass over the chunk (a scatter splits it; a 512 x 50304 chunk on one AMD EPYC thread: 0.080 s -> 0.030 s)."""
+    pass over the chunk (a scatter splits it into several)."""
     one_hot = torch.arange(logits.shape[1], device=logits.device) == targets[:, None]
     softmax = torch.exp(_upcast(logits) - lse[:, None])
-    return (softmax - one_hot.to(softmax.dtype)) * torch.where(targets >= 0, scale, 0.0)[:, None]
+    return softmax.sub_(one_hot.to(softmax.dtype)).mul_(torch.where(targets >= 0, scale, 0.0)[:, None])  # in place: eager's memory
 
 
 def _chunk_grad_(logits, targets, lse, scale):

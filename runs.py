@@ -395,17 +395,18 @@ def run_jobs(jobs, n_parallel, cwd=None):
     """Run every Job, n_parallel at a time with the CPU threads split between them; print one line as
     each ends (its last 'done:' line, or its last line) -> the failed ones' (job, last line)."""
     todo, running, failed, t0, n = list(jobs), {}, [], time.time(), len(jobs)
-    built = {''}  # exclusive tags whose first job succeeded: the rest of them may run side by side
+    built = set()  # exclusive tags whose first job succeeded: the rest of them may run side by side
     env = {**os.environ, 'OMP_NUM_THREADS': str(max(1, (os.cpu_count() or 1) // n_parallel))}
     while todo or running:
-        busy = {job.exclusive for job in running.values()} - built
+        busy = {job.exclusive for job in running.values() if job.exclusive and job.exclusive not in built}
         for job in list(todo):
             if len(running) == n_parallel:
                 break
             if job.exclusive in busy:
                 continue
             todo.remove(job)
-            busy |= {job.exclusive} - built
+            if job.exclusive and job.exclusive not in built:
+                busy.add(job.exclusive)
             job.log.parent.mkdir(parents=True, exist_ok=True)
             with open(job.log, 'w') as out:
                 running[subprocess.Popen(job.argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd)] = job

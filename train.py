@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import budget as budget_lib
 from arch import ARCHS, build_arch
 from configurator import Interrupted, UserError, check_ranges, cli, key, require, signals_between_steps
-from data.loader import (Batches, Corpus, CorpusBusy, DataError, atomic_write_bytes, data_dir, get_examples,
+from data.loader import (Batches, Corpus, DataError, atomic_write_bytes, data_dir, get_examples,
                          get_tokenizer, prepare_command, val_ids)
 from data.spans import SpanVocab, raw_length_for, span_corrupt, t5_lengths
 from model import MODELS, PRESETS, evaluate, sample_text
@@ -290,11 +290,7 @@ def load_corpus(cfg):
             raise DataError(f'no prepared data in {path}: run `{prepare_command(cfg.dataset, cfg.tokenizer)}`')
         from data.stdlib.prepare import PrepareConfig, prepare
         print(f'preparing the embedded stdlib corpus in {path} (once)')
-        while not (path / 'meta.json').exists():
-            try:
-                prepare(PrepareConfig(tokenizer=cfg.tokenizer, out_dir=str(path)))
-            except CorpusBusy:  # a parallel run (budget.py --jobs=2) is preparing it: use its corpus
-                time.sleep(1.0)
+        prepare(PrepareConfig(tokenizer=cfg.tokenizer, out_dir=str(path)), if_missing=True)  # a parallel run may be at it
     return Corpus(path)
 
 

@@ -35,10 +35,6 @@ class DataError(UserError):
     """Bad or missing data: the message says what is wrong and how to fix it."""
 
 
-class CorpusBusy(DataError):
-    """Another process is preparing this corpus (it holds the build's lock)."""
-
-
 # -----------------------------------------------------------------------------
 # tokenizers
 
@@ -134,15 +130,19 @@ class FolderLock:
     def held(self):
         return self.fd is not None
 
-    def acquire(self):
+    def acquire(self, wait=False):
+        """Take the lock; held by another process: raise busy(pid), or with wait block until it is free."""
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = os.read(fd, 32).decode(errors='replace').strip() or '?'
-                os.close(fd)
-                raise self.busy(holder) from None
+                if not wait:
+                    os.close(fd)
+                    raise self.busy(holder) from None
+                print(f'{self.busy(holder)}: waiting for it', file=sys.stderr, flush=True)
+                fcntl.flock(fd, fcntl.LOCK_EX)
             if self.path.exists() and os.stat(self.path).st_ino == os.fstat(fd).st_ino:
                 break
             os.close(fd)  # its holder removed the file as we opened it: lock the new one
@@ -175,12 +175,12 @@ class CorpusBuild:
     renames; a kill -9 inside them leaves the target without meta.json (refused, rebuilt by the next
     prepare), never a mix of old and new."""
 
-    def __init__(self, out_dir, resume_key=None):
-        self.target = Path(out_dir)
+    def __init__(self, out_dir, resume_key=None, if_missing=False):
+        self.target, self.if_missing, self.exists = Path(out_dir), if_missing, False
         self.folder = self.target.parent / f'.{self.target.name}.build'
         self.lock_path = self.target.parent / f'.{self.target.name}.lock'
         self.resume_key, self.state, self.committed = resume_key, {}, False
-        self.lock = FolderLock(self.lock_path, lambda pid: CorpusBusy(
+        self.lock = FolderLock(self.lock_path, lambda pid: DataError(
             f'another prepare (pid {pid}) is writing {self.target}: wait for it to end, then run again'))
 
     def __enter__(self):
@@ -190,8 +190,10 @@ class CorpusBuild:
             raise DataError(f'{self.target} is not writable: fix its permissions or give another --out_dir')
         try:
             self.target.parent.mkdir(parents=True, exist_ok=True)
-            self.lock.acquire()
-            self._start()
+            self.lock.acquire(wait=self.if_missing)
+            self.exists = self.if_missing and (self.target / 'meta.json').exists()  # built while we waited
+            if not self.exists:
+                self._start()
         except BaseException as e:
             self.__exit__(type(e), e, None)
             raise
@@ -247,11 +249,14 @@ def corpus_meta(tokenizer, source, val_frac, counts, extra_meta=None):
             'counts': counts, 'python': sys.version.split()[0], **(extra_meta or {})}
 
 
-def write_corpus(out_dir, docs, tokenizer, source, val_frac=0.05, extra_meta=None, extra_files=None):
+def write_corpus(out_dir, docs, tokenizer, source, val_frac=0.05, extra_meta=None, extra_files=None, if_missing=False):
     """Tokenize (name, text) documents into out_dir/{train,val}.bin + meta.json, built beside out_dir and
     swapped in whole (CorpusBuild). extra_files: {file name: bytes} that belong to the corpus and are
-    swapped in with it (e.g. mathmix's noise.bin), so they can never disagree with it."""
-    with CorpusBuild(out_dir) as build:
+    swapped in with it (e.g. mathmix's noise.bin), so they can never disagree with it. if_missing: wait
+    for another process's build of it and keep a corpus out_dir already has (the loop's first use)."""
+    with CorpusBuild(out_dir, if_missing=if_missing) as build:
+        if build.exists:
+            return Corpus(out_dir).meta
         sep = [] if tokenizer.eot is None else [tokenizer.eot]
         parts = {'train': [], 'val': []}
         for name, text in docs:

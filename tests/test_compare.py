@@ -427,6 +427,9 @@ def test_a_row_tuned_as_another_is_not_tuned_and_runs_with_its_values(tmp_path, 
     assert rows['rho_il_charged']['charge_il'] and 'charge_il' not in rows['rho']
     assert rows['rho_il_charged']['il_out_dir'] == rows['rho']['il_out_dir']  # one IL model for both rows
     assert rows['rho']['il_out_dir'] == str(tmp_path / 'tune' / 'il')  # the one tuning trained serves the sweep
+    other = budget_lib.sweep_plan(budget_lib.AblateConfig(config=cfg.config, tuned=str(tmp_path / 'tune' / 'tuned.json'),
+                                                          methods=('rho',), seeds=(0,), budgets=(6.0, 24.0), out_dir='abl'))
+    assert {a['il_out_dir'] for _, _, a in other} == {'abl/il'}  # ... but not a sweep with another largest budget
     (tmp_path / 'sweep.py').write_text(sweep + "TUNED_AS = {'rho_il_charged': 'rhoo'}\n")
     with pytest.raises(ConfigError, match="TUNED_AS {'rho_il_charged': 'rhoo'} names rows that METHODS does not have"):
         budget_lib.sweep_plan(budget_lib.AblateConfig(config=cfg.config))
@@ -455,7 +458,7 @@ def test_jobs_sharing_a_tag_wait_for_the_first_to_succeed(tmp_path):
     import sys
 
     def job(name, tag):
-        code = 'import time; print(time.time()); time.sleep(0.6); print(time.time())'
+        code = 'import time; print(time.time()); time.sleep(1.5); print(time.time())'  # > a loaded start-up
         return runs.Job(name, [sys.executable, '-c', code], tmp_path / f'{name}.out', tag)
 
     jobs = [job('il1', 'il'), job('il2', 'il'), job('il3', 'il'), job('free', '')]

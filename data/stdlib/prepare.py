@@ -40,11 +40,12 @@ def stdlib_documents():
         yield f'pydoc_data/topics/{key}', topics[key]
 
 
-def prepare(cfg):
+def prepare(cfg, if_missing=False):
+    """if_missing (train.py's first use): wait for a parallel run's prepare of it and keep what it built."""
     out_dir = cfg.out_dir or DATA_ROOT / 'stdlib' / cfg.tokenizer
     tokenizer = get_tokenizer(cfg.tokenizer)
     meta = write_corpus(out_dir, stdlib_documents(), tokenizer, source='python stdlib + pydoc topics',
-                        val_frac=cfg.val_frac)
+                        val_frac=cfg.val_frac, if_missing=if_missing)
     print(f"wrote {out_dir}: train {meta['counts']['train']['tokens']:,} tokens, "
           f"val {meta['counts']['val']['tokens']:,} tokens ({cfg.tokenizer})")
     return out_dir
