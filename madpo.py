@@ -254,6 +254,9 @@ ARMS = {  # the study's arms: name -> the po keys that make it (method_name inve
     'madpo4_noisy': dict(loss='madpo', c_max=4.0, margins='noisy')}
 
 
+SWEPT_KEYS = (('seeds', '(0, 1, 2)'), ('arms', "('dpo', 'madpo4')"), ('betas', '(0.1,)'), ('tiers', "('high',)"))  # and an example
+
+
 @dataclass(frozen=True)
 class MadpoConfig:
     """The stages' keys; each comment starts with the stages that read the key."""
@@ -323,7 +326,7 @@ class MadpoConfig:
         check_ranges(self)
         require(set(self.arms) <= set(ARMS), f"--arms must be among {', '.join(ARMS)}, got {self.arms}")
         require(set(self.tiers) <= set(TIERS), f"--tiers must be among {', '.join(TIERS)}, got {self.tiers}")
-        for name, example in (('seeds', '(0, 1, 2)'), ('arms', "('dpo', 'madpo4')"), ('betas', '(0.1,)'), ('tiers', "('high',)")):
+        for name, example in SWEPT_KEYS:
             check_distinct(name, getattr(self, name), example)
         block_size = train_config(self, 'sft').model_dims()['block_size']  # the loop's own checks run here too
         require(self.prompt_len + self.max_new <= block_size,
