@@ -688,6 +688,9 @@ def plot_runs(groups, path):
 def compare(run_dirs, out='ablation', target='auto', baseline='baseline'):
     """The ablation table (and time to target, plot) of run folders; runs in different budget units get a
     table each (their budgets are not comparable), and a folder given twice is refused."""
+    require(run_dirs, 'compare needs run folders: python budget.py compare out/ablation/*/*/* [--out=ablation]')
+    require(Path(out).name not in ('', '.', '..') and not out.endswith(os.sep), f"--out='{out}' names no file: give "
+            'a path without its extension, e.g. --out=out/ablation')
     seen = {}
     for d in run_dirs:
         real = os.path.realpath(d)
@@ -705,6 +708,9 @@ def compare(run_dirs, out='ablation', target='auto', baseline='baseline'):
     sections = [(f'budget unit: {u}\n\n' if len(units) > 1 else '') + unit_report([r for r in runs if r['unit'] == u], target, baseline)
                 for u in units]
     report = '\n\n'.join(sections)
+    labels = sorted({r['label'] for r in runs})
+    if baseline not in labels:
+        report += f"\n\nno run is labelled '{baseline}', so no differences are shown: --baseline= one of {', '.join(labels)}"
     if bad:
         report += '\n\nmissing or partial runs (left out of the means):\n' + '\n'.join(
             f"- {r['path']}: {r.get('error', 'budget not spent')}" for r in bad)
@@ -829,12 +835,37 @@ def read_sweep(path):
     spec = read_config_file(path)
     missing = [k for k in ('COMMON', 'BUDGETS', 'QUICK_BUDGETS', 'METHODS') if k not in spec]
     require(not missing, f"{path} does not define {', '.join(missing)} (see config/ablation.py)")
+    check_sweep_shapes(spec, path)
     bad = {k: v for k, v in spec.get('TUNED_AS', {}).items() if k not in spec['METHODS'] or v not in spec['METHODS']}
     require(not bad, f'{path}: TUNED_AS {bad} names rows that METHODS does not have')
     return spec
 
 
+def check_sweep_shapes(spec, path):
+    """Each name of a sweep file has the shape config/ablation.py shows, or one line says which does not."""
+    def is_dict_of(value, check):
+        return isinstance(value, dict) and all(isinstance(k, str) and check(v) for k, v in value.items())
+
+    def is_budgets(value):
+        return (isinstance(value, (tuple, list)) and len(value) > 0 and len(set(value)) == len(value)
+                and all(isinstance(b, (int, float)) and 0 < b < math.inf for b in value))
+    shapes = {
+        'COMMON': (is_dict_of(spec['COMMON'], lambda v: True), 'a dict of train.py keys'),
+        'BUDGETS': (is_budgets(spec['BUDGETS']), 'a tuple of distinct positive numbers'),
+        'QUICK_BUDGETS': (is_budgets(spec['QUICK_BUDGETS']), 'a tuple of distinct positive numbers'),
+        'METHODS': (is_dict_of(spec['METHODS'], lambda v: isinstance(v, tuple) and len(v) == 2 and isinstance(v[0], str)
+                               and v[0].endswith('.py') and isinstance(v[1], dict)) and spec['METHODS'] != {},
+                    "a non-empty dict of row -> ('script.py', dict(overrides))"),
+        'TUNE': (is_dict_of(spec.get('TUNE', {}), lambda axes: is_dict_of(axes, lambda v: isinstance(v, tuple) and v)),
+                 "a dict of row -> {key: (values, ...)}"),
+        'TUNED_AS': (is_dict_of(spec.get('TUNED_AS', {}), lambda v: isinstance(v, str)), 'a dict of row -> row'),
+    }
+    for name, (ok, shape) in shapes.items():
+        require(ok, f'{path}: {name} must be {shape} (see config/ablation.py)')
+
+
 def chosen_methods(spec, wanted, path):
+    require(len(wanted) > 0, f"--methods is empty: give some of {', '.join(spec['METHODS'])}, or ('',) for all")
     unknown = set(wanted) - set(spec['METHODS']) - {''}
     require(not unknown, f"unknown method(s) {', '.join(sorted(unknown))}: {path} has {', '.join(spec['METHODS'])}")
     return {k: v for k, v in spec['METHODS'].items() if k in wanted or wanted == ('',)}
@@ -920,6 +951,10 @@ def tune(cfg):
     for row in [row for row in methods if row in spec.get('TUNED_AS', {})]:
         print(f"{row}: runs with {spec['TUNED_AS'][row]}'s tuned values (TUNED_AS)", flush=True)
         del methods[row]
+    require(methods, 'nothing to tune: the rows chosen run with other rows\' values (TUNED_AS): tune those')
+    record = {'config': cfg.config, 'common': repr(common), 'methods': {k: repr(v) for k, v in spec['METHODS'].items()},
+              'budget': budget, 'seeds': list(cfg.seeds), 'tuned': {}}
+    earlier = earlier_tuning(out / 'tuned.json', record)  # checked before hours of runs, not after
     grids = [TuneGrid(label, script, args, spec, budget, cfg) for label, (script, args) in methods.items()]
     # all grids in one pool, so that no core idles between methods; RHO-LOSS's first, as its first run
     # trains the shared IL model (the longest job); then the grids whose best point is at an edge, extended
@@ -934,19 +969,31 @@ def tune(cfg):
                                if k in ('lr', 'weight_decay', *g.axes)}, 'grid': g.summaries()}
         print(f"{g.label}: best lr {best['lr']:.3g} {best['extra'] or ''} final val loss {best['final']:.4f}", flush=True)
     out.mkdir(parents=True, exist_ok=True)
-    record = {'config': cfg.config, 'common': repr(common), 'methods': {k: repr(v) for k, v in spec['METHODS'].items()},
-              'budget': budget, 'seeds': list(cfg.seeds), 'tuned': results}
-    il = next((g.il for g in grids if g.il), None)
-    if (out / 'tuned.json').exists():  # methods tuned earlier for this same sweep stay
-        old = json.loads((out / 'tuned.json').read_text())
-        if all(old.get(k) == record[k] for k in ('common', 'methods', 'budget', 'seeds')):
-            record['tuned'], il = {**old['tuned'], **results}, il or old.get('il')
+    record['tuned'] = {**earlier.get('tuned', {}), **results}  # methods tuned earlier for this same sweep stay
+    il = next((g.il for g in grids if g.il), None) or earlier.get('il')
     if il:
         record['il'] = il  # the IL model the RHO-LOSS grid trained: ablate reuses it at the same il_budget
     atomic_write_bytes(out / 'tuned.json', json.dumps(record, indent=1).encode())
-    plot_tuning(results, out / 'tune.png')
+    plot_tuning(record['tuned'], out / 'tune.png')
     print(f"wrote {out / 'tuned.json'}")
     return results
+
+
+def earlier_tuning(path, record):
+    """The tuned.json already at path (its methods are kept), {} if none; refused when it is not one, or
+    was made for another sweep (other COMMON, METHODS, budget or seeds): it would be overwritten."""
+    if not path.exists():
+        return {}
+    try:
+        earlier = json.loads(path.read_text())
+        differ = [k for k in ('common', 'methods', 'budget', 'seeds') if earlier[k] != record[k]]
+        if not isinstance(earlier['tuned'], dict):
+            raise TypeError('tuned')
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f'{path} is not a tuned.json from `budget.py tune` ({type(e).__name__}): move it away or give another --out_dir') from None
+    require(not differ, f"{path} holds a tuning of another sweep (its {', '.join(differ)} differ): give another "
+                        f'--out_dir, or move it away to tune afresh')
+    return earlier
 
 
 class TuneGrid:
@@ -1007,6 +1054,9 @@ def read_tuned(path, spec, config, smallest_budget):
     try:
         record = json.loads(Path(path).read_text())
         tuned, methods, il = record['tuned'], record['methods'], record.get('il')
+        if not (isinstance(methods, dict) and isinstance(tuned, dict)
+                and all(isinstance(t, dict) and t['lr'] > 0 for t in tuned.values())):
+            raise TypeError('tuned')
         if il is not None and not (isinstance(il['il_out_dir'], str) and isinstance(il['il_cache'], str) and il['il_budget'] > 0):
             raise ValueError('il')
     except (OSError, ValueError, KeyError, TypeError) as e:

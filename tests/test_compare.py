@@ -467,3 +467,47 @@ def test_jobs_sharing_a_tag_wait_for_the_first_to_succeed(tmp_path):
     assert span['il1'][1] <= min(span['il2'][0], span['il3'][0])     # the builder ran alone among its tag
     assert span['free'][0] < span['il1'][1]                           # an untagged job used a free slot
     assert span['il2'][0] < span['il3'][1] and span['il3'][0] < span['il2'][1]  # then the rest overlapped
+
+
+@pytest.mark.parametrize('change, says', [
+    (("METHODS = {", "METHODS = {'x': 'train.py', "), 'METHODS must be'),
+    (("BUDGETS = (6.0, 12.0)", "BUDGETS = ()"), 'BUDGETS must be'),
+    (("BUDGETS = (6.0, 12.0)", "BUDGETS = (6.0, 'a')"), 'BUDGETS must be'),
+    (("COMMON = dict(", "TUNED_AS = ['a']\nCOMMON = dict("), 'TUNED_AS must be'),
+    (("QUICK_BUDGETS = (6.0,)", "QUICK_BUDGETS = 5"), 'QUICK_BUDGETS must be')])
+def test_a_sweep_file_of_the_wrong_shape_is_refused_with_one_line(tmp_path, change, says):
+    (tmp_path / 'sweep.py').write_text(SWEEP.replace(*change))
+    with pytest.raises(ConfigError, match=says):
+        budget_lib.sweep_plan(budget_lib.AblateConfig(config=str(tmp_path / 'sweep.py')))
+
+
+def test_tune_refuses_a_tuned_file_it_would_overwrite_before_any_run(tmp_path, monkeypatch):
+    """An unreadable tuned.json, or one of another sweep (here: other seeds), in tune's folder is refused
+    before hours of runs, not overwritten after them; no methods to tune is refused too."""
+    (tmp_path / 'sweep.py').write_text(SWEEP)
+    monkeypatch.setattr(budget_lib, 'run_plan', lambda plan, jobs: pytest.fail('ran before refusing'))
+    cfg = budget_lib.TuneConfig(config=str(tmp_path / 'sweep.py'), out_dir=str(tmp_path / 'tune'), methods=('baseline',))
+    (tmp_path / 'tune').mkdir()
+    for text, says in (('{"trunc', 'is not a tuned.json'), ('[1, 2]', 'is not a tuned.json')):
+        (tmp_path / 'tune' / 'tuned.json').write_text(text)
+        with pytest.raises(budget_lib.UserError, match=says):
+            budget_lib.tune(cfg)
+    spec = budget_lib.read_sweep(cfg.config)
+    other = {'config': cfg.config, 'common': repr(spec['COMMON']), 'methods': {k: repr(v) for k, v in spec['METHODS'].items()},
+             'budget': 6.0, 'seeds': [7], 'tuned': {'baseline': {'lr': 1e-3}}}
+    (tmp_path / 'tune' / 'tuned.json').write_text(json.dumps(other))
+    with pytest.raises(ConfigError, match='holds a tuning of another sweep .its seeds differ'):
+        budget_lib.tune(cfg)
+    assert json.loads((tmp_path / 'tune' / 'tuned.json').read_text()) == other
+    with pytest.raises(ConfigError, match='--methods is empty'):
+        budget_lib.tune(budget_lib.TuneConfig(config=cfg.config, out_dir=str(tmp_path / 'tune2'), methods=()))
+
+
+def test_compare_names_a_missing_baseline_and_refuses_an_empty_out(tmp_path, monkeypatch):
+    monkeypatch.setattr(budget_lib, 'plot_runs', lambda groups, path: None)
+    runs = [finished(tmp_path, f'r{seed}', 'stack', 10.0, seed, 3.0) for seed in (0, 1)]
+    report = budget_lib.compare(runs, out=str(tmp_path / 'x'), target='none', baseline='nosuch')
+    assert "no run is labelled 'nosuch', so no differences are shown: --baseline= one of stack" in report
+    for out in ('', str(tmp_path) + '/'):
+        with pytest.raises(ConfigError, match='names no file'):
+            budget_lib.compare(runs, out=out, target='none')
