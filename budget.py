@@ -1112,6 +1112,8 @@ def main(argv):
     if command == 'calibrate':
         return cli(lambda c: calibrate(c, *train.calibration_inputs(c)), train.TrainConfig, rest)
     rest = [f'--target={a[9:]!r}' if a.startswith('--target=') and _is_number(a[9:]) else a for a in rest]  # a str key
+    if command in ('ablate', 'tune'):  # their config.py is the sweep file
+        rest = [f'--config={a}' if a.endswith('.py') and not a.startswith('--') else a for a in rest]
     if command == 'ablate':
         return cli(ablate, AblateConfig, rest)
     if command == 'tune':
@@ -1119,12 +1121,7 @@ def main(argv):
     if command == 'schedules':
         return cli(plot_schedules, train.TrainConfig, rest)
     dirs = [a for a in rest if not a.startswith('--')]
-    return cli(lambda c: compare(dirs, c.out, c.target, c.baseline) if dirs else _no_runs(), CompareConfig,
-               [a for a in rest if a.startswith('--')])
-
-
-def _no_runs():
-    raise UserError('compare needs run folders: python budget.py compare out/ablation/*/*/* [--out=ablation]')
+    return cli(lambda c: compare(dirs, c.out, c.target, c.baseline), CompareConfig, [a for a in rest if a.startswith('--')])
 
 
 if __name__ == '__main__':

@@ -49,8 +49,8 @@ import torch.nn.functional as F
 import runs
 import train
 from configurator import UserError, check_distinct, check_ranges, cli, key, require
-from data.loader import atomic_write, file_sha256
-from data.reviews.evaluate import PolicyScorer, compare, load_runs
+from data.loader import NUMBER, atomic_write, file_sha256, read_result
+from data.reviews.evaluate import DONE_FIX, DONE_KEYS, PolicyScorer, compare, load_runs
 from data.reviews.pairs import TIERS, batched_logps, build_pairs, sequence_logps
 from data.reviews.prepare import ensure_prepared
 from data.reviews.reward_model import PairObjective, RewardObjective
@@ -182,10 +182,12 @@ class PreferenceObjective(PairObjective):
         (pairs, reference) and cached next to the pairs file."""
         cache = self.pairs_path.with_name(self.pairs_path.stem + '_ref_logps.pt')
         key = f'{file_sha256(self.ref_ckpt)}{file_sha256(self.pairs_path)}{len(self.train_set[0])},{len(self.val_set[0])}'
-        if cache.exists():
+        try:  # a cache: one that is missing, damaged or for other pairs is computed again
             saved = torch.load(cache, weights_only=True)
-            if saved['key'] == key:
-                return saved['logps']
+        except Exception:
+            saved = None
+        if isinstance(saved, dict) and saved.get('key') == key and isinstance(saved.get('logps'), torch.Tensor):
+            return saved['logps']
         ref = runs.load_model(self.ref_ckpt, self.device, self.cfg.compile_loss)
         seq = torch.cat([self.train_set[0], self.val_set[0]])
         lens = torch.cat([self.train_set[1], self.val_set[1]])
@@ -312,14 +314,14 @@ class MadpoConfig:
     beta: float = key(0.1, '>0')         # po: every loss (beta-DPO's beta0)
     label_smoothing: float = key(0.1, '[0, 0.5)')  # po, cdpo: eps, the assumed probability that a label is flipped
     ipo_average: bool = False        # po, ipo: per-token-averaged log-ratios (TRL) instead of summed (MADPO's baseline)
-    bdpo_alpha: float = 0.6          # po, bdpo
+    bdpo_alpha: float = key(0.6, '>=0')  # po, bdpo: beta grows with the kept margin (< 0 would invert it; 0: beta0)
     bdpo_keep: float = key(0.8, '(0, 1]')      # po, bdpo: fraction of the batch kept
     bdpo_momentum: float = key(0.9, '[0, 1)')  # po, bdpo
     margins: str = key('rm', MARGINS)  # po, madpo: m from the trained 'rm', the true r_w - r_l ('oracle'), or 'noisy'
     margin_noise: float = key(1.0, '>=0')      # po, madpo, noisy: std of the Gaussian noise added to the oracle's m
     c_max: float = key(4.0, '>1')    # po, madpo: c_min = 1/c_max
     lam: float = key(1.0, '>0')      # po, madpo
-    tau: float = math.log(999)       # po, madpo
+    tau: float = key(math.log(999), '>0')  # po, madpo: c(tau) = 1, w = 1 for m <= -tau: a margin magnitude
     matched_kls: tuple = key((2.0, 5.0), '>0')  # compare: the KLs (nats) at which rewards are read
 
     def __post_init__(self):
@@ -410,14 +412,21 @@ def stage_compare(cfg):
 STAGES = {'sft': stage_sft, 'pairs': stage_pairs, 'rm': stage_rm, 'po': stage_po}
 
 
+def read_done(cfg, name):
+    """A finished stage's done.json, or one line naming a damaged one."""
+    keys = {'wall_s': NUMBER, 'config': dict, **DONE_KEYS.get(name, {})}
+    return read_result(folder(cfg, name) / 'done.json', keys, DONE_FIX)
+
+
 def run_stage(cfg, name, skip_done=False):
     """Run one stage; write its done.json (results, wall time, keys). In --stage=all a finished stage is
     skipped and an interrupted one resumed (unless --overwrite=True)."""
     out = folder(cfg, name)
     if skip_done and not cfg.overwrite:
         if (out / 'done.json').exists():
+            done = read_done(cfg, name)
             print(f'{out}: done, skipped')
-            return json.loads((out / 'done.json').read_text())
+            return done
         if (out / 'ckpt.pt').exists():
             cfg = dataclasses.replace(cfg, init_from='resume')
     print(f'=== {name} -> {out}', flush=True)
@@ -446,11 +455,15 @@ def run_all(cfg):
     """Stage by stage over the seeds, so that ceilings and reward models come first; then the po runs tier
     by tier and arm by arm (every seed and beta of an arm together: a partial study holds whole cells)."""
     seeds = [dataclasses.replace(cfg, seed=s) for s in cfg.seeds]
-    run_many(seeds, 'sft', cfg.jobs)
-    run_many(seeds, 'pairs', cfg.jobs)
-    run_many([dataclasses.replace(c, tier=t) for c in seeds for t in cfg.tiers], 'rm', cfg.jobs)
-    run_many([dataclasses.replace(arm_config(c, arm), tier=t, beta=b)
-              for t in cfg.tiers for arm in cfg.arms for c in seeds for b in cfg.betas], 'po', cfg.jobs)
+    plan = [(seeds, 'sft'), (seeds, 'pairs'), ([dataclasses.replace(c, tier=t) for c in seeds for t in cfg.tiers], 'rm'),
+            ([dataclasses.replace(arm_config(c, arm), tier=t, beta=b)
+              for t in cfg.tiers for arm in cfg.arms for c in seeds for b in cfg.betas], 'po')]
+    if not cfg.overwrite:  # a damaged done.json is refused before any stage runs, not after hours of them
+        for cfgs, name in plan:
+            for c in [c for c in cfgs if (folder(c, name) / 'done.json').exists()]:
+                read_done(c, name)
+    for cfgs, name in plan:
+        run_many(cfgs, name, cfg.jobs)
     return stage_compare(cfg)
 
 

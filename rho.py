@@ -36,8 +36,8 @@ import torch
 import budget as budget_lib
 import runs
 import train
-from configurator import UserError, cli, require
-from data.loader import DataError, atomic_write_bytes, file_sha256, get_examples, num_examples, read_json
+from configurator import UserError, cli, key, require
+from data.loader import NUMBER, DataError, atomic_write_bytes, file_sha256, get_examples, num_examples, read_json, read_result
 from model import evaluating
 from train import CausalLM, Step, TrainConfig
 
@@ -215,14 +215,16 @@ def il_run(run, cfg):
 
 
 def check_il_out_dir(cfg):
-    """il_out_dir receives the best search run's files: refuse, before any training, a folder that holds
-    another run (one that is not an IL model) unless --overwrite=True."""
+    """il_out_dir receives the best search run's files, il_cache the losses: refuse, before any training, a
+    file in their place, or an il_out_dir that holds another run (one that is not an IL model) unless
+    --overwrite=True."""
     folder = Path(cfg.il_out_dir)
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f'--il_out_dir={folder} is a file: give a folder')
+    for name, path in (('il_out_dir', folder), ('il_cache', Path(cfg.il_cache) if cfg.il_cache else None)):
+        if path is not None and path.exists() and not path.is_dir():
+            raise UserError(f'--{name}={path} is a file: give a folder')
     holds = [name for name in ('ckpt.pt', 'log.jsonl') if (folder / name).exists()]
-    saved = read_json(folder / 'config.json').get('config', {}) if (folder / 'config.json').is_file() else {}
-    if holds and saved.get('label') != 'rho_il' and not cfg.overwrite:
+    saved = read_json(folder / 'config.json').get('config')  # {} when missing or damaged: not an IL model's
+    if holds and not (isinstance(saved, dict) and saved.get('label') == 'rho_il') and not cfg.overwrite:
         raise UserError(f'--il_out_dir={folder} already holds a run that is not an IL model: give another '
                         f'--il_out_dir, or --overwrite=True to replace it')
 
@@ -300,8 +302,9 @@ def precompute_il(cfg, il_result):
     return info
 
 
-IL_SIDECAR_KEYS = ('corpus_fingerprint', 'tokenizer', 'block_size', 'holdout_frac', 'num_examples', 'il_ckpt_sha256',
-                   'il_val_loss', 'il_train', 'il_precompute')  # what il_loss.json must hold
+IL_SIDECAR_KEYS = {'corpus_fingerprint': str, 'tokenizer': str, 'block_size': int, 'holdout_frac': NUMBER,
+                   'num_examples': int, 'il_ckpt_sha256': str, 'il_val_loss': NUMBER, 'il_train': dict,
+                   'il_precompute': dict}  # what il_loss.json must hold
 
 
 def load_il_cache(cfg, corpus, block_size):
@@ -311,13 +314,10 @@ def load_il_cache(cfg, corpus, block_size):
     rebuild = "`python rho.py --stage=il --overwrite=True` with this run's data and model flags"
     if not (path / 'il_loss.json').exists():
         raise UserError(f'no IL cache in {path}: build it with {rebuild}')
-    info = read_json(path / 'il_loss.json')
-    missing = [k for k in IL_SIDECAR_KEYS if k not in info]
-    if missing:
-        raise UserError(f'IL cache sidecar {path / "il_loss.json"} is damaged (no {missing[0]}): rebuild it with {rebuild}')
-    for key, want in cache_key(cfg, corpus, block_size).items():
-        if info.get(key) != want:
-            raise UserError(f'stale IL cache in {path}: built with {key}={info.get(key)!r}, this run has {want!r} '
+    info = read_result(path / 'il_loss.json', IL_SIDECAR_KEYS, f'rebuild it with {rebuild}')
+    for name, want in cache_key(cfg, corpus, block_size).items():
+        if info.get(name) != want:
+            raise UserError(f'stale IL cache in {path}: built with {name}={info.get(name)!r}, this run has {want!r} '
                             f'(other data or settings): rebuild it with {rebuild}')
     ckpt = Path(cfg.il_out_dir) / 'ckpt.pt'
     if not ckpt.exists() or file_sha256(ckpt) != info['il_ckpt_sha256']:
@@ -375,7 +375,7 @@ class RhoConfig(TrainConfig):
     mega_batch: int = 0              # train: nB, examples scored per micro-batch; 0 = batch_size / select_frac (nb = batch_size)
     sb_beta: float = 1.0             # train, sb: keep probability = percentile ** sb_beta
     sb_history: int = 0              # train, sb: losses the percentile is taken over; 0 = the last 10 micro-batches' (see SelectiveBackprop)
-    il_out_dir: str = 'out/rho_il'   # both: the IL model's run; train checks the cache against its checkpoint
+    il_out_dir: str = key('out/rho_il', 'path')  # both: the IL model's run; train checks the cache against its checkpoint
     il_budget: float = 0.0           # il: the IL model's first budget in budget_unit; 0 = --budget
     il_doublings: int = 2            # il: then 2x, 4x, ... that budget while its val loss keeps improving (0: one run)
     il_tol: float = 0.01             # il: a doubling that lowers the IL model's val loss by less has stopped improving
@@ -400,6 +400,8 @@ class RhoConfig(TrainConfig):
         require(self.il_budget >= 0, f'--il_budget must be >= 0, got {self.il_budget}')
         require(self.il_doublings >= 0 and self.il_tol >= 0, '--il_doublings and --il_tol must be >= 0')
         require(Path(self.il_out_dir).resolve() != Path(self.out_dir).resolve(), '--il_out_dir must differ from --out_dir')
+        require(self.il_cache == '' or self.il_cache.strip() != '',  # '' is the default folder; ' ' a stray folder
+                f"--il_cache={self.il_cache!r} is blank: give a folder, or '' for <data dir>/il/<name of il_out_dir>")
 
     def selection_sizes(self):
         """(nB, nb): examples scored and examples trained per micro-batch."""

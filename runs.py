@@ -147,6 +147,9 @@ def load_checkpoint(path):
             and all(isinstance(args.get(k), int) and args[k] > 0 for k in MODEL_ARGS)):
         raise UserError(f"{path} is not a model checkpoint (a dict with 'model' weights and 'model_args' giving "
                         f"{', '.join(MODEL_ARGS)})")
+    if not isinstance(ckpt.get('config', {}), dict):
+        raise UserError(f"{path} is damaged: its 'config' is a {type(ckpt['config']).__name__}, not a dict of keys: "
+                        f"use an intact checkpoint")
     return ckpt
 
 
@@ -154,13 +157,20 @@ def checkpoint_model_type(ckpt):
     return ckpt.get('config', {}).get('model_type', 'gpt')  # nanoGPT's checkpoints are GPTs
 
 
+@contextlib.contextmanager
+def refused_if_damaged(path, what, fix):
+    """Loading a checkpoint's pieces: an error on the way (a weight missing or of another shape, a state
+    without its keys) is one line naming the file, what failed and the fix."""
+    try:
+        yield
+    except (RuntimeError, TypeError, ValueError, KeyError, AssertionError, AttributeError, IndexError) as e:
+        raise UserError(f"checkpoint {path} {what} ({type(e).__name__}: {' '.join(str(e).split())[:120]}): {fix}") from None
+
+
 def model_from_checkpoint(ckpt, path, **overrides):
     """The model a checkpoint holds; one whose model_args do not describe its weights is refused."""
-    try:
+    with refused_if_damaged(path, 'does not match its own model_args', 'it is damaged or not a model checkpoint'):
         return MODELS[checkpoint_model_type(ckpt)][0].from_checkpoint(ckpt, **overrides)
-    except (RuntimeError, TypeError, ValueError, KeyError, AssertionError) as e:
-        raise UserError(f'checkpoint {path} does not match its own model_args ({type(e).__name__}: '
-                        f"{' '.join(str(e).split())[:120]}): it is damaged or not a model checkpoint") from None
 
 
 def load_model(path, device, compile_loss=True):
@@ -214,6 +224,10 @@ def check_resume_config(cfg, ckpt, path):
     if missing:
         raise UserError(f'{path} cannot be resumed (it lacks {", ".join(missing)}): start from it with '
                         f'--init_from={path} instead')
+    spent = ckpt['budget'].get(cfg.budget_unit) if isinstance(ckpt['budget'], dict) else None
+    if not isinstance(spent, (int, float)):  # {} would resume with nothing spent
+        raise UserError(f"{path} cannot be resumed: its budget state holds no '{cfg.budget_unit}' spent (it is "
+                        f"damaged): resume from an intact copy, or start again with --init_from=scratch --overwrite=True")
     saved, now = ckpt.get('config', {}), dataclasses.asdict(cfg)
     for k in sorted((saved.keys() | now.keys()) - MAY_CHANGE_ON_RESUME):
         was, new = saved.get(k, now.get(k)), now.get(k, saved.get(k))
@@ -244,12 +258,16 @@ def run_info(cfg):
 
 
 def prepare_out_dir(cfg, out_dir, master):
-    """Refuse to train from scratch over an existing run unless asked to. Nothing is deleted here: with
-    --overwrite=True the old log is replaced by the new run's first record (Trainer.log), so a call that
-    fails a later check (data, checkpoint, device) leaves the old run as it was."""
+    """Refuse to train from scratch over an existing run unless asked to, or in a folder with a folder where
+    the run's files go. Nothing is deleted here: with --overwrite=True the old run's checkpoint and log go
+    when the new run starts (Trainer.start_folder), so a call that fails a later check (data, checkpoint,
+    device) leaves the old run as it was."""
     ckpt, log = out_dir / 'ckpt.pt', out_dir / 'log.jsonl'
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f'--out_dir={out_dir} is a file: give a folder')
+    for name in ('ckpt.pt', 'log.jsonl', 'config.json', 'lock'):
+        if (out_dir / name).is_dir():
+            raise UserError(f'{out_dir / name} is a folder where the run keeps its {name}: move it away, or use another --out_dir')
     if cfg.init_from != 'resume' and (ckpt.exists() or log.exists()) and not cfg.overwrite:
         raise UserError(f'{out_dir} already holds a run: use --init_from=resume to continue it, '
                         f'--overwrite=True to replace it, or another --out_dir')
@@ -280,15 +298,23 @@ def trim_log(log_path, iter_num):
 @contextlib.contextmanager
 def locked_out_dir(cfg):
     """Checks out_dir (prepare_out_dir), then holds out_dir/lock for the run: a second run on the folder
-    refuses while the first lives; a lock left by a dead process (kill -9) is free again."""
+    refuses while the first lives; a lock left by a dead process (kill -9) is free again. A run that fails
+    before writing removes the (empty) folders it made."""
     out_dir, master = Path(cfg.out_dir), int(os.environ.get('RANK', 0)) == 0
+    new = [p for p in (out_dir, *out_dir.parents) if not p.exists()]  # the folders prepare_out_dir makes, deepest first
     prepare_out_dir(cfg, out_dir, master)
     if not master:
         yield
         return
-    with FolderLock(out_dir / 'lock', lambda pid: UserError(
-            f'{out_dir} is in use by another run (pid {pid}): wait for it to end, or use another --out_dir')):
-        yield
+    try:
+        with FolderLock(out_dir / 'lock', lambda pid: UserError(
+                f'{out_dir} is in use by another run (pid {pid}): wait for it to end, or use another --out_dir')):
+            yield
+    except BaseException:
+        for folder in new:  # a run that failed before writing anything (bad data, table, tokenizer) leaves no folder
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
 
 
 # -----------------------------------------------------------------------------

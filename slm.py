@@ -44,10 +44,11 @@ import torch
 import runs
 import train
 from configurator import UserError, cli, cli_args, require
-from data.loader import DATA_ROOT, DataError, atomic_write_bytes, file_sha256, get_examples, num_examples
+from data.loader import (DATA_ROOT, DataError, atomic_write_bytes, file_sha256, get_examples, num_examples, read_meta,
+                         read_result)
 from data.mathmix.fewshot import clean_val, exact_match, line_losses, load_problems
 from data.mathmix.prepare import CLEAN, KINDS, LINE, corpus_name, ensure_prepared, load_kinds
-from data.mathmix.report import report
+from data.mathmix.report import ARM_KEYS, REF_FIX, REF_KEYS as REF_EVAL_KEYS, RESULT_FIX, read_curve, report
 from model import evaluate
 
 
@@ -177,7 +178,7 @@ def cache_identity(corpus, ref_ckpt, block_size):
     """What a valid cache must agree with: the reference checkpoint, the token stream, tokenizer, shape."""
     if not ref_ckpt.exists():
         raise DataError(f'no reference model at {ref_ckpt}: run `python slm.py --stage=ref` first')
-    meta = json.loads((corpus / 'meta.json').read_text())
+    meta = read_meta(corpus)
     return {'ref_ckpt_sha256': file_sha256(ref_ckpt), 'data_sha256': file_sha256(corpus / 'train.bin'),
             'tokenizer': meta['tokenizer'], 'block_size': block_size, 'n_tokens': meta['counts']['train']['tokens']}
 
@@ -216,12 +217,7 @@ def load_cache(corpus, ref_ckpt, block_size):
     side_path, rebuild = corpus / 'ref_loss.json', 'rebuild it with `python slm.py --stage=score`, or use --ref_mode=online'
     if not side_path.exists():
         raise DataError(f'no reference-loss cache in {corpus}: run `python slm.py --stage=score`')
-    try:
-        side = json.loads(side_path.read_text())
-    except ValueError:
-        side = None
-    if not isinstance(side, dict):
-        raise DataError(f'reference-loss sidecar {side_path} is not a JSON object: {rebuild}')
+    side = read_result(side_path, {'dtype': str}, rebuild)  # a sidecar; one without the identity's keys is stale
     want = cache_identity(corpus, ref_ckpt, block_size)
     stale = [k for k, v in want.items() if side.get(k) != v]
     if stale:
@@ -306,6 +302,10 @@ class SLMConfig(train.TrainConfig):
         require(min(self.seeds, self.sweep_seeds, self.jobs, self.ref_budget, self.ref_lr) > 0,
                 '--seeds, --sweep_seeds, --jobs, --ref_budget and --ref_lr must be > 0')
         require(all(0 <= g <= 1 for g in (self.gate_ref, self.gate_oracle)), '--gate_ref, --gate_oracle must be in [0, 1]')
+        for name in ('ref_ckpt', 'mathmix_dir'):  # '' is the default; ' ' would name a stray file or folder
+            require(getattr(self, name) == '' or getattr(self, name).strip() != '', f"--{name} is blank: give a path, or ''")
+        require(not (self.ref_ckpt and Path(self.ref_ckpt).is_dir()),
+                f'--ref_ckpt={self.ref_ckpt} is a folder: give the checkpoint file (e.g. {Path(self.ref_ckpt) / "ckpt.pt"})')
         T = self.model_dims()['block_size']
         require(T % LINE == 0 and T >= 2 * LINE, f'--block_size must be a multiple of {LINE} (a mathmix line), >= {2 * LINE}')
         base = {f.name: f.default for f in dataclasses.fields(self)} | (self.QUICK if self.quick else {})
@@ -378,8 +378,9 @@ def ref_state(cfg, paths):
 def reference_eval(cfg, paths):
     """The reference model's held-out exact match and clean val loss, measured once per checkpoint."""
     path, sha = paths.ref_ckpt.parent / 'eval.json', file_sha256(paths.ref_ckpt)
-    if path.exists() and json.loads(path.read_text()).get('ref_ckpt_sha256') == sha:
-        return json.loads(path.read_text())
+    saved = read_result(path, REF_EVAL_KEYS, REF_FIX) if path.exists() else {}
+    if saved.get('ref_ckpt_sha256') == sha:
+        return saved
     rt = runs.setup_device(cfg)
     model = runs.load_model(paths.ref_ckpt, rt.device, cfg.compile_loss)
     val_x, val_y = clean_val(paths.ref_data, model.config.block_size, cfg.eval_batches * cfg.batch_size)
@@ -411,13 +412,16 @@ def arm_config(cfg, paths):
     return run, json.loads(json.dumps({**dataclasses.asdict(run), 'ref_ckpt_sha256': file_sha256(paths.ref_ckpt)}))
 
 
+ARM_RESULT_KEYS = {**ARM_KEYS, 'run_config': dict}  # what finished_arm reads back
+
+
 def finished_arm(cfg, paths):
     """The arm's eval.json if it finished as cfg asks now, with this reference; else None."""
     path = paths.run_dir(cfg) / 'eval.json'
     if cfg.overwrite or not path.exists():
         return None
-    result = json.loads(path.read_text())
-    return result if result.get('run_config') == arm_config(cfg, paths)[1] else None
+    result = read_result(path, ARM_RESULT_KEYS, RESULT_FIX)
+    return result if result['run_config'] == arm_config(cfg, paths)[1] else None
 
 
 def run_arm(cfg, paths):
@@ -433,7 +437,7 @@ def run_arm(cfg, paths):
     run = dataclasses.replace(run, init_from='resume' if resume else 'scratch', overwrite=not resume)
     if train.train(run, SelectiveLM(run, paths))['interrupted']:
         raise KeyboardInterrupt  # stop the study here; the same command resumes this run
-    final = json.loads((folder / 'curve.jsonl').read_text().splitlines()[-1])
+    final = read_curve(folder / 'curve.jsonl')[-1]
     out = {'run': f'{folder.parent.name}/{folder.name}', 'noise': cfg.noise, 'arm': arm_name(cfg.select_by, cfg.k),
            'k': cfg.k, 'seed': cfg.seed, **final, 'run_config': same}
     atomic_write_bytes(folder / 'eval.json', json.dumps(out, indent=1).encode())
@@ -451,9 +455,20 @@ def ensure_cache(cfg, paths):
         build_cache(cfg, paths)
 
 
+def check_results(cfg, paths):
+    """Before any training: every eval.json the study will read back is readable (a damaged one is
+    refused in one line now, not after the reference and the gates)."""
+    found = [paths.run_dir(run) / 'eval.json' for run in study_runs(cfg) if not cfg.overwrite]
+    for path in filter(Path.exists, found):
+        read_result(path, ARM_RESULT_KEYS, RESULT_FIX)
+    if (paths.ref_ckpt.parent / 'eval.json').exists():
+        read_result(paths.ref_ckpt.parent / 'eval.json', REF_EVAL_KEYS, REF_FIX)
+
+
 def stage_all(cfg, paths):
     """ref (trained, or resumed, unless --ref_ckpt names one) -> gate 1 -> the oracle's first run -> gate 2
     -> every other run -> compare."""
+    check_results(cfg, paths)
     state = 'given' if cfg.ref_ckpt else 'other' if cfg.overwrite else ref_state(cfg, paths)
     if state in ('killed', 'other'):  # a killed reference resumes; the same command resumes after Ctrl-C
         resume = state == 'killed'
@@ -499,7 +514,7 @@ def stage_export(cfg, paths):
 def arm_line_losses(cfg, paths):
     """{model: [line_losses per seed]}: the reference model's and each finished arm's at --noise, from the
     checkpoints that are here (a copy of the logs alone has none)."""
-    found = [(path.parent / 'ckpt.pt', json.loads(path.read_text())['arm'])
+    found = [(path.parent / 'ckpt.pt', read_result(path, ARM_KEYS, RESULT_FIX)['arm'])
              for path in sorted((paths.root / corpus_name(cfg.noise)).glob('*/eval.json')) if (path.parent / 'ckpt.pt').exists()]
     if not found or not (paths.ref_data / 'val.bin').exists():  # no arm here: nothing to read (or write)
         return None

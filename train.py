@@ -29,14 +29,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import budget as budget_lib
 from arch import ARCHS, build_arch
-from configurator import Interrupted, UserError, check_ranges, cli, key, require, signals_between_steps
+from configurator import Interrupted, UserError, check_distinct, check_ranges, cli, key, require, signals_between_steps
 from data.loader import (Batches, Corpus, DataError, atomic_write_bytes, data_dir, get_examples,
                          get_tokenizer, prepare_command, val_ids)
 from data.spans import SpanVocab, raw_length_for, span_corrupt, t5_lengths
 from model import MODELS, PRESETS, evaluate, sample_text
 from runs import (build_model, check_resume_config, check_resume_method, load_checkpoint, locked_out_dir, method_name,
-                  model_from_checkpoint, prepare_out_dir, run_finished, run_info, save_checkpoint, setup_device,
-                  start_wandb, trim_log)
+                  model_from_checkpoint, prepare_out_dir, refused_if_damaged, run_finished, run_info, save_checkpoint,
+                  setup_device, start_wandb, trim_log)
 
 
 @dataclass(frozen=True)
@@ -119,8 +119,16 @@ class TrainConfig:
         require(self.min_lr <= self.lr, f'--min_lr ({self.min_lr}) must not exceed --lr ({self.lr})')
         require(self.warmup_units < self.budget, f'--warmup_units must be below --budget, got {self.warmup_units}')
         require(not self.branch_budgets or self.schedule == 'wsd', '--branch_budgets needs --schedule=wsd')
-        require(list(self.stack_fracs) == sorted(self.stack_fracs), f'--stack_fracs must increase, got {self.stack_fracs}')
+        if self.branch_budgets:  # a budget given twice: the trunk and its branch would share one folder
+            check_distinct('branch_budgets', self.branch_budgets, '(1, 2, 4)')
+        if self.schedule == 'wsd':  # warm-up and cool-down fit in the run (the smallest branch's: the warm-up is absolute)
+            warmup = (self.warmup_units or self.warmup_frac * self.budget) / (self.budget * min(self.branch_budgets, default=1))
+            require(warmup + self.cooldown_frac <= 1 + 1e-9, f'wsd: the warm-up ({warmup:g} of the budget) plus --cooldown_frac '
+                    f'({self.cooldown_frac:g}) must be <= 1: lower --warmup_frac or --cooldown_frac')
+        require(all(a < b for a, b in zip(self.stack_fracs, self.stack_fracs[1:])),
+                f'--stack_fracs must increase strictly, got {self.stack_fracs}')
         require(self.stack_init_layers <= dims['n_layer'], f"--stack_init_layers must be <= n_layer ({dims['n_layer']})")
+        require(self.start != '', "--start must be a non-empty prompt for the samples to continue, e.g. --start='\\ndef '")
 
     def model_dims(self):
         preset = PRESETS[self.model] if self.model in PRESETS else PRESETS['small']
@@ -384,7 +392,6 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.out_dir = Path(cfg.out_dir)
         prepare_out_dir(cfg, self.out_dir, self.rt.master)
-        self.new_log = cfg.init_from != 'resume'  # the first record replaces an old run's log (--overwrite)
         saved = load_checkpoint(self.out_dir / 'ckpt.pt') if cfg.init_from == 'resume' else None
         if saved is not None:
             check_resume_config(cfg, saved, self.out_dir / 'ckpt.pt')
@@ -398,7 +405,6 @@ class Trainer:
         self.ctx = RunContext(self)
         self.objective.setup(self.ctx)  # requests only: the pieces below are built from them
         self._build(cfg)
-        self.wandb = start_wandb(cfg, saved) if cfg.wandb_log and self.rt.master else None  # once the run can start
         self.iter_num, self.val_loss, self.best_val_loss, self.evaluated_at = 0, float('inf'), float('inf'), None
         self.skipped_steps, self.last_wall, self.last_cost = 0, 0.0, 0.0
         self.branch_points = sorted(branch_points)
@@ -406,9 +412,8 @@ class Trainer:
             self._resume(saved)
         else:
             self.budget.charge_before_start(self.ctx.charges)
-            for record in self.ctx.records:
-                self.log(record)
         self.building = False
+        self.wandb = start_wandb(cfg, saved) if cfg.wandb_log and self.rt.master else None  # once the run can start
         self.train_model = torch.compile(self.model) if cfg.compile else self.model
         if self.rt.world_size > 1:
             self.train_model = DDP(self.train_model, device_ids=[self.rt.local_rank] if self.rt.device.type == 'cuda' else None,
@@ -437,17 +442,19 @@ class Trainer:
                 'objective': self.objective, 'arch': self.arch}
 
     def _resume(self, ckpt):
-        for name, piece in self._stateful().items():
-            piece.load_state_dict(ckpt[name])
-        self.model.set_active_layers(ckpt['active_layers'])
-        self.iter_num, self.val_loss = ckpt['iter_num'], ckpt['val_loss']
-        self.best_val_loss = ckpt.get('best_val_loss', self.val_loss)
-        self.last_wall, self.last_cost = ckpt.get('last_wall', 0.0), ckpt.get('last_cost', 0.0)
-        # saved right after this step's eval, except a WSD branch point: a branch evaluates when it ends
-        self.evaluated_at = self.iter_num if ckpt.get('evaluated', True) else None
-        torch.set_rng_state(ckpt['rng']['cpu'])
-        if self.rt.device.type == 'cuda' and ckpt['rng']['cuda'] is not None:
-            torch.cuda.set_rng_state(ckpt['rng']['cuda'])
+        with refused_if_damaged(self.out_dir / 'ckpt.pt', 'cannot be resumed', 'it is damaged: resume from an intact '
+                                'copy, or start again with --init_from=scratch --overwrite=True'):  # before anything is written
+            for name, piece in self._stateful().items():
+                piece.load_state_dict(ckpt[name])
+            self.model.set_active_layers(ckpt['active_layers'])
+            self.iter_num, self.val_loss = ckpt['iter_num'], ckpt['val_loss']
+            self.best_val_loss = ckpt.get('best_val_loss', self.val_loss)
+            self.last_wall, self.last_cost = ckpt.get('last_wall', 0.0), ckpt.get('last_cost', 0.0)
+            # saved right after this step's eval, except a WSD branch point: a branch evaluates when it ends
+            self.evaluated_at = self.iter_num if ckpt.get('evaluated', True) else None
+            torch.set_rng_state(ckpt['rng']['cpu'])
+            if self.rt.device.type == 'cuda' and ckpt['rng']['cuda'] is not None:
+                torch.cuda.set_rng_state(ckpt['rng']['cuda'])
         if self.rt.master:
             trim_log(self.out_dir / 'log.jsonl', self.iter_num)
         self.rt.print(f'resumed from {self.out_dir / "ckpt.pt"} at step {self.iter_num}, '
@@ -466,11 +473,23 @@ class Trainer:
                          'cuda': torch.cuda.get_rng_state() if self.rt.device.type == 'cuda' else None})
         save_checkpoint(path or self.out_dir / 'ckpt.pt', ckpt)
 
+    def start_folder(self):
+        """Once every check has passed: a fresh run removes what an old run (--overwrite=True) left, its
+        checkpoint with its log, so the folder never mixes two runs; then config.json and the setup's records."""
+        fresh = self.cfg.init_from != 'resume'
+        if self.rt.master and fresh:
+            (self.out_dir / 'ckpt.pt').unlink(missing_ok=True)
+            atomic_write_bytes(self.out_dir / 'log.jsonl', b'')
+        if self.rt.master:
+            atomic_write_bytes(self.out_dir / 'config.json', json.dumps(run_info(self.cfg), indent=1).encode())
+        if fresh:  # a resumed run's log has them
+            for record in self.ctx.records:
+                self.log(record)
+
     def log(self, record):
         if self.rt.master:
-            with open(self.out_dir / 'log.jsonl', 'w' if self.new_log else 'a') as f:
+            with open(self.out_dir / 'log.jsonl', 'a') as f:
                 f.write(json.dumps(record) + '\n')
-            self.new_log = False
             if self.wandb is not None:
                 self.wandb.log(record)
 
@@ -518,8 +537,9 @@ class Trainer:
         if not math.isfinite(float(loss)):  # one sync a step: a nan must never reach the weights
             self.optimizer.zero_grad(set_to_none=True)
             if not cfg.skip_nonfinite:
-                raise NonFiniteLoss(f'loss is {float(loss)} at step {self.iter_num + 1}: the last good checkpoint '
-                                    f'is kept; lower --lr, raise --warmup_frac, or pass --skip_nonfinite=True')
+                kept = 'the last good checkpoint is kept' if (self.out_dir / 'ckpt.pt').exists() else 'no checkpoint saved yet'
+                raise NonFiniteLoss(f'loss is {float(loss)} at step {self.iter_num + 1}: {kept}; lower --lr, '
+                                    f'raise --warmup_frac, or pass --skip_nonfinite=True')
             self.skipped_steps += 1
             return loss, before, {**logs, 'skipped_steps': self.skipped_steps}
         if cfg.grad_clip > 0:
@@ -549,8 +569,7 @@ class Trainer:
 
     def run(self):
         cfg, rt = self.cfg, self.rt
-        if rt.master:
-            atomic_write_bytes(self.out_dir / 'config.json', json.dumps(run_info(cfg), indent=1).encode())
+        self.start_folder()
         rt.print(f'{self.model.num_params() / 1e6:.2f}M params | {self.bs:,} tokens per step | '
                  f'budget {cfg.budget:g} {cfg.budget_unit} | {cfg.optimizer} lr {cfg.lr:g} {cfg.schedule} | '
                  f'arch {cfg.arch} | data {self.corpus.path} | device {rt.device} {str(rt.dtype).removeprefix("torch.")}')

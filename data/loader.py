@@ -311,6 +311,22 @@ def read_json(path):
     return value if isinstance(value, dict) else {}
 
 
+NUMBER = (int, float)  # a JSON number
+
+
+def read_result(path, keys, fix):
+    """The JSON object an earlier stage wrote at path (a result, done.json, a cache's sidecar), holding
+    keys ({name: type}); else DataError, one line naming the file and `fix`. The checked reader of
+    what the methods' stages wrote: read_json gives {} for a file that does not parse or holds no object."""
+    saved = read_json(path)
+    wrong = [name for name, kind in keys.items() if not (name in saved and isinstance(saved[name], kind))]
+    if wrong:
+        what = ('missing' if not Path(path).is_file() else 'not a readable JSON object' if not saved else
+                f"damaged (no valid {', '.join(wrong[:3])}{', ...' if len(wrong) > 3 else ''})")
+        raise DataError(f'{path} is {what}: {fix}')
+    return saved
+
+
 def meta_problem(meta):
     """What is wrong with a parsed meta.json for a reader (None when nothing is)."""
     if not isinstance(meta, dict):

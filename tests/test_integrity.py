@@ -9,6 +9,7 @@ writes, meta.json, paths) are in test_hostile_data.py."""
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -60,6 +61,15 @@ def saved(tmp_path_factory, stdlib_corpus):
     for name, ckpt in bad.items():
         (root / name).mkdir()
         torch.save(ckpt, root / name / 'ckpt.pt')
+    weights = dict(good['model'])
+    weights.pop(next(iter(weights)))
+    damaged = {'no_weight': {**good, 'model': weights}, 'empty_rng': {**good, 'rng': {}},
+               'config_list': {**good, 'config': list(good['config'].items())}, 'empty_budget': {**good, 'budget': {}}}
+    for name, ckpt in damaged.items():  # run folders to resume whose checkpoint is damaged
+        shutil.copytree(root / 'good', root / name)
+        torch.save(ckpt, root / name / 'ckpt.pt')
+    for name in ('ckpt.pt', 'log.jsonl', 'config.json', 'lock'):  # a folder where the run keeps a file
+        (root / f'dir_{name}' / name).mkdir(parents=True)
     table = json.loads(next(Path(ROOT / 'config' / 'rst').glob('gpt_L2_H2_D64_T64_V256_B8.json')).read_text())
     tables = {'list.json': [table], 'no_fwd_bwd.json': {k: v for k, v in table.items() if k != 'fwd_bwd'},
               'negative.json': {**table, 'fwd': {**table['fwd'], '1': -1.0}},
@@ -72,7 +82,10 @@ def saved(tmp_path_factory, stdlib_corpus):
     (root / 'inf.py').write_text("budget = float('inf')\n")
     (root / 'table.md').mkdir()
     (root / 'a_file').write_text('x')
-    return {'root': root, 'good': root / 'good', 'sb': root / 'sb', 'files': {p: snapshot(root / p) for p in ('good', 'sb')}}
+    return {'root': root, 'good': root / 'good', 'sb': root / 'sb', 'files': {p: snapshot(root / p) for p in PROTECTED}}
+
+
+PROTECTED = ('good', 'sb', 'no_weight', 'empty_rng', 'config_list', 'empty_budget')  # no failed call may change them
 
 
 def train_cases(w):
@@ -97,6 +110,13 @@ def train_cases(w):
          ['is a rho.SelectiveBackprop run', 'this command would continue it as train.CausalLM']),
         ('resume-not-resumable', [*TINY, f'--out_dir={r}/no_resume_state', '--init_from=resume', '--budget=4'],
          ['cannot be resumed (it lacks optimizer, budget)']),
+        ('resume-a-weight-missing', [*resume, f'--out_dir={r}/no_weight'], ['cannot be resumed (RuntimeError', 'Missing key']),
+        ('resume-empty-rng', [*resume, f'--out_dir={r}/empty_rng'], ["cannot be resumed (KeyError: 'cpu')", 'it is damaged']),
+        ('resume-config-a-list', [*resume, f'--out_dir={r}/config_list'], ["'config' is a list"]),
+        ('resume-empty-budget', [*resume, f'--out_dir={r}/empty_budget'], ["budget state holds no 'iters' spent"]),
+        ('init-from-config-a-list', [*TINY, '--budget=2', f'--out_dir={r}/fresh_l', f'--init_from={r}/config_list/ckpt.pt'],
+         ["'config' is a list"]),
+        ('sample-only-config-a-list', ['--sample_only=True', f'--init_from={r}/config_list/ckpt.pt'], ["'config' is a list"]),
         # class 4: checkpoints and files that parse but have the wrong shape
         *[(f'init-from-{name}', [*TINY, '--budget=2', f'--out_dir={r}/fresh_{name}', f'--init_from={r}/{name}/ckpt.pt'], [want])
           for name, want in (('list', 'is not a model checkpoint'), ('no_model_args', 'is not a model checkpoint'),
@@ -134,6 +154,20 @@ def train_cases(w):
         ('num-samples-zero', [*TINY, f'--out_dir={r}/fresh_r', '--num_samples=0'], ['--num_samples must be > 0']),
         # class 6: a folder where a file belongs, an unwritable place
         ('out-dir-under-a-file', [*TINY, f'--out_dir={r}/a_file/run'], ['not writable']),
+        *[(f'{name}-is-a-folder', [*TINY, f'--out_dir={r}/dir_{name}'], [f'dir_{name}/{name} is a folder where the run keeps'])
+          for name in ('ckpt.pt', 'log.jsonl', 'config.json', 'lock')],
+        # keys that are each in range but make no sense together
+        ('start-empty', [*TINY, '--budget=2', f'--out_dir={r}/fresh_r', '--start='], ['--start must be a non-empty prompt']),
+        ('sample-only-start-empty', ['--sample_only=True', f'--init_from={G}/ckpt.pt', '--start='],
+         ['--start must be a non-empty prompt']),
+        ('branch-budgets-twice', [*TINY, '--budget=2', f'--out_dir={r}/fresh_r', '--schedule=wsd', '--branch_budgets=(1,1)'],
+         ['--branch_budgets has 1 more than once']),
+        ('stack-fracs-equal', [*TINY, f'--out_dir={r}/fresh_r', '--arch=stack', '--stack_fracs=(0.3,0.3)'],
+         ['--stack_fracs must increase strictly']),
+        ('wsd-warmup-and-cooldown-exceed-the-run', [*TINY, f'--out_dir={r}/fresh_r', '--schedule=wsd', '--warmup_frac=0.9',
+                                                    '--cooldown_frac=1.0'], ['must be <= 1']),
+        ('wsd-branch-warmup-and-cooldown', [*TINY, '--budget=10', f'--out_dir={r}/fresh_r', '--schedule=wsd', '--warmup_frac=0.3',
+                                            '--branch_budgets=(0.25,1)'], ['the warm-up (1.2 of the budget)']),
         # class 8: too large for the machine, refused before allocating
         ('batch-huge', [*TINY, f'--out_dir={r}/fresh_m', '--batch_size=10000000'], ['needs at least', '--batch_size']),
         ('block-huge', [*TINY, f'--out_dir={r}/fresh_m', '--block_size=100000000'], ['needs at least']),
@@ -152,7 +186,7 @@ def test_train_refuses_in_one_line_and_touches_nothing(saved, capsys, case_id):
     assert code == 2 and len(err) == 1, what
     for phrase in expect:
         assert phrase in err[0], f'want {phrase!r}: {what}'
-    assert {p: snapshot(saved['root'] / p) for p in ('good', 'sb')} == saved['files'], f'a saved run changed: {what}'
+    assert {p: snapshot(saved['root'] / p) for p in PROTECTED} == saved['files'], f'a saved run changed: {what}'
     fresh = [p for p in saved['root'].glob('fresh_*') if any(p.iterdir())]
     assert not fresh, f'{what} left files in {fresh}'
 
@@ -205,11 +239,33 @@ def test_ctrl_c_during_setup_is_one_line_exit_130(saved, capsys, monkeypatch, tm
     monkeypatch.setattr(train, 'load_corpus', interrupt)
     code, err = call(train.main, train.TrainConfig, [*TINY, '--budget=2', f'--out_dir={tmp_path}/new'], capsys)
     assert (code, err) == (130, ['interrupted before step 1: nothing saved'])
-    assert not any((tmp_path / 'new').iterdir())
+    assert not (tmp_path / 'new').exists()
     code, err = call(train.main, train.TrainConfig, [*TINY, f"--out_dir={saved['good']}", '--init_from=resume',
                                                      '--budget=4', '--eval_interval=2'], capsys)
     assert (code, err) == (130, ['interrupted while resuming: the saved run is unchanged'])
     assert snapshot(saved['good']) == saved['files']['good']
+
+
+def test_a_run_that_fails_in_setup_leaves_no_folder(saved, capsys, tmp_path):
+    """Checks that need the run folder (taken, locked) first: a failure leaves none of the folders it made."""
+    for bad in (['--init_from=resume'], ['--tokenizer=nope'], ['--budget_unit=rst', f'--rst_table={tmp_path}/none.json']):
+        code, err = call(train.main, train.TrainConfig, [*TINY, '--budget=2', f'--out_dir={tmp_path}/new/run', *bad], capsys)
+        assert code == 2 and len(err) == 1, (bad, err)
+        assert list(tmp_path.iterdir()) == [], (bad, list(tmp_path.iterdir()))
+
+
+def test_overwrite_that_fails_before_its_first_checkpoint_leaves_only_the_new_run(saved, capsys, tmp_path):
+    """--overwrite=True over a finished run, then nan at step 2: the old checkpoint goes with the old log and
+    config (the folder never mixes two runs), and the message does not promise a checkpoint."""
+    folder = tmp_path / 'run'
+    shutil.copytree(saved['good'], folder)
+    code, err = call(train.main, train.TrainConfig, [*TINY, '--budget=4', f'--out_dir={folder}', '--overwrite=True',
+                                                     '--lr=1e12', '--warmup_frac=0', '--grad_clip=0'], capsys)
+    assert code == 2 and len(err) == 1 and 'at step 2: no checkpoint saved yet' in err[0], err
+    assert not (folder / 'ckpt.pt').exists()
+    assert json.loads((folder / 'config.json').read_text())['config']['lr'] == 1e12
+    records = [json.loads(line) for line in (folder / 'log.jsonl').read_text().splitlines()]
+    assert [r['step'] for r in records] == [1, 2] and records[-1]['nonfinite'] is True
 
 
 # -----------------------------------------------------------------------------

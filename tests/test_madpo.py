@@ -552,6 +552,57 @@ def test_config_refuses_dropout_loop_keys_and_short_blocks():
             parse(madpo.MadpoConfig, [arg])
 
 
+
+def test_bdpo_alpha_and_tau_are_range_checked():
+    """beta-DPO's beta grows with the kept margin (alpha < 0 inverts it); MADPO's tau is a margin magnitude
+    (c(tau) = 1, w = 1 below -tau): tau <= 0 leaves no pair amplified."""
+    for arg, says in (('--bdpo_alpha=-0.1', '--bdpo_alpha must be >= 0'), ('--tau=0', '--tau must be > 0'),
+                      ('--tau=-6.9', '--tau must be > 0')):
+        with pytest.raises(ConfigError, match=re.escape(says)):
+            parse(madpo.MadpoConfig, [arg])
+    assert parse(madpo.MadpoConfig, ['--bdpo_alpha=0', '--tau=2']).tau == 2
+
+
+@pytest.mark.parametrize('content', ['oops', '[1, 2]', '{"wall_s": 1.0}'])
+def test_a_damaged_done_json_is_refused_before_any_stage_runs(tmp_path, monkeypatch, content):
+    """--stage=all reads back every finished stage's done.json first: a damaged one (not JSON, not an
+    object, keys missing) is one line naming it and the fix, and no stage runs; the file stays."""
+    cfg = madpo.MadpoConfig(seeds=(0,), out_dir=str(tmp_path))
+    done = tmp_path / 'seed0' / 'sft' / 'done.json'
+    done.parent.mkdir(parents=True)
+    done.write_text(content)
+    ran = []
+    monkeypatch.setattr(madpo, 'run_many', lambda cfgs, name, jobs: ran.append(name))
+    with pytest.raises(UserError, match=f'{re.escape(str(done))} is .*: delete it, or rerun that stage with --overwrite=True'):
+        madpo.run_all(cfg)
+    with pytest.raises(UserError, match=re.escape(str(done))):
+        madpo.run_stage(cfg, 'sft', skip_done=True)
+    assert ran == [] and done.read_text() == content
+    for stage, run in (('rm_high', {'wall_s': 1.0, 'config': {}, 'ceiling': 0.8}),      # no acc
+                       ('po_dpo_b0.1_high', {'method': 'dpo', 'config': {'tier': 'high', 'seed': 0}, 'curve': [[0, 1]]})):
+        (tmp_path / 'seed0' / stage).mkdir()
+        (tmp_path / 'seed0' / stage / 'done.json').write_text(json.dumps(run))
+    with pytest.raises(UserError, match='po_dpo_b0.1_high/done.json is damaged'):  # the compare stage
+        scoring.load_runs(tmp_path)
+    with pytest.raises(UserError, match=r'rm_high/done.json is damaged \(no valid acc\)'):
+        scoring.ceiling_table(tmp_path)
+
+
+@pytest.mark.parametrize('damage', ['truncated', 'keys'])
+def test_a_damaged_pairs_file_is_refused_in_one_line(tmp_path, damage):
+    path = tmp_path / 'high.pt'
+    pairs = write_pairs(path)
+    if damage == 'truncated':
+        path.write_bytes(path.read_bytes()[:100])
+    else:
+        torch.save({k: v for k, v in pairs.items() if k != 'r_chosen'}, path)
+    with pytest.raises(UserError, match='pairs file .*high.pt is (unreadable|damaged).*--stage=pairs'):
+        task.load_pairs(path, 'cpu')
+    (tmp_path / 'high_ref_logps.pt').write_bytes(b'oops')  # a damaged cache is computed again, not refused
+    preference_objective(tmp_path, loss='dpo')  # (it writes the pairs anew)
+    assert torch.load(tmp_path / 'high_ref_logps.pt', weights_only=True)['logps'].shape == (12, 2)
+
+
 def test_each_stage_gets_its_own_train_config():
     cfg = parse(madpo.MadpoConfig, ['--sft_lr=1e-3', '--po_lr=5e-5', '--rm_iters=7', '--loss=ipo', '--tier=low'])
     sft, rm, po = (madpo.train_config(cfg, s) for s in ('sft', 'rm', 'po'))

@@ -123,6 +123,24 @@ def test_selection_sizes():
             rho.RhoConfig(**bad)
 
 
+
+def test_blank_il_paths_and_files_in_their_place_are_refused(tmp_path):
+    """--il_out_dir='' would put the IL search and its model's files in the current folder; --il_cache=''
+    is the default folder, but a blank one names a stray folder ' '; a file where either folder goes is
+    refused before any training."""
+    for bad, says in (({'il_out_dir': ''}, '--il_out_dir must be a non-empty path'),
+                      ({'il_out_dir': '  '}, '--il_out_dir must be a non-empty path'),
+                      ({'il_cache': ' '}, "--il_cache=' ' is blank")):
+        with pytest.raises(ConfigError, match=says):
+            rho.RhoConfig(**bad)
+    out = run_script('rho.py', "--il_out_dir=''", env=ONE_THREAD)
+    assert out.returncode == 2 and out.stderr.count('\n') == 1 and 'il_out_dir' in out.stderr, out.stderr
+    assert rho.RhoConfig(il_cache='').il_cache == ''
+    (tmp_path / 'file').write_text('')
+    with pytest.raises(UserError, match='--il_cache=.*file is a file: give a folder'):
+        rho.check_il_out_dir(rho.RhoConfig(il_out_dir=str(tmp_path / 'il'), il_cache=str(tmp_path / 'file')))
+
+
 def test_sb_keep_prob_hand_computed():
     sb = rho.SelectiveBackprop(rho.RhoConfig(sb_history=4, sb_beta=2.0))
     sb.history = torch.tensor([1.0, 2.0, 3.0, 4.0])
@@ -339,6 +357,15 @@ def test_stale_cache_is_refused(runs, tmp_path):
     with pytest.raises(UserError, match='stale IL cache.*IL checkpoint'):
         rho.load_il_cache(dataclasses.replace(cfg, il_out_dir=str(other_il), il_cache=str(runs.cache)),
                           corpus, T)
+    # a damaged sidecar: not JSON, or a key of the wrong shape (read later by report_il) -> one line
+    damaged = tmp_path / 'cache'
+    shutil.copytree(runs.cache, damaged)
+    info = json.loads((damaged / 'il_loss.json').read_text())
+    for text, says in (('{"trunc', 'is not a readable JSON object'),
+                       (json.dumps({**info, 'il_train': []}), r'is damaged \(no valid il_train\)')):
+        (damaged / 'il_loss.json').write_text(text)
+        with pytest.raises(UserError, match=f'il_loss.json {says}.*rebuild it with'):
+            rho.load_il_cache(dataclasses.replace(cfg, il_cache=str(damaged)), corpus, T)
     # other data, through the command line: exit 2 and one clear line, before any training
     other = small_corpus(tmp_path / 'upper', transform=str.upper)
     out = run_script('rho.py', *flags(other, out_dir=tmp_path / 'rho', il_out_dir=runs.il, il_cache=runs.cache,

@@ -260,7 +260,8 @@ def test_cache_lines_up_with_the_token_stream_and_bad_caches_are_refused(mathmix
     side, raw = (corpus / 'ref_loss.json').read_text(), (corpus / 'ref_loss.bin').read_bytes()
     for name, data, match in (('ref_loss.bin', raw[:-7], 'truncated'), ('ref_loss.bin', raw[:len(raw) // 2], 'truncated'),
                               ('ref_loss.json', json.dumps({'dtype': 'float16'}), 'stale.*data_sha256.*missing'),
-                              ('ref_loss.json', side[:40], 'not a JSON object'), ('ref_loss.json', '[1, 2]', 'not a JSON object')):
+                              ('ref_loss.json', side[:40], 'not a readable JSON object'),
+                              ('ref_loss.json', '[1, 2]', 'not a readable JSON object')):
         (corpus / name).write_bytes(data if isinstance(data, bytes) else data.encode())
         with pytest.raises(DataError, match=match):
             slm.load_cache(corpus, paths.ref_ckpt, T)
@@ -341,6 +342,54 @@ def test_report_tokens_to_reach_clm_and_the_table(tmp_path):
     assert report.clm_cells(groups[0.4, 'clm']) == ['2/2', '400 ± 0k', '-', '-']  # each seed's final first reached at 400k
     text = report.report(tmp_path, 0.4, 0.6)
     assert '| 0.4 | excess_k60 | 2 | 0.850 ± 0.635 | 0.425 ± 0.318 |' in text and (tmp_path / 'compare.md').exists()
+
+
+
+@pytest.mark.parametrize('content', ['{"trunc', '[1, 2]', '{"noise": 0.4}'])
+def test_a_damaged_eval_json_is_refused_in_one_line_before_any_training(mathmix, tmp_path, content):
+    """Truncated, not an object, or missing keys: one line naming the file and the fix, exit 2, the file kept."""
+    cfg = slm_cfg(mathmix, tmp_path / 'out', stage='train')
+    paths = slm.get_paths(cfg)
+    path = paths.run_dir(cfg) / 'eval.json'
+    path.parent.mkdir(parents=True)
+    path.write_text(content)
+    with pytest.raises(DataError, match=f'{re.escape(str(path))} is .*: delete it and rerun, or rerun with --overwrite=True'):
+        slm.finished_arm(cfg, paths)
+    with pytest.raises(DataError, match=re.escape(str(path))):
+        report.load_runs(tmp_path / 'out')  # --stage=compare reads it too
+    with pytest.raises(DataError, match=re.escape(str(path))):  # --stage=all: before the reference trains
+        slm.stage_all(dataclasses.replace(cfg, stage='all', noise_sweep=(), k_sweep=()), paths)
+    out = run_script('slm.py', '--stage=train', f'--out_dir={tmp_path / "out"}', f'--mathmix_dir={mathmix}', '--noise=0.4')
+    assert out.returncode == 2 and out.stderr.count('\n') == 1 and str(path) in out.stderr, out.stderr
+    assert path.read_text() == content and not (path.parent / 'ckpt.pt').exists()
+
+
+def test_damaged_reference_eval_curve_and_problems_are_refused(mathmix, tmp_path):
+    cfg = slm_cfg(mathmix, tmp_path)
+    paths = slm.get_paths(cfg)
+    save_ref(random_gpt(5), paths.ref_ckpt)
+    (paths.ref_ckpt.parent / 'eval.json').write_text('{"accuracy": 1.0}')  # a hand edit: no checksum, no scores
+    with pytest.raises(DataError, match='ref/eval.json is damaged .*delete it'):
+        slm.reference_eval(cfg, paths)
+    (tmp_path / 'curve.jsonl').write_text('{"tokens": 1\n')
+    with pytest.raises(DataError, match='curve.jsonl is missing or holds no eval point'):
+        report.read_curve(tmp_path / 'curve.jsonl')
+    (tmp_path / 'eval.jsonl').write_text('[1]\n')
+    with pytest.raises(DataError, match='eval.jsonl is damaged'):
+        fewshot.load_problems(tmp_path / 'eval.jsonl')
+
+
+def test_a_folder_for_ref_ckpt_or_a_file_for_mathmix_dir_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match='--ref_ckpt=.* is a folder: give the checkpoint file'):
+        slm.SLMConfig(stage='train', ref_ckpt=str(tmp_path))
+    for key in ('ref_ckpt', 'mathmix_dir'):
+        with pytest.raises(ConfigError, match=f'--{key} is blank'):
+            slm.SLMConfig(**{key: ' '})
+    (tmp_path / 'file').write_text('')
+    with pytest.raises(DataError, match='is a file, not a folder: give the folder'):
+        mm.ensure_prepared(str(tmp_path / 'file'), [0.2])
+    out = run_script('slm.py', '--stage=train', f'--ref_ckpt={tmp_path}', f'--out_dir={tmp_path / "out"}')
+    assert out.returncode == 2 and 'is a folder: give the checkpoint file' in out.stderr, out.stderr
 
 
 # ----- config -----------------------------------------------------------------------------------------

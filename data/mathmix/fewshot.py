@@ -18,10 +18,20 @@ from data.mathmix.prepare import LINE, LINE_BYTES
 from model import evaluating
 
 
+PROBLEM_KEYS = {'question', 'answer', 'trap', 'context'}  # what an eval.jsonl line needs
+
+
 def load_problems(path):
     if not path.exists():
         raise DataError(f'no eval problems at {path}: run `python data/mathmix/prepare.py`')
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
+    try:
+        problems = [json.loads(line) for line in path.read_text().splitlines() if line]
+    except ValueError:
+        problems = []
+    if not problems or not all(isinstance(p, dict) and PROBLEM_KEYS <= p.keys() for p in problems):
+        raise DataError(f'{path} is damaged (not lines of {", ".join(sorted(PROBLEM_KEYS))}): delete it and run '
+                        '`python data/mathmix/prepare.py` (with --out_dir if you gave --mathmix_dir)')
+    return problems
 
 
 def prompt(problem, block_size):

@@ -37,7 +37,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
 from configurator import cli, require  # noqa: E402
-from data.loader import DATA_ROOT, DataError, atomic_write_bytes, get_tokenizer, is_val, write_corpus  # noqa: E402
+from data.loader import DATA_ROOT, DataError, atomic_write_bytes, get_tokenizer, is_val, read_meta, write_corpus  # noqa: E402
 
 KINDS = ('clean', 'wrong_digit', 'boilerplate', 'off_domain')
 CLEAN, WRONG, BOILERPLATE, OFF_DOMAIN = range(len(KINDS))
@@ -188,6 +188,8 @@ def ensure_prepared(out_dir, noise_levels):
     """slm.py's first use: write what is missing of mathmix in out_dir ('' = data/mathmix); a folder the
     user named must hold it already (DataError naming the command)."""
     root = Path(out_dir) if out_dir else DATA_ROOT / 'mathmix'
+    if root.exists() and not root.is_dir():
+        raise DataError(f'--mathmix_dir={root} is a file, not a folder: give the folder mathmix is (to be) prepared in')
     parts = [root / 'ref' / 'byte' / 'meta.json', root / 'eval' / 'eval.jsonl',
              *(root / corpus_name(f) / 'byte' / 'kinds.bin' for f in noise_levels)]
     if all(p.exists() for p in parts):
@@ -202,7 +204,7 @@ def ensure_prepared(out_dir, noise_levels):
 def load_kinds(corpus):
     """A noisy corpus folder's kinds.bin (a memmap), checked against its train.bin's length."""
     kinds = np.memmap(corpus / 'kinds.bin', dtype=np.uint8, mode='r') if (corpus / 'kinds.bin').exists() else []
-    if len(kinds) != json.loads((corpus / 'meta.json').read_text())['counts']['train']['tokens']:
+    if len(kinds) != read_meta(corpus)['counts']['train']['tokens']:
         raise DataError(f'{corpus}/kinds.bin is missing or does not match train.bin: '
                         f'run `python data/mathmix/prepare.py` (with --out_dir if you gave --mathmix_dir)')
     return kinds

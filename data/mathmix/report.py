@@ -14,15 +14,21 @@ say, over seeds.
 Every interval is the t-based 95% CI over seeds (budget.t_interval, the lab's one rule); a run whose curve
 never reaches the target counts in "reached" and is left out of the tokens' mean.
 """
-import json
 import math
 from pathlib import Path
 
 from budget import crossing, t_interval
-from data.loader import DataError
+from data.loader import NUMBER, DataError, read_result
 from data.mathmix.prepare import KINDS, LINE_BYTES
+from runs import read_log
 
 ORDER = ('oracle', 'clm', 'excess', 'reference', 'train', 'random')  # then by k
+POINT_KEYS = {'tokens': NUMBER, 'accuracy': NUMBER}  # what a curve point needs here
+SCORE_KEYS = {**POINT_KEYS, 'trap_accuracy': NUMBER, 'val_loss_clean': NUMBER}
+ARM_KEYS = {**SCORE_KEYS, 'noise': NUMBER, 'arm': str, 'seed': int, 'selection': dict}  # an arm's eval.json
+REF_KEYS = {**SCORE_KEYS, 'ref_ckpt_sha256': str}  # the reference's eval.json
+RESULT_FIX = 'delete it and rerun, or rerun with --overwrite=True'
+REF_FIX = 'delete it: python slm.py measures the reference again'
 
 
 def cell(values, fmt='.3f'):
@@ -32,12 +38,21 @@ def cell(values, fmt='.3f'):
     return f'{mean:{fmt}}' + ('' if math.isnan(half) else f' ± {half:{fmt}}')  # one seed: no interval
 
 
+def read_curve(path):
+    """A run's curve.jsonl: its eval points (a line that does not parse is dropped, as in any log), or
+    DataError (one line) when none is left."""
+    points = [p for p in read_log(Path(path)) if all(isinstance(p.get(k), t) for k, t in POINT_KEYS.items())]
+    if not points:
+        raise DataError(f'{path} is missing or holds no eval point (tokens, accuracy): rerun its run with --overwrite=True')
+    return points
+
+
 def load_runs(root):
     """{(noise, arm): [eval.json with its curve points]}, in table order."""
     groups = {}
     for path in sorted(Path(root).glob('noise*/*/eval.json')):
-        run = json.loads(path.read_text())
-        run['curve'] = [json.loads(line) for line in (path.parent / 'curve.jsonl').read_text().splitlines()]
+        run = read_result(path, ARM_KEYS, RESULT_FIX)
+        run['curve'] = read_curve(path.parent / 'curve.jsonl')
         groups.setdefault((run['noise'], run['arm']), []).append(run)
     key = lambda g: (-g[0], ORDER.index(g[1].split('_')[0]), g[1])  # noqa: E731
     return {g: groups[g] for g in sorted(groups, key=key)}
@@ -104,7 +119,7 @@ def report(root, noise, k, line_losses=None):
     if not groups:
         raise DataError(f'no finished runs under {root}: run `python slm.py` first')
     ref_path = root / 'ref' / 'eval.json'
-    ref = json.loads(ref_path.read_text()) if ref_path.exists() else None
+    ref = read_result(ref_path, REF_KEYS, REF_FIX) if ref_path.exists() else None
     text = (f'mathmix held-out exact match after the budget, mean ± 95% CI over seeds (t); arms at noise {noise:g} '
             f'select k = {k:g} of each batch\'s tokens\n\n' + table(groups, ref))
     if line_losses:

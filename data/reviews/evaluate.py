@@ -11,15 +11,17 @@ checkpoint: the best reward measured at a KL up to k. Reward at a matched KL k i
 interpolation between frontier points (flat after its best point), and is 'not reached' when no point of
 the method has KL >= k: no extrapolation. A table cell is the mean over seeds with a 95% t interval.
 """
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from budget import t_interval
-from data.loader import atomic_write_bytes
+from data.loader import NUMBER, DataError, atomic_write_bytes, read_result
 from data.reviews.pairs import TIERS, batched_logps, decode, get_scorer, prompts_from, rewards, sample_many
+
+DONE_FIX = 'delete it, or rerun that stage with --overwrite=True'
+DONE_KEYS = {'rm': {'ceiling': NUMBER, 'acc': NUMBER}, 'po': {'method': str, 'config': dict, 'curve': list}}  # what is read back
 
 
 class PolicyScorer:
@@ -75,7 +77,11 @@ def load_runs(root):
     """{(method, tier, seed): [(kl, reward), ...]} over every beta's finished po run under root."""
     curves = {}
     for path in sorted(Path(root).glob('seed*/po_*/done.json')):
-        run = json.loads(path.read_text())
+        run = read_result(path, DONE_KEYS['po'], DONE_FIX)
+        points = all(isinstance(p, dict) and isinstance(p.get('kl'), NUMBER) and isinstance(p.get('reward'), NUMBER)
+                     for p in run['curve'])
+        if not (points and run['config'].get('tier') in TIERS and isinstance(run['config'].get('seed'), int)):
+            raise DataError(f'{path} is damaged (its config tier and seed, or its curve of kl and reward points): {DONE_FIX}')
         key = (run['method'], run['config']['tier'], run['config']['seed'])
         curves.setdefault(key, []).extend((p['kl'], p['reward']) for p in run['curve'])
     return curves
@@ -113,7 +119,8 @@ def ceiling_table(root):
             'true_acc': 'RM acc vs true order', 'gap': 'ceiling - RM acc', 'expected_acc': 'RM expected acc',
             'expected_gap': 'ceiling - RM expected acc'}
     lines = ['', '| held-out pairs | ' + ' | '.join(TIERS) + ' |', '|---' * (len(TIERS) + 1) + '|']
-    runs = {t: [json.loads(p.read_text()) for p in sorted(Path(root).glob(f'seed*/rm_{t}/done.json'))] for t in TIERS}
+    runs = {t: [read_result(p, DONE_KEYS['rm'], DONE_FIX) for p in sorted(Path(root).glob(f'seed*/rm_{t}/done.json'))]
+            for t in TIERS}
     for run in (r for tier_runs in runs.values() for r in tier_runs):
         run['gap'] = run['ceiling'] - run['acc']
         if 'expected_acc' in run:  # not in runs from before the key
@@ -161,7 +168,7 @@ def compare(root, curves, methods, kls):
     lines += matched_kl_table(curves, methods, kls)
     walls = {}
     for p in root.glob('seed*/*/done.json'):
-        walls.setdefault(p.parent.name.split('_')[0], []).append(json.loads(p.read_text())['wall_s'])
+        walls.setdefault(p.parent.name.split('_')[0], []).append(read_result(p, {'wall_s': NUMBER}, DONE_FIX)['wall_s'])
     lines += ['', 'wall time per stage run (s, mean, runs): '
               + ', '.join(f'{k} {np.mean(v):.0f} (x{len(v)})' for k, v in sorted(walls.items()))]
     text = '\n'.join(lines)

@@ -9,6 +9,7 @@ against a negative corpus review), low (all replaced). Used by `python madpo.py 
 Bytes: '\\n' (10) ends a review and is the eos; byte 0 is padding (never an eos).
 """
 import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -195,10 +196,22 @@ def build_pairs(cfg, sft, device, out_dir):
     return results
 
 
+PAIR_KEYS = ('prompt', 'chosen', 'rejected', 'chosen_len', 'rejected_len', 'r_chosen', 'r_rejected', 'n_val')
+
+
 def load_pairs(path, device):
     """A tier's pairs file -> (train, val), each (seq (n, 2, L) prompt + [chosen, rejected], continuation
     lengths (n, 2), true rewards (n, 2) on the CPU)."""
-    p = torch.load(path, weights_only=True)
+    fix = 'rerun `python madpo.py --stage=pairs` for this seed (with --overwrite=True)'
+    if not Path(path).is_file():
+        raise UserError(f'no pairs file at {path}: {fix}')
+    try:
+        p = torch.load(path, weights_only=True)
+    except Exception as e:  # a truncated or foreign file
+        raise UserError(f'pairs file {path} is unreadable ({type(e).__name__}): {fix}') from None
+    missing = [k for k in PAIR_KEYS if not isinstance(p, dict) or k not in p]
+    if missing:
+        raise UserError(f"pairs file {path} is damaged (no {', '.join(missing[:3])}): {fix}")
     seq = torch.stack([torch.cat([p['prompt'], p[k]], 1) for k in ('chosen', 'rejected')], 1).long()
     lens = torch.stack([p['chosen_len'], p['rejected_len']], 1)
     r = torch.stack([p['r_chosen'], p['r_rejected']], 1)
