@@ -359,25 +359,28 @@ def read_log(log_path):
 
 
 def read_run(path):
-    """A run folder -> its label, budget, seed, evals [(rst, tokens, val_loss)], steps, and completeness."""
+    """A run folder -> its label, budget, seed, evals [(rst, tokens, val_loss)], steps, and completeness;
+    a folder that is not a run's, or whose files were damaged or edited out of shape: {'error': ...}."""
     path = Path(path)
     try:
         c = json.loads((path / 'config.json').read_text())['config']
         if not (path / 'log.jsonl').is_file():
             raise FileNotFoundError(path / 'log.jsonl')
         records = read_log(path / 'log.jsonl')
-        if not all(k in c for k in ('budget', 'budget_unit', 'seed')):
-            raise KeyError('budget')  # a config.json without them is not a run's
+        if not (isinstance(c['budget'], (int, float)) and isinstance(c['budget_unit'], str) and isinstance(c['seed'], int)):
+            raise TypeError('budget')  # a config.json without them is not a run's
+        evals = [r for r in records if 'val_loss' in r]
+        if not all(isinstance(r.get(k), (int, float)) for r in evals for k in ('val_loss', 'tokens', 'step')):
+            raise TypeError('val_loss')
+        spent = max((r.get(c['budget_unit'], 0) for r in records), default=0)
+        return {'path': str(path), 'label': derive_label(c), 'budget': c['budget'], 'unit': c['budget_unit'],
+                'seed': c['seed'], 'steps': max((r.get('step', 0) for r in records), default=0),
+                'evals': [(e.get('rst'), e['tokens'], e['val_loss']) for e in evals],
+                'final': evals[-1]['val_loss'] if evals else None, 'complete': bool(evals) and spent >= c['budget'],
+                'dataset': c.get('dataset'), 'tokenizer': c.get('tokenizer'), 'stats': logged_means(records),
+                'rst_by_entry': rst_by_entry(evals[-1]) if evals else {}}
     except (OSError, ValueError, KeyError, TypeError) as e:
         return {'path': str(path), 'error': f'unreadable ({type(e).__name__})'}
-    evals = [r for r in records if 'val_loss' in r]
-    spent = max((r.get(c['budget_unit'], 0) for r in records), default=0)
-    return {'path': str(path), 'label': derive_label(c), 'budget': c['budget'], 'unit': c['budget_unit'],
-            'seed': c['seed'], 'steps': max((r['step'] for r in records), default=0),
-            'evals': [(e.get('rst'), e['tokens'], e['val_loss']) for e in evals],
-            'final': evals[-1]['val_loss'] if evals else None, 'complete': bool(evals) and spent >= c['budget'],
-            'dataset': c.get('dataset'), 'tokenizer': c.get('tokenizer'), 'stats': logged_means(records),
-            'rst_by_entry': rst_by_entry(evals[-1]) if evals else {}}
 
 
 def rst_by_entry(record):

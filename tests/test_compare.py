@@ -511,3 +511,22 @@ def test_compare_names_a_missing_baseline_and_refuses_an_empty_out(tmp_path, mon
     for out in ('', str(tmp_path) + '/'):
         with pytest.raises(ConfigError, match='names no file'):
             budget_lib.compare(runs, out=out, target='none')
+
+
+@pytest.mark.parametrize('edit', ['budget', 'seed', 'no tokens', 'no step', 'val_loss text'])
+def test_a_run_folder_edited_out_of_shape_is_listed_not_a_traceback(tmp_path, monkeypatch, edit):
+    monkeypatch.setattr(budget_lib, 'plot_runs', lambda groups, path: None)
+    good = finished(tmp_path, 'good', 'baseline', 10.0, 0, 3.0)
+    bad = finished(tmp_path, 'bad', 'baseline', 10.0, 1, 3.0)
+    config = json.loads((bad / 'config.json').read_text())
+    if edit in ('budget', 'seed'):
+        config['config'][edit] = 'x' if edit == 'budget' else [1]
+        (bad / 'config.json').write_text(json.dumps(config))
+    else:
+        record = {'step': 1, 'val_loss': 2.0, 'tokens': 10.0}
+        record.pop({'no tokens': 'tokens', 'no step': 'step'}.get(edit, 'x'), None)
+        record['val_loss'] = 'abc' if edit == 'val_loss text' else 2.0
+        with open(bad / 'log.jsonl', 'a') as f:
+            f.write(json.dumps(record) + '\n')
+    report = budget_lib.compare([good, bad], out=str(tmp_path / 'x'), target='none')
+    assert f'- {bad}: unreadable' in report
