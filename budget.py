@@ -990,7 +990,8 @@ def earlier_tuning(path, record):
         if not isinstance(earlier['tuned'], dict):
             raise TypeError('tuned')
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f'{path} is not a tuned.json from `budget.py tune` ({type(e).__name__}): move it away or give another --out_dir') from None
+        raise UserError(f'{path} is not a tuned.json from `budget.py tune` ({type(e).__name__}): move it away or '
+                        f'give another --out_dir') from None
     require(not differ, f"{path} holds a tuning of another sweep (its {', '.join(differ)} differ): give another "
                         f'--out_dir, or move it away to tune afresh')
     return earlier
@@ -1057,7 +1058,8 @@ def read_tuned(path, spec, config, smallest_budget):
         if not (isinstance(methods, dict) and isinstance(tuned, dict)
                 and all(isinstance(t, dict) and t['lr'] > 0 for t in tuned.values())):
             raise TypeError('tuned')
-        if il is not None and not (isinstance(il['il_out_dir'], str) and isinstance(il['il_cache'], str) and il['il_budget'] > 0):
+        if il is not None and not (isinstance(il['il_out_dir'], str) and isinstance(il['il_cache'], str)
+                                   and il['il_budget'] > 0):
             raise ValueError('il')
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f'--tuned={path} is not a tuned.json from `budget.py tune` ({type(e).__name__})') from None
