@@ -178,6 +178,7 @@ def parse(cls, argv):
         else:
             require(arg.endswith('.py'), f"expected a config file (.py) or --key=value, got '{arg}'")
             updates = read_config_file(arg)
+            require(updates, f'config file {arg} sets no keys: it holds lines like `lr = 1e-3`')
         for name, value in updates.items():  # `name`: key() is this module's field declaration
             require(name in defaults, f'unknown config key --{name}{_closest(name, list(defaults))}')
             values[name] = coerce(name, value, defaults[name])

@@ -84,6 +84,8 @@ def test_malformed_arguments_are_errors(tmp_path):
         parse(Toy, ['notes.txt'])
     with pytest.raises(ConfigError, match='not found'):
         parse(Toy, [str(tmp_path / 'missing.py')])
+    with pytest.raises(ConfigError, match='sets no keys'):  # e.g. a JSON object saved as .py
+        parse(Toy, [write(tmp_path / 'e.py', '{"lr": 1e-3}\n')])
 
 
 def test_cli_exits_2_with_one_line(capsys):
