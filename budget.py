@@ -110,7 +110,8 @@ def pyplot(what):
 def plot_schedules(cfg, path='schedules.png'):
     """Every schedule against budget progress: a PNG with matplotlib, a text table without."""
     ps = [i / 100 for i in range(101)]
-    curves = {name: [lr_at(p, 1.0, dataclasses.replace(cfg, schedule=name)) / cfg.lr for p in ps] for name in SCHEDULES}
+    curves = {name: [lr_at(p * cfg.budget, cfg.budget, dataclasses.replace(cfg, schedule=name)) / cfg.lr for p in ps]
+              for name in SCHEDULES}  # at --budget: a --warmup_units warm-up is absolute
     print('p     ' + ''.join(f'{name:>10}' for name in curves))
     for i in range(0, 101, 10):
         print(f'{ps[i]:<6.2f}' + ''.join(f'{c[i]:>10.3f}' for c in curves.values()))
@@ -121,7 +122,8 @@ def plot_schedules(cfg, path='schedules.png'):
     for name, c in curves.items():
         ax.plot(ps, c, label=name)
     ax.set(xlabel='budget progress p = spent / budget', ylabel='lr / peak',
-           title=f'schedules (warm-up {cfg.warmup_frac:g}, wsd cooldown {cfg.cooldown_frac:g} {cfg.cooldown_shape})')
+           title=f'schedules (warm-up {warmup_units(cfg.budget, cfg) / cfg.budget:g}, wsd cooldown {cfg.cooldown_frac:g} '
+                 f'{cfg.cooldown_shape})')
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

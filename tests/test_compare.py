@@ -293,6 +293,10 @@ def test_schedules_command(capsys, tmp_path, monkeypatch):
     assert table[0.9][col['wsd']] == pytest.approx(1 - math.sqrt(0.5), abs=5e-4)
     assert all(v == 0 for v in table[1.0])
     assert (tmp_path / 'schedules.png').exists()
+    budget_lib.main(['schedules', '--warmup_units=5', '--budget=10'])  # an absolute warm-up: half of this budget
+    lines = capsys.readouterr().out.splitlines()
+    table = {float(l.split()[0]): [float(v) for v in l.split()[1:]] for l in lines[1:12]}
+    assert table[0.3][col['cosine']] == pytest.approx(0.6) and table[0.6][col['cosine']] < 1.0
 
 
 # -----------------------------------------------------------------------------
