@@ -46,7 +46,8 @@ def require_writable(path):
     require(not os.path.isdir(path), f'{path} is a folder: give a file name')
     while not os.path.exists(folder):
         folder = os.path.dirname(folder)
-    require(os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK), f'cannot write {path}: {folder} is not writable')
+    require(os.path.isdir(folder), f'cannot write {path}: {folder} is a file, not a folder')
+    require(os.access(folder, os.W_OK | os.X_OK), f'cannot write {path}: {folder} is not writable')
 
 
 def require(ok, message):

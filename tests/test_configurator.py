@@ -115,3 +115,13 @@ def test_train_script_rejects_bad_keys_without_traceback(arg, names):
     assert 'Traceback' not in out.stderr
     for name in names:
         assert name in lines[0], lines[0]
+
+
+def test_require_writable_names_a_file_in_the_way(tmp_path):
+    from configurator import require_writable
+    (tmp_path / 'afile').write_text('x')
+    with pytest.raises(ConfigError, match='afile is a file, not a folder'):
+        require_writable(tmp_path / 'afile' / 'sub' / 'out.md')
+    with pytest.raises(ConfigError, match='is a folder: give a file name'):
+        require_writable(tmp_path)
+    require_writable(tmp_path / 'new' / 'out.md')  # a folder still to make is fine
