@@ -19,6 +19,7 @@ exactly when the learning rate reaches min_lr.
 import dataclasses
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,8 +36,8 @@ from data.loader import (Batches, Corpus, DataError, atomic_write_bytes, data_di
 from data.spans import SpanVocab, raw_length_for, span_corrupt, t5_lengths
 from model import MODELS, PRESETS, evaluate, sample_text
 from runs import (build_model, check_resume_config, check_resume_method, load_checkpoint, locked_out_dir, method_name,
-                  model_from_checkpoint, prepare_out_dir, refused_if_damaged, run_finished, run_info, save_checkpoint,
-                  setup_device, start_wandb, trim_log)
+                  model_from_checkpoint, prepare_out_dir, records_config, refused_if_damaged, run_finished, run_info,
+                  save_checkpoint, setup_device, start_wandb, trim_log)
 
 
 @dataclass(frozen=True)
@@ -659,6 +660,12 @@ def train_wsd_branches(cfg, objective_fn=lambda cfg: None):
     cools down to exactly that budget. Every budget B gets a run folder out_dir/budget_B that reads like
     a standalone run, and equals one bit for bit. A killed trunk or branch resumes."""
     budgets, folder, points, base = budget_lib.branch_plan(cfg)
+    other = [folder[b] for b in budgets if (folder[b] / 'config.json').exists() and not records_config(
+        folder[b], dataclasses.asdict(dataclasses.replace(base, budget=b, out_dir=str(folder[b]))))]
+    require(cfg.overwrite or not other, f'{other and other[0]} holds a run of another config: --overwrite=True to '
+                                        f'replace these branches, or another --out_dir')
+    for b in budgets if cfg.overwrite else ():  # asked to replace them: the trunk and every branch start afresh
+        shutil.rmtree(folder[b], ignore_errors=True)
     trunk = dataclasses.replace(base, budget=budgets[-1], out_dir=str(folder[budgets[-1]]))
     if not run_finished(trunk.out_dir):
         # no trunk checkpoint: a first run, or one killed before it saved (its log is stale: start again)

@@ -1,6 +1,7 @@
 """WSD cooldown branches (issue 12): one trunk to the largest budget, a cooldown branch per smaller budget;
 every branch equals a standalone WSD run at its budget bit for bit, a killed trunk resumes to the same
 branches, and the script prints what the branches saved. The schedules' closed forms are in test_budget.py."""
+import dataclasses
 import json
 
 import numpy as np
@@ -180,3 +181,16 @@ def test_the_script_prints_what_the_branches_spend(reference, tmp_path):
         got, want = load(tmp_path / 'cli' / f'budget_{b}' / 'ckpt.pt'), load(folders(reference[0])[b] / 'ckpt.pt')
         assert got['iter_num'] == want['iter_num'] == b
         assert all(torch.equal(got['model'][k], want['model'][k]) for k in want['model']), b
+
+
+def test_branches_of_another_config_are_refused_not_reused(tmp_path):
+    """A finished set of branches in out_dir is reused only by the same config: with another lr the call is
+    refused (it would have printed the old runs' results as this config's); --overwrite=True reruns them."""
+    first = train.train_wsd_branches(TrainConfig(out_dir=str(tmp_path / 'br'), budget=5, branch_budgets=(1, 2), **RUN))
+    other = TrainConfig(out_dir=str(tmp_path / 'br'), budget=5, branch_budgets=(1, 2), **{**RUN, 'lr': 1e-3})
+    with pytest.raises(UserError, match='budget_5 holds a run of another config: --overwrite=True'):
+        train.train_wsd_branches(other)
+    assert train.train_wsd_branches(TrainConfig(out_dir=str(tmp_path / 'br'), budget=5, branch_budgets=(1, 2), **RUN)) == {}
+    again = train.train_wsd_branches(dataclasses.replace(other, overwrite=True))
+    assert again[5]['val_loss'] != first[5]['val_loss']
+    assert json.loads((tmp_path / 'br' / 'budget_10' / 'config.json').read_text())['config']['lr'] == 1e-3
