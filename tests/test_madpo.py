@@ -492,6 +492,10 @@ def test_madpo_reads_the_saved_reward_model(tmp_path):
     assert json.loads((tmp_path / 'madpo_weights.json').read_text())['mean'] == pytest.approx(want.mean().item(), rel=1e-5)
     with pytest.raises(UserError, match='no finished reward model'):
         preference_objective(tmp_path / 'rm', loss='madpo')
+    saved = torch.load(tmp_path / 'rm' / 'rm.pt', weights_only=True)
+    torch.save({k: v for k, v in saved.items() if k != 'head'}, tmp_path / 'rm' / 'rm.pt')  # a checkpoint without its head
+    with pytest.raises(UserError, match='rm.pt holds no reward head .*rerun --stage=rm'):
+        preference_objective(tmp_path, loss='madpo')
 
 
 @pytest.mark.parametrize('training', [False, True])

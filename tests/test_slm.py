@@ -377,6 +377,12 @@ def test_damaged_reference_eval_curve_and_problems_are_refused(mathmix, tmp_path
     (tmp_path / 'eval.jsonl').write_text('[1]\n')
     with pytest.raises(DataError, match='eval.jsonl is damaged'):
         fewshot.load_problems(tmp_path / 'eval.jsonl')
+    arm = tmp_path / 'noise40' / 'x_s0' / 'eval.json'  # every key there, but an arm the report does not know
+    arm.parent.mkdir(parents=True)
+    arm.write_text(json.dumps({'tokens': 1, 'accuracy': 0.5, 'trap_accuracy': 0.5, 'val_loss_clean': 1.0, 'noise': 0.4,
+                               'arm': 'bogus_k60', 'seed': 0, 'selection': {}}))
+    with pytest.raises(DataError, match="arm 'bogus_k60' is none of"):
+        report.load_runs(tmp_path)
 
 
 def test_a_folder_for_ref_ckpt_or_a_file_for_mathmix_dir_is_refused(tmp_path):

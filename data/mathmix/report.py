@@ -52,6 +52,8 @@ def load_runs(root):
     groups = {}
     for path in sorted(Path(root).glob('noise*/*/eval.json')):
         run = read_result(path, ARM_KEYS, RESULT_FIX)
+        if run['arm'].split('_')[0] not in ORDER:
+            raise DataError(f"{path} is damaged (arm {run['arm']!r} is none of {', '.join(ORDER)}): {RESULT_FIX}")
         run['curve'] = read_curve(path.parent / 'curve.jsonl')
         groups.setdefault((run['noise'], run['arm']), []).append(run)
     key = lambda g: (-g[0], ORDER.index(g[1].split('_')[0]), g[1])  # noqa: E731

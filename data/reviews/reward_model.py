@@ -123,9 +123,10 @@ class RewardObjective(PairObjective):
             raise UserError(f'no finished reward model in {rm_dir}: run --stage=rm for this tier first')
         self.model = runs.load_model(path, device, self.cfg.compile_loss)
         saved = runs.load_checkpoint(path)
-        self.pool, self.width = saved['rm_pool'], saved['rm_head']
-        self.head = make_head(self.model.config.n_embd, self.width).to(device).eval()
-        self.head.load_state_dict(saved['head'])
+        with runs.refused_if_damaged(path, 'holds no reward head', 'rerun --stage=rm for this tier with --overwrite=True'):
+            self.pool, self.width = saved['rm_pool'], saved['rm_head']
+            self.head = make_head(self.model.config.n_embd, self.width).to(device).eval()
+            self.head.load_state_dict(saved['head'])
 
     @torch.no_grad()
     def margins(self, model, seq, lens, batch=64):
