@@ -211,10 +211,11 @@ def field_comments(cls):
     return comments
 
 
-def describe(cfg):
-    """Every key with its value and the comment beside its default (what it does, which stage reads it)."""
-    comments = field_comments(type(cfg))
-    rows = [(f'{k} = {v!r}', comments.get(k, '')) for k, v in dataclasses.asdict(cfg).items()]
+def describe(cls):
+    """Every key with its default and the comment beside it (what it does, which stage reads it); from
+    the class, so a config whose defaults alone do not validate (a required --input) is described too."""
+    comments = field_comments(cls)
+    rows = [(f'{f.name} = {f.default!r}', comments.get(f.name, '')) for f in dataclasses.fields(cls)]
     width = max(len(r[0]) for r in rows)
     return '\n'.join(f'  {a:<{width}}  # {c}' if c else f'  {a}' for a, c in rows)
 
@@ -232,7 +233,7 @@ def cli(entry, cls, argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ('-h', '--help'):
         print(f'usage: python {sys.argv[0]} [config.py ...] [--key=value ...]\n\nkeys and defaults:')
-        print(describe(cls()))
+        print(describe(cls))
         return None
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)
