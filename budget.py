@@ -160,9 +160,10 @@ def table_path(key, override=''):
 
 
 def calibrate_command(key):
-    L, H, D, T, V, B = (int(part[1:]) for part in key.split('_')[1:])
-    return (f'python budget.py calibrate --n_layer={L} --n_head={H} --n_embd={D} --block_size={T} '
-            f'--batch_size={B}  (vocab {V}, from the dataset)')
+    model_type, *parts = key.split('_')
+    L, H, D, T, V, B = (int(part[1:]) for part in parts)
+    return (f'python budget.py calibrate --model_type={model_type} --n_layer={L} --n_head={H} --n_embd={D} '
+            f'--block_size={T} --batch_size={B}  (vocab {V}, from the dataset)')
 
 
 def load_table(key, override='', required=True, needs=None):
@@ -442,6 +443,8 @@ def calibrate(cfg, run, model, batch, optimizers, key):
     train.calibration_inputs(cfg) builds the arguments (the model, a batch of the run's shapes, every optimizer)."""
     path = table_path(key, cfg.rst_table)
     require_writable(path)  # before minutes of measuring
+    if cfg.compile:  # RST is a reference cost: one table serves eager and compiled runs of the shape alike
+        print('calibrate times the eager model (--compile is not applied): compiled runs are charged these times')
     tables = [measure_table(model, optimizers, batch, run.autocast(), run.device) for _ in range(cfg.rst_repeats)]
     table = {kind: {e: statistics.median(t[kind][e] for t in tables) for e in entries} for kind, entries in tables[0].items()}
     if len(tables) > 1:  # each entry's coefficient of variation over the repeats: how far one table can be trusted
@@ -449,7 +452,7 @@ def calibrate(cfg, run, model, batch, optimizers, key):
                        for kind, entries in tables[0].items()}
     table.update(key=key, repeats=len(tables), machine=platform.processor() or platform.machine(), platform=platform.platform(),
                  device=str(run.device), torch=torch.__version__, date=str(date.today()),
-                 threads=torch.get_num_threads(), compile=cfg.compile, dtype=str(run.dtype))
+                 threads=torch.get_num_threads(), compile=False, dtype=str(run.dtype))  # the eager model is timed
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, json.dumps(table, indent=1).encode())
     worst = max(((v, f'{k}[{e}]') for k, entries in table.get('cv', {}).items() for e, v in entries.items()), default=None)
