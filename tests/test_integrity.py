@@ -153,7 +153,7 @@ def train_cases(w):
         ('seed-negative', [*TINY, f'--out_dir={r}/fresh_r', '--seed=-1'], ['--seed must be >= 0']),
         ('num-samples-zero', [*TINY, f'--out_dir={r}/fresh_r', '--num_samples=0'], ['--num_samples must be > 0']),
         # class 6: a folder where a file belongs, an unwritable place
-        ('out-dir-under-a-file', [*TINY, f'--out_dir={r}/a_file/run'], ['not writable']),
+        ('out-dir-under-a-file', [*TINY, f'--out_dir={r}/a_file/run'], ['a_file is a file, not a folder']),
         *[(f'{name}-is-a-folder', [*TINY, f'--out_dir={r}/dir_{name}'], [f'dir_{name}/{name} is a folder where the run keeps'])
           for name in ('ckpt.pt', 'log.jsonl', 'config.json', 'lock')],
         # keys that are each in range but make no sense together
@@ -211,7 +211,7 @@ def test_budget_commands_refuse_in_one_line(saved, capsys, tmp_path):
     cases = [(['schedules', '--lr=1e999'], '--lr must be a finite number'),
              (['compare', str(saved['good']), f'--out={r}/table'], 'is a folder'),
              (['compare', str(saved['good']), str(saved['good']), f'--out={tmp_path}/x'], 'is given twice'),
-             (['calibrate', *TINY, f'--rst_table={r}/a_file/t.json'], 'not writable'),
+             (['calibrate', *TINY, f'--rst_table={r}/a_file/t.json'], 'a_file is a file, not a folder'),
              (['ablate', '--jobs=0'], '--jobs must be > 0'),
              (['tune', '--points=2'], '--points must be >= 3')]
     for argv, phrase in cases:
