@@ -20,6 +20,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -316,7 +317,10 @@ class Meter:
 # -----------------------------------------------------------------------------
 # peak FLOP/s: the denominator of the MFU that Meter.read reports
 
-GPU_BF16_PEAK = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L4': 121e12, 'A10': 125e12, '4090': 165e12}
+# dense bf16 peaks from the vendors' sheets (half of the 'with sparsity' figure); the more specific names first,
+# each matched as a whole word of torch.cuda.get_device_name ('L4' is not 'L40S', 'H100' not 'H100 PCIe')
+GPU_BF16_PEAK = (('H100 PCIe', 756e12), ('H100 NVL', 835e12), ('H200 NVL', 835e12), ('H100', 989e12), ('H200', 989e12),
+                 ('A100', 312e12), ('L40S', 362e12), ('L40', 181e12), ('L4', 121e12), ('A10', 125e12), ('4090', 165e12))
 
 
 def measure_cpu_peak(sizes=(1024, 2048, 4096), repeats=3, dtype=torch.float32):
@@ -374,8 +378,8 @@ def device_peak_flops(device, remeasure=False):
     (cached_cpu_peak; remeasure when an MFU above 100% shows the cached peak was measured too low)."""
     if str(device).startswith('cuda'):
         name = torch.cuda.get_device_name(device)
-        for gpu, peak in GPU_BF16_PEAK.items():
-            if gpu in name:
+        for gpu, peak in GPU_BF16_PEAK:
+            if re.search(rf'\b{re.escape(gpu)}\b', name):
                 return peak
         warnings.warn(f'unknown GPU {name}: MFU uses 312 TFLOP/s; set --peak_flops')
         return 312e12

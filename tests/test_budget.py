@@ -214,3 +214,12 @@ def test_measuring_the_cpu_peak_leaves_the_global_rng_alone():
     state = torch.get_rng_state()
     assert budget_lib.measure_cpu_peak(sizes=(32, 64), repeats=2) > 0
     assert torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.parametrize('name, peak', [('NVIDIA H200', 989e12), ('NVIDIA H100 80GB HBM3', 989e12), ('NVIDIA H100 PCIe', 756e12),
+                                        ('NVIDIA H200 NVL', 835e12), ('NVIDIA L40S', 362e12), ('NVIDIA L4', 121e12),
+                                        ('NVIDIA A100-SXM4-80GB', 312e12)])
+def test_a_gpu_gets_its_own_dense_bf16_peak(monkeypatch, name, peak):
+    """Whole-word names, the specific first: an L40S is not an L4, an H100 PCIe not an SXM H100."""
+    monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device: name)
+    assert budget_lib.device_peak_flops('cuda:0') == peak
