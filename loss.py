@@ -103,18 +103,22 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         loss, lse = _losses(h, w, targets, chunk, kernels)
         ctx.save_for_backward(h, w, targets, lse)
         ctx.chunk, ctx.kernels = chunk, kernels
+        device = h.device.type  # the backward runs outside autocast: it must recompute the logits as these were
+        ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         h, w, targets, lse = ctx.saved_tensors
         grad_h, grad_w = torch.empty_like(h), torch.zeros_like(w, dtype=lse.dtype)
-        for i in range(0, len(h), ctx.chunk):
-            s = slice(i, i + ctx.chunk)
-            logits = h[s] @ w.t()
-            ctx.kernels('grad', logits, targets[s], lse[s], grad_loss[s])                  # logits := dlogits
-            grad_h[s] = logits @ w
-            _add_lm_head_grad(grad_w, logits, h[s])
+        device, dtype, enabled = ctx.autocast
+        with torch.autocast(device, dtype=dtype, enabled=enabled):  # fp32 logits against a bf16 lse: wrong softmax
+            for i in range(0, len(h), ctx.chunk):
+                s = slice(i, i + ctx.chunk)
+                logits = h[s] @ w.t()
+                ctx.kernels('grad', logits, targets[s], lse[s], grad_loss[s])              # logits := dlogits
+                grad_h[s] = logits @ w
+                _add_lm_head_grad(grad_w, logits, h[s])
         return grad_h, grad_w.to(w.dtype), None, None, None
 
 

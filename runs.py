@@ -90,7 +90,7 @@ def setup_device(cfg):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if ddp and not dist.is_initialized():
         dist.init_process_group(backend='nccl' if device.type == 'cuda' else 'gloo')
-    dtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}.get(cfg.dtype)
+    dtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16}.get(cfg.dtype)
     if cfg.dtype == 'auto':
         dtype = torch.bfloat16 if device.type == 'cuda' and torch.cuda.is_bf16_supported() else torch.float32
     return Runtime(device, dtype, rank, world, local)

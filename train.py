@@ -104,7 +104,8 @@ class TrainConfig:
     wandb_run_name: str = ''         # wandb: run name; '' = out_dir
     # system
     device: str = key('auto', 'path')  # auto, cpu, cuda, cuda:1, mps
-    dtype: str = key('auto', ('auto', 'float32', 'bfloat16', 'float16'))  # auto: bf16 on GPU, else float32
+    dtype: str = key('auto', ('auto', 'float32', 'bfloat16'))  # auto: bf16 on GPU, else float32 (no float16: with no
+    # loss scaling its gradients underflow, the fused loss's 1/N-scaled ones first)
     compile: bool = False            # torch.compile the whole model
     compile_loss: bool = True        # torch.compile the per-token loss kernels
     peak_flops: float = key(0.0, '>=0')  # for MFU; 0 = the device's (a measured matmul peak on CPU)
