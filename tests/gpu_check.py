@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -93,7 +94,12 @@ def measure_loss(name, device, n, v, d=768):
         with autocast:
             loss_call(name, h, w, t, backward=True, use_compile=device.type == 'cuda')
         synchronize(device)
-    call()
+    with warnings.catch_warnings(record=True) as caught:  # the warm-up compiles: a silent eager fallback is no measurement
+        warnings.simplefilter('always')
+        call()
+    fell_back = [str(c.message) for c in caught if 'torch.compile of the per-token loss failed' in str(c.message)]
+    if fell_back:
+        raise RuntimeError(f'{name}: {fell_back[0]}')
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
@@ -151,11 +157,14 @@ def check_methods(device, size, which):
         lines, failed = [], []
         for name in names:
             t0 = time.perf_counter()
-            out = subprocess.run(commands[name], cwd=ROOT, capture_output=True, text=True, timeout=600)
-            ok = out.returncode == 0
+            try:
+                out = subprocess.run(commands[name], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                ok, tail = out.returncode == 0, (out.stdout + out.stderr)[-1500:]
+            except subprocess.TimeoutExpired as e:  # one method's hang must not lose the others' lines
+                ok, tail = False, f'timed out after {e.timeout:.0f}s'
             lines.append(f'{name} {"ok" if ok else "FAILED"} {time.perf_counter() - t0:.0f}s')
             if not ok:
-                failed.append(f'{name}: {" ".join(commands[name][1:])}\n{(out.stdout + out.stderr)[-1500:]}')
+                failed.append(f'{name}: {" ".join(commands[name][1:])}\n{tail}')
     if failed:
         raise RuntimeError(', '.join(lines) + '\n' + '\n'.join(failed))
     return ', '.join(lines)
