@@ -659,7 +659,8 @@ def train_wsd_branches(cfg, objective_fn=lambda cfg: None):
     """WSD with cooldown branches (SPEC section 7, budget.branch_plan): one trunk runs to the largest
     budget and, just before each smaller budget's cooldown starts, saves a checkpoint from which a branch
     cools down to exactly that budget. Every budget B gets a run folder out_dir/budget_B that reads like
-    a standalone run, and equals one bit for bit. A killed trunk or branch resumes."""
+    a standalone run, and equals one bit for bit (on the CPU: CUDA kernels need not be deterministic).
+    A killed trunk or branch resumes."""
     budgets, folder, points, base = budget_lib.branch_plan(cfg)
     other = [folder[b] for b in budgets if (folder[b] / 'config.json').exists() and not records_config(
         folder[b], dataclasses.asdict(dataclasses.replace(base, budget=b, out_dir=str(folder[b]))))]
