@@ -697,9 +697,11 @@ def plot_runs(groups, path):
 def compare(run_dirs, out='ablation', target='auto', baseline='baseline'):
     """The ablation table (and time to target, plot) of run folders; runs in different budget units get a
     table each (their budgets are not comparable), and a folder given twice is refused."""
-    require(run_dirs, 'compare needs run folders: python budget.py compare out/ablation/*/*/* [--out=ablation]')
+    require(run_dirs, 'compare needs run folders, or a folder that holds them: python budget.py compare out/ablation '
+                      '[--out=ablation]')
     require(Path(out).name not in ('', '.', '..') and not out.endswith(os.sep), f"--out='{out}' names no file: give "
             'a path without its extension, e.g. --out=out/ablation')
+    run_dirs = run_folders(run_dirs)
     seen = {}
     for d in run_dirs:
         real = os.path.realpath(d)
@@ -708,8 +710,12 @@ def compare(run_dirs, out='ablation', target='auto', baseline='baseline'):
     for path in (f'{out}.md', f'{out}.png'):
         require_writable(path)
     runs = [read_run(d) for d in run_dirs]
+    il_runs = [r for r in runs if r.get('label') == 'rho_il']  # RHO-LOSS's IL model: its cost is reported apart
+    runs = [r for r in runs if r.get('label') != 'rho_il']
     bad = [r for r in runs if 'error' in r or not r['complete']]
     runs = [r for r in runs if 'error' not in r]
+    require(bad or runs, f'the {len(il_runs)} run(s) given are all IL models of RHO-LOSS, not methods: give the sweep\'s '
+                         'method runs')
     if not runs:
         raise UserError(f"no readable runs among the {len(bad)} folder(s) given ({bad[0]['path']}: {bad[0]['error']}): "
                         f'a run folder holds config.json and log.jsonl')
@@ -723,12 +729,25 @@ def compare(run_dirs, out='ablation', target='auto', baseline='baseline'):
     if bad:
         report += '\n\nmissing or partial runs (left out of the means):\n' + '\n'.join(
             f"- {r['path']}: {r.get('error', 'budget not spent')}" for r in bad)
+    if il_runs:
+        report += (f'\n\n{len(il_runs)} IL model run(s) left out (RHO-LOSS\'s irreducible-loss model is not a method; '
+                   'its cost is in the rho rows\' accounting)')
     print(report)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(Path(f'{out}.md'), (report + '\n').encode())
     png = plot_runs(group_runs([r for r in runs if r['unit'] == units[0]]), f'{out}.png')
     print(f'wrote {out}.md' + (f' and {png} (budget unit {units[0]})' if png else ''))
     return report
+
+
+def run_folders(paths):
+    """Each path as given if it is a run folder (it holds config.json), else the run folders beneath it:
+    `compare out/ablation` reads a whole sweep."""
+    found = []
+    for d in paths:
+        nested = [] if (Path(d) / 'config.json').exists() else sorted(str(p.parent) for p in Path(d).rglob('config.json'))
+        found += nested or [d]  # a folder with no run in it stays, to be listed as unreadable
+    return found
 
 
 def log_budget_interp(ends, b):
@@ -932,9 +951,7 @@ def run_plan(plan, jobs):
 def ablate(cfg):
     require_writable(Path(cfg.out_dir) / 'ablation.md')
     run_plan(sweep_plan(cfg), cfg.jobs)
-    il_model = Path(cfg.out_dir) / 'il'  # RHO-LOSS's IL model: its cost is reported apart, it is not a method
-    run_dirs = sorted(str(p.parent) for p in Path(cfg.out_dir).rglob('config.json') if il_model not in p.parents)
-    return compare(run_dirs, out=f'{cfg.out_dir}/ablation', target=cfg.target)
+    return compare([cfg.out_dir], out=f'{cfg.out_dir}/ablation', target=cfg.target)
 
 
 # -----------------------------------------------------------------------------

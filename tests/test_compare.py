@@ -126,6 +126,19 @@ def test_a_run_given_twice_is_refused_and_units_get_a_table_each(tmp_path, monke
     assert report.count('(n=1)') == 2 and '(n=2)' not in report               # never averaged together
 
 
+def test_a_sweep_folder_is_read_whole_and_its_il_model_is_not_a_method(tmp_path, monkeypatch):
+    monkeypatch.setattr(budget_lib, 'plot_runs', lambda groups, path: None)
+    sweep = tmp_path / 'ablation'
+    finished(sweep / 'baseline' / 'b10', 's0', 'baseline', 10.0, 0, 3.0)
+    finished(sweep / 'm' / 'b10', 's0', 'm', 10.0, 0, 2.5)
+    finished(sweep / 'il' / 'search', 'b10', 'rho_il', 10.0, 0, 1.5)   # where ablate trains its own IL model
+    report = budget_lib.compare([str(sweep)], out=str(tmp_path / 'x'), target='none')
+    assert row(report, 'baseline')[0].startswith('3.0000') and row(report, 'm')[0].startswith('2.5000 ± 0.0000 (n=1) Δ -0.5000')
+    assert '| rho_il |' not in report and '1 IL model run(s) left out' in report
+    with pytest.raises(ConfigError, match='all IL models'):
+        budget_lib.compare([str(sweep / 'il')], out=str(tmp_path / 'x'))
+
+
 def test_method_statistics_are_reported(tmp_path, monkeypatch):
     monkeypatch.setattr(budget_lib, 'plot_runs', lambda groups, path: None)
     dirs = []
