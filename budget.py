@@ -900,6 +900,8 @@ def chosen_methods(spec, wanted, path):
 
 
 def sweep_plan(cfg):
+    """Every run of the sweep, smallest budget first and every seed of it before the next budget: a sweep
+    cut short (it runs in parts) has whole columns of paired seeds, not one seed of every column."""
     spec = read_sweep(cfg.config)
     budgets = [b for b in cfg.budgets if b > 0] or list(spec['QUICK_BUDGETS' if cfg.quick else 'BUDGETS'])
     seeds = cfg.seeds[:1] if cfg.quick else cfg.seeds
@@ -910,7 +912,7 @@ def sweep_plan(cfg):
     plan = [(label, script, {**spec['COMMON'], **(il if args.get('method') == 'rho' else {}), **args,
                              **tuned.get(spec.get('TUNED_AS', {}).get(label, label), {}), 'budget': b, 'seed': seed, 'label': label,
                              'out_dir': f'{cfg.out_dir}/{label}/b{b:g}/s{seed}'})
-            for seed in seeds for b in budgets for label, (script, args) in methods.items()]
+            for b in budgets for seed in seeds for label, (script, args) in methods.items()]  # cheapest budget first
     if cfg.baseline_schedule == 'wsd_branches':
         plan += [('wsd (branches)', 'train.py', {**spec['COMMON'], **tuned.get('baseline', {}), 'schedule': 'wsd',
                   'budget': min(budgets), 'seed': seed, 'branch_budgets': tuple(b / min(budgets) for b in budgets),

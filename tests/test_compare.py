@@ -334,8 +334,8 @@ def test_sweep_plan_and_commands(tmp_path):
                                   methods=('baseline', 'stack'), seeds=(0, 1))
     plan = budget_lib.sweep_plan(cfg)
     assert [(label, a['budget'], a['seed']) for label, _, a in plan] == [
-        ('baseline', 6.0, 0), ('stack', 6.0, 0), ('baseline', 12.0, 0), ('stack', 12.0, 0),
-        ('baseline', 6.0, 1), ('stack', 6.0, 1), ('baseline', 12.0, 1), ('stack', 12.0, 1)]
+        ('baseline', 6.0, 0), ('stack', 6.0, 0), ('baseline', 6.0, 1), ('stack', 6.0, 1),   # a budget's seeds first
+        ('baseline', 12.0, 0), ('stack', 12.0, 0), ('baseline', 12.0, 1), ('stack', 12.0, 1)]
     label, script, args = plan[1]
     assert script == 'train.py' and args['arch'] == 'stack' and args['model'] == 'tiny' and args['label'] == 'stack'
     assert args['out_dir'] == f'{tmp_path}/abl/stack/b6/s0'
