@@ -10,9 +10,9 @@ and its lock.
 
 setup_device gives every entry point its Runtime (device, DDP rank, autocast dtype); build_model makes a
 run's model, fresh (after check_memory says it fits) or from --init_from=PATH. A resumed run must be the
-saved run (check_resume_config, check_resume_method); budget.py reads finished runs (read_run); method
+saved run (check_resume_config, check_resume_method); sweep.py reads finished runs (read_run); method
 files load saved models (load_model) to score with or start from. It is a file of its own because all of
-them need these and budget.py must not import the training loop.
+them need these and sweep.py must not import the training loop.
 """
 import contextlib
 import dataclasses

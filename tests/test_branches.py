@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import budget as budget_lib
+import runs
 import train
 from configurator import UserError
 from conftest import StopAfter, run_script
@@ -81,7 +82,7 @@ def test_every_budget_gets_a_run_folder(reference):
     assert sorted(results) == [20, 40]                          # the branches (80 is the trunk)
     for b, folder in folders(out_dir).items():
         ckpt = load(folder / 'ckpt.pt')
-        assert budget_lib.run_finished(folder) and ckpt['iter_num'] == b and ckpt['config']['budget'] == b
+        assert runs.run_finished(folder) and ckpt['iter_num'] == b and ckpt['config']['budget'] == b
         assert json.loads((folder / 'config.json').read_text())['config']['budget'] == b
         steps = [r['step'] for r in read_log(folder / 'log.jsonl') if 'train_loss' in r]
         assert steps == list(range(1, b + 1)), (  # the trunk's log up to the branch point, then its own
@@ -162,11 +163,11 @@ def test_a_branch_whose_cooldown_is_shorter_than_a_step(tmp_path):
     holds the whole budget; the branch must still end as a finished, evaluated run like a standalone one."""
     results = train.train_wsd_branches(TrainConfig(out_dir=str(tmp_path / 'br'), budget=5, branch_budgets=MULTIPLES, **RUN))
     alone = train.train(TrainConfig(out_dir=str(tmp_path / 'alone'), budget=5, **RUN))
-    assert results[5]['val_loss'] == alone['val_loss'] and budget_lib.read_run(tmp_path / 'br' / 'budget_5')['complete'], (
+    assert results[5]['val_loss'] == alone['val_loss'] and runs.read_run(tmp_path / 'br' / 'budget_5')['complete'], (
         f"the budget-5 branch resumed with nothing left to train, skipped its final eval (val loss "
         f"{results[5]['val_loss']}) and kept the trunk's checkpoint, so it is never finished and compare leaves it "
         f'out: see the report')
-    assert budget_lib.run_finished(tmp_path / 'br' / 'budget_5')
+    assert runs.run_finished(tmp_path / 'br' / 'budget_5')
 
 
 def test_the_script_prints_what_the_branches_spend(reference, tmp_path):

@@ -10,6 +10,7 @@ import pytest
 
 import budget as budget_lib
 import runs
+import sweep
 from configurator import ConfigError
 from conftest import run_script
 
@@ -67,23 +68,23 @@ def t2_p(t):
 
 
 def test_student_t_and_holm_against_hand_computed_values():
-    assert budget_lib.t_p_value(1.5, 2) == pytest.approx(t2_p(1.5), rel=1e-10)
-    assert budget_lib.t_p_value(-7.0, 2) == pytest.approx(t2_p(7.0), rel=1e-10)
-    assert budget_lib.t_p_value(1.0, 1) == pytest.approx(0.5, rel=1e-10)       # Cauchy: 1 - 2 atan(1) / pi
-    assert budget_lib.t95(4) == pytest.approx(2.7764, abs=1e-4) and budget_lib.t95(1) == pytest.approx(12.7062, abs=1e-3)
+    assert sweep.t_p_value(1.5, 2) == pytest.approx(t2_p(1.5), rel=1e-10)
+    assert sweep.t_p_value(-7.0, 2) == pytest.approx(t2_p(7.0), rel=1e-10)
+    assert sweep.t_p_value(1.0, 1) == pytest.approx(0.5, rel=1e-10)       # Cauchy: 1 - 2 atan(1) / pi
+    assert sweep.t95(4) == pytest.approx(2.7764, abs=1e-4) and sweep.t95(1) == pytest.approx(12.7062, abs=1e-3)
     # Holm: sorted p 0.005, 0.01, 0.03, 0.04 (m = 4) -> 0.02, 0.03, 0.06, max(0.06, 0.04); nan stays out
-    assert budget_lib.holm([0.01, 0.04, 0.03, math.nan, 0.005])[:3] == pytest.approx([0.03, 0.06, 0.06])
-    assert budget_lib.holm([0.01, 0.04, 0.03, math.nan, 0.005])[4] == pytest.approx(0.02)
-    assert math.isnan(budget_lib.holm([0.01, math.nan])[1]) and budget_lib.holm([0.6, 0.5]) == [1.0, 1.0]
-    delta, half, p = budget_lib.paired_test([1.0, 2.0, 3.5], [0.5, 1.0, 2.0])     # differences 0.5, 1.0, 1.5
+    assert sweep.holm([0.01, 0.04, 0.03, math.nan, 0.005])[:3] == pytest.approx([0.03, 0.06, 0.06])
+    assert sweep.holm([0.01, 0.04, 0.03, math.nan, 0.005])[4] == pytest.approx(0.02)
+    assert math.isnan(sweep.holm([0.01, math.nan])[1]) and sweep.holm([0.6, 0.5]) == [1.0, 1.0]
+    delta, half, p = sweep.paired_test([1.0, 2.0, 3.5], [0.5, 1.0, 2.0])     # differences 0.5, 1.0, 1.5
     assert (delta, half) == pytest.approx((1.0, 4.3027 * 0.5 / math.sqrt(3)), abs=1e-4)
     assert p == pytest.approx(t2_p(1.0 / (0.5 / math.sqrt(3))), rel=1e-9)
 
 
 def test_the_table_is_paired_with_holm_adjusted_p(table_runs, tmp_path, monkeypatch):
     dirs, finals = table_runs
-    monkeypatch.setattr(budget_lib, 'plot_runs', lambda groups, path: None)  # the plot has its own test
-    report = budget_lib.compare(dirs, out=str(tmp_path / 'x'), target='none')
+    monkeypatch.setattr(sweep, 'plot_runs', lambda groups, path: None)  # the plot has its own test
+    report = sweep.compare(dirs, out=str(tmp_path / 'x'), target='none')
     assert (tmp_path / 'x.md').read_text() == report + '\n'
     assert report.splitlines()[0] == '| method | budget 10 | budget 20 |'
     assert row(report, 'baseline') == ['3.0200 ± 0.0200 (n=3)', '2.5000 ± 0.0000 (n=1)']
@@ -111,43 +112,43 @@ def test_the_table_is_paired_with_holm_adjusted_p(table_runs, tmp_path, monkeypa
 def test_pairs_are_by_seed_and_a_single_pair_has_no_interval(tmp_path):
     dirs = [finished(tmp_path, 'b0', 'baseline', 10.0, 0, 3.0), finished(tmp_path, 'b1', 'baseline', 10.0, 1, 3.5),
             finished(tmp_path, 'm1', 'm', 10.0, 1, 3.25)]              # only seed 1 is shared
-    groups = budget_lib.group_runs([budget_lib.read_run(d) for d in dirs])
-    assert row(budget_lib.ablation_table(groups), 'm') == ['3.2500 ± 0.0000 (n=1) Δ -0.2500']
+    groups = sweep.group_runs([runs.read_run(d) for d in dirs])
+    assert row(sweep.ablation_table(groups), 'm') == ['3.2500 ± 0.0000 (n=1) Δ -0.2500']
 
 
 def test_a_run_given_twice_is_refused_and_units_get_a_table_each(tmp_path, monkeypatch):
-    monkeypatch.setattr(budget_lib, 'plot_runs', lambda groups, path: None)
+    monkeypatch.setattr(sweep, 'plot_runs', lambda groups, path: None)
     a = finished(tmp_path, 'a', 'baseline', 10.0, 0, 3.0)
     with pytest.raises(ConfigError, match='given twice'):
-        budget_lib.compare([a, str(a) + '/'], out=str(tmp_path / 'x'))
+        sweep.compare([a, str(a) + '/'], out=str(tmp_path / 'x'))
     b = write_run(tmp_path, 'b', 'baseline', 10.0, 0, [(1, 100, 3.5), (2, 200, 2.0)], unit='iters')
-    report = budget_lib.compare([a, b], out=str(tmp_path / 'x'), target='none')
+    report = sweep.compare([a, b], out=str(tmp_path / 'x'), target='none')
     assert 'budget unit: iters' in report and 'budget unit: rst' in report
     assert report.count('(n=1)') == 2 and '(n=2)' not in report               # never averaged together
 
 
 def test_a_sweep_folder_is_read_whole_and_its_il_model_is_not_a_method(tmp_path, monkeypatch):
-    monkeypatch.setattr(budget_lib, 'plot_runs', lambda groups, path: None)
-    sweep = tmp_path / 'ablation'
-    finished(sweep / 'baseline' / 'b10', 's0', 'baseline', 10.0, 0, 3.0)
-    finished(sweep / 'm' / 'b10', 's0', 'm', 10.0, 0, 2.5)
-    finished(sweep / 'il' / 'search', 'b10', 'rho_il', 10.0, 0, 1.5)   # where ablate trains its own IL model
-    report = budget_lib.compare([str(sweep)], out=str(tmp_path / 'x'), target='none')
+    monkeypatch.setattr(sweep, 'plot_runs', lambda groups, path: None)
+    sweep_dir = tmp_path / 'ablation'
+    finished(sweep_dir / 'baseline' / 'b10', 's0', 'baseline', 10.0, 0, 3.0)
+    finished(sweep_dir / 'm' / 'b10', 's0', 'm', 10.0, 0, 2.5)
+    finished(sweep_dir / 'il' / 'search', 'b10', 'rho_il', 10.0, 0, 1.5)   # where ablate trains its own IL model
+    report = sweep.compare([str(sweep_dir)], out=str(tmp_path / 'x'), target='none')
     assert row(report, 'baseline')[0].startswith('3.0000') and row(report, 'm')[0].startswith('2.5000 ± 0.0000 (n=1) Δ -0.5000')
     assert '| rho_il |' not in report and '1 IL model run(s) left out' in report
     with pytest.raises(ConfigError, match='all IL models'):
-        budget_lib.compare([str(sweep / 'il')], out=str(tmp_path / 'x'))
+        sweep.compare([str(sweep_dir / 'il')], out=str(tmp_path / 'x'))
 
 
 def test_method_statistics_are_reported(tmp_path, monkeypatch):
-    monkeypatch.setattr(budget_lib, 'plot_runs', lambda groups, path: None)
+    monkeypatch.setattr(sweep, 'plot_runs', lambda groups, path: None)
     dirs = []
     for seed, frac in enumerate((0.4, 0.6)):
         d = finished(tmp_path, f'sb{seed}', 'sb', 10.0, seed, 3.0)
         with open(d / 'log.jsonl', 'a') as f:   # two log records: the run's mean is their mean
             f.write(json.dumps({'step': 1, 'selected_frac': frac - 0.1}) + '\n' + json.dumps({'step': 2, 'selected_frac': frac + 0.1}) + '\n')
         dirs.append(d)
-    report = budget_lib.compare(dirs, out=str(tmp_path / 'x'), target='none')
+    report = sweep.compare(dirs, out=str(tmp_path / 'x'), target='none')
     half = 12.7062 * statistics.stdev([0.4, 0.6]) / math.sqrt(2)                 # t at df 1
     assert f'| sb | 10 | selected_frac | 0.500 ± {half:.3f} (n=2) |' in report
 
@@ -158,9 +159,9 @@ def test_a_tuning_point_is_the_mean_over_its_seeds_with_what_the_method_logs(tmp
         d = finished(tmp_path / 'lr0.001', f's{seed}', 'sb', 10.0, seed, final)
         with open(d / 'log.jsonl', 'a') as f:
             f.write(json.dumps({'step': 1, 'selected_frac': frac}) + '\n')
-    point = budget_lib.tune_summary(tmp_path / 'lr0.001', (0, 1), 1e-3, {})
+    point = sweep.tune_summary(tmp_path / 'lr0.001', (0, 1), 1e-3, {})
     assert point == {'lr': 1e-3, 'extra': {}, 'final': 2.5, 'selected_frac': pytest.approx(0.5)}
-    assert budget_lib.tune_summary(tmp_path / 'lr0.001', (0, 1, 2), 1e-3, {})['final'] == math.inf
+    assert sweep.tune_summary(tmp_path / 'lr0.001', (0, 1, 2), 1e-3, {})['final'] == math.inf
 
 
 # -----------------------------------------------------------------------------
@@ -168,12 +169,12 @@ def test_a_tuning_point_is_the_mean_over_its_seeds_with_what_the_method_logs(tmp
 
 def test_crossing():
     pts = [(10, 4.0), (20, 3.0), (30, 2.0)]
-    assert budget_lib.crossing(pts, 3.5) == pytest.approx(15.0)      # interpolated between the bracketing evals
-    assert budget_lib.crossing(pts, 3.0) == 20                        # at an eval
-    assert budget_lib.crossing(pts, 2.2) == pytest.approx(28.0)
-    assert budget_lib.crossing(pts, 5.0) == 10                        # already below at the first eval
-    assert budget_lib.crossing(pts, 1.9) is None                      # never
-    assert budget_lib.crossing([(10, 4.0), (20, 2.0), (30, 3.5)], 3.0) == pytest.approx(15.0)  # the first time
+    assert sweep.crossing(pts, 3.5) == pytest.approx(15.0)      # interpolated between the bracketing evals
+    assert sweep.crossing(pts, 3.0) == 20                        # at an eval
+    assert sweep.crossing(pts, 2.2) == pytest.approx(28.0)
+    assert sweep.crossing(pts, 5.0) == 10                        # already below at the first eval
+    assert sweep.crossing(pts, 1.9) is None                      # never
+    assert sweep.crossing([(10, 4.0), (20, 2.0), (30, 3.5)], 3.0) == pytest.approx(15.0)  # the first time
 
 
 # -----------------------------------------------------------------------------
@@ -181,11 +182,11 @@ def test_crossing():
 
 def test_log_budget_interpolation_inside_and_along_the_end_segments():
     ends = [(100, 3.0), (200, 2.8), (400, 2.7)]
-    assert budget_lib.log_budget_interp(ends, 200) == pytest.approx(2.8)
-    assert budget_lib.log_budget_interp(ends, 100 * 2 ** 0.5) == pytest.approx(2.9)   # halfway in log budget
-    assert budget_lib.log_budget_interp(ends, 50) == pytest.approx(3.2)              # the first segment, extended
-    assert budget_lib.log_budget_interp(ends, 800) == pytest.approx(2.6)             # the last one
-    assert budget_lib.log_budget_interp(ends[:1], 100) is None
+    assert sweep.log_budget_interp(ends, 200) == pytest.approx(2.8)
+    assert sweep.log_budget_interp(ends, 100 * 2 ** 0.5) == pytest.approx(2.9)   # halfway in log budget
+    assert sweep.log_budget_interp(ends, 50) == pytest.approx(3.2)              # the first segment, extended
+    assert sweep.log_budget_interp(ends, 800) == pytest.approx(2.6)             # the last one
+    assert sweep.log_budget_interp(ends[:1], 100) is None
 
 
 def test_a_ten_percent_cost_change_that_flips_a_cell_is_named():
@@ -203,18 +204,18 @@ def test_a_ten_percent_cost_change_that_flips_a_cell_is_named():
                            200: [run(s, 200, 2.8 + s / 100, base) for s in (1, 2)]},
               'm': {100: [run(s, 100, 2.999 + s / 100, mine) for s in (1, 2)],
                     200: [run(s, 200, 2.7 + s / 100, mine) for s in (1, 2)]}}
-    got = budget_lib.perturbed_final(groups['m'], 1, 100, 'fwd:4', 1.1)
+    got = sweep.perturbed_final(groups['m'], 1, 100, 'fwd:4', 1.1)
     assert got == pytest.approx(2.999 + 0.01 - 0.299 / math.log(2) * math.log(100 / 103))
-    text = budget_lib.cost_sensitivity(groups, 'baseline')
+    text = sweep.cost_sensitivity(groups, 'baseline')
     assert 'entries (fwd:4, fwd_bwd:4, optimizer:adamw) at x0.9 and x1.1' in text
     flips = [line for line in text.splitlines() if line.startswith('- ')]
     assert flips == ['- m at budget 100, fwd:4 x1.1: Δ -0.0010 -> +0.0118',
                      '- m at budget 100, optimizer:adamw x1.1: Δ -0.0010 -> +0.0004']
     calm = {k: {b: [dict(r, final=r['final'] - (0.05 if k == 'm' else 0)) for r in rs] for b, rs in g.items()}
             for k, g in groups.items()}
-    assert budget_lib.cost_sensitivity(calm, 'baseline').endswith(': no cell changes sign')
+    assert sweep.cost_sensitivity(calm, 'baseline').endswith(': no cell changes sign')
     one_budget = {k: {100: g[100]} for k, g in groups.items()}
-    assert budget_lib.cost_sensitivity(one_budget, 'baseline') == ''  # nothing to read a shifted budget from
+    assert sweep.cost_sensitivity(one_budget, 'baseline') == ''  # nothing to read a shifted budget from
 
 
 def test_budget_counts_rst_per_cost_entry_and_resumes_it():
@@ -249,14 +250,14 @@ def target_runs(tmp_path):
 
 
 def test_time_to_target_from_decayed_endpoints_over_all_seeds(target_runs, tmp_path, monkeypatch):
-    monkeypatch.setattr(budget_lib, 'plot_runs', lambda groups, path: None)
-    report = budget_lib.compare(target_runs, out=str(tmp_path / 'x'))   # target='auto'
+    monkeypatch.setattr(sweep, 'plot_runs', lambda groups, path: None)
+    report = sweep.compare(target_runs, out=str(tmp_path / 'x'))   # target='auto'
     assert 'target val loss 3.0000' in report
     assert row(report, 'baseline', 2) == ['not reached', '1/2', '—']     # seed 1 never reaches it: not dropped
     fast = statistics.median([10 + 0.1 / 0.3 * 10, 10.0])
     assert row(report, 'fast', 2) == [f'{fast:.1f}', '2/2', '—']
     assert row(report, 'slow', 2) == ['not reached', '0/1', '—']
-    explicit = budget_lib.compare(target_runs, out=str(tmp_path / 'y'), target='3.2')
+    explicit = sweep.compare(target_runs, out=str(tmp_path / 'y'), target='3.2')
     base = statistics.median([10 + 0.2 / 0.5 * 10, 10 + 0.2 / 0.3 * 10])
     assert row(explicit, 'baseline', 2) == [f'{base:.1f}', '2/2', '1.00x']
     assert row(explicit, 'fast', 2) == ['10.0', '2/2', f'{base / 10:.2f}x']
@@ -330,33 +331,33 @@ METHODS = {
 
 def test_sweep_plan_and_commands(tmp_path):
     (tmp_path / 'sweep.py').write_text(SWEEP)
-    cfg = budget_lib.AblateConfig(config=str(tmp_path / 'sweep.py'), out_dir=str(tmp_path / 'abl'),
-                                  methods=('baseline', 'stack'), seeds=(0, 1))
-    plan = budget_lib.sweep_plan(cfg)
+    cfg = sweep.AblateConfig(config=str(tmp_path / 'sweep.py'), out_dir=str(tmp_path / 'abl'),
+                             methods=('baseline', 'stack'), seeds=(0, 1))
+    plan = sweep.sweep_plan(cfg)
     assert [(label, a['budget'], a['seed']) for label, _, a in plan] == [
         ('baseline', 6.0, 0), ('stack', 6.0, 0), ('baseline', 6.0, 1), ('stack', 6.0, 1),   # a budget's seeds first
         ('baseline', 12.0, 0), ('stack', 12.0, 0), ('baseline', 12.0, 1), ('stack', 12.0, 1)]
     label, script, args = plan[1]
     assert script == 'train.py' and args['arch'] == 'stack' and args['model'] == 'tiny' and args['label'] == 'stack'
     assert args['out_dir'] == f'{tmp_path}/abl/stack/b6/s0'
-    quick = budget_lib.sweep_plan(budget_lib.AblateConfig(config=cfg.config, out_dir=cfg.out_dir, quick=True))
+    quick = sweep.sweep_plan(sweep.AblateConfig(config=cfg.config, out_dir=cfg.out_dir, quick=True))
     assert [(label, a['budget'], a['seed']) for label, _, a in quick] == [('baseline', 6.0, 0), ('stack', 6.0, 0), ('lion', 6.0, 0)]
-    wsd = budget_lib.sweep_plan(budget_lib.AblateConfig(config=cfg.config, out_dir=cfg.out_dir, methods=('baseline',),
-                                                        seeds=(0,), baseline_schedule='wsd_branches'))
+    wsd = sweep.sweep_plan(sweep.AblateConfig(config=cfg.config, out_dir=cfg.out_dir, methods=('baseline',),
+                                              seeds=(0,), baseline_schedule='wsd_branches'))
     assert wsd[-1][2]['branch_budgets'] == (1.0, 2.0) and wsd[-1][2]['budget'] == 6.0
     with pytest.raises(ConfigError, match='unknown method'):
-        budget_lib.sweep_plan(budget_lib.AblateConfig(config=cfg.config, methods=('stak',)))
+        sweep.sweep_plan(sweep.AblateConfig(config=cfg.config, methods=('stak',)))
 
-    cmd = budget_lib.run_command(script, args)                          # a fresh run replaces a stale folder
+    cmd = sweep.run_command(script, args)                          # a fresh run replaces a stale folder
     assert cmd[1] == 'train.py' and "--arch='stack'" in cmd and '--stack_fracs=(0.5,)' in cmd and '--overwrite=True' in cmd
     folder = tmp_path / 'abl' / 'stack' / 'b6' / 's0'
     folder.mkdir(parents=True)
     (folder / 'ckpt.pt').write_bytes(b'')
     (folder / 'config.json').write_text(json.dumps({'config': {**args, 'stack_fracs': [0.5], 'init_from': 'scratch'}}))
-    resume = budget_lib.run_command(script, args)                       # a started run of these keys resumes
+    resume = sweep.run_command(script, args)                       # a started run of these keys resumes
     assert "--init_from='resume'" in resume and not any(a.startswith('--overwrite') for a in resume)
     (folder / 'config.json').write_text(json.dumps({'config': {**args, 'budget': 3.0}}))  # an older plan's run
-    again = budget_lib.run_command(script, args)
+    again = sweep.run_command(script, args)
     assert '--overwrite=True' in again and not any(a.startswith('--init_from') for a in again)
 
 
@@ -364,7 +365,7 @@ def test_ablate_runs_the_sweep_once(tmp_path, monkeypatch, capsys):
     """`budget.py ablate` (its main, in this process; every run is a `python train.py` of its own) on a
     2-run tiny sweep; a second call finds both runs finished and only re-reads them."""
     (tmp_path / 'sweep.py').write_text(SWEEP)
-    monkeypatch.setattr(budget_lib, 'plot_runs', lambda groups, path: None)   # test_compare_command plots
+    monkeypatch.setattr(sweep, 'plot_runs', lambda groups, path: None)   # test_compare_command plots
     budget_lib.main(['ablate', f'--config={tmp_path}/sweep.py', f'--out_dir={tmp_path}/abl', '--quick=True',
                      "--methods=('baseline','stack')", '--jobs=2'])
     out = capsys.readouterr().out
@@ -382,8 +383,8 @@ def test_ablate_runs_the_sweep_once(tmp_path, monkeypatch, capsys):
     def no_rerun(*args, **kwargs):
         raise AssertionError(f'ablate reran a finished run: {args[0]}')
     monkeypatch.setattr(runs.subprocess, 'Popen', no_rerun)  # runs.run_jobs starts the runs
-    again = budget_lib.ablate(budget_lib.AblateConfig(config=f'{tmp_path}/sweep.py', out_dir=f'{tmp_path}/abl',
-                                                      quick=True, methods=('baseline', 'stack')))
+    again = sweep.ablate(sweep.AblateConfig(config=f'{tmp_path}/sweep.py', out_dir=f'{tmp_path}/abl',
+                                            quick=True, methods=('baseline', 'stack')))
     assert again + '\n' == first == (tmp_path / 'abl' / 'ablation.md').read_text()
 
 
@@ -395,13 +396,13 @@ def test_tune_grid_extends_at_an_edge_and_ablate_reads_the_result(tmp_path, monk
     (tmp_path / 'sweep.py').write_text(SWEEP)
     optimum = {'baseline': 3e-3 * 4, 'lion': 3e-4 / 2}
     plans = []
-    monkeypatch.setattr(budget_lib, 'run_plan', lambda plan, jobs: plans.extend(plan))
-    monkeypatch.setattr(budget_lib, 'tune_summary', lambda folder, seeds, lr, extra: {
+    monkeypatch.setattr(sweep, 'run_plan', lambda plan, jobs: plans.extend(plan))
+    monkeypatch.setattr(sweep, 'tune_summary', lambda folder, seeds, lr, extra: {
         'lr': lr, 'extra': extra, 'final': math.log2(lr / optimum[folder.parent.name]) ** 2})
-    monkeypatch.setattr(budget_lib, 'plot_tuning', lambda results, path: None)
-    cfg = budget_lib.TuneConfig(config=str(tmp_path / 'sweep.py'), out_dir=str(tmp_path / 'tune'),
-                                methods=('baseline', 'lion'), points=3, seeds=(7, 8))
-    results = budget_lib.tune(cfg)
+    monkeypatch.setattr(sweep, 'plot_tuning', lambda results, path: None)
+    cfg = sweep.TuneConfig(config=str(tmp_path / 'sweep.py'), out_dir=str(tmp_path / 'tune'),
+                           methods=('baseline', 'lion'), points=3, seeds=(7, 8))
+    results = sweep.tune(cfg)
     for label, lr0 in (('baseline', 3e-3), ('lion', 3e-4)):
         assert results[label]['lr'] == pytest.approx(optimum[label])
         tried = sorted(round(p['lr'] / lr0, 6) for p in results[label]['grid'])
@@ -414,42 +415,42 @@ def test_tune_grid_extends_at_an_edge_and_ablate_reads_the_result(tmp_path, monk
             assert a['weight_decay'] * a['lr'] == pytest.approx(0.1 * 3e-4)  # lr x wd stays at the product
     assert results['lion']['weight_decay'] == pytest.approx(0.1 * 3e-4 / optimum['lion'])
     tuned = str(tmp_path / 'tune' / 'tuned.json')
-    plan = budget_lib.sweep_plan(budget_lib.AblateConfig(config=cfg.config, tuned=tuned, methods=('baseline', 'lion'), seeds=(0,)))
+    plan = sweep.sweep_plan(sweep.AblateConfig(config=cfg.config, tuned=tuned, methods=('baseline', 'lion'), seeds=(0,)))
     assert {label: (a['lr'], a.get('weight_decay')) for label, _, a in plan if a['budget'] == 6.0} == {
         'baseline': (optimum['baseline'], None), 'lion': (optimum['lion'], results['lion']['weight_decay'])}
     (tmp_path / 'sweep.py').write_text(SWEEP.replace('lr=3e-3)', 'lr=1e-3)'))
     with pytest.raises(budget_lib.UserError, match='was made for COMMON'):
-        budget_lib.sweep_plan(budget_lib.AblateConfig(config=cfg.config, tuned=tuned))
+        sweep.sweep_plan(sweep.AblateConfig(config=cfg.config, tuned=tuned))
 
 
 def test_a_row_tuned_as_another_is_not_tuned_and_runs_with_its_values(tmp_path, monkeypatch):
     """RHO-LOSS 'IL charged' is RHO-LOSS with its IL model's cost in the budget: the same lr, so tune skips
     it and ablate gives it the tuned values of the row TUNED_AS names (and its own charge_il); both rows
     use the IL model trained while tuning."""
-    sweep = SWEEP.replace("    'lion':", "    'rho': ('rho.py', dict(method='rho', select_frac=0.5)),\n"
-                                          "    'rho_il_charged': ('rho.py', dict(method='rho', select_frac=0.5, charge_il=True)),\n    'lion':")
-    (tmp_path / 'sweep.py').write_text(sweep + "TUNED_AS = {'rho_il_charged': 'rho'}\n")
+    sweep_text = SWEEP.replace("    'lion':", "    'rho': ('rho.py', dict(method='rho', select_frac=0.5)),\n"
+                                               "    'rho_il_charged': ('rho.py', dict(method='rho', select_frac=0.5, charge_il=True)),\n    'lion':")
+    (tmp_path / 'sweep.py').write_text(sweep_text + "TUNED_AS = {'rho_il_charged': 'rho'}\n")
     plans = []
-    monkeypatch.setattr(budget_lib, 'run_plan', lambda plan, jobs: plans.extend(plan))
-    monkeypatch.setattr(budget_lib, 'tune_summary', lambda folder, seeds, lr, extra: {
+    monkeypatch.setattr(sweep, 'run_plan', lambda plan, jobs: plans.extend(plan))
+    monkeypatch.setattr(sweep, 'tune_summary', lambda folder, seeds, lr, extra: {
         'lr': lr, 'extra': extra, 'final': math.log2(lr / 3e-3) ** 2})
-    monkeypatch.setattr(budget_lib, 'plot_tuning', lambda results, path: None)
-    cfg = budget_lib.TuneConfig(config=str(tmp_path / 'sweep.py'), out_dir=str(tmp_path / 'tune'),
-                                methods=('rho', 'rho_il_charged'), points=3, seeds=(7,))
-    assert set(budget_lib.tune(cfg)) == {'rho'} and {a['label'] for _, _, a in plans} == {'rho (tuning)'}
-    plan = budget_lib.sweep_plan(budget_lib.AblateConfig(config=cfg.config, tuned=str(tmp_path / 'tune' / 'tuned.json'),
-                                                         methods=('rho', 'rho_il_charged'), seeds=(0,)))
+    monkeypatch.setattr(sweep, 'plot_tuning', lambda results, path: None)
+    cfg = sweep.TuneConfig(config=str(tmp_path / 'sweep.py'), out_dir=str(tmp_path / 'tune'),
+                           methods=('rho', 'rho_il_charged'), points=3, seeds=(7,))
+    assert set(sweep.tune(cfg)) == {'rho'} and {a['label'] for _, _, a in plans} == {'rho (tuning)'}
+    plan = sweep.sweep_plan(sweep.AblateConfig(config=cfg.config, tuned=str(tmp_path / 'tune' / 'tuned.json'),
+                                               methods=('rho', 'rho_il_charged'), seeds=(0,)))
     rows = {a['label']: a for _, _, a in plan if a['budget'] == 6.0}
     assert rows['rho_il_charged']['lr'] == rows['rho']['lr'] == pytest.approx(3e-3)
     assert rows['rho_il_charged']['charge_il'] and 'charge_il' not in rows['rho']
     assert rows['rho_il_charged']['il_out_dir'] == rows['rho']['il_out_dir']  # one IL model for both rows
     assert rows['rho']['il_out_dir'] == str(tmp_path / 'tune' / 'il')  # the one tuning trained serves the sweep
-    other = budget_lib.sweep_plan(budget_lib.AblateConfig(config=cfg.config, tuned=str(tmp_path / 'tune' / 'tuned.json'),
-                                                          methods=('rho',), seeds=(0,), budgets=(6.0, 24.0), out_dir='abl'))
+    other = sweep.sweep_plan(sweep.AblateConfig(config=cfg.config, tuned=str(tmp_path / 'tune' / 'tuned.json'),
+                                                methods=('rho',), seeds=(0,), budgets=(6.0, 24.0), out_dir='abl'))
     assert {a['il_out_dir'] for _, _, a in other} == {'abl/il'}  # ... but not a sweep with another largest budget
-    (tmp_path / 'sweep.py').write_text(sweep + "TUNED_AS = {'rho_il_charged': 'rhoo'}\n")
+    (tmp_path / 'sweep.py').write_text(sweep_text + "TUNED_AS = {'rho_il_charged': 'rhoo'}\n")
     with pytest.raises(ConfigError, match="TUNED_AS {'rho_il_charged': 'rhoo'} names rows that METHODS does not have"):
-        budget_lib.sweep_plan(budget_lib.AblateConfig(config=cfg.config))
+        sweep.sweep_plan(sweep.AblateConfig(config=cfg.config))
 
 
 def test_a_finished_run_is_reused_only_by_a_plan_with_its_keys(tmp_path, monkeypatch):
@@ -461,10 +462,10 @@ def test_a_finished_run_is_reused_only_by_a_plan_with_its_keys(tmp_path, monkeyp
     (folder / 'config.json').write_text(json.dumps({'config': args}))
     (folder / 'log.jsonl').write_text(json.dumps({'step': 3, 'iters': 3.0, 'tokens': 1536.0, 'val_loss': 4.0}) + '\n')
     started = []
-    monkeypatch.setattr(budget_lib, 'run_jobs', lambda jobs, n, cwd=None: started.extend(jobs) or [])
-    budget_lib.run_plan([('baseline', 'train.py', args)], jobs=1)
+    monkeypatch.setattr(sweep, 'run_jobs', lambda jobs, n, cwd=None: started.extend(jobs) or [])
+    sweep.run_plan([('baseline', 'train.py', args)], jobs=1)
     assert started == []                                        # finished, with these keys: skipped
-    budget_lib.run_plan([('baseline', 'train.py', {**args, 'budget': 6.0})], jobs=1)
+    sweep.run_plan([('baseline', 'train.py', {**args, 'budget': 6.0})], jobs=1)
     assert len(started) == 1 and '--overwrite=True' in started[0].argv and '--budget=6.0' in started[0].argv
 
 
@@ -495,44 +496,44 @@ def test_jobs_sharing_a_tag_wait_for_the_first_to_succeed(tmp_path):
 def test_a_sweep_file_of_the_wrong_shape_is_refused_with_one_line(tmp_path, change, says):
     (tmp_path / 'sweep.py').write_text(SWEEP.replace(*change))
     with pytest.raises(ConfigError, match=says):
-        budget_lib.sweep_plan(budget_lib.AblateConfig(config=str(tmp_path / 'sweep.py')))
+        sweep.sweep_plan(sweep.AblateConfig(config=str(tmp_path / 'sweep.py')))
 
 
 def test_tune_refuses_a_tuned_file_it_would_overwrite_before_any_run(tmp_path, monkeypatch):
     """An unreadable tuned.json, or one of another sweep (here: other seeds), in tune's folder is refused
     before hours of runs, not overwritten after them; no methods to tune is refused too."""
     (tmp_path / 'sweep.py').write_text(SWEEP)
-    monkeypatch.setattr(budget_lib, 'run_plan', lambda plan, jobs: pytest.fail('ran before refusing'))
-    cfg = budget_lib.TuneConfig(config=str(tmp_path / 'sweep.py'), out_dir=str(tmp_path / 'tune'), methods=('baseline',))
+    monkeypatch.setattr(sweep, 'run_plan', lambda plan, jobs: pytest.fail('ran before refusing'))
+    cfg = sweep.TuneConfig(config=str(tmp_path / 'sweep.py'), out_dir=str(tmp_path / 'tune'), methods=('baseline',))
     (tmp_path / 'tune').mkdir()
     for text, says in (('{"trunc', 'is not a tuned.json'), ('[1, 2]', 'is not a tuned.json')):
         (tmp_path / 'tune' / 'tuned.json').write_text(text)
         with pytest.raises(budget_lib.UserError, match=says):
-            budget_lib.tune(cfg)
-    spec = budget_lib.read_sweep(cfg.config)
+            sweep.tune(cfg)
+    spec = sweep.read_sweep(cfg.config)
     other = {'config': cfg.config, 'common': repr(spec['COMMON']), 'methods': {k: repr(v) for k, v in spec['METHODS'].items()},
              'budget': 6.0, 'seeds': [7], 'tuned': {'baseline': {'lr': 1e-3}}}
     (tmp_path / 'tune' / 'tuned.json').write_text(json.dumps(other))
     with pytest.raises(ConfigError, match='holds a tuning of another sweep .its seeds differ'):
-        budget_lib.tune(cfg)
+        sweep.tune(cfg)
     assert json.loads((tmp_path / 'tune' / 'tuned.json').read_text()) == other
     with pytest.raises(ConfigError, match='--methods is empty'):
-        budget_lib.tune(budget_lib.TuneConfig(config=cfg.config, out_dir=str(tmp_path / 'tune2'), methods=()))
+        sweep.tune(sweep.TuneConfig(config=cfg.config, out_dir=str(tmp_path / 'tune2'), methods=()))
 
 
 def test_compare_names_a_missing_baseline_and_refuses_an_empty_out(tmp_path, monkeypatch):
-    monkeypatch.setattr(budget_lib, 'plot_runs', lambda groups, path: None)
+    monkeypatch.setattr(sweep, 'plot_runs', lambda groups, path: None)
     runs = [finished(tmp_path, f'r{seed}', 'stack', 10.0, seed, 3.0) for seed in (0, 1)]
-    report = budget_lib.compare(runs, out=str(tmp_path / 'x'), target='none', baseline='nosuch')
+    report = sweep.compare(runs, out=str(tmp_path / 'x'), target='none', baseline='nosuch')
     assert "no run is labelled 'nosuch', so no differences are shown: --baseline= one of stack" in report
     for out in ('', str(tmp_path) + '/'):
         with pytest.raises(ConfigError, match='names no file'):
-            budget_lib.compare(runs, out=out, target='none')
+            sweep.compare(runs, out=out, target='none')
 
 
 @pytest.mark.parametrize('edit', ['budget', 'seed', 'no tokens', 'no step', 'val_loss text'])
 def test_a_run_folder_edited_out_of_shape_is_listed_not_a_traceback(tmp_path, monkeypatch, edit):
-    monkeypatch.setattr(budget_lib, 'plot_runs', lambda groups, path: None)
+    monkeypatch.setattr(sweep, 'plot_runs', lambda groups, path: None)
     good = finished(tmp_path, 'good', 'baseline', 10.0, 0, 3.0)
     bad = finished(tmp_path, 'bad', 'baseline', 10.0, 1, 3.0)
     config = json.loads((bad / 'config.json').read_text())
@@ -545,5 +546,5 @@ def test_a_run_folder_edited_out_of_shape_is_listed_not_a_traceback(tmp_path, mo
         record['val_loss'] = 'abc' if edit == 'val_loss text' else 2.0
         with open(bad / 'log.jsonl', 'a') as f:
             f.write(json.dumps(record) + '\n')
-    report = budget_lib.compare([good, bad], out=str(tmp_path / 'x'), target='none')
+    report = sweep.compare([good, bad], out=str(tmp_path / 'x'), target='none')
     assert f'- {bad}: unreadable' in report

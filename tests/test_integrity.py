@@ -22,6 +22,7 @@ import rho
 import train
 from configurator import cli
 from data.loader import get_tokenizer, write_corpus
+from runs import read_run
 from conftest import ROOT, StopAfter
 
 TINY = ['--model=tiny', '--batch_size=8', '--budget_unit=iters', '--compile_loss=False', '--sample_tokens=0',
@@ -230,7 +231,7 @@ def test_a_partial_last_log_line_is_dropped_on_resume(tiny_cfg, tmp_path):
     result = train.train(train.dataclasses.replace(cfg, init_from='resume'))
     records = [json.loads(line) for line in (tmp_path / 'a' / 'log.jsonl').read_text().splitlines()]
     assert result['steps'] == 6 and [r['step'] for r in records if 'train_loss' in r] == [1, 2, 3, 4, 5, 6]
-    assert budget_lib.read_run(tmp_path / 'a')['complete']
+    assert read_run(tmp_path / 'a')['complete']
 
 
 def test_ctrl_c_during_setup_is_one_line_exit_130(saved, capsys, monkeypatch, tmp_path):

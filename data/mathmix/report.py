@@ -11,16 +11,16 @@ say, over seeds.
                        arm at the study's noise: which part of the task a model has not learned
   compare_curves.png   exact match against training tokens per arm, one panel per noise level, mean and
                        95% CI band over seeds (if matplotlib is installed)
-Every interval is the t-based 95% CI over seeds (budget.t_interval, the lab's one rule); a run whose curve
+Every interval is the t-based 95% CI over seeds (sweep.t_interval, the lab's one rule); a run whose curve
 never reaches the target counts in "reached" and is left out of the tokens' mean.
 """
 import math
 from pathlib import Path
 
-from budget import crossing, t_interval
 from data.loader import NUMBER, DataError, read_result
 from data.mathmix.prepare import KINDS, LINE_BYTES
 from runs import read_log
+from sweep import crossing, t_interval
 
 ORDER = ('oracle', 'clm', 'excess', 'reference', 'train', 'random')  # then by k
 POINT_KEYS = {'tokens': NUMBER, 'accuracy': NUMBER}  # what a curve point needs here

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from budget import t_interval
 from data.loader import NUMBER, DataError, atomic_write_bytes, read_result
 from data.reviews.pairs import TIERS, batched_logps, decode, get_scorer, prompts_from, rewards, sample_many
+from sweep import t_interval
 
 DONE_FIX = 'delete it, or rerun that stage with --overwrite=True'
 DONE_KEYS = {'rm': {'ceiling': NUMBER, 'acc': NUMBER}, 'po': {'method': str, 'config': dict, 'curve': list}}  # what is read back
