@@ -23,7 +23,8 @@ import numpy as np
 
 from budget import mean_std, pyplot
 from configurator import ConfigError, UserError, check_distinct, key, read_config_file, require, require_writable
-from data.loader import DataError, atomic_write_bytes, data_dir, ngram_floors
+from data.loader import DataError, atomic_write_bytes, data_dir
+from data.ngram import ngram_floors
 from runs import METHOD_STATS, Job, read_run, records_config, run_finished, run_jobs
 
 

@@ -5,7 +5,7 @@
 #   python budget.py tune --jobs=2                                   # -> out/tune/tuned.json, tune.png
 #   python budget.py ablate --tuned=out/tune/tuned.json --jobs=2     # 5 paired seeds, compare table
 # BUDGETS: chosen so that the tuned baseline's smallest budget is below the stdlib val split's trigram
-# floor (1.83 nats/byte, data.loader.ngram_floors); 1:2:4 like the paper's 6/12/24 h.
+# floor (1.83 nats/byte, data.ngram.ngram_floors); 1:2:4 like the paper's 6/12/24 h.
 
 COMMON = dict(
     model='small', batch_size=32,       # 4 blocks, d=128, T=128: stacking goes 1 -> 2 -> 4

@@ -253,7 +253,7 @@ def test_ngram_floors_on_a_hand_computed_corpus(tmp_path):
       bigram (ba:{a} ab:{b} ac:{b}, all 1: D = 1): P2(b|a) = (0 + 1 * 2 * P1) / 2 = 1/V, P2(a|b) = 1/V, with
       P1 = 1/V again (b, c, a each after one type). 'xa' never occurs, so P(b|xa) = P2(b|a) = 1/V;
       P(a|ab) = (2 - D + D * 1 * P2(a|b)) / 2."""
-    from data.loader import ngram_floors
+    from data.ngram import ngram_floors
     V = 256
     ce = lambda p, q: -(np.log(p) + np.log(q)) / 2  # noqa: E731
     D1, D2, D3 = 1 / 3, 1 / 5, 1 / 2
@@ -268,11 +268,11 @@ def test_ngram_floors_on_a_hand_computed_corpus(tmp_path):
 
 def test_ngram_floors_are_finite_sparse_and_cached(tmp_path, monkeypatch):
     """A gpt2-sized vocabulary (sparse counts), val tokens train never saw; the second call reads the cache."""
-    import data.loader as loader
+    import data.ngram as ngram
     rng = np.random.default_rng(0)
     corpus = hand_corpus(tmp_path / 'c', rng.integers(0, 50_000, 20_000), rng.integers(0, 50_257, 3_000), 50_257)
-    floors = loader.ngram_floors(corpus)
+    floors = ngram.ngram_floors(corpus)
     assert all(np.isfinite(v) and 0 < v < 2 * np.log(50_257) for v in floors.values()), floors
     assert floors['unigram'] > np.log(20_000) - 1  # random tokens: about log of the types seen
-    monkeypatch.setattr(loader, 'kneser_ney_nats', lambda *a: pytest.fail('recomputed despite the cache'))
-    assert loader.ngram_floors(Corpus(tmp_path / 'c')) == floors
+    monkeypatch.setattr(ngram, 'kneser_ney_nats', lambda *a: pytest.fail('recomputed despite the cache'))
+    assert ngram.ngram_floors(Corpus(tmp_path / 'c')) == floors

@@ -23,6 +23,7 @@ import data.loader as loader
 from conftest import ROOT, run_script
 from data.fineweb_edu import prepare as fineweb
 from data.loader import DATA_ROOT, Corpus, CorpusBuild, DataError, data_dir, get_tokenizer, write_corpus
+from data.ngram import ngram_floors
 from data.text import prepare as text_prepare
 
 WORDS = ['alpha', 'beta', 'gamma', 'tensor', 'loss', 'token', 'batch', 'zeta', 'é', '∑']
@@ -216,10 +217,10 @@ def test_disk_full_in_a_resumable_build_keeps_finished_shards(tmp_path, monkeypa
 
 def test_floors_cache_follows_the_corpus(old):
     target, _ = old
-    first = loader.ngram_floors(Corpus(target))
+    first = ngram_floors(Corpus(target))
     assert json.loads((target / 'ngram_floors.json').read_text())['floors'] == first
     write_corpus(target, docs(60, seed=5), get_tokenizer('byte'), 'new', val_frac=0.2)
-    assert loader.ngram_floors(Corpus(target)) != first  # re-prepared: recomputed, not the stale cache
+    assert ngram_floors(Corpus(target)) != first  # re-prepared: recomputed, not the stale cache
     assert leftovers(target) == []
 
 
