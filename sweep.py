@@ -599,20 +599,20 @@ def earlier_tuning(path, record):
 
 
 class TuneGrid:
-    """One method's lr grid: lr0 x 2^k for k in ks (crossed with its TUNE axes), on the tuning seeds."""
+    """One method's lr grid: lr0 x 2^k for k in ks, crossed with its TUNE axes, on the tuning seeds."""
 
     def __init__(self, label, script, args, spec, budget, cfg):
         self.label, self.script, self.args, self.budget, self.seeds = label, script, args, budget, cfg.seeds
         self.common, self.out = spec['COMMON'], Path(cfg.out_dir) / label
         self.lr0 = args.get('lr', self.common.get('lr', 2e-3))
-        self.axes = spec.get('TUNE', {}).get(label, {})
-        self.extras = [dict(zip(self.axes, v)) for v in itertools.product(*self.axes.values())] or [{}]
+        self.axes = {name: tuple(sorted(values)) for name, values in spec.get('TUNE', {}).get(label, {}).items()}
         self.ks = list(range(-(cfg.points // 2), cfg.points - cfg.points // 2))
-        self.max_points = cfg.points + 3  # an edge extends the grid 3 times at most
+        self.extended = dict.fromkeys(['lr', *self.axes], 0)  # an edge extends an axis 3 times at most
         self.il = il_args(cfg.out_dir, max(spec['BUDGETS'])) if args.get('method') == 'rho' else {}
 
     def grid(self):  # the method's own lr first: RHO-LOSS's first run trains the shared IL model with it
-        return [(self.lr0 * 2.0 ** k, extra) for k in sorted(self.ks, key=abs) for extra in self.extras]
+        extras = [dict(zip(self.axes, v)) for v in itertools.product(*self.axes.values())] or [{}]
+        return [(self.lr0 * 2.0 ** k, extra) for k in sorted(self.ks, key=abs) for extra in extras]
 
     def plan(self):
         return [(self.label, self.script, {**self.common, **self.il, **tune_point(self.args, self.common, lr, extra),
@@ -627,16 +627,26 @@ class TuneGrid:
         return min(self.summaries(), key=lambda p: p['final'])
 
     def extend(self):
-        """Add the next lr beyond the best point if it lies at an edge of the grid -> whether it did."""
-        k_best = round(math.log2(self.best()['lr'] / self.lr0))
-        if min(self.ks) < k_best < max(self.ks) or len(self.ks) == self.max_points:
-            return False
-        self.ks = sorted(set(self.ks) | {k_best - 1 if k_best == min(self.ks) else k_best + 1})
-        return True
+        """Add the next value beyond the best point on every axis where it lies at an edge -> whether the
+        grid grew. lr steps x2; a TUNE axis (e.g. Sophia-G's rho) by the ratio of its two outermost values,
+        so an axis of one value, or of values that are not positive numbers, stays as it is."""
+        best, grew = self.best(), False
+        k_best = round(math.log2(best['lr'] / self.lr0))
+        if k_best in (min(self.ks), max(self.ks)) and self.extended['lr'] < 3:
+            self.ks = sorted(set(self.ks) | {k_best - 1 if k_best == min(self.ks) else k_best + 1})
+            self.extended['lr'], grew = self.extended['lr'] + 1, True
+        for name, values in self.axes.items():
+            v = best['extra'][name]
+            if (len(values) < 2 or v not in (values[0], values[-1]) or self.extended[name] == 3
+                    or not all(isinstance(x, (int, float)) and x > 0 for x in values)):
+                continue
+            self.axes[name] = (v * values[0] / values[1],) + values if v == values[0] else values + (v * values[-1] / values[-2],)
+            self.extended[name], grew = self.extended[name] + 1, True
+        return grew
 
 
 def point_name(lr, extra):
-    return f'lr{lr:.3g}' + ''.join(f'_{k}{v:g}' for k, v in extra.items())
+    return f'lr{lr:.3g}' + ''.join(f'_{k}{v:g}' if isinstance(v, (int, float)) else f'_{k}{v}' for k, v in extra.items())
 
 
 def tune_summary(folder, seeds, lr, extra):

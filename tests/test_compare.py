@@ -423,6 +423,29 @@ def test_tune_grid_extends_at_an_edge_and_ablate_reads_the_result(tmp_path, monk
         sweep.sweep_plan(sweep.AblateConfig(config=cfg.config, tuned=tuned))
 
 
+def test_a_tune_axis_extends_at_its_edge_like_lr(tmp_path, monkeypatch):
+    """Sophia-G's rho axis (0.04, 0.08, 0.16) on a landscape whose best rho is 0.64 and best lr the
+    configured one: rho grows by its own ratio (x2), one value a round, to 0.32, 0.64 and 1.28, where the
+    best (0.64) is inside; the lr grid stays at its 3 points (its best is inside). A one-value text axis
+    never extends."""
+    (tmp_path / 'sweep.py').write_text(SWEEP.replace("'lion': ('train.py', dict(optimizer='lion', lr=3e-4)),",
+                                                     "'sophiag': ('train.py', dict(optimizer='sophiag', lr=3e-4)),")
+                                       + "TUNE = {'sophiag': {'rho': (0.16, 0.04, 0.08), 'schedule': ('cosine',)}}\n")
+    plans = []
+    monkeypatch.setattr(sweep, 'run_plan', lambda plan, jobs: plans.extend(plan))
+    monkeypatch.setattr(sweep, 'tune_summary', lambda folder, seeds, lr, extra: {
+        'lr': lr, 'extra': extra, 'final': math.log2(lr / 3e-4) ** 2 + math.log2(extra['rho'] / 0.64) ** 2})
+    monkeypatch.setattr(sweep, 'plot_tuning', lambda results, path: None)
+    results = sweep.tune(sweep.TuneConfig(config=str(tmp_path / 'sweep.py'), out_dir=str(tmp_path / 'tune'),
+                                          methods=('sophiag',), points=3))
+    assert results['sophiag']['lr'] == pytest.approx(3e-4) and results['sophiag']['rho'] == pytest.approx(0.64)
+    grid = results['sophiag']['grid']
+    assert sorted({round(p['extra']['rho'], 6) for p in grid}) == [0.04, 0.08, 0.16, 0.32, 0.64, 1.28]
+    assert sorted({round(p['lr'] / 3e-4, 6) for p in grid}) == [0.5, 1.0, 2.0] and len(grid) == 18
+    assert {p['extra']['schedule'] for p in grid} == {'cosine'}
+    assert len({a['out_dir'] for _, _, a in plans}) == 18    # every point planned once (finished ones are skipped)
+
+
 def test_a_row_tuned_as_another_is_not_tuned_and_runs_with_its_values(tmp_path, monkeypatch):
     """RHO-LOSS 'IL charged' is RHO-LOSS with its IL model's cost in the budget: the same lr, so tune skips
     it and ablate gives it the tuned values of the row TUNED_AS names (and its own charge_il); both rows
