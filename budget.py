@@ -478,7 +478,7 @@ def main(argv):
     command, rest = argv[0], argv[1:]
     if command == 'calibrate':
         return cli(lambda c: calibrate(c, *train.calibration_inputs(c)), train.TrainConfig, rest)
-    rest = [f'--target={a[9:]!r}' if a.startswith('--target=') and sweep._is_number(a[9:]) else a for a in rest]  # a str key
+    rest = [f'--target={a[9:]!r}' if a.startswith('--target=') and sweep.is_number(a[9:]) else a for a in rest]  # a str key
     if command in ('ablate', 'tune'):  # their config.py is the sweep file
         rest = [f'--config={a}' if a.endswith('.py') and not a.startswith('--') else a for a in rest]
     if command == 'ablate':

@@ -190,7 +190,7 @@ TARGET_ONLY = ('arch', 'stack_init_layers', 'stack_fracs', 'stack_optim', 'theta
 def il_config(cfg, budget):
     """One IL run of the search (il_search_dir): the target's data, shape, AdamW keys, schedule, eval and
     system keys; its own folder and budget; TARGET_ONLY keys at their defaults."""
-    own = {'out_dir': str(il_search_dir(cfg) / f'b{budget:g}'), 'budget': budget, 'label': 'rho_il',  # not a baseline
+    own = {'out_dir': str(il_search_dir(cfg) / f'b{budget:g}'), 'budget': budget, 'label': runs.IL_LABEL,  # not a baseline
            'init_from': 'scratch', 'overwrite': True, **{k: getattr(TrainConfig, k) for k in TARGET_ONLY}}
     return TrainConfig(**{f.name: own.get(f.name, getattr(cfg, f.name)) for f in dataclasses.fields(TrainConfig)})
 
@@ -224,7 +224,7 @@ def check_il_out_dir(cfg):
             raise UserError(f'--{name}={path} is a file: give a folder')
     holds = [name for name in ('ckpt.pt', 'log.jsonl') if (folder / name).exists()]
     saved = read_json(folder / 'config.json').get('config')  # {} when missing or damaged: not an IL model's
-    if holds and not (isinstance(saved, dict) and saved.get('label') == 'rho_il') and not cfg.overwrite:
+    if holds and not (isinstance(saved, dict) and saved.get('label') == runs.IL_LABEL) and not cfg.overwrite:
         raise UserError(f'--il_out_dir={folder} already holds a run that is not an IL model: give another '
                         f'--il_out_dir, or --overwrite=True to replace it')
 

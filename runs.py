@@ -391,6 +391,7 @@ def rst_by_entry(record):
 
 
 METHOD_STATS = ('selected_frac', 'win_rate', 'il_val_loss')  # what methods log about themselves (see method_stats)
+IL_LABEL = 'rho_il'  # the label of RHO-LOSS's IL model runs: trained for the rho rows, not a row of a comparison
 
 
 def logged_means(records):

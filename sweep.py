@@ -10,6 +10,8 @@ table each method's paired difference to the baseline: t-based 95% CI, Holm-adju
     python budget.py ablate --tuned=out/tune/tuned.json --jobs=2    # methods x budgets x seeds, then compare
     python budget.py compare out/ablation --out=ablation            # -> ablation.md, ablation.png
 """
+import dataclasses
+import importlib
 import itertools
 import json
 import math
@@ -25,7 +27,7 @@ from budget import mean_std, pyplot
 from configurator import ConfigError, UserError, check_distinct, key, read_config_file, require, require_writable
 from data.loader import DataError, atomic_write_bytes, data_dir
 from data.ngram import ngram_floors
-from runs import METHOD_STATS, Job, read_run, records_config, run_finished, run_jobs
+from runs import IL_LABEL, METHOD_STATS, Job, read_run, records_config, run_finished, run_jobs
 
 
 # -----------------------------------------------------------------------------
@@ -258,27 +260,21 @@ def plot_runs(groups, path):
 
 
 def compare(run_dirs, out='ablation', target='auto', baseline='baseline'):
-    """The ablation table (and time to target, plot) of run folders; runs in different budget units get a
-    table each (their budgets are not comparable), and a folder given twice is refused."""
+    """The ablation table (and time to target, plot) of run folders, or of every run under a sweep folder
+    (RHO-LOSS's IL model runs left out: not a method); runs in different budget units get a table each
+    (their budgets are not comparable); a run found twice, or two runs of one cell and seed, are refused."""
     require(run_dirs, 'compare needs run folders, or a folder that holds them: python budget.py compare out/ablation '
                       '[--out=ablation]')
     require(Path(out).name not in ('', '.', '..') and not out.endswith(os.sep), f"--out='{out}' names no file: give "
             'a path without its extension, e.g. --out=out/ablation')
     run_dirs = run_folders(run_dirs)
-    seen = {}
-    for d in run_dirs:
-        real = os.path.realpath(d)
-        require(real not in seen, f'run folder {d} is given twice (also as {seen.get(real)}): each run counts once')
-        seen[real] = d
     for path in (f'{out}.md', f'{out}.png'):
         require_writable(path)
-    runs = [read_run(d) for d in run_dirs]
-    il_runs = [r for r in runs if r.get('label') == 'rho_il']  # RHO-LOSS's IL model: its cost is reported apart
-    runs = [r for r in runs if r.get('label') != 'rho_il']
+    runs, il_runs = without_il_models([read_run(d) for d in run_dirs])
+    check_one_run_per_cell(runs)
     bad = [r for r in runs if 'error' in r or not r['complete']]
     runs = [r for r in runs if 'error' not in r]
-    require(bad or runs, f'the {len(il_runs)} run(s) given are all IL models of RHO-LOSS, not methods: give the sweep\'s '
-                         'method runs')
+    require(runs or bad, f'the {len(il_runs)} run(s) given are IL models of RHO-LOSS, not methods: give the sweep\'s method runs')
     if not runs:
         raise UserError(f"no readable runs among the {len(bad)} folder(s) given ({bad[0]['path']}: {bad[0]['error']}): "
                         f'a run folder holds config.json and log.jsonl')
@@ -293,8 +289,8 @@ def compare(run_dirs, out='ablation', target='auto', baseline='baseline'):
         report += '\n\nmissing or partial runs (left out of the means):\n' + '\n'.join(
             f"- {r['path']}: {r.get('error', 'budget not spent')}" for r in bad)
     if il_runs:
-        report += (f'\n\n{len(il_runs)} IL model run(s) left out (RHO-LOSS\'s irreducible-loss model is not a method; '
-                   'its cost is in the rho rows\' accounting)')
+        report += (f'\n\n{len(il_runs)} run(s) of RHO-LOSS\'s IL model left out (not a method; rho_il_charged\'s '
+                   'budget pays for its training, rho\'s leaves it out as the paper does)')
     print(report)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(Path(f'{out}.md'), (report + '\n').encode())
@@ -305,12 +301,37 @@ def compare(run_dirs, out='ablation', target='auto', baseline='baseline'):
 
 def run_folders(paths):
     """Each path as given if it is a run folder (it holds config.json), else the run folders beneath it:
-    `compare out/ablation` reads a whole sweep."""
-    found = []
+    `compare out/ablation` reads a whole sweep. A path that does not exist, or a run reached twice (a
+    folder and a folder inside it), is refused."""
+    found = {}
     for d in paths:
+        require(Path(d).exists(), f'{d} does not exist: give run folders, or a sweep folder such as out/ablation')
         nested = [] if (Path(d) / 'config.json').exists() else sorted(str(p.parent) for p in Path(d).rglob('config.json'))
-        found += nested or [d]  # a folder with no run in it stays, to be listed as unreadable
-    return found
+        for run in nested or [d]:  # a folder with no run in it stays, to be listed as unreadable
+            real = os.path.realpath(run)
+            require(real not in found, f'{run} is reached twice (from {found.get(real, (d,))[0]} and {d}): each run counts once')
+            found[real] = (d, run)
+    return [run for _, run in found.values()]
+
+
+def without_il_models(runs):
+    """(method runs, IL model runs): RHO-LOSS's IL model (runs.IL_LABEL; a damaged one is known by its folder
+    under a sweep's il/) is trained for the rho rows, it is not a row of its own."""
+    def is_il(r):
+        return r.get('label') == IL_LABEL or ('error' in r and 'il' in Path(r['path']).parts)
+    return [r for r in runs if not is_il(r)], [r for r in runs if is_il(r)]
+
+
+def check_one_run_per_cell(runs):
+    """Two runs of one method, budget and seed (a copy of a sweep inside the folder read, or tuning runs,
+    whose grid points share a label and seed) would count one seed twice: refused, naming both."""
+    seen = {}
+    for r in runs:
+        if 'error' not in r:
+            cell = (r['label'], r['unit'], r['budget'], r['seed'])
+            require(cell not in seen, f"{seen.get(cell)} and {r['path']} are both {r['label']} at budget {r['budget']:g} "
+                                      f"seed {r['seed']}: compare one sweep's runs (tuning grids are read by tune)")
+            seen[cell] = r['path']
 
 
 def log_budget_interp(ends, b):
@@ -417,7 +438,7 @@ class TuneConfig:
         check_distinct('seeds', self.seeds, '(1000,)')
 
 
-def _is_number(text):
+def is_number(text):
     try:
         return math.isfinite(float(text))
     except ValueError:
@@ -425,7 +446,7 @@ def _is_number(text):
 
 
 def check_target(target):
-    require(target in ('auto', 'none') or _is_number(target), f"--target must be 'auto', 'none' or a number, got '{target}'")
+    require(target in ('auto', 'none') or is_number(target), f"--target must be 'auto', 'none' or a number, got '{target}'")
 
 
 def read_sweep(path):
@@ -463,6 +484,14 @@ def check_sweep_shapes(spec, path):
     }
     for name, (ok, shape) in shapes.items():
         require(ok, f'{path}: {name} must be {shape} (see config/ablation.py)')
+    for row, axes in spec.get('TUNE', {}).items():
+        for name, values in axes.items():
+            require(name not in ('lr', 'seed', 'budget'), f'{path}: TUNE {row} {name}: tune varies lr itself, and '
+                    'seed and budget are the sweep\'s: give another key')
+            require(len({type(v) for v in values}) == 1 and len(set(values)) == len(values),
+                    f'{path}: TUNE {row} {name} = {values!r} must be distinct values of one type')
+            require(not any(isinstance(v, str) and ('/' in v or os.sep in v or v in ('', '.', '..')) for v in values),
+                    f'{path}: TUNE {row} {name} = {values!r}: a value names a grid folder, so no path separators')
 
 
 def chosen_methods(spec, wanted, path):
@@ -474,9 +503,10 @@ def chosen_methods(spec, wanted, path):
 
 def sweep_plan(cfg):
     """Every run of the sweep, smallest budget first and every seed of it before the next budget: a sweep
-    cut short (it runs in parts) has whole columns of paired seeds, not one seed of every column."""
+    cut short (it runs in parts) has whole columns of paired seeds, not one seed of every column. The WSD
+    rows (--baseline_schedule=wsd_branches) come last: one run per seed serves every budget."""
     spec = read_sweep(cfg.config)
-    budgets = [b for b in cfg.budgets if b > 0] or list(spec['QUICK_BUDGETS' if cfg.quick else 'BUDGETS'])
+    budgets = sorted(b for b in cfg.budgets if b > 0) or sorted(spec['QUICK_BUDGETS' if cfg.quick else 'BUDGETS'])
     seeds = cfg.seeds[:1] if cfg.quick else cfg.seeds
     methods = chosen_methods(spec, cfg.methods, cfg.config)
     tuned, tuned_il = read_tuned(cfg.tuned, spec, cfg.config, min(budgets)) if cfg.tuned else ({}, None)
@@ -542,9 +572,9 @@ def tune_point(args, common, lr, extra):
 
 
 def tune(cfg):
-    """Final val loss at the smallest budget over an lr grid (x2 spacing) per method; Sophia-G's grid also
-    spans the sweep file's TUNE rho values. A best point at an edge of the grid extends it (up to 3 times).
-    Writes tuned.json (read by `ablate --tuned`) and tune.png."""
+    """Final val loss at the smallest budget over an lr grid (x2 spacing) per method, crossed with the
+    sweep file's TUNE axes (Sophia-G's rho). A best point at an edge of any axis extends that axis
+    (MAX_EXTENSIONS times at most). Writes tuned.json (read by `ablate --tuned`) and tune.png."""
     spec, out = read_sweep(cfg.config), Path(cfg.out_dir)
     require_writable(out / 'tuned.json')
     budget, common = cfg.budget or min(spec['BUDGETS']), spec['COMMON']
@@ -598,6 +628,9 @@ def earlier_tuning(path, record):
     return earlier
 
 
+MAX_EXTENSIONS = 3  # times an edge extends one axis of a tuning grid
+
+
 class TuneGrid:
     """One method's lr grid: lr0 x 2^k for k in ks, crossed with its TUNE axes, on the tuning seeds."""
 
@@ -607,7 +640,7 @@ class TuneGrid:
         self.lr0 = args.get('lr', self.common.get('lr', 2e-3))
         self.axes = {name: tuple(sorted(values)) for name, values in spec.get('TUNE', {}).get(label, {}).items()}
         self.ks = list(range(-(cfg.points // 2), cfg.points - cfg.points // 2))
-        self.extended = dict.fromkeys(['lr', *self.axes], 0)  # an edge extends an axis 3 times at most
+        self.extended = dict.fromkeys(['lr', *self.axes], 0)  # an edge extends an axis MAX_EXTENSIONS times
         self.il = il_args(cfg.out_dir, max(spec['BUDGETS'])) if args.get('method') == 'rho' else {}
 
     def grid(self):  # the method's own lr first: RHO-LOSS's first run trains the shared IL model with it
@@ -628,25 +661,59 @@ class TuneGrid:
 
     def extend(self):
         """Add the next value beyond the best point on every axis where it lies at an edge -> whether the
-        grid grew. lr steps x2; a TUNE axis (e.g. Sophia-G's rho) by the ratio of its two outermost values,
-        so an axis of one value, or of values that are not positive numbers, stays as it is."""
+        grid grew. lr steps x2; a TUNE axis (e.g. Sophia-G's rho) by the ratio of its two outermost values
+        (an int axis stays int), and only to a value the method's script accepts (its config's ranges), so
+        an extension never plans runs that would fail. A grid whose every point failed does not grow."""
         best, grew = self.best(), False
+        if not math.isfinite(best['final']):
+            return False
         k_best = round(math.log2(best['lr'] / self.lr0))
-        if k_best in (min(self.ks), max(self.ks)) and self.extended['lr'] < 3:
+        if k_best in (min(self.ks), max(self.ks)) and self.extended['lr'] < MAX_EXTENSIONS:
             self.ks = sorted(set(self.ks) | {k_best - 1 if k_best == min(self.ks) else k_best + 1})
             self.extended['lr'], grew = self.extended['lr'] + 1, True
         for name, values in self.axes.items():
-            v = best['extra'][name]
-            if (len(values) < 2 or v not in (values[0], values[-1]) or self.extended[name] == 3
-                    or not all(isinstance(x, (int, float)) and x > 0 for x in values)):
-                continue
-            self.axes[name] = (v * values[0] / values[1],) + values if v == values[0] else values + (v * values[-1] / values[-2],)
-            self.extended[name], grew = self.extended[name] + 1, True
+            new = beyond_edge(values, best['extra'][name])
+            if new is not None and self.extended[name] < MAX_EXTENSIONS and self.accepts(name, new):
+                self.axes[name] = tuple(sorted(values + (new,)))
+                self.extended[name], grew = self.extended[name] + 1, True
         return grew
+
+    def accepts(self, name, value):
+        """Whether the method's script takes name=value among this grid's keys (its config class's checks)."""
+        config = script_config(self.script)
+        args = {**self.common, **self.args, **tune_point(self.args, self.common, self.lr0, {name: value})}
+        try:
+            config(**{f.name: args[f.name] for f in dataclasses.fields(config) if f.name in args})
+        except ConfigError as e:
+            print(f'{self.label}: {name} does not extend to {value!r} ({e})', flush=True)
+            return False
+        return True
+
+
+def beyond_edge(values, v):
+    """The next value past v on an axis of positive numbers (sorted), when v is one of its two edges, by the
+    ratio of the axis's two outermost values at that edge (an int axis stays int); else None."""
+    if (len(values) < 2 or v not in (values[0], values[-1]) or isinstance(v, bool)
+            or not all(isinstance(x, (int, float)) and x > 0 for x in values)):
+        return None
+    new = v * values[0] / values[1] if v == values[0] else v * values[-1] / values[-2]
+    new = round(new) if isinstance(v, int) else new
+    return new if new > 0 and new not in values else None
+
+
+def script_config(script):
+    """The config class of a sweep's entry script (train.py -> train.TrainConfig, rho.py -> rho.RhoConfig)."""
+    module = importlib.import_module(Path(script).stem)
+    return next(v for v in vars(module).values() if isinstance(v, type) and dataclasses.is_dataclass(v)
+                and v.__module__ == module.__name__ and v.__name__.endswith('Config'))
+
+
+def value_text(v):
+    return f'{v:g}' if isinstance(v, (int, float)) else str(v)
 
 
 def point_name(lr, extra):
-    return f'lr{lr:.3g}' + ''.join(f'_{k}{v:g}' if isinstance(v, (int, float)) else f'_{k}{v}' for k, v in extra.items())
+    return f'lr{lr:.3g}' + ''.join(f'_{k}{value_text(v)}' for k, v in extra.items())
 
 
 def tune_summary(folder, seeds, lr, extra):
@@ -694,7 +761,7 @@ def plot_tuning(results, path):
     for label, result in results.items():
         lines = {}
         for p in result['grid']:
-            lines.setdefault(' '.join(f'{k}={v:g}' for k, v in p['extra'].items()), []).append((p['lr'], p['final']))
+            lines.setdefault(' '.join(f'{k}={value_text(v)}' for k, v in p['extra'].items()), []).append((p['lr'], p['final']))
         for extra, pts in lines.items():
             pts = sorted(pt for pt in pts if math.isfinite(pt[1]))
             ax.plot([p[0] for p in pts], [p[1] for p in pts], 'o-', label=f'{label} {extra}'.strip())

@@ -28,5 +28,5 @@ METHODS = {
     'sophiag': ('train.py', dict(optimizer='sophiag', lr=1e-3, rho=0.04, weight_decay=0.2, beta1=0.965, beta2=0.99)),
 }
 TUNE = {'sophiag': {'rho': (0.04, 0.08, 0.16)}}  # the authors tune rho for a win rate of 0.1-0.5; at 0.04 it
-# was 0.03 by step 250 of a 40-RST run (2026-11-30), so the grid goes up from the default, not down
+# was 0.03 by step 250 of a 40-RST run (2026-11-30), so the grid starts at the default and goes up (tune extends it either way from an edge)
 TUNED_AS = {'rho_il_charged': 'rho'}  # the same method and lr; only the accounting differs (the paper's: IL free)

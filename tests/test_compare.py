@@ -2,6 +2,7 @@
 baseline with its t-based CI and Holm-adjusted p), missing and partial runs named, units never mixed, time
 to target from decayed endpoints over all seeds, what methods log, the compare and schedules commands,
 equal-effort tuning, and a resumable `budget.py ablate` sweep that can run jobs in parallel."""
+import dataclasses
 import json
 import math
 import statistics
@@ -119,7 +120,7 @@ def test_pairs_are_by_seed_and_a_single_pair_has_no_interval(tmp_path):
 def test_a_run_given_twice_is_refused_and_units_get_a_table_each(tmp_path, monkeypatch):
     monkeypatch.setattr(sweep, 'plot_runs', lambda groups, path: None)
     a = finished(tmp_path, 'a', 'baseline', 10.0, 0, 3.0)
-    with pytest.raises(ConfigError, match='given twice'):
+    with pytest.raises(ConfigError, match='is reached twice'):
         sweep.compare([a, str(a) + '/'], out=str(tmp_path / 'x'))
     b = write_run(tmp_path, 'b', 'baseline', 10.0, 0, [(1, 100, 3.5), (2, 200, 2.0)], unit='iters')
     report = sweep.compare([a, b], out=str(tmp_path / 'x'), target='none')
@@ -133,11 +134,31 @@ def test_a_sweep_folder_is_read_whole_and_its_il_model_is_not_a_method(tmp_path,
     finished(sweep_dir / 'baseline' / 'b10', 's0', 'baseline', 10.0, 0, 3.0)
     finished(sweep_dir / 'm' / 'b10', 's0', 'm', 10.0, 0, 2.5)
     finished(sweep_dir / 'il' / 'search', 'b10', 'rho_il', 10.0, 0, 1.5)   # where ablate trains its own IL model
+    (sweep_dir / 'il' / 'search' / 'b20').mkdir()                          # a killed IL run: no label to read
+    (sweep_dir / 'il' / 'search' / 'b20' / 'config.json').write_text('{"trunc')
     report = sweep.compare([str(sweep_dir)], out=str(tmp_path / 'x'), target='none')
     assert row(report, 'baseline')[0].startswith('3.0000') and row(report, 'm')[0].startswith('2.5000 ± 0.0000 (n=1) Δ -0.5000')
-    assert '| rho_il |' not in report and '1 IL model run(s) left out' in report
-    with pytest.raises(ConfigError, match='all IL models'):
+    assert '| rho_il |' not in report and "2 run(s) of RHO-LOSS's IL model left out" in report and 'missing' not in report
+    with pytest.raises(ConfigError, match='are IL models of RHO-LOSS, not methods'):
         sweep.compare([str(sweep_dir / 'il')], out=str(tmp_path / 'x'))
+
+
+def test_compare_refuses_a_missing_path_a_run_reached_twice_and_two_runs_of_one_cell(tmp_path, monkeypatch):
+    monkeypatch.setattr(sweep, 'plot_runs', lambda groups, path: None)
+    sweep_dir = tmp_path / 'ablation'
+    base = finished(sweep_dir / 'baseline' / 'b10', 's0', 'baseline', 10.0, 0, 3.0)
+    out = str(tmp_path / 'x')
+    with pytest.raises(ConfigError, match='ablaton does not exist'):                 # a typo is not a partial run
+        sweep.compare([str(sweep_dir), str(tmp_path / 'ablaton')], out=out)
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(budget_lib.UserError, match='no readable runs among the 1 folder'):
+        sweep.compare([str(tmp_path / 'empty')], out=out)
+    with pytest.raises(ConfigError, match=f'{base} is reached twice .from {sweep_dir} and {sweep_dir / "baseline"}'):
+        sweep.compare([str(sweep_dir), str(sweep_dir / 'baseline')], out=out)
+    finished(sweep_dir / 'old' / 'baseline' / 'b10', 's0', 'baseline', 10.0, 0, 2.0)   # a copy inside the sweep
+    with pytest.raises(ConfigError, match='are both baseline at budget 10 seed 0'):
+        sweep.compare([str(sweep_dir)], out=out)
+    assert not (tmp_path / 'x.md').exists()
 
 
 def test_method_statistics_are_reported(tmp_path, monkeypatch):
@@ -334,6 +355,7 @@ def test_sweep_plan_and_commands(tmp_path):
     cfg = sweep.AblateConfig(config=str(tmp_path / 'sweep.py'), out_dir=str(tmp_path / 'abl'),
                              methods=('baseline', 'stack'), seeds=(0, 1))
     plan = sweep.sweep_plan(cfg)
+    assert sweep.sweep_plan(dataclasses.replace(cfg, budgets=(12.0, 6.0))) == plan   # smallest budget first, as given or not
     assert [(label, a['budget'], a['seed']) for label, _, a in plan] == [
         ('baseline', 6.0, 0), ('stack', 6.0, 0), ('baseline', 6.0, 1), ('stack', 6.0, 1),   # a budget's seeds first
         ('baseline', 12.0, 0), ('stack', 12.0, 0), ('baseline', 12.0, 1), ('stack', 12.0, 1)]
@@ -446,6 +468,32 @@ def test_a_tune_axis_extends_at_its_edge_like_lr(tmp_path, monkeypatch):
     assert len({a['out_dir'] for _, _, a in plans}) == 18    # every point planned once (finished ones are skipped)
 
 
+def test_an_axis_extends_only_to_values_its_script_accepts_and_a_failed_grid_not_at_all(tmp_path, monkeypatch):
+    """hess_interval (int) grows 10 -> 20 -> 40 -> 80 and stays int; beta2 at 0.99 would go to 1.03, which
+    train.py refuses ([0, 1)), so it stays; a grid whose every run failed (final inf) does not grow."""
+    (tmp_path / 'sweep.py').write_text(SWEEP.replace("'lion': ('train.py', dict(optimizer='lion', lr=3e-4)),",
+                                                     "'sophiag': ('train.py', dict(optimizer='sophiag', lr=3e-4)),")
+                                       + "TUNE = {'sophiag': {'hess_interval': (5, 10), 'beta2': (0.95, 0.99)}}\n")
+    monkeypatch.setattr(sweep, 'run_plan', lambda plan, jobs: None)
+    monkeypatch.setattr(sweep, 'plot_tuning', lambda results, path: None)
+    landscape = {'final': lambda lr, extra: math.log2(lr / 3e-4) ** 2 - extra['hess_interval'] - extra['beta2']}
+    monkeypatch.setattr(sweep, 'tune_summary', lambda folder, seeds, lr, extra: {
+        'lr': lr, 'extra': extra, 'final': landscape['final'](lr, extra)})
+    cfg = sweep.TuneConfig(config=str(tmp_path / 'sweep.py'), out_dir=str(tmp_path / 'tune'), methods=('sophiag',), points=3)
+    result = sweep.tune(cfg)['sophiag']
+    assert result['hess_interval'] == 80 and isinstance(result['hess_interval'], int) and result['beta2'] == 0.99
+    assert {p['extra']['beta2'] for p in result['grid']} == {0.95, 0.99}
+    landscape['final'] = lambda lr, extra: math.inf
+    assert sorted({p['extra']['hess_interval'] for p in sweep.tune(
+        sweep.TuneConfig(config=cfg.config, out_dir=str(tmp_path / 'tune2'), methods=('sophiag',), points=3))['sophiag']['grid']}) == [5, 10]
+
+
+def test_the_tuning_plot_names_text_axis_values(tmp_path):
+    grid = [{'lr': lr, 'extra': {'schedule': 'wsd'}, 'final': 3.0 - lr} for lr in (1e-3, 2e-3)]
+    path = sweep.plot_tuning({'baseline': {'grid': grid}}, tmp_path / 'tune.png')
+    assert path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'    # matplotlib is installed here and in CI
+
+
 def test_a_row_tuned_as_another_is_not_tuned_and_runs_with_its_values(tmp_path, monkeypatch):
     """RHO-LOSS 'IL charged' is RHO-LOSS with its IL model's cost in the budget: the same lr, so tune skips
     it and ablate gives it the tuned values of the row TUNED_AS names (and its own charge_il); both rows
@@ -515,7 +563,11 @@ def test_jobs_sharing_a_tag_wait_for_the_first_to_succeed(tmp_path):
     (("BUDGETS = (6.0, 12.0)", "BUDGETS = ()"), 'BUDGETS must be'),
     (("BUDGETS = (6.0, 12.0)", "BUDGETS = (6.0, 'a')"), 'BUDGETS must be'),
     (("COMMON = dict(", "TUNED_AS = ['a']\nCOMMON = dict("), 'TUNED_AS must be'),
-    (("QUICK_BUDGETS = (6.0,)", "QUICK_BUDGETS = 5"), 'QUICK_BUDGETS must be')])
+    (("QUICK_BUDGETS = (6.0,)", "QUICK_BUDGETS = 5"), 'QUICK_BUDGETS must be'),
+    (("COMMON = dict(", "TUNE = {'lion': {'beta2': (0.99, 'a')}}\nCOMMON = dict("), 'distinct values of one type'),
+    (("COMMON = dict(", "TUNE = {'lion': {'beta2': (0.99, 0.99)}}\nCOMMON = dict("), 'distinct values of one type'),
+    (("COMMON = dict(", "TUNE = {'lion': {'lr': (1e-3, 2e-3)}}\nCOMMON = dict("), 'tune varies lr itself'),
+    (("COMMON = dict(", "TUNE = {'lion': {'label': ('a/b', 'c')}}\nCOMMON = dict("), 'no path separators')])
 def test_a_sweep_file_of_the_wrong_shape_is_refused_with_one_line(tmp_path, change, says):
     (tmp_path / 'sweep.py').write_text(SWEEP.replace(*change))
     with pytest.raises(ConfigError, match=says):

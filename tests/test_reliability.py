@@ -533,7 +533,7 @@ def bad_cases(w):
         ('calibrate-budget', 'budget.py', 'calibrate', *TINY, '--budget=0', ['--budget must be > 0']),
         ('calibrate-dtype', 'budget.py', 'calibrate', *TINY, '--dtype=fp8', ['--dtype must be']),
         ('compare-no-dirs', 'budget.py', 'compare', ['compare needs run folders']),
-        ('compare-unreadable-dirs', 'budget.py', 'compare', '/nope/run', '--out={fresh}/x', ['no readable runs']),
+        ('compare-missing-dir', 'budget.py', 'compare', '/nope/run', '--out={fresh}/x', ['/nope/run does not exist']),
         ('compare-target', 'budget.py', 'compare', G, '--target=abc', '--out={fresh}/x', ['--target']),
         ('compare-unknown-key', 'budget.py', 'compare', G, '--outt=x', ['closest: out']),
         ('ablate-missing-config', 'budget.py', 'ablate', '--config=/nope/ablation.py', ['/nope/ablation.py', 'not found']),
