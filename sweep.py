@@ -392,6 +392,17 @@ def unit_report(runs, target, baseline):
     return '\n\n'.join(p for p in parts if p)
 
 
+def is_number(text):
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
+
+
+def check_target(target):
+    require(target in ('auto', 'none') or is_number(target), f"--target must be 'auto', 'none' or a number, got '{target}'")
+
+
 @dataclass(frozen=True)
 class CompareConfig:
     out: str = 'ablation'        # writes <out>.md and, with matplotlib, <out>.png
@@ -422,31 +433,6 @@ class AblateConfig:
         check_target(self.target)
         check_distinct('seeds', self.seeds, '(0, 1, 2, 3, 4)')
         check_distinct('budgets', self.budgets, '(120.0, 240.0)')
-
-
-@dataclass(frozen=True)
-class TuneConfig:
-    config: str = key('config/ablation.py', 'path')  # the sweep file whose methods are tuned
-    out_dir: str = key('out/tune', 'path')  # runs, tuned.json (what ablate --tuned reads) and tune.png
-    methods: tuple = ('',)               # ('',) = every method in the config file
-    budget: float = key(0.0, '>=0')      # 0 = the smallest of the config file's BUDGETS
-    seeds: tuple = key((1000,), '>=0')   # tuning seeds: never the reported ones
-    points: int = key(5, '>=3')          # lr grid points, spaced x2 around the method's own lr
-    jobs: int = key(1, '>0')             # runs at once, the CPU threads split between them
-
-    def __post_init__(self):
-        check_distinct('seeds', self.seeds, '(1000,)')
-
-
-def is_number(text):
-    try:
-        return math.isfinite(float(text))
-    except ValueError:
-        return False
-
-
-def check_target(target):
-    require(target in ('auto', 'none') or is_number(target), f"--target must be 'auto', 'none' or a number, got '{target}'")
 
 
 def read_sweep(path):
@@ -561,6 +547,20 @@ def ablate(cfg):
 
 # -----------------------------------------------------------------------------
 # equal-effort tuning: the same lr grid for every method, the baseline included, on seeds never reported
+
+@dataclass(frozen=True)
+class TuneConfig:
+    config: str = key('config/ablation.py', 'path')  # the sweep file whose methods are tuned
+    out_dir: str = key('out/tune', 'path')  # runs, tuned.json (what ablate --tuned reads) and tune.png
+    methods: tuple = ('',)               # ('',) = every method in the config file
+    budget: float = key(0.0, '>=0')      # 0 = the smallest of the config file's BUDGETS
+    seeds: tuple = key((1000,), '>=0')   # tuning seeds: never the reported ones
+    points: int = key(5, '>=3')          # lr grid points, spaced x2 around the method's own lr
+    jobs: int = key(1, '>0')             # runs at once, the CPU threads split between them
+
+    def __post_init__(self):
+        check_distinct('seeds', self.seeds, '(1000,)')
+
 
 def tune_point(args, common, lr, extra):
     """A method's overrides at learning rate lr: Lion keeps lr x weight_decay at its configured product."""
