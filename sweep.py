@@ -309,7 +309,10 @@ def run_folders(paths):
         nested = [] if (Path(d) / 'config.json').exists() else sorted(str(p.parent) for p in Path(d).rglob('config.json'))
         for run in nested or [d]:  # a folder with no run in it stays, to be listed as unreadable
             real = os.path.realpath(run)
-            require(real not in found, f'{run} is reached twice (from {found.get(real, (d,))[0]} and {d}): each run counts once')
+            if real in found:
+                first = found[real][0]
+                both = '' if os.path.realpath(first) == os.path.realpath(d) else f' (found under both {first} and {d})'
+                raise ConfigError(f'{run} is given twice{both}: each run counts once')
             found[real] = (d, run)
     return [run for _, run in found.values()]
 

@@ -120,7 +120,7 @@ def test_pairs_are_by_seed_and_a_single_pair_has_no_interval(tmp_path):
 def test_a_run_given_twice_is_refused_and_units_get_a_table_each(tmp_path, monkeypatch):
     monkeypatch.setattr(sweep, 'plot_runs', lambda groups, path: None)
     a = finished(tmp_path, 'a', 'baseline', 10.0, 0, 3.0)
-    with pytest.raises(ConfigError, match='is reached twice'):
+    with pytest.raises(ConfigError, match='is given twice: each run counts once'):
         sweep.compare([a, str(a) + '/'], out=str(tmp_path / 'x'))
     b = write_run(tmp_path, 'b', 'baseline', 10.0, 0, [(1, 100, 3.5), (2, 200, 2.0)], unit='iters')
     report = sweep.compare([a, b], out=str(tmp_path / 'x'), target='none')
@@ -153,7 +153,7 @@ def test_compare_refuses_a_missing_path_a_run_reached_twice_and_two_runs_of_one_
     (tmp_path / 'empty').mkdir()
     with pytest.raises(budget_lib.UserError, match='no readable runs among the 1 folder'):
         sweep.compare([str(tmp_path / 'empty')], out=out)
-    with pytest.raises(ConfigError, match=f'{base} is reached twice .from {sweep_dir} and {sweep_dir / "baseline"}'):
+    with pytest.raises(ConfigError, match=f'{base} is given twice .found under both {sweep_dir} and {sweep_dir / "baseline"}'):
         sweep.compare([str(sweep_dir), str(sweep_dir / 'baseline')], out=out)
     finished(sweep_dir / 'old' / 'baseline' / 'b10', 's0', 'baseline', 10.0, 0, 2.0)   # a copy inside the sweep
     with pytest.raises(ConfigError, match='are both baseline at budget 10 seed 0'):
