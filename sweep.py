@@ -474,9 +474,13 @@ def check_sweep_shapes(spec, path):
     for name, (ok, shape) in shapes.items():
         require(ok, f'{path}: {name} must be {shape} (see config/ablation.py)')
     for row, axes in spec.get('TUNE', {}).items():
+        require(row in spec['METHODS'], f"{path}: TUNE names {row}, which METHODS does not have")
+        lion = {**spec['COMMON'], **spec['METHODS'][row][1]}.get('optimizer') == 'lion'
         for name, values in axes.items():
             require(name not in ('lr', 'seed', 'budget'), f'{path}: TUNE {row} {name}: tune varies lr itself, and '
                     'seed and budget are the sweep\'s: give another key')
+            require(not (lion and name == 'weight_decay'), f'{path}: TUNE {row} weight_decay: Lion\'s follows its lr '
+                    '(lr x weight_decay stays at its configured product): give another key')
             require(len({type(v) for v in values}) == 1 and len(set(values)) == len(values),
                     f'{path}: TUNE {row} {name} = {values!r} must be distinct values of one type')
             require(not any(isinstance(v, str) and ('/' in v or os.sep in v or v in ('', '.', '..')) for v in values),
