@@ -481,10 +481,14 @@ def check_sweep_shapes(spec, path):
                     'seed and budget are the sweep\'s: give another key')
             require(not (lion and name == 'weight_decay'), f'{path}: TUNE {row} weight_decay: Lion\'s follows its lr '
                     '(lr x weight_decay stays at its configured product): give another key')
-            require(len({type(v) for v in values}) == 1 and len(set(values)) == len(values),
+            require(len({'number' if is_number_value(v) else type(v) for v in values}) == 1 and len(set(values)) == len(values),
                     f'{path}: TUNE {row} {name} = {values!r} must be distinct values of one type')
             require(not any(isinstance(v, str) and ('/' in v or os.sep in v or v in ('', '.', '..')) for v in values),
                     f'{path}: TUNE {row} {name} = {values!r}: a value names a grid folder, so no path separators')
+
+
+def is_number_value(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def chosen_methods(spec, wanted, path):
@@ -700,8 +704,7 @@ class TuneGrid:
 def beyond_edge(values, v):
     """The next value past v on an axis of positive numbers (sorted), when v is one of its two edges, by the
     ratio of the axis's two outermost values at that edge (an int axis stays int); else None."""
-    if (len(values) < 2 or v not in (values[0], values[-1]) or isinstance(v, bool)
-            or not all(isinstance(x, (int, float)) and x > 0 for x in values)):
+    if len(values) < 2 or v not in (values[0], values[-1]) or not all(is_number_value(x) and x > 0 for x in values):
         return None
     new = v * values[0] / values[1] if v == values[0] else v * values[-1] / values[-2]
     new = round(new) if isinstance(v, int) else new

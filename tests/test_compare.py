@@ -482,6 +482,7 @@ def test_an_axis_extends_only_to_values_its_script_accepts_and_a_failed_grid_not
     cfg = sweep.TuneConfig(config=str(tmp_path / 'sweep.py'), out_dir=str(tmp_path / 'tune'), methods=('sophiag',), points=3)
     result = sweep.tune(cfg)['sophiag']
     assert result['hess_interval'] == 80 and isinstance(result['hess_interval'], int) and result['beta2'] == 0.99
+    assert sweep.beyond_edge((0.5, 1), 1) == 2 and sweep.beyond_edge((False, True), True) is None  # numbers mix; bools never grow
     assert {p['extra']['beta2'] for p in result['grid']} == {0.95, 0.99}
     landscape['final'] = lambda lr, extra: math.inf
     assert sorted({p['extra']['hess_interval'] for p in sweep.tune(
@@ -565,6 +566,7 @@ def test_jobs_sharing_a_tag_wait_for_the_first_to_succeed(tmp_path):
     (("COMMON = dict(", "TUNED_AS = ['a']\nCOMMON = dict("), 'TUNED_AS must be'),
     (("QUICK_BUDGETS = (6.0,)", "QUICK_BUDGETS = 5"), 'QUICK_BUDGETS must be'),
     (("COMMON = dict(", "TUNE = {'lion': {'beta2': (0.99, 'a')}}\nCOMMON = dict("), 'distinct values of one type'),
+    (("COMMON = dict(", "TUNE = {'lion': {'beta2': (0.9, True)}}\nCOMMON = dict("), 'distinct values of one type'),
     (("COMMON = dict(", "TUNE = {'lion': {'beta2': (0.99, 0.99)}}\nCOMMON = dict("), 'distinct values of one type'),
     (("COMMON = dict(", "TUNE = {'lion': {'lr': (1e-3, 2e-3)}}\nCOMMON = dict("), 'tune varies lr itself'),
     (("COMMON = dict(", "TUNE = {'lion': {'label': ('a/b', 'c')}}\nCOMMON = dict("), 'no path separators'),
