@@ -86,6 +86,7 @@ def setup_device(cfg):
     if not here.get(device.type, False) or (device.type == 'cuda' and (device.index or 0) >= torch.cuda.device_count()):
         raise ConfigError(f'--device={cfg.device} is not available on this machine: use --device=auto or --device=cpu')
     if device.type == 'cuda':
+        device = torch.device('cuda', device.index or 0)  # set_device refuses a bare 'cuda' (torch 2.11)
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if ddp and not dist.is_initialized():

@@ -211,3 +211,22 @@ def test_wandb_missing_is_one_line(tiny_cfg, monkeypatch):
     monkeypatch.setitem(sys.modules, 'wandb', None)                   # import wandb raises ImportError
     with pytest.raises(UserError, match='pip install wandb'):
         train.train(tiny_cfg(budget=2, wandb_log=True))
+
+
+def test_setup_device_gives_cuda_an_index(monkeypatch):
+    """--device=cuda reaches torch.cuda.set_device as cuda:0: torch 2.11 refuses a bare 'cuda' there, which
+    stopped every train.py, rho.py, slm.py and madpo.py run on the first GPU this project was lent (H200)."""
+    set_to = []
+
+    def set_device(device):
+        if device.index is None:  # what torch 2.11 raises
+            raise ValueError(f'Expected a torch.device with a specified index or an integer, but got:{device}')
+        set_to.append(device)
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
+    monkeypatch.setattr(torch.cuda, 'set_device', set_device)
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda: True)
+    rt = runs.setup_device(train.TrainConfig(device='cuda'))
+    assert rt.device == torch.device('cuda', 0) and set_to == [torch.device('cuda', 0)] and rt.dtype == torch.bfloat16
+    with pytest.raises(UserError, match='not available'):
+        runs.setup_device(train.TrainConfig(device='cuda:1'))
