@@ -477,18 +477,19 @@ def main(argv):
         sys.exit(2)
     command, rest = argv[0], argv[1:]
     if command == 'calibrate':
-        return cli(lambda c: calibrate(c, *train.calibration_inputs(c)), train.TrainConfig, rest)
+        return cli(lambda c: calibrate(c, *train.calibration_inputs(c)), train.TrainConfig, rest, 'calibrate [config.py ...] [--key=value ...]')
     rest = [f'--target={a[9:]!r}' if a.startswith('--target=') and sweep.is_number(a[9:]) else a for a in rest]  # a str key
     if command in ('ablate', 'tune'):  # their config.py is the sweep file
         rest = [f'--config={a}' if a.endswith('.py') and not a.startswith('--') else a for a in rest]
     if command == 'ablate':
-        return cli(sweep.ablate, sweep.AblateConfig, rest)
+        return cli(sweep.ablate, sweep.AblateConfig, rest, 'ablate [sweep_file.py] [--key=value ...]')
     if command == 'tune':
-        return cli(sweep.tune, sweep.TuneConfig, rest)
+        return cli(sweep.tune, sweep.TuneConfig, rest, 'tune [sweep_file.py] [--key=value ...]')
     if command == 'schedules':
-        return cli(plot_schedules, train.TrainConfig, rest)
+        return cli(plot_schedules, train.TrainConfig, rest, 'schedules [config.py ...] [--key=value ...]')
     dirs = [a for a in rest if not a.startswith('--')]
-    return cli(lambda c: sweep.compare(dirs, c.out, c.target, c.baseline), sweep.CompareConfig, [a for a in rest if a.startswith('--')])
+    return cli(lambda c: sweep.compare(dirs, c.out, c.target, c.baseline), sweep.CompareConfig,
+               [a for a in rest if a.startswith('--')], 'compare SWEEP_FOLDER|RUN_FOLDER ... [--key=value ...]')
 
 
 if __name__ == '__main__':

@@ -224,16 +224,19 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def cli(entry, cls, argv=None):
+def cli(entry, cls, argv=None, usage='[config.py ...] [--key=value ...]'):
     """Parse argv into cls and call entry(cfg); user errors become one line on stderr and exit 2.
+    usage: what follows the program's name on --help's usage line (budget.py names its command there).
 
     The one Ctrl-C/SIGTERM path of every entry point: SIGTERM (a scheduler's stop) raises
     KeyboardInterrupt like Ctrl-C; the training loop turns both into a checkpoint at a step boundary
     (signals_between_steps below), and one that reaches here ends the program with exit code 130."""
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ('-h', '--help'):
-        print(f'usage: python {sys.argv[0]} [config.py ...] [--key=value ...]\n\nkeys and defaults:')
-        print(describe(cls))
+        try:
+            print(f'usage: python {sys.argv[0]} {usage}\n\nkeys and defaults:\n{describe(cls)}', flush=True)
+        except BrokenPipeError:  # `--help | head` closed the pipe: not an error, and no traceback at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return None
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)

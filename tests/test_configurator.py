@@ -1,10 +1,13 @@
 """configurator: config files then --key=value in order, type checks, one-line errors with exit code 2."""
 import dataclasses
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import pytest
 
-from conftest import run_script
+from conftest import ROOT, run_script
 from configurator import ConfigError, cli, parse, require
 
 
@@ -131,3 +134,17 @@ def test_require_writable_names_a_file_in_the_way(tmp_path):
 def test_help_lists_every_key_even_where_the_defaults_alone_do_not_validate(script):
     out = run_script(script, '--help')  # data/text/prepare.py requires --input: its defaults raise
     assert out.returncode == 0 and 'keys and defaults:' in out.stdout, out.stderr[-2000:]
+
+
+@pytest.mark.parametrize('command', ['tune', 'ablate', 'compare', 'calibrate', 'schedules'])
+def test_budget_help_names_its_command_and_a_closed_pipe_is_no_traceback(command):
+    out = run_script('budget.py', command, '--help')
+    assert out.returncode == 0 and out.stdout.startswith(f'usage: python budget.py {command} '), out.stdout[:200]
+    r, w = os.pipe()
+    os.close(r)  # the reader already gone, as when `| head` has its lines: the write meets a closed pipe
+    try:
+        closed = subprocess.run([sys.executable, 'budget.py', command, '--help'], cwd=ROOT, stdout=w,
+                                stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(w)
+    assert closed.returncode == 0 and 'Traceback' not in closed.stderr and 'BrokenPipe' not in closed.stderr, closed.stderr
