@@ -228,20 +228,26 @@ def floors_note(runs, groups, baseline):
 
 
 def plot_runs(groups, path):
-    """Val loss against RST spent, one line per method (mean over seeds, shaded min-max), a panel per budget."""
+    """Val loss against RST spent, one line per method (mean over seeds, shaded min-max), a panel per budget;
+    complete runs only, as in the table. An RST budget's panel spans that budget: a row whose first eval
+    lies past it (RHO-LOSS with its IL charged) is named in the legend instead of squeezing every curve."""
     plt = pyplot('val loss against RST')
     if plt is None:
         return None
     budgets = sorted({b for g in groups.values() for b in g})
-    every = [r for g in groups.values() for rs in g.values() for r in rs if r['evals']]
+    every = [r for g in groups.values() for rs in g.values() for r in rs if r['complete'] and r['evals']]
     x = 0 if all(r['evals'][-1][0] is not None for r in every) else 1  # RST when every run has it, else tokens
+    clip = x == 0 and all(r['unit'] == 'rst' for r in every)  # the x axis is the budget's own unit
     fig, axes = plt.subplots(1, len(budgets), figsize=(5 * len(budgets), 4), squeeze=False)
     for ax, b in zip(axes[0], budgets):
         for label, by_budget in groups.items():
-            runs = [r for r in by_budget.get(b, []) if r['evals']]
+            runs = [r for r in by_budget.get(b, []) if r['complete'] and r['evals']]
             if not runs:
                 continue
             start, end = max(r['evals'][0][x] for r in runs), min(r['evals'][-1][x] for r in runs)
+            if clip and start > b:
+                ax.plot([], [], ' ', label=f'{label}: first eval at {start:,.0f} RST, past the budget')
+                continue
             if end <= start:  # a single eval per run: its mean and spread at the end
                 finals = [r['final'] for r in runs]
                 ax.errorbar([end], [statistics.mean(finals)], yerr=[[statistics.mean(finals) - min(finals)],
@@ -252,6 +258,8 @@ def plot_runs(groups, path):
             ax.plot(grid, ys.mean(0), label=label)
             ax.fill_between(grid, ys.min(0), ys.max(0), alpha=0.2)
         ax.set(title=f'budget {b:g}', xlabel=['RST spent (s)', 'tokens'][x], ylabel='val loss')
+        if clip:
+            ax.set_xlim(0, 1.02 * b)
         if ax.lines or ax.collections:
             ax.legend(fontsize=7)
     fig.tight_layout()

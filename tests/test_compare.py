@@ -285,6 +285,25 @@ def test_time_to_target_from_decayed_endpoints_over_all_seeds(target_runs, tmp_p
     assert row(explicit, 'slow', 2) == ['20.0', '1/1', f'{base / 20:.2f}x']
 
 
+def test_plot_spans_the_budget_names_a_row_past_it_and_leaves_partial_runs_out(tmp_path):
+    """A row charged before its first step (RHO-LOSS with its IL charged: one eval at 3446 RST in a 20-RST
+    budget) is named in the legend, not drawn; the panel spans the budget; a partial run (still running)
+    does not cut a method's curve short, as it is left out of the table's means."""
+    plt = pytest.importorskip('matplotlib.pyplot')
+    folders = [finished(tmp_path, 'b0', 'baseline', 20.0, 0, 2.0), finished(tmp_path, 'b1', 'baseline', 20.0, 1, 2.1),
+            write_run(tmp_path, 'b2', 'baseline', 20.0, 2, [(5.0, 5000, 2.9)]),       # partial: stopped at 5 RST
+            write_run(tmp_path, 'il', 'rho_il_charged', 20.0, 0, [(3446.0, 10 ** 6, 5.35)], steps=0)]
+    groups = sweep.group_runs([runs.read_run(r) for r in folders])
+    assert sweep.plot_runs(groups, str(tmp_path / 'p.png')) == str(tmp_path / 'p.png')
+    ax = plt.gcf().axes[0]
+    assert ax.get_xlim() == pytest.approx((0, 20.4))
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        'baseline', 'rho_il_charged: first eval at 3,446 RST, past the budget']
+    line = ax.get_lines()[0]
+    assert line.get_xdata()[0] == pytest.approx(5.0) and line.get_xdata()[-1] == pytest.approx(20.0)
+    plt.close('all')
+
+
 # -----------------------------------------------------------------------------
 # the commands
 
