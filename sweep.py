@@ -207,16 +207,24 @@ def method_stats(groups):
     return '\n'.join(['| method | budget | logged | mean over the run (95% CI over seeds) |', '| --- | --- | --- | --- |', *rows]) if rows else ''
 
 
-def floors_note(runs, groups, baseline):
-    """The count-based n-gram floors of the runs' val split, and the budgets at which the baseline is still
-    above the trigram floor: there the table measures how fast a method learns n-gram statistics."""
+def corpus_floors(runs):
+    """(floors, problem): the count-based n-gram floors of the runs' one val split (cached in its corpus
+    folder), or (None, why not) when the runs span corpora or the floors cannot be computed."""
     corpora = {(r['dataset'], r['tokenizer']) for r in runs}
     if len(corpora) != 1 or None in next(iter(corpora)):
-        return ''
+        return None, ''
     try:
-        floors = ngram_floors(data_dir(*next(iter(corpora))))
+        return ngram_floors(data_dir(*next(iter(corpora)))), ''
     except DataError as e:
-        return f'(n-gram floors unavailable: {e})'
+        return None, f'(n-gram floors unavailable: {e})'
+
+
+def floors_note(runs, groups, baseline):
+    """The n-gram floors, and the budgets at which the baseline is still above the trigram floor: there the
+    table measures how fast a method learns n-gram statistics."""
+    floors, problem = corpus_floors(runs)
+    if floors is None:
+        return problem
     above = [b for b, rs in sorted(groups.get(baseline, {}).items())
              if any(r['complete'] for r in rs) and mean_std([r['final'] for r in rs if r['complete']])[0] > floors['trigram']]
     note = ('n-gram floors of the val split (nats/token, counts from train): '
@@ -227,10 +235,11 @@ def floors_note(runs, groups, baseline):
     return note
 
 
-def plot_runs(groups, path):
+def plot_runs(groups, path, floors=None):
     """Val loss against RST spent, one line per method (mean over seeds, shaded min-max), a panel per budget;
     complete runs only, as in the table. An RST budget's panel spans that budget: a row whose first eval
-    lies past it (RHO-LOSS with its IL charged) is named in the legend instead of squeezing every curve."""
+    lies past it (RHO-LOSS with its IL charged) is named in the legend instead of squeezing every curve.
+    floors (corpus_floors): the trigram floor as a dashed line, the regime's mark."""
     plt = pyplot('val loss against RST')
     if plt is None:
         return None
@@ -260,6 +269,8 @@ def plot_runs(groups, path):
         ax.set(title=f'budget {b:g}', xlabel=['RST spent (s)', 'tokens'][x], ylabel='val loss')
         if clip:
             ax.set_xlim(0, 1.02 * b)
+        if floors and (ax.lines or ax.collections):
+            ax.axhline(floors['trigram'], ls='--', lw=0.8, color='grey', label=f"trigram floor {floors['trigram']:.3f}")
         if ax.lines or ax.collections:
             ax.legend(fontsize=7)
     fig.tight_layout()
@@ -302,7 +313,8 @@ def compare(run_dirs, out='ablation', target='auto', baseline='baseline'):
     print(report)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(Path(f'{out}.md'), (report + '\n').encode())
-    png = plot_runs(group_runs([r for r in runs if r['unit'] == units[0]]), f'{out}.png')
+    plotted = [r for r in runs if r['unit'] == units[0]]
+    png = plot_runs(group_runs(plotted), f'{out}.png', corpus_floors(plotted)[0])
     print(f'wrote {out}.md' + (f' and {png} (budget unit {units[0]})' if png else ''))
     return report
 

@@ -84,7 +84,7 @@ def test_student_t_and_holm_against_hand_computed_values():
 
 def test_the_table_is_paired_with_holm_adjusted_p(table_runs, tmp_path, monkeypatch):
     dirs, finals = table_runs
-    monkeypatch.setattr(sweep, 'plot_runs', lambda groups, path: None)  # the plot has its own test
+    monkeypatch.setattr(sweep, 'plot_runs', lambda *args: None)  # the plot has its own test
     report = sweep.compare(dirs, out=str(tmp_path / 'x'), target='none')
     assert (tmp_path / 'x.md').read_text() == report + '\n'
     assert report.splitlines()[0] == '| method | budget 10 | budget 20 |'
@@ -118,7 +118,7 @@ def test_pairs_are_by_seed_and_a_single_pair_has_no_interval(tmp_path):
 
 
 def test_a_run_given_twice_is_refused_and_units_get_a_table_each(tmp_path, monkeypatch):
-    monkeypatch.setattr(sweep, 'plot_runs', lambda groups, path: None)
+    monkeypatch.setattr(sweep, 'plot_runs', lambda *args: None)
     a = finished(tmp_path, 'a', 'baseline', 10.0, 0, 3.0)
     with pytest.raises(ConfigError, match='is given twice: each run counts once'):
         sweep.compare([a, str(a) + '/'], out=str(tmp_path / 'x'))
@@ -129,7 +129,7 @@ def test_a_run_given_twice_is_refused_and_units_get_a_table_each(tmp_path, monke
 
 
 def test_a_sweep_folder_is_read_whole_and_its_il_model_is_not_a_method(tmp_path, monkeypatch):
-    monkeypatch.setattr(sweep, 'plot_runs', lambda groups, path: None)
+    monkeypatch.setattr(sweep, 'plot_runs', lambda *args: None)
     sweep_dir = tmp_path / 'ablation'
     finished(sweep_dir / 'baseline' / 'b10', 's0', 'baseline', 10.0, 0, 3.0)
     finished(sweep_dir / 'm' / 'b10', 's0', 'm', 10.0, 0, 2.5)
@@ -144,7 +144,7 @@ def test_a_sweep_folder_is_read_whole_and_its_il_model_is_not_a_method(tmp_path,
 
 
 def test_compare_refuses_a_missing_path_a_run_reached_twice_and_two_runs_of_one_cell(tmp_path, monkeypatch):
-    monkeypatch.setattr(sweep, 'plot_runs', lambda groups, path: None)
+    monkeypatch.setattr(sweep, 'plot_runs', lambda *args: None)
     sweep_dir = tmp_path / 'ablation'
     base = finished(sweep_dir / 'baseline' / 'b10', 's0', 'baseline', 10.0, 0, 3.0)
     out = str(tmp_path / 'x')
@@ -162,7 +162,7 @@ def test_compare_refuses_a_missing_path_a_run_reached_twice_and_two_runs_of_one_
 
 
 def test_method_statistics_are_reported(tmp_path, monkeypatch):
-    monkeypatch.setattr(sweep, 'plot_runs', lambda groups, path: None)
+    monkeypatch.setattr(sweep, 'plot_runs', lambda *args: None)
     dirs = []
     for seed, frac in enumerate((0.4, 0.6)):
         d = finished(tmp_path, f'sb{seed}', 'sb', 10.0, seed, 3.0)
@@ -271,7 +271,7 @@ def target_runs(tmp_path):
 
 
 def test_time_to_target_from_decayed_endpoints_over_all_seeds(target_runs, tmp_path, monkeypatch):
-    monkeypatch.setattr(sweep, 'plot_runs', lambda groups, path: None)
+    monkeypatch.setattr(sweep, 'plot_runs', lambda *args: None)
     report = sweep.compare(target_runs, out=str(tmp_path / 'x'))   # target='auto'
     assert 'target val loss 3.0000' in report
     assert row(report, 'baseline', 2) == ['not reached', '1/2', '—']     # seed 1 never reaches it: not dropped
@@ -285,20 +285,21 @@ def test_time_to_target_from_decayed_endpoints_over_all_seeds(target_runs, tmp_p
     assert row(explicit, 'slow', 2) == ['20.0', '1/1', f'{base / 20:.2f}x']
 
 
-def test_plot_spans_the_budget_names_a_row_past_it_and_leaves_partial_runs_out(tmp_path):
+def test_plot_spans_the_budget_names_a_row_past_it_marks_the_floor_and_leaves_partial_runs_out(tmp_path):
     """A row charged before its first step (RHO-LOSS with its IL charged: one eval at 3446 RST in a 20-RST
     budget) is named in the legend, not drawn; the panel spans the budget; a partial run (still running)
-    does not cut a method's curve short, as it is left out of the table's means."""
+    does not cut a method's curve short, as it is left out of the table's means; the trigram floor is marked."""
     plt = pytest.importorskip('matplotlib.pyplot')
     folders = [finished(tmp_path, 'b0', 'baseline', 20.0, 0, 2.0), finished(tmp_path, 'b1', 'baseline', 20.0, 1, 2.1),
             write_run(tmp_path, 'b2', 'baseline', 20.0, 2, [(5.0, 5000, 2.9)]),       # partial: stopped at 5 RST
             write_run(tmp_path, 'il', 'rho_il_charged', 20.0, 0, [(3446.0, 10 ** 6, 5.35)], steps=0)]
     groups = sweep.group_runs([runs.read_run(r) for r in folders])
-    assert sweep.plot_runs(groups, str(tmp_path / 'p.png')) == str(tmp_path / 'p.png')
+    floors = {'unigram': 3.2, 'bigram': 2.5, 'trigram': 1.9}
+    assert sweep.plot_runs(groups, str(tmp_path / 'p.png'), floors) == str(tmp_path / 'p.png')
     ax = plt.gcf().axes[0]
     assert ax.get_xlim() == pytest.approx((0, 20.4))
     assert [t.get_text() for t in ax.get_legend().get_texts()] == [
-        'baseline', 'rho_il_charged: first eval at 3,446 RST, past the budget']
+        'baseline', 'rho_il_charged: first eval at 3,446 RST, past the budget', 'trigram floor 1.900']
     line = ax.get_lines()[0]
     assert line.get_xdata()[0] == pytest.approx(5.0) and line.get_xdata()[-1] == pytest.approx(20.0)
     plt.close('all')
@@ -406,7 +407,7 @@ def test_ablate_runs_the_sweep_once(tmp_path, monkeypatch, capsys):
     """`budget.py ablate` (its main, in this process; every run is a `python train.py` of its own) on a
     2-run tiny sweep; a second call finds both runs finished and only re-reads them."""
     (tmp_path / 'sweep.py').write_text(SWEEP)
-    monkeypatch.setattr(sweep, 'plot_runs', lambda groups, path: None)   # test_compare_command plots
+    monkeypatch.setattr(sweep, 'plot_runs', lambda *args: None)   # test_compare_command plots
     budget_lib.main(['ablate', f'--config={tmp_path}/sweep.py', f'--out_dir={tmp_path}/abl', '--quick=True',
                      "--methods=('baseline','stack')", '--jobs=2'])
     out = capsys.readouterr().out
@@ -620,7 +621,7 @@ def test_tune_refuses_a_tuned_file_it_would_overwrite_before_any_run(tmp_path, m
 
 
 def test_compare_names_a_missing_baseline_and_refuses_an_empty_out(tmp_path, monkeypatch):
-    monkeypatch.setattr(sweep, 'plot_runs', lambda groups, path: None)
+    monkeypatch.setattr(sweep, 'plot_runs', lambda *args: None)
     runs = [finished(tmp_path, f'r{seed}', 'stack', 10.0, seed, 3.0) for seed in (0, 1)]
     report = sweep.compare(runs, out=str(tmp_path / 'x'), target='none', baseline='nosuch')
     assert "no run is labelled 'nosuch', so no differences are shown: --baseline= one of stack" in report
@@ -631,7 +632,7 @@ def test_compare_names_a_missing_baseline_and_refuses_an_empty_out(tmp_path, mon
 
 @pytest.mark.parametrize('edit', ['budget', 'seed', 'no tokens', 'no step', 'val_loss text'])
 def test_a_run_folder_edited_out_of_shape_is_listed_not_a_traceback(tmp_path, monkeypatch, edit):
-    monkeypatch.setattr(sweep, 'plot_runs', lambda groups, path: None)
+    monkeypatch.setattr(sweep, 'plot_runs', lambda *args: None)
     good = finished(tmp_path, 'good', 'baseline', 10.0, 0, 3.0)
     bad = finished(tmp_path, 'bad', 'baseline', 10.0, 1, 3.0)
     config = json.loads((bad / 'config.json').read_text())
