@@ -167,7 +167,16 @@ def ablation_table(groups, baseline='baseline'):
     n_tests = sum(not math.isnan(c[2]) for c in cells.values())
     note = (f'Δ: paired difference to {baseline} over common seeds, t-based 95% CI; p: paired t-test, '
             f'Holm-adjusted over the table\'s {n_tests} comparisons; * p < 0.05.')
-    return '\n'.join(lines) + '\n\n' + note + '\n\n' + '\n'.join(steps)
+    return '\n'.join(lines) + '\n\n' + note + '\n\n' + '\n'.join(steps) + untrained_note(groups, budgets)
+
+
+def untrained_note(groups, budgets):
+    """The cells whose runs took no step (RHO-LOSS with its IL charged, when that cost exceeds the budget):
+    their val loss is the initial model's, a statement about the accounting, not about the method's steps."""
+    cells = [f'{label} at {b:g}' for label, by_budget in groups.items() for b in budgets
+             if (done := [r for r in by_budget.get(b, []) if r['complete']]) and all(r['steps'] == 0 for r in done)]
+    return ('\n\ntrained no step (the costs charged before the first step exceed the budget; the val loss is the '
+            'initial model\'s): ' + ', '.join(cells)) if cells else ''
 
 
 def target_table(groups, target, baseline='baseline'):

@@ -305,6 +305,19 @@ def test_plot_spans_the_budget_names_a_row_past_it_marks_the_floor_and_leaves_pa
     plt.close('all')
 
 
+def test_a_cell_that_trained_no_step_is_named_under_the_steps(tmp_path, monkeypatch):
+    """RHO-LOSS with its IL charged trains no step when the IL's cost exceeds the budget: its 'final' is the
+    initial model's loss, which the table must not let pass for the method's result."""
+    monkeypatch.setattr(sweep, 'plot_runs', lambda *args: None)
+    folders = [finished(tmp_path, f'b{s}', 'baseline', 20.0, s, 2.0 + s / 10) for s in (0, 1)]
+    folders += [write_run(tmp_path, f'il{s}', 'rho_il_charged', 20.0, s, [(3446.0, 10 ** 6, 5.35 + s / 100)], steps=0)
+                for s in (0, 1)]
+    report = sweep.compare(folders, out=str(tmp_path / 'x'), target='none')
+    assert ("trained no step (the costs charged before the first step exceed the budget; the val loss is the "
+            "initial model's): rho_il_charged at 20") in report
+    assert 'trained no step' not in sweep.compare(folders[:2], out=str(tmp_path / 'y'), target='none')
+
+
 # -----------------------------------------------------------------------------
 # the commands
 
