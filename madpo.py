@@ -289,7 +289,7 @@ class MadpoConfig:
     eval_interval: int = key(500, '>0')  # sft: steps between evals and checkpoints
     rm_eval_interval: int = key(250, '>0')  # rm: steps between evals (early stopping) and checkpoints
     log_interval: int = key(25, '>0')    # sft, rm, po
-    sft_iters: int = key(2000, '>0')     # sft: optimizer steps
+    sft_iters: int = key(2000, '>0')     # sft: optimizer updates
     sft_lr: float = key(2e-3, '>0')      # sft: peak lr (cosine, AdamW: train.TrainConfig's defaults)
     sft_batch_size: int = key(32, '>0')  # sft: sequences per step
     prompt_len: int = key(24, '>0')      # pairs, rm, po: prompt bytes (a review's opening)
@@ -300,14 +300,14 @@ class MadpoConfig:
     n_eval: int = key(160, '>0')         # po: held-out prompts scored at each point of the curve
     tier: str = key('high', tuple(TIERS))  # rm, po: high (on-policy), medium (half off-policy), low (all)
     pair_batch: int = key(16, '>0')      # rm, po: pairs per step (2x sequences)
-    rm_iters: int = key(2000, '>0')      # rm: optimizer steps (the best eval step is kept)
+    rm_iters: int = key(2000, '>0')      # rm: optimizer updates (the best eval step is kept)
     rm_lr: float = key(1e-4, '>0')       # rm: peak lr (tuning the whole model: 3e-4 learns slower, 1e-3 not at all)
     rm_pool: str = key('sum', ('last', 'mean', 'sum'))  # rm: the per-position scores' sum or mean over the continuation, or the last
     rm_head: int = key(256, '>=0')       # rm: width of the per-position MLP head; 0 = linear
     rm_freeze: bool = False          # rm: train the head only, on the frozen SFT backbone (with --rm_lr=3e-3; ~0.05 less accurate)
     po_pairs: int = key(3000, '>0')      # po: trains on the first po_pairs training pairs
     po_val_pairs: int = key(250, '>0')   # po: held-out pairs of its DPO loss and preference accuracy (the first ones)
-    po_iters: int = key(120, '>0')       # po: optimizer steps
+    po_iters: int = key(120, '>0')       # po: optimizer updates
     po_lr: float = key(5e-5, '>0')       # po: peak lr (3e-4 reaches KL ~100 nats in 30 steps at beta 0.03)
     po_points: int = key(4, '>0')        # po: curve points along training (evals every po_iters // po_points steps)
     loss: str = key('madpo', LOSSES)     # po: dpo, cdpo, ipo, bdpo or madpo
