@@ -216,7 +216,7 @@ def describe(cls):
     the class, so a config whose defaults alone do not validate (a required --input) is described too."""
     comments = field_comments(cls)
     rows = [(f'{f.name} = {f.default!r}', comments.get(f.name, '')) for f in dataclasses.fields(cls)]
-    width = max(len(r[0]) for r in rows)
+    width = min(max(len(r[0]) for r in rows), 40)  # a long default (a tuple of arms) pushes only its own comment
     return '\n'.join(f'  {a:<{width}}  # {c}' if c else f'  {a}' for a, c in rows)
 
 
