@@ -392,8 +392,13 @@ def cost_sensitivity(groups, baseline, change=0.1):
     given it (perturbed_final): an estimate from the sweep's budgets, not a rerun."""
     cells = paired_cells(groups, baseline)
     runs = [r for g in groups.values() for rs in g.values() for r in rs if r['complete']]
-    if not cells or any(not r.get('rst_by_entry') for r in runs) or any(len(g) < 2 for g in groups.values()):
+    if not cells:
         return ''
+    if any(not r.get('rst_by_entry') for r in runs):
+        return 'cost-table sensitivity: not shown (some runs did not log their RST per cost entry)'
+    if any(len(g) < 2 for g in groups.values()):
+        return ('cost-table sensitivity: not shown yet (it reads each seed\'s endpoints across budgets; some '
+                'method has runs at one budget only)')
     entries = sorted({e for r in runs for e in r['rst_by_entry']})
     flips, shift = [], 0.0
     for entry, factor in itertools.product(entries, (1 - change, 1 + change)):
