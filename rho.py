@@ -199,15 +199,22 @@ def il_search_dir(cfg):
     return Path(cfg.il_out_dir) / 'search'
 
 
-def il_run(run, cfg):
+def il_run(run, cfg, need_checkpoint=False):
     """Train one IL run, resume it if it was killed, or read it if it finished with this config ->
-    {'val_loss', 'steps', 'spent'}, or None if interrupted."""
+    {'val_loss', 'steps', 'spent'}, or None if interrupted. A finished run whose checkpoint is gone (a sweep
+    restored from its committed logs and configs) is read from its log, unless its checkpoint is needed:
+    only the search's best run becomes the IL model, so only it is trained again."""
     folder = Path(run.out_dir)
     same = runs.records_config(folder, dataclasses.asdict(run))
-    if same and runs.run_finished(folder):
+    finished = same and runs.run_finished(folder)
+    if finished and (folder / 'ckpt.pt').exists():
         ckpt = runs.load_checkpoint(folder / 'ckpt.pt')
         return {'val_loss': ckpt['val_loss'], 'steps': ckpt['iter_num'],
                 'spent': {k: v for k, v in ckpt['budget'].items() if k != 'rst_by_entry'}}
+    if finished and not need_checkpoint:
+        final = [r for r in runs.read_log(folder / 'log.jsonl') if 'val_loss' in r][-1]  # the whole budget spent
+        return {'val_loss': final['val_loss'], 'steps': final['step'],
+                'spent': {k: v for k, v in final.items() if k not in ('step', 'val_loss', 'rst_by_entry')}}
     if same and (folder / 'ckpt.pt').exists():
         run = dataclasses.replace(run, init_from='resume', overwrite=False)
     result = train.train(run, HoldoutLM(cfg))
@@ -249,6 +256,13 @@ def train_il(cfg):
         if i and tried[-2][1]['val_loss'] - result['val_loss'] < cfg.il_tol:
             break
     best_run, best = min(tried, key=lambda t: t[1]['val_loss'])
+    if not (Path(best_run.out_dir) / 'ckpt.pt').exists():  # read from its log: train it again for its weights
+        print(f'--- IL model: the {best_run.budget:g} run has no checkpoint, training it again')
+        best = il_run(best_run, cfg, need_checkpoint=True)
+        if best is None:
+            print('IL training interrupted: the same command resumes it')
+            return None
+        tried = [(r, best if r is best_run else res) for r, res in tried]  # its cost counts once: the search's
     print('IL search: ' + ', '.join(f"{r.budget:g} -> {res['val_loss']:.4f}" for r, res in tried) +
           f' (val loss); the IL model is the {best_run.budget:g} run')
     for name in ('ckpt.pt', 'log.jsonl', 'config.json'):  # the IL model's run folder: the best run's files

@@ -343,6 +343,31 @@ def test_a_rerun_reads_the_finished_il_search_instead_of_training(runs, monkeypa
     assert result['spent']['rst'] == pytest.approx(info['il_train']['rst'])
 
 
+def test_a_search_restored_from_its_logs_trains_only_its_best_run_again(runs, tmp_path, monkeypatch):
+    """Logs and configs are committed, checkpoints are not: with every search run's checkpoint gone, the
+    search is read from the logs and only the best run (the IL model's weights) is trained again, its cost
+    counted once."""
+    il = tmp_path / 'il'
+    shutil.copytree(runs.il, il)
+    for run in (il / 'search').iterdir():  # restored here: its config names this folder, not the fixture's
+        saved = json.loads((run / 'config.json').read_text())
+        saved['config']['out_dir'] = str(run)
+        (run / 'config.json').write_text(json.dumps(saved))
+        (run / 'ckpt.pt').unlink()
+    (il / 'ckpt.pt').unlink()
+    cfg = parse(rho.RhoConfig, flags(runs.corpus, out_dir=runs.rho, il_out_dir=il, method='rho', stage='il'))
+    trained, real_train = [], train.train
+    monkeypatch.setattr(train, 'train', lambda run, objective: trained.append(run.budget) or real_train(run, objective))
+    monkeypatch.setattr(rho, 'precompute_il', lambda cfg, result: None)
+    info = json.loads((runs.cache / 'il_loss.json').read_text())
+    result = rho.train_il(cfg)
+    best = min(info['il_search'], key=lambda t: t[1])
+    assert trained == [best[0]] and (il / 'ckpt.pt').exists()
+    assert [b for b, _ in result['search']] == [b for b, _ in info['il_search']]
+    assert result['val_loss'] == pytest.approx(info['il_val_loss'], rel=1e-3)  # the same run, trained again here
+    assert result['spent']['rst'] == pytest.approx(info['il_train']['rst'])
+
+
 def test_stale_cache_is_refused(runs, tmp_path):
     cfg = rho.RhoConfig(dataset=str(runs.corpus), model='tiny', batch_size=8, il_out_dir=str(runs.il))
     corpus = Corpus(runs.corpus)
