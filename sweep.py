@@ -252,8 +252,10 @@ def plot_runs(groups, path, floors=None):
     plt = pyplot('val loss against RST')
     if plt is None:
         return None
-    budgets = sorted({b for g in groups.values() for b in g})
     every = [r for g in groups.values() for rs in g.values() for r in rs if r['complete'] and r['evals']]
+    budgets = sorted({r['budget'] for r in every})  # a budget with partial runs only gets no empty panel
+    if not budgets:
+        return None
     x = 0 if all(r['evals'][-1][0] is not None for r in every) else 1  # RST when every run has it, else tokens
     clip = x == 0 and all(r['unit'] == 'rst' for r in every)  # the x axis is the budget's own unit
     fig, axes = plt.subplots(1, len(budgets), figsize=(5 * len(budgets), 4), squeeze=False)
@@ -273,8 +275,8 @@ def plot_runs(groups, path, floors=None):
                 continue
             grid = np.linspace(start, end, 60)  # from the first eval every seed has: no extrapolation
             ys = np.array([np.interp(grid, [e[x] for e in r['evals']], [e[2] for e in r['evals']]) for r in runs])
-            ax.plot(grid, ys.mean(0), label=label)
-            ax.fill_between(grid, ys.min(0), ys.max(0), alpha=0.2)
+            line, = ax.plot(grid, ys.mean(0), label=label)
+            ax.fill_between(grid, ys.min(0), ys.max(0), alpha=0.2, color=line.get_color())  # fills cycle apart
         ax.set(title=f'budget {b:g}', xlabel=['RST spent (s)', 'tokens'][x], ylabel='val loss')
         if clip:
             ax.set_xlim(0, 1.02 * b)

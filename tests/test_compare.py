@@ -305,6 +305,23 @@ def test_plot_spans_the_budget_names_a_row_past_it_marks_the_floor_and_leaves_pa
     plt.close('all')
 
 
+def test_plot_has_no_panel_for_a_budget_of_partial_runs_and_bands_keep_their_lines_colour(tmp_path):
+    """A sweep cut short: budget 40 has only a run in progress, so it gets no (empty) panel. A row named in
+    the legend (past the budget) takes a colour from the line cycle; each band must still be its line's."""
+    plt = pytest.importorskip('matplotlib.pyplot')
+    from matplotlib.colors import to_rgba
+    folders = [write_run(tmp_path, 'il', 'a_charged', 20.0, 0, [(3446.0, 10 ** 6, 5.35)], steps=0),
+               finished(tmp_path, 'b0', 'baseline', 20.0, 0, 2.0), finished(tmp_path, 'b1', 'baseline', 20.0, 1, 2.1),
+               write_run(tmp_path, 'b40', 'baseline', 40.0, 0, [(5.0, 5000, 2.9)])]  # partial: the only budget-40 run
+    groups = sweep.group_runs([runs.read_run(r) for r in folders])
+    sweep.plot_runs(groups, str(tmp_path / 'p.png'))
+    assert len(plt.gcf().axes) == 1
+    ax = plt.gcf().axes[0]
+    line, band = [l for l in ax.get_lines() if l.get_label() == 'baseline'][0], ax.collections[0]
+    assert tuple(band.get_facecolor()[0][:3]) == pytest.approx(to_rgba(line.get_color())[:3])
+    plt.close('all')
+
+
 def test_a_cell_that_trained_no_step_is_named_under_the_steps(tmp_path, monkeypatch):
     """RHO-LOSS with its IL charged trains no step when the IL's cost exceeds the budget: its 'final' is the
     initial model's loss, which the table must not let pass for the method's result."""
