@@ -211,8 +211,8 @@ def il_run(run, cfg, need_checkpoint=False):
         ckpt = runs.load_checkpoint(folder / 'ckpt.pt')
         return {'val_loss': ckpt['val_loss'], 'steps': ckpt['iter_num'],
                 'spent': {k: v for k, v in ckpt['budget'].items() if k != 'rst_by_entry'}}
-    if finished and not need_checkpoint:
-        final = [r for r in runs.read_log(folder / 'log.jsonl') if 'val_loss' in r][-1]  # the whole budget spent
+    final = [r for r in runs.read_log(folder / 'log.jsonl') if 'val_loss' in r][-1] if finished else {}
+    if final.get(run.budget_unit, 0) >= run.budget and not need_checkpoint:  # its last eval spent the budget
         return {'val_loss': final['val_loss'], 'steps': final['step'],
                 'spent': {k: v for k, v in final.items() if k not in ('step', 'val_loss', 'rst_by_entry')}}
     if same and (folder / 'ckpt.pt').exists():
@@ -262,7 +262,7 @@ def train_il(cfg):
         if best is None:
             print('IL training interrupted: the same command resumes it')
             return None
-        tried = [(r, best if r is best_run else res) for r, res in tried]  # its cost counts once: the search's
+        tried = [(r, best if r is best_run else res) for r, res in tried]  # its cost counted once (the search's)
     print('IL search: ' + ', '.join(f"{r.budget:g} -> {res['val_loss']:.4f}" for r, res in tried) +
           f' (val loss); the IL model is the {best_run.budget:g} run')
     for name in ('ckpt.pt', 'log.jsonl', 'config.json'):  # the IL model's run folder: the best run's files

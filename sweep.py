@@ -276,7 +276,7 @@ def plot_runs(groups, path, floors=None):
             grid = np.linspace(start, end, 60)  # from the first eval every seed has: no extrapolation
             ys = np.array([np.interp(grid, [e[x] for e in r['evals']], [e[2] for e in r['evals']]) for r in runs])
             line, = ax.plot(grid, ys.mean(0), label=label)
-            ax.fill_between(grid, ys.min(0), ys.max(0), alpha=0.2, color=line.get_color())  # fills cycle apart
+            ax.fill_between(grid, ys.min(0), ys.max(0), alpha=0.2, color=line.get_color())  # fill_between has its own colour cycle
         ax.set(title=f'budget {b:g}', xlabel=['RST spent (s)', 'tokens'][x], ylabel='val loss')
         if clip:
             ax.set_xlim(0, 1.02 * b)

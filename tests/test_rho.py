@@ -364,8 +364,11 @@ def test_a_search_restored_from_its_logs_trains_only_its_best_run_again(runs, tm
     best = min(info['il_search'], key=lambda t: t[1])
     assert trained == [best[0]] and (il / 'ckpt.pt').exists()
     assert [b for b, _ in result['search']] == [b for b, _ in info['il_search']]
-    assert result['val_loss'] == pytest.approx(info['il_val_loss'], rel=1e-3)  # the same run, trained again here
-    assert result['spent']['rst'] == pytest.approx(info['il_train']['rst'])
+    # the same run trained again, in this process (the fixture's ran in a one-thread subprocess): close, not equal
+    assert result['val_loss'] == pytest.approx(info['il_val_loss'], rel=1e-3)
+    logged = {b: l for b, l in info['il_search'] if b != best[0]}
+    assert {b: l for b, l in result['search'] if b != best[0]} == logged  # the others: their logs' val losses
+    assert all(result['spent'][u] == pytest.approx(info['il_train'][u]) for u in ('rst', 'tokens', 'flops'))
 
 
 def test_stale_cache_is_refused(runs, tmp_path):
