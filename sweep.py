@@ -10,6 +10,7 @@ table each method's paired difference to the baseline: t-based 95% CI, Holm-adju
     python budget.py ablate --tuned=out/tune/tuned.json --jobs=2    # methods x budgets x seeds, then compare
     python budget.py compare out/ablation --out=ablation            # -> ablation.md, ablation.png
 """
+import collections
 import dataclasses
 import importlib
 import itertools
@@ -182,22 +183,28 @@ def untrained_note(groups, budgets):
 def target_table(groups, target, baseline='baseline'):
     """Time to target from fully decayed endpoints: per seed, the budget at which its final val loss
     reaches the target (interpolated between budgets; a seed that never does counts as not reached);
-    per method the median over all seeds (not reached = infinite) and speedup = baseline median / method's."""
+    per method the median over all seeds (not reached = infinite) and speedup = baseline median / method's.
+    A seed of a sweep in progress that has not reached it and lacks a budget's run is pending, not counted."""
     lines = [f'target val loss {target:.4f} (fully decayed endpoints, per seed)', '',
              '| method | budget to target: median | seeds reached | speedup |', '| --- | --- | --- | --- |']
     medians = {}
     for label, by_budget in groups.items():
+        budgets = [b for b, rs in sorted(by_budget.items()) if finals_by_seed(rs)]
         seeds = sorted({r['seed'] for rs in by_budget.values() for r in rs if r['complete']})
-        times = []
+        times, pending = [], 0
         for seed in seeds:
-            ends = [(b, finals_by_seed(rs)[seed]) for b, rs in sorted(by_budget.items()) if seed in finals_by_seed(rs)]
+            ends = [(b, finals_by_seed(by_budget[b])[seed]) for b in budgets if seed in finals_by_seed(by_budget[b])]
             hit = crossing(ends, target)
+            if hit is None and len(ends) < len(budgets):  # it may reach the target at a budget not run yet
+                pending += 1
+                continue
             times.append(math.inf if hit is None else hit)
-        medians[label] = (statistics.median(times) if times else math.inf, sum(t < math.inf for t in times), len(times))
+        medians[label] = (statistics.median(times) if times else math.inf, sum(t < math.inf for t in times), len(times), pending)
     base = medians.get(baseline, (math.inf,))[0]
-    for label, (median, reached, n) in medians.items():
+    for label, (median, reached, n, pending) in medians.items():
         speed = f'{base / median:.2f}x' if math.isfinite(median) and math.isfinite(base) else '—'
-        lines.append(f"| {label} | {f'{median:.1f}' if math.isfinite(median) else 'not reached'} | {reached}/{n} | {speed} |")
+        lines.append(f"| {label} | {f'{median:.1f}' if math.isfinite(median) else 'not reached'} | {reached}/{n}"
+                     f"{f' ({pending} pending: not run at every budget yet)' if pending else ''} | {speed} |")
     return '\n'.join(lines)
 
 
@@ -388,31 +395,52 @@ def perturbed_final(by_budget, seed, b, entry, factor):
     return log_budget_interp(ends, b * total / (total + (factor - 1) * run['rst_by_entry'].get(entry, 0.0)))
 
 
+def seeds_across_budgets(by_budget):
+    """The seeds with complete runs at two or more budgets: only their finals can be re-read at another."""
+    count = collections.Counter(r['seed'] for rs in by_budget.values() for r in rs if r['complete'])
+    return {seed for seed, n in count.items() if n >= 2}
+
+
 def cost_sensitivity(groups, baseline, change=0.1):
     """Does +-change on any single cost-table entry flip the sign of a table cell (a method's mean paired
     difference to the baseline)? Each run's final is re-read at the budget the perturbed table would have
-    given it (perturbed_final): an estimate from the sweep's budgets, not a rerun."""
+    given it (perturbed_final): an estimate from the sweep's budgets, not a rerun. A sweep in progress has
+    seeds at one budget only: each cell is read over the seeds that have two, unperturbed and perturbed alike."""
     cells = paired_cells(groups, baseline)
     runs = [r for g in groups.values() for rs in g.values() for r in rs if r['complete']]
     if not cells:
         return ''
     if any(not r.get('rst_by_entry') for r in runs):
         return 'cost-table sensitivity: not shown (some runs did not log their RST per cost entry)'
-    if any(len(g) < 2 for g in groups.values()):
-        return ('cost-table sensitivity: not shown yet (it reads each seed\'s endpoints across budgets; some '
-                'method has runs at one budget only)')
+    seeds = {}
+    for label, b in cells:
+        common = finals_by_seed(groups[label][b]).keys() & finals_by_seed(groups[baseline][b]).keys()
+        if readable := sorted(common & seeds_across_budgets(groups[label]) & seeds_across_budgets(groups[baseline])):
+            seeds[label, b] = readable
+    if not seeds:
+        return ('cost-table sensitivity: not shown yet (it reads each seed\'s endpoints across budgets; no seed '
+                'has runs of a method and the baseline at two budgets)')
+
+    def delta(label, b, *perturbation):
+        final = (lambda g, s: perturbed_final(g, s, b, *perturbation)) if perturbation else \
+            (lambda g, s: finals_by_seed(g[b])[s])
+        return statistics.mean(final(groups[label], s) - final(groups[baseline], s) for s in seeds[label, b])
     entries = sorted({e for r in runs for e in r['rst_by_entry']})
     flips, shift = [], 0.0
     for entry, factor in itertools.product(entries, (1 - change, 1 + change)):
-        for (label, b), (delta, *_rest) in cells.items():
-            seeds = sorted(finals_by_seed(groups[label][b]).keys() & finals_by_seed(groups[baseline][b]).keys())
-            new = statistics.mean(perturbed_final(groups[label], s, b, entry, factor)
-                                  - perturbed_final(groups[baseline], s, b, entry, factor) for s in seeds)
-            shift = max(shift, abs(new - delta))
-            if (new > 0) != (delta > 0):
-                flips.append(f'{label} at budget {b:g}, {entry} x{factor:g}: Δ {delta:+.4f} -> {new:+.4f}')
+        for label, b in seeds:
+            before, after = delta(label, b), delta(label, b, entry, factor)
+            shift = max(shift, abs(after - before))
+            if (after > 0) != (before > 0):
+                flips.append(f'{label} at budget {b:g}, {entry} x{factor:g}: Δ {before:+.4f} -> {after:+.4f}')
     head = (f'cost-table sensitivity: each of {len(entries)} entries ({", ".join(entries)}) at x{1 - change:g} and '
             f'x{1 + change:g}, finals re-read on each seed\'s endpoints across budgets (largest shift of a Δ: {shift:.4f})')
+    fewer = [f'{label} at {b:g} ({len(s)} of {cells[label, b][-1]})' for (label, b), s in seeds.items() if len(s) < cells[label, b][-1]]
+    left_out = [f'{label} at {b:g}' for label, b in cells if (label, b) not in seeds]
+    if fewer:
+        head += '; read over the seeds at two budgets only: ' + ', '.join(fewer)
+    if left_out:
+        head += '; left out, no seed at two budgets yet: ' + ', '.join(left_out)
     return head + (':\ncells whose sign flips:\n' + '\n'.join(f'- {f}' for f in flips) if flips else ': no cell changes sign')
 
 

@@ -237,6 +237,13 @@ def test_a_ten_percent_cost_change_that_flips_a_cell_is_named():
     assert sweep.cost_sensitivity(calm, 'baseline').endswith(': no cell changes sign')
     one_budget = {k: {100: g[100]} for k, g in groups.items()}
     assert sweep.cost_sensitivity(one_budget, 'baseline').startswith('cost-table sensitivity: not shown yet')  # nothing to read a shifted budget from
+    # a sweep in progress: seed 2 has no budget-200 run yet, so every cell is read over seed 1 alone
+    in_progress = {k: {100: g[100], 200: g[200][:1]} for k, g in groups.items()}
+    text = sweep.cost_sensitivity(in_progress, 'baseline')
+    assert 'read over the seeds at two budgets only: m at 100 (1 of 2)' in text
+    flips = [line for line in text.splitlines() if line.startswith('- ')]
+    assert flips == ['- m at budget 100, fwd:4 x1.1: Δ -0.0010 -> +0.0118',
+                     '- m at budget 100, optimizer:adamw x1.1: Δ -0.0010 -> +0.0004']
 
 
 def test_budget_counts_rst_per_cost_entry_and_resumes_it():
@@ -283,6 +290,16 @@ def test_time_to_target_from_decayed_endpoints_over_all_seeds(target_runs, tmp_p
     assert row(explicit, 'baseline', 2) == [f'{base:.1f}', '2/2', '1.00x']
     assert row(explicit, 'fast', 2) == ['10.0', '2/2', f'{base / 10:.2f}x']
     assert row(explicit, 'slow', 2) == ['20.0', '1/1', f'{base / 20:.2f}x']
+
+
+def test_a_seed_not_run_at_every_budget_yet_is_pending_not_unreached(target_runs, tmp_path, monkeypatch):
+    """A sweep in progress: 'fast' seed 2 has only its budget-10 run (3.3, above the target 3.0). It may yet
+    reach the target at 20, so it is pending, not 'not reached'; the median stays over seeds 0 and 1."""
+    monkeypatch.setattr(sweep, 'plot_runs', lambda *args: None)
+    extra = write_run(tmp_path, 'f10s2', 'fast', 10.0, 2, [(5.0, 500, 3.8), (10.0, 1000, 3.3)])
+    report = sweep.compare(target_runs + [extra], out=str(tmp_path / 'x'))
+    fast = statistics.median([10 + 0.1 / 0.3 * 10, 10.0])
+    assert row(report, 'fast', 2) == [f'{fast:.1f}', '2/2 (1 pending: not run at every budget yet)', '—']
 
 
 def test_plot_spans_the_budget_names_a_row_past_it_marks_the_floor_and_leaves_partial_runs_out(tmp_path):
