@@ -421,15 +421,16 @@ def cost_sensitivity(groups, baseline, change=0.1):
         return ('cost-table sensitivity: not shown yet (it reads each seed\'s endpoints across budgets; no seed '
                 'has runs of a method and the baseline at two budgets)')
 
-    def delta(label, b, *perturbation):
-        final = (lambda g, s: perturbed_final(g, s, b, *perturbation)) if perturbation else \
-            (lambda g, s: finals_by_seed(g[b])[s])
+    def delta(label, b, *perturbation):  # the cell's mean paired difference over its readable seeds
+        def final(by_budget, seed):
+            return perturbed_final(by_budget, seed, b, *perturbation) if perturbation else finals_by_seed(by_budget[b])[seed]
         return statistics.mean(final(groups[label], s) - final(groups[baseline], s) for s in seeds[label, b])
+    unperturbed = {cell: delta(*cell) for cell in seeds}
     entries = sorted({e for r in runs for e in r['rst_by_entry']})
     flips, shift = [], 0.0
     for entry, factor in itertools.product(entries, (1 - change, 1 + change)):
         for label, b in seeds:
-            before, after = delta(label, b), delta(label, b, entry, factor)
+            before, after = unperturbed[label, b], delta(label, b, entry, factor)
             shift = max(shift, abs(after - before))
             if (after > 0) != (before > 0):
                 flips.append(f'{label} at budget {b:g}, {entry} x{factor:g}: Δ {before:+.4f} -> {after:+.4f}')
