@@ -572,7 +572,9 @@ class Trainer:
     def run(self):
         cfg, rt = self.cfg, self.rt
         self.start_folder()
-        rt.print(f'{self.model.num_params() / 1e6:.2f}M params | {self.bs:,} tokens per step | '
+        inputs = cfg.batch_size * cfg.grad_accum * rt.world_size * self.model.config.block_size
+        per_step = f'{inputs:,} tokens' + (f' ({self.bs:,} targets)' if self.bs != inputs else '')  # T5: the loss averages its targets
+        rt.print(f'{self.model.num_params() / 1e6:.2f}M params | {per_step} per step | '
                  f'budget {cfg.budget:g} {cfg.budget_unit} | {cfg.optimizer} lr {cfg.lr:g} {cfg.schedule} | '
                  f'arch {cfg.arch} | data {self.corpus.path} | device {rt.device} {str(rt.dtype).removeprefix("torch.")}')
         self.model.train()

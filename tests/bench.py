@@ -5,6 +5,7 @@
     python tests/bench.py train      # tokens/s and MFU of the default config, optimizer step-time ratios
     python tests/bench.py compile    # whole-model --compile=True against eager, tokens/s
     python tests/bench.py slm        # SLM's step time (cached / online reference) against CLM's
+    python tests/bench.py tokenize   # one pipeline worker's tokens/s: byte, and a 2000-merge BPE trained here
     python tests/bench.py loss --chunks=256,512,1024   # the fused path at other chunk sizes
 
 Memory on the CPU: torch's CPU allocator keeps no peak counter, so a thread samples the process's
@@ -13,6 +14,7 @@ is the peak minus the resident set just before the call. Times are the best of a
 taking turns in one process: load from other processes only ever slows a call down.
 """
 import json
+import math
 import resource
 import subprocess
 import sys
@@ -205,10 +207,38 @@ def bench_slm(steps=40):
           f"(median seconds per step {med})")
 
 
+def bench_tokenize(n_merges=2000, train_chars=2_000_000, rounds=3):
+    """What one worker of the corpus pipeline (data/fineweb_edu) encodes per second: the byte tokenizer, and a
+    gpt2-style BPE with n_merges merges trained here on the stdlib's sources (gpt2's own 50k-merge encoding
+    needs a download). Both encode the same documents, the stdlib's .py files, best of a few rounds."""
+    import tiktoken
+    from data.fineweb_edu.prepare import encode_documents
+    from data.loader import get_tokenizer
+    from data.stdlib.prepare import stdlib_documents
+    from test_corpora import PAT, train_bpe
+    texts = [text for _, text in stdlib_documents()]
+    t0 = time.perf_counter()
+    ranks = train_bpe(''.join(texts)[:train_chars], n_merges)
+    print(f'tokenising {sum(map(len, texts)) / 1e6:.1f}M characters in {len(texts)} documents (one process; '
+          f'the {len(ranks) - 256}-merge BPE trained on {train_chars / 1e6:.0f}M of them in {time.perf_counter() - t0:.0f} s):')
+    bpe = tiktoken.Encoding(f'bpe{n_merges}', pat_str=PAT, mergeable_ranks=ranks, special_tokens={'<|endoftext|>': len(ranks)})
+    rates = {}
+    for name, tokenizer in [('byte', get_tokenizer('byte')), (bpe.name, get_tokenizer(bpe))]:
+        best, tokens = math.inf, 0
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            tokens = sum(len(a) for a in encode_documents(texts, tokenizer))
+            best = min(best, time.perf_counter() - t0)
+        rates[name] = tokens / best
+        print(f'  {name}: {tokens / best / 1e6:.2f}M tokens/s, {sum(map(len, texts)) / best / 1e6:.1f}M characters/s, '
+              f'{sum(map(len, texts)) / tokens:.2f} characters per token')
+    print(f"  BPE / byte tokens per second: {rates[bpe.name] / rates['byte']:.3f}x")
+
+
 if __name__ == '__main__':
     args = [a for a in sys.argv[1:] if not a.startswith('--')]
     chunks = [int(c) for a in sys.argv[1:] if a.startswith('--chunks=') for c in a.split('=')[1].split(',')]
-    which = args or ['loss', 'train', 'compile', 'slm']
+    which = args or ['loss', 'train', 'compile', 'slm', 'tokenize']
     torch.manual_seed(0)
     print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, {time.strftime("%Y-%m-%d %H:%M")}')
     if 'loss' in which:
@@ -219,3 +249,5 @@ if __name__ == '__main__':
         bench_compile()
     if 'slm' in which:
         bench_slm()
+    if 'tokenize' in which:
+        bench_tokenize()
