@@ -446,6 +446,12 @@ def measure_table(model, optimizers, batch, autocast, device):
     return table
 
 
+def cv(xs):
+    """Coefficient of variation: sample sd / mean."""
+    m, sd = mean_std(xs)
+    return sd / m
+
+
 def calibrate(cfg, run, model, batch, optimizers, key):
     """Measure the cost table of this shape on this machine and save it with the machine's description.
     train.calibration_inputs(cfg) builds the arguments (the model, a batch of the run's shapes, every optimizer)."""
@@ -456,8 +462,7 @@ def calibrate(cfg, run, model, batch, optimizers, key):
     tables = [measure_table(model, optimizers, batch, run.autocast(), run.device) for _ in range(cfg.rst_repeats)]
     table = {kind: {e: statistics.median(t[kind][e] for t in tables) for e in entries} for kind, entries in tables[0].items()}
     if len(tables) > 1:  # each entry's coefficient of variation over the repeats: how far one table can be trusted
-        table['cv'] = {kind: {e: mean_std([t[kind][e] for t in tables])[1] / table[kind][e] for e in entries}
-                       for kind, entries in tables[0].items()}
+        table['cv'] = {kind: {e: cv([t[kind][e] for t in tables]) for e in entries} for kind, entries in tables[0].items()}
     table.update(key=key, repeats=len(tables), machine=platform.processor() or platform.machine(), platform=platform.platform(),
                  device=str(run.device), torch=torch.__version__, date=str(date.today()),
                  threads=torch.get_num_threads(), compile=False, dtype=str(run.dtype))  # the eager model is timed

@@ -263,11 +263,15 @@ def train_il(cfg):
             print('IL training interrupted: the same command resumes it')
             return None
         tried = [(r, best if r is best_run else res) for r, res in tried]  # its cost counted once (the search's)
+    gain = tried[-2][1]['val_loss'] - tried[-1][1]['val_loss'] if len(tried) > 1 else 0.0
+    still_improving = gain >= cfg.il_tol  # every doubling allowed was run, and the last one still helped
     print('IL search: ' + ', '.join(f"{r.budget:g} -> {res['val_loss']:.4f}" for r, res in tried) +
-          f' (val loss); the IL model is the {best_run.budget:g} run')
+          f' (val loss); the IL model is the {best_run.budget:g} run' +
+          (f'; still improving ({gain:.4f} at the last doubling): raise --il_doublings for a better IL model'
+           if still_improving else ''))
     for name in ('ckpt.pt', 'log.jsonl', 'config.json'):  # the IL model's run folder: the best run's files
         atomic_write_bytes(Path(cfg.il_out_dir) / name, (Path(best_run.out_dir) / name).read_bytes())
-    result = {**best, 'spent': spent, 'search': [(r.budget, res['val_loss']) for r, res in tried]}
+    result = {**best, 'spent': spent, 'search': [(r.budget, res['val_loss']) for r, res in tried], 'still_improving': still_improving}
     precompute_il(cfg, result)
     return result
 
@@ -303,7 +307,7 @@ def precompute_il(cfg, il_result):
     accountant.charge_forward(len(train_k), model.n_layer)
     info = {**cache_key(cfg, corpus, T), 'il_ckpt': str(ckpt_path), 'il_ckpt_sha256': file_sha256(ckpt_path),
             'dtype': 'float16', 'il_val_loss': il_result['val_loss'], 'il_steps': il_result['steps'],
-            'il_search': il_result.get('search', []),
+            'il_search': il_result.get('search', []), 'il_still_improving': il_result.get('still_improving', False),
             'il_train': {u: il_result['spent'][u] for u in ('rst', 'tokens', 'flops', 'wall')},
             'il_precompute': {'examples': len(train_k), 'rst': accountant.spent['rst'],
                               'flops': accountant.spent['flops'], 'wall': seconds}}

@@ -411,6 +411,11 @@ def run_finished(out_dir):
     return 'error' not in run and run['complete']
 
 
+def run_diverged(out_dir):
+    """A run folder whose log ends in a non-finite loss (train.NonFiniteLoss): rerunning it diverges again."""
+    return any(r.get('nonfinite') for r in read_log(Path(out_dir) / 'log.jsonl'))
+
+
 # -----------------------------------------------------------------------------
 # running many runs at once
 

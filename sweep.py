@@ -28,7 +28,7 @@ from budget import mean_std, pyplot
 from configurator import ConfigError, UserError, check_distinct, key, read_config_file, require, require_writable
 from data.loader import DataError, atomic_write_bytes, data_dir
 from data.ngram import ngram_floors
-from runs import IL_LABEL, METHOD_STATS, Job, read_run, records_config, run_finished, run_jobs
+from runs import IL_LABEL, METHOD_STATS, Job, read_run, records_config, run_diverged, run_finished, run_jobs
 
 
 # -----------------------------------------------------------------------------
@@ -180,25 +180,27 @@ def untrained_note(groups, budgets):
             'initial model\'s): ' + ', '.join(cells)) if cells else ''
 
 
-def target_table(groups, target, baseline='baseline'):
+def target_table(groups, target, baseline='baseline', how=''):
     """Time to target from fully decayed endpoints: per seed, the budget at which its final val loss
-    reaches the target (interpolated between budgets; a seed that never does counts as not reached);
-    per method the median over all seeds (not reached = infinite) and speedup = baseline median / method's.
-    A seed of a sweep in progress that has not reached it and lacks a budget's run is pending, not counted."""
-    lines = [f'target val loss {target:.4f} (fully decayed endpoints, per seed)', '',
+    reaches the target (interpolated between budgets in log budget: they are spaced x2; a seed that never
+    does counts as not reached); per method the median over all seeds (not reached = infinite) and speedup =
+    baseline median / method's. A seed of a sweep in progress that has not reached it and lacks a run at one
+    of the table's budgets is pending, not counted."""
+    lines = [f'target val loss {target:.4f}{how} (fully decayed endpoints, per seed)', '',
              '| method | budget to target: median | seeds reached | speedup |', '| --- | --- | --- | --- |']
+    table_budgets = sorted({b for by_budget in groups.values() for b, rs in by_budget.items() if finals_by_seed(rs)})
     medians = {}
     for label, by_budget in groups.items():
-        budgets = [b for b, rs in sorted(by_budget.items()) if finals_by_seed(rs)]
         seeds = sorted({r['seed'] for rs in by_budget.values() for r in rs if r['complete']})
         times, pending = [], 0
         for seed in seeds:
-            ends = [(b, finals_by_seed(by_budget[b])[seed]) for b in budgets if seed in finals_by_seed(by_budget[b])]
+            ends = [(math.log(b), finals_by_seed(by_budget.get(b, []))[seed]) for b in table_budgets
+                    if seed in finals_by_seed(by_budget.get(b, []))]
             hit = crossing(ends, target)
-            if hit is None and len(ends) < len(budgets):  # it may reach the target at a budget not run yet
+            if hit is None and len(ends) < len(table_budgets):  # it may reach the target at a budget not run yet
                 pending += 1
                 continue
-            times.append(math.inf if hit is None else hit)
+            times.append(math.inf if hit is None else math.exp(hit))
         medians[label] = (statistics.median(times) if times else math.inf, sum(t < math.inf for t in times), len(times), pending)
     base = medians.get(baseline, (math.inf,))[0]
     for label, (median, reached, n, pending) in medians.items():
@@ -206,6 +208,18 @@ def target_table(groups, target, baseline='baseline'):
         lines.append(f"| {label} | {f'{median:.1f}' if math.isfinite(median) else 'not reached'} | {reached}/{n}"
                      f"{f' ({pending} pending: not run at every budget yet)' if pending else ''} | {speed} |")
     return '\n'.join(lines)
+
+
+def auto_target(base_runs):
+    """compare's default target: the baseline's worst final val loss at the largest budget that all of its
+    seeds completed, so that every baseline seed reaches it (its time to target is defined on each seed)
+    and a budget still being run does not set it -> (target, how it was chosen), or None."""
+    finals = {b: finals_by_seed(rs) for b, rs in base_runs.items()}
+    n = max(map(len, finals.values()), default=0)
+    if n == 0:
+        return None
+    b = max(b for b, f in finals.items() if len(f) == n)
+    return max(finals[b].values()), f" (the baseline's worst of {n} seeds at budget {b:g})"
 
 
 def method_stats(groups):
@@ -452,11 +466,9 @@ def unit_report(runs, target, baseline):
     if runs[0]['unit'] == 'rst':
         parts.append(cost_sensitivity(groups, baseline))
     if target != 'none':
-        base = groups.get(baseline, {})
-        finals = [r['final'] for r in base.get(max(base), []) if r['complete']] if base else []
-        value = float(target) if target != 'auto' else (statistics.mean(finals) if finals else None)
-        if value is not None:
-            parts.append(target_table(groups, value, baseline))
+        chosen = (float(target), '') if target != 'auto' else auto_target(groups.get(baseline, {}))
+        if chosen is not None:
+            parts.append(target_table(groups, chosen[0], baseline, how=chosen[1]))
     return '\n\n'.join(p for p in parts if p)
 
 
@@ -474,7 +486,7 @@ def check_target(target):
 @dataclass(frozen=True)
 class CompareConfig:
     out: str = 'ablation'        # writes <out>.md and, with matplotlib, <out>.png
-    target: str = 'auto'         # time-to-target: 'auto' (baseline mean at the largest budget), a number, 'none'
+    target: str = 'auto'         # time-to-target: 'auto' (the baseline's worst seed at its largest full budget), a number, 'none'
     baseline: str = 'baseline'   # the label deltas and speedups are taken against
 
     def __post_init__(self):
@@ -493,7 +505,7 @@ class AblateConfig:
     seeds: tuple = key((0, 1, 2, 3, 4), '>=0')  # paired: a seed fixes initialisation and data order for every method
     quick: bool = False                  # a smoke sweep: QUICK_BUDGETS, one seed
     baseline_schedule: str = key('cosine', ('cosine', 'wsd_branches'))  # 'wsd_branches' adds a WSD row trained as cooldown branches
-    target: str = 'auto'                 # time-to-target: 'auto' (baseline at the largest budget), a number, 'none'
+    target: str = 'auto'                 # time-to-target: 'auto' (see compare), a number, 'none'
     tuned: str = ''                      # a tuned.json from `budget.py tune` of this sweep: its values override METHODS'
     jobs: int = key(1, '>0')             # runs at once, the CPU threads split between them
 
@@ -571,7 +583,7 @@ def sweep_plan(cfg):
     budgets = sorted(b for b in cfg.budgets if b > 0) or sorted(spec['QUICK_BUDGETS' if cfg.quick else 'BUDGETS'])
     seeds = cfg.seeds[:1] if cfg.quick else cfg.seeds
     methods = chosen_methods(spec, cfg.methods, cfg.config)
-    tuned, tuned_il = read_tuned(cfg.tuned, spec, cfg.config, min(budgets)) if cfg.tuned else ({}, None)
+    tuned, tuned_il = read_tuned(cfg.tuned, spec, cfg.config, min(budgets), methods, seeds) if cfg.tuned else ({}, None)
     # the IL model that tuning's RHO-LOSS grid trained serves this sweep too if it was trained for this largest budget
     il = tuned_il if tuned_il and tuned_il['il_budget'] == max(budgets) else il_args(cfg.out_dir, max(budgets))
     plan = [(label, script, {**spec['COMMON'], **(il if args.get('method') == 'rho' else {}), **args,
@@ -601,15 +613,23 @@ def run_command(script, args):
     return [sys.executable, script] + [f'--{k}={v!r}' if isinstance(v, (str, tuple)) else f'--{k}={v}' for k, v in args.items()]
 
 
-def run_plan(plan, jobs):
+def run_plan(plan, jobs, diverged_ok=False):
     """Run every unfinished (label, script, args) of a plan, `jobs` at a time (runs.run_jobs; each run's
     output goes to <out_dir>.out). The runs that need RHO-LOSS's shared IL model wait while the first of
-    them builds it, then run side by side. Resumable: finished runs are skipped, killed ones resume."""
-    todo = [item for item in plan if item[2].get('branch_budgets') or not (run_finished(item[2]['out_dir'])
-                                                                          and records_config(item[2]['out_dir'], item[2]))]
+    them builds it, then run side by side. Resumable: finished runs are skipped, killed ones resume.
+    diverged_ok (tuning): a run whose loss went non-finite is a result (that lr is too high), not a failure,
+    and is not run again."""
+    def done(args):
+        folder = args['out_dir']
+        return (run_finished(folder) or diverged_ok and run_diverged(folder)) and records_config(folder, args)
+    todo = [item for item in plan if item[2].get('branch_budgets') or not done(item[2])]
     failed = run_jobs([Job(f"{label} budget {args['budget']:g} seed {args['seed']}", run_command(script, args),
                            Path(f"{args['out_dir']}.out"), 'il' if args.get('il_out_dir') else '')
                        for label, script, args in todo], jobs, cwd=Path(__file__).parent)
+    diverged = [(job, last) for job, last in failed if diverged_ok and run_diverged(str(job.log).removesuffix('.out'))]
+    for job, last in diverged:
+        print(f'{job.label}: diverged, counted as an infinite loss ({last})', flush=True)
+    failed = [f for f in failed if f not in diverged]
     if failed:
         job, last = failed[0]
         raise UserError(f'{len(failed)} run(s) failed, first: {job.label}: {last} (see {job.log})')
@@ -631,7 +651,7 @@ class TuneConfig:
     methods: tuple = ('',)               # ('',) = every method in the config file
     budget: float = key(0.0, '>=0')      # 0 = the smallest of the config file's BUDGETS
     seeds: tuple = key((1000,), '>=0')   # tuning seeds: never the reported ones
-    points: int = key(5, '>=3')          # lr grid points, spaced x2 around the method's own lr
+    points: int = key(5, '>=5')          # lr grid points, spaced x2 around the method's own lr
     jobs: int = key(1, '>0')             # runs at once, the CPU threads split between them
 
     def __post_init__(self):
@@ -665,16 +685,18 @@ def tune(cfg):
     grids = [TuneGrid(label, script, args, spec, budget, cfg) for label, (script, args) in methods.items()]
     # all grids in one pool, so that no core idles between methods; RHO-LOSS's first, as its first run
     # trains the shared IL model (the longest job); then the grids whose best point is at an edge, extended
-    run_plan([item for g in sorted(grids, key=lambda g: not g.il) for item in g.plan()], cfg.jobs)
+    run_plan([item for g in sorted(grids, key=lambda g: not g.il) for item in g.plan()], cfg.jobs, diverged_ok=True)
     extending = grids
     while extending := [g for g in extending if g.extend()]:
-        run_plan([item for g in extending for item in g.plan()], cfg.jobs)
+        run_plan([item for g in extending for item in g.plan()], cfg.jobs, diverged_ok=True)
     results = {}
     for g in grids:
-        best = g.best()
+        best, edges = g.best(), g.at_edge()
         results[g.label] = {**{k: v for k, v in tune_point(g.args, common, best['lr'], best['extra']).items()
-                               if k in ('lr', 'weight_decay', *g.axes)}, 'grid': g.summaries()}
-        print(f"{g.label}: best lr {best['lr']:.3g} {best['extra'] or ''} final val loss {best['final']:.4f}", flush=True)
+                               if k in ('lr', 'weight_decay', *g.axes)}, 'grid': g.summaries(), 'at_edge': edges}
+        print(f"{g.label}: best lr {best['lr']:.3g} {best['extra'] or ''} final val loss {best['final']:.4f}"
+              + (f" (still at an edge of its {', '.join(edges)} axis, which can extend no further: the optimum may "
+                 'lie beyond it)' if edges else ''), flush=True)
     out.mkdir(parents=True, exist_ok=True)
     record['tuned'] = {**earlier.get('tuned', {}), **results}  # methods tuned earlier for this same sweep stay
     il = next((g.il for g in grids if g.il), None) or earlier.get('il')
@@ -754,6 +776,15 @@ class TuneGrid:
                 self.extended[name], grew = self.extended[name] + 1, True
         return grew
 
+    def at_edge(self):
+        """The axes whose best value is still an edge of the grid (after every extension it was allowed)."""
+        best = self.best()
+        if not math.isfinite(best['final']):
+            return []
+        k_best = round(math.log2(best['lr'] / self.lr0))
+        return (['lr'] if k_best in (min(self.ks), max(self.ks)) else []) + [
+            name for name, values in self.axes.items() if beyond_edge(values, best['extra'][name]) is not None]
+
     def accepts(self, name, value):
         """Whether the method's script takes name=value among this grid's keys (its config class's checks)."""
         config = script_config(self.script)
@@ -802,9 +833,10 @@ def tune_summary(folder, seeds, lr, extra):
     return {'lr': lr, 'extra': extra, 'final': final, **stats}
 
 
-def read_tuned(path, spec, config, smallest_budget):
+def read_tuned(path, spec, config, smallest_budget, rows, seeds):
     """({label: overrides}, the IL model's il_args or None) from a tuned.json, refused (naming the
-    difference) when it was made for another sweep."""
+    difference) when it was made for another sweep, lacks one of the sweep's rows (equal effort: no row
+    runs untuned beside tuned ones), or was tuned on a seed the sweep reports."""
     try:
         record = json.loads(Path(path).read_text())
         tuned, methods, il = record['tuned'], record['methods'], record.get('il')
@@ -824,7 +856,13 @@ def read_tuned(path, spec, config, smallest_budget):
                             f"{spec['METHODS'][label]!r}: tune again")
     if record.get('budget') != smallest_budget:
         raise UserError(f"--tuned={path} was tuned at budget {record.get('budget')}, this sweep's smallest is {smallest_budget}")
-    return {label: {k: v for k, v in t.items() if k != 'grid'} for label, t in tuned.items()}, il
+    untuned = [row for row in rows if spec.get('TUNED_AS', {}).get(row, row) not in tuned]
+    require(not untuned, f"--tuned={path} has no tuned values for {', '.join(untuned)}: tune them too "
+                         f"(python budget.py tune --methods=...), or leave them out with --methods")
+    shared = sorted(set(record.get('seeds') or []) & set(seeds))
+    require(not shared, f'--tuned={path} was tuned on seed(s) {shared}, which this sweep reports: tuning seeds are '
+                        'never reported; give --seeds without them, or tune on other seeds')
+    return {label: {k: v for k, v in t.items() if k not in ('grid', 'at_edge')} for label, t in tuned.items()}, il
 
 
 def plot_tuning(results, path):

@@ -5,6 +5,7 @@ equal-effort tuning, and a resumable `budget.py ablate` sweep that can run jobs 
 import dataclasses
 import json
 import math
+import shutil
 import statistics
 
 import pytest
@@ -265,9 +266,9 @@ def test_budget_counts_rst_per_cost_entry_and_resumes_it():
 @pytest.fixture
 def target_runs(tmp_path):
     """Budgets 10 and 20 RST, fully decayed endpoints per seed. Baseline seed 0: 3.4 at 10, 2.9 at 20;
-    seed 1: 3.4 at 10, 3.1 at 20; so target 'auto' = mean at 20 = 3.0: seed 0 reaches it at 10 + 0.4/0.5 x 10
-    = 18, seed 1 never (it counts: median of (18, inf) is inf). 'fast' seed 0: 3.1 at 10, 2.8 at 20 -> 13.33;
-    seed 1: 2.95 at 10 -> 10. 'slow' never."""
+    seed 1: 3.4 at 10, 3.1 at 20; so target 'auto' = the baseline's worst seed at 20 = 3.1. Crossings are
+    interpolated in log budget: seed 0 reaches 3.1 at 10 x 2^(0.3/0.5), seed 1 at 20. 'fast' seed 0: 3.1
+    at 10, seed 1: 2.95 at 10 -> both at 10. 'slow' (3.5, 3.2) never."""
     def run(name, label, budget, seed, final):
         return write_run(tmp_path, name, label, budget, seed, [(budget / 2, 50 * budget, final + 0.5), (budget, 100 * budget, final)])
     return [run('b10s0', 'baseline', 10.0, 0, 3.4), run('b20s0', 'baseline', 20.0, 0, 2.9),
@@ -280,26 +281,30 @@ def target_runs(tmp_path):
 def test_time_to_target_from_decayed_endpoints_over_all_seeds(target_runs, tmp_path, monkeypatch):
     monkeypatch.setattr(sweep, 'plot_runs', lambda *args: None)
     report = sweep.compare(target_runs, out=str(tmp_path / 'x'))   # target='auto'
-    assert 'target val loss 3.0000' in report
-    assert row(report, 'baseline', 2) == ['not reached', '1/2', '—']     # seed 1 never reaches it: not dropped
-    fast = statistics.median([10 + 0.1 / 0.3 * 10, 10.0])
-    assert row(report, 'fast', 2) == [f'{fast:.1f}', '2/2', '—']
-    assert row(report, 'slow', 2) == ['not reached', '0/1', '—']
+    assert "target val loss 3.1000 (the baseline's worst of 2 seeds at budget 20)" in report
+    base = statistics.median([10 * 2 ** 0.6, 20.0])                 # every baseline seed reaches its own target
+    assert row(report, 'baseline', 2) == [f'{base:.1f}', '2/2', '1.00x']
+    assert row(report, 'fast', 2) == ['10.0', '2/2', f'{base / 10:.2f}x']
+    assert row(report, 'slow', 2) == ['not reached', '0/1', '—']   # never: counted, not dropped
     explicit = sweep.compare(target_runs, out=str(tmp_path / 'y'), target='3.2')
-    base = statistics.median([10 + 0.2 / 0.5 * 10, 10 + 0.2 / 0.3 * 10])
+    base = statistics.median([10 * 2 ** (0.2 / 0.5), 10 * 2 ** (0.2 / 0.3)])
     assert row(explicit, 'baseline', 2) == [f'{base:.1f}', '2/2', '1.00x']
     assert row(explicit, 'fast', 2) == ['10.0', '2/2', f'{base / 10:.2f}x']
     assert row(explicit, 'slow', 2) == ['20.0', '1/1', f'{base / 20:.2f}x']
 
 
 def test_a_seed_not_run_at_every_budget_yet_is_pending_not_unreached(target_runs, tmp_path, monkeypatch):
-    """A sweep in progress: 'fast' seed 2 has only its budget-10 run (3.3, above the target 3.0). It may yet
-    reach the target at 20, so it is pending, not 'not reached'; the median stays over seeds 0 and 1."""
+    """A sweep in progress. 'fast' seed 2 has only its budget-10 run (3.3, above the target 3.1): it may yet
+    reach the target at 20, so it is pending, not 'not reached'. The baseline's seed 0 has begun budget 40
+    (2.5): 'slow', not run at 40 yet, is pending too, and the target stays at budget 20, the largest that
+    every baseline seed completed."""
     monkeypatch.setattr(sweep, 'plot_runs', lambda *args: None)
-    extra = write_run(tmp_path, 'f10s2', 'fast', 10.0, 2, [(5.0, 500, 3.8), (10.0, 1000, 3.3)])
-    report = sweep.compare(target_runs + [extra], out=str(tmp_path / 'x'))
-    fast = statistics.median([10 + 0.1 / 0.3 * 10, 10.0])
-    assert row(report, 'fast', 2) == [f'{fast:.1f}', '2/2 (1 pending: not run at every budget yet)', '—']
+    extra = [write_run(tmp_path, 'f10s2', 'fast', 10.0, 2, [(5.0, 500, 3.8), (10.0, 1000, 3.3)]),
+             write_run(tmp_path, 'b40s0', 'baseline', 40.0, 0, [(20.0, 2000, 3.0), (40.0, 4000, 2.5)])]
+    report = sweep.compare(target_runs + extra, out=str(tmp_path / 'x'))
+    assert "target val loss 3.1000 (the baseline's worst of 2 seeds at budget 20)" in report
+    assert row(report, 'fast', 2) == ['10.0', '2/2 (1 pending: not run at every budget yet)', '1.76x']
+    assert row(report, 'slow', 2) == ['not reached', '0/0 (1 pending: not run at every budget yet)', '—']
 
 
 def test_plot_spans_the_budget_names_a_row_past_it_marks_the_floor_and_leaves_partial_runs_out(tmp_path):
@@ -478,24 +483,24 @@ def test_ablate_runs_the_sweep_once(tmp_path, monkeypatch, capsys):
 
 
 def test_tune_grid_extends_at_an_edge_and_ablate_reads_the_result(tmp_path, monkeypatch):
-    """A 3-point grid (x2 spacing) per method on a known loss landscape (final = log2(lr / optimum)^2; the
+    """A 5-point grid (x2 spacing) per method on a known loss landscape (final = log2(lr / optimum)^2; the
     runs themselves are test_ablate's): a best point at an edge adds the next point beyond it until the
     best is inside; Lion's weight decay keeps lr x wd at its configured product; ablate --tuned takes the
     chosen values and refuses a tuned file made for another sweep."""
     (tmp_path / 'sweep.py').write_text(SWEEP)
     optimum = {'baseline': 3e-3 * 4, 'lion': 3e-4 / 2}
     plans = []
-    monkeypatch.setattr(sweep, 'run_plan', lambda plan, jobs: plans.extend(plan))
+    monkeypatch.setattr(sweep, 'run_plan', lambda plan, jobs, **kw: plans.extend(plan))
     monkeypatch.setattr(sweep, 'tune_summary', lambda folder, seeds, lr, extra: {
         'lr': lr, 'extra': extra, 'final': math.log2(lr / optimum[folder.parent.name]) ** 2})
     monkeypatch.setattr(sweep, 'plot_tuning', lambda results, path: None)
     cfg = sweep.TuneConfig(config=str(tmp_path / 'sweep.py'), out_dir=str(tmp_path / 'tune'),
-                           methods=('baseline', 'lion'), points=3, seeds=(7, 8))
+                           methods=('baseline', 'lion'), points=5, seeds=(7, 8))
     results = sweep.tune(cfg)
     for label, lr0 in (('baseline', 3e-3), ('lion', 3e-4)):
         assert results[label]['lr'] == pytest.approx(optimum[label])
         tried = sorted(round(p['lr'] / lr0, 6) for p in results[label]['grid'])
-        want = {'baseline': [0.5, 1.0, 2.0, 4.0, 8.0], 'lion': [0.25, 0.5, 1.0, 2.0]}[label]
+        want = {'baseline': [0.25, 0.5, 1.0, 2.0, 4.0, 8.0], 'lion': [0.25, 0.5, 1.0, 2.0, 4.0]}[label]
         assert tried == want                                  # extended one point at a time, and no further
     runs = [a for _, _, a in plans]
     assert all(a['budget'] == 6.0 and a['seed'] in (7, 8) for a in runs)      # the smallest budget, tuning seeds
@@ -507,32 +512,81 @@ def test_tune_grid_extends_at_an_edge_and_ablate_reads_the_result(tmp_path, monk
     plan = sweep.sweep_plan(sweep.AblateConfig(config=cfg.config, tuned=tuned, methods=('baseline', 'lion'), seeds=(0,)))
     assert {label: (a['lr'], a.get('weight_decay')) for label, _, a in plan if a['budget'] == 6.0} == {
         'baseline': (optimum['baseline'], None), 'lion': (optimum['lion'], results['lion']['weight_decay'])}
+    with pytest.raises(budget_lib.UserError, match='has no tuned values for stack: tune them too'):
+        sweep.sweep_plan(sweep.AblateConfig(config=cfg.config, tuned=tuned, methods=('baseline', 'stack')))
+    with pytest.raises(budget_lib.UserError, match=r'was tuned on seed\(s\) \[7\], which this sweep reports'):
+        sweep.sweep_plan(sweep.AblateConfig(config=cfg.config, tuned=tuned, methods=('baseline', 'lion'), seeds=(0, 7)))
     (tmp_path / 'sweep.py').write_text(SWEEP.replace('lr=3e-3)', 'lr=1e-3)'))
     with pytest.raises(budget_lib.UserError, match='was made for COMMON'):
         sweep.sweep_plan(sweep.AblateConfig(config=cfg.config, tuned=tuned))
 
 
+def test_a_best_point_still_at_an_edge_after_every_extension_is_flagged(tmp_path, monkeypatch, capsys):
+    """The baseline's best lr lies 2^8 above its own, past what MAX_EXTENSIONS (3) lets a 5-point grid reach
+    (2^5): tuned.json and the console say the best is still at the lr axis's edge; ablate still reads it."""
+    (tmp_path / 'sweep.py').write_text(SWEEP)
+    monkeypatch.setattr(sweep, 'run_plan', lambda plan, jobs, **kw: None)
+    monkeypatch.setattr(sweep, 'tune_summary', lambda folder, seeds, lr, extra: {
+        'lr': lr, 'extra': extra, 'final': math.log2(lr / (3e-3 * 2 ** 8)) ** 2})
+    monkeypatch.setattr(sweep, 'plot_tuning', lambda results, path: None)
+    cfg = sweep.TuneConfig(config=str(tmp_path / 'sweep.py'), out_dir=str(tmp_path / 'tune'), methods=('baseline',))
+    result = sweep.tune(cfg)['baseline']
+    assert result['lr'] == pytest.approx(3e-3 * 2 ** 5) and result['at_edge'] == ['lr']
+    assert 'still at an edge of its lr axis' in capsys.readouterr().out
+    tuned = json.loads((tmp_path / 'tune' / 'tuned.json').read_text())['tuned']['baseline']
+    assert tuned['at_edge'] == ['lr']
+    plan = sweep.sweep_plan(sweep.AblateConfig(config=cfg.config, tuned=str(tmp_path / 'tune' / 'tuned.json'),
+                                               methods=('baseline',), seeds=(0,)))
+    assert [a['lr'] for _, _, a in plan] == pytest.approx([3e-3 * 2 ** 5] * 2) and not any('at_edge' in a for _, _, a in plan)
+
+
+def test_a_diverged_tuning_run_is_a_result_not_a_failure(tmp_path, monkeypatch, capsys):
+    """A tuning run whose loss goes non-finite (train.NonFiniteLoss logs {'nonfinite': true}) tells that its
+    lr is too high: tune counts it as an infinite loss, says so, and does not run it again; in an ablation
+    the same failure stops the sweep."""
+    folder = tmp_path / 'lr0.1' / 's7'
+    args = {'model': 'tiny', 'budget_unit': 'iters', 'budget': 6.0, 'seed': 7, 'lr': 0.1, 'out_dir': str(folder)}
+
+    def diverging(jobs, n_parallel, cwd=None):  # what the run leaves: its config, a log ending in the non-finite loss
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / 'config.json').write_text(json.dumps({'config': args}))
+        (folder / 'log.jsonl').write_text(json.dumps({'step': 1, 'train_loss': 9.0, 'iters': 1}) + '\n'
+                                          + json.dumps({'step': 2, 'nonfinite': True, 'iters': 1}) + '\n')
+        return [(job, 'loss is nan at step 2') for job in jobs]
+    started = []
+    monkeypatch.setattr(sweep, 'run_jobs', lambda jobs, n, cwd=None: started.extend(jobs) or diverging(jobs, n))
+    plan = [('baseline', 'train.py', args)]
+    with pytest.raises(budget_lib.UserError, match=r'1 run\(s\) failed, first: baseline budget 6 seed 7'):
+        sweep.run_plan(plan, 1)
+    shutil.rmtree(folder)
+    sweep.run_plan(plan, 1, diverged_ok=True)
+    assert 'baseline budget 6 seed 7: diverged, counted as an infinite loss (loss is nan at step 2)' in capsys.readouterr().out
+    sweep.run_plan(plan, 1, diverged_ok=True)
+    assert len(started) == 2                                   # the third call found it diverged: not run again
+    assert sweep.tune_summary(folder.parent, (7,), 0.1, {})['final'] == math.inf
+
+
 def test_a_tune_axis_extends_at_its_edge_like_lr(tmp_path, monkeypatch):
     """Sophia-G's rho axis (0.04, 0.08, 0.16) on a landscape whose best rho is 0.64 and best lr the
     configured one: rho grows by its own ratio (x2), one value a round, to 0.32, 0.64 and 1.28, where the
-    best (0.64) is inside; the lr grid stays at its 3 points (its best is inside). A one-value text axis
+    best (0.64) is inside; the lr grid stays at its 5 points (its best is inside). A one-value text axis
     never extends."""
     (tmp_path / 'sweep.py').write_text(SWEEP.replace("'lion': ('train.py', dict(optimizer='lion', lr=3e-4)),",
                                                      "'sophiag': ('train.py', dict(optimizer='sophiag', lr=3e-4)),")
                                        + "TUNE = {'sophiag': {'rho': (0.16, 0.04, 0.08), 'schedule': ('cosine',)}}\n")
     plans = []
-    monkeypatch.setattr(sweep, 'run_plan', lambda plan, jobs: plans.extend(plan))
+    monkeypatch.setattr(sweep, 'run_plan', lambda plan, jobs, **kw: plans.extend(plan))
     monkeypatch.setattr(sweep, 'tune_summary', lambda folder, seeds, lr, extra: {
         'lr': lr, 'extra': extra, 'final': math.log2(lr / 3e-4) ** 2 + math.log2(extra['rho'] / 0.64) ** 2})
     monkeypatch.setattr(sweep, 'plot_tuning', lambda results, path: None)
     results = sweep.tune(sweep.TuneConfig(config=str(tmp_path / 'sweep.py'), out_dir=str(tmp_path / 'tune'),
-                                          methods=('sophiag',), points=3))
+                                          methods=('sophiag',), points=5))
     assert results['sophiag']['lr'] == pytest.approx(3e-4) and results['sophiag']['rho'] == pytest.approx(0.64)
     grid = results['sophiag']['grid']
     assert sorted({round(p['extra']['rho'], 6) for p in grid}) == [0.04, 0.08, 0.16, 0.32, 0.64, 1.28]
-    assert sorted({round(p['lr'] / 3e-4, 6) for p in grid}) == [0.5, 1.0, 2.0] and len(grid) == 18
+    assert sorted({round(p['lr'] / 3e-4, 6) for p in grid}) == [0.25, 0.5, 1.0, 2.0, 4.0] and len(grid) == 30
     assert {p['extra']['schedule'] for p in grid} == {'cosine'}
-    assert len({a['out_dir'] for _, _, a in plans}) == 18    # every point planned once (finished ones are skipped)
+    assert len({a['out_dir'] for _, _, a in plans}) == 30    # every point planned once (finished ones are skipped)
 
 
 def test_an_axis_extends_only_to_values_its_script_accepts_and_a_failed_grid_not_at_all(tmp_path, monkeypatch):
@@ -541,19 +595,19 @@ def test_an_axis_extends_only_to_values_its_script_accepts_and_a_failed_grid_not
     (tmp_path / 'sweep.py').write_text(SWEEP.replace("'lion': ('train.py', dict(optimizer='lion', lr=3e-4)),",
                                                      "'sophiag': ('train.py', dict(optimizer='sophiag', lr=3e-4)),")
                                        + "TUNE = {'sophiag': {'hess_interval': (5, 10), 'beta2': (0.95, 0.99)}}\n")
-    monkeypatch.setattr(sweep, 'run_plan', lambda plan, jobs: None)
+    monkeypatch.setattr(sweep, 'run_plan', lambda plan, jobs, **kw: None)
     monkeypatch.setattr(sweep, 'plot_tuning', lambda results, path: None)
     landscape = {'final': lambda lr, extra: math.log2(lr / 3e-4) ** 2 - extra['hess_interval'] - extra['beta2']}
     monkeypatch.setattr(sweep, 'tune_summary', lambda folder, seeds, lr, extra: {
         'lr': lr, 'extra': extra, 'final': landscape['final'](lr, extra)})
-    cfg = sweep.TuneConfig(config=str(tmp_path / 'sweep.py'), out_dir=str(tmp_path / 'tune'), methods=('sophiag',), points=3)
+    cfg = sweep.TuneConfig(config=str(tmp_path / 'sweep.py'), out_dir=str(tmp_path / 'tune'), methods=('sophiag',), points=5)
     result = sweep.tune(cfg)['sophiag']
     assert result['hess_interval'] == 80 and isinstance(result['hess_interval'], int) and result['beta2'] == 0.99
     assert sweep.beyond_edge((0.5, 1), 1) == 2 and sweep.beyond_edge((False, True), True) is None  # numbers mix; bools never grow
     assert {p['extra']['beta2'] for p in result['grid']} == {0.95, 0.99}
     landscape['final'] = lambda lr, extra: math.inf
     assert sorted({p['extra']['hess_interval'] for p in sweep.tune(
-        sweep.TuneConfig(config=cfg.config, out_dir=str(tmp_path / 'tune2'), methods=('sophiag',), points=3))['sophiag']['grid']}) == [5, 10]
+        sweep.TuneConfig(config=cfg.config, out_dir=str(tmp_path / 'tune2'), methods=('sophiag',), points=5))['sophiag']['grid']}) == [5, 10]
 
 
 def test_the_tuning_plot_names_text_axis_values(tmp_path):
@@ -570,12 +624,12 @@ def test_a_row_tuned_as_another_is_not_tuned_and_runs_with_its_values(tmp_path, 
                                                "    'rho_il_charged': ('rho.py', dict(method='rho', select_frac=0.5, charge_il=True)),\n    'lion':")
     (tmp_path / 'sweep.py').write_text(sweep_text + "TUNED_AS = {'rho_il_charged': 'rho'}\n")
     plans = []
-    monkeypatch.setattr(sweep, 'run_plan', lambda plan, jobs: plans.extend(plan))
+    monkeypatch.setattr(sweep, 'run_plan', lambda plan, jobs, **kw: plans.extend(plan))
     monkeypatch.setattr(sweep, 'tune_summary', lambda folder, seeds, lr, extra: {
         'lr': lr, 'extra': extra, 'final': math.log2(lr / 3e-3) ** 2})
     monkeypatch.setattr(sweep, 'plot_tuning', lambda results, path: None)
     cfg = sweep.TuneConfig(config=str(tmp_path / 'sweep.py'), out_dir=str(tmp_path / 'tune'),
-                           methods=('rho', 'rho_il_charged'), points=3, seeds=(7,))
+                           methods=('rho', 'rho_il_charged'), points=5, seeds=(7,))
     assert set(sweep.tune(cfg)) == {'rho'} and {a['label'] for _, _, a in plans} == {'rho (tuning)'}
     plan = sweep.sweep_plan(sweep.AblateConfig(config=cfg.config, tuned=str(tmp_path / 'tune' / 'tuned.json'),
                                                methods=('rho', 'rho_il_charged'), seeds=(0,)))
@@ -649,7 +703,7 @@ def test_tune_refuses_a_tuned_file_it_would_overwrite_before_any_run(tmp_path, m
     """An unreadable tuned.json, or one of another sweep (here: other seeds), in tune's folder is refused
     before hours of runs, not overwritten after them; no methods to tune is refused too."""
     (tmp_path / 'sweep.py').write_text(SWEEP)
-    monkeypatch.setattr(sweep, 'run_plan', lambda plan, jobs: pytest.fail('ran before refusing'))
+    monkeypatch.setattr(sweep, 'run_plan', lambda plan, jobs, **kw: pytest.fail('ran before refusing'))
     cfg = sweep.TuneConfig(config=str(tmp_path / 'sweep.py'), out_dir=str(tmp_path / 'tune'), methods=('baseline',))
     (tmp_path / 'tune').mkdir()
     for text, says in (('{"trunc', 'is not a tuned.json'), ('[1, 2]', 'is not a tuned.json')):

@@ -214,7 +214,7 @@ def test_budget_commands_refuse_in_one_line(saved, capsys, tmp_path):
              (['compare', str(saved['good']), str(saved['good']), f'--out={tmp_path}/x'], 'is given twice'),
              (['calibrate', *TINY, f'--rst_table={r}/a_file/t.json'], 'a_file is a file, not a folder'),
              (['ablate', '--jobs=0'], '--jobs must be > 0'),
-             (['tune', '--points=2'], '--points must be >= 3')]
+             (['tune', '--points=4'], '--points must be >= 5')]
     for argv, phrase in cases:
         capsys.readouterr()
         with pytest.raises(SystemExit) as e:

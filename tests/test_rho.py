@@ -182,6 +182,20 @@ def test_sb_long_run_kept_fraction(beta, want):
     assert above > 0.8 * trained / 8  # the kept examples are the high-loss ones
 
 
+def test_sb_history_rule_keeps_about_half_while_the_loss_falls():
+    """A training run's losses fall: here 1 + 3 exp(-t / 300) + U(0, 1) per example, 32 a step, 1000 steps.
+    The rule's history (the last 10 micro-batches) keeps a mean 0.45-0.55 at beta = 1; the paper's 5000
+    losses span the early, larger ones, so current losses rank low and far fewer are kept."""
+    g = torch.Generator().manual_seed(0)
+
+    def mean_keep(history):
+        sb = rho.SelectiveBackprop(rho.RhoConfig(batch_size=32, sb_history=history))
+        return np.mean([sb.keep_prob(1 + 3 * math.exp(-t / 300) + torch.rand(32, generator=g)).mean().item()
+                        for t in range(1000)])
+    assert 0.45 <= mean_keep(0) <= 0.55
+    assert mean_keep(5000) < 0.4
+
+
 def trained_rows(sb, data, ctx, n_steps):
     rows = []
     for _ in range(n_steps):
@@ -218,9 +232,10 @@ def test_holdout_split_is_fixed_and_disjoint():
 
 # ----- the IL model's search: doublings while its held-out loss improves -------------------------------
 
-def test_il_search_doubles_while_the_val_loss_improves_and_keeps_the_best(tmp_path, monkeypatch):
+def test_il_search_doubles_while_the_val_loss_improves_and_keeps_the_best(tmp_path, monkeypatch, capsys):
     """Val losses 3.0 at budget 1, 2.5 at 2, 2.495 at 4: the 4x run gains 0.005 < il_tol 0.01, so the search
-    stops there (not at 8x) and keeps the 4x run; the IL cost is all three runs'."""
+    stops there (not at 8x) and keeps the 4x run; the IL cost is all three runs'. A search cut short by
+    --il_doublings while still improving says so."""
     losses, trained = {1.0: 3.0, 2.0: 2.5, 4.0: 2.495, 8.0: 2.0}, []
 
     def fake_train(run, objective):
@@ -238,8 +253,12 @@ def test_il_search_doubles_while_the_val_loss_improves_and_keeps_the_best(tmp_pa
     assert trained == [1.0, 2.0, 4.0] and result['search'] == [(1.0, 3.0), (2.0, 2.5), (4.0, 2.495)]
     assert result['val_loss'] == 2.495 and result['spent'] == {'rst': 7.0, 'tokens': 700.0, 'flops': 3.0, 'wall': 1.5}
     assert (tmp_path / 'il' / 'ckpt.pt').read_text() == 'ckpt.pt of 4'
+    assert not result['still_improving']
     one = rho.train_il(dataclasses.replace(cfg, il_doublings=0, il_out_dir=str(tmp_path / 'one')))
-    assert one['search'] == [(1.0, 3.0)] and trained[-1] == 1.0
+    assert one['search'] == [(1.0, 3.0)] and trained[-1] == 1.0 and not one['still_improving']
+    cut = rho.train_il(dataclasses.replace(cfg, il_doublings=1, il_out_dir=str(tmp_path / 'cut')))
+    assert cut['search'] == [(1.0, 3.0), (2.0, 2.5)] and cut['still_improving']  # 2x still gained 0.5: said so
+    assert 'still improving (0.5000 at the last doubling): raise --il_doublings' in capsys.readouterr().out
 
 
 # ----- end to end: a small corpus, the IL stage, the target runs ---------------------------------------
