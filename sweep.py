@@ -219,7 +219,7 @@ def auto_target(base_runs):
     if n == 0:
         return None
     b = max(b for b, f in finals.items() if len(f) == n)
-    return max(finals[b].values()), f" (the baseline's worst of {n} seeds at budget {b:g})"
+    return max(finals[b].values()), f", the baseline's worst of {n} seeds at budget {b:g}"
 
 
 def method_stats(groups):

@@ -281,7 +281,7 @@ def target_runs(tmp_path):
 def test_time_to_target_from_decayed_endpoints_over_all_seeds(target_runs, tmp_path, monkeypatch):
     monkeypatch.setattr(sweep, 'plot_runs', lambda *args: None)
     report = sweep.compare(target_runs, out=str(tmp_path / 'x'))   # target='auto'
-    assert "target val loss 3.1000 (the baseline's worst of 2 seeds at budget 20)" in report
+    assert "target val loss 3.1000, the baseline's worst of 2 seeds at budget 20 (fully decayed" in report
     base = statistics.median([10 * 2 ** 0.6, 20.0])                 # every baseline seed reaches its own target
     assert row(report, 'baseline', 2) == [f'{base:.1f}', '2/2', '1.00x']
     assert row(report, 'fast', 2) == ['10.0', '2/2', f'{base / 10:.2f}x']
@@ -302,7 +302,7 @@ def test_a_seed_not_run_at_every_budget_yet_is_pending_not_unreached(target_runs
     extra = [write_run(tmp_path, 'f10s2', 'fast', 10.0, 2, [(5.0, 500, 3.8), (10.0, 1000, 3.3)]),
              write_run(tmp_path, 'b40s0', 'baseline', 40.0, 0, [(20.0, 2000, 3.0), (40.0, 4000, 2.5)])]
     report = sweep.compare(target_runs + extra, out=str(tmp_path / 'x'))
-    assert "target val loss 3.1000 (the baseline's worst of 2 seeds at budget 20)" in report
+    assert "target val loss 3.1000, the baseline's worst of 2 seeds at budget 20 (fully decayed" in report
     assert row(report, 'fast', 2) == ['10.0', '2/2 (1 pending: not run at every budget yet)', '1.76x']
     assert row(report, 'slow', 2) == ['not reached', '0/0 (1 pending: not run at every budget yet)', '—']
 
