@@ -13,6 +13,7 @@ import numpy as np
 from data.loader import Corpus, DataError, atomic_write_bytes, read_json
 
 FLOOR_ORDERS = {'unigram': 1, 'bigram': 2, 'trigram': 3}
+SMOOTHING = 'interpolated Kneser-Ney'  # part of the cache key: another estimator is not served stale floors
 
 
 def ngram_floors(corpus, max_train_tokens=1 << 26):
@@ -30,9 +31,9 @@ def ngram_floors(corpus, max_train_tokens=1 << 26):
     memory of a large one). Cached in the corpus folder (ngram_floors.json) by the files' identity."""
     corpus = corpus if isinstance(corpus, Corpus) else Corpus(corpus)
     cache = corpus.path / 'ngram_floors.json'
-    key = {'identity': corpus.identity(), 'max_train_tokens': max_train_tokens}
+    key = {'identity': corpus.identity(), 'max_train_tokens': max_train_tokens, 'smoothing': SMOOTHING}
     cached = read_json(cache)
-    if cached.get('key') == key:
+    if cached.get('key') == key and is_floors(cached.get('floors')):
         return cached['floors']
     V = corpus.vocab_size
     if V ** 3 >= 2 ** 63:
@@ -43,11 +44,16 @@ def ngram_floors(corpus, max_train_tokens=1 << 26):
         raise DataError(f'{corpus.path} is too small for n-gram floors (train and val need 3 tokens each)')
     floors = {name: kneser_ney_nats(train, val, n, V) for name, n in FLOOR_ORDERS.items()}
     try:
-        atomic_write_bytes(cache, json.dumps({'key': key, 'smoothing': 'interpolated Kneser-Ney',
-                                              'floors': floors}, indent=1).encode())
+        atomic_write_bytes(cache, json.dumps({'key': key, 'floors': floors}, indent=1).encode())
     except OSError:
         pass  # a read-only corpus folder: computed again next time
     return floors
+
+
+def is_floors(floors):
+    """A cached floors dict of the right shape: each order's cross-entropy, a positive finite number."""
+    return (isinstance(floors, dict) and set(floors) == set(FLOOR_ORDERS)
+            and all(isinstance(v, (int, float)) and 0 < v < float('inf') for v in floors.values()))
 
 
 def ngram_keys(tokens, n, V, start):

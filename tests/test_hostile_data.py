@@ -219,6 +219,13 @@ def test_floors_cache_follows_the_corpus(old):
     target, _ = old
     first = ngram_floors(Corpus(target))
     assert json.loads((target / 'ngram_floors.json').read_text())['floors'] == first
+    cache = json.loads((target / 'ngram_floors.json').read_text())
+    for bad in ({**first, 'trigram': 'nan'}, {'unigram': 1.0}, None, {**first, 'bigram': -1.0}):
+        (target / 'ngram_floors.json').write_text(json.dumps({**cache, 'floors': bad}))
+        assert ngram_floors(Corpus(target)) == first  # an edited or damaged cache is recomputed, not served
+    (target / 'ngram_floors.json').write_text(json.dumps({**cache, 'key': {**cache['key'], 'smoothing': 'add-one'}}))
+    assert ngram_floors(Corpus(target)) == first  # another estimator's cache is not served either
+    assert json.loads((target / 'ngram_floors.json').read_text())['key'] == cache['key']
     write_corpus(target, docs(60, seed=5), get_tokenizer('byte'), 'new', val_frac=0.2)
     assert ngram_floors(Corpus(target)) != first  # re-prepared: recomputed, not the stale cache
     assert leftovers(target) == []
