@@ -185,14 +185,15 @@ def target_table(groups, target, baseline='baseline', how=''):
     reaches the target (interpolated between budgets in log budget: they are spaced x2; a seed that never
     does counts as not reached); per method the median over all seeds (not reached = infinite) and speedup =
     baseline median / method's. A seed of a sweep in progress that has not reached it and lacks a run at one
-    of the table's budgets is pending, not counted."""
+    of the table's budgets is pending, not counted; one already at the target at the smallest budget run
+    reached it at that budget or before (the table says how many)."""
     lines = [f'target val loss {target:.4f}{how} (fully decayed endpoints, per seed)', '',
              '| method | budget to target: median | seeds reached | speedup |', '| --- | --- | --- | --- |']
     table_budgets = sorted({b for by_budget in groups.values() for b, rs in by_budget.items() if finals_by_seed(rs)})
     medians = {}
     for label, by_budget in groups.items():
         seeds = sorted({r['seed'] for rs in by_budget.values() for r in rs if r['complete']})
-        times, pending = [], 0
+        times, pending, early = [], 0, 0
         for seed in seeds:
             ends = [(math.log(b), finals_by_seed(by_budget.get(b, []))[seed]) for b in table_budgets
                     if seed in finals_by_seed(by_budget.get(b, []))]
@@ -201,12 +202,16 @@ def target_table(groups, target, baseline='baseline', how=''):
                 pending += 1
                 continue
             times.append(math.inf if hit is None else math.exp(hit))
-        medians[label] = (statistics.median(times) if times else math.inf, sum(t < math.inf for t in times), len(times), pending)
+            early += ends[0][1] <= target  # below it at its first budget: the crossing is at or before it
+        medians[label] = (statistics.median(times) if times else math.inf, sum(t < math.inf for t in times), len(times),
+                          pending, early)
     base = medians.get(baseline, (math.inf,))[0]
-    for label, (median, reached, n, pending) in medians.items():
+    for label, (median, reached, n, pending, early) in medians.items():
         speed = f'{base / median:.2f}x' if math.isfinite(median) and math.isfinite(base) else '—'
-        lines.append(f"| {label} | {f'{median:.1f}' if math.isfinite(median) else 'not reached'} | {reached}/{n}"
-                     f"{f' ({pending} pending: not run at every budget yet)' if pending else ''} | {speed} |")
+        notes = ([f'{pending} pending: not run at every budget yet'] if pending else []) + (
+            [f'{early} already at the smallest budget: an upper bound'] if early else [])
+        notes = f" ({'; '.join(notes)})" if notes else ''
+        lines.append(f"| {label} | {f'{median:.1f}' if math.isfinite(median) else 'not reached'} | {reached}/{n}{notes} | {speed} |")
     return '\n'.join(lines)
 
 

@@ -284,12 +284,12 @@ def test_time_to_target_from_decayed_endpoints_over_all_seeds(target_runs, tmp_p
     assert "target val loss 3.1000, the baseline's worst of 2 seeds at budget 20 (fully decayed" in report
     base = statistics.median([10 * 2 ** 0.6, 20.0])                 # every baseline seed reaches its own target
     assert row(report, 'baseline', 2) == [f'{base:.1f}', '2/2', '1.00x']
-    assert row(report, 'fast', 2) == ['10.0', '2/2', f'{base / 10:.2f}x']
+    assert row(report, 'fast', 2) == ['10.0', '2/2 (2 already at the smallest budget: an upper bound)', f'{base / 10:.2f}x']
     assert row(report, 'slow', 2) == ['not reached', '0/1', '—']   # never: counted, not dropped
     explicit = sweep.compare(target_runs, out=str(tmp_path / 'y'), target='3.2')
     base = statistics.median([10 * 2 ** (0.2 / 0.5), 10 * 2 ** (0.2 / 0.3)])
     assert row(explicit, 'baseline', 2) == [f'{base:.1f}', '2/2', '1.00x']
-    assert row(explicit, 'fast', 2) == ['10.0', '2/2', f'{base / 10:.2f}x']
+    assert row(explicit, 'fast', 2) == ['10.0', '2/2 (2 already at the smallest budget: an upper bound)', f'{base / 10:.2f}x']
     assert row(explicit, 'slow', 2) == ['20.0', '1/1', f'{base / 20:.2f}x']
 
 
@@ -303,7 +303,8 @@ def test_a_seed_not_run_at_every_budget_yet_is_pending_not_unreached(target_runs
              write_run(tmp_path, 'b40s0', 'baseline', 40.0, 0, [(20.0, 2000, 3.0), (40.0, 4000, 2.5)])]
     report = sweep.compare(target_runs + extra, out=str(tmp_path / 'x'))
     assert "target val loss 3.1000, the baseline's worst of 2 seeds at budget 20 (fully decayed" in report
-    assert row(report, 'fast', 2) == ['10.0', '2/2 (1 pending: not run at every budget yet)', '1.76x']
+    assert row(report, 'fast', 2) == ['10.0', '2/2 (1 pending: not run at every budget yet; 2 already at the smallest '
+                                              'budget: an upper bound)', '1.76x']
     assert row(report, 'slow', 2) == ['not reached', '0/0 (1 pending: not run at every budget yet)', '—']
 
 
