@@ -254,7 +254,10 @@ def train_il(cfg):
         tried.append((run, result))
         spent = {u: None if None in (spent[u], result['spent'].get(u)) else spent[u] + result['spent'][u] for u in spent}
         if i and tried[-2][1]['val_loss'] - result['val_loss'] < cfg.il_tol:
+            still_improving = False
             break
+    else:  # no doubling stopped the search: the last one allowed still gained >= il_tol
+        still_improving = len(tried) > 1
     best_run, best = min(tried, key=lambda t: t[1]['val_loss'])
     if not (Path(best_run.out_dir) / 'ckpt.pt').exists():  # read from its log: train it again for its weights
         print(f'--- IL model: the {best_run.budget:g} run has no checkpoint, training it again')
@@ -263,11 +266,9 @@ def train_il(cfg):
             print('IL training interrupted: the same command resumes it')
             return None
         tried = [(r, best if r is best_run else res) for r, res in tried]  # its cost counted once (the search's)
-    gain = tried[-2][1]['val_loss'] - tried[-1][1]['val_loss'] if len(tried) > 1 else 0.0
-    still_improving = gain >= cfg.il_tol  # every doubling allowed was run, and the last one still helped
     print('IL search: ' + ', '.join(f"{r.budget:g} -> {res['val_loss']:.4f}" for r, res in tried) +
           f' (val loss); the IL model is the {best_run.budget:g} run' +
-          (f'; still improving ({gain:.4f} at the last doubling): raise --il_doublings for a better IL model'
+          ('; still improving at the last doubling allowed: raise --il_doublings for a better IL model'
            if still_improving else ''))
     for name in ('ckpt.pt', 'log.jsonl', 'config.json'):  # the IL model's run folder: the best run's files
         atomic_write_bytes(Path(cfg.il_out_dir) / name, (Path(best_run.out_dir) / name).read_bytes())

@@ -412,7 +412,8 @@ def run_finished(out_dir):
 
 
 def run_diverged(out_dir):
-    """A run folder whose log ends in a non-finite loss (train.NonFiniteLoss): rerunning it diverges again."""
+    """A run folder whose log records a non-finite loss (train.NonFiniteLoss stopped it): rerunning it with
+    the same keys diverges again."""
     return any(r.get('nonfinite') for r in read_log(Path(out_dir) / 'log.jsonl'))
 
 

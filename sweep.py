@@ -195,14 +195,14 @@ def target_table(groups, target, baseline='baseline', how=''):
         seeds = sorted({r['seed'] for rs in by_budget.values() for r in rs if r['complete']})
         times, pending, early = [], 0, 0
         for seed in seeds:
-            ends = [(math.log(b), finals_by_seed(by_budget.get(b, []))[seed]) for b in table_budgets
-                    if seed in finals_by_seed(by_budget.get(b, []))]
-            hit = crossing(ends, target)
-            if hit is None and len(ends) < len(table_budgets):  # it may reach the target at a budget not run yet
+            finals = {b: f[seed] for b in table_budgets if seed in (f := finals_by_seed(by_budget.get(b, [])))}
+            hit = crossing([(math.log(b), y) for b, y in finals.items()], target)
+            reached_at = math.inf if hit is None else math.exp(hit)
+            if any(b not in finals and b <= reached_at for b in table_budgets):  # a budget not run yet could move it
                 pending += 1
                 continue
-            times.append(math.inf if hit is None else math.exp(hit))
-            early += ends[0][1] <= target  # below it at its first budget: the crossing is at or before it
+            times.append(reached_at)
+            early += finals[table_budgets[0]] <= target  # at the target at the first budget: at it or before
         medians[label] = (statistics.median(times) if times else math.inf, sum(t < math.inf for t in times), len(times),
                           pending, early)
     base = medians.get(baseline, (math.inf,))[0]
@@ -216,15 +216,17 @@ def target_table(groups, target, baseline='baseline', how=''):
 
 
 def auto_target(base_runs):
-    """compare's default target: the baseline's worst final val loss at the largest budget that all of its
-    seeds completed, so that every baseline seed reaches it (its time to target is defined on each seed)
-    and a budget still being run does not set it -> (target, how it was chosen), or None."""
-    finals = {b: finals_by_seed(rs) for b, rs in base_runs.items()}
-    n = max(map(len, finals.values()), default=0)
-    if n == 0:
+    """compare's default target: the baseline's worst final val loss at the largest budget that every one of
+    its seeds completed (else the budget with the most seeds), so that every baseline seed reaches it (its
+    time to target is defined on each seed) and a budget still being run does not set it -> (target, how it
+    was chosen), or None."""
+    finals = {b: f for b, rs in base_runs.items() if (f := finals_by_seed(rs))}
+    if not finals:
         return None
-    b = max(b for b, f in finals.items() if len(f) == n)
-    return max(finals[b].values()), f", the baseline's worst of {n} seeds at budget {b:g}"
+    every_seed = set().union(*finals.values())
+    full = [b for b, f in finals.items() if f.keys() == every_seed] or [max(finals, key=lambda b: (len(finals[b]), b))]
+    b = max(full)
+    return max(finals[b].values()), f", the baseline's worst of {len(finals[b])} seeds at budget {b:g}"
 
 
 def method_stats(groups):
@@ -588,7 +590,8 @@ def sweep_plan(cfg):
     budgets = sorted(b for b in cfg.budgets if b > 0) or sorted(spec['QUICK_BUDGETS' if cfg.quick else 'BUDGETS'])
     seeds = cfg.seeds[:1] if cfg.quick else cfg.seeds
     methods = chosen_methods(spec, cfg.methods, cfg.config)
-    tuned, tuned_il = read_tuned(cfg.tuned, spec, cfg.config, min(budgets), methods, seeds) if cfg.tuned else ({}, None)
+    rows = [*methods, *(['baseline'] if cfg.baseline_schedule == 'wsd_branches' else [])]  # the WSD row runs with the baseline's values
+    tuned, tuned_il = read_tuned(cfg.tuned, spec, cfg.config, min(budgets), rows, seeds) if cfg.tuned else ({}, None)
     # the IL model that tuning's RHO-LOSS grid trained serves this sweep too if it was trained for this largest budget
     il = tuned_il if tuned_il and tuned_il['il_budget'] == max(budgets) else il_args(cfg.out_dir, max(budgets))
     plan = [(label, script, {**spec['COMMON'], **(il if args.get('method') == 'rho' else {}), **args,
@@ -622,19 +625,22 @@ def run_plan(plan, jobs, diverged_ok=False):
     """Run every unfinished (label, script, args) of a plan, `jobs` at a time (runs.run_jobs; each run's
     output goes to <out_dir>.out). The runs that need RHO-LOSS's shared IL model wait while the first of
     them builds it, then run side by side. Resumable: finished runs are skipped, killed ones resume.
-    diverged_ok (tuning): a run whose loss went non-finite is a result (that lr is too high), not a failure,
-    and is not run again."""
-    def done(args):
-        folder = args['out_dir']
-        return (run_finished(folder) or diverged_ok and run_diverged(folder)) and records_config(folder, args)
-    todo = [item for item in plan if item[2].get('branch_budgets') or not done(item[2])]
-    failed = run_jobs([Job(f"{label} budget {args['budget']:g} seed {args['seed']}", run_command(script, args),
-                           Path(f"{args['out_dir']}.out"), 'il' if args.get('il_out_dir') else '')
-                       for label, script, args in todo], jobs, cwd=Path(__file__).parent)
-    diverged = [(job, last) for job, last in failed if diverged_ok and run_diverged(str(job.log).removesuffix('.out'))]
-    for job, last in diverged:
-        print(f'{job.label}: diverged, counted as an infinite loss ({last})', flush=True)
-    failed = [f for f in failed if f not in diverged]
+    diverged_ok (tuning): a run of these keys whose loss went non-finite is a result (that lr is too
+    high), not a failure, and is not run again."""
+    def diverged(args):
+        return diverged_ok and run_diverged(args['out_dir']) and records_config(args['out_dir'], args)
+    todo = [(label, script, args) for label, script, args in plan if args.get('branch_budgets') or not (
+        (run_finished(args['out_dir']) and records_config(args['out_dir'], args)) or diverged(args))]
+    jobs_args = {}
+    for label, script, args in todo:
+        job = Job(f"{label} budget {args['budget']:g} seed {args['seed']}", run_command(script, args),
+                  Path(f"{args['out_dir']}.out"), 'il' if args.get('il_out_dir') else '')
+        jobs_args[id(job)] = job, args
+    failed = run_jobs([job for job, _ in jobs_args.values()], jobs, cwd=Path(__file__).parent)
+    for job, last in failed:
+        if diverged(jobs_args[id(job)][1]):
+            print(f'{job.label}: diverged, counted as an infinite loss ({last})', flush=True)
+    failed = [(job, last) for job, last in failed if not diverged(jobs_args[id(job)][1])]
     if failed:
         job, last = failed[0]
         raise UserError(f'{len(failed)} run(s) failed, first: {job.label}: {last} (see {job.log})')
@@ -696,7 +702,8 @@ def tune(cfg):
         run_plan([item for g in extending for item in g.plan()], cfg.jobs, diverged_ok=True)
     results = {}
     for g in grids:
-        best, edges = g.best(), g.at_edge()
+        best = g.best()
+        edges = list(g.edges(best))  # still at an edge after every extension allowed: the optimum may lie beyond
         results[g.label] = {**{k: v for k, v in tune_point(g.args, common, best['lr'], best['extra']).items()
                                if k in ('lr', 'weight_decay', *g.axes)}, 'grid': g.summaries(), 'at_edge': edges}
         print(f"{g.label}: best lr {best['lr']:.3g} {best['extra'] or ''} final val loss {best['final']:.4f}"
@@ -762,33 +769,31 @@ class TuneGrid:
     def best(self):
         return min(self.summaries(), key=lambda p: p['final'])
 
+    def edges(self, best):
+        """{axis: its next value} for every axis whose best value is one of its edges: for 'lr' the next
+        exponent k (lr0 x 2^k); a TUNE axis by the ratio of its two outermost values (beyond_edge). {} if
+        every point failed."""
+        if not math.isfinite(best['final']):
+            return {}
+        k_best = round(math.log2(best['lr'] / self.lr0))
+        lr = {'lr': k_best - 1 if k_best == min(self.ks) else k_best + 1} if k_best in (min(self.ks), max(self.ks)) else {}
+        return {**lr, **{name: new for name, values in self.axes.items()
+                         if (new := beyond_edge(values, best['extra'][name])) is not None}}
+
     def extend(self):
         """Add the next value beyond the best point on every axis where it lies at an edge -> whether the
         grid grew. lr steps x2; a TUNE axis (e.g. Sophia-G's rho) by the ratio of its two outermost values
         (an int axis stays int), and only to a value the method's script accepts (its config's ranges), so
         an extension never plans runs that would fail. A grid whose every point failed does not grow."""
-        best, grew = self.best(), False
-        if not math.isfinite(best['final']):
-            return False
-        k_best = round(math.log2(best['lr'] / self.lr0))
-        if k_best in (min(self.ks), max(self.ks)) and self.extended['lr'] < MAX_EXTENSIONS:
-            self.ks = sorted(set(self.ks) | {k_best - 1 if k_best == min(self.ks) else k_best + 1})
-            self.extended['lr'], grew = self.extended['lr'] + 1, True
-        for name, values in self.axes.items():
-            new = beyond_edge(values, best['extra'][name])
-            if new is not None and self.extended[name] < MAX_EXTENSIONS and self.accepts(name, new):
-                self.axes[name] = tuple(sorted(values + (new,)))
+        grew = False
+        for name, new in self.edges(self.best()).items():
+            if self.extended[name] < MAX_EXTENSIONS and (name == 'lr' or self.accepts(name, new)):
+                if name == 'lr':
+                    self.ks = sorted(set(self.ks) | {new})
+                else:
+                    self.axes[name] = tuple(sorted(self.axes[name] + (new,)))
                 self.extended[name], grew = self.extended[name] + 1, True
         return grew
-
-    def at_edge(self):
-        """The axes whose best value is still an edge of the grid (after every extension it was allowed)."""
-        best = self.best()
-        if not math.isfinite(best['final']):
-            return []
-        k_best = round(math.log2(best['lr'] / self.lr0))
-        return (['lr'] if k_best in (min(self.ks), max(self.ks)) else []) + [
-            name for name, values in self.axes.items() if beyond_edge(values, best['extra'][name]) is not None]
 
     def accepts(self, name, value):
         """Whether the method's script takes name=value among this grid's keys (its config class's checks)."""
@@ -851,6 +856,8 @@ def read_tuned(path, spec, config, smallest_budget, rows, seeds):
         if il is not None and not (isinstance(il['il_out_dir'], str) and isinstance(il['il_cache'], str)
                                    and il['il_budget'] > 0):
             raise ValueError('il')
+        if not (isinstance(record.get('seeds', []), list) and all(type(x) is int for x in record.get('seeds', []))):
+            raise TypeError('seeds')
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f'--tuned={path} is not a tuned.json from `budget.py tune` ({type(e).__name__})') from None
     if record.get('common') != repr(spec['COMMON']):
@@ -864,7 +871,7 @@ def read_tuned(path, spec, config, smallest_budget, rows, seeds):
     untuned = [row for row in rows if spec.get('TUNED_AS', {}).get(row, row) not in tuned]
     require(not untuned, f"--tuned={path} has no tuned values for {', '.join(untuned)}: tune them too "
                          f"(python budget.py tune --methods=...), or leave them out with --methods")
-    shared = sorted(set(record.get('seeds') or []) & set(seeds))
+    shared = sorted(set(record.get('seeds', [])) & set(seeds))
     require(not shared, f'--tuned={path} was tuned on seed(s) {shared}, which this sweep reports: tuning seeds are '
                         'never reported; give --seeds without them, or tune on other seeds')
     return {label: {k: v for k, v in t.items() if k not in ('grid', 'at_edge')} for label, t in tuned.items()}, il

@@ -196,15 +196,16 @@ def test_calibrate_writes_a_table_a_run_can_use(tiny_cfg, tmp_path):
 
 
 def test_calibrate_repeats_store_the_median_and_each_entry_coefficient_of_variation(tmp_path, monkeypatch):
-    """--rst_repeats=3 with measured fwd_bwd['1'] of 1.0, 1.2, 1.4 s: the table keeps the median (1.2) and
-    the CV sd / mean = 0.2 / 1.2; an entry that never varied has CV 0."""
-    times = iter([1.0, 1.4, 1.2])
+    """--rst_repeats=3 with measured fwd_bwd['1'] of 1.0, 1.1, 1.6 s: the table keeps the median (1.1) and
+    the CV sd / mean (0.3215 / 1.2333, not sd / median); an entry that never varied has CV 0."""
+    times = iter([1.0, 1.6, 1.1])
     monkeypatch.setattr(budget_lib, 'measure_table', lambda *args: {'fwd_bwd': {'1': next(times), '2': 2.0}})
     cfg = types.SimpleNamespace(rst_table=str(tmp_path / 't.json'), compile=False, rst_repeats=3)
     run = types.SimpleNamespace(autocast=lambda: None, device='cpu', dtype=torch.float32)
     table = json.loads(budget_lib.calibrate(cfg, run, None, None, None, 'gpt_L2_H2_D64_T64_V256_B4').read_text())
-    assert table['fwd_bwd'] == {'1': 1.2, '2': 2.0} and table['repeats'] == 3
-    assert table['cv']['fwd_bwd']['1'] == pytest.approx(0.2 / 1.2) and table['cv']['fwd_bwd']['2'] == 0
+    assert table['fwd_bwd'] == {'1': 1.1, '2': 2.0} and table['repeats'] == 3
+    sd = math.sqrt(((1.0 - 3.7 / 3) ** 2 + (1.1 - 3.7 / 3) ** 2 + (1.6 - 3.7 / 3) ** 2) / 2)
+    assert table['cv']['fwd_bwd']['1'] == pytest.approx(sd / (3.7 / 3)) and table['cv']['fwd_bwd']['2'] == 0
 
 
 def test_the_cpu_peak_is_measured_once_cached_and_only_raised(tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ import json
 import math
 import shutil
 import statistics
+from pathlib import Path
 
 import pytest
 
@@ -308,6 +309,22 @@ def test_a_seed_not_run_at_every_budget_yet_is_pending_not_unreached(target_runs
     assert row(report, 'slow', 2) == ['not reached', '0/0 (1 pending: not run at every budget yet)', '—']
 
 
+def test_a_seed_with_a_gap_before_its_crossing_is_pending_and_auto_matches_seeds(target_runs, tmp_path, monkeypatch):
+    """Target 3.0. 'gap' seed 0 has runs at 10 (3.3) and 40 (2.9) but not 20: its crossing between them could
+    move once 20 runs, so it is pending; 'late' seed 0 starts at 20 (3.0, at the target there): pending too,
+    not 'already at the smallest budget'. The baseline's seeds are {0, 1} at 10 and 20, {0, 2} at 40: no
+    budget has every seed, so 'auto' takes the budget with the most seeds, the largest of them (40)."""
+    monkeypatch.setattr(sweep, 'plot_runs', lambda *args: None)
+    extra = [write_run(tmp_path, n, label, b, seed, [(b / 2, 50 * b, y + 0.5), (b, 100 * b, y)]) for n, label, b, seed, y in (
+        ('g10', 'gap', 10.0, 0, 3.3), ('g40', 'gap', 40.0, 0, 2.9), ('l20', 'late', 20.0, 0, 3.0),
+        ('b40s0', 'baseline', 40.0, 0, 2.6), ('b40s2', 'baseline', 40.0, 2, 2.7))]
+    report = sweep.compare(target_runs + extra, out=str(tmp_path / 'x'), target='3.0')
+    assert row(report, 'gap', 2) == ['not reached', '0/0 (1 pending: not run at every budget yet)', '—']
+    assert row(report, 'late', 2) == ['not reached', '0/0 (1 pending: not run at every budget yet)', '—']
+    auto = sweep.compare(target_runs + extra, out=str(tmp_path / 'y'))
+    assert "target val loss 2.7000, the baseline's worst of 2 seeds at budget 40 (fully decayed" in auto
+
+
 def test_plot_spans_the_budget_names_a_row_past_it_marks_the_floor_and_leaves_partial_runs_out(tmp_path):
     """A row charged before its first step (RHO-LOSS with its IL charged: one eval at 3446 RST in a 20-RST
     budget) is named in the legend, not drawn; the panel spans the budget; a partial run (still running)
@@ -517,6 +534,16 @@ def test_tune_grid_extends_at_an_edge_and_ablate_reads_the_result(tmp_path, monk
         sweep.sweep_plan(sweep.AblateConfig(config=cfg.config, tuned=tuned, methods=('baseline', 'stack')))
     with pytest.raises(budget_lib.UserError, match=r'was tuned on seed\(s\) \[7\], which this sweep reports'):
         sweep.sweep_plan(sweep.AblateConfig(config=cfg.config, tuned=tuned, methods=('baseline', 'lion'), seeds=(0, 7)))
+    record = json.loads(Path(tuned).read_text())
+    lion_only = tmp_path / 'lion_only.json'
+    lion_only.write_text(json.dumps({**record, 'tuned': {'lion': record['tuned']['lion']}}))
+    with pytest.raises(budget_lib.UserError, match='has no tuned values for baseline'):  # the WSD row runs as the baseline
+        sweep.sweep_plan(sweep.AblateConfig(config=cfg.config, tuned=str(lion_only), methods=('lion',),
+                                            baseline_schedule='wsd_branches'))
+    for bad in (7, [[1]], ['7']):
+        lion_only.write_text(json.dumps({**record, 'seeds': bad}))
+        with pytest.raises(budget_lib.UserError, match=r'is not a tuned.json from `budget.py tune` \(TypeError\)'):
+            sweep.sweep_plan(sweep.AblateConfig(config=cfg.config, tuned=str(lion_only), methods=('lion',)))
     (tmp_path / 'sweep.py').write_text(SWEEP.replace('lr=3e-3)', 'lr=1e-3)'))
     with pytest.raises(budget_lib.UserError, match='was made for COMMON'):
         sweep.sweep_plan(sweep.AblateConfig(config=cfg.config, tuned=tuned))
@@ -565,6 +592,10 @@ def test_a_diverged_tuning_run_is_a_result_not_a_failure(tmp_path, monkeypatch, 
     sweep.run_plan(plan, 1, diverged_ok=True)
     assert len(started) == 2                                   # the third call found it diverged: not run again
     assert sweep.tune_summary(folder.parent, (7,), 0.1, {})['final'] == math.inf
+    other = {**args, 'lr': 0.05}        # a plan with other keys in the same folder: the old divergence is not its result
+    monkeypatch.setattr(sweep, 'run_jobs', lambda jobs, n, cwd=None: started.extend(jobs) or [(j, 'no prepared data') for j in jobs])
+    with pytest.raises(budget_lib.UserError, match='1 run\\(s\\) failed, first: baseline budget 6 seed 7: no prepared data'):
+        sweep.run_plan([('baseline', 'train.py', other)], 1, diverged_ok=True)
 
 
 def test_a_tune_axis_extends_at_its_edge_like_lr(tmp_path, monkeypatch):

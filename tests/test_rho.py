@@ -258,7 +258,9 @@ def test_il_search_doubles_while_the_val_loss_improves_and_keeps_the_best(tmp_pa
     assert one['search'] == [(1.0, 3.0)] and trained[-1] == 1.0 and not one['still_improving']
     cut = rho.train_il(dataclasses.replace(cfg, il_doublings=1, il_out_dir=str(tmp_path / 'cut')))
     assert cut['search'] == [(1.0, 3.0), (2.0, 2.5)] and cut['still_improving']  # 2x still gained 0.5: said so
-    assert 'still improving (0.5000 at the last doubling): raise --il_doublings' in capsys.readouterr().out
+    assert 'still improving at the last doubling allowed: raise --il_doublings' in capsys.readouterr().out
+    one_tol0 = rho.train_il(dataclasses.replace(cfg, il_doublings=0, il_tol=0.0, il_out_dir=str(tmp_path / 'tol0')))
+    assert not one_tol0['still_improving']                # one run: nothing to say about doublings
 
 
 # ----- end to end: a small corpus, the IL stage, the target runs ---------------------------------------
