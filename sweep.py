@@ -631,16 +631,18 @@ def run_plan(plan, jobs, diverged_ok=False):
         return diverged_ok and run_diverged(args['out_dir']) and records_config(args['out_dir'], args)
     todo = [(label, script, args) for label, script, args in plan if args.get('branch_budgets') or not (
         (run_finished(args['out_dir']) and records_config(args['out_dir'], args)) or diverged(args))]
-    jobs_args = {}
+    args_of = {}  # id(job) -> its args: run_jobs hands back the failed Job objects
     for label, script, args in todo:
         job = Job(f"{label} budget {args['budget']:g} seed {args['seed']}", run_command(script, args),
                   Path(f"{args['out_dir']}.out"), 'il' if args.get('il_out_dir') else '')
-        jobs_args[id(job)] = job, args
-    failed = run_jobs([job for job, _ in jobs_args.values()], jobs, cwd=Path(__file__).parent)
+        args_of[id(job)] = job, args
+    failed, still_failed = run_jobs([job for job, _ in args_of.values()], jobs, cwd=Path(__file__).parent), []
     for job, last in failed:
-        if diverged(jobs_args[id(job)][1]):
+        if diverged(args_of[id(job)][1]):
             print(f'{job.label}: diverged, counted as an infinite loss ({last})', flush=True)
-    failed = [(job, last) for job, last in failed if not diverged(jobs_args[id(job)][1])]
+        else:
+            still_failed.append((job, last))
+    failed = still_failed
     if failed:
         job, last = failed[0]
         raise UserError(f'{len(failed)} run(s) failed, first: {job.label}: {last} (see {job.log})')
