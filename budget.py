@@ -12,10 +12,11 @@ and reaches min_lr exactly at p = 1, when the run stops: the baseline is always 
 logged MFU divides the counted FLOPs by the device's peak (device_peak_flops: a known GPU's, or on a
 CPU a matmul rate measured once and cached).
 
-    python budget.py calibrate [config.py] [--key=value ...]   # measure a cost table on this machine
-    python budget.py schedules [--key=value ...]               # every schedule against budget progress
+    python calibrate.py [config.py] [--key=value ...]   # measure a cost table on this machine (calibrate.py)
+    python budget.py schedules [--key=value ...]        # every schedule against budget progress
 
-`python budget.py tune|ablate|compare` runs No Train No Gain's comparison protocol, which lives in sweep.py.
+budget.py imports no other file of the project's but configurator.py, data/loader.py and the optimizers'
+(a leaf): the training loop charges through it, the lab's studies read what runs wrote.
 """
 import dataclasses
 import json
@@ -32,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from configurator import ConfigError, UserError, cli, require_writable
+from configurator import ConfigError, UserError, cli, require, require_writable
 from data.loader import atomic_write_bytes
 
 UNITS = ('rst', 'tokens', 'iters', 'flops', 'wall')
@@ -159,14 +160,16 @@ def table_path(key, override=''):
     return Path(override) if override else TABLE_DIR / f'{key}.json'
 
 
-def calibrate_command(key):
+def calibrate_command(key, data=''):
+    """The command that measures the table of shape key; data: the run's --dataset and --tokenizer keys, which
+    decide the vocabulary (a table measured on another vocabulary has another key)."""
     model_type, *parts = key.split('_')
     L, H, D, T, V, B = (int(part[1:]) for part in parts)
-    return (f'python budget.py calibrate --model_type={model_type} --n_layer={L} --n_head={H} --n_embd={D} '
-            f'--block_size={T} --batch_size={B}  (vocab {V}, from the dataset)')
+    return (f'python calibrate.py --model_type={model_type} --n_layer={L} --n_head={H} --n_embd={D} '
+            f'--block_size={T} --batch_size={B}{" " + data if data else ""}  (vocab {V}; add --device=cuda on a GPU)')
 
 
-def load_table(key, override='', required=True, needs=None):
+def load_table(key, override='', required=True, needs=None, data=''):
     """The cost table of a shape; with required=False, None when there is none (RST is then not counted).
     needs: {kind: [entries]} the run will charge beyond the per-block ones (its optimizer, Hessian step)."""
     path = table_path(key, override)
@@ -176,7 +179,7 @@ def load_table(key, override='', required=True, needs=None):
         if not required and not override:
             return None
         raise UserError(f'no RST cost table for this shape ({path}): measure one with '
-                        f'`{calibrate_command(key)}`, or use --budget_unit=tokens|iters|flops|wall')
+                        f'`{calibrate_command(key, data)}`, or use --budget_unit=tokens|iters|flops|wall')
     try:
         table = json.loads(path.read_text())
     except ValueError as e:
@@ -184,7 +187,7 @@ def load_table(key, override='', required=True, needs=None):
     problem = table_problem(table, key) or next((f'has no {kind} entry for {e}' for kind, entries in (needs or {}).items()
                                                  for e in entries if str(e) not in table[kind]), None)
     if problem:
-        raise UserError(f'RST table {path} {problem}: calibrate it again (`{calibrate_command(key)}`)')
+        raise UserError(f'RST table {path} {problem}: calibrate it again (`{calibrate_command(key, data)}`)')
     return table
 
 
@@ -454,7 +457,7 @@ def cv(xs):
 
 def calibrate(cfg, run, model, batch, optimizers, key):
     """Measure the cost table of this shape on this machine and save it with the machine's description.
-    train.calibration_inputs(cfg) builds the arguments (the model, a batch of the run's shapes, every optimizer)."""
+    calibrate.py's command: train.calibration_inputs(cfg) builds the arguments (the model, a batch of the run's shapes, every optimizer)."""
     path = table_path(key, cfg.rst_table)
     require_writable(path)  # before minutes of measuring
     if cfg.compile:  # RST is a reference cost: one table serves eager and compiled runs of the shape alike
@@ -473,28 +476,38 @@ def calibrate(cfg, run, model, batch, optimizers, key):
     return path
 
 
+@dataclasses.dataclass(frozen=True)
+class ScheduleConfig:
+    """The keys `python budget.py schedules` reads: train.TrainConfig's schedule keys, the same defaults
+    (tests/test_budget.py checks that they agree)."""
+    lr: float = 2e-3                # peak learning rate
+    min_lr: float = 0.0             # reached exactly when the budget is spent
+    budget: float = 180.0           # in any unit: the plot is against progress p = spent / budget
+    schedule: str = 'cosine'        # the schedule named in the title (every schedule is drawn)
+    warmup_frac: float = 0.02       # of the budget
+    warmup_units: float = 0.0       # > 0: warm-up in budget units instead (the same for every budget)
+    cooldown_frac: float = 0.2      # wsd: the cooldown's share of the budget
+    cooldown_shape: str = '1-sqrt'  # wsd: '1-sqrt' or 'linear'
+    out: str = 'schedules.png'      # the figure (with matplotlib)
+
+    def __post_init__(self):
+        require(self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}, got '{self.schedule}'")
+        require(self.cooldown_shape in ('1-sqrt', 'linear'), f"--cooldown_shape must be '1-sqrt' or 'linear'")
+        require(0 <= self.min_lr <= self.lr and self.budget > 0 and 0 < self.cooldown_frac <= 1,
+                'need 0 <= --min_lr <= --lr, --budget > 0 and 0 < --cooldown_frac <= 1')
+        require(0 <= self.warmup_frac < 1 and 0 <= self.warmup_units < self.budget,
+                'need 0 <= --warmup_frac < 1 and 0 <= --warmup_units < --budget')
+
+
 def main(argv):
-    import sweep  # tune, ablate, compare; sweep imports budget, never the reverse at import time
-    import train  # the commands that build models; train imports budget, never the reverse at import time
-    usage = 'usage: python budget.py {calibrate|tune|ablate|compare|schedules} [config.py] [--key=value ...]'
-    if not argv or argv[0] not in ('calibrate', 'tune', 'ablate', 'compare', 'schedules'):
-        print(usage, file=sys.stderr)
+    usage = 'usage: python budget.py schedules [--key=value ...]   (cost tables: python calibrate.py --help)'
+    if not argv or argv[0] in ('-h', '--help'):
+        print(usage)
+        sys.exit(0 if argv else 2)
+    if argv[0] != 'schedules':
+        print(f"unknown command '{argv[0]}': {usage}", file=sys.stderr)
         sys.exit(2)
-    command, rest = argv[0], argv[1:]
-    if command == 'calibrate':
-        return cli(lambda c: calibrate(c, *train.calibration_inputs(c)), train.TrainConfig, rest, 'calibrate [config.py ...] [--key=value ...]')
-    rest = [f'--target={a[9:]!r}' if a.startswith('--target=') and sweep.is_number(a[9:]) else a for a in rest]  # a str key
-    if command in ('ablate', 'tune'):  # their config.py is the sweep file
-        rest = [f'--config={a}' if a.endswith('.py') and not a.startswith('--') else a for a in rest]
-    if command == 'ablate':
-        return cli(sweep.ablate, sweep.AblateConfig, rest, 'ablate [sweep_file.py] [--key=value ...]')
-    if command == 'tune':
-        return cli(sweep.tune, sweep.TuneConfig, rest, 'tune [sweep_file.py] [--key=value ...]')
-    if command == 'schedules':
-        return cli(plot_schedules, train.TrainConfig, rest, 'schedules [config.py ...] [--key=value ...]')
-    dirs = [a for a in rest if not a.startswith('--')]
-    return cli(lambda c: sweep.compare(dirs, c.out, c.target, c.baseline), sweep.CompareConfig,
-               [a for a in rest if a.startswith('--')], 'compare SWEEP_FOLDER|RUN_FOLDER ... [--key=value ...]')
+    return cli(lambda c: plot_schedules(c, c.out), ScheduleConfig, argv[1:], 'schedules [--key=value ...]')
 
 
 if __name__ == '__main__':

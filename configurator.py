@@ -23,6 +23,7 @@ import signal
 import sys
 import threading
 import traceback
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -224,6 +225,12 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def program_name():
+    """How the user started this program: `train.py`, or `-m studies.ntng` for a module of the lab."""
+    path = Path(sys.argv[0])
+    return f'-m {path.parent.name}.{path.stem}' if path.parent.name == 'studies' else path.name
+
+
 def cli(entry, cls, argv=None, usage='[config.py ...] [--key=value ...]'):
     """Parse argv into cls and call entry(cfg); user errors become one line on stderr and exit 2.
     usage: what follows the program's name on --help's usage line (budget.py names its command there).
@@ -234,7 +241,7 @@ def cli(entry, cls, argv=None, usage='[config.py ...] [--key=value ...]'):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ('-h', '--help'):
         try:
-            print(f'usage: python {sys.argv[0]} {usage}\n\nkeys and defaults:\n{describe(cls)}', flush=True)
+            print(f'usage: python {program_name()} {usage}\n\nkeys and defaults:\n{describe(cls)}', flush=True)
         except BrokenPipeError:  # `--help | head` closed the pipe: not an error, and no traceback at exit
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return None

@@ -14,7 +14,7 @@ import warnings
 import torch
 
 LOSS_CHUNK = 2048   # tokens per chunk of per-token losses: chunk x vocab fp32 logits is the extra memory
-FUSED_CHUNK = 1024  # tokens per chunk of the fused loss (tests/bench.py, CPU: fwd+bwd 0.79x eager, 512: 0.82x)
+FUSED_CHUNK = 1024  # tokens per chunk of the fused loss (studies/bench.py, CPU: fwd+bwd 0.79x eager, 512: 0.82x)
 
 
 def _upcast(logits):

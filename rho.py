@@ -24,7 +24,6 @@ separately and, as in that paper, left out of the budget unless --charge_il=True
     python rho.py --method=sb --out_dir=out/sb     # Selective Backprop
 """
 import dataclasses
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ import budget as budget_lib
 import runs
 import train
 from configurator import UserError, cli, key, require
-from data.loader import NUMBER, DataError, atomic_write_bytes, file_sha256, get_examples, num_examples, read_json, read_result
+from data.loader import NUMBER, DataError, atomic_write_bytes, file_sha256, get_examples, num_examples, read_json
 from model import evaluating
 from train import CausalLM, Step, TrainConfig
 
@@ -281,14 +280,16 @@ def cache_dir(cfg, corpus):
     return Path(cfg.il_cache) if cfg.il_cache else corpus.path / 'il' / Path(cfg.il_out_dir).name
 
 
-def cache_key(cfg, corpus, block_size):
-    """What an IL cache must match, besides the IL checkpoint's hash."""
+def cache_identity(cfg, corpus, block_size):
+    """What the IL losses were computed from: the IL checkpoint, the data, the example size and holdout."""
+    ckpt = Path(cfg.il_out_dir) / 'ckpt.pt'
     return {'corpus_fingerprint': corpus.fingerprint(), 'tokenizer': corpus.meta['tokenizer'], 'block_size': block_size,
-            'holdout_frac': cfg.holdout_frac, 'num_examples': num_examples(corpus.splits['train'], block_size)}
+            'holdout_frac': cfg.holdout_frac, 'num_examples': num_examples(corpus.splits['train'], block_size),
+            'il_ckpt_sha256': file_sha256(ckpt) if ckpt.is_file() else 'missing'}
 
 
 def precompute_il(cfg, il_result):
-    """One no-grad pass of the IL checkpoint over every training example; writes the cache atomically."""
+    """One no-grad pass of the IL checkpoint over every training example -> the cache (runs.save_cache)."""
     rt, corpus = runs.setup_device(cfg), train.load_corpus(cfg)
     ckpt_path = Path(cfg.il_out_dir) / 'ckpt.pt'
     model = runs.load_model(ckpt_path, rt.device, compile_loss=cfg.compile_loss)
@@ -306,46 +307,26 @@ def precompute_il(cfg, il_result):
     table = budget_lib.load_table(train.run_shape_key(cfg, model), cfg.rst_table, required=False)
     accountant = budget_lib.Budget('iters', 1, table, model.flops_per_token, T, cfg.batch_size)
     accountant.charge_forward(len(train_k), model.n_layer)
-    info = {**cache_key(cfg, corpus, T), 'il_ckpt': str(ckpt_path), 'il_ckpt_sha256': file_sha256(ckpt_path),
-            'dtype': 'float16', 'il_val_loss': il_result['val_loss'], 'il_steps': il_result['steps'],
+    info = {'il_ckpt': str(ckpt_path), 'il_val_loss': il_result['val_loss'], 'il_steps': il_result['steps'],
             'il_search': il_result.get('search', []), 'il_still_improving': il_result.get('still_improving', False),
             'il_train': {u: il_result['spent'][u] for u in ('rst', 'tokens', 'flops', 'wall')},
             'il_precompute': {'examples': len(train_k), 'rst': accountant.spent['rst'],
                               'flops': accountant.spent['flops'], 'wall': seconds}}
-    out = cache_dir(cfg, corpus)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / 'il_loss.json').unlink(missing_ok=True)  # the cache is invalid until the sidecar is back
-    atomic_write_bytes(out / 'il_loss.f16', irreducible_loss.tobytes())
-    atomic_write_bytes(out / 'il_loss.json', json.dumps(info, indent=1).encode())
+    out = cache_dir(cfg, corpus) / 'il_loss.f16'
+    info = runs.save_cache(out, irreducible_loss, cache_identity(cfg, corpus, T), info)
     print(f'IL cache: {len(train_k):,} examples in {seconds:.1f}s -> {out}')
     return info
 
 
-IL_SIDECAR_KEYS = {'corpus_fingerprint': str, 'tokenizer': str, 'block_size': int, 'holdout_frac': NUMBER,
-                   'num_examples': int, 'il_ckpt_sha256': str, 'il_val_loss': NUMBER, 'il_train': dict,
-                   'il_precompute': dict}  # what il_loss.json must hold
+IL_INFO_KEYS = {'il_val_loss': NUMBER, 'il_train': dict, 'il_precompute': dict}  # what report_il reads
 
 
 def load_il_cache(cfg, corpus, block_size):
-    """The irreducible losses (memmap, index k = example id k * block_size) and their sidecar;
-    refused with the rebuild command when built for other data, settings or IL checkpoint."""
-    path = cache_dir(cfg, corpus)
-    rebuild = "`python rho.py --stage=il --overwrite=True` with this run's data and model flags"
-    if not (path / 'il_loss.json').exists():
-        raise UserError(f'no IL cache in {path}: build it with {rebuild}')
-    info = read_result(path / 'il_loss.json', IL_SIDECAR_KEYS, f'rebuild it with {rebuild}')
-    for name, want in cache_key(cfg, corpus, block_size).items():
-        if info.get(name) != want:
-            raise UserError(f'stale IL cache in {path}: built with {name}={info.get(name)!r}, this run has {want!r} '
-                            f'(other data or settings): rebuild it with {rebuild}')
-    ckpt = Path(cfg.il_out_dir) / 'ckpt.pt'
-    if not ckpt.exists() or file_sha256(ckpt) != info['il_ckpt_sha256']:
-        raise UserError(f'stale IL cache in {path}: it was not computed by the IL checkpoint {ckpt} '
-                        f'({"missing" if not ckpt.exists() else "its hash differs"}): rebuild it with {rebuild}')
-    data = path / 'il_loss.f16'
-    if not data.is_file() or data.stat().st_size != 2 * info['num_examples']:  # float16: 2 bytes a loss
-        raise UserError(f'IL cache {data} is missing or truncated: rebuild it with {rebuild}')
-    return np.memmap(data, dtype=np.float16, mode='r'), info
+    """The irreducible losses (memmap, index k = example id k * block_size) and their sidecar; refused
+    (one line, with the rebuild command) when built for other data, settings or IL checkpoint, or edited."""
+    rebuild = "rebuild it with `python rho.py --stage=il --overwrite=True` with this run's data and model flags"
+    return runs.load_cache(cache_dir(cfg, corpus) / 'il_loss.f16', cache_identity(cfg, corpus, block_size),
+                           'IL cache', rebuild, IL_INFO_KEYS, error=UserError)
 
 
 def rst(v):
@@ -398,7 +379,7 @@ class RhoConfig(TrainConfig):
     il_budget: float = 0.0           # il: the IL model's first budget in budget_unit; 0 = --budget
     il_doublings: int = 2            # il: then 2x, 4x, ... that budget while its val loss keeps improving (0: one run)
     il_tol: float = 0.01             # il: a doubling that lowers the IL model's val loss by less has stopped improving
-    il_cache: str = ''               # both: folder of il_loss.f16 + il_loss.json; '' = <data dir>/il/<name of il_out_dir>
+    il_cache: str = ''               # both: folder of il_loss.f16 + its sidecar il_loss.json; '' = <data dir>/il/<name of il_out_dir>
     charge_il: bool = False          # train: add IL training + precompute (rst, tokens, flops, wall) to this budget (the paper: no)
 
     def __post_init__(self):

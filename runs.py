@@ -16,22 +16,23 @@ them need these and sweep.py must not import the training loop.
 """
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import statistics
 import subprocess
 import sys
-import time
 import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from configurator import ConfigError, UserError, require_writable
-from data.loader import FolderLock, atomic_write, atomic_write_bytes
+from data.loader import DataError, FolderLock, atomic_write, atomic_write_bytes, file_sha256, read_result
 from model import MODELS, model_vocab_size
 
 
@@ -418,45 +419,46 @@ def run_diverged(out_dir):
 
 
 # -----------------------------------------------------------------------------
-# running many runs at once
+# caches of what a saved model computed (RHO-LOSS's IL losses, SLM's reference losses, the DPO family's
+# reference log-probs): one format and one set of checks
 
-@dataclasses.dataclass
-class Job:
-    label: str              # what the progress line calls it
-    argv: list              # the command
-    log: Path               # its stdout and stderr
-    exclusive: str = ''     # jobs sharing a non-empty tag wait for the first of them to succeed (it builds a shared model)
+def save_cache(path, values, identity, info=None):
+    """values (a numpy array) -> path, with its sidecar path.json: the identity it was computed from (the
+    checkpoint's sha256, the data's fingerprint, the shape: whatever decides the values), the payload's dtype,
+    shape and sha256, and info (what a report shows). The sidecar goes first and comes back last, so a cache
+    whose write was cut short has none and is never read."""
+    path = Path(path)
+    sidecar = path.with_suffix('.json')  # il_loss.f16 -> il_loss.json
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sidecar.unlink(missing_ok=True)
+    data = np.ascontiguousarray(values).tobytes()
+    atomic_write_bytes(path, data)
+    side = {'identity': json.loads(json.dumps(identity)), 'dtype': str(values.dtype), 'shape': list(values.shape),
+            'sha256': hashlib.sha256(data).hexdigest(), **(info or {})}
+    atomic_write_bytes(sidecar, json.dumps(side, indent=1).encode())
+    return side
 
 
-def run_jobs(jobs, n_parallel, cwd=None):
-    """Run every Job, n_parallel at a time with the CPU threads split between them; print one line as
-    each ends (its last 'done:' line, or its last line) -> the failed ones' (job, last line)."""
-    todo, running, failed, t0, n = list(jobs), {}, [], time.time(), len(jobs)
-    built = set()  # exclusive tags whose first job succeeded: the rest of them may run side by side
-    env = {**os.environ, 'OMP_NUM_THREADS': str(max(1, (os.cpu_count() or 1) // n_parallel))}
-    while todo or running:
-        busy = {job.exclusive for job in running.values() if job.exclusive and job.exclusive not in built}
-        for job in list(todo):
-            if len(running) == n_parallel:
-                break
-            if job.exclusive in busy:
-                continue
-            todo.remove(job)
-            if job.exclusive and job.exclusive not in built:
-                busy.add(job.exclusive)
-            job.log.parent.mkdir(parents=True, exist_ok=True)
-            with open(job.log, 'w') as out:
-                running[subprocess.Popen(job.argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd)] = job
-        time.sleep(0.5)
-        for proc in [p for p in running if p.poll() is not None]:
-            job = running.pop(proc)
-            lines = job.log.read_text(errors='replace').splitlines() or ['?']
-            if proc.returncode != 0:
-                failed.append((job, lines[-1]))
-            else:
-                built.add(job.exclusive)
-            done = n - len(todo) - len(running)
-            eta = (time.time() - t0) / done * (n - done)
-            status = next((l for l in reversed(lines) if l.startswith('done:')), lines[-1])
-            print(f'[{done}/{n}] {job.label}: {status} | eta {eta / 60:.1f} min', flush=True)
-    return failed
+def load_cache(path, identity, what, rebuild, info_keys=None, error=DataError):
+    """The array save_cache wrote at path (a read-only memmap) and its sidecar, or DataError (one line naming
+    `what`, the problem and `rebuild`) when it is missing, damaged (info_keys: {name: type} the sidecar
+    must also hold), edited (its sha256 differs) or computed from something else (the first identity key
+    that differs, with both values)."""
+    path = Path(path)
+    sidecar = path.with_suffix('.json')
+    if not sidecar.is_file():
+        raise error(f'no {what} at {path}: {rebuild}')
+    side = read_result(sidecar, {'identity': dict, 'dtype': str, 'shape': list, 'sha256': str, **(info_keys or {})}, rebuild)
+    if side['dtype'] not in ('float16', 'float32', 'float64') or not all(isinstance(n, int) and n >= 0 for n in side['shape']):
+        raise error(f'{sidecar} is damaged (no valid dtype, shape): {rebuild}')
+    want = json.loads(json.dumps(identity))
+    for k in sorted(want.keys() | side['identity'].keys()):
+        if side['identity'].get(k) != want.get(k):
+            raise error(f"stale {what} at {path}: computed with {k}={side['identity'].get(k)!r}, this run has "
+                            f"{want.get(k)!r}: {rebuild}")
+    size = int(np.prod(side['shape'])) * np.dtype(side['dtype']).itemsize
+    if not path.is_file() or path.stat().st_size != size:
+        raise error(f'{what} {path} is missing or truncated ({size} bytes expected): {rebuild}')
+    if file_sha256(path) != side['sha256']:
+        raise error(f'{what} {path} was changed since it was computed (its sha256 differs from its sidecar): {rebuild}')
+    return np.memmap(path, dtype=side['dtype'], mode='r', shape=tuple(side['shape'])), side

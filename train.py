@@ -90,7 +90,7 @@ class TrainConfig:
     cooldown_shape: str = key('1-sqrt', ('1-sqrt', 'linear'))  # wsd: '1-sqrt' or 'linear'
     branch_budgets: tuple = key((), '>0')  # wsd: multiples of --budget, e.g. (1, 2, 4): one trunk, a cooldown branch each
     rst_table: str = ''              # '' = config/rst/<shape>.json
-    rst_repeats: int = key(1, '>0')  # budget.py calibrate: measure the table N times (median; each entry's CV saved)
+    rst_repeats: int = key(1, '>0')  # calibrate.py: measure the table N times (median; each entry's CV saved)
     # eval, logging, checkpoints, sampling
     eval_interval: int = key(250, '>0')  # optimizer steps between evals (and checkpoints)
     eval_batches: int = key(16, '>0')  # fixed val set: eval_batches x batch_size examples
@@ -317,6 +317,11 @@ def targets_per_example(cfg, model):
     return t5_lengths(raw_length_for(T))[1] if cfg.model_type == 't5' else T
 
 
+def data_keys(cfg):
+    """The run's data keys as a command line gives them (calibrate's hint: they decide the vocabulary)."""
+    return ' '.join(f'--{k}={getattr(cfg, k)}' for k in ('dataset', 'tokenizer') if getattr(cfg, k) != TrainConfig.__dataclass_fields__[k].default)
+
+
 def run_shape_key(cfg, model):
     c = model.config
     return budget_lib.shape_key(cfg.model_type, c.n_layer, c.n_head, c.n_embd, c.block_size, c.vocab_size, cfg.batch_size)
@@ -433,7 +438,8 @@ class Trainer:
         self.bs = cfg.batch_size * cfg.grad_accum * self.rt.world_size * targets_per_example(cfg, self.model)
         self.optimizer, self.hooks = build_optimizer(cfg, self.model, self.bs, self.ctx.param_groups)
         needs = {'optimizer': [cfg.optimizer], 'hessian': [h.charge_as for h in self.hooks if h.charge_as]}
-        table = budget_lib.load_table(run_shape_key(cfg, self.model), cfg.rst_table, cfg.budget_unit == 'rst', needs)
+        table = budget_lib.load_table(run_shape_key(cfg, self.model), cfg.rst_table, cfg.budget_unit == 'rst', needs,
+                                      data_keys(cfg))
         self.budget = budget_lib.Budget(cfg.budget_unit, cfg.budget, table, lambda L: self.model.flops_per_token(L),
                                         self.model.config.block_size, cfg.batch_size)
         self.arch = build_arch(cfg, self.model.n_layer)

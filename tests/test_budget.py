@@ -174,14 +174,14 @@ def test_rst_charges_sophia_hessian_steps_and_grad_accum(tiny_cfg):
 
 
 def test_rst_run_without_a_table_names_the_calibrate_command(tiny_cfg):
-    with pytest.raises(UserError, match='python budget.py calibrate') as e:
+    with pytest.raises(UserError, match='python calibrate.py') as e:
         train.train(tiny_cfg(budget_unit='rst', budget=1.0, batch_size=3))
     assert '--batch_size=3' in str(e.value) and '--model_type=gpt' in str(e.value)  # a T5 shape's names t5
 
 
 def test_calibrate_writes_a_table_a_run_can_use(tiny_cfg, tmp_path):
     path = tmp_path / 'table.json'
-    out = run_script('budget.py', 'calibrate', '--model=tiny', '--batch_size=4', f'--rst_table={path}')
+    out = run_script('calibrate.py', '--model=tiny', '--batch_size=4', f'--rst_table={path}')
     assert out.returncode == 0, out.stderr
     table = json.loads(path.read_text())
     assert table['key'] == 'gpt_L2_H2_D64_T64_V256_B4'

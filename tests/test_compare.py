@@ -13,9 +13,9 @@ import pytest
 
 import budget as budget_lib
 import runs
-import sweep
+from studies import compare, ntng, plan, stats
 from configurator import ConfigError
-from conftest import run_script
+from conftest import ROOT, run_script
 
 
 def write_run(root, name, label, budget, seed, evals, steps=100, unit='rst', log=True):
@@ -71,23 +71,23 @@ def t2_p(t):
 
 
 def test_student_t_and_holm_against_hand_computed_values():
-    assert sweep.t_p_value(1.5, 2) == pytest.approx(t2_p(1.5), rel=1e-10)
-    assert sweep.t_p_value(-7.0, 2) == pytest.approx(t2_p(7.0), rel=1e-10)
-    assert sweep.t_p_value(1.0, 1) == pytest.approx(0.5, rel=1e-10)       # Cauchy: 1 - 2 atan(1) / pi
-    assert sweep.t95(4) == pytest.approx(2.7764, abs=1e-4) and sweep.t95(1) == pytest.approx(12.7062, abs=1e-3)
+    assert stats.t_p_value(1.5, 2) == pytest.approx(t2_p(1.5), rel=1e-10)
+    assert stats.t_p_value(-7.0, 2) == pytest.approx(t2_p(7.0), rel=1e-10)
+    assert stats.t_p_value(1.0, 1) == pytest.approx(0.5, rel=1e-10)       # Cauchy: 1 - 2 atan(1) / pi
+    assert stats.t95(4) == pytest.approx(2.7764, abs=1e-4) and stats.t95(1) == pytest.approx(12.7062, abs=1e-3)
     # Holm: sorted p 0.005, 0.01, 0.03, 0.04 (m = 4) -> 0.02, 0.03, 0.06, max(0.06, 0.04); nan stays out
-    assert sweep.holm([0.01, 0.04, 0.03, math.nan, 0.005])[:3] == pytest.approx([0.03, 0.06, 0.06])
-    assert sweep.holm([0.01, 0.04, 0.03, math.nan, 0.005])[4] == pytest.approx(0.02)
-    assert math.isnan(sweep.holm([0.01, math.nan])[1]) and sweep.holm([0.6, 0.5]) == [1.0, 1.0]
-    delta, half, p = sweep.paired_test([1.0, 2.0, 3.5], [0.5, 1.0, 2.0])     # differences 0.5, 1.0, 1.5
+    assert stats.holm([0.01, 0.04, 0.03, math.nan, 0.005])[:3] == pytest.approx([0.03, 0.06, 0.06])
+    assert stats.holm([0.01, 0.04, 0.03, math.nan, 0.005])[4] == pytest.approx(0.02)
+    assert math.isnan(stats.holm([0.01, math.nan])[1]) and stats.holm([0.6, 0.5]) == [1.0, 1.0]
+    delta, half, p = stats.paired_test([1.0, 2.0, 3.5], [0.5, 1.0, 2.0])     # differences 0.5, 1.0, 1.5
     assert (delta, half) == pytest.approx((1.0, 4.3027 * 0.5 / math.sqrt(3)), abs=1e-4)
     assert p == pytest.approx(t2_p(1.0 / (0.5 / math.sqrt(3))), rel=1e-9)
 
 
 def test_the_table_is_paired_with_holm_adjusted_p(table_runs, tmp_path, monkeypatch):
     dirs, finals = table_runs
-    monkeypatch.setattr(sweep, 'plot_runs', lambda *args: None)  # the plot has its own test
-    report = sweep.compare(dirs, out=str(tmp_path / 'x'), target='none')
+    monkeypatch.setattr(compare, 'plot_runs', lambda *args: None)  # the plot has its own test
+    report = compare.compare(dirs, out=str(tmp_path / 'x'), target='none')
     assert (tmp_path / 'x.md').read_text() == report + '\n'
     assert report.splitlines()[0] == '| method | budget 10 | budget 20 |'
     assert row(report, 'baseline') == ['3.0200 ± 0.0200 (n=3)', '2.5000 ± 0.0000 (n=1)']
@@ -115,63 +115,63 @@ def test_the_table_is_paired_with_holm_adjusted_p(table_runs, tmp_path, monkeypa
 def test_pairs_are_by_seed_and_a_single_pair_has_no_interval(tmp_path):
     dirs = [finished(tmp_path, 'b0', 'baseline', 10.0, 0, 3.0), finished(tmp_path, 'b1', 'baseline', 10.0, 1, 3.5),
             finished(tmp_path, 'm1', 'm', 10.0, 1, 3.25)]              # only seed 1 is shared
-    groups = sweep.group_runs([runs.read_run(d) for d in dirs])
-    assert row(sweep.ablation_table(groups), 'm') == ['3.2500 ± 0.0000 (n=1) Δ -0.2500']
+    groups = compare.group_runs([runs.read_run(d) for d in dirs])
+    assert row(compare.ablation_table(groups), 'm') == ['3.2500 ± 0.0000 (n=1) Δ -0.2500']
 
 
 def test_a_run_given_twice_is_refused_and_units_get_a_table_each(tmp_path, monkeypatch):
-    monkeypatch.setattr(sweep, 'plot_runs', lambda *args: None)
+    monkeypatch.setattr(compare, 'plot_runs', lambda *args: None)
     a = finished(tmp_path, 'a', 'baseline', 10.0, 0, 3.0)
     with pytest.raises(ConfigError, match='is given twice: each run counts once'):
-        sweep.compare([a, str(a) + '/'], out=str(tmp_path / 'x'))
+        compare.compare([a, str(a) + '/'], out=str(tmp_path / 'x'))
     b = write_run(tmp_path, 'b', 'baseline', 10.0, 0, [(1, 100, 3.5), (2, 200, 2.0)], unit='iters')
-    report = sweep.compare([a, b], out=str(tmp_path / 'x'), target='none')
+    report = compare.compare([a, b], out=str(tmp_path / 'x'), target='none')
     assert 'budget unit: iters' in report and 'budget unit: rst' in report
     assert report.count('(n=1)') == 2 and '(n=2)' not in report               # never averaged together
 
 
 def test_a_sweep_folder_is_read_whole_and_its_il_model_is_not_a_method(tmp_path, monkeypatch):
-    monkeypatch.setattr(sweep, 'plot_runs', lambda *args: None)
+    monkeypatch.setattr(compare, 'plot_runs', lambda *args: None)
     sweep_dir = tmp_path / 'ablation'
     finished(sweep_dir / 'baseline' / 'b10', 's0', 'baseline', 10.0, 0, 3.0)
     finished(sweep_dir / 'm' / 'b10', 's0', 'm', 10.0, 0, 2.5)
     finished(sweep_dir / 'il' / 'search', 'b10', 'rho_il', 10.0, 0, 1.5)   # where ablate trains its own IL model
     (sweep_dir / 'il' / 'search' / 'b20').mkdir()                          # a killed IL run: no label to read
     (sweep_dir / 'il' / 'search' / 'b20' / 'config.json').write_text('{"trunc')
-    report = sweep.compare([str(sweep_dir)], out=str(tmp_path / 'x'), target='none')
+    report = compare.compare([str(sweep_dir)], out=str(tmp_path / 'x'), target='none')
     assert row(report, 'baseline')[0].startswith('3.0000') and row(report, 'm')[0].startswith('2.5000 ± 0.0000 (n=1) Δ -0.5000')
     assert '| rho_il |' not in report and "2 run(s) of RHO-LOSS's IL model left out" in report and 'missing' not in report
     with pytest.raises(ConfigError, match='are IL models of RHO-LOSS, not methods'):
-        sweep.compare([str(sweep_dir / 'il')], out=str(tmp_path / 'x'))
+        compare.compare([str(sweep_dir / 'il')], out=str(tmp_path / 'x'))
 
 
 def test_compare_refuses_a_missing_path_a_run_reached_twice_and_two_runs_of_one_cell(tmp_path, monkeypatch):
-    monkeypatch.setattr(sweep, 'plot_runs', lambda *args: None)
+    monkeypatch.setattr(compare, 'plot_runs', lambda *args: None)
     sweep_dir = tmp_path / 'ablation'
     base = finished(sweep_dir / 'baseline' / 'b10', 's0', 'baseline', 10.0, 0, 3.0)
     out = str(tmp_path / 'x')
     with pytest.raises(ConfigError, match='ablaton does not exist'):                 # a typo is not a partial run
-        sweep.compare([str(sweep_dir), str(tmp_path / 'ablaton')], out=out)
+        compare.compare([str(sweep_dir), str(tmp_path / 'ablaton')], out=out)
     (tmp_path / 'empty').mkdir()
     with pytest.raises(budget_lib.UserError, match='no readable runs among the 1 folder'):
-        sweep.compare([str(tmp_path / 'empty')], out=out)
+        compare.compare([str(tmp_path / 'empty')], out=out)
     with pytest.raises(ConfigError, match=f'{base} is given twice .found under both {sweep_dir} and {sweep_dir / "baseline"}'):
-        sweep.compare([str(sweep_dir), str(sweep_dir / 'baseline')], out=out)
+        compare.compare([str(sweep_dir), str(sweep_dir / 'baseline')], out=out)
     finished(sweep_dir / 'old' / 'baseline' / 'b10', 's0', 'baseline', 10.0, 0, 2.0)   # a copy inside the sweep
     with pytest.raises(ConfigError, match='are both baseline at budget 10 seed 0'):
-        sweep.compare([str(sweep_dir)], out=out)
+        compare.compare([str(sweep_dir)], out=out)
     assert not (tmp_path / 'x.md').exists()
 
 
 def test_method_statistics_are_reported(tmp_path, monkeypatch):
-    monkeypatch.setattr(sweep, 'plot_runs', lambda *args: None)
+    monkeypatch.setattr(compare, 'plot_runs', lambda *args: None)
     dirs = []
     for seed, frac in enumerate((0.4, 0.6)):
         d = finished(tmp_path, f'sb{seed}', 'sb', 10.0, seed, 3.0)
         with open(d / 'log.jsonl', 'a') as f:   # two log records: the run's mean is their mean
             f.write(json.dumps({'step': 1, 'selected_frac': frac - 0.1}) + '\n' + json.dumps({'step': 2, 'selected_frac': frac + 0.1}) + '\n')
         dirs.append(d)
-    report = sweep.compare(dirs, out=str(tmp_path / 'x'), target='none')
+    report = compare.compare(dirs, out=str(tmp_path / 'x'), target='none')
     half = 12.7062 * statistics.stdev([0.4, 0.6]) / math.sqrt(2)                 # t at df 1
     assert f'| sb | 10 | selected_frac | 0.500 ± {half:.3f} (n=2) |' in report
 
@@ -182,9 +182,9 @@ def test_a_tuning_point_is_the_mean_over_its_seeds_with_what_the_method_logs(tmp
         d = finished(tmp_path / 'lr0.001', f's{seed}', 'sb', 10.0, seed, final)
         with open(d / 'log.jsonl', 'a') as f:
             f.write(json.dumps({'step': 1, 'selected_frac': frac}) + '\n')
-    point = sweep.tune_summary(tmp_path / 'lr0.001', (0, 1), 1e-3, {})
+    point = ntng.tune_summary(tmp_path / 'lr0.001', (0, 1), 1e-3, {})
     assert point == {'lr': 1e-3, 'extra': {}, 'final': 2.5, 'selected_frac': pytest.approx(0.5)}
-    assert sweep.tune_summary(tmp_path / 'lr0.001', (0, 1, 2), 1e-3, {})['final'] == math.inf
+    assert ntng.tune_summary(tmp_path / 'lr0.001', (0, 1, 2), 1e-3, {})['final'] == math.inf
 
 
 # -----------------------------------------------------------------------------
@@ -192,12 +192,12 @@ def test_a_tuning_point_is_the_mean_over_its_seeds_with_what_the_method_logs(tmp
 
 def test_crossing():
     pts = [(10, 4.0), (20, 3.0), (30, 2.0)]
-    assert sweep.crossing(pts, 3.5) == pytest.approx(15.0)      # interpolated between the bracketing evals
-    assert sweep.crossing(pts, 3.0) == 20                        # at an eval
-    assert sweep.crossing(pts, 2.2) == pytest.approx(28.0)
-    assert sweep.crossing(pts, 5.0) == 10                        # already below at the first eval
-    assert sweep.crossing(pts, 1.9) is None                      # never
-    assert sweep.crossing([(10, 4.0), (20, 2.0), (30, 3.5)], 3.0) == pytest.approx(15.0)  # the first time
+    assert stats.crossing(pts, 3.5) == pytest.approx(15.0)      # interpolated between the bracketing evals
+    assert stats.crossing(pts, 3.0) == 20                        # at an eval
+    assert stats.crossing(pts, 2.2) == pytest.approx(28.0)
+    assert stats.crossing(pts, 5.0) == 10                        # already below at the first eval
+    assert stats.crossing(pts, 1.9) is None                      # never
+    assert stats.crossing([(10, 4.0), (20, 2.0), (30, 3.5)], 3.0) == pytest.approx(15.0)  # the first time
 
 
 # -----------------------------------------------------------------------------
@@ -205,11 +205,11 @@ def test_crossing():
 
 def test_log_budget_interpolation_inside_and_along_the_end_segments():
     ends = [(100, 3.0), (200, 2.8), (400, 2.7)]
-    assert sweep.log_budget_interp(ends, 200) == pytest.approx(2.8)
-    assert sweep.log_budget_interp(ends, 100 * 2 ** 0.5) == pytest.approx(2.9)   # halfway in log budget
-    assert sweep.log_budget_interp(ends, 50) == pytest.approx(3.2)              # the first segment, extended
-    assert sweep.log_budget_interp(ends, 800) == pytest.approx(2.6)             # the last one
-    assert sweep.log_budget_interp(ends[:1], 100) is None
+    assert compare.log_budget_interp(ends, 200) == pytest.approx(2.8)
+    assert compare.log_budget_interp(ends, 100 * 2 ** 0.5) == pytest.approx(2.9)   # halfway in log budget
+    assert compare.log_budget_interp(ends, 50) == pytest.approx(3.2)              # the first segment, extended
+    assert compare.log_budget_interp(ends, 800) == pytest.approx(2.6)             # the last one
+    assert compare.log_budget_interp(ends[:1], 100) is None
 
 
 def test_a_ten_percent_cost_change_that_flips_a_cell_is_named():
@@ -227,21 +227,21 @@ def test_a_ten_percent_cost_change_that_flips_a_cell_is_named():
                            200: [run(s, 200, 2.8 + s / 100, base) for s in (1, 2)]},
               'm': {100: [run(s, 100, 2.999 + s / 100, mine) for s in (1, 2)],
                     200: [run(s, 200, 2.7 + s / 100, mine) for s in (1, 2)]}}
-    got = sweep.perturbed_final(groups['m'], 1, 100, 'fwd:4', 1.1)
+    got = compare.perturbed_final(groups['m'], 1, 100, 'fwd:4', 1.1)
     assert got == pytest.approx(2.999 + 0.01 - 0.299 / math.log(2) * math.log(100 / 103))
-    text = sweep.cost_sensitivity(groups, 'baseline')
+    text = compare.cost_sensitivity(groups, 'baseline')
     assert 'entries (fwd:4, fwd_bwd:4, optimizer:adamw) at x0.9 and x1.1' in text
     flips = [line for line in text.splitlines() if line.startswith('- ')]
     assert flips == ['- m at budget 100, fwd:4 x1.1: Δ -0.0010 -> +0.0118',
                      '- m at budget 100, optimizer:adamw x1.1: Δ -0.0010 -> +0.0004']
     calm = {k: {b: [dict(r, final=r['final'] - (0.05 if k == 'm' else 0)) for r in rs] for b, rs in g.items()}
             for k, g in groups.items()}
-    assert sweep.cost_sensitivity(calm, 'baseline').endswith(': no cell changes sign')
+    assert compare.cost_sensitivity(calm, 'baseline').endswith(': no cell changes sign')
     one_budget = {k: {100: g[100]} for k, g in groups.items()}
-    assert sweep.cost_sensitivity(one_budget, 'baseline').startswith('cost-table sensitivity: not shown yet')  # nothing to read a shifted budget from
+    assert compare.cost_sensitivity(one_budget, 'baseline').startswith('cost-table sensitivity: not shown yet')  # nothing to read a shifted budget from
     # a sweep in progress: seed 2 has no budget-200 run yet, so every cell is read over seed 1 alone
     in_progress = {k: {100: g[100], 200: g[200][:1]} for k, g in groups.items()}
-    text = sweep.cost_sensitivity(in_progress, 'baseline')
+    text = compare.cost_sensitivity(in_progress, 'baseline')
     assert 'read over the seeds at two budgets only: m at 100 (1 of 2)' in text
     flips = [line for line in text.splitlines() if line.startswith('- ')]
     assert flips == ['- m at budget 100, fwd:4 x1.1: Δ -0.0010 -> +0.0118',
@@ -280,14 +280,14 @@ def target_runs(tmp_path):
 
 
 def test_time_to_target_from_decayed_endpoints_over_all_seeds(target_runs, tmp_path, monkeypatch):
-    monkeypatch.setattr(sweep, 'plot_runs', lambda *args: None)
-    report = sweep.compare(target_runs, out=str(tmp_path / 'x'))   # target='auto'
+    monkeypatch.setattr(compare, 'plot_runs', lambda *args: None)
+    report = compare.compare(target_runs, out=str(tmp_path / 'x'))   # target='auto'
     assert "target val loss 3.1000, the baseline's worst of 2 seeds at budget 20 (fully decayed" in report
     base = statistics.median([10 * 2 ** 0.6, 20.0])                 # every baseline seed reaches its own target
     assert row(report, 'baseline', 2) == [f'{base:.1f}', '2/2', '1.00x']
     assert row(report, 'fast', 2) == ['10.0', '2/2 (2 already at the smallest budget: an upper bound)', f'{base / 10:.2f}x']
     assert row(report, 'slow', 2) == ['not reached', '0/1', '—']   # never: counted, not dropped
-    explicit = sweep.compare(target_runs, out=str(tmp_path / 'y'), target='3.2')
+    explicit = compare.compare(target_runs, out=str(tmp_path / 'y'), target='3.2')
     base = statistics.median([10 * 2 ** (0.2 / 0.5), 10 * 2 ** (0.2 / 0.3)])
     assert row(explicit, 'baseline', 2) == [f'{base:.1f}', '2/2', '1.00x']
     assert row(explicit, 'fast', 2) == ['10.0', '2/2 (2 already at the smallest budget: an upper bound)', f'{base / 10:.2f}x']
@@ -299,10 +299,10 @@ def test_a_seed_not_run_at_every_budget_yet_is_pending_not_unreached(target_runs
     reach the target at 20, so it is pending, not 'not reached'. The baseline's seed 0 has begun budget 40
     (2.5): 'slow', not run at 40 yet, is pending too, and the target stays at budget 20, the largest that
     every baseline seed completed."""
-    monkeypatch.setattr(sweep, 'plot_runs', lambda *args: None)
+    monkeypatch.setattr(compare, 'plot_runs', lambda *args: None)
     extra = [write_run(tmp_path, 'f10s2', 'fast', 10.0, 2, [(5.0, 500, 3.8), (10.0, 1000, 3.3)]),
              write_run(tmp_path, 'b40s0', 'baseline', 40.0, 0, [(20.0, 2000, 3.0), (40.0, 4000, 2.5)])]
-    report = sweep.compare(target_runs + extra, out=str(tmp_path / 'x'))
+    report = compare.compare(target_runs + extra, out=str(tmp_path / 'x'))
     assert "target val loss 3.1000, the baseline's worst of 2 seeds at budget 20 (fully decayed" in report
     assert row(report, 'fast', 2) == ['10.0', '2/2 (1 pending: not run at every budget yet; 2 already at the smallest '
                                               'budget: an upper bound)', '1.76x']
@@ -314,14 +314,14 @@ def test_a_seed_with_a_gap_before_its_crossing_is_pending_and_auto_matches_seeds
     move once 20 runs, so it is pending; 'late' seed 0 starts at 20 (3.0, at the target there): pending too,
     not 'already at the smallest budget'. The baseline's seeds are {0, 1} at 10 and 20, {0, 2} at 40: no
     budget has every seed, so 'auto' takes the budget with the most seeds, the largest of them (40)."""
-    monkeypatch.setattr(sweep, 'plot_runs', lambda *args: None)
+    monkeypatch.setattr(compare, 'plot_runs', lambda *args: None)
     extra = [write_run(tmp_path, n, label, b, seed, [(b / 2, 50 * b, y + 0.5), (b, 100 * b, y)]) for n, label, b, seed, y in (
         ('g10', 'gap', 10.0, 0, 3.3), ('g40', 'gap', 40.0, 0, 2.9), ('l20', 'late', 20.0, 0, 3.0),
         ('b40s0', 'baseline', 40.0, 0, 2.6), ('b40s2', 'baseline', 40.0, 2, 2.7))]
-    report = sweep.compare(target_runs + extra, out=str(tmp_path / 'x'), target='3.0')
+    report = compare.compare(target_runs + extra, out=str(tmp_path / 'x'), target='3.0')
     assert row(report, 'gap', 2) == ['not reached', '0/0 (1 pending: not run at every budget yet)', '—']
     assert row(report, 'late', 2) == ['not reached', '0/0 (1 pending: not run at every budget yet)', '—']
-    auto = sweep.compare(target_runs + extra, out=str(tmp_path / 'y'))
+    auto = compare.compare(target_runs + extra, out=str(tmp_path / 'y'))
     assert "target val loss 2.7000, the baseline's worst of 2 seeds at budget 40 (fully decayed" in auto
 
 
@@ -333,9 +333,9 @@ def test_plot_spans_the_budget_names_a_row_past_it_marks_the_floor_and_leaves_pa
     folders = [finished(tmp_path, 'b0', 'baseline', 20.0, 0, 2.0), finished(tmp_path, 'b1', 'baseline', 20.0, 1, 2.1),
             write_run(tmp_path, 'b2', 'baseline', 20.0, 2, [(5.0, 5000, 2.9)]),       # partial: stopped at 5 RST
             write_run(tmp_path, 'il', 'rho_il_charged', 20.0, 0, [(3446.0, 10 ** 6, 5.35)], steps=0)]
-    groups = sweep.group_runs([runs.read_run(r) for r in folders])
+    groups = compare.group_runs([runs.read_run(r) for r in folders])
     floors = {'unigram': 3.2, 'bigram': 2.5, 'trigram': 1.9}
-    assert sweep.plot_runs(groups, str(tmp_path / 'p.png'), floors) == str(tmp_path / 'p.png')
+    assert compare.plot_runs(groups, str(tmp_path / 'p.png'), floors) == str(tmp_path / 'p.png')
     ax = plt.gcf().axes[0]
     assert ax.get_xlim() == pytest.approx((0, 20.4))
     assert [t.get_text() for t in ax.get_legend().get_texts()] == [
@@ -353,8 +353,8 @@ def test_plot_has_no_panel_for_a_budget_of_partial_runs_and_bands_keep_their_lin
     folders = [write_run(tmp_path, 'il', 'a_charged', 20.0, 0, [(3446.0, 10 ** 6, 5.35)], steps=0),
                finished(tmp_path, 'b0', 'baseline', 20.0, 0, 2.0), finished(tmp_path, 'b1', 'baseline', 20.0, 1, 2.1),
                write_run(tmp_path, 'b40', 'baseline', 40.0, 0, [(5.0, 5000, 2.9)])]  # partial: the only budget-40 run
-    groups = sweep.group_runs([runs.read_run(r) for r in folders])
-    sweep.plot_runs(groups, str(tmp_path / 'p.png'))
+    groups = compare.group_runs([runs.read_run(r) for r in folders])
+    compare.plot_runs(groups, str(tmp_path / 'p.png'))
     assert len(plt.gcf().axes) == 1
     ax = plt.gcf().axes[0]
     line, band = [l for l in ax.get_lines() if l.get_label() == 'baseline'][0], ax.collections[0]
@@ -365,21 +365,21 @@ def test_plot_has_no_panel_for_a_budget_of_partial_runs_and_bands_keep_their_lin
 def test_a_cell_that_trained_no_step_is_named_under_the_steps(tmp_path, monkeypatch):
     """RHO-LOSS with its IL charged trains no step when the IL's cost exceeds the budget: its 'final' is the
     initial model's loss, which the table must not let pass for the method's result."""
-    monkeypatch.setattr(sweep, 'plot_runs', lambda *args: None)
+    monkeypatch.setattr(compare, 'plot_runs', lambda *args: None)
     folders = [finished(tmp_path, f'b{s}', 'baseline', 20.0, s, 2.0 + s / 10) for s in (0, 1)]
     folders += [write_run(tmp_path, f'il{s}', 'rho_il_charged', 20.0, s, [(3446.0, 10 ** 6, 5.35 + s / 100)], steps=0)
                 for s in (0, 1)]
-    report = sweep.compare(folders, out=str(tmp_path / 'x'), target='none')
+    report = compare.compare(folders, out=str(tmp_path / 'x'), target='none')
     assert ("trained no step (the costs charged before the first step exceed the budget; the val loss is the "
             "initial model's): rho_il_charged at 20") in report
-    assert 'trained no step' not in sweep.compare(folders[:2], out=str(tmp_path / 'y'), target='none')
+    assert 'trained no step' not in compare.compare(folders[:2], out=str(tmp_path / 'y'), target='none')
 
 
 # -----------------------------------------------------------------------------
 # the commands
 
 def test_compare_command(target_runs, tmp_path):
-    out = run_script('budget.py', 'compare', *target_runs, f'--out={tmp_path}/x')
+    out = run_script('-m', 'studies.ntng', 'compare', *target_runs, f'--out={tmp_path}/x')
     assert out.returncode == 0, out.stderr[-2000:]
     md = (tmp_path / 'x.md').read_text()
     assert md.startswith('| method | budget 10 | budget 20 |') and md.strip() in out.stdout
@@ -388,7 +388,7 @@ def test_compare_command(target_runs, tmp_path):
 
 def test_compare_without_run_folders_exits_2_with_one_line(capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
-        budget_lib.main(['compare', f'--out={tmp_path}/x'])
+        ntng.main(['compare', f'--out={tmp_path}/x'])
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and 'compare needs run folders' in err
@@ -401,7 +401,7 @@ def test_a_sweep_refuses_empty_or_repeated_seeds_and_budgets(capsys, tmp_path, a
     """A seed given twice would put two runs in one folder (and count one pair twice): refused, one line."""
     for command in ('ablate', 'tune') if arg.startswith('--seeds') else ('ablate',):
         with pytest.raises(SystemExit) as e:
-            budget_lib.main([command, arg, f'--out_dir={tmp_path}/x'])
+            ntng.main([command, arg, f'--out_dir={tmp_path}/x'])
         err = capsys.readouterr().err
         assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and says in err, err
     assert not (tmp_path / 'x').exists()
@@ -442,34 +442,34 @@ METHODS = {
 
 def test_sweep_plan_and_commands(tmp_path):
     (tmp_path / 'sweep.py').write_text(SWEEP)
-    cfg = sweep.AblateConfig(config=str(tmp_path / 'sweep.py'), out_dir=str(tmp_path / 'abl'),
+    cfg = ntng.AblateConfig(config=str(tmp_path / 'sweep.py'), out_dir=str(tmp_path / 'abl'),
                              methods=('baseline', 'stack'), seeds=(0, 1))
-    plan = sweep.sweep_plan(cfg)
-    assert sweep.sweep_plan(dataclasses.replace(cfg, budgets=(12.0, 6.0))) == plan   # smallest budget first, as given or not
-    assert [(label, a['budget'], a['seed']) for label, _, a in plan] == [
+    plan = ntng.sweep_plan(cfg)
+    assert ntng.sweep_plan(dataclasses.replace(cfg, budgets=(12.0, 6.0))) == plan   # smallest budget first, as given or not
+    assert [(r.args['label'], r.args['budget'], r.args['seed']) for r in plan] == [
         ('baseline', 6.0, 0), ('stack', 6.0, 0), ('baseline', 6.0, 1), ('stack', 6.0, 1),   # a budget's seeds first
         ('baseline', 12.0, 0), ('stack', 12.0, 0), ('baseline', 12.0, 1), ('stack', 12.0, 1)]
-    label, script, args = plan[1]
+    script, args = plan[1].script, plan[1].args
     assert script == 'train.py' and args['arch'] == 'stack' and args['model'] == 'tiny' and args['label'] == 'stack'
     assert args['out_dir'] == f'{tmp_path}/abl/stack/b6/s0'
-    quick = sweep.sweep_plan(sweep.AblateConfig(config=cfg.config, out_dir=cfg.out_dir, quick=True))
-    assert [(label, a['budget'], a['seed']) for label, _, a in quick] == [('baseline', 6.0, 0), ('stack', 6.0, 0), ('lion', 6.0, 0)]
-    wsd = sweep.sweep_plan(sweep.AblateConfig(config=cfg.config, out_dir=cfg.out_dir, methods=('baseline',),
+    quick = ntng.sweep_plan(ntng.AblateConfig(config=cfg.config, out_dir=cfg.out_dir, quick=True))
+    assert [(r.args['label'], r.args['budget'], r.args['seed']) for r in quick] == [('baseline', 6.0, 0), ('stack', 6.0, 0), ('lion', 6.0, 0)]
+    wsd = ntng.sweep_plan(ntng.AblateConfig(config=cfg.config, out_dir=cfg.out_dir, methods=('baseline',),
                                               seeds=(0,), baseline_schedule='wsd_branches'))
-    assert wsd[-1][2]['branch_budgets'] == (1.0, 2.0) and wsd[-1][2]['budget'] == 6.0
+    assert wsd[-1].args['branch_budgets'] == (1.0, 2.0) and wsd[-1].args['budget'] == 6.0 and wsd[-1].self_resuming
     with pytest.raises(ConfigError, match='unknown method'):
-        sweep.sweep_plan(sweep.AblateConfig(config=cfg.config, methods=('stak',)))
+        ntng.sweep_plan(ntng.AblateConfig(config=cfg.config, methods=('stak',)))
 
-    cmd = sweep.run_command(script, args)                          # a fresh run replaces a stale folder
-    assert cmd[1] == 'train.py' and "--arch='stack'" in cmd and '--stack_fracs=(0.5,)' in cmd and '--overwrite=True' in cmd
+    cmd = plan[1].command()                          # a fresh run replaces a stale folder
+    assert cmd[1] == str(ROOT / 'train.py') and "--arch='stack'" in cmd and '--stack_fracs=(0.5,)' in cmd and '--overwrite=True' in cmd
     folder = tmp_path / 'abl' / 'stack' / 'b6' / 's0'
     folder.mkdir(parents=True)
     (folder / 'ckpt.pt').write_bytes(b'')
     (folder / 'config.json').write_text(json.dumps({'config': {**args, 'stack_fracs': [0.5], 'init_from': 'scratch'}}))
-    resume = sweep.run_command(script, args)                       # a started run of these keys resumes
+    resume = plan[1].command()                       # a started run of these keys resumes
     assert "--init_from='resume'" in resume and not any(a.startswith('--overwrite') for a in resume)
     (folder / 'config.json').write_text(json.dumps({'config': {**args, 'budget': 3.0}}))  # an older plan's run
-    again = sweep.run_command(script, args)
+    again = plan[1].command()
     assert '--overwrite=True' in again and not any(a.startswith('--init_from') for a in again)
 
 
@@ -477,8 +477,8 @@ def test_ablate_runs_the_sweep_once(tmp_path, monkeypatch, capsys):
     """`budget.py ablate` (its main, in this process; every run is a `python train.py` of its own) on a
     2-run tiny sweep; a second call finds both runs finished and only re-reads them."""
     (tmp_path / 'sweep.py').write_text(SWEEP)
-    monkeypatch.setattr(sweep, 'plot_runs', lambda *args: None)   # test_compare_command plots
-    budget_lib.main(['ablate', f'--config={tmp_path}/sweep.py', f'--out_dir={tmp_path}/abl', '--quick=True',
+    monkeypatch.setattr(compare, 'plot_runs', lambda *args: None)   # test_compare_command plots
+    ntng.main(['ablate', f'--config={tmp_path}/sweep.py', f'--out_dir={tmp_path}/abl', '--quick=True',
                      "--methods=('baseline','stack')", '--jobs=2'])
     out = capsys.readouterr().out
     progress = [l for l in out.splitlines() if l.startswith('[')]
@@ -494,8 +494,8 @@ def test_ablate_runs_the_sweep_once(tmp_path, monkeypatch, capsys):
 
     def no_rerun(*args, **kwargs):
         raise AssertionError(f'ablate reran a finished run: {args[0]}')
-    monkeypatch.setattr(runs.subprocess, 'Popen', no_rerun)  # runs.run_jobs starts the runs
-    again = sweep.ablate(sweep.AblateConfig(config=f'{tmp_path}/sweep.py', out_dir=f'{tmp_path}/abl',
+    monkeypatch.setattr(plan.subprocess, 'Popen', no_rerun)  # runs.run_jobs starts the runs
+    again = ntng.ablate(ntng.AblateConfig(config=f'{tmp_path}/sweep.py', out_dir=f'{tmp_path}/abl',
                                             quick=True, methods=('baseline', 'stack')))
     assert again + '\n' == first == (tmp_path / 'abl' / 'ablation.md').read_text()
 
@@ -508,64 +508,64 @@ def test_tune_grid_extends_at_an_edge_and_ablate_reads_the_result(tmp_path, monk
     (tmp_path / 'sweep.py').write_text(SWEEP)
     optimum = {'baseline': 3e-3 * 4, 'lion': 3e-4 / 2}
     plans = []
-    monkeypatch.setattr(sweep, 'run_plan', lambda plan, jobs, **kw: plans.extend(plan))
-    monkeypatch.setattr(sweep, 'tune_summary', lambda folder, seeds, lr, extra: {
+    monkeypatch.setattr(ntng, 'run_plan', lambda plan, jobs, **kw: plans.extend(plan))
+    monkeypatch.setattr(ntng, 'tune_summary', lambda folder, seeds, lr, extra: {
         'lr': lr, 'extra': extra, 'final': math.log2(lr / optimum[folder.parent.name]) ** 2})
-    monkeypatch.setattr(sweep, 'plot_tuning', lambda results, path: None)
-    cfg = sweep.TuneConfig(config=str(tmp_path / 'sweep.py'), out_dir=str(tmp_path / 'tune'),
+    monkeypatch.setattr(ntng, 'plot_tuning', lambda results, path: None)
+    cfg = ntng.TuneConfig(config=str(tmp_path / 'sweep.py'), out_dir=str(tmp_path / 'tune'),
                            methods=('baseline', 'lion'), points=5, seeds=(7, 8))
-    results = sweep.tune(cfg)
+    results = ntng.tune(cfg)
     for label, lr0 in (('baseline', 3e-3), ('lion', 3e-4)):
         assert results[label]['lr'] == pytest.approx(optimum[label])
         tried = sorted(round(p['lr'] / lr0, 6) for p in results[label]['grid'])
         want = {'baseline': [0.25, 0.5, 1.0, 2.0, 4.0, 8.0], 'lion': [0.25, 0.5, 1.0, 2.0, 4.0]}[label]
         assert tried == want                                  # extended one point at a time, and no further
-    runs = [a for _, _, a in plans]
+    runs = [a for a in (r.args for r in plans)]
     assert all(a['budget'] == 6.0 and a['seed'] in (7, 8) for a in runs)      # the smallest budget, tuning seeds
     for a in runs:
         if a['label'] == 'lion (tuning)':
             assert a['weight_decay'] * a['lr'] == pytest.approx(0.1 * 3e-4)  # lr x wd stays at the product
     assert results['lion']['weight_decay'] == pytest.approx(0.1 * 3e-4 / optimum['lion'])
     tuned = str(tmp_path / 'tune' / 'tuned.json')
-    plan = sweep.sweep_plan(sweep.AblateConfig(config=cfg.config, tuned=tuned, methods=('baseline', 'lion'), seeds=(0,)))
-    assert {label: (a['lr'], a.get('weight_decay')) for label, _, a in plan if a['budget'] == 6.0} == {
+    plan = ntng.sweep_plan(ntng.AblateConfig(config=cfg.config, tuned=tuned, methods=('baseline', 'lion'), seeds=(0,)))
+    assert {label: (a['lr'], a.get('weight_decay')) for label, a in ((r.args['label'], r.args) for r in plan) if a['budget'] == 6.0} == {
         'baseline': (optimum['baseline'], None), 'lion': (optimum['lion'], results['lion']['weight_decay'])}
     with pytest.raises(budget_lib.UserError, match='has no tuned values for stack: tune them too'):
-        sweep.sweep_plan(sweep.AblateConfig(config=cfg.config, tuned=tuned, methods=('baseline', 'stack')))
+        ntng.sweep_plan(ntng.AblateConfig(config=cfg.config, tuned=tuned, methods=('baseline', 'stack')))
     with pytest.raises(budget_lib.UserError, match=r'was tuned on seed\(s\) \[7\], which this sweep reports'):
-        sweep.sweep_plan(sweep.AblateConfig(config=cfg.config, tuned=tuned, methods=('baseline', 'lion'), seeds=(0, 7)))
+        ntng.sweep_plan(ntng.AblateConfig(config=cfg.config, tuned=tuned, methods=('baseline', 'lion'), seeds=(0, 7)))
     record = json.loads(Path(tuned).read_text())
     lion_only = tmp_path / 'lion_only.json'
     lion_only.write_text(json.dumps({**record, 'tuned': {'lion': record['tuned']['lion']}}))
     with pytest.raises(budget_lib.UserError, match='has no tuned values for baseline'):  # the WSD row runs as the baseline
-        sweep.sweep_plan(sweep.AblateConfig(config=cfg.config, tuned=str(lion_only), methods=('lion',),
+        ntng.sweep_plan(ntng.AblateConfig(config=cfg.config, tuned=str(lion_only), methods=('lion',),
                                             baseline_schedule='wsd_branches'))
     for bad in (7, [[1]], ['7']):
         lion_only.write_text(json.dumps({**record, 'seeds': bad}))
         with pytest.raises(budget_lib.UserError, match=r'is not a tuned.json from `budget.py tune` \(TypeError\)'):
-            sweep.sweep_plan(sweep.AblateConfig(config=cfg.config, tuned=str(lion_only), methods=('lion',)))
+            ntng.sweep_plan(ntng.AblateConfig(config=cfg.config, tuned=str(lion_only), methods=('lion',)))
     (tmp_path / 'sweep.py').write_text(SWEEP.replace('lr=3e-3)', 'lr=1e-3)'))
     with pytest.raises(budget_lib.UserError, match='was made for COMMON'):
-        sweep.sweep_plan(sweep.AblateConfig(config=cfg.config, tuned=tuned))
+        ntng.sweep_plan(ntng.AblateConfig(config=cfg.config, tuned=tuned))
 
 
 def test_a_best_point_still_at_an_edge_after_every_extension_is_flagged(tmp_path, monkeypatch, capsys):
     """The baseline's best lr lies 2^8 above its own, past what MAX_EXTENSIONS (3) lets a 5-point grid reach
     (2^5): tuned.json and the console say the best is still at the lr axis's edge; ablate still reads it."""
     (tmp_path / 'sweep.py').write_text(SWEEP)
-    monkeypatch.setattr(sweep, 'run_plan', lambda plan, jobs, **kw: None)
-    monkeypatch.setattr(sweep, 'tune_summary', lambda folder, seeds, lr, extra: {
+    monkeypatch.setattr(ntng, 'run_plan', lambda plan, jobs, **kw: None)
+    monkeypatch.setattr(ntng, 'tune_summary', lambda folder, seeds, lr, extra: {
         'lr': lr, 'extra': extra, 'final': math.log2(lr / (3e-3 * 2 ** 8)) ** 2})
-    monkeypatch.setattr(sweep, 'plot_tuning', lambda results, path: None)
-    cfg = sweep.TuneConfig(config=str(tmp_path / 'sweep.py'), out_dir=str(tmp_path / 'tune'), methods=('baseline',))
-    result = sweep.tune(cfg)['baseline']
+    monkeypatch.setattr(ntng, 'plot_tuning', lambda results, path: None)
+    cfg = ntng.TuneConfig(config=str(tmp_path / 'sweep.py'), out_dir=str(tmp_path / 'tune'), methods=('baseline',))
+    result = ntng.tune(cfg)['baseline']
     assert result['lr'] == pytest.approx(3e-3 * 2 ** 5) and result['at_edge'] == ['lr']
     assert 'still at an edge of its lr axis' in capsys.readouterr().out
     tuned = json.loads((tmp_path / 'tune' / 'tuned.json').read_text())['tuned']['baseline']
     assert tuned['at_edge'] == ['lr']
-    plan = sweep.sweep_plan(sweep.AblateConfig(config=cfg.config, tuned=str(tmp_path / 'tune' / 'tuned.json'),
+    plan = ntng.sweep_plan(ntng.AblateConfig(config=cfg.config, tuned=str(tmp_path / 'tune' / 'tuned.json'),
                                                methods=('baseline',), seeds=(0,)))
-    assert [a['lr'] for _, _, a in plan] == pytest.approx([3e-3 * 2 ** 5] * 2) and not any('at_edge' in a for _, _, a in plan)
+    assert [a['lr'] for a in (r.args for r in plan)] == pytest.approx([3e-3 * 2 ** 5] * 2) and not any('at_edge' in a for a in (r.args for r in plan))
 
 
 def test_a_diverged_tuning_run_is_a_result_not_a_failure(tmp_path, monkeypatch, capsys):
@@ -582,20 +582,20 @@ def test_a_diverged_tuning_run_is_a_result_not_a_failure(tmp_path, monkeypatch, 
                                           + json.dumps({'step': 2, 'nonfinite': True, 'iters': 1}) + '\n')
         return [(job, 'loss is nan at step 2') for job in jobs]
     started = []
-    monkeypatch.setattr(sweep, 'run_jobs', lambda jobs, n, cwd=None: started.extend(jobs) or diverging(jobs, n))
-    plan = [('baseline', 'train.py', args)]
+    monkeypatch.setattr(plan, 'run_jobs', lambda jobs, n, cwd=None: started.extend(jobs) or diverging(jobs, n))
+    runs_ = [ntng.planned_run('baseline', 'train.py', args)]
     with pytest.raises(budget_lib.UserError, match=r'1 run\(s\) failed, first: baseline budget 6 seed 7'):
-        sweep.run_plan(plan, 1)
+        plan.run_plan(runs_, 1)
     shutil.rmtree(folder)
-    sweep.run_plan(plan, 1, diverged_ok=True)
+    plan.run_plan(runs_, 1, diverged_ok=True)
     assert 'baseline budget 6 seed 7: diverged, counted as an infinite loss (loss is nan at step 2)' in capsys.readouterr().out
-    sweep.run_plan(plan, 1, diverged_ok=True)
+    plan.run_plan(runs_, 1, diverged_ok=True)
     assert len(started) == 2                                   # the third call found it diverged: not run again
-    assert sweep.tune_summary(folder.parent, (7,), 0.1, {})['final'] == math.inf
+    assert ntng.tune_summary(folder.parent, (7,), 0.1, {})['final'] == math.inf
     other = {**args, 'lr': 0.05}        # a plan with other keys in the same folder: the old divergence is not its result
-    monkeypatch.setattr(sweep, 'run_jobs', lambda jobs, n, cwd=None: started.extend(jobs) or [(j, 'no prepared data') for j in jobs])
+    monkeypatch.setattr(plan, 'run_jobs', lambda jobs, n, cwd=None: started.extend(jobs) or [(j, 'no prepared data') for j in jobs])
     with pytest.raises(budget_lib.UserError, match='1 run\\(s\\) failed, first: baseline budget 6 seed 7: no prepared data'):
-        sweep.run_plan([('baseline', 'train.py', other)], 1, diverged_ok=True)
+        plan.run_plan([ntng.planned_run('baseline', 'train.py', other)], 1, diverged_ok=True)
 
 
 def test_a_tune_axis_extends_at_its_edge_like_lr(tmp_path, monkeypatch):
@@ -607,18 +607,18 @@ def test_a_tune_axis_extends_at_its_edge_like_lr(tmp_path, monkeypatch):
                                                      "'sophiag': ('train.py', dict(optimizer='sophiag', lr=3e-4)),")
                                        + "TUNE = {'sophiag': {'rho': (0.16, 0.04, 0.08), 'schedule': ('cosine',)}}\n")
     plans = []
-    monkeypatch.setattr(sweep, 'run_plan', lambda plan, jobs, **kw: plans.extend(plan))
-    monkeypatch.setattr(sweep, 'tune_summary', lambda folder, seeds, lr, extra: {
+    monkeypatch.setattr(ntng, 'run_plan', lambda plan, jobs, **kw: plans.extend(plan))
+    monkeypatch.setattr(ntng, 'tune_summary', lambda folder, seeds, lr, extra: {
         'lr': lr, 'extra': extra, 'final': math.log2(lr / 3e-4) ** 2 + math.log2(extra['rho'] / 0.64) ** 2})
-    monkeypatch.setattr(sweep, 'plot_tuning', lambda results, path: None)
-    results = sweep.tune(sweep.TuneConfig(config=str(tmp_path / 'sweep.py'), out_dir=str(tmp_path / 'tune'),
+    monkeypatch.setattr(ntng, 'plot_tuning', lambda results, path: None)
+    results = ntng.tune(ntng.TuneConfig(config=str(tmp_path / 'sweep.py'), out_dir=str(tmp_path / 'tune'),
                                           methods=('sophiag',), points=5))
     assert results['sophiag']['lr'] == pytest.approx(3e-4) and results['sophiag']['rho'] == pytest.approx(0.64)
     grid = results['sophiag']['grid']
     assert sorted({round(p['extra']['rho'], 6) for p in grid}) == [0.04, 0.08, 0.16, 0.32, 0.64, 1.28]
     assert sorted({round(p['lr'] / 3e-4, 6) for p in grid}) == [0.25, 0.5, 1.0, 2.0, 4.0] and len(grid) == 30
     assert {p['extra']['schedule'] for p in grid} == {'cosine'}
-    assert len({a['out_dir'] for _, _, a in plans}) == 30    # every point planned once (finished ones are skipped)
+    assert len({a['out_dir'] for a in (r.args for r in plans)}) == 30    # every point planned once (finished ones are skipped)
 
 
 def test_an_axis_extends_only_to_values_its_script_accepts_and_a_failed_grid_not_at_all(tmp_path, monkeypatch):
@@ -627,24 +627,24 @@ def test_an_axis_extends_only_to_values_its_script_accepts_and_a_failed_grid_not
     (tmp_path / 'sweep.py').write_text(SWEEP.replace("'lion': ('train.py', dict(optimizer='lion', lr=3e-4)),",
                                                      "'sophiag': ('train.py', dict(optimizer='sophiag', lr=3e-4)),")
                                        + "TUNE = {'sophiag': {'hess_interval': (5, 10), 'beta2': (0.95, 0.99)}}\n")
-    monkeypatch.setattr(sweep, 'run_plan', lambda plan, jobs, **kw: None)
-    monkeypatch.setattr(sweep, 'plot_tuning', lambda results, path: None)
+    monkeypatch.setattr(ntng, 'run_plan', lambda plan, jobs, **kw: None)
+    monkeypatch.setattr(ntng, 'plot_tuning', lambda results, path: None)
     landscape = {'final': lambda lr, extra: math.log2(lr / 3e-4) ** 2 - extra['hess_interval'] - extra['beta2']}
-    monkeypatch.setattr(sweep, 'tune_summary', lambda folder, seeds, lr, extra: {
+    monkeypatch.setattr(ntng, 'tune_summary', lambda folder, seeds, lr, extra: {
         'lr': lr, 'extra': extra, 'final': landscape['final'](lr, extra)})
-    cfg = sweep.TuneConfig(config=str(tmp_path / 'sweep.py'), out_dir=str(tmp_path / 'tune'), methods=('sophiag',), points=5)
-    result = sweep.tune(cfg)['sophiag']
+    cfg = ntng.TuneConfig(config=str(tmp_path / 'sweep.py'), out_dir=str(tmp_path / 'tune'), methods=('sophiag',), points=5)
+    result = ntng.tune(cfg)['sophiag']
     assert result['hess_interval'] == 80 and isinstance(result['hess_interval'], int) and result['beta2'] == 0.99
-    assert sweep.beyond_edge((0.5, 1), 1) == 2 and sweep.beyond_edge((False, True), True) is None  # numbers mix; bools never grow
+    assert ntng.beyond_edge((0.5, 1), 1) == 2 and ntng.beyond_edge((False, True), True) is None  # numbers mix; bools never grow
     assert {p['extra']['beta2'] for p in result['grid']} == {0.95, 0.99}
     landscape['final'] = lambda lr, extra: math.inf
-    assert sorted({p['extra']['hess_interval'] for p in sweep.tune(
-        sweep.TuneConfig(config=cfg.config, out_dir=str(tmp_path / 'tune2'), methods=('sophiag',), points=5))['sophiag']['grid']}) == [5, 10]
+    assert sorted({p['extra']['hess_interval'] for p in ntng.tune(
+        ntng.TuneConfig(config=cfg.config, out_dir=str(tmp_path / 'tune2'), methods=('sophiag',), points=5))['sophiag']['grid']}) == [5, 10]
 
 
 def test_the_tuning_plot_names_text_axis_values(tmp_path):
     grid = [{'lr': lr, 'extra': {'schedule': 'wsd'}, 'final': 3.0 - lr} for lr in (1e-3, 2e-3)]
-    path = sweep.plot_tuning({'baseline': {'grid': grid}}, tmp_path / 'tune.png')
+    path = ntng.plot_tuning({'baseline': {'grid': grid}}, tmp_path / 'tune.png')
     assert path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'    # matplotlib is installed here and in CI
 
 
@@ -656,26 +656,26 @@ def test_a_row_tuned_as_another_is_not_tuned_and_runs_with_its_values(tmp_path, 
                                                "    'rho_il_charged': ('rho.py', dict(method='rho', select_frac=0.5, charge_il=True)),\n    'lion':")
     (tmp_path / 'sweep.py').write_text(sweep_text + "TUNED_AS = {'rho_il_charged': 'rho'}\n")
     plans = []
-    monkeypatch.setattr(sweep, 'run_plan', lambda plan, jobs, **kw: plans.extend(plan))
-    monkeypatch.setattr(sweep, 'tune_summary', lambda folder, seeds, lr, extra: {
+    monkeypatch.setattr(ntng, 'run_plan', lambda plan, jobs, **kw: plans.extend(plan))
+    monkeypatch.setattr(ntng, 'tune_summary', lambda folder, seeds, lr, extra: {
         'lr': lr, 'extra': extra, 'final': math.log2(lr / 3e-3) ** 2})
-    monkeypatch.setattr(sweep, 'plot_tuning', lambda results, path: None)
-    cfg = sweep.TuneConfig(config=str(tmp_path / 'sweep.py'), out_dir=str(tmp_path / 'tune'),
+    monkeypatch.setattr(ntng, 'plot_tuning', lambda results, path: None)
+    cfg = ntng.TuneConfig(config=str(tmp_path / 'sweep.py'), out_dir=str(tmp_path / 'tune'),
                            methods=('rho', 'rho_il_charged'), points=5, seeds=(7,))
-    assert set(sweep.tune(cfg)) == {'rho'} and {a['label'] for _, _, a in plans} == {'rho (tuning)'}
-    plan = sweep.sweep_plan(sweep.AblateConfig(config=cfg.config, tuned=str(tmp_path / 'tune' / 'tuned.json'),
+    assert set(ntng.tune(cfg)) == {'rho'} and {a['label'] for a in (r.args for r in plans)} == {'rho (tuning)'}
+    plan = ntng.sweep_plan(ntng.AblateConfig(config=cfg.config, tuned=str(tmp_path / 'tune' / 'tuned.json'),
                                                methods=('rho', 'rho_il_charged'), seeds=(0,)))
-    rows = {a['label']: a for _, _, a in plan if a['budget'] == 6.0}
+    rows = {a['label']: a for a in (r.args for r in plan) if a['budget'] == 6.0}
     assert rows['rho_il_charged']['lr'] == rows['rho']['lr'] == pytest.approx(3e-3)
     assert rows['rho_il_charged']['charge_il'] and 'charge_il' not in rows['rho']
     assert rows['rho_il_charged']['il_out_dir'] == rows['rho']['il_out_dir']  # one IL model for both rows
     assert rows['rho']['il_out_dir'] == str(tmp_path / 'tune' / 'il')  # the one tuning trained serves the sweep
-    other = sweep.sweep_plan(sweep.AblateConfig(config=cfg.config, tuned=str(tmp_path / 'tune' / 'tuned.json'),
+    other = ntng.sweep_plan(ntng.AblateConfig(config=cfg.config, tuned=str(tmp_path / 'tune' / 'tuned.json'),
                                                 methods=('rho',), seeds=(0,), budgets=(6.0, 24.0), out_dir='abl'))
-    assert {a['il_out_dir'] for _, _, a in other} == {'abl/il'}  # ... but not a sweep with another largest budget
+    assert {a['il_out_dir'] for a in (r.args for r in other)} == {'abl/il'}  # ... but not a sweep with another largest budget
     (tmp_path / 'sweep.py').write_text(sweep_text + "TUNED_AS = {'rho_il_charged': 'rhoo'}\n")
     with pytest.raises(ConfigError, match="TUNED_AS {'rho_il_charged': 'rhoo'} names rows that METHODS does not have"):
-        sweep.sweep_plan(sweep.AblateConfig(config=cfg.config))
+        ntng.sweep_plan(ntng.AblateConfig(config=cfg.config))
 
 
 def test_a_finished_run_is_reused_only_by_a_plan_with_its_keys(tmp_path, monkeypatch):
@@ -687,10 +687,10 @@ def test_a_finished_run_is_reused_only_by_a_plan_with_its_keys(tmp_path, monkeyp
     (folder / 'config.json').write_text(json.dumps({'config': args}))
     (folder / 'log.jsonl').write_text(json.dumps({'step': 3, 'iters': 3.0, 'tokens': 1536.0, 'val_loss': 4.0}) + '\n')
     started = []
-    monkeypatch.setattr(sweep, 'run_jobs', lambda jobs, n, cwd=None: started.extend(jobs) or [])
-    sweep.run_plan([('baseline', 'train.py', args)], jobs=1)
+    monkeypatch.setattr(plan, 'run_jobs', lambda jobs, n, cwd=None: started.extend(jobs) or [])
+    plan.run_plan([ntng.planned_run('baseline', 'train.py', args)], jobs=1)
     assert started == []                                        # finished, with these keys: skipped
-    sweep.run_plan([('baseline', 'train.py', {**args, 'budget': 6.0})], jobs=1)
+    plan.run_plan([ntng.planned_run('baseline', 'train.py', {**args, 'budget': 6.0})], jobs=1)
     assert len(started) == 1 and '--overwrite=True' in started[0].argv and '--budget=6.0' in started[0].argv
 
 
@@ -702,10 +702,10 @@ def test_jobs_sharing_a_tag_wait_for_the_first_to_succeed(tmp_path):
 
     def job(name, tag):
         code = 'import time; print(time.time()); time.sleep(1.5); print(time.time())'  # > a loaded start-up
-        return runs.Job(name, [sys.executable, '-c', code], tmp_path / f'{name}.out', tag)
+        return plan.Job(name, [sys.executable, '-c', code], tmp_path / f'{name}.out', tag)
 
     jobs = [job('il1', 'il'), job('il2', 'il'), job('il3', 'il'), job('free', '')]
-    assert runs.run_jobs(jobs, n_parallel=3) == []
+    assert plan.run_jobs(jobs, n_parallel=3) == []
     span = {j.label: [float(x) for x in j.log.read_text().split()] for j in jobs}
     assert span['il1'][1] <= min(span['il2'][0], span['il3'][0])     # the builder ran alone among its tag
     assert span['free'][0] < span['il1'][1]                           # an untagged job used a free slot
@@ -728,44 +728,44 @@ def test_jobs_sharing_a_tag_wait_for_the_first_to_succeed(tmp_path):
 def test_a_sweep_file_of_the_wrong_shape_is_refused_with_one_line(tmp_path, change, says):
     (tmp_path / 'sweep.py').write_text(SWEEP.replace(*change))
     with pytest.raises(ConfigError, match=says):
-        sweep.sweep_plan(sweep.AblateConfig(config=str(tmp_path / 'sweep.py')))
+        ntng.sweep_plan(ntng.AblateConfig(config=str(tmp_path / 'sweep.py')))
 
 
 def test_tune_refuses_a_tuned_file_it_would_overwrite_before_any_run(tmp_path, monkeypatch):
     """An unreadable tuned.json, or one of another sweep (here: other seeds), in tune's folder is refused
     before hours of runs, not overwritten after them; no methods to tune is refused too."""
     (tmp_path / 'sweep.py').write_text(SWEEP)
-    monkeypatch.setattr(sweep, 'run_plan', lambda plan, jobs, **kw: pytest.fail('ran before refusing'))
-    cfg = sweep.TuneConfig(config=str(tmp_path / 'sweep.py'), out_dir=str(tmp_path / 'tune'), methods=('baseline',))
+    monkeypatch.setattr(ntng, 'run_plan', lambda plan, jobs, **kw: pytest.fail('ran before refusing'))
+    cfg = ntng.TuneConfig(config=str(tmp_path / 'sweep.py'), out_dir=str(tmp_path / 'tune'), methods=('baseline',))
     (tmp_path / 'tune').mkdir()
     for text, says in (('{"trunc', 'is not a tuned.json'), ('[1, 2]', 'is not a tuned.json')):
         (tmp_path / 'tune' / 'tuned.json').write_text(text)
         with pytest.raises(budget_lib.UserError, match=says):
-            sweep.tune(cfg)
-    spec = sweep.read_sweep(cfg.config)
+            ntng.tune(cfg)
+    spec = ntng.read_sweep(cfg.config)
     other = {'config': cfg.config, 'common': repr(spec['COMMON']), 'methods': {k: repr(v) for k, v in spec['METHODS'].items()},
              'budget': 6.0, 'seeds': [7], 'tuned': {'baseline': {'lr': 1e-3}}}
     (tmp_path / 'tune' / 'tuned.json').write_text(json.dumps(other))
     with pytest.raises(ConfigError, match='holds a tuning of another sweep .its seeds differ'):
-        sweep.tune(cfg)
+        ntng.tune(cfg)
     assert json.loads((tmp_path / 'tune' / 'tuned.json').read_text()) == other
     with pytest.raises(ConfigError, match='--methods is empty'):
-        sweep.tune(sweep.TuneConfig(config=cfg.config, out_dir=str(tmp_path / 'tune2'), methods=()))
+        ntng.tune(ntng.TuneConfig(config=cfg.config, out_dir=str(tmp_path / 'tune2'), methods=()))
 
 
 def test_compare_names_a_missing_baseline_and_refuses_an_empty_out(tmp_path, monkeypatch):
-    monkeypatch.setattr(sweep, 'plot_runs', lambda *args: None)
+    monkeypatch.setattr(compare, 'plot_runs', lambda *args: None)
     runs = [finished(tmp_path, f'r{seed}', 'stack', 10.0, seed, 3.0) for seed in (0, 1)]
-    report = sweep.compare(runs, out=str(tmp_path / 'x'), target='none', baseline='nosuch')
+    report = compare.compare(runs, out=str(tmp_path / 'x'), target='none', baseline='nosuch')
     assert "no run is labelled 'nosuch', so no differences are shown: --baseline= one of stack" in report
     for out in ('', str(tmp_path) + '/'):
         with pytest.raises(ConfigError, match='names no file'):
-            sweep.compare(runs, out=out, target='none')
+            compare.compare(runs, out=out, target='none')
 
 
 @pytest.mark.parametrize('edit', ['budget', 'seed', 'no tokens', 'no step', 'val_loss text'])
 def test_a_run_folder_edited_out_of_shape_is_listed_not_a_traceback(tmp_path, monkeypatch, edit):
-    monkeypatch.setattr(sweep, 'plot_runs', lambda *args: None)
+    monkeypatch.setattr(compare, 'plot_runs', lambda *args: None)
     good = finished(tmp_path, 'good', 'baseline', 10.0, 0, 3.0)
     bad = finished(tmp_path, 'bad', 'baseline', 10.0, 1, 3.0)
     config = json.loads((bad / 'config.json').read_text())
@@ -778,5 +778,5 @@ def test_a_run_folder_edited_out_of_shape_is_listed_not_a_traceback(tmp_path, mo
         record['val_loss'] = 'abc' if edit == 'val_loss text' else 2.0
         with open(bad / 'log.jsonl', 'a') as f:
             f.write(json.dumps(record) + '\n')
-    report = sweep.compare([good, bad], out=str(tmp_path / 'x'), target='none')
+    report = compare.compare([good, bad], out=str(tmp_path / 'x'), target='none')
     assert f'- {bad}: unreadable' in report

@@ -136,14 +136,18 @@ def test_help_lists_every_key_even_where_the_defaults_alone_do_not_validate(scri
     assert out.returncode == 0 and 'keys and defaults:' in out.stdout, out.stderr[-2000:]
 
 
-@pytest.mark.parametrize('command', ['tune', 'ablate', 'compare', 'calibrate', 'schedules'])
-def test_budget_help_names_its_command_and_a_closed_pipe_is_no_traceback(command):
-    out = run_script('budget.py', command, '--help')
-    assert out.returncode == 0 and out.stdout.startswith(f'usage: python budget.py {command} '), out.stdout[:200]
+@pytest.mark.parametrize('argv, usage', [(['-m', 'studies.ntng', 'tune'], 'python -m studies.ntng tune '),
+                                         (['-m', 'studies.ntng', 'ablate'], 'python -m studies.ntng ablate '),
+                                         (['-m', 'studies.ntng', 'compare'], 'python -m studies.ntng compare '),
+                                         (['calibrate.py'], 'python calibrate.py '),
+                                         (['budget.py', 'schedules'], 'python budget.py schedules ')])
+def test_help_names_its_command_and_a_closed_pipe_is_no_traceback(argv, usage):
+    out = run_script(*argv, '--help')
+    assert out.returncode == 0 and out.stdout.startswith(f'usage: {usage}'), out.stdout[:200]
     r, w = os.pipe()
     os.close(r)  # the reader already gone, as when `| head` has its lines: the write meets a closed pipe
     try:
-        closed = subprocess.run([sys.executable, 'budget.py', command, '--help'], cwd=ROOT, stdout=w,
+        closed = subprocess.run([sys.executable, *argv, '--help'], cwd=ROOT, stdout=w,
                                 stderr=subprocess.PIPE, text=True, timeout=120)
     finally:
         os.close(w)

@@ -8,7 +8,7 @@ from conftest import ROOT
 
 
 def run_check(*args):
-    return subprocess.run([sys.executable, 'tests/gpu_check.py', *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, '-m', 'studies.gpu_check', *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=300, env={**os.environ, 'OMP_NUM_THREADS': '1'})
 
 
@@ -24,4 +24,5 @@ def test_the_cpu_form_runs_every_check():
 
 def test_a_bad_check_name_is_one_line_and_exit_2():
     out = run_check('--device=cpu', '--only=loss,gpu3')
-    assert out.returncode == 2 and out.stderr.strip() == 'gpu_check: unknown check gpu3; choose from gpt2, loss, methods, ddp'
+    assert out.returncode == 2 and out.stderr.strip() == 'error: unknown check gpu3; choose from gpt2, loss, methods, ddp'
+    assert out.stdout == ''  # nothing ran

@@ -18,11 +18,13 @@ import pytest
 import torch
 
 import budget as budget_lib
+import calibrate
 import rho
 import train
 from configurator import cli
 from data.loader import get_tokenizer, write_corpus
 from runs import read_run
+from studies import ntng
 from conftest import ROOT, StopAfter
 
 TINY = ['--model=tiny', '--batch_size=8', '--budget_unit=iters', '--compile_loss=False', '--sample_tokens=0',
@@ -218,7 +220,8 @@ def test_budget_commands_refuse_in_one_line(saved, capsys, tmp_path):
     for argv, phrase in cases:
         capsys.readouterr()
         with pytest.raises(SystemExit) as e:
-            budget_lib.main(argv)
+            command = {'schedules': budget_lib.main, 'calibrate': lambda a: cli(calibrate.main, train.TrainConfig, a[1:])}
+            command.get(argv[0], ntng.main)(argv)
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 2 and len(err) == 1 and phrase in err[0], (argv, err)
 
@@ -323,7 +326,8 @@ def test_a_damaged_il_cache_is_one_line(tmp_path, capsys, stdlib_corpus):
     damage = {'sidecar-a-list': lambda: sidecar.write_text('[1, 2]'),
               'sidecar-not-json': lambda: sidecar.write_text('{"num_ex'),
               'sidecar-no-hash': lambda: sidecar.write_text(json.dumps({k: v for k, v in json.loads(good_sidecar).items()
-                                                                         if k != 'il_ckpt_sha256'})),
+                                                                         if k != 'sha256'})),
+              'losses-edited': lambda: losses.write_bytes(good_losses[:-2] + bytes([good_losses[-2] ^ 1, good_losses[-1]])),
               'losses-half': lambda: losses.write_bytes(good_losses[:len(good_losses) // 2]),
               'losses-odd-byte': lambda: losses.write_bytes(good_losses[:-1]),
               'losses-gone': losses.unlink}

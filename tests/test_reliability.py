@@ -57,12 +57,16 @@ def _child(script, argv, hooks, out_path, err_path):
     os.dup2(null, 0)
     sys.stdout = sys.__stdout__  # the zygote pointed it at stderr
     os.chdir(ROOT)
-    sys.argv = [script, *argv]
+    module = argv[0] if script == '-m' else None  # `python -m studies.ntng ...`: a module of the lab
+    sys.argv = [str(ROOT / (module.replace('.', '/') + '.py')), *argv[1:]] if module else [script, *argv]
     for hook in hooks:
         _install_hook(*hook.split(':', 1))
     code = 0
     try:
-        runpy.run_path(str(ROOT / script), run_name='__main__')
+        if module:
+            runpy.run_module(module, run_name='__main__', alter_sys=True)
+        else:
+            runpy.run_path(str(ROOT / script), run_name='__main__')
     except SystemExit as e:
         if e.code is None:
             code = 0
@@ -483,7 +487,7 @@ def bad_cases(w):
         ('rho-stale-cache-other-block', *r, '--out_dir={fresh}', '--stage=train', '--block_size=32',
          ['stale IL cache', 'block_size']),
         ('rho-stale-cache-other-ckpt', *r, '--out_dir={fresh}', '--stage=train', f'--il_out_dir={G}',
-         ['stale IL cache', 'hash differs']),
+         ['stale IL cache', 'il_ckpt_sha256']),
         ('rho-truncated-cache', *r, '--out_dir={fresh}', '--stage=train', f"--il_cache={w['cache_trunc']}", ['truncated']),
         ('rho-missing-data', *r, '--out_dir={fresh}', '--stage=train', '--dataset=nonexistent', ['no prepared data']),
         ('rho-block-larger-than-data', *r, '--out_dir={fresh}', '--method=sb', f'--dataset={M}', '--block_size=128',
@@ -525,24 +529,26 @@ def bad_cases(w):
         ('mathmix-out-dir-is-a-file', 'data/mathmix/prepare.py', f"--out_dir={w['a_file']}", ['--out_dir']),
         # budget.py
         ('budget-no-command', 'budget.py', ['usage: python budget.py']),
+        ('ntng-no-command', '-m', 'studies.ntng', ['usage: python -m studies.ntng']),
+        ('ntng-unknown-command', '-m', 'studies.ntng', 'frobnicate', ['usage: python -m studies.ntng']),
         ('budget-unknown-command', 'budget.py', 'frobnicate', ['usage: python budget.py']),
-        ('calibrate-unknown-key', 'budget.py', 'calibrate', *TINY, '--lrr=1', ['closest: lr']),
-        ('calibrate-type', 'budget.py', 'calibrate', *TINY, '--batch_size=abc', ['--batch_size must be int']),
-        ('calibrate-missing-data', 'budget.py', 'calibrate', *TINY, '--dataset=nonexistent', ['no prepared data']),
-        ('calibrate-n-head', 'budget.py', 'calibrate', *TINY, '--n_head=3', ['must divide']),
-        ('calibrate-budget', 'budget.py', 'calibrate', *TINY, '--budget=0', ['--budget must be > 0']),
-        ('calibrate-dtype', 'budget.py', 'calibrate', *TINY, '--dtype=fp8', ['--dtype must be']),
-        ('compare-no-dirs', 'budget.py', 'compare', ['compare needs run folders']),
-        ('compare-missing-dir', 'budget.py', 'compare', '/nope/run', '--out={fresh}/x', ['/nope/run does not exist']),
-        ('compare-target', 'budget.py', 'compare', G, '--target=abc', '--out={fresh}/x', ['--target']),
-        ('compare-unknown-key', 'budget.py', 'compare', G, '--outt=x', ['closest: out']),
-        ('ablate-missing-config', 'budget.py', 'ablate', '--config=/nope/ablation.py', ['/nope/ablation.py', 'not found']),
-        ('ablate-config-without-methods', 'budget.py', 'ablate', f"--config={w['sweep']}", '--out_dir={fresh}',
+        ('calibrate-unknown-key', 'calibrate.py', *TINY, '--lrr=1', ['closest: lr']),
+        ('calibrate-type', 'calibrate.py', *TINY, '--batch_size=abc', ['--batch_size must be int']),
+        ('calibrate-missing-data', 'calibrate.py', *TINY, '--dataset=nonexistent', ['no prepared data']),
+        ('calibrate-n-head', 'calibrate.py', *TINY, '--n_head=3', ['must divide']),
+        ('calibrate-budget', 'calibrate.py', *TINY, '--budget=0', ['--budget must be > 0']),
+        ('calibrate-dtype', 'calibrate.py', *TINY, '--dtype=fp8', ['--dtype must be']),
+        ('compare-no-dirs', '-m', 'studies.ntng', 'compare', ['compare needs run folders']),
+        ('compare-missing-dir', '-m', 'studies.ntng', 'compare', '/nope/run', '--out={fresh}/x', ['/nope/run does not exist']),
+        ('compare-target', '-m', 'studies.ntng', 'compare', G, '--target=abc', '--out={fresh}/x', ['--target']),
+        ('compare-unknown-key', '-m', 'studies.ntng', 'compare', G, '--outt=x', ['closest: out']),
+        ('ablate-missing-config', '-m', 'studies.ntng', 'ablate', '--config=/nope/ablation.py', ['/nope/ablation.py', 'not found']),
+        ('ablate-config-without-methods', '-m', 'studies.ntng', 'ablate', f"--config={w['sweep']}", '--out_dir={fresh}',
          ['METHODS']),
-        ('ablate-unknown-method', 'budget.py', 'ablate', "--methods=('nope',)", '--out_dir={fresh}', ['unknown method(s) nope']),
-        ('ablate-schedule', 'budget.py', 'ablate', '--baseline_schedule=foo', ['--baseline_schedule']),
-        ('ablate-type', 'budget.py', 'ablate', '--seeds=abc', ['--seeds must be tuple']),
-        ('ablate-unknown-key', 'budget.py', 'ablate', '--sedes=(1,)', ['closest: seeds']),
+        ('ablate-unknown-method', '-m', 'studies.ntng', 'ablate', "--methods=('nope',)", '--out_dir={fresh}', ['unknown method(s) nope']),
+        ('ablate-schedule', '-m', 'studies.ntng', 'ablate', '--baseline_schedule=foo', ['--baseline_schedule']),
+        ('ablate-type', '-m', 'studies.ntng', 'ablate', '--seeds=abc', ['--seeds must be tuple']),
+        ('ablate-unknown-key', '-m', 'studies.ntng', 'ablate', '--sedes=(1,)', ['closest: seeds']),
         ('schedules-schedule', 'budget.py', 'schedules', '--schedule=foo', ['--schedule must be one of']),
         ('schedules-warmup', 'budget.py', 'schedules', '--warmup_frac=2', ['--warmup_frac']),
         ('schedules-unknown-key', 'budget.py', 'schedules', '--lrr=1', ['closest: lr']),
@@ -632,7 +638,7 @@ def test_overwrite_true_replaces_a_run(zyg, world, tmp_path):
 def test_compare_takes_a_number_as_target(zyg, world, tmp_path):
     """--target is documented as 'auto', 'none' or a number: --target=4.5 must be taken, not refused as a
     float where a str is expected."""
-    r = zyg.run('budget.py', 'compare', world['good'], '--target=4.5', f"--out={tmp_path / 'cmp'}")
+    r = zyg.run('-m', 'studies.ntng', 'compare', world['good'], '--target=4.5', f"--out={tmp_path / 'cmp'}")
     assert r['rc'] == 0 and 'target val loss 4.5000' in r['stdout'], (
         f"exit {r['rc']}: {r['stderr'][-500:]} (configurator.parse: a str key should take a number as its text)")
 
@@ -881,7 +887,7 @@ def test_every_checkpoint_loads_weights_only_and_caches_with_numpy(world):
         assert 'model' in ckpt, path
     info = json.loads((world['cache'] / 'il_loss.json').read_text())
     losses = np.fromfile(world['cache'] / 'il_loss.f16', dtype=np.float16)
-    assert len(losses) == info['num_examples'] and np.isfinite(losses).sum() > 0
+    assert len(losses) == info['identity']['num_examples'] and np.isfinite(losses).sum() > 0
 
 
 def test_no_source_file_unpickles():

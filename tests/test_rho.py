@@ -335,10 +335,10 @@ def test_il_cache_lines_up_with_the_stream(runs):
     info = json.loads((runs.cache / 'il_loss.json').read_text())
     cache = np.memmap(runs.cache / 'il_loss.f16', dtype=np.float16, mode='r')
     tokens = Corpus(runs.corpus).splits['train']
-    assert len(cache) == num_examples(tokens, T) == info['num_examples']
+    assert len(cache) == num_examples(tokens, T) == info['identity']['num_examples']
     train_k, hold_k = rho.split_examples(len(cache), 0.2)
     assert np.isnan(cache[hold_k]).all() and np.isfinite(cache[train_k]).all()
-    assert info['il_ckpt_sha256'] == hashlib.sha256((runs.il / 'ckpt.pt').read_bytes()).hexdigest()
+    assert info['identity']['il_ckpt_sha256'] == hashlib.sha256((runs.il / 'ckpt.pt').read_bytes()).hexdigest()
     assert info['il_precompute']['examples'] == len(train_k)
     assert info['il_precompute']['rst'] == pytest.approx(len(train_k) / 8 * FWD)
     search = sorted((runs.il / 'search').iterdir(), key=lambda p: float(p.name[1:]))   # b0.25, b0.5, ...
@@ -403,7 +403,7 @@ def test_stale_cache_is_refused(runs, tmp_path):
     ckpt = torch.load(other_il / 'ckpt.pt', weights_only=True)
     ckpt['model']['lm_head.weight'][0, 0] += 1.0
     torch.save(ckpt, other_il / 'ckpt.pt')
-    with pytest.raises(UserError, match='stale IL cache.*IL checkpoint'):
+    with pytest.raises(UserError, match='stale IL cache.*il_ckpt_sha256'):
         rho.load_il_cache(dataclasses.replace(cfg, il_out_dir=str(other_il), il_cache=str(runs.cache)),
                           corpus, T)
     # a damaged sidecar: not JSON, or a key of the wrong shape (read later by report_il) -> one line

@@ -1,8 +1,9 @@
 """The GPU check: what a lent GPU must confirm, in one script that finishes in <= 8 minutes on one GPU.
 
-    python tests/gpu_check.py                   # on a GPU machine (H100/H200/A100: ~5 minutes)
-    python tests/gpu_check.py --device=cpu      # its CPU form at tiny sizes: tests/test_gpu_check.py runs it in CI
-    python tests/gpu_check.py --only=loss,methods --methods=all
+    python -m studies.gpu_check                     # on a GPU machine (H100/H200/A100: ~5 minutes)
+    python -m studies.gpu_check --device=cpu        # its CPU form at tiny sizes: tests/test_gpu_check.py runs it in CI
+    python -m studies.gpu_check --only=loss,methods --methods=all
+    python -m studies.gpu_check --help              # the checks, methods and keys; runs nothing
 
 1. gpt2     GPT-2 124M training steps with bf16 autocast, torch.compile and fused AdamW: tokens/s and MFU
             against the GPU's dense bf16 peak (budget.device_peak_flops; nanoGPT's FLOP count).
@@ -14,8 +15,8 @@
 
 Each check prints its figures on one line; the script exits 1 if any check failed (after running all).
 """
-import argparse
 import contextlib
+import dataclasses
 import subprocess
 import sys
 import tempfile
@@ -25,11 +26,12 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / 'tests'))
+ROOT = Path(__file__).resolve().parents[1]  # the repo root: the library's scripts, and the cwd of subprocesses
+if __name__ == '__main__' and not __package__:  # run as a script (python studies/gpu_check.py): the library is one folder up
+    sys.path.insert(0, str(ROOT))
 
 from budget import device_peak_flops  # noqa: E402
+from configurator import cli, key, require  # noqa: E402
 from loss import FUSED_CHUNK  # noqa: E402
 from model import GPT, PRESETS, GPTConfig  # noqa: E402
 
@@ -86,7 +88,7 @@ def check_gpt2(device, size):
 def measure_loss(name, device, n, v, d=768):
     """Best seconds of 3 calls (after a warm-up) and peak memory in MB (CUDA: allocated above the inputs;
     CPU: the resident set's rise, so a rough figure) of one forward+backward of a loss variant."""
-    from bench import loss_call, loss_inputs, peak_extra_mb
+    from studies.bench import loss_call, loss_inputs, peak_extra_mb
     h, w, t = loss_inputs(n, d, v, backward=True, device=device)
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device.type == 'cuda' else contextlib.nullcontext()
 
@@ -183,34 +185,59 @@ def check_ddp(device, size):
     return '2 processes over nccl: ' + out.stdout.strip().splitlines()[-1]
 
 
-CHECKS = {'gpt2': check_gpt2, 'loss': check_loss, 'methods': check_methods, 'ddp': check_ddp}
+CHECKS = {  # name: (the check, what it confirms); a run takes them in this order
+    'gpt2': (check_gpt2, 'GPT-2 124M training steps, bf16 autocast, compile, fused AdamW: tokens/s and MFU'),
+    'loss': (check_loss, 'the fused loss path against eager F.cross_entropy: time and peak memory ratios'),
+    'methods': (check_methods, 'a few steps of every method through its own entry point, each in a subprocess'),
+    'ddp': (check_ddp, 'with two GPUs or more: a 2-process torchrun of train.py over nccl'),
+}
+METHODS = tuple(method_commands(torch.device('cpu'), SIZES['cpu'], Path()))  # the names --methods takes
+METHOD_CHOICES = f"all, fast ({', '.join(FAST_METHODS)}) or a comma list of {', '.join(METHODS)}"
+USAGE = ('[--key=value ...]\n\nchecks (--only; each prints one line, and the exit status is 1 if any failed):\n'
+         + '\n'.join(f'  {name:<8} {what}' for name, (_, what) in CHECKS.items()) + f'\n\nmethods (--methods): {METHOD_CHOICES}')
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', choices=('cuda', 'cpu'))
-    parser.add_argument('--only', default=','.join(CHECKS), help='a comma list of: ' + ', '.join(CHECKS))
-    parser.add_argument('--methods', default=None, help="all, fast (the CPU default) or a comma list of methods")
-    args = parser.parse_args(argv)
-    if args.device == 'cuda' and not torch.cuda.is_available():
-        parser.exit(2, 'gpu_check: no CUDA device here; run with --device=cpu for the CPU form\n')
-    unknown = set(args.only.split(',')) - set(CHECKS)
-    if unknown:
-        parser.exit(2, f'gpu_check: unknown check {", ".join(sorted(unknown))}; choose from {", ".join(CHECKS)}\n')
-    device, size = torch.device(args.device), SIZES[args.device]
+@dataclasses.dataclass(frozen=True)
+class CheckConfig:
+    device: str = key('cuda' if torch.cuda.is_available() else 'cpu', ('cuda', 'cpu'))  # cuda: the GPU form; cpu: tiny sizes
+    only: str = ','.join(CHECKS)  # a comma list of the checks to run: any of gpt2, loss, methods, ddp
+    methods: str = ''  # the methods check's: all, fast or a comma list of methods; '' = all on cuda, fast on cpu
+
+
+def names_in(text, kind, valid, choices=None):
+    """A comma list of names, each of them valid; else a one-line error naming the unknown ones and the choices."""
+    names = text.split(',')
+    unknown = [name or "''" for name in names if name not in valid]
+    require(not unknown, f"unknown {kind} {', '.join(unknown)}; choose from {choices or ', '.join(valid)}")
+    return names
+
+
+def run(cfg):
+    """Every check in cfg.only, each reported on one line (a failure too); 1 if any failed, else 0."""
+    checks = names_in(cfg.only, 'check', CHECKS)
+    if cfg.methods not in ('', 'all', 'fast'):
+        names_in(cfg.methods, 'method', METHODS, METHOD_CHOICES)
+    require(cfg.device == 'cpu' or torch.cuda.is_available(), 'no CUDA device here; run with --device=cpu for the CPU form')
+    device, size = torch.device(cfg.device), SIZES[cfg.device]
     name = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU, {torch.get_num_threads()} threads'
     print(f'gpu_check on {name}, torch {torch.__version__}, {time.strftime("%Y-%m-%d %H:%M")}', flush=True)
     failures = 0
-    for check in args.only.split(','):
+    for check in checks:
         t0 = time.perf_counter()
         try:
-            extra = (args.methods or ('all' if device.type == 'cuda' else 'fast'),) if check == 'methods' else ()
-            result = CHECKS[check](device, size, *extra)
+            extra = (cfg.methods or ('all' if device.type == 'cuda' else 'fast'),) if check == 'methods' else ()
+            result = CHECKS[check][0](device, size, *extra)
             print(f'{check}: {result} [{time.perf_counter() - t0:.0f}s]', flush=True)
         except Exception as e:  # report every check, then fail
             failures += 1
             print(f'{check}: FAILED ({type(e).__name__}: {e}) [{time.perf_counter() - t0:.0f}s]', flush=True)
     return 1 if failures else 0
+
+
+def main(argv=None):
+    """--help anywhere prints the usage; a bad key, value or name is one line and exit 2, before any check."""
+    argv = sys.argv[1:] if argv is None else argv
+    return cli(run, CheckConfig, ['--help'] if {'-h', '--help'} & set(argv) else argv, USAGE)
 
 
 if __name__ == '__main__':

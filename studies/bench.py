@@ -1,20 +1,23 @@
 """Benchmarks (not tests): every figure is a ratio against a baseline measured in the same run.
 
-    python tests/bench.py            # all of it, ~20 minutes on one busy CPU core
-    python tests/bench.py loss       # the loss path against eager (vocab 50304, B*T 4096, d 768)
-    python tests/bench.py train      # tokens/s and MFU of the default config, optimizer step-time ratios
-    python tests/bench.py compile    # whole-model --compile=True against eager, tokens/s
-    python tests/bench.py slm        # SLM's step time (cached / online reference) against CLM's
-    python tests/bench.py tokenize   # one pipeline worker's tokens/s: byte, and a 2000-merge BPE trained here
-    python tests/bench.py loss --chunks=256,512,1024   # the fused path at other chunk sizes
+    python -m studies.bench            # all of it, ~20 minutes on one busy CPU core
+    python -m studies.bench loss       # the loss path against eager (vocab 50304, B*T 4096, d 768)
+    python -m studies.bench train      # tokens/s and MFU of the default config, optimizer step-time ratios
+    python -m studies.bench compile    # whole-model --compile=True against eager, tokens/s
+    python -m studies.bench slm        # SLM's step time (cached / online reference) against CLM's
+    python -m studies.bench tokenize   # one pipeline worker's tokens/s: byte, and a 2000-merge BPE trained here
+    python -m studies.bench loss --chunks=256,512,1024   # the fused path at other chunk sizes
+    python -m studies.bench --help     # the benchmarks and keys; measures nothing
 
 Memory on the CPU: torch's CPU allocator keeps no peak counter, so a thread samples the process's
 resident set every millisecond during the measured call (a fresh subprocess per variant); the figure
 is the peak minus the resident set just before the call. Times are the best of a few calls, the variants
 taking turns in one process: load from other processes only ever slows a call down.
 """
+import dataclasses
 import json
 import math
+import re
 import resource
 import subprocess
 import sys
@@ -26,8 +29,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[1]  # the repo root: the library's scripts, and the cwd of subprocesses
+if __name__ == '__main__' and not __package__:  # run as a script (python studies/bench.py): the library is one folder up
+    sys.path.insert(0, str(ROOT))
+
+from configurator import cli, key, require  # noqa: E402
+from loss import FUSED_CHUNK  # noqa: E402
 
 N, D, V = 4096, 768, 50304  # tokens (B*T), model width, GPT-2 vocab padded
 
@@ -109,7 +116,7 @@ def _loss_seconds(names, backward, rounds=3):
 
 
 def _in_subprocess(call):
-    code = f'import sys; sys.path.insert(0, {str(ROOT / "tests")!r}); import bench, json; print(json.dumps(bench.{call}))'
+    code = f'import sys; sys.path.insert(0, {str(ROOT)!r}); import json; from studies import bench; print(json.dumps(bench.{call}))'
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=ROOT)
     if out.returncode != 0:
         raise SystemExit(f'{call}: {out.stderr[-2000:]}')
@@ -215,6 +222,7 @@ def bench_tokenize(n_merges=2000, train_chars=2_000_000, rounds=3):
     from data.fineweb_edu.prepare import encode_documents
     from data.loader import get_tokenizer
     from data.stdlib.prepare import stdlib_documents
+    sys.path.insert(0, str(ROOT / 'tests'))  # the BPE trainer lives beside the corpus tests that check it
     from test_corpora import PAT, train_bpe
     texts = [text for _, text in stdlib_documents()]
     t0 = time.perf_counter()
@@ -235,19 +243,41 @@ def bench_tokenize(n_merges=2000, train_chars=2_000_000, rounds=3):
     print(f"  BPE / byte, characters per second: {rates[bpe.name] / rates['byte']:.3f}x")
 
 
-if __name__ == '__main__':
-    args = [a for a in sys.argv[1:] if not a.startswith('--')]
-    chunks = [int(c) for a in sys.argv[1:] if a.startswith('--chunks=') for c in a.split('=')[1].split(',')]
-    which = args or ['loss', 'train', 'compile', 'slm', 'tokenize']
+BENCHMARKS = {  # name: (what it measures, how to run it); a run takes them in this order
+    'loss': ('the loss path against eager: time and peak memory (vocab 50304, B*T 4096, d 768)', lambda cfg: bench_loss(cfg.chunks)),
+    'train': ('tokens/s and MFU of the default config, optimizer step-time and state-size ratios', lambda cfg: bench_train()),
+    'compile': ('whole-model --compile=True against eager, tokens/s', lambda cfg: bench_compile()),
+    'slm': ("SLM's step time (cached / online reference) against CLM's", lambda cfg: bench_slm()),
+    'tokenize': ("one pipeline worker's tokens/s: byte, and a 2000-merge BPE trained here", lambda cfg: bench_tokenize()),
+}
+USAGE = '[BENCHMARK ...] [--key=value ...]\n\nbenchmarks (none named: all of them, ~20 minutes on one busy CPU core):\n' + \
+    '\n'.join(f'  {name:<9} {what}' for name, (what, _) in BENCHMARKS.items())
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    chunks: tuple = key((FUSED_CHUNK,), '>0')  # loss: the fused path's chunk sizes in tokens, e.g. --chunks=256,512,1024
+
+
+def run(names, cfg):
+    """The named benchmarks (all when none is named), each printing its ratios; unknown names measure nothing."""
+    unknown = [n for n in names if n not in BENCHMARKS]
+    require(not unknown, f"unknown benchmark {', '.join(unknown)}: choose from {', '.join(BENCHMARKS)}")
     torch.manual_seed(0)
     print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, {time.strftime("%Y-%m-%d %H:%M")}')
-    if 'loss' in which:
-        bench_loss(chunks)
-    if 'train' in which:
-        bench_train()
-    if 'compile' in which:
-        bench_compile()
-    if 'slm' in which:
-        bench_slm()
-    if 'tokenize' in which:
-        bench_tokenize()
+    for name, (_, bench) in BENCHMARKS.items():
+        if name in (names or BENCHMARKS):
+            bench(cfg)
+
+
+def main(argv):
+    """Benchmark names are the bare words, --key=value the rest; --help anywhere prints the usage."""
+    flags = [a for a in argv if a.startswith('-')]
+    if {'-h', '--help'} & set(flags):
+        flags = ['--help']
+    flags = [f'--chunks=({a[9:]},)' if re.fullmatch(r'--chunks=-?\d+', a) else a for a in flags]  # one chunk size
+    return cli(lambda cfg: run([a for a in argv if not a.startswith('-')], cfg), BenchConfig, flags, USAGE)
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])

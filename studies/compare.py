@@ -1,0 +1,416 @@
+"""Comparing runs: the method x budget table of a No Train No Gain sweep (paired differences to the
+baseline with t-based 95% CIs and Holm-adjusted p), the n-gram floors that say which regime a column is
+in, what each method logs about itself, time to target, the cost-table sensitivity and the plot.
+It reads only what runs wrote (config.json, log.jsonl), through runs.read_run.
+
+    python -m studies.ntng compare out/ablation --out=out/ablation/ablation   # -> ablation.md, ablation.png
+"""
+import collections
+import itertools
+import math
+import os
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from budget import pyplot
+from configurator import ConfigError, UserError, require, require_writable
+from data.loader import DataError, atomic_write_bytes, data_dir
+from data.ngram import ngram_floors
+from runs import IL_LABEL, METHOD_STATS, read_run
+from studies.stats import crossing, holm, mean_std, paired_test, t_interval
+
+
+# -----------------------------------------------------------------------------
+# comparing runs: the method x budget table, time to target, the plot
+
+def group_runs(runs):
+    groups = {}
+    for r in runs:
+        groups.setdefault(r['label'], {}).setdefault(r['budget'], []).append(r)
+    return groups
+
+
+def finals_by_seed(runs):
+    return {r['seed']: r['final'] for r in runs if r['complete']}
+
+
+def paired_cells(groups, baseline):
+    """{(label, budget): (delta, half-width, p, pairs)} of every method against the baseline at each budget,
+    over the seeds both completed (a seed fixes initialisation and data order for every method), with
+    Holm-adjusted p-values across the whole table."""
+    cells = {}
+    for label, by_budget in groups.items():
+        for b, runs in by_budget.items():
+            base = finals_by_seed(groups.get(baseline, {}).get(b, []))
+            mine = finals_by_seed(runs)
+            seeds = sorted(mine.keys() & base.keys())
+            if label != baseline and seeds:
+                cells[label, b] = (*paired_test([mine[s] for s in seeds], [base[s] for s in seeds]), len(seeds))
+    keys = list(cells)
+    for k, p in zip(keys, holm([cells[k][2] for k in keys])):
+        cells[k] = (cells[k][0], cells[k][1], p, cells[k][3])
+    return cells
+
+
+def ablation_table(groups, baseline='baseline'):
+    """Markdown: rows = methods, columns = budgets; mean ± sd of final val loss over seeds (n), and for a
+    method its paired difference to the baseline with a t-based 95% CI and a Holm-adjusted p (* below 0.05);
+    then the steps taken."""
+    budgets = sorted({b for g in groups.values() for b in g})
+    cells = paired_cells(groups, baseline)
+    head = '| method | ' + ' | '.join(f'budget {b:g}' for b in budgets) + ' |'
+    lines, steps = [head, '|' + ' --- |' * (len(budgets) + 1)], [head.replace('method', 'steps'), '|' + ' --- |' * (len(budgets) + 1)]
+    for label, by_budget in groups.items():
+        row, step_row = [], []
+        for b in budgets:
+            complete = [r for r in by_budget.get(b, []) if r['complete']]
+            if not complete:
+                row.append('—')
+                step_row.append('—')
+                continue
+            m, sd = mean_std([r['final'] for r in complete])
+            cell = f'{m:.4f} ± {sd:.4f} (n={len(complete)})'
+            if (label, b) in cells:
+                delta, half, p, pairs = cells[label, b]
+                ci = f' [{delta - half:+.4f}, {delta + half:+.4f}] p={p:.3g}' if not math.isnan(half) else ''
+                cell += f" Δ {delta:+.4f}{ci}{'*' if p < 0.05 else ''}" + (f' ({pairs} paired)' if pairs != len(complete) else '')
+            row.append(cell)
+            step_row.append(f"{statistics.mean(r['steps'] for r in complete):.0f}")
+        lines.append(f'| {label} | ' + ' | '.join(row) + ' |')
+        steps.append(f'| {label} | ' + ' | '.join(step_row) + ' |')
+    n_tests = sum(not math.isnan(c[2]) for c in cells.values())
+    note = (f'Δ: paired difference to {baseline} over common seeds, t-based 95% CI; p: paired t-test, '
+            f'Holm-adjusted over the table\'s {n_tests} comparisons; * p < 0.05.')
+    return '\n'.join(lines) + '\n\n' + note + '\n\n' + '\n'.join(steps) + untrained_note(groups, budgets)
+
+
+def untrained_note(groups, budgets):
+    """The cells whose runs took no step (RHO-LOSS with its IL charged, when that cost exceeds the budget):
+    their val loss is the initial model's, a statement about the accounting, not about the method's steps."""
+    cells = [f'{label} at {b:g}' for label, by_budget in groups.items() for b in budgets
+             if (done := [r for r in by_budget.get(b, []) if r['complete']]) and all(r['steps'] == 0 for r in done)]
+    return ('\n\ntrained no step (the costs charged before the first step exceed the budget; the val loss is the '
+            'initial model\'s): ' + ', '.join(cells)) if cells else ''
+
+
+def target_table(groups, target, baseline='baseline', how=''):
+    """Time to target from fully decayed endpoints: per seed, the budget at which its final val loss
+    reaches the target (interpolated between budgets in log budget: they are spaced x2; a seed that never
+    does counts as not reached); per method the median over all seeds (not reached = infinite) and speedup =
+    baseline median / method's. A seed of a sweep in progress that has not reached it and lacks a run at one
+    of the table's budgets is pending, not counted; one already at the target at the smallest budget run
+    reached it at that budget or before (the table says how many)."""
+    lines = [f'target val loss {target:.4f}{how} (fully decayed endpoints, per seed)', '',
+             '| method | budget to target: median | seeds reached | speedup |', '| --- | --- | --- | --- |']
+    table_budgets = sorted({b for by_budget in groups.values() for b, rs in by_budget.items() if finals_by_seed(rs)})
+    medians = {}
+    for label, by_budget in groups.items():
+        seeds = sorted({r['seed'] for rs in by_budget.values() for r in rs if r['complete']})
+        times, pending, early = [], 0, 0
+        for seed in seeds:
+            finals = {b: f[seed] for b in table_budgets if seed in (f := finals_by_seed(by_budget.get(b, [])))}
+            hit = crossing([(math.log(b), y) for b, y in finals.items()], target)
+            reached_at = math.inf if hit is None else math.exp(hit)
+            if any(b not in finals and b <= reached_at for b in table_budgets):  # a budget not run yet could move it
+                pending += 1
+                continue
+            times.append(reached_at)
+            early += finals[table_budgets[0]] <= target  # at the target at the first budget: at it or before
+        medians[label] = (statistics.median(times) if times else math.inf, sum(t < math.inf for t in times), len(times),
+                          pending, early)
+    base = medians.get(baseline, (math.inf,))[0]
+    for label, (median, reached, n, pending, early) in medians.items():
+        speed = f'{base / median:.2f}x' if math.isfinite(median) and math.isfinite(base) else '—'
+        notes = ([f'{pending} pending: not run at every budget yet'] if pending else []) + (
+            [f'{early} already at the smallest budget: an upper bound'] if early else [])
+        notes = f" ({'; '.join(notes)})" if notes else ''
+        lines.append(f"| {label} | {f'{median:.1f}' if math.isfinite(median) else 'not reached'} | {reached}/{n}{notes} | {speed} |")
+    return '\n'.join(lines)
+
+
+def auto_target(base_runs):
+    """compare's default target: the baseline's worst final val loss at the largest budget that every one of
+    its seeds completed (else the budget with the most seeds), so that every baseline seed reaches it (its
+    time to target is defined on each seed) and a budget still being run does not set it -> (target, how it
+    was chosen), or None."""
+    finals = {b: f for b, rs in base_runs.items() if (f := finals_by_seed(rs))}
+    if not finals:
+        return None
+    every_seed = set().union(*finals.values())
+    full = [b for b, f in finals.items() if f.keys() == every_seed] or [max(finals, key=lambda b: (len(finals[b]), b))]
+    b = max(full)
+    return max(finals[b].values()), f", the baseline's worst of {len(finals[b])} seeds at budget {b:g}"
+
+
+def method_stats(groups):
+    """What some methods log about themselves, averaged over each run's log records and then over seeds:
+    Selective Backprop's kept fraction (RHO-LOSS's is fixed), Sophia-G's win rate (coordinates not clipped),
+    RHO-LOSS's IL model's val loss."""
+    rows = []
+    for label, by_budget in groups.items():
+        for b, runs in sorted(by_budget.items()):
+            for name in METHOD_STATS:
+                values = [r['stats'][name] for r in runs if r['complete'] and name in r['stats']]
+                if values:
+                    m, half = t_interval(values)
+                    rows.append(f"| {label} | {b:g} | {name} | {m:.3f}{f' ± {half:.3f}' if not math.isnan(half) else ''} (n={len(values)}) |")
+    return '\n'.join(['| method | budget | logged | mean over the run (95% CI over seeds) |', '| --- | --- | --- | --- |', *rows]) if rows else ''
+
+
+def corpus_floors(runs):
+    """(floors, problem): the count-based n-gram floors of the runs' one val split (cached in its corpus
+    folder), or (None, why not) when the runs span corpora or the floors cannot be computed."""
+    corpora = {(r['dataset'], r['tokenizer']) for r in runs}
+    if len(corpora) != 1 or None in next(iter(corpora)):
+        return None, ''
+    try:
+        return ngram_floors(data_dir(*next(iter(corpora)))), ''
+    except DataError as e:
+        return None, f'(n-gram floors unavailable: {e})'
+
+
+def floors_note(runs, groups, baseline):
+    """The n-gram floors, and the budgets at which the baseline is still above the trigram floor: there the
+    table measures how fast a method learns n-gram statistics."""
+    floors, problem = corpus_floors(runs)
+    if floors is None:
+        return problem
+    above = [b for b, rs in sorted(groups.get(baseline, {}).items())
+             if any(r['complete'] for r in rs) and mean_std([r['final'] for r in rs if r['complete']])[0] > floors['trigram']]
+    note = ('n-gram floors of the val split (nats/token, counts from train): '
+            + ', '.join(f'{k} {v:.3f}' for k, v in floors.items() if k in ('unigram', 'bigram', 'trigram')))
+    if above:
+        note += (f"\nthe baseline is above the trigram floor at budget(s) {', '.join(f'{b:g}' for b in above)}: "
+                 f'there this table measures n-gram learning')
+    return note
+
+
+def plot_runs(groups, path, floors=None):
+    """Val loss against RST spent, one line per method (mean over seeds, shaded min-max), a panel per budget;
+    complete runs only, as in the table. An RST budget's panel spans that budget: a row whose first eval
+    lies past it (RHO-LOSS with its IL charged) is named in the legend instead of squeezing every curve.
+    floors (corpus_floors): the trigram floor as a dashed line, the regime's mark."""
+    plt = pyplot('val loss against RST')
+    if plt is None:
+        return None
+    every = [r for g in groups.values() for rs in g.values() for r in rs if r['complete'] and r['evals']]
+    budgets = sorted({r['budget'] for r in every})  # a budget with partial runs only gets no empty panel
+    if not budgets:
+        return None
+    x = 0 if all(r['evals'][-1][0] is not None for r in every) else 1  # RST when every run has it, else tokens
+    clip = x == 0 and all(r['unit'] == 'rst' for r in every)  # the x axis is the budget's own unit
+    fig, axes = plt.subplots(1, len(budgets), figsize=(5 * len(budgets), 4), squeeze=False)
+    for ax, b in zip(axes[0], budgets):
+        for label, by_budget in groups.items():
+            runs = [r for r in by_budget.get(b, []) if r['complete'] and r['evals']]
+            if not runs:
+                continue
+            start, end = max(r['evals'][0][x] for r in runs), min(r['evals'][-1][x] for r in runs)
+            if clip and start > b:
+                ax.plot([], [], ' ', label=f'{label}: first eval at {start:,.0f} RST, past the budget')
+                continue
+            if end <= start:  # a single eval per run: its mean and spread at the end
+                finals = [r['final'] for r in runs]
+                ax.errorbar([end], [statistics.mean(finals)], yerr=[[statistics.mean(finals) - min(finals)],
+                            [max(finals) - statistics.mean(finals)]], fmt='o', capsize=3, label=label)
+                continue
+            grid = np.linspace(start, end, 60)  # from the first eval every seed has: no extrapolation
+            ys = np.array([np.interp(grid, [e[x] for e in r['evals']], [e[2] for e in r['evals']]) for r in runs])
+            line, = ax.plot(grid, ys.mean(0), label=label)
+            ax.fill_between(grid, ys.min(0), ys.max(0), alpha=0.2, color=line.get_color())  # fill_between has its own colour cycle
+        ax.set(title=f'budget {b:g}', xlabel=['RST spent (s)', 'tokens'][x], ylabel='val loss')
+        if clip:
+            ax.set_xlim(0, 1.02 * b)
+        if floors and (ax.lines or ax.collections):
+            ax.axhline(floors['trigram'], ls='--', lw=0.8, color='grey', label=f"trigram floor {floors['trigram']:.3f}")
+        if ax.lines or ax.collections:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def compare(run_dirs, out='ablation', target='auto', baseline='baseline'):
+    """The ablation table (and time to target, plot) of run folders, or of every run under a sweep folder
+    (RHO-LOSS's IL model runs left out: not a method); runs in different budget units get a table each
+    (their budgets are not comparable); a run found twice, or two runs of one cell and seed, are refused."""
+    require(run_dirs, 'compare needs run folders, or a folder that holds them: python budget.py compare out/ablation '
+                      '[--out=ablation]')
+    require(Path(out).name not in ('', '.', '..') and not out.endswith(os.sep), f"--out='{out}' names no file: give "
+            'a path without its extension, e.g. --out=out/ablation')
+    run_dirs = run_folders(run_dirs)
+    for path in (f'{out}.md', f'{out}.png'):
+        require_writable(path)
+    runs, il_runs = without_il_models([read_run(d) for d in run_dirs])
+    check_one_run_per_cell(runs)
+    bad = [r for r in runs if 'error' in r or not r['complete']]
+    runs = [r for r in runs if 'error' not in r]
+    require(runs or bad, f'the {len(il_runs)} run(s) given are IL models of RHO-LOSS, not methods: give the sweep\'s method runs')
+    if not runs:
+        raise UserError(f"no readable runs among the {len(bad)} folder(s) given ({bad[0]['path']}: {bad[0]['error']}): "
+                        f'a run folder holds config.json and log.jsonl')
+    units = sorted({r['unit'] for r in runs})
+    sections = [(f'budget unit: {u}\n\n' if len(units) > 1 else '') + unit_report([r for r in runs if r['unit'] == u], target, baseline)
+                for u in units]
+    report = '\n\n'.join(sections)
+    labels = sorted({r['label'] for r in runs})
+    if baseline not in labels:
+        report += f"\n\nno run is labelled '{baseline}', so no differences are shown: --baseline= one of {', '.join(labels)}"
+    if bad:
+        report += '\n\nmissing or partial runs (left out of the means):\n' + '\n'.join(
+            f"- {r['path']}: {r.get('error', 'budget not spent')}" for r in bad)
+    if il_runs:
+        report += (f'\n\n{len(il_runs)} run(s) of RHO-LOSS\'s IL model left out (not a method; rho_il_charged\'s '
+                   'budget pays for its training, rho\'s leaves it out as the paper does)')
+    print(report)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(Path(f'{out}.md'), (report + '\n').encode())
+    plotted = [r for r in runs if r['unit'] == units[0]]
+    png = plot_runs(group_runs(plotted), f'{out}.png', corpus_floors(plotted)[0])
+    print(f'wrote {out}.md' + (f' and {png} (budget unit {units[0]})' if png else ''))
+    return report
+
+
+def run_folders(paths):
+    """Each path as given if it is a run folder (it holds config.json), else the run folders beneath it:
+    `compare out/ablation` reads a whole sweep. A path that does not exist, or a run reached twice (a
+    folder and a folder inside it), is refused."""
+    found = {}
+    for d in paths:
+        require(Path(d).exists(), f'{d} does not exist: give run folders, or a sweep folder such as out/ablation')
+        nested = [] if (Path(d) / 'config.json').exists() else sorted(str(p.parent) for p in Path(d).rglob('config.json'))
+        for run in nested or [d]:  # a folder with no run in it stays, to be listed as unreadable
+            real = os.path.realpath(run)
+            if real in found:
+                first = found[real][0]
+                both = '' if os.path.realpath(first) == os.path.realpath(d) else f' (found under both {first} and {d})'
+                raise ConfigError(f'{run} is given twice{both}: each run counts once')
+            found[real] = (d, run)
+    return [run for _, run in found.values()]
+
+
+def without_il_models(runs):
+    """(method runs, IL model runs): RHO-LOSS's IL model (runs.IL_LABEL; a damaged one is known by its folder
+    under a sweep's il/) is trained for the rho rows, it is not a row of its own."""
+    def is_il(r):
+        return r.get('label') == IL_LABEL or ('error' in r and 'il' in Path(r['path']).parts)
+    return [r for r in runs if not is_il(r)], [r for r in runs if is_il(r)]
+
+
+def check_one_run_per_cell(runs):
+    """Two runs of one method, budget and seed (a copy of a sweep inside the folder read, or tuning runs,
+    whose grid points share a label and seed) would count one seed twice: refused, naming both."""
+    seen = {}
+    for r in runs:
+        if 'error' not in r:
+            cell = (r['label'], r['unit'], r['budget'], r['seed'])
+            require(cell not in seen, f"{seen.get(cell)} and {r['path']} are both {r['label']} at budget {r['budget']:g} "
+                                      f"seed {r['seed']}: compare one sweep's runs (tuning grids are read by tune)")
+            seen[cell] = r['path']
+
+
+def log_budget_interp(ends, b):
+    """A final val loss at budget b from one seed's fully decayed endpoints [(budget, final)], linear in log
+    budget, extended along the first or last segment outside them; None with fewer than two."""
+    if len(ends) < 2:
+        return None
+    i = min(max(np.searchsorted([e[0] for e in ends], b), 1), len(ends) - 1)
+    (b0, y0), (b1, y1) = ends[i - 1], ends[i]
+    return y0 + (y1 - y0) * math.log(b / b0) / math.log(b1 / b0)
+
+
+def perturbed_final(by_budget, seed, b, entry, factor):
+    """The seed's final at budget b had cost-table `entry` cost factor x as much: the run would have stopped
+    after b * R / R' of its RST (R its total, R' = R + (factor - 1) x what entry charged), read off the
+    seed's endpoints across budgets (log_budget_interp)."""
+    ends = sorted((bb, r['final']) for bb, rs in by_budget.items() for r in rs if r['complete'] and r['seed'] == seed)
+    run = next(r for r in by_budget[b] if r['complete'] and r['seed'] == seed)
+    total = sum(run['rst_by_entry'].values())
+    return log_budget_interp(ends, b * total / (total + (factor - 1) * run['rst_by_entry'].get(entry, 0.0)))
+
+
+def seeds_across_budgets(by_budget):
+    """The seeds with complete runs at two or more budgets: only their finals can be re-read at another."""
+    count = collections.Counter(r['seed'] for rs in by_budget.values() for r in rs if r['complete'])
+    return {seed for seed, n in count.items() if n >= 2}
+
+
+def cost_sensitivity(groups, baseline, change=0.1):
+    """Does +-change on any single cost-table entry flip the sign of a table cell (a method's mean paired
+    difference to the baseline)? Each run's final is re-read at the budget the perturbed table would have
+    given it (perturbed_final): an estimate from the sweep's budgets, not a rerun. A sweep in progress has
+    seeds at one budget only: each cell is read over the seeds that have two, unperturbed and perturbed alike."""
+    cells = paired_cells(groups, baseline)
+    runs = [r for g in groups.values() for rs in g.values() for r in rs if r['complete']]
+    if not cells:
+        return ''
+    if any(not r.get('rst_by_entry') for r in runs):
+        return 'cost-table sensitivity: not shown (some runs did not log their RST per cost entry)'
+    seeds = {}
+    for label, b in cells:
+        common = finals_by_seed(groups[label][b]).keys() & finals_by_seed(groups[baseline][b]).keys()
+        if readable := sorted(common & seeds_across_budgets(groups[label]) & seeds_across_budgets(groups[baseline])):
+            seeds[label, b] = readable
+    if not seeds:
+        return ('cost-table sensitivity: not shown yet (it reads each seed\'s endpoints across budgets; no seed '
+                'has runs of a method and the baseline at two budgets)')
+
+    def delta(label, b, *perturbation):  # the cell's mean paired difference over its readable seeds
+        def final(by_budget, seed):
+            return perturbed_final(by_budget, seed, b, *perturbation) if perturbation else finals_by_seed(by_budget[b])[seed]
+        return statistics.mean(final(groups[label], s) - final(groups[baseline], s) for s in seeds[label, b])
+    unperturbed = {cell: delta(*cell) for cell in seeds}
+    entries = sorted({e for r in runs for e in r['rst_by_entry']})
+    flips, shift = [], 0.0
+    for entry, factor in itertools.product(entries, (1 - change, 1 + change)):
+        for label, b in seeds:
+            before, after = unperturbed[label, b], delta(label, b, entry, factor)
+            shift = max(shift, abs(after - before))
+            if (after > 0) != (before > 0):
+                flips.append(f'{label} at budget {b:g}, {entry} x{factor:g}: Δ {before:+.4f} -> {after:+.4f}')
+    head = (f'cost-table sensitivity: each of {len(entries)} entries ({", ".join(entries)}) at x{1 - change:g} and '
+            f'x{1 + change:g}, finals re-read on each seed\'s endpoints across budgets (largest shift of a Δ: {shift:.4f})')
+    fewer = [f'{label} at {b:g} ({len(s)} of {cells[label, b][-1]})' for (label, b), s in seeds.items() if len(s) < cells[label, b][-1]]
+    left_out = [f'{label} at {b:g}' for label, b in cells if (label, b) not in seeds]
+    if fewer:
+        head += '; read over the seeds at two budgets only: ' + ', '.join(fewer)
+    if left_out:
+        head += '; left out, no seed at two budgets yet: ' + ', '.join(left_out)
+    return head + (':\ncells whose sign flips:\n' + '\n'.join(f'- {f}' for f in flips) if flips else ': no cell changes sign')
+
+
+def unit_report(runs, target, baseline):
+    """compare's report for runs in one budget unit: the table, the floors, what methods log, time to target."""
+    groups = group_runs(runs)
+    parts = [ablation_table(groups, baseline), floors_note(runs, groups, baseline), method_stats(groups)]
+    if runs[0]['unit'] == 'rst':
+        parts.append(cost_sensitivity(groups, baseline))
+    if target != 'none':
+        chosen = (float(target), '') if target != 'auto' else auto_target(groups.get(baseline, {}))
+        if chosen is not None:
+            parts.append(target_table(groups, chosen[0], baseline, how=chosen[1]))
+    return '\n\n'.join(p for p in parts if p)
+
+
+def is_number(text):
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
+
+
+def check_target(target):
+    require(target in ('auto', 'none') or is_number(target), f"--target must be 'auto', 'none' or a number, got '{target}'")
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    out: str = 'ablation'        # writes <out>.md and, with matplotlib, <out>.png
+    target: str = 'auto'         # time-to-target: 'auto' (the baseline's worst seed at its largest full budget), a number, 'none'
+    baseline: str = 'baseline'   # the label deltas and speedups are taken against
+
+    def __post_init__(self):
+        check_target(self.target)

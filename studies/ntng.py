@@ -1,0 +1,430 @@
+"""No Train No Gain's comparison protocol: equal-effort tuning, paired-seed ablation, the comparison table.
+
+No Train No Gain (Kaddour et al., NeurIPS 2023, arXiv 2307.06440) asks whether an efficient-training
+method beats a fully decayed baseline at the same compute budget (budget.py counts it). The idea:
+tune every method, the baseline included, over the same lr grid on seeds never reported (equal effort);
+run every method at every budget on the same paired seeds (a seed fixes initialisation and data order);
+table each method's paired difference to the baseline: t-based 95% CI, Holm-adjusted p, n-gram floors.
+
+    python -m studies.ntng tune --jobs=2                                  # -> out/tune/tuned.json, tune.png
+    python -m studies.ntng ablate --tuned=out/tune/tuned.json --jobs=2    # methods x budgets x seeds, then compare
+    python -m studies.ntng compare out/ablation --out=ablation            # -> ablation.md, ablation.png
+"""
+import dataclasses
+import importlib
+import itertools
+import json
+import math
+import os
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from budget import pyplot
+from configurator import ConfigError, UserError, check_distinct, cli, key, read_config_file, require, require_writable
+from data.loader import atomic_write_bytes
+from runs import METHOD_STATS, read_run
+from studies.compare import CompareConfig, check_target, compare, is_number
+from studies.plan import Run, run_plan
+
+
+# -----------------------------------------------------------------------------
+# the No Train No Gain ablation in one command: methods x budgets x seeds
+
+@dataclass(frozen=True)
+class AblateConfig:
+    config: str = key('config/ablation.py', 'path')  # COMMON, BUDGETS, QUICK_BUDGETS, METHODS (your own Python)
+    out_dir: str = key('out/ablation', 'path')
+    methods: tuple = ('',)               # ('',) = every method in the config file
+    budgets: tuple = key((0.0,), '>=0')  # (0.0,) = the config file's BUDGETS (QUICK_BUDGETS with --quick)
+    seeds: tuple = key((0, 1, 2, 3, 4), '>=0')  # paired: a seed fixes initialisation and data order for every method
+    quick: bool = False                  # a smoke sweep: QUICK_BUDGETS, one seed
+    baseline_schedule: str = key('cosine', ('cosine', 'wsd_branches'))  # 'wsd_branches' adds a WSD row trained as cooldown branches
+    target: str = 'auto'                 # time-to-target: 'auto' (see compare), a number, 'none'
+    tuned: str = ''                      # a tuned.json from `budget.py tune` of this sweep: its values override METHODS'
+    jobs: int = key(1, '>0')             # runs at once, the CPU threads split between them
+
+    def __post_init__(self):
+        check_target(self.target)
+        check_distinct('seeds', self.seeds, '(0, 1, 2, 3, 4)')
+        check_distinct('budgets', self.budgets, '(120.0, 240.0)')
+
+
+def read_sweep(path):
+    """The sweep file's COMMON, BUDGETS, QUICK_BUDGETS, METHODS (and optional TUNE: extra grid axes;
+    TUNED_AS: {row: another row whose tuned values it runs with})."""
+    if not Path(path).is_file():
+        raise ConfigError(f'--config={path} not found: give the sweep file (your own Python), e.g. config/ablation.py')
+    spec = read_config_file(path)
+    missing = [k for k in ('COMMON', 'BUDGETS', 'QUICK_BUDGETS', 'METHODS') if k not in spec]
+    require(not missing, f"{path} does not define {', '.join(missing)} (see config/ablation.py)")
+    check_sweep_shapes(spec, path)
+    bad = {k: v for k, v in spec.get('TUNED_AS', {}).items() if k not in spec['METHODS'] or v not in spec['METHODS']}
+    require(not bad, f'{path}: TUNED_AS {bad} names rows that METHODS does not have')
+    return spec
+
+
+def check_sweep_shapes(spec, path):
+    """Each name of a sweep file has the shape config/ablation.py shows, or one line says which does not."""
+    def is_dict_of(value, check):
+        return isinstance(value, dict) and all(isinstance(k, str) and check(v) for k, v in value.items())
+
+    def is_budgets(value):
+        return (isinstance(value, (tuple, list)) and len(value) > 0 and len(set(value)) == len(value)
+                and all(isinstance(b, (int, float)) and 0 < b < math.inf for b in value))
+    shapes = {
+        'COMMON': (is_dict_of(spec['COMMON'], lambda v: True), 'a dict of train.py keys'),
+        'BUDGETS': (is_budgets(spec['BUDGETS']), 'a tuple of distinct positive numbers'),
+        'QUICK_BUDGETS': (is_budgets(spec['QUICK_BUDGETS']), 'a tuple of distinct positive numbers'),
+        'METHODS': (is_dict_of(spec['METHODS'], lambda v: isinstance(v, tuple) and len(v) == 2 and isinstance(v[0], str)
+                               and v[0].endswith('.py') and isinstance(v[1], dict)) and spec['METHODS'] != {},
+                    "a non-empty dict of row -> ('script.py', dict(overrides))"),
+        'TUNE': (is_dict_of(spec.get('TUNE', {}), lambda axes: is_dict_of(axes, lambda v: isinstance(v, tuple) and v)),
+                 "a dict of row -> {key: (values, ...)}"),
+        'TUNED_AS': (is_dict_of(spec.get('TUNED_AS', {}), lambda v: isinstance(v, str)), 'a dict of row -> row'),
+    }
+    for name, (ok, shape) in shapes.items():
+        require(ok, f'{path}: {name} must be {shape} (see config/ablation.py)')
+    for row, axes in spec.get('TUNE', {}).items():
+        require(row in spec['METHODS'], f"{path}: TUNE names {row}, which METHODS does not have")
+        lion = {**spec['COMMON'], **spec['METHODS'][row][1]}.get('optimizer') == 'lion'
+        for name, values in axes.items():
+            require(name not in ('lr', 'seed', 'budget'), f'{path}: TUNE {row} {name}: tune varies lr itself, and '
+                    'seed and budget are the sweep\'s: give another key')
+            require(not (lion and name == 'weight_decay'), f'{path}: TUNE {row} weight_decay: Lion\'s follows its lr '
+                    '(lr x weight_decay stays at its configured product): give another key')
+            require(len({'number' if is_number_value(v) else type(v) for v in values}) == 1 and len(set(values)) == len(values),
+                    f'{path}: TUNE {row} {name} = {values!r} must be distinct values of one type')
+            require(not any(isinstance(v, str) and ('/' in v or os.sep in v or v in ('', '.', '..')) for v in values),
+                    f'{path}: TUNE {row} {name} = {values!r}: a value names a grid folder, so no path separators')
+
+
+def is_number_value(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def chosen_methods(spec, wanted, path):
+    require(len(wanted) > 0, f"--methods is empty: give some of {', '.join(spec['METHODS'])}, or ('',) for all")
+    unknown = set(wanted) - set(spec['METHODS']) - {''}
+    require(not unknown, f"unknown method(s) {', '.join(sorted(unknown))}: {path} has {', '.join(spec['METHODS'])}")
+    return {k: v for k, v in spec['METHODS'].items() if k in wanted or wanted == ('',)}
+
+
+def sweep_plan(cfg):
+    """Every run of the sweep, smallest budget first and every seed of it before the next budget: a sweep
+    cut short (it runs in parts) has whole columns of paired seeds, not one seed of every column. The WSD
+    rows (--baseline_schedule=wsd_branches) come last: one run per seed serves every budget."""
+    spec = read_sweep(cfg.config)
+    budgets = sorted(b for b in cfg.budgets if b > 0) or sorted(spec['QUICK_BUDGETS' if cfg.quick else 'BUDGETS'])
+    seeds = cfg.seeds[:1] if cfg.quick else cfg.seeds
+    methods = chosen_methods(spec, cfg.methods, cfg.config)
+    rows = [*methods, *(['baseline'] if cfg.baseline_schedule == 'wsd_branches' else [])]  # the WSD row runs with the baseline's values
+    tuned, tuned_il = read_tuned(cfg.tuned, spec, cfg.config, min(budgets), rows, seeds) if cfg.tuned else ({}, None)
+    # the IL model that tuning's RHO-LOSS grid trained serves this sweep too if it was trained for this largest budget
+    il = tuned_il if tuned_il and tuned_il['il_budget'] == max(budgets) else il_args(cfg.out_dir, max(budgets))
+    plan = [planned_run(label, script, {**spec['COMMON'], **(il if args.get('method') == 'rho' else {}), **args,
+                                        **tuned.get(spec.get('TUNED_AS', {}).get(label, label), {}), 'budget': b,
+                                        'seed': seed, 'label': label, 'out_dir': f'{cfg.out_dir}/{label}/b{b:g}/s{seed}'})
+            for b in budgets for seed in seeds for label, (script, args) in methods.items()]  # cheapest budget first
+    if cfg.baseline_schedule == 'wsd_branches':
+        plan += [planned_run('wsd (branches)', 'train.py', {
+            **spec['COMMON'], **tuned.get('baseline', {}), 'schedule': 'wsd', 'budget': min(budgets), 'seed': seed,
+            'branch_budgets': tuple(b / min(budgets) for b in budgets), 'label': 'wsd (branches)',
+            'out_dir': f'{cfg.out_dir}/wsd_branches/s{seed}'}) for seed in seeds]
+    return plan
+
+
+def planned_run(label, script, args):
+    """One run of a sweep for the plan runner: RHO-LOSS's runs share one IL model (the first builds it);
+    a WSD trunk skips and resumes its own branches."""
+    return Run(f"{label} budget {args['budget']:g} seed {args['seed']}", script, args,
+               exclusive='il' if args.get('il_out_dir') else '', self_resuming=bool(args.get('branch_budgets')))
+
+
+def il_args(out_dir, budget):
+    """RHO-LOSS's irreducible-loss model is trained once per sweep (by its first RHO-LOSS run: from the
+    largest budget, doubling while its val loss improves, rho.train_il) and reused by every other, tuning
+    runs and ablation runs alike."""
+    return {'il_out_dir': f'{out_dir}/il', 'il_cache': f'{out_dir}/il_cache', 'il_budget': budget}
+
+
+def ablate(cfg):
+    require_writable(Path(cfg.out_dir) / 'ablation.md')
+    run_plan(sweep_plan(cfg), cfg.jobs)
+    return compare([cfg.out_dir], out=f'{cfg.out_dir}/ablation', target=cfg.target)
+
+
+# -----------------------------------------------------------------------------
+# equal-effort tuning: the same lr grid for every method, the baseline included, on seeds never reported
+
+@dataclass(frozen=True)
+class TuneConfig:
+    config: str = key('config/ablation.py', 'path')  # the sweep file whose methods are tuned
+    out_dir: str = key('out/tune', 'path')  # runs, tuned.json (what ablate --tuned reads) and tune.png
+    methods: tuple = ('',)               # ('',) = every method in the config file
+    budget: float = key(0.0, '>=0')      # 0 = the smallest of the config file's BUDGETS
+    seeds: tuple = key((1000,), '>=0')   # tuning seeds: never the reported ones
+    points: int = key(5, '>=5')          # lr grid points, spaced x2 around the method's own lr
+    jobs: int = key(1, '>0')             # runs at once, the CPU threads split between them
+
+    def __post_init__(self):
+        check_distinct('seeds', self.seeds, '(1000,)')
+
+
+def tune_point(args, common, lr, extra):
+    """A method's overrides at learning rate lr: Lion keeps lr x weight_decay at its configured product."""
+    point = {**args, 'lr': lr, **extra}
+    if {**common, **args}.get('optimizer') == 'lion':
+        lr0, wd0 = args.get('lr', common.get('lr')), args.get('weight_decay', common.get('weight_decay', 0.1))
+        point['weight_decay'] = wd0 * lr0 / lr
+    return point
+
+
+def tune(cfg):
+    """Final val loss at the smallest budget over an lr grid (x2 spacing) per method, crossed with the
+    sweep file's TUNE axes (Sophia-G's rho). A best point at an edge of any axis extends that axis
+    (MAX_EXTENSIONS times at most). Writes tuned.json (read by `ablate --tuned`) and tune.png."""
+    spec, out = read_sweep(cfg.config), Path(cfg.out_dir)
+    require_writable(out / 'tuned.json')
+    budget, common = cfg.budget or min(spec['BUDGETS']), spec['COMMON']
+    methods = chosen_methods(spec, cfg.methods, cfg.config)
+    for row in [row for row in methods if row in spec.get('TUNED_AS', {})]:
+        print(f"{row}: runs with {spec['TUNED_AS'][row]}'s tuned values (TUNED_AS)", flush=True)
+        del methods[row]
+    require(methods, 'nothing to tune: the rows chosen run with other rows\' values (TUNED_AS): tune those')
+    record = {'config': cfg.config, 'common': repr(common), 'methods': {k: repr(v) for k, v in spec['METHODS'].items()},
+              'budget': budget, 'seeds': list(cfg.seeds), 'tuned': {}}
+    earlier = earlier_tuning(out / 'tuned.json', record)  # checked before hours of runs, not after
+    grids = [TuneGrid(label, script, args, spec, budget, cfg) for label, (script, args) in methods.items()]
+    # all grids in one pool, so that no core idles between methods; RHO-LOSS's first, as its first run
+    # trains the shared IL model (the longest job); then the grids whose best point is at an edge, extended
+    run_plan([item for g in sorted(grids, key=lambda g: not g.il) for item in g.plan()], cfg.jobs, diverged_ok=True)
+    extending = grids
+    while extending := [g for g in extending if g.extend()]:
+        run_plan([item for g in extending for item in g.plan()], cfg.jobs, diverged_ok=True)
+    results = {}
+    for g in grids:
+        best = g.best()
+        edges = list(g.edges(best))  # still at an edge after every extension allowed: the optimum may lie beyond
+        results[g.label] = {**{k: v for k, v in tune_point(g.args, common, best['lr'], best['extra']).items()
+                               if k in ('lr', 'weight_decay', *g.axes)}, 'grid': g.summaries(), 'at_edge': edges}
+        print(f"{g.label}: best lr {best['lr']:.3g} {best['extra'] or ''} final val loss {best['final']:.4f}"
+              + (f" (still at an edge of its {', '.join(edges)} axis, which can extend no further: the optimum may "
+                 'lie beyond it)' if edges else ''), flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    record['tuned'] = {**earlier.get('tuned', {}), **results}  # methods tuned earlier for this same sweep stay
+    il = next((g.il for g in grids if g.il), None) or earlier.get('il')
+    if il:
+        record['il'] = il  # the IL model the RHO-LOSS grid trained: ablate reuses it at the same il_budget
+    atomic_write_bytes(out / 'tuned.json', json.dumps(record, indent=1).encode())
+    plot_tuning(record['tuned'], out / 'tune.png')
+    print(f"wrote {out / 'tuned.json'}")
+    return results
+
+
+def earlier_tuning(path, record):
+    """The tuned.json already at path (its methods are kept), {} if none; refused when it is not one, or
+    was made for another sweep (other COMMON, METHODS, budget or seeds): it would be overwritten."""
+    if not path.exists():
+        return {}
+    try:
+        earlier = json.loads(path.read_text())
+        differ = [k for k in ('common', 'methods', 'budget', 'seeds') if earlier[k] != record[k]]
+        if not isinstance(earlier['tuned'], dict):
+            raise TypeError('tuned')
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f'{path} is not a tuned.json from `budget.py tune` ({type(e).__name__}): move it away or '
+                        f'give another --out_dir') from None
+    require(not differ, f"{path} holds a tuning of another sweep (its {', '.join(differ)} differ): give another "
+                        f'--out_dir, or move it away to tune afresh')
+    return earlier
+
+
+MAX_EXTENSIONS = 3  # times an edge extends one axis of a tuning grid
+
+
+class TuneGrid:
+    """One method's lr grid: lr0 x 2^k for k in ks, crossed with its TUNE axes, on the tuning seeds."""
+
+    def __init__(self, label, script, args, spec, budget, cfg):
+        self.label, self.script, self.args, self.budget, self.seeds = label, script, args, budget, cfg.seeds
+        self.common, self.out = spec['COMMON'], Path(cfg.out_dir) / label
+        self.lr0 = args.get('lr', self.common.get('lr', 2e-3))
+        self.axes = {name: tuple(sorted(values)) for name, values in spec.get('TUNE', {}).get(label, {}).items()}
+        self.ks = list(range(-(cfg.points // 2), cfg.points - cfg.points // 2))
+        self.extended = dict.fromkeys(['lr', *self.axes], 0)  # an edge extends an axis MAX_EXTENSIONS times
+        self.il = il_args(cfg.out_dir, max(spec['BUDGETS'])) if args.get('method') == 'rho' else {}
+
+    def grid(self):  # the method's own lr first: RHO-LOSS's first run trains the shared IL model with it
+        extras = [dict(zip(self.axes, v)) for v in itertools.product(*self.axes.values())] or [{}]
+        return [(self.lr0 * 2.0 ** k, extra) for k in sorted(self.ks, key=abs) for extra in extras]
+
+    def plan(self):
+        return [planned_run(self.label, self.script, {
+                    **self.common, **self.il, **tune_point(self.args, self.common, lr, extra), 'budget': self.budget,
+                    'seed': seed, 'label': f'{self.label} (tuning)', 'out_dir': str(self.out / point_name(lr, extra) / f's{seed}')})
+                for lr, extra in self.grid() for seed in self.seeds]
+
+    def summaries(self):
+        return [tune_summary(self.out / point_name(lr, extra), self.seeds, lr, extra) for lr, extra in self.grid()]
+
+    def best(self):
+        return min(self.summaries(), key=lambda p: p['final'])
+
+    def edges(self, best):
+        """{axis: its next value} for every axis whose best value is one of its edges: for 'lr' the next
+        exponent k (lr0 x 2^k); a TUNE axis by the ratio of its two outermost values (beyond_edge). {} if
+        every point failed."""
+        if not math.isfinite(best['final']):
+            return {}
+        k_best = round(math.log2(best['lr'] / self.lr0))
+        lr = {'lr': k_best - 1 if k_best == min(self.ks) else k_best + 1} if k_best in (min(self.ks), max(self.ks)) else {}
+        return {**lr, **{name: new for name, values in self.axes.items()
+                         if (new := beyond_edge(values, best['extra'][name])) is not None}}
+
+    def extend(self):
+        """Add the next value beyond the best point on every axis where it lies at an edge -> whether the
+        grid grew. lr steps x2; a TUNE axis (e.g. Sophia-G's rho) by the ratio of its two outermost values
+        (an int axis stays int), and only to a value the method's script accepts (its config's ranges), so
+        an extension never plans runs that would fail. A grid whose every point failed does not grow."""
+        grew = False
+        for name, new in self.edges(self.best()).items():
+            if self.extended[name] < MAX_EXTENSIONS and (name == 'lr' or self.accepts(name, new)):
+                if name == 'lr':
+                    self.ks = sorted(set(self.ks) | {new})
+                else:
+                    self.axes[name] = tuple(sorted(self.axes[name] + (new,)))
+                self.extended[name], grew = self.extended[name] + 1, True
+        return grew
+
+    def accepts(self, name, value):
+        """Whether the method's script takes name=value among this grid's keys (its config class's checks)."""
+        config = script_config(self.script)
+        args = {**self.common, **self.args, **tune_point(self.args, self.common, self.lr0, {name: value})}
+        try:
+            config(**{f.name: args[f.name] for f in dataclasses.fields(config) if f.name in args})
+        except ConfigError as e:
+            print(f'{self.label}: {name} does not extend to {value!r} ({e})', flush=True)
+            return False
+        return True
+
+
+def beyond_edge(values, v):
+    """The next value past v on an axis of positive numbers (sorted), when v is one of its two edges, by the
+    ratio of the axis's two outermost values at that edge (an int axis stays int); else None."""
+    if len(values) < 2 or v not in (values[0], values[-1]) or not all(is_number_value(x) and x > 0 for x in values):
+        return None
+    new = v * values[0] / values[1] if v == values[0] else v * values[-1] / values[-2]
+    new = round(new) if isinstance(v, int) else new
+    return new if new > 0 and new not in values else None
+
+
+def script_config(script):
+    """The config class of a sweep's entry script (train.py -> train.TrainConfig, rho.py -> rho.RhoConfig)."""
+    module = importlib.import_module(Path(script).stem)
+    return next(v for v in vars(module).values() if isinstance(v, type) and dataclasses.is_dataclass(v)
+                and v.__module__ == module.__name__ and v.__name__.endswith('Config'))
+
+
+def value_text(v):
+    return f'{v:g}' if isinstance(v, (int, float)) else str(v)
+
+
+def point_name(lr, extra):
+    return f'lr{lr:.3g}' + ''.join(f'_{k}{value_text(v)}' for k, v in extra.items())
+
+
+def tune_summary(folder, seeds, lr, extra):
+    """One grid point: its mean final val loss over the tuning seeds, and the means of what the method
+    logs about itself (Sophia-G's win rate, Selective Backprop's kept fraction: runs.METHOD_STATS)."""
+    runs = [r for r in (read_run(folder / f's{seed}') for seed in seeds) if 'error' not in r]
+    finals = [r['final'] for r in runs if r['complete']]
+    final = statistics.mean(finals) if len(finals) == len(seeds) and all(map(math.isfinite, finals)) else math.inf
+    stats = {name: statistics.mean(values) for name in METHOD_STATS
+             if (values := [r['stats'][name] for r in runs if name in r['stats']])}
+    return {'lr': lr, 'extra': extra, 'final': final, **stats}
+
+
+def read_tuned(path, spec, config, smallest_budget, rows, seeds):
+    """({label: overrides}, the IL model's il_args or None) from a tuned.json, refused (naming the
+    difference) when it was made for another sweep, lacks one of the sweep's rows (equal effort: no row
+    runs untuned beside tuned ones), or was tuned on a seed the sweep reports."""
+    try:
+        record = json.loads(Path(path).read_text())
+        tuned, methods, il = record['tuned'], record['methods'], record.get('il')
+        if not (isinstance(methods, dict) and isinstance(tuned, dict)
+                and all(isinstance(t, dict) and t['lr'] > 0 for t in tuned.values())):
+            raise TypeError('tuned')
+        if il is not None and not (isinstance(il['il_out_dir'], str) and isinstance(il['il_cache'], str)
+                                   and il['il_budget'] > 0):
+            raise ValueError('il')
+        if not (isinstance(record.get('seeds', []), list) and all(type(x) is int for x in record.get('seeds', []))):
+            raise TypeError('seeds')
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f'--tuned={path} is not a tuned.json from `budget.py tune` ({type(e).__name__})') from None
+    if record.get('common') != repr(spec['COMMON']):
+        raise UserError(f"--tuned={path} was made for COMMON {record.get('common')}, {config} has {spec['COMMON']!r}: tune again")
+    for label in tuned:
+        if label in spec['METHODS'] and methods.get(label) != repr(spec['METHODS'][label]):
+            raise UserError(f'--tuned={path} was made for {label} = {methods.get(label)}, {config} has '
+                            f"{spec['METHODS'][label]!r}: tune again")
+    if record.get('budget') != smallest_budget:
+        raise UserError(f"--tuned={path} was tuned at budget {record.get('budget')}, this sweep's smallest is {smallest_budget}")
+    untuned = [row for row in rows if spec.get('TUNED_AS', {}).get(row, row) not in tuned]
+    require(not untuned, f"--tuned={path} has no tuned values for {', '.join(untuned)}: tune them too "
+                         f"(python budget.py tune --methods=...), or leave them out with --methods")
+    shared = sorted(set(record.get('seeds', [])) & set(seeds))
+    require(not shared, f'--tuned={path} was tuned on seed(s) {shared}, which this sweep reports: tuning seeds are '
+                        'never reported; give --seeds without them, or tune on other seeds')
+    return {label: {k: v for k, v in t.items() if k not in ('grid', 'at_edge')} for label, t in tuned.items()}, il
+
+
+def plot_tuning(results, path):
+    """Final val loss against lr, one line per method (per extra grid value), on one figure."""
+    plt = pyplot('the tuning curves')
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, result in results.items():
+        lines = {}
+        for p in result['grid']:
+            lines.setdefault(' '.join(f'{k}={value_text(v)}' for k, v in p['extra'].items()), []).append((p['lr'], p['final']))
+        for extra, pts in lines.items():
+            pts = sorted(pt for pt in pts if math.isfinite(pt[1]))
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], 'o-', label=f'{label} {extra}'.strip())
+    ax.set(xscale='log', xlabel='peak lr', ylabel='final val loss (mean over tuning seeds)')
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+# -----------------------------------------------------------------------------
+# the command line: python -m studies.ntng {tune|ablate|compare}
+
+COMMANDS = {'tune': 'tune [sweep_file.py] [--key=value ...]', 'ablate': 'ablate [sweep_file.py] [--key=value ...]',
+            'compare': 'compare SWEEP_FOLDER|RUN_FOLDER ... [--key=value ...]'}
+
+
+def main(argv):
+    usage = 'usage: python -m studies.ntng {tune|ablate|compare} ...  (each command takes --help)'
+    if not argv or argv[0] in ('-h', '--help'):
+        print(usage + '\n' + '\n'.join(f'  python -m studies.ntng {u}' for u in COMMANDS.values()))
+        sys.exit(0 if argv else 2)
+    if argv[0] not in COMMANDS:
+        print(f"unknown command '{argv[0]}': {usage}", file=sys.stderr)
+        sys.exit(2)
+    command, rest = argv[0], argv[1:]
+    rest = [f'--target={a[9:]!r}' if a.startswith('--target=') and is_number(a[9:]) else a for a in rest]  # a str key
+    if command in ('ablate', 'tune'):  # their config.py is the sweep file
+        rest = [f'--config={a}' if a.endswith('.py') and not a.startswith('--') else a for a in rest]
+        return cli(ablate if command == 'ablate' else tune, AblateConfig if command == 'ablate' else TuneConfig,
+                   rest, COMMANDS[command])
+    dirs = [a for a in rest if not a.startswith('-')]
+    return cli(lambda c: compare(dirs, c.out, c.target, c.baseline), CompareConfig,
+               [a for a in rest if a.startswith('-')], COMMANDS[command])
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])

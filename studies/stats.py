@@ -1,0 +1,84 @@
+"""The lab's statistics, one module: t-based intervals, paired tests, Holm's adjustment, equivalence
+(TOST) and the crossing of a curve with a target. Every study's table (studies.ntng, studies.slm,
+studies.madpo) reads significance through these functions, so one rule holds across the lab.
+Hand-written (no scipy): tests/test_stats.py checks them against reference values."""
+import math
+import statistics
+
+
+def mean_std(xs):
+    """Mean and sample sd (0 for one value)."""
+    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def _betainc(a, b, x):
+    """The regularized incomplete beta function I_x(a, b), by its continued fraction (modified Lentz)."""
+    if x <= 0 or x >= 1:
+        return float(x >= 1)
+    if x > (a + 1) / (a + b + 2):  # the fraction converges fast on this side; use the symmetry otherwise
+        return 1 - _betainc(b, a, 1 - x)
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)) / a
+    f, c, d = 1.0, 1.0, 0.0
+    for i in range(400):
+        m = i // 2
+        num = 1.0 if i == 0 else (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)) if i % 2 == 0
+                                  else -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)))
+        d = 1 / (d if abs(d := 1 + num * d) > 1e-300 else 1e-300)
+        c = c if abs(c := 1 + num / c) > 1e-300 else 1e-300
+        f *= c * d
+        if abs(c * d - 1) < 1e-14:
+            break
+    return front * (f - 1)
+
+
+def t_p_value(t, df):
+    """Two-sided p-value of Student's t statistic t with df degrees of freedom."""
+    return 1.0 if t == 0 else _betainc(df / 2, 0.5, df / (df + t * t))
+
+
+def t95(df):
+    """The two-sided 95% quantile of Student's t with df degrees of freedom (bisection on t_p_value)."""
+    lo, hi = 0.0, 1000.0
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_p_value(mid, df) > 0.05 else (lo, mid)
+    return (lo + hi) / 2
+
+
+def t_interval(xs):
+    """(mean, half-width of the t-based 95% CI); the half-width is nan for fewer than 2 values. The one
+    significance rule of the lab: compare, slm.py and madpo.py tables all use it."""
+    m, sd = mean_std(xs)
+    return m, (t95(len(xs) - 1) * sd / math.sqrt(len(xs)) if len(xs) > 1 else math.nan)
+
+
+def paired_test(a, b):
+    """Paired seeds: (mean of a_i - b_i, half-width of its t-based 95% CI, two-sided p of the paired t-test).
+    Half-width and p are nan for fewer than two pairs; p is 0 when every difference is the same nonzero value."""
+    d = [x - y for x, y in zip(a, b)]
+    m, half = t_interval(d)
+    if len(d) < 2:
+        return m, math.nan, math.nan
+    se = statistics.stdev(d) / math.sqrt(len(d))
+    return m, half, (t_p_value(m / se, len(d) - 1) if se > 0 else float(m == 0))
+
+
+def holm(p_values):
+    """Holm's step-down adjustment of a family of p-values (nan ones are left out of the family and stay nan)."""
+    order = sorted((p, i) for i, p in enumerate(p_values) if not math.isnan(p))
+    adjusted, running = [math.nan] * len(p_values), 0.0
+    for rank, (p, i) in enumerate(order):
+        running = max(running, min(1.0, (len(order) - rank) * p))
+        adjusted[i] = running
+    return adjusted
+
+
+def crossing(points, target):
+    """First x at which y <= target along [(x, y)], linearly interpolated; None when never reached."""
+    for i, (x, y) in enumerate(points):
+        if y <= target:
+            if i == 0:
+                return x
+            x0, y0 = points[i - 1]
+            return x0 + (y0 - target) / (y0 - y) * (x - x0)
+    return None
