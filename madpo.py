@@ -1,4 +1,4 @@
-"""Preference optimization on an offline sentiment task: reward model, DPO, cDPO, IPO, beta-DPO and MADPO.
+"""Preference optimization on an offline sentiment task: DPO, cDPO, IPO, beta-DPO and MADPO, one run per stage.
 
 MADPO: "Margin Adaptive DPO: Leveraging Reward Model for Granular Control in Preference Optimization"
 (arXiv 2510.05342 v1, Oct 2025). Baselines: DPO (Rafailov et al. 2023, arXiv 2305.18290) and its
@@ -8,53 +8,46 @@ The idea: a Bradley-Terry reward model gives each preference pair a margin m; MA
 DPO loss by a detached weight w(m), which amplifies the target margin of hard pairs (small |m|) and damps
 easy ones (large m), instead of one beta for every pair (DPO) or for a batch (beta-DPO).
 
-The study (the paper's task, offline; data/reviews/): continue a review prompt positively, ground truth
-r = 3 * VADER compound(prompt + continuation) in [-3, 3], Bradley-Terry labels, tiers high / medium / low.
-Each arm (ARMS) runs at every beta of --betas; its policy is scored along training, and the arms are
-compared by reward at matched KL to the SFT reference on their reward-vs-KL frontiers, over --seeds.
-MADPO's margins come from the trained reward model, the true r_w - r_l (oracle) or the oracle plus noise.
+The losses, per pair (x, y_w, y_l), with h = (log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x)):
+    DPO       -log sigmoid(beta h)
+    cDPO      -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)      (each label flipped with prob. eps)
+    IPO       (h - 1/(2 beta))^2                                              (h from summed or averaged log-ratios)
+    beta-DPO  DPO at beta = beta0 (1 + alpha (M - M0)) >= 1e-3, on 80% of the batch drawn around the running
+              mean margin M0; M = the kept pairs' mean h
+    MADPO     w(m) * -log sigmoid(beta h), w detached; w(m) = sigmoid(c(|m|) m) / sigmoid(m) for m > -tau, else 1,
+              c(a) = c_min + (c_max - c_min) / (1 + K exp(lam (a - tau))), K = (c_max - 1)/(1 - c_min), c_min = 1/c_max
 
-    python madpo.py --jobs=2                          # the study: 3 seeds x 3 tiers x 9 arms x 3 betas = 243 po runs
-    python madpo.py --quick=True                      # a few-minute smoke run (one seed, beta 0.1)
-    python madpo.py --stage=po --loss=ipo --tier=low  # one stage (paths under --out_dir/seed<seed>/)
-    python madpo.py --stage=compare                   # tables and figures from whatever has finished
+The task (the paper's, offline; data/reviews/): continue a review opening positively, ground truth r = 3 *
+VADER compound(prompt + continuation) in [-3, 3], Bradley-Terry labels, pair tiers high / medium / low. One
+run per stage, each reading the files of the ones before under --out_dir/seed<seed>/ (`--help` says which
+stage reads which key); the study (seeds x tiers x arms x betas, rewards at matched KL): python -m studies.madpo
 
---stage=all skips finished stages and resumes interrupted ones: rerun the same command to continue.
-Keys are scoped by stage (sft_*, rm_*, po_*; `--help` says which stage reads which key).
-
-Cost, from single-thread runs of each stage at the defaults (AMD EPYC, under other jobs' load): sft 232 s,
-pairs 171 s (per seed), rm 149 s (per seed and tier, 9 runs), po 11.7 s (per run, 60 runs). The default study
-is 3 + 3 + 9 + 243 runs, ~5,400 CPU-s: with --jobs=2 (stage by stage, so 2 + 2 + 5 rounds of the first
-three stages) about 2*232 + 2*171 + 5*149 + 243*11.7/2 = 2,970 s, 50 minutes on 2 free cores. A bigger grid
-costs per extra beta 81 po runs (~16 CPU-minutes, 8 minutes at --jobs=2), per extra seed ~1,800 CPU-s (one
-sft, pairs, 3 rm and 81 po runs), per extra arm 27 po runs (~5 CPU-minutes); po run time grows with
---po_iters, --po_points and --n_eval. The betas (0.01, 0.03, 0.1) span the matched KLs of 2 and 5 nats: on
-the high tier (3 seeds) DPO, cDPO, IPO and beta-DPO stayed below 1.5 nats at beta 1 and 2.5 at beta 0.3 (IPO
-also at 0.03), where DPO and cDPO at beta 0.01 reach 15 and 9 (seed 0).
+    python madpo.py --stage=sft                        # the SFT policy, also the frozen reference: sft/ckpt.pt
+    python madpo.py --stage=pairs                      # labelled pairs of every tier: pairs/<tier>.pt
+    python madpo.py --stage=rm --tier=low              # MADPO's reward model (reward_model.py): rm_low/rm.pt
+    python madpo.py --stage=po --loss=ipo --tier=low   # one preference run, scored along training: po_ipo_b0.1_low/
 """
 import dataclasses
 import json
 import math
-import multiprocessing
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 import runs
 import train
-from configurator import UserError, check_distinct, check_ranges, cli, key, require
-from data.loader import NUMBER, atomic_write, file_sha256, read_result
-from data.reviews.evaluate import DONE_FIX, DONE_KEYS, PolicyScorer, compare, load_runs
+from configurator import UserError, check_ranges, cli, key, require
+from data.loader import atomic_write_bytes, file_sha256
+from data.reviews.evaluate import PolicyScorer
 from data.reviews.pairs import TIERS, batched_logps, build_pairs, sequence_logps
 from data.reviews.prepare import ensure_prepared
-from data.reviews.reward_model import PairObjective, RewardObjective
 from model import evaluating
+from reward_model import PairObjective, RewardObjective
 
 
 # -----------------------------------------------------------------------------
@@ -139,15 +132,16 @@ def oracle_margins(r, noise=0.0, seed=0):
 
 
 # -----------------------------------------------------------------------------
-# the po objective (the reward model and the pair batches: data/reviews/reward_model.py)
+# the po objective (the reward model and the pair batches: reward_model.py)
 
 class PreferenceObjective(PairObjective):
     """DPO, cDPO, IPO, beta-DPO or MADPO on the policy; reference log-probs (and MADPO's margins) precomputed.
-    With a scorer, each eval also scores the policy (data/reviews/evaluate.py): a point of its frontier."""
+    With a scorer, each eval also scores the policy (data/reviews/evaluate.py): a point of its reward-vs-KL curve."""
 
     def __init__(self, cfg, pairs_path, ref_ckpt, rm_dir=None, scorer=None):
         super().__init__(cfg, pairs_path)
         self.ref_ckpt, self.rm_dir, self.scorer, self.curve = Path(ref_ckpt), rm_dir, scorer, []
+        self.ref_cache = self.pairs_path.with_name(self.pairs_path.stem + '_ref_logps.bin')  # beside the pairs
         self.bdpo = BetaDPO(cfg.beta, cfg.bdpo_alpha, cfg.bdpo_keep, cfg.bdpo_momentum)
         self.rng = torch.Generator().manual_seed(cfg.seed)  # beta-DPO's draws; its own, so a resume is exact
 
@@ -178,22 +172,26 @@ class PreferenceObjective(PairObjective):
         return rm.margins(rm.model, *self.train_set[:2])
 
     def reference_logps(self):
-        """Summed reference log-probs of [chosen, rejected] for every pair (n, 2): computed once per
-        (pairs, reference) and cached next to the pairs file."""
-        cache = self.pairs_path.with_name(self.pairs_path.stem + '_ref_logps.pt')
-        key = f'{file_sha256(self.ref_ckpt)}{file_sha256(self.pairs_path)}{len(self.train_set[0])},{len(self.val_set[0])}'
-        try:  # a cache: one that is missing, damaged or for other pairs is computed again
-            saved = torch.load(cache, weights_only=True)
-        except Exception:
-            saved = None
-        if isinstance(saved, dict) and saved.get('key') == key and isinstance(saved.get('logps'), torch.Tensor):
-            return saved['logps']
+        """Summed reference log-probs of [chosen, rejected] for every pair (n, 2): computed once per reference,
+        pairs file and split, and cached next to the pairs (runs.save_cache); a cache that is missing, stale,
+        damaged or edited (its checksum differs) is computed again."""
+        try:
+            saved, _ = runs.load_cache(self.ref_cache, self.ref_identity(), 'reference log-probs', 'computing them again')
+            return torch.from_numpy(np.array(saved))
+        except UserError as e:
+            print(e)
         ref = runs.load_model(self.ref_ckpt, self.device, self.cfg.compile_loss)
         seq = torch.cat([self.train_set[0], self.val_set[0]])
         lens = torch.cat([self.train_set[1], self.val_set[1]])
         logps = torch.stack([batched_logps(ref, seq[:, k], self.cfg.prompt_len, lens[:, k]) for k in (0, 1)], 1).cpu()
-        runs.save_checkpoint(cache, {'key': key, 'logps': logps})  # atomic: parallel runs may share it
+        runs.save_cache(self.ref_cache, logps.numpy(), self.ref_identity())  # a tier's parallel runs too: checksummed
         return logps
+
+    def ref_identity(self):
+        """What decides the reference log-probs: the reference, the pairs, the split used and the device."""
+        return {'ref_ckpt_sha256': file_sha256(self.ref_ckpt), 'pairs_sha256': file_sha256(self.pairs_path),
+                'n_train': len(self.train_set[0]), 'n_val': len(self.val_set[0]), 'prompt_len': self.cfg.prompt_len,
+                'device': self.device.type}
 
     def margins_h(self, model, seq, lens, ref, average=False):
         flat_seq, flat_lens = self.flat(seq, lens)
@@ -245,55 +243,40 @@ class PreferenceObjective(PairObjective):
 
 
 # -----------------------------------------------------------------------------
-# config: only the keys that apply; each stage builds its own train.TrainConfig from them
+# config: one stage's keys; each stage builds its own train.TrainConfig from them
 
+STAGES = ('sft', 'pairs', 'rm', 'po')
 LOSSES = ('dpo', 'cdpo', 'ipo', 'bdpo', 'madpo')
 MARGINS = ('rm', 'oracle', 'noisy')
-ARMS = {  # the study's arms: name -> the po keys that make it (method_name inverts it)
-    'dpo': dict(loss='dpo'), 'cdpo': dict(loss='cdpo'), 'ipo': dict(loss='ipo'), 'ipo_avg': dict(loss='ipo', ipo_average=True),
-    'bdpo': dict(loss='bdpo'), 'madpo2': dict(loss='madpo', c_max=2.0), 'madpo4': dict(loss='madpo', c_max=4.0),
-    'madpo4_oracle': dict(loss='madpo', c_max=4.0, margins='oracle'),
-    'madpo4_noisy': dict(loss='madpo', c_max=4.0, margins='noisy')}
-
-
-SWEPT_KEYS = (('seeds', '(0, 1, 2)'), ('arms', "('dpo', 'madpo4')"), ('betas', '(0.1,)'), ('tiers', "('high',)"))  # and an example
 
 
 @dataclass(frozen=True)
 class MadpoConfig:
-    """The stages' keys; each comment starts with the stages that read the key."""
-    QUICK: ClassVar[dict] = dict(seeds=(0,), betas=(0.1,), sft_iters=1500, n_pairs=1500, val_pairs=100, rm_iters=300,
-                                 po_iters=60, po_points=2, n_eval=100)
-    stage: str = key('all', ('sft', 'pairs', 'rm', 'po', 'compare', 'all'))  # the stage to run; all: every stage
-    out_dir: str = key('out/madpo', 'path')  # all stages: <out_dir>/seed<seed>/{sft,pairs,rm_<tier>,po_<arm>_b<beta>_<tier>}
-    seed: int = 0                    # all stages (a single stage runs --seed)
-    seeds: tuple = key((0, 1, 2), '>=0')  # --stage=all: runs every stage for each seed
-    quick: bool = False              # all stages: a few-minute smoke run (QUICK's values for the keys not given)
-    arms: tuple = tuple(ARMS)        # --stage=all: the po arms to run (compare: the rows)
-    betas: tuple = key((0.01, 0.03, 0.1), '>0')  # --stage=all: each arm runs at each beta (each beta: 27 po runs per seed)
-    tiers: tuple = tuple(TIERS)      # --stage=all: the pair tiers to run
-    jobs: int = key(1, '>0')         # --stage=all: rm and po runs in this many processes, one thread each
+    """One stage's keys; each comment starts with the stages that read the key (READS lists them)."""
+    stage: str = key('sft', STAGES)  # the stage to run (the whole study: python -m studies.madpo)
+    out_dir: str = key('out/madpo', 'path')  # every stage: <out_dir>/seed<seed>/{sft,pairs,rm_<tier>,po_<arm>_b<beta>_<tier>}
+    seed: int = 0                    # every stage: each seed has its own SFT model, pairs, reward models and runs
     init_from: str = key('scratch', ('scratch', 'resume'))  # sft, rm, po: resume continues the stage's checkpoint
-    overwrite: bool = False          # sft, rm, po: replace a run in the stage's folder; --stage=all: rerun finished stages
-    threads: int = key(0, '>=0')     # all stages: torch CPU threads; 0 = torch's default (1 is faster on a busy machine)
-    dataset: str = 'reviews'         # all stages: data/reviews/byte, generated on first use (or reviews/imdb)
+    overwrite: bool = False          # sft, rm, po: replace a run in the stage's folder
+    threads: int = key(0, '>=0')     # every stage: torch CPU threads; 0 = torch's default (1 is faster on a busy machine)
+    dataset: str = 'reviews'         # every stage: data/reviews/byte, generated on first use (or reviews/imdb)
     scorer: str = key('vader', ('vader', 'transformer'))  # pairs, po: ground truth (transformer needs network)
     model: str = 'tiny'              # sft (rm and po start from its checkpoint): a preset in model.PRESETS
     n_layer: int = 0                 # sft: 0 = the preset's
     n_head: int = 0                  # sft: 0 = the preset's
     n_embd: int = 0                  # sft: 0 = the preset's
     block_size: int = 96             # sft: >= prompt_len + max_new
-    device: str = 'auto'             # all stages: auto, cpu, cuda, cuda:1, mps
+    device: str = 'auto'             # every stage: auto, cpu, cuda, cuda:1, mps
     dtype: str = 'auto'              # sft, rm, po: auto (bf16 on GPU, else float32), float32, bfloat16, float16
-    compile_loss: bool = False       # all stages: eager kernels (tiny model, many short runs: compile is a startup cost)
+    compile_loss: bool = False       # every stage: eager kernels (tiny model, many short runs: compile is a startup cost)
     eval_interval: int = key(500, '>0')  # sft: steps between evals and checkpoints
     rm_eval_interval: int = key(250, '>0')  # rm: steps between evals (early stopping) and checkpoints
     log_interval: int = key(25, '>0')    # sft, rm, po
     sft_iters: int = key(2000, '>0')     # sft: optimizer updates
     sft_lr: float = key(2e-3, '>0')      # sft: peak lr (cosine, AdamW: train.TrainConfig's defaults)
     sft_batch_size: int = key(32, '>0')  # sft: sequences per step
-    prompt_len: int = key(24, '>0')      # pairs, rm, po: prompt bytes (a review's opening)
-    max_new: int = key(72, '>0')         # pairs, po: continuation bytes, eos included
+    prompt_len: int = key(24, '>0')      # sft (block_size), pairs, rm, po: prompt bytes (a review's opening)
+    max_new: int = key(72, '>0')         # sft (block_size), pairs, po: continuation bytes, eos included
     temperature: float = key(1.0, '>0')  # pairs, po: sampling; 1 keeps the KL estimate honest
     n_pairs: int = key(20000, '>0')      # pairs: training pairs per tier (one prompt each): rm trains on all of them
     val_pairs: int = key(1000, '>0')     # pairs: held-out pairs per tier (RM early stopping, accuracy and ceiling; PO held-out loss)
@@ -304,7 +287,7 @@ class MadpoConfig:
     rm_lr: float = key(1e-4, '>0')       # rm: peak lr (tuning the whole model: 3e-4 learns slower, 1e-3 not at all)
     rm_pool: str = key('sum', ('last', 'mean', 'sum'))  # rm: the per-position scores' sum or mean over the continuation, or the last
     rm_head: int = key(256, '>=0')       # rm: width of the per-position MLP head; 0 = linear
-    rm_freeze: bool = False          # rm: train the head only, on the frozen SFT backbone (with --rm_lr=3e-3; ~0.05 less accurate)
+    rm_freeze: bool = False          # rm: train the head only, on the frozen SFT backbone (with --rm_lr=3e-3; less accurate)
     po_pairs: int = key(3000, '>0')      # po: trains on the first po_pairs training pairs
     po_val_pairs: int = key(250, '>0')   # po: held-out pairs of its DPO loss and preference accuracy (the first ones)
     po_iters: int = key(120, '>0')       # po: optimizer updates
@@ -322,29 +305,46 @@ class MadpoConfig:
     c_max: float = key(4.0, '>1')    # po, madpo: c_min = 1/c_max
     lam: float = key(1.0, '>0')      # po, madpo
     tau: float = key(math.log(999), '>0')  # po, madpo: c(tau) = 1, w = 1 for m <= -tau: a margin magnitude
-    matched_kls: tuple = key((2.0, 5.0), '>0')  # compare: the KLs (nats) at which rewards are read
 
     def __post_init__(self):
         check_ranges(self)
-        require(set(self.arms) <= set(ARMS), f"--arms must be among {', '.join(ARMS)}, got {self.arms}")
-        require(set(self.tiers) <= set(TIERS), f"--tiers must be among {', '.join(TIERS)}, got {self.tiers}")
-        for name, example in SWEPT_KEYS:
-            check_distinct(name, getattr(self, name), example)
         block_size = train_config(self, 'sft').model_dims()['block_size']  # the loop's own checks run here too
         require(self.prompt_len + self.max_new <= block_size,
                 f'--prompt_len + --max_new ({self.prompt_len + self.max_new}) must be <= --block_size ({block_size})')
         require(self.po_points <= self.po_iters, f'--po_points ({self.po_points}) must be <= --po_iters ({self.po_iters})')
 
 
+# What each stage reads besides stage, out_dir and seed (threads, init_from and overwrite say how it runs, not
+# what it computes). A stage's result is decided by these keys and those of the stages whose files it reads.
+TRAINING = ('dataset', 'device', 'dtype', 'compile_loss', 'log_interval')  # sft, rm, po: the shared loop's
+READS = {
+    'sft': TRAINING + ('model', 'n_layer', 'n_head', 'n_embd', 'block_size', 'prompt_len', 'max_new', 'eval_interval',
+                       'sft_iters', 'sft_lr', 'sft_batch_size'),
+    'pairs': ('dataset', 'device', 'compile_loss', 'scorer', 'prompt_len', 'max_new', 'temperature', 'n_pairs', 'val_pairs'),
+    'rm': TRAINING + ('rm_eval_interval', 'prompt_len', 'tier', 'pair_batch', 'rm_iters', 'rm_lr', 'rm_pool', 'rm_head',
+                      'rm_freeze'),
+    'po': TRAINING + ('scorer', 'prompt_len', 'max_new', 'temperature', 'n_eval', 'tier', 'pair_batch', 'po_pairs',
+                      'po_val_pairs', 'po_iters', 'po_lr', 'po_points', 'loss', 'beta', 'label_smoothing', 'ipo_average',
+                      'bdpo_alpha', 'bdpo_keep', 'bdpo_momentum', 'margins', 'margin_noise', 'c_max', 'lam', 'tau')}
+
+
+def inputs(cfg, stage):
+    """The stages whose files this stage reads (po reads the reward model only for MADPO's learned margins)."""
+    learned = cfg.loss == 'madpo' and cfg.margins == 'rm'
+    return {'sft': (), 'pairs': ('sft',), 'rm': ('sft', 'pairs'), 'po': ('sft', 'pairs') + ('rm',) * learned}[stage]
+
+
+def stage_keys(cfg, stage):
+    """{key: value} of what decides this stage's result: its own keys and those of every stage it reads."""
+    names = ('seed',) + READS[stage] + sum((READS[s] for s in inputs(cfg, stage)), ())
+    return {name: getattr(cfg, name) for name in dict.fromkeys(names)}
+
+
 def method_name(cfg):
-    """The arm a po config runs, as ARMS names it (madpo names c_max, and its margins unless the RM's)."""
+    """The arm a po config runs (madpo names c_max, and its margins unless the RM's): its folder's name."""
     if cfg.loss == 'madpo':
         return f'madpo{cfg.c_max:g}' + ('' if cfg.margins == 'rm' else f'_{cfg.margins}')
     return 'ipo_avg' if cfg.loss == 'ipo' and cfg.ipo_average else cfg.loss
-
-
-def arm_config(cfg, arm):
-    return dataclasses.replace(cfg, **{'ipo_average': False, 'margins': 'rm', **ARMS[arm]})
 
 
 def folder(cfg, stage):
@@ -368,18 +368,16 @@ def train_config(cfg, stage):
 
 
 # -----------------------------------------------------------------------------
-# the stages; each writes done.json (its results and wall time) in its folder
+# the stages; each ends with config.json (this command's keys) and done.json (its results) in its folder
 
 def train_stage(cfg, stage, objective=None):
     result = train.train(train_config(cfg, stage), objective)
     return {'val_loss': result['val_loss'], 'interrupted': result['interrupted'], **getattr(objective, 'val_metrics', {})}
 
 
-def stage_sft(cfg, device):
-    return train_stage(cfg, 'sft')
-
-
 def stage_pairs(cfg, device):
+    for name in ('done.json', 'config.json'):  # a rebuild cut short must not pass for the old pairs
+        (folder(cfg, 'pairs') / name).unlink(missing_ok=True)
     sft = runs.load_model(folder(cfg, 'sft') / 'ckpt.pt', device, cfg.compile_loss)
     return build_pairs(cfg, sft, device, folder(cfg, 'pairs'))
 
@@ -400,83 +398,35 @@ def stage_po(cfg, device):
     return {'method': method_name(cfg), **train_stage(cfg, 'po', PreferenceObjective(cfg, pairs, sft, rm, scorer))}
 
 
-def stage_compare(cfg):
-    """The study's tables (data/reviews/evaluate.py), printed and written to <out_dir>/compare.md, and one
-    frontier figure per tier."""
-    curves = load_runs(cfg.out_dir)
-    require(curves or list(Path(cfg.out_dir).glob('seed*/rm_*/done.json')),
-            f'no finished rm or po run under {cfg.out_dir}/seed*/: run those stages first')
-    return compare(cfg.out_dir, curves, list(cfg.arms) + sorted({m for m, _, _ in curves} - set(cfg.arms)), cfg.matched_kls)
+STAGE_RUNS = {'sft': lambda cfg, device: train_stage(cfg, 'sft'), 'pairs': stage_pairs, 'rm': stage_rm, 'po': stage_po}
 
 
-STAGES = {'sft': stage_sft, 'pairs': stage_pairs, 'rm': stage_rm, 'po': stage_po}
-
-
-def read_done(cfg, name):
-    """A finished stage's done.json, or one line naming a damaged one."""
-    keys = {'wall_s': NUMBER, 'config': dict, **DONE_KEYS.get(name, {})}
-    return read_result(folder(cfg, name) / 'done.json', keys, DONE_FIX)
-
-
-def run_stage(cfg, name, skip_done=False):
-    """Run one stage; write its done.json (results, wall time, keys). In --stage=all a finished stage is
-    skipped and an interrupted one resumed (unless --overwrite=True)."""
-    out = folder(cfg, name)
-    if skip_done and not cfg.overwrite:
-        if (out / 'done.json').exists():
-            done = read_done(cfg, name)
-            print(f'{out}: done, skipped')
-            return done
-        if (out / 'ckpt.pt').exists():
-            cfg = dataclasses.replace(cfg, init_from='resume')
-    print(f'=== {name} -> {out}', flush=True)
-    t0 = time.time()
-    result = STAGES[name](cfg, train.setup_device(cfg).device)
-    if result.get('interrupted'):
-        raise UserError(f'{name} was interrupted: rerun with --init_from=resume (--stage=all resumes by itself)')
-    # the stage's madpo keys (its checkpoint holds only the loop's TrainConfig)
-    result.update(wall_s=time.time() - t0, config=dataclasses.asdict(cfg))
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / 'done.json', lambda f: f.write(json.dumps(result, indent=1).encode()))
-    return result
-
-
-def run_many(cfgs, name, jobs):
-    """run_stage(cfg, name) for each config, skipping finished ones: here, or in `jobs` worker processes
-    of one thread each (the runs are independent; each writes only its own folder)."""
-    if jobs == 1:
-        return [run_stage(c, name, skip_done=True) for c in cfgs]
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context('spawn'),
-                             initializer=torch.set_num_threads, initargs=(1,)) as pool:
-        return list(pool.map(run_stage, cfgs, [name] * len(cfgs), [True] * len(cfgs)))
-
-
-def run_all(cfg):
-    """Stage by stage over the seeds, so that ceilings and reward models come first; then the po runs tier
-    by tier and arm by arm (every seed and beta of an arm together: a partial study holds whole cells)."""
-    seeds = [dataclasses.replace(cfg, seed=s) for s in cfg.seeds]
-    plan = [(seeds, 'sft'), (seeds, 'pairs'), ([dataclasses.replace(c, tier=t) for c in seeds for t in cfg.tiers], 'rm'),
-            ([dataclasses.replace(arm_config(c, arm), tier=t, beta=b)
-              for t in cfg.tiers for arm in cfg.arms for c in seeds for b in cfg.betas], 'po')]
-    if not cfg.overwrite:  # a damaged done.json is refused before any stage runs, not after hours of them
-        for cfgs, name in plan:
-            for c in [c for c in cfgs if (folder(c, name) / 'done.json').exists()]:
-                read_done(c, name)
-    for cfgs, name in plan:
-        run_many(cfgs, name, cfg.jobs)
-    return stage_compare(cfg)
+def record_config(cfg, out):
+    """out/config.json: this command's keys (runs.run_info), which the lab compares before reusing or resuming
+    the folder. A training stage's loop config, which train.py wrote there while it ran, stays as train_config."""
+    info = runs.run_info(cfg)
+    if cfg.stage != 'pairs':
+        info['train_config'] = dataclasses.asdict(train_config(cfg, cfg.stage))
+    atomic_write_bytes(out / 'config.json', json.dumps(info, indent=1).encode())
 
 
 def main(cfg):
+    """Run one stage; then config.json and done.json (its results, wall time and keys) in its folder."""
     require(int(os.environ.get('WORLD_SIZE', 1)) == 1, 'madpo.py runs in one process: start it with python, not torchrun')
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     ensure_prepared(cfg.dataset)
-    if cfg.stage == 'all':
-        return run_all(cfg)
-    if cfg.stage == 'compare':
-        return stage_compare(cfg)
-    return run_stage(cfg, cfg.stage)
+    out, t0 = folder(cfg, cfg.stage), time.time()
+    print(f'=== {cfg.stage} -> {out}', flush=True)
+    result = STAGE_RUNS[cfg.stage](cfg, train.setup_device(cfg).device)
+    (out / 'done.json').unlink(missing_ok=True)  # an earlier run's: never beside this run's config.json
+    record_config(cfg, out)  # an interrupted run's too: the lab resumes a folder whose keys it records
+    if result.get('interrupted'):
+        raise UserError(f'{cfg.stage} was interrupted: rerun it with --init_from=resume (the study resumes it by itself)')
+    result.update(wall_s=time.time() - t0, config=dataclasses.asdict(cfg))
+    atomic_write_bytes(out / 'done.json', json.dumps(result, indent=1).encode())
+    print(f'done: {out.name} in {result["wall_s"]:.0f} s', flush=True)
+    return result
 
 
 if __name__ == '__main__':

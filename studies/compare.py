@@ -6,6 +6,7 @@ It reads only what runs wrote (config.json, log.jsonl), through runs.read_run.
     python -m studies.ntng compare out/ablation --out=out/ablation/ablation   # -> ablation.md, ablation.png
 """
 import collections
+import json
 import itertools
 import math
 import os
@@ -16,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from budget import pyplot
-from configurator import ConfigError, UserError, require, require_writable
-from data.loader import DataError, atomic_write_bytes, data_dir
+from configurator import ConfigError, UserError, key, require, require_writable
+from data.loader import DataError, atomic_write_bytes, data_dir, read_json
 from data.ngram import ngram_floors
 from runs import IL_LABEL, METHOD_STATS, read_run
 from studies.stats import crossing, holm, mean_std, paired_test, t_interval
@@ -40,7 +41,8 @@ def finals_by_seed(runs):
 def paired_cells(groups, baseline):
     """{(label, budget): (delta, half-width, p, pairs)} of every method against the baseline at each budget,
     over the seeds both completed (a seed fixes initialisation and data order for every method), with
-    Holm-adjusted p-values across the whole table."""
+    Holm-adjusted p-values across the whole table. A cell whose runs trained no step (untrained_note) is
+    shown but left out of the Holm family: it says nothing about the method, only about its accounting."""
     cells = {}
     for label, by_budget in groups.items():
         for b, runs in by_budget.items():
@@ -49,7 +51,7 @@ def paired_cells(groups, baseline):
             seeds = sorted(mine.keys() & base.keys())
             if label != baseline and seeds:
                 cells[label, b] = (*paired_test([mine[s] for s in seeds], [base[s] for s in seeds]), len(seeds))
-    keys = list(cells)
+    keys = [k for k in cells if not untrained(groups[k[0]][k[1]])]
     for k, p in zip(keys, holm([cells[k][2] for k in keys])):
         cells[k] = (cells[k][0], cells[k][1], p, cells[k][3])
     return cells
@@ -81,19 +83,66 @@ def ablation_table(groups, baseline='baseline'):
             step_row.append(f"{statistics.mean(r['steps'] for r in complete):.0f}")
         lines.append(f'| {label} | ' + ' | '.join(row) + ' |')
         steps.append(f'| {label} | ' + ' | '.join(step_row) + ' |')
-    n_tests = sum(not math.isnan(c[2]) for c in cells.values())
+    n_tests = sum(not math.isnan(c[2]) for k, c in cells.items() if not untrained(groups[k[0]][k[1]]))
     note = (f'Δ: paired difference to {baseline} over common seeds, t-based 95% CI; p: paired t-test, '
             f'Holm-adjusted over the table\'s {n_tests} comparisons; * p < 0.05.')
     return '\n'.join(lines) + '\n\n' + note + '\n\n' + '\n'.join(steps) + untrained_note(groups, budgets)
 
 
+def untrained(runs):
+    """Runs of one cell that all took no step (RHO-LOSS with its IL charged, when that cost exceeds the budget)."""
+    done = [r for r in runs if r['complete']]
+    return bool(done) and all(r['steps'] == 0 for r in done)
+
+
 def untrained_note(groups, budgets):
-    """The cells whose runs took no step (RHO-LOSS with its IL charged, when that cost exceeds the budget):
-    their val loss is the initial model's, a statement about the accounting, not about the method's steps."""
-    cells = [f'{label} at {b:g}' for label, by_budget in groups.items() for b in budgets
-             if (done := [r for r in by_budget.get(b, []) if r['complete']]) and all(r['steps'] == 0 for r in done)]
+    """The cells whose runs took no step: their val loss is the initial model's, a statement about the
+    accounting, not about the method's steps (left out of the Holm family)."""
+    cells = [f'{label} at {b:g}' for label, by_budget in groups.items() for b in budgets if untrained(by_budget.get(b, []))]
     return ('\n\ntrained no step (the costs charged before the first step exceed the budget; the val loss is the '
-            'initial model\'s): ' + ', '.join(cells)) if cells else ''
+            'initial model\'s; left out of the Holm family): ' + ', '.join(cells)) if cells else ''
+
+
+def verdict(delta, half95, half90, p_holm, margin):
+    """The four-way reading of one paired difference (lower is better): better / worse when the 95% CI excludes
+    0 and the Holm-adjusted p is below 0.05; equivalent within +-margin when the 90% CI lies inside it (two
+    one-sided t-tests at 5%, TOST, margin declared before the runs); otherwise not resolved."""
+    if math.isnan(half95):
+        return 'not resolved (one pair)'
+    if p_holm < 0.05 and (delta + half95 < 0 or delta - half95 > 0):
+        return 'better' if delta < 0 else 'worse'
+    if -margin < delta - half90 and delta + half90 < margin:
+        return f'equivalent within ±{margin:g}'
+    return 'not resolved'
+
+
+def verdict_table(groups, baseline, margin):
+    """Markdown: each method and budget read in four words against the baseline, with the 90% CI the
+    equivalence test uses."""
+    cells, budgets = paired_cells(groups, baseline), sorted({b for g in groups.values() for b in g})
+    lines = ['| verdict | ' + ' | '.join(f'budget {b:g}' for b in budgets) + ' |', '|' + ' --- |' * (len(budgets) + 1)]
+    for label, by_budget in groups.items():
+        if label == baseline:
+            continue
+        row = []
+        for b in budgets:
+            if (label, b) not in cells or untrained(by_budget.get(b, [])):
+                row.append('—')
+                continue
+            delta, half95, p, pairs = cells[label, b]
+            d = [x - y for x, y in paired_finals(groups, label, baseline, b)]
+            half90 = t_interval(d, 0.90)[1]
+            ci90 = f' (90% CI [{delta - half90:+.4f}, {delta + half90:+.4f}])' if not math.isnan(half90) else ''
+            row.append(verdict(delta, half95, half90, p, margin) + ci90)
+        lines.append(f'| {label} | ' + ' | '.join(row) + ' |')
+    return ('\n'.join(lines) + f'\n\nbetter / worse: 95% CI excludes 0 and Holm p < 0.05; equivalent: the 90% CI of the '
+            f'paired difference inside ±{margin:g} nats (TOST at 5%, the margin declared in advance); else not resolved.')
+
+
+def paired_finals(groups, label, baseline, b):
+    """[(method final, baseline final)] over the seeds both completed at budget b."""
+    mine, base = finals_by_seed(groups[label].get(b, [])), finals_by_seed(groups.get(baseline, {}).get(b, []))
+    return [(mine[s], base[s]) for s in sorted(mine.keys() & base.keys())]
 
 
 def target_table(groups, target, baseline='baseline', how=''):
@@ -161,23 +210,40 @@ def method_stats(groups):
 
 
 def corpus_floors(runs):
-    """(floors, problem): the count-based n-gram floors of the runs' one val split (cached in its corpus
-    folder), or (None, why not) when the runs span corpora or the floors cannot be computed."""
+    """The count-based n-gram floors of the runs' one val split (cached in its corpus folder), as a record
+    {'corpus': {dataset, tokenizer}, 'floors': {...}}; a string saying why not when the runs span corpora or
+    the floors cannot be computed."""
     corpora = {(r['dataset'], r['tokenizer']) for r in runs}
     if len(corpora) != 1 or None in next(iter(corpora)):
-        return None, ''
+        return ''
+    dataset, tokenizer = next(iter(corpora))
     try:
-        return ngram_floors(data_dir(*next(iter(corpora)))), ''
+        return {'corpus': {'dataset': dataset, 'tokenizer': tokenizer}, 'floors': ngram_floors(data_dir(dataset, tokenizer))}
     except DataError as e:
-        return None, f'(n-gram floors unavailable: {e})'
+        return f'(n-gram floors unavailable: {e})'
 
 
-def floors_note(runs, groups, baseline):
+def read_floors(path, runs):
+    """The floors record compare wrote beside an earlier table (<out>.floors.json), checked against the runs'
+    corpus: floors of another corpus would misplace every column."""
+    saved = read_json(path)
+    corpus, floors = saved.get('corpus'), saved.get('floors')
+    require(isinstance(corpus, dict) and isinstance(floors, dict) and floors and all(
+        isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in floors.values()),
+        f'--floors={path} is not a floors record written by compare (<out>.floors.json)')
+    wanted = {(r['dataset'], r['tokenizer']) for r in runs}
+    require(wanted == {(corpus.get('dataset'), corpus.get('tokenizer'))},
+            f"--floors={path} holds the floors of {corpus.get('dataset')}/{corpus.get('tokenizer')}, the runs are on "
+            f"{', '.join(f'{d}/{t}' for d, t in sorted(wanted, key=str))}")
+    return saved
+
+
+def floors_note(used, groups, baseline):
     """The n-gram floors, and the budgets at which the baseline is still above the trigram floor: there the
     table measures how fast a method learns n-gram statistics."""
-    floors, problem = corpus_floors(runs)
-    if floors is None:
-        return problem
+    if not isinstance(used, dict):
+        return used
+    floors = used['floors']
     above = [b for b, rs in sorted(groups.get(baseline, {}).items())
              if any(r['complete'] for r in rs) and mean_std([r['final'] for r in rs if r['complete']])[0] > floors['trigram']]
     note = ('n-gram floors of the val split (nats/token, counts from train): '
@@ -233,17 +299,34 @@ def plot_runs(groups, path, floors=None):
     return path
 
 
-def compare(run_dirs, out='ablation', target='auto', baseline='baseline'):
-    """The ablation table (and time to target, plot) of run folders, or of every run under a sweep folder
-    (RHO-LOSS's IL model runs left out: not a method); runs in different budget units get a table each
-    (their budgets are not comparable); a run found twice, or two runs of one cell and seed, are refused."""
-    require(run_dirs, 'compare needs run folders, or a folder that holds them: python budget.py compare out/ablation '
-                      '[--out=ablation]')
+def compare(run_dirs, out='ablation', target='auto', baseline='baseline', floors='', margin=0.02):
+    """The ablation table (and time to target, plot) of run folders, or of every run under a sweep folder,
+    written to <out>.md, <out>.png and <out>.floors.json (the n-gram floors it used: a record of the sweep
+    carries them, and `--floors=` reads them back where the corpus is not at hand)."""
     require(Path(out).name not in ('', '.', '..') and not out.endswith(os.sep), f"--out='{out}' names no file: give "
             'a path without its extension, e.g. --out=out/ablation')
-    run_dirs = run_folders(run_dirs)
-    for path in (f'{out}.md', f'{out}.png'):
+    for path in (f'{out}.md', f'{out}.png', f'{out}.floors.json'):
         require_writable(path)
+    report, runs, used = compare_report(run_dirs, target, baseline, floors, margin)
+    print(report)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(Path(f'{out}.md'), (report + '\n').encode())
+    if used and not floors:
+        atomic_write_bytes(Path(f'{out}.floors.json'), json.dumps(used, indent=1).encode())
+    units = sorted({r['unit'] for r in runs})
+    plotted = [r for r in runs if r['unit'] == units[0]]
+    png = plot_runs(group_runs(plotted), f'{out}.png', (used or {}).get('floors'))
+    print(f'wrote {out}.md' + (f' and {png} (budget unit {units[0]})' if png else ''))
+    return report
+
+
+def compare_report(run_dirs, target='auto', baseline='baseline', floors='', margin=0.02):
+    """compare's report, writing nothing -> (report, the readable runs, the floors record used or None).
+    RHO-LOSS's IL model runs are left out (not a method); runs in different budget units get a table each
+    (their budgets are not comparable); a run found twice, or two runs of one cell and seed, are refused."""
+    require(run_dirs, 'compare needs run folders, or a folder that holds them: python -m studies.ntng compare '
+                      'out/ablation [--out=ablation]')
+    run_dirs = run_folders(run_dirs)
     runs, il_runs = without_il_models([read_run(d) for d in run_dirs])
     check_one_run_per_cell(runs)
     bad = [r for r in runs if 'error' in r or not r['complete']]
@@ -252,9 +335,10 @@ def compare(run_dirs, out='ablation', target='auto', baseline='baseline'):
     if not runs:
         raise UserError(f"no readable runs among the {len(bad)} folder(s) given ({bad[0]['path']}: {bad[0]['error']}): "
                         f'a run folder holds config.json and log.jsonl')
+    used = read_floors(floors, runs) if floors else corpus_floors(runs)
     units = sorted({r['unit'] for r in runs})
-    sections = [(f'budget unit: {u}\n\n' if len(units) > 1 else '') + unit_report([r for r in runs if r['unit'] == u], target, baseline)
-                for u in units]
+    sections = [(f'budget unit: {u}\n\n' if len(units) > 1 else '') +
+                unit_report([r for r in runs if r['unit'] == u], target, baseline, used, margin) for u in units]
     report = '\n\n'.join(sections)
     labels = sorted({r['label'] for r in runs})
     if baseline not in labels:
@@ -265,13 +349,7 @@ def compare(run_dirs, out='ablation', target='auto', baseline='baseline'):
     if il_runs:
         report += (f'\n\n{len(il_runs)} run(s) of RHO-LOSS\'s IL model left out (not a method; rho_il_charged\'s '
                    'budget pays for its training, rho\'s leaves it out as the paper does)')
-    print(report)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(Path(f'{out}.md'), (report + '\n').encode())
-    plotted = [r for r in runs if r['unit'] == units[0]]
-    png = plot_runs(group_runs(plotted), f'{out}.png', corpus_floors(plotted)[0])
-    print(f'wrote {out}.md' + (f' and {png} (budget unit {units[0]})' if png else ''))
-    return report
+    return report, runs, used if isinstance(used, dict) else None
 
 
 def run_folders(paths):
@@ -382,10 +460,11 @@ def cost_sensitivity(groups, baseline, change=0.1):
     return head + (':\ncells whose sign flips:\n' + '\n'.join(f'- {f}' for f in flips) if flips else ': no cell changes sign')
 
 
-def unit_report(runs, target, baseline):
+def unit_report(runs, target, baseline, floors, margin):
     """compare's report for runs in one budget unit: the table, the floors, what methods log, time to target."""
     groups = group_runs(runs)
-    parts = [ablation_table(groups, baseline), floors_note(runs, groups, baseline), method_stats(groups)]
+    parts = [ablation_table(groups, baseline), verdict_table(groups, baseline, margin) if baseline in groups else '',
+             floors_note(floors, groups, baseline), method_stats(groups)]
     if runs[0]['unit'] == 'rst':
         parts.append(cost_sensitivity(groups, baseline))
     if target != 'none':
@@ -411,6 +490,8 @@ class CompareConfig:
     out: str = 'ablation'        # writes <out>.md and, with matplotlib, <out>.png
     target: str = 'auto'         # time-to-target: 'auto' (the baseline's worst seed at its largest full budget), a number, 'none'
     baseline: str = 'baseline'   # the label deltas and speedups are taken against
+    margin: float = key(0.02, '>0')  # equivalence margin in nats (TOST), declared before the runs
+    floors: str = ''             # a <out>.floors.json of an earlier compare to read the n-gram floors from ('' = the corpus)
 
     def __post_init__(self):
         check_target(self.target)

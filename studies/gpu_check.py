@@ -10,7 +10,7 @@
 2. loss     the fused loss path against eager F.cross_entropy at V 50304, N 32768, d 768: time and peak
             memory ratios, forward+backward.
 3. methods  a few steps of every method through its own entry point (train.py with each optimizer and
-            architecture and T5-lite, rho.py, slm.py --quick, madpo.py --quick), each in a subprocess.
+            architecture and T5-lite, rho.py, the SLM and MADPO studies' --quick), each in a subprocess.
 4. ddp      with two GPUs or more: a 2-process torchrun of train.py over nccl.
 
 Each check prints its figures on one line; the script exits 1 if any check failed (after running all).
@@ -143,9 +143,9 @@ def method_commands(device, size, out):
         'sb': ('rho.py', {**run, 'method': 'sb'}),
         'rho': ('rho.py', {**run, 'method': 'rho', 'il_out_dir': str(out / 'rho_il'), 'il_cache': str(out / 'il_cache')}),
         'slm': ('slm.py', {'quick': True, 'device': device.type}),
-        'madpo': ('madpo.py', {'quick': True, 'device': device.type}),
+        'madpo': ('-m studies.madpo', {'quick': True, 'device': device.type}),
     }
-    return {name: [sys.executable, script, *(f'--{k}={v}' for k, v in {**keys, 'out_dir': str(out / name)}.items())]
+    return {name: [sys.executable, *script.split(), *(f'--{k}={v}' for k, v in {**keys, 'out_dir': str(out / name)}.items())]
             for name, (script, keys) in commands.items()}
 
 

@@ -42,7 +42,7 @@ class AblateConfig:
     quick: bool = False                  # a smoke sweep: QUICK_BUDGETS, one seed
     baseline_schedule: str = key('cosine', ('cosine', 'wsd_branches'))  # 'wsd_branches' adds a WSD row trained as cooldown branches
     target: str = 'auto'                 # time-to-target: 'auto' (see compare), a number, 'none'
-    tuned: str = ''                      # a tuned.json from `budget.py tune` of this sweep: its values override METHODS'
+    tuned: str = ''                      # a tuned.json from `python -m studies.ntng tune` of this sweep: its values override METHODS'
     jobs: int = key(1, '>0')             # runs at once, the CPU threads split between them
 
     def __post_init__(self):
@@ -234,7 +234,7 @@ def earlier_tuning(path, record):
         if not isinstance(earlier['tuned'], dict):
             raise TypeError('tuned')
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f'{path} is not a tuned.json from `budget.py tune` ({type(e).__name__}): move it away or '
+        raise UserError(f'{path} is not a tuned.json from `python -m studies.ntng tune` ({type(e).__name__}): move it away or '
                         f'give another --out_dir') from None
     require(not differ, f"{path} holds a tuning of another sweep (its {', '.join(differ)} differ): give another "
                         f'--out_dir, or move it away to tune afresh')
@@ -362,7 +362,7 @@ def read_tuned(path, spec, config, smallest_budget, rows, seeds):
         if not (isinstance(record.get('seeds', []), list) and all(type(x) is int for x in record.get('seeds', []))):
             raise TypeError('seeds')
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f'--tuned={path} is not a tuned.json from `budget.py tune` ({type(e).__name__})') from None
+        raise UserError(f'--tuned={path} is not a tuned.json from `python -m studies.ntng tune` ({type(e).__name__})') from None
     if record.get('common') != repr(spec['COMMON']):
         raise UserError(f"--tuned={path} was made for COMMON {record.get('common')}, {config} has {spec['COMMON']!r}: tune again")
     for label in tuned:
@@ -373,11 +373,27 @@ def read_tuned(path, spec, config, smallest_budget, rows, seeds):
         raise UserError(f"--tuned={path} was tuned at budget {record.get('budget')}, this sweep's smallest is {smallest_budget}")
     untuned = [row for row in rows if spec.get('TUNED_AS', {}).get(row, row) not in tuned]
     require(not untuned, f"--tuned={path} has no tuned values for {', '.join(untuned)}: tune them too "
-                         f"(python budget.py tune --methods=...), or leave them out with --methods")
+                         f"(python -m studies.ntng tune --methods=...), or leave them out with --methods")
     shared = sorted(set(record.get('seeds', [])) & set(seeds))
     require(not shared, f'--tuned={path} was tuned on seed(s) {shared}, which this sweep reports: tuning seeds are '
                         'never reported; give --seeds without them, or tune on other seeds')
     return {label: {k: v for k, v in t.items() if k not in ('grid', 'at_edge')} for label, t in tuned.items()}, il
+
+
+def tuning_table(path):
+    """A tuned.json as a markdown table: each row's chosen values and every grid point's final val loss."""
+    record = json.loads(Path(path).read_text())
+    lines = [f"tuned at budget {record['budget']:g} on seed(s) {', '.join(map(str, record['seeds']))}; final val "
+             'loss per grid point, the chosen one in bold', '', '| row | chosen | grid (lr: final val loss) | at an edge |',
+             '| --- | --- | --- | --- |']
+    for label, t in record['tuned'].items():
+        chosen = ', '.join(f'{k} {value_text(v)}' for k, v in t.items() if k not in ('grid', 'at_edge'))
+        points = sorted(t['grid'], key=lambda g: (sorted(g['extra'].items()), g['lr']))
+        grid = '; '.join(('**{}**' if g['lr'] == t['lr'] and all(t.get(k) == v for k, v in g['extra'].items()) else '{}')
+                         .format(f"{value_text(g['lr'])}{''.join(f' {k}={value_text(v)}' for k, v in g['extra'].items())}: "
+                                 f"{g['final']:.4f}") for g in points)
+        lines.append(f"| {label} | {chosen} | {grid} | {', '.join(t.get('at_edge', [])) or 'no'} |")
+    return '\n'.join(lines)
 
 
 def plot_tuning(results, path):
@@ -422,7 +438,7 @@ def main(argv):
         return cli(ablate if command == 'ablate' else tune, AblateConfig if command == 'ablate' else TuneConfig,
                    rest, COMMANDS[command])
     dirs = [a for a in rest if not a.startswith('-')]
-    return cli(lambda c: compare(dirs, c.out, c.target, c.baseline), CompareConfig,
+    return cli(lambda c: compare(dirs, c.out, c.target, c.baseline, c.floors, c.margin), CompareConfig,
                [a for a in rest if a.startswith('-')], COMMANDS[command])
 
 

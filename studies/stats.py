@@ -36,20 +36,20 @@ def t_p_value(t, df):
     return 1.0 if t == 0 else _betainc(df / 2, 0.5, df / (df + t * t))
 
 
-def t95(df):
-    """The two-sided 95% quantile of Student's t with df degrees of freedom (bisection on t_p_value)."""
+def t95(df, level=0.95):
+    """The two-sided `level` quantile of Student's t with df degrees of freedom (bisection on t_p_value)."""
     lo, hi = 0.0, 1000.0
     for _ in range(100):
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if t_p_value(mid, df) > 0.05 else (lo, mid)
+        lo, hi = (mid, hi) if t_p_value(mid, df) > 1 - level else (lo, mid)
     return (lo + hi) / 2
 
 
-def t_interval(xs):
-    """(mean, half-width of the t-based 95% CI); the half-width is nan for fewer than 2 values. The one
-    significance rule of the lab: compare, slm.py and madpo.py tables all use it."""
+def t_interval(xs, level=0.95):
+    """(mean, half-width of the t-based CI at `level`); the half-width is nan for fewer than 2 values. The
+    one significance rule of the lab: every study's table uses it (90% for equivalence tests)."""
     m, sd = mean_std(xs)
-    return m, (t95(len(xs) - 1) * sd / math.sqrt(len(xs)) if len(xs) > 1 else math.nan)
+    return m, (t95(len(xs) - 1, level) * sd / math.sqrt(len(xs)) if len(xs) > 1 else math.nan)
 
 
 def paired_test(a, b):

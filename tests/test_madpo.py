@@ -1,16 +1,18 @@
-"""madpo.py and data/reviews/pairs.py: the losses against hand computations and the issue's check values,
-the masks, the reward model's read position, the reference-log-prob cache, the sampler on model.generate's
-KV cache, the config's stage scoping, and a --quick end-to-end run."""
+"""madpo.py, reward_model.py, data/reviews/pairs.py and the study (studies/madpo.py, studies/madpo_report.py):
+the losses against hand computations and the issue's check values, the masks, the reward model's read
+position, the reference-log-prob cache, the sampler on model.generate's KV cache, the config's stage
+scoping, when the study reuses a stage, and a --quick end-to-end run of the study."""
 import json
 import math
 import os
 import re
 import subprocess
 import sys
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,11 +20,15 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import madpo  # noqa: E402
+import reward_model  # noqa: E402
+import runs  # noqa: E402
 from configurator import ConfigError, UserError, parse  # noqa: E402
-from data.reviews import evaluate as scoring  # noqa: E402
 from data.reviews import pairs as task  # noqa: E402
+from data.loader import file_sha256  # noqa: E402
 from data.reviews.pairs import EOS, PAD  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
+from studies import madpo as study  # noqa: E402
+from studies import madpo_report as report  # noqa: E402
 
 
 def sigmoid(x):
@@ -200,10 +206,12 @@ def test_oracle_margins_noise_scale_and_seed():
 
 def test_arms_are_named_by_their_keys():
     cfg = madpo.MadpoConfig(margins='noisy', c_max=3.0, ipo_average=True)    # the arm's keys win
-    for arm in madpo.ARMS:
-        c = madpo.arm_config(cfg, arm)
+    for arm in study.ARMS:
+        c = replace(cfg, **study.arm_keys(arm))
         assert madpo.method_name(c) == arm
         assert madpo.folder(replace(c, beta=0.03), 'po') == Path(f'out/madpo/seed0/po_{arm}_b0.03_high')
+        run = study.stage_run(study.MadpoStudyConfig(), 'po', seed=0, tier='high', beta=0.03, **study.arm_keys(arm))
+        assert run.out_dir == Path(f'out/madpo/seed0/po_{arm}_b0.03_high').resolve()
 
 
 def reference_arm_loss(arm, obj, h, h_avg, idx, bdpo):
@@ -228,7 +236,7 @@ def reference_arm_loss(arm, obj, h, h_avg, idx, bdpo):
 
 @pytest.mark.parametrize('arm', ['dpo', 'cdpo', 'ipo', 'ipo_avg', 'bdpo', 'madpo2_oracle', 'madpo4_oracle', 'madpo4_noisy'])
 def test_each_arm_runs_its_loss(tmp_path, arm):
-    keys = madpo.ARMS.get(arm) or {**madpo.ARMS['madpo2'], 'margins': 'oracle'}
+    keys = study.ARMS.get(arm) or {**study.ARMS['madpo2'], 'margins': 'oracle'}
     obj = preference_objective(tmp_path, **{'beta': 0.3, **keys})
     policy = tiny_gpt(seed=9, block_size=10)
     state, bdpo = obj.state_dict(), madpo.BetaDPO(0.3)
@@ -250,7 +258,7 @@ def test_ceiling_table_averages_seeds_and_skips_missing_keys(tmp_path):
                                 dict(ceiling=0.76, oracle_acc=0.77, acc=0.72, true_acc=0.86)]):
         (tmp_path / f'seed{seed}' / 'rm_high').mkdir(parents=True)
         (tmp_path / f'seed{seed}' / 'rm_high' / 'done.json').write_text(json.dumps(run))
-    rows = {line.split(' | ')[0].strip('| '): line.split(' | ')[1] for line in scoring.ceiling_table(tmp_path)[3:]}
+    rows = {line.split(' | ')[0].strip('| '): line.split(' | ')[1] for line in report.ceiling_table(tmp_path)[3:]}
     assert rows['BT ceiling (expected)'] == '0.780 (2)' and rows['ceiling - RM acc'] == '0.070 (2)'
     assert rows['RM expected acc'] == '0.750 (1)' and rows['ceiling - RM expected acc'] == '0.050 (1)'
 
@@ -259,16 +267,16 @@ def test_reward_at_matched_kl_by_hand():
     """The frontier: dominated points dropped, linear between frontier points, flat after the best one,
     and 'not reached' (None) past the largest KL any point has."""
     points = [(0.0, 0.0), (1.0, 1.0), (3.0, 0.5), (4.0, 2.0), (6.0, 1.5)]
-    assert scoring.frontier(points) == [(0.0, 0.0), (1.0, 1.0), (4.0, 2.0)]
-    assert scoring.reward_at_kl(points, 0.5) == pytest.approx(0.5)
-    assert scoring.reward_at_kl(points, 2.0) == pytest.approx(1 + 1 / 3)   # (3, 0.5) is beaten at less KL
-    assert scoring.reward_at_kl(points, 5.0) == pytest.approx(2.0)         # reached (6 >= 5), the best so far
-    assert scoring.reward_at_kl(points, 6.5) is None                       # not reached: no extrapolation
-    assert scoring.reward_at_kl([], 1.0) is None
-    assert scoring.matched_kl_cell([1.0, 2.0, 3.0]) == f'2.00 ± {4.302653 / math.sqrt(3):.2f} (3)'  # t(0.975, 2 df)
-    assert scoring.matched_kl_cell([1.0, None, 3.0]) == 'not reached (2/3)'
+    assert report.frontier(points) == [(0.0, 0.0), (1.0, 1.0), (4.0, 2.0)]
+    assert report.reward_at_kl(points, 0.5) == pytest.approx(0.5)
+    assert report.reward_at_kl(points, 2.0) == pytest.approx(1 + 1 / 3)   # (3, 0.5) is beaten at less KL
+    assert report.reward_at_kl(points, 5.0) == pytest.approx(2.0)         # reached (6 >= 5), the best so far
+    assert report.reward_at_kl(points, 6.5) is None                       # not reached: no extrapolation
+    assert report.reward_at_kl([], 1.0) is None
+    assert report.matched_kl_cell([1.0, 2.0, 3.0]) == f'2.00 ± {4.302653 / math.sqrt(3):.2f} (3)'  # t(0.975, 2 df)
+    assert report.matched_kl_cell([1.0, None, 3.0]) == 'not reached (2/3)'
     curves = {('dpo', 'high', s): [(0.0, 0.0), (4.0, 2.0 + s)] for s in range(3)}
-    table = '\n'.join(scoring.matched_kl_table(curves, ['dpo', 'ipo'], (2.0, 5.0)))
+    table = '\n'.join(report.matched_kl_table(curves, ['dpo', 'ipo'], (2.0, 5.0)))
     assert '| dpo | 1.50 ± ' in table and '| dpo | not reached (0/3) | - | - |' in table and 'ipo' not in table
 
 
@@ -321,7 +329,7 @@ def test_prompt_and_padding_tokens_do_not_count():
 
 def test_reward_model_reads_the_last_real_token():
     model, P = tiny_gpt(), 4
-    rm = madpo.RewardObjective(SimpleNamespace(pair_batch=2, prompt_len=P, seed=0, rm_pool='last', rm_head=0, rm_freeze=False), 'unused.pt')
+    rm = reward_model.RewardObjective(SimpleNamespace(pair_batch=2, prompt_len=P, seed=0, rm_pool='last', rm_head=0, rm_freeze=False), 'unused.pt')
     rm.head = torch.nn.Linear(32, 1)
     g = torch.Generator().manual_seed(3)
     seq = torch.randint(1, 256, (3, 14), generator=g)
@@ -341,7 +349,7 @@ def test_reward_model_reads_the_last_real_token():
 
 def test_reward_model_mean_pools_the_continuation_only():
     model, P = tiny_gpt(), 4
-    rm = madpo.RewardObjective(SimpleNamespace(pair_batch=2, prompt_len=P, seed=0, rm_pool='mean', rm_head=0, rm_freeze=False), 'unused.pt')
+    rm = reward_model.RewardObjective(SimpleNamespace(pair_batch=2, prompt_len=P, seed=0, rm_pool='mean', rm_head=0, rm_freeze=False), 'unused.pt')
     rm.head = torch.nn.Linear(32, 1)
     seq = torch.randint(1, 256, (2, 14), generator=torch.Generator().manual_seed(6))
     lens = torch.tensor([3, 10])
@@ -361,7 +369,7 @@ def test_reward_model_frozen_backbone_sums_a_per_token_mlp(tmp_path):
     write_pairs(tmp_path / 'high.pt')
     model, P, added = tiny_gpt(), 4, []
     cfg = SimpleNamespace(pair_batch=2, prompt_len=P, seed=0, rm_pool='sum', rm_head=8, rm_freeze=True)
-    rm = madpo.RewardObjective(cfg, tmp_path / 'high.pt')
+    rm = reward_model.RewardObjective(cfg, tmp_path / 'high.pt')
     rm.setup(SimpleNamespace(device=torch.device('cpu'), model=model, add_params=lambda params, weight_decay: added.extend(params),
                              freeze_model=lambda: model.requires_grad_(False)))  # train.RunContext.freeze_model
     assert not any(p.requires_grad for p in model.parameters()) and added == list(rm.head.parameters())
@@ -380,7 +388,7 @@ def test_reward_model_frozen_backbone_sums_a_per_token_mlp(tmp_path):
 
 def test_reward_model_early_stopping_selects_on_one_half_reports_the_other(tmp_path):
     write_pairs(tmp_path / 'high.pt', n=12, n_val=4)
-    rm = madpo.RewardObjective(SimpleNamespace(pair_batch=2, prompt_len=4, seed=0, rm_pool='mean', rm_head=0, rm_freeze=False),
+    rm = reward_model.RewardObjective(SimpleNamespace(pair_batch=2, prompt_len=4, seed=0, rm_pool='mean', rm_head=0, rm_freeze=False),
                                tmp_path / 'high.pt')
     rm.setup(SimpleNamespace(device=torch.device('cpu'), model=tiny_gpt(), add_params=lambda params, weight_decay: None))
     ctx = ctx_for(tmp_path)
@@ -436,13 +444,14 @@ def test_reference_logps_cached_equal_recomputed(tmp_path):
     cfg = madpo.MadpoConfig(loss='dpo', prompt_len=P, max_new=M, block_size=P + M, pair_batch=4)
 
     def setup():
+        nonlocal obj
         obj = madpo.PreferenceObjective(cfg, tmp_path / 'high.pt', tmp_path / 'sft.pt')
         obj.setup(ctx_for(tmp_path))
         return torch.cat([obj.ref_train, obj.ref_val])
+    obj = None
     first = setup()
-    cache = torch.load(tmp_path / 'high_ref_logps.pt', weights_only=True)
     cached = setup()
-    torch.save({**cache, 'logps': cache['logps'] + 1}, tmp_path / 'high_ref_logps.pt')
+    runs.save_cache(obj.ref_cache, (first + 1).numpy(), obj.ref_identity())  # a cache of these inputs, other values
     assert torch.equal(setup(), first + 1)                                   # it is read, not recomputed
     want = [[task.sequence_logps(ref, torch.cat([pairs['prompt'][i:i + 1], pairs[k][i:i + 1]], 1).long(), P,
                                   pairs[f'{k}_len'][i:i + 1]).item() for k in ('chosen', 'rejected')] for i in range(12)]
@@ -450,6 +459,24 @@ def test_reference_logps_cached_equal_recomputed(tmp_path):
     assert cached.tolist() == [pytest.approx(w, abs=1e-5) for w in want]
     save_ckpt(tiny_gpt(seed=8, block_size=P + M), tmp_path / 'sft.pt')   # another reference: not the cache
     assert not torch.allclose(setup(), first, atol=1e-3)
+
+
+def test_an_edited_reference_cache_is_computed_again(tmp_path):
+    """The cache's sidecar holds its payload's sha256: a payload edited in place (same size, so only the
+    checksum tells) is not used as is, but computed again and rewritten."""
+    obj = preference_objective(tmp_path, loss='dpo')
+    first, cache = torch.cat([obj.ref_train, obj.ref_val]), obj.ref_cache
+    _, side = runs.load_cache(cache, obj.ref_identity(), 'reference log-probs', 'fix')
+    assert side['identity']['ref_ckpt_sha256'] == file_sha256(tmp_path / 'sft.pt') and side['shape'] == [12, 2]
+    assert cache == tmp_path / 'high_ref_logps.bin'
+    edited = bytearray(cache.read_bytes())
+    edited[:4] = np.float32(-1.0).tobytes()                                  # pair 0's chosen log-prob := -1
+    cache.write_bytes(bytes(edited))
+    with pytest.raises(UserError, match='was changed since it was computed'):
+        runs.load_cache(cache, side['identity'], 'reference log-probs', 'fix')
+    obj = preference_objective(tmp_path, loss='dpo')
+    assert torch.equal(torch.cat([obj.ref_train, obj.ref_val]), first) and first[0, 0] != -1.0
+    assert runs.load_cache(cache, side['identity'], 'reference log-probs', 'fix')[1]['sha256'] == side['sha256']
 
 
 def preference_objective(tmp_path, **overrides):
@@ -480,7 +507,7 @@ def test_madpo_reads_the_saved_reward_model(tmp_path):
     """The rm stage's rm.pt (the best step's backbone, head and the pooling it was trained with) gives MADPO's weights."""
     P, M = 4, 6
     backbone = tiny_gpt(seed=11, block_size=P + M)
-    rm = madpo.RewardObjective(SimpleNamespace(pair_batch=2, prompt_len=P, seed=0, rm_pool='last', rm_head=0, rm_freeze=False), 'unused.pt')
+    rm = reward_model.RewardObjective(SimpleNamespace(pair_batch=2, prompt_len=P, seed=0, rm_pool='last', rm_head=0, rm_freeze=False), 'unused.pt')
     rm.head, rm.model_args = torch.nn.Linear(32, 1), asdict(backbone.config)
     rm.best = {'model': backbone.state_dict(), 'head': rm.head.state_dict()}
     (tmp_path / 'rm').mkdir()
@@ -502,7 +529,7 @@ def test_madpo_reads_the_saved_reward_model(tmp_path):
 def test_evaluate_keeps_the_model_mode(tmp_path, training):
     """model.evaluating: the objectives' evals leave the model in the mode they found it in."""
     obj = preference_objective(tmp_path, loss='dpo')
-    rm = madpo.RewardObjective(SimpleNamespace(pair_batch=2, prompt_len=4, seed=0, rm_pool='mean', rm_head=0, rm_freeze=False), tmp_path / 'high.pt')
+    rm = reward_model.RewardObjective(SimpleNamespace(pair_batch=2, prompt_len=4, seed=0, rm_pool='mean', rm_head=0, rm_freeze=False), tmp_path / 'high.pt')
     rm.setup(SimpleNamespace(device=torch.device('cpu'), model=tiny_gpt(), add_params=lambda params, weight_decay: None))
     for objective in (obj, rm):
         model = tiny_gpt(block_size=10).train(training)
@@ -512,11 +539,11 @@ def test_evaluate_keeps_the_model_mode(tmp_path, training):
 
 def test_pair_order_resumes_exactly():
     cfg = SimpleNamespace(pair_batch=5, seed=3)
-    a = madpo.PairObjective(cfg, 'unused.pt')
+    a = reward_model.PairObjective(cfg, 'unused.pt')
     a.train_set, a.device = (torch.zeros(12, 2, 3),), torch.device('cpu')
     for _ in range(4):
         a.next_indices()
-    b = madpo.PairObjective(cfg, 'unused.pt')
+    b = reward_model.PairObjective(cfg, 'unused.pt')
     b.train_set, b.device = a.train_set, a.device
     b.load_state_dict(a.state_dict())
     seen = [a.next_indices() for _ in range(5)]
@@ -541,8 +568,8 @@ def test_bdpo_state_and_draws_resume_exactly():
 
 def test_config_refuses_dropout_loop_keys_and_short_blocks():
     """MadpoConfig holds only keys that apply to its stages: a loop key (dropout, arch, optimizer) is refused
-    by the configurator with one line, instead of silently applying to the sft, rm and po stages alike; so
-    are empty or repeated seeds, betas and arms."""
+    by the configurator with one line, instead of silently applying to the sft, rm and po stages alike; the
+    study refuses empty or repeated seeds, betas and arms, and the keys it sets per run."""
     with pytest.raises(ConfigError, match='dropout'):
         parse(madpo.MadpoConfig, ['--dropout=0.1'])
     for arg in ('--arch=drop', '--optimizer=sophiag', '--lr=1e-3'):
@@ -553,8 +580,11 @@ def test_config_refuses_dropout_loop_keys_and_short_blocks():
     for arg, says in (('--seeds=()', '--seeds is empty'), ('--betas=(0.1,0.03,0.1)', '--betas has 0.1 more than once'),
                       ('--arms=(\'dpo\',\'dpo\')', '--arms has dpo more than once')):
         with pytest.raises(ConfigError, match=re.escape(says)):  # two runs of one folder, or nothing to run
-            parse(madpo.MadpoConfig, [arg])
-
+            parse(study.MadpoStudyConfig, [arg])
+    with pytest.raises(ConfigError, match=re.escape('--tier, --loss: the study sets these per run')):
+        parse(study.MadpoStudyConfig, ['--loss=ipo', '--tier=low'])
+    with pytest.raises(ConfigError, match='unknown config key --seeds'):  # one run's keys only
+        parse(madpo.MadpoConfig, ['--seeds=(0,)'])
 
 
 def test_bdpo_alpha_and_tau_are_range_checked():
@@ -571,25 +601,25 @@ def test_bdpo_alpha_and_tau_are_range_checked():
 def test_a_damaged_done_json_is_refused_before_any_stage_runs(tmp_path, monkeypatch, content):
     """--stage=all reads back every finished stage's done.json first: a damaged one (not JSON, not an
     object, keys missing) is one line naming it and the fix, and no stage runs; the file stays."""
-    cfg = madpo.MadpoConfig(seeds=(0,), out_dir=str(tmp_path))
+    cfg = study.MadpoStudyConfig(seeds=(0,), out_dir=str(tmp_path))
     done = tmp_path / 'seed0' / 'sft' / 'done.json'
     done.parent.mkdir(parents=True)
     done.write_text(content)
     ran = []
-    monkeypatch.setattr(madpo, 'run_many', lambda cfgs, name, jobs: ran.append(name))
+    monkeypatch.setattr(study, 'run_plan', lambda runs, jobs: ran.append(runs))
     with pytest.raises(UserError, match=f'{re.escape(str(done))} is .*: delete it, or rerun that stage with --overwrite=True'):
-        madpo.run_all(cfg)
-    with pytest.raises(UserError, match=re.escape(str(done))):
-        madpo.run_stage(cfg, 'sft', skip_done=True)
+        study.run_study(cfg)
+    with pytest.raises(UserError, match=re.escape(str(done))):  # the plan's check of one stage
+        study.stage_finished('sft', done.parent)
     assert ran == [] and done.read_text() == content
     for stage, run in (('rm_high', {'wall_s': 1.0, 'config': {}, 'ceiling': 0.8}),      # no acc
                        ('po_dpo_b0.1_high', {'method': 'dpo', 'config': {'tier': 'high', 'seed': 0}, 'curve': [[0, 1]]})):
         (tmp_path / 'seed0' / stage).mkdir()
         (tmp_path / 'seed0' / stage / 'done.json').write_text(json.dumps(run))
     with pytest.raises(UserError, match='po_dpo_b0.1_high/done.json is damaged'):  # the compare stage
-        scoring.load_runs(tmp_path)
+        report.load_runs(tmp_path)
     with pytest.raises(UserError, match=r'rm_high/done.json is damaged \(no valid acc\)'):
-        scoring.ceiling_table(tmp_path)
+        report.ceiling_table(tmp_path)
 
 
 @pytest.mark.parametrize('damage', ['truncated', 'keys'])
@@ -602,9 +632,9 @@ def test_a_damaged_pairs_file_is_refused_in_one_line(tmp_path, damage):
         torch.save({k: v for k, v in pairs.items() if k != 'r_chosen'}, path)
     with pytest.raises(UserError, match='pairs file .*high.pt is (unreadable|damaged).*--stage=pairs'):
         task.load_pairs(path, 'cpu')
-    (tmp_path / 'high_ref_logps.pt').write_bytes(b'oops')  # a damaged cache is computed again, not refused
-    preference_objective(tmp_path, loss='dpo')  # (it writes the pairs anew)
-    assert torch.load(tmp_path / 'high_ref_logps.pt', weights_only=True)['logps'].shape == (12, 2)
+    preference_objective(tmp_path, loss='dpo').ref_cache.write_bytes(b'oops')  # (it writes the pairs anew)
+    obj = preference_objective(tmp_path, loss='dpo')  # a damaged cache is computed again, not refused
+    assert runs.load_cache(obj.ref_cache, obj.ref_identity(), 'reference log-probs', 'fix')[0].shape == (12, 2)
 
 
 def test_each_stage_gets_its_own_train_config():
@@ -615,8 +645,43 @@ def test_each_stage_gets_its_own_train_config():
     assert (po.lr, po.out_dir, po.eval_interval) == (5e-5, str(Path('out/madpo/seed0/po_ipo_b0.1_low')), 30)  # 120 iters / 4 points
     assert all(c.arch == 'full' and c.optimizer == 'adamw' and c.dropout == 0 for c in (sft, rm, po))
     assert madpo.train_config(replace(cfg, init_from='resume'), 'po').init_from == 'resume'
-    quick = parse(madpo.MadpoConfig, ['--quick=True', '--po_iters=60'])      # the one --quick mechanism
+    quick = parse(study.MadpoStudyConfig, ['--quick=True', '--po_iters=60'])  # the one --quick mechanism
     assert (quick.sft_iters, quick.rm_iters, quick.po_iters, quick.seeds, quick.betas) == (1500, 300, 60, (0,), (0.1,))
+
+
+def test_every_key_is_read_by_a_stage_or_says_how_it_runs():
+    how = {'stage', 'out_dir', 'seed', 'threads', 'init_from', 'overwrite'}
+    read = set().union(*madpo.READS.values())
+    assert {f.name for f in fields(madpo.MadpoConfig)} == how | read and not how & read
+
+
+def test_a_stage_is_reused_only_when_its_keys_and_its_inputs_keys_are_the_same(tmp_path):
+    """What madpo.py records in a finished stage's config.json against what the study plans: a run is reused
+    while the keys of its stage and of the stages whose files it reads are the same; a po run reads the SFT
+    model and the pairs, and the reward model only for MADPO's learned margins."""
+    cfg = study.MadpoStudyConfig(out_dir=str(tmp_path))
+
+    def run(stage, arm='dpo', **change):
+        return study.stage_run(replace(cfg, **change), stage, seed=0, tier='high', beta=0.1, **study.arm_keys(arm))
+
+    for stage, arm in (('sft', 'dpo'), ('po', 'dpo'), ('po', 'madpo4')):  # finished, as madpo.py leaves a stage
+        r = run(stage, arm)
+        r.out_dir.mkdir(parents=True)
+        madpo.record_config(parse(madpo.MadpoConfig, r.command()[2:]), r.out_dir)  # the run's command line, parsed
+        (r.out_dir / 'done.json').write_text(json.dumps({'wall_s': 1.0, 'config': {}, 'method': arm, 'curve': []}))
+        (r.out_dir / 'ckpt.pt').write_bytes(b'')
+        assert r.is_done() and r.out_dir.parent == tmp_path.resolve() / 'seed0'
+    assert run('sft', po_lr=1e-4).is_done() and not run('po', po_lr=1e-4).is_done()
+    assert run('po', 'dpo', rm_lr=1e-3).is_done() and not run('po', 'madpo4', rm_lr=1e-3).is_done()
+    assert not run('po', 'dpo', sft_lr=1e-3).is_done()                      # the SFT model it starts from changed
+    assert not run('sft', max_new=40).is_done()                             # (the block must hold the sequences)
+    (tmp_path / 'seed0' / 'sft' / 'ckpt.pt').unlink()
+    assert not run('sft').is_done()                                         # what the later stages read is gone
+
+
+def test_the_library_never_imports_the_lab():
+    code = "import madpo, reward_model, sys; assert not any(m.startswith('studies') for m in sys.modules)"
+    assert subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True).returncode == 0
 
 
 def test_missing_vader_is_a_clear_error(monkeypatch):
@@ -638,11 +703,12 @@ def test_quick_end_to_end_dpo_beats_sft(tmp_path):
     subprocess.run([sys.executable, 'data/reviews/prepare.py', f'--out_dir={corpus}', '--n_reviews=4000', '--n_words=4'],
                    cwd=ROOT, env=env, check=True, capture_output=True)
     out = tmp_path / 'run'
-    args = [f'--out_dir={out}', f'--dataset={corpus}', '--quick=True', '--threads=1', "--arms=('dpo','madpo4_noisy')",
+    args = [f'--out_dir={out}', f'--dataset={corpus}', '--quick=True', '--jobs=2', "--arms=('dpo','madpo4_noisy')",
             "--tiers=('high',)", '--sft_iters=700', '--sft_batch_size=16', '--n_pairs=400', '--val_pairs=50', '--n_eval=200',
             '--rm_iters=20', '--po_iters=60', '--po_lr=3e-4', '--log_interval=100']
-    proc = subprocess.run([sys.executable, 'madpo.py', *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = subprocess.run([sys.executable, '-m', 'studies.madpo', *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     dpo = json.loads((out / 'seed0' / 'po_dpo_b0.1_high' / 'done.json').read_text())
     sft = dpo['curve'][0]
     assert [p['step'] for p in dpo['curve']] == [0, 30, 60] and (sft['kl'], sft['win_rate']) == (0.0, 0.5)
@@ -652,5 +718,6 @@ def test_quick_end_to_end_dpo_beats_sft(tmp_path):
     assert '| dpo |' in compare and '| madpo4_noisy |' in compare and 'BT ceiling' in compare
     rm = json.loads((out / 'seed0' / 'rm_high' / 'done.json').read_text())
     assert 0.5 <= rm['ceiling'] <= 1 and 0 <= rm['acc'] <= 1
-    again = subprocess.run([sys.executable, 'madpo.py', *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    again = subprocess.run([sys.executable, '-m', 'studies.madpo', *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=120)
     assert again.returncode == 0 and again.stdout.count('done, skipped') == 5, again.stdout[-2000:]

@@ -1,18 +1,18 @@
-"""The Bradley-Terry reward model of madpo.py's sentiment task, and the pair batches its objectives draw.
+"""MADPO's margin model: a Bradley-Terry reward model on madpo.py's sentiment task, and the pair batches
+that its objective and madpo.py's preference objective draw.
 
-The reward model is the SFT backbone plus a head that scores every position of the continuation, pooled
-into one reward, trained on the labelled pairs with loss -log sigmoid(r_w - r_l); MADPO's margins are its
-r(chosen) - r(rejected). Held out, it reports its accuracy against the labels beside their ceiling
-(pairs.bt_ceiling) and its expected accuracy (pairs.expected_accuracy, free of the label draws' noise).
+MADPO (arXiv 2510.05342 v1) weights each pair by w(m), m = r(chosen) - r(rejected) from a reward model
+trained on the same labelled pairs with the Bradley-Terry loss -log sigmoid(r_w - r_l). Here that model is
+the SFT backbone plus a head that scores every position of the continuation, pooled into one reward. Held
+out, it reports its accuracy against the labels beside their ceiling (pairs.bt_ceiling) and its expected
+accuracy (pairs.expected_accuracy, free of the label draws' noise).
 
-Measured on seed 0's high tier (tiny 2-layer SFT, 20k pairs, a per-token MLP of width 256 summed; held-out
-ceiling 0.769, report half): the frozen backbone reaches 0.666 (lr 3e-3, 3000 steps; held-out BT loss 0.594,
-the true rewards' 0.477) with a training loss of 0.58: the frozen features, not the data, limit it.
-Tuning the whole model reaches 0.722 (lr 1e-4, 2000 steps, about 2x the frozen time per step; 0.724 in 3000,
-held-out BT loss 0.54 and training loss 0.55: still no overfitting, the tiny model's capacity is what is
-left), and on medium 0.774 against 0.815 (frozen 0.764). It needs the head's output layer to start
-at zero and a low lr: from a random head it never leaves chance (lr 1e-3), nor at lr 1e-3 with the zero
-start; at 3e-4 it learns slower than at 1e-4 (held-out BT loss 0.597 vs 0.564 at step 1250).
+A file of its own: it is a training objective (it imports the loop, which data/ must not), and madpo.py
+stays one page of losses and stages. What the defaults rest on: the frozen backbone's features, not the
+data, limit a head-only model (--rm_freeze), so the whole model is tuned; that needs the head's output
+layer to start at zero and a low lr (from a random head, or at a high lr, it never leaves chance).
+
+    python madpo.py --stage=rm --tier=high        # trains it (after --stage=sft and --stage=pairs)
 """
 import dataclasses
 from pathlib import Path

@@ -1,0 +1,126 @@
+"""RESULTS.md, generated: every table in it is what a study's own report prints from the committed records.
+
+The prose (what was run, on which commit and machine, and the findings) is written by hand in
+studies/results.in.md; each `{{name}}` line there is replaced by the table of SECTIONS[name], computed
+now from the record folder it names. tests/test_results.py regenerates the file and fails on any
+difference, so a number in RESULTS.md cannot drift from its evidence. Figures are regenerated the same
+way into docs/figures/, each with the sha256 of the records it was drawn from (docs/figures/sources.json),
+which the test compares with the records as they are now.
+
+    python -m studies.results                  # rewrite RESULTS.md from the records
+    python -m studies.results --figures=True   # ... and redraw docs/figures/
+    python -m studies.results --check=True     # exit 1, naming the first line that differs (what the test does)
+"""
+import dataclasses
+import hashlib
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from configurator import UserError, cli
+from data.loader import atomic_write_bytes
+
+ROOT = Path(__file__).resolve().parent.parent
+RECORDS = ROOT / 'out' / 'records'
+TEMPLATE, OUT, FIGURES = ROOT / 'studies' / 'results.in.md', ROOT / 'RESULTS.md', ROOT / 'docs' / 'figures'
+
+
+@dataclass(frozen=True)
+class Section:
+    records: str                     # the record folder (under out/records) the table is computed from
+    table: Callable                  # Path of that folder -> the markdown its study's report prints
+    figure: Callable = None          # (Path of the folder, Path of the png) -> draws it; None: no figure
+
+
+def ntng_table(folder, **kw):
+    from studies.compare import compare_report
+    floors = next(folder.rglob('*.floors.json'), None)  # the floors compare used when the sweep ran
+    report, _, _ = compare_report([str(folder)], floors=str(floors) if floors else '', **kw)
+    return report.replace(str(folder) + '/', '')  # record paths relative to the folder: the same on every clone
+
+
+def ntng_figure(folder, png):
+    from studies.compare import group_runs, plot_runs, read_floors, run_folders, without_il_models
+    from runs import read_run
+    runs, _ = without_il_models([read_run(d) for d in run_folders([str(folder)])])
+    runs = [r for r in runs if 'error' not in r]
+    floors = next(folder.rglob('*.floors.json'), None)
+    plot_runs(group_runs(runs), str(png), read_floors(str(floors), runs)['floors'] if floors else None)
+
+
+def tuning(folder):
+    from studies.ntng import tuning_table
+    return tuning_table(folder / 'tuned.json')
+
+
+SECTIONS = {
+    'ntng_cpu_tuning': Section('ntng-cpu-2026-11-30/tune', tuning),
+    'ntng_cpu': Section('ntng-cpu-2026-11-30/ablation', ntng_table, ntng_figure),
+}
+
+
+def evidence_hash(folder):
+    """sha256 over every run's config.json and log.jsonl (and tuned.json) under folder: what a figure shows."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob('*') if p.name in ('config.json', 'log.jsonl', 'tuned.json')):
+        h.update(str(path.relative_to(folder)).encode() + b'\0' + path.read_bytes())
+    return h.hexdigest()
+
+
+def render():
+    """RESULTS.md's text: the template with each {{name}} line replaced by its section's table."""
+    text = TEMPLATE.read_text()
+    unknown = set(re.findall(r'^\{\{(\w+)\}\}$', text, re.M)) - set(SECTIONS)
+    if unknown:
+        raise UserError(f"{TEMPLATE} names unknown section(s) {', '.join(sorted(unknown))}: add them to SECTIONS")
+
+    def table(match):
+        section = SECTIONS[match.group(1)]
+        folder = RECORDS / section.records
+        if not folder.is_dir():
+            raise UserError(f'the record folder {folder} of section {match.group(1)} is missing')
+        return section.table(folder)
+    return re.sub(r'^\{\{(\w+)\}\}$', table, text, flags=re.M)
+
+
+def draw_figures():
+    FIGURES.mkdir(parents=True, exist_ok=True)
+    sources = {}
+    for name, section in SECTIONS.items():
+        if section.figure:
+            folder = RECORDS / section.records
+            section.figure(folder, FIGURES / f'{name}.png')
+            sources[f'{name}.png'] = {'records': section.records, 'sha256': evidence_hash(folder)}
+    atomic_write_bytes(FIGURES / 'sources.json', json.dumps(sources, indent=1).encode())
+
+
+@dataclasses.dataclass(frozen=True)
+class ResultsConfig:
+    figures: bool = False   # also redraw docs/figures/ (needs matplotlib)
+    check: bool = False     # write nothing: exit 1 if RESULTS.md differs from what the records give
+
+
+def main(cfg):
+    text = render()
+    if cfg.check:
+        old = OUT.read_text().splitlines() if OUT.exists() else []
+        new = text.splitlines()
+        diff = next((i for i, (a, b) in enumerate(zip(old, new)) if a != b), min(len(old), len(new)))
+        if old != new:
+            print(f'RESULTS.md line {diff + 1} differs from the records: `python -m studies.results` rewrites it',
+                  file=sys.stderr)
+            sys.exit(1)
+        print('RESULTS.md matches the records')
+        return
+    atomic_write_bytes(OUT, text.encode())
+    print(f'wrote {OUT}')
+    if cfg.figures:
+        draw_figures()
+        print(f'wrote {FIGURES}')
+
+
+if __name__ == '__main__':
+    cli(main, ResultsConfig)

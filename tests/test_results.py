@@ -1,0 +1,48 @@
+"""RESULTS.md is generated, never typed: regenerated here from the committed records, it must equal the
+committed file, and every figure it embeds must exist and have been drawn from the records as they are."""
+import json
+import re
+
+from studies import results
+
+
+def test_results_md_is_what_the_records_give():
+    want = results.render().splitlines()
+    have = results.OUT.read_text().splitlines()
+    first = next((i for i, (a, b) in enumerate(zip(have, want)) if a != b), None)
+    assert have == want, (f'RESULTS.md line {first + 1 if first is not None else min(len(have), len(want)) + 1} differs '
+                          'from the records: run `python -m studies.results`')
+
+
+def test_every_figure_exists_and_was_drawn_from_the_current_records():
+    sources = json.loads((results.FIGURES / 'sources.json').read_text())
+    embedded = re.findall(r'\]\((docs/figures/[^)]+\.png)\)', results.OUT.read_text())
+    assert embedded, 'RESULTS.md embeds no figure'
+    for path in embedded:
+        name = path.split('/')[-1]
+        assert (results.ROOT / path).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n', path
+        assert name in sources, f'{name} has no source entry: `python -m studies.results --figures=True`'
+        folder = results.RECORDS / sources[name]['records']
+        assert results.evidence_hash(folder) == sources[name]['sha256'], (
+            f'{name} was drawn from other records than {folder} holds now: `python -m studies.results --figures=True`')
+
+
+def test_a_changed_record_is_caught(tmp_path, monkeypatch):
+    """The check is real: one edited digit in one run's log makes the regenerated file differ."""
+    import shutil
+    section = results.SECTIONS['ntng_cpu']
+    copy = tmp_path / section.records
+    shutil.copytree(results.RECORDS / section.records, copy)
+    log = next(copy.rglob('baseline/b120/s0/log.jsonl'))
+    lines = log.read_text().splitlines()
+    last = json.loads(lines[-1])
+    last['val_loss'] += 0.01
+    log.write_text('\n'.join(lines[:-1] + [json.dumps(last)]) + '\n')
+    before = results.render()
+    monkeypatch.setattr(results, 'RECORDS', tmp_path)
+    for name, s in results.SECTIONS.items():
+        if name != 'ntng_cpu':
+            shutil.copytree(results.RECORDS.__class__(results.ROOT / 'out' / 'records' / s.records), tmp_path / s.records,
+                            dirs_exist_ok=True)
+    assert results.render() != before
+    assert results.evidence_hash(copy) != results.evidence_hash(results.ROOT / 'out' / 'records' / section.records)
