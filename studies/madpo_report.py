@@ -137,13 +137,27 @@ def plot_frontiers(curves, methods, out_dir):
 
 
 def compare(root, arms, kls):
-    """Ceilings and reward-model accuracies per tier, reward at matched KL per method (the arms first, then
-    any other method found) and tier, wall time per stage: printed and written to root/compare.md; the
-    frontier figures. Returns the text."""
+    """report(), printed and written to root/compare.md, and the frontier figures. Returns the text."""
+    root = Path(root)
+    text = report(root, arms, kls)
+    print(text)
+    atomic_write_bytes(root / 'compare.md', (text + '\n').encode())
+    curves = load_runs(root)
+    plot_frontiers(curves, methods_of(curves, arms), root)
+    return text
+
+
+def methods_of(curves, arms):
+    return list(arms) + sorted({m for m, _, _ in curves} - set(arms))  # the arms first, then any other method found
+
+
+def report(root, arms, kls):
+    """Ceilings and reward-model accuracies per tier, reward at matched KL per method and tier, wall time
+    per stage, as markdown; writes nothing."""
     root = Path(root)
     curves = load_runs(root)
     require(curves or list(root.glob('seed*/rm_*/done.json')), f'no finished rm or po run under {root}/seed*/: run those stages first')
-    methods = list(arms) + sorted({m for m, _, _ in curves} - set(arms))
+    methods = methods_of(curves, arms)
     lines = [f'po runs of seeds {sorted({s for _, _, s in curves})}; the SFT reference scores at KL 0'] + ceiling_table(root)
     lines += matched_kl_table(curves, methods, kls)
     walls = {}
@@ -151,8 +165,4 @@ def compare(root, arms, kls):
         walls.setdefault(p.parent.name.split('_')[0], []).append(read_result(p, {'wall_s': NUMBER}, DONE_FIX)['wall_s'])
     lines += ['', 'wall time per stage run (s, mean, runs): '
               + ', '.join(f'{k} {np.mean(v):.0f} (x{len(v)})' for k, v in sorted(walls.items()))]
-    text = '\n'.join(lines)
-    print(text)
-    atomic_write_bytes(root / 'compare.md', (text + '\n').encode())
-    plot_frontiers(curves, methods, root)
-    return text
+    return '\n'.join(lines)

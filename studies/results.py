@@ -56,9 +56,27 @@ def tuning(folder):
     return tuning_table(folder / 'tuned.json')
 
 
+def madpo_table(folder):
+    from studies.madpo import MadpoStudyConfig
+    from studies.madpo_report import report
+    return report(folder, MadpoStudyConfig.arms, MadpoStudyConfig.matched_kls)
+
+
+def madpo_figure(folder, png):
+    import shutil
+    import tempfile
+    from studies.madpo import MadpoStudyConfig
+    from studies.madpo_report import load_runs, methods_of, plot_frontiers
+    curves = load_runs(folder)
+    with tempfile.TemporaryDirectory() as tmp:
+        plot_frontiers({k: v for k, v in curves.items() if k[1] == 'high'}, methods_of(curves, MadpoStudyConfig.arms), Path(tmp))
+        shutil.copyfile(Path(tmp) / 'frontier_high.png', png)
+
+
 SECTIONS = {
     'ntng_cpu_tuning': Section('ntng-cpu-2026-11-30/tune', tuning),
     'ntng_cpu': Section('ntng-cpu-2026-11-30/ablation', ntng_table, ntng_figure),
+    'madpo': Section('madpo-2026-11-30', madpo_table, madpo_figure),
 }
 
 
