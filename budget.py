@@ -392,7 +392,7 @@ def device_peak_flops(device, remeasure=False):
 # calibration: measure a cost table on this machine
 
 def mean_std(xs):
-    """Mean and sample sd (0 for one value): calibrate's coefficients of variation; sweep.py's statistics."""
+    """Mean and sample sd (0 for one value): calibrate's coefficients of variation."""
     return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 

@@ -267,7 +267,7 @@ class MadpoConfig:
     n_embd: int = 0                  # sft: 0 = the preset's
     block_size: int = 96             # sft: >= prompt_len + max_new
     device: str = 'auto'             # every stage: auto, cpu, cuda, cuda:1, mps
-    dtype: str = 'auto'              # sft, rm, po: auto (bf16 on GPU, else float32), float32, bfloat16, float16
+    dtype: str = 'auto'              # sft, rm, po: auto (bf16 on GPU, else float32), float32, bfloat16
     compile_loss: bool = False       # every stage: eager kernels (tiny model, many short runs: compile is a startup cost)
     eval_interval: int = key(500, '>0')  # sft: steps between evals and checkpoints
     rm_eval_interval: int = key(250, '>0')  # rm: steps between evals (early stopping) and checkpoints

@@ -7,7 +7,7 @@ The idea in three lines:
   step every coordinate by the same amount, lr * sign(c) (no second moment, no eps, no bias correction);
   only then update the momentum with a slower rate, m = b2*m + (1-b2)*g.
 
-Use: python train.py --optimizer=lion --lr=1e-4 --weight_decay=0.3
+Use: python train.py --optimizer=lion --lr=1e-4 --weight_decay=0.3 --beta2=0.99   (the paper's betas: 0.9, 0.99)
 (the paper's guidance: lr 3-10x smaller and weight decay 3-10x larger than AdamW's, because every
 sign step has unit size per coordinate).
 

@@ -10,9 +10,9 @@ and its lock.
 
 setup_device gives every entry point its Runtime (device, DDP rank, autocast dtype); build_model makes a
 run's model, fresh (after check_memory says it fits) or from --init_from=PATH. A resumed run must be the
-saved run (check_resume_config, check_resume_method); sweep.py reads finished runs (read_run); method
+saved run (check_resume_config, check_resume_method); the lab (studies/) reads finished runs (read_run); method
 files load saved models (load_model) to score with or start from. It is a file of its own because all of
-them need these and sweep.py must not import the training loop.
+them need these and the lab must not import the training loop.
 """
 import contextlib
 import dataclasses
@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from configurator import ConfigError, UserError, require_writable
 from data.loader import DataError, FolderLock, atomic_write, atomic_write_bytes, file_sha256, read_result
-from model import MODELS, model_vocab_size
+from model import MODELS, PRESETS, model_vocab_size
 
 
 # -----------------------------------------------------------------------------
@@ -320,7 +320,7 @@ def locked_out_dir(cfg):
 
 
 # -----------------------------------------------------------------------------
-# reading finished runs (budget.py compare, ablate, tune)
+# reading finished runs (the lab's compare, ablate, tune)
 
 def derive_label(c):
     if c.get('label'):
@@ -332,6 +332,26 @@ def derive_label(c):
     if c.get('optimizer', 'adamw') != 'adamw':
         return c['optimizer']
     return 'wsd' if c.get('schedule') == 'wsd' else 'baseline'
+
+
+def eval_windows(c):
+    """(block_size, n) of the val windows a GPT run's evals score (loader.val_ids), or None (T5-lite scores
+    span-corrupted examples; a config without the keys)."""
+    try:
+        T = c.get('block_size') or PRESETS[c['model']]['block_size']
+        return (int(T), int(c['eval_batches']) * int(c['batch_size'])) if c.get('model_type', 'gpt') == 'gpt' else None
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def system_suffix(c):
+    """' [h200]' for a run charged under another RST table than its shape's default (--rst_table=
+    config/rst/h200/...: the folder names the reference system, else the file does): a row of its own."""
+    table = c.get('rst_table') if c.get('budget_unit') == 'rst' else ''
+    if not isinstance(table, str) or not table:
+        return ''
+    path = Path(table)
+    return f' [{path.parent.name if path.parent.name not in ("", ".", "rst") else path.stem}]'
 
 
 def records_config(folder, values, ignore=('init_from', 'overwrite')):
@@ -375,11 +395,12 @@ def read_run(path):
         if not all(isinstance(r.get(k), (int, float)) for r in evals for k in ('val_loss', 'tokens', 'step')):
             raise TypeError('val_loss')
         spent = max((r.get(c['budget_unit'], 0) for r in records), default=0)
-        return {'path': str(path), 'label': derive_label(c), 'budget': c['budget'], 'unit': c['budget_unit'],
+        return {'path': str(path), 'label': derive_label(c) + system_suffix(c), 'budget': c['budget'], 'unit': c['budget_unit'],
                 'seed': c['seed'], 'steps': max((r.get('step', 0) for r in records), default=0),
                 'evals': [(e.get('rst'), e['tokens'], e['val_loss']) for e in evals],
                 'final': evals[-1]['val_loss'] if evals else None, 'complete': bool(evals) and spent >= c['budget'],
                 'dataset': c.get('dataset'), 'tokenizer': c.get('tokenizer'), 'stats': logged_means(records),
+                'eval_windows': eval_windows(c),
                 'rst_by_entry': rst_by_entry(evals[-1]) if evals else {}}
     except (OSError, ValueError, KeyError, TypeError) as e:
         return {'path': str(path), 'error': f'unreadable ({type(e).__name__})'}

@@ -44,7 +44,7 @@ from runs import (build_model, check_resume_config, check_resume_method, load_ch
 class TrainConfig:
     # run
     out_dir: str = key('out/default', 'path')  # checkpoint, log.jsonl and config.json go here
-    label: str = ''                  # the method's name in `budget.py compare`; '' = derived from the config
+    label: str = ''                  # the method's name in the lab's compare tables; '' = derived from the config
     init_from: str = key('scratch', 'path')  # 'scratch', 'resume' (out_dir/ckpt.pt), or a ckpt.pt to start from
     overwrite: bool = False          # allow a scratch run over an out_dir that holds a run
     seed: int = key(1337, '>=0')

@@ -1,11 +1,11 @@
-# The No Train No Gain sweep at CPU size, read by `python budget.py tune` and `python budget.py ablate`
+# The No Train No Gain sweep at CPU size, read by `python -m studies.ntng tune` and `... ablate`
 # (this file is run as Python). COMMON applies to every run; METHODS maps a row label to (entry point, its
 # own overrides), whose values are the papers' starting points (SPEC section 4) scaled to this model and
 # the centre of each method's lr grid. TUNE adds grid axes: Sophia-G tunes lr x rho as its authors do.
-#   python budget.py tune --jobs=2                                   # -> out/tune/tuned.json, tune.png
-#   python budget.py ablate --tuned=out/tune/tuned.json --jobs=2     # 5 paired seeds, compare table
-# BUDGETS: chosen so that the tuned baseline's smallest budget is below the stdlib val split's trigram
-# floor (1.83 nats/byte, data.ngram.ngram_floors); 1:2:4 like the paper's 6/12/24 h.
+#   python -m studies.ntng tune --jobs=2                                   # -> out/tune/tuned.json, tune.png
+#   python -m studies.ntng ablate --tuned=out/tune/tuned.json --jobs=2     # 5 paired seeds, compare table
+# BUDGETS: chosen so that the tuned baseline ends below the stdlib val split's trigram floor
+# (data.ngram.ngram_floors) at the smallest budget; 1:2:4 like the paper's 6/12/24 h.
 
 COMMON = dict(
     model='small', batch_size=32,       # 4 blocks, d=128, T=128: stacking goes 1 -> 2 -> 4
@@ -14,7 +14,7 @@ COMMON = dict(
     eval_interval=50, eval_batches=16, log_interval=25, sample_tokens=0,
     compile_loss=False,                 # a 20 s compile per run would dwarf these budgets; vocab 256 is cheap eager
 )
-BUDGETS = (120.0, 240.0, 480.0)         # RST seconds (at 60 the baseline ended at 2.116, above the trigram floor)
+BUDGETS = (120.0, 240.0, 480.0)         # RST seconds (half the smallest left the baseline above the trigram floor)
 QUICK_BUDGETS = (3.0, 6.0)
 
 METHODS = {
@@ -27,6 +27,7 @@ METHODS = {
     'lion': ('train.py', dict(optimizer='lion', lr=4e-4, weight_decay=0.5, beta1=0.9, beta2=0.99)),
     'sophiag': ('train.py', dict(optimizer='sophiag', lr=1e-3, rho=0.04, weight_decay=0.2, beta1=0.965, beta2=0.99)),
 }
-TUNE = {'sophiag': {'rho': (0.04, 0.08, 0.16)}}  # the authors tune rho for a win rate of 0.1-0.5; at 0.04 it
-# was 0.03 by step 250 of a 40-RST run (2026-11-30), so the grid starts at the default and goes up (tune extends it either way from an edge)
+TUNE = {'sophiag': {'rho': (0.04, 0.08, 0.16)}}  # the authors tune rho for a win rate of 0.1-0.5; at the default 0.04
+# a short pilot run's win rate was below that band, so the grid starts at the default and goes up (tune extends
+# it either way from an edge)
 TUNED_AS = {'rho_il_charged': 'rho'}  # the same method and lr; only the accounting differs (the paper's: IL free)

@@ -18,7 +18,7 @@ import numpy as np
 
 from budget import pyplot
 from configurator import ConfigError, UserError, key, require, require_writable
-from data.loader import DataError, atomic_write_bytes, data_dir, read_json
+from data.loader import Corpus, DataError, atomic_write_bytes, data_dir, read_json
 from data.ngram import ngram_floors
 from runs import IL_LABEL, METHOD_STATS, read_run
 from studies.stats import crossing, holm, mean_std, paired_test, t_interval
@@ -92,7 +92,7 @@ def ablation_table(groups, baseline='baseline'):
 def untrained(runs):
     """Runs of one cell that all took no step (RHO-LOSS with its IL charged, when that cost exceeds the budget)."""
     done = [r for r in runs if r['complete']]
-    return bool(done) and all(r['steps'] == 0 for r in done)
+    return bool(done) and all(r.get('steps') == 0 for r in done)
 
 
 def untrained_note(groups, budgets):
@@ -210,17 +210,29 @@ def method_stats(groups):
 
 
 def corpus_floors(runs):
-    """The count-based n-gram floors of the runs' one val split (cached in its corpus folder), as a record
-    {'corpus': {dataset, tokenizer}, 'floors': {...}}; a string saying why not when the runs span corpora or
-    the floors cannot be computed."""
+    """The count-based n-gram floors (orders 1-7) of the runs' one val split, over the whole split and over
+    the windows their evals score (cached in the corpus folder), as a record {'corpus', 'floors',
+    'windows', 'window_floors'}; a string saying why not when the runs span corpora or the floors cannot
+    be computed."""
     corpora = {(r['dataset'], r['tokenizer']) for r in runs}
     if len(corpora) != 1 or None in next(iter(corpora)):
         return ''
     dataset, tokenizer = next(iter(corpora))
+    windows = {r.get('eval_windows') for r in runs}
+    windows = next(iter(windows)) if len(windows) == 1 else None
     try:
-        return {'corpus': {'dataset': dataset, 'tokenizer': tokenizer}, 'floors': ngram_floors(data_dir(dataset, tokenizer))}
+        folder = data_dir(dataset, tokenizer)
+        return {'corpus': {'dataset': dataset, 'tokenizer': tokenizer, 'identity': Corpus(folder).identity()},
+                'floors': ngram_floors(folder, max_order=7),
+                'windows': list(windows) if windows else None,
+                'window_floors': ngram_floors(folder, max_order=7, windows=windows) if windows else None}
     except DataError as e:
         return f'(n-gram floors unavailable: {e})'
+
+
+def plotted_floors(used):
+    """The floors a plot marks: the eval windows' where recorded (what the curves are scored on), else the split's."""
+    return (used.get('window_floors') or used.get('floors')) if isinstance(used, dict) else None
 
 
 def read_floors(path, runs):
@@ -239,19 +251,33 @@ def read_floors(path, runs):
 
 
 def floors_note(used, groups, baseline):
-    """The n-gram floors, and the budgets at which the baseline is still above the trigram floor: there the
-    table measures how fast a method learns n-gram statistics."""
+    """The n-gram floors (whole val split and, where recorded, the windows the evals score), and per budget
+    between which orders the baseline's mean final val loss sits: above the trigram floor a table measures
+    how fast a method learns n-gram statistics."""
     if not isinstance(used, dict):
         return used
-    floors = used['floors']
-    above = [b for b, rs in sorted(groups.get(baseline, {}).items())
-             if any(r['complete'] for r in rs) and mean_std([r['final'] for r in rs if r['complete']])[0] > floors['trigram']]
-    note = ('n-gram floors of the val split (nats/token, counts from train): '
-            + ', '.join(f'{k} {v:.3f}' for k, v in floors.items() if k in ('unigram', 'bigram', 'trigram')))
-    if above:
-        note += (f"\nthe baseline is above the trigram floor at budget(s) {', '.join(f'{b:g}' for b in above)}: "
-                 f'there this table measures n-gram learning')
-    return note
+    scopes = [('val split', used['floors'])] + ([(f"eval windows ({used['windows'][1]} x {used['windows'][0]} tokens)",
+                                                  used['window_floors'])] if used.get('window_floors') else [])
+    lines = [f'n-gram floors, {name} (nats/token, interpolated Kneser-Ney counted on train): '
+             + ', '.join(f'{k} {v:.3f}' for k, v in floors.items()) for name, floors in scopes]
+    for b, rs in sorted(groups.get(baseline, {}).items()):
+        done = [r['final'] for r in rs if r['complete']]
+        if done:
+            m = mean_std(done)[0]
+            lines.append(f'budget {b:g}: the {baseline} ({m:.3f}) sits ' + '; '.join(
+                f'{between(m, floors)} on the {name.split(" (")[0]}' for name, floors in scopes))
+    return '\n'.join(lines)
+
+
+def between(loss, floors):
+    """Where a loss sits among the floors (which fall with the order): 'between the 4-gram and 5-gram floors'."""
+    below = [k for k, v in floors.items() if v >= loss]   # floors the loss is under: orders it beats
+    above = [k for k, v in floors.items() if v < loss]    # floors it has not reached
+    if not below:
+        return f'above the {next(iter(floors))} floor'
+    if not above:
+        return f'below the {list(floors)[-1]} floor'
+    return f'between the {below[-1]} and {above[0]} floors'
 
 
 def plot_runs(groups, path, floors=None):
@@ -285,18 +311,33 @@ def plot_runs(groups, path, floors=None):
                 continue
             grid = np.linspace(start, end, 60)  # from the first eval every seed has: no extrapolation
             ys = np.array([np.interp(grid, [e[x] for e in r['evals']], [e[2] for e in r['evals']]) for r in runs])
-            line, = ax.plot(grid, ys.mean(0), label=label)
-            ax.fill_between(grid, ys.min(0), ys.max(0), alpha=0.2, color=line.get_color())  # fill_between has its own colour cycle
-        ax.set(title=f'budget {b:g}', xlabel=['RST spent (s)', 'tokens'][x], ylabel='val loss')
+            line, = ax.plot(grid, ys.mean(0), label=label, color=method_colour(label),
+                            ls='--' if label.endswith(']') else '-')  # another reference system: dashed
+            ax.fill_between(grid, ys.min(0), ys.max(0), alpha=0.2, color=line.get_color())
+        ax.set(title=f'budget {b:g}', xlabel=['RST spent (reference seconds)', 'tokens'][x],
+               ylabel='val loss (nats/token)')
         if clip:
             ax.set_xlim(0, 1.02 * b)
         if floors and (ax.lines or ax.collections):
-            ax.axhline(floors['trigram'], ls='--', lw=0.8, color='grey', label=f"trigram floor {floors['trigram']:.3f}")
-        if ax.lines or ax.collections:
-            ax.legend(fontsize=7)
+            ax.axhline(floors['trigram'], ls=':', lw=0.8, color='grey', label=f"trigram floor {floors['trigram']:.3f}")
+    legend = {}  # one legend, outside the panels: every label once, in the order drawn
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.legend(legend.values(), legend.keys(), loc='center left', bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    fig.savefig(path, dpi=120, bbox_inches='tight')
     return path
+
+
+# one colour per method in every figure of the lab (a label's base name; another reference system is dashed)
+METHOD_ORDER = ('baseline', 'stack', 'drop', 'sb', 'rho', 'rho_il_charged', 'lion', 'sophiag', 'muon', 'sfadamw', 'wsd (branches)')
+
+
+def method_colour(label):
+    base = label.split(' [')[0]
+    i = METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER) + sum(map(ord, base))
+    return f'C{i}' if i < 10 else ('#000000', '#aec7e8', '#ffbb78', '#98df8a', '#ff9896', '#c5b0d5')[i % 6]
 
 
 def compare(run_dirs, out='ablation', target='auto', baseline='baseline', floors='', margin=0.02):
@@ -315,7 +356,7 @@ def compare(run_dirs, out='ablation', target='auto', baseline='baseline', floors
         atomic_write_bytes(Path(f'{out}.floors.json'), json.dumps(used, indent=1).encode())
     units = sorted({r['unit'] for r in runs})
     plotted = [r for r in runs if r['unit'] == units[0]]
-    png = plot_runs(group_runs(plotted), f'{out}.png', (used or {}).get('floors'))
+    png = plot_runs(group_runs(plotted), f'{out}.png', plotted_floors(used))
     print(f'wrote {out}.md' + (f' and {png} (budget unit {units[0]})' if png else ''))
     return report
 

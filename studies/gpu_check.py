@@ -142,7 +142,7 @@ def method_commands(device, size, out):
         't5': ('train.py', t5),
         'sb': ('rho.py', {**run, 'method': 'sb'}),
         'rho': ('rho.py', {**run, 'method': 'rho', 'il_out_dir': str(out / 'rho_il'), 'il_cache': str(out / 'il_cache')}),
-        'slm': ('slm.py', {'quick': True, 'device': device.type}),
+        'slm': ('-m studies.slm', {'quick': True, 'device': device.type}),
         'madpo': ('-m studies.madpo', {'quick': True, 'device': device.type}),
     }
     return {name: [sys.executable, *script.split(), *(f'--{k}={v}' for k, v in {**keys, 'out_dir': str(out / name)}.items())]

@@ -396,6 +396,26 @@ def tuning_table(path):
     return '\n'.join(lines)
 
 
+def lr_check_table(folder):
+    """Markdown: each row's tuned lr x0.5, x1 and x2 at the largest budget on the tuning seed (folders
+    <row>/x<factor>/s<seed> under folder), the final val loss of each, and whether the tuned lr is the best
+    of the three there. A run not finished yet is shown as pending."""
+    found = {}
+    for run in [read_run(p.parent) for p in sorted(Path(folder).glob('*/x*/s*/config.json'))]:
+        if 'error' not in run:
+            factor = float(Path(run['path']).parent.name[1:])
+            found.setdefault(run['label'].replace(' (tuning)', ''), {})[factor] = run
+    lines = ['| row | budget | seed | lr x0.5 | lr x1 (tuned) | lr x2 | tuned lr best of three |', '| --- | --- | --- | --- | --- | --- | --- |']
+    for label, by_factor in found.items():
+        runs = list(by_factor.values())
+        cells = [f"{by_factor[f]['final']:.4f}" if f in by_factor and by_factor[f]['complete'] else 'pending'
+                 for f in (0.5, 1.0, 2.0)]
+        done = {f: r['final'] for f, r in by_factor.items() if r['complete']}
+        best = ('yes' if min(done, key=done.get) == 1.0 else f'no: x{min(done, key=done.get):g}') if len(done) == 3 else 'pending'
+        lines.append(f"| {label} | {runs[0]['budget']:g} | {runs[0]['seed']} | " + ' | '.join(cells) + f' | {best} |')
+    return '\n'.join(lines)
+
+
 def plot_tuning(results, path):
     """Final val loss against lr, one line per method (per extra grid value), on one figure."""
     plt = pyplot('the tuning curves')

@@ -43,12 +43,44 @@ def ntng_table(folder, **kw):
 
 
 def ntng_figure(folder, png):
-    from studies.compare import group_runs, plot_runs, read_floors, run_folders, without_il_models
+    from studies.compare import group_runs, plot_runs, plotted_floors, read_floors, run_folders, without_il_models
     from runs import read_run
     runs, _ = without_il_models([read_run(d) for d in run_folders([str(folder)])])
     runs = [r for r in runs if 'error' not in r]
     floors = next(folder.rglob('*.floors.json'), None)
-    plot_runs(group_runs(runs), str(png), read_floors(str(floors), runs)['floors'] if floors else None)
+    plot_runs(group_runs(runs), str(png), plotted_floors(read_floors(str(floors), runs)) if floors else None)
+
+
+def second_system_table(folder):
+    """The rows rerun under the second reference system beside the same rows and the baseline under the CPU
+    table (the baseline's step counts are the same under both), and the declared decision rule's outcome."""
+    from studies.compare import compare_report, group_runs, paired_cells
+    cpu = RECORDS / 'ntng-cpu-2026-11-30' / 'ablation'
+    rows = sorted({p.name for p in folder.iterdir() if p.is_dir()})
+    dirs = [str(cpu / 'baseline')] + [str(cpu / row) for row in rows] + [str(folder)]
+    report, runs, _ = compare_report(dirs, target='none', floors=str(cpu / 'ablation.floors.json'))
+    report = report.replace(str(cpu) + '/', 'ntng-cpu-2026-11-30/ablation/').replace(str(folder) + '/', '')
+    return report + '\n\n' + decision_rule(paired_cells(group_runs(runs), 'baseline'))
+
+
+def decision_rule(cells):
+    """The declared rule, read off the cells: stacking's gain is specific to the reference system if under
+    the H200 table its 120-RST delta is under half its CPU one in magnitude, or its 240-RST CI includes 0."""
+    cpu, gpu, gpu240 = cells.get(('stack', 120.0)), cells.get(('stack [h200]', 120.0)), cells.get(('stack [h200]', 240.0))
+    if not (cpu and gpu and gpu240):
+        return 'decision rule: pending (stacking under the H200 table is not yet run at 120 and 240 RST)'
+    shrank = abs(gpu[0]) < abs(cpu[0]) / 2
+    includes_zero = gpu240[0] - gpu240[1] <= 0 <= gpu240[0] + gpu240[1]
+    outcome = ('specific to the reference system' if shrank or includes_zero else 'holding under both reference systems')
+    return (f'decision rule: |Δ| at 120 RST under the H200 table {abs(gpu[0]):.4f} against half its CPU-table value '
+            f'{abs(cpu[0]) / 2:.4f}: {"below" if shrank else "not below"}; its 240-RST 95% CI '
+            f'[{gpu240[0] - gpu240[1]:+.4f}, {gpu240[0] + gpu240[1]:+.4f}] {"includes" if includes_zero else "excludes"} 0 '
+            f'-> stacking\'s gain is stated as {outcome}.')
+
+
+def lr_check(folder):
+    from studies.ntng import lr_check_table
+    return lr_check_table(folder)
 
 
 def tuning(folder):
@@ -73,9 +105,27 @@ def madpo_figure(folder, png):
         shutil.copyfile(Path(tmp) / 'frontier_high.png', png)
 
 
+def slm_table(folder):
+    from studies.slm import StudyConfig
+    from studies.slm_report import report_text
+    return report_text(folder, StudyConfig.noise, StudyConfig.k)
+
+
+def slm_figure(folder, png):
+    import shutil
+    import tempfile
+    from studies.slm_report import load_runs, plot_curves
+    with tempfile.TemporaryDirectory() as tmp:
+        plot_curves(Path(tmp), load_runs(folder))
+        shutil.copyfile(Path(tmp) / 'compare_curves.png', png)
+
+
 SECTIONS = {
     'ntng_cpu_tuning': Section('ntng-cpu-2026-11-30/tune', tuning),
     'ntng_cpu': Section('ntng-cpu-2026-11-30/ablation', ntng_table, ntng_figure),
+    'ntng_h200': Section('ntng-h200-2026-12-06', second_system_table),
+    'ntng_lr_check': Section('ntng-lr-check-2026-12-06', lr_check),
+    'slm': Section('slm-2026-11-30', slm_table, slm_figure),
     'madpo': Section('madpo-2026-11-30', madpo_table, madpo_figure),
 }
 

@@ -237,3 +237,35 @@ def test_a_gpu_gets_its_own_dense_bf16_peak(monkeypatch, name, peak):
     """Whole-word names, the specific first: an L40S is not an L4, an H100 PCIe not an SXM H100."""
     monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device: name)
     assert budget_lib.device_peak_flops('cuda:0') == peak
+
+
+def test_the_second_reference_system_charges_a_baseline_step_what_the_cpu_table_does():
+    """config/rst/h200/ is an H200 table rescaled so that a baseline step (4 blocks + AdamW) costs what it
+    costs on the CPU table: the baseline's runs count the same steps under both at every ablation budget,
+    while a 1-block step (stacking's first phase) costs a larger share of a 4-block step."""
+    key = 'gpt_L4_H4_D128_T128_V256_B32'
+    cpu = budget_lib.load_table(key)
+    gpu = budget_lib.load_table(key, str(budget_lib.TABLE_DIR / 'h200' / f'{key}.json'))
+
+    def steps(table, total, layers=4):
+        b, n = budget_lib.Budget('rst', total, table, lambda L: 1.0, 128, 32), 0
+        while not b.done:
+            b.charge_train(32, layers)
+            b.charge_optimizer('adamw')
+            n += 1
+        return n
+    for total in (120.0, 240.0, 480.0, 960.0):
+        assert steps(cpu, total) == steps(gpu, total)
+    assert steps(gpu, 120.0, layers=1) < steps(cpu, 120.0, layers=1)
+
+
+def test_a_run_under_another_table_is_a_row_of_its_own(tmp_path):
+    """compare reads a run charged under --rst_table=config/rst/h200/... as 'stack [h200]', next to 'stack'."""
+    for name, table in (('cpu', ''), ('gpu', 'config/rst/h200/gpt_L4_H4_D128_T128_V256_B32.json')):
+        run = tmp_path / name
+        run.mkdir()
+        (run / 'config.json').write_text(json.dumps({'config': {'budget': 1.0, 'budget_unit': 'rst', 'seed': 0,
+                                                                'arch': 'stack', 'rst_table': table}}))
+        (run / 'log.jsonl').write_text(json.dumps({'step': 1, 'tokens': 1.0, 'rst': 1.0, 'val_loss': 2.0}) + '\n')
+    assert runs.read_run(tmp_path / 'cpu')['label'] == 'stack'
+    assert runs.read_run(tmp_path / 'gpu')['label'] == 'stack [h200]'

@@ -338,7 +338,7 @@ def test_plot_spans_the_budget_names_a_row_past_it_marks_the_floor_and_leaves_pa
     assert compare.plot_runs(groups, str(tmp_path / 'p.png'), floors) == str(tmp_path / 'p.png')
     ax = plt.gcf().axes[0]
     assert ax.get_xlim() == pytest.approx((0, 20.4))
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+    assert [t.get_text() for t in plt.gcf().legends[0].get_texts()] == [
         'baseline', 'rho_il_charged: first eval at 3,446 RST, past the budget', 'trigram floor 1.900']
     line = ax.get_lines()[0]
     assert line.get_xdata()[0] == pytest.approx(5.0) and line.get_xdata()[-1] == pytest.approx(20.0)
@@ -780,3 +780,17 @@ def test_a_run_folder_edited_out_of_shape_is_listed_not_a_traceback(tmp_path, mo
             f.write(json.dumps(record) + '\n')
     report = compare.compare([good, bad], out=str(tmp_path / 'x'), target='none')
     assert f'- {bad}: unreadable' in report
+
+
+def test_a_loss_is_placed_between_the_floors_it_has_and_has_not_reached():
+    floors = {'unigram': 3.0, 'bigram': 2.4, 'trigram': 1.8, '4-gram': 1.4, '5-gram': 1.3}
+    assert compare.between(1.5, floors) == 'between the trigram and 4-gram floors'
+    assert compare.between(3.5, floors) == 'above the unigram floor'
+    assert compare.between(1.2, floors) == 'below the 5-gram floor'
+    assert compare.between(1.8, floors) == 'between the trigram and 4-gram floors'   # at a floor: reached it
+
+
+def test_a_method_keeps_its_colour_across_figures_and_another_system_is_dashed():
+    assert compare.method_colour('stack') == compare.method_colour('stack [h200]') != compare.method_colour('drop')
+    assert len({compare.method_colour(m) for m in compare.METHOD_ORDER[:10]}) == 10
+    assert compare.method_colour('my_method') == compare.method_colour('my_method')

@@ -266,6 +266,30 @@ def test_ngram_floors_on_a_hand_computed_corpus(tmp_path):
         assert got[name] == pytest.approx(want[name], rel=1e-12), name
 
 
+def test_higher_orders_and_windows_score_the_same_positions_as_a_direct_count(tmp_path):
+    """Orders up to 7 all score val from token 6 on; a windows floor averages exactly the targets of the
+    loop's eval windows (loader.val_ids), each with only the context its window gives (as the model sees
+    it). Checked against kneser_ney_nats on those positions directly, and
+    an order-7 model of a periodic stream is near-certain where the unigram one is not."""
+    import data.ngram as ngram
+    from data.loader import val_ids
+    text = 'the cat sat on the mat. ' * 40
+    corpus = hand_corpus(tmp_path / 'c', text, text[:300])
+    floors = ngram.ngram_floors(corpus, max_order=7)
+    assert list(floors) == list(ngram.FLOOR_ORDERS)
+    assert floors['7-gram'] < 0.1 < floors['unigram']
+    train, val = (np.frombuffer(t.encode(), dtype=np.uint8).astype(np.int64) for t in (text, text[:300]))
+    whole = ngram.kneser_ney_nats(train, val, 5, 256, start=6)
+    assert floors['5-gram'] == pytest.approx(whole.mean(), rel=1e-12)
+    windows = ngram.ngram_floors(corpus, max_order=7, windows=(16, 4))
+    ids = val_ids(val, 16, 4)
+    # target j of a window has j + 1 tokens of context: the 5-gram floor uses order min(5, j + 2) there
+    per_order = {n: ngram.kneser_ney_nats(train, val, n, 256, start=6) for n in range(2, 6)}
+    want = [per_order[min(5, j + 2)][k + 1 + j - 6] for k in ids for j in range(16) if k + 1 + j >= 6]
+    assert windows['5-gram'] == pytest.approx(np.mean(want), rel=1e-12)
+    assert ngram.ngram_floors(Corpus(tmp_path / 'c'), max_order=7) == floors  # both read back from the cache
+
+
 def test_ngram_floors_are_finite_sparse_and_cached(tmp_path, monkeypatch):
     """A gpt2-sized vocabulary (sparse counts), val tokens train never saw; the second call reads the cache."""
     import data.ngram as ngram

@@ -218,14 +218,19 @@ def test_disk_full_in_a_resumable_build_keeps_finished_shards(tmp_path, monkeypa
 def test_floors_cache_follows_the_corpus(old):
     target, _ = old
     first = ngram_floors(Corpus(target))
-    assert json.loads((target / 'ngram_floors.json').read_text())['floors'] == first
-    cache = json.loads((target / 'ngram_floors.json').read_text())
+    path = target / 'ngram_floors.json'
+    assert json.loads(path.read_text())['entries'][-1]['floors'] == first
+    cache = json.loads(path.read_text())
+    entry = cache['entries'][-1]
     for bad in ({**first, 'trigram': 'nan'}, {'unigram': 1.0}, None, {**first, 'bigram': -1.0}):
-        (target / 'ngram_floors.json').write_text(json.dumps({**cache, 'floors': bad}))
+        path.write_text(json.dumps({'entries': [{**entry, 'floors': bad}]}))
         assert ngram_floors(Corpus(target)) == first  # an edited or damaged cache is recomputed, not served
-    (target / 'ngram_floors.json').write_text(json.dumps({**cache, 'key': {**cache['key'], 'smoothing': 'add-one'}}))
+    for damaged in ('[1, 2]', '{"entries": 3}', '{"entries": [7, {"key": 3}]}'):
+        path.write_text(damaged)
+        assert ngram_floors(Corpus(target)) == first
+    path.write_text(json.dumps({'entries': [{**entry, 'key': {**entry['key'], 'smoothing': 'add-one'}}]}))
     assert ngram_floors(Corpus(target)) == first  # another estimator's cache is not served either
-    assert json.loads((target / 'ngram_floors.json').read_text())['key'] == cache['key']
+    assert json.loads(path.read_text())['entries'][-1]['key'] == entry['key']
     write_corpus(target, docs(60, seed=5), get_tokenizer('byte'), 'new', val_frac=0.2)
     assert ngram_floors(Corpus(target)) != first  # re-prepared: recomputed, not the stale cache
     assert leftovers(target) == []

@@ -1,5 +1,5 @@
-"""Reliability and bad input (issue 10) across the entry points: train.py, budget.py, rho.py, slm.py,
-madpo.py and data/{stdlib,text,mathmix,reviews}/prepare.py.
+"""Reliability and bad input across the entry points: train.py, budget.py, calibrate.py, rho.py, slm.py,
+madpo.py, the studies (python -m studies.ntng, studies.slm) and data/{stdlib,text,mathmix,reviews}/prepare.py.
 
 Entry points run as real processes, but forked from a *zygote*: this file run as a script
 (`python tests/test_reliability.py --zygote DIR`) imports torch and the project once, then for each request
@@ -378,6 +378,7 @@ def bad_cases(w):
     r = ['rho.py', *TINY, '--budget=4', *il]
     s = ['slm.py', *TINY, '--block_size=36', '--budget=4', f"--mathmix_dir={w['mathmix']}",
          f"--ref_ckpt={w['slm_ref']}/ckpt.pt", '--out_dir={fresh}']
+    ss = ['-m', 'studies.slm', *s[1:]]  # the SLM study: its sweep, gate and compare keys
     mm = ['data/mathmix/prepare.py', '--out_dir={fresh}']
     mp = ['madpo.py', '--out_dir={fresh}', '--threads=1']
     rv = ['data/reviews/prepare.py', '--out_dir={fresh}']
@@ -509,15 +510,15 @@ def bad_cases(w):
         ('slm-budget-unit', *s, '--budget_unit=epochs', ['--budget_unit must be one of']),
         ('slm-n-head', *s, '--n_head=3', ['must divide']),
         ('slm-block-not-lines', *s, '--block_size=100', ['--block_size must be a multiple of 9']),
-        ('slm-noise-high', *s, '--noise=1', ['--noise and --noise_sweep must be in [0, 1)']),
-        ('slm-k-sweep', *s, '--k_sweep=(0.5,0)', ['--k_sweep must be fractions in (0, 1]']),
-        ('slm-gate', *s, '--gate_ref=2', ['--gate_ref, --gate_oracle must be in [0, 1]']),
+        ('slm-noise-high', *s, '--noise=1', ['--noise must be in [0, 1)']),
+        ('slm-k-sweep', *ss, '--k_sweep=(0.5,0)', ['--k_sweep must be in (0, 1]']),
+        ('slm-gate', *ss, '--gate_ref=2', ['--gate_ref must be in [0, 1]']),
         ('slm-missing-data', *s, '--mathmix_dir=/nope/mathmix', ['mathmix data missing in /nope/mathmix']),
         ('slm-stale-cache', *s, '--stage=train', f"--ref_ckpt={w['il']}/ckpt.pt", ['stale reference-loss cache']),
         ('slm-missing-ref-ckpt', *s, '--stage=score', '--ref_ckpt=/nope/ckpt.pt', ['/nope/ckpt.pt']),
         ('slm-corrupt-ref-ckpt', *s, '--stage=score', f"--ref_ckpt={w['corrupt']}/ckpt.pt", ['unreadable']),
         ('slm-train-no-ref', *s, '--stage=train', '--ref_ckpt=/nope/ckpt.pt', ['no reference model at /nope/ckpt.pt']),
-        ('slm-compare-nothing', *s, '--stage=compare', ['no finished runs under']),
+        ('slm-compare-nothing', *ss, '--stage=compare', ['no finished runs under']),
         # data/mathmix/prepare.py
         ('mathmix-unknown-key', *mm, '--n_contexts=5', ['closest: n_context']),
         ('mathmix-type', *mm, '--seed=abc', ['--seed must be int']),

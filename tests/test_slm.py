@@ -1,7 +1,8 @@
-"""slm.py (Rho-1 SLM) and data/mathmix: every arm's selection and the loss against hand computations, the
-reference-loss cache against direct recomputation and its refusals, the task generator (held-out pairs
-never in training, each byte's kind), the exact-match eval against greedy decoding, the gates, the study
-plan and report, config scoping, an interrupted run's resume, a --quick pipeline."""
+"""slm.py (Rho-1 SLM), its study (studies/slm.py, studies/slm_report.py) and data/mathmix: every arm's
+selection and the loss against hand computations, the reference-loss cache against direct recomputation
+and its refusals, the task generator (held-out pairs never in training, each byte's kind), the exact-match
+eval against greedy decoding, the gates, the study plan and report, config scoping, an interrupted run's
+resume, a --quick study."""
 import dataclasses
 import json
 import re
@@ -19,9 +20,10 @@ from budget import Budget
 from conftest import run_script
 from configurator import ConfigError, cli, parse
 from data.loader import DataError, get_examples, num_examples
-from data.mathmix import fewshot, prepare as mm, report
+from data.mathmix import fewshot, prepare as mm
 from data.mathmix.prepare import BOILERPLATE, CLEAN, OFF_DOMAIN, WRONG, PrepareConfig, prepare
 from model import GPT, GPTConfig
+from studies import slm as study, slm_report as report
 
 T = 36  # 4 mathmix lines
 
@@ -34,11 +36,12 @@ def mathmix(tmp_path_factory):
     return root
 
 
-def slm_cfg(mathmix, out_dir, **kw):
+def slm_cfg(mathmix, out_dir, cls=slm.SLMConfig, **kw):
+    """One run's config (cls=study.StudyConfig: the study's) at test size."""
     base = dict(out_dir=str(out_dir), mathmix_dir=str(mathmix), model='tiny', n_head=2, n_embd=32, n_layer=2,
                 block_size=T, batch_size=4, lr=1e-3, compile_loss=False, eval_batches=2, device='cpu', noise=0.4,
                 peak_flops=1e12)
-    return slm.SLMConfig(**{**base, **kw})
+    return cls(**{**base, **kw})
 
 
 def random_gpt(seed):
@@ -103,7 +106,7 @@ KINDS = torch.tensor([[CLEAN, CLEAN, WRONG, BOILERPLATE, OFF_DOMAIN, CLEAN, CLEA
     ('clm', 0.5, [1, 1, 1, 1, 1, 1, 1, 1]),        # k = 1
 ])
 def test_each_arm_selects_the_expected_tokens_of_a_hand_made_batch(arm, k, want):
-    select_by, k = slm.arm_spec(arm, k)
+    select_by, k = study.arm_spec(arm, k)
     mask = slm.selection_mask(select_by, k, TRAIN_LOSS, REF_LOSS, KINDS)
     assert mask.tolist() == [want]
 
@@ -255,11 +258,15 @@ def test_cache_lines_up_with_the_token_stream_and_bad_caches_are_refused(mathmix
         slm.load_cache(corpus, paths.ref_ckpt, T)
     save_ref(ref, paths.ref_ckpt)
     slm.load_cache(corpus, paths.ref_ckpt, T)
-    # refused in one line (a DataError, printed by the CLI): truncated, half length, sidecar keys missing
-    # or not JSON; then the static "concentrated" mask for select_by='reference' from the rebuilt cache
+    # refused in one line (a DataError, printed by the CLI): truncated, half length, a sidecar without an
+    # identity key, without save_cache's structure or not JSON; then the static "concentrated" mask for
+    # select_by='reference' (the study's --stage=export) from the rebuilt cache
     side, raw = (corpus / 'ref_loss.json').read_text(), (corpus / 'ref_loss.bin').read_bytes()
+    no_data_sha = json.dumps({**json.loads(side), 'identity': {k: v for k, v in json.loads(side)['identity'].items()
+                                                               if k != 'data_sha256'}})
     for name, data, match in (('ref_loss.bin', raw[:-7], 'truncated'), ('ref_loss.bin', raw[:len(raw) // 2], 'truncated'),
-                              ('ref_loss.json', json.dumps({'dtype': 'float16'}), 'stale.*data_sha256.*missing'),
+                              ('ref_loss.json', no_data_sha, 'stale.*data_sha256=None'),
+                              ('ref_loss.json', json.dumps({'dtype': 'float16'}), 'damaged'),
                               ('ref_loss.json', side[:40], 'not a readable JSON object'),
                               ('ref_loss.json', '[1, 2]', 'not a readable JSON object')):
         (corpus / name).write_bytes(data if isinstance(data, bytes) else data.encode())
@@ -267,9 +274,31 @@ def test_cache_lines_up_with_the_token_stream_and_bad_caches_are_refused(mathmix
             slm.load_cache(corpus, paths.ref_ckpt, T)
         (corpus / 'ref_loss.json').write_text(side)
         (corpus / 'ref_loss.bin').write_bytes(raw)
-    rates = slm.stage_export(dataclasses.replace(cfg, k=0.5), paths)
+    rates = study.stage_export(slm_cfg(mathmix, tmp_path, cls=study.StudyConfig, k=0.5), paths)
     mask = np.fromfile(corpus / 'concentrated_k50.bin', dtype=np.uint8)
     assert len(mask) == len(tokens) and 0.45 < mask[1:].mean() < 0.55 and set(rates) == set(mm.KINDS)
+
+
+def test_a_cache_edited_after_it_was_computed_is_refused_and_the_arm_stops_in_one_line(mathmix, tmp_path):
+    """One byte of ref_loss.bin changed (same length, sidecar intact): the sha256 differs, and the arm's run
+    stops before training with the "changed since it was computed" refusal. A reference other than the
+    one --ref_sha256 pins is refused too."""
+    cfg = slm_cfg(mathmix, tmp_path)
+    paths = slm.get_paths(cfg)
+    save_ref(random_gpt(5), paths.ref_ckpt)
+    slm.build_cache(cfg, paths)
+    payload = paths.corpus(0.4) / 'ref_loss.bin'
+    raw = bytearray(payload.read_bytes())
+    raw[len(raw) // 2] ^= 1
+    payload.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match='changed since it was computed'):
+        slm.load_cache(paths.corpus(0.4), paths.ref_ckpt, T)
+    out = run_script('slm.py', '--stage=train', f'--out_dir={tmp_path}', f'--mathmix_dir={mathmix}', '--noise=0.4',
+                     '--model=tiny', '--n_head=2', '--n_embd=32', '--n_layer=2', f'--block_size={T}', '--device=cpu')
+    assert out.returncode == 2 and out.stderr.count('\n') == 1 and 'changed since it was computed' in out.stderr, out.stderr
+    assert not (paths.run_dir(cfg) / 'ckpt.pt').exists()
+    with pytest.raises(DataError, match='is not the reference --ref_sha256 names'):  # a pinned reference, another file
+        slm.stage_train(dataclasses.replace(cfg, ref_sha256='0' * 64), paths)
 
 
 def test_kinds_that_do_not_match_the_corpus_are_refused(mathmix, tmp_path):
@@ -286,8 +315,8 @@ def test_kinds_that_do_not_match_the_corpus_are_refused(mathmix, tmp_path):
 # ----- the study: plan, gates, report ----------------------------------------------------------------
 
 def test_study_plan_runs_the_oracle_first_then_whole_comparisons():
-    cfg = slm.SLMConfig(seeds=2, seed=1, arms='clm,excess,oracle', k=0.6, noise=0.4, k_sweep=(0.8,), noise_sweep=(0.0, 0.2))
-    runs = [(r.noise, slm.arm_name(r.select_by, r.k), r.seed) for r in slm.study_runs(cfg)]
+    cfg = study.StudyConfig(seeds=2, seed=1, arms='clm,excess,oracle', k=0.6, noise=0.4, k_sweep=(0.8,), noise_sweep=(0.0, 0.2))
+    runs = [(r.noise, slm.arm_name(r.select_by, r.k), r.seed) for r in study.study_runs(cfg)]
     assert runs == [(0.4, 'oracle', 1), (0.4, 'clm', 1), (0.4, 'excess_k60', 1),
                     (0.4, 'oracle', 2), (0.4, 'clm', 2), (0.4, 'excess_k60', 2),
                     (0.4, 'excess_k80', 1), (0.4, 'excess_k80', 2),
@@ -304,7 +333,7 @@ def test_a_failing_gate_stops_the_study_with_one_line(mathmix, tmp_path, capsys,
             f'--block_size={T}', '--batch_size=4', '--budget=300', '--ref_budget=300', '--eval_interval=1000',
             '--compile_loss=False', '--device=cpu', '--log_interval=1000', '--peak_flops=1e12', '--noise=0.4', '--noise_sweep=()', '--k_sweep=()', *gates]
     with pytest.raises(SystemExit) as stop:
-        cli(slm.main, slm.SLMConfig, argv)
+        cli(study.main, study.StudyConfig, argv)
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.count('\n') == 1 and 'Traceback' not in err
     what = "the reference model's" if failing == 'ref' else "the oracle arm's"
@@ -348,18 +377,20 @@ def test_report_tokens_to_reach_clm_and_the_table(tmp_path):
 @pytest.mark.parametrize('content', ['{"trunc', '[1, 2]', '{"noise": 0.4}'])
 def test_a_damaged_eval_json_is_refused_in_one_line_before_any_training(mathmix, tmp_path, content):
     """Truncated, not an object, or missing keys: one line naming the file and the fix, exit 2, the file kept."""
-    cfg = slm_cfg(mathmix, tmp_path / 'out', stage='train')
+    cfg = slm_cfg(mathmix, tmp_path / 'out', cls=study.StudyConfig, noise_sweep=(), k_sweep=())
     paths = slm.get_paths(cfg)
-    path = paths.run_dir(cfg) / 'eval.json'
+    arm = study.arm_config(cfg, 0.4, 'excess', 0.6, cfg.seed)
+    path = paths.run_dir(arm) / 'eval.json'
     path.parent.mkdir(parents=True)
     path.write_text(content)
-    with pytest.raises(DataError, match=f'{re.escape(str(path))} is .*: delete it and rerun, or rerun with --overwrite=True'):
-        slm.finished_arm(cfg, paths)
+    with pytest.raises(DataError, match=f'{re.escape(str(path))} is .*: delete it and rerun the study'):
+        study.arm_finished(path.parent, study.arm_args(arm))  # the plan asks whether the arm is done
     with pytest.raises(DataError, match=re.escape(str(path))):
         report.load_runs(tmp_path / 'out')  # --stage=compare reads it too
     with pytest.raises(DataError, match=re.escape(str(path))):  # --stage=all: before the reference trains
-        slm.stage_all(dataclasses.replace(cfg, stage='all', noise_sweep=(), k_sweep=()), paths)
-    out = run_script('slm.py', '--stage=train', f'--out_dir={tmp_path / "out"}', f'--mathmix_dir={mathmix}', '--noise=0.4')
+        study.stage_all(cfg, paths)
+    out = run_script('-m', 'studies.slm', f'--out_dir={tmp_path / "out"}', f'--mathmix_dir={mathmix}', '--noise=0.4',
+                     '--noise_sweep=()', '--k_sweep=()', '--model=tiny', '--n_head=2', '--n_embd=32', f'--block_size={T}')
     assert out.returncode == 2 and out.stderr.count('\n') == 1 and str(path) in out.stderr, out.stderr
     assert path.read_text() == content and not (path.parent / 'ckpt.pt').exists()
 
@@ -370,7 +401,7 @@ def test_damaged_reference_eval_curve_and_problems_are_refused(mathmix, tmp_path
     save_ref(random_gpt(5), paths.ref_ckpt)
     (paths.ref_ckpt.parent / 'eval.json').write_text('{"accuracy": 1.0}')  # a hand edit: no checksum, no scores
     with pytest.raises(DataError, match='ref/eval.json is damaged .*delete it'):
-        slm.reference_eval(cfg, paths)
+        study.reference_eval(cfg, paths)
     (tmp_path / 'curve.jsonl').write_text('{"tokens": 1\n')
     with pytest.raises(DataError, match='curve.jsonl is missing or holds no eval point'):
         report.read_curve(tmp_path / 'curve.jsonl')
@@ -401,19 +432,24 @@ def test_a_folder_for_ref_ckpt_or_a_file_for_mathmix_dir_is_refused(tmp_path):
 # ----- config -----------------------------------------------------------------------------------------
 
 def test_config_refuses_bad_values():
-    for bad in (dict(k=0.0), dict(k=1.5), dict(k_sweep=(0.5, 0.0)), dict(noise=1.0), dict(noise_sweep=(-0.1,)), dict(budget=0.0),
-                dict(select_by='loss'), dict(ref_mode='lazy'), dict(arms='clm,foo'), dict(block_size=64),
-                dict(seeds=0), dict(model_type='t5'), dict(gate_ref=1.5), dict(schedule='wsd', branch_budgets=(1, 2))):
-        with pytest.raises(ConfigError):
-            slm.SLMConfig(**bad)
+    run_bad = (dict(k=0.0), dict(k=1.5), dict(noise=1.0), dict(budget=0.0), dict(select_by='loss'), dict(ref_mode='lazy'),
+               dict(block_size=64), dict(model_type='t5'), dict(schedule='wsd', branch_budgets=(1, 2)), dict(stage='all'))
+    study_bad = (dict(k_sweep=(0.5, 0.0)), dict(noise_sweep=(-0.1,)), dict(arms='clm,foo'), dict(seeds=0),
+                 dict(gate_ref=1.5), dict(stage='train'), dict(run_dir='x'), dict(overwrite=True))
+    for cls, bads in ((slm.SLMConfig, run_bad), (study.StudyConfig, run_bad[:-1] + study_bad)):
+        for bad in bads:
+            with pytest.raises(ConfigError):
+                cls(**bad)
 
 
 def test_a_stage_gets_only_its_keys(monkeypatch, tmp_path):
     # a training-recipe key on a stage that trains no arm is refused in one line
-    for stage in ('ref', 'score', 'compare', 'export'):
+    for cls, stage in ((slm.SLMConfig, 'ref'), (slm.SLMConfig, 'score'), (study.StudyConfig, 'compare'),
+                       (study.StudyConfig, 'export')):
         with pytest.raises(ConfigError, match=f'--arch, --lr, --weight_decay: read only by the stages that train arms.*--stage={stage}'):
-            slm.SLMConfig(stage=stage, weight_decay=0.2, arch='drop', lr=1e-3)
+            cls(stage=stage, weight_decay=0.2, arch='drop', lr=1e-3)
     slm.SLMConfig(stage='train', weight_decay=0.2, arch='drop')
+    study.StudyConfig(stage='all', weight_decay=0.2, arch='drop')
     slm.SLMConfig(stage='ref', budget=5e5, n_embd=48, ref_lr=1e-3)  # budget: the arms', ignored here (documented)
     # the reference run: the shape and run keys, ref_budget, ref_lr, the clean corpus; TrainConfig's recipe
     runs = []
@@ -430,11 +466,11 @@ def test_a_stage_gets_only_its_keys(monkeypatch, tmp_path):
 
 
 def test_quick_swaps_in_small_settings_but_explicit_keys_win():
-    quick = parse(slm.SLMConfig, ['--quick=True'])
+    quick = parse(study.StudyConfig, ['--quick=True'])
     assert (quick.budget, quick.seeds, quick.arms, quick.gate_ref, quick.noise_sweep) == (1e5, 2, 'clm,excess,oracle', 0.0, ())
-    mine = parse(slm.SLMConfig, ['--quick=True', '--budget=2e5', '--seeds=3', '--gate_ref=0.5'])
+    mine = parse(study.StudyConfig, ['--quick=True', '--budget=2e5', '--seeds=3', '--gate_ref=0.5'])
     assert (mine.budget, mine.seeds, mine.gate_ref, mine.arms) == (2e5, 3, 0.5, 'clm,excess,oracle')
-    full = parse(slm.SLMConfig, [])
+    full = parse(study.StudyConfig, [])
     assert (full.budget, full.seeds, full.gate_ref, full.gate_oracle, full.noise, full.noise_sweep, full.k_sweep) == \
         (1e6, 5, 0.8, 0.5, 0.2, (0.0, 0.4), (0.4, 0.8))
     assert full.arms.split(',') == ['clm', 'excess', 'reference', 'train', 'random', 'oracle']
@@ -478,15 +514,15 @@ def test_resume_trims_the_accuracy_curve_and_continues_it_exactly(mathmix, tmp_p
 
 
 def test_quick_pipeline_runs_end_to_end(tmp_path, capsys):
-    """slm.py --quick as a process, as CI runs it (at test size: one noise level, two seeds); then the same
-    command again in-process: every stage is finished, nothing trains. prepare.py is deterministic."""
+    """The study's --quick as a process, as CI runs it (at test size: one noise level, two seeds); then the
+    same command again in-process: every stage is finished, nothing trains. prepare.py is deterministic."""
     data, out = tmp_path / 'mathmix', tmp_path / 'out'
     prep = ['--n_ref_docs=60', '--n_train_docs=60', '--noise_levels=(0.2,)']
     cli(prepare, PrepareConfig, [f'--out_dir={data}', *prep])
     argv = ['--quick=True', f'--mathmix_dir={data}', f'--out_dir={out}', '--n_layer=1', '--n_embd=32', '--n_head=2',
             f'--block_size={T}', '--batch_size=4', '--budget=1152', '--ref_budget=1152', '--eval_interval=4',
             '--eval_batches=2', '--compile_loss=False', '--peak_flops=1e12']
-    r = run_script('slm.py', *argv, env={'OMP_NUM_THREADS': '1'}, timeout=150)
+    r = run_script('-m', 'studies.slm', *argv, env={'OMP_NUM_THREADS': '1'}, timeout=150)
     assert r.returncode == 0, r.stderr[-2000:]
     assert re.search(r"gate: the reference model's held-out exact match \d\.\d+, needs >= 0: pass", r.stdout)
     for run in ('oracle_s1337', 'clm_s1337', 'excess_k60_s1337', 'excess_k60_s1338'):
@@ -496,15 +532,16 @@ def test_quick_pipeline_runs_end_to_end(tmp_path, capsys):
         assert [p['step'] for p in curve] == [4, 8]
     sel = json.loads((out / 'noise20' / 'excess_k60_s1337' / 'eval.json').read_text())['selection']
     assert set(sel) == set(mm.KINDS) and 0 < sel['clean'] < 1
-    side = json.loads((data / 'noise20' / 'byte' / 'ref_loss.json').read_text())
+    side = json.loads((data / 'noise20' / 'byte' / 'ref_loss.json').read_text())['identity']
     assert side['block_size'] == T and side['tokenizer'] == 'byte'
     assert re.search(r'\| 0\.2 \| oracle \| 2 \|.*\n\| 0\.2 \| clm \| 2 \|.*\n\| 0\.2 \| excess_k60 \| 2 \|', r.stdout), r.stdout[-1500:]
     assert (out / 'compare.md').exists()
     capsys.readouterr()
-    cli(slm.main, slm.SLMConfig, argv)
-    assert 'params' not in capsys.readouterr().out  # nothing trained again
-    cli(slm.main, slm.SLMConfig, [*argv, '--ref_budget=1728', '--seeds=1', '--jobs=1'])  # another reference: it and the runs again
-    assert capsys.readouterr().out.count('params') == 4 and json.loads((out / 'ref' / 'eval.json').read_text())['tokens'] == 1728
+    trained = re.compile(r'^\[\d+/\d+\] .*: done: ', re.M)  # the plan's line as a run ends
+    cli(study.main, study.StudyConfig, argv)
+    assert not trained.search(capsys.readouterr().out)  # nothing trained again
+    cli(study.main, study.StudyConfig, [*argv, '--ref_budget=1728', '--seeds=1', '--jobs=1'])  # another reference: it and the runs again
+    assert len(trained.findall(capsys.readouterr().out)) == 4 and json.loads((out / 'ref' / 'eval.json').read_text())['tokens'] == 1728
     cli(prepare, PrepareConfig, [f'--out_dir={tmp_path / "again"}', *prep])
     for rel in ('noise20/byte/train.bin', 'noise20/byte/kinds.bin', 'ref/byte/val.bin', 'eval/eval.jsonl'):
         assert (data / rel).read_bytes() == (tmp_path / 'again' / rel).read_bytes()

@@ -6,8 +6,8 @@ writes both digits of the gold answer. That equals "each gold digit is the argma
 the gold digits before it": a greedy decode that wrote the first digit right sees exactly the gold
 prefix for the second, and one that wrote it wrong is wrong either way. So one teacher-forced forward
 pass scores every problem (tested against model.generate). slm.py calls exact_match at every eval (the
-accuracy-vs-tokens curve) and on the reference model (the gate); line_losses says which byte of a line a
-model has not learned (the report's diagnosis).
+accuracy-vs-tokens curve), its study (studies/slm.py) on the reference model (a gate); line_losses says
+which byte of a line a model has not learned (the study report's diagnosis).
 """
 import json
 

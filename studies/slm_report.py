@@ -1,5 +1,5 @@
-"""The Rho-1 study's report on mathmix (slm.py --stage=compare): what each run's eval.json and curve.jsonl
-say, over seeds.
+"""The Rho-1 SLM study's report (python -m studies.slm --stage=compare): what each run's eval.json and
+curve.jsonl under the study's folder say, over seeds.
 
   compare.md           one row per (noise, arm): held-out exact match, trap exact match, clean val loss,
                        the selection rate of each token kind, and the tokens the arm needs to reach CLM's
@@ -11,24 +11,23 @@ say, over seeds.
                        arm at the study's noise: which part of the task a model has not learned
   compare_curves.png   exact match against training tokens per arm, one panel per noise level, mean and
                        95% CI band over seeds (if matplotlib is installed)
-Every interval is the t-based 95% CI over seeds (sweep.t_interval, the lab's one rule); a run whose curve
-never reaches the target counts in "reached" and is left out of the tokens' mean.
+Every interval is the t-based 95% CI over seeds (studies.stats.t_interval, the lab's one rule); a run whose
+curve never reaches the target counts in "reached" and is left out of the tokens' mean.
 """
 import math
 from pathlib import Path
 
 from data.loader import NUMBER, DataError, read_result
 from data.mathmix.prepare import KINDS, LINE_BYTES
-from runs import read_log
-from sweep import crossing, t_interval
+from slm import POINT_KEYS, read_curve
+from studies.stats import crossing, t_interval
 
 ORDER = ('oracle', 'clm', 'excess', 'reference', 'train', 'random')  # then by k
-POINT_KEYS = {'tokens': NUMBER, 'accuracy': NUMBER}  # what a curve point needs here
 SCORE_KEYS = {**POINT_KEYS, 'trap_accuracy': NUMBER, 'val_loss_clean': NUMBER}
 ARM_KEYS = {**SCORE_KEYS, 'noise': NUMBER, 'arm': str, 'seed': int, 'selection': dict}  # an arm's eval.json
 REF_KEYS = {**SCORE_KEYS, 'ref_ckpt_sha256': str}  # the reference's eval.json
-RESULT_FIX = 'delete it and rerun, or rerun with --overwrite=True'
-REF_FIX = 'delete it: python slm.py measures the reference again'
+RESULT_FIX = 'delete it and rerun the study (a finished run only writes it again)'
+REF_FIX = 'delete it: the study (python -m studies.slm) measures the reference again'
 
 
 def cell(values, fmt='.3f'):
@@ -36,15 +35,6 @@ def cell(values, fmt='.3f'):
         return '-'
     mean, half = t_interval(values)
     return f'{mean:{fmt}}' + ('' if math.isnan(half) else f' ± {half:{fmt}}')  # one seed: no interval
-
-
-def read_curve(path):
-    """A run's curve.jsonl: its eval points (a line that does not parse is dropped, as in any log), or
-    DataError (one line) when none is left."""
-    points = [p for p in read_log(Path(path)) if all(isinstance(p.get(k), t) for k, t in POINT_KEYS.items())]
-    if not points:
-        raise DataError(f'{path} is missing or holds no eval point (tokens, accuracy): rerun its run with --overwrite=True')
-    return points
 
 
 def load_runs(root):
@@ -117,18 +107,24 @@ def line_table(line_losses, noise):
 def report(root, noise, k, line_losses=None):
     """compare.md and the curves from every finished run under root (line_losses: line_table's input, or
     None); returns the text."""
+    text = report_text(root, noise, k, line_losses)
+    print(text)
+    (Path(root) / 'compare.md').write_text(text + '\n')
+    plot_curves(Path(root), load_runs(root))
+    return text
+
+
+def report_text(root, noise, k, line_losses=None):
+    """The study's tables from every finished run under root, as markdown; writes nothing."""
     root, groups = Path(root), load_runs(root)
     if not groups:
-        raise DataError(f'no finished runs under {root}: run `python slm.py` first')
+        raise DataError(f'no finished runs under {root}: run `python -m studies.slm` first')
     ref_path = root / 'ref' / 'eval.json'
     ref = read_result(ref_path, REF_KEYS, REF_FIX) if ref_path.exists() else None
     text = (f'mathmix held-out exact match after the budget, mean ± 95% CI over seeds (t); arms at noise {noise:g} '
             f'select k = {k:g} of each batch\'s tokens\n\n' + table(groups, ref))
     if line_losses:
         text += '\n\n' + line_table(line_losses, noise)
-    print(text)
-    (root / 'compare.md').write_text(text + '\n')
-    plot_curves(root, groups)
     return text
 
 

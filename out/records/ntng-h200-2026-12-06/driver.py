@@ -1,0 +1,35 @@
+"""The 2026-12-06 runs: the ablation's stack and drop rows charged under the rescaled H200 table (a second
+reference system) and each row's tuned lr x0.5, x1, x2 at the largest budget on the tuning seed.
+Run from the snapshot worktree: OMP_NUM_THREADS=1 python out/driver.py (resumable: finished runs skipped)."""
+import sys
+from pathlib import Path
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import sweep
+from sweep import AblateConfig
+
+GPU = 'config/rst/h200/gpt_L4_H4_D128_T128_V256_B32.json'
+TUNED = 'out/tuned.json'
+
+
+def gpu_plan(rows, budgets):
+    cfg = AblateConfig(out_dir='out/ablation_h200', methods=rows, budgets=(120.0, 240.0, 480.0), tuned=TUNED)
+    return [(label, script, {**args, 'rst_table': GPU}) for label, script, args in sweep.sweep_plan(cfg) if args['budget'] in budgets]
+
+
+def lr_plan(rows):
+    cfg = AblateConfig(out_dir='out/lr_check', methods=rows, budgets=(120.0,), seeds=(0,), tuned=TUNED)  # read as 120, seed 0; run at 480 on 1000 below
+    plan = []
+    for label, script, args in sweep.sweep_plan(cfg):
+        for f in (0.5, 1.0, 2.0):
+            extra = {'weight_decay': args['weight_decay'] / f} if args.get('optimizer') == 'lion' else {}
+            plan.append((label, script, {**args, **extra, 'lr': args['lr'] * f,
+                                         'seed': 1000, 'budget': 480.0, 'out_dir': f"out/lr_check/{label}/x{f:g}/s1000"}))
+    return plan
+
+
+plan = (gpu_plan(('stack',), (120.0, 240.0)) + lr_plan(('baseline', 'stack')) + gpu_plan(('stack',), (480.0,))
+        + gpu_plan(('drop',), (120.0, 240.0, 480.0)) + lr_plan(('drop', 'lion', 'sophiag', 'sb')))
+for label, script, args in plan:
+    print(label, args['out_dir'], args['lr'], args.get('rst_table', ''), flush=True)
+if '--dry' not in sys.argv:
+    sweep.run_plan(plan, jobs=2)
