@@ -170,7 +170,8 @@ def calibrate_command(key, data=''):
 
 
 def load_table(key, override='', required=True, needs=None, data=''):
-    """The cost table of a shape; with required=False, None when there is none (RST is then not counted).
+    """The cost table of a shape; with required=False, None when there is none or it lacks an entry the run
+    needs (RST is then not counted).
     needs: {kind: [entries]} the run will charge beyond the per-block ones (its optimizer, Hessian step)."""
     path = table_path(key, override)
     if path.is_dir():
@@ -186,6 +187,8 @@ def load_table(key, override='', required=True, needs=None, data=''):
         raise UserError(f'RST table {path} is not valid JSON ({e}): calibrate it again') from None
     problem = table_problem(table, key) or next((f'has no {kind} entry for {e}' for kind, entries in (needs or {}).items()
                                                  for e in entries if str(e) not in table[kind]), None)
+    if problem and not required and not override and table_problem(table, key) is None:
+        return None  # a budget in another unit: RST is simply not counted for a step the table does not price
     if problem:
         raise UserError(f'RST table {path} {problem}: calibrate it again (`{calibrate_command(key, data)}`)')
     return table
@@ -501,8 +504,8 @@ class ScheduleConfig:
 
 def main(argv):
     usage = 'usage: python budget.py schedules [--key=value ...]   (cost tables: python calibrate.py --help)'
-    if not argv or argv[0] in ('-h', '--help'):
-        print(usage)
+    if not argv or argv[0] in ('-h', '--help'):  # --help: usage on stdout, exit 0; nothing: on stderr, exit 2
+        print(usage, file=sys.stdout if argv else sys.stderr)
         sys.exit(0 if argv else 2)
     if argv[0] != 'schedules':
         print(f"unknown command '{argv[0]}': {usage}", file=sys.stderr)

@@ -221,8 +221,22 @@ def describe(cls):
     return '\n'.join(f'  {a:<{width}}  # {c}' if c else f'  {a}' for a, c in rows)
 
 
+STOPPED = []  # the signals (SIGINT, SIGTERM) that stopped this process's work: its exit status is 128 + the first
+
+
+def stop_signal_name():
+    return signal.Signals(STOPPED[0]).name if STOPPED else 'SIGINT'
+
+
 def _interrupt(signum, frame):
+    STOPPED.append(signum)
     raise KeyboardInterrupt
+
+
+def exit_stopped(message):
+    """End a program that a signal stopped: one line, the shell's status for it (130 SIGINT, 143 SIGTERM)."""
+    print(message, file=sys.stderr)
+    sys.exit(128 + (STOPPED[0] if STOPPED else signal.SIGINT))
 
 
 def program_name():
@@ -237,8 +251,10 @@ def cli(entry, cls, argv=None, usage='[config.py ...] [--key=value ...]'):
 
     The one Ctrl-C/SIGTERM path of every entry point: SIGTERM (a scheduler's stop) raises
     KeyboardInterrupt like Ctrl-C; the training loop turns both into a checkpoint at a step boundary
-    (signals_between_steps below), and one that reaches here ends the program with exit code 130."""
+    (signals_between_steps below). A program a signal stopped exits with the shell's status for it, 130
+    (SIGINT) or 143 (SIGTERM), even when its work returned: a stopped run is not a finished one."""
     argv = sys.argv[1:] if argv is None else argv
+    STOPPED.clear()
     if argv and argv[0] in ('-h', '--help'):
         try:
             print(f'usage: python {program_name()} {usage}\n\nkeys and defaults:\n{describe(cls)}', flush=True)
@@ -248,10 +264,9 @@ def cli(entry, cls, argv=None, usage='[config.py ...] [--key=value ...]'):
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)
     try:
-        return entry(parse(cls, argv))
+        result = entry(parse(cls, argv))
     except Interrupted as e:
-        print(e, file=sys.stderr)
-        sys.exit(e.exit_code)
+        exit_stopped(str(e))
     except UserError as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(e.exit_code)
@@ -259,8 +274,10 @@ def cli(entry, cls, argv=None, usage='[config.py ...] [--key=value ...]'):
         print(f'error: {e.strerror or e}' + (f': {e.filename}' if e.filename else ''), file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
-        print('interrupted', file=sys.stderr)
-        sys.exit(130)
+        exit_stopped('interrupted')
+    if STOPPED:  # the loop stopped at a step boundary and saved: not a finished run, whatever entry returned
+        exit_stopped(f'stopped by {stop_signal_name()}: the run saved a checkpoint and is not finished')
+    return result
 
 
 @contextlib.contextmanager
@@ -278,6 +295,7 @@ def signals_between_steps():
         if stop:
             raise KeyboardInterrupt
         stop.append(signum)
+        STOPPED.append(signum)
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield stop

@@ -183,7 +183,7 @@ class HoldoutLM(CausalLM):
 
 # Keys of the target run only: the IL model is a plain baseline, full depth with AdamW (the defaults).
 TARGET_ONLY = ('arch', 'stack_init_layers', 'stack_fracs', 'stack_optim', 'theta_bar', 'gamma_f',
-               'optimizer', 'rho', 'hess_interval', 'free_hessian')
+               'optimizer', 'rho', 'hess_interval', 'free_hessian', 'muon_lr', 'muon_momentum', 'muon_scale')
 
 
 def il_config(cfg, budget):
@@ -365,7 +365,7 @@ def il_cache_is_valid(cfg):
 class RhoConfig(TrainConfig):
     """TrainConfig's keys configure the target run (train). The IL model (il) reuses its data, shape, AdamW
     (lr, min_lr, weight_decay, beta1, beta2, grad_clip), schedule, eval and system keys; it is always a
-    plain baseline, full depth with AdamW: the arch keys (arch, stack_*, theta_bar, gamma_f) and Sophia's
+    plain baseline, full depth with AdamW: the arch keys (arch, stack_*, theta_bar, gamma_f), Sophia's and Muon's
     are the target's only, and a non-AdamW --optimizer is refused when the IL model trains."""
     out_dir: str = 'out/rho'         # train: the target run's folder (the IL model's is il_out_dir)
     method: str = 'rho'              # both: 'rho' (RHO-LOSS) or 'sb' (Selective Backprop, no IL model)

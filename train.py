@@ -30,7 +30,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import budget as budget_lib
 from arch import ARCHS, build_arch
-from configurator import Interrupted, UserError, check_distinct, check_ranges, cli, key, require, signals_between_steps
+from configurator import (Interrupted, UserError, check_distinct, check_ranges, cli, key, require, signals_between_steps,
+                          stop_signal_name)
 from data.loader import (Batches, Corpus, DataError, atomic_write_bytes, data_dir, get_examples,
                          get_tokenizer, prepare_command, val_ids)
 from data.spans import SpanVocab, raw_length_for, span_corrupt, t5_lengths
@@ -47,7 +48,7 @@ class TrainConfig:
     label: str = ''                  # the method's name in the lab's compare tables; '' = derived from the config
     init_from: str = key('scratch', 'path')  # 'scratch', 'resume' (out_dir/ckpt.pt), or a ckpt.pt to start from
     overwrite: bool = False          # allow a scratch run over an out_dir that holds a run
-    seed: int = key(1337, '>=0')
+    seed: int = key(1337, '>=0')  # fixes the initialisation and the data order (paired seeds compare methods)
     # data
     dataset: str = key('stdlib', 'path')  # a folder under data/ (prepared on first use for stdlib) or a path
     tokenizer: str = key('byte', 'path')  # 'byte' or a tiktoken encoding name
@@ -60,8 +61,8 @@ class TrainConfig:
     n_head: int = key(0, '>=0')      # 0 = the preset's
     n_embd: int = key(0, '>=0')      # 0 = the preset's
     block_size: int = key(0, '>=0')  # 0 = the preset's
-    dropout: float = key(0.0, '[0,1)')
-    bias: bool = True
+    dropout: float = key(0.0, '[0,1)')  # in attention and MLP while training (0 for short budgets, as nanoGPT)
+    bias: bool = True                # biases in Linear and LayerNorm, as GPT-2 (False: none, nanoGPT's option)
     # dynamic architecture (No Train No Gain section 3.1)
     arch: str = key('full', tuple(ARCHS))  # full, stack (layer stacking) or drop (progressive layer dropping)
     stack_init_layers: int = key(0, '>=0')  # stack: blocks active at the start; 0 = n_layer // 4
@@ -70,7 +71,7 @@ class TrainConfig:
     theta_bar: float = key(0.5, '(0,1]')  # drop: the keep probability theta(t) decays to this
     gamma_f: float = key(100.0, '>=0')  # drop: decay speed of theta(t) (100 BERT-like, 20 for T5)
     # optimizer
-    optimizer: str = key('adamw', ('adamw', 'lion', 'sophiag'))  # the optimizer (train.OPTIMIZERS)
+    optimizer: str = key('adamw', ('adamw', 'lion', 'sophiag', 'muon'))  # the optimizer (train.OPTIMIZERS)
     lr: float = key(2e-3, '>0')      # peak learning rate
     min_lr: float = key(0.0, '>=0')  # reached exactly when the budget is spent
     weight_decay: float = key(0.1, '>=0')  # on matrices only
@@ -80,6 +81,9 @@ class TrainConfig:
     rho: float = key(0.04, '>0')     # Sophia-G: clipping scale of the preconditioned step
     hess_interval: int = key(10, '>0')  # Sophia-G: Hessian estimate every k steps
     free_hessian: bool = False       # Sophia-G: do not charge Hessian steps (the paper's ablation)
+    muon_lr: float = key(0.02, '>0')  # muon: the lr of the hidden matrices (AdamW's parts use --lr); scheduled alike
+    muon_momentum: float = key(0.95, '[0,1)')  # muon: mu of the (Nesterov) momentum
+    muon_scale: str = key('original', ('original', 'match_rms_adamw'))  # muon: step scale by shape (optim_muon.SCALES)
     # budget and schedule
     budget_unit: str = key('rst', budget_lib.UNITS)  # rst, tokens, iters, flops or wall
     budget: float = key(180.0, '>0')  # in budget_unit
@@ -94,7 +98,7 @@ class TrainConfig:
     # eval, logging, checkpoints, sampling
     eval_interval: int = key(250, '>0')  # optimizer steps between evals (and checkpoints)
     eval_batches: int = key(16, '>0')  # fixed val set: eval_batches x batch_size examples
-    log_interval: int = key(25, '>0')
+    log_interval: int = key(25, '>0')  # optimizer steps between progress lines (and log.jsonl train records)
     sample_tokens: int = key(300, '>=0')  # generated at the end (and by --sample_only); 0 = none
     sample_only: bool = False        # print samples from --init_from's checkpoint (resume = out_dir's) and exit
     start: str = '\ndef '            # the prompt samples continue (T5: the encoder's input)
@@ -341,18 +345,41 @@ def sophiag(cfg, groups, betas, bs, device):
     return SophiaG(groups, lr=cfg.lr, betas=betas, rho=cfg.rho, bs=bs), [HessianHook(cfg.hess_interval, not cfg.free_hessian)]
 
 
-OPTIMIZERS = {'adamw': adamw, 'lion': lion, 'sophiag': sophiag}  # name -> (optimizer, its every-k-steps hooks)
+def muon(cfg, groups, betas, bs, device):
+    """Muon on the groups marked 'muon' (at --muon_lr, scaled by the schedule as --lr is), AdamW on the rest."""
+    from optim_muon import MuonWithAdamW
+    groups = [{**g, 'lr_scale': cfg.muon_lr / cfg.lr} if g.get('muon') else g for g in groups]
+    return MuonWithAdamW(groups, lr=cfg.lr, muon_lr=cfg.muon_lr, betas=betas, momentum=cfg.muon_momentum,
+                         scale=cfg.muon_scale), []
+
+
+OPTIMIZERS = {'adamw': adamw, 'lion': lion, 'sophiag': sophiag, 'muon': muon}  # name -> (optimizer, its every-k-steps hooks)
+
+
+def hidden_matrices(model):
+    """The ids of the 2-D weights between input and output (Muon's): every matrix but the embeddings' (GPT's
+    wte and wpe; T5-lite's wte and relative position biases) and the head's (lm_head, tied to wte in GPT)."""
+    ends = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    ends |= {id(model.lm_head.weight)} if hasattr(model, 'lm_head') else set()
+    return {id(p) for p in model.parameters() if p.dim() == 2 and id(p) not in ends}
 
 
 def build_optimizer(cfg, model, bs, extra_groups=(), name=None):
     """The optimizer --optimizer names and its step hooks, with weight decay on matrices only (not biases
     or norms); extra_groups: parameters a method added (RunContext.add_params). bs: tokens whose loss
-    one optimizer step averages (Sophia-G's `bs`)."""
+    one optimizer step averages (Sophia-G's `bs`). For Muon the matrices split in two groups: the hidden
+    ones, marked 'muon', and the embeddings and head, which stay with AdamW."""
+    name = name or cfg.optimizer
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': cfg.weight_decay},
+    matrices = [p for p in params if p.dim() >= 2]
+    groups = [{'params': matrices, 'weight_decay': cfg.weight_decay},
               {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}, *extra_groups]
+    if name == 'muon':
+        hidden = hidden_matrices(model)
+        groups[:1] = [{'params': [p for p in matrices if id(p) in hidden], 'weight_decay': cfg.weight_decay, 'muon': True},
+                      {'params': [p for p in matrices if id(p) not in hidden], 'weight_decay': cfg.weight_decay}]
     device = next(model.parameters()).device
-    return OPTIMIZERS[name or cfg.optimizer](cfg, groups, (cfg.beta1, cfg.beta2), bs, device)
+    return OPTIMIZERS[name](cfg, groups, (cfg.beta1, cfg.beta2), bs, device)
 
 
 def calibration_inputs(cfg):
@@ -490,6 +517,7 @@ class Trainer:
             atomic_write_bytes(self.out_dir / 'log.jsonl', b'')
         if self.rt.master:
             atomic_write_bytes(self.out_dir / 'config.json', json.dumps(run_info(self.cfg), indent=1).encode())
+            (self.out_dir / 'stopped.json').unlink(missing_ok=True)  # it runs again: no longer a stopped run
         if fresh:  # a resumed run's log has them
             for record in self.ctx.records:
                 self.log(record)
@@ -554,8 +582,8 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.budget.charge_optimizer(cfg.optimizer)
         lr = self.step_lr(before)
-        for group in self.optimizer.param_groups:
-            group['lr'] = lr
+        for group in self.optimizer.param_groups:  # a group may run at a multiple of it (Muon's matrices)
+            group['lr'] = lr * group.get('lr_scale', 1.0)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         for hook in self.hooks:  # every-k-steps hooks (Sophia-G's Hessian estimate), after the step
@@ -612,8 +640,12 @@ class Trainer:
             raise
         if self.evaluated_at != self.iter_num:  # Ctrl-C just after an eval: that step is logged and saved
             self.eval_and_save()
-        rt.print(f'done: {self.iter_num} steps, {self.budget.spent["tokens"]:,.0f} tokens, '
-                 f'{format_seconds(time.time() - t_start)} wall, final val loss {self.val_loss:.4f}')
+        if interrupted and rt.master:  # the folder says so too: a stopped run is not a finished one
+            atomic_write_bytes(self.out_dir / 'stopped.json', json.dumps(
+                {'step': self.iter_num, 'signal': stop_signal_name(), 'spent': self.budget.spent}).encode())
+        rt.print(f'{"stopped" if interrupted else "done"}: {self.iter_num} steps, {self.budget.spent["tokens"]:,.0f} '
+                 f'tokens, {format_seconds(time.time() - t_start)} wall, {"val" if interrupted else "final val"} loss '
+                 f'{self.val_loss:.4f}' + (' (a checkpoint: --init_from=resume continues it)' if interrupted else ''))
         if rt.master and cfg.sample_tokens and not interrupted:
             rt.print('--- sample ---' + sample_text(self.model, self.tokenizer, rt, cfg.sample_tokens, cfg.start) + '\n---')
         if self.wandb is not None:

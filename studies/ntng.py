@@ -35,7 +35,7 @@ from studies.plan import Run, run_plan
 @dataclass(frozen=True)
 class AblateConfig:
     config: str = key('config/ablation.py', 'path')  # COMMON, BUDGETS, QUICK_BUDGETS, METHODS (your own Python)
-    out_dir: str = key('out/ablation', 'path')
+    out_dir: str = key('out/ablation', 'path')  # <row>/b<budget>/s<seed> run folders, ablation.md and .png
     methods: tuple = ('',)               # ('',) = every method in the config file
     budgets: tuple = key((0.0,), '>=0')  # (0.0,) = the config file's BUDGETS (QUICK_BUDGETS with --quick)
     seeds: tuple = key((0, 1, 2, 3, 4), '>=0')  # paired: a seed fixes initialisation and data order for every method
@@ -445,8 +445,9 @@ COMMANDS = {'tune': 'tune [sweep_file.py] [--key=value ...]', 'ablate': 'ablate 
 
 def main(argv):
     usage = 'usage: python -m studies.ntng {tune|ablate|compare} ...  (each command takes --help)'
-    if not argv or argv[0] in ('-h', '--help'):
-        print(usage + '\n' + '\n'.join(f'  python -m studies.ntng {u}' for u in COMMANDS.values()))
+    if not argv or argv[0] in ('-h', '--help'):  # --help: usage on stdout, exit 0; nothing: on stderr, exit 2
+        print(usage if not argv else usage + '\n' + '\n'.join(f'  python -m studies.ntng {u}' for u in COMMANDS.values()),
+              file=sys.stdout if argv else sys.stderr)
         sys.exit(0 if argv else 2)
     if argv[0] not in COMMANDS:
         print(f"unknown command '{argv[0]}': {usage}", file=sys.stderr)

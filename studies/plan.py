@@ -76,8 +76,34 @@ class Job:
 
 def run_jobs(jobs, n_parallel, cwd=None):
     """Run every Job, n_parallel at a time with the CPU threads split between them; print one line as
-    each ends (its last 'done:' line, or its last line) -> the failed ones' (job, last line)."""
-    todo, running, failed, t0, n = list(jobs), {}, [], time.time(), len(jobs)
+    each ends (its last 'done:' line, or its last line) -> the failed ones' (job, last line). Each job runs
+    in a session of its own, so a Ctrl-C or SIGTERM reaches this process only, which passes one SIGTERM to
+    every running job (each saves a checkpoint at its next step boundary), waits for them and re-raises:
+    nothing is left running."""
+    running = {}
+    try:
+        return _run_jobs(jobs, n_parallel, cwd, running)
+    except KeyboardInterrupt:
+        stop_jobs(running)
+        raise
+
+
+def stop_jobs(running, grace=120):
+    """SIGTERM to every running job, then SIGKILL to any still alive after `grace` seconds."""
+    for proc, job in running.items():
+        print(f'stopping {job.label} (it saves a checkpoint; the same command resumes it)', flush=True)
+        proc.terminate()
+    deadline = time.time() + grace
+    for proc in running:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _run_jobs(jobs, n_parallel, cwd, running):
+    todo, failed, t0, n = list(jobs), [], time.time(), len(jobs)
     built = set()  # exclusive tags whose first job succeeded: the rest of them may run side by side
     env = {**os.environ, 'OMP_NUM_THREADS': str(max(1, (os.cpu_count() or 1) // n_parallel))}
     while todo or running:
@@ -92,7 +118,8 @@ def run_jobs(jobs, n_parallel, cwd=None):
                 busy.add(job.exclusive)
             job.log.parent.mkdir(parents=True, exist_ok=True)
             with open(job.log, 'w') as out:
-                running[subprocess.Popen(job.argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd)] = job
+                running[subprocess.Popen(job.argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd,
+                                         start_new_session=True)] = job
         time.sleep(0.5)
         for proc in [p for p in running if p.poll() is not None]:
             job = running.pop(proc)

@@ -5,6 +5,7 @@ equal-effort tuning, and a resumable `budget.py ablate` sweep that can run jobs 
 import dataclasses
 import json
 import math
+import os
 import shutil
 import statistics
 from pathlib import Path
@@ -42,8 +43,10 @@ def finished(root, name, label, budget, seed, final, steps=100):
 
 
 def row(report, label, table=0):
-    """The cells of `label`'s row in the report's table number `table` (0 = val loss, 1 = steps, 2 = target)."""
-    rows = [l for l in report.splitlines() if l.startswith(f'| {label} |')]
+    """The cells of `label`'s row in the report's table number `table` (0 = val loss, 1 = steps, 2 = target;
+    the verdict table is left out: its rows are read directly)."""
+    blocks = [b for b in report.split('\n\n') if not b.startswith('| verdict |')]
+    rows = [l for l in '\n\n'.join(blocks).splitlines() if l.startswith(f'| {label} |')]
     return [c.strip() for c in rows[table].strip('|').split('|')][1:]
 
 
@@ -371,7 +374,7 @@ def test_a_cell_that_trained_no_step_is_named_under_the_steps(tmp_path, monkeypa
                 for s in (0, 1)]
     report = compare.compare(folders, out=str(tmp_path / 'x'), target='none')
     assert ("trained no step (the costs charged before the first step exceed the budget; the val loss is the "
-            "initial model's): rho_il_charged at 20") in report
+            "initial model's; left out of the Holm family): rho_il_charged at 20") in report
     assert 'trained no step' not in compare.compare(folders[:2], out=str(tmp_path / 'y'), target='none')
 
 
@@ -542,7 +545,7 @@ def test_tune_grid_extends_at_an_edge_and_ablate_reads_the_result(tmp_path, monk
                                             baseline_schedule='wsd_branches'))
     for bad in (7, [[1]], ['7']):
         lion_only.write_text(json.dumps({**record, 'seeds': bad}))
-        with pytest.raises(budget_lib.UserError, match=r'is not a tuned.json from `budget.py tune` \(TypeError\)'):
+        with pytest.raises(budget_lib.UserError, match=r'is not a tuned.json from `python -m studies.ntng tune` \(TypeError\)'):
             ntng.sweep_plan(ntng.AblateConfig(config=cfg.config, tuned=str(lion_only), methods=('lion',)))
     (tmp_path / 'sweep.py').write_text(SWEEP.replace('lr=3e-3)', 'lr=1e-3)'))
     with pytest.raises(budget_lib.UserError, match='was made for COMMON'):
@@ -794,3 +797,47 @@ def test_a_method_keeps_its_colour_across_figures_and_another_system_is_dashed()
     assert compare.method_colour('stack') == compare.method_colour('stack [h200]') != compare.method_colour('drop')
     assert len({compare.method_colour(m) for m in compare.METHOD_ORDER[:10]}) == 10
     assert compare.method_colour('my_method') == compare.method_colour('my_method')
+
+
+def test_a_signal_to_the_runner_stops_its_jobs_and_leaves_nothing_running(tmp_path):
+    """SIGTERM to a command running a plan (ablate, tune, a study): each running job gets one SIGTERM (it
+    saves and exits 143), the runner waits for them and exits 143 itself; no job is left running."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    child = (f"import os, signal, sys, time; open({str(tmp_path / 'pid')!r}, 'w').write(str(os.getpid())); "
+             "signal.signal(signal.SIGTERM, lambda *a: sys.exit(143)); time.sleep(120)")
+    code = (f"import dataclasses, sys; sys.path.insert(0, {str(ROOT)!r})\n"
+            "from configurator import cli\nfrom studies.plan import Job, run_jobs\n"
+            "@dataclasses.dataclass(frozen=True)\nclass C:\n    pass\n"
+            f"cli(lambda c: run_jobs([Job('sleeper', [sys.executable, '-c', {child!r}], "
+            f"__import__('pathlib').Path({str(tmp_path / 'sleeper.out')!r}))], 1), C, [])\n")
+    runner = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not (tmp_path / 'pid').exists() or not (tmp_path / 'pid').read_text():
+        assert time.time() < deadline and runner.poll() is None, runner.communicate()
+        time.sleep(0.1)
+    runner.send_signal(signal.SIGTERM)
+    out, err = runner.communicate(timeout=60)
+    assert runner.returncode == 143, (out, err)
+    assert 'stopping sleeper' in out and len(err.strip().splitlines()) == 1, (out, err)
+    pid = int((tmp_path / 'pid').read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def test_verdicts_read_the_intervals_four_ways(tmp_path):
+    """better / worse need the 95% CI off zero and Holm p < 0.05; equivalent needs the 90% CI inside the
+    declared margin (TOST); anything else is not resolved; a one-pair cell is never more than not resolved."""
+    assert compare.verdict(-0.10, 0.02, 0.015, 0.01, 0.02) == 'better'
+    assert compare.verdict(+0.10, 0.02, 0.015, 0.01, 0.02) == 'worse'
+    assert compare.verdict(-0.10, 0.02, 0.015, 0.20, 0.02) == 'not resolved'          # Holm p too large
+    assert compare.verdict(0.003, 0.015, 0.012, 0.70, 0.02) == 'equivalent within ±0.02'
+    assert compare.verdict(0.010, 0.015, 0.012, 0.70, 0.02) == 'not resolved'          # 90% CI reaches +0.022
+    assert compare.verdict(0.0, math.nan, math.nan, math.nan, 0.02) == 'not resolved (one pair)'
+    rows = {'baseline': [2.00, 2.01, 2.02, 2.03, 2.04], 'same': [2.001, 2.009, 2.021, 2.031, 2.039]}
+    dirs = [finished(tmp_path, f'{m}{s}', m, 10.0, s, v) for m, vs in rows.items() for s, v in enumerate(vs)]
+    report = compare.compare(dirs, out=str(tmp_path / 'x'), target='none', margin=0.02)
+    verdicts = [l for l in report.splitlines() if l.startswith('| same |')]
+    assert verdicts[-1].split('|')[2].strip().startswith('equivalent within ±0.02 (90% CI [')

@@ -120,7 +120,7 @@ def _install_hook(kind, arg):
                 _die()
             return real_write(path, data)
         data.loader.atomic_write_bytes = write
-        for name in ('rho', 'slm'):  # they imported the function by name
+        for name in ('rho', 'slm', 'runs'):  # they imported the function by name (runs: the caches)
             if name in sys.modules:
                 sys.modules[name].atomic_write_bytes = write
     elif kind == 'nan_at':  # on the model class: the script's own CausalLM is __main__'s, not train's
@@ -922,11 +922,14 @@ def test_a_signal_mid_step_then_resume_is_bit_identical(zyg, world, tmp_path, si
     full = zyg.run(*cmd, f"--out_dir={tmp_path / 'full'}")
     assert full['rc'] == 0, full['stderr'][-2000:]
     cut = zyg.run(*cmd, f"--out_dir={tmp_path / 'cut'}", hooks=[f'signal_at:{sig}:6'])
-    assert cut['rc'] == 0 and 'Traceback' not in cut['stderr'], cut['stderr'][-2000:]
+    # a stopped run is not a finished one: the shell's status for its signal, and a record in its folder
+    assert cut['rc'] == {'SIGINT': 130, 'SIGTERM': 143}[sig] and 'Traceback' not in cut['stderr'], cut['stderr'][-2000:]
+    assert json.loads((tmp_path / 'cut' / 'stopped.json').read_text())['signal'] == sig
+    assert 'stopped: ' in cut['stdout'] and 'done: ' not in cut['stdout']
     stopped = load_ckpt(tmp_path / 'cut' / 'ckpt.pt')['iter_num']
     assert stopped in (5, 6), stopped
     resumed = zyg.run(*cmd, f"--out_dir={tmp_path / 'cut'}", '--init_from=resume')
-    assert resumed['rc'] == 0, resumed['stderr'][-2000:]
+    assert resumed['rc'] == 0 and not (tmp_path / 'cut' / 'stopped.json').exists(), resumed['stderr'][-2000:]
     a, b = load_ckpt(tmp_path / 'full' / 'ckpt.pt'), load_ckpt(tmp_path / 'cut' / 'ckpt.pt')
     cut_log = [r for r in read_log(tmp_path / 'cut') if not ('val_loss' in r and r['step'] == stopped)]
     assert without_timing(cut_log) == without_timing(read_log(tmp_path / 'full')) and a['data'] == b['data'], (
