@@ -267,6 +267,16 @@ class Budget:
         if self.spent['rst'] is not None and spent.get('rst'):
             self.by_entry['before_start'] = self.by_entry.get('before_start', 0.0) + spent['rst']
 
+    def one_step(self, n_examples, n_layers, optimizer):
+        """What a plain training step (n_examples at n_layers blocks, then the optimizer) spends in this
+        budget's unit; None for wall time, which is measured, not known in advance."""
+        if self.unit == 'wall':
+            return None
+        step = Budget(self.unit, 1.0, self.table, self.flops_per_token, self.tokens_per_example, self.batch_size)
+        step.charge_train(n_examples, n_layers)
+        step.charge_optimizer(optimizer)
+        return step.spent[self.unit]
+
     def add_wall(self, seconds):
         self.spent['wall'] += seconds
 
@@ -495,7 +505,7 @@ class ScheduleConfig:
 
     def __post_init__(self):
         require(self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}, got '{self.schedule}'")
-        require(self.cooldown_shape in ('1-sqrt', 'linear'), f"--cooldown_shape must be '1-sqrt' or 'linear'")
+        require(self.cooldown_shape in ('1-sqrt', 'linear'), "--cooldown_shape must be '1-sqrt' or 'linear'")
         require(0 <= self.min_lr <= self.lr and self.budget > 0 and 0 < self.cooldown_frac <= 1,
                 'need 0 <= --min_lr <= --lr, --budget > 0 and 0 < --cooldown_frac <= 1')
         require(0 <= self.warmup_frac < 1 and 0 <= self.warmup_units < self.budget,

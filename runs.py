@@ -311,6 +311,8 @@ def locked_out_dir(cfg):
     try:
         with FolderLock(out_dir / 'lock', lambda pid: UserError(
                 f'{out_dir} is in use by another run (pid {pid}): wait for it to end, or use another --out_dir')):
+            for leftover in out_dir.glob('*.tmp[0-9]*'):  # a killed writer's temporary: no live writer holds the lock
+                leftover.unlink(missing_ok=True)
             yield
     except BaseException:
         for folder in new:  # a run that failed before writing anything (bad data, table, tokenizer) leaves no folder

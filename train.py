@@ -470,6 +470,16 @@ class Trainer:
         self.budget = budget_lib.Budget(cfg.budget_unit, cfg.budget, table, lambda L: self.model.flops_per_token(L),
                                         self.model.config.block_size, cfg.batch_size)
         self.arch = build_arch(cfg, self.model.n_layer)
+        self._check_budget_fits_a_step(cfg)
+
+    def _check_budget_fits_a_step(self, cfg):
+        """A budget below one step would train that step at the end of its schedule (lr min_lr) and call the
+        run finished: refused, naming the smallest budget a plain step of this run spends."""
+        depth = 1 if cfg.arch == 'drop' else getattr(self.arch, 'n_active', self.model.n_layer)  # the cheapest first step
+        step = self.budget.one_step(cfg.batch_size * cfg.grad_accum * self.rt.world_size, depth, cfg.optimizer)
+        if step is not None and self.budget.spent[cfg.budget_unit] is not None:
+            require(cfg.budget >= step, f'--budget={cfg.budget:g} {cfg.budget_unit} is smaller than one training step of '
+                                        f'this run ({step:.4g} {cfg.budget_unit}): give --budget >= {step:.4g}')
 
     def _stateful(self):
         """The pieces whose state_dict a checkpoint holds, under its keys (loaded back in this order)."""

@@ -11,12 +11,14 @@ batch-selection methods need to key their caches (RHO-LOSS's irreducible losses,
 losses). `Batches` walks the examples in a fresh seeded order each epoch; its whole state is
 (epoch, position), so a checkpoint can resume the exact data order.
 """
+import errno
 import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
+import stat
 import sys
 import zlib
 from pathlib import Path
@@ -133,7 +135,15 @@ class FolderLock:
     def acquire(self, wait=False):
         """Take the lock; held by another process: raise busy(pid), or with wait block until it is free."""
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:  # never through a link: taking the lock must not truncate a file it points to
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            except OSError as e:
+                if e.errno != errno.ELOOP:
+                    raise
+                raise DataError(f'{self.path} is a symbolic link, where a lock file belongs: remove the link') from None
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise DataError(f'{self.path} is not a regular file, where a lock file belongs: remove it')
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

@@ -337,3 +337,41 @@ def test_a_damaged_il_cache_is_one_line(tmp_path, capsys, stdlib_corpus):
         assert code == 2 and len(err) == 1 and 'rebuild it with' in err[0], (name, err)
         sidecar.write_bytes(good_sidecar)
         losses.write_bytes(good_losses)
+
+
+# -----------------------------------------------------------------------------
+# writes that cannot be torn, links that are not followed, budgets that fit a step
+
+def test_a_lock_that_is_a_link_truncates_nothing_and_is_one_line(tmp_path, capsys, stdlib_corpus):
+    """A run folder's `lock` that is a symbolic link to a file: taking the lock must not follow it (the file
+    it points to stays as it was); the run refuses in one line."""
+    precious = tmp_path / 'precious.txt'
+    precious.write_text('not yours\n')
+    run = tmp_path / 'run'
+    run.mkdir()
+    (run / 'lock').symlink_to(precious)
+    code, err = call(train.main, train.TrainConfig, [*TINY, '--budget=2', f'--out_dir={run}'], capsys)
+    assert code == 2 and len(err) == 1 and 'symbolic link' in err[0], err
+    assert precious.read_text() == 'not yours\n' and not (run / 'log.jsonl').exists()
+
+
+def test_a_killed_writers_temporary_is_removed_by_the_next_run(tmp_path, capsys, stdlib_corpus):
+    """kill -9 during a checkpoint write leaves ckpt.pt.tmp<pid>; the next run that owns the folder removes it."""
+    run = tmp_path / 'run'
+    code, err = call(train.main, train.TrainConfig, [*TINY, '--budget=2', f'--out_dir={run}'], capsys)
+    assert code == 0, err
+    (run / 'ckpt.pt.tmp424242').write_bytes(b'half a checkpoint')
+    code, err = call(train.main, train.TrainConfig, [*TINY, '--budget=3', f'--out_dir={run}', '--overwrite=True'], capsys)
+    assert code == 0, err
+    assert not list(run.glob('*.tmp[0-9]*'))
+
+
+@pytest.mark.parametrize('unit, budget, says', [('iters', '0.5', '>= 1'), ('tokens', '100', '>= 512'),
+                                                ('rst', '0.0001', 'smaller than one training step')])
+def test_a_budget_smaller_than_one_step_is_refused_with_the_smallest_that_trains(tmp_path, capsys, stdlib_corpus, unit,
+                                                                                 budget, says):
+    argv = [a for a in TINY if not a.startswith('--budget_unit')] + [f'--budget_unit={unit}', f'--budget={budget}',
+                                                                        f'--out_dir={tmp_path}/run']
+    code, err = call(train.main, train.TrainConfig, argv, capsys)
+    assert code == 2 and len(err) == 1 and says in err[0], err
+    assert not (tmp_path / 'run').exists()
