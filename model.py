@@ -555,17 +555,20 @@ def evaluate(model, inputs, targets, batch_size, runtime, n_layers=None):
     return total / count
 
 
-def sample_text(model, tokenizer, runtime, n_tokens, prompt='\ndef ', seed=0):
+def sample_text(model, tokenizer, runtime, n_tokens, prompt='\ndef ', seed=0, temperature=0.8, top_k=40):
     """GPT: prompt and its continuation. T5-lite: the prompt, then what its decoder writes for one masked
-    span at the prompt's end (sentinel ids printed as <extra_id_i>, as in T5)."""
+    span at the prompt's end (sentinel ids printed as <extra_id_i>, as in T5). temperature 0 is greedy;
+    top_k 0 samples from the whole vocabulary."""
     ids = list(tokenizer.encode(prompt))
     g = torch.Generator(runtime.device).manual_seed(seed)
+    top_k = top_k or None
     if not hasattr(model, 'encode'):
-        out = model.generate(torch.tensor([ids], device=runtime.device), n_tokens, temperature=0.8, top_k=40, generator=g)
+        out = model.generate(torch.tensor([ids], device=runtime.device), n_tokens, temperature=temperature, top_k=top_k,
+                             generator=g)
         return tokenizer.decode(out[0].tolist())
     base = tokenizer.vocab_size  # the sentinels' first id (data/spans.py)
     enc_in = torch.tensor([ids + [base, model.eos_id]], device=runtime.device)
-    out = model.generate(enc_in, n_tokens, temperature=0.8, top_k=40, generator=g)[0, 1:].tolist()
+    out = model.generate(enc_in, n_tokens, temperature=temperature, top_k=top_k, generator=g)[0, 1:].tolist()
     runs = itertools.groupby((t for t in out if t != model.eos_id), key=lambda t: t < base)
     text = ''.join(tokenizer.decode(list(r)) if words else ''.join(f'<extra_id_{t - base}>' for t in r) for words, r in runs)
     return f'{prompt} => {text}'

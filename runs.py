@@ -207,7 +207,7 @@ RESUME_KEYS = ('optimizer', 'budget', 'data', 'objective', 'arch', 'active_layer
 # keys a resumed run may change: where and how it runs, how often it reports; every other key (the data,
 # the model, the method, the budget and its schedule) is what the saved run is, and may not change
 MAY_CHANGE_ON_RESUME = {'out_dir', 'rst_repeats', 'init_from', 'overwrite', 'eval_interval', 'log_interval', 'sample_tokens',
-                        'sample_only', 'start', 'num_samples', 'wandb_log', 'wandb_project', 'wandb_run_name',
+                        'sample_only', 'start', 'num_samples', 'temperature', 'top_k', 'wandb_log', 'wandb_project', 'wandb_run_name',
                         'device', 'dtype', 'compile', 'compile_loss', 'peak_flops', 'skip_nonfinite'}
 
 

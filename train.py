@@ -101,7 +101,9 @@ class TrainConfig:
     log_interval: int = key(25, '>0')  # optimizer steps between progress lines (and log.jsonl train records)
     sample_tokens: int = key(300, '>=0')  # generated at the end (and by --sample_only); 0 = none
     sample_only: bool = False        # print samples from --init_from's checkpoint (resume = out_dir's) and exit
-    start: str = '\ndef '            # the prompt samples continue (T5: the encoder's input)
+    start: str = '\ndef '            # the prompt samples continue (T5: the encoder's input); FILE:path reads it from a file
+    temperature: float = key(0.8, '>=0')  # sampling: 0 = greedy, < 1 sharper, > 1 more random
+    top_k: int = key(40, '>=0')      # sampling: draw from the k most likely tokens; 0 = from all
     num_samples: int = key(1, '>0')  # samples printed by --sample_only
     wandb_log: bool = False          # also log log.jsonl's records to Weights & Biases (pip install wandb)
     wandb_project: str = key('efficient-lm', 'path')  # wandb: project
@@ -123,6 +125,8 @@ class TrainConfig:
         require(self.model_type != 't5' or dims['block_size'] >= 3, '--block_size (the encoder input length) must be >= 3 for T5')
         require(dims['n_embd'] % dims['n_head'] == 0, f"--n_head={dims['n_head']} must divide --n_embd={dims['n_embd']}")
         require(self.min_lr <= self.lr, f'--min_lr ({self.min_lr}) must not exceed --lr ({self.lr})')
+        require(not self.start.startswith('FILE:') or Path(self.start[5:]).is_file(),
+                f'--start={self.start}: no file at {self.start[5:]} (FILE:path reads the prompt from a text file)')
         require(self.warmup_units < self.budget, f'--warmup_units must be below --budget, got {self.warmup_units}')
         require(not self.branch_budgets or self.schedule == 'wsd', '--branch_budgets needs --schedule=wsd')
         if self.branch_budgets:  # a budget given twice: the trunk and its branch would share one folder
@@ -657,7 +661,8 @@ class Trainer:
                  f'tokens, {format_seconds(time.time() - t_start)} wall, {"val" if interrupted else "final val"} loss '
                  f'{self.val_loss:.4f}' + (' (a checkpoint: --init_from=resume continues it)' if interrupted else ''))
         if rt.master and cfg.sample_tokens and not interrupted:
-            rt.print('--- sample ---' + sample_text(self.model, self.tokenizer, rt, cfg.sample_tokens, cfg.start) + '\n---')
+            rt.print('--- sample ---' + sample_text(self.model, self.tokenizer, rt, cfg.sample_tokens, prompt_text(cfg.start),
+                                                    temperature=cfg.temperature, top_k=cfg.top_k) + '\n---')
         if self.wandb is not None:
             self.wandb.finish()
         return {'steps': self.iter_num, 'val_loss': self.val_loss, 'spent': dict(self.budget.spent),
@@ -739,6 +744,17 @@ def train_wsd_branches(cfg, objective_fn=lambda cfg: None):
     return results
 
 
+def prompt_text(start):
+    """--start as given, or the text of a file with --start=FILE:path (nanoGPT's sample.py convention)."""
+    if not start.startswith('FILE:'):
+        return start
+    path = Path(start[5:])
+    try:
+        return path.read_text(encoding='utf-8')
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f'--start={start}: cannot read {path} as UTF-8 text ({type(e).__name__}): give a readable text file')
+
+
 def sample_only(cfg):
     """--sample_only=True: print --num_samples continuations of --start from a saved model, no training."""
     path = Path(cfg.out_dir) / 'ckpt.pt' if cfg.init_from == 'resume' else Path(cfg.init_from)
@@ -747,7 +763,8 @@ def sample_only(cfg):
     model = model_from_checkpoint(ckpt, path, dropout=0.0, compile_loss=False).to(rt.device).eval()
     tokenizer = get_tokenizer(ckpt.get('config', {}).get('tokenizer', cfg.tokenizer))
     for i in range(cfg.num_samples):
-        print(f'--- sample {i + 1} ---\n' + sample_text(model, tokenizer, rt, cfg.sample_tokens or 300, cfg.start, cfg.seed + i))
+        print(f'--- sample {i + 1} ---\n' + sample_text(model, tokenizer, rt, cfg.sample_tokens or 300, prompt_text(cfg.start),
+                                                       cfg.seed + i, cfg.temperature, cfg.top_k))
 
 
 def main(cfg):

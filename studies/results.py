@@ -43,7 +43,8 @@ def ntng_table(folder, **kw):
 
 
 def ntng_figure(folder, png):
-    from studies.compare import group_runs, plot_runs, plotted_floors, read_floors, run_folders, without_il_models
+    from studies.compare import plot_runs, plotted_floors, read_floors, run_folders, without_il_models
+    from studies.stats import group_runs
     from runs import read_run
     runs, _ = without_il_models([read_run(d) for d in run_folders([str(folder)])])
     runs = [r for r in runs if 'error' not in r]
@@ -54,7 +55,8 @@ def ntng_figure(folder, png):
 def second_system_table(folder):
     """The rows rerun under the second reference system beside the same rows and the baseline under the CPU
     table (the baseline's step counts are the same under both), and the declared decision rule's outcome."""
-    from studies.compare import compare_report, group_runs, paired_cells
+    from studies.compare import compare_report
+    from studies.stats import group_runs, paired_cells
     cpu = RECORDS / 'ntng-cpu-2026-11-30' / 'ablation'
     rows = sorted({p.name for p in folder.iterdir() if p.is_dir()})
     dirs = [str(cpu / 'baseline')] + [str(cpu / row) for row in rows] + [str(folder)]

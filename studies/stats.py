@@ -82,3 +82,42 @@ def crossing(points, target):
             x0, y0 = points[i - 1]
             return x0 + (y0 - target) / (y0 - y) * (x - x0)
     return None
+
+
+# -----------------------------------------------------------------------------
+# a methods x budgets table of runs on paired seeds: its cells
+
+def group_runs(runs):
+    groups = {}
+    for r in runs:
+        groups.setdefault(r['label'], {}).setdefault(r['budget'], []).append(r)
+    return groups
+
+
+def finals_by_seed(runs):
+    return {r['seed']: r['final'] for r in runs if r['complete']}
+
+
+def paired_cells(groups, baseline):
+    """{(label, budget): (delta, half-width, p, pairs)} of every method against the baseline at each budget,
+    over the seeds both completed (a seed fixes initialisation and data order for every method), with
+    Holm-adjusted p-values across the whole table. A cell whose runs trained no step (untrained_note) is
+    shown but left out of the Holm family: it says nothing about the method, only about its accounting."""
+    cells = {}
+    for label, by_budget in groups.items():
+        for b, runs in by_budget.items():
+            base = finals_by_seed(groups.get(baseline, {}).get(b, []))
+            mine = finals_by_seed(runs)
+            seeds = sorted(mine.keys() & base.keys())
+            if label != baseline and seeds:
+                cells[label, b] = (*paired_test([mine[s] for s in seeds], [base[s] for s in seeds]), len(seeds))
+    keys = [k for k in cells if not untrained(groups[k[0]][k[1]])]
+    for k, p in zip(keys, holm([cells[k][2] for k in keys])):
+        cells[k] = (cells[k][0], cells[k][1], p, cells[k][3])
+    return cells
+
+
+def untrained(runs):
+    """Runs of one cell that all took no step (RHO-LOSS with its IL charged, when that cost exceeds the budget)."""
+    done = [r for r in runs if r['complete']]
+    return bool(done) and all(r.get('steps') == 0 for r in done)

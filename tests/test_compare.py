@@ -14,7 +14,7 @@ import pytest
 
 import budget as budget_lib
 import runs
-from studies import compare, ntng, plan, stats
+from studies import across_budgets, compare, ntng, plan, stats
 from configurator import ConfigError
 from conftest import ROOT, run_script
 
@@ -118,7 +118,7 @@ def test_the_table_is_paired_with_holm_adjusted_p(table_runs, tmp_path, monkeypa
 def test_pairs_are_by_seed_and_a_single_pair_has_no_interval(tmp_path):
     dirs = [finished(tmp_path, 'b0', 'baseline', 10.0, 0, 3.0), finished(tmp_path, 'b1', 'baseline', 10.0, 1, 3.5),
             finished(tmp_path, 'm1', 'm', 10.0, 1, 3.25)]              # only seed 1 is shared
-    groups = compare.group_runs([runs.read_run(d) for d in dirs])
+    groups = stats.group_runs([runs.read_run(d) for d in dirs])
     assert row(compare.ablation_table(groups), 'm') == ['3.2500 ± 0.0000 (n=1) Δ -0.2500']
 
 
@@ -208,11 +208,11 @@ def test_crossing():
 
 def test_log_budget_interpolation_inside_and_along_the_end_segments():
     ends = [(100, 3.0), (200, 2.8), (400, 2.7)]
-    assert compare.log_budget_interp(ends, 200) == pytest.approx(2.8)
-    assert compare.log_budget_interp(ends, 100 * 2 ** 0.5) == pytest.approx(2.9)   # halfway in log budget
-    assert compare.log_budget_interp(ends, 50) == pytest.approx(3.2)              # the first segment, extended
-    assert compare.log_budget_interp(ends, 800) == pytest.approx(2.6)             # the last one
-    assert compare.log_budget_interp(ends[:1], 100) is None
+    assert across_budgets.log_budget_interp(ends, 200) == pytest.approx(2.8)
+    assert across_budgets.log_budget_interp(ends, 100 * 2 ** 0.5) == pytest.approx(2.9)   # halfway in log budget
+    assert across_budgets.log_budget_interp(ends, 50) == pytest.approx(3.2)              # the first segment, extended
+    assert across_budgets.log_budget_interp(ends, 800) == pytest.approx(2.6)             # the last one
+    assert across_budgets.log_budget_interp(ends[:1], 100) is None
 
 
 def test_a_ten_percent_cost_change_that_flips_a_cell_is_named():
@@ -230,21 +230,21 @@ def test_a_ten_percent_cost_change_that_flips_a_cell_is_named():
                            200: [run(s, 200, 2.8 + s / 100, base) for s in (1, 2)]},
               'm': {100: [run(s, 100, 2.999 + s / 100, mine) for s in (1, 2)],
                     200: [run(s, 200, 2.7 + s / 100, mine) for s in (1, 2)]}}
-    got = compare.perturbed_final(groups['m'], 1, 100, 'fwd:4', 1.1)
+    got = across_budgets.perturbed_final(groups['m'], 1, 100, 'fwd:4', 1.1)
     assert got == pytest.approx(2.999 + 0.01 - 0.299 / math.log(2) * math.log(100 / 103))
-    text = compare.cost_sensitivity(groups, 'baseline')
+    text = across_budgets.cost_sensitivity(groups, 'baseline')
     assert 'entries (fwd:4, fwd_bwd:4, optimizer:adamw) at x0.9 and x1.1' in text
     flips = [line for line in text.splitlines() if line.startswith('- ')]
     assert flips == ['- m at budget 100, fwd:4 x1.1: Δ -0.0010 -> +0.0118',
                      '- m at budget 100, optimizer:adamw x1.1: Δ -0.0010 -> +0.0004']
     calm = {k: {b: [dict(r, final=r['final'] - (0.05 if k == 'm' else 0)) for r in rs] for b, rs in g.items()}
             for k, g in groups.items()}
-    assert compare.cost_sensitivity(calm, 'baseline').endswith(': no cell changes sign')
+    assert across_budgets.cost_sensitivity(calm, 'baseline').endswith(': no cell changes sign')
     one_budget = {k: {100: g[100]} for k, g in groups.items()}
-    assert compare.cost_sensitivity(one_budget, 'baseline').startswith('cost-table sensitivity: not shown yet')  # nothing to read a shifted budget from
+    assert across_budgets.cost_sensitivity(one_budget, 'baseline').startswith('cost-table sensitivity: not shown yet')  # nothing to read a shifted budget from
     # a sweep in progress: seed 2 has no budget-200 run yet, so every cell is read over seed 1 alone
     in_progress = {k: {100: g[100], 200: g[200][:1]} for k, g in groups.items()}
-    text = compare.cost_sensitivity(in_progress, 'baseline')
+    text = across_budgets.cost_sensitivity(in_progress, 'baseline')
     assert 'read over the seeds at two budgets only: m at 100 (1 of 2)' in text
     flips = [line for line in text.splitlines() if line.startswith('- ')]
     assert flips == ['- m at budget 100, fwd:4 x1.1: Δ -0.0010 -> +0.0118',
@@ -336,7 +336,7 @@ def test_plot_spans_the_budget_names_a_row_past_it_marks_the_floor_and_leaves_pa
     folders = [finished(tmp_path, 'b0', 'baseline', 20.0, 0, 2.0), finished(tmp_path, 'b1', 'baseline', 20.0, 1, 2.1),
             write_run(tmp_path, 'b2', 'baseline', 20.0, 2, [(5.0, 5000, 2.9)]),       # partial: stopped at 5 RST
             write_run(tmp_path, 'il', 'rho_il_charged', 20.0, 0, [(3446.0, 10 ** 6, 5.35)], steps=0)]
-    groups = compare.group_runs([runs.read_run(r) for r in folders])
+    groups = stats.group_runs([runs.read_run(r) for r in folders])
     floors = {'unigram': 3.2, 'bigram': 2.5, 'trigram': 1.9}
     assert compare.plot_runs(groups, str(tmp_path / 'p.png'), floors) == str(tmp_path / 'p.png')
     ax = plt.gcf().axes[0]
@@ -356,7 +356,7 @@ def test_plot_has_no_panel_for_a_budget_of_partial_runs_and_bands_keep_their_lin
     folders = [write_run(tmp_path, 'il', 'a_charged', 20.0, 0, [(3446.0, 10 ** 6, 5.35)], steps=0),
                finished(tmp_path, 'b0', 'baseline', 20.0, 0, 2.0), finished(tmp_path, 'b1', 'baseline', 20.0, 1, 2.1),
                write_run(tmp_path, 'b40', 'baseline', 40.0, 0, [(5.0, 5000, 2.9)])]  # partial: the only budget-40 run
-    groups = compare.group_runs([runs.read_run(r) for r in folders])
+    groups = stats.group_runs([runs.read_run(r) for r in folders])
     compare.plot_runs(groups, str(tmp_path / 'p.png'))
     assert len(plt.gcf().axes) == 1
     ax = plt.gcf().axes[0]

@@ -230,3 +230,22 @@ def test_setup_device_gives_cuda_an_index(monkeypatch):
     assert rt.device == torch.device('cuda', 0) and set_to == [torch.device('cuda', 0)] and rt.dtype == torch.bfloat16
     with pytest.raises(UserError, match='not available'):
         runs.setup_device(train.TrainConfig(device='cuda:1'))
+
+
+def test_sampling_keys_and_a_prompt_from_a_file(tiny_cfg, tmp_path, capsys):
+    """nanoGPT's sampling habits: --temperature (0 = greedy), --top_k (1 = greedy too), --start=FILE:path."""
+    import dataclasses
+    cfg = tiny_cfg(budget=3)
+    train.train(cfg)
+    capsys.readouterr()
+    prompt = tmp_path / 'prompt.txt'
+    prompt.write_text('def main(')
+    samples = []
+    for temperature, top_k in ((0.0, 40), (1.0, 1), (0.0, 0)):
+        train.sample_only(dataclasses.replace(cfg, init_from='resume', sample_only=True, start=f'FILE:{prompt}',
+                                              num_samples=1, sample_tokens=20, temperature=temperature, top_k=top_k))
+        samples.append(capsys.readouterr().out)
+    assert all(s.split('---\n', 2)[-1].startswith('def main(') for s in samples), samples
+    assert samples[0] == samples[1] == samples[2]  # greedy three ways
+    with pytest.raises(train.UserError, match='no file at'):
+        dataclasses.replace(cfg, start=f'FILE:{tmp_path}/nope.txt')
