@@ -470,7 +470,7 @@ def cv(xs):
 
 def calibrate(cfg, run, model, batch, optimizers, key):
     """Measure the cost table of this shape on this machine and save it with the machine's description.
-    calibrate.py's command: train.calibration_inputs(cfg) builds the arguments (the model, a batch of the run's shapes, every optimizer)."""
+    calibrate.py's command: calibrate.calibration_inputs(cfg) builds the arguments (the model, a batch of the run's shapes, every optimizer)."""
     path = table_path(key, cfg.rst_table)
     require_writable(path)  # before minutes of measuring
     if cfg.compile:  # RST is a reference cost: one table serves eager and compiled runs of the shape alike

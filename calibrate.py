@@ -10,13 +10,31 @@ because it builds models (train.py) while budget.py, which charges from the tabl
     python calibrate.py                                              # the default run's shape, this CPU
     python calibrate.py config/gpt2_124m.py --device=cuda --rst_repeats=3     # GPT-2 124M on fineweb_edu, this GPU
 """
+import torch
+
 import budget
+import runs
 import train
 from configurator import cli
 
 
+def calibration_inputs(cfg):
+    """What budget.calibrate measures: the runtime, the model, a random batch of the run's shapes (a
+    span-corrupted one for T5), every optimizer with its hooks, and the shape's table key."""
+    run = runs.setup_device(cfg)
+    corpus = train.load_corpus(cfg)
+    model = runs.build_model(cfg, corpus.vocab_size, run.device)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, corpus.vocab_size, (cfg.batch_size, train.example_length(cfg, model) + 1), generator=g)
+    inputs, targets = train.build_objective(cfg, corpus, model).val_batch(x[:, :-1], x[:, 1:])
+    batch = tuple(t.to(run.device) for t in (*inputs, targets))
+    bs = cfg.batch_size * train.targets_per_example(cfg, model)
+    optimizers = {name: train.build_optimizer(cfg, model, bs, name=name) for name in train.OPTIMIZERS}
+    return run, model, batch, optimizers, train.run_shape_key(cfg, model)
+
+
 def main(cfg):
-    return budget.calibrate(cfg, *train.calibration_inputs(cfg))
+    return budget.calibrate(cfg, *calibration_inputs(cfg))
 
 
 if __name__ == '__main__':

@@ -386,21 +386,6 @@ def build_optimizer(cfg, model, bs, extra_groups=(), name=None):
     return OPTIMIZERS[name](cfg, groups, (cfg.beta1, cfg.beta2), bs, device)
 
 
-def calibration_inputs(cfg):
-    """What budget.calibrate measures: the runtime, the model, a random batch of the run's shapes (a
-    span-corrupted one for T5), every optimizer with its hooks, and the shape's table key."""
-    run = setup_device(cfg)
-    corpus = load_corpus(cfg)
-    model = build_model(cfg, corpus.vocab_size, run.device)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, corpus.vocab_size, (cfg.batch_size, example_length(cfg, model) + 1), generator=g)
-    inputs, targets = build_objective(cfg, corpus, model).val_batch(x[:, :-1], x[:, 1:])
-    batch = tuple(t.to(run.device) for t in (*inputs, targets))
-    bs = cfg.batch_size * targets_per_example(cfg, model)
-    optimizers = {name: build_optimizer(cfg, model, bs, name=name) for name in OPTIMIZERS}
-    return run, model, batch, optimizers, run_shape_key(cfg, model)
-
-
 class DataSource:
     """The training examples of this rank, moved to the device (ids stay on the CPU)."""
 
