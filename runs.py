@@ -387,7 +387,8 @@ def read_run(path):
     a folder that is not a run's, or whose files were damaged or edited out of shape: {'error': ...}."""
     path = Path(path)
     try:
-        c = json.loads((path / 'config.json').read_text())['config']
+        info = json.loads((path / 'config.json').read_text())
+        c = info['config']
         if not (path / 'log.jsonl').is_file():
             raise FileNotFoundError(path / 'log.jsonl')
         records = read_log(path / 'log.jsonl')
@@ -402,10 +403,19 @@ def read_run(path):
                 'evals': [(e.get('rst'), e['tokens'], e['val_loss']) for e in evals],
                 'final': evals[-1]['val_loss'] if evals else None, 'complete': bool(evals) and spent >= c['budget'],
                 'dataset': c.get('dataset'), 'tokenizer': c.get('tokenizer'), 'stats': logged_means(records),
-                'eval_windows': eval_windows(c),
+                'eval_windows': eval_windows(c), 'script': script_of(info), 'shape': tuple(c.get(k) for k in SHAPE_KEYS),
                 'rst_by_entry': rst_by_entry(evals[-1]) if evals else {}}
     except (OSError, ValueError, KeyError, TypeError) as e:
         return {'path': str(path), 'error': f'unreadable ({type(e).__name__})'}
+
+
+SHAPE_KEYS = ('model_type', 'model', 'n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'batch_size', 'grad_accum')
+
+
+def script_of(info):
+    """The entry point that wrote a run folder (config.json's argv[0]: 'train.py', 'rho.py', ...), '' if unknown."""
+    argv = info.get('argv') if isinstance(info, dict) else None
+    return Path(argv[0]).name if isinstance(argv, list) and argv and isinstance(argv[0], str) else ''
 
 
 def rst_by_entry(record):

@@ -5,6 +5,7 @@ It reads only what runs wrote (config.json, log.jsonl), through runs.read_run.
 
     python -m studies.ntng compare out/ablation --out=out/ablation/ablation   # -> ablation.md, ablation.png
 """
+import collections
 import json
 import math
 import os
@@ -290,6 +291,7 @@ def compare_report(run_dirs, target='auto', baseline='baseline', floors='', marg
     if not runs:
         raise UserError(f"no readable runs among the {len(bad)} folder(s) given ({bad[0]['path']}: {bad[0]['error']}): "
                         f'a run folder holds config.json and log.jsonl')
+    runs, foreign = comparable(runs, baseline)
     used = read_floors(floors, runs) if floors else corpus_floors(runs)
     units = sorted({r['unit'] for r in runs})
     sections = [(f'budget unit: {u}\n\n' if len(units) > 1 else '') +
@@ -301,10 +303,41 @@ def compare_report(run_dirs, target='auto', baseline='baseline', floors='', marg
     if bad:
         report += '\n\nmissing or partial runs (left out of the means):\n' + '\n'.join(
             f"- {r['path']}: {r.get('error', 'budget not spent')}" for r in bad)
+    if foreign:
+        report += '\n\nleft out, not comparable with the table\'s runs:\n' + '\n'.join(f"- {r['path']}: {why}" for r, why in foreign)
     if il_runs:
         report += (f'\n\n{len(il_runs)} run(s) of RHO-LOSS\'s IL model left out (not a method; rho_il_charged\'s '
                    'budget pays for its training, rho\'s leaves it out as the paper does)')
     return report, runs, used if isinstance(used, dict) else None
+
+
+PROTOCOL_SCRIPTS = ('train.py', 'rho.py')  # the entry points of a No Train No Gain table's rows
+
+
+def comparable(runs, baseline):
+    """(the runs one table may hold, [(run, why) left out]): runs of the protocol's entry points, on the
+    baseline's corpus (without a baseline, most runs'), each row of one model shape (its most runs'). A run
+    of another script (an SLM arm, a MADPO stage) or corpus, or a stray shape, is never averaged into a row."""
+    def corpus(r):
+        return r['dataset'], r['tokenizer']
+    ours = [r for r in runs if r.get('script', '') in ('', *PROTOCOL_SCRIPTS)]
+    base = [r for r in ours if r['label'] == baseline]
+    reference = collections.Counter(corpus(r) for r in base or ours).most_common(1)
+    shapes = {label: collections.Counter(r['shape'] for r in ours if r['label'] == label).most_common(1)[0][0]
+              for label in {r['label'] for r in ours}}
+    left = []
+    for r in runs:
+        if r not in ours:
+            left.append((r, f"a run of {r['script']}, not of {' or '.join(PROTOCOL_SCRIPTS)}"))
+        elif corpus(r) != reference[0][0]:
+            left.append((r, f"another corpus ({r['dataset']}/{r['tokenizer']}) than the table's"))
+        elif r['shape'] != shapes[r['label']]:
+            left.append((r, f"another model shape or batch than the rest of its row ({r['label']})"))
+    keep = [r for r in runs if all(r is not x for x, _ in left)]
+    if not keep:
+        raise UserError(f"nothing comparable among the {len(runs)} run(s) given: a table holds runs of "
+                        f"{' or '.join(PROTOCOL_SCRIPTS)} (these are {', '.join(sorted({r['script'] for r in runs}))})")
+    return keep, left
 
 
 def run_folders(paths):

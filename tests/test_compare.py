@@ -841,3 +841,27 @@ def test_verdicts_read_the_intervals_four_ways(tmp_path):
     report = compare.compare(dirs, out=str(tmp_path / 'x'), target='none', margin=0.02)
     verdicts = [l for l in report.splitlines() if l.startswith('| same |')]
     assert verdicts[-1].split('|')[2].strip().startswith('equivalent within ±0.02 (90% CI [')
+
+
+def test_runs_of_another_script_corpus_or_shape_are_never_in_a_row(tmp_path):
+    """A MADPO stage or an SLM arm in the folder read is not a 'baseline'; a run on another corpus is not
+    averaged into the baseline's cell; a stray shape is not averaged into its row; each is named, and a
+    folder with nothing comparable is one error."""
+    def edit(path, argv=None, **config):
+        saved = json.loads((path / 'config.json').read_text())
+        saved['config'].update(config)
+        if argv is not None:
+            saved['argv'] = argv
+        (path / 'config.json').write_text(json.dumps(saved))
+        return path
+    dirs = [finished(tmp_path, f'b{s}', 'baseline', 10.0, s, 2.0 + s / 100) for s in range(3)]
+    dirs.append(edit(finished(tmp_path, 'sft', '', 10.0, 3, 1.0), argv=['madpo.py', '--stage=sft']))
+    dirs.append(edit(finished(tmp_path, 'other', 'baseline', 10.0, 4, 0.5), dataset='text/book'))
+    dirs.append(edit(finished(tmp_path, 'wide', 'baseline', 10.0, 5, 0.7), n_embd=512))
+    dirs = [edit(d, argv=['train.py']) if d.name.startswith('b') else d for d in dirs]
+    report = compare.compare([str(d) for d in dirs], out=str(tmp_path / 'x'), target='none')
+    assert '| baseline | 2.0100 ± 0.0100 (n=3) |' in report
+    assert 'sft: a run of madpo.py' in report and 'other: another corpus (text/book/None)' in report
+    assert "wide: another model shape or batch than the rest of its row (baseline)" in report
+    with pytest.raises(budget_lib.UserError, match='nothing comparable among the 1 run'):
+        compare.compare([str(tmp_path / 'sft')], out=str(tmp_path / 'y'), target='none')
