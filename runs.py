@@ -360,13 +360,21 @@ def records_config(folder, values, ignore=('init_from', 'overwrite')):
     """Whether folder/config.json records a run with these config values (a dict: a config's asdict, or
     the keys a command line gives; how it was started aside): a finished run of it can be reused, a killed
     one resumed, any other must not be."""
+    return config_difference(folder, values, ignore) is None
+
+
+def config_difference(folder, values, ignore=('init_from', 'overwrite')):
+    """None when folder/config.json records these values, else (key, saved value, planned value) of the first
+    key that differs (saved None: no readable config.json, or the key is missing from it)."""
     path = Path(folder) / 'config.json'
     try:
         saved = json.loads(path.read_text()).get('config', {}) if path.is_file() else None
-    except ValueError:
-        return False
-    return isinstance(saved, dict) and all(saved.get(k) == v for k, v in json.loads(json.dumps(values)).items()
-                                           if k not in ignore)
+    except (ValueError, AttributeError):
+        saved = None
+    planned = json.loads(json.dumps(values))
+    if not isinstance(saved, dict):
+        return ('config.json', None, 'a run of these keys')
+    return next(((k, saved.get(k), v) for k, v in planned.items() if k not in ignore and saved.get(k) != v), None)
 
 
 def read_log(log_path):

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from configurator import UserError
-from runs import records_config, run_diverged, run_finished
+from runs import config_difference, records_config, run_diverged, run_finished
 
 ROOT = Path(__file__).resolve().parent.parent  # where the library's scripts are
 
@@ -54,6 +54,10 @@ def run_plan(plan, jobs, diverged_ok=False):
     def diverged(run):
         return diverged_ok and run_diverged(run.out_dir) and records_config(run.out_dir, run.args)
     todo = [run for run in plan if not (run.is_done() or diverged(run))]
+    for run in todo:  # a folder holding a run of other keys is replaced: say which key changed
+        diff = config_difference(run.out_dir, run.args) if (run.out_dir / 'config.json').exists() else None
+        if diff and not run.self_resuming:
+            print(f'{run.out_dir}: replacing a run of other keys ({diff[0]} was {diff[1]!r}, now {diff[2]!r})', flush=True)
     jobs_of = [Job(run.label, run.command(), Path(f'{run.out_dir}.out'), run.exclusive) for run in todo]
     failed = []
     for job, last in run_jobs(jobs_of, jobs):  # in the invoking folder: paths resolve as the user wrote them

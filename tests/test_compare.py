@@ -681,7 +681,7 @@ def test_a_row_tuned_as_another_is_not_tuned_and_runs_with_its_values(tmp_path, 
         ntng.sweep_plan(ntng.AblateConfig(config=cfg.config))
 
 
-def test_a_finished_run_is_reused_only_by_a_plan_with_its_keys(tmp_path, monkeypatch):
+def test_a_finished_run_is_reused_only_by_a_plan_with_its_keys(tmp_path, monkeypatch, capsys):
     """run_plan skips a finished run only if its config.json records the plan's keys: a run left by an
     older plan (another budget) in the same folder is run again, not read as this plan's."""
     folder = tmp_path / 'baseline' / 'b6' / 's0'
@@ -693,8 +693,10 @@ def test_a_finished_run_is_reused_only_by_a_plan_with_its_keys(tmp_path, monkeyp
     monkeypatch.setattr(plan, 'run_jobs', lambda jobs, n, cwd=None: started.extend(jobs) or [])
     plan.run_plan([ntng.planned_run('baseline', 'train.py', args)], jobs=1)
     assert started == []                                        # finished, with these keys: skipped
+    capsys.readouterr()
     plan.run_plan([ntng.planned_run('baseline', 'train.py', {**args, 'budget': 6.0})], jobs=1)
     assert len(started) == 1 and '--overwrite=True' in started[0].argv and '--budget=6.0' in started[0].argv
+    assert 'replacing a run of other keys (budget was 3.0, now 6.0)' in capsys.readouterr().out  # and says why
 
 
 def test_jobs_sharing_a_tag_wait_for_the_first_to_succeed(tmp_path):
