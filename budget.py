@@ -8,7 +8,8 @@ method that makes steps cheaper (fewer layers) or dearer (scoring passes) is cha
 A budget is given in one unit: rst (reference seconds), tokens (trained), iters (optimizer steps),
 flops (6N-style estimate) or wall (seconds, live). Every unit is counted on every run, so logs can be
 plotted against RST whatever the budget was. The LR is a function of budget progress p = spent/budget
-and reaches min_lr exactly at p = 1, when the run stops: the baseline is always fully decayed. The
+and reaches min_lr exactly at p = 1, when the run stops: the baseline is always fully decayed (a
+schedule-free optimizer's stays at its peak after the warm-up: lr_at's decay=False). The
 logged MFU divides the counted FLOPs by the device's peak (device_peak_flops: a known GPU's, or on a
 CPU a matmul rate measured once and cached).
 
@@ -84,13 +85,16 @@ def warmup_units(total, cfg):
     return cfg.warmup_units if cfg.warmup_units > 0 else cfg.warmup_frac * total
 
 
-def lr_at(spent, total, cfg):
-    """The learning rate after `spent` of a `total` budget (lr, min_lr, schedule keys of the config)."""
-    if spent >= total:
+def lr_at(spent, total, cfg, decay=True):
+    """The learning rate after `spent` of a `total` budget (lr, min_lr, schedule keys of the config).
+    decay=False (a schedule-free optimizer, whose average does the decay's work): the warm-up, then lr to the end."""
+    if spent >= total and decay:
         return cfg.min_lr  # exactly, not min_lr plus a rounding error
     spent, warmup = max(spent, 0.0), warmup_units(total, cfg)
     if spent < warmup:  # linear warm-up in absolute units, identical for every budget
         return cfg.lr * spent / warmup
+    if not decay:
+        return cfg.lr
     factor = SCHEDULES[cfg.schedule](spent / total, min(warmup / total, 0.999999),
                                      cooldown_frac=cfg.cooldown_frac, cooldown_shape=cfg.cooldown_shape)
     return cfg.min_lr + (cfg.lr - cfg.min_lr) * min(max(factor, 0.0), 1.0)

@@ -12,10 +12,13 @@ Methods plug into this loop through named hooks; they never copy it:
   objective.evaluate(model, ctx)        optional: the method's own val loss
   optimizer hooks, every k steps        Sophia-G's Hessian estimate (optim_sophia.HessianHook)
   arch.before_step(model, optimizer, p) the budget-progress hook (arch.py): stacking doubles, dropping resamples
+  optimizer.eval() / .train()           optional: the point evaluated, saved and sampled (schedule-free's x)
+                                        and the point trained (its y); see evaluation_point
 The loop charges the trained examples' forward+backward, the optimizer update and the hooks' passes
 (methods charge their extra forwards through ctx), and stops when the budget is spent, which is
-exactly when the learning rate reaches min_lr.
+exactly when the learning rate reaches min_lr (a schedule-free optimizer's stays at its peak).
 """
+import contextlib
 import dataclasses
 import json
 import math
@@ -71,7 +74,7 @@ class TrainConfig:
     theta_bar: float = key(0.5, '(0,1]')  # drop: the keep probability theta(t) decays to this
     gamma_f: float = key(100.0, '>=0')  # drop: decay speed of theta(t) (100 BERT-like, 20 for T5)
     # optimizer
-    optimizer: str = key('adamw', ('adamw', 'lion', 'sophiag', 'muon'))  # the optimizer (train.OPTIMIZERS)
+    optimizer: str = key('adamw', ('adamw', 'lion', 'sophiag', 'muon', 'sfadamw'))  # the optimizer (train.OPTIMIZERS)
     lr: float = key(2e-3, '>0')      # peak learning rate
     min_lr: float = key(0.0, '>=0')  # reached exactly when the budget is spent
     weight_decay: float = key(0.1, '>=0')  # on matrices only
@@ -128,6 +131,12 @@ class TrainConfig:
         require(not self.start.startswith('FILE:') or Path(self.start[5:]).is_file(),
                 f'--start={self.start}: no file at {self.start[5:]} (FILE:path reads the prompt from a text file)')
         require(self.warmup_units < self.budget, f'--warmup_units must be below --budget, got {self.warmup_units}')
+        if self.optimizer in SCHEDULE_FREE:  # its lr stays at the peak: one run passes through every smaller budget
+            require(self.warmup_units > 0 or self.warmup_frac == 0, f'--optimizer={self.optimizer} needs a warm-up the same '
+                    f'for every budget: give --warmup_units=N in budget units (e.g. {0.02 * self.budget:g}, 2% of this one), '
+                    f'or --warmup_frac=0 for none')
+            require(self.schedule != 'onecycle', f'--optimizer={self.optimizer} decays nothing: --schedule=onecycle would make '
+                                                 f'its warm-up half the budget')
         require(not self.branch_budgets or self.schedule == 'wsd', '--branch_budgets needs --schedule=wsd')
         if self.branch_budgets:  # a budget given twice: the trunk and its branch would share one folder
             check_distinct('branch_budgets', self.branch_budgets, '(1, 2, 4)')
@@ -357,7 +366,36 @@ def muon(cfg, groups, betas, bs, device):
                          scale=cfg.muon_scale), []
 
 
-OPTIMIZERS = {'adamw': adamw, 'lion': lion, 'sophiag': sophiag, 'muon': muon}  # name -> (optimizer, its every-k-steps hooks)
+def sfadamw(cfg, groups, betas, bs, device):
+    """Schedule-free AdamW at the loop's lr: its warm-up in budget units, then --lr to the end (SCHEDULE_FREE);
+    the optimizer's own warm-up, counted in steps, stays off."""
+    from optim_sfadamw import SFAdamW
+    return SFAdamW(groups, lr=cfg.lr, betas=betas), []
+
+
+OPTIMIZERS = {'adamw': adamw, 'lion': lion, 'sophiag': sophiag, 'muon': muon, 'sfadamw': sfadamw}  # name -> (optimizer, its every-k-steps hooks)
+SCHEDULE_FREE = ('sfadamw',)  # their average does the decay's work: the lr stays at --lr after an absolute warm-up
+
+
+@contextlib.contextmanager
+def evaluation_point(optimizer):
+    """The weights at the point the optimizer is evaluated at, for the block: a schedule-free optimizer trains at
+    y but its answer is the average x, so its eval() moves the parameters to x and train() moves them back, exactly
+    (optim_sfadamw). Every val loss, checkpoint and sample goes through here; other optimizers have no eval()."""
+    if not hasattr(optimizer, 'eval'):
+        yield
+        return
+    optimizer.eval()
+    try:
+        yield
+    finally:
+        optimizer.train()
+
+
+def training_point(optimizer):
+    """The weights at the point the optimizer trains at, before the first step: a resumed checkpoint holds x."""
+    if hasattr(optimizer, 'train'):
+        optimizer.train()
 
 
 def hidden_matrices(model):
@@ -453,6 +491,7 @@ class Trainer:
         self.val_inputs, self.val_targets = self.objective.val_batch(*val)
         self.bs = cfg.batch_size * cfg.grad_accum * self.rt.world_size * targets_per_example(cfg, self.model)
         self.optimizer, self.hooks = build_optimizer(cfg, self.model, self.bs, self.ctx.param_groups)
+        self.decay = cfg.optimizer not in SCHEDULE_FREE  # the schedule decays the lr to min_lr; else its peak after warm-up
         needs = {'optimizer': [cfg.optimizer], 'hessian': [h.charge_as for h in self.hooks if h.charge_as]}
         table = budget_lib.load_table(run_shape_key(cfg, self.model), cfg.rst_table, cfg.budget_unit == 'rst', needs,
                                       data_keys(cfg))
@@ -498,14 +537,15 @@ class Trainer:
         """Save the run (to out_dir/ckpt.pt, or to path as the run cfg names: a WSD branch's)."""
         if not self.rt.master:
             return
-        ckpt = {name: piece.state_dict() for name, piece in self._stateful().items()}
-        ckpt.update(model_args=dataclasses.asdict(self.model.config), iter_num=self.iter_num, method=self.method,
-                    val_loss=self.val_loss, best_val_loss=self.best_val_loss, config=dataclasses.asdict(cfg or self.cfg),
-                    active_layers=self.model.active_layers, evaluated=self.evaluated_at == self.iter_num,
-                    last_wall=self.last_wall, last_cost=self.last_cost, wandb_id=self.wandb and self.wandb.id,
-                    rng={'cpu': torch.get_rng_state(),
-                         'cuda': torch.cuda.get_rng_state() if self.rt.device.type == 'cuda' else None})
-        save_checkpoint(path or self.out_dir / 'ckpt.pt', ckpt)
+        with evaluation_point(self.optimizer):  # saved before train() moves the weights back: state_dicts share them
+            ckpt = {name: piece.state_dict() for name, piece in self._stateful().items()}
+            ckpt.update(model_args=dataclasses.asdict(self.model.config), iter_num=self.iter_num, method=self.method,
+                        val_loss=self.val_loss, best_val_loss=self.best_val_loss, config=dataclasses.asdict(cfg or self.cfg),
+                        active_layers=self.model.active_layers, evaluated=self.evaluated_at == self.iter_num,
+                        last_wall=self.last_wall, last_cost=self.last_cost, wandb_id=self.wandb and self.wandb.id,
+                        rng={'cpu': torch.get_rng_state(),
+                             'cuda': torch.cuda.get_rng_state() if self.rt.device.type == 'cuda' else None})
+            save_checkpoint(path or self.out_dir / 'ckpt.pt', ckpt)
 
     def start_folder(self):
         """Once every check has passed: a fresh run removes what an old run (--overwrite=True) left, its
@@ -529,11 +569,12 @@ class Trainer:
                 self.wandb.log(record)
 
     def eval_and_save(self):
-        if self.objective.evaluate is not None:
-            self.val_loss = self.objective.evaluate(self.model, self.ctx)
-        else:
-            self.val_loss = evaluate(self.model, self.val_inputs, self.val_targets, self.cfg.batch_size, self.rt,
-                                     self.arch.eval_layers(self.model))
+        with evaluation_point(self.optimizer):
+            if self.objective.evaluate is not None:
+                self.val_loss = self.objective.evaluate(self.model, self.ctx)
+            else:
+                self.val_loss = evaluate(self.model, self.val_inputs, self.val_targets, self.cfg.batch_size, self.rt,
+                                         self.arch.eval_layers(self.model))
         self.best_val_loss = min(self.best_val_loss, self.val_loss)
         self.log({'step': self.iter_num, 'val_loss': self.val_loss, **self.budget.spent, 'rst_by_entry': dict(self.budget.by_entry)})
         self.evaluated_at = self.iter_num
@@ -600,7 +641,7 @@ class Trainer:
         previous step's time as this one's."""
         unit = self.cfg.budget_unit
         after = before + self.last_wall if unit == 'wall' else self.budget.spent[unit]
-        return budget_lib.lr_at((before + after) / 2, self.budget.total, self.cfg)
+        return budget_lib.lr_at((before + after) / 2, self.budget.total, self.cfg, self.decay)
 
     def run(self):
         cfg, rt = self.cfg, self.rt
@@ -608,9 +649,10 @@ class Trainer:
         inputs = cfg.batch_size * cfg.grad_accum * rt.world_size * self.model.config.block_size
         per_step = f'{inputs:,} tokens' + (f' ({self.bs:,} targets)' if self.bs != inputs else '')  # T5: the loss averages its targets
         rt.print(f'{self.model.num_params() / 1e6:.2f}M params | {per_step} per step | '
-                 f'budget {cfg.budget:g} {cfg.budget_unit} | {cfg.optimizer} lr {cfg.lr:g} {cfg.schedule} | '
+                 f'budget {cfg.budget:g} {cfg.budget_unit} | {cfg.optimizer} lr {cfg.lr:g} {cfg.schedule if self.decay else "constant"} | '
                  f'arch {cfg.arch} | data {self.corpus.path} | device {rt.device} {str(rt.dtype).removeprefix("torch.")}')
         self.model.train()
+        training_point(self.optimizer)
         interrupted, t_start, meter = False, time.time(), budget_lib.Meter(self.budget)
         try:
             with signals_between_steps() as stop:
@@ -646,8 +688,9 @@ class Trainer:
                  f'tokens, {format_seconds(time.time() - t_start)} wall, {"val" if interrupted else "final val"} loss '
                  f'{self.val_loss:.4f}' + (' (a checkpoint: --init_from=resume continues it)' if interrupted else ''))
         if rt.master and cfg.sample_tokens and not interrupted:
-            rt.print('--- sample ---' + sample_text(self.model, self.tokenizer, rt, cfg.sample_tokens, prompt_text(cfg.start),
-                                                    temperature=cfg.temperature, top_k=cfg.top_k) + '\n---')
+            with evaluation_point(self.optimizer):
+                rt.print('--- sample ---' + sample_text(self.model, self.tokenizer, rt, cfg.sample_tokens, prompt_text(cfg.start),
+                                                        temperature=cfg.temperature, top_k=cfg.top_k) + '\n---')
         if self.wandb is not None:
             self.wandb.finish()
         return {'steps': self.iter_num, 'val_loss': self.val_loss, 'spent': dict(self.budget.spent),

@@ -10,7 +10,7 @@ import statistics
 
 import numpy as np
 
-from studies.stats import crossing, finals_by_seed, paired_cells
+from studies.stats import crossing, finals_by_seed, paired_cells, t_interval
 
 
 def target_table(groups, target, baseline='baseline', how=''):
@@ -21,12 +21,14 @@ def target_table(groups, target, baseline='baseline', how=''):
     of the table's budgets is pending, not counted; one already at the target at the smallest budget run
     reached it at that budget or before (the table says how many)."""
     lines = [f'target val loss {target:.4f}{how} (fully decayed endpoints, per seed)', '',
-             '| method | budget to target: median | seeds reached | speedup |', '| --- | --- | --- | --- |']
+             '| method | budget to target: median | seeds reached | speedup | paired speedup [95% CI] |',
+             '| --- | --- | --- | --- | --- |']
     table_budgets = sorted({b for by_budget in groups.values() for b, rs in by_budget.items() if finals_by_seed(rs)})
-    medians = {}
+    medians, per_seed = {}, {}
     for label, by_budget in groups.items():
         seeds = sorted({r['seed'] for rs in by_budget.values() for r in rs if r['complete']})
         times, pending, early = [], 0, 0
+        per_seed[label] = {}
         for seed in seeds:
             finals = {b: f[seed] for b in table_budgets if seed in (f := finals_by_seed(by_budget.get(b, [])))}
             hit = crossing([(math.log(b), y) for b, y in finals.items()], target)
@@ -35,6 +37,7 @@ def target_table(groups, target, baseline='baseline', how=''):
                 pending += 1
                 continue
             times.append(reached_at)
+            per_seed[label][seed] = reached_at
             early += finals[table_budgets[0]] <= target  # at the target at the first budget: at it or before
         medians[label] = (statistics.median(times) if times else math.inf, sum(t < math.inf for t in times), len(times),
                           pending, early)
@@ -44,8 +47,23 @@ def target_table(groups, target, baseline='baseline', how=''):
         notes = ([f'{pending} pending: not run at every budget yet'] if pending else []) + (
             [f'{early} already at the smallest budget: an upper bound'] if early else [])
         notes = f" ({'; '.join(notes)})" if notes else ''
-        lines.append(f"| {label} | {f'{median:.1f}' if math.isfinite(median) else 'not reached'} | {reached}/{n}{notes} | {speed} |")
+        paired = paired_speedup(per_seed.get(baseline, {}), per_seed[label]) if label != baseline else '—'
+        lines.append(f"| {label} | {f'{median:.1f}' if math.isfinite(median) else 'not reached'} | {reached}/{n}{notes} "
+                     f"| {speed} | {paired} |")
     return '\n'.join(lines)
+
+
+def paired_speedup(base, mine):
+    """The geometric mean over paired seeds of baseline time / method time, with a t-based 95% CI on the log
+    ratios: a method's speedup carries its interval. Needs every paired seed to reach the target."""
+    seeds = sorted(base.keys() & mine.keys())
+    if not seeds:
+        return '—'
+    if not all(math.isfinite(base[s]) and math.isfinite(mine[s]) for s in seeds):
+        return 'not resolved (a seed never reached it)'
+    m, half = t_interval([math.log(base[s] / mine[s]) for s in seeds])
+    ci = f' [{math.exp(m - half):.2f}, {math.exp(m + half):.2f}]' if math.isfinite(half) else ' (one pair)'
+    return f'{math.exp(m):.2f}x{ci} (n={len(seeds)})'
 
 
 def auto_target(base_runs):

@@ -287,14 +287,18 @@ def test_time_to_target_from_decayed_endpoints_over_all_seeds(target_runs, tmp_p
     report = compare.compare(target_runs, out=str(tmp_path / 'x'))   # target='auto'
     assert "target val loss 3.1000, the baseline's worst of 2 seeds at budget 20 (fully decayed" in report
     base = statistics.median([10 * 2 ** 0.6, 20.0])                 # every baseline seed reaches its own target
-    assert row(report, 'baseline', 2) == [f'{base:.1f}', '2/2', '1.00x']
-    assert row(report, 'fast', 2) == ['10.0', '2/2 (2 already at the smallest budget: an upper bound)', f'{base / 10:.2f}x']
-    assert row(report, 'slow', 2) == ['not reached', '0/1', '—']   # never: counted, not dropped
+    assert row(report, 'baseline', 2)[:3] == [f'{base:.1f}', '2/2', '1.00x']
+    assert row(report, 'fast', 2)[:3] == ['10.0', '2/2 (2 already at the smallest budget: an upper bound)', f'{base / 10:.2f}x']
+    assert row(report, 'slow', 2)[:3] == ['not reached', '0/1', '—']   # never: counted, not dropped
+    logs = [math.log(10 * 2 ** 0.6 / 10), math.log(20.0 / 10)]       # paired by seed: baseline time / method time
+    m, half = stats.t_interval(logs)
+    assert row(report, 'fast', 2)[3] == f'{math.exp(m):.2f}x [{math.exp(m - half):.2f}, {math.exp(m + half):.2f}] (n=2)'
+    assert row(report, 'slow', 2)[3] == 'not resolved (a seed never reached it)' and row(report, 'baseline', 2)[3] == '—'
     explicit = compare.compare(target_runs, out=str(tmp_path / 'y'), target='3.2')
     base = statistics.median([10 * 2 ** (0.2 / 0.5), 10 * 2 ** (0.2 / 0.3)])
-    assert row(explicit, 'baseline', 2) == [f'{base:.1f}', '2/2', '1.00x']
-    assert row(explicit, 'fast', 2) == ['10.0', '2/2 (2 already at the smallest budget: an upper bound)', f'{base / 10:.2f}x']
-    assert row(explicit, 'slow', 2) == ['20.0', '1/1', f'{base / 20:.2f}x']
+    assert row(explicit, 'baseline', 2)[:3] == [f'{base:.1f}', '2/2', '1.00x']
+    assert row(explicit, 'fast', 2)[:3] == ['10.0', '2/2 (2 already at the smallest budget: an upper bound)', f'{base / 10:.2f}x']
+    assert row(explicit, 'slow', 2)[:3] == ['20.0', '1/1', f'{base / 20:.2f}x']
 
 
 def test_a_seed_not_run_at_every_budget_yet_is_pending_not_unreached(target_runs, tmp_path, monkeypatch):
@@ -307,9 +311,9 @@ def test_a_seed_not_run_at_every_budget_yet_is_pending_not_unreached(target_runs
              write_run(tmp_path, 'b40s0', 'baseline', 40.0, 0, [(20.0, 2000, 3.0), (40.0, 4000, 2.5)])]
     report = compare.compare(target_runs + extra, out=str(tmp_path / 'x'))
     assert "target val loss 3.1000, the baseline's worst of 2 seeds at budget 20 (fully decayed" in report
-    assert row(report, 'fast', 2) == ['10.0', '2/2 (1 pending: not run at every budget yet; 2 already at the smallest '
+    assert row(report, 'fast', 2)[:3] == ['10.0', '2/2 (1 pending: not run at every budget yet; 2 already at the smallest '
                                               'budget: an upper bound)', '1.76x']
-    assert row(report, 'slow', 2) == ['not reached', '0/0 (1 pending: not run at every budget yet)', '—']
+    assert row(report, 'slow', 2)[:3] == ['not reached', '0/0 (1 pending: not run at every budget yet)', '—']
 
 
 def test_a_seed_with_a_gap_before_its_crossing_is_pending_and_auto_matches_seeds(target_runs, tmp_path, monkeypatch):
@@ -322,8 +326,8 @@ def test_a_seed_with_a_gap_before_its_crossing_is_pending_and_auto_matches_seeds
         ('g10', 'gap', 10.0, 0, 3.3), ('g40', 'gap', 40.0, 0, 2.9), ('l20', 'late', 20.0, 0, 3.0),
         ('b40s0', 'baseline', 40.0, 0, 2.6), ('b40s2', 'baseline', 40.0, 2, 2.7))]
     report = compare.compare(target_runs + extra, out=str(tmp_path / 'x'), target='3.0')
-    assert row(report, 'gap', 2) == ['not reached', '0/0 (1 pending: not run at every budget yet)', '—']
-    assert row(report, 'late', 2) == ['not reached', '0/0 (1 pending: not run at every budget yet)', '—']
+    assert row(report, 'gap', 2)[:3] == ['not reached', '0/0 (1 pending: not run at every budget yet)', '—']
+    assert row(report, 'late', 2)[:3] == ['not reached', '0/0 (1 pending: not run at every budget yet)', '—']
     auto = compare.compare(target_runs + extra, out=str(tmp_path / 'y'))
     assert "target val loss 2.7000, the baseline's worst of 2 seeds at budget 40 (fully decayed" in auto
 
