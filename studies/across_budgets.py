@@ -59,6 +59,8 @@ def paired_speedup(base, mine):
     seeds = sorted(base.keys() & mine.keys())
     if not seeds:
         return '—'
+    if all(math.isfinite(base[s]) and not math.isfinite(mine[s]) for s in seeds):
+        return f'slower: none of its {len(seeds)} paired seeds reached it'
     if not all(math.isfinite(base[s]) and math.isfinite(mine[s]) for s in seeds):
         return 'not resolved (a seed never reached it)'
     m, half = t_interval([math.log(base[s] / mine[s]) for s in seeds])

@@ -293,7 +293,7 @@ def test_time_to_target_from_decayed_endpoints_over_all_seeds(target_runs, tmp_p
     logs = [math.log(10 * 2 ** 0.6 / 10), math.log(20.0 / 10)]       # paired by seed: baseline time / method time
     m, half = stats.t_interval(logs)
     assert row(report, 'fast', 2)[3] == f'{math.exp(m):.2f}x [{math.exp(m - half):.2f}, {math.exp(m + half):.2f}] (n=2)'
-    assert row(report, 'slow', 2)[3] == 'not resolved (a seed never reached it)' and row(report, 'baseline', 2)[3] == '—'
+    assert row(report, 'slow', 2)[3] == 'slower: none of its 1 paired seeds reached it' and row(report, 'baseline', 2)[3] == '—'
     explicit = compare.compare(target_runs, out=str(tmp_path / 'y'), target='3.2')
     base = statistics.median([10 * 2 ** (0.2 / 0.5), 10 * 2 ** (0.2 / 0.3)])
     assert row(explicit, 'baseline', 2)[:3] == [f'{base:.1f}', '2/2', '1.00x']
