@@ -311,16 +311,16 @@ def compare_report(run_dirs, target='auto', baseline='baseline', floors='', marg
     return report, runs, used if isinstance(used, dict) else None
 
 
-PROTOCOL_SCRIPTS = ('train.py', 'rho.py')  # the entry points of a No Train No Gain table's rows
+OTHER_STUDIES = ('slm.py', 'madpo.py')  # entry points whose runs belong to other studies' tables, never to this one's
 
 
 def comparable(runs, baseline):
-    """(the runs one table may hold, [(run, why) left out]): runs of the protocol's entry points, on the
+    """(the runs one table may hold, [(run, why) left out]): runs that are not another study's, on the
     baseline's corpus (without a baseline, most runs'), each row of one model shape (its most runs'). A run
     of another script (an SLM arm, a MADPO stage) or corpus, or a stray shape, is never averaged into a row."""
     def corpus(r):
         return r['dataset'], r['tokenizer']
-    ours = [r for r in runs if r.get('script', '') in ('', *PROTOCOL_SCRIPTS)]
+    ours = [r for r in runs if r.get('script', '') not in OTHER_STUDIES]
     base = [r for r in ours if r['label'] == baseline]
     reference = collections.Counter(corpus(r) for r in base or ours).most_common(1)
     shapes = {label: collections.Counter(r['shape'] for r in ours if r['label'] == label).most_common(1)[0][0]
@@ -328,15 +328,16 @@ def comparable(runs, baseline):
     left = []
     for r in runs:
         if r not in ours:
-            left.append((r, f"a run of {r['script']}, not of {' or '.join(PROTOCOL_SCRIPTS)}"))
+            left.append((r, f"a run of {r['script']}, whose study has its own table"))
         elif corpus(r) != reference[0][0]:
             left.append((r, f"another corpus ({r['dataset']}/{r['tokenizer']}) than the table's"))
         elif r['shape'] != shapes[r['label']]:
             left.append((r, f"another model shape or batch than the rest of its row ({r['label']})"))
     keep = [r for r in runs if all(r is not x for x, _ in left)]
     if not keep:
-        raise UserError(f"nothing comparable among the {len(runs)} run(s) given: a table holds runs of "
-                        f"{' or '.join(PROTOCOL_SCRIPTS)} (these are {', '.join(sorted({r['script'] for r in runs}))})")
+        raise UserError(f"nothing comparable among the {len(runs)} run(s) given: they are runs of "
+                        f"{', '.join(sorted({r['script'] for r in runs}))}, whose studies have their own tables "
+                        '(python -m studies.slm / studies.madpo --stage=compare)')
     return keep, left
 
 

@@ -867,7 +867,7 @@ def test_runs_of_another_script_corpus_or_shape_are_never_in_a_row(tmp_path):
     dirs = [edit(d, argv=['train.py']) if d.name.startswith('b') else d for d in dirs]
     report = compare.compare([str(d) for d in dirs], out=str(tmp_path / 'x'), target='none')
     assert '| baseline | 2.0100 ± 0.0100 (n=3) |' in report
-    assert 'sft: a run of madpo.py' in report and 'other: another corpus (text/book/None)' in report
+    assert 'sft: a run of madpo.py, whose study has its own table' in report and 'other: another corpus (text/book/None)' in report
     assert "wide: another model shape or batch than the rest of its row (baseline)" in report
     with pytest.raises(budget_lib.UserError, match='nothing comparable among the 1 run'):
         compare.compare([str(tmp_path / 'sft')], out=str(tmp_path / 'y'), target='none')
