@@ -20,6 +20,7 @@ exactly when the learning rate reaches min_lr (a schedule-free optimizer's stays
 """
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import shutil
@@ -466,6 +467,8 @@ class Trainer:
         self.ctx = RunContext(self)
         self.objective.setup(self.ctx)  # requests only: the pieces below are built from them
         self._build(cfg)
+        if saved is not None:
+            check_resume_identity(saved, self.identity(), self.out_dir / 'ckpt.pt')
         self.iter_num, self.val_loss, self.best_val_loss, self.evaluated_at = 0, float('inf'), float('inf'), None
         self.skipped_steps, self.last_wall, self.last_cost = 0, 0.0, 0.0
         self.branch_points = sorted(branch_points)
@@ -514,6 +517,14 @@ class Trainer:
         return {'model': self.model, 'optimizer': self.optimizer, 'budget': self.budget, 'data': self.data.batches,
                 'objective': self.objective, 'arch': self.arch}
 
+    def identity(self):
+        """What a resumed run must share with the saved one beyond its keys: the DDP world size (the data order
+        is sliced by it), the corpus's content (re-prepared at the same path), the cost table's content
+        (recalibrated under the same name)."""
+        table = self.budget.table
+        return {'world_size': self.rt.world_size, 'corpus': self.corpus.fingerprint(),
+                'rst_table': None if table is None else hashlib.sha256(json.dumps(table, sort_keys=True).encode()).hexdigest()[:16]}
+
     def _resume(self, ckpt):
         with refused_if_damaged(self.out_dir / 'ckpt.pt', 'cannot be resumed', 'it is damaged: resume from an intact '
                                 'copy, or start again with --init_from=scratch --overwrite=True'):  # before anything is written
@@ -540,6 +551,7 @@ class Trainer:
         with evaluation_point(self.optimizer):  # saved before train() moves the weights back: state_dicts share them
             ckpt = {name: piece.state_dict() for name, piece in self._stateful().items()}
             ckpt.update(model_args=dataclasses.asdict(self.model.config), iter_num=self.iter_num, method=self.method,
+                        identity=self.identity(),
                         val_loss=self.val_loss, best_val_loss=self.best_val_loss, config=dataclasses.asdict(cfg or self.cfg),
                         active_layers=self.model.active_layers, evaluated=self.evaluated_at == self.iter_num,
                         last_wall=self.last_wall, last_cost=self.last_cost, wandb_id=self.wandb and self.wandb.id,
@@ -721,6 +733,16 @@ class Trainer:
         self.rt.print(f"step {self.iter_num} | loss {loss:.4f} | lr {lr:.2e} | budget {100 * self.budget.progress:.1f}% "
                       f"eta {format_seconds(rates['eta_s'])} | {rates['tokens_per_s'] / 1e3:.1f}k tok/s | "
                       f"mfu {100 * rates['mfu']:.1f}%{extra}")
+
+
+def check_resume_identity(ckpt, now, path):
+    """A resume refused, before anything is written, when the run would not continue the saved one: another
+    world size, corpus content or cost table (checkpoints from before the identity was saved are not checked)."""
+    saved = ckpt.get('identity')
+    for name, what in (('world_size', 'DDP world size'), ('corpus', 'corpus content'), ('rst_table', 'RST cost table')):
+        if isinstance(saved, dict) and name in saved and saved[name] != now[name]:
+            raise UserError(f'{path} was saved with another {what} ({saved[name]!r}, this run has {now[name]!r}): resume '
+                            'with the same, or start a new run in another --out_dir')
 
 
 def train(cfg, objective=None, branch_points=()):

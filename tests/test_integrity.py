@@ -375,3 +375,26 @@ def test_a_budget_smaller_than_one_step_is_refused_with_the_smallest_that_trains
     code, err = call(train.main, train.TrainConfig, argv, capsys)
     assert code == 2 and len(err) == 1 and says in err[0], err
     assert not (tmp_path / 'run').exists()
+
+
+def test_a_resume_under_a_recalibrated_table_is_refused_before_anything_is_written(tmp_path, capsys, stdlib_corpus):
+    """The same keys are not the same run: a cost table recalibrated under the same path would charge the rest
+    of the run differently; the resume is one line, and the saved run is as it was."""
+    from conftest import StopAfter
+    table = json.loads((ROOT / 'config' / 'rst' / 'gpt_L2_H2_D64_T64_V256_B8.json').read_text())
+    path = tmp_path / 'table.json'
+    path.write_text(json.dumps(table))
+    cfg = train.TrainConfig(model='tiny', batch_size=8, budget_unit='iters', budget=4, compile_loss=False, sample_tokens=0,
+                            eval_batches=2, peak_flops=1e12, log_interval=1, eval_interval=100, rst_table=str(path),
+                            out_dir=str(tmp_path / 'run'))
+    assert train.Trainer(cfg, StopAfter(8, 2)).run()['interrupted']
+    before = {p.name: p.read_bytes() for p in (tmp_path / 'run').iterdir() if p.is_file()}
+    table['fwd_bwd']['2'] *= 1.5
+    path.write_text(json.dumps(table))
+    argv = ['--model=tiny', '--batch_size=8', '--budget_unit=iters', '--budget=4', '--compile_loss=False',
+            '--sample_tokens=0', '--eval_batches=2', '--peak_flops=1e12', '--log_interval=1', '--eval_interval=100',
+            f'--rst_table={path}', f"--out_dir={tmp_path / 'run'}", '--init_from=resume']
+    code, err = call(train.main, train.TrainConfig, argv, capsys)
+    assert code == 2 and len(err) == 1 and 'another RST cost table' in err[0], err
+    after = {p.name: p.read_bytes() for p in (tmp_path / 'run').iterdir() if p.is_file() and p.name != 'lock'}
+    assert after == {k: v for k, v in before.items() if k != 'lock'}
