@@ -67,6 +67,24 @@ def text_name():
     shutil.rmtree(DATA_ROOT / 'text' / name, ignore_errors=True)
 
 
+TIMING_KEYS = {'wall', 'tokens_per_s', 'mfu', 'eta_s'}  # what two runs of the same steps may log differently
+
+
+def read_log(out_dir):
+    """A run folder's log.jsonl records."""
+    import json
+    return [json.loads(line) for line in (Path(out_dir) / 'log.jsonl').read_text().splitlines()]
+
+
+def without_timing(records):
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
+
+
+def load(out_dir):
+    """A run folder's checkpoint, as a resume reads it."""
+    return torch.load(Path(out_dir) / 'ckpt.pt', map_location='cpu', weights_only=True)
+
+
 def run_script(*args, cwd=ROOT, env=None, timeout=120):
     """Run `python ARGS...` in the repo root like a user would; returns the CompletedProcess."""
     import subprocess

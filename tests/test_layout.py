@@ -1,7 +1,6 @@
 """The library and the lab apart: no library file imports the lab (studies/), at module or function level,
 and the library's imports form no cycle, so every file reads top to bottom from what it builds on."""
 import ast
-from pathlib import Path
 
 from conftest import ROOT
 

@@ -6,14 +6,13 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import train
 from configurator import UserError
-from conftest import ROOT, StopAfter
+from conftest import ROOT, StopAfter, load, read_log, without_timing
 from optim_muon import Muon, MuonWithAdamW, muon_update
 from runs import build_model
 
@@ -153,16 +152,7 @@ def test_optimizer_key_offers_every_optimizer():
 # -----------------------------------------------------------------------------
 # through the loop
 
-def read_log(out_dir):
-    return [json.loads(line) for line in (Path(out_dir) / 'log.jsonl').read_text().splitlines()]
 
-
-def without_timing(records):
-    return [{k: v for k, v in r.items() if k not in {'wall', 'tokens_per_s', 'mfu', 'eta_s'}} for r in records]
-
-
-def load(out_dir):
-    return torch.load(Path(out_dir) / 'ckpt.pt', map_location='cpu', weights_only=True)
 
 
 def test_muon_run_learns_resumes_bit_identically_and_schedules_both_lrs(tiny_cfg, tmp_path):

@@ -5,14 +5,13 @@ import copy
 import io
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
 import train
 from configurator import ConfigError, UserError
-from conftest import ROOT, StopAfter
+from conftest import ROOT, StopAfter, load, read_log, without_timing
 from model import evaluate
 from optim_sfadamw import SFAdamW, average_weight
 from runs import model_from_checkpoint
@@ -132,16 +131,7 @@ def test_refuses_bad_arguments():
 KW = dict(optimizer='sfadamw', warmup_units=2.0, lr=3e-3)
 
 
-def read_log(out_dir):
-    return [json.loads(line) for line in (Path(out_dir) / 'log.jsonl').read_text().splitlines()]
 
-
-def without_timing(records):
-    return [{k: v for k, v in r.items() if k not in {'wall', 'tokens_per_s', 'mfu', 'eta_s'}} for r in records]
-
-
-def load(out_dir):
-    return torch.load(Path(out_dir) / 'ckpt.pt', map_location='cpu', weights_only=True)
 
 
 def assert_same_state(a, b):

@@ -13,22 +13,12 @@ import torch
 import runs
 import train
 from configurator import UserError
-from conftest import ROOT, StopAfter, run_script
+from conftest import ROOT, StopAfter, load, read_log, run_script, without_timing
 from model import GPT
 
-TIMING_KEYS = {'wall', 'tokens_per_s', 'mfu', 'eta_s'}  # measured, so they differ between runs
 
 
-def read_log(out_dir):
-    return [json.loads(l) for l in (Path(out_dir) / 'log.jsonl').read_text().splitlines()]
 
-
-def without_timing(records):
-    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
-
-
-def load(out_dir):
-    return torch.load(Path(out_dir) / 'ckpt.pt', map_location='cpu', weights_only=True)
 
 
 def assert_same_tensors(a, b):
