@@ -474,9 +474,12 @@ def cv(xs):
 
 def calibrate(cfg, run, model, batch, optimizers, key):
     """Measure the cost table of this shape on this machine and save it with the machine's description.
-    calibrate.py's command: calibrate.calibration_inputs(cfg) builds the arguments (the model, a batch of the run's shapes, every optimizer)."""
+    calibrate.py's command: calibrate.calibration_inputs(cfg) builds the arguments (the model, a batch of the run's shapes, every optimizer).
+    cfg.rst_add (optimizer names): measure and add only those entries to the existing table (add_entries)."""
     path = table_path(key, cfg.rst_table)
     require_writable(path)  # before minutes of measuring
+    if cfg.rst_add:
+        return add_entries(cfg, run, model, batch, optimizers, path)
     if cfg.compile:  # RST is a reference cost: one table serves eager and compiled runs of the shape alike
         print('calibrate times the eager model (--compile is not applied): compiled runs are charged these times')
     tables = [measure_table(model, optimizers, batch, run.autocast(), run.device) for _ in range(cfg.rst_repeats)]
@@ -491,6 +494,57 @@ def calibrate(cfg, run, model, batch, optimizers, key):
     worst = max(((v, f'{k}[{e}]') for k, entries in table.get('cv', {}).items() for e, v in entries.items()), default=None)
     print(f"wrote {path}: fwd_bwd {table['fwd_bwd']}" + (f' | largest CV {worst[0]:.1%} ({worst[1]})' if worst else ''))
     return path
+
+
+ANCHOR = ('fwd_bwd', 'optimizer:adamw')  # a baseline step: fwd+bwd at every block, then AdamW's update
+
+
+def add_entries(cfg, run, model, batch, optimizers, path):
+    """Price new optimizers in a table measured on another machine, keeping every entry it has (and so every
+    run charged under it): time the new updates beside a baseline step on this machine and scale them by
+    table / here of that step. An update's cost relative to a baseline step is what carries between
+    machines of one kind; the table keeps the measurement under 'added'."""
+    table = load_existing(path, cfg.rst_add, optimizers)
+    L = str(model.n_layer)
+    tables = [measure_table(model, {n: optimizers[n] for n in ('adamw', *cfg.rst_add)}, batch, run.autocast(), run.device)
+              for _ in range(cfg.rst_repeats)]
+    here = {kind: {e: statistics.median(t[kind][e] for t in tables) for e in t0} for kind, t0 in tables[0].items()}
+    scale = (table['fwd_bwd'][L] + table['optimizer']['adamw']) / (here['fwd_bwd'][L] + here['optimizer']['adamw'])
+    added = dict(table.get('added', {}))
+    for name in cfg.rst_add:
+        for kind in ('optimizer', 'hessian'):
+            if name in here[kind]:
+                table[kind][name] = here[kind][name] * scale
+                added[f'{kind}:{name}'] = {'seconds_here': here[kind][name], 'baseline_step_here': here['fwd_bwd'][L] + here['optimizer']['adamw'],
+                                           'scale': scale, 'machine': platform.processor() or platform.machine(),
+                                           'platform': platform.platform(), 'device': str(run.device), 'torch': torch.__version__,
+                                           'date': str(date.today()), 'threads': torch.get_num_threads(), 'repeats': len(tables)}
+    table['added'] = added
+    atomic_write_bytes(path, json.dumps(table, indent=1).encode())
+    print(f"added to {path}: " + ', '.join(f"optimizer:{n} {table['optimizer'][n]:.6g} s "
+                                          f"({here['optimizer'][n] / here['optimizer']['adamw']:.3g}x adamw's update here)"
+                                          for n in cfg.rst_add) + f' | scaled by {scale:.4g} (a baseline step: table / here)')
+    return path
+
+
+def load_existing(path, names, optimizers):
+    """The table rst_add extends: it must exist and be sound, and not price the optimizers already."""
+    unknown = [n for n in names if n not in optimizers or n == 'adamw']
+    if unknown:
+        raise UserError(f"--rst_add names {unknown[0]!r}: give optimizers other than adamw, of {', '.join(n for n in optimizers if n != 'adamw')}")
+    if not path.is_file():
+        raise UserError(f'--rst_add extends a table, and {path} does not exist: calibrate it whole first (without --rst_add)')
+    try:
+        table = json.loads(path.read_text())
+    except ValueError as e:
+        raise UserError(f'RST table {path} is not valid JSON ({e}): calibrate it again') from None
+    problem = table_problem(table, table.get('key') if isinstance(table, dict) else None)
+    if problem:
+        raise UserError(f'RST table {path} {problem}: calibrate it whole again (without --rst_add)')
+    there = [n for n in names if n in table['optimizer']]
+    if there:
+        raise UserError(f'RST table {path} prices optimizer:{there[0]} already: remove that entry by hand to measure it again')
+    return table
 
 
 @dataclasses.dataclass(frozen=True)

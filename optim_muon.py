@@ -13,7 +13,10 @@ Use: python train.py --optimizer=muon --muon_lr=0.02   (embeddings, the head, no
 
 The numbers are torch.optim.Muon's (torch >= 2.9), op for op: the momentum by lerp; Newton-Schulz in
 bfloat16 (as Jordan's code), on the wide orientation, from X / max(||X||_F, eps); decoupled weight decay by
-the current lr, W *= 1 - lr*wd, before the step. The scale by shape (A rows, B columns) is a key of SCALES:
+the current lr, W *= 1 - lr*wd, before the step. One departure, a key: ns_dtype, the Newton-Schulz dtype.
+train.py passes float32 on a CPU, where bfloat16 matrix products are emulated at many times float32's time:
+charged in RST, a bfloat16 iteration would bill Muon for the CPU's missing bfloat16 units, not for its
+algorithm. The scale by shape (A rows, B columns) is a key of SCALES:
 'original' (the default, Jordan's and torch's: sqrt(max(1, A/B))) or 'match_rms_adamw' (Liu et al.:
 0.2*sqrt(max(A, B)), an update of AdamW's RMS, so AdamW's lr and weight decay carry over).
 MuonWithAdamW is the one optimizer a whole model needs: Muon on the groups marked 'muon': True, AdamW
@@ -31,14 +34,14 @@ SCALES = {
 }
 
 
-def newton_schulz5(U, steps=5, eps=1e-7, coefficients=NS_COEFFICIENTS):
+def newton_schulz5(U, steps=5, eps=1e-7, coefficients=NS_COEFFICIENTS, dtype=torch.bfloat16):
     """About P Q^T of U = P S Q^T: the quintic X -> a X + (b S + c S^2) X, S = X X^T, moves each singular
     value that is not tiny into about [0.7, 1.2] rather than to exactly 1 (fewer steps; Jordan found no
-    loss from it). In bfloat16 and on the wide orientation, so that S is the smaller Gram matrix; the
-    result is bfloat16."""
+    loss from it). In `dtype` (bfloat16, as Jordan's code: the iteration tolerates its rounding) and on
+    the wide orientation, so that S is the smaller Gram matrix; the result is in `dtype`."""
     a, b, c = coefficients
     tall = U.size(0) > U.size(1)
-    X = U.bfloat16().T if tall else U.bfloat16()  # (rows <= cols)
+    X = U.to(dtype).T if tall else U.to(dtype)  # (rows <= cols)
     X = X / X.norm().clamp(min=eps)  # ||X||_F >= ||X||_2: every singular value <= 1. Not in place: a bf16 U is X.
     for _ in range(steps):
         S = X @ X.T                                                  # (rows, rows)
@@ -46,11 +49,12 @@ def newton_schulz5(U, steps=5, eps=1e-7, coefficients=NS_COEFFICIENTS):
     return X.T if tall else X
 
 
-def muon_update(p, grad, momentum_buffer, lr, wd, mu=0.95, nesterov=True, scale='original', ns_steps=5, ns_eps=1e-7):
+def muon_update(p, grad, momentum_buffer, lr, wd, mu=0.95, nesterov=True, scale='original', ns_steps=5, ns_eps=1e-7,
+                ns_dtype=torch.bfloat16):
     """One Muon step for one 2-D tensor (A, B), in place, in torch.optim.Muon's order."""
     momentum_buffer.lerp_(grad, 1 - mu)                                  # M = mu*M + (1-mu)*G
     U = grad.lerp(momentum_buffer, mu) if nesterov else momentum_buffer  # (1-mu)*G + mu*M
-    O = newton_schulz5(U, ns_steps, ns_eps)
+    O = newton_schulz5(U, ns_steps, ns_eps, dtype=ns_dtype)
     if lr * wd != 0:
         p.mul_(1 - lr * wd)
     p.add_(O, alpha=-lr * SCALES[scale](*p.shape))
@@ -83,10 +87,10 @@ class Muon(Optimizer):
     """Muon for 2-D parameters only (torch.optim.Muon's numbers). State per parameter: `momentum_buffer`."""
 
     def __init__(self, params, lr=0.02, weight_decay=0.0, momentum=0.95, nesterov=True, scale='original',
-                 ns_steps=5, ns_eps=1e-7):
+                 ns_steps=5, ns_eps=1e-7, ns_dtype=torch.bfloat16):
         _check(lr, weight_decay, momentum, scale, ns_steps)
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
-                                      scale=scale, ns_steps=ns_steps, ns_eps=ns_eps))
+                                      scale=scale, ns_steps=ns_steps, ns_eps=ns_eps, ns_dtype=ns_dtype))
 
     def steps_muon(self, group):
         return True  # every group: Muon takes matrices only
@@ -117,7 +121,8 @@ class Muon(Optimizer):
             if 'momentum_buffer' not in state:
                 state['momentum_buffer'] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
             muon_update(p, p.grad, state['momentum_buffer'], group['lr'], group['weight_decay'], group['momentum'],
-                        group['nesterov'], group['scale'], group['ns_steps'], group['ns_eps'])
+                        group['nesterov'], group['scale'], group['ns_steps'], group['ns_eps'],
+                        group.get('ns_dtype', torch.bfloat16))  # a checkpoint of before the key: torch's
 
 
 class MuonWithAdamW(Muon):
@@ -126,7 +131,7 @@ class MuonWithAdamW(Muon):
     gains, biases). AdamW state per parameter: `step`, `exp_avg`, `exp_avg_sq`, as torch's."""
 
     def __init__(self, params, lr=1e-3, muon_lr=0.02, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0,
-                 momentum=0.95, nesterov=True, scale='original', ns_steps=5, ns_eps=1e-7):
+                 momentum=0.95, nesterov=True, scale='original', ns_steps=5, ns_eps=1e-7, ns_dtype=torch.bfloat16):
         _check(muon_lr, weight_decay, momentum, scale, ns_steps)
         if not lr >= 0.0:
             raise ValueError(f"lr must be >= 0, got {lr}")
@@ -138,7 +143,7 @@ class MuonWithAdamW(Muon):
             params = [{'lr': muon_lr, **g} if g.get('muon') else g for g in params]
         Optimizer.__init__(self, params, dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, muon=False,
-            momentum=momentum, nesterov=nesterov, scale=scale, ns_steps=ns_steps, ns_eps=ns_eps))
+            momentum=momentum, nesterov=nesterov, scale=scale, ns_steps=ns_steps, ns_eps=ns_eps, ns_dtype=ns_dtype))
 
     def steps_muon(self, group):
         return bool(group.get('muon'))

@@ -88,6 +88,7 @@ class TrainConfig:
     muon_lr: float = key(0.02, '>0')  # muon: the lr of the hidden matrices (AdamW's parts use --lr); scheduled alike
     muon_momentum: float = key(0.95, '[0,1)')  # muon: mu of the (Nesterov) momentum
     muon_scale: str = key('original', ('original', 'match_rms_adamw'))  # muon: step scale by shape (optim_muon.SCALES)
+    muon_ns_dtype: str = key('auto', ('auto', 'bfloat16', 'float32'))  # muon: Newton-Schulz dtype; auto: bfloat16 on CUDA, float32 on CPU
     # budget and schedule
     budget_unit: str = key('rst', budget_lib.UNITS)  # rst, tokens, iters, flops or wall
     budget: float = key(180.0, '>0')  # in budget_unit
@@ -99,6 +100,7 @@ class TrainConfig:
     branch_budgets: tuple = key((), '>0')  # wsd: multiples of --budget, e.g. (1, 2, 4): one trunk, a cooldown branch each
     rst_table: str = ''              # '' = config/rst/<shape>.json
     rst_repeats: int = key(1, '>0')  # calibrate.py: measure the table N times (median; each entry's CV saved)
+    rst_add: tuple = ()              # calibrate.py: add only these optimizers to the existing table (budget.add_entries)
     # eval, logging, checkpoints, sampling
     eval_interval: int = key(250, '>0')  # optimizer steps between evals (and checkpoints)
     eval_batches: int = key(16, '>0')  # fixed val set: eval_batches x batch_size examples
@@ -363,8 +365,9 @@ def muon(cfg, groups, betas, bs, device):
     """Muon on the groups marked 'muon' (at --muon_lr, scaled by the schedule as --lr is), AdamW on the rest."""
     from optim_muon import MuonWithAdamW
     groups = [{**g, 'lr_scale': cfg.muon_lr / cfg.lr} if g.get('muon') else g for g in groups]
+    ns_dtype = cfg.muon_ns_dtype if cfg.muon_ns_dtype != 'auto' else 'bfloat16' if device.type == 'cuda' else 'float32'
     return MuonWithAdamW(groups, lr=cfg.lr, muon_lr=cfg.muon_lr, betas=betas, momentum=cfg.muon_momentum,
-                         scale=cfg.muon_scale), []
+                         scale=cfg.muon_scale, ns_dtype=getattr(torch, ns_dtype)), []  # float32 on CPU: optim_muon says why
 
 
 def sfadamw(cfg, groups, betas, bs, device):

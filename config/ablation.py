@@ -26,7 +26,14 @@ METHODS = {
     'rho_il_charged': ('rho.py', dict(method='rho', select_frac=0.5, charge_il=True)),  # its IL's training + precompute in every budget
     'lion': ('train.py', dict(optimizer='lion', lr=4e-4, weight_decay=0.5, beta1=0.9, beta2=0.99)),
     'sophiag': ('train.py', dict(optimizer='sophiag', lr=1e-3, rho=0.04, weight_decay=0.2, beta1=0.965, beta2=0.99)),
+    # today's claims (rows added 2026-12-06, tuned like the rest): Muon on the hidden matrices at Jordan's
+    # default lr; its AdamW part (embeddings, head, gains) at COMMON's lr and weight decay, the baseline's
+    # tuned values. Schedule-free AdamW at the schedulefree package's default lr, its warm-up absolute (2% of
+    # the smallest budget, as the baseline's there), then constant: its average does the decay's work.
+    'muon': ('train.py', dict(optimizer='muon', muon_lr=0.02)),
+    'sfadamw': ('train.py', dict(optimizer='sfadamw', lr=2.5e-3, warmup_frac=0.0, warmup_units=2.4)),
 }
+LR_KEY = {'muon': 'muon_lr'}  # the lr a row's tuning grid moves, when it is not lr
 TUNE = {'sophiag': {'rho': (0.04, 0.08, 0.16)}}  # the authors tune rho for a win rate of 0.1-0.5; at the default 0.04
 # a short pilot run's win rate was below that band, so the grid starts at the default and goes up (tune extends
 # it either way from an edge)

@@ -11,6 +11,7 @@ table each method's paired difference to the baseline: t-based 95% CI, Holm-adju
     python -m studies.ntng compare out/ablation --out=ablation            # -> ablation.md, ablation.png
 """
 import dataclasses
+import hashlib
 import importlib
 import itertools
 import json
@@ -83,9 +84,13 @@ def check_sweep_shapes(spec, path):
         'TUNE': (is_dict_of(spec.get('TUNE', {}), lambda axes: is_dict_of(axes, lambda v: isinstance(v, tuple) and v)),
                  "a dict of row -> {key: (values, ...)}"),
         'TUNED_AS': (is_dict_of(spec.get('TUNED_AS', {}), lambda v: isinstance(v, str)), 'a dict of row -> row'),
+        'LR_KEY': (is_dict_of(spec.get('LR_KEY', {}), lambda v: isinstance(v, str) and v.endswith('lr')),
+                   "a dict of row -> the lr key its grid moves (e.g. 'muon_lr')"),
     }
     for name, (ok, shape) in shapes.items():
         require(ok, f'{path}: {name} must be {shape} (see config/ablation.py)')
+    for row in spec.get('LR_KEY', {}):
+        require(row in spec['METHODS'], f"{path}: LR_KEY names {row}, which METHODS does not have")
     for row, axes in spec.get('TUNE', {}).items():
         require(row in spec['METHODS'], f"{path}: TUNE names {row}, which METHODS does not have")
         lion = {**spec['COMMON'], **spec['METHODS'][row][1]}.get('optimizer') == 'lion'
@@ -172,9 +177,10 @@ class TuneConfig:
         check_distinct('seeds', self.seeds, '(1000,)')
 
 
-def tune_point(args, common, lr, extra):
-    """A method's overrides at learning rate lr: Lion keeps lr x weight_decay at its configured product."""
-    point = {**args, 'lr': lr, **extra}
+def tune_point(args, common, lr, extra, lr_key='lr'):
+    """A method's overrides at learning rate lr (of its lr_key: Muon's grid moves muon_lr, its AdamW part
+    stays at COMMON's lr): Lion keeps lr x weight_decay at its configured product."""
+    point = {**args, lr_key: lr, **extra}
     if {**common, **args}.get('optimizer') == 'lion':
         lr0, wd0 = args.get('lr', common.get('lr')), args.get('weight_decay', common.get('weight_decay', 0.1))
         point['weight_decay'] = wd0 * lr0 / lr
@@ -207,9 +213,10 @@ def tune(cfg):
     for g in grids:
         best = g.best()
         edges = list(g.edges(best))  # still at an edge after every extension allowed: the optimum may lie beyond
-        results[g.label] = {**{k: v for k, v in tune_point(g.args, common, best['lr'], best['extra']).items()
-                               if k in ('lr', 'weight_decay', *g.axes)}, 'grid': g.summaries(), 'at_edge': edges}
-        print(f"{g.label}: best lr {best['lr']:.3g} {best['extra'] or ''} final val loss {best['final']:.4f}"
+        results[g.label] = {**{k: v for k, v in tune_point(g.args, common, best['lr'], best['extra'], g.lr_key).items()
+                               if k in (g.lr_key, 'weight_decay', *g.axes)}, 'lr_key': g.lr_key, 'grid': g.summaries(),
+                            'at_edge': edges}
+        print(f"{g.label}: best {g.lr_key} {best['lr']:.3g} {best['extra'] or ''} final val loss {best['final']:.4f}"
               + (f" (still at an edge of its {', '.join(edges)} axis, which can extend no further: the optimum may "
                  'lie beyond it)' if edges else ''), flush=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -217,28 +224,50 @@ def tune(cfg):
     il = next((g.il for g in grids if g.il), None) or earlier.get('il')
     if il:
         record['il'] = il  # the IL model the RHO-LOSS grid trained: ablate reuses it at the same il_budget
-    atomic_write_bytes(out / 'tuned.json', json.dumps(record, indent=1).encode())
+    atomic_write_bytes(out / 'tuned.json', json.dumps(sealed(record), indent=1).encode())
     plot_tuning(record['tuned'], out / 'tune.png')
     print(f"wrote {out / 'tuned.json'}")
     return results
 
 
 def earlier_tuning(path, record):
-    """The tuned.json already at path (its methods are kept), {} if none; refused when it is not one, or
-    was made for another sweep (other COMMON, METHODS, budget or seeds): it would be overwritten."""
+    """The tuned.json already at path (its methods are kept), {} if none; refused when it is not one, was
+    edited since tune wrote it, or was made for another sweep (other COMMON, budget or seeds, or another
+    definition of a row it tuned): it would be overwritten. Rows the sweep file added since are welcome."""
     if not path.exists():
         return {}
     try:
-        earlier = json.loads(path.read_text())
-        differ = [k for k in ('common', 'methods', 'budget', 'seeds') if earlier[k] != record[k]]
-        if not isinstance(earlier['tuned'], dict):
-            raise TypeError('tuned')
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        earlier = unsealed(json.loads(path.read_text()), path)
+        differ = [k for k in ('common', 'budget', 'seeds') if earlier[k] != record[k]]
+        differ += [f'METHODS[{row!r}]' for row in earlier['tuned'] if earlier['methods'].get(row) != record['methods'].get(row)]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise UserError(f'{path} is not a tuned.json from `python -m studies.ntng tune` ({type(e).__name__}): move it away or '
                         f'give another --out_dir') from None
     require(not differ, f"{path} holds a tuning of another sweep (its {', '.join(differ)} differ): give another "
                         f'--out_dir, or move it away to tune afresh')
     return earlier
+
+
+def sealed(record):
+    """A tuned.json's record with the sha256 of its content: a hand edit (a relabelled row, a moved lr) is
+    refused by unsealed rather than run as if tune had chosen it."""
+    body = {k: v for k, v in record.items() if k != 'sha256'}
+    return {**body, 'sha256': hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()}
+
+
+def unsealed(record, path):
+    """The record of a tuned.json whose sha256 matches its content, else one line (ValueError's, for the
+    callers' 'not a tuned.json' path, or a UserError naming the edit)."""
+    if not isinstance(record, dict) or not isinstance(record.get('tuned'), dict) or not isinstance(record.get('methods'), dict):
+        raise TypeError('tuned')
+    if 'sha256' not in record:
+        raise UserError(f'{path} carries no sha256 of its content (a tuned.json written before tune sealed its '
+                        'output, or by hand): run `python -m studies.ntng tune` again, or seal it with '
+                        '`python -m studies.ntng seal PATH` once you have checked it by eye')
+    if sealed(record)['sha256'] != record['sha256']:
+        raise UserError(f'{path} was edited after tune wrote it (its sha256 no longer matches its content): '
+                        'run tune again, or seal it with `python -m studies.ntng seal PATH` if the edit is yours')
+    return record
 
 
 MAX_EXTENSIONS = 3  # times an edge extends one axis of a tuning grid
@@ -250,7 +279,8 @@ class TuneGrid:
     def __init__(self, label, script, args, spec, budget, cfg):
         self.label, self.script, self.args, self.budget, self.seeds = label, script, args, budget, cfg.seeds
         self.common, self.out = spec['COMMON'], Path(cfg.out_dir) / label
-        self.lr0 = args.get('lr', self.common.get('lr', 2e-3))
+        self.lr_key = spec.get('LR_KEY', {}).get(label, 'lr')  # the lr the grid moves: Muon's muon_lr
+        self.lr0 = args.get(self.lr_key, self.common.get(self.lr_key, 2e-3))
         self.axes = {name: tuple(sorted(values)) for name, values in spec.get('TUNE', {}).get(label, {}).items()}
         self.ks = list(range(-(cfg.points // 2), cfg.points - cfg.points // 2))
         self.extended = dict.fromkeys(['lr', *self.axes], 0)  # an edge extends an axis MAX_EXTENSIONS times
@@ -262,7 +292,7 @@ class TuneGrid:
 
     def plan(self):
         return [planned_run(self.label, self.script, {
-                    **self.common, **self.il, **tune_point(self.args, self.common, lr, extra), 'budget': self.budget,
+                    **self.common, **self.il, **tune_point(self.args, self.common, lr, extra, self.lr_key), 'budget': self.budget,
                     'seed': seed, 'label': f'{self.label} (tuning)', 'out_dir': str(self.out / point_name(lr, extra) / f's{seed}')})
                 for lr, extra in self.grid() for seed in self.seeds]
 
@@ -301,7 +331,7 @@ class TuneGrid:
     def accepts(self, name, value):
         """Whether the method's script takes name=value among this grid's keys (its config class's checks)."""
         config = script_config(self.script)
-        args = {**self.common, **self.args, **tune_point(self.args, self.common, self.lr0, {name: value})}
+        args = {**self.common, **self.args, **tune_point(self.args, self.common, self.lr0, {name: value}, self.lr_key)}
         try:
             config(**{f.name: args[f.name] for f in dataclasses.fields(config) if f.name in args})
         except ConfigError as e:
@@ -351,10 +381,9 @@ def read_tuned(path, spec, config, smallest_budget, rows, seeds):
     difference) when it was made for another sweep, lacks one of the sweep's rows (equal effort: no row
     runs untuned beside tuned ones), or was tuned on a seed the sweep reports."""
     try:
-        record = json.loads(Path(path).read_text())
+        record = unsealed(json.loads(Path(path).read_text()), path)
         tuned, methods, il = record['tuned'], record['methods'], record.get('il')
-        if not (isinstance(methods, dict) and isinstance(tuned, dict)
-                and all(isinstance(t, dict) and t['lr'] > 0 for t in tuned.values())):
+        if not all(isinstance(t, dict) and t[t.get('lr_key', 'lr')] > 0 for t in tuned.values()):
             raise TypeError('tuned')
         if il is not None and not (isinstance(il['il_out_dir'], str) and isinstance(il['il_cache'], str)
                                    and il['il_budget'] > 0):
@@ -377,7 +406,7 @@ def read_tuned(path, spec, config, smallest_budget, rows, seeds):
     shared = sorted(set(record.get('seeds', [])) & set(seeds))
     require(not shared, f'--tuned={path} was tuned on seed(s) {shared}, which this sweep reports: tuning seeds are '
                         'never reported; give --seeds without them, or tune on other seeds')
-    return {label: {k: v for k, v in t.items() if k not in ('grid', 'at_edge')} for label, t in tuned.items()}, il
+    return {label: {k: v for k, v in t.items() if k not in ('grid', 'at_edge', 'lr_key')} for label, t in tuned.items()}, il
 
 
 def tuning_table(path):
@@ -387,9 +416,10 @@ def tuning_table(path):
              'loss per grid point, the chosen one in bold', '', '| row | chosen | grid (lr: final val loss) | at an edge |',
              '| --- | --- | --- | --- |']
     for label, t in record['tuned'].items():
-        chosen = ', '.join(f'{k} {value_text(v)}' for k, v in t.items() if k not in ('grid', 'at_edge'))
+        lr_key = t.get('lr_key', 'lr')
+        chosen = ', '.join(f'{k} {value_text(v)}' for k, v in t.items() if k not in ('grid', 'at_edge', 'lr_key'))
         points = sorted(t['grid'], key=lambda g: (sorted(g['extra'].items()), g['lr']))
-        grid = '; '.join(('**{}**' if g['lr'] == t['lr'] and all(t.get(k) == v for k, v in g['extra'].items()) else '{}')
+        grid = '; '.join(('**{}**' if g['lr'] == t[lr_key] and all(t.get(k) == v for k, v in g['extra'].items()) else '{}')
                          .format(f"{value_text(g['lr'])}{''.join(f' {k}={value_text(v)}' for k, v in g['extra'].items())}: "
                                  f"{g['final']:.4f}") for g in points)
         lines.append(f"| {label} | {chosen} | {grid} | {', '.join(t.get('at_edge', [])) or 'no'} |")
@@ -440,7 +470,27 @@ def plot_tuning(results, path):
 # the command line: python -m studies.ntng {tune|ablate|compare}
 
 COMMANDS = {'tune': 'tune [sweep_file.py] [--key=value ...]', 'ablate': 'ablate [sweep_file.py] [--key=value ...]',
-            'compare': 'compare SWEEP_FOLDER|RUN_FOLDER ... [--key=value ...]'}
+            'compare': 'compare SWEEP_FOLDER|RUN_FOLDER ... [--key=value ...]', 'seal': 'seal TUNED_JSON'}
+
+
+def seal(path):
+    """Write a tuned.json's sha256 after checking its structure: for a file written before tune sealed its
+    output, or an edit of your own that you have checked by eye."""
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text())
+        unsealed({**record, 'sha256': sealed(record)['sha256']}, path)  # the structure read_tuned needs
+        if not all(isinstance(t, dict) and t[t.get('lr_key', 'lr')] > 0 for t in record['tuned'].values()):
+            raise TypeError('tuned')
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(f'{path} is not a tuned.json from `python -m studies.ntng tune` ({type(e).__name__})') from None
+    atomic_write_bytes(path, json.dumps(sealed(record), indent=1).encode())
+    print(f"sealed {path}: sha256 {sealed(record)['sha256'][:16]}")
+
+
+@dataclass(frozen=True)
+class SealConfig:
+    """seal takes no keys: one path."""
 
 
 def main(argv):
@@ -453,6 +503,11 @@ def main(argv):
         print(f"unknown command '{argv[0]}': {usage}", file=sys.stderr)
         sys.exit(2)
     command, rest = argv[0], argv[1:]
+    if command == 'seal':
+        if len(rest) != 1 or rest[0].startswith('-'):
+            print(f'usage: python -m studies.ntng {COMMANDS[command]}', file=sys.stderr if rest != ['--help'] else sys.stdout)
+            sys.exit(0 if rest == ['--help'] else 2)
+        return cli(lambda c: seal(rest[0]), SealConfig, [], COMMANDS[command])
     rest = [f'--target={a[9:]!r}' if a.startswith('--target=') and is_number(a[9:]) else a for a in rest]  # a str key
     if command in ('ablate', 'tune'):  # their config.py is the sweep file
         rest = [f'--config={a}' if a.endswith('.py') and not a.startswith('--') else a for a in rest]

@@ -122,11 +122,35 @@ def slm_figure(folder, png):
         shutil.copyfile(Path(tmp) / 'compare_curves.png', png)
 
 
+def update_costs(folder):
+    """Each optimizer's update as the committed cost tables of the ablation's shape charge it: seconds, x AdamW's
+    update, and a plain step's cost (4-block fwd+bwd, the update; Sophia-G's Hessian step every 10th) relative to
+    the baseline's, which sets how many steps a budget buys; where the entry was added later (calibrate.py
+    --rst_add), the machine and date of its measurement."""
+    lines = []
+    for name, path in (('CPU', 'config/rst/gpt_L4_H4_D128_T128_V256_B32.json'), ('H200 (rescaled)', 'config/rst/h200/gpt_L4_H4_D128_T128_V256_B32.json')):
+        table = json.loads((ROOT / path).read_text())
+        full = table['fwd_bwd'][max(table['fwd_bwd'], key=int)]
+        baseline = full + table['optimizer']['adamw']
+        for opt in ('adamw', 'lion', 'sophiag', 'muon', 'sfadamw'):
+            update = table['optimizer'].get(opt)
+            if update is None:
+                lines.append([name, opt, 'not measured', '', '', ''])
+                continue
+            step = full + update + table['hessian'].get(opt, 0.0) / 10
+            added = table.get('added', {}).get(f'optimizer:{opt}')
+            lines.append([name, opt, f'{update * 1e3:.3f}', f"{update / table['optimizer']['adamw']:.2f}", f'{step / baseline:.3f}',
+                          f"added {added['date']} ({added['device']}, {added['threads']} threads)" if added else f"calibrated {table['date']}"])
+    header = ['table', 'optimizer', 'update (ms)', 'x AdamW update', 'step / baseline step', 'measured']
+    return '\n'.join('| ' + ' | '.join(row) + ' |' for row in (header, ['---'] * len(header), *lines))
+
+
 SECTIONS = {
     'ntng_cpu_tuning': Section('ntng-cpu-2026-11-30/tune', tuning),
     'ntng_cpu': Section('ntng-cpu-2026-11-30/ablation', ntng_table, ntng_figure),
     'ntng_h200': Section('ntng-h200-2026-12-06', second_system_table),
     'ntng_lr_check': Section('ntng-lr-check-2026-12-06', lr_check),
+    'update_costs': Section('ntng-today-2026-12-06', update_costs),
     'slm': Section('slm-2026-11-30', slm_table, slm_figure),
     'madpo': Section('madpo-2026-11-30', madpo_table, madpo_figure),
 }

@@ -200,12 +200,48 @@ def test_calibrate_repeats_store_the_median_and_each_entry_coefficient_of_variat
     the CV sd / mean (0.3215 / 1.2333, not sd / median); an entry that never varied has CV 0."""
     times = iter([1.0, 1.6, 1.1])
     monkeypatch.setattr(budget_lib, 'measure_table', lambda *args: {'fwd_bwd': {'1': next(times), '2': 2.0}})
-    cfg = types.SimpleNamespace(rst_table=str(tmp_path / 't.json'), compile=False, rst_repeats=3)
+    cfg = types.SimpleNamespace(rst_table=str(tmp_path / 't.json'), compile=False, rst_repeats=3, rst_add=())
     run = types.SimpleNamespace(autocast=lambda: None, device='cpu', dtype=torch.float32)
     table = json.loads(budget_lib.calibrate(cfg, run, None, None, None, 'gpt_L2_H2_D64_T64_V256_B4').read_text())
     assert table['fwd_bwd'] == {'1': 1.1, '2': 2.0} and table['repeats'] == 3
     sd = math.sqrt(((1.0 - 3.7 / 3) ** 2 + (1.1 - 3.7 / 3) ** 2 + (1.6 - 3.7 / 3) ** 2) / 2)
     assert table['cv']['fwd_bwd']['1'] == pytest.approx(sd / (3.7 / 3)) and table['cv']['fwd_bwd']['2'] == 0
+
+
+def _table(key='gpt_L2_H2_D64_T64_V256_B4'):
+    return {'key': key, 'fwd_bwd': {'1': 0.12, '2': 0.2}, 'fwd': {'1': 0.04, '2': 0.07},
+            'optimizer': {'adamw': 0.01, 'lion': 0.008}, 'hessian': {}, 'machine': 'the reference CPU'}
+
+
+def test_rst_add_prices_a_new_optimizer_by_a_baseline_step_and_keeps_every_other_entry(tmp_path, monkeypatch):
+    """Hand case: the table's baseline step (fwd_bwd at 2 blocks + AdamW) is 0.2 + 0.01 = 0.21 s; here it is
+    0.1 + 0.005 = 0.105 s, so scale 2; Muon's update here, 0.02 s, is priced 0.04 s. Nothing else changes."""
+    path = tmp_path / 't.json'
+    path.write_text(json.dumps(_table()))
+    here = {'fwd_bwd': {'1': 0.07, '2': 0.1}, 'fwd': {'1': 0.02, '2': 0.03}, 'optimizer': {'adamw': 0.005, 'muon': 0.02}, 'hessian': {}}
+    seen = []
+    monkeypatch.setattr(budget_lib, 'measure_table', lambda model, optimizers, *a: seen.append(sorted(optimizers)) or here)
+    cfg = types.SimpleNamespace(rst_table=str(path), compile=False, rst_repeats=1, rst_add=('muon',))
+    run = types.SimpleNamespace(autocast=lambda: None, device='cpu', dtype=torch.float32)
+    model = types.SimpleNamespace(n_layer=2)
+    optimizers = {name: None for name in train.OPTIMIZERS}
+    budget_lib.calibrate(cfg, run, model, None, optimizers, 'gpt_L2_H2_D64_T64_V256_B4')
+    table = json.loads(path.read_text())
+    assert seen == [['adamw', 'muon']]  # only the new update beside the anchor
+    assert table['optimizer']['muon'] == pytest.approx(0.04)
+    assert table['added']['optimizer:muon']['scale'] == pytest.approx(2.0)
+    assert table['added']['optimizer:muon']['seconds_here'] == 0.02
+    assert {k: v for k, v in table.items() if k != 'added'} == {**_table(), 'optimizer': {'adamw': 0.01, 'lion': 0.008, 'muon': pytest.approx(0.04)}}
+    before = path.read_bytes()
+    for add, error in ((('muon',), 'prices optimizer:muon already'), (('adamw',), "names 'adamw'"), (('bogus',), "names 'bogus'")):
+        with pytest.raises(UserError, match=error):
+            budget_lib.calibrate(types.SimpleNamespace(**{**vars(cfg), 'rst_add': add}), run, model, None, optimizers, 'k')
+    assert path.read_bytes() == before  # a refusal changes nothing
+    with pytest.raises(UserError, match='does not exist: calibrate it whole first'):
+        budget_lib.calibrate(types.SimpleNamespace(**{**vars(cfg), 'rst_table': str(tmp_path / 'none.json')}), run, model, None, optimizers, 'k')
+    path.write_text(json.dumps({**_table(), 'fwd_bwd': {'1': -1.0, '2': 0.2}}))
+    with pytest.raises(UserError, match='not a positive number of seconds: calibrate it whole again'):
+        budget_lib.calibrate(types.SimpleNamespace(**{**vars(cfg), 'rst_add': ('sfadamw',)}), run, model, None, optimizers, 'k')
 
 
 def test_the_cpu_peak_is_measured_once_cached_and_only_raised(tmp_path, monkeypatch):

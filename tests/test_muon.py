@@ -13,7 +13,7 @@ import torch
 import train
 from configurator import UserError
 from conftest import ROOT, StopAfter, load, read_log, without_timing
-from optim_muon import Muon, MuonWithAdamW, muon_update
+from optim_muon import Muon, MuonWithAdamW, muon_update, newton_schulz5
 from runs import build_model
 
 SHAPES = [(8, 20), (20, 8), (12, 12)]  # wide, tall, square
@@ -109,6 +109,31 @@ def test_state_dict_round_trip_is_exact():
     opt2.load_state_dict(torch.load(buf, weights_only=True))
     run(opt2, cut, 5, 5)
     assert all(torch.equal(a, b) for a, b in zip(full, cut))
+
+
+@pytest.mark.parametrize('shape', [(12, 7), (7, 12)])
+def test_float32_newton_schulz_orthogonalises_like_bfloat16(shape):
+    """The CPU's Newton-Schulz (float32) lands every singular value where torch's bfloat16 one does, in
+    about [0.7, 1.2], with the same singular vectors: the polar factor P Q^T up to the quintic's spread."""
+    U = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    f32, bf16 = (newton_schulz5(U, dtype=d) for d in (torch.float32, torch.bfloat16))
+    assert f32.dtype == torch.float32 and bf16.dtype == torch.bfloat16
+    for O in (f32.double(), bf16.double()):
+        s = torch.linalg.svdvals(O)
+        assert s.min() > 0.6 and s.max() < 1.25, s
+    P, _, Qh = torch.linalg.svd(U, full_matrices=False)
+    polar = P @ Qh
+    assert (f32.double() - polar).norm() / polar.norm() < 0.35  # the quintic's spread, not an error
+    assert (f32.double() - bf16.double()).norm() / polar.norm() < 0.05  # bfloat16's rounding only
+
+
+def test_loop_picks_the_newton_schulz_dtype_by_device(tiny_cfg, stdlib_corpus):
+    """auto: float32 on a CPU (bfloat16 products are emulated there; studies/gpu_check.py runs CUDA's
+    bfloat16); a key names either explicitly."""
+    model = build_model(tiny_cfg(), stdlib_corpus.vocab_size, torch.device('cpu'))
+    for key, want in (('auto', torch.float32), ('bfloat16', torch.bfloat16), ('float32', torch.float32)):
+        opt, _ = train.build_optimizer(tiny_cfg(optimizer='muon', muon_ns_dtype=key), model, bs=1)
+        assert {g['ns_dtype'] for g in opt.param_groups} == {want}
 
 
 # -----------------------------------------------------------------------------

@@ -1,0 +1,98 @@
+"""The No Train No Gain protocol's tuning record: a row whose grid moves another lr key (Muon's muon_lr),
+tuned.json sealed by a sha256 of its content (a hand edit is refused, not run), and rows added to a sweep
+file since a tuning kept with it. The runs are stubbed on a known loss landscape, as in test_compare."""
+import json
+import math
+
+import pytest
+
+from configurator import ConfigError, UserError
+from studies import ntng
+
+SWEEP = '''
+COMMON = dict(model='tiny', batch_size=8, compile_loss=False, budget_unit='iters', eval_interval=3,
+              eval_batches=2, log_interval=1, sample_tokens=0, lr=3e-3)
+BUDGETS = (6.0, 12.0)
+QUICK_BUDGETS = (6.0,)
+METHODS = {
+    'baseline': ('train.py', dict()),
+    'muon': ('train.py', dict(optimizer='muon', muon_lr=0.02)),
+}
+LR_KEY = {'muon': 'muon_lr'}
+'''
+OPTIMUM = {'baseline': 3e-3 * 2, 'muon': 0.02 / 2}
+
+
+@pytest.fixture
+def tuned(tmp_path, monkeypatch):
+    """Tune both rows on final = log2(lr / optimum)^2 and return (tuned.json's path, the planned runs)."""
+    (tmp_path / 'sweep.py').write_text(SWEEP)
+    plans = []
+    monkeypatch.setattr(ntng, 'run_plan', lambda plan, jobs, **kw: plans.extend(plan))
+    monkeypatch.setattr(ntng, 'tune_summary', lambda folder, seeds, lr, extra: {
+        'lr': lr, 'extra': extra, 'final': math.log2(lr / OPTIMUM[folder.parent.name]) ** 2})
+    monkeypatch.setattr(ntng, 'plot_tuning', lambda results, path: None)
+    ntng.tune(ntng.TuneConfig(config=str(tmp_path / 'sweep.py'), out_dir=str(tmp_path / 'tune'), methods=('',), seeds=(7,)))
+    return tmp_path / 'tune' / 'tuned.json', plans
+
+
+def test_muon_grid_moves_muon_lr_and_keeps_adamw_parts_at_common_lr(tuned, tmp_path):
+    path, plans = tuned
+    muon = [r.args for r in plans if r.args['label'] == 'muon (tuning)']
+    assert sorted(a['muon_lr'] for a in muon) == pytest.approx([0.005, 0.01, 0.02, 0.04, 0.08])
+    assert {a['lr'] for a in muon} == {3e-3}  # AdamW's part (embeddings, head, gains): COMMON's lr, stated
+    record = json.loads(path.read_text())['tuned']['muon']
+    assert record['muon_lr'] == pytest.approx(0.01) and record['lr_key'] == 'muon_lr' and 'lr' not in record
+    plan = ntng.sweep_plan(ntng.AblateConfig(config=str(tmp_path / 'sweep.py'), tuned=str(path), seeds=(0,)))
+    runs = {r.args['label']: r.args for r in plan if r.args['budget'] == 6.0}
+    assert runs['muon']['muon_lr'] == pytest.approx(0.01) and runs['muon']['lr'] == 3e-3 and 'lr_key' not in runs['muon']
+    assert runs['baseline']['lr'] == pytest.approx(6e-3)
+    assert '**0.01: 0.0000**' in ntng.tuning_table(path)  # the chosen muon_lr in bold
+
+
+@pytest.mark.parametrize('edit', ['relabel a row', 'move an lr', 'drop the sha256'])
+def test_an_edited_tuned_json_is_refused_until_sealed_by_hand(tuned, tmp_path, edit, capsys):
+    path, _ = tuned
+    record = json.loads(path.read_text())
+    if edit == 'relabel a row':
+        record['tuned'] = {'baseline': record['tuned']['muon'], 'muon': record['tuned']['baseline']}
+    elif edit == 'move an lr':
+        record['tuned']['baseline']['lr'] = 0.5
+    else:
+        del record['sha256']
+    path.write_text(json.dumps(record))
+    says = 'carries no sha256' if edit == 'drop the sha256' else 'was edited after tune wrote it'
+    with pytest.raises(UserError, match=says):
+        ntng.sweep_plan(ntng.AblateConfig(config=str(tmp_path / 'sweep.py'), tuned=str(path), seeds=(0,)))
+    with pytest.raises(UserError, match=says):  # tune refuses to extend it too
+        ntng.tune(ntng.TuneConfig(config=str(tmp_path / 'sweep.py'), out_dir=str(tmp_path / 'tune'), methods=('baseline',), seeds=(7,)))
+    ntng.main(['seal', str(path)])
+    assert 'sealed' in capsys.readouterr().out
+    ntng.sweep_plan(ntng.AblateConfig(config=str(tmp_path / 'sweep.py'), tuned=str(path), seeds=(0,)))  # the user's edit, sealed
+
+
+def test_seal_refuses_what_is_not_a_tuned_json(tmp_path, capsys):
+    for text in ('[1]', '{"tuned": {"baseline": {"lr": -1}}, "methods": {}}', '{"trunc'):
+        (tmp_path / 't.json').write_text(text)
+        with pytest.raises(SystemExit) as e:
+            ntng.main(['seal', str(tmp_path / 't.json')])
+        assert e.value.code == 2 and 'is not a tuned.json' in capsys.readouterr().err
+        assert (tmp_path / 't.json').read_text() == text
+    with pytest.raises(SystemExit) as e:
+        ntng.main(['seal'])
+    assert e.value.code == 2
+
+
+def test_rows_added_to_the_sweep_file_keep_the_tuning_a_changed_row_does_not(tuned, tmp_path, monkeypatch):
+    path, _ = tuned
+    sweep = tmp_path / 'sweep.py'
+    sweep.write_text(SWEEP.replace("LR_KEY", "METHODS['lion'] = ('train.py', dict(optimizer='lion', lr=3e-4))\nLR_KEY"))
+    OPTIMUM['lion'] = 3e-4
+    ntng.tune(ntng.TuneConfig(config=str(sweep), out_dir=str(tmp_path / 'tune'), methods=('lion',), seeds=(7,)))
+    assert set(json.loads(path.read_text())['tuned']) == {'baseline', 'muon', 'lion'}
+    sweep.write_text(SWEEP.replace('muon_lr=0.02)', 'muon_lr=0.02, muon_momentum=0.9)'))
+    with pytest.raises(ConfigError, match=r"METHODS\['muon'\]"):
+        ntng.tune(ntng.TuneConfig(config=str(sweep), out_dir=str(tmp_path / 'tune'), methods=('baseline',), seeds=(7,)))
+    with pytest.raises(ConfigError, match="LR_KEY must be"):
+        sweep.write_text(SWEEP.replace("LR_KEY = {'muon': 'muon_lr'}", "LR_KEY = {'muon': 'momentum'}"))
+        ntng.read_sweep(str(sweep))
