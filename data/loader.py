@@ -88,8 +88,9 @@ def token_dtype(vocab_size):
 # writing a corpus (used by every data/*/prepare.py)
 
 def is_val(name, val_frac):
-    """Deterministic document-level split: a document is in val iff a hash of its name says so."""
-    return zlib.crc32(name.encode('utf-8')) % 10_000 < val_frac * 10_000
+    """Deterministic document-level split: a document is in val iff a hash of its name says so. A name
+    with a lone surrogate (a JSON id "\\ud800", an undecodable file name) hashes by its surrogate's code."""
+    return zlib.crc32(name.encode('utf-8', 'surrogatepass')) % 10_000 < val_frac * 10_000
 
 
 def atomic_write(path, write):
@@ -259,23 +260,35 @@ def corpus_meta(tokenizer, source, val_frac, counts, extra_meta=None):
             'counts': counts, 'python': sys.version.split()[0], **(extra_meta or {})}
 
 
-def write_corpus(out_dir, docs, tokenizer, source, val_frac=0.05, extra_meta=None, extra_files=None, if_missing=False):
+def split_documents(docs, val_frac, out_dir, more='give more documents'):
+    """{'train': [text], 'val': [text]} by is_val, checked before anything is tokenized: each split needs a
+    document with text (mathmix's kinds.bin follows this split, so no document is moved to make one)."""
+    splits = {'train': [], 'val': []}
+    for name, text in docs:
+        splits['val' if is_val(name, val_frac) else 'train'].append(text)
+    for split, texts in splits.items():
+        if not any(texts):
+            n = len(splits['train']) + len(splits['val'])
+            raise DataError(f'no documents landed in the {split} split of {out_dir} ({n} in all, val_frac '
+                            f'{val_frac}): {more} or change val_frac')
+    return splits
+
+
+def write_corpus(out_dir, docs, tokenizer, source, val_frac=0.05, extra_meta=None, extra_files=None, if_missing=False,
+                 more='give more documents'):
     """Tokenize (name, text) documents into out_dir/{train,val}.bin + meta.json, built beside out_dir and
     swapped in whole (CorpusBuild). extra_files: {file name: bytes} that belong to the corpus and are
     swapped in with it (e.g. mathmix's noise.bin), so they can never disagree with it. if_missing: wait
-    for another process's build of it and keep a corpus out_dir already has (the loop's first use)."""
+    for another process's build of it and keep a corpus out_dir already has (the loop's first use).
+    more: how to add documents, for the error when a split would be empty."""
     with CorpusBuild(out_dir, if_missing=if_missing) as build:
         if build.exists:
             return Corpus(out_dir).meta
+        splits = split_documents(docs, val_frac, out_dir, more)
         sep = [] if tokenizer.eot is None else [tokenizer.eot]
-        parts = {'train': [], 'val': []}
-        for name, text in docs:
-            parts['val' if is_val(name, val_frac) else 'train'].append(np.concatenate([tokenizer.encode(text), sep]))
         counts = {}
-        for split, arrays in parts.items():
-            if not arrays:
-                raise DataError(f'no documents landed in the {split} split of {out_dir}: give more documents '
-                                f'or change val_frac (now {val_frac})')
+        for split, texts in splits.items():
+            arrays = [np.concatenate([tokenizer.encode(text), sep]) for text in texts]
             tokens = np.concatenate(arrays).astype(token_dtype(tokenizer.vocab_size))
             atomic_write_bytes(build.folder / f'{split}.bin', tokens.tobytes())
             counts[split] = {'documents': len(arrays), 'tokens': int(len(tokens))}

@@ -138,19 +138,19 @@ def test_max_tokens_stops_at_the_first_document_end_after_it(shards, tmp_path):
 def test_an_interrupted_prepare_resumes_at_the_first_unfinished_shard(shards, tmp_path, monkeypatch):
     folder, docs = shards
     fineweb.prepare(cfg(folder, tmp_path / 'clean'))
-    real, calls = fineweb.write_shard, []
+    real, calls = fineweb.write_part, []
 
-    def interrupted(name, *args):
-        calls.append(name)
-        if name.endswith('b.jsonl') and len(calls) == 2:  # the second shard, halfway: Ctrl-C
-            real(name, lambda: iter(list(args[0]())[:10]), *args[1:])
+    def interrupted(shard, *args):
+        calls.append(shard.name)
+        if shard.name.endswith('b.jsonl') and len(calls) == 2:  # the second shard, halfway: Ctrl-C
+            real(shard._replace(read=lambda: iter(list(shard.read())[:10])), *args)
             raise KeyboardInterrupt
-        return real(name, *args)
-    monkeypatch.setattr(fineweb, 'write_shard', interrupted)
+        return real(shard, *args)
+    monkeypatch.setattr(fineweb, 'write_part', interrupted)
     with pytest.raises(KeyboardInterrupt):
         fineweb.prepare(cfg(folder, tmp_path / 'c'))
     build = tmp_path / '.c.build'
-    assert not (tmp_path / 'c').exists() and json.loads((build / 'state.json').read_text())['done'] == ['a.parquet']
+    assert not (tmp_path / 'c').exists() and list(json.loads((build / 'state.json').read_text())['parts']) == ['a.parquet']
     fineweb.prepare(cfg(folder, tmp_path / 'c'))
     assert calls == ['a.parquet', 'sub/b.jsonl', 'sub/b.jsonl']  # the finished shard was not redone
     for name in ('train.bin', 'val.bin'):
@@ -161,16 +161,16 @@ def test_an_interrupted_prepare_resumes_at_the_first_unfinished_shard(shards, tm
 
 def test_other_settings_start_the_build_over(shards, tmp_path, monkeypatch, capsys):
     folder, _ = shards
-    real = fineweb.write_shard
+    real = fineweb.write_part
 
-    def first_shard_only(name, *args):
-        if name != 'a.parquet':
+    def first_shard_only(shard, *args):
+        if shard.name != 'a.parquet':
             raise KeyboardInterrupt
-        return real(name, *args)
-    monkeypatch.setattr(fineweb, 'write_shard', first_shard_only)
+        return real(shard, *args)
+    monkeypatch.setattr(fineweb, 'write_part', first_shard_only)
     with pytest.raises(KeyboardInterrupt):
         fineweb.prepare(cfg(folder, tmp_path / 'c'))
-    assert json.loads((tmp_path / '.c.build' / 'state.json').read_text())['done'] == ['a.parquet']
+    assert list(json.loads((tmp_path / '.c.build' / 'state.json').read_text())['parts']) == ['a.parquet']
     monkeypatch.undo()
     fineweb.prepare(cfg(folder, tmp_path / 'c', val_frac=0.3))
     assert 'starting over' in capsys.readouterr().err
@@ -202,7 +202,7 @@ def test_bad_shards_are_one_line_errors(tmp_path, content, message):
     (tmp_path / 'empty').mkdir()
     with pytest.raises(DataError, match='holds no .parquet'):
         fineweb.prepare(cfg(tmp_path / 'empty', tmp_path / 'c'))
-    with pytest.raises(DataError, match='is not a folder'):
+    with pytest.raises(DataError, match='does not exist'):
         fineweb.prepare(cfg(tmp_path / 'missing', tmp_path / 'c'))
 
 

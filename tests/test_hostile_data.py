@@ -200,7 +200,7 @@ def test_disk_full_in_a_resumable_build_keeps_finished_shards(tmp_path, monkeypa
 
     def fsync(fd):
         calls.append(fd)
-        if len(calls) == 5:  # the second shard's first stream
+        if len(calls) == 5:  # the second shard's val part (each shard: its two parts, then the state)
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_fsync(fd)
     monkeypatch.setattr(os, 'fsync', fsync)
@@ -208,7 +208,7 @@ def test_disk_full_in_a_resumable_build_keeps_finished_shards(tmp_path, monkeypa
         fineweb.prepare(cfg)
     monkeypatch.undo()
     assert files(tmp_path / 'c') == before  # the old corpus untouched
-    assert json.loads((tmp_path / '.c.build' / 'state.json').read_text())['done'] == ['0.jsonl']
+    assert list(json.loads((tmp_path / '.c.build' / 'state.json').read_text())['parts']) == ['0.jsonl']
     fineweb.prepare(cfg)
     assert files(tmp_path / 'c').keys() == before.keys() and leftovers(tmp_path / 'c') == []
     for name in ('train.bin', 'val.bin'):

@@ -2,31 +2,45 @@
 the shard pipeline data/openwebtext/prepare.py shares.
 
 Documents stream from the Hugging Face Hub through `datasets` (pip install datasets), or come from local
-shards: --input=FOLDER reads its *.parquet and *.jsonl files (each row's `text`), e.g. a download made
-elsewhere. Worker processes tokenize (tiktoken's gpt2 by default, any encoding by name, or byte); each
-document ends with the end-of-text token (byte has none: documents just follow each other); a hash of
-a document's id (or of shard:row when there is none) puts val_frac of the documents in val.
+shards (each row's `text`, and `id` when there is one): --input takes a folder of .parquet/.jsonl/.jsonl.gz
+files, one such file, or a quoted glob, read from the folder the command runs in (data/shards.py). Worker
+processes tokenize (tiktoken's gpt2 by default, any encoding by name, or byte); each document ends with
+the end-of-text token (byte has none: documents just follow each other); a hash of a document's id (or
+of shard:row when there is none) puts val_frac of the documents in val. A lone surrogate in the text
+(JSON can spell "\\ud800", which no tokenizer encodes) becomes U+FFFD; a line that is not UTF-8 or not
+JSON, or a truncated .jsonl.gz, is an error naming it.
 
     python data/fineweb_edu/prepare.py                          # sample-10BT -> data/fineweb_edu/gpt2/
     python data/fineweb_edu/prepare.py --max_tokens=100_000_000 # the first ~100M tokens only
     python data/fineweb_edu/prepare.py --input=~/fineweb/sample/10BT --num_proc=16
+    python data/fineweb_edu/prepare.py --input='shards/*.jsonl.gz'
     python train.py config/gpt2_124m.py
 
-The corpus is built beside its target and swapped in when complete (data/loader.py CorpusBuild). The
-unit of work is a shard: after each one the build's streams are synced and its state saved, so an
-interrupted prepare (Ctrl-C, a lost connection, a full disk) resumes at the first unfinished shard when
-run again with the same settings. A status line shows tokens, tokens/s and the ETA.
+Shards are taken in order of their name (a Hub shard's index, a local file's path under --input) and the
+corpus is their documents in that order. Each shard is tokenized into a part of its own, in the build
+folder beside the target (data/loader.py CorpusBuild), and recorded with its identity (a local file's
+size, mtime and a hash of its first MiB) once synced. Run again after an interruption (Ctrl-C, a lost
+connection, a full disk) with the same settings, and a finished part is kept when its shard is unchanged;
+a shard added since, or replaced, is tokenized, and the parts are joined in shard order. The result is
+therefore the corpus a fresh prepare of the final shards writes. Under --max_tokens a kept part must also
+start at the same token offset (otherwise the cap would fall elsewhere), so a change early on redoes the
+parts after it. The join needs room for the corpus twice, briefly. If the hash split leaves val (or
+train) without a document, e.g. a small input or an early --max_tokens cap, the last document goes there
+instead and meta.json names it (moved_to_val); one document in all is an error. A status line shows
+tokens, tokens/s and the ETA.
 """
-import gzip
-import json
+import hashlib
 import multiprocessing
 import os
+import re
+import shutil
 import signal
 import sys
 import time
 from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -34,13 +48,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script 
 from configurator import cli, require  # noqa: E402
 from data.loader import (DATA_ROOT, NAME_RE, CorpusBuild, DataError, corpus_meta, get_tokenizer, is_val,  # noqa: E402
                          token_dtype)
+from data.shards import Shard, file_identity, input_source, local_shards  # noqa: E402
 
 BATCH_CHARS = 1 << 20  # characters of text per task sent to a worker: large enough to amortise pickling
+LONE_SURROGATE = re.compile('[\ud800-\udfff]')  # json.loads keeps them; a pair would have become one character
+SPLITS = ('train', 'val')
+STATE_FORMAT = 2  # the resume state's layout: a build saved by another layout starts over
 
 
 @dataclass(frozen=True)
 class PrepareConfig:
-    input: str = ''                           # '' = stream from the Hub; else a folder of .parquet/.jsonl shards
+    input: str = ''                           # '' = the Hub; else a folder, file or quoted glob of shards
     tokenizer: str = 'gpt2'                   # 'byte' or a tiktoken encoding name (gpt2, cl100k_base, ...)
     val_frac: float = 0.0005                  # fraction of documents (by id hash) in val
     max_tokens: int = 0                       # stop at the first document end after this many tokens (0 = all)
@@ -61,59 +79,7 @@ class PrepareConfig:
 
 
 # -----------------------------------------------------------------------------
-# shards: (name, number of rows or None, a function returning an iterator of (doc id or None, text))
-
-def local_shards(folder):
-    folder = Path(folder).expanduser()
-    if not folder.is_dir():
-        raise DataError(f'--input={folder} is not a folder: give a folder of .parquet or .jsonl shards')
-    files = sorted(p for p in folder.rglob('*') if p.is_file() and p.name.endswith(('.parquet', '.jsonl', '.jsonl.gz')))
-    if not files:
-        raise DataError(f'--input={folder} holds no .parquet, .jsonl or .jsonl.gz files')
-    return [(p.relative_to(folder).as_posix(), *(parquet_shard(p) if p.suffix == '.parquet' else jsonl_shard(p)))
-            for p in files]
-
-
-def parquet_shard(path):
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise DataError('reading .parquet shards needs pyarrow: pip install datasets (it brings pyarrow)') from None
-    try:
-        meta = pq.ParquetFile(path)
-    except Exception as e:  # pyarrow raises its own error types for a damaged file
-        raise DataError(f'{path} is not a readable parquet file ({type(e).__name__}: {str(e)[:80]})') from None
-    if 'text' not in meta.schema_arrow.names:
-        raise DataError(f"{path} has no 'text' column (columns: {', '.join(meta.schema_arrow.names)[:80]})")
-    columns = ['text'] + (['id'] if 'id' in meta.schema_arrow.names else [])
-
-    def rows():
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024, columns=columns):
-            ids = batch.column('id').to_pylist() if 'id' in columns else [None] * batch.num_rows
-            yield from zip(ids, batch.column('text').to_pylist())
-    return meta.metadata.num_rows, rows
-
-
-def jsonl_shard(path):
-    opener = gzip.open if path.suffix == '.gz' else open
-    try:
-        with opener(path, 'rb') as f:
-            n_rows = sum(1 for line in f if line.strip())
-    except OSError as e:  # unreadable, or a damaged .gz
-        raise DataError(f'cannot read {path} ({e.strerror or e}): fix or remove that shard') from None
-
-    def rows():
-        with opener(path, 'rb') as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                    yield record.get('id'), record['text']
-                except (ValueError, KeyError, AttributeError, TypeError):
-                    raise DataError(f"{path}:{n} is not a JSON object with a 'text' string") from None
-    return n_rows, rows
-
+# the Hub's shards (local ones: data/shards.py)
 
 def hub_shards(cfg):
     """The Hub dataset's own shards (its parquet files), streamed: no full download, resumable per shard."""
@@ -146,7 +112,8 @@ def hub_shards(cfg):
                                 f'command again to resume from this shard') from None
         return rows
     per_shard = None if info is None else info / n
-    return [(f'{cfg.hub_path}/{cfg.hub_subset}/{i:05d}-of-{n:05d}', per_shard, shard(i)) for i in range(n)]
+    identity = {'revision': cfg.hub_revision or 'main'}  # pin --hub_revision to resume against a moving main safely
+    return [Shard(f'{cfg.hub_path}/{cfg.hub_subset}/{i:05d}-of-{n:05d}', per_shard, shard(i), identity) for i in range(n)]
 
 
 # -----------------------------------------------------------------------------
@@ -165,11 +132,12 @@ def _init_worker(spec):
 
 
 def encode_documents(texts, tokenizer=None):
-    """Each text as a token array followed by the end-of-text token (none for byte)."""
+    """Each text as a token array followed by the end-of-text token (none for byte). A lone surrogate
+    becomes U+FFFD: it has no UTF-8 form, so no tokenizer could encode it."""
     tokenizer = tokenizer or _tokenizer
     sep = [] if tokenizer.eot is None else [tokenizer.eot]
     dtype = token_dtype(tokenizer.vocab_size)
-    return [np.concatenate([tokenizer.encode(t), sep]).astype(dtype) for t in texts]
+    return [np.concatenate([tokenizer.encode(LONE_SURROGATE.sub('\ufffd', t)), sep]).astype(dtype) for t in texts]
 
 
 def batches(rows):
@@ -202,47 +170,6 @@ def encoded(rows, pool, tokenizer, depth):
         yield ids, result.get()
 
 
-# -----------------------------------------------------------------------------
-# writing shard by shard, resumably
-
-class Progress:
-    """One status line on stderr: tokens, tokens/s of this run, fraction done and ETA, at most once a second
-    (every 30 s when stderr is not a terminal, so a log stays short)."""
-
-    def __init__(self, total_rows, n_shards, max_tokens, state):
-        self.total_rows, self.n_shards, self.max_tokens = total_rows, n_shards, max_tokens
-        self.t0, self.last, self.tty = time.time(), 0.0, sys.stderr.isatty()
-        self.tokens0, self.f0 = sum(state['tokens'].values()), self.fraction(state)
-
-    def fraction(self, state):
-        """Done so far: by rows when their total is known, else by shards; by tokens too under max_tokens."""
-        tokens = sum(state['tokens'].values())
-        parts = [state['rows'] / self.total_rows if self.total_rows else len(state['done']) / self.n_shards]
-        return min(max(parts + ([tokens / self.max_tokens] if self.max_tokens else [])), 1.0)
-
-    def show(self, state, final=False):
-        now = time.time()
-        if not final and now - self.last < (1 if self.tty else 30):
-            return
-        self.last, elapsed, tokens = now, max(now - self.t0, 1e-9), sum(state['tokens'].values())
-        rate, f = (tokens - self.tokens0) / elapsed, self.fraction(state)
-        eta = '?' if f <= self.f0 else f'{elapsed * (1 - f) / (f - self.f0) / 60:.1f} min'
-        line = f'{tokens:,} tokens ({100 * f:.1f}%), {rate:,.0f} tokens/s, ETA {eta}'
-        print(('\r' if self.tty else '') + line, end='\n' if final or not self.tty else '', file=sys.stderr, flush=True)
-
-
-def open_streams(build, dtype):
-    """train.bin and val.bin of the build for appending, cut back to what the saved state counts (the
-    tail of an interrupted shard goes)."""
-    files = {}
-    for split in ('train', 'val'):
-        path = build.folder / f'{split}.bin'
-        path.touch()
-        os.truncate(path, build.state['tokens'][split] * dtype.itemsize)
-        files[split] = open(path, 'ab')
-    return files
-
-
 def checked(rows, shard):
     for n, (doc_id, text) in enumerate(rows):
         if not isinstance(text, str):
@@ -250,52 +177,218 @@ def checked(rows, shard):
         yield doc_id, text
 
 
-def write_shard(name, rows, stream, files, state, val_frac, max_tokens, progress):
-    """Append one shard's documents to the streams; True when max_tokens was reached inside it."""
-    row = 0
-    for ids, arrays in stream(checked(rows(), name)):
-        for doc_id, tokens in zip(ids, arrays):
-            doc = doc_id if isinstance(doc_id, str) and doc_id else f'{name}:{row}'
-            split = 'val' if is_val(doc, val_frac) else 'train'
-            files[split].write(tokens.tobytes())
-            state['tokens'][split] += len(tokens)
-            state['documents'][split] += 1
-            state['rows'] += 1
-            row += 1
-            if max_tokens and sum(state['tokens'].values()) >= max_tokens:
-                return True
-        progress.show(state)
-    return False
+# -----------------------------------------------------------------------------
+# writing one part per shard, resumably
+
+class Progress:
+    """One status line on stderr: tokens, tokens/s of this run, fraction done and ETA, at most once a second
+    (every 30 s when stderr is not a terminal, so a log stays short), and a last one when the corpus is
+    written (so a quick prepare that fails says only why). Parts kept from a stopped prepare count as done
+    but not toward this run's rate."""
+
+    def __init__(self, shards, max_tokens):
+        rows = [s.n_rows for s in shards]
+        self.total_rows = None if None in rows else sum(rows)
+        self.n_shards, self.max_tokens = len(shards), max_tokens
+        self.done = {'rows': 0, 'shards': 0, 'tokens': 0}
+        self.kept = dict(self.done)
+        self.t0, self.tty = time.time(), sys.stderr.isatty()
+        self.last = self.t0
+
+    def keep(self, part):
+        for counts in (self.done, self.kept):
+            counts['rows'] += part['rows']
+            counts['shards'] += 1
+            counts['tokens'] += sum(part['tokens'].values())
+
+    def fraction(self, counts):
+        """By rows when their total is known, else by shards; by tokens too under max_tokens."""
+        parts = [counts['rows'] / self.total_rows if self.total_rows else counts['shards'] / self.n_shards]
+        return min(max(parts + ([counts['tokens'] / self.max_tokens] if self.max_tokens else [])), 1.0)
+
+    def show(self, final=False):
+        now = time.time()
+        if not final and now - self.last < (1 if self.tty else 30):
+            return
+        self.last, elapsed = now, max(now - self.t0, 1e-9)
+        tokens, f, f0 = self.done['tokens'], self.fraction(self.done), self.fraction(self.kept)
+        rate = (tokens - self.kept['tokens']) / elapsed
+        eta = '?' if f <= f0 else f'{elapsed * (1 - f) / (f - f0) / 60:.1f} min'
+        line = f'{tokens:,} tokens ({100 * f:.1f}%), {rate:,.0f} tokens/s, ETA {eta}'
+        print(('\r' if self.tty else '') + line, end='\n' if final or not self.tty else '', file=sys.stderr, flush=True)
 
 
-def write_shards(build, shards, tokenizer, spec, val_frac, max_tokens, num_proc):
-    """Tokenize every shard not yet done into the build; the state is saved after each shard."""
-    state, dtype = build.state, token_dtype(tokenizer.vocab_size)
-    if not state.get('done'):
-        state.update(done=[], stopped=False, rows=0, tokens={'train': 0, 'val': 0}, documents={'train': 0, 'val': 0})
-    files = open_streams(build, dtype)
-    rows_known = [n for _, n, _ in shards]
-    progress = Progress(None if None in rows_known else sum(rows_known), len(shards), max_tokens, state)
-    pool = multiprocessing.Pool(num_proc, _init_worker, (spec,)) if num_proc > 1 else None
+def part_paths(build, name):
+    """A shard's part files in the build: named by a hash of the shard's name (which may hold '/')."""
+    stem = hashlib.sha256(name.encode('utf-8', 'surrogatepass')).hexdigest()[:20]
+    return {split: build.folder / 'parts' / f'{stem}.{split}.bin' for split in SPLITS}
+
+
+def well_formed(part):
+    """A part record of the shape write_part saves (a state.json edited or from elsewhere may hold anything)."""
+    def is_last(last):
+        return last is None or (isinstance(last, list) and len(last) == 2 and isinstance(last[0], str)
+                                and type(last[1]) is int)
     try:
-        def stream(rows):
-            return encoded(rows, pool, tokenizer, depth=2 * num_proc)
-        for name, _, rows in shards:
-            if state['stopped'] or name in state['done']:
-                continue
-            state['stopped'] = write_shard(name, rows, stream, files, state, val_frac, max_tokens, progress)
-            for f in files.values():  # the tokens on disk before the state that counts them
-                f.flush()
-                os.fsync(f.fileno())
-            state['done'].append(name)
-            build.save_state()
+        return (type(part['rows']) is int and type(part['offset']) is int and isinstance(part['stopped'], bool)
+                and all(type(part[k][s]) is int for k in ('tokens', 'documents') for s in SPLITS)
+                and all(is_last(part['last'][s]) for s in SPLITS))
+    except (KeyError, TypeError):
+        return False
+
+
+def usable_part(part, shard, offset, max_tokens, paths, itemsize):
+    """A finished part can stand for its shard: a well-formed record of the same identity whose files
+    hold the tokens it counts, and (under max_tokens, where the cap depends on it) the same start offset."""
+    if not well_formed(part) or part['identity'] != shard.identity or (max_tokens and part['offset'] != offset):
+        return False
+    return all(paths[s].is_file() and paths[s].stat().st_size == part['tokens'][s] * itemsize for s in SPLITS)
+
+
+def write_part(shard, stream, paths, offset, budget, val_frac, progress):
+    """Tokenize one shard into its part files; returns the part's record. budget: the tokens left under
+    --max_tokens (0 = no cap); the part stops at the first document end that spends it."""
+    part = {'identity': shard.identity, 'offset': offset, 'rows': 0, 'stopped': False,
+            'tokens': dict.fromkeys(SPLITS, 0), 'documents': dict.fromkeys(SPLITS, 0),
+            'last': dict.fromkeys(SPLITS)}  # per split, [name, tokens] of its last non-empty document
+    files = {split: open(path, 'wb') for split, path in paths.items()}
+    try:
+        for ids, arrays in stream(checked(shard.read(), shard.name)):
+            for doc_id, tokens in zip(ids, arrays):
+                name = doc_id if isinstance(doc_id, str) and doc_id else f"{shard.name}:{part['rows']}"
+                split = 'val' if is_val(name, val_frac) else 'train'
+                files[split].write(tokens.tobytes())
+                part['tokens'][split] += len(tokens)
+                part['documents'][split] += 1
+                part['last'][split] = [name, len(tokens)] if len(tokens) else part['last'][split]
+                part['rows'] += 1
+                progress.done['rows'] += 1
+                progress.done['tokens'] += len(tokens)
+                if budget and sum(part['tokens'].values()) >= budget:
+                    part['stopped'] = True
+                    break
+            progress.show()
+            if part['stopped']:
+                break
+        for f in files.values():  # the tokens on disk before the state that counts them
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        for f in files.values():
+            f.close()
+    progress.done['shards'] += 1
+    if shard.path is not None and file_identity(shard.path) != shard.identity:
+        raise DataError(f'{shard.path} changed while it was being read: run the same command again')
+    return part
+
+
+def write_parts(build, shards, tokenizer, spec, cfg, num_proc):
+    """The part of every shard up to the --max_tokens cap, in shard order: kept when finished and unchanged,
+    else tokenized (the state saved after each). Returns the names of the shards the corpus is made of."""
+    parts = build.state['parts']
+    (build.folder / 'parts').mkdir(exist_ok=True)
+    itemsize = token_dtype(tokenizer.vocab_size).itemsize
+    progress, pool, used, offset = Progress(shards, cfg.max_tokens), None, [], 0
+    try:
+        for shard in shards:
+            paths, part = part_paths(build, shard.name), parts.get(shard.name)
+            if usable_part(part, shard, offset, cfg.max_tokens, paths, itemsize):
+                progress.keep(part)
+            else:
+                if isinstance(part, dict) and part.get('identity') != shard.identity:
+                    print(f'{shard.name} changed since the prepare stopped: tokenizing it again', file=sys.stderr)
+                if parts.pop(shard.name, None) is not None:
+                    build.save_state()  # the old part stops counting before its files are overwritten
+                if pool is None and num_proc > 1:
+                    pool = multiprocessing.Pool(num_proc, _init_worker, (spec,))
+                budget = cfg.max_tokens - offset if cfg.max_tokens else 0
+                part = write_part(shard, lambda rows: encoded(rows, pool, tokenizer, depth=2 * num_proc),
+                                  paths, offset, budget, cfg.val_frac, progress)
+                parts[shard.name] = part
+                build.save_state()
+            used.append(shard.name)
+            offset += sum(part['tokens'].values())
+            if part['stopped']:
+                break
     finally:
         if pool is not None:
             pool.terminate()
-        for f in files.values():
+    return used, progress
+
+
+# -----------------------------------------------------------------------------
+# joining the parts into the corpus
+
+def split_counts(parts):
+    return {s: {'documents': sum(p['documents'][s] for p in parts), 'tokens': sum(p['tokens'][s] for p in parts)}
+            for s in SPLITS}
+
+
+class Move(NamedTuple):
+    """The document the fallback moves: the last non-empty one of `donor` (in parts[part]) goes to `split`."""
+    split: str
+    donor: str
+    part: int
+    name: str
+    tokens: int
+
+
+def fallback_move(parts, counts):
+    """The Move that gives a split the hash left without tokens a document, or None when both have some."""
+    empty = [s for s in SPLITS if counts[s]['tokens'] == 0]
+    if not empty:
+        return None
+    split = empty[0]
+    donor = 'train' if split == 'val' else 'val'
+    i = next((i for i in reversed(range(len(parts))) if parts[i]['last'][donor]), None)
+    if len(empty) == 2 or i is None or counts[donor]['tokens'] <= parts[i]['last'][donor][1]:
+        docs = counts['train']['documents'] + counts['val']['documents']
+        raise DataError(f'the input gave {docs} document(s), too few for both a train and a val split: give more '
+                        f'input or a larger --max_tokens')
+    name, n = parts[i]['last'][donor]
+    print(f'the hash split left {split} without a document: the last {donor} document ({name}) goes there',
+          file=sys.stderr)
+    return Move(split, donor, i, name, n)
+
+
+def copy_bytes(src, dst, n):
+    while n > 0:
+        block = src.read(min(n, 1 << 24))
+        if not block:  # cannot happen to a checked part; never loop on a file shorter than counted
+            raise DataError(f'{src.name} ended {n:,} bytes early: run the same command again')
+        dst.write(block)
+        n -= len(block)
+
+
+def join_parts(build, names, itemsize):
+    """train.bin and val.bin of the build: the parts in shard order, with a document moved into a split
+    the hash split left empty (fallback_move). Returns the counts and meta.json's note of the move."""
+    parts = [build.state['parts'][n] for n in names]
+    counts = split_counts(parts)
+    move = fallback_move(parts, counts)
+    out = {s: open(build.folder / f'{s}.bin', 'wb') for s in SPLITS}
+    try:
+        for i, name in enumerate(names):
+            for split, path in part_paths(build, name).items():
+                with open(path, 'rb') as f:
+                    if move and i == move.part and split == move.donor:  # its last document goes over
+                        copy_bytes(f, out[split], path.stat().st_size - move.tokens * itemsize)
+                        copy_bytes(f, out[move.split], move.tokens * itemsize)
+                    else:
+                        shutil.copyfileobj(f, out[split], 1 << 24)
+        for f in out.values():
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        for f in out.values():
             f.close()
-    progress.show(state, final=True)
-    return state
+    shutil.rmtree(build.folder / 'parts')  # before the commit, which moves every file of the build
+    if not move:
+        return counts, {}
+    for split, sign in ((move.donor, -1), (move.split, 1)):
+        counts[split] = {'documents': counts[split]['documents'] + sign,
+                         'tokens': counts[split]['tokens'] + sign * move.tokens}
+    return counts, {f'moved_to_{move.split}': [move.name]}
 
 
 def prepare(cfg, encoding=None):
@@ -304,31 +397,31 @@ def prepare(cfg, encoding=None):
     tokenizer = get_tokenizer(spec)
     out_dir = Path(cfg.out_dir) if cfg.out_dir else DATA_ROOT / cfg.corpus / tokenizer.name
     shards = local_shards(cfg.input) if cfg.input else hub_shards(cfg)
-    source = str(Path(cfg.input).expanduser().resolve()) if cfg.input else \
-        f"hf:{cfg.hub_path}{'/' + cfg.hub_subset if cfg.hub_subset else ''}{'@' + cfg.hub_revision if cfg.hub_revision else ''}"
-    key = {'source': source, 'shards': [s[0] for s in shards], 'tokenizer': tokenizer.name, 'vocab_size': tokenizer.vocab_size,
+    hub = f"hf:{cfg.hub_path}{'/' + cfg.hub_subset if cfg.hub_subset else ''}"
+    source = input_source(cfg.input) if cfg.input else hub + (f'@{cfg.hub_revision}' if cfg.hub_revision else '')
+    # What every part depends on. The shards are not in it: each part carries its shard's identity.
+    key = {'format': STATE_FORMAT, 'tokenizer': tokenizer.name, 'vocab_size': tokenizer.vocab_size,
            'val_frac': cfg.val_frac, 'max_tokens': cfg.max_tokens}
     num_proc = cfg.num_proc or os.cpu_count() or 1
     with CorpusBuild(out_dir, resume_key=key) as build:
-        if build.state.get('done'):
-            print(f"resuming: {len(build.state['done'])} of {len(shards)} shards done", file=sys.stderr)
+        if not isinstance(build.state.get('parts'), dict):
+            build.state['parts'] = {}
         try:
-            state = write_shards(build, shards, tokenizer, spec, cfg.val_frac, cfg.max_tokens, num_proc)
+            used, progress = write_parts(build, shards, tokenizer, spec, cfg, num_proc)
         except KeyboardInterrupt:
-            if build.state.get('done'):
-                print(f"stopped: {len(build.state['done'])} finished shards are kept in {build.folder}; "
+            if build.state['parts']:
+                print(f"stopped: {len(build.state['parts'])} finished shards are kept in {build.folder}; "
                       f'run the same command to resume', file=sys.stderr)
             raise
-        for split in ('train', 'val'):
-            if not state['documents'][split]:
-                raise DataError(f'no documents landed in the {split} split: raise --val_frac (now {cfg.val_frac}) '
-                                f'or --max_tokens (now {cfg.max_tokens})')
-        counts = {s: {'documents': state['documents'][s], 'tokens': state['tokens'][s]} for s in ('train', 'val')}
+        counts, moved = join_parts(build, used, token_dtype(tokenizer.vocab_size).itemsize)
         meta = corpus_meta(tokenizer, source, cfg.val_frac, counts,
-                           {'shards': len(state['done']), 'max_tokens': cfg.max_tokens, 'config': asdict(cfg)})
+                           {'shards': len(used), 'max_tokens': cfg.max_tokens, 'config': asdict(cfg), **moved})
         build.commit(meta)
+    progress.show(final=True)
+    kept = progress.kept['shards']
+    resumed = f', {kept} kept from the stopped prepare' if kept else ''
     print(f"wrote {out_dir}: train {counts['train']['tokens']:,} tokens, val {counts['val']['tokens']:,} tokens "
-          f"({len(state['done'])} shards, {tokenizer.name})")
+          f"({len(used)} shards{resumed}; {tokenizer.name})")
     return out_dir
 
 

@@ -2,11 +2,13 @@
 
 The same shard pipeline as data/fineweb_edu/prepare.py (parallel tiktoken, end-of-text between
 documents, a document-hash val split, --max_tokens, resumable per shard, swapped in when complete);
-only the source differs. Streaming needs `pip install datasets`; --input=FOLDER reads local .parquet or
-.jsonl shards instead.
+only the source differs. Streaming needs `pip install datasets`; --input reads local .parquet, .jsonl or
+.jsonl.gz shards instead (a folder, one file or a quoted glob). nanoGPT's own train.bin/val.bin of this
+corpus import as they are: data/import_bins.py.
 
     python data/openwebtext/prepare.py                       # -> data/openwebtext/gpt2/
     python data/openwebtext/prepare.py --input=~/owt_parquet
+    python data/import_bins.py --input=~/nanoGPT/data/openwebtext --out_dir=data/openwebtext/gpt2
     python train.py config/gpt2_124m.py --dataset=openwebtext
 
 The Hub repository was a loading script, which datasets >= 4 no longer runs: if opening it fails that
