@@ -116,10 +116,23 @@ def check_ranges(cfg):
         valid, value = declared_range(type(cfg), f.name), getattr(cfg, f.name)
         values = value if isinstance(value, tuple) else (value,)
         require(all(math.isfinite(v) for v in values if isinstance(v, float)), f'--{f.name} must be a finite number, got {value!r}')
+        require(all(abs(v) < 2 ** 63 for v in values if isinstance(v, int)),  # what torch and numpy take as an integer
+                f'--{f.name} must be below 2**63 in size, got {value!r}')
+        require(all(is_text(v) for v in values if isinstance(v, str)),
+                f'--{f.name} holds bytes that are not UTF-8 text ({ascii(value)[:60]}): give it as text')
         if valid is None:
             continue
         for v in (value,) if isinstance(valid, tuple) else values:
             require(_fits(v, valid), f'--{f.name} must be {_says(valid)}, got {value!r}')
+
+
+def is_text(s):
+    """Whether a str can be written as UTF-8: a command line's undecodable bytes arrive as lone surrogates."""
+    try:
+        s.encode('utf-8')
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _closest(key, keys):
@@ -205,10 +218,17 @@ def field_comments(cls):
             lines = inspect.getsource(klass).splitlines()
         except (OSError, TypeError):
             continue
+        name = None
         for line in lines:
-            m = re.match(r'\s+(\w+)\s*:[^=#]*=[^#]*#\s*(.+)$', line)
+            m = re.match(r'(\s+)(\w+)\s*:[^=#]*=[^#]*#\s*(.+)$', line)
+            more = re.match(r'(\s+)#\s*(.+)$', line)
             if m:
-                comments[m.group(1)] = m.group(2).strip()
+                indent, name = len(m.group(1)), m.group(2)
+                comments[name] = m.group(3).strip()
+            elif name and more and len(more.group(1)) > indent:  # a comment continued on lines indented under it
+                comments[name] += ' ' + more.group(2).strip()
+            else:
+                name = None
     return comments
 
 
@@ -302,3 +322,22 @@ def signals_between_steps():
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """Ctrl-C and SIGTERM held off while a block that must not be torn runs (a checkpoint's write: a second
+    Ctrl-C inside torch.save surfaced as its RuntimeError). Each is recorded and delivered again, to the
+    handler that was in place, as soon as the block ends."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = []
+    previous = {s: signal.signal(s, lambda signum, frame: held.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        for signum in held:
+            signal.raise_signal(signum)

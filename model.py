@@ -44,6 +44,7 @@ PRESETS = {
 class GPTConfig:
     block_size: int = 1024
     vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64 for speed
+    n_tokens: int = 0        # the data's ids, 0..n_tokens-1 (0: all of vocab_size); sampling never draws the padding
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
@@ -299,6 +300,10 @@ class LayeredLM(nn.Module):
     def n_layer(self):
         return self.config.n_layer
 
+    def blocks(self):
+        """Every block of the model (GPT's n_layer; T5-lite's encoder's then decoder's)."""
+        return [block for name, block in self.named_modules() if name.rsplit('.', 2)[-2:-1] == ['h']]
+
     def set_active_layers(self, layers):
         """Run only these blocks (a count n = the first n, or a list of indices), in order; T5-lite runs
         the same indices in its encoder and its decoder."""
@@ -420,8 +425,8 @@ class GPT(LayeredLM):
         only seq[:, start:] runs, while every position fits block_size (absolute position embeddings);
         past it the last block_size tokens are recomputed."""
         if cache is None or seq.size(1) > self.config.block_size:
-            return self(seq[:, -self.config.block_size:])[:, -1]
-        return self.lm_head(self.hidden(seq[:, start:], start, cache)[:, -1])
+            return self(seq[:, -self.config.block_size:])[:, -1, :self.config.n_tokens or None]
+        return self.lm_head(self.hidden(seq[:, start:], start, cache)[:, -1])[:, :self.config.n_tokens or None]
 
 
 # -----------------------------------------------------------------------------
@@ -530,9 +535,13 @@ class T5Lite(LayeredLM):
 MODELS = {'gpt': (GPT, GPTConfig), 't5': (T5Lite, T5Config)}  # model_type -> (model class, its config)
 
 
-def model_vocab_size(model_type, vocab_size, block_size):
-    """The data's vocabulary for GPT; T5-lite adds sentinels, a decoder start id and EOS (data/spans.py)."""
-    return span_vocab(vocab_size, raw_length_for(block_size)).size if model_type == 't5' else vocab_size
+def model_vocab_size(model_type, vocab_size, block_size, multiple=1):
+    """GPT: the data's vocabulary padded up to a multiple (nanoGPT's 50304 for GPT-2's 50257: matrix
+    shapes the hardware tiles well; the padded ids are never targets and never sampled). T5-lite adds
+    sentinels, a decoder start id and EOS (data/spans.py), its last two ids, so it is not padded."""
+    if model_type == 't5':
+        return span_vocab(vocab_size, raw_length_for(block_size)).size
+    return -(-vocab_size // multiple) * multiple
 
 
 # -----------------------------------------------------------------------------

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from configurator import ConfigError, UserError, require_writable
+from configurator import ConfigError, UserError, require_writable, signals_deferred
 from data.loader import DataError, FolderLock, atomic_write, atomic_write_bytes, file_sha256, read_result
 from model import MODELS, PRESETS, model_vocab_size
 
@@ -128,7 +128,18 @@ def check_memory(cfg, vocab_size, device):
 # checkpoints, and the model a run starts from
 
 def save_checkpoint(path, ckpt):
-    atomic_write(path, lambda f: torch.save(ckpt, f))  # a crash mid-write leaves the previous checkpoint
+    """Write a checkpoint whole or not at all: to a temporary swapped in (a crash mid-write leaves the previous
+    checkpoint), with Ctrl-C and SIGTERM held until it is written. A full disk, torch.save's RuntimeError
+    or an OSError, is one line; the previous checkpoint is kept."""
+    try:
+        with signals_deferred():
+            atomic_write(path, lambda f: torch.save(ckpt, f))
+    except (OSError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and 'write' not in str(e).lower():
+            raise  # not the disk: a bug, with its traceback
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else ' '.join(str(e).split()).split('] ')[-1][:160]
+        raise UserError(f'cannot write the checkpoint {path} ({reason}): free space on that disk or give another '
+                        '--out_dir; the previous checkpoint is kept') from None
 
 
 MODEL_ARGS = ('vocab_size', 'block_size', 'n_layer', 'n_embd')  # what every checkpoint's model_args must give
@@ -188,16 +199,18 @@ def build_model(cfg, vocab_size, device):
         model_type = checkpoint_model_type(ckpt)
         if model_type != cfg.model_type:
             raise UserError(f"{cfg.init_from} holds a '{model_type}' model: pass --model_type={model_type}")
-        want = model_vocab_size(model_type, vocab_size, ckpt['model_args']['block_size'])
-        if ckpt['model_args']['vocab_size'] != want:
-            raise UserError(f"{cfg.init_from} has vocab {ckpt['model_args']['vocab_size']}, the data needs {want}: "
-                            f"use the dataset and tokenizer it was trained with")
-        return model_from_checkpoint(ckpt, cfg.init_from, dropout=cfg.dropout, compile_loss=cfg.compile_loss).to(device)
+        want = {model_vocab_size(model_type, vocab_size, ckpt['model_args']['block_size'], m) for m in (1, cfg.vocab_multiple)}
+        if ckpt['model_args']['vocab_size'] not in want:  # padded or not: a checkpoint of before the padding, nanoGPT's
+            raise UserError(f"{cfg.init_from} has vocab {ckpt['model_args']['vocab_size']}, the data needs "
+                            f"{' or '.join(map(str, sorted(want)))}: use the dataset and tokenizer it was trained with")
+        data_ids = {'n_tokens': vocab_size} if model_type == 'gpt' else {}  # never sample a padded id
+        return model_from_checkpoint(ckpt, cfg.init_from, dropout=cfg.dropout, compile_loss=cfg.compile_loss, **data_ids).to(device)
     check_memory(cfg, vocab_size, device)
     model_cls, config_cls = MODELS[cfg.model_type]
     dims = cfg.model_dims()
-    return model_cls(config_cls(vocab_size=model_vocab_size(cfg.model_type, vocab_size, dims['block_size']),
-                                dropout=cfg.dropout, bias=cfg.bias, compile_loss=cfg.compile_loss, **dims)).to(device)
+    data_ids = {'n_tokens': vocab_size} if cfg.model_type == 'gpt' else {}
+    return model_cls(config_cls(vocab_size=model_vocab_size(cfg.model_type, vocab_size, dims['block_size'], cfg.vocab_multiple),
+                                dropout=cfg.dropout, bias=cfg.bias, compile_loss=cfg.compile_loss, **data_ids, **dims)).to(device)
 
 
 # -----------------------------------------------------------------------------
@@ -286,8 +299,15 @@ def start_wandb(cfg, saved):
     except ImportError:
         raise UserError('--wandb_log=True needs the optional package wandb: pip install wandb') from None
     run_id = (saved or {}).get('wandb_id') or uuid.uuid4().hex[:8]
-    return wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or cfg.out_dir, id=run_id, resume='allow',
-                      config=dataclasses.asdict(cfg), dir=cfg.out_dir)
+    run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or cfg.out_dir, id=run_id, resume='allow',
+                     config=dataclasses.asdict(cfg), dir=cfg.out_dir)
+    for axis in WANDB_AXES:  # plotted against the run's step by default, not wandb's count of records
+        run.define_metric(axis)
+    run.define_metric('*', step_metric='step')
+    return run
+
+
+WANDB_AXES = ('step', 'tokens', 'rst', 'flops')  # x-axes a chart can pick in wandb (every record carries step)
 
 
 def trim_log(log_path, iter_num):

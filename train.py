@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import budget as budget_lib
 from arch import ARCHS, build_arch
 from configurator import (Interrupted, UserError, check_distinct, check_ranges, cli, key, require, signals_between_steps,
-                          stop_signal_name)
+                          stop_signal_name, STOPPED)
 from data.loader import (Batches, Corpus, DataError, atomic_write_bytes, data_dir, get_examples,
                          get_tokenizer, prepare_command, val_ids)
 from data.spans import SpanVocab, raw_length_for, span_corrupt, t5_lengths
@@ -67,6 +67,7 @@ class TrainConfig:
     block_size: int = key(0, '>=0')  # 0 = the preset's
     dropout: float = key(0.0, '[0,1)')  # in attention and MLP while training (0 for short budgets, as nanoGPT)
     bias: bool = True                # biases in Linear and LayerNorm, as GPT-2 (False: none, nanoGPT's option)
+    vocab_multiple: int = key(64, '>0')  # GPT's vocabulary padded up to a multiple (GPT-2's 50257 -> 50304, as nanoGPT)
     # dynamic architecture (No Train No Gain section 3.1)
     arch: str = key('full', tuple(ARCHS))  # full, stack (layer stacking) or drop (progressive layer dropping)
     stack_init_layers: int = key(0, '>=0')  # stack: blocks active at the start; 0 = n_layer // 4
@@ -117,7 +118,7 @@ class TrainConfig:
     # system
     device: str = key('auto', 'path')  # auto, cpu, cuda, cuda:1, mps
     dtype: str = key('auto', ('auto', 'float32', 'bfloat16'))  # auto: bf16 on GPU, else float32 (no float16: with no
-    # loss scaling its gradients underflow, the fused loss's 1/N-scaled ones first)
+                                     # loss scaling its gradients underflow, the fused loss's 1/N-scaled ones first)
     compile: bool = False            # torch.compile the whole model
     compile_loss: bool = True        # torch.compile the per-token loss kernels
     peak_flops: float = key(0.0, '>=0')  # for MFU; 0 = the device's (a measured matmul peak on CPU)
@@ -428,6 +429,43 @@ def build_optimizer(cfg, model, bs, extra_groups=(), name=None):
     return OPTIMIZERS[name](cfg, groups, (cfg.beta1, cfg.beta2), bs, device)
 
 
+def agreed_stop(rt, stop):
+    """Whether the run stops before this step. Under DDP a signal may reach one rank only (or one a step
+    early): the ranks agree at the step boundary (the largest signal number any rank holds), so every rank
+    stops at the same step, and saves together, instead of one leaving while another waits in an all-reduce.
+    A rank stopped by another's signal records it as its own: its exit status says stopped too."""
+    held = stop[0] if stop else 0
+    signum = int(rt.reduce(float(held), dist.ReduceOp.MAX))
+    if signum and not stop:
+        stop.append(signum)
+        STOPPED.append(signum)
+    return bool(signum)
+
+
+def sampling_tokenizer(cfg, corpus):
+    """The corpus's tokenizer, which only the final sample needs (training reads token ids): loaded at the
+    start, so a machine that cannot load it (gpt2 offline) learns so before training, not after; None
+    without a sample, so such a machine trains."""
+    if not cfg.sample_tokens:
+        return None
+    try:
+        return get_tokenizer(corpus.meta['tokenizer'])
+    except DataError as e:
+        raise DataError(f'{e}; or train without the final sample: --sample_tokens=0') from None
+
+
+def compiled(model, arch):
+    """--compile: the whole model as one graph; under layer dropping, each block on its own and the loop
+    over the active blocks in Python. A whole-model graph is specialised to its set of active blocks, and
+    dropping draws a new set every step: dynamo recompiles per set up to its limit (8), then silently runs
+    the model eagerly. One block graph serves every block and every set (stacking's few sets fit the limit)."""
+    if arch != 'drop':
+        return torch.compile(model)
+    for block in model.blocks():
+        block.compile()
+    return model
+
+
 class DataSource:
     """The training examples of this rank, moved to the device (ids stay on the CPU)."""
 
@@ -461,7 +499,7 @@ class Trainer:
         if saved is not None:
             check_resume_config(cfg, saved, self.out_dir / 'ckpt.pt')
         self.corpus = load_corpus(cfg)
-        self.tokenizer = get_tokenizer(self.corpus.meta['tokenizer'])
+        self.tokenizer = sampling_tokenizer(cfg, self.corpus)
         self.model = build_model(cfg, self.corpus.vocab_size, self.rt.device)
         self.objective, self.building = objective or build_objective(cfg, self.corpus, self.model), True
         self.method = method_name(self.objective)
@@ -481,7 +519,7 @@ class Trainer:
             self.budget.charge_before_start(self.ctx.charges)
         self.building = False
         self.wandb = start_wandb(cfg, saved) if cfg.wandb_log and self.rt.master else None  # once the run can start
-        self.train_model = torch.compile(self.model) if cfg.compile else self.model
+        self.train_model = compiled(self.model, cfg.arch) if cfg.compile else self.model
         if self.rt.world_size > 1:
             self.train_model = DDP(self.train_model, device_ids=[self.rt.local_rank] if self.rt.device.type == 'cuda' else None,
                                    find_unused_parameters=cfg.arch != 'full')  # skipped blocks get no grads
@@ -672,7 +710,7 @@ class Trainer:
         try:
             with signals_between_steps() as stop:
                 while not self.budget.done:
-                    if stop:
+                    if agreed_stop(rt, stop):
                         raise KeyboardInterrupt
                     t0, before = time.time(), self.budget.spent[cfg.budget_unit]
                     loss, lr, logs = self.train_step()

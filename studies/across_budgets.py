@@ -1,7 +1,9 @@
 """Readings of a No Train No Gain table across its budgets: time to target (AlgoPerf's question turned
 around: how much budget a method needs to reach the fully decayed baseline's loss, from each seed's
-endpoints at every budget) and the cost-table sensitivity (which cells change sign when one RST cost
-entry is off by 10%). studies/compare.py prints both under its table.
+endpoints at every budget), the cost-table sensitivity (which cells change sign when one RST cost
+entry is off by 10%), and the table as a figure (plot_runs: final val loss and the paired differences to
+the baseline against budget, over the val-loss curves behind them). studies/compare.py prints the first
+two under its table and draws the figure beside it.
 """
 import collections
 import itertools
@@ -10,7 +12,8 @@ import statistics
 
 import numpy as np
 
-from studies.stats import crossing, finals_by_seed, paired_cells, t_interval
+from budget import pyplot
+from studies.stats import crossing, finals_by_seed, paired_cells, t_interval, untrained
 
 
 def target_table(groups, target, baseline='baseline', how=''):
@@ -150,3 +153,164 @@ def cost_sensitivity(groups, baseline, change=0.1):
     if left_out:
         head += '; left out, no seed at two budgets yet: ' + ', '.join(left_out)
     return head + (':\ncells whose sign flips:\n' + '\n'.join(f'- {f}' for f in flips) if flips else ': no cell changes sign')
+
+
+# -----------------------------------------------------------------------------
+# the figure: the table read across budgets (final val loss, paired differences), over the curves behind it
+
+# one colour per method in every figure of the lab (a label's base name; another reference system is dashed)
+METHOD_ORDER = ('baseline', 'stack', 'drop', 'sb', 'rho', 'rho_il_charged', 'lion', 'sophiag', 'muon', 'sfadamw', 'wsd (branches)')
+
+
+def method_colour(label):
+    base = label.split(' [')[0]
+    i = METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER) + sum(map(ord, base))
+    return f'C{i}' if i < 10 else ('#000000', '#aec7e8', '#ffbb78', '#98df8a', '#ff9896', '#c5b0d5')[i % 6]
+
+
+def method_rank(label):
+    """Where a method's row goes in a legend: the lab's order, another reference system right after its method."""
+    base = label.split(' [')[0]
+    return (METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER), base, label)
+
+
+def method_style(label):
+    """Colour, line style and marker of a method's marks: a row under another reference system ('stack [h200]')
+    has its method's colour, dashed, with square markers."""
+    other_system = label.endswith(']')
+    return {'color': method_colour(label), 'ls': '--' if other_system else '-', 'marker': 's' if other_system else 'o'}
+
+
+def unit_words(unit):
+    return 'RST, reference seconds' if unit == 'rst' else unit
+
+
+def plot_runs(groups, path, floors=None, baseline='baseline'):
+    """One figure a reader can take without the table. Top: each method's final val loss against budget
+    (mean over seeds, 95% CI) and its paired difference to the baseline (Δ, 95% CI; a filled marker where
+    the table calls it better or worse: CI off zero and Holm p < 0.05), zero line. Below: val loss against
+    budget spent, a panel per budget (mean over seeds, min-max shaded). Complete runs only, as in the table;
+    a cell that trained no step (its costs before the first step exceed the budget) is named in the legend,
+    not drawn. floors (compare.corpus_floors): the trigram floor, dotted. One legend, outside the panels."""
+    plt = pyplot('val loss against budget')
+    if plt is None:
+        return None
+    every = [r for g in groups.values() for rs in g.values() for r in rs if r['complete'] and r['evals']]
+    budgets = sorted({r['budget'] for r in every})  # a budget with partial runs only gets no empty panel
+    if not budgets:
+        return None
+    fig = plt.figure(figsize=(max(11.0, 4.6 * len(budgets)), 8.6))
+    grid = fig.add_gridspec(2, 2 * len(budgets), hspace=0.38, wspace=0.9, left=0.06, right=0.98)
+    final_ax, delta_ax = fig.add_subplot(grid[0, :len(budgets)]), fig.add_subplot(grid[0, len(budgets):])
+    curve_axes = [fig.add_subplot(grid[1, 2 * i:2 * i + 2]) for i in range(len(budgets))]
+    unit, skipped = every[0]['unit'], {}
+    draw_finals(final_ax, groups, budgets, unit, floors, skipped)
+    draw_deltas(delta_ax, groups, budgets, unit, baseline)
+    for ax, b in zip(curve_axes, budgets):
+        draw_curves(ax, groups, b, every, floors)
+    fig.legend(*legend_entries(groups, floors, skipped), loc='center left', bbox_to_anchor=(1.0, 0.5),
+               fontsize=8, frameon=False)
+    fig.savefig(path, dpi=120, bbox_inches='tight')
+    return path
+
+
+def trained_finals(runs):
+    """The finals of a cell's complete runs, or [] for a cell that trained no step (its loss is the initial model's)."""
+    return [] if untrained(runs) else [r['final'] for r in runs if r['complete']]
+
+
+def draw_finals(ax, groups, budgets, unit, floors, skipped):
+    """Final val loss against budget, a line per method; skipped gets {label: [budgets not drawn]}."""
+    for label, by_budget in groups.items():
+        points = []
+        for b in budgets:
+            finals = trained_finals(by_budget.get(b, []))
+            if finals:
+                points.append((b, *t_interval(finals)))
+            elif untrained(by_budget.get(b, [])):
+                skipped.setdefault(label, []).append(b)
+        if points:
+            xs, ms, hs = zip(*points)
+            ax.errorbar(xs, ms, yerr=[0 if math.isnan(h) else h for h in hs], capsize=3, ms=4, label=label, **method_style(label))
+    if floors:
+        ax.axhline(floors['trigram'], ls=':', lw=0.8, color='grey')
+    budget_axis(ax, budgets, unit)
+    ax.set(ylabel='final val loss (nats/token)', title='final val loss: mean over seeds, 95% CI')
+
+
+def draw_deltas(ax, groups, budgets, unit, baseline):
+    """Each method's paired difference to the baseline against budget, a 95% CI bar each (filled where the
+    table calls it better or worse), the methods spread a little sideways so that bars do not hide each other."""
+    cells = paired_cells(groups, baseline)
+    rows = sorted((label for label in groups if label != baseline and any((label, b) in cells for b in budgets)), key=method_rank)
+    ax.axhline(0.0, color='black', lw=0.8)
+    for i, label in enumerate(rows):
+        shift = 2 ** (0.05 * (i - (len(rows) - 1) / 2))  # a multiplicative nudge: the budget axis is logarithmic
+        for b in budgets:
+            if (label, b) not in cells or untrained(groups[label][b]):
+                continue
+            delta, half, p, _ = cells[label, b]
+            filled = not math.isnan(half) and p < 0.05 and (delta + half < 0 or delta - half > 0)
+            ax.errorbar([b * shift], [delta], yerr=[0 if math.isnan(half) else half], capsize=3, ms=5, label=label,
+                        mfc=method_colour(label) if filled else 'white', **method_style(label))
+    if not rows:
+        ax.text(0.5, 0.5, f"no paired runs of '{baseline}' to compare with", transform=ax.transAxes, ha='center')
+    budget_axis(ax, budgets, unit)
+    ax.set(ylabel=f'Δ final val loss vs {baseline} (nats/token)', title=f'paired difference to {baseline}: mean, 95% CI')
+
+
+def budget_axis(ax, budgets, unit):
+    """The budgets on a log axis (the sweep doubles them), each one ticked by its value."""
+    ax.set_xscale('log')
+    ax.set_xticks(budgets)
+    ax.set_xticklabels([f'{b:g}' for b in budgets])
+    ax.minorticks_off()
+    ax.set_xlim(budgets[0] / 1.4, budgets[-1] * 1.4)
+    ax.set_xlabel(f'budget ({unit_words(unit)})')
+
+
+def draw_curves(ax, groups, b, every, floors):
+    """Val loss against budget spent at budget b, a line per method (mean over seeds, shaded min-max) from
+    the first eval every seed has: no extrapolation. Runs whose only eval is their final one (a short
+    budget) are a point with its min-max bar; the step that spends the budget's last unit can end just past it."""
+    x = 0 if all(r['evals'][-1][0] is not None for r in every) else 1  # RST when every run has it, else tokens
+    right = b
+    for label, by_budget in groups.items():
+        runs = [r for r in by_budget.get(b, []) if r['complete'] and r['evals']]
+        if not runs or untrained(runs):
+            continue
+        start, end = max(r['evals'][0][x] for r in runs), min(r['evals'][-1][x] for r in runs)
+        right = max(right, end)
+        if end <= start:
+            finals = [r['final'] for r in runs]
+            m = statistics.mean(finals)
+            ax.errorbar([end], [m], yerr=[[m - min(finals)], [max(finals) - m]], capsize=3, label=label,
+                        **{**method_style(label), 'ls': 'none'})
+            continue
+        grid = np.linspace(start, end, 60)
+        ys = np.array([np.interp(grid, [e[x] for e in r['evals']], [e[2] for e in r['evals']]) for r in runs])
+        ax.plot(grid, ys.mean(0), label=label, **{**method_style(label), 'marker': None})
+        ax.fill_between(grid, ys.min(0), ys.max(0), alpha=0.2, color=method_colour(label))
+    if floors:
+        ax.axhline(floors['trigram'], ls=':', lw=0.8, color='grey')
+    unit = every[0]['unit']
+    ax.set(title=f'budget {b:g} {unit.upper() if unit == "rst" else unit}: val loss as it is spent',
+           xlabel=['RST spent (reference seconds)', 'tokens seen'][x], ylabel='val loss (nats/token)')
+    if x == 0 and unit == 'rst':  # the panel spans its budget (and the last step's overshoot)
+        ax.set_xlim(0, 1.03 * right)
+
+
+def legend_entries(groups, floors, skipped):
+    """(handles, labels) of the figure's one legend: every method in the lab's order (METHOD_ORDER, the others
+    after it by name), then the marks."""
+    from matplotlib.lines import Line2D
+    entries = [(Line2D([], [], ms=4, **method_style(label)), label) for label in sorted(groups, key=method_rank)]
+    entries += [(Line2D([], [], ls=' '), f"{label}: not drawn at budget {', '.join(f'{b:g}' for b in bs)}\n"
+                                          '(trained no step: its costs before the first step exceed the budget)')
+                for label, bs in skipped.items()]
+    if floors:
+        entries.append((Line2D([], [], ls=':', lw=0.8, color='grey'), f"trigram floor {floors['trigram']:.3f}"))
+    entries.append((Line2D([], [], color='black', lw=0.8), 'Δ = 0: no difference to the baseline'))
+    entries.append((Line2D([], [], ls=' ', marker='o', color='grey'), 'Δ filled: better or worse (95% CI off 0, Holm p < 0.05)'))
+    entries.append((Line2D([], [], ls=' ', marker='o', color='grey', mfc='white'), 'Δ hollow: not resolved by the table'))
+    return [h for h, _ in entries], [text for _, text in entries]

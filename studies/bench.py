@@ -9,6 +9,10 @@
     python -m studies.bench loss --chunks=256,512,1024   # the fused path at other chunk sizes
     python -m studies.bench --help     # the benchmarks and keys; measures nothing
 
+Each benchmark prints its figures; one that fails prints one FAILED line and the rest still run. The exit
+status is 0 when every benchmark named measured, 1 when one failed (nothing measured), 2 for a bad name,
+key or value (one line naming the choices, before anything runs).
+
 Memory on the CPU: torch's CPU allocator keeps no peak counter, so a thread samples the process's
 resident set every millisecond during the measured call (a fresh subprocess per variant); the figure
 is the peak minus the resident set just before the call. Times are the best of a few calls, the variants
@@ -33,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]  # the repo root: the library's scrip
 if __name__ == '__main__' and not __package__:  # run as a script (python studies/bench.py): the library is one folder up
     sys.path.insert(0, str(ROOT))
 
-from configurator import cli, key, require  # noqa: E402
+from configurator import check_distinct, cli, key, require  # noqa: E402
 from loss import FUSED_CHUNK  # noqa: E402
 
 N, D, V = 4096, 768, 50304  # tokens (B*T), model width, GPT-2 vocab padded
@@ -118,8 +122,8 @@ def _loss_seconds(names, backward, rounds=3):
 def _in_subprocess(call):
     code = f'import sys; sys.path.insert(0, {str(ROOT)!r}); import json; from studies import bench; print(json.dumps(bench.{call}))'
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=ROOT)
-    if out.returncode != 0:
-        raise SystemExit(f'{call}: {out.stderr[-2000:]}')
+    if out.returncode != 0:  # its last line says what failed (the exception under a traceback)
+        raise RuntimeError(f"{call}: {(out.stderr.strip().splitlines() or ['exit status %d' % out.returncode])[-1]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -258,20 +262,32 @@ USAGE = '[BENCHMARK ...] [--key=value ...]\n\nbenchmarks (none named: all of the
 class BenchConfig:
     chunks: tuple = key((FUSED_CHUNK,), '>0')  # loss: the fused path's chunk sizes in tokens, e.g. --chunks=256,512,1024
 
+    def __post_init__(self):
+        check_distinct('chunks', self.chunks, f'({FUSED_CHUNK},)')
+
 
 def run(names, cfg):
-    """The named benchmarks (all when none is named), each printing its ratios; unknown names measure nothing."""
+    """The named benchmarks (all when none is named), each printing its ratios -> 0, or 1 when one failed
+    (it printed one FAILED line; the others still ran). An unknown name measures nothing: one line, exit 2."""
     unknown = [n for n in names if n not in BENCHMARKS]
     require(not unknown, f"unknown benchmark {', '.join(unknown)}: choose from {', '.join(BENCHMARKS)}")
     torch.manual_seed(0)
-    print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, {time.strftime("%Y-%m-%d %H:%M")}')
-    for name, (_, bench) in BENCHMARKS.items():
-        if name in (names or BENCHMARKS):
-            bench(cfg)
+    print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, {time.strftime("%Y-%m-%d %H:%M")}', flush=True)
+    chosen, failed = [n for n in BENCHMARKS if n in (names or BENCHMARKS)], []
+    for name in chosen:
+        try:
+            BENCHMARKS[name][1](cfg)
+        except Exception as e:  # one benchmark's failure (a missing package, an OOM) must not lose the others' figures
+            print(f"{name}: FAILED ({type(e).__name__}: {' '.join(str(e).split())[:300]})", flush=True)
+            failed.append(name)
+    if failed:
+        print(f"error: {', '.join(failed)} measured nothing ({len(chosen) - len(failed)} of {len(chosen)} benchmark(s) did)",
+              file=sys.stderr)
+    return 1 if failed else 0
 
 
 def main(argv):
-    """Benchmark names are the bare words, --key=value the rest; --help anywhere prints the usage."""
+    """Benchmark names are the bare words, --key=value the rest; --help anywhere prints the usage -> the exit status."""
     flags = [a for a in argv if a.startswith('-')]
     if {'-h', '--help'} & set(flags):
         flags = ['--help']
@@ -280,4 +296,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    main(sys.argv[1:])
+    sys.exit(main(sys.argv[1:]))

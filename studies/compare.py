@@ -1,7 +1,10 @@
 """Comparing runs: the method x budget table of a No Train No Gain sweep (paired differences to the
 baseline with t-based 95% CIs and Holm-adjusted p), the n-gram floors that say which regime a column is
-in, what each method logs about itself, time to target, the cost-table sensitivity and the plot.
-It reads only what runs wrote (config.json, log.jsonl), through runs.read_run.
+in, what each method logs about itself, time to target, the cost-table sensitivity and the figure
+(across_budgets.plot_runs). It reads only what runs wrote (config.json, log.jsonl, each field it reads
+type-checked first: field_problem), through runs.read_run, and only what it can compare: another study's
+runs, another corpus or a stray model shape are named and left out, and a folder with nothing comparable
+is one error.
 
     python -m studies.ntng compare out/ablation --out=out/ablation/ablation   # -> ablation.md, ablation.png
 """
@@ -13,14 +16,12 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from budget import pyplot
 from configurator import ConfigError, UserError, key, require, require_writable
 from data.loader import Corpus, DataError, atomic_write_bytes, data_dir, read_json
 from data.ngram import ngram_floors
-from runs import IL_LABEL, METHOD_STATS, read_run
-from studies.across_budgets import auto_target, cost_sensitivity, target_table
+from budget import UNITS
+from runs import IL_LABEL, METHOD_STATS, SHAPE_KEYS, read_run
+from studies.across_budgets import auto_target, cost_sensitivity, plot_runs, target_table
 from studies.stats import finals_by_seed, group_runs, mean_std, paired_cells, t_interval, untrained
 
 
@@ -195,66 +196,6 @@ def between(loss, floors):
     return f'between the {below[-1]} and {above[0]} floors'
 
 
-def plot_runs(groups, path, floors=None):
-    """Val loss against RST spent, one line per method (mean over seeds, shaded min-max), a panel per budget;
-    complete runs only, as in the table. An RST budget's panel spans that budget: a row whose first eval
-    lies past it (RHO-LOSS with its IL charged) is named in the legend instead of squeezing every curve.
-    floors (corpus_floors): the trigram floor as a dashed line, the regime's mark."""
-    plt = pyplot('val loss against RST')
-    if plt is None:
-        return None
-    every = [r for g in groups.values() for rs in g.values() for r in rs if r['complete'] and r['evals']]
-    budgets = sorted({r['budget'] for r in every})  # a budget with partial runs only gets no empty panel
-    if not budgets:
-        return None
-    x = 0 if all(r['evals'][-1][0] is not None for r in every) else 1  # RST when every run has it, else tokens
-    clip = x == 0 and all(r['unit'] == 'rst' for r in every)  # the x axis is the budget's own unit
-    fig, axes = plt.subplots(1, len(budgets), figsize=(5 * len(budgets), 4), squeeze=False)
-    for ax, b in zip(axes[0], budgets):
-        for label, by_budget in groups.items():
-            runs = [r for r in by_budget.get(b, []) if r['complete'] and r['evals']]
-            if not runs:
-                continue
-            start, end = max(r['evals'][0][x] for r in runs), min(r['evals'][-1][x] for r in runs)
-            if clip and start > b:
-                ax.plot([], [], ' ', label=f'{label}: first eval at {start:,.0f} RST, past the budget')
-                continue
-            if end <= start:  # a single eval per run: its mean and spread at the end
-                finals = [r['final'] for r in runs]
-                ax.errorbar([end], [statistics.mean(finals)], yerr=[[statistics.mean(finals) - min(finals)],
-                            [max(finals) - statistics.mean(finals)]], fmt='o', capsize=3, label=label)
-                continue
-            grid = np.linspace(start, end, 60)  # from the first eval every seed has: no extrapolation
-            ys = np.array([np.interp(grid, [e[x] for e in r['evals']], [e[2] for e in r['evals']]) for r in runs])
-            line, = ax.plot(grid, ys.mean(0), label=label, color=method_colour(label),
-                            ls='--' if label.endswith(']') else '-')  # another reference system: dashed
-            ax.fill_between(grid, ys.min(0), ys.max(0), alpha=0.2, color=line.get_color())
-        ax.set(title=f'budget {b:g}', xlabel=['RST spent (reference seconds)', 'tokens'][x],
-               ylabel='val loss (nats/token)')
-        if clip:
-            ax.set_xlim(0, 1.02 * b)
-        if floors and (ax.lines or ax.collections):
-            ax.axhline(floors['trigram'], ls=':', lw=0.8, color='grey', label=f"trigram floor {floors['trigram']:.3f}")
-    legend = {}  # one legend, outside the panels: every label once, in the order drawn
-    for ax in axes[0]:
-        for handle, label in zip(*ax.get_legend_handles_labels()):
-            legend.setdefault(label, handle)
-    fig.tight_layout()
-    fig.legend(legend.values(), legend.keys(), loc='center left', bbox_to_anchor=(1.0, 0.5), fontsize=8)
-    fig.savefig(path, dpi=120, bbox_inches='tight')
-    return path
-
-
-# one colour per method in every figure of the lab (a label's base name; another reference system is dashed)
-METHOD_ORDER = ('baseline', 'stack', 'drop', 'sb', 'rho', 'rho_il_charged', 'lion', 'sophiag', 'muon', 'sfadamw', 'wsd (branches)')
-
-
-def method_colour(label):
-    base = label.split(' [')[0]
-    i = METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER) + sum(map(ord, base))
-    return f'C{i}' if i < 10 else ('#000000', '#aec7e8', '#ffbb78', '#98df8a', '#ff9896', '#c5b0d5')[i % 6]
-
-
 def compare(run_dirs, out='ablation', target='auto', baseline='baseline', floors='', margin=0.02):
     """The ablation table (and time to target, plot) of run folders, or of every run under a sweep folder,
     written to <out>.md, <out>.png and <out>.floors.json (the n-gram floors it used: a record of the sweep
@@ -271,7 +212,7 @@ def compare(run_dirs, out='ablation', target='auto', baseline='baseline', floors
         atomic_write_bytes(Path(f'{out}.floors.json'), json.dumps(used, indent=1).encode())
     units = sorted({r['unit'] for r in runs})
     plotted = [r for r in runs if r['unit'] == units[0]]
-    png = plot_runs(group_runs(plotted), f'{out}.png', plotted_floors(used))
+    png = plot_runs(group_runs(plotted), f'{out}.png', plotted_floors(used), baseline)
     print(f'wrote {out}.md' + (f' and {png} (budget unit {units[0]})' if png else ''))
     return report
 
@@ -283,7 +224,7 @@ def compare_report(run_dirs, target='auto', baseline='baseline', floors='', marg
     require(run_dirs, 'compare needs run folders, or a folder that holds them: python -m studies.ntng compare '
                       'out/ablation [--out=ablation]')
     run_dirs = run_folders(run_dirs)
-    runs, il_runs = without_il_models([read_run(d) for d in run_dirs])
+    runs, il_runs = without_il_models([read_checked_run(d) for d in run_dirs])
     check_one_run_per_cell(runs)
     bad = [r for r in runs if 'error' in r or not r['complete']]
     runs = [r for r in runs if 'error' not in r]
@@ -292,6 +233,9 @@ def compare_report(run_dirs, target='auto', baseline='baseline', floors='', marg
         raise UserError(f"no readable runs among the {len(bad)} folder(s) given ({bad[0]['path']}: {bad[0]['error']}): "
                         f'a run folder holds config.json and log.jsonl')
     runs, foreign = comparable(runs, baseline)
+    if not any(r['complete'] for r in runs):
+        raise UserError(f'nothing to compare yet: none of the {len(runs)} run(s) given has spent its budget '
+                        f"(first: {runs[0]['path']}); compare reads finished runs")
     used = read_floors(floors, runs) if floors else corpus_floors(runs)
     units = sorted({r['unit'] for r in runs})
     sections = [(f'budget unit: {u}\n\n' if len(units) > 1 else '') +
@@ -339,6 +283,84 @@ def comparable(runs, baseline):
                         f"{', '.join(sorted({r['script'] for r in runs}))}, whose studies have their own tables "
                         '(python -m studies.slm / studies.madpo --stage=compare)')
     return keep, left
+
+
+# -----------------------------------------------------------------------------
+# what compare reads of a run folder, each field checked before it is read
+
+def finite_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def is_text(v):
+    return v is None or isinstance(v, str)
+
+
+def is_scalar(v):  # a model shape value: compared and counted, so never a list or a dict
+    return v is None or isinstance(v, (str, int, float))
+
+
+CONFIG_FIELDS = {  # config.json's keys compare reads: (required, the check, what it must be)
+    'budget': (True, lambda v: finite_number(v) and v > 0, 'a positive number'),
+    'budget_unit': (True, lambda v: v in UNITS, f"one of {', '.join(UNITS)}"),
+    'seed': (True, lambda v: isinstance(v, int) and not isinstance(v, bool), 'an integer'),
+    **{k: (False, is_text, 'text') for k in ('label', 'method', 'arch', 'optimizer', 'schedule', 'dataset', 'tokenizer', 'rst_table')},
+    **{k: (False, is_scalar, 'a single value') for k in SHAPE_KEYS},
+}
+LOG_FIELDS = ('step', 'val_loss', 'tokens', *UNITS, *METHOD_STATS)  # numbers wherever a log record has them
+
+
+def field_problem(path):
+    """Why a run folder's config.json or log.jsonl holds a field compare cannot read, in one line naming the
+    file, the field and what it must be ('log.jsonl line 9: val_loss='abc' is not a finite number'); None
+    when every field is readable (a missing or unparsable file is read_run's to report)."""
+    try:
+        info = json.loads((Path(path) / 'config.json').read_text())
+    except (OSError, ValueError):
+        return None
+    config = info.get('config') if isinstance(info, dict) else None
+    if not isinstance(config, dict):
+        return "config.json holds no 'config' record of the run's keys"
+    for k, (required, ok, what) in CONFIG_FIELDS.items():
+        if k not in config and required:
+            return f'config.json has no {k} ({what})'
+        if k in config and not ok(config[k]):
+            return f'config.json: {k}={short(config[k])} is not {what}'
+    lines = (Path(path) / 'log.jsonl').read_text(errors='replace').splitlines() if (Path(path) / 'log.jsonl').is_file() else []
+    for i, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # the partial last line of a killed run: read_log drops it
+        problem = record_problem(record, config['budget_unit'])
+        if problem:
+            return f'log.jsonl line {i}: {problem}'
+    return None
+
+
+def record_problem(record, unit):
+    """Why one log record cannot be read, or None. A unit other than the budget's may be None: the run had no
+    cost table pricing its steps (RST is then not counted), which the budget's own unit never is."""
+    if not isinstance(record, dict):
+        return f'a {type(record).__name__} ({short(record)}), not a record'
+    for k in LOG_FIELDS:
+        if k in record and not finite_number(record[k]) and not (record[k] is None and k in UNITS and k != unit):
+            return f'{k}={short(record[k])} is not a finite number'
+    entries = record.get('rst_by_entry', {})
+    if not (isinstance(entries, dict) and all(finite_number(v) for v in entries.values())):
+        return f'rst_by_entry={short(entries)} is not a table of cost entry -> RST'
+    return None
+
+
+def short(value):
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + '...'
+
+
+def read_checked_run(path):
+    """runs.read_run of a folder whose every field compare reads is of its type, else {'path', 'error'}."""
+    problem = field_problem(path)
+    return {'path': str(path), 'error': f'unreadable ({problem})'} if problem else read_run(path)
 
 
 def run_folders(paths):

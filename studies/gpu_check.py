@@ -13,7 +13,9 @@
             architecture and T5-lite, rho.py, the SLM and MADPO studies' --quick), each in a subprocess.
 4. ddp      with two GPUs or more: a 2-process torchrun of train.py over nccl.
 
-Each check prints its figures on one line; the script exits 1 if any check failed (after running all).
+Each check prints its figures on one line; the script exits 1 if any check failed (after running all) or
+none measured anything (every check chosen was skipped: --only=ddp on one GPU), 2 for a bad name, key or
+value (one line naming the choices, before any check runs).
 """
 import contextlib
 import dataclasses
@@ -221,17 +223,20 @@ def run(cfg):
     device, size = torch.device(cfg.device), SIZES[cfg.device]
     name = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU, {torch.get_num_threads()} threads'
     print(f'gpu_check on {name}, torch {torch.__version__}, {time.strftime("%Y-%m-%d %H:%M")}', flush=True)
-    failures = 0
+    failures, measured = 0, 0
     for check in checks:
         t0 = time.perf_counter()
         try:
             extra = (cfg.methods or ('all' if device.type == 'cuda' else 'fast'),) if check == 'methods' else ()
             result = CHECKS[check][0](device, size, *extra)
+            measured += not result.startswith('skipped')
             print(f'{check}: {result} [{time.perf_counter() - t0:.0f}s]', flush=True)
         except Exception as e:  # report every check, then fail
             failures += 1
             print(f'{check}: FAILED ({type(e).__name__}: {e}) [{time.perf_counter() - t0:.0f}s]', flush=True)
-    return 1 if failures else 0
+    if not failures and not measured:  # a run that confirmed nothing must not read as a pass
+        print(f"error: nothing measured: every check chosen ({', '.join(checks)}) was skipped on this machine", file=sys.stderr)
+    return 1 if failures or not measured else 0
 
 
 def main(argv=None):

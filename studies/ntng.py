@@ -40,7 +40,7 @@ class AblateConfig:
     methods: tuple = ('',)               # ('',) = every method in the config file
     budgets: tuple = key((0.0,), '>=0')  # (0.0,) = the config file's BUDGETS (QUICK_BUDGETS with --quick)
     seeds: tuple = key((0, 1, 2, 3, 4), '>=0')  # paired: a seed fixes initialisation and data order for every method
-    quick: bool = False                  # a smoke sweep: QUICK_BUDGETS, one seed
+    quick: bool = False                  # a smoke sweep: QUICK_BUDGETS, one seed, QUICK_COMMON's keys over every row's
     baseline_schedule: str = key('cosine', ('cosine', 'wsd_branches'))  # 'wsd_branches' adds a WSD row trained as cooldown branches
     target: str = 'auto'                 # time-to-target: 'auto' (see compare), a number, 'none'
     tuned: str = ''                      # a tuned.json from `python -m studies.ntng tune` of this sweep: its values override METHODS'
@@ -54,7 +54,8 @@ class AblateConfig:
 
 def read_sweep(path):
     """The sweep file's COMMON, BUDGETS, QUICK_BUDGETS, METHODS (and optional TUNE: extra grid axes;
-    TUNED_AS: {row: another row whose tuned values it runs with})."""
+    TUNED_AS: {row: another row whose tuned values it runs with}; LR_KEY: {row: the lr key its grid moves};
+    QUICK_COMMON: COMMON's overrides under --quick)."""
     if not Path(path).is_file():
         raise ConfigError(f'--config={path} not found: give the sweep file (your own Python), e.g. config/ablation.py')
     spec = read_config_file(path)
@@ -84,6 +85,7 @@ def check_sweep_shapes(spec, path):
         'TUNE': (is_dict_of(spec.get('TUNE', {}), lambda axes: is_dict_of(axes, lambda v: isinstance(v, tuple) and v)),
                  "a dict of row -> {key: (values, ...)}"),
         'TUNED_AS': (is_dict_of(spec.get('TUNED_AS', {}), lambda v: isinstance(v, str)), 'a dict of row -> row'),
+        'QUICK_COMMON': (is_dict_of(spec.get('QUICK_COMMON', {}), lambda v: True), "a dict of train.py keys (--quick's)"),
         'LR_KEY': (is_dict_of(spec.get('LR_KEY', {}), lambda v: isinstance(v, str) and v.endswith('lr')),
                    "a dict of row -> the lr key its grid moves (e.g. 'muon_lr')"),
     }
@@ -123,13 +125,14 @@ def sweep_plan(cfg):
     spec = read_sweep(cfg.config)
     budgets = sorted(b for b in cfg.budgets if b > 0) or sorted(spec['QUICK_BUDGETS' if cfg.quick else 'BUDGETS'])
     seeds = cfg.seeds[:1] if cfg.quick else cfg.seeds
+    quick = spec.get('QUICK_COMMON', {}) if cfg.quick else {}  # a GPU recipe's smoke test: a model and data a CPU runs
     methods = chosen_methods(spec, cfg.methods, cfg.config)
     rows = [*methods, *(['baseline'] if cfg.baseline_schedule == 'wsd_branches' else [])]  # the WSD row runs with the baseline's values
     tuned, tuned_il = read_tuned(cfg.tuned, spec, cfg.config, min(budgets), rows, seeds) if cfg.tuned else ({}, None)
     # the IL model that tuning's RHO-LOSS grid trained serves this sweep too if it was trained for this largest budget
     il = tuned_il if tuned_il and tuned_il['il_budget'] == max(budgets) else il_args(cfg.out_dir, max(budgets))
     plan = [planned_run(label, script, {**spec['COMMON'], **(il if args.get('method') == 'rho' else {}), **args,
-                                        **tuned.get(spec.get('TUNED_AS', {}).get(label, label), {}), 'budget': b,
+                                        **tuned.get(spec.get('TUNED_AS', {}).get(label, label), {}), **quick, 'budget': b,
                                         'seed': seed, 'label': label, 'out_dir': f'{cfg.out_dir}/{label}/b{b:g}/s{seed}'})
             for b in budgets for seed in seeds for label, (script, args) in methods.items()]  # cheapest budget first
     if cfg.baseline_schedule == 'wsd_branches':

@@ -332,43 +332,6 @@ def test_a_seed_with_a_gap_before_its_crossing_is_pending_and_auto_matches_seeds
     assert "target val loss 2.7000, the baseline's worst of 2 seeds at budget 40 (fully decayed" in auto
 
 
-def test_plot_spans_the_budget_names_a_row_past_it_marks_the_floor_and_leaves_partial_runs_out(tmp_path):
-    """A row charged before its first step (RHO-LOSS with its IL charged: one eval at 3446 RST in a 20-RST
-    budget) is named in the legend, not drawn; the panel spans the budget; a partial run (still running)
-    does not cut a method's curve short, as it is left out of the table's means; the trigram floor is marked."""
-    plt = pytest.importorskip('matplotlib.pyplot')
-    folders = [finished(tmp_path, 'b0', 'baseline', 20.0, 0, 2.0), finished(tmp_path, 'b1', 'baseline', 20.0, 1, 2.1),
-            write_run(tmp_path, 'b2', 'baseline', 20.0, 2, [(5.0, 5000, 2.9)]),       # partial: stopped at 5 RST
-            write_run(tmp_path, 'il', 'rho_il_charged', 20.0, 0, [(3446.0, 10 ** 6, 5.35)], steps=0)]
-    groups = stats.group_runs([runs.read_run(r) for r in folders])
-    floors = {'unigram': 3.2, 'bigram': 2.5, 'trigram': 1.9}
-    assert compare.plot_runs(groups, str(tmp_path / 'p.png'), floors) == str(tmp_path / 'p.png')
-    ax = plt.gcf().axes[0]
-    assert ax.get_xlim() == pytest.approx((0, 20.4))
-    assert [t.get_text() for t in plt.gcf().legends[0].get_texts()] == [
-        'baseline', 'rho_il_charged: first eval at 3,446 RST, past the budget', 'trigram floor 1.900']
-    line = ax.get_lines()[0]
-    assert line.get_xdata()[0] == pytest.approx(5.0) and line.get_xdata()[-1] == pytest.approx(20.0)
-    plt.close('all')
-
-
-def test_plot_has_no_panel_for_a_budget_of_partial_runs_and_bands_keep_their_lines_colour(tmp_path):
-    """A sweep cut short: budget 40 has only a run in progress, so it gets no (empty) panel. A row named in
-    the legend (past the budget) takes a colour from the line cycle; each band must still be its line's."""
-    plt = pytest.importorskip('matplotlib.pyplot')
-    from matplotlib.colors import to_rgba
-    folders = [write_run(tmp_path, 'il', 'a_charged', 20.0, 0, [(3446.0, 10 ** 6, 5.35)], steps=0),
-               finished(tmp_path, 'b0', 'baseline', 20.0, 0, 2.0), finished(tmp_path, 'b1', 'baseline', 20.0, 1, 2.1),
-               write_run(tmp_path, 'b40', 'baseline', 40.0, 0, [(5.0, 5000, 2.9)])]  # partial: the only budget-40 run
-    groups = stats.group_runs([runs.read_run(r) for r in folders])
-    compare.plot_runs(groups, str(tmp_path / 'p.png'))
-    assert len(plt.gcf().axes) == 1
-    ax = plt.gcf().axes[0]
-    line, band = [l for l in ax.get_lines() if l.get_label() == 'baseline'][0], ax.collections[0]
-    assert tuple(band.get_facecolor()[0][:3]) == pytest.approx(to_rgba(line.get_color())[:3])
-    plt.close('all')
-
-
 def test_a_cell_that_trained_no_step_is_named_under_the_steps(tmp_path, monkeypatch):
     """RHO-LOSS with its IL charged trains no step when the IL's cost exceeds the budget: its 'final' is the
     initial model's loss, which the table must not let pass for the method's result."""
@@ -543,12 +506,12 @@ def test_tune_grid_extends_at_an_edge_and_ablate_reads_the_result(tmp_path, monk
         ntng.sweep_plan(ntng.AblateConfig(config=cfg.config, tuned=tuned, methods=('baseline', 'lion'), seeds=(0, 7)))
     record = json.loads(Path(tuned).read_text())
     lion_only = tmp_path / 'lion_only.json'
-    lion_only.write_text(json.dumps({**record, 'tuned': {'lion': record['tuned']['lion']}}))
+    lion_only.write_text(json.dumps(ntng.sealed({**record, 'tuned': {'lion': record['tuned']['lion']}})))  # as if tune wrote it
     with pytest.raises(budget_lib.UserError, match='has no tuned values for baseline'):  # the WSD row runs as the baseline
         ntng.sweep_plan(ntng.AblateConfig(config=cfg.config, tuned=str(lion_only), methods=('lion',),
                                             baseline_schedule='wsd_branches'))
     for bad in (7, [[1]], ['7']):
-        lion_only.write_text(json.dumps({**record, 'seeds': bad}))
+        lion_only.write_text(json.dumps(ntng.sealed({**record, 'seeds': bad})))
         with pytest.raises(budget_lib.UserError, match=r'is not a tuned.json from `python -m studies.ntng tune` \(TypeError\)'):
             ntng.sweep_plan(ntng.AblateConfig(config=cfg.config, tuned=str(lion_only), methods=('lion',)))
     (tmp_path / 'sweep.py').write_text(SWEEP.replace('lr=3e-3)', 'lr=1e-3)'))
@@ -754,6 +717,7 @@ def test_tune_refuses_a_tuned_file_it_would_overwrite_before_any_run(tmp_path, m
     spec = ntng.read_sweep(cfg.config)
     other = {'config': cfg.config, 'common': repr(spec['COMMON']), 'methods': {k: repr(v) for k, v in spec['METHODS'].items()},
              'budget': 6.0, 'seeds': [7], 'tuned': {'baseline': {'lr': 1e-3}}}
+    other = ntng.sealed(other)  # as tune writes it
     (tmp_path / 'tune' / 'tuned.json').write_text(json.dumps(other))
     with pytest.raises(ConfigError, match='holds a tuning of another sweep .its seeds differ'):
         ntng.tune(cfg)
@@ -797,12 +761,6 @@ def test_a_loss_is_placed_between_the_floors_it_has_and_has_not_reached():
     assert compare.between(3.5, floors) == 'above the unigram floor'
     assert compare.between(1.2, floors) == 'below the 5-gram floor'
     assert compare.between(1.8, floors) == 'between the trigram and 4-gram floors'   # at a floor: reached it
-
-
-def test_a_method_keeps_its_colour_across_figures_and_another_system_is_dashed():
-    assert compare.method_colour('stack') == compare.method_colour('stack [h200]') != compare.method_colour('drop')
-    assert len({compare.method_colour(m) for m in compare.METHOD_ORDER[:10]}) == 10
-    assert compare.method_colour('my_method') == compare.method_colour('my_method')
 
 
 def test_a_signal_to_the_runner_stops_its_jobs_and_leaves_nothing_running(tmp_path):
@@ -871,3 +829,100 @@ def test_runs_of_another_script_corpus_or_shape_are_never_in_a_row(tmp_path):
     assert "wide: another model shape or batch than the rest of its row (baseline)" in report
     with pytest.raises(budget_lib.UserError, match='nothing comparable among the 1 run'):
         compare.compare([str(tmp_path / 'sft')], out=str(tmp_path / 'y'), target='none')
+
+
+# -----------------------------------------------------------------------------
+# compare reads only what it can compare
+
+def edit_config(path, **changes):
+    """Change (or, with value REMOVE, delete) keys of a run's config.json."""
+    info = json.loads((path / 'config.json').read_text())
+    info['config'].update(changes)
+    info['config'] = {k: v for k, v in info['config'].items() if v is not REMOVE}
+    (path / 'config.json').write_text(json.dumps(info))
+    return path
+
+
+REMOVE = object()
+
+
+def edit_log(path, edit):
+    records = [json.loads(line) for line in (path / 'log.jsonl').read_text().splitlines()]
+    (path / 'log.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in edit(records)))
+    return path
+
+
+@pytest.mark.parametrize('damage, says', [
+    (lambda p: edit_log(p, lambda rs: rs + [[1, 2, 3]]), 'log.jsonl line 9: a list ([1, 2, 3]), not a record'),
+    (lambda p: edit_log(p, lambda rs: rs[:-1] + [{**rs[-1], 'val_loss': '2.0'}]), "line 8: val_loss='2.0' is not a finite number"),
+    (lambda p: edit_log(p, lambda rs: rs[:-1] + [{**rs[-1], 'val_loss': True}]), 'line 8: val_loss=True is not a finite number'),
+    (lambda p: edit_log(p, lambda rs: rs[:-1] + [{**rs[-1], 'val_loss': math.nan}]), 'line 8: val_loss=nan is not a finite number'),
+    (lambda p: edit_log(p, lambda rs: rs[:-1] + [{**rs[-1], 'rst': '10'}]), "line 8: rst='10' is not a finite number"),
+    (lambda p: edit_log(p, lambda rs: rs[:-1] + [{**rs[-1], 'rst_by_entry': [1]}]), 'rst_by_entry=[1] is not a table'),
+    (lambda p: edit_config(p, label=7), 'config.json: label=7 is not text'),
+    (lambda p: edit_config(p, budget_unit=REMOVE), 'config.json has no budget_unit (one of rst, tokens, iters, flops, wall)'),
+    (lambda p: edit_config(p, budget_unit='parsecs'), "budget_unit='parsecs' is not one of rst"),
+    (lambda p: edit_config(p, budget=-1.0), 'budget=-1.0 is not a positive number'),
+    (lambda p: edit_config(p, budget=True), 'budget=True is not a positive number'),
+    (lambda p: edit_config(p, seed=True), 'seed=True is not an integer'),
+    (lambda p: edit_config(p, dataset=['a']), "dataset=['a'] is not text"),
+    (lambda p: edit_config(p, n_embd=[128]), 'n_embd=[128] is not a single value'),
+])
+def test_every_field_compare_reads_is_type_checked_and_a_bad_one_named_in_one_line(tmp_path, monkeypatch, damage, says):
+    """A run folder damaged or edited out of shape is listed on one line naming the file, the field and what it
+    must be; it never reaches a row (True is not a loss of 1, nor a budget of 1), and nothing raises."""
+    monkeypatch.setattr(compare, 'plot_runs', lambda *args: None)
+    good = [finished(tmp_path, f'g{s}', 'baseline', 10.0, s, 3.0 + s / 100) for s in range(2)]
+    bad = damage(finished(tmp_path, 'bad', 'baseline', 10.0, 5, 2.0))
+    report = compare.compare([str(p) for p in good + [bad]], out=str(tmp_path / 'x'), target='auto')
+    listed = [line for line in report.splitlines() if line.startswith(f'- {bad}: ')]
+    assert len(listed) == 1 and listed[0].startswith(f'- {bad}: unreadable (') and says in listed[0], listed
+    assert row(report, 'baseline') == ['3.0050 ± 0.0071 (n=2)']
+
+
+def test_an_uncounted_rst_is_readable_where_the_budget_is_in_another_unit(tmp_path, monkeypatch):
+    """A run priced by no cost table logs rst=None (RST not counted): read where its budget is in iters, and
+    refused where RST is the budget's own unit."""
+    monkeypatch.setattr(compare, 'plot_runs', lambda *args: None)
+    runs = [finished(tmp_path, f'g{s}', 'baseline', 10.0, s, 3.0 + s / 100) for s in range(2)]
+    for run in runs:
+        edit_config(run, budget_unit='iters')
+        edit_log(run, lambda rs: [{**r, 'iters': r.get('rst'), 'rst': None} if 'rst' in r else r for r in rs])
+    report = compare.compare([str(p) for p in runs], out=str(tmp_path / 'x'), target='none')
+    assert row(report, 'baseline') == ['3.0050 ± 0.0071 (n=2)'] and 'unreadable' not in report
+    assert compare.record_problem({'step': 1, 'rst': None}, 'rst') == 'rst=None is not a finite number'
+
+
+def test_another_tokenizer_or_model_type_is_never_in_a_row(tmp_path, monkeypatch):
+    monkeypatch.setattr(compare, 'plot_runs', lambda *args: None)
+    dirs = [edit_config(finished(tmp_path, f'b{s}', 'baseline', 10.0, s, 2.0 + s / 100), tokenizer='byte') for s in range(3)]
+    dirs.append(edit_config(finished(tmp_path, 'bpe', 'baseline', 10.0, 3, 0.5), tokenizer='gpt2'))
+    dirs.append(edit_config(finished(tmp_path, 't5', 'baseline', 10.0, 4, 0.7), tokenizer='byte', model_type='t5'))
+    report = compare.compare([str(d) for d in dirs], out=str(tmp_path / 'x'), target='none')
+    assert row(report, 'baseline') == ['2.0100 ± 0.0100 (n=3)']
+    assert 'bpe: another corpus (None/gpt2) than the table\'s' in report
+    assert 't5: another model shape or batch than the rest of its row (baseline)' in report
+
+
+@pytest.mark.parametrize('kind, says', [
+    ('empty', 'no readable runs among the 1 folder(s)'),
+    ('damaged', "config.json: label=7 is not text"),
+    ('other study', 'nothing comparable among the 1 run(s) given: they are runs of madpo.py'),
+    ('partial', 'nothing to compare yet: none of the 2 run(s) given has spent its budget'),
+])
+def test_a_folder_with_nothing_comparable_is_one_line_and_exit_2(tmp_path, capsys, kind, says):
+    folder = tmp_path / 'sweep'
+    folder.mkdir()
+    if kind == 'damaged':
+        edit_config(finished(folder, 'r', 'baseline', 10.0, 0, 2.0), label=7)
+    elif kind == 'other study':
+        info_path = finished(folder, 'sft', '', 10.0, 0, 1.0) / 'config.json'
+        info_path.write_text(json.dumps({**json.loads(info_path.read_text()), 'argv': ['madpo.py', '--stage=sft']}))
+    elif kind == 'partial':
+        for s in range(2):
+            write_run(folder, f'r{s}', 'baseline', 10.0, s, [(2.0, 2000, 3.0)])
+    with pytest.raises(SystemExit) as e:
+        ntng.main(['compare', str(folder), f'--out={tmp_path}/x'])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and says in err, err
+    assert not (tmp_path / 'x.md').exists()

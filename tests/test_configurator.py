@@ -1,6 +1,7 @@
 """configurator: config files then --key=value in order, type checks, one-line errors with exit code 2."""
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -136,6 +137,24 @@ def test_help_lists_every_key_even_where_the_defaults_alone_do_not_validate(scri
     assert out.returncode == 0 and 'keys and defaults:' in out.stdout, out.stderr[-2000:]
 
 
+def test_help_prints_a_comment_continued_on_lines_indented_under_it_in_full():
+    """A key whose comment runs on (indented under it) is printed whole; a section comment after a key
+    (at the keys' own indent) is not taken as its continuation."""
+    from configurator import field_comments
+
+    @dataclass
+    class C:
+        a: int = 1  # first line
+                    # and its second
+        # section
+        b: int = 2  # b's
+    comments = field_comments(C)
+    assert comments == {'a': 'first line and its second', 'b': "b's"}
+    import train
+    assert field_comments(train.TrainConfig)['dtype'].endswith("the fused loss's 1/N-scaled ones first)")
+    assert 'gamma_f' in field_comments(train.TrainConfig) and not field_comments(train.TrainConfig)['gamma_f'].endswith('optimizer')
+
+
 @pytest.mark.parametrize('argv, usage', [(['-m', 'studies.ntng', 'tune'], 'python -m studies.ntng tune '),
                                          (['-m', 'studies.ntng', 'ablate'], 'python -m studies.ntng ablate '),
                                          (['-m', 'studies.ntng', 'compare'], 'python -m studies.ntng compare '),
@@ -152,3 +171,14 @@ def test_help_names_its_command_and_a_closed_pipe_is_no_traceback(argv, usage):
     finally:
         os.close(w)
     assert closed.returncode == 0 and 'Traceback' not in closed.stderr and 'BrokenPipe' not in closed.stderr, closed.stderr
+
+
+@pytest.mark.parametrize('arg, says', [('--seed=99999999999999999999', '--seed must be below 2**63 in size'),
+                                       ('--start=\udced\udca0\udc80', 'holds bytes that are not UTF-8 text'),
+                                       ('--out_dir=out/\udcff', '--out_dir holds bytes that are not UTF-8 text')])
+def test_integers_past_int64_and_undecodable_bytes_are_one_line(arg, says):
+    """A command line's undecodable bytes arrive as lone surrogates, which no file, log or tokenizer can
+    write; an integer past int64 overflows torch's and numpy's seeding: both refused before anything runs."""
+    import train
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        parse(train.TrainConfig, [arg])

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -398,3 +399,81 @@ def test_a_resume_under_a_recalibrated_table_is_refused_before_anything_is_writt
     assert code == 2 and len(err) == 1 and 'another RST cost table' in err[0], err
     after = {p.name: p.read_bytes() for p in (tmp_path / 'run').iterdir() if p.is_file() and p.name != 'lock'}
     assert after == {k: v for k, v in before.items() if k != 'lock'}
+
+
+# -----------------------------------------------------------------------------
+# a checkpoint's write: a full disk is one line, a signal waits for the write
+
+@pytest.mark.parametrize('failure', [RuntimeError('[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file data/0: file write failed'),
+                                     OSError(28, 'No space left on device')])
+def test_a_full_disk_during_a_checkpoint_write_is_one_line_and_keeps_the_previous(tmp_path, monkeypatch, failure):
+    import runs
+    from configurator import UserError
+    path = tmp_path / 'ckpt.pt'
+    runs.save_checkpoint(path, {'step': 1})
+    before = path.read_bytes()
+
+    def full(obj, f):
+        f.write(b'half a checkpoint')
+        raise failure
+    monkeypatch.setattr(runs.torch, 'save', full)
+    with pytest.raises(UserError, match=r'cannot write the checkpoint .*ckpt.pt \((No space left on device|.*file write failed)\): '
+                                        r'free space on that disk .* the previous checkpoint is kept'):
+        runs.save_checkpoint(path, {'step': 2})
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ['ckpt.pt']
+    monkeypatch.setattr(runs.torch, 'save', lambda obj, f: (_ for _ in ()).throw(RuntimeError('a bug, not the disk')))
+    with pytest.raises(RuntimeError, match='a bug'):  # only the disk's failures become one line
+        runs.save_checkpoint(path, {'step': 3})
+
+
+@pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_a_checkpoint_write_is_delivered_after_it(tmp_path, monkeypatch, signum):
+    """A second Ctrl-C (or a SIGTERM) inside torch.save: the write completes, then the signal reaches the
+    handler that was in place (the loop's, which stops the run), once."""
+    import runs
+    path, seen = tmp_path / 'ckpt.pt', []
+    real_save = torch.save
+
+    def save_interrupted(obj, f):
+        os.kill(os.getpid(), signum)  # lands mid-write
+        real_save(obj, f)
+    monkeypatch.setattr(runs.torch, 'save', save_interrupted)
+    previous = signal.signal(signum, lambda s, frame: seen.append((s, path.exists())))
+    try:
+        runs.save_checkpoint(path, {'step': 5, 'w': torch.arange(3)})
+    finally:
+        signal.signal(signum, previous)
+    assert seen == [(signum, True)]  # after the checkpoint was in place
+    assert torch.load(path, weights_only=True)['step'] == 5
+
+
+def test_ddp_ranks_agree_on_a_stop_that_reached_one_rank(tmp_path):
+    """SIGTERM to rank 1 only, inside step 3: both ranks stop at the same step boundary, save one checkpoint
+    together and leave identical weights; no rank waits in an all-reduce the other left ([rank1] tracebacks)."""
+    out_dir = tmp_path / 'ddp'
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'tests/ddp_ranks.py',
+           '--model=tiny', '--batch_size=8', '--budget_unit=iters', '--budget=8', '--compile_loss=False',
+           '--sample_tokens=0', '--log_interval=1', '--eval_batches=2', '--eval_interval=100', '--peak_flops=1e12',
+           f'--out_dir={out_dir}']
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, 'SIGTERM_RANK_STEP': '1:3', 'OMP_NUM_THREADS': '1'})
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]  # ddp_ranks.py returns; train.py's cli exits 143
+    assert 'Traceback' not in out.stderr and 'interrupted at step 4' in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
+    assert torch.load(out_dir / 'ckpt.pt', weights_only=False)['iter_num'] == 4  # step 3 (0-based) finished on both
+    assert json.loads((out_dir / 'stopped.json').read_text())['signal'] == 'SIGTERM'
+    ranks = [torch.load(out_dir / f'rank{r}.pt') for r in (0, 1)]
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
+
+
+def test_a_stop_held_by_any_rank_stops_every_rank():
+    import types
+    from configurator import STOPPED
+    import torch.distributed as dist
+    for mine, other, want in (([], 0, False), ([], 15, True), ([2], 0, True), ([2], 15, True)):
+        STOPPED.clear()
+        rt = types.SimpleNamespace(reduce=lambda v, op: max(v, other) if op == dist.ReduceOp.MAX else None)
+        stop = list(mine)
+        assert train.agreed_stop(rt, stop) is want
+        assert stop == (mine or ([other] if other else []))
+        assert STOPPED == ([other] if other and not mine else [])  # a stop another rank received is this rank's too
+    STOPPED.clear()

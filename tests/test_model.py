@@ -471,3 +471,39 @@ def test_per_token_backward_under_bf16_autocast_recomputes_the_logits_as_the_for
     fused = under_bf16(lambda hh, ww: weighted_loss(hh, ww, targets, upstream, chunk=16, use_compile=False))
     for got, want in zip(per_token, fused):
         assert (got - want).norm() <= 0.01 * want.norm()
+
+
+@pytest.mark.parametrize('data_vocab, padded', [(256, 256), (300, 320), (50257, 50304)])
+def test_gpt_vocabulary_is_padded_to_a_multiple_of_64_and_the_padding_is_never_sampled(tiny_cfg, data_vocab, padded):
+    """nanoGPT's 50304 for GPT-2's 50257; a byte vocabulary (256) is one already. The padded rows of the head
+    are made the largest logits: sampling (cached or not, any temperature) still draws only the data's ids."""
+    from runs import build_model
+    model = build_model(tiny_cfg(), data_vocab, torch.device('cpu'))
+    assert model.config.vocab_size == padded and model.lm_head.weight.shape[0] == padded
+    assert model.config.n_tokens == data_vocab
+    if padded == data_vocab:
+        return
+    with torch.no_grad():
+        model.lm_head.weight[data_vocab:] = 10.0  # tied to wte: every padded logit is huge
+    idx = torch.zeros(4, 3, dtype=torch.long)
+    for temperature, use_cache in ((1.0, True), (2.0, False), (0.0, True)):
+        out = model.generate(idx, 20, temperature=temperature, generator=torch.Generator().manual_seed(0), use_cache=use_cache)
+        assert out.max() < data_vocab
+    unpadded = build_model(tiny_cfg(vocab_multiple=1), data_vocab, torch.device('cpu'))
+    assert unpadded.config.vocab_size == data_vocab
+
+
+@pytest.mark.parametrize('arch', ['full', 'stack', 'drop'])
+def test_compile_keeps_layer_dropping_compiled_block_by_block(tiny_cfg, arch):
+    """Layer dropping draws a new set of blocks every step, which a whole-model graph would be recompiled for
+    until dynamo's limit (then run eagerly, silently): its blocks are compiled one by one instead, and the
+    model stays the module the loop steps."""
+    import train
+    from runs import build_model
+    model = build_model(tiny_cfg(), 256, torch.device('cpu'))
+    out = train.compiled(model, arch)
+    if arch == 'drop':
+        assert out is model and all(b._compiled_call_impl is not None for b in model.blocks())
+    else:
+        assert isinstance(out, torch._dynamo.eval_frame.OptimizedModule) and out._orig_mod is model
+        assert all(b._compiled_call_impl is None for b in model.blocks())

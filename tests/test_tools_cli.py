@@ -74,3 +74,34 @@ def test_gpu_check_bad_name_key_or_value_is_one_line(arg, names):
 @pytest.mark.skipif(torch.cuda.is_available(), reason='a machine with CUDA runs the GPU form')
 def test_gpu_check_without_cuda_says_so_in_one_line():
     assert_one_line_error(run_tool('studies.gpu_check', '--device=cuda', '--only=loss'), 'no CUDA device', '--device=cpu')
+
+
+def test_bench_a_failed_benchmark_is_one_line_the_others_still_run_and_the_status_is_1(monkeypatch, capsys):
+    """Nothing measured is never a pass: a benchmark that fails (a missing package, an OOM) prints one FAILED
+    line, the next one still runs, and the exit status is 1 with one line on stderr naming it."""
+    from studies import bench
+    ran = []
+
+    def broken(cfg):
+        raise ImportError("No module named 'tiktoken'")
+    monkeypatch.setattr(bench, 'BENCHMARKS', {'loss': ('', broken), 'train': ('', lambda cfg: ran.append('train'))})
+    assert bench.run([], bench.BenchConfig()) == 1
+    out, err = capsys.readouterr()
+    assert "loss: FAILED (ImportError: No module named 'tiktoken')" in out and ran == ['train']
+    assert err.strip() == 'error: loss measured nothing (1 of 2 benchmark(s) did)'
+    assert bench.run(['train'], bench.BenchConfig()) == 0
+
+
+def test_bench_exits_with_its_status_and_refuses_an_empty_chunk_list():
+    assert_one_line_error(run_tool('studies.bench', 'loss', '--chunks=()'), '--chunks is empty')
+    out = run_tool('studies.bench', '--help', 'nosuchbench')      # --help wins: usage, nothing measured, exit 0
+    assert out.returncode == 0 and out.stdout.startswith('usage: python -m studies.bench')
+
+
+def test_gpu_check_that_measured_nothing_exits_1_with_one_line():
+    """--only=ddp on a machine without two GPUs: the one check chosen is skipped, so nothing was confirmed."""
+    if torch.cuda.device_count() >= 2:
+        pytest.skip('two GPUs here: ddp runs')
+    out = run_tool('studies.gpu_check', '--device=cpu', '--only=ddp')
+    assert out.returncode == 1 and 'ddp: skipped: needs 2 GPUs' in out.stdout
+    assert out.stderr.strip() == 'error: nothing measured: every check chosen (ddp) was skipped on this machine'

@@ -185,15 +185,20 @@ def test_wandb_logs_what_log_jsonl_holds(tiny_cfg, monkeypatch):
     logged = []
     real_init = wandb.init
 
+    defined = {}
+
     def init(**kwargs):
         run = real_init(**kwargs)
-        real_log = run.log
+        real_log, real_define = run.log, run.define_metric
         run.log = lambda record, **kw: (logged.append(dict(record)), real_log(record, **kw))[1]
+        run.define_metric = lambda name, **kw: (defined.setdefault(name, kw), real_define(name, **kw))[1]
         return run
     monkeypatch.setattr(wandb, 'init', init)
     cfg = tiny_cfg(budget=4, eval_interval=2, wandb_log=True, wandb_run_name='t')
     train.train(cfg)
     assert logged == read_log(cfg.out_dir)
+    assert defined['*'] == {'step_metric': 'step'} and {'step', 'tokens', 'rst'} <= set(defined)  # charts against steps
+    assert all('step' in r for r in logged)
     assert any((Path(cfg.out_dir) / 'wandb').glob('offline-run-*'))   # the offline run's files, for `wandb sync`
 
 
@@ -239,3 +244,28 @@ def test_sampling_keys_and_a_prompt_from_a_file(tiny_cfg, tmp_path, capsys):
     assert samples[0] == samples[1] == samples[2]  # greedy three ways
     with pytest.raises(train.UserError, match='no file at'):
         dataclasses.replace(cfg, start=f'FILE:{tmp_path}/nope.txt')
+
+
+def test_gpt2_tokens_train_offline_and_only_the_sample_needs_the_tokenizer(tmp_path, tiny_cfg, monkeypatch):
+    """nanoGPT's gpt2 bins, imported: training reads ids, so a machine that cannot load gpt2's files (offline)
+    trains with --sample_tokens=0 (the vocabulary padded to 50304); asking for a sample says so before training."""
+    import numpy as np
+    import configurator
+    from data import import_bins
+    from data.loader import DataError
+    folder = tmp_path / 'owt'
+    folder.mkdir()
+    for split, n in (('train', 20_000), ('val', 2_000)):
+        ids = np.random.default_rng(len(split)).integers(0, 50257, n).astype(np.uint16)
+        ids[::50] = 50256  # documents end with end-of-text, as nanoGPT writes them
+        ids.tofile(folder / f'{split}.bin')
+    configurator.cli(import_bins.import_bins, import_bins.ImportConfig, [f'--input={folder}', f'--out_dir={tmp_path / "corpus"}'])
+
+    def offline(name):
+        raise DataError(f"cannot load tokenizer '{name}' (offline)")
+    monkeypatch.setattr(train, 'get_tokenizer', offline)
+    result = train.train(tiny_cfg(dataset=str(tmp_path / 'corpus'), budget=2, sample_tokens=0))
+    assert result['steps'] == 2 and math.isfinite(result['val_loss'])
+    with pytest.raises(DataError, match=r"cannot load tokenizer 'gpt2' \(offline\); or train without the final sample: --sample_tokens=0"):
+        train.train(tiny_cfg(dataset=str(tmp_path / 'corpus'), budget=2, sample_tokens=10, out_dir=str(tmp_path / 'b')))
+    assert not (tmp_path / 'b' / 'log.jsonl').exists()
