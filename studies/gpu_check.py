@@ -10,7 +10,8 @@
 2. loss     the fused loss path against eager F.cross_entropy at V 50304, N 32768, d 768: time and peak
             memory ratios, forward+backward.
 3. methods  a few steps of every method through its own entry point (train.py with each optimizer and
-            architecture and T5-lite, rho.py, the SLM and MADPO studies' --quick), each in a subprocess.
+            architecture and T5-lite, rho.py, the SLM and MADPO studies' --quick), each in a subprocess;
+            Muon, schedule-free AdamW and layer dropping under --compile=True at GPT-2 124M on a GPU.
 4. ddp      with two GPUs or more: a 2-process torchrun of train.py over nccl.
 
 Each check prints its figures on one line; the script exits 1 if any check failed (after running all) or
@@ -40,9 +41,11 @@ from model import GPT, PRESETS, GPTConfig  # noqa: E402
 # The sizes of each form: the GPU form's are the issue's; the CPU form's only keep the code paths alive.
 SIZES = {
     'cuda': dict(preset='gpt2', vocab=50304, batch=16, steps=20, compile=True, loss_n=32768,
-                 loss_chunks=(FUSED_CHUNK, 8192), method_steps=20, method_model={}),
+                 loss_chunks=(FUSED_CHUNK, 8192), method_steps=20, method_model={},
+                 gpt2_model={'model': 'gpt2', 'batch_size': 8, 'compile': True}),
     'cpu': dict(preset='tiny', vocab=256, batch=4, steps=3, compile=False, loss_n=512, loss_chunks=(128,),
-                method_steps=2, method_model={'model': 'tiny', 'batch_size': 4, 'compile_loss': False}),
+                method_steps=2, method_model={'model': 'tiny', 'batch_size': 4, 'compile_loss': False},
+                gpt2_model={'model': 'tiny', 'batch_size': 4, 'compile_loss': False}),
 }
 
 
@@ -135,6 +138,7 @@ def method_commands(device, size, out):
     run = dict(device=device.type, budget_unit='iters', budget=steps, sample_tokens=0, eval_interval=steps,
                eval_batches=2, log_interval=1, overwrite=True, **size['method_model'])
     t5 = {**run, 'model_type': 't5', 'model': 't5-tiny' if device.type == 'cpu' else 't5-small-cpu'}
+    gpt2 = {**run, **size['gpt2_model']}  # today's optimizers and compiled layer dropping at GPT-2 124M on a GPU
     commands = {
         'adamw': ('train.py', run),
         'lion': ('train.py', {**run, 'optimizer': 'lion', 'lr': 3e-4}),
@@ -146,6 +150,9 @@ def method_commands(device, size, out):
         'rho': ('rho.py', {**run, 'method': 'rho', 'il_out_dir': str(out / 'rho_il'), 'il_cache': str(out / 'il_cache')}),
         'slm': ('-m studies.slm', {'quick': True, 'device': device.type}),
         'madpo': ('-m studies.madpo', {'quick': True, 'device': device.type}),
+        'muon': ('train.py', {**gpt2, 'optimizer': 'muon'}),  # Newton-Schulz in bfloat16 on CUDA
+        'sfadamw': ('train.py', {**gpt2, 'optimizer': 'sfadamw', 'warmup_frac': 0.0, 'warmup_units': 1.0}),
+        'drop_compiled': ('train.py', {**gpt2, 'arch': 'drop'}),  # compiled block by block (train.compiled)
     }
     return {name: [sys.executable, *script.split(), *(f'--{k}={v}' for k, v in {**keys, 'out_dir': str(out / name)}.items())]
             for name, (script, keys) in commands.items()}
