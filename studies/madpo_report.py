@@ -1,16 +1,24 @@
-"""The MADPO study's report: ceilings, frontiers and rewards at matched KL, read from the runs' done.json.
+"""The MADPO study's report: ceilings, rewards at matched KL and the arms' paired differences, read from the
+runs' done.json.
 
 Every stage of madpo.py ends with <folder>/done.json (its results, wall time and keys); a po run's holds its
-curve of (KL, reward) points along training, the SFT reference's first (data/reviews/evaluate.py).
+curve of (KL, reward) points along training, the SFT reference's first (data/reviews/evaluate.py), each KL a
+mean over the held-out prompts (one sample each) with its 95% half-width (kl_ci).
 
-A method's frontier in one tier and seed is the upper-left boundary of its points over every beta and
-checkpoint: the best reward measured at a KL up to k. Reward at a matched KL k is read on it by linear
-interpolation between frontier points (flat after its best point), and is 'not reached' when no point of
-the method has KL >= k: no extrapolation. A table cell is the mean over seeds with a 95% t interval
-(studies.stats, the lab's one rule).
+Reward at a matched KL k is read per arm, tier and seed from a fitted frontier: reward = a + b sqrt(KL), least
+squares over that seed's checkpoints of every beta with KL <= 2k and the SFT point at KL 0 (once), read at k.
+A seed is 'not reached' when no checkpoint has KL >= k, and 'skipped past' when it reached k but has no
+checkpoint in [k, 2k] (the fit would extrapolate): never extrapolated. A fit is a trend through every
+checkpoint near k, so an arm with more checkpoints below k gains nothing from them, as it did on the
+running-maximum frontier (the best reward at a KL up to k, interpolated from the KL-0 point), still shown
+for comparison. A table cell is the mean over seeds with a 95% t interval; a difference between two arms is
+paired by seed (a seed fixes the SFT model, pairs, reward model and the held-out prompts), with its paired t
+interval (studies.stats, the lab's one rule).
 
     python -m studies.madpo --stage=compare     # -> <out_dir>/compare.md and frontier_<tier>.png
 """
+import math
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +26,7 @@ import numpy as np
 from configurator import require
 from data.loader import NUMBER, DataError, atomic_write_bytes, read_result
 from data.reviews.pairs import TIERS
-from studies.stats import t_interval
+from studies.stats import paired_test, t_interval
 
 DONE_FIX = 'delete it, or rerun that stage with --overwrite=True'
 DONE_KEYS = {'rm': {'ceiling': NUMBER, 'acc': NUMBER}, 'po': {'method': str, 'config': dict, 'curve': list}}  # what is read back
@@ -49,8 +57,10 @@ def reward_at_kl(points, kl):
     return float(np.interp(kl, xs, ys))
 
 
-def load_runs(root):
-    """{(method, tier, seed): [(kl, reward), ...]} over every beta's finished po run under root."""
+def load_curves(root):
+    """{(method, tier, seed): [curve point, ...]} over every beta's finished po run under root; a point is a dict
+    with kl, reward, n_eval (the prompts each is a mean over) and, where the run recorded it, kl_ci (the KL
+    estimate's 95% half-width over the prompts)."""
     curves = {}
     for path in sorted(Path(root).glob('seed*/po_*/done.json')):
         run = read_result(path, DONE_KEYS['po'], DONE_FIX)
@@ -59,8 +69,13 @@ def load_runs(root):
         if not (points and run['config'].get('tier') in TIERS and isinstance(run['config'].get('seed'), int)):
             raise DataError(f'{path} is damaged (its config tier and seed, or its curve of kl and reward points): {DONE_FIX}')
         key = (run['method'], run['config']['tier'], run['config']['seed'])
-        curves.setdefault(key, []).extend((p['kl'], p['reward']) for p in run['curve'])
+        curves.setdefault(key, []).extend({**p, 'n_eval': run['config'].get('n_eval')} for p in run['curve'])
     return curves
+
+
+def load_runs(root):
+    """{(method, tier, seed): [(kl, reward), ...]} over every beta's finished po run under root."""
+    return {key: [(p['kl'], p['reward']) for p in points] for key, points in load_curves(root).items()}
 
 
 def matched_kl_cell(per_seed):
@@ -74,16 +89,130 @@ def matched_kl_cell(per_seed):
     return f'{mean:.2f} ± {ci:.2f} ({len(got)})' if len(got) > 1 else f'{mean:.2f} (1 seed)'
 
 
+def tier_table(corner, rows):
+    """A markdown table of one row per (label, a cell per tier); rows with every cell '-' left out."""
+    return (['', f'| {corner} | ' + ' | '.join(TIERS) + ' |', '|---' * (len(TIERS) + 1) + '|']
+            + [f'| {label} | ' + ' | '.join(cells) + ' |' for label, cells in rows if set(cells) != {'-'}])
+
+
 def matched_kl_table(curves, methods, kls):
+    """The running-maximum reading at each matched KL: the earlier reader, kept for comparison."""
     lines = []
     for kl in kls:
-        lines += ['', f'reward at KL = {kl:g} nats (mean ± 95% CI over seeds, (seeds))', '',
-                  '| method | ' + ' | '.join(TIERS) + ' |', '|---' * (len(TIERS) + 1) + '|']
-        for method in methods:
-            cells = [matched_kl_cell([reward_at_kl(pts, kl) for (m, t, _), pts in sorted(curves.items())
-                                      if (m, t) == (method, tier)]) for tier in TIERS]
-            if set(cells) != {'-'}:
-                lines.append(f'| {method} | ' + ' | '.join(cells) + ' |')
+        lines += ['', f'running-maximum reading at KL = {kl:g} nats (the earlier reader, for comparison: the best '
+                      f'reward at a KL up to {kl:g}, interpolated linearly from the KL-0 point; mean ± 95% CI over seeds, (seeds))']
+        lines += tier_table('method', [(method, [matched_kl_cell([reward_at_kl(pts, kl) for (m, t, _), pts in sorted(curves.items())
+                                                                  if (m, t) == (method, tier)]) for tier in TIERS])
+                                       for method in methods])
+    return lines
+
+
+# -----------------------------------------------------------------------------
+# the fitted frontier: a trend through the checkpoints near the matched KL
+
+NOT_REACHED, SKIPPED = 'not reached', 'skipped past'  # why a seed is not read at k: no checkpoint at KL >= k; none in [k, 2k]
+PAIRS = (('madpo4', 'dpo'), ('madpo4', 'ipo'), ('madpo4_oracle', 'madpo4'))  # the paired differences: (arm, baseline)
+
+
+def fit_window(points, kl):
+    """The (kl, reward) points a fit at kl uses: the SFT point at KL 0 once (every beta's curve opens with the
+    same one) and the checkpoints with 0 < KL <= 2 kl."""
+    return sorted({p for p in points if p[0] == 0}) + sorted(p for p in points if 0 < p[0] <= 2 * kl)
+
+
+def fitted_frontier(points, kl):
+    """(a, b) of reward = a + b sqrt(KL) fitted by least squares over fit_window(points, kl), or why the run is
+    not read at kl: NOT_REACHED (no point at KL >= kl) or SKIPPED (no point in [kl, 2 kl]: the fit would
+    extrapolate; also when the window holds a single KL, through which no curve is fixed)."""
+    if not points or max(k for k, _ in points) < kl:
+        return NOT_REACHED
+    window = fit_window(points, kl)
+    if max(k for k, _ in window) < kl or len({k for k, _ in window}) < 2:
+        return SKIPPED
+    x = np.sqrt([k for k, _ in window])
+    (a, b), *_ = np.linalg.lstsq(np.stack([np.ones_like(x), x], 1), np.array([r for _, r in window]), rcond=None)
+    return float(a), float(b)
+
+
+def fitted_reward_at_kl(points, kl):
+    """The fitted frontier's reward at kl, or why it is not read there (NOT_REACHED, SKIPPED)."""
+    fit = fitted_frontier(points, kl)
+    return fit if isinstance(fit, str) else fit[0] + fit[1] * math.sqrt(kl)
+
+
+def seed_reads(curves, kl):
+    """{(method, tier, seed): (reward at kl, the fit's slope d reward / d KL there, the 95% half-width of the
+    KL estimate of the checkpoint nearest kl, None where not recorded), or the reason string} from load_curves."""
+    reads = {}
+    for key, points in curves.items():
+        fit = fitted_frontier([(p['kl'], p['reward']) for p in points], kl)
+        if isinstance(fit, str):
+            reads[key] = fit
+            continue
+        nearest = min((p for p in points if p['kl'] > 0), key=lambda p: abs(p['kl'] - kl))
+        reads[key] = (fit[0] + fit[1] * math.sqrt(kl), fit[1] / (2 * math.sqrt(kl)), nearest.get('kl_ci'))
+    return reads
+
+
+def of_cell(reads, method, tier):
+    """{seed: read} of one arm and tier."""
+    return {s: r for (m, t, s), r in sorted(reads.items()) if (m, t) == (method, tier)}
+
+
+def fitted_cell(per_seed):
+    """'mean ± CI (n)' over the seeds, or how many seeds were read and why the others were not."""
+    got = [r[0] for r in per_seed if not isinstance(r, str)]
+    if len(got) == len(per_seed):
+        return matched_kl_cell(got)
+    why = Counter(r for r in per_seed if isinstance(r, str))
+    return f'{len(got)}/{len(per_seed)} read (' + ', '.join(f'{n} {w}' for w, n in sorted(why.items())) + ')'
+
+
+def kl_error_cell(per_seed):
+    """'±h → ±dr': the KL estimate's 95% half-width at the matched KL and the reward the fit moves across it
+    (|slope| x h), means over the seeds read."""
+    got = [r for r in per_seed if not isinstance(r, str) and r[2] is not None]
+    if not got:
+        return '-'
+    return f'±{np.mean([h for _, _, h in got]):.2f} → ±{np.mean([abs(s) * h for _, s, h in got]):.2f}'
+
+
+def paired_cell(mine, base):
+    """mine - base over the seeds both arms were read on ({seed: read}): 'better'/'worse' with the paired t
+    95% CI only where it excludes 0, else 'not resolved (±half-width)'; (seeds)."""
+    both = mine.keys() & base.keys()
+    seeds = sorted(s for s in both if not isinstance(mine[s], str) and not isinstance(base[s], str))
+    if len(seeds) < 2:  # no interval from one pair
+        return f'not read ({len(seeds)}/{len(both)} seeds)' if both else '-'
+    d, half, _ = paired_test([mine[s][0] for s in seeds], [base[s][0] for s in seeds])
+    if abs(d) > half:
+        return f"{'better' if d > 0 else 'worse'}: {d:+.2f} ± {half:.2f} ({len(seeds)})"
+    return f'not resolved (±{half:.2f}): {d:+.2f} ({len(seeds)})'
+
+
+def fitted_tables(curves, methods, kls, n_eval):
+    """At each matched KL: the fitted reading per arm and tier, the KL's own sampling error there, and the
+    paired differences of PAIRS (curves: load_curves; n_eval: the prompts each KL is a mean over)."""
+    lines, pairs = [], [(a, b) for a, b in PAIRS if a in methods and b in methods]
+    for kl in kls:
+        reads = seed_reads(curves, kl)
+        lines += ['', f'reward at KL = {kl:g} nats, fitted frontier: per seed, reward = a + b sqrt(KL) fitted to the '
+                      f'checkpoints of every beta with KL <= {2 * kl:g} and the SFT point at KL 0, read at {kl:g} '
+                      f'(mean ± 95% CI over seeds, (seeds); a seed is {NOT_REACHED} without a checkpoint at KL >= {kl:g}, '
+                      f'{SKIPPED} without one in [{kl:g}, {2 * kl:g}]: never extrapolated)']
+        lines += tier_table('method', [(m, [fitted_cell(list(of_cell(reads, m, t).values())) for t in TIERS]) for m in methods])
+        lines += ['', f'the KL\'s sampling error at {kl:g} nats, shown and carried along the fit, not added to the '
+                      f'intervals: ±h → ±dr, the 95% half-width of the KL estimate ({n_eval} prompts, one sample each) '
+                      f'of the checkpoint nearest {kl:g} and the reward the fit moves across it (slope x h), means over the '
+                      f'seeds read. A seed\'s checkpoints share its prompts, so their KL errors move together; each seed '
+                      f'has its own, so the intervals over seeds above and below already carry this error']
+        lines += tier_table('method', [(m, [kl_error_cell(list(of_cell(reads, m, t).values())) for t in TIERS]) for m in methods])
+        if pairs:
+            lines += ['', f'paired differences at KL = {kl:g} nats, fitted frontier: mean over seeds of arm - baseline with '
+                          f'its paired t 95% CI, over the seeds both were read on, (seeds); better or worse only where the '
+                          f'CI excludes 0; each interval on its own, not adjusted for the others in these tables']
+            lines += tier_table('arm - baseline', [(f'{a} - {b}', [paired_cell(of_cell(reads, a, t), of_cell(reads, b, t))
+                                                                   for t in TIERS]) for a, b in pairs])
     return lines
 
 
@@ -152,14 +281,17 @@ def methods_of(curves, arms):
 
 
 def report(root, arms, kls):
-    """Ceilings and reward-model accuracies per tier, reward at matched KL per method and tier, wall time
-    per stage, as markdown; writes nothing."""
+    """Ceilings and reward-model accuracies per tier; per matched KL the fitted reading per arm and tier, the
+    KL's sampling error and the paired differences; the running-maximum reading; wall time per stage. As
+    markdown; writes nothing."""
     root = Path(root)
-    curves = load_runs(root)
+    curves = load_curves(root)
     require(curves or list(root.glob('seed*/rm_*/done.json')), f'no finished rm or po run under {root}/seed*/: run those stages first')
     methods = methods_of(curves, arms)
+    n_eval = '/'.join(str(n) for n in sorted({p['n_eval'] for pts in curves.values() for p in pts}, key=str))
     lines = [f'po runs of seeds {sorted({s for _, _, s in curves})}; the SFT reference scores at KL 0'] + ceiling_table(root)
-    lines += matched_kl_table(curves, methods, kls)
+    lines += fitted_tables(curves, methods, kls, n_eval)
+    lines += matched_kl_table({key: [(p['kl'], p['reward']) for p in pts] for key, pts in curves.items()}, methods, kls)
     walls = {}
     for p in root.glob('seed*/*/done.json'):
         walls.setdefault(p.parent.name.split('_')[0], []).append(read_result(p, {'wall_s': NUMBER}, DONE_FIX)['wall_s'])

@@ -1,0 +1,90 @@
+"""studies/madpo_report.py's matched-KL reading against hand computations: the fitted frontier (exact on points
+that lie on a + b sqrt(KL), the SFT point counted once, never extrapolated), the KL's sampling error, the
+paired differences' t intervals on three seeds, and the report on a small folder of runs. The running-maximum
+reader's own hand cases are tests/test_madpo.py's test_reward_at_matched_kl_by_hand."""
+import json
+import math
+
+import pytest
+
+from studies import madpo_report as report
+
+T_2DF, T_1DF = 4.302653, 12.706205  # Student's t 97.5% quantiles at 2 and 1 degrees of freedom
+
+
+def on_curve(a, b, kls):
+    return [(kl, a + b * math.sqrt(kl)) for kl in kls]
+
+
+def test_a_fit_on_points_on_the_curve_returns_the_true_value():
+    """Every point within 2k on reward = 0.1 + 0.3 sqrt(KL): the fit is exact; points past 2k are not used
+    (one far off the curve changes nothing), and the SFT point, in every beta's curve, counts once."""
+    points = on_curve(0.1, 0.3, [0, 0, 0, 0.5, 1, 1.5, 2.5, 3.5]) + [(10.0, -5.0)]
+    a, b = report.fitted_frontier(points, 2.0)
+    assert (a, b) == (pytest.approx(0.1), pytest.approx(0.3))
+    assert report.fitted_reward_at_kl(points, 2.0) == pytest.approx(0.1 + 0.3 * math.sqrt(2))
+    assert report.fit_window(points, 2.0)[:2] == [(0, 0.1), (0.5, 0.1 + 0.3 * math.sqrt(0.5))]
+    # by hand, off the curve: sqrt(KL) = 0, 1, 2 with rewards 0, 1, 1 -> b = Sxy / Sxx = 1 / 2, a = 2/3 - b;
+    # counting the three copies of the SFT point would give other values
+    assert report.fitted_frontier([(0.0, 0.0)] * 3 + [(1.0, 1.0), (4.0, 1.0)], 2.0) == (pytest.approx(1 / 6), pytest.approx(0.5))
+
+
+def test_a_run_without_a_point_beyond_the_matched_kl_is_not_read():
+    """No point at KL >= k: not reached; past k but none in [k, 2k] (the old reader interpolated from KL 0 to
+    it): skipped past; a point exactly at k is read."""
+    assert report.fitted_reward_at_kl(on_curve(0.1, 0.3, [0, 0.5, 1.9]), 2.0) == report.NOT_REACHED == 'not reached'
+    assert report.fitted_reward_at_kl([], 2.0) == report.NOT_REACHED
+    assert report.fitted_reward_at_kl(on_curve(0.1, 0.3, [0, 0.5, 1.9, 4.1]), 2.0) == report.SKIPPED == 'skipped past'
+    assert report.fitted_reward_at_kl(on_curve(0.1, 0.3, [0, 2.0]), 2.0) == pytest.approx(0.1 + 0.3 * math.sqrt(2))
+    assert report.fitted_cell([(1.0, 0, 0), 'not reached', 'skipped past']) == '1/3 read (1 not reached, 1 skipped past)'
+    assert report.fitted_cell([(1.0, 0, 0), (2.0, 0, 0), (3.0, 0, 0)]) == f'2.00 ± {T_2DF / math.sqrt(3):.2f} (3)'
+
+
+def test_the_kl_error_is_the_nearest_checkpoints_half_width_and_the_slope_carries_it():
+    """seed_reads: the fit's reward and slope at k, and the kl_ci of the checkpoint whose KL is nearest k."""
+    points = [dict(kl=kl, reward=r, kl_ci=ci) for (kl, r), ci in zip(on_curve(0.1, 0.3, [0, 1.0, 1.8, 2.5, 3.9]),
+                                                                    [0.0, 0.2, 0.4, 0.5, 0.9])]
+    reward, slope, half = report.seed_reads({('dpo', 'high', 0): points}, 2.0)[('dpo', 'high', 0)]
+    assert reward == pytest.approx(0.1 + 0.3 * math.sqrt(2)) and slope == pytest.approx(0.3 / (2 * math.sqrt(2)))
+    assert half == 0.4  # KL 1.8 is nearest 2
+    assert report.kl_error_cell([(0.5, 0.1, 0.5), (0.4, -0.3, 0.3), 'not reached']) == '±0.40 → ±0.07'  # (0.05 + 0.09) / 2
+    assert report.kl_error_cell([(0.5, 0.1, None), 'skipped past']) == '-'
+
+
+def test_the_paired_interval_on_three_seeds_by_hand():
+    """Differences 0.3, 0.2, 0.4: mean 0.3, sd 0.1, half-width t(2 df) x 0.1 / sqrt(3) = 0.248 -> better;
+    0.3, -0.1, 0.1: mean 0.1, sd 0.2, half-width 0.497 -> not resolved; the mirror image -> worse; a seed one
+    arm did not reach leaves two pairs, 0.3 and 0.2 (t at 1 df)."""
+    read = lambda rewards: {s: (r, 0.0, 0.1) for s, r in enumerate(rewards)}  # noqa: E731
+    better, worse = read([0.5, 0.7, 0.6]), read([0.2, 0.5, 0.2])
+    assert report.paired_cell(better, worse) == f'better: +0.30 ± {T_2DF * 0.1 / math.sqrt(3):.2f} (3)'  # 0.25
+    assert report.paired_cell(worse, better) == 'worse: -0.30 ± 0.25 (3)'
+    assert report.paired_cell(read([0.5, 0.1, 0.3]), read([0.2] * 3)) == f'not resolved (±{T_2DF * 0.2 / math.sqrt(3):.2f}): +0.10 (3)'
+    mine = {**read([0.5, 0.7]), 2: 'not reached'}
+    assert report.paired_cell(mine, read([0.2, 0.5, 0.2])) == f'not resolved (±{T_1DF * 0.05:.2f}): +0.25 (2)'  # sd 0.1 / sqrt(2)
+    assert report.paired_cell({0: (1.0, 0, 0), 1: 'skipped past'}, read([0.2, 0.5])) == 'not read (1/2 seeds)'
+    assert report.paired_cell({}, read([0.2])) == '-'
+
+
+def write_run(root, method, seed, curve):
+    run = root / f'seed{seed}' / f'po_{method}_b0.1_high'
+    run.mkdir(parents=True)
+    config = {'tier': 'high', 'seed': seed, 'n_eval': 160}
+    (run / 'done.json').write_text(json.dumps({'method': method, 'config': config, 'curve': curve, 'wall_s': 1.0}))
+
+
+def test_the_report_reads_fitted_and_running_maximum_tables_from_the_runs(tmp_path):
+    """Three seeds of dpo and madpo4 on reward = 0.1 + b sqrt(KL), madpo4's b larger by 0.1 + 0.02 x seed:
+    the fitted and paired tables by hand; the running-maximum table still there, labelled."""
+    for seed in range(3):
+        for method, b in (('dpo', 0.2), ('madpo4', 0.3 + 0.02 * seed)):
+            write_run(tmp_path, method, seed, [dict(kl=kl, reward=r, kl_ci=0.1 * kl) for kl, r in on_curve(0.1, b, [0, 1, 2.5, 4])])
+    text = report.report(tmp_path, ('dpo', 'madpo4'), (2.0,))
+    d = [(0.1 + 0.02 * s) * math.sqrt(2) for s in range(3)]  # the per-seed differences at KL 2
+    sd = math.sqrt(sum((x - sum(d) / 3) ** 2 for x in d) / 2)
+    assert f'| dpo | {0.1 + 0.2 * math.sqrt(2):.2f} ± 0.00 (3) | - | - |' in text
+    assert f'| madpo4 - dpo | better: +{sum(d) / 3:.2f} ± {T_2DF * sd / math.sqrt(3):.2f} (3) | - | - |' in text
+    assert f'| dpo | ±0.25 → ±{0.2 / (2 * math.sqrt(2)) * 0.25:.2f} | - | - |' in text  # the checkpoint at KL 2.5 is nearest 2
+    assert 'madpo4 - ipo' not in text and '(160 prompts, one sample each)' in text
+    assert 'running-maximum reading at KL = 2 nats (the earlier reader, for comparison' in text
+    assert text.index('fitted frontier') < text.index('running-maximum reading')
