@@ -42,7 +42,7 @@ import torch.nn.functional as F
 import runs
 import train
 from configurator import UserError, check_ranges, cli, key, require
-from data.loader import atomic_write_bytes, file_sha256
+from data.loader import EPOCH_SEEDS, MAX_SEED, atomic_write_bytes, file_sha256
 from data.reviews.evaluate import PolicyScorer
 from data.reviews.pairs import TIERS, batched_logps, build_pairs, sequence_logps
 from data.reviews.prepare import ensure_prepared
@@ -183,7 +183,12 @@ class PreferenceObjective(PairObjective):
         ref = runs.load_model(self.ref_ckpt, self.device, self.cfg.compile_loss)
         seq = torch.cat([self.train_set[0], self.val_set[0]])
         lens = torch.cat([self.train_set[1], self.val_set[1]])
-        logps = torch.stack([batched_logps(ref, seq[:, k], self.cfg.prompt_len, lens[:, k]) for k in (0, 1)], 1).cpu()
+        report, parts = progress('reference log-probs', len(seq), 'pairs'), []
+        for i in range(0, len(seq), 256):  # (n, 2): chosen, rejected
+            parts.append(torch.stack([batched_logps(ref, seq[i:i + 256, k], self.cfg.prompt_len, lens[i:i + 256, k])
+                                      for k in (0, 1)], 1).cpu())
+            report(i + len(parts[-1]))
+        logps = torch.cat(parts)
         runs.save_cache(self.ref_cache, logps.numpy(), self.ref_identity())  # a tier's parallel runs too: checksummed
         return logps
 
@@ -255,7 +260,7 @@ class MadpoConfig:
     """One stage's keys; each comment starts with the stages that read the key (READS lists them)."""
     stage: str = key('sft', STAGES)  # the stage to run (the whole study: python -m studies.madpo)
     out_dir: str = key('out/madpo', 'path')  # every stage: <out_dir>/seed<seed>/{sft,pairs,rm_<tier>,po_<arm>_b<beta>_<tier>}
-    seed: int = 0                    # every stage: each seed has its own SFT model, pairs, reward models and runs
+    seed: int = key(0, '>=0')        # every stage: each seed has its own SFT model, pairs, reward models and runs
     init_from: str = key('scratch', ('scratch', 'resume'))  # sft, rm, po: resume continues the stage's checkpoint
     overwrite: bool = False          # sft, rm, po: replace a run in the stage's folder
     threads: int = key(0, '>=0')     # every stage: torch CPU threads; 0 = torch's default (1 is faster on a busy machine)
@@ -312,6 +317,35 @@ class MadpoConfig:
         require(self.prompt_len + self.max_new <= block_size,
                 f'--prompt_len + --max_new ({self.prompt_len + self.max_new}) must be <= --block_size ({block_size})')
         require(self.po_points <= self.po_iters, f'--po_points ({self.po_points}) must be <= --po_iters ({self.po_iters})')
+        self.check_sizes()
+
+    def check_sizes(self):
+        """Counts against their real range and the memory they imply, before anything is built."""
+        require(self.seed <= MAX_SEED, f'--seed={self.seed} is beyond what the pair order takes (seed x {EPOCH_SEEDS:,} + epoch '
+                                       f'seeds a generator, below 2**64): give a seed <= {MAX_SEED:,}')
+        cpus = os.cpu_count() or 1
+        require(self.threads <= cpus, f'--threads={self.threads} is more than the {cpus} CPUs here: give at most {cpus} '
+                                      f'(0 = torch\'s default)')
+        require(self.val_pairs >= 2, f'--val_pairs={self.val_pairs}: the reward model selects its step on one half of the '
+                                     f'held-out pairs and reports on the other: give at least 2')
+        for name, n, most, of in (('po_pairs', self.po_pairs, self.n_pairs, 'n_pairs'),  # po reads the pairs' keys too
+                                  ('po_val_pairs', self.po_val_pairs, self.val_pairs, 'val_pairs')):
+            require(self.stage in ('sft', 'pairs', 'rm') or n <= most, f'--{name}={n:,} is more than the --{of}={most:,} '
+                                                                       f'pairs the pairs stage writes: give at most {most:,}')
+        free = runs.free_memory(torch.device('cpu'))
+        for name, (n, bytes_each) in host_bytes(self).items():
+            fits = free // bytes_each - (n - getattr(self, name))  # n_pairs: the val_pairs are built with them
+            require(n * bytes_each <= free, f'--{name}={getattr(self, name):,} needs about {n * bytes_each / 2**30:,.1f} GiB '
+                                            f'of memory ({bytes_each:,} bytes each), more than is free: give at most {fits:,}')
+
+
+def host_bytes(cfg):
+    """{key: (count, bytes each)}: what a count holds in memory at once, as the pairs stage, the scorer and the
+    reward model's head allocate it (tokens are int64 throughout)."""
+    P, M, C = cfg.prompt_len, cfg.max_new, train_config(cfg, 'sft').model_dims()['n_embd']
+    return {'n_pairs': (cfg.n_pairs + cfg.val_pairs, 8 * (P + 13 * M) + 1024),  # prompt, 3 sides, the tiers' copies, texts
+            'n_eval': (cfg.n_eval, 8 * (3 * P + 6 * M) + 512),  # prompts, policy and reference samples, their sequences
+            'rm_head': (cfg.rm_head, 16 * C + 32 * cfg.pair_batch * (P + M))}  # weights, grads, Adam; 2B sequences' activations
 
 
 # What each stage reads besides stage, out_dir and seed (threads, init_from and overwrite say how it runs, not
@@ -370,6 +404,23 @@ def train_config(cfg, stage):
 # -----------------------------------------------------------------------------
 # the stages; each ends with config.json (this command's keys) and done.json (its results) in its folder
 
+PROGRESS_EVERY = 30.0  # seconds between the progress lines of a stage's passes outside the loop (which logs its own)
+
+
+def progress(what, total, unit):
+    """A callback done -> `what: done/total unit (share) | rate | eta`, printed at most every PROGRESS_EVERY
+    seconds and when done reaches total: a pass over many pairs is never silent for a minute."""
+    t0, last = time.time(), [time.time()]
+
+    def report(done):
+        now = time.time()
+        if now - last[0] >= PROGRESS_EVERY or done >= total:
+            last[0], rate = now, done / max(now - t0, 1e-9)
+            print(f'{what}: {done:,}/{total:,} {unit} ({done / total:.0%}) | {rate:,.0f} {unit}/s | '
+                  f'eta {train.format_seconds((total - done) / max(rate, 1e-9))}', flush=True)
+    return report
+
+
 def train_stage(cfg, stage, objective=None):
     result = train.train(train_config(cfg, stage), objective)
     return {'val_loss': result['val_loss'], 'interrupted': result['interrupted'], **getattr(objective, 'val_metrics', {})}
@@ -379,7 +430,7 @@ def stage_pairs(cfg, device):
     for name in ('done.json', 'config.json'):  # a rebuild cut short must not pass for the old pairs
         (folder(cfg, 'pairs') / name).unlink(missing_ok=True)
     sft = runs.load_model(folder(cfg, 'sft') / 'ckpt.pt', device, cfg.compile_loss)
-    return build_pairs(cfg, sft, device, folder(cfg, 'pairs'))
+    return build_pairs(cfg, sft, device, folder(cfg, 'pairs'), progress)
 
 
 def stage_rm(cfg, device):
@@ -417,7 +468,7 @@ def main(cfg):
         torch.set_num_threads(cfg.threads)
     ensure_prepared(cfg.dataset)
     out, t0 = folder(cfg, cfg.stage), time.time()
-    print(f'=== {cfg.stage} -> {out}', flush=True)
+    print(f'=== stage {STAGES.index(cfg.stage) + 1}/{len(STAGES)}: {cfg.stage} -> {out}', flush=True)
     result = STAGE_RUNS[cfg.stage](cfg, train.setup_device(cfg).device)
     (out / 'done.json').unlink(missing_ok=True)  # an earlier run's: never beside this run's config.json
     record_config(cfg, out)  # an interrupted run's too: the lab resumes a folder whose keys it records

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 import runs
 import train
 from configurator import UserError
+from data.loader import EPOCH_SEEDS
 from data.reviews.pairs import bt_ceiling, expected_accuracy, load_pairs, oracle_accuracy
 from model import evaluating
 
@@ -41,6 +42,8 @@ def make_head(n_embd, width):
     return head
 
 
+
+
 class PairObjective(train.CausalLM):
     """Ignores the loop's `data`: draws cfg.pair_batch pairs per micro-batch in a seeded order per epoch."""
 
@@ -54,7 +57,7 @@ class PairObjective(train.CausalLM):
 
     def next_indices(self):
         n = len(self.train_set[0])
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.epoch))
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed * EPOCH_SEEDS + self.epoch))
         idx = order[self.pos:self.pos + self.batch_size]
         self.pos += len(idx)
         if self.pos >= n:

@@ -19,12 +19,14 @@ number of examples scored, trained examples as usual. IL training and the IL pre
 separately and, as in that paper, left out of the budget unless --charge_il=True.
 
     python rho.py                                  # RHO-LOSS: IL model + cache, then the target run
-    python rho.py --stage=il                       # only the IL model (out/rho_il) and its cache
+    python rho.py --stage=il                       # only the IL model (out/rho_il) and its cache (rerun: resumes)
     python rho.py --stage=train --select_frac=0.1  # reuse the cache (a stale one is refused)
     python rho.py --method=sb --out_dir=out/sb     # Selective Backprop
 """
 import dataclasses
+import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,20 +152,38 @@ def select_top(scores, k):
 def holdout_mask(n_examples, holdout_frac):
     """True where example k is in the IL model's holdout. A fixed hash of k (splitmix64), so the split
     is the same for every seed and run and cannot drift with a library's random-number stream."""
+    return holdout_hash(n_examples) < holdout_frac
+
+
+def holdout_hash(n_examples):
+    """A uniform number in [0, 1) per example k: k is held out when it is below holdout_frac."""
     z = np.arange(n_examples, dtype=np.uint64) + np.uint64(0x9E3779B97F4A7C15)
     z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     z = z ^ (z >> np.uint64(31))
-    return (z >> np.uint64(11)).astype(np.float64) / 2.0 ** 53 < holdout_frac
+    return (z >> np.uint64(11)).astype(np.float64) / 2.0 ** 53
 
 
 def split_examples(n_examples, holdout_frac):
-    """(train, holdout): example indices k (id = k * block_size); the target run sees only train."""
+    """(train, holdout): example indices k (id = k * block_size); the target run sees only train. A holdout_frac
+    that leaves either side empty is refused with the range that does not (none, for a single example)."""
     hold = holdout_mask(n_examples, holdout_frac)
     train_k, holdout_k = np.flatnonzero(~hold), np.flatnonzero(hold)
+    if n_examples < 2:
+        raise DataError(f'{n_examples} training examples are too few to hold some out: use a bigger corpus or a smaller '
+                        f'--block_size')
     if len(train_k) == 0 or len(holdout_k) == 0:
-        raise DataError(f'{n_examples} examples are too few to hold out {holdout_frac:.0%}: use a bigger corpus')
+        u = holdout_hash(n_examples)  # held out: u < holdout_frac; so the lowest u must be below it, the highest not
+        low, high = round_to(np.nextafter(u.min(), 1), up=True), round_to(u.max(), up=False)
+        raise DataError(f"--holdout_frac={holdout_frac:g} puts {'none' if len(holdout_k) == 0 else 'all'} of the "
+                        f"{n_examples:,} training examples in the IL model's holdout: give --holdout_frac in [{low:g}, {high:g}]")
     return train_k, holdout_k
+
+
+def round_to(x, up, digits=3):
+    """x > 0 rounded up (or down) to `digits` significant digits: a suggested bound that passes its check."""
+    scale = 10 ** (digits - 1 - math.floor(math.log10(x)))
+    return (math.ceil if up else math.floor)(x * scale) / scale
 
 
 # -----------------------------------------------------------------------------
@@ -288,21 +308,21 @@ def cache_identity(cfg, corpus, block_size):
             'il_ckpt_sha256': file_sha256(ckpt) if ckpt.is_file() else 'missing'}
 
 
+PROGRESS_EVERY = 30.0  # seconds between the IL precompute's progress lines, each with a save of its partial cache
+
+
 def precompute_il(cfg, il_result):
-    """One no-grad pass of the IL checkpoint over every training example -> the cache (runs.save_cache)."""
+    """One no-grad pass of the IL checkpoint over every training example -> the cache (runs.save_cache).
+    Resumable: a killed precompute continues from its partial cache (score_resumably)."""
     rt, corpus = runs.setup_device(cfg), train.load_corpus(cfg)
     ckpt_path = Path(cfg.il_out_dir) / 'ckpt.pt'
     model = runs.load_model(ckpt_path, rt.device, compile_loss=cfg.compile_loss)
     T, tokens = model.config.block_size, corpus.splits['train']
     train_k, _ = split_examples(num_examples(tokens, T), cfg.holdout_frac)
-    irreducible_loss = np.full(num_examples(tokens, T), np.nan, dtype=np.float16)  # NaN = holdout, never looked up
-    t0, n_B = time.time(), cfg.selection_sizes()[0]
-    for i in range(0, len(train_k), n_B):
-        k = train_k[i:i + n_B]
-        x, y = get_examples(tokens, k * T, T)
-        with rt.autocast():
-            irreducible_loss[k] = score_examples(model, x.to(rt.device), y.to(rt.device)).cpu().numpy()
-    seconds = time.time() - t0
+    partial = PartialCache(cache_dir(cfg, corpus) / 'il_loss.partial.f16', {
+        **cache_identity(cfg, corpus, T), 'score_batch': cfg.selection_sizes()[0], 'device': rt.device.type,
+        'dtype': str(rt.dtype)})  # batch, device and dtype decide a loss's low bits: a resume keeps them
+    irreducible_loss, seconds = score_resumably(model, tokens, train_k, rt, cfg.selection_sizes()[0], partial)
     # the precompute's RST, as forward-only passes (None without a cost table: the other units still count)
     table = budget_lib.load_table(train.run_shape_key(cfg, model), cfg.rst_table, required=False)
     accountant = budget_lib.Budget('iters', 1, table, model.flops_per_token, T, cfg.batch_size)
@@ -314,8 +334,71 @@ def precompute_il(cfg, il_result):
                               'flops': accountant.spent['flops'], 'wall': seconds}}
     out = cache_dir(cfg, corpus) / 'il_loss.f16'
     info = runs.save_cache(out, irreducible_loss, cache_identity(cfg, corpus, T), info)
+    partial.remove()
     print(f'IL cache: {len(train_k):,} examples in {seconds:.1f}s -> {out}')
     return info
+
+
+def score_resumably(model, tokens, train_k, rt, n_B, partial):
+    """score_examples over train_k, n_B at a time -> (irreducible losses (n_examples,) float16, NaN where never
+    looked up; seconds spent, earlier runs' included). Every PROGRESS_EVERY seconds a progress line and a save
+    of the losses so far (the partial cache), and one on Ctrl-C/SIGTERM: a kill -9 loses at most that long."""
+    T = model.config.block_size
+    irreducible_loss, start, seconds = partial.load(num_examples(tokens, T))
+    done, t0, last = start, time.time(), time.time()
+    try:
+        for i in range(start, len(train_k), n_B):
+            k = train_k[i:i + n_B]
+            x, y = get_examples(tokens, k * T, T)
+            with rt.autocast():
+                irreducible_loss[k] = score_examples(model, x.to(rt.device), y.to(rt.device)).cpu().numpy()
+            done = i + len(k)
+            if time.time() - last >= PROGRESS_EVERY:
+                partial.save(irreducible_loss, done, seconds + time.time() - t0)
+                print_progress(done - start, done, len(train_k), time.time() - t0)
+                last = time.time()
+    except KeyboardInterrupt:
+        partial.save(irreducible_loss, done, seconds + time.time() - t0)
+        print(f'IL precompute interrupted after {done:,} of {len(train_k):,} examples: the same command continues it')
+        raise
+    return irreducible_loss, seconds + time.time() - t0
+
+
+def print_progress(new, done, total, seconds):
+    """new: examples scored by this process in `seconds` (the rate); done of total: every one so far."""
+    rate = new / max(seconds, 1e-9)
+    print(f'IL precompute: {done:,}/{total:,} examples ({done / total:.0%}) | {rate:,.0f} examples/s | '
+          f'eta {train.format_seconds((total - done) / max(rate, 1e-9))}', flush=True)
+
+
+class PartialCache:
+    """The IL losses of the examples scored so far (train_k[:done]), a runs.save_cache of the whole array with
+    `done` and `wall` in its sidecar; a rerun continues it only under the same identity (else starts over)."""
+    INFO = {'done': int, 'wall': NUMBER}
+
+    def __init__(self, path, identity):
+        self.path, self.identity = Path(path), identity
+
+    def load(self, n_examples):
+        """(losses (n_examples,), examples done, seconds spent): the saved ones, or a fresh start."""
+        fresh = np.full(n_examples, np.nan, dtype=np.float16), 0, 0.0
+        if not self.path.with_suffix('.json').exists():
+            return fresh
+        try:
+            saved, side = runs.load_cache(self.path, self.identity, 'partial IL cache', 'starting the precompute over',
+                                          self.INFO, error=UserError)
+        except UserError as e:
+            print(e)
+            return fresh
+        print(f"IL precompute: resuming after {side['done']:,} examples ({self.path})")
+        return np.array(saved), side['done'], side['wall']
+
+    def save(self, losses, done, seconds):
+        runs.save_cache(self.path, losses, self.identity, {'done': done, 'wall': seconds})
+
+    def remove(self):
+        for path in (self.path.with_suffix('.json'), self.path):  # the sidecar first: never a payload without one read
+            path.unlink(missing_ok=True)
 
 
 IL_INFO_KEYS = {'il_val_loss': NUMBER, 'il_train': dict, 'il_precompute': dict}  # what report_il reads
@@ -402,11 +485,47 @@ class RhoConfig(TrainConfig):
         require(Path(self.il_out_dir).resolve() != Path(self.out_dir).resolve(), '--il_out_dir must differ from --out_dir')
         require(self.il_cache == '' or self.il_cache.strip() != '',  # '' is the default folder; ' ' a stray folder
                 f"--il_cache={self.il_cache!r} is blank: give a folder, or '' for <data dir>/il/<name of il_out_dir>")
+        self.check_sizes()
+
+    def check_sizes(self):
+        """Counts against what they imply, before anything is built; those that need the data: check_selection."""
+        n_B, n_b = self.selection_sizes()
+        require(n_b >= 1, f'--select_frac={self.select_frac:g} selects round({self.select_frac:g} x {n_B}) = 0 of the '
+                          f'--mega_batch={n_B} examples scored: give --select_frac >= {1 / n_B:.4g} (1/{n_B}), the '
+                          f'smallest that selects one')
+        first = self.il_budget or self.budget
+        most = min(sys.float_info.max_exp - 1, math.floor(math.log2(sys.float_info.max) - math.log2(first)))  # 2**i too
+        require(self.il_doublings <= most, f'--il_doublings={self.il_doublings}: the last IL run\'s budget (2**'
+                                           f'{self.il_doublings} x {first:g}) is beyond a float: give at most {most}')
+        fits = runs.free_memory(torch.device('cpu')) // SB_BYTES_PER_LOSS
+        require(self.sb_history <= fits, f'--sb_history={self.sb_history:,} losses need {SB_BYTES_PER_LOSS} bytes each '
+                                         f'to sort, more than the free memory holds: give at most {fits:,}')
 
     def selection_sizes(self):
         """(nB, nb): examples scored and examples trained per micro-batch."""
         n_B = self.mega_batch or round(self.batch_size / self.select_frac)
-        return n_B, max(1, round(self.select_frac * n_B))
+        return n_B, round(self.select_frac * n_B)
+
+
+SB_BYTES_PER_LOSS = 24  # Selective Backprop's history: the losses, and a sorted copy with its int64 indices
+
+
+def check_selection(cfg):
+    """Before any training: the nB examples scored per micro-batch (the IL precompute's batch too) exist outside
+    the holdout, and their scoring forward fits the device (runs.check_memory's activations, one block deep)."""
+    d, n_B = cfg.model_dims(), cfg.selection_sizes()[0]
+    T, device = d['block_size'], runs.setup_device(cfg).device
+    n_train = len(split_examples(num_examples(train.load_corpus(cfg).splits['train'], T), cfg.holdout_frac)[0])
+    per_example = 4 * T * (16 * d['n_embd'] + 2 * d['n_head'] * T)
+    fits = runs.free_memory(device) // per_example
+    limit, why = (n_train, f'the {n_train:,} training examples outside the holdout') if n_train <= fits else \
+        (fits, f'what fits in the free memory of {device} ({per_example / 2**20:.1f} MiB an example)')
+    if n_B > limit:
+        given = f'--mega_batch={cfg.mega_batch}' if cfg.mega_batch else \
+            f'--select_frac={cfg.select_frac:g} (nB = --batch_size / --select_frac)'
+        fix = '' if cfg.mega_batch else f'--select_frac >= {round_to(cfg.batch_size / limit, up=True):g} or '
+        raise UserError(f'{given} scores nB = {n_B:,} examples per micro-batch, more than {why}: give {fix}'
+                        f'--mega_batch <= {limit:,}')
 
 
 def main(cfg):
@@ -414,6 +533,7 @@ def main(cfg):
         return train.train(cfg, SelectiveBackprop(cfg))
     if cfg.stage != 'train' and 'RANK' in os.environ:  # the precompute is one pass on one process
         raise UserError('the IL stage runs on one process: run --stage=il with python, then --stage=train under torchrun')
+    check_selection(cfg)
     if cfg.stage == 'il' or (cfg.stage == 'all' and not il_cache_is_valid(cfg)):
         result = train_il(cfg)
         if cfg.stage == 'il' or result is None:

@@ -36,7 +36,7 @@ import budget as budget_lib
 from arch import ARCHS, build_arch
 from configurator import (Interrupted, UserError, check_distinct, check_ranges, cli, key, require, signals_between_steps,
                           stop_signal_name, STOPPED)
-from data.loader import (Batches, Corpus, DataError, atomic_write_bytes, data_dir, get_examples,
+from data.loader import (MAX_SEED, Batches, Corpus, DataError, atomic_write_bytes, data_dir, get_examples,
                          get_tokenizer, prepare_command, val_ids)
 from data.spans import SpanVocab, raw_length_for, span_corrupt, t5_lengths
 from model import MODELS, PRESETS, evaluate, sample_text
@@ -52,7 +52,7 @@ class TrainConfig:
     label: str = ''                  # the method's name in the lab's compare tables; '' = derived from the config
     init_from: str = key('scratch', 'path')  # 'scratch', 'resume' (out_dir/ckpt.pt), or a ckpt.pt to start from
     overwrite: bool = False          # allow a scratch run over an out_dir that holds a run
-    seed: int = key(1337, '>=0')  # fixes the initialisation and the data order (paired seeds compare methods)
+    seed: int = key(1337, f'[0,{MAX_SEED}]')  # fixes the initialisation and the data order (paired seeds compare methods)
     # data
     dataset: str = key('stdlib', 'path')  # a folder under data/ (prepared on first use for stdlib) or a path
     tokenizer: str = key('byte', 'path')  # 'byte' or a tiktoken encoding name

@@ -456,6 +456,10 @@ def get_examples(tokens, ids, block_size):
     return chunk[:, :-1], chunk[:, 1:]
 
 
+EPOCH_SEEDS = 1_000_003  # an epoch's order: a generator seeded with seed * EPOCH_SEEDS + epoch, which torch takes below 2**64
+MAX_SEED = (2**64 - 1) // EPOCH_SEEDS - 1  # the largest seed that leaves room for a million epochs (every entry point's)
+
+
 class Batches:
     """Aligned examples of a stream in a fresh seeded order each epoch.
 
@@ -475,7 +479,7 @@ class Batches:
 
     def _epoch_order(self):
         if self._order is None:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            g = torch.Generator().manual_seed(self.seed * EPOCH_SEEDS + self.epoch)
             self._order = self.examples[torch.randperm(len(self.examples), generator=g)]
         return self._order
 

@@ -28,10 +28,14 @@ from functools import partial
 from pathlib import Path
 from typing import ClassVar
 
+import torch
+
 import madpo
 from configurator import check_distinct, cli, key, require
 from data.reviews.pairs import TIERS
 from data.reviews.prepare import ensure_prepared
+from data.loader import EPOCH_SEEDS, MAX_SEED
+from runs import free_memory
 from studies.madpo_report import compare, read_done
 from studies.plan import Run, run_plan
 
@@ -42,14 +46,15 @@ ARMS = {  # the study's arms: name -> the po keys that make it (madpo.method_nam
     'madpo4_noisy': dict(loss='madpo', c_max=4.0, margins='noisy')}
 SWEPT_KEYS = (('seeds', '(0, 1, 2)'), ('arms', "('dpo', 'madpo4')"), ('betas', '(0.1,)'), ('tiers', "('high',)"))  # and an example
 PER_RUN = ('seed', 'tier', 'beta', 'loss', 'c_max', 'margins', 'ipo_average', 'init_from', 'overwrite', 'threads')
+RUN_BYTES = 2**29  # the memory of one running stage: a Python process with torch and a tiny model (~0.4 GiB measured)
 OUTPUTS = {'sft': ('ckpt.pt',), 'pairs': tuple(f'{t}.pt' for t in TIERS), 'rm': ('rm.pt',), 'po': ()}  # what later stages read
 
 
 @dataclass(frozen=True)
 class MadpoStudyConfig(madpo.MadpoConfig):
     """madpo.py's keys, passed on to every stage that reads them, and the study's own."""
-    QUICK: ClassVar[dict] = dict(seeds=(0,), betas=(0.1,), sft_iters=1500, n_pairs=1500, val_pairs=100, rm_iters=300,
-                                 po_iters=60, po_points=2, n_eval=100)
+    QUICK: ClassVar[dict] = dict(seeds=(0,), betas=(0.1,), sft_iters=1500, n_pairs=1500, val_pairs=100, po_pairs=1500,
+                                 po_val_pairs=100, rm_iters=300, po_iters=60, po_points=2, n_eval=100)
     stage: str = key('all', ('all', 'compare'))  # all: every stage's runs, then compare; compare: tables from what has finished
     seeds: tuple = key((0, 1, 2), '>=0')  # each seed has its own SFT model, pairs, reward models and po runs
     quick: bool = False              # a few-minute smoke run (QUICK's values for the keys not given)
@@ -68,6 +73,11 @@ class MadpoStudyConfig(madpo.MadpoConfig):
         given = [f'--{k}' for k in PER_RUN if getattr(self, k) != getattr(madpo.MadpoConfig, k)]
         require(not given, f"{', '.join(given)}: the study sets these per run (--seeds, --tiers, --betas, --arms; "
                            f"a finished stage is reused, a killed one resumed); one run: python madpo.py --stage=...")
+        require(max(self.seeds) <= MAX_SEED, f'--seeds holds {max(self.seeds)}, beyond what the pair order takes (seed '
+                                             f'x {EPOCH_SEEDS:,} + epoch seeds a generator, below 2**64): give seeds <= {MAX_SEED:,}')
+        fits = free_memory(torch.device('cpu')) // RUN_BYTES
+        require(self.jobs <= fits, f'--jobs={self.jobs} starts that many runs at once, each a Python process with torch '
+                                   f'(~{RUN_BYTES / 2**30:.1f} GiB), more than the free memory holds: give at most {fits}')
 
 
 @dataclass
@@ -121,7 +131,8 @@ def run_study(cfg):
             if (run.out_dir / 'done.json').exists():
                 read_done(run.out_dir / 'done.json', run.args['stage'])
     ensure_prepared(cfg.dataset)  # once, before parallel runs would each prepare it
-    for _, runs in plan:
+    for i, (stage, runs) in enumerate(plan, 1):
+        print(f'=== stage {i}/{len(plan)}: {stage}, {len(runs)} run(s)', flush=True)
         for run in runs:
             if run.is_done():
                 print(f'{run.out_dir}: done, skipped', flush=True)

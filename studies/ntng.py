@@ -412,13 +412,14 @@ def read_tuned(path, spec, config, smallest_budget, rows, seeds):
     return {label: {k: v for k, v in t.items() if k not in ('grid', 'at_edge', 'lr_key')} for label, t in tuned.items()}, il
 
 
-def tuning_table(path):
-    """A tuned.json as a markdown table: each row's chosen values and every grid point's final val loss."""
+def tuning_table(path, rows=()):
+    """A tuned.json as a markdown table: each row's chosen values and every grid point's final val loss
+    (rows: only these, e.g. the rows a later tuning added; () = all)."""
     record = json.loads(Path(path).read_text())
     lines = [f"tuned at budget {record['budget']:g} on seed(s) {', '.join(map(str, record['seeds']))}; final val "
              'loss per grid point, the chosen one in bold', '', '| row | chosen | grid (lr: final val loss) | at an edge |',
              '| --- | --- | --- | --- |']
-    for label, t in record['tuned'].items():
+    for label, t in ((k, v) for k, v in record['tuned'].items() if not rows or k in rows):
         lr_key = t.get('lr_key', 'lr')
         chosen = ', '.join(f'{k} {value_text(v)}' for k, v in t.items() if k not in ('grid', 'at_edge', 'lr_key'))
         points = sorted(t['grid'], key=lambda g: (sorted(g['extra'].items()), g['lr']))

@@ -65,6 +65,17 @@ def second_system_table(folder):
     return report + '\n\n' + decision_rule(paired_cells(group_runs(runs), 'baseline'))
 
 
+def today_table(folder):
+    """Muon's and schedule-free AdamW's columns beside the CPU table's baseline (the same seeds, data order and
+    cost table: paired), in the CPU table's four-way wording; budgets not yet run are dashes."""
+    from studies.compare import compare_report
+    cpu, runs = RECORDS / 'ntng-cpu-2026-11-30' / 'ablation', folder / 'ablation'
+    if not any(runs.rglob('config.json')):
+        return '(no run of these rows has finished yet)'
+    report, _, _ = compare_report([str(cpu / 'baseline'), str(runs)], target='none', floors=str(cpu / 'ablation.floors.json'))
+    return report.replace(str(cpu) + '/', 'ntng-cpu-2026-11-30/ablation/').replace(str(runs) + '/', '')
+
+
 def decision_rule(cells):
     """The declared rule, read off the cells: stacking's gain is specific to the reference system if under
     the H200 table its 120-RST delta is under half its CPU one in magnitude, or its 240-RST CI includes 0."""
@@ -85,9 +96,15 @@ def lr_check(folder):
     return lr_check_table(folder)
 
 
-def tuning(folder):
+def tuning(folder, rows=()):
     from studies.ntng import tuning_table
-    return tuning_table(folder / 'tuned.json')
+    return tuning_table(folder / 'tuned.json', rows)
+
+
+def today_tuning(folder):
+    """The rows the 2026-12-06 tuning added (its tuned.json also carries the CPU tuning's rows, unchanged), beside the
+    baseline's grid for reference."""
+    return tuning(folder / 'tune', ('baseline', 'muon', 'sfadamw'))
 
 
 def madpo_table(folder):
@@ -151,6 +168,8 @@ SECTIONS = {
     'ntng_h200': Section('ntng-h200-2026-12-06', second_system_table),
     'ntng_lr_check': Section('ntng-lr-check-2026-12-06', lr_check),
     'update_costs': Section('ntng-today-2026-12-06', update_costs),
+    'today_tuning': Section('ntng-today-2026-12-06', today_tuning),
+    'today': Section('ntng-today-2026-12-06', today_table),
     'slm': Section('slm-2026-11-30', slm_table, slm_figure),
     'madpo': Section('madpo-2026-11-30', madpo_table, madpo_figure),
 }

@@ -479,6 +479,33 @@ def test_an_edited_reference_cache_is_computed_again(tmp_path):
     assert runs.load_cache(cache, side['identity'], 'reference log-probs', 'fix')[1]['sha256'] == side['sha256']
 
 
+def test_long_passes_say_how_far_they_got(tmp_path, monkeypatch, capsys):
+    """The reference log-prob precompute prints pairs done / total with a rate and an eta (at most every
+    PROGRESS_EVERY seconds, and at the end); the pairs stage's sampling reports the prompts done after each
+    batch; madpo.py names the stage it runs as i/n of the pipeline."""
+    monkeypatch.setattr(madpo, 'PROGRESS_EVERY', 0.0)
+    write_pairs(tmp_path / 'high.pt', n=300, P=4, M=6, n_val=20)
+    save_ckpt(tiny_gpt(seed=7, block_size=10), tmp_path / 'sft.pt')
+    cfg = madpo.MadpoConfig(loss='dpo', prompt_len=4, max_new=6, block_size=10, pair_batch=4)
+    madpo.PreferenceObjective(cfg, tmp_path / 'high.pt', tmp_path / 'sft.pt').setup(ctx_for(tmp_path))
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith('reference log-probs:')]
+    assert [l.split(' | ')[0] for l in lines] == ['reference log-probs: 256/300 pairs (85%)',
+                                                   'reference log-probs: 300/300 pairs (100%)']
+    assert re.fullmatch(r'.* \| [\d,]+ pairs/s \| eta 0m00s', lines[-1]), lines[-1]
+    reports = []
+    cfg = madpo.MadpoConfig(prompt_len=4, max_new=6, block_size=10)
+    task.sample_many(tiny_gpt(block_size=10), torch.ones(5, 4, dtype=torch.long), cfg, torch.Generator().manual_seed(0),
+                     batch=2, report=reports.append)
+    assert reports == [2, 4, 5]
+    def stage_rm(cfg, device):  # a stand-in that only makes its folder
+        madpo.folder(cfg, 'rm').mkdir(parents=True)
+        return {'acc': 1.0}
+    monkeypatch.setattr(madpo, 'ensure_prepared', lambda dataset: None)
+    monkeypatch.setitem(madpo.STAGE_RUNS, 'rm', stage_rm)
+    madpo.main(madpo.MadpoConfig(stage='rm', out_dir=str(tmp_path / 'out'), device='cpu'))
+    assert f"=== stage 3/4: rm -> {tmp_path / 'out' / 'seed0' / 'rm_high'}" in capsys.readouterr().out
+
+
 def preference_objective(tmp_path, **overrides):
     """A PreferenceObjective set up on random pairs, with a tiny GPT checkpoint as the reference."""
     P, M = 4, 6
@@ -684,6 +711,18 @@ def test_the_library_never_imports_the_lab():
     assert subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True).returncode == 0
 
 
+def test_imdb_text_with_a_lone_surrogate_is_written_with_u_fffd(tmp_path, monkeypatch):
+    """IMDb's reviews through the prepare (a stand-in for the datasets package): a lone surrogate, which no
+    UTF-8 byte string holds, becomes U+FFFD as the prepare's docstring says, instead of a UnicodeEncodeError."""
+    from data.reviews import prepare as reviews
+    rows = {split: [{'text': f'Review {i}<br />it was \ud800 fine'} for i in range(300)] for split in ('train', 'test')}
+    monkeypatch.setitem(sys.modules, 'datasets', SimpleNamespace(load_dataset=lambda name, split: rows[split]))
+    reviews.prepare(reviews.PrepareConfig(source='imdb', out_dir=str(tmp_path / 'imdb')))
+    text = b''.join(np.fromfile(tmp_path / 'imdb' / f'{split}.bin', dtype=np.uint16).astype(np.uint8).tobytes()
+                    for split in ('train', 'val')).decode()
+    assert text.count('it was \ufffd fine\n') == 600 and '\ud800' not in text
+
+
 def test_missing_vader_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, 'vaderSentiment', None)
     monkeypatch.setitem(sys.modules, 'vaderSentiment.vaderSentiment', None)
@@ -704,7 +743,8 @@ def test_quick_end_to_end_dpo_beats_sft(tmp_path):
                    cwd=ROOT, env=env, check=True, capture_output=True)
     out = tmp_path / 'run'
     args = [f'--out_dir={out}', f'--dataset={corpus}', '--quick=True', '--jobs=2', "--arms=('dpo','madpo4_noisy')",
-            "--tiers=('high',)", '--sft_iters=700', '--sft_batch_size=16', '--n_pairs=400', '--val_pairs=50', '--n_eval=200',
+            "--tiers=('high',)", '--sft_iters=700', '--sft_batch_size=16', '--n_pairs=400', '--val_pairs=50', '--po_pairs=400',
+            '--po_val_pairs=50', '--n_eval=200',
             '--rm_iters=20', '--po_iters=60', '--po_lr=3e-4', '--log_interval=100']
     proc = subprocess.run([sys.executable, '-m', 'studies.madpo', *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)

@@ -4,6 +4,7 @@ import hashlib
 import io
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -352,6 +353,53 @@ def test_il_cache_lines_up_with_the_stream(runs):
         with torch.no_grad():  # an independent path: full logits and F.cross_entropy
             want = F.cross_entropy(model.logits(chunk[None, :-1])[0], chunk[1:]).item()
         assert float(cache[k]) == pytest.approx(want, abs=3e-3), k
+
+
+SCORE_EXAMPLES = rho.score_examples
+
+
+def scoring_calls(monkeypatch, stop_at=None):
+    """rho.score_examples, recording each call's batch size; the call after stop_at calls raises Ctrl-C."""
+    calls = []
+
+    def counted(model, x, y):
+        if len(calls) == stop_at:
+            raise KeyboardInterrupt
+        calls.append(len(x))
+        return SCORE_EXAMPLES(model, x, y)
+    monkeypatch.setattr(rho, 'score_examples', counted)
+    return calls
+
+
+def test_a_killed_il_precompute_resumes_from_its_partial_cache(runs, tmp_path, monkeypatch, capsys):
+    """Ctrl-C or SIGTERM in the IL precompute saves the losses so far (as does every progress line, so a
+    kill -9 loses at most PROGRESS_EVERY seconds); the same command scores only the rest, and the cache is
+    bit for bit the one the fixture computed in one go. A partial cache of another scoring batch is not
+    continued."""
+    cfg = parse(rho.RhoConfig, flags(runs.corpus, out_dir=runs.rho, il_out_dir=runs.il, il_cache=tmp_path / 'cache',
+                                     method='rho', stage='il'))
+    n = len(rho.split_examples(num_examples(Corpus(runs.corpus).splits['train'], T), 0.2)[0])
+    il = {'val_loss': 1.0, 'steps': 1, 'spent': {u: 0.0 for u in ('rst', 'tokens', 'flops', 'wall')}}
+    monkeypatch.setattr(rho, 'PROGRESS_EVERY', 0.0)  # a progress line and a save after every mega-batch of nB = 16
+    scoring_calls(monkeypatch, stop_at=2)
+    with pytest.raises(KeyboardInterrupt):
+        rho.precompute_il(cfg, il)
+    out = capsys.readouterr().out
+    assert re.search(rf'IL precompute: 16/{n:,} examples \(\d+%\) \| [\d,]+ examples/s \| eta \d+m\d\ds', out), out
+    assert f'IL precompute: 32/{n:,} examples' in out and f'interrupted after 32 of {n:,} examples' in out
+    assert json.loads((tmp_path / 'cache' / 'il_loss.partial.json').read_text())['done'] == 32
+    calls = scoring_calls(monkeypatch)
+    info = rho.precompute_il(cfg, il)
+    assert 'resuming after 32 examples' in capsys.readouterr().out and sum(calls) == n - 32
+    got, want = (np.fromfile(folder / 'il_loss.f16', dtype=np.float16) for folder in (tmp_path / 'cache', runs.cache))
+    assert np.array_equal(got, want, equal_nan=True) and info['il_precompute']['examples'] == n
+    assert not list((tmp_path / 'cache').glob('il_loss.partial.*'))  # the partial cache is gone with the final one
+    scoring_calls(monkeypatch, stop_at=1)
+    with pytest.raises(KeyboardInterrupt):
+        rho.precompute_il(cfg, il)
+    calls = scoring_calls(monkeypatch)
+    rho.precompute_il(dataclasses.replace(cfg, mega_batch=8), il)  # another batch: other low bits, not continued
+    assert 'stale partial IL cache' in capsys.readouterr().out and sum(calls) == n
 
 
 def test_a_rerun_reads_the_finished_il_search_instead_of_training(runs, monkeypatch):

@@ -110,8 +110,12 @@ def sample(model, prompts, max_new, generator, temperature=1.0):
     return conts, torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, max_new)
 
 
-def sample_many(model, prompts, cfg, generator, batch=256):
-    parts = [sample(model, prompts[i:i + batch], cfg.max_new, generator, cfg.temperature) for i in range(0, len(prompts), batch)]
+def sample_many(model, prompts, cfg, generator, batch=256, report=lambda done: None):
+    """sample() in batches; report(prompts done) after each."""
+    parts = []
+    for i in range(0, len(prompts), batch):
+        parts.append(sample(model, prompts[i:i + batch], cfg.max_new, generator, cfg.temperature))
+        report(i + len(parts[-1][1]))
     return torch.cat([c for c, _ in parts]), torch.cat([n for _, n in parts])
 
 
@@ -157,16 +161,19 @@ def rows_where(mask, x, y):
     return torch.where(mask.view(-1, *[1] * (x.dim() - 1)), x, y)
 
 
-def build_pairs(cfg, sft, device, out_dir):
+def build_pairs(cfg, sft, device, out_dir, progress=None):
     """Two SFT samples per prompt, true rewards, Bradley-Terry labels; the three tiers, saved to
-    out_dir/<tier>.pt (and 20 readable examples each). Returns the label quality per tier."""
+    out_dir/<tier>.pt (and 20 readable examples each). Returns the label quality per tier.
+    progress(what, total, unit) -> report(done): how the sampling says how far it got (None: silent)."""
     scorer, n = get_scorer(cfg.scorer), cfg.n_pairs + cfg.val_pairs
     prompts = prompts_from(cfg, 'train', n, scorer, seed=cfg.seed)
     g = torch.Generator(device).manual_seed(cfg.seed)
     sides = []  # (continuations, lengths, rewards): sample a, sample b, a negative corpus review
-    for conts, lens in (sample_many(sft, prompts.to(device), cfg, g), sample_many(sft, prompts.to(device), cfg, g),
-                        negative_continuations(cfg, n, scorer, seed=cfg.seed + 1)):
-        sides.append((conts.cpu(), lens.cpu(), rewards(scorer, prompts, conts, lens).float()))
+    for side in ('a', 'b'):
+        report = progress(f'pairs: SFT sample {side} of 2', n, 'prompts') if progress else lambda done: None
+        sides.append(sample_many(sft, prompts.to(device), cfg, g, report=report))
+    sides.append(negative_continuations(cfg, n, scorer, seed=cfg.seed + 1))
+    sides = [(conts.cpu(), lens.cpu(), rewards(scorer, prompts, conts, lens).float()) for conts, lens in sides]
     a, b, neg = sides
     best = [rows_where(a[2] >= b[2], x, y) for x, y in zip(a, b)]
     cpu = torch.Generator().manual_seed(cfg.seed + 2)

@@ -6,6 +6,8 @@ words come from VADER's own lexicon (vaderSentiment, the task's ground-truth sco
 with VADER's negations ("was not brilliant") and intensifiers ("deeply awful"); about half the reviews
 are positive and half negative, so a model trained on them has a mean reward near 0. Every neutral word
 is checked to score 0 in VADER. Prompts are the first bytes of a review: an opening, so neutral.
+IMDb's text is kept as it is, except that a lone surrogate (not valid Unicode, so not writable as UTF-8)
+becomes U+FFFD, as an undecodable byte does in data/text/prepare.py.
 
     python data/reviews/prepare.py                      # generated reviews -> data/reviews/byte/
     python data/reviews/prepare.py --source=imdb        # IMDb (needs `datasets` + network)
@@ -18,9 +20,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
 from configurator import ConfigError, UserError, cli, require  # noqa: E402
 from data.loader import DATA_ROOT, data_dir, get_tokenizer, write_corpus  # noqa: E402
+from runs import free_memory  # noqa: E402
 
 NAMES = ('Anna Ben Carla Dmitri Elena Farid Gwen Hiro Ines Jonas Kemal Lena Marco Nadia Oscar Priya Quentin Rosa Sven '
          'Tomas Uma Victor Wen Yusuf Zoe').split()
@@ -97,6 +102,23 @@ class PrepareConfig:
         require(0 < self.min_valence < 3, f'--min_valence must be in (0, 3), got {self.min_valence}')
         require(self.n_words >= 1, f'--n_words must be >= 1, got {self.n_words}')
         require(0 < self.val_frac < 1, f'--val_frac must be in (0, 1), got {self.val_frac}')
+        self.check_sizes()
+
+    def check_sizes(self):
+        """n_reviews against the memory the build holds, val_frac against the reviews it puts in each split
+        (is_val splits by a hash in steps of 1/10,000, so a smaller share than that puts none in val)."""
+        fits = free_memory(torch.device('cpu')) // REVIEW_BYTES
+        require(self.source != 'generated' or self.n_reviews <= fits,
+                f'--n_reviews={self.n_reviews:,} needs about {self.n_reviews * REVIEW_BYTES / 2**30:,.1f} GiB of memory '
+                f'({REVIEW_BYTES:,} bytes a review while the corpus is built), more than is free: give at most {fits:,}')
+        n = self.n_reviews if self.source == 'generated' else IMDB_REVIEWS
+        least = max(1e-4, 1 / n)
+        require(least <= self.val_frac <= 1 - least, f'--val_frac={self.val_frac:g} of {n:,} reviews leaves a split '
+                f'without any (is_val also rounds it to 1/10,000): give a fraction in [{least:.4g}, {1 - least:.4g}]')
+
+
+REVIEW_BYTES = 2048  # a ~100-byte generated review while the corpus is built (~1.8 KiB measured: text, int64 tokens)
+IMDB_REVIEWS = 50_000  # IMDb's train + test
 
 
 def vader():
@@ -152,12 +174,15 @@ def generate_review(rng, positive, pos_words, neg_words):
 
 
 def generated_documents(cfg):
+    """The reviews, lazily; the checks that need VADER's lexicon run now, before the corpus is built."""
     analyzer = vader()
     check_neutral(analyzer)
+    pos, neg = lexicon_words(analyzer, cfg.min_valence)
+    require(cfg.n_words <= min(len(pos), len(neg)), f'--n_words={cfg.n_words:,}: VADER\'s lexicon has {len(pos)} positive '
+            f'and {len(neg)} negative usable words at --min_valence={cfg.min_valence:g}: give at most {min(len(pos), len(neg))}')
     rng = random.Random(cfg.seed)
-    pos_words, neg_words = (rng.sample(words, min(cfg.n_words, len(words))) for words in lexicon_words(analyzer, cfg.min_valence))
-    for i in range(cfg.n_reviews):
-        yield f'review{i}', generate_review(rng, i % 2 == 0, pos_words, neg_words) + '\n'
+    pos_words, neg_words = (rng.sample(words, cfg.n_words) for words in (pos, neg))
+    return ((f'review{i}', generate_review(rng, i % 2 == 0, pos_words, neg_words) + '\n') for i in range(cfg.n_reviews))
 
 
 def imdb_documents():
@@ -169,7 +194,13 @@ def imdb_documents():
     for split in ('train', 'test'):
         for i, row in enumerate(load_dataset('stanfordnlp/imdb', split=split)):
             text = re.sub(r'\s+', ' ', row['text'].replace('<br />', ' ')).strip()
-            yield f'imdb-{split}-{i}', text + '\n'
+            yield f'imdb-{split}-{i}', valid_unicode(text) + '\n'
+
+
+def valid_unicode(text):
+    """A lone surrogate (half of a UTF-16 pair, which no UTF-8 byte string can hold) becomes U+FFFD, the character
+    an undecodable byte becomes elsewhere (data/text reads its files with errors='replace')."""
+    return re.sub('[\ud800-\udfff]', '\ufffd', text)
 
 
 def prepare(cfg):
