@@ -519,6 +519,8 @@ class Trainer:
             self.budget.charge_before_start(self.ctx.charges)
         self.building = False
         self.wandb = start_wandb(cfg, saved) if cfg.wandb_log and self.rt.master else None  # once the run can start
+        if saved is not None and self.rt.master:  # the first write of a resume: after every refusal (a missing extra too)
+            trim_log(self.out_dir / 'log.jsonl', self.iter_num)
         self.train_model = compiled(self.model, cfg.arch) if cfg.compile else self.model
         if self.rt.world_size > 1:
             self.train_model = DDP(self.train_model, device_ids=[self.rt.local_rank] if self.rt.device.type == 'cuda' else None,
@@ -580,8 +582,6 @@ class Trainer:
             torch.set_rng_state(ckpt['rng']['cpu'])
             if self.rt.device.type == 'cuda' and ckpt['rng']['cuda'] is not None:
                 torch.cuda.set_rng_state(ckpt['rng']['cuda'])
-        if self.rt.master:
-            trim_log(self.out_dir / 'log.jsonl', self.iter_num)
         self.rt.print(f'resumed from {self.out_dir / "ckpt.pt"} at step {self.iter_num}, '
                       f'{100 * self.budget.progress:.1f}% of the budget spent')
 

@@ -208,6 +208,21 @@ def test_wandb_missing_is_one_line(tiny_cfg, monkeypatch):
         train.train(tiny_cfg(budget=2, wandb_log=True))
 
 
+def test_a_resume_refused_for_a_missing_extra_leaves_the_log_as_it_was(tiny_cfg, monkeypatch):
+    """A resume trims log.jsonl to its checkpoint (records a killed run wrote after it): only once every
+    refusal is past. Here the refusal is wandb missing, and the log keeps its bytes."""
+    cfg = tiny_cfg(budget=4, eval_interval=2)
+    train.train(cfg)
+    log = Path(cfg.out_dir) / 'log.jsonl'
+    with open(log, 'a') as f:
+        f.write(json.dumps({'step': 99, 'train_loss': 1.0}) + '\n')  # what a resume would trim
+    before = log.read_bytes()
+    monkeypatch.setitem(sys.modules, 'wandb', None)
+    with pytest.raises(UserError, match='pip install wandb'):
+        train.train(dataclasses.replace(cfg, init_from='resume', wandb_log=True))
+    assert log.read_bytes() == before
+
+
 def test_setup_device_gives_cuda_an_index(monkeypatch):
     """--device=cuda reaches torch.cuda.set_device as cuda:0: torch 2.11 refuses a bare 'cuda' there, which
     stopped every train.py, rho.py, slm.py and madpo.py run on the first GPU this project was lent (H200)."""
