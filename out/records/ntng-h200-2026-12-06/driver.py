@@ -16,18 +16,27 @@ def gpu_plan(rows, budgets):
     return [(label, script, {**args, 'rst_table': GPU}) for label, script, args in sweep.sweep_plan(cfg) if args['budget'] in budgets]
 
 
-def lr_plan(rows):
+def lr_plan(rows, factors=(0.5, 1.0, 2.0)):
     cfg = AblateConfig(out_dir='out/lr_check', methods=rows, budgets=(120.0,), seeds=(0,), tuned=TUNED)  # read as 120, seed 0; run at 480 on 1000 below
     plan = []
     for label, script, args in sweep.sweep_plan(cfg):
-        for f in (0.5, 1.0, 2.0):
+        for f in factors:
             extra = {'weight_decay': args['weight_decay'] / f} if args.get('optimizer') == 'lion' else {}
             plan.append((label, script, {**args, **extra, 'lr': args['lr'] * f,
                                          'seed': 1000, 'budget': 480.0, 'out_dir': f"out/lr_check/{label}/x{f:g}/s1000"}))
     return plan
 
 
-plan = (gpu_plan(('stack',), (120.0, 240.0)) + lr_plan(('baseline', 'stack')) + gpu_plan(('stack',), (480.0,))
+def rerun_plan(row, factor, budget):
+    """Added 2026-12-06 after the lr check: the row's column at `budget` rerun at its tuned lr x factor, the
+    reported seeds 0-4, into out/ablation_lr/ (the x2 lr beat the tuned one at 480 RST on the tuning seed)."""
+    cfg = AblateConfig(out_dir='out/ablation_lr', methods=(row,), budgets=(120.0, 240.0, 480.0), tuned=TUNED)
+    return [(label, script, {**args, 'lr': args['lr'] * factor}) for label, script, args in sweep.sweep_plan(cfg)
+            if args['budget'] == budget]
+
+
+plan = (gpu_plan(('stack',), (120.0, 240.0)) + lr_plan(('baseline', 'stack')) + lr_plan(('baseline',), (4.0,))
+        + rerun_plan('baseline', 2.0, 480.0) + gpu_plan(('stack',), (480.0,))
         + gpu_plan(('drop',), (120.0, 240.0, 480.0)) + lr_plan(('drop', 'lion', 'sophiag', 'sb')))
 for label, script, args in plan:
     print(label, args['out_dir'], args['lr'], args.get('rst_table', ''), flush=True)
