@@ -264,7 +264,13 @@ class Budget:
         self.spent['flops'] += 4 / 3 * n_examples * self.tokens_per_example * self.flops_per_token(n_layers)
 
     def charge_before_start(self, spent):
-        """Costs paid before this run began (an IL model's training and precompute), added to its count."""
+        """Costs paid before this run began (an IL model's training and precompute), added to its count. A cost
+        that is not a non-negative number (an edited record) is refused: a negative one made the budget unreachable."""
+        bad = {u: v for u, v in spent.items() if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                                        and math.isfinite(v) and v >= 0)}
+        if bad:
+            raise UserError(f"a cost paid before the start ({', '.join(f'{u}={v!r}' for u, v in bad.items())}) is not a "
+                            'non-negative number: the record it was read from (an IL cache\'s sidecar) is damaged; rebuild it')
         for unit, value in spent.items():
             if self.spent.get(unit) is not None and value is not None:
                 self.spent[unit] += value

@@ -305,3 +305,12 @@ def test_a_run_under_another_table_is_a_row_of_its_own(tmp_path):
         (run / 'log.jsonl').write_text(json.dumps({'step': 1, 'tokens': 1.0, 'rst': 1.0, 'val_loss': 2.0}) + '\n')
     assert runs.read_run(tmp_path / 'cpu')['label'] == 'stack'
     assert runs.read_run(tmp_path / 'gpu')['label'] == 'stack [h200]'
+
+
+@pytest.mark.parametrize('cost', [-5.0, math.inf, math.nan, '3', True])
+def test_a_cost_before_the_start_that_is_not_a_non_negative_number_is_refused(cost):
+    """An IL cache's sidecar edited to a negative cost made the budget unreachable (trained forever at lr 0)."""
+    b = budget_lib.Budget('rst', 10.0, None, 1.0, 8, 2)
+    with pytest.raises(UserError, match="not a non-negative number: the record it was read from .* is damaged"):
+        b.charge_before_start({'rst': cost, 'tokens': 0.0})
+    b.charge_before_start({'tokens': 5.0, 'rst': None})  # an uncounted unit stays None
