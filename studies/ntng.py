@@ -45,6 +45,7 @@ class AblateConfig:
     target: str = 'auto'                 # time-to-target: 'auto' (see compare), a number, 'none'
     tuned: str = ''                      # a tuned.json from `python -m studies.ntng tune` of this sweep: its values override METHODS'
     jobs: int = key(1, '>0')             # runs at once, the CPU threads split between them
+    nproc: int = key(1, '>0')            # processes per run: > 1 starts each under torchrun, one GPU each (studies.plan)
 
     def __post_init__(self):
         check_target(self.target)
@@ -133,21 +134,21 @@ def sweep_plan(cfg):
     il = tuned_il if tuned_il and tuned_il['il_budget'] == max(budgets) else il_args(cfg.out_dir, max(budgets))
     plan = [planned_run(label, script, {**spec['COMMON'], **(il if args.get('method') == 'rho' else {}), **args,
                                         **tuned.get(spec.get('TUNED_AS', {}).get(label, label), {}), **quick, 'budget': b,
-                                        'seed': seed, 'label': label, 'out_dir': f'{cfg.out_dir}/{label}/b{b:g}/s{seed}'})
+                                        'seed': seed, 'label': label, 'out_dir': f'{cfg.out_dir}/{label}/b{b:g}/s{seed}'}, cfg.nproc)
             for b in budgets for seed in seeds for label, (script, args) in methods.items()]  # cheapest budget first
     if cfg.baseline_schedule == 'wsd_branches':
         plan += [planned_run('wsd (branches)', 'train.py', {
             **spec['COMMON'], **tuned.get('baseline', {}), 'schedule': 'wsd', 'budget': min(budgets), 'seed': seed,
             'branch_budgets': tuple(b / min(budgets) for b in budgets), 'label': 'wsd (branches)',
-            'out_dir': f'{cfg.out_dir}/wsd_branches/s{seed}'}) for seed in seeds]
+            'out_dir': f'{cfg.out_dir}/wsd_branches/s{seed}'}, cfg.nproc) for seed in seeds]
     return plan
 
 
-def planned_run(label, script, args):
+def planned_run(label, script, args, nproc=1):
     """One run of a sweep for the plan runner: RHO-LOSS's runs share one IL model (the first builds it);
-    a WSD trunk skips and resumes its own branches."""
+    a WSD trunk skips and resumes its own branches; nproc > 1: under torchrun."""
     return Run(f"{label} budget {args['budget']:g} seed {args['seed']}", script, args,
-               exclusive='il' if args.get('il_out_dir') else '', self_resuming=bool(args.get('branch_budgets')))
+               exclusive='il' if args.get('il_out_dir') else '', self_resuming=bool(args.get('branch_budgets')), nproc=nproc)
 
 
 def il_args(out_dir, budget):
@@ -175,6 +176,7 @@ class TuneConfig:
     seeds: tuple = key((1000,), '>=0')   # tuning seeds: never the reported ones
     points: int = key(5, '>=5')          # lr grid points, spaced x2 around the method's own lr
     jobs: int = key(1, '>0')             # runs at once, the CPU threads split between them
+    nproc: int = key(1, '>0')            # processes per run: > 1 starts each under torchrun, one GPU each (studies.plan)
 
     def __post_init__(self):
         check_distinct('seeds', self.seeds, '(1000,)')
@@ -288,6 +290,7 @@ class TuneGrid:
         self.ks = list(range(-(cfg.points // 2), cfg.points - cfg.points // 2))
         self.extended = dict.fromkeys(['lr', *self.axes], 0)  # an edge extends an axis MAX_EXTENSIONS times
         self.il = il_args(cfg.out_dir, max(spec['BUDGETS'])) if args.get('method') == 'rho' else {}
+        self.nproc = cfg.nproc
 
     def grid(self):  # the method's own lr first: RHO-LOSS's first run trains the shared IL model with it
         extras = [dict(zip(self.axes, v)) for v in itertools.product(*self.axes.values())] or [{}]
@@ -296,8 +299,8 @@ class TuneGrid:
     def plan(self):
         return [planned_run(self.label, self.script, {
                     **self.common, **self.il, **tune_point(self.args, self.common, lr, extra, self.lr_key), 'budget': self.budget,
-                    'seed': seed, 'label': f'{self.label} (tuning)', 'out_dir': str(self.out / point_name(lr, extra) / f's{seed}')})
-                for lr, extra in self.grid() for seed in self.seeds]
+                    'seed': seed, 'label': f'{self.label} (tuning)', 'out_dir': str(self.out / point_name(lr, extra) / f's{seed}')},
+                    self.nproc) for lr, extra in self.grid() for seed in self.seeds]
 
     def summaries(self):
         return [tune_summary(self.out / point_name(lr, extra), self.seeds, lr, extra) for lr, extra in self.grid()]

@@ -96,3 +96,11 @@ def test_rows_added_to_the_sweep_file_keep_the_tuning_a_changed_row_does_not(tun
     with pytest.raises(ConfigError, match="LR_KEY must be"):
         sweep.write_text(SWEEP.replace("LR_KEY = {'muon': 'muon_lr'}", "LR_KEY = {'muon': 'momentum'}"))
         ntng.read_sweep(str(sweep))
+
+
+def test_nproc_runs_every_planned_run_under_torchrun(tmp_path):
+    (tmp_path / 'sweep.py').write_text(SWEEP)
+    plan = ntng.sweep_plan(ntng.AblateConfig(config=str(tmp_path / 'sweep.py'), seeds=(0,), nproc=2))
+    assert plan and all(r.nproc == 2 for r in plan)
+    assert all('--nproc_per_node=2' in ' '.join(r.command()) for r in plan)
+    assert all(r.nproc == 1 for r in ntng.sweep_plan(ntng.AblateConfig(config=str(tmp_path / 'sweep.py'), seeds=(0,))))
