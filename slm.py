@@ -7,6 +7,9 @@ Paper: "Rho-1: Not All Tokens Are What You Need" (Lin et al. 2024, arXiv 2404.07
        L_SLM = sum of the selected tokens' losses / number selected        (k = 1: plain causal LM, CLM)
 Ablations (select_by): 'reference' (lowest ref_loss), 'train' (highest train_loss), 'random', and
 'oracle', which trains on exactly the tokens the data generator labelled clean (no k: an upper bound).
+A control, not a method (select='coin_control', coin_control_mask): SLM's selection with its choice among
+the operand bytes, which no model can predict, replaced by a coin that ignores the excess loss, at SLM's
+own rate for each operand byte; it reads the task's byte labels, which no real corpus has.
 SLM saves no compute: every token is forwarded and the backward runs through the whole network; it
 changes which tokens the gradient comes from. Excess-loss selection cannot be precomputed into a static
 dataset (train_loss is the current model's); only select_by='reference' can.
@@ -19,7 +22,9 @@ One run, in three stages (each key's comment names the stages that read it):
     python slm.py --stage=ref                 # the reference model on the clean corpus -> out/slm/ref
     python slm.py --stage=score --noise=0.2   # its loss on every token of that noisy corpus -> the cache
     python slm.py --stage=train --noise=0.2 --select_by=excess --k=0.6 --seed=1   # -> out/slm/noise20/excess_k60_s1
+    python slm.py --stage=train --noise=0.4 --select=coin_control --seed=1  # the control: noise40/slm_coin_control_k60_s1
 The study (every arm over seeds, the k and noise sweeps, gates, report): python -m studies.slm
+The control's study (clm, SLM and the coin control at noise 0.4 over 10 seeds): python -m studies.slm control
 """
 import dataclasses
 import json
@@ -36,7 +41,8 @@ from configurator import cli, key, require
 from data.loader import (DATA_ROOT, NUMBER, DataError, atomic_write_bytes, file_sha256, get_examples, num_examples,
                          read_meta)
 from data.mathmix.fewshot import clean_val, exact_match, load_problems
-from data.mathmix.prepare import CLEAN, KINDS, LINE, corpus_name, ensure_prepared, load_kinds
+from data.mathmix.prepare import (CLEAN, KINDS, LINE, OPERANDS, ROLES, check_noise_levels, corpus_name, ensure_prepared,
+                                  load_kinds, load_roles)
 
 
 # -----------------------------------------------------------------------------
@@ -65,10 +71,35 @@ def top_k_mask(score, k):
     return mask.view_as(score)
 
 
-def selection_mask(select_by, k, train_loss, ref_loss, kinds, generator=None):
-    """The tokens to train on (B, T): the oracle's are the clean ones, every other arm's the top k."""
+def coin_control_mask(excess, k, roles, coin_roles=OPERANDS, generator=None):
+    """A CONTROL for the SLM study, not a method: it needs to know which tokens carry no information (here the
+    task's labels: the operand bytes a b c d of `ab+cd=`, drawn at random), which no real corpus says.
+    An operand's excess loss is ~0 for any model that has learned their distribution, so its sign alone
+    decides whether top-k takes it: SLM trains on the operands the model happens to under-predict. The
+    control takes SLM's own selection and replaces only that choice: each token of a role in coin_roles is
+    selected by an independent coin (blind to its excess loss) at the rate SLM selected that role's tokens in
+    this micro-batch (so each role gets SLM's number of tokens in expectation). Every other token is selected
+    exactly as SLM selects it: SLM's global top-k restricted to them is the top (round(k B T) - the coin roles'
+    tokens SLM took) of them by excess loss, ties to the earlier token.
+    excess (B, T) = train_loss - ref_loss; roles (B, T) int64, ROLES' indices. -> (mask (B, T), each token's
+    coin rate (B, T), 0 off the coin roles)."""
+    slm_mask = top_k_mask(excess, k)                                              # (B, T) SLM's selection
+    rate, coined = torch.zeros_like(slm_mask), torch.zeros_like(roles, dtype=torch.bool)
+    for role in coin_roles:
+        mine = roles == role
+        rate[mine] = slm_mask[mine].mean() if mine.any() else 0.0                 # SLM's rate for the role, this step
+        coined |= mine
+    coin = (torch.rand(excess.shape, generator=generator).to(excess.device) < rate).to(slm_mask.dtype)
+    return torch.where(coined, coin, slm_mask), rate
+
+
+def selection_mask(select_by, k, train_loss, ref_loss, kinds, generator=None, select='topk', roles=None):
+    """The tokens to train on (B, T): the oracle's are the clean ones, every other arm's the top k;
+    select='coin_control' (select_by excess only): coin_control_mask, with roles (B, T) its labels."""
     if select_by == 'oracle':
         return (kinds == CLEAN).float()
+    if select == 'coin_control':
+        return coin_control_mask(train_loss - ref_loss, k, roles, OPERANDS, generator)[0]
     return top_k_mask(selection_score(select_by, train_loss, ref_loss, generator), k)
 
 
@@ -85,16 +116,20 @@ def stream_positions(ids, T):
 # -----------------------------------------------------------------------------
 # the objective
 
+ROLE_SUMS = ('tokens', 'selected', 'excess', 'excess_selected')  # summed per byte role since the run began
+
+
 class SelectiveLM(train.CausalLM):
     """SLM: forward every token, backpropagate the selected ones, count what gets selected per token
-    kind. Its val loss is the clean target-domain val loss; each eval appends the held-out exact match
-    to <run>/curve.jsonl (the accuracy-vs-tokens curve)."""
+    kind and per byte role (with the excess loss). Its val loss is the clean target-domain val loss; each
+    eval appends the held-out exact match to <run>/curve.jsonl (the accuracy-vs-tokens curve)."""
 
     def __init__(self, cfg, paths, cache=None):
         super().__init__(cfg.batch_size)
         self.cfg, self.paths, self.corpus = cfg, paths, paths.corpus(cfg.noise)
-        self.generator = torch.Generator().manual_seed(cfg.seed)            # select_by='random'
+        self.generator = torch.Generator().manual_seed(cfg.seed)            # select_by='random', the coin control
         self.counts = torch.zeros(len(KINDS), 2, dtype=torch.float64)      # per kind: seen, selected
+        self.role_counts = torch.zeros(len(ROLES), len(ROLE_SUMS), dtype=torch.float64)  # per byte role: ROLE_SUMS
         self.curve_step = -1  # step of the last curve point written (-1: none yet, a fresh run starts the file)
         # ref_loss per stream position: the corpus's cache unless one is given, checked here, before the
         # loop reads any data (a stale cache is refused with its fix)
@@ -104,8 +139,8 @@ class SelectiveLM(train.CausalLM):
 
     def setup(self, ctx):
         T, self.rt = ctx.model.config.block_size, ctx.rt
-        self.counts = self.counts.to(ctx.device)
-        self.kinds = load_kinds(self.corpus)
+        self.counts, self.role_counts = self.counts.to(ctx.device), self.role_counts.to(ctx.device)
+        self.kinds, self.roles = load_kinds(self.corpus), load_roles(self.corpus)
         if self.cfg.ref_mode == 'online':
             self.ref_model = runs.load_model(self.paths.ref_ckpt, ctx.device, self.cfg.compile_loss)
         self.val_x, self.val_y = clean_val(self.paths.ref_data, T, self.cfg.eval_batches * self.cfg.batch_size)
@@ -120,16 +155,24 @@ class SelectiveLM(train.CausalLM):
         ctx.charge_forward(len(x), self.ref_model.n_layer)
         return ref
 
+    def labels(self, labels, ids, T, device):
+        """kinds.bin's or the roles' label of the token each y[b, t] predicts -> (B, T) int64."""
+        return torch.from_numpy(labels[stream_positions(ids, T)].astype(np.int64)).to(device)
+
     def __call__(self, model, data, ctx):
         x, y, ids = data.next(self.batch_size)
         losses = model(x, y)                                            # (B, T) train_loss
         ref_loss = self.reference_losses(x, y, ids, ctx)                # (B, T)
-        kinds = torch.from_numpy(self.kinds[stream_positions(ids, x.size(1))].astype(np.int64)).to(x.device)
-        mask = selection_mask(self.cfg.select_by, self.cfg.k, losses.detach(), ref_loss, kinds, self.generator)
+        kinds, roles = (self.labels(labels, ids, x.size(1), x.device) for labels in (self.kinds, self.roles))  # (B, T)
+        mask = selection_mask(self.cfg.select_by, self.cfg.k, losses.detach(), ref_loss, kinds, self.generator,
+                              self.cfg.select, roles)
         seen = torch.bincount(kinds.flatten(), minlength=len(KINDS)).double()   # per kind: tokens seen, selected
         kept = torch.bincount(kinds.flatten(), weights=mask.flatten().double(), minlength=len(KINDS))
         self.counts += torch.stack([seen, kept], 1)
-        logs = {'selected_frac': mask.mean(), 'excess_selected': slm_loss(losses.detach() - ref_loss, mask)}
+        excess = losses.detach() - ref_loss
+        per_token = torch.stack([torch.ones_like(mask), mask, excess, excess * mask], -1)  # (B, T, ROLE_SUMS)
+        self.role_counts.index_add_(0, roles.flatten(), per_token.flatten(0, 1).double())
+        logs = {'selected_frac': mask.mean(), 'excess_selected': slm_loss(excess, mask)}
         return train.Step(slm_loss(losses, mask), len(x), logs)
 
     def selection_rates(self):
@@ -137,22 +180,33 @@ class SelectiveLM(train.CausalLM):
         c = self.counts.cpu()
         return {name: float(c[i, 1] / c[i, 0]) for i, name in enumerate(KINDS) if c[i, 0] > 0}
 
+    def role_stats(self):
+        """Per byte role seen since the run began: its tokens, the fraction selected, the mean excess loss of
+        them all and of the selected ones (None when none was)."""
+        c = self.role_counts.cpu().tolist()
+        return {name: {'tokens': n, 'selected': kept / n, 'excess': excess / n,
+                       'excess_selected': excess_kept / kept if kept else None}
+                for name, (n, kept, excess, excess_kept) in zip(ROLES, c) if n > 0}
+
     def evaluate(self, model, ctx):
         val = ctx.evaluate(model, (self.val_x,), self.val_y)
         if self.curve is not None:
             point = {'step': ctx.step, 'tokens': ctx.spent['tokens'], 'val_loss_clean': val,
-                     **exact_match(model, self.problems, self.rt), 'selection': self.selection_rates()}
+                     **exact_match(model, self.problems, self.rt), 'selection': self.selection_rates(),
+                     'roles': self.role_stats()}
             with open(self.curve, 'a' if self.curve_step >= 0 else 'w') as f:
                 f.write(json.dumps(point) + '\n')
         self.curve_step = ctx.step
         return val
 
     def state_dict(self):  # the loop checkpoints right after an eval: 'step' is that eval's curve point
-        return {'generator': self.generator.get_state(), 'counts': self.counts.cpu(), 'step': self.curve_step}
+        return {'generator': self.generator.get_state(), 'counts': self.counts.cpu(), 'step': self.curve_step,
+                'role_counts': self.role_counts.cpu()}
 
     def load_state_dict(self, state):
         self.generator.set_state(state['generator'])
         self.counts = state['counts'].to(self.counts.device)
+        self.role_counts = state.get('role_counts', torch.zeros_like(self.role_counts.cpu())).to(self.role_counts.device)
         self.curve_step = state['step']
         if self.curve is not None:
             runs.trim_log(self.curve, self.curve_step)  # drop points written after the checkpoint
@@ -209,6 +263,7 @@ def load_cache(corpus, ref_ckpt, block_size):
 # config: which stage reads which key
 
 SELECT_BY = ('excess', 'reference', 'train', 'random', 'oracle')
+SELECT = ('topk', 'coin_control')  # the method's global top-k, or the study's control (coin_control_mask)
 # TrainConfig keys the reference run reads too (with ref_budget, ref_lr); for the rest of the recipe
 # (optimizer, schedule, arch, ...) it keeps TrainConfig's defaults: TRAIN_KEYS are the arms' only.
 REF_KEYS = ('model', 'n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'dropout', 'seed', 'init_from', 'overwrite',
@@ -243,6 +298,10 @@ class SLMConfig(train.TrainConfig):
     stage: str = key('train', ('ref', 'score', 'train'))  # ref (the reference), score (the cache), train (one arm)
     k: float = key(0.6, '(0,1]')    # train: fraction of the batch's tokens trained on (paper: 0.6 math)
     select_by: str = key('excess', SELECT_BY)  # train: excess (Rho-1), reference (low ref_loss), train (high loss), random, oracle
+    select: str = key('topk', SELECT)  # train: topk (Rho-1), or coin_control: a CONTROL, not a method
+                                       # (it reads the task's byte labels): each operand byte gets a coin at
+                                       # SLM's rate for it, blind to the excess (coin_control_mask); with
+                                       # select_by=excess, k < 1
     noise: float = key(0.2, '[0,1)')  # score, train: which noisy corpus (the fraction of noise lines)
     ref_mode: str = key('cached', ('cached', 'online'))  # train: cached (stage score's) or online (a reference forward per step)
     ref_budget: float = key(2e6, '>0')  # ref: the reference model's budget (budget_unit), on the clean corpus
@@ -263,17 +322,34 @@ class SLMConfig(train.TrainConfig):
                 f'--ref_ckpt={self.ref_ckpt} is a folder: give the checkpoint file (e.g. {Path(self.ref_ckpt) / "ckpt.pt"})')
         T = self.model_dims()['block_size']
         require(T % LINE == 0 and T >= 2 * LINE, f'--block_size must be a multiple of {LINE} (a mathmix line), >= {2 * LINE}')
+        require(self.select == 'topk' or (self.select_by == 'excess' and self.k < 1),
+                f'--select={self.select} is a control of SLM: give it with --select_by=excess and --k < 1')
         base = self.key_defaults()
         stray = [f'--{key}' for key in TRAIN_KEYS if getattr(self, key) != base[key]]
         require(self.stage in self.ARM_STAGES or not stray, f"{', '.join(stray)}: read only by the stages that train "
                 f"arms ({', '.join(self.ARM_STAGES)}), not --stage={self.stage}")
+        self.check_sizes()
+
+    def check_sizes(self):
+        """Counts against what they imply, before anything is built."""
+        check_noise_levels('noise', (self.noise,))
+        check_k('k', self.k, self.batch_size * self.model_dims()['block_size'])
 
     def key_defaults(self):
         """What each key holds when it is not given."""
         return {f.name: f.default for f in dataclasses.fields(self)}
 
 
-def arm_name(select_by, k):
+def check_k(name, k, n_tokens):
+    """top_k_mask keeps round(k x n_tokens) tokens of a micro-batch: refuse a k that keeps none."""
+    require(round(k * n_tokens) >= 1, f'--{name}={k:g} selects round({k:g} x {n_tokens}) = 0 of a micro-batch\'s {n_tokens} '
+                                      f'tokens (--batch_size x --block_size): give --{name} >= {1 / n_tokens:.4g} '
+                                      f'(1/{n_tokens}), the smallest that selects one')
+
+
+def arm_name(select_by, k, select='topk'):
+    if select == 'coin_control':
+        return f'slm_coin_control_k{round(100 * k)}'
     return 'oracle' if select_by == 'oracle' else 'clm' if k == 1 else f'{select_by}_k{round(100 * k)}'
 
 
@@ -290,7 +366,7 @@ class Paths:
 
     def run_dir(self, cfg):
         return Path(cfg.run_dir) if cfg.run_dir else \
-            self.root / corpus_name(cfg.noise) / f'{arm_name(cfg.select_by, cfg.k)}_s{cfg.seed}'
+            self.root / corpus_name(cfg.noise) / f'{arm_name(cfg.select_by, cfg.k, cfg.select)}_s{cfg.seed}'
 
 
 def get_paths(cfg):
@@ -339,8 +415,9 @@ def stage_train(cfg, paths):
     if train.train(run, SelectiveLM(run, paths))['interrupted']:
         raise KeyboardInterrupt  # exit 130: the run is saved, --init_from=resume continues it
     same = {**dataclasses.asdict(run), 'ref_ckpt_sha256': ref_sha}
-    out = {'run': f'{folder.parent.name}/{folder.name}', 'noise': cfg.noise, 'arm': arm_name(cfg.select_by, cfg.k),
-           'k': cfg.k, 'seed': cfg.seed, **read_curve(folder / 'curve.jsonl')[-1], 'run_config': json.loads(json.dumps(same))}
+    arm = arm_name(cfg.select_by, cfg.k, cfg.select)
+    out = {'run': f'{folder.parent.name}/{folder.name}', 'noise': cfg.noise, 'arm': arm, 'k': cfg.k, 'seed': cfg.seed,
+           **read_curve(folder / 'curve.jsonl')[-1], 'run_config': json.loads(json.dumps(same))}
     atomic_write_bytes(folder / 'eval.json', json.dumps(out, indent=1).encode())
     print(f"{out['run']}: exact match {out['accuracy']:.3f} (trap {out['trap_accuracy']:.3f}), "
           f"clean val loss {out['val_loss_clean']:.4f}, selected {out['selection']}")

@@ -19,26 +19,39 @@ keys is skipped, a killed one resumes.
     python -m studies.slm --quick=True             # a few-minute smoke study (gates printed, not enforced)
     python -m studies.slm --stage=compare          # the report of the runs under --out_dir
     python -m studies.slm --stage=export --k=0.6   # the static "concentrated" mask of select_by='reference'
+
+The coin control's study (ControlConfig, issue 36): clm, SLM (excess) and slm_coin_control (slm.py's
+--select=coin_control: SLM with its choice among the operand bytes replaced by a coin at SLM's rate for each,
+blind to their excess loss; a control that reads the task's labels, not a method) at noise 0.4 and k 0.6 over 10 paired seeds, in its own
+folder; the same plan, gates and runs, then studies/slm_report.py's control report (control.md): failures
+per arm (exact intervals, Fisher's test), tokens to 50% non-trap exact match, selection and excess by byte role.
+
+    python -m studies.slm control                  # 31 runs and the reference: ~55 min wall at --jobs=2 on 2 cores
+    python -m studies.slm control --quick=True     # its smoke size
 """
 import dataclasses
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
+import torch
 
 import runs
 import slm
 from configurator import UserError, cli, key, require
-from data.loader import DataError, atomic_write_bytes, file_sha256, num_examples, read_result
+from data.loader import MAX_SEED, DataError, atomic_write_bytes, file_sha256, num_examples, read_result
 from data.mathmix.fewshot import clean_val, exact_match, line_losses, load_problems
-from data.mathmix.prepare import KINDS, corpus_name, ensure_prepared, load_kinds
+from data.mathmix.prepare import KINDS, check_noise_levels, corpus_name, ensure_prepared, load_kinds
 from model import evaluate
+from runs import free_memory
 from studies.plan import Run, run_plan
-from studies.slm_report import ARM_KEYS, REF_FIX, REF_KEYS, RESULT_FIX, report
+from studies.slm_report import ARM_KEYS, REF_FIX, REF_KEYS, RESULT_FIX, control_report, report
 
-ARMS = ('clm',) + slm.SELECT_BY
+ARMS = ('clm',) + slm.SELECT_BY  # the study's arms
+CONTROL = 'slm_coin_control'     # SLM with the coin control (slm.py --select=coin_control): an arm --arms may name
 ARM_RESULT_KEYS = {**ARM_KEYS, 'run_config': dict}  # what arm_finished reads back
 
 
@@ -62,42 +75,80 @@ class StudyConfig(slm.SLMConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        require(set(self.arms.split(',')) <= set(ARMS), f"--arms: a comma list of {', '.join(ARMS)}")
+        require(set(self.arms.split(',')) <= {*ARMS, CONTROL}, f"--arms: a comma list of {', '.join((*ARMS, CONTROL))}")
         require(not self.run_dir, '--run_dir names one arm\'s folder: the study names each of its own')
         require(not self.overwrite, '--overwrite: the study reuses the finished runs of the same keys and resumes '
                                     'killed ones; to start afresh, give another --out_dir')
 
+    def check_sizes(self):
+        """slm.py's, for every seed and sweep value of the study, and the plan's size against the free memory."""
+        super().check_sizes()
+        last = self.seed + self.seeds - 1
+        require(last <= MAX_SEED, f'--seeds={self.seeds} from --seed={self.seed} reaches seed {last}, beyond what the data '
+                                      f'order takes: give --seeds <= {MAX_SEED - self.seed + 1:,}')
+        check_noise_levels('noise_sweep', self.noise_sweep)
+        for k in self.k_sweep:
+            slm.check_k('k_sweep', k, self.batch_size * self.model_dims()['block_size'])
+        per_seed = len(self.arms.split(',')) + 1 + len(self.k_sweep) + 2 * len(self.noise_sweep)  # at most
+        free = free_memory(torch.device('cpu'))
+        require(self.seeds * per_seed * PLAN_BYTES <= free, f'--seeds={self.seeds:,} plans up to {self.seeds * per_seed:,} '
+                f'runs, whose plan and results (~{PLAN_BYTES // 1024} KiB a run) exceed the free memory: give --seeds <= '
+                f'{free // (per_seed * PLAN_BYTES):,}')
+        require(self.jobs <= free // RUN_BYTES, f'--jobs={self.jobs} starts that many runs at once, each a Python process '
+                f'with torch (~{RUN_BYTES / 2**30:.1f} GiB), more than the free memory holds: give at most {free // RUN_BYTES}')
+
     def key_defaults(self):
         return super().key_defaults() | (self.QUICK if self.quick else {})
+
+
+@dataclass(frozen=True)
+class ControlConfig(StudyConfig):
+    """`python -m studies.slm control`: the study with the coin control's defaults (the keys are the study's)."""
+    QUICK: ClassVar[dict] = {**StudyConfig.QUICK, 'arms': f'clm,excess,{CONTROL}'}
+    out_dir: str = slm.default('out_dir', 'out/slm_control')  # all: its own reference, runs and report
+    noise: float = key(0.4, '[0,1)')  # all: where SLM failed on 2 of 3 seeds (out/records/slm-2026-11-30)
+    noise_sweep: tuple = key((), '[0,1)')  # all: none
+    k_sweep: tuple = key((), '(0,1]')  # all: none
+    arms: str = f'clm,excess,{CONTROL}'  # all: CLM, SLM and its control, paired by seed
+    seeds: int = key(10, '>0')       # all: seed, seed+1, ... for every arm
+
+
+PLAN_BYTES = 2**14  # a planned run: its config, command and job (~4 KiB measured), its eval.json and curve read back
+RUN_BYTES = 2**29   # a running arm: a Python process with torch and a small model (~0.4 GiB measured)
 
 
 # -----------------------------------------------------------------------------
 # the plan: the reference, then every arm, each a command of the library
 
 def arm_spec(arm, k):
-    """(select_by, k) of an arm: clm trains on every token, the oracle on the clean ones."""
-    return {'clm': ('excess', 1.0), 'oracle': ('oracle', 1.0)}.get(arm, (arm, k))
+    """(select_by, k, select) of an arm: clm trains on every token, the oracle on the clean ones, the control
+    is SLM's selection with the coin on the operands."""
+    return {'clm': ('excess', 1.0, 'topk'), 'oracle': ('oracle', 1.0, 'topk'),
+            CONTROL: ('excess', k, 'coin_control')}.get(arm, (arm, k, 'topk'))
 
 
-def arm_config(cfg, noise, select_by, k, seed, ref_sha=''):
+def arm_config(cfg, noise, select_by, k, seed, ref_sha='', select='topk'):
     """One arm as `python slm.py --stage=train` runs it: cfg's slm.py keys, its reference (pinned by its
     sha256: an arm trained with another one is not this arm) and its folder named."""
     own = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(slm.SLMConfig)}
     arm = slm.SLMConfig(**{**own, 'stage': 'train', 'noise': noise, 'select_by': select_by, 'k': k, 'seed': seed,
-                           'init_from': 'scratch', 'ref_sha256': ref_sha})
+                           'select': select, 'init_from': 'scratch', 'ref_sha256': ref_sha})
     paths = slm.get_paths(cfg)
     return dataclasses.replace(arm, ref_ckpt=str(paths.ref_ckpt), run_dir=str(paths.run_dir(arm)))
 
 
 def study_runs(cfg, ref_sha=''):
-    """Every arm of the study in order: the oracle's first seed (a gate), the arms at --noise seed by
-    seed, then the k sweep, then the noise sweep (an interrupted study has whole comparisons first)."""
-    groups = [[(cfg.noise, 'oracle', 1.0)] + [(cfg.noise, *arm_spec(a, cfg.k)) for a in cfg.arms.split(',')],
-              [(cfg.noise, 'excess', k) for k in cfg.k_sweep],
-              [(f, *arm_spec(a, cfg.k)) for f in cfg.noise_sweep for a in ('clm', 'excess')]]
-    cells = [(noise, select_by, k, seed) for group, n_seeds in zip(groups, (cfg.seeds, *2 * [min(cfg.seeds, cfg.sweep_seeds)]))
-             for seed in range(cfg.seed, cfg.seed + n_seeds) for noise, select_by, k in group]
-    return [arm_config(cfg, *cell, ref_sha) for cell in dict.fromkeys(cells)]
+    """Every arm of the study in order: the oracle's first seed (a gate; its other seeds only when --arms names
+    it), the arms at --noise seed by seed, then the k sweep, then the noise sweep (an interrupted study has
+    whole comparisons first)."""
+    named, seeds = cfg.arms.split(','), range(cfg.seed, cfg.seed + cfg.seeds)
+    gate = lambda seed: ['oracle'] if seed == cfg.seed or 'oracle' in named else []  # noqa: E731
+    cells = [(cfg.noise, *arm_spec(a, cfg.k), seed) for seed in seeds for a in gate(seed) + named]
+    cells += [(cfg.noise, *arm_spec('excess', k), seed) for seed in seeds[:cfg.sweep_seeds] for k in cfg.k_sweep]
+    cells += [(f, *arm_spec(a, cfg.k), seed) for seed in seeds[:cfg.sweep_seeds] for f in cfg.noise_sweep
+              for a in ('clm', 'excess')]
+    return [arm_config(cfg, noise, select_by, k, seed, ref_sha, select)
+            for noise, select_by, k, select, seed in dict.fromkeys(cells)]
 
 
 class ArmRun(Run):
@@ -234,7 +285,11 @@ def arm_line_losses(cfg, paths):
 
 
 def stage_compare(cfg, paths):
-    return report(paths.root, cfg.noise, cfg.k, arm_line_losses(cfg, paths))
+    """compare.md (every arm); with the coin control among --arms, control.md too."""
+    text = report(paths.root, cfg.noise, cfg.k, arm_line_losses(cfg, paths))
+    if CONTROL in cfg.arms.split(','):
+        text += '\n\n' + control_report(paths.root, cfg.noise, cfg.k)
+    return text
 
 
 STAGE_FNS = {'all': stage_all, 'compare': stage_compare, 'export': stage_export}
@@ -246,5 +301,11 @@ def main(cfg):
     return STAGE_FNS[cfg.stage](cfg, slm.get_paths(cfg))
 
 
+DESIGNS = {'control': ControlConfig}  # python -m studies.slm <design> [--key=value ...]
+
+
 if __name__ == '__main__':
-    cli(main, StudyConfig)
+    if len(sys.argv) > 1 and sys.argv[1] in DESIGNS:
+        cli(main, DESIGNS[sys.argv[1]], sys.argv[2:], f'{sys.argv[1]} [config.py ...] [--key=value ...]')
+    else:
+        cli(main, StudyConfig)

@@ -11,23 +11,34 @@ curve.jsonl under the study's folder say, over seeds.
                        arm at the study's noise: which part of the task a model has not learned
   compare_curves.png   exact match against training tokens per arm, one panel per noise level, mean and
                        95% CI band over seeds (if matplotlib is installed)
-Every interval is the t-based 95% CI over seeds (studies.stats.t_interval, the lab's one rule); a run whose
-curve never reaches the target counts in "reached" and is left out of the tokens' mean.
+  control.md           the coin control's report (python -m studies.slm control; control_report): per arm
+                       (clm, SLM, slm_coin_control at one noise and k) the runs that failed, with exact
+                       intervals and Fisher's exact test, the tokens to 50% non-trap exact match paired by
+                       seed, and the selection rate and mean excess loss of each byte role
+Every interval of a mean is the t-based 95% CI over seeds (studies.stats.t_interval, the lab's one rule); a
+run whose curve never reaches the target counts in "reached" and is left out of the tokens' mean. A count
+of failed runs gets the exact (Clopper-Pearson) interval instead: a proportion of 10 is not a t mean.
 """
 import math
+import re
 from pathlib import Path
 
 from data.loader import NUMBER, DataError, read_result
-from data.mathmix.prepare import KINDS, LINE_BYTES
-from slm import POINT_KEYS, read_curve
-from studies.stats import crossing, t_interval
+from data.mathmix.prepare import EVAL_PAIRS, KINDS, LINE_BYTES, OPERANDS, ROLES, TRAP_DIGIT
+from slm import POINT_KEYS, arm_name, read_curve
+from studies.stats import crossing, holm, paired_test, t_interval
 
-ORDER = ('oracle', 'clm', 'excess', 'reference', 'train', 'random')  # then by k
+ORDER = ('oracle', 'clm', 'excess', 'slm_coin_control', 'reference', 'train', 'random')  # then by k
 SCORE_KEYS = {**POINT_KEYS, 'trap_accuracy': NUMBER, 'val_loss_clean': NUMBER}
 ARM_KEYS = {**SCORE_KEYS, 'noise': NUMBER, 'arm': str, 'seed': int, 'selection': dict}  # an arm's eval.json
 REF_KEYS = {**SCORE_KEYS, 'ref_ckpt_sha256': str}  # the reference's eval.json
 RESULT_FIX = 'delete it and rerun the study (a finished run only writes it again)'
 REF_FIX = 'delete it: the study (python -m studies.slm) measures the reference again'
+
+
+def family(arm):
+    """An arm's name without its k: excess_k60 -> excess, slm_coin_control_k60 -> slm_coin_control."""
+    return re.sub(r'_k\d+$', '', arm)
 
 
 def cell(values, fmt='.3f'):
@@ -42,11 +53,11 @@ def load_runs(root):
     groups = {}
     for path in sorted(Path(root).glob('noise*/*/eval.json')):
         run = read_result(path, ARM_KEYS, RESULT_FIX)
-        if run['arm'].split('_')[0] not in ORDER:
+        if family(run['arm']) not in ORDER:
             raise DataError(f"{path} is damaged (arm {run['arm']!r} is none of {', '.join(ORDER)}): {RESULT_FIX}")
         run['curve'] = read_curve(path.parent / 'curve.jsonl')
         groups.setdefault((run['noise'], run['arm']), []).append(run)
-    key = lambda g: (-g[0], ORDER.index(g[1].split('_')[0]), g[1])  # noqa: E731
+    key = lambda g: (-g[0], ORDER.index(family(g[1])), g[1])  # noqa: E731
     return {g: groups[g] for g in sorted(groups, key=key)}
 
 
@@ -152,3 +163,170 @@ def plot_curves(root, groups):
         ax.legend(fontsize=8)
     fig.savefig(root / 'compare_curves.png', dpi=110, bbox_inches='tight')
     print(f"wrote {root / 'compare_curves.png'}")
+
+
+# -----------------------------------------------------------------------------
+# the coin control's report (python -m studies.slm control): failures, tokens to a target, byte roles
+
+FAIL_BELOW = 0.5  # a run failed (never learned the units digit) when its exact match never reached this: the
+                  # study's --gate_oracle default. On 2026-11-30 the failed SLM runs ended at 0.07 and 0.10, every
+                  # other at >= 0.886 (CLM's: every non-trap sum right, every trap sum wrong)
+NONTRAP_TARGET = 0.5  # the tokens to reach this exact match on the non-trap problems
+N_TRAP = sum((a + b) % 10 == TRAP_DIGIT for a, b in EVAL_PAIRS)  # eval.jsonl holds exactly EVAL_PAIRS
+ONE_SIDED = (('excess', 'slm_coin_control'), ('excess', 'clm'))  # does the first fail more often than the second?
+PAIRED = (('excess', 'clm'), ('slm_coin_control', 'clm'), ('slm_coin_control', 'excess'))  # first minus second
+
+
+def binomial_tail(x, n, p, upper):
+    """P(X >= x) (upper) or P(X <= x) for X ~ Binomial(n, p), summed from the pmf."""
+    ks = range(x, n + 1) if upper else range(0, x + 1)
+    return sum(math.comb(n, i) * p ** i * (1 - p) ** (n - i) for i in ks)
+
+
+def clopper_pearson(x, n, level=0.95):
+    """The exact interval of a proportion x/n: lower solves P(X >= x | p) = a/2, upper P(X <= x | p) = a/2
+    (a = 1 - level; 0 when x = 0, 1 when x = n), by bisection: each tail is monotone in p."""
+    a = 1 - level
+
+    def solve(upper):  # P(X >= x) rises with p, P(X <= x) falls
+        lo, hi = 0.0, 1.0
+        for _ in range(100):
+            mid = (lo + hi) / 2
+            tail = binomial_tail(x, n, mid, upper)
+            lo, hi = (mid, hi) if (tail < a / 2) == upper else (lo, mid)
+        return (lo + hi) / 2
+    return (0.0 if x == 0 else solve(True)), (1.0 if x == n else solve(False))
+
+
+def fisher_one_sided(x1, n1, x2, n2):
+    """Fisher's exact test that group 1's rate is higher: P(X >= x1), X the group-1 count of a 2x2 table with
+    these margins (hypergeometric: x1 + x2 events among n1 + n2 runs, n1 of them drawn)."""
+    events, total = x1 + x2, n1 + n2
+    return sum(math.comb(events, i) * math.comb(total - events, n1 - i)
+               for i in range(x1, min(n1, events) + 1)) / math.comb(total, n1)
+
+
+def nontrap_accuracy(point):
+    """Exact match on the non-trap problems, from the point's overall and trap exact match."""
+    n = len(EVAL_PAIRS)
+    return (point['accuracy'] * n - point['trap_accuracy'] * N_TRAP) / (n - N_TRAP)
+
+
+def failed(run):
+    return max(p['accuracy'] for p in run['curve']) < FAIL_BELOW
+
+
+def tokens_to_nontrap(run, target=NONTRAP_TARGET):
+    """Training tokens at the first eval where non-trap exact match >= target (interpolated), or None."""
+    return crossing([(p['tokens'], -nontrap_accuracy(p)) for p in run['curve']], -target)
+
+
+def control_groups(root, noise, k):
+    """{'clm' | 'excess' | 'slm_coin_control': [runs]} at noise (the arms that ran)."""
+    groups = load_runs(root)
+    names = {'clm': arm_name('excess', 1.0), 'excess': arm_name('excess', k),
+             'slm_coin_control': arm_name('excess', k, 'coin_control')}
+    return {arm: groups[noise, name] for arm, name in names.items() if (noise, name) in groups}
+
+
+def failure_table(groups):
+    lines = [f'failed runs (exact match never >= {FAIL_BELOW:g}), exact 95% interval (Clopper-Pearson)', '',
+             '| arm | runs | failed | rate | 95% CI |', '|---|---|---|---|---|']
+    count = {arm: (sum(map(failed, runs)), len(runs)) for arm, runs in groups.items()}
+    for arm, (x, n) in count.items():
+        lo, hi = clopper_pearson(x, n)
+        lines.append(f'| {arm} | {n} | {x} | {x / n:.3f} | [{lo:.3f}, {hi:.3f}] |')
+    tests = [(a, b) for a, b in ONE_SIDED if a in count and b in count]
+    p = [fisher_one_sided(*count[a], *count[b]) for a, b in tests]
+    lines += ['', "Fisher's exact test, one-sided (the first arm fails more often), Holm over the tests", '',
+              '| test | failed | p | p (Holm) |', '|---|---|---|---|']
+    lines += [f'| {a} > {b} | {count[a][0]}/{count[a][1]} vs {count[b][0]}/{count[b][1]} | {q:.4f} | {h:.4f} |'
+              for (a, b), q, h in zip(tests, p, holm(p))]
+    return '\n'.join(lines)
+
+
+def tokens_table(groups):
+    tokens = {arm: {r['seed']: tokens_to_nontrap(r) for r in runs} for arm, runs in groups.items()}
+    lines = [f'tokens to {NONTRAP_TARGET:g} non-trap exact match (thousands; mean ± 95% CI over the seeds that '
+             'reached it)', '', '| arm | reached | tokens |', '|---|---|---|']
+    for arm, by_seed in tokens.items():
+        reached = [t / 1e3 for t in by_seed.values() if t is not None]
+        lines.append(f'| {arm} | {len(reached)}/{len(by_seed)} | {cell(reached, ".0f")} |')
+    lines += ['', 'paired by seed (the seeds where both reached it): first minus second, thousands of tokens', '',
+              '| pair | seeds | difference | p (paired t) |', '|---|---|---|---|']
+    for a, b in [(a, b) for a, b in PAIRED if a in tokens and b in tokens]:
+        seeds = sorted(s for s in tokens[a].keys() & tokens[b].keys() if None not in (tokens[a][s], tokens[b][s]))
+        if not seeds:
+            lines.append(f'| {a} - {b} | 0 | - | - |')
+            continue
+        mean, half, p = paired_test([tokens[a][s] / 1e3 for s in seeds], [tokens[b][s] / 1e3 for s in seeds])
+        lines.append(f'| {a} - {b} | {len(seeds)} | {mean:.0f}' + ('' if math.isnan(half) else f' ± {half:.0f}') +
+                     f" | {'-' if math.isnan(p) else f'{p:.4f}'} |")
+    return '\n'.join(lines)
+
+
+def role_ok(role, stats):
+    """A curve point's stats of one role, as SelectiveLM.role_stats writes them."""
+    return role in ROLES and isinstance(stats, dict) and all(isinstance(stats.get(f), NUMBER) for f in
+                                                              ('tokens', 'selected', 'excess')) and \
+        (stats.get('excess_selected') is None or isinstance(stats['excess_selected'], NUMBER))
+
+
+def role_totals(run):
+    """{role: (tokens, selected fraction, mean excess, mean excess of the selected)} over the whole run (its last
+    curve point's roles: counted since the run began), with 'operands' (a b c d pooled); {} for a run recorded
+    before roles were."""
+    for p in run['curve']:
+        roles = p.get('roles', {})
+        if not (isinstance(roles, dict) and all(role_ok(*item) for item in roles.items())):
+            raise DataError(f"noise{round(100 * run['noise'])}/{run['arm']}_s{run['seed']}/curve.jsonl: the roles of "
+                            f"its point at step {p.get('step')} are damaged: {RESULT_FIX}")
+    sums = {}  # role: tokens, selected, excess summed, excess of the selected summed
+    for role, st in run['curve'][-1].get('roles', {}).items():
+        n, kept = st['tokens'], st['tokens'] * st['selected']
+        sums[role] = [n, kept, n * st['excess'], kept * st['excess_selected'] if kept else 0.0]
+    operands = [sums[ROLES[i]] for i in OPERANDS if ROLES[i] in sums]
+    if operands:
+        sums['operands'] = [sum(column) for column in zip(*operands)]
+    return {role: (n, kept / n, excess / n, excess_kept / kept if kept else math.nan)
+            for role, (n, kept, excess, excess_kept) in sums.items() if n}
+
+
+def role_table(groups):
+    """Per byte role (rows) and arm: the whole run's selection rate, and the mean excess loss of all the role's
+    tokens / of the selected ones; each the mean over the seeds that recorded roles."""
+    totals = {arm: [t for t in map(role_totals, runs) if t] for arm, runs in groups.items()}
+    arms = [arm for arm in groups if totals[arm]]
+    if not arms:
+        return 'selection and excess by byte role: no run here recorded them (runs before slm.py counted roles)'
+
+    def mean(arm, role, i):
+        values = [t[role][i] for t in totals[arm] if role in t and not math.isnan(t[role][i])]
+        return f'{sum(values) / len(values):.3f}' if values else '-'
+    head = ['role', *[f'sel {a}' for a in arms], *[f'excess {a} (all / selected)' for a in arms]]
+    lines = ['selection rate and mean excess loss (train - reference) by byte role of `ab+cd=` units tens newline '
+             '(whole run, mean over seeds; operands a b c d)', '',
+             '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+    for role in ('operands', *ROLES):
+        row = [role, *[mean(a, role, 1) for a in arms], *[f'{mean(a, role, 2)} / {mean(a, role, 3)}' for a in arms]]
+        lines.append('| ' + ' | '.join(row) + ' |')
+    return '\n'.join(lines)
+
+
+def control_text(root, noise, k):
+    """The coin control's tables from the runs at noise and k under root, as markdown; writes nothing."""
+    groups = control_groups(root, noise, k)
+    if not groups:
+        raise DataError(f'no clm, SLM or coin-control run at noise {noise:g} under {root}: '
+                        'run `python -m studies.slm control`')
+    seeds = ', '.join(f'{arm} {len(runs)}' for arm, runs in groups.items())
+    return (f'the coin control at noise {noise:g}, k = {k:g} (runs: {seeds})\n\n' + failure_table(groups) + '\n\n' +
+            tokens_table(groups) + '\n\n' + role_table(groups))
+
+
+def control_report(root, noise, k):
+    """control.md from the runs under root; returns the text."""
+    text = control_text(root, noise, k)
+    print(text)
+    (Path(root) / 'control.md').write_text(text + '\n')
+    return text

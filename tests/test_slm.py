@@ -7,6 +7,7 @@ import dataclasses
 import json
 import re
 import statistics
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -106,7 +107,7 @@ KINDS = torch.tensor([[CLEAN, CLEAN, WRONG, BOILERPLATE, OFF_DOMAIN, CLEAN, CLEA
     ('clm', 0.5, [1, 1, 1, 1, 1, 1, 1, 1]),        # k = 1
 ])
 def test_each_arm_selects_the_expected_tokens_of_a_hand_made_batch(arm, k, want):
-    select_by, k = study.arm_spec(arm, k)
+    select_by, k, _ = study.arm_spec(arm, k)
     mask = slm.selection_mask(select_by, k, TRAIN_LOSS, REF_LOSS, KINDS)
     assert mask.tolist() == [want]
 
@@ -126,9 +127,9 @@ def test_loss_normalises_by_the_number_selected():
     assert torch.allclose(losses.grad, mask / 3)  # unselected tokens get no gradient at all
 
 
-def objective_on(cfg, model, x, y, ids, cache, kinds):
+def objective_on(cfg, model, x, y, ids, cache, kinds, roles=None):
     obj = slm.SelectiveLM(cfg, slm.get_paths(cfg), cache=cache)
-    obj.kinds = kinds
+    obj.kinds, obj.roles = kinds, np.full(len(kinds), mm.NOISE_LINE, dtype=np.uint8) if roles is None else roles
     budget = Budget('iters', 10, None, lambda L: 1.0, x.size(1), len(x))
     return obj, obj(model, FixedData(x, y, ids), run_context(budget))
 
@@ -166,6 +167,79 @@ def test_k_100_equals_plain_causal_lm(mathmix, tmp_path):
                            np.random.default_rng(0).random(5 * T).astype(np.float16), np.ones(5 * T, dtype=np.uint8))
     clm = train.CausalLM(4)(model, FixedData(x, y, ids), None)
     assert abs(step.loss.item() - clm.loss.item()) < 1e-6 and step.logs['selected_frac'].item() == 1.0
+
+
+# the coin control: 12 tokens, bytes of two lines; k = 0.5 keeps 6. SLM's top 6 by excess: 2 (2.0), 5 (1.5),
+# 8 (0.9), 0 (0.3), 9 (0.2), 3 (0.1). Per operand role: a (tokens 0, 6) 1 of 2, b (1, 7) none, c (3, 9) both,
+# d (4) none; the non-operands taken are 2, 5, 8, the top 6 - 3 of them
+EXCESS = torch.tensor([[0.3, -0.2, 2.0, 0.1, -0.4, 1.5],
+                       [0.05, -0.1, 0.9, 0.2, -0.3, 0.0]])
+ROLE = torch.tensor([[0, 1, 2, 3, 4, 5],        # a b + c d =
+                     [0, 1, 6, 3, 7, 8]])       # a b units c tens newline
+OPERAND = torch.isin(ROLE, torch.tensor(mm.OPERANDS))
+
+
+def test_coin_control_selects_operands_by_a_coin_at_slms_rate_and_the_rest_as_slm():
+    g, twin = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    mask, rate = slm.coin_control_mask(EXCESS, 0.5, ROLE, mm.OPERANDS, g)
+    assert rate.tolist() == [[0.5, 0, 0, 1, 0, 0], [0.5, 0, 0, 1, 0, 0]]  # SLM's rate per operand role; 0 elsewhere
+    assert mask[~OPERAND].tolist() == [1, 1, 1, 0, 0]  # tokens 2, 5, 8 selected; 10, 11 not: exactly SLM's
+    assert torch.equal(mask[OPERAND], (torch.rand((2, 6), generator=twin) < rate).float()[OPERAND])  # the coin
+    draws = torch.stack([slm.coin_control_mask(EXCESS, 0.5, ROLE, mm.OPERANDS, g)[0] for _ in range(4000)])  # (4000, 2, 6)
+    assert torch.allclose(draws.mean(0)[OPERAND], rate[OPERAND], atol=0.03)  # sd of a rate: 0.008
+    assert (draws[:, ~OPERAND] == mask[~OPERAND]).all()  # the coin never moves a non-operand
+    assert draws.sum((1, 2)).mean().item() == pytest.approx(6, abs=0.05)  # SLM's budget, in expectation
+    via = slm.selection_mask('excess', 0.5, EXCESS + 1, torch.ones_like(EXCESS), None, twin, 'coin_control', ROLE)
+    assert via[~OPERAND].tolist() == [1, 1, 1, 0, 0] and via[ROLE == 3].tolist() == [1, 1] and via[ROLE == 1].sum() == 0
+
+
+def test_coin_control_keeps_slms_choice_of_non_operands_on_random_batches():
+    """Whatever the batch: the non-operands selected are the top (round(k B T) - operands SLM took) of them by
+    excess loss (ties to the earlier token), and each operand role's coin rate is SLM's rate for that role."""
+    g = torch.Generator().manual_seed(1)
+    for trial in range(20):
+        excess = torch.randint(-3, 4, (3, 9), generator=g).float()  # integers: many ties
+        roles = torch.randint(0, len(mm.ROLES), (3, 9), generator=g)
+        operand = torch.isin(roles, torch.tensor(mm.OPERANDS)).flatten()
+        k = [0.2, 0.5, 0.8][trial % 3]
+        mask, rate = slm.coin_control_mask(excess, k, roles, mm.OPERANDS, g)
+        slm_mask = slm.top_k_mask(excess, k)
+        rest = [j for j in sorted(range(27), key=lambda j: (-excess.flatten()[j].item(), j)) if not operand[j]]
+        want = torch.zeros(27)
+        want[rest[:round(k * 27) - int(slm_mask.flatten()[operand].sum())]] = 1
+        assert torch.equal(mask.flatten()[~operand], want[~operand])
+        for r in mm.OPERANDS:
+            if (roles == r).any():
+                assert (rate[roles == r] == slm_mask[roles == r].mean()).all()
+
+
+def test_objective_with_the_coin_control_counts_each_byte_role(mathmix, tmp_path):
+    """SelectiveLM with select=coin_control: its mask is SLM's off the operands (by the roles of the token each
+    y[b, t] predicts), and the curve's role stats are the hand counts of that mask and the excess loss."""
+    cfg = slm_cfg(mathmix, tmp_path, k=0.5, batch_size=2, select='coin_control')
+    model = random_gpt(0)
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randint(0, 256, (2, T), generator=g), torch.randint(0, 256, (2, T), generator=g)
+    ids = torch.tensor([3 * T, 0])
+    cache = np.random.default_rng(1).random(5 * T).astype(np.float16) * 3
+    roles = np.random.default_rng(3).integers(0, len(mm.ROLES), 5 * T).astype(np.uint8)
+    obj, step = objective_on(cfg, model, x, y, ids, cache, np.zeros(5 * T, dtype=np.uint8), roles)
+    with torch.no_grad():
+        excess = model(x, y) - torch.tensor([[float(cache[int(i) + t + 1]) for t in range(T)] for i in ids])
+    role = torch.tensor([[int(roles[int(i) + t + 1]) for t in range(T)] for i in ids])
+    operand = torch.isin(role, torch.tensor(mm.OPERANDS))
+    slm_mask = slm.top_k_mask(excess, 0.5)
+    stats = obj.role_stats()
+    selected = {name: st['selected'] * st['tokens'] for name, st in stats.items()}
+    for r, name in enumerate(mm.ROLES):
+        mine = role == r
+        assert stats[name]['tokens'] == mine.sum().item()
+        assert stats[name]['excess'] == pytest.approx(excess[mine].mean().item(), rel=1e-5, abs=1e-6)
+        if r not in mm.OPERANDS:  # off the operands: SLM's own selection
+            assert selected[name] == pytest.approx(slm_mask[mine].sum().item())
+    taken = sum(selected[mm.ROLES[r]] for r in mm.OPERANDS)
+    assert 0 < taken < operand.sum().item() and step.logs['selected_frac'].item() == pytest.approx(
+        (taken + slm_mask[~operand].sum().item()) / (2 * T))
 
 
 # ----- the task generator ----------------------------------------------------------------------------
@@ -206,6 +280,25 @@ def test_held_out_pairs_never_occur_in_training_and_every_byte_has_its_kind(math
                             ('noise40', 'off_domain')}
     wrong = sum(k[6] == WRONG for _, k in lines_of(mathmix / 'noise40' / 'byte'))
     assert 0.15 < wrong / found['noise40', 'fact'] < 0.4  # 0.6 of 40% of the lines, of the 84% that are facts
+
+
+def test_each_bytes_role_is_its_place_in_a_fact_line_and_a_damaged_layout_is_refused(mathmix, tmp_path):
+    corpus = mathmix / 'noise40' / 'byte'
+    roles = mm.load_roles(corpus)
+    for i, (text, kinds) in enumerate(lines_of(corpus)):
+        want = list(range(mm.LINE)) if FACT.fullmatch(text) else [mm.NOISE_LINE] * mm.LINE
+        assert roles[i * mm.LINE:(i + 1) * mm.LINE].tolist() == want, text
+    assert [mm.ROLES[r] for r in mm.OPERANDS] == ['a', 'b', 'c', 'd']
+    damaged = tmp_path / 'c'
+    damaged.mkdir()
+    for name in ('meta.json', 'kinds.bin', 'train.bin'):
+        (damaged / name).write_bytes((corpus / name).read_bytes())
+    tokens = np.fromfile(damaged / 'train.bin', dtype=np.uint16)
+    fact = next(i for i, (text, _) in enumerate(lines_of(corpus)) if FACT.fullmatch(text))
+    tokens[fact * mm.LINE + 2] = ord('-')  # a fact line with '-' for '+': not the layout the roles come from
+    tokens.tofile(damaged / 'train.bin')
+    with pytest.raises(DataError, match='neither a fact `ab\\+cd=ef` nor a noise line labelled whole'):
+        mm.load_roles(damaged)
 
 
 # ----- the eval -------------------------------------------------------------------------------------
@@ -324,6 +417,18 @@ def test_study_plan_runs_the_oracle_first_then_whole_comparisons():
                     (0.0, 'clm', 2), (0.0, 'excess_k60', 2), (0.2, 'clm', 2), (0.2, 'excess_k60', 2)]
 
 
+def test_control_study_plans_the_oracle_gate_then_three_arms_over_ten_paired_seeds():
+    cfg = parse(study.ControlConfig, [])
+    assert (cfg.noise, cfg.k, cfg.seeds, cfg.noise_sweep, cfg.k_sweep, cfg.out_dir) == (0.4, 0.6, 10, (), (), 'out/slm_control')
+    arms = study.study_runs(cfg)
+    names = [(slm.arm_name(r.select_by, r.k, r.select), r.seed) for r in arms]
+    assert names[:4] == [('oracle', 1337), ('clm', 1337), ('excess_k60', 1337), ('slm_coin_control_k60', 1337)]
+    assert len(names) == 31 and [n for n, _ in names].count('oracle') == 1  # the gate's seed only
+    assert {r.noise for r in arms} == {0.4} and all(r.select == 'coin_control' for r in arms if 'coin' in r.run_dir)
+    assert Path(arms[3].run_dir).name == 'slm_coin_control_k60_s1337'
+    assert parse(study.ControlConfig, ['--quick=True']).arms == 'clm,excess,slm_coin_control'
+
+
 @pytest.mark.parametrize('failing', ['ref', 'oracle'])
 def test_a_failing_gate_stops_the_study_with_one_line(mathmix, tmp_path, capsys, failing):
     """Untrained-size runs: a gate at 1.0 cannot pass. The reference gate stops before any arm runs; the
@@ -374,6 +479,64 @@ def test_report_tokens_to_reach_clm_and_the_table(tmp_path):
 
 
 
+def test_clopper_pearson_and_fisher_equal_hand_computations():
+    lo, hi = report.clopper_pearson(0, 10)  # x = 0: upper solves (1 - p)^10 = 0.025
+    assert lo == 0 and hi == pytest.approx(1 - 0.025 ** 0.1, abs=1e-9)
+    assert report.clopper_pearson(10, 10) == (pytest.approx(0.025 ** 0.1, abs=1e-9), 1.0)
+    lo, hi = report.clopper_pearson(1, 2)  # 1 - (1 - p)^2 = 0.025 and 1 - p^2 = 0.025
+    assert (lo, hi) == (pytest.approx(1 - 0.975 ** 0.5, abs=1e-9), pytest.approx(0.975 ** 0.5, abs=1e-9))
+    assert report.clopper_pearson(3, 17) == (pytest.approx(0.03799, abs=1e-5), pytest.approx(0.43432, abs=1e-5))  # R's binom.test
+    # 3 of 17 failed against 0 of 11: the 3 failures all among the 17, C(17, 3) / C(28, 3) = 680 / 3276
+    assert report.fisher_one_sided(3, 17, 0, 11) == pytest.approx(680 / 3276) == pytest.approx(0.2076, abs=1e-4)
+    assert report.fisher_one_sided(5, 5, 0, 5) == pytest.approx(1 / 252)      # C(10, 5) tables, one this extreme
+    assert report.fisher_one_sided(2, 3, 1, 3) == pytest.approx((3 * 3 + 1) / 20)  # P(X >= 2), X ~ H(6, 3, 3)
+    assert report.fisher_one_sided(0, 4, 2, 4) == 1.0
+
+
+def test_control_report_counts_failures_tokens_and_byte_roles(tmp_path):
+    """A hand-made control study at noise 0.4: SLM fails on 2 of 3 seeds, CLM and the control on none.
+    trap_accuracy = accuracy makes non-trap exact match equal to it: (0.2 at 100k, 0.6 at 200k) reaches 0.5
+    at 175k. Roles (counted since the run began: the last point's are the run's): 'a' 400 tokens, 80 selected,
+    'b' 100 and 60; the operands pooled: 140 of 500 (0.28), excess (400 x -0.05 + 100 x 0.15) / 500 = -0.01,
+    of the selected (80 x 0.2625 + 60 x 0.25) / 140 = 36 / 140."""
+    roles = [{'a': {'tokens': 100, 'selected': 0.5, 'excess': 0.1, 'excess_selected': 0.3}},
+             {'a': {'tokens': 400, 'selected': 0.2, 'excess': -0.05, 'excess_selected': 0.2625},
+              'b': {'tokens': 100, 'selected': 0.6, 'excess': 0.15, 'excess_selected': 0.25},
+              'noise_line': {'tokens': 50, 'selected': 0.0, 'excess': 1.0, 'excess_selected': None}}]
+
+    def write(arm, seed, points, with_roles=True):
+        folder = tmp_path / 'noise40' / f'{arm}_s{seed}'
+        folder.mkdir(parents=True)
+        curve = [{'tokens': 1000 * t, 'accuracy': a, 'trap_accuracy': a, 'val_loss_clean': 1.0, 'selection': {},
+                  **({'roles': r} if with_roles else {})} for (t, a), r in zip(points, roles)]
+        (folder / 'curve.jsonl').write_text(''.join(json.dumps(p) + '\n' for p in curve))
+        (folder / 'eval.json').write_text(json.dumps({'noise': 0.4, 'arm': arm, 'seed': seed, **curve[-1]}))
+    learns, fails = [(100, 0.2), (200, 0.6)], [(100, 0.05), (200, 0.1)]
+    for seed in (1, 2, 3):
+        write('clm', seed, [(100, 0.1), (200, 0.5)] if seed < 3 else learns, with_roles=False)  # recorded before roles
+        write('excess_k60', seed, learns if seed == 1 else fails)
+        write('slm_coin_control_k60', seed, learns)
+    groups = report.control_groups(tmp_path, 0.4, 0.6)
+    assert list(groups) == ['clm', 'excess', 'slm_coin_control'] and [report.failed(r) for r in groups['excess']] == \
+        [False, True, True]
+    assert report.tokens_to_nontrap(groups['excess'][0]) == pytest.approx(175e3)
+    assert report.tokens_to_nontrap(groups['clm'][0]) == pytest.approx(200e3)
+    n, sel, excess, excess_sel = report.role_totals(groups['excess'][0])['a']
+    assert (n, sel, excess, excess_sel) == (400, pytest.approx(0.2), pytest.approx(-0.05), pytest.approx(0.2625))
+    assert report.role_totals(groups['excess'][0])['operands'] == (500, pytest.approx(0.28), pytest.approx(-0.01),
+                                                                   pytest.approx(36 / 140))
+    assert report.role_totals(groups['clm'][0]) == {}
+    text = report.control_report(tmp_path, 0.4, 0.6)
+    assert '| excess | 3 | 2 | 0.667 | [0.094, 0.992] |' in text and '| slm_coin_control | 3 | 0 | 0.000 | [0.000, 0.708] |' in text
+    assert '| excess > slm_coin_control | 2/3 vs 0/3 | 0.2000 |' in text  # C(4, 1) / C(6, 3) = 4 / 20
+    assert '| excess | 1/3 | 175 |' in text and '| slm_coin_control | 3/3 | 175 ± 0 |' in text
+    assert '| slm_coin_control - clm | 3 | -17 ± 36 | 0.1835 |' in text  # -25, -25, 0: t = -2 on 2 df
+    assert '| a | 0.200 | 0.200 | -0.050 / 0.263 | -0.050 / 0.263 |' in text and 'sel clm' not in text
+    assert '| operands | 0.280 | 0.280 | -0.010 / 0.257 | -0.010 / 0.257 |' in text
+    assert '| noise_line | 0.000 | 0.000 | 1.000 / - | 1.000 / - |' in text
+    assert (tmp_path / 'control.md').read_text() == text + '\n'
+
+
 @pytest.mark.parametrize('content', ['{"trunc', '[1, 2]', '{"noise": 0.4}'])
 def test_a_damaged_eval_json_is_refused_in_one_line_before_any_training(mathmix, tmp_path, content):
     """Truncated, not an object, or missing keys: one line naming the file and the fix, exit 2, the file kept."""
@@ -416,6 +579,26 @@ def test_damaged_reference_eval_curve_and_problems_are_refused(mathmix, tmp_path
         report.load_runs(tmp_path)
 
 
+@pytest.mark.parametrize('damage', ['lone surrogate', 'not utf-8', 'ragged context', 'answer not a string'])
+def test_an_eval_jsonl_with_a_lone_surrogate_or_a_bad_byte_is_refused_in_one_line(mathmix, tmp_path, damage):
+    """What prepare.py writes is checked field by field: a \\ud800 escape (which .encode() of the prompt would
+    raise on, mid-eval), a byte that is not UTF-8, contexts of unequal length (the prompts are batched) or a
+    field of another type is a damaged file, one line naming the fix."""
+    lines = (mathmix / 'eval' / 'eval.jsonl').read_text().splitlines()
+    first = json.loads(lines[0])
+    if damage == 'lone surrogate':
+        first['question'] = '\ud800' + first['question'][1:]
+    elif damage == 'ragged context':
+        first['context'] = first['context'][mm.LINE:]
+    elif damage == 'answer not a string':
+        first['answer'] = int(first['answer'])
+    head = json.dumps(first).encode().replace(b'+', b'+\xff' if damage == 'not utf-8' else b'+', 1)
+    (tmp_path / 'eval.jsonl').write_bytes(head + b'\n' + '\n'.join(lines[1:]).encode() + b'\n')
+    with pytest.raises(DataError, match=r'eval.jsonl is damaged \(not lines of mathmix problems: .*\): delete it'):
+        fewshot.load_problems(tmp_path / 'eval.jsonl')
+    assert len(fewshot.load_problems(mathmix / 'eval' / 'eval.jsonl')) == len(lines)  # what prepare.py wrote loads
+
+
 def test_a_folder_for_ref_ckpt_or_a_file_for_mathmix_dir_is_refused(tmp_path):
     with pytest.raises(ConfigError, match='--ref_ckpt=.* is a folder: give the checkpoint file'):
         slm.SLMConfig(stage='train', ref_ckpt=str(tmp_path))
@@ -433,7 +616,9 @@ def test_a_folder_for_ref_ckpt_or_a_file_for_mathmix_dir_is_refused(tmp_path):
 
 def test_config_refuses_bad_values():
     run_bad = (dict(k=0.0), dict(k=1.5), dict(noise=1.0), dict(budget=0.0), dict(select_by='loss'), dict(ref_mode='lazy'),
-               dict(block_size=64), dict(model_type='t5'), dict(schedule='wsd', branch_budgets=(1, 2)), dict(stage='all'))
+               dict(block_size=64), dict(model_type='t5'), dict(schedule='wsd', branch_budgets=(1, 2)),
+               dict(select='sign'), dict(select='coin_control', select_by='random'), dict(select='coin_control', k=1.0),
+               dict(stage='all'))
     study_bad = (dict(k_sweep=(0.5, 0.0)), dict(noise_sweep=(-0.1,)), dict(arms='clm,foo'), dict(seeds=0),
                  dict(gate_ref=1.5), dict(stage='train'), dict(run_dir='x'), dict(overwrite=True))
     for cls, bads in ((slm.SLMConfig, run_bad), (study.StudyConfig, run_bad[:-1] + study_bad)):
@@ -545,3 +730,29 @@ def test_quick_pipeline_runs_end_to_end(tmp_path, capsys):
     cli(prepare, PrepareConfig, [f'--out_dir={tmp_path / "again"}', *prep])
     for rel in ('noise20/byte/train.bin', 'noise20/byte/kinds.bin', 'ref/byte/val.bin', 'eval/eval.jsonl'):
         assert (data / rel).read_bytes() == (tmp_path / 'again' / rel).read_bytes()
+
+
+def test_control_quick_study_runs_all_three_arms_end_to_end(tmp_path):
+    """`python -m studies.slm control --quick=True` as a process at test size: the reference, the oracle's gate
+    run, clm, SLM and the coin control on two paired seeds at noise 0.4, then control.md."""
+    data, out = tmp_path / 'mathmix', tmp_path / 'out'
+    cli(prepare, PrepareConfig, [f'--out_dir={data}', '--n_ref_docs=60', '--n_train_docs=60', '--noise_levels=(0.4,)'])
+    argv = ['--quick=True', f'--mathmix_dir={data}', f'--out_dir={out}', '--n_layer=1', '--n_embd=32', '--n_head=2',
+            f'--block_size={T}', '--batch_size=4', '--budget=1152', '--ref_budget=1152', '--eval_interval=4',
+            '--eval_batches=2', '--compile_loss=False', '--peak_flops=1e12']
+    r = run_script('-m', 'studies.slm', 'control', *argv, env={'OMP_NUM_THREADS': '1'}, timeout=200)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(p.parent.name for p in out.glob('noise40/*/eval.json')) == [
+        'clm_s1337', 'clm_s1338', 'excess_k60_s1337', 'excess_k60_s1338', 'oracle_s1337',
+        'slm_coin_control_k60_s1337', 'slm_coin_control_k60_s1338']
+    control = json.loads((out / 'noise40' / 'slm_coin_control_k60_s1338' / 'eval.json').read_text())
+    assert control['arm'] == 'slm_coin_control_k60' and control['run_config']['select'] == 'coin_control'
+    curve = [json.loads(line) for line in (out / 'noise40' / 'slm_coin_control_k60_s1338' / 'curve.jsonl').read_text().splitlines()]
+    assert [p['step'] for p in curve] == [4, 8] and sum(p['roles']['+']['tokens'] for p in curve) > 0
+    assert all(0 <= st['selected'] <= 1 for p in curve for st in p['roles'].values())
+    text = (out / 'control.md').read_text()
+    for arm in ('clm', 'excess', 'slm_coin_control'):
+        assert re.search(rf'\| {arm} \| 2 \| [0-2] \| ', text), text  # its failures, with an exact interval
+    assert '| excess > slm_coin_control |' in text and '| slm_coin_control - excess |' in text
+    assert re.search(r'\| operands \| (\d\.\d{3} \| ){3}', text), text  # the operands' selection rate in each arm
+    assert 'the coin control at noise 0.4' in r.stdout

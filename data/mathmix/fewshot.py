@@ -10,6 +10,7 @@ accuracy-vs-tokens curve), its study (studies/slm.py) on the reference model (a 
 which byte of a line a model has not learned (the study report's diagnosis).
 """
 import json
+import re
 
 import torch
 
@@ -18,20 +19,29 @@ from data.mathmix.prepare import LINE, LINE_BYTES
 from model import evaluating
 
 
-PROBLEM_KEYS = {'question', 'answer', 'trap', 'context'}  # what an eval.jsonl line needs
+PROBLEM = {'question': re.compile(r'\d\d\+\d\d='), 'answer': re.compile(r'\d\d'),  # what an eval.jsonl line holds
+           'context': re.compile(r'(\d\d\+\d\d=\d\d\n)*'), 'trap': bool}
 
 
 def load_problems(path):
+    """eval.jsonl's problems, each checked to be what prepare.py writes: a byte that is not UTF-8, a lone
+    surrogate (a \\ud800 escape), a field of another shape or contexts of unequal length (the prompts are
+    batched) make the file damaged, refused in one line."""
     if not path.exists():
         raise DataError(f'no eval problems at {path}: run `python data/mathmix/prepare.py`')
     try:
-        problems = [json.loads(line) for line in path.read_text().splitlines() if line]
-    except ValueError:
+        problems = [json.loads(line) for line in path.read_bytes().decode('utf-8').splitlines() if line]
+    except ValueError:  # UnicodeDecodeError included
         problems = []
-    if not problems or not all(isinstance(p, dict) and PROBLEM_KEYS <= p.keys() for p in problems):
-        raise DataError(f'{path} is damaged (not lines of {", ".join(sorted(PROBLEM_KEYS))}): delete it and run '
+    if not (problems and all(isinstance(p, dict) and all(well_formed(p.get(k), v) for k, v in PROBLEM.items())
+                             for p in problems) and len({len(p['context']) for p in problems}) == 1):
+        raise DataError(f"{path} is damaged (not lines of mathmix problems: {', '.join(PROBLEM)}): delete it and run "
                         '`python data/mathmix/prepare.py` (with --out_dir if you gave --mathmix_dir)')
     return problems
+
+
+def well_formed(value, form):
+    return isinstance(value, bool) if form is bool else isinstance(value, str) and form.fullmatch(value) is not None
 
 
 def prompt(problem, block_size):

@@ -19,7 +19,9 @@ every byte with its kind (kinds.bin, one uint8 per train.bin byte; 0 = clean):
                 wrong digit is labelled; the rest of its line is true.
   boilerplate   navigation and ad lines inside the worksheet (`Page 3/9`, `Log in |`, ...)
   off_domain    unrelated English prose (the stdlib's pydoc topics) in 8-character lines
-The noise lines are 60% wrong facts, 20% boilerplate, 20% prose. It writes, deterministic from --seed:
+The noise lines are 60% wrong facts, 20% boilerplate, 20% prose. Each byte's role (ROLES: its place in a fact
+line, an operand a b c d, '+', '=', a sum digit, or a byte of a noise line) is not stored: load_roles derives
+it from kinds.bin and the line layout, and checks it against the bytes. It writes, deterministic from --seed:
   data/mathmix/ref/byte/          the clean reference corpus (its val split: clean target-domain val text)
   data/mathmix/noise<P>/byte/     a noisy training corpus per level P (percent of lines), with kinds.bin
   data/mathmix/eval/eval.jsonl    the held-out problems {a, b, question, answer, trap, context}
@@ -34,15 +36,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
 from configurator import cli, require  # noqa: E402
 from data.loader import DATA_ROOT, DataError, atomic_write_bytes, get_tokenizer, is_val, read_meta, write_corpus  # noqa: E402
+from runs import free_memory  # noqa: E402
 
 KINDS = ('clean', 'wrong_digit', 'boilerplate', 'off_domain')
 CLEAN, WRONG, BOILERPLATE, OFF_DOMAIN = range(len(KINDS))
 LINE = 9                  # bytes per line, newline included
 LINE_BYTES = ('a', 'b', '+', 'c', 'd', '=', 'units', 'tens', 'newline')  # `ab+cd=` then the sum, units first
+ROLES = LINE_BYTES + ('noise_line',)  # a byte's role (load_roles): its place in a fact line, or a byte of a noise line
+OPERANDS = tuple(LINE_BYTES.index(b) for b in 'abcd')  # the roles drawn at random: no model can predict them
+NOISE_LINE = ROLES.index('noise_line')
 N_OPERAND = 50            # operands 0..49
 HELDOUT_PERCENT = 10      # of the operand pairs, never in any training line
 TRAP_DIGIT = 7            # the bad source writes this units digit of a sum as TRAP_DIGIT + 1
@@ -65,6 +72,33 @@ class PrepareConfig:
         require(self.tokenizer == 'byte', "--tokenizer must be 'byte': kinds.bin labels bytes")
         require(min(self.n_ref_docs, self.n_train_docs, self.n_context) > 0, 'document and context counts must be positive')
         require(all(0 <= f < 1 for f in self.noise_levels), f'--noise_levels must be fractions in [0, 1), got {self.noise_levels}')
+        check_noise_levels('noise_levels', self.noise_levels)
+        check_fits('n_ref_docs', self.n_ref_docs, DOC_BYTES, 'a worksheet')  # one corpus is built at a time
+        check_fits('n_train_docs', self.n_train_docs, DOC_BYTES, 'a worksheet')
+        check_fits('n_context', self.n_context, CONTEXT_BYTES * len(EVAL_PAIRS),
+                   f'a context line: {CONTEXT_BYTES} for each of the {len(EVAL_PAIRS)} problems')
+
+
+# What a corpus build holds in memory (measured: ~6.5 KiB a 288-byte worksheet, the documents' text and their
+# int64 tokens before write_corpus packs them; ~27 bytes a context line of an eval problem, written as JSON).
+DOC_BYTES, CONTEXT_BYTES = 8192, 32
+
+
+def check_fits(name, count, bytes_each, each):
+    """Refuse, before generating anything, a count whose build would not fit in the free memory."""
+    fits = free_memory(torch.device('cpu')) // bytes_each
+    require(count <= fits, f'--{name}={count:,} needs about {count * bytes_each / 2**30:,.1f} GiB of memory ({bytes_each:,} '
+                           f'bytes {each}), more than is free: give at most {fits:,}')
+
+
+def check_noise_levels(name, levels):
+    """A noise level names its corpus folder in whole percents (corpus_name: 0.2 -> noise20): a level between two
+    would read or overwrite the corpus of another level, so each must be a whole percent, and be given once."""
+    for f in levels:
+        require(abs(100 * f - round(100 * f)) < 1e-6, f'--{name}: {f:g} is not a whole percent (its corpus folder would '
+                f'be {corpus_name(f)}, which holds noise {round(100 * f) / 100:g}): give {round(100 * f) / 100:g}')
+    names = [corpus_name(f) for f in levels]
+    require(len(set(names)) == len(names), f'--{name}={tuple(levels)} gives a level more than once: give each once')
 
 
 def corpus_name(noise):
@@ -89,6 +123,7 @@ def question(a, b):
 
 PAIRS = [(a, b) for a in range(N_OPERAND) for b in range(N_OPERAND)]
 TRAIN_PAIRS = [p for p in PAIRS if not held_out(*p)]
+EVAL_PAIRS = [p for p in PAIRS if held_out(*p)]  # the eval problems
 TRAP_PAIRS = [p for p in TRAIN_PAIRS if sum(p) % 10 == TRAP_DIGIT]  # the bad source's facts
 
 
@@ -156,7 +191,7 @@ def write_noisy_corpus(out_dir, docs, tokenizer, noise):
 def eval_problems(rng, n_context):
     """Every held-out pair once, each with n_context solved training lines to stand before it."""
     return [{'a': a, 'b': b, 'question': question(a, b), 'answer': answer(a, b), 'trap': (a + b) % 10 == TRAP_DIGIT,
-             'context': ''.join(clean_line(rng)[0] for _ in range(n_context))} for a, b in PAIRS if held_out(a, b)]
+             'context': ''.join(clean_line(rng)[0] for _ in range(n_context))} for a, b in EVAL_PAIRS]
 
 
 def prepare(cfg, missing_only=False):
@@ -201,13 +236,35 @@ def ensure_prepared(out_dir, noise_levels):
     prepare(PrepareConfig(noise_levels=tuple(noise_levels)), missing_only=True)
 
 
+REPREPARE = 'run `python data/mathmix/prepare.py` (with --out_dir if you gave --mathmix_dir)'
+
+
 def load_kinds(corpus):
     """A noisy corpus folder's kinds.bin (a memmap), checked against its train.bin's length."""
     kinds = np.memmap(corpus / 'kinds.bin', dtype=np.uint8, mode='r') if (corpus / 'kinds.bin').exists() else []
     if len(kinds) != read_meta(corpus)['counts']['train']['tokens']:
-        raise DataError(f'{corpus}/kinds.bin is missing or does not match train.bin: '
-                        f'run `python data/mathmix/prepare.py` (with --out_dir if you gave --mathmix_dir)')
+        raise DataError(f'{corpus}/kinds.bin is missing or does not match train.bin: {REPREPARE}')
     return kinds
+
+
+def load_roles(corpus):
+    """Each train.bin byte's role (uint8, an index of ROLES), derived, not stored: every corpus is whole 9-byte
+    lines from its first byte (no separator between documents), and kinds.bin labels a noise line whole
+    (boilerplate, off-domain), so a line that is not noise is a fact `ab+cd=ef` (the bad source's included: only
+    its units digit is labelled wrong) and its bytes' roles are LINE_BYTES. Checked against the bytes: a corpus
+    whose fact lines are not of that layout, or whose noise lines are not labelled whole, is DataError."""
+    kinds, tokens = np.asarray(load_kinds(corpus)), np.fromfile(corpus / 'train.bin', dtype=np.uint16)
+    if len(tokens) % LINE or len(tokens) != len(kinds):
+        raise DataError(f'{corpus}: train.bin is not whole {LINE}-byte mathmix lines: {REPREPARE}')
+    lines, kinds = tokens.reshape(-1, LINE), kinds.reshape(-1, LINE)                        # (n_lines, LINE)
+    noise = np.isin(kinds[:, 0], (BOILERPLATE, OFF_DOMAIN))                                 # (n_lines,)
+    digit = (lines >= ord('0')) & (lines <= ord('9'))
+    fact = digit[:, [0, 1, 3, 4, 6, 7]].all(1) & (lines[:, 2] == ord('+')) & (lines[:, 5] == ord('=')) & \
+        (lines[:, 8] == ord('\n'))
+    if not (fact[~noise].all() and (kinds[noise] == kinds[noise, :1]).all()):
+        raise DataError(f'{corpus}: a line of train.bin is neither a fact `ab+cd=ef` nor a noise line labelled whole '
+                        f'in kinds.bin: {REPREPARE}')
+    return np.where(noise[:, None], NOISE_LINE, np.arange(LINE)).astype(np.uint8).ravel()
 
 
 if __name__ == '__main__':
