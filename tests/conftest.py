@@ -11,8 +11,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 # One thread, here and in the scripts the tests start: on a busy small machine, OpenMP threads spin-wait
-# for a descheduled sibling and a tiny model's ops slow down a hundredfold. Results do not depend on it.
-os.environ.setdefault('OMP_NUM_THREADS', '1')
+# for a descheduled sibling and a tiny model's ops slow down a hundredfold. Set, not defaulted: tests compare
+# a script's weights with this process's bit for bit, and another thread count sums in another order.
+os.environ['OMP_NUM_THREADS'] = '1'
 torch.set_num_threads(1)
 
 import train  # noqa: E402  (after the sys.path insert)
