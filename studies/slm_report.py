@@ -26,7 +26,7 @@ from pathlib import Path
 from data.loader import NUMBER, DataError, read_result
 from data.mathmix.prepare import EVAL_PAIRS, KINDS, LINE_BYTES, OPERANDS, ROLES, TRAP_DIGIT
 from slm import POINT_KEYS, arm_name, read_curve
-from studies.stats import crossing, holm, paired_test, t_interval
+from studies.stats import clopper_pearson, crossing, fisher_one_sided, holm, paired_test, t_interval
 
 ORDER = ('oracle', 'clm', 'excess', 'slm_coin_control', 'reference', 'train', 'random')  # then by k
 SCORE_KEYS = {**POINT_KEYS, 'trap_accuracy': NUMBER, 'val_loss_clean': NUMBER}
@@ -175,35 +175,6 @@ NONTRAP_TARGET = 0.5  # the tokens to reach this exact match on the non-trap pro
 N_TRAP = sum((a + b) % 10 == TRAP_DIGIT for a, b in EVAL_PAIRS)  # eval.jsonl holds exactly EVAL_PAIRS
 ONE_SIDED = (('excess', 'slm_coin_control'), ('excess', 'clm'))  # does the first fail more often than the second?
 PAIRED = (('excess', 'clm'), ('slm_coin_control', 'clm'), ('slm_coin_control', 'excess'))  # first minus second
-
-
-def binomial_tail(x, n, p, upper):
-    """P(X >= x) (upper) or P(X <= x) for X ~ Binomial(n, p), summed from the pmf."""
-    ks = range(x, n + 1) if upper else range(0, x + 1)
-    return sum(math.comb(n, i) * p ** i * (1 - p) ** (n - i) for i in ks)
-
-
-def clopper_pearson(x, n, level=0.95):
-    """The exact interval of a proportion x/n: lower solves P(X >= x | p) = a/2, upper P(X <= x | p) = a/2
-    (a = 1 - level; 0 when x = 0, 1 when x = n), by bisection: each tail is monotone in p."""
-    a = 1 - level
-
-    def solve(upper):  # P(X >= x) rises with p, P(X <= x) falls
-        lo, hi = 0.0, 1.0
-        for _ in range(100):
-            mid = (lo + hi) / 2
-            tail = binomial_tail(x, n, mid, upper)
-            lo, hi = (mid, hi) if (tail < a / 2) == upper else (lo, mid)
-        return (lo + hi) / 2
-    return (0.0 if x == 0 else solve(True)), (1.0 if x == n else solve(False))
-
-
-def fisher_one_sided(x1, n1, x2, n2):
-    """Fisher's exact test that group 1's rate is higher: P(X >= x1), X the group-1 count of a 2x2 table with
-    these margins (hypergeometric: x1 + x2 events among n1 + n2 runs, n1 of them drawn)."""
-    events, total = x1 + x2, n1 + n2
-    return sum(math.comb(events, i) * math.comb(total - events, n1 - i)
-               for i in range(x1, min(n1, events) + 1)) / math.comb(total, n1)
 
 
 def nontrap_accuracy(point):

@@ -121,3 +121,35 @@ def untrained(runs):
     """Runs of one cell that all took no step (RHO-LOSS with its IL charged, when that cost exceeds the budget)."""
     done = [r for r in runs if r['complete']]
     return bool(done) and all(r.get('steps') == 0 for r in done)
+
+
+# -----------------------------------------------------------------------------
+# counts: exact intervals and tests of failure rates
+
+def binomial_tail(x, n, p, upper):
+    """P(X >= x) (upper) or P(X <= x) for X ~ Binomial(n, p), summed from the pmf."""
+    ks = range(x, n + 1) if upper else range(0, x + 1)
+    return sum(math.comb(n, i) * p ** i * (1 - p) ** (n - i) for i in ks)
+
+
+def clopper_pearson(x, n, level=0.95):
+    """The exact interval of a proportion x/n: lower solves P(X >= x | p) = a/2, upper P(X <= x | p) = a/2
+    (a = 1 - level; 0 when x = 0, 1 when x = n), by bisection: each tail is monotone in p."""
+    a = 1 - level
+
+    def solve(upper):  # P(X >= x) rises with p, P(X <= x) falls
+        lo, hi = 0.0, 1.0
+        for _ in range(100):
+            mid = (lo + hi) / 2
+            tail = binomial_tail(x, n, mid, upper)
+            lo, hi = (mid, hi) if (tail < a / 2) == upper else (lo, mid)
+        return (lo + hi) / 2
+    return (0.0 if x == 0 else solve(True)), (1.0 if x == n else solve(False))
+
+
+def fisher_one_sided(x1, n1, x2, n2):
+    """Fisher's exact test that group 1's rate is higher: P(X >= x1), X the group-1 count of a 2x2 table with
+    these margins (hypergeometric: x1 + x2 events among n1 + n2 runs, n1 of them drawn)."""
+    events, total = x1 + x2, n1 + n2
+    return sum(math.comb(events, i) * math.comb(total - events, n1 - i)
+               for i in range(x1, min(n1, events) + 1)) / math.comb(total, n1)

@@ -24,7 +24,7 @@ from data.loader import DataError, get_examples, num_examples
 from data.mathmix import fewshot, prepare as mm
 from data.mathmix.prepare import BOILERPLATE, CLEAN, OFF_DOMAIN, WRONG, PrepareConfig, prepare
 from model import GPT, GPTConfig
-from studies import slm as study, slm_report as report
+from studies import slm as study, slm_report as report, stats
 
 T = 36  # 4 mathmix lines
 
@@ -480,17 +480,17 @@ def test_report_tokens_to_reach_clm_and_the_table(tmp_path):
 
 
 def test_clopper_pearson_and_fisher_equal_hand_computations():
-    lo, hi = report.clopper_pearson(0, 10)  # x = 0: upper solves (1 - p)^10 = 0.025
+    lo, hi = stats.clopper_pearson(0, 10)  # x = 0: upper solves (1 - p)^10 = 0.025
     assert lo == 0 and hi == pytest.approx(1 - 0.025 ** 0.1, abs=1e-9)
-    assert report.clopper_pearson(10, 10) == (pytest.approx(0.025 ** 0.1, abs=1e-9), 1.0)
-    lo, hi = report.clopper_pearson(1, 2)  # 1 - (1 - p)^2 = 0.025 and 1 - p^2 = 0.025
+    assert stats.clopper_pearson(10, 10) == (pytest.approx(0.025 ** 0.1, abs=1e-9), 1.0)
+    lo, hi = stats.clopper_pearson(1, 2)  # 1 - (1 - p)^2 = 0.025 and 1 - p^2 = 0.025
     assert (lo, hi) == (pytest.approx(1 - 0.975 ** 0.5, abs=1e-9), pytest.approx(0.975 ** 0.5, abs=1e-9))
-    assert report.clopper_pearson(3, 17) == (pytest.approx(0.03799, abs=1e-5), pytest.approx(0.43432, abs=1e-5))  # R's binom.test
+    assert stats.clopper_pearson(3, 17) == (pytest.approx(0.03799, abs=1e-5), pytest.approx(0.43432, abs=1e-5))  # R's binom.test
     # 3 of 17 failed against 0 of 11: the 3 failures all among the 17, C(17, 3) / C(28, 3) = 680 / 3276
-    assert report.fisher_one_sided(3, 17, 0, 11) == pytest.approx(680 / 3276) == pytest.approx(0.2076, abs=1e-4)
-    assert report.fisher_one_sided(5, 5, 0, 5) == pytest.approx(1 / 252)      # C(10, 5) tables, one this extreme
-    assert report.fisher_one_sided(2, 3, 1, 3) == pytest.approx((3 * 3 + 1) / 20)  # P(X >= 2), X ~ H(6, 3, 3)
-    assert report.fisher_one_sided(0, 4, 2, 4) == 1.0
+    assert stats.fisher_one_sided(3, 17, 0, 11) == pytest.approx(680 / 3276) == pytest.approx(0.2076, abs=1e-4)
+    assert stats.fisher_one_sided(5, 5, 0, 5) == pytest.approx(1 / 252)      # C(10, 5) tables, one this extreme
+    assert stats.fisher_one_sided(2, 3, 1, 3) == pytest.approx((3 * 3 + 1) / 20)  # P(X >= 2), X ~ H(6, 3, 3)
+    assert stats.fisher_one_sided(0, 4, 2, 4) == 1.0
 
 
 def test_control_report_counts_failures_tokens_and_byte_roles(tmp_path):
