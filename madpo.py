@@ -183,7 +183,7 @@ class PreferenceObjective(PairObjective):
         ref = runs.load_model(self.ref_ckpt, self.device, self.cfg.compile_loss)
         seq = torch.cat([self.train_set[0], self.val_set[0]])
         lens = torch.cat([self.train_set[1], self.val_set[1]])
-        report, parts = progress('reference log-probs', len(seq), 'pairs'), []
+        report, parts = runs.progress('reference log-probs', len(seq), 'pairs'), []
         for i in range(0, len(seq), 256):  # (n, 2): chosen, rejected
             parts.append(torch.stack([batched_logps(ref, seq[i:i + 256, k], self.cfg.prompt_len, lens[i:i + 256, k])
                                       for k in (0, 1)], 1).cpu())
@@ -404,23 +404,6 @@ def train_config(cfg, stage):
 # -----------------------------------------------------------------------------
 # the stages; each ends with config.json (this command's keys) and done.json (its results) in its folder
 
-PROGRESS_EVERY = 30.0  # seconds between the progress lines of a stage's passes outside the loop (which logs its own)
-
-
-def progress(what, total, unit):
-    """A callback done -> `what: done/total unit (share) | rate | eta`, printed at most every PROGRESS_EVERY
-    seconds and when done reaches total: a pass over many pairs is never silent for a minute."""
-    t0, last = time.time(), [time.time()]
-
-    def report(done):
-        now = time.time()
-        if now - last[0] >= PROGRESS_EVERY or done >= total:
-            last[0], rate = now, done / max(now - t0, 1e-9)
-            print(f'{what}: {done:,}/{total:,} {unit} ({done / total:.0%}) | {rate:,.0f} {unit}/s | '
-                  f'eta {train.format_seconds((total - done) / max(rate, 1e-9))}', flush=True)
-    return report
-
-
 def train_stage(cfg, stage, objective=None):
     result = train.train(train_config(cfg, stage), objective)
     return {'val_loss': result['val_loss'], 'interrupted': result['interrupted'], **getattr(objective, 'val_metrics', {})}
@@ -430,7 +413,7 @@ def stage_pairs(cfg, device):
     for name in ('done.json', 'config.json'):  # a rebuild cut short must not pass for the old pairs
         (folder(cfg, 'pairs') / name).unlink(missing_ok=True)
     sft = runs.load_model(folder(cfg, 'sft') / 'ckpt.pt', device, cfg.compile_loss)
-    return build_pairs(cfg, sft, device, folder(cfg, 'pairs'), progress)
+    return build_pairs(cfg, sft, device, folder(cfg, 'pairs'), runs.progress)
 
 
 def stage_rm(cfg, device):

@@ -346,6 +346,7 @@ def score_resumably(model, tokens, train_k, rt, n_B, partial):
     T = model.config.block_size
     irreducible_loss, start, seconds = partial.load(num_examples(tokens, T))
     done, t0, last = start, time.time(), time.time()
+    report = runs.progress('IL precompute', len(train_k), 'examples', start, every=0)  # printed with each save below
     try:
         for i in range(start, len(train_k), n_B):
             k = train_k[i:i + n_B]
@@ -355,20 +356,13 @@ def score_resumably(model, tokens, train_k, rt, n_B, partial):
             done = i + len(k)
             if time.time() - last >= PROGRESS_EVERY:
                 partial.save(irreducible_loss, done, seconds + time.time() - t0)
-                print_progress(done - start, done, len(train_k), time.time() - t0)
+                report(done)
                 last = time.time()
     except KeyboardInterrupt:
         partial.save(irreducible_loss, done, seconds + time.time() - t0)
         print(f'IL precompute interrupted after {done:,} of {len(train_k):,} examples: the same command continues it')
         raise
     return irreducible_loss, seconds + time.time() - t0
-
-
-def print_progress(new, done, total, seconds):
-    """new: examples scored by this process in `seconds` (the rate); done of total: every one so far."""
-    rate = new / max(seconds, 1e-9)
-    print(f'IL precompute: {done:,}/{total:,} examples ({done / total:.0%}) | {rate:,.0f} examples/s | '
-          f'eta {train.format_seconds((total - done) / max(rate, 1e-9))}', flush=True)
 
 
 class PartialCache:

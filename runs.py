@@ -22,6 +22,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 import uuid
 import warnings
 from dataclasses import dataclass
@@ -289,6 +290,28 @@ def prepare_out_dir(cfg, out_dir, master):
     if master:
         require_writable(out_dir / 'ckpt.pt')
         out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def format_seconds(s):
+    return '?' if s is None else f'{int(s // 60)}m{int(s % 60):02d}s'
+
+
+PROGRESS_EVERY = 30.0  # seconds between the progress lines of a pass outside the loop (which logs its own)
+
+
+def progress(what, total, unit, start=0, every=None):
+    """A callback done -> `what: done/total unit (share) | rate | eta`, printed at most every `every` seconds
+    and when done reaches total, so a long pass (a precompute, a sampling) is never silent for a minute.
+    start: units done before this process began (a resumed pass), left out of the rate. every: None = PROGRESS_EVERY."""
+    t0, last, every = time.time(), [time.time()], PROGRESS_EVERY if every is None else every
+
+    def report(done):
+        now = time.time()
+        if now - last[0] >= every or done >= total:
+            last[0], rate = now, (done - start) / max(now - t0, 1e-9)
+            print(f'{what}: {done:,}/{total:,} {unit} ({done / total:.0%}) | {rate:,.0f} {unit}/s | '
+                  f'eta {format_seconds((total - done) / max(rate, 1e-9))}', flush=True)
+    return report
 
 
 def start_wandb(cfg, saved):

@@ -40,7 +40,7 @@ from data.loader import (MAX_SEED, Batches, Corpus, DataError, atomic_write_byte
                          get_tokenizer, prepare_command, val_ids)
 from data.spans import SpanVocab, raw_length_for, span_corrupt, t5_lengths
 from model import MODELS, PRESETS, evaluate, sample_text
-from runs import (build_model, check_resume_config, check_resume_method, load_checkpoint, locked_out_dir, method_name,
+from runs import (build_model, check_resume_config, check_resume_method, format_seconds, load_checkpoint, locked_out_dir, method_name,
                   model_from_checkpoint, prepare_out_dir, records_config, refused_if_damaged, run_finished, run_info,
                   save_checkpoint, setup_device, start_wandb, trim_log)
 
@@ -481,10 +481,6 @@ class DataSource:
 
 # -----------------------------------------------------------------------------
 # the loop
-
-def format_seconds(s):
-    return '?' if s is None else f'{int(s // 60)}m{int(s % 60):02d}s'
-
 
 class Trainer:
     """Holds one run's pieces; `run()` is the loop. Methods reach it only through the objective's hooks

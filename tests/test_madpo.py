@@ -22,6 +22,7 @@ sys.path.insert(0, str(ROOT))
 import madpo  # noqa: E402
 import reward_model  # noqa: E402
 import runs  # noqa: E402
+import runs  # noqa: E402
 from configurator import ConfigError, UserError, parse  # noqa: E402
 from data.reviews import pairs as task  # noqa: E402
 from data.loader import file_sha256  # noqa: E402
@@ -483,7 +484,7 @@ def test_long_passes_say_how_far_they_got(tmp_path, monkeypatch, capsys):
     """The reference log-prob precompute prints pairs done / total with a rate and an eta (at most every
     PROGRESS_EVERY seconds, and at the end); the pairs stage's sampling reports the prompts done after each
     batch; madpo.py names the stage it runs as i/n of the pipeline."""
-    monkeypatch.setattr(madpo, 'PROGRESS_EVERY', 0.0)
+    monkeypatch.setattr(runs, 'PROGRESS_EVERY', 0.0)
     write_pairs(tmp_path / 'high.pt', n=300, P=4, M=6, n_val=20)
     save_ckpt(tiny_gpt(seed=7, block_size=10), tmp_path / 'sft.pt')
     cfg = madpo.MadpoConfig(loss='dpo', prompt_len=4, max_new=6, block_size=10, pair_batch=4)
