@@ -16,6 +16,7 @@ The losses, per pair (x, y_w, y_l), with h = (log pi(y_w|x) - log ref(y_w|x)) - 
               mean margin M0; M = the kept pairs' mean h
     MADPO     w(m) * -log sigmoid(beta h), w detached; w(m) = sigmoid(c(|m|) m) / sigmoid(m) for m > -tau, else 1,
               c(a) = c_min + (c_max - c_min) / (1 + K exp(lam (a - tau))), K = (c_max - 1)/(1 - c_min), c_min = 1/c_max
+              tau: the paper's ln 999, or with --tau_quantile=q the q-quantile of the pairs' |m| (margin_tau)
 
 The task (the paper's, offline; data/reviews/): continue a review opening positively, ground truth r = 3 *
 VADER compound(prompt + continuation) in [-3, 3], Bradley-Terry labels, pair tiers high / medium / low. One
@@ -124,6 +125,22 @@ def madpo_loss(h, w, beta):
     return (w.detach() * dpo_loss(h, beta)).mean()
 
 
+def margin_tau(m, tau, quantile):
+    """MADPO's tau: the given margin magnitude, or with quantile > 0 that quantile of the pairs' |m|. The paper's
+    ln 999 assumes margins that reach it; where they do not (|m| <= 6 here), c(|m|) > 1 for every pair and no
+    easy pair is damped, so tau at the median |m| makes both branches act: w < 1 above it, w > 1 below."""
+    return torch.quantile(m.abs().double().cpu(), quantile).item() if quantile > 0 else tau
+
+
+def weight_summary(w, tau):
+    """What MADPO's weights did to the pairs: tau, quantiles, mean, the fractions damped (w < 1) and amplified
+    (w > 1), and a histogram of w over [0, 2) (w < 2 always: sigmoid(cm) <= 1, sigmoid(m) >= 1/2 for m >= 0)."""
+    q = torch.quantile(w, torch.tensor([0, 0.1, 0.5, 0.9, 1.0], dtype=w.dtype)).tolist()
+    return {'tau': tau, 'quantiles_0_10_50_90_100': q, 'mean': w.mean().item(),
+            'frac_damped': (w < 1).float().mean().item(), 'frac_amplified': (w > 1).float().mean().item(),
+            'histogram_0_to_2_by_0.2': torch.histc(w, 10, 0, 2).int().tolist()}
+
+
 def oracle_margins(r, noise=0.0, seed=0):
     """MADPO's m from the true rewards r (n, 2) = [chosen, rejected]: r_w - r_l, plus noise * N(0, 1) per
     pair drawn from a generator seeded by seed (the same noise for every run of that seed)."""
@@ -154,13 +171,13 @@ class PreferenceObjective(PairObjective):
         if self.scorer:
             self.curve = [{'step': 0, **self.scorer.reference_point()}]  # a resume restores the later points
         if self.cfg.loss == 'madpo':
-            self.weights = madpo_weight(self.pair_margins(), self.cfg.c_max, self.cfg.lam, self.cfg.tau)
-            q = torch.quantile(self.weights.cpu(), torch.tensor([0, 0.1, 0.5, 0.9, 1.0])).tolist()
-            summary = {'quantiles_0_10_50_90_100': q, 'mean': self.weights.mean().item(),
-                       'frac_amplified': (self.weights > 1).float().mean().item(),
-                       'histogram_0_to_2_by_0.2': torch.histc(self.weights.cpu(), 10, 0, 2).int().tolist()}
-            (ctx.out_dir / 'madpo_weights.json').write_text(json.dumps(summary, indent=1))
-            ctx.rt.print(f'MADPO weights: quantiles {", ".join(f"{v:.3f}" for v in q)}, mean {summary["mean"]:.3f}')
+            m = self.pair_margins()
+            self.tau = margin_tau(m, self.cfg.tau, self.cfg.tau_quantile)
+            self.weights = madpo_weight(m, self.cfg.c_max, self.cfg.lam, self.tau)
+            summary = weight_summary(self.weights.cpu(), self.tau)
+            atomic_write_bytes(ctx.out_dir / 'madpo_weights.json', json.dumps(summary, indent=1).encode())
+            ctx.rt.print(f"MADPO weights (tau {self.tau:.3f}): damped {summary['frac_damped']:.3f}, amplified "
+                         f"{summary['frac_amplified']:.3f} of the pairs, mean {summary['mean']:.3f}")
 
     def pair_margins(self):
         """m per training pair (--margins): the trained reward model's, or the oracle's (noisy: plus noise)."""
@@ -310,6 +327,7 @@ class MadpoConfig:
     c_max: float = key(4.0, '>1')    # po, madpo: c_min = 1/c_max
     lam: float = key(1.0, '>0')      # po, madpo
     tau: float = key(math.log(999), '>0')  # po, madpo: c(tau) = 1, w = 1 for m <= -tau: a margin magnitude
+    tau_quantile: float = key(0.0, '[0, 1)')  # po, madpo: > 0 sets tau to this quantile of the pairs' |m| (--tau unused)
 
     def __post_init__(self):
         check_ranges(self)
@@ -359,7 +377,8 @@ READS = {
                       'rm_freeze'),
     'po': TRAINING + ('scorer', 'prompt_len', 'max_new', 'temperature', 'n_eval', 'tier', 'pair_batch', 'po_pairs',
                       'po_val_pairs', 'po_iters', 'po_lr', 'po_points', 'loss', 'beta', 'label_smoothing', 'ipo_average',
-                      'bdpo_alpha', 'bdpo_keep', 'bdpo_momentum', 'margins', 'margin_noise', 'c_max', 'lam', 'tau')}
+                      'bdpo_alpha', 'bdpo_keep', 'bdpo_momentum', 'margins', 'margin_noise', 'c_max', 'lam', 'tau',
+                      'tau_quantile')}
 
 
 def inputs(cfg, stage):
@@ -375,9 +394,11 @@ def stage_keys(cfg, stage):
 
 
 def method_name(cfg):
-    """The arm a po config runs (madpo names c_max, and its margins unless the RM's): its folder's name."""
+    """The arm a po config runs (madpo names c_max, its margins unless the RM's, and tau's quantile if set): its
+    folder's name."""
     if cfg.loss == 'madpo':
-        return f'madpo{cfg.c_max:g}' + ('' if cfg.margins == 'rm' else f'_{cfg.margins}')
+        return (f'madpo{cfg.c_max:g}' + ('' if cfg.margins == 'rm' else f'_{cfg.margins}')
+                + (f'_tq{cfg.tau_quantile:g}' if cfg.tau_quantile else ''))
     return 'ipo_avg' if cfg.loss == 'ipo' and cfg.ipo_average else cfg.loss
 
 

@@ -16,6 +16,7 @@ resumes, any other runs again. Rerun the same command to continue an interrupted
     python -m studies.madpo --jobs=2                # 3 seeds x 3 tiers x 9 arms x 3 betas: 243 po runs
     python -m studies.madpo --quick=True            # a few-minute smoke run (one seed, beta 0.1)
     python -m studies.madpo --stage=compare         # tables and figures from whatever has finished
+    python -m studies.madpo precision --jobs=2      # issue 36's design: high tier, 5 arms x 5 betas x 6 seeds, 640 prompts
 
 Cost: the sft and pairs stages run once per seed, rm once per seed and tier, po once per seed, tier, arm
 and beta (each extra beta adds 27 po runs per seed); po run time grows with --po_iters, --po_points and
@@ -23,6 +24,7 @@ and beta (each extra beta adds 27 po runs per seed); po run time grows with --po
 KL, at the smallest DPO and cDPO overshoot the last by far.
 """
 import dataclasses
+import sys
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -43,9 +45,10 @@ ARMS = {  # the study's arms: name -> the po keys that make it (madpo.method_nam
     'dpo': dict(loss='dpo'), 'cdpo': dict(loss='cdpo'), 'ipo': dict(loss='ipo'), 'ipo_avg': dict(loss='ipo', ipo_average=True),
     'bdpo': dict(loss='bdpo'), 'madpo2': dict(loss='madpo', c_max=2.0), 'madpo4': dict(loss='madpo', c_max=4.0),
     'madpo4_oracle': dict(loss='madpo', c_max=4.0, margins='oracle'),
-    'madpo4_noisy': dict(loss='madpo', c_max=4.0, margins='noisy')}
+    'madpo4_noisy': dict(loss='madpo', c_max=4.0, margins='noisy'),
+    'madpo4_tq0.5': dict(loss='madpo', c_max=4.0, tau_quantile=0.5)}  # tau at the median |m|: both branches of w act
 SWEPT_KEYS = (('seeds', '(0, 1, 2)'), ('arms', "('dpo', 'madpo4')"), ('betas', '(0.1,)'), ('tiers', "('high',)"))  # and an example
-PER_RUN = ('seed', 'tier', 'beta', 'loss', 'c_max', 'margins', 'ipo_average', 'init_from', 'overwrite', 'threads')
+PER_RUN = ('seed', 'tier', 'beta', 'loss', 'c_max', 'margins', 'ipo_average', 'tau_quantile', 'init_from', 'overwrite', 'threads')
 RUN_BYTES = 2**29  # the memory of one running stage: a Python process with torch and a tiny model (~0.4 GiB measured)
 OUTPUTS = {'sft': ('ckpt.pt',), 'pairs': tuple(f'{t}.pt' for t in TIERS), 'rm': ('rm.pt',), 'po': ()}  # what later stages read
 
@@ -80,6 +83,22 @@ class MadpoStudyConfig(madpo.MadpoConfig):
                                    f'(~{RUN_BYTES / 2**30:.1f} GiB), more than the free memory holds: give at most {fits}')
 
 
+@dataclass(frozen=True)
+class PrecisionConfig(MadpoStudyConfig):
+    """`python -m studies.madpo precision` (issue 36): the arms that decide the paper's ordering, on the high tier,
+    with enough seeds, checkpoints and prompts to separate them; its own folder. Every arm gets the same betas,
+    which put every arm's checkpoints on both sides of 2 and 5 nats (IPO's KL falls with beta fastest: at 0.01 it
+    reached 2.9-4.7 nats in out/records/madpo-2026-11-30, hence 0.003)."""
+    QUICK: ClassVar[dict] = {**MadpoStudyConfig.QUICK, 'po_points': 2, 'n_eval': 100}
+    out_dir: str = key('out/madpo_precision', 'path')  # every stage: its own sft, pairs, reward models and po runs
+    seeds: tuple = key((0, 1, 2, 3, 4, 5), '>=0')  # 6 seeds: a ±0.1 half-width per arm at 640 prompts (issue 36)
+    arms: tuple = ('dpo', 'ipo', 'madpo4', 'madpo4_tq0.5', 'madpo4_oracle')  # MADPO at the paper's tau and at the median |m|
+    betas: tuple = key((0.003, 0.01, 0.03, 0.1, 0.3), '>0')  # every arm: both sides of 2 and 5 nats
+    tiers: tuple = ('high',)         # on-policy pairs, where the reward model's margins matter most
+    po_points: int = key(12, '>0')   # po: checkpoints along each run
+    n_eval: int = key(640, '>0')     # po: held-out prompts per checkpoint (a KL half-width half the 160's)
+
+
 @dataclass
 class StageRun(Run):
     """A madpo.py stage: its --out_dir is the study's folder, the run's own folder (madpo.folder) one below."""
@@ -109,7 +128,7 @@ def stage_run(cfg, stage, **per_run):
 
 
 def arm_keys(arm):
-    return {'ipo_average': False, 'margins': 'rm', **ARMS[arm]}
+    return {'ipo_average': False, 'margins': 'rm', 'tau_quantile': 0.0, **ARMS[arm]}
 
 
 def study_plan(cfg):
@@ -145,5 +164,11 @@ def main(cfg):
     return compare(cfg.out_dir, cfg.arms, cfg.matched_kls)
 
 
+DESIGNS = {'precision': PrecisionConfig}  # python -m studies.madpo <design> [--key=value ...]
+
+
 if __name__ == '__main__':
-    cli(main, MadpoStudyConfig)
+    if len(sys.argv) > 1 and sys.argv[1] in DESIGNS:
+        cli(main, DESIGNS[sys.argv[1]], sys.argv[2:], f'{sys.argv[1]} [config.py ...] [--key=value ...]')
+    else:
+        cli(main, MadpoStudyConfig)

@@ -30,6 +30,7 @@ from studies.stats import paired_test, t_interval
 
 DONE_FIX = 'delete it, or rerun that stage with --overwrite=True'
 DONE_KEYS = {'rm': {'ceiling': NUMBER, 'acc': NUMBER}, 'po': {'method': str, 'config': dict, 'curve': list}}  # what is read back
+WEIGHT_KEYS = {'mean': NUMBER, 'frac_amplified': NUMBER, 'histogram_0_to_2_by_0.2': list}  # madpo_weights.json
 
 
 def read_done(path, stage):
@@ -111,7 +112,8 @@ def matched_kl_table(curves, methods, kls):
 # the fitted frontier: a trend through the checkpoints near the matched KL
 
 NOT_REACHED, SKIPPED = 'not reached', 'skipped past'  # why a seed is not read at k: no checkpoint at KL >= k; none in [k, 2k]
-PAIRS = (('madpo4', 'dpo'), ('madpo4', 'ipo'), ('madpo4_oracle', 'madpo4'))  # the paired differences: (arm, baseline)
+PAIRS = (('madpo4', 'dpo'), ('madpo4', 'ipo'), ('madpo4_oracle', 'madpo4'),  # the paired differences: (arm, baseline)
+         ('madpo4_tq0.5', 'madpo4'), ('madpo4_tq0.5', 'dpo'), ('madpo4_tq0.5', 'ipo'))
 
 
 def fit_window(points, kl):
@@ -216,6 +218,30 @@ def fitted_tables(curves, methods, kls, n_eval):
     return lines
 
 
+def weight_table(root):
+    """Per MADPO arm and tier: what its weights did to the training pairs (madpo_weights.json, the same for every
+    beta of a seed: each seed counted once): tau, the fractions damped (w < 1) and amplified (w > 1), and the
+    histogram of w in bins of 0.2 over [0, 2), as fractions of the pairs; means over the seeds."""
+    per = {}
+    for path in sorted(Path(root).glob('seed*/po_madpo*/madpo_weights.json')):
+        arm, tier = path.parent.name[len('po_'):].split('_b')[0], path.parent.name.rsplit('_', 1)[1]
+        per.setdefault((arm, tier), {}).setdefault(path.parent.parent.name, read_result(path, WEIGHT_KEYS, DONE_FIX))
+    if not per:
+        return []
+    bins = [f'{0.2 * i:.1f}-{0.2 * (i + 1):.1f}' for i in range(10)]
+    lines = ['', 'MADPO\'s weights w(m) on the training pairs (means over the seeds, each seed once; a run from before '
+                 'tau and the damped fraction were recorded shows -): tau, the fraction of pairs damped (w < 1) and '
+                 'amplified (w > 1), and the histogram of w as fractions of the pairs',
+             '', '| arm | tier | seeds | tau | damped | amplified | ' + ' | '.join(bins) + ' |', '|---' * (6 + len(bins)) + '|']
+    for (arm, tier), seeds in sorted(per.items()):
+        runs = list(seeds.values())
+        mean = lambda k: f'{np.mean([r[k] for r in runs]):.3f}' if all(k in r for r in runs) else '-'
+        hist = np.mean([np.array(r['histogram_0_to_2_by_0.2']) / sum(r['histogram_0_to_2_by_0.2']) for r in runs], 0)
+        lines.append(f'| {arm} | {tier} | {len(runs)} | {mean("tau")} | {mean("frac_damped")} | {mean("frac_amplified")} | '
+                     + ' | '.join(f'{h:.2f}' for h in hist) + ' |')
+    return lines
+
+
 def ceiling_table(root):
     """Per tier, over the seeds' rm runs: the Bradley-Terry ceiling, the oracle's accuracy on the same
     held-out labels, and the trained reward model's accuracy against the labels, the true order and in
@@ -290,6 +316,7 @@ def report(root, arms, kls):
     methods = methods_of(curves, arms)
     n_eval = '/'.join(str(n) for n in sorted({p['n_eval'] for pts in curves.values() for p in pts}, key=str))
     lines = [f'po runs of seeds {sorted({s for _, _, s in curves})}; the SFT reference scores at KL 0'] + ceiling_table(root)
+    lines += weight_table(root)
     lines += fitted_tables(curves, methods, kls, n_eval)
     lines += matched_kl_table({key: [(p['kl'], p['reward']) for p in pts] for key, pts in curves.items()}, methods, kls)
     walls = {}

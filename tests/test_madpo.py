@@ -150,6 +150,38 @@ def test_madpo_c_of_tau_is_one_and_w_is_continuous(c_max):
     assert got == pytest.approx([madpo_weight_by_hand(x, c_max) for x in grid], rel=1e-9)
 
 
+def test_tau_at_the_median_margin_makes_both_branches_of_w_act():
+    """Margins bounded by 6 (the task's oracle): at the paper's tau = ln 999 no agreeing pair is damped; at tau =
+    the median |m| (2 here, torch.quantile's linear rule on 0.5 0.5 1 2 2 3 4 6) the easy pairs (m > tau) are
+    damped, the hard ones (0 < m < tau) amplified, m = tau kept, and -tau is where w returns to 1."""
+    m = torch.tensor([-2.0, -0.5, 0.5, 1.0, 2.0, 3.0, 4.0, 6.0], dtype=torch.float64)
+    paper = madpo.madpo_weight(m, 4.0)
+    assert (paper[m >= 0] >= 1).all()
+    tau = madpo.margin_tau(m, math.log(999), 0.5)
+    assert tau == pytest.approx(2.0)
+    assert madpo.margin_tau(m, 3.0, 0.0) == 3.0                              # no quantile: --tau as given
+    w = madpo.madpo_weight(m, 4.0, tau=tau)
+    assert w.tolist() == pytest.approx([madpo_weight_by_hand(x, 4.0, tau=2.0) for x in m.tolist()], rel=1e-9)
+    assert (w[5:] < 1).all() and (w[2:4] > 1).all() and w[4].item() == pytest.approx(1.0)
+    assert w[0].item() == 1.0 and w[1].item() < 1                           # -tau: back to 1; inside: damped
+    summary = madpo.weight_summary(w, tau)
+    assert (summary['tau'], summary['frac_damped'], summary['frac_amplified']) == (tau, 4 / 8, 2 / 8)
+    assert sum(summary['histogram_0_to_2_by_0.2']) == 8
+
+
+def test_the_po_stage_records_its_tau_and_weights(tmp_path):
+    """--tau_quantile sets tau from the margins the run uses (here the oracle's) and names the arm; the
+    weights file says what the weights did."""
+    obj = preference_objective(tmp_path, loss='madpo', margins='oracle', tau_quantile=0.5)
+    m = madpo.oracle_margins(obj.train_set[2])
+    assert obj.tau == pytest.approx(m.abs().double().median().item() if len(m) % 2 else
+                                    torch.quantile(m.abs().double(), 0.5).item())
+    assert torch.allclose(obj.weights, madpo.madpo_weight(m, 4.0, tau=obj.tau))
+    saved = json.loads((tmp_path / 'madpo_weights.json').read_text())
+    assert saved['tau'] == pytest.approx(obj.tau) and saved['frac_damped'] == pytest.approx((obj.weights < 1).float().mean().item())
+    assert madpo.method_name(obj.cfg) == 'madpo4_oracle_tq0.5'
+
+
 def test_madpo_defaults_and_detached_weights():
     assert madpo.madpo_c(torch.tensor(0.0)).item() == pytest.approx(0.25 + 3.75 / (1 + 4 / 999), rel=1e-6)  # 3.985
     w_peak = madpo.madpo_weight(torch.linspace(0, 3, 3001)).max().item()
@@ -762,3 +794,17 @@ def test_quick_end_to_end_dpo_beats_sft(tmp_path):
     again = subprocess.run([sys.executable, '-m', 'studies.madpo', *args], cwd=ROOT, env=env, capture_output=True, text=True,
                            timeout=120)
     assert again.returncode == 0 and again.stdout.count('done, skipped') == 5, again.stdout[-2000:]
+
+
+def test_the_precision_design_gives_every_arm_the_same_betas():
+    """python -m studies.madpo precision: the high tier's reward model per seed, and every arm at every beta
+    and seed, with the paper's tau and the median-margin tau as two arms, in its own folder."""
+    cfg = study.PrecisionConfig()
+    plan = dict(study.study_plan(cfg))
+    assert [r.args['tier'] for r in plan['rm']] == ['high'] * 6
+    betas = {}
+    for run in plan['po']:
+        betas.setdefault(madpo.method_name(madpo.MadpoConfig(**{**run.args, 'stage': 'po'})), set()).add(run.args['beta'])
+        assert (run.args['n_eval'], run.args['po_points']) == (640, 12)
+    assert betas == {arm: set(cfg.betas) for arm in ('dpo', 'ipo', 'madpo4', 'madpo4_tq0.5', 'madpo4_oracle')}
+    assert len(plan['po']) == 5 * 5 * 6 and all('out/madpo_precision/seed' in str(r.out_dir) for r in plan['po'])

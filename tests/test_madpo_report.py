@@ -88,3 +88,21 @@ def test_the_report_reads_fitted_and_running_maximum_tables_from_the_runs(tmp_pa
     assert 'madpo4 - ipo' not in text and '(160 prompts, one sample each)' in text
     assert 'running-maximum reading at KL = 2 nats (the earlier reader, for comparison' in text
     assert text.index('fitted frontier') < text.index('running-maximum reading')
+
+
+def test_the_weight_table_counts_each_seed_once(tmp_path):
+    """madpo_weights.json is the same for every beta of a seed: two betas of seed 0 and one of seed 1 make two
+    seeds; the histogram as fractions of the pairs, means over the seeds; a run without tau shows -."""
+    for seed, beta, tau, damped, hist in ((0, 0.1, 1.0, 0.5, [0, 0, 0, 2, 2, 4, 0, 0, 0, 0]), (0, 0.03, 1.0, 0.5, [0, 0, 0, 2, 2, 4, 0, 0, 0, 0]),
+                                          (1, 0.1, 3.0, 0.25, [0, 0, 0, 0, 1, 3, 0, 0, 0, 0])):
+        folder = tmp_path / f'seed{seed}' / f'po_madpo4_tq0.5_b{beta:g}_high'
+        folder.mkdir(parents=True)
+        (folder / 'madpo_weights.json').write_text(json.dumps({'tau': tau, 'mean': 1.0, 'frac_damped': damped,
+                                                               'frac_amplified': 0.5, 'histogram_0_to_2_by_0.2': hist}))
+    old = tmp_path / 'seed0' / 'po_madpo4_b0.1_high'
+    old.mkdir()
+    (old / 'madpo_weights.json').write_text(json.dumps({'mean': 1.0, 'frac_amplified': 0.7, 'histogram_0_to_2_by_0.2': [1] * 10}))
+    lines = report.weight_table(tmp_path)
+    assert '| madpo4_tq0.5 | high | 2 | 2.000 | 0.375 | 0.500 | 0.00 | 0.00 | 0.00 | 0.12 | 0.25 | 0.62 | 0.00 | 0.00 | 0.00 | 0.00 |' in lines
+    assert '| madpo4 | high | 1 | - | - | 0.700 | ' + ' | '.join(['0.10'] * 10) + ' |' in lines
+    assert report.weight_table(tmp_path / 'none') == []
