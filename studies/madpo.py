@@ -16,7 +16,7 @@ resumes, any other runs again. Rerun the same command to continue an interrupted
     python -m studies.madpo --jobs=2                # 3 seeds x 3 tiers x 9 arms x 3 betas: 243 po runs
     python -m studies.madpo --quick=True            # a few-minute smoke run (one seed, beta 0.1)
     python -m studies.madpo --stage=compare         # tables and figures from whatever has finished
-    python -m studies.madpo precision --jobs=2      # issue 36's design: high tier, 5 arms x 5 betas x 6 seeds, 640 prompts
+    python -m studies.madpo precision --jobs=2      # issue 36's design: high tier, 5 arms x 4 betas x 6 seeds, 640 prompts
 
 Cost: the sft and pairs stages run once per seed, rm once per seed and tier, po once per seed, tier, arm
 and beta (each extra beta adds 27 po runs per seed); po run time grows with --po_iters, --po_points and
@@ -87,13 +87,14 @@ class MadpoStudyConfig(madpo.MadpoConfig):
 class PrecisionConfig(MadpoStudyConfig):
     """`python -m studies.madpo precision` (issue 36): the arms that decide the paper's ordering, on the high tier,
     with enough seeds, checkpoints and prompts to separate them; its own folder. Every arm gets the same betas,
-    which put every arm's checkpoints on both sides of 2 and 5 nats (IPO's KL falls with beta fastest: at 0.01 it
-    reached 2.9-4.7 nats in out/records/madpo-2026-11-30, hence 0.003)."""
+    which put every arm's checkpoints on both sides of 2 and 5 nats: in out/records/madpo-2026-11-30 IPO reached
+    only 2.9-4.7 nats at 0.01, hence 0.003; at 0.1 every arm ended near or below 2-3.6 nats, and each run's 12
+    checkpoints fill the KLs below its last, so a larger beta would add points where there are many already."""
     QUICK: ClassVar[dict] = {**MadpoStudyConfig.QUICK, 'po_points': 2, 'n_eval': 100}
     out_dir: str = key('out/madpo_precision', 'path')  # every stage: its own sft, pairs, reward models and po runs
     seeds: tuple = key((0, 1, 2, 3, 4, 5), '>=0')  # 6 seeds: a ±0.1 half-width per arm at 640 prompts (issue 36)
     arms: tuple = ('dpo', 'ipo', 'madpo4', 'madpo4_tq0.5', 'madpo4_oracle')  # MADPO at the paper's tau and at the median |m|
-    betas: tuple = key((0.003, 0.01, 0.03, 0.1, 0.3), '>0')  # every arm: both sides of 2 and 5 nats
+    betas: tuple = key((0.003, 0.01, 0.03, 0.1), '>0')  # every arm: both sides of 2 and 5 nats
     tiers: tuple = ('high',)         # on-policy pairs, where the reward model's margins matter most
     po_points: int = key(12, '>0')   # po: checkpoints along each run
     n_eval: int = key(640, '>0')     # po: held-out prompts per checkpoint (a KL half-width half the 160's)

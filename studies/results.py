@@ -113,14 +113,25 @@ def madpo_table(folder):
     return report(folder, MadpoStudyConfig.arms, MadpoStudyConfig.matched_kls)
 
 
-def madpo_figure(folder, png):
+def madpo_precision_table(folder):
+    from studies.madpo import PrecisionConfig
+    from studies.madpo_report import report
+    return report(folder, PrecisionConfig.arms, PrecisionConfig.matched_kls)
+
+
+def madpo_precision_figure(folder, png):
+    from studies.madpo import PrecisionConfig
+    madpo_figure(folder, png, PrecisionConfig.arms)
+
+
+def madpo_figure(folder, png, arms=None):
     import shutil
     import tempfile
     from studies.madpo import MadpoStudyConfig
     from studies.madpo_report import load_runs, methods_of, plot_frontiers
     curves = load_runs(folder)
     with tempfile.TemporaryDirectory() as tmp:
-        plot_frontiers({k: v for k, v in curves.items() if k[1] == 'high'}, methods_of(curves, MadpoStudyConfig.arms), Path(tmp))
+        plot_frontiers({k: v for k, v in curves.items() if k[1] == 'high'}, methods_of(curves, arms or MadpoStudyConfig.arms), Path(tmp))
         shutil.copyfile(Path(tmp) / 'frontier_high.png', png)
 
 
@@ -128,6 +139,12 @@ def slm_table(folder):
     from studies.slm import StudyConfig
     from studies.slm_report import report_text
     return report_text(folder, StudyConfig.noise, StudyConfig.k)
+
+
+def slm_control_table(folder):
+    from studies.slm import ControlConfig
+    from studies.slm_report import control_text
+    return control_text(folder, ControlConfig.noise, ControlConfig.k)
 
 
 def slm_figure(folder, png):
@@ -172,6 +189,8 @@ SECTIONS = {
     'today': Section('ntng-today-2026-12-06', today_table),
     'slm': Section('slm-2026-11-30', slm_table, slm_figure),
     'madpo': Section('madpo-2026-11-30', madpo_table, madpo_figure),
+    'slm_control': Section('slm-control-2026-12-06', slm_control_table),
+    'madpo_precision': Section('madpo-precision-2026-12-06', madpo_precision_table, madpo_precision_figure),
 }
 
 
