@@ -143,8 +143,9 @@ def slm_table(folder):
 
 def slm_control_table(folder):
     from studies.slm import ControlConfig
-    from studies.slm_report import control_text
-    return control_text(folder, ControlConfig.noise, ControlConfig.k)
+    from studies.slm_report import control_text, report_text
+    return (report_text(folder, ControlConfig.noise, ControlConfig.k) + '\n\n'
+            + control_text(folder, ControlConfig.noise, ControlConfig.k))
 
 
 def slm_figure(folder, png):
@@ -190,7 +191,6 @@ SECTIONS = {
     'slm': Section('slm-2026-11-30', slm_table, slm_figure),
     'madpo': Section('madpo-2026-11-30', madpo_table, madpo_figure),
     'slm_control': Section('slm-control-2026-12-06', slm_control_table),
-    'madpo_precision': Section('madpo-precision-2026-12-06', madpo_precision_table, madpo_precision_figure),
 }
 
 
