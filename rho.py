@@ -257,11 +257,11 @@ def check_il_out_dir(cfg):
 
 def train_il(cfg):
     """Train the IL model on the holdout until its held-out (val) loss stops improving: fully decayed runs
-    at il_budget (at least the largest budget it serves), 2x, 4x, ... until a doubling gains less than
-    il_tol (at most il_doublings doublings). The best run becomes the IL model (its files are copied to
+    at il_budget (at least the largest budget it serves; or il_budget_frac of this run's), 2x, 4x, ... until a
+    doubling gains less than il_tol (at most il_doublings doublings). The best run becomes the IL model (its files are copied to
     il_out_dir), every run's cost is the IL training cost; then precompute its cache. Resumable."""
     check_il_out_dir(cfg)
-    budget, tried, spent = cfg.il_budget or cfg.budget, [], {u: 0.0 for u in ('rst', 'tokens', 'flops', 'wall')}
+    budget, tried, spent = cfg.il_first_budget(), [], {u: 0.0 for u in ('rst', 'tokens', 'flops', 'wall')}
     for i in range(cfg.il_doublings + 1):
         run = il_config(cfg, budget * 2 ** i)
         print(f'--- IL model: {run.budget:g} {cfg.budget_unit} on the {cfg.holdout_frac:.0%} holdout, '
@@ -454,6 +454,8 @@ class RhoConfig(TrainConfig):
     sb_history: int = 0              # train, sb: losses the percentile is taken over; 0 = the last 10 micro-batches' (see SelectiveBackprop)
     il_out_dir: str = key('out/rho_il', 'path')  # both: the IL model's run; train checks the cache against its checkpoint
     il_budget: float = 0.0           # il: the IL model's first budget in budget_unit; 0 = --budget
+    il_budget_frac: float = 0.0      # il: > 0 sets that first budget to this fraction of --budget (the IL model paid from it,
+                                     # with --charge_il and --il_doublings=0: an IL-charged run that can train)
     il_doublings: int = 2            # il: then 2x, 4x, ... that budget while its val loss keeps improving (0: one run)
     il_tol: float = 0.01             # il: a doubling that lowers the IL model's val loss by less has stopped improving
     il_cache: str = ''               # both: folder of il_loss.f16 + its sidecar il_loss.json; '' = <data dir>/il/<name of il_out_dir>
@@ -475,6 +477,9 @@ class RhoConfig(TrainConfig):
         require(self.mega_batch >= 0, f'--mega_batch must be >= 0, got {self.mega_batch}')
         require(self.sb_beta > 0 and self.sb_history >= 0, '--sb_beta must be positive and --sb_history >= 0')
         require(self.il_budget >= 0, f'--il_budget must be >= 0, got {self.il_budget}')
+        require(0 <= self.il_budget_frac and not (self.il_budget and self.il_budget_frac),
+                f'--il_budget={self.il_budget:g} and --il_budget_frac={self.il_budget_frac:g}: give one of them (a budget, '
+                f'or a fraction of --budget), and a fraction >= 0')
         require(self.il_doublings >= 0 and self.il_tol >= 0, '--il_doublings and --il_tol must be >= 0')
         require(Path(self.il_out_dir).resolve() != Path(self.out_dir).resolve(), '--il_out_dir must differ from --out_dir')
         require(self.il_cache == '' or self.il_cache.strip() != '',  # '' is the default folder; ' ' a stray folder
@@ -487,13 +492,17 @@ class RhoConfig(TrainConfig):
         require(n_b >= 1, f'--select_frac={self.select_frac:g} selects round({self.select_frac:g} x {n_B}) = 0 of the '
                           f'--mega_batch={n_B} examples scored: give --select_frac >= {1 / n_B:.4g} (1/{n_B}), the '
                           f'smallest that selects one')
-        first = self.il_budget or self.budget
+        first = self.il_first_budget()
         most = min(sys.float_info.max_exp - 1, math.floor(math.log2(sys.float_info.max) - math.log2(first)))  # 2**i too
         require(self.il_doublings <= most, f'--il_doublings={self.il_doublings}: the last IL run\'s budget (2**'
                                            f'{self.il_doublings} x {first:g}) is beyond a float: give at most {most}')
         fits = runs.free_memory(torch.device('cpu')) // SB_BYTES_PER_LOSS
         require(self.sb_history <= fits, f'--sb_history={self.sb_history:,} losses need {SB_BYTES_PER_LOSS} bytes each '
                                          f'to sort, more than the free memory holds: give at most {fits:,}')
+
+    def il_first_budget(self):
+        """The IL search's first budget: --il_budget, a fraction of --budget (--il_budget_frac), or --budget."""
+        return self.il_budget_frac * self.budget if self.il_budget_frac else (self.il_budget or self.budget)
 
     def selection_sizes(self):
         """(nB, nb): examples scored and examples trained per micro-batch."""

@@ -24,6 +24,11 @@ METHODS = {
     'sb': ('rho.py', dict(method='sb', sb_beta=1.0)),
     'rho': ('rho.py', dict(method='rho', select_frac=0.5)),  # IL model: once per sweep, at the largest budget
     'rho_il_charged': ('rho.py', dict(method='rho', select_frac=0.5, charge_il=True)),  # its IL's training + precompute in every budget
+    # RHO-LOSS that can be read (issue 34): charged for an IL model trained on the holdout at a fraction of each
+    # run's own budget (one run, plus its precompute), and the RHO-LOSS paper's own selection ratio, 10%
+    'rho_il_f0.1': ('rho.py', dict(method='rho', select_frac=0.5, charge_il=True, il_budget_frac=0.1)),
+    'rho_il_f0.25': ('rho.py', dict(method='rho', select_frac=0.5, charge_il=True, il_budget_frac=0.25)),
+    'rho_s0.1': ('rho.py', dict(method='rho', select_frac=0.1)),  # its own lr grid, the same effort as every row's
     'lion': ('train.py', dict(optimizer='lion', lr=4e-4, weight_decay=0.5, beta1=0.9, beta2=0.99)),
     'sophiag': ('train.py', dict(optimizer='sophiag', lr=1e-3, rho=0.04, weight_decay=0.2, beta1=0.965, beta2=0.99)),
     # today's claims (rows added 2026-12-06, tuned like the rest): Muon on the hidden matrices at Jordan's
@@ -37,4 +42,5 @@ LR_KEY = {'muon': 'muon_lr'}  # the lr a row's tuning grid moves, when it is not
 TUNE = {'sophiag': {'rho': (0.04, 0.08, 0.16)}}  # the authors tune rho for a win rate of 0.1-0.5; at the default 0.04
 # a short pilot run's win rate was below that band, so the grid starts at the default and goes up (tune extends
 # it either way from an edge)
-TUNED_AS = {'rho_il_charged': 'rho'}  # the same method and lr; only the accounting differs (the paper's: IL free)
+TUNED_AS = {'rho_il_charged': 'rho', 'rho_il_f0.1': 'rho', 'rho_il_f0.25': 'rho'}  # the same method and lr; the
+# accounting differs (the paper's: IL free), and the fraction rows' IL model is their own, smaller one

@@ -132,7 +132,7 @@ def sweep_plan(cfg):
     tuned, tuned_il = read_tuned(cfg.tuned, spec, cfg.config, min(budgets), rows, seeds) if cfg.tuned else ({}, None)
     # the IL model that tuning's RHO-LOSS grid trained serves this sweep too if it was trained for this largest budget
     il = tuned_il if tuned_il and tuned_il['il_budget'] == max(budgets) else il_args(cfg.out_dir, max(budgets))
-    plan = [planned_run(label, script, {**spec['COMMON'], **(il if args.get('method') == 'rho' else {}), **args,
+    plan = [planned_run(label, script, {**spec['COMMON'], **row_il(args, il, f'{cfg.out_dir}/{label}/b{b:g}/s{seed}'), **args,
                                         **tuned.get(spec.get('TUNED_AS', {}).get(label, label), {}), **quick, 'budget': b,
                                         'seed': seed, 'label': label, 'out_dir': f'{cfg.out_dir}/{label}/b{b:g}/s{seed}'}, cfg.nproc)
             for b in budgets for seed in seeds for label, (script, args) in methods.items()]  # cheapest budget first
@@ -145,10 +145,21 @@ def sweep_plan(cfg):
 
 
 def planned_run(label, script, args, nproc=1):
-    """One run of a sweep for the plan runner: RHO-LOSS's runs share one IL model (the first builds it);
+    """One run of a sweep for the plan runner: RHO-LOSS's runs sharing an IL model wait for the first to build it;
     a WSD trunk skips and resumes its own branches; nproc > 1: under torchrun."""
     return Run(f"{label} budget {args['budget']:g} seed {args['seed']}", script, args,
-               exclusive='il' if args.get('il_out_dir') else '', self_resuming=bool(args.get('branch_budgets')), nproc=nproc)
+               exclusive=args.get('il_out_dir', ''), self_resuming=bool(args.get('branch_budgets')), nproc=nproc)
+
+
+def row_il(args, il, run_dir):
+    """A RHO-LOSS run's IL model: the sweep's shared one (il), or with il_budget_frac the run's own, beside its
+    folder, trained at that fraction of its budget in one run (no doublings), so a charged run pays for exactly
+    the IL model it uses."""
+    if args.get('method') != 'rho':
+        return {}
+    if args.get('il_budget_frac'):
+        return {'il_out_dir': f'{run_dir}_il', 'il_cache': f'{run_dir}_il_cache', 'il_doublings': 0}
+    return il
 
 
 def il_args(out_dir, budget):

@@ -443,6 +443,20 @@ def test_sweep_plan_and_commands(tmp_path):
     assert '--overwrite=True' in again and not any(a.startswith('--init_from') for a in again)
 
 
+def test_rho_loss_rows_share_the_sweep_s_il_model_or_train_their_own():
+    """The shipped sweep: RHO-LOSS rows share one IL model (built by the first run, the others waiting on its
+    tag); a row with il_budget_frac has its own per run, beside its folder, trained once (no doublings) and
+    charged, so its runs wait on nothing."""
+    cfg = ntng.AblateConfig(methods=('rho', 'rho_s0.1', 'rho_il_f0.1', 'rho_il_f0.25'), seeds=(0, 1), budgets=(120.0,))
+    runs = {(r.args['label'], r.args['seed']): r for r in ntng.sweep_plan(cfg)}
+    shared = {runs[k].exclusive for k in runs if k[0] in ('rho', 'rho_s0.1')}
+    assert shared == {'out/ablation/il'} and runs[('rho_s0.1', 0)].args['select_frac'] == 0.1
+    own = runs[('rho_il_f0.25', 1)]
+    assert own.args['il_out_dir'] == own.exclusive == 'out/ablation/rho_il_f0.25/b120/s1_il'
+    assert (own.args['il_doublings'], own.args['il_budget_frac'], own.args['charge_il']) == (0, 0.25, True)
+    assert 'il_budget' not in own.args and len({runs[k].exclusive for k in runs if k[0].startswith('rho_il_f')}) == 4
+
+
 def test_ablate_runs_the_sweep_once(tmp_path, monkeypatch, capsys):
     """`budget.py ablate` (its main, in this process; every run is a `python train.py` of its own) on a
     2-run tiny sweep; a second call finds both runs finished and only re-reads them."""

@@ -260,8 +260,19 @@ def test_il_search_doubles_while_the_val_loss_improves_and_keeps_the_best(tmp_pa
     cut = rho.train_il(dataclasses.replace(cfg, il_doublings=1, il_out_dir=str(tmp_path / 'cut')))
     assert cut['search'] == [(1.0, 3.0), (2.0, 2.5)] and cut['still_improving']  # 2x still gained 0.5: said so
     assert 'still improving at the last doubling allowed: raise --il_doublings' in capsys.readouterr().out
+    frac = rho.train_il(dataclasses.replace(cfg, budget=8.0, il_budget_frac=0.25, il_doublings=0, il_out_dir=str(tmp_path / 'frac')))
     one_tol0 = rho.train_il(dataclasses.replace(cfg, il_doublings=0, il_tol=0.0, il_out_dir=str(tmp_path / 'tol0')))
     assert not one_tol0['still_improving']                # one run: nothing to say about doublings
+    assert frac['search'] == [(2.0, 2.5)] and frac['spent']['rst'] == 2.0  # a quarter of this run's budget, one run
+
+
+def test_il_budget_is_a_budget_or_a_fraction_of_the_run_s():
+    assert rho.RhoConfig(budget=120.0, il_budget_frac=0.1).il_first_budget() == pytest.approx(12.0)
+    assert rho.RhoConfig(budget=120.0, il_budget=480.0).il_first_budget() == 480.0
+    assert rho.RhoConfig(budget=120.0).il_first_budget() == 120.0
+    for bad in (dict(il_budget=480.0, il_budget_frac=0.1), dict(il_budget_frac=-0.1)):
+        with pytest.raises(ConfigError, match='give one of them'):
+            rho.RhoConfig(budget=120.0, **bad)
 
 
 # ----- end to end: a small corpus, the IL stage, the target runs ---------------------------------------
