@@ -26,7 +26,7 @@ import numpy as np
 from configurator import require
 from data.loader import NUMBER, DataError, atomic_write_bytes, read_result
 from data.reviews.pairs import TIERS
-from studies.stats import paired_test, t_interval
+from studies.stats import holm, paired_test, t_interval
 
 DONE_FIX = 'delete it, or rerun that stage with --overwrite=True'
 DONE_KEYS = {'rm': {'ceiling': NUMBER, 'acc': NUMBER}, 'po': {'method': str, 'config': dict, 'curve': list}}  # what is read back
@@ -179,23 +179,42 @@ def kl_error_cell(per_seed):
     return f'±{np.mean([h for _, _, h in got]):.2f} → ±{np.mean([abs(s) * h for _, s, h in got]):.2f}'
 
 
-def paired_cell(mine, base):
-    """mine - base over the seeds both arms were read on ({seed: read}): 'better'/'worse' with the paired t
-    95% CI only where it excludes 0, else 'not resolved (±half-width)'; (seeds)."""
+def paired_read(mine, base):
+    """mine - base over the seeds both arms were read on ({seed: read}): (mean, 95% half-width, p of the paired t
+    test, seeds), or why it is not read: '-' (neither has the cell) or 'not read (seeds read / seeds)'."""
     both = mine.keys() & base.keys()
     seeds = sorted(s for s in both if not isinstance(mine[s], str) and not isinstance(base[s], str))
     if len(seeds) < 2:  # no interval from one pair
         return f'not read ({len(seeds)}/{len(both)} seeds)' if both else '-'
-    d, half, _ = paired_test([mine[s][0] for s in seeds], [base[s][0] for s in seeds])
-    if abs(d) > half:
-        return f"{'better' if d > 0 else 'worse'}: {d:+.2f} ± {half:.2f} ({len(seeds)})"
-    return f'not resolved (±{half:.2f}): {d:+.2f} ({len(seeds)})'
+    return (*paired_test([mine[s][0] for s in seeds], [base[s][0] for s in seeds]), len(seeds))
+
+
+def paired_cell(read, p_holm):
+    """A paired_read as 'better'/'worse' only where its 95% CI excludes 0 and its Holm-adjusted p (over every
+    paired difference of the report) is below 0.05, else 'not resolved (±half-width)'."""
+    if isinstance(read, str):
+        return read
+    d, half, _, n = read
+    if abs(d) > half and p_holm < 0.05:
+        return f"{'better' if d > 0 else 'worse'}: {d:+.2f} ± {half:.2f}, Holm p {p_holm:.3f} ({n})"
+    return f'not resolved (±{half:.2f}): {d:+.2f}, Holm p {p_holm:.3f} ({n})'
+
+
+def paired_family(curves, pairs, kls):
+    """{(kl, arm, baseline, tier): paired cell} for every paired difference at every matched KL, with Holm's
+    adjustment over all of them: one family, so reading many differences does not make one of them a finding."""
+    reads = {(kl, a, b, t): paired_read(of_cell(at, a, t), of_cell(at, b, t))
+             for kl in kls for at in [seed_reads(curves, kl)] for a, b in pairs for t in TIERS}
+    tested = [k for k, r in reads.items() if not isinstance(r, str)]
+    adjusted = dict(zip(tested, holm([reads[k][2] for k in tested])))
+    return {k: paired_cell(r, adjusted.get(k)) for k, r in reads.items()}
 
 
 def fitted_tables(curves, methods, kls, n_eval):
     """At each matched KL: the fitted reading per arm and tier, the KL's own sampling error there, and the
     paired differences of PAIRS (curves: load_curves; n_eval: the prompts each KL is a mean over)."""
     lines, pairs = [], [(a, b) for a, b in PAIRS if a in methods and b in methods]
+    cells = paired_family(curves, pairs, kls)
     for kl in kls:
         reads = seed_reads(curves, kl)
         lines += ['', f'reward at KL = {kl:g} nats, fitted frontier: per seed, reward = a + b sqrt(KL) fitted to the '
@@ -212,9 +231,9 @@ def fitted_tables(curves, methods, kls, n_eval):
         if pairs:
             lines += ['', f'paired differences at KL = {kl:g} nats, fitted frontier: mean over seeds of arm - baseline with '
                           f'its paired t 95% CI, over the seeds both were read on, (seeds); better or worse only where the '
-                          f'CI excludes 0; each interval on its own, not adjusted for the others in these tables']
-            lines += tier_table('arm - baseline', [(f'{a} - {b}', [paired_cell(of_cell(reads, a, t), of_cell(reads, b, t))
-                                                                   for t in TIERS]) for a, b in pairs])
+                          f'CI excludes 0 and the p of the paired t test, Holm-adjusted over every paired difference of '
+                          f'this report ({len(pairs)} pairs x {len(kls)} KLs x the tiers read), is below 0.05']
+            lines += tier_table('arm - baseline', [(f'{a} - {b}', [cells[(kl, a, b, t)] for t in TIERS]) for a, b in pairs])
     return lines
 
 

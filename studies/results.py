@@ -191,6 +191,7 @@ SECTIONS = {
     'slm': Section('slm-2026-11-30', slm_table, slm_figure),
     'madpo': Section('madpo-2026-11-30', madpo_table, madpo_figure),
     'slm_control': Section('slm-control-2026-12-06', slm_control_table),
+    'madpo_precision': Section('madpo-precision-2026-12-06', madpo_precision_table, madpo_precision_figure),
 }
 
 

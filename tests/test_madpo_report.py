@@ -8,6 +8,7 @@ import math
 import pytest
 
 from studies import madpo_report as report
+from studies import stats
 
 T_2DF, T_1DF = 4.302653, 12.706205  # Student's t 97.5% quantiles at 2 and 1 degrees of freedom
 
@@ -52,18 +53,24 @@ def test_the_kl_error_is_the_nearest_checkpoints_half_width_and_the_slope_carrie
 
 
 def test_the_paired_interval_on_three_seeds_by_hand():
-    """Differences 0.3, 0.2, 0.4: mean 0.3, sd 0.1, half-width t(2 df) x 0.1 / sqrt(3) = 0.248 -> better;
-    0.3, -0.1, 0.1: mean 0.1, sd 0.2, half-width 0.497 -> not resolved; the mirror image -> worse; a seed one
-    arm did not reach leaves two pairs, 0.3 and 0.2 (t at 1 df)."""
+    """Differences 0.3, 0.2, 0.4: mean 0.3, sd 0.1, half-width t(2 df) x 0.1 / sqrt(3) = 0.248, t = 5.196, p
+    0.0351 -> better while its Holm p stays below 0.05; 0.3, -0.1, 0.1: mean 0.1, sd 0.2, half-width 0.497 -> not
+    resolved; the mirror image -> worse; a seed one arm did not reach leaves two pairs, 0.3 and 0.2 (t at 1 df)."""
     read = lambda rewards: {s: (r, 0.0, 0.1) for s, r in enumerate(rewards)}  # noqa: E731
     better, worse = read([0.5, 0.7, 0.6]), read([0.2, 0.5, 0.2])
-    assert report.paired_cell(better, worse) == f'better: +0.30 ± {T_2DF * 0.1 / math.sqrt(3):.2f} (3)'  # 0.25
-    assert report.paired_cell(worse, better) == 'worse: -0.30 ± 0.25 (3)'
-    assert report.paired_cell(read([0.5, 0.1, 0.3]), read([0.2] * 3)) == f'not resolved (±{T_2DF * 0.2 / math.sqrt(3):.2f}): +0.10 (3)'
+    d, half, p, n = report.paired_read(better, worse)
+    assert (d, half, n) == (pytest.approx(0.3), pytest.approx(T_2DF * 0.1 / math.sqrt(3)), 3) and p == pytest.approx(0.0351, abs=1e-4)
+    assert report.paired_cell((d, half, p, n), p) == f'better: +0.30 ± {half:.2f}, Holm p 0.035 (3)'  # 0.25
+    assert report.paired_cell((d, half, p, n), 2 * p) == f'not resolved (±{half:.2f}): +0.30, Holm p 0.070 (3)'  # two in the family
+    assert report.paired_cell(report.paired_read(worse, better), p) == 'worse: -0.30 ± 0.25, Holm p 0.035 (3)'
+    loose = report.paired_read(read([0.5, 0.1, 0.3]), read([0.2] * 3))
+    assert report.paired_cell(loose, loose[2]).startswith(f'not resolved (±{T_2DF * 0.2 / math.sqrt(3):.2f}): +0.10')
     mine = {**read([0.5, 0.7]), 2: 'not reached'}
-    assert report.paired_cell(mine, read([0.2, 0.5, 0.2])) == f'not resolved (±{T_1DF * 0.05:.2f}): +0.25 (2)'  # sd 0.1 / sqrt(2)
-    assert report.paired_cell({0: (1.0, 0, 0), 1: 'skipped past'}, read([0.2, 0.5])) == 'not read (1/2 seeds)'
-    assert report.paired_cell({}, read([0.2])) == '-'
+    two = report.paired_read(mine, read([0.2, 0.5, 0.2]))
+    assert two[::3] == (pytest.approx(0.25), 2) and two[1] == pytest.approx(T_1DF * 0.05)  # sd 0.1 / sqrt(2)
+    assert report.paired_read({0: (1.0, 0, 0), 1: 'skipped past'}, read([0.2, 0.5])) == 'not read (1/2 seeds)'
+    assert report.paired_read({}, read([0.2])) == '-'
+    assert report.paired_cell('-', None) == '-'
 
 
 def write_run(root, method, seed, curve):
@@ -83,11 +90,18 @@ def test_the_report_reads_fitted_and_running_maximum_tables_from_the_runs(tmp_pa
     d = [(0.1 + 0.02 * s) * math.sqrt(2) for s in range(3)]  # the per-seed differences at KL 2
     sd = math.sqrt(sum((x - sum(d) / 3) ** 2 for x in d) / 2)
     assert f'| dpo | {0.1 + 0.2 * math.sqrt(2):.2f} ± 0.00 (3) | - | - |' in text
-    assert f'| madpo4 - dpo | better: +{sum(d) / 3:.2f} ± {T_2DF * sd / math.sqrt(3):.2f} (3) | - | - |' in text
+    p = stats.paired_test(d, [0.0] * 3)[2]  # the family's one difference: Holm's p is its own
+    assert f'| madpo4 - dpo | better: +{sum(d) / 3:.2f} ± {T_2DF * sd / math.sqrt(3):.2f}, Holm p {p:.3f} (3) | - | - |' in text
     assert f'| dpo | ±0.25 → ±{0.2 / (2 * math.sqrt(2)) * 0.25:.2f} | - | - |' in text  # the checkpoint at KL 2.5 is nearest 2
     assert 'madpo4 - ipo' not in text and '(160 prompts, one sample each)' in text
     assert 'running-maximum reading at KL = 2 nats (the earlier reader, for comparison' in text
     assert text.index('fitted frontier') < text.index('running-maximum reading')
+    # read at KL 1 as well, the same difference at sqrt(1): two tests in one family, each p Holm-adjusted
+    cells = report.paired_family(report.load_curves(tmp_path), [('madpo4', 'dpo')], (2.0, 1.0))
+    raw = [stats.paired_test([(0.1 + 0.02 * s) * math.sqrt(k) for s in range(3)], [0.0] * 3)[2] for k in (2.0, 1.0)]
+    for kl, adjusted in zip((2.0, 1.0), stats.holm(raw)):
+        assert f'Holm p {adjusted:.3f} (3)' in cells[(kl, 'madpo4', 'dpo', 'high')]
+    assert cells[(2.0, 'madpo4', 'dpo', 'low')] == '-'
 
 
 def test_the_weight_table_counts_each_seed_once(tmp_path):
