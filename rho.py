@@ -258,8 +258,9 @@ def check_il_out_dir(cfg):
 def train_il(cfg):
     """Train the IL model on the holdout until its held-out (val) loss stops improving: fully decayed runs
     at il_budget (at least the largest budget it serves; or il_budget_frac of this run's), 2x, 4x, ... until a
-    doubling gains less than il_tol (at most il_doublings doublings). The best run becomes the IL model (its files are copied to
-    il_out_dir), every run's cost is the IL training cost; then precompute its cache. Resumable."""
+    doubling gains less than il_tol (at most il_doublings doublings). The best run becomes the IL model (its
+    files are copied to il_out_dir), every run's cost is the IL training cost; then precompute its cache.
+    Resumable."""
     check_il_out_dir(cfg)
     budget, tried, spent = cfg.il_first_budget(), [], {u: 0.0 for u in ('rst', 'tokens', 'flops', 'wall')}
     for i in range(cfg.il_doublings + 1):
