@@ -87,9 +87,9 @@ class MadpoStudyConfig(madpo.MadpoConfig):
 class PrecisionConfig(MadpoStudyConfig):
     """`python -m studies.madpo precision` (issue 36): the arms that decide the paper's ordering, on the high tier,
     with enough seeds, checkpoints and prompts to separate them; its own folder. Every arm gets the same betas,
-    which put every arm's checkpoints on both sides of 2 and 5 nats: in out/records/madpo-2026-11-30 IPO reached
-    only 2.9-4.7 nats at 0.01, hence 0.003; at 0.1 the arms ended at 0.9-5.0 nats, and each run's 12
-    checkpoints fill the KLs below its last, so a larger beta would add points where there are many already."""
+    which put every arm's checkpoints on both sides of 2 and 5 nats: in out/records/madpo-2026-11-30 IPO stayed
+    below 5 nats on most seeds at 0.01, hence 0.003; each run's 12 checkpoints fill the KLs below its last, so
+    a beta above 0.1 would add points where there are many already."""
     QUICK: ClassVar[dict] = {**MadpoStudyConfig.QUICK, 'po_points': 2, 'n_eval': 100}
     out_dir: str = key('out/madpo_precision', 'path')  # every stage: its own sft, pairs, reward models and po runs
     seeds: tuple = key((0, 1, 2, 3, 4, 5), '>=0')  # 6 seeds: a ±0.1 half-width per arm at 640 prompts (issue 36)
