@@ -9,6 +9,7 @@ table each method's paired difference to the baseline: t-based 95% CI, Holm-adju
     python -m studies.ntng tune --jobs=2                                  # -> out/tune/tuned.json, tune.png
     python -m studies.ntng ablate --tuned=out/tune/tuned.json --jobs=2    # methods x budgets x seeds, then compare
     python -m studies.ntng compare out/ablation --out=ablation            # -> ablation.md, ablation.png
+    python -m studies.ntng lr_check --tuned=out/tune/tuned.json --jobs=2  # tuned lr x0.5, x1, x2 at the largest budget
 """
 import dataclasses
 import hashlib
@@ -173,6 +174,51 @@ def ablate(cfg):
     require_writable(Path(cfg.out_dir) / 'ablation.md')
     run_plan(sweep_plan(cfg), cfg.jobs)
     return compare([cfg.out_dir], out=f'{cfg.out_dir}/ablation', target=cfg.target)
+
+
+# -----------------------------------------------------------------------------
+# the tuned learning rates checked where they are used: x0.5, x1, x2 at the largest budget, on the tuning seed
+
+@dataclass(frozen=True)
+class LrCheckConfig:
+    config: str = key('config/ablation.py', 'path')  # the sweep file
+    tuned: str = key('out/tune/tuned.json', 'path')  # its tuning: each row's chosen lr is what is checked
+    out_dir: str = key('out/lr_check', 'path')       # <row>/x<factor>/s<seed> run folders, lr_check.md
+    methods: tuple = ('',)               # ('',) = every method in the config file
+    budget: float = key(0.0, '>=0')      # 0 = the largest of the config file's BUDGETS
+    seed: int = key(1000, '>=0')         # the tuning seed: a check of the tuning, never a reported run
+    factors: tuple = key((0.5, 1.0, 2.0), '>0')  # multiples of each row's tuned lr (of its LR_KEY)
+    jobs: int = key(1, '>0')             # runs at once, the CPU threads split between them
+
+    def __post_init__(self):
+        check_distinct('factors', self.factors, '(0.5, 1.0, 2.0)')
+
+
+def lr_check_plan(cfg):
+    """Each row's runs as the sweep would make them at the budget (its tuned values, its IL model), with its
+    lr x each factor (Lion's weight decay follows, as in tuning) on the tuning seed."""
+    spec = read_sweep(cfg.config)
+    budget = cfg.budget or max(spec['BUDGETS'])
+    sweep = AblateConfig(config=cfg.config, out_dir=cfg.out_dir, methods=cfg.methods, seeds=(0,), tuned=cfg.tuned,
+                         budgets=tuple(sorted({min(spec['BUDGETS']), budget})))  # read as the sweep's, re-seeded below
+    plan = []
+    for run in (r for r in sweep_plan(sweep) if r.args['budget'] == budget):
+        label, lr_key = run.args['label'], spec.get('LR_KEY', {}).get(run.args['label'], 'lr')
+        shared_il = {k: run.args[k] for k in ('il_out_dir', 'il_cache', 'il_budget') if k in run.args}
+        for f in cfg.factors:
+            out_dir = f'{cfg.out_dir}/{label}/x{f:g}/s{cfg.seed}'
+            args = {**tune_point(run.args, run.args, run.args[lr_key] * f, {}, lr_key), 'seed': cfg.seed, 'out_dir': out_dir}
+            plan.append(planned_run(f'{label} x{f:g}', run.script, {**args, **row_il(args, shared_il, out_dir)}))
+    return plan
+
+
+def lr_check(cfg):
+    require_writable(Path(cfg.out_dir) / 'lr_check.md')
+    run_plan(lr_check_plan(cfg), cfg.jobs)
+    table = lr_check_table(cfg.out_dir)
+    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(Path(cfg.out_dir) / 'lr_check.md', (table + '\n').encode())
+    print(table)
 
 
 # -----------------------------------------------------------------------------
@@ -485,9 +531,10 @@ def plot_tuning(results, path):
 
 
 # -----------------------------------------------------------------------------
-# the command line: python -m studies.ntng {tune|ablate|compare}
+# the command line: python -m studies.ntng {tune|ablate|lr_check|compare|seal}
 
 COMMANDS = {'tune': 'tune [sweep_file.py] [--key=value ...]', 'ablate': 'ablate [sweep_file.py] [--key=value ...]',
+            'lr_check': 'lr_check [sweep_file.py] [--key=value ...]',
             'compare': 'compare SWEEP_FOLDER|RUN_FOLDER ... [--key=value ...]', 'seal': 'seal TUNED_JSON'}
 
 
@@ -512,7 +559,7 @@ class SealConfig:
 
 
 def main(argv):
-    usage = 'usage: python -m studies.ntng {tune|ablate|compare} ...  (each command takes --help)'
+    usage = 'usage: python -m studies.ntng {tune|ablate|lr_check|compare|seal} ...  (each command takes --help)'
     if not argv or argv[0] in ('-h', '--help'):  # --help: usage on stdout, exit 0; nothing: on stderr, exit 2
         print(usage if not argv else usage + '\n' + '\n'.join(f'  python -m studies.ntng {u}' for u in COMMANDS.values()),
               file=sys.stdout if argv else sys.stderr)
@@ -527,10 +574,10 @@ def main(argv):
             sys.exit(0 if rest == ['--help'] else 2)
         return cli(lambda c: seal(rest[0]), SealConfig, [], COMMANDS[command])
     rest = [f'--target={a[9:]!r}' if a.startswith('--target=') and is_number(a[9:]) else a for a in rest]  # a str key
-    if command in ('ablate', 'tune'):  # their config.py is the sweep file
+    if command in ('ablate', 'tune', 'lr_check'):  # their config.py is the sweep file
         rest = [f'--config={a}' if a.endswith('.py') and not a.startswith('--') else a for a in rest]
-        return cli(ablate if command == 'ablate' else tune, AblateConfig if command == 'ablate' else TuneConfig,
-                   rest, COMMANDS[command])
+        entry, config = {'ablate': (ablate, AblateConfig), 'tune': (tune, TuneConfig), 'lr_check': (lr_check, LrCheckConfig)}[command]
+        return cli(entry, config, rest, COMMANDS[command])
     dirs = [a for a in rest if not a.startswith('-')]
     return cli(lambda c: compare(dirs, c.out, c.target, c.baseline, c.floors, c.margin), CompareConfig,
                [a for a in rest if a.startswith('-')], COMMANDS[command])

@@ -72,8 +72,17 @@ def today_table(folder):
     cpu, runs = RECORDS / 'ntng-cpu-2026-11-30' / 'ablation', folder / 'ablation'
     if not any(runs.rglob('config.json')):
         return '(no run of these rows has finished yet)'
-    report, _, _ = compare_report([str(cpu / 'baseline'), str(runs)], target='none', floors=str(cpu / 'ablation.floors.json'))
+    # time to target: the CPU table's own target (compare's default, set by the baseline's 480-RST column,
+    # complete on 2026-12-02 before these rows ran), so it cannot move with these rows' columns
+    report, _, _ = compare_report([str(cpu / 'baseline'), str(runs)], floors=str(cpu / 'ablation.floors.json'))
     return report.replace(str(cpu) + '/', 'ntng-cpu-2026-11-30/ablation/').replace(str(runs) + '/', '')
+
+
+def finals_table(folder):
+    """Each scored run's final on all of val beside its eval windows' (studies/finals.py): the runs whose
+    checkpoints were still on the machine that ran them, from this folder and the H200-table reruns."""
+    from studies.finals import report
+    return report([str(folder / 'ablation'), str(RECORDS / 'ntng-h200-2026-12-06')])
 
 
 def decision_rule(cells):
@@ -188,6 +197,7 @@ SECTIONS = {
     'update_costs': Section('ntng-today-2026-12-06', update_costs),
     'today_tuning': Section('ntng-today-2026-12-06', today_tuning),
     'today': Section('ntng-today-2026-12-06', today_table),
+    'finals_all_val': Section('ntng-today-2026-12-06', finals_table),
     'slm': Section('slm-2026-11-30', slm_table, slm_figure),
     'madpo': Section('madpo-2026-11-30', madpo_table, madpo_figure),
     'slm_control': Section('slm-control-2026-12-06', slm_control_table),

@@ -104,3 +104,20 @@ def test_nproc_runs_every_planned_run_under_torchrun(tmp_path):
     assert plan and all(r.nproc == 2 for r in plan)
     assert all('--nproc_per_node=2' in ' '.join(r.command()) for r in plan)
     assert all(r.nproc == 1 for r in ntng.sweep_plan(ntng.AblateConfig(config=str(tmp_path / 'sweep.py'), seeds=(0,))))
+
+
+def test_lr_check_runs_each_tuned_lr_times_each_factor_at_the_largest_budget_on_the_tuning_seed(tuned, tmp_path, monkeypatch):
+    path, _ = tuned
+    planned = []
+    monkeypatch.setattr(ntng, 'run_plan', lambda plan, jobs, **kw: planned.extend(plan))
+    sweep, out = str(tmp_path / 'sweep.py'), tmp_path / 'check'
+    ntng.main(['lr_check', sweep, f'--tuned={path}', f'--out_dir={out}'])
+    runs = {(r.args['label'], r.out_dir.parent.name): r.args for r in planned}
+    assert sorted(runs) == [(row, f'x{f}') for row in ('baseline', 'muon') for f in ('0.5', '1', '2')]
+    assert all(a['budget'] == 12.0 and a['seed'] == 1000 and a['out_dir'].endswith('/s1000') for a in runs.values())
+    assert [runs['baseline', x]['lr'] for x in ('x0.5', 'x1', 'x2')] == pytest.approx([3e-3, 6e-3, 1.2e-2])
+    assert [runs['muon', x]['muon_lr'] for x in ('x0.5', 'x1', 'x2')] == pytest.approx([0.005, 0.01, 0.02])
+    assert {runs['muon', x]['lr'] for x in ('x0.5', 'x1', 'x2')} == {3e-3}  # its AdamW part stays at COMMON's lr
+    assert (out / 'lr_check.md').read_text().startswith('| row | budget | seed | lr x0.5 | lr x1 (tuned) | lr x2 |')
+    with pytest.raises(SystemExit):  # a repeated factor is refused before any run
+        ntng.main(['lr_check', sweep, f'--tuned={path}', '--factors=(1.0,1.0)'])
