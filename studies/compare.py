@@ -409,7 +409,8 @@ def unit_report(runs, target, baseline, floors, margin):
     if runs[0]['unit'] == 'rst':
         parts.append(cost_sensitivity(groups, baseline))
     if target != 'none':
-        chosen = (float(target), '') if target != 'auto' else auto_target(groups.get(baseline, {}))
+        chosen = (auto_target(groups.get(baseline, {})) if target == 'auto'
+                  else (float(target), ", as given (--target, or the sweep file's TARGET)"))
         if chosen is not None:
             parts.append(target_table(groups, chosen[0], baseline, how=chosen[1]))
     return '\n\n'.join(p for p in parts if p)

@@ -43,7 +43,7 @@ class AblateConfig:
     seeds: tuple = key((0, 1, 2, 3, 4), '>=0')  # paired: a seed fixes initialisation and data order for every method
     quick: bool = False                  # a smoke sweep: QUICK_BUDGETS, one seed, QUICK_COMMON's keys over every row's
     baseline_schedule: str = key('cosine', ('cosine', 'wsd_branches'))  # 'wsd_branches' adds a WSD row trained as cooldown branches
-    target: str = 'auto'                 # time-to-target: 'auto' (see compare), a number, 'none'
+    target: str = 'auto'                 # time-to-target: 'auto' (the sweep file's TARGET, else see compare), a number, 'none'
     tuned: str = ''                      # a tuned.json from `python -m studies.ntng tune` of this sweep: its values override METHODS'
     jobs: int = key(1, '>0')             # runs at once, the CPU threads split between them
     nproc: int = key(1, '>0')            # processes per run: > 1 starts each under torchrun, one GPU each (studies.plan)
@@ -57,7 +57,7 @@ class AblateConfig:
 def read_sweep(path):
     """The sweep file's COMMON, BUDGETS, QUICK_BUDGETS, METHODS (and optional TUNE: extra grid axes;
     TUNED_AS: {row: another row whose tuned values it runs with}; LR_KEY: {row: the lr key its grid moves};
-    QUICK_COMMON: COMMON's overrides under --quick)."""
+    QUICK_COMMON: COMMON's overrides under --quick; TARGET: time to target's val loss, fixed before the runs)."""
     if not Path(path).is_file():
         raise ConfigError(f'--config={path} not found: give the sweep file (your own Python), e.g. config/ablation.py')
     spec = read_config_file(path)
@@ -90,6 +90,8 @@ def check_sweep_shapes(spec, path):
         'QUICK_COMMON': (is_dict_of(spec.get('QUICK_COMMON', {}), lambda v: True), "a dict of train.py keys (--quick's)"),
         'LR_KEY': (is_dict_of(spec.get('LR_KEY', {}), lambda v: isinstance(v, str) and v.endswith('lr')),
                    "a dict of row -> the lr key its grid moves (e.g. 'muon_lr')"),
+        'TARGET': (spec.get('TARGET') is None or (type(spec['TARGET']) in (int, float) and 0 < spec['TARGET'] < math.inf),
+                   'a positive number: the val loss of time to target, declared before the runs'),
     }
     for name, (ok, shape) in shapes.items():
         require(ok, f'{path}: {name} must be {shape} (see config/ablation.py)')
@@ -173,7 +175,16 @@ def il_args(out_dir, budget):
 def ablate(cfg):
     require_writable(Path(cfg.out_dir) / 'ablation.md')
     run_plan(sweep_plan(cfg), cfg.jobs)
-    return compare([cfg.out_dir], out=f'{cfg.out_dir}/ablation', target=cfg.target)
+    return compare([cfg.out_dir], out=f'{cfg.out_dir}/ablation', target=sweep_target(cfg))
+
+
+def sweep_target(cfg):
+    """--target, or when it is 'auto' the sweep file's TARGET if it declares one: a target fixed before the runs
+    does not move when a column completes, as compare's 'auto' (the baseline's largest complete budget) does."""
+    if cfg.target != 'auto' or cfg.quick:
+        return cfg.target
+    target = read_sweep(cfg.config).get('TARGET')
+    return 'auto' if target is None else repr(float(target))
 
 
 # -----------------------------------------------------------------------------

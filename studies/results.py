@@ -35,10 +35,16 @@ class Section:
     figure: Callable = None          # (Path of the folder, Path of the png) -> draws it; None: no figure
 
 
+def declared_target():
+    """Time to target's val loss as config/ablation.py declares it (TARGET), not one that moves with the columns."""
+    from studies.ntng import read_sweep
+    return repr(float(read_sweep(str(ROOT / 'config' / 'ablation.py'))['TARGET']))
+
+
 def ntng_table(folder, **kw):
     from studies.compare import compare_report
     floors = next(folder.rglob('*.floors.json'), None)  # the floors compare used when the sweep ran
-    report, _, _ = compare_report([str(folder)], floors=str(floors) if floors else '', **kw)
+    report, _, _ = compare_report([str(folder)], floors=str(floors) if floors else '', target=declared_target(), **kw)
     return report.replace(str(folder) + '/', '')  # record paths relative to the folder: the same on every clone
 
 
@@ -72,9 +78,8 @@ def today_table(folder):
     cpu, runs = RECORDS / 'ntng-cpu-2026-11-30' / 'ablation', folder / 'ablation'
     if not any(runs.rglob('config.json')):
         return '(no run of these rows has finished yet)'
-    # time to target: the CPU table's own target (compare's default, set by the baseline's 480-RST column,
-    # complete on 2026-12-02 before these rows ran), so it cannot move with these rows' columns
-    report, _, _ = compare_report([str(cpu / 'baseline'), str(runs)], floors=str(cpu / 'ablation.floors.json'))
+    report, _, _ = compare_report([str(cpu / 'baseline'), str(runs)], target=declared_target(),
+                                  floors=str(cpu / 'ablation.floors.json'))
     return report.replace(str(cpu) + '/', 'ntng-cpu-2026-11-30/ablation/').replace(str(runs) + '/', '')
 
 

@@ -121,3 +121,16 @@ def test_lr_check_runs_each_tuned_lr_times_each_factor_at_the_largest_budget_on_
     assert (out / 'lr_check.md').read_text().startswith('| row | budget | seed | lr x0.5 | lr x1 (tuned) | lr x2 |')
     with pytest.raises(SystemExit):  # a repeated factor is refused before any run
         ntng.main(['lr_check', sweep, f'--tuned={path}', '--factors=(1.0,1.0)'])
+
+
+def test_a_target_declared_in_the_sweep_file_is_the_sweep_s_time_to_target(tmp_path):
+    sweep = tmp_path / 'sweep.py'
+    sweep.write_text(SWEEP)
+    assert ntng.sweep_target(ntng.AblateConfig(config=str(sweep))) == 'auto'  # none declared: compare's default
+    sweep.write_text(SWEEP + 'TARGET = 2.5\n')
+    assert ntng.sweep_target(ntng.AblateConfig(config=str(sweep))) == '2.5'
+    assert ntng.sweep_target(ntng.AblateConfig(config=str(sweep), target='3.0')) == '3.0'  # the command line wins
+    for bad in ('-1.0', "'low'", 'float("inf")'):
+        sweep.write_text(SWEEP + f'TARGET = {bad}\n')
+        with pytest.raises(ConfigError, match='TARGET must be a positive number'):
+            ntng.sweep_target(ntng.AblateConfig(config=str(sweep)))
