@@ -45,11 +45,15 @@ class AblateConfig:
     baseline_schedule: str = key('cosine', ('cosine', 'wsd_branches'))  # 'wsd_branches' adds a WSD row trained as cooldown branches
     target: str = 'auto'                 # time-to-target: 'auto' (the sweep file's TARGET, else see compare), a number, 'none'
     tuned: str = ''                      # a tuned.json from `python -m studies.ntng tune` of this sweep: its values override METHODS'
+    rst_table: str = ''                  # charge every run under this cost table (a second reference system: its rows
+    # are labelled by its folder, e.g. 'stack [h200]'; compare them with the first system's runs side by side)
     jobs: int = key(1, '>0')             # runs at once, the CPU threads split between them
     nproc: int = key(1, '>0')            # processes per run: > 1 starts each under torchrun, one GPU each (studies.plan)
 
     def __post_init__(self):
         check_target(self.target)
+        require(not self.rst_table or Path(self.rst_table).is_file(),
+                f'--rst_table={self.rst_table} not found: give a cost table (config/rst/h200/... or your calibrate.py output)')
         check_distinct('seeds', self.seeds, '(0, 1, 2, 3, 4)')
         check_distinct('budgets', self.budgets, '(120.0, 240.0)')
 
@@ -135,13 +139,14 @@ def sweep_plan(cfg):
     tuned, tuned_il = read_tuned(cfg.tuned, spec, cfg.config, min(budgets), rows, seeds) if cfg.tuned else ({}, None)
     # the IL model that tuning's RHO-LOSS grid trained serves this sweep too if it was trained for this largest budget
     il = tuned_il if tuned_il and tuned_il['il_budget'] == max(budgets) else il_args(cfg.out_dir, max(budgets))
+    system = {'rst_table': cfg.rst_table} if cfg.rst_table else {}
     plan = [planned_run(label, script, {**spec['COMMON'], **row_il(args, il, f'{cfg.out_dir}/{label}/b{b:g}/s{seed}'), **args,
-                                        **tuned.get(spec.get('TUNED_AS', {}).get(label, label), {}), **quick, 'budget': b,
+                                        **tuned.get(spec.get('TUNED_AS', {}).get(label, label), {}), **quick, **system, 'budget': b,
                                         'seed': seed, 'label': label, 'out_dir': f'{cfg.out_dir}/{label}/b{b:g}/s{seed}'}, cfg.nproc)
             for b in budgets for seed in seeds for label, (script, args) in methods.items()]  # cheapest budget first
     if cfg.baseline_schedule == 'wsd_branches':
         plan += [planned_run('wsd (branches)', 'train.py', {
-            **spec['COMMON'], **tuned.get('baseline', {}), 'schedule': 'wsd', 'budget': min(budgets), 'seed': seed,
+            **spec['COMMON'], **tuned.get('baseline', {}), **system, 'schedule': 'wsd', 'budget': min(budgets), 'seed': seed,
             'branch_budgets': tuple(b / min(budgets) for b in budgets), 'label': 'wsd (branches)',
             'out_dir': f'{cfg.out_dir}/wsd_branches/s{seed}'}, cfg.nproc) for seed in seeds]
     return plan

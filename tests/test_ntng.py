@@ -134,3 +134,15 @@ def test_a_target_declared_in_the_sweep_file_is_the_sweep_s_time_to_target(tmp_p
         sweep.write_text(SWEEP + f'TARGET = {bad}\n')
         with pytest.raises(ConfigError, match='TARGET must be a positive number'):
             ntng.sweep_target(ntng.AblateConfig(config=str(sweep)))
+
+
+def test_a_sweep_charged_under_a_second_reference_system_is_one_command(tuned, tmp_path):
+    path, _ = tuned
+    table = tmp_path / 'h200' / 'table.json'
+    table.parent.mkdir()
+    table.write_text('{}')  # read by the runs (budget.load_table checks it); the plan only names it
+    plan = ntng.sweep_plan(ntng.AblateConfig(config=str(tmp_path / 'sweep.py'), tuned=str(path), seeds=(0,),
+                                             rst_table=str(table), baseline_schedule='wsd_branches'))
+    assert plan and all(r.args['rst_table'] == str(table) for r in plan)
+    with pytest.raises(ConfigError, match='--rst_table=.* not found'):
+        ntng.AblateConfig(rst_table=str(tmp_path / 'none.json'))
