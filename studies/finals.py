@@ -51,12 +51,13 @@ def score_run(path, corpus_cache, cfg):
     val, rt = corpus_cache[key_], Runtime(torch.device('cpu'), torch.float32)
     model = load_model(path / 'ckpt.pt', rt.device, compile_loss=False)
     T = model.config.block_size
-    own = window_loss(model, val, val_ids(val, T, c['eval_batches'] * c['batch_size']), T, cfg.batch_size, rt)
+    ids = val_ids(val, T, c['eval_batches'] * c['batch_size'])  # the run's own eval windows, as train.py chose them
+    own = window_loss(model, val, ids, T, cfg.batch_size, rt)
     if not math.isclose(own, run['final'], rel_tol=SAME, abs_tol=SAME):
         raise UserError(f'{path}/ckpt.pt is not the model the run ended with: its loss on the run\'s eval windows is '
                         f'{own:.6f}, the run logged {run["final"]:.6f}: score a run whose checkpoint is its last')
     every = val_ids(val, T, num_examples(val, T))
-    return {'eval_windows': len(val_ids(val, T, c['eval_batches'] * c['batch_size'])), 'eval_val_loss': own,
+    return {'eval_windows': len(ids), 'eval_val_loss': own,
             'logged_final': run['final'], 'windows': len(every), 'val_loss': window_loss(model, val, every, T, cfg.batch_size, rt),
             'block_size': T}
 
