@@ -85,6 +85,17 @@ def score(dirs, cfg):
 # -----------------------------------------------------------------------------
 # the report
 
+def all_val_loss(run):
+    """A read_run's final on all of val from its final_all_val.json; None where it was not scored."""
+    f = Path(run['path']) / FILE
+    if not f.is_file():
+        return None
+    try:
+        return float(json.loads(f.read_text())['val_loss'])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"{f} is damaged: delete it and score the run again (python -m studies.finals {run['path']})") from None
+
+
 def read_scored(dirs):
     """({(label, budget): {seed: (final on the eval windows, final on all of val)}}, {windows in all of val})
     from the files of the finished runs under dirs."""

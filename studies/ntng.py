@@ -508,22 +508,47 @@ def tuning_table(path, rows=()):
 
 def lr_check_table(folder):
     """Markdown: each row's tuned lr x0.5, x1 and x2 at the largest budget on the tuning seed (folders
-    <row>/x<factor>/s<seed> under folder), the final val loss of each, and whether the tuned lr is the best
-    of the three there. A run not finished yet is shown as pending."""
+    <row>/x<factor>/s<seed> under folder), the final val loss of each (and on all of val where studies.finals
+    scored it), and whether the tuned lr is the best of the three there; other factors (x4) in a column of
+    their own. A run not finished yet is shown as pending."""
+    from studies.finals import all_val_loss
     found = {}
     for run in [read_run(p.parent) for p in sorted(Path(folder).glob('*/x*/s*/config.json'))]:
         if 'error' not in run:
             factor = float(Path(run['path']).parent.name[1:])
-            found.setdefault(run['label'].replace(' (tuning)', ''), {})[factor] = run
-    lines = ['| row | budget | seed | lr x0.5 | lr x1 (tuned) | lr x2 | tuned lr best of three |', '| --- | --- | --- | --- | --- | --- | --- |']
+            found.setdefault(run['label'].replace(' (tuning)', ''), {})[factor] = {**run, 'all_val': all_val_loss(run)}
+    lines = ['final val loss on the eval windows (on all of val, where scored by `python -m studies.finals`)', '',
+             '| row | budget | seed | lr x0.5 | lr x1 (tuned) | lr x2 | tuned lr best of three | other factors |',
+             '| --- | --- | --- | --- | --- | --- | --- | --- |']
     for label, by_factor in found.items():
         runs = list(by_factor.values())
-        cells = [f"{by_factor[f]['final']:.4f}" if f in by_factor and by_factor[f]['complete'] else 'pending'
-                 for f in (0.5, 1.0, 2.0)]
-        done = {f: r['final'] for f, r in by_factor.items() if r['complete']}
-        best = ('yes' if min(done, key=done.get) == 1.0 else f'no: x{min(done, key=done.get):g}') if len(done) == 3 else 'pending'
-        lines.append(f"| {label} | {runs[0]['budget']:g} | {runs[0]['seed']} | " + ' | '.join(cells) + f' | {best} |')
+        done = {f: r for f, r in by_factor.items() if r['complete']}
+        cells = [lr_check_cell(done.get(f)) for f in LR_CHECK_FACTORS]
+        more = '; '.join(f'x{f:g}: {lr_check_cell(done.get(f))}' for f in sorted(by_factor) if f not in LR_CHECK_FACTORS)
+        lines.append(f"| {label} | {runs[0]['budget']:g} | {runs[0]['seed']} | " + ' | '.join(cells)
+                     + f' | {best_of_three(done)} | {more or "—"} |')
     return '\n'.join(lines)
+
+
+LR_CHECK_FACTORS = (0.5, 1.0, 2.0)
+
+
+def lr_check_cell(run):
+    if run is None:
+        return 'pending'
+    return f"{run['final']:.4f}" + (f" ({run['all_val']:.4f})" if run['all_val'] is not None else '')
+
+
+def best_of_three(done):
+    """'yes' if x1 has the lowest final of x0.5, x1, x2, else which does (and on all of val, where all three are scored)."""
+    if not all(f in done for f in LR_CHECK_FACTORS):
+        return 'pending'
+
+    def verdict(key):
+        best = min(LR_CHECK_FACTORS, key=lambda f: done[f][key])
+        return 'yes' if best == 1.0 else f'no: x{best:g}'
+    scored = all(done[f]['all_val'] is not None for f in LR_CHECK_FACTORS)
+    return verdict('final') + (f" (all of val: {verdict('all_val')})" if scored else '')
 
 
 def plot_tuning(results, path):

@@ -118,7 +118,7 @@ def test_lr_check_runs_each_tuned_lr_times_each_factor_at_the_largest_budget_on_
     assert [runs['baseline', x]['lr'] for x in ('x0.5', 'x1', 'x2')] == pytest.approx([3e-3, 6e-3, 1.2e-2])
     assert [runs['muon', x]['muon_lr'] for x in ('x0.5', 'x1', 'x2')] == pytest.approx([0.005, 0.01, 0.02])
     assert {runs['muon', x]['lr'] for x in ('x0.5', 'x1', 'x2')} == {3e-3}  # its AdamW part stays at COMMON's lr
-    assert (out / 'lr_check.md').read_text().startswith('| row | budget | seed | lr x0.5 | lr x1 (tuned) | lr x2 |')
+    assert '| row | budget | seed | lr x0.5 | lr x1 (tuned) | lr x2 |' in (out / 'lr_check.md').read_text()
     with pytest.raises(SystemExit):  # a repeated factor is refused before any run
         ntng.main(['lr_check', sweep, f'--tuned={path}', '--factors=(1.0,1.0)'])
 
@@ -146,3 +146,20 @@ def test_a_sweep_charged_under_a_second_reference_system_is_one_command(tuned, t
     assert plan and all(r.args['rst_table'] == str(table) for r in plan)
     with pytest.raises(ConfigError, match='--rst_table=.* not found'):
         ntng.AblateConfig(rst_table=str(tmp_path / 'none.json'))
+
+
+def test_the_lr_check_table_reads_each_factor_and_all_of_val_where_scored(tmp_path):
+    from test_compare import finished
+    finals = {('baseline', 0.5): 1.30, ('baseline', 1.0): 1.20, ('baseline', 2.0): 1.10, ('baseline', 4.0): 1.15,
+              ('stack', 0.5): 1.25, ('stack', 1.0): 1.18, ('stack', 2.0): 1.19}
+    for (row, f), final in finals.items():
+        run = finished(tmp_path, f'{row}/x{f:g}/s1000', row, 480.0, 1000, final)
+        if row == 'baseline':  # scored on all of val, where x1 is best
+            all_val = final - 0.02 + (0.2 if f == 2.0 else 0.0)
+            (run / 'final_all_val.json').write_text(json.dumps({'val_loss': all_val, 'logged_final': final, 'windows': 9}))
+    finished(tmp_path, 'sb/x0.5/s1000', 'sb', 480.0, 1000, 1.4)
+    rows = {line.split('|')[1].strip(): [c.strip() for c in line.split('|')[4:9]]
+            for line in ntng.lr_check_table(tmp_path).splitlines() if line.startswith('| ') and '---' not in line}
+    assert rows['baseline'] == ['1.3000 (1.2800)', '1.2000 (1.1800)', '1.1000 (1.2800)', 'no: x2 (all of val: yes)', 'x4: 1.1500 (1.1300)']
+    assert rows['stack'] == ['1.2500', '1.1800', '1.1900', 'yes', '—']
+    assert rows['sb'] == ['1.4000', 'pending', 'pending', 'pending', '—']
