@@ -1,0 +1,51 @@
+"""studies/records.py: a study's finished runs copied into a record folder, never checkpoints, never a run
+still going or stopped, and never over another run's record."""
+import json
+
+import pytest
+
+from configurator import UserError
+from studies import records
+from test_compare import finished, write_run
+
+
+@pytest.fixture
+def study(tmp_path):
+    src = tmp_path / 'out'
+    done = finished(src, 'baseline/b10/s0', 'baseline', 10.0, 0, 2.0)
+    (done / 'ckpt.pt').write_bytes(b'weights')
+    (done / 'final_all_val.json').write_text('{"val_loss": 1.9}')
+    (src / 'baseline' / 'b10' / 's0.out').write_text('console\n')
+    write_run(src, 'baseline/b10/s1', 'baseline', 10.0, 1, [(4.0, 4000, 2.5)])  # still going: 4 of 10 RST
+    stopped = finished(src, 'baseline/b10/s2', 'baseline', 10.0, 2, 2.1)
+    (stopped / 'stopped.json').write_text('{}')
+    return src
+
+
+def test_finished_runs_are_recorded_without_checkpoints(study, tmp_path, capsys):
+    dst = tmp_path / 'records' / 'study-2026-12-06'
+    records.main([str(study), str(dst)])
+    assert capsys.readouterr().out.startswith('1 finished run(s) recorded')
+    assert sorted(str(p.relative_to(dst)) for p in dst.rglob('*') if p.is_file()) == [
+        'baseline/b10/s0.out', 'baseline/b10/s0/config.json', 'baseline/b10/s0/final_all_val.json', 'baseline/b10/s0/log.jsonl']
+    assert (dst / 'baseline/b10/s0/log.jsonl').read_bytes() == (study / 'baseline/b10/s0/log.jsonl').read_bytes()
+    records.main([str(study), str(dst)])  # again, as more runs finish: the same run is the same files
+
+
+def test_another_run_at_the_same_path_is_refused_before_anything_is_written(study, tmp_path):
+    dst = tmp_path / 'records'
+    finished(dst, 'baseline/b10/s0', 'baseline', 10.0, 0, 3.0)
+    (dst / 'baseline/b10/s0/config.json').write_text(json.dumps({'config': {'label': 'other'}}))
+    before = {p: p.read_bytes() for p in dst.rglob('*') if p.is_file()}
+    with pytest.raises(UserError, match='records another run than'):
+        records.record(study, dst)
+    assert {p: p.read_bytes() for p in dst.rglob('*') if p.is_file()} == before
+
+
+def test_the_command_needs_two_folders(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        records.main([str(tmp_path)])
+    assert e.value.code == 2 and capsys.readouterr().err.startswith('usage: python -m studies.records')
+    with pytest.raises(SystemExit) as e:
+        records.main([str(tmp_path / 'none'), str(tmp_path / 'r')])
+    assert e.value.code == 2 and 'is not a folder' in capsys.readouterr().err
