@@ -10,6 +10,7 @@ table each method's paired difference to the baseline: t-based 95% CI, Holm-adju
     python -m studies.ntng ablate --tuned=out/tune/tuned.json --jobs=2    # methods x budgets x seeds, then compare
     python -m studies.ntng compare out/ablation --out=ablation            # -> ablation.md, ablation.png
     python -m studies.ntng lr_check --tuned=out/tune/tuned.json --jobs=2  # tuned lr x0.5, x1, x2 at the largest budget
+                                                                          # (studies/lr_check.py)
 """
 import dataclasses
 import hashlib
@@ -179,8 +180,23 @@ def il_args(out_dir, budget):
 
 def ablate(cfg):
     require_writable(Path(cfg.out_dir) / 'ablation.md')
+    check_one_system(cfg.out_dir, cfg.rst_table)
     run_plan(sweep_plan(cfg), cfg.jobs)
     return compare([cfg.out_dir], out=f'{cfg.out_dir}/ablation', target=sweep_target(cfg))
+
+
+def check_one_system(out_dir, rst_table):
+    """A sweep folder holds runs charged under one cost table: a sweep under another, into the same folder, would
+    replace them (the plan runner replaces a run of other keys), so it is refused before any run."""
+    for config in sorted(Path(out_dir).glob('*/b*/s*/config.json')):
+        try:
+            c = json.loads(config.read_text())['config']
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not a run's: the plan runner replaces it
+        theirs = c.get('rst_table') or ''
+        if c.get('budget_unit') == 'rst' and theirs != rst_table:
+            raise UserError(f"{out_dir} holds runs charged under {theirs or 'the default cost table'} ({config.parent}): "
+                            f"give another --out_dir for a sweep under {rst_table or 'the default cost table'}")
 
 
 def sweep_target(cfg):
@@ -190,51 +206,6 @@ def sweep_target(cfg):
         return cfg.target
     target = read_sweep(cfg.config).get('TARGET')
     return 'auto' if target is None else repr(float(target))
-
-
-# -----------------------------------------------------------------------------
-# the tuned learning rates checked where they are used: x0.5, x1, x2 at the largest budget, on the tuning seed
-
-@dataclass(frozen=True)
-class LrCheckConfig:
-    config: str = key('config/ablation.py', 'path')  # the sweep file
-    tuned: str = key('out/tune/tuned.json', 'path')  # its tuning: each row's chosen lr is what is checked
-    out_dir: str = key('out/lr_check', 'path')       # <row>/x<factor>/s<seed> run folders, lr_check.md
-    methods: tuple = ('',)               # ('',) = every method in the config file
-    budget: float = key(0.0, '>=0')      # 0 = the largest of the config file's BUDGETS
-    seed: int = key(1000, '>=0')         # the tuning seed: a check of the tuning, never a reported run
-    factors: tuple = key((0.5, 1.0, 2.0), '>0')  # multiples of each row's tuned lr (of its LR_KEY)
-    jobs: int = key(1, '>0')             # runs at once, the CPU threads split between them
-
-    def __post_init__(self):
-        check_distinct('factors', self.factors, '(0.5, 1.0, 2.0)')
-
-
-def lr_check_plan(cfg):
-    """Each row's runs as the sweep would make them at the budget (its tuned values, its IL model), with its
-    lr x each factor (Lion's weight decay follows, as in tuning) on the tuning seed."""
-    spec = read_sweep(cfg.config)
-    budget = cfg.budget or max(spec['BUDGETS'])
-    sweep = AblateConfig(config=cfg.config, out_dir=cfg.out_dir, methods=cfg.methods, seeds=(0,), tuned=cfg.tuned,
-                         budgets=tuple(sorted({min(spec['BUDGETS']), budget})))  # read as the sweep's, re-seeded below
-    plan = []
-    for run in (r for r in sweep_plan(sweep) if r.args['budget'] == budget):
-        label, lr_key = run.args['label'], spec.get('LR_KEY', {}).get(run.args['label'], 'lr')
-        shared_il = {k: run.args[k] for k in ('il_out_dir', 'il_cache', 'il_budget') if k in run.args}
-        for f in cfg.factors:
-            out_dir = f'{cfg.out_dir}/{label}/x{f:g}/s{cfg.seed}'
-            args = {**tune_point(run.args, run.args, run.args[lr_key] * f, {}, lr_key), 'seed': cfg.seed, 'out_dir': out_dir}
-            plan.append(planned_run(f'{label} x{f:g}', run.script, {**args, **row_il(args, shared_il, out_dir)}))
-    return plan
-
-
-def lr_check(cfg):
-    require_writable(Path(cfg.out_dir) / 'lr_check.md')
-    run_plan(lr_check_plan(cfg), cfg.jobs)
-    table = lr_check_table(cfg.out_dir)
-    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(Path(cfg.out_dir) / 'lr_check.md', (table + '\n').encode())
-    print(table)
 
 
 # -----------------------------------------------------------------------------
@@ -506,51 +477,6 @@ def tuning_table(path, rows=()):
     return '\n'.join(lines)
 
 
-def lr_check_table(folder):
-    """Markdown: each row's tuned lr x0.5, x1 and x2 at the largest budget on the tuning seed (folders
-    <row>/x<factor>/s<seed> under folder), the final val loss of each (and on all of val where studies.finals
-    scored it), and whether the tuned lr is the best of the three there; other factors (x4) in a column of
-    their own. A run not finished yet is shown as pending."""
-    from studies.finals import all_val_loss
-    found = {}
-    for run in [read_run(p.parent) for p in sorted(Path(folder).glob('*/x*/s*/config.json'))]:
-        if 'error' not in run:
-            factor = float(Path(run['path']).parent.name[1:])
-            found.setdefault(run['label'].replace(' (tuning)', ''), {})[factor] = {**run, 'all_val': all_val_loss(run)}
-    lines = ['final val loss on the eval windows (on all of val, where scored by `python -m studies.finals`)', '',
-             '| row | budget | seed | lr x0.5 | lr x1 (tuned) | lr x2 | tuned lr best of three | other factors |',
-             '| --- | --- | --- | --- | --- | --- | --- | --- |']
-    for label, by_factor in found.items():
-        runs = list(by_factor.values())
-        done = {f: r for f, r in by_factor.items() if r['complete']}
-        cells = [lr_check_cell(done.get(f)) for f in LR_CHECK_FACTORS]
-        more = '; '.join(f'x{f:g}: {lr_check_cell(done.get(f))}' for f in sorted(by_factor) if f not in LR_CHECK_FACTORS)
-        lines.append(f"| {label} | {runs[0]['budget']:g} | {runs[0]['seed']} | " + ' | '.join(cells)
-                     + f' | {best_of_three(done)} | {more or "—"} |')
-    return '\n'.join(lines)
-
-
-LR_CHECK_FACTORS = (0.5, 1.0, 2.0)
-
-
-def lr_check_cell(run):
-    if run is None:
-        return 'pending'
-    return f"{run['final']:.4f}" + (f" ({run['all_val']:.4f})" if run['all_val'] is not None else '')
-
-
-def best_of_three(done):
-    """'yes' if x1 has the lowest final of x0.5, x1, x2, else which does (and on all of val, where all three are scored)."""
-    if not all(f in done for f in LR_CHECK_FACTORS):
-        return 'pending'
-
-    def verdict(key):
-        best = min(LR_CHECK_FACTORS, key=lambda f: done[f][key])
-        return 'yes' if best == 1.0 else f'no: x{best:g}'
-    scored = all(done[f]['all_val'] is not None for f in LR_CHECK_FACTORS)
-    return verdict('final') + (f" (all of val: {verdict('all_val')})" if scored else '')
-
-
 def plot_tuning(results, path):
     """Final val loss against lr, one line per method (per extra grid value), on one figure."""
     plt = pyplot('the tuning curves')
@@ -616,8 +542,10 @@ def main(argv):
         return cli(lambda c: seal(rest[0]), SealConfig, [], COMMANDS[command])
     rest = [f'--target={a[9:]!r}' if a.startswith('--target=') and is_number(a[9:]) else a for a in rest]  # a str key
     if command in ('ablate', 'tune', 'lr_check'):  # their config.py is the sweep file
+        from studies import lr_check
         rest = [f'--config={a}' if a.endswith('.py') and not a.startswith('--') else a for a in rest]
-        entry, config = {'ablate': (ablate, AblateConfig), 'tune': (tune, TuneConfig), 'lr_check': (lr_check, LrCheckConfig)}[command]
+        entry, config = {'ablate': (ablate, AblateConfig), 'tune': (tune, TuneConfig),
+                         'lr_check': (lr_check.lr_check, lr_check.LrCheckConfig)}[command]
         return cli(entry, config, rest, COMMANDS[command])
     dirs = [a for a in rest if not a.startswith('-')]
     return cli(lambda c: compare(dirs, c.out, c.target, c.baseline, c.floors, c.margin), CompareConfig,

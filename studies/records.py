@@ -14,7 +14,8 @@ from pathlib import Path
 
 from configurator import UserError, cli
 from data.loader import atomic_write_bytes
-from runs import run_finished
+from runs import read_run, run_finished
+from studies.finals import FILE as SCORE, read_score
 
 FILES = ('config.json', 'log.jsonl', 'final_all_val.json')  # a run's evidence; checkpoints and caches are not
 
@@ -43,7 +44,7 @@ def record(src, dst):
         rel = run.relative_to(src)
         (dst / rel).mkdir(parents=True, exist_ok=True)
         for name in FILES:
-            if (run / name).exists():
+            if (run / name).exists() and (name != SCORE or read_score(read_run(run))):  # never an earlier run's score
                 atomic_write_bytes(dst / rel / name, (run / name).read_bytes())
         out = run.parent / f'{run.name}.out'
         if out.exists():

@@ -36,9 +36,11 @@ class Section:
 
 
 def declared_target():
-    """Time to target's val loss as config/ablation.py declares it (TARGET), not one that moves with the columns."""
+    """Time to target's val loss as config/ablation.py declares it (TARGET), not one that moves with the columns;
+    compare's default ('auto') where it declares none."""
     from studies.ntng import read_sweep
-    return repr(float(read_sweep(str(ROOT / 'config' / 'ablation.py'))['TARGET']))
+    target = read_sweep(str(ROOT / 'config' / 'ablation.py')).get('TARGET')
+    return 'auto' if target is None else repr(float(target))
 
 
 def ntng_table(folder, **kw):
@@ -106,7 +108,7 @@ def decision_rule(cells):
 
 
 def lr_check(folder):
-    from studies.ntng import lr_check_table
+    from studies.lr_check import lr_check_table
     return lr_check_table(folder)
 
 

@@ -6,8 +6,9 @@ import math
 
 import pytest
 
+import runs
 from configurator import ConfigError, UserError
-from studies import ntng
+from studies import lr_check, ntng
 
 SWEEP = '''
 COMMON = dict(model='tiny', batch_size=8, compile_loss=False, budget_unit='iters', eval_interval=3,
@@ -108,19 +109,25 @@ def test_nproc_runs_every_planned_run_under_torchrun(tmp_path):
 
 def test_lr_check_runs_each_tuned_lr_times_each_factor_at_the_largest_budget_on_the_tuning_seed(tuned, tmp_path, monkeypatch):
     path, _ = tuned
+    sweep = tmp_path / 'sweep.py'
+    sweep.write_text(SWEEP.replace("LR_KEY", "METHODS['lion'] = ('train.py', dict(optimizer='lion', lr=3e-4, weight_decay=0.5))\nLR_KEY"))
+    OPTIMUM['lion'] = 3e-4
+    ntng.tune(ntng.TuneConfig(config=str(sweep), out_dir=str(tmp_path / 'tune'), methods=('lion',), seeds=(7,)))
     planned = []
-    monkeypatch.setattr(ntng, 'run_plan', lambda plan, jobs, **kw: planned.extend(plan))
-    sweep, out = str(tmp_path / 'sweep.py'), tmp_path / 'check'
-    ntng.main(['lr_check', sweep, f'--tuned={path}', f'--out_dir={out}'])
+    monkeypatch.setattr(lr_check, 'run_plan', lambda plan, jobs, **kw: planned.extend(plan))
+    out = tmp_path / 'check'
+    ntng.main(['lr_check', str(sweep), f'--tuned={path}', f'--out_dir={out}'])
     runs = {(r.args['label'], r.out_dir.parent.name): r.args for r in planned}
-    assert sorted(runs) == [(row, f'x{f}') for row in ('baseline', 'muon') for f in ('0.5', '1', '2')]
-    assert all(a['budget'] == 12.0 and a['seed'] == 1000 and a['out_dir'].endswith('/s1000') for a in runs.values())
+    assert sorted(runs) == [(row, f'x{f}') for row in ('baseline', 'lion', 'muon') for f in ('0.5', '1', '2')]
+    assert all(a['budget'] == 12.0 and a['seed'] == 7 and a['out_dir'].endswith('/s7') for a in runs.values())  # tuning's seed
     assert [runs['baseline', x]['lr'] for x in ('x0.5', 'x1', 'x2')] == pytest.approx([3e-3, 6e-3, 1.2e-2])
     assert [runs['muon', x]['muon_lr'] for x in ('x0.5', 'x1', 'x2')] == pytest.approx([0.005, 0.01, 0.02])
     assert {runs['muon', x]['lr'] for x in ('x0.5', 'x1', 'x2')} == {3e-3}  # its AdamW part stays at COMMON's lr
+    lion = [runs['lion', x] for x in ('x0.5', 'x1', 'x2')]
+    assert [a['lr'] * a['weight_decay'] for a in lion] == pytest.approx([3e-4 * 0.5] * 3)  # wd follows lr, as in tuning
     assert '| row | budget | seed | lr x0.5 | lr x1 (tuned) | lr x2 |' in (out / 'lr_check.md').read_text()
     with pytest.raises(SystemExit):  # a repeated factor is refused before any run
-        ntng.main(['lr_check', sweep, f'--tuned={path}', '--factors=(1.0,1.0)'])
+        ntng.main(['lr_check', str(sweep), f'--tuned={path}', '--factors=(1.0,1.0)'])
 
 
 def test_a_target_declared_in_the_sweep_file_is_the_sweep_s_time_to_target(tmp_path):
@@ -149,17 +156,35 @@ def test_a_sweep_charged_under_a_second_reference_system_is_one_command(tuned, t
 
 
 def test_the_lr_check_table_reads_each_factor_and_all_of_val_where_scored(tmp_path):
-    from test_compare import finished
+    from test_compare import finished, write_run
     finals = {('baseline', 0.5): 1.30, ('baseline', 1.0): 1.20, ('baseline', 2.0): 1.10, ('baseline', 4.0): 1.15,
               ('stack', 0.5): 1.25, ('stack', 1.0): 1.18, ('stack', 2.0): 1.19}
     for (row, f), final in finals.items():
         run = finished(tmp_path, f'{row}/x{f:g}/s1000', row, 480.0, 1000, final)
         if row == 'baseline':  # scored on all of val, where x1 is best
             all_val = final - 0.02 + (0.2 if f == 2.0 else 0.0)
-            (run / 'final_all_val.json').write_text(json.dumps({'val_loss': all_val, 'logged_final': final, 'windows': 9}))
+            logged = runs.read_run(run)['final']
+            (run / 'final_all_val.json').write_text(json.dumps({'val_loss': all_val, 'logged_final': logged, 'windows': 9}))
     finished(tmp_path, 'sb/x0.5/s1000', 'sb', 480.0, 1000, 1.4)
+    finished(tmp_path, 'stack/x1/s1000_il', 'rho_il', 480.0, 1000, 1.0)  # an IL model's folder: not a row
+    diverged = write_run(tmp_path, 'lion/x2/s1000', 'lion', 480.0, 1000, [(100.0, 1e5, 3.0)])
+    with open(diverged / 'log.jsonl', 'a') as f:
+        f.write(json.dumps({'step': 101, 'nonfinite': True, 'rst': 101.0}) + '\n')
+    for f, final in ((0.5, 1.3), (1.0, 1.25)):
+        finished(tmp_path, f'lion/x{f:g}/s1000', 'lion', 480.0, 1000, final)
     rows = {line.split('|')[1].strip(): [c.strip() for c in line.split('|')[4:9]]
-            for line in ntng.lr_check_table(tmp_path).splitlines() if line.startswith('| ') and '---' not in line}
+            for line in lr_check.lr_check_table(tmp_path).splitlines() if line.startswith('| ') and '---' not in line}
     assert rows['baseline'] == ['1.3000 (1.2800)', '1.2000 (1.1800)', '1.1000 (1.2800)', 'no: x2 (all of val: yes)', 'x4: 1.1500 (1.1300)']
     assert rows['stack'] == ['1.2500', '1.1800', '1.1900', 'yes', '—']
     assert rows['sb'] == ['1.4000', 'pending', 'pending', 'pending', '—']
+    assert rows['lion'] == ['1.3000', '1.2500', 'diverged', 'yes', '—'] and 'rho_il' not in rows
+
+
+def test_a_sweep_under_another_cost_table_never_replaces_a_folder_s_runs(tmp_path):
+    from test_compare import finished
+    run = finished(tmp_path / 'ablation', 'stack/b6/s0', 'stack', 6.0, 0, 2.0)
+    info = json.loads((run / 'config.json').read_text())
+    (run / 'config.json').write_text(json.dumps({**info, 'config': {**info['config'], 'rst_table': ''}}))
+    ntng.check_one_system(tmp_path / 'ablation', '')  # the same system: resumed, not replaced
+    with pytest.raises(UserError, match='holds runs charged under the default cost table .*give another --out_dir'):
+        ntng.check_one_system(tmp_path / 'ablation', 'config/rst/h200/t.json')

@@ -14,7 +14,7 @@ def study(tmp_path):
     src = tmp_path / 'out'
     done = finished(src, 'baseline/b10/s0', 'baseline', 10.0, 0, 2.0)
     (done / 'ckpt.pt').write_bytes(b'weights')
-    (done / 'final_all_val.json').write_text('{"val_loss": 1.9}')
+    (done / 'final_all_val.json').write_text('{"logged_final": 2.0, "val_loss": 1.9, "windows": 9}')
     (src / 'baseline' / 'b10' / 's0.out').write_text('console\n')
     write_run(src, 'baseline/b10/s1', 'baseline', 10.0, 1, [(4.0, 4000, 2.5)])  # still going: 4 of 10 RST
     stopped = finished(src, 'baseline/b10/s2', 'baseline', 10.0, 2, 2.1)
@@ -29,7 +29,9 @@ def test_finished_runs_are_recorded_without_checkpoints(study, tmp_path, capsys)
     assert sorted(str(p.relative_to(dst)) for p in dst.rglob('*') if p.is_file()) == [
         'baseline/b10/s0.out', 'baseline/b10/s0/config.json', 'baseline/b10/s0/final_all_val.json', 'baseline/b10/s0/log.jsonl']
     assert (dst / 'baseline/b10/s0/log.jsonl').read_bytes() == (study / 'baseline/b10/s0/log.jsonl').read_bytes()
+    before = {p: p.read_bytes() for p in dst.rglob('*') if p.is_file()}
     records.main([str(study), str(dst)])  # again, as more runs finish: the same run is the same files
+    assert {p: p.read_bytes() for p in dst.rglob('*') if p.is_file()} == before
 
 
 def test_another_run_at_the_same_path_is_refused_before_anything_is_written(study, tmp_path):
