@@ -83,7 +83,8 @@ def score(dirs, cfg):
     todo = [r for r in finished if cfg.overwrite or read_score(r) is None]
     skipped = {r['path']: why for r in todo if (why := unscorable(Path(r['path']), r))}
     todo = [r for r in todo if r['path'] not in skipped]
-    print(f'{len(todo)} run(s) to score' + (f'; {len(skipped)} not scored: {next(iter(skipped.values()))} ...' if skipped else ''))
+    first_skip = f'; {len(skipped)} not scored: {next(iter(skipped.values()))} ...' if skipped else ''
+    print(f'{len(todo)} run(s) to score{first_skip}')
     corpora, failed = {}, {}
     for i, run in enumerate(todo, 1):
         path, c = Path(run['path']), (run['dataset'], run['tokenizer'])
@@ -117,7 +118,8 @@ def read_score(run):
         if not all(math.isfinite(v) for v in rec.values()):
             raise ValueError('not finite')
     except (OSError, ValueError, KeyError, TypeError):
-        raise UserError(f"{f} is damaged: delete it and score the run again (python -m studies.finals {run['path']})") from None
+        raise UserError(f"{f} is damaged: delete it and score the run again "
+                        f"(python -m studies.finals {run['path']})") from None
     return rec if rec['logged_final'] == run['final'] else None  # a score of an earlier run in this folder
 
 
@@ -135,7 +137,8 @@ def read_scored(dirs):
     check_one_run_per_cell([r for r, _ in scored])  # tuning grids share a label and seed: not a table's runs
     cells = {}
     for run, rec in scored:
-        cells.setdefault((run['label'], run['unit'], run['budget']), {})[run['seed']] = (rec['logged_final'], rec['val_loss'])
+        cell = cells.setdefault((run['label'], run['unit'], run['budget']), {})
+        cell[run['seed']] = (rec['logged_final'], rec['val_loss'])
     return cells, {int(rec['windows']) for _, rec in scored}
 
 
@@ -145,7 +148,8 @@ def report(dirs, baseline='baseline'):
         return '(no run has been scored on all of val yet)'
     lines = [f'finals on all of val ({", ".join(map(str, sorted(windows)))} windows) beside the eval windows each run '
              'was scored on; mean over seeds, the difference with its t-based 95% CI', '',
-             '| method | budget | n | eval windows | all of val | all − eval windows | Δ to baseline: eval windows | Δ: all of val |',
+             '| method | budget | n | eval windows | all of val | all − eval windows '
+             '| Δ to baseline: eval windows | Δ: all of val |',
              '| --- | --- | --- | --- | --- | --- | --- | --- |']
     for (label, unit, b), seeds in sorted(cells.items(), key=lambda kv: (kv[0][0] != baseline, kv[0])):
         ev, al = [seeds[s][0] for s in sorted(seeds)], [seeds[s][1] for s in sorted(seeds)]

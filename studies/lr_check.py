@@ -4,7 +4,8 @@ budget, on the tuning seed.
 No Train No Gain's protocol tunes every row at the smallest budget; a row whose best lr moves with the budget
 is then compared at the larger budgets at an lr that was not its best there. This runs each row as the sweep
 would run it at the largest budget (its tuned values, its IL model), with its lr (its LR_KEY: Muon's
-muon_lr) times each factor; Lion's weight decay follows its lr, as in tuning. Where x1 is not the best of
+muon_lr) times each factor; Lion's weight decay follows its lr, as in tuning, and a RHO-LOSS row with an
+IL model of its own (il_budget_frac) trains that model at the scaled lr too. Where x1 is not the best of
 the three, that row's largest-budget column is to be rerun at the better lr.
 
     python -m studies.ntng lr_check --tuned=out/tune/tuned.json --jobs=2     # -> out/lr_check/, lr_check.md
