@@ -151,14 +151,18 @@ def report(dirs, baseline='baseline'):
              '| method | budget | n | eval windows | all of val | all − eval windows '
              '| Δ to baseline: eval windows | Δ: all of val |',
              '| --- | --- | --- | --- | --- | --- | --- | --- |']
+    gaps = []
     for (label, unit, b), seeds in sorted(cells.items(), key=lambda kv: (kv[0][0] != baseline, kv[0])):
         ev, al = [seeds[s][0] for s in sorted(seeds)], [seeds[s][1] for s in sorted(seeds)]
         m, half = t_interval([a - e for e, a in zip(ev, al)])
+        gaps.append(m)
         base = cells.get((baseline, unit, b), {}) if label != baseline else {}
         common = sorted(base.keys() & seeds.keys())
         deltas = [paired_text([seeds[s][i] for s in common], [base[s][i] for s in common]) for i in (0, 1)]
         lines.append(f'| {label} | {b:g} | {len(seeds)} | {sum(ev) / len(ev):.4f} | {sum(al) / len(al):.4f} | '
                      f'{m:+.4f} {interval(m, half)} | {deltas[0]} | {deltas[1]} |')
+    lines += ['', f'spread of the gap column (largest minus smallest mean): {max(gaps) - min(gaps):.4f}, '
+                  f'from {min(gaps):+.4f} to {max(gaps):+.4f}']
     return '\n'.join(lines)
 
 
