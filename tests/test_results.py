@@ -46,3 +46,15 @@ def test_a_changed_record_is_caught(tmp_path, monkeypatch):
                             dirs_exist_ok=True)
     assert results.render() != before
     assert results.evidence_hash(copy) != results.evidence_hash(results.ROOT / 'out' / 'records' / section.records)
+
+
+def test_the_finals_prose_claim_holds_for_the_tables_as_they_are():
+    """The finals section says the spread of its gap column is smaller than the end nearest zero of every
+    better-or-worse cell's 95% CI in the No Train No Gain tables: re-read from RESULTS.md, so a run added later
+    that breaks it fails here and the sentence is reworded."""
+    text = results.OUT.read_text()
+    tables = text[text.index('## No Train No Gain at CPU scale'):text.index('## Finals on all of val')]
+    cells = re.findall(r'Δ [+-]\d\.\d+ \[([+-]\d\.\d+), ([+-]\d\.\d+)\] p=\S+\*', tables)  # * = Holm p < 0.05
+    nearest_zero = [min(abs(float(lo)), abs(float(hi))) for lo, hi in cells if float(lo) * float(hi) > 0]
+    spread = float(re.search(r'spread of the gap column \(largest minus smallest mean\): (\d\.\d+)', text).group(1))
+    assert nearest_zero and spread < min(nearest_zero), (spread, min(nearest_zero))
