@@ -21,7 +21,7 @@ from types import SimpleNamespace
 
 import torch
 
-from configurator import UserError, cli, key
+from configurator import UserError, cli, key, require
 from data.loader import atomic_write_bytes, get_examples, num_examples, val_ids
 from model import evaluate
 from runs import Runtime, load_model, read_run
@@ -40,6 +40,12 @@ class FinalsConfig:
     dtype: str = key('float32', tuple(DTYPES))  # the runs' eval precision (a GPU run's autocast: 'bfloat16')
     batch_size: int = key(64, '>0')  # windows per forward pass (the loss does not depend on it beyond rounding)
     overwrite: bool = False          # score again a run that already has a valid score
+
+    def __post_init__(self):
+        here = {'cpu': True, 'mps': torch.backends.mps.is_available()}.get(self.device.split(':')[0], torch.cuda.is_available())
+        require(self.device.split(':')[0] in ('cpu', 'cuda', 'mps') and here,
+                f"--device={self.device} is not available on this machine: score on 'cpu', or on the kind of machine "
+                'that ran the runs')
 
 
 def score_run(path, run, val, cfg):

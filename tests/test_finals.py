@@ -139,3 +139,9 @@ def test_the_command_needs_run_folders(tmp_path, capsys):
         finals.main([str(tmp_path / 'none')])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.strip().count('\n') == 0 and 'does not exist' in err
+
+
+def test_a_device_this_machine_lacks_is_refused_before_anything_is_read():
+    for device in ('tpu', 'cuda' if not torch.cuda.is_available() else 'mps:7'):
+        with pytest.raises(UserError, match=f'--device={device} is not available on this machine'):
+            finals.FinalsConfig(device=device)
