@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from configurator import check_distinct, key, require_writable
+from configurator import check_distinct, key, require, require_writable
 from data.loader import atomic_write_bytes
 from runs import IL_LABEL, read_run, run_diverged
 from studies.ntng import AblateConfig, planned_run, read_sweep, row_il, sweep_plan, tune_point
@@ -47,7 +47,9 @@ def lr_check_plan(cfg):
     sweep = AblateConfig(config=cfg.config, out_dir=cfg.out_dir, methods=cfg.methods, seeds=(0,), tuned=cfg.tuned,
                          budgets=tuple(sorted({min(spec['BUDGETS']), budget})))  # read as the sweep's, re-seeded below
     runs = [r for r in sweep_plan(sweep) if r.args['budget'] == budget]  # sweep_plan has checked tuned.json
-    seed = cfg.seed if cfg.seed >= 0 else json.loads(Path(cfg.tuned).read_text())['seeds'][0]
+    tuning_seeds = json.loads(Path(cfg.tuned).read_text()).get('seeds') or []
+    require(cfg.seed >= 0 or tuning_seeds, f'--tuned={cfg.tuned} names no tuning seed: give --seed')
+    seed = cfg.seed if cfg.seed >= 0 else tuning_seeds[0]
     plan = []
     for run in runs:
         label, lr_key = run.args['label'], spec.get('LR_KEY', {}).get(run.args['label'], 'lr')
