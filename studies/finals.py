@@ -50,11 +50,10 @@ class FinalsConfig:
 
 def score_run(path, run, val, cfg):
     """One finished GPT run's ckpt.pt on all of val -> the record for <run>/final_all_val.json."""
-    c = json.loads((path / 'config.json').read_text())['config']
     rt = Runtime(torch.device(cfg.device), DTYPES[cfg.dtype])
     model = load_model(path / 'ckpt.pt', rt.device, compile_loss=False)
-    T = model.config.block_size
-    ids = val_ids(val, T, c['eval_batches'] * c['batch_size'])  # the run's own eval windows, as train.py chose them
+    T, n = run['eval_windows']
+    ids = val_ids(val, T, n)  # the run's own eval windows, as train.py chose them
     own = window_loss(model, val, ids, T, cfg.batch_size, rt)
     if not math.isclose(own, run['final'], rel_tol=SAME, abs_tol=SAME):
         raise UserError(f'its checkpoint scores {own:.6f} on its eval windows, its log ends at {run["final"]:.6f}: '
@@ -72,9 +71,8 @@ def window_loss(model, val, ids, T, batch_size, rt):
 
 def unscorable(path, run):
     """Why a finished run cannot be scored here, or None."""
-    c = json.loads((path / 'config.json').read_text())['config']
-    if c.get('model_type', 'gpt') != 'gpt':
-        return f"a {c['model_type']} run (GPT runs only)"
+    if run['eval_windows'] is None:  # runs.eval_windows: T5-lite scores span-corrupted examples, not windows
+        return f"a {run['shape'][0]} run (GPT runs only)"
     if not (path / 'ckpt.pt').is_file():
         return 'no checkpoint'
     return None

@@ -84,12 +84,18 @@ def test_seal_refuses_what_is_not_a_tuned_json(tmp_path, capsys):
     assert e.value.code == 2
 
 
-def test_rows_added_to_the_sweep_file_keep_the_tuning_a_changed_row_does_not(tuned, tmp_path, monkeypatch):
-    path, _ = tuned
+def tune_lion(tmp_path, lion_args="lr=3e-4"):
+    """Add a Lion row to the sweep file and tune it beside the tuned rows -> the sweep file's path."""
     sweep = tmp_path / 'sweep.py'
-    sweep.write_text(SWEEP.replace("LR_KEY", "METHODS['lion'] = ('train.py', dict(optimizer='lion', lr=3e-4))\nLR_KEY"))
+    sweep.write_text(SWEEP.replace("LR_KEY", f"METHODS['lion'] = ('train.py', dict(optimizer='lion', {lion_args}))\nLR_KEY"))
     OPTIMUM['lion'] = 3e-4
     ntng.tune(ntng.TuneConfig(config=str(sweep), out_dir=str(tmp_path / 'tune'), methods=('lion',), seeds=(7,)))
+    return sweep
+
+
+def test_rows_added_to_the_sweep_file_keep_the_tuning_a_changed_row_does_not(tuned, tmp_path, monkeypatch):
+    path, _ = tuned
+    sweep = tune_lion(tmp_path)
     assert set(json.loads(path.read_text())['tuned']) == {'baseline', 'muon', 'lion'}
     sweep.write_text(SWEEP.replace('muon_lr=0.02)', 'muon_lr=0.02, muon_momentum=0.9)'))
     with pytest.raises(ConfigError, match=r"METHODS\['muon'\]"):
@@ -109,10 +115,7 @@ def test_nproc_runs_every_planned_run_under_torchrun(tmp_path):
 
 def test_lr_check_runs_each_tuned_lr_times_each_factor_at_the_largest_budget_on_the_tuning_seed(tuned, tmp_path, monkeypatch):
     path, _ = tuned
-    sweep = tmp_path / 'sweep.py'
-    sweep.write_text(SWEEP.replace("LR_KEY", "METHODS['lion'] = ('train.py', dict(optimizer='lion', lr=3e-4, weight_decay=0.5))\nLR_KEY"))
-    OPTIMUM['lion'] = 3e-4
-    ntng.tune(ntng.TuneConfig(config=str(sweep), out_dir=str(tmp_path / 'tune'), methods=('lion',), seeds=(7,)))
+    sweep = tune_lion(tmp_path, 'lr=3e-4, weight_decay=0.5')
     planned = []
     monkeypatch.setattr(lr_check, 'run_plan', lambda plan, jobs, **kw: planned.extend(plan))
     out = tmp_path / 'check'
