@@ -2,8 +2,8 @@
 the fixed eval windows the run itself was scored on.
 
 A table's final val loss is the loss on the run's eval windows (eval_batches x batch_size of them, evenly
-spread: 512 of the stdlib val split's 6053 for config/ablation.py), so a document can weigh more in it than
-in the split. This scores each run's final checkpoint on every window, after checking that the checkpoint
+spread over the split: a fraction of it for config/ablation.py), so a document can weigh more in it than in
+the split. This scores each run's final checkpoint on every window, after checking that the checkpoint
 is the model the run ended with: its loss on the run's own eval windows must equal the final val loss the
 run logged. A score names the final it was checked against, so a run started afresh in the same folder is
 scored again, never read with its predecessor's score. The report puts the two side by side per row and
