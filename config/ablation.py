@@ -42,8 +42,9 @@ METHODS = {
     'sfadamw': ('train.py', dict(optimizer='sfadamw', lr=2.5e-3, warmup_frac=0.0, warmup_units=2.4)),
 }
 LR_KEY = {'muon': 'muon_lr'}  # the lr a row's tuning grid moves, when it is not lr
-TUNE = {'sophiag': {'rho': (0.04, 0.08, 0.16)}}  # the authors tune rho for a win rate of 0.1-0.5; at the default 0.04
+TUNE = {'sophiag': {'rho': (0.04, 0.08, 0.16, 0.32, 0.64)}}  # the authors tune rho for a win rate of 0.1-0.5; at the default 0.04
 # a short pilot run's win rate was below that band, so the grid starts at the default and goes up (tune extends
-# it either way from an edge)
+# it either way from an edge); 0.32 and 0.64 added 2026-12-06 (issue 34): at 0.16 the win rate only reached the
+# band's lower end, and the axis goes on until the rate is inside it or the loss worsens
 TUNED_AS = {'rho_il_charged': 'rho', 'rho_il_f0.1': 'rho', 'rho_il_f0.25': 'rho'}  # the same method and lr; the
 # accounting differs (the paper's: IL free), and the fraction rows' IL model is their own, smaller one

@@ -37,7 +37,7 @@ def rerun_plan(row, factor, budget):
 
 plan = (gpu_plan(('stack',), (120.0, 240.0)) + lr_plan(('baseline', 'stack')) + lr_plan(('baseline',), (4.0,))
         + rerun_plan('baseline', 2.0, 480.0) + gpu_plan(('stack',), (480.0,))
-        + gpu_plan(('drop',), (120.0, 240.0, 480.0)) + lr_plan(('drop', 'lion', 'sophiag', 'sb')))
+        + lr_plan(('drop', 'lion', 'sophiag', 'sb')) + gpu_plan(('drop',), (120.0, 240.0, 480.0)))
 for label, script, args in plan:
     print(label, args['out_dir'], args['lr'], args.get('rst_table', ''), flush=True)
 if '--dry' not in sys.argv:
