@@ -87,9 +87,11 @@ def today_table(folder):
 
 def finals_table(folder):
     """Each scored run's final on all of val beside its eval windows' (studies/finals.py): the runs whose
-    checkpoints were still on the machine that ran them, from this folder and the H200-table reruns."""
+    checkpoints were still on the machine that ran them, from this folder, the H200-table reruns and the
+    baseline's 480-RST rerun at the lr its check found better (once run: the baseline the Δ columns pair with)."""
     from studies.finals import report
-    return report([str(folder / 'ablation'), str(RECORDS / 'ntng-h200-2026-12-06')])
+    rerun = RECORDS / 'ntng-lr-check-2026-12-06' / 'ablation_lr'
+    return report([str(folder / 'ablation'), str(RECORDS / 'ntng-h200-2026-12-06')] + ([str(rerun)] if rerun.is_dir() else []))
 
 
 def decision_rule(cells):
@@ -110,6 +112,36 @@ def decision_rule(cells):
 def lr_check(folder):
     from studies.lr_check import lr_check_table
     return lr_check_table(folder)
+
+
+def lr_rerun_table(folder, budget=480.0):
+    """The largest budget's column against the baseline rerun there at the lr the check found better (its folder
+    ablation_lr/, seeds 0-4): every other row of the CPU table and of today's, then the rerun baseline against the
+    baseline at its 120-RST lr, paired on the same seeds."""
+    from studies.compare import compare_report, run_folders
+    from studies.stats import finals_by_seed, paired_test
+    from runs import read_run
+    column = f'b{budget:g}'
+    rerun = folder / 'ablation_lr' / 'baseline' / column
+    runs = run_folders([str(rerun)]) if rerun.is_dir() else []
+    if not runs:
+        return f"(pending: no run of the baseline's {budget:g}-RST rerun has finished yet)"
+    cpu, today = RECORDS / 'ntng-cpu-2026-11-30' / 'ablation', RECORDS / 'ntng-today-2026-12-06' / 'ablation'
+    rows = [str(p / column) for base in (cpu, today) for p in sorted(base.iterdir())
+            if p.name != 'baseline' and (p / column).is_dir()]
+    report, _, _ = compare_report([str(rerun)] + rows, target='none', floors=str(cpu / 'ablation.floors.json'))
+    report = (report.replace(str(rerun.parent.parent.parent) + '/', '').replace(str(cpu) + '/', 'ntng-cpu-2026-11-30/ablation/')
+              .replace(str(today) + '/', 'ntng-today-2026-12-06/ablation/'))
+    new = finals_by_seed([read_run(d) for d in runs])
+    old = finals_by_seed([read_run(d) for d in run_folders([str(cpu / 'baseline' / column)])])
+    seeds = sorted(new.keys() & old.keys())
+    lr = json.loads(Path(runs[0], 'config.json').read_text())['config']['lr']
+    head = (f"the baseline at lr {lr:g} (this table's) against the baseline at its tuned lr (the CPU table's), "
+            f"{budget:g} RST, paired seeds {', '.join(map(str, seeds)) or 'none yet'}")
+    if len(seeds) < 2:
+        return f'{report}\n\n{head}: pending (fewer than 2 pairs)'
+    d, half, p = paired_test([new[s] for s in seeds], [old[s] for s in seeds])
+    return f'{report}\n\n{head}: Δ {d:+.4f} [{d - half:+.4f}, {d + half:+.4f}] p={p:.3g}'
 
 
 def tuning(folder, rows=()):
@@ -201,6 +233,7 @@ SECTIONS = {
     'ntng_cpu': Section('ntng-cpu-2026-11-30/ablation', ntng_table, ntng_figure),
     'ntng_h200': Section('ntng-h200-2026-12-06', second_system_table),
     'ntng_lr_check': Section('ntng-lr-check-2026-12-06', lr_check),
+    'ntng_lr_rerun': Section('ntng-lr-check-2026-12-06', lr_rerun_table),
     'update_costs': Section('ntng-today-2026-12-06', update_costs),
     'today_tuning': Section('ntng-today-2026-12-06', today_tuning),
     'today': Section('ntng-today-2026-12-06', today_table),

@@ -58,3 +58,19 @@ def test_the_finals_prose_claim_holds_for_the_tables_as_they_are():
     nearest_zero = [min(abs(float(lo)), abs(float(hi))) for lo, hi in cells if float(lo) * float(hi) > 0]
     spread = float(re.search(r'spread of the gap column \(largest minus smallest mean\): (\d\.\d+)', text).group(1))
     assert nearest_zero and spread < min(nearest_zero), (spread, min(nearest_zero))
+
+
+def test_the_lr_rerun_table_pairs_every_row_with_the_rerun_baseline(tmp_path):
+    """The 480-RST column read against a rerun baseline: here the CPU table's own baseline runs stand in for the
+    rerun, so every row's Δ must be the CPU table's and the rerun-against-tuned line exactly zero."""
+    import shutil
+    cpu = results.RECORDS / 'ntng-cpu-2026-11-30' / 'ablation'
+    assert 'pending' in results.lr_rerun_table(tmp_path)
+    shutil.copytree(cpu / 'baseline' / 'b480', tmp_path / 'ablation_lr' / 'baseline' / 'b480')
+    table = results.lr_rerun_table(tmp_path)
+    cpu_table = results.ntng_table(cpu)
+    for row in ('stack', 'drop', 'muon', 'sfadamw'):
+        assert re.search(rf'^\| {row} \| ', table, re.M), row
+    stack_delta = re.search(r'^\| stack \|.*\| (\S+ ± \S+ \(n=5\) Δ \S+ \[\S+, \S+\]) p=\S+ \|$', cpu_table, re.M).group(1)
+    assert stack_delta in table
+    assert 'Δ +0.0000 [+0.0000, +0.0000]' in table and 'paired seeds 0, 1, 2, 3, 4' in table
