@@ -115,33 +115,37 @@ def lr_check(folder):
 
 
 def lr_rerun_table(folder, budget=480.0):
-    """The largest budget's column against the baseline rerun there at the lr the check found better (its folder
-    ablation_lr/, seeds 0-4): every other row of the CPU table and of today's, then the rerun baseline against the
-    baseline at its 120-RST lr, paired on the same seeds."""
+    """The largest budget's column with the rows whose lr check found a better lr there rerun at it (folder
+    ablation_lr/<row>/, seeds 0-4; the baseline among them): every other row of the CPU table and of today's as it
+    ran, all paired with the rerun baseline; then each rerun row against the same row at its 120-RST lr."""
     from studies.compare import compare_report, run_folders
-    from studies.stats import finals_by_seed, paired_test
-    from runs import read_run
     column = f'b{budget:g}'
-    rerun = folder / 'ablation_lr' / 'baseline' / column
-    runs = run_folders([str(rerun)]) if rerun.is_dir() else []
-    if not runs:
+    reruns = {p.name: p / column for p in sorted((folder / 'ablation_lr').glob('*')) if (p / column).is_dir()}
+    if 'baseline' not in reruns or not run_folders([str(reruns['baseline'])]):
         return f"(pending: no run of the baseline's {budget:g}-RST rerun has finished yet)"
     cpu, today = RECORDS / 'ntng-cpu-2026-11-30' / 'ablation', RECORDS / 'ntng-today-2026-12-06' / 'ablation'
-    rows = [str(p / column) for base in (cpu, today) for p in sorted(base.iterdir())
-            if p.name != 'baseline' and (p / column).is_dir()]
-    report, _, _ = compare_report([str(rerun)] + rows, target='none', floors=str(cpu / 'ablation.floors.json'))
-    report = (report.replace(str(rerun.parent.parent.parent) + '/', '').replace(str(cpu) + '/', 'ntng-cpu-2026-11-30/ablation/')
+    as_ran = {p.name: p / column for base in (cpu, today) for p in sorted(base.iterdir()) if (p / column).is_dir()}
+    rows = [str(path) for path in {**as_ran, **reruns}.values()]
+    report, _, _ = compare_report(rows, target='none', floors=str(cpu / 'ablation.floors.json'))
+    report = (report.replace(str(folder) + '/', '').replace(str(cpu) + '/', 'ntng-cpu-2026-11-30/ablation/')
               .replace(str(today) + '/', 'ntng-today-2026-12-06/ablation/'))
-    new = finals_by_seed([read_run(d) for d in runs])
-    old = finals_by_seed([read_run(d) for d in run_folders([str(cpu / 'baseline' / column)])])
+    return report + '\n\n' + '\n'.join(rerun_line(name, path, as_ran[name], budget) for name, path in reruns.items())
+
+
+def rerun_line(name, rerun, tuned, budget):
+    """One rerun row against the same row at its tuned lr, paired on the seeds both finished."""
+    from studies.compare import run_folders
+    from studies.stats import finals_by_seed, paired_test
+    from runs import read_run
+    runs = run_folders([str(rerun)])
+    new, old = (finals_by_seed([read_run(d) for d in folders]) for folders in (runs, run_folders([str(tuned)])))
     seeds = sorted(new.keys() & old.keys())
-    lr = json.loads(Path(runs[0], 'config.json').read_text())['config']['lr']
-    head = (f"the baseline at lr {lr:g} (this table's) against the baseline at its tuned lr (the CPU table's), "
-            f"{budget:g} RST, paired seeds {', '.join(map(str, seeds)) or 'none yet'}")
+    lrs = [json.loads(Path(d, 'config.json').read_text())['config']['lr'] for d in (runs[0], run_folders([str(tuned)])[0])]
+    head = f"{name} at lr {lrs[0]:g} against {name} at its tuned lr {lrs[1]:g}, {budget:g} RST, paired seeds {', '.join(map(str, seeds)) or 'none yet'}"
     if len(seeds) < 2:
-        return f'{report}\n\n{head}: pending (fewer than 2 pairs)'
+        return f'{head}: pending (fewer than 2 pairs)'
     d, half, p = paired_test([new[s] for s in seeds], [old[s] for s in seeds])
-    return f'{report}\n\n{head}: Δ {d:+.4f} [{d - half:+.4f}, {d + half:+.4f}] p={p:.3g}'
+    return f'{head}: Δ {d:+.4f} [{d - half:+.4f}, {d + half:+.4f}] p={p:.3g}'
 
 
 def tuning(folder, rows=()):

@@ -74,3 +74,7 @@ def test_the_lr_rerun_table_pairs_every_row_with_the_rerun_baseline(tmp_path):
     stack_delta = re.search(r'^\| stack \|.*\| (\S+ ± \S+ \(n=5\) Δ \S+ \[\S+, \S+\]) p=\S+ \|$', cpu_table, re.M).group(1)
     assert stack_delta in table
     assert 'Δ +0.0000 [+0.0000, +0.0000]' in table and 'paired seeds 0, 1, 2, 3, 4' in table
+    shutil.copytree(cpu / 'stack' / 'b480', tmp_path / 'ablation_lr' / 'stack' / 'b480')  # a rerun row takes its row's place
+    table = results.lr_rerun_table(tmp_path)
+    assert stack_delta in table  # given once: compare refuses two runs of one cell and seed
+    assert re.search(r'^stack at lr \S+ against stack at its tuned lr \S+, 480 RST, paired seeds 0, 1, 2, 3, 4: Δ \+0\.0000', table, re.M)

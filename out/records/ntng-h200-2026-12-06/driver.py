@@ -35,8 +35,10 @@ def rerun_plan(row, factor, budget):
             if args['budget'] == budget]
 
 
+# stack's reruns added 2026-12-06 when its check ended like the baseline's (x2 best of three at 480 RST)
 plan = (gpu_plan(('stack',), (120.0, 240.0)) + lr_plan(('baseline', 'stack')) + lr_plan(('baseline',), (4.0,))
-        + rerun_plan('baseline', 2.0, 480.0) + gpu_plan(('stack',), (480.0,))
+        + rerun_plan('baseline', 2.0, 480.0) + rerun_plan('stack', 2.0, 480.0) + lr_plan(('stack',), (4.0,))
+        + gpu_plan(('stack',), (480.0,))
         + lr_plan(('drop', 'lion', 'sophiag', 'sb')) + gpu_plan(('drop',), (120.0, 240.0, 480.0)))
 for label, script, args in plan:
     print(label, args['out_dir'], args['lr'], args.get('rst_table', ''), flush=True)
