@@ -91,7 +91,8 @@ def finals_table(folder):
     baseline's 480-RST rerun at the lr its check found better (once run: the baseline the Δ columns pair with)."""
     from studies.finals import report
     rerun = RECORDS / 'ntng-lr-check-2026-12-06' / 'ablation_lr'
-    return report([str(folder / 'ablation'), str(RECORDS / 'ntng-h200-2026-12-06')] + ([str(rerun)] if rerun.is_dir() else []))
+    folders = [folder / 'ablation', RECORDS / 'ntng-h200-2026-12-06'] + ([rerun] if rerun.is_dir() else [])
+    return report([str(f) for f in folders])
 
 
 def decision_rule(cells):
@@ -137,11 +138,12 @@ def rerun_line(name, rerun, tuned, budget):
     from studies.compare import run_folders
     from studies.stats import finals_by_seed, paired_test
     from runs import read_run
-    runs = run_folders([str(rerun)])
-    new, old = (finals_by_seed([read_run(d) for d in folders]) for folders in (runs, run_folders([str(tuned)])))
+    runs = [[read_run(d) for d in run_folders([str(path)])] for path in (rerun, tuned)]
+    new, old = (finals_by_seed(r) for r in runs)
     seeds = sorted(new.keys() & old.keys())
-    lrs = [json.loads(Path(d, 'config.json').read_text())['config']['lr'] for d in (runs[0], run_folders([str(tuned)])[0])]
-    head = f"{name} at lr {lrs[0]:g} against {name} at its tuned lr {lrs[1]:g}, {budget:g} RST, paired seeds {', '.join(map(str, seeds)) or 'none yet'}"
+    lrs = [json.loads(Path(r[0]['path'], 'config.json').read_text())['config']['lr'] for r in runs]
+    head = (f"{name} at lr {lrs[0]:g} against {name} at its tuned lr {lrs[1]:g}, {budget:g} RST, "
+            f"paired seeds {', '.join(map(str, seeds)) or 'none yet'}")
     if len(seeds) < 2:
         return f'{head}: pending (fewer than 2 pairs)'
     d, half, p = paired_test([new[s] for s in seeds], [old[s] for s in seeds])
