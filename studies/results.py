@@ -130,7 +130,8 @@ def lr_rerun_table(folder, budget=480.0):
     report, _, _ = compare_report(rows, target='none', floors=str(cpu / 'ablation.floors.json'))
     report = (report.replace(str(folder) + '/', '').replace(str(cpu) + '/', 'ntng-cpu-2026-11-30/ablation/')
               .replace(str(today) + '/', 'ntng-today-2026-12-06/ablation/'))
-    return report + '\n\n' + '\n'.join(rerun_line(name, path, as_ran[name], budget) for name, path in reruns.items())
+    return report + '\n\n' + '\n'.join(rerun_line(name, path, as_ran[name], budget) for name, path in reruns.items()
+                                    if name in as_ran)  # a row rerun with no column as it ran has nothing to pair with
 
 
 def rerun_line(name, rerun, tuned, budget):
