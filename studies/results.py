@@ -14,6 +14,7 @@ which the test compares with the records as they are now.
 import dataclasses
 import hashlib
 import json
+import math
 import re
 import sys
 from dataclasses import dataclass
@@ -151,6 +152,36 @@ def rerun_line(name, rerun, tuned, budget):
     return f'{head}: Δ {d:+.4f} [{d - half:+.4f}, {d + half:+.4f}] p={p:.3g}'
 
 
+def rho_axis_table(folder, extension='ntng-sophia-rho-2026-12-07'):
+    """Sophia-G's tuning grid as rho x lr: each point's final val loss and mean win rate (the fraction of
+    coordinates not clipped; the authors tune rho for 0.1-0.5), the CPU tuning's points and, once recorded, the
+    rho axis's extension (out/records/<extension>/sophiag/); the chosen point in bold."""
+    from runs import read_run
+    tuned = json.loads((folder / 'tuned.json').read_text())['tuned']['sophiag']
+    dirs = [p.parent for base in (folder / 'sophiag', RECORDS / extension / 'sophiag') if base.is_dir()
+            for p in sorted(base.rglob('config.json'))]
+    points = {}
+    for d in dirs:
+        run, config = read_run(str(d)), json.loads((d / 'config.json').read_text())['config']
+        if run.get('complete'):
+            points[(config['rho'], config['lr'])] = (run['final'], run['stats'].get('win_rate', math.nan))
+    rhos, lrs = sorted({k[0] for k in points}), sorted({k[1] for k in points})
+    lines = [f"budget {json.loads((folder / 'tuned.json').read_text())['budget']:g} RST, seed 1000: final val loss "
+             '(mean win rate over the run); the chosen point in bold; — not run', '',
+             '| rho | ' + ' | '.join(f'lr {lr:g}' for lr in lrs) + ' |', '| --- |' + ' --- |' * len(lrs)]
+    for rho in rhos:
+        cells = []
+        for lr in lrs:
+            if (rho, lr) not in points:
+                cells.append('—')
+                continue
+            final, win = points[(rho, lr)]
+            text = f'{final:.4f} ({win:.3f})'
+            cells.append(f'**{text}**' if (rho, lr) == (tuned['rho'], tuned['lr']) else text)
+        lines.append(f'| {rho:g} | ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines)
+
+
 def tuning(folder, rows=()):
     from studies.ntng import tuning_table
     return tuning_table(folder / 'tuned.json', rows)
@@ -241,6 +272,7 @@ SECTIONS = {
     'ntng_h200': Section('ntng-h200-2026-12-06', second_system_table),
     'ntng_lr_check': Section('ntng-lr-check-2026-12-06', lr_check),
     'ntng_lr_rerun': Section('ntng-lr-check-2026-12-06', lr_rerun_table),
+    'sophia_rho_axis': Section('ntng-cpu-2026-11-30/tune', rho_axis_table),
     'update_costs': Section('ntng-today-2026-12-06', update_costs),
     'today_tuning': Section('ntng-today-2026-12-06', today_tuning),
     'today': Section('ntng-today-2026-12-06', today_table),

@@ -35,11 +35,24 @@ def rerun_plan(row, factor, budget):
             if args['budget'] == budget]
 
 
-# stack's reruns added 2026-12-06 when its check ended like the baseline's (x2 best of three at 480 RST)
-plan = (gpu_plan(('stack',), (120.0, 240.0)) + lr_plan(('baseline', 'stack')) + lr_plan(('baseline',), (4.0,))
-        + rerun_plan('baseline', 2.0, 480.0) + rerun_plan('stack', 2.0, 480.0) + lr_plan(('stack',), (4.0,))
-        + gpu_plan(('stack',), (480.0,))
-        + lr_plan(('drop', 'lion', 'sophiag', 'sb')) + gpu_plan(('drop',), (120.0, 240.0, 480.0)))
+# stack's reruns added 2026-12-06 when its check ended like the baseline's (x2 best of three at 480 RST).
+# 2026-12-07: the plan split into named parts, so a queue can interleave them with another worktree's runs
+# (`python out/driver.py stack_rerun lr_lion_sophiag`); with no part named, every part runs in this order.
+PARTS = {
+    'gpu_stack_small': lambda: gpu_plan(('stack',), (120.0, 240.0)),
+    'lr_baseline_stack': lambda: lr_plan(('baseline', 'stack')) + lr_plan(('baseline',), (4.0,)),
+    'baseline_rerun': lambda: rerun_plan('baseline', 2.0, 480.0),
+    'stack_rerun': lambda: rerun_plan('stack', 2.0, 480.0) + lr_plan(('stack',), (4.0,)),
+    'lr_lion_sophiag': lambda: lr_plan(('lion', 'sophiag')),
+    'lr_sb_drop': lambda: lr_plan(('sb', 'drop')),
+    'gpu_stack_480': lambda: gpu_plan(('stack',), (480.0,)),
+    'gpu_drop': lambda: gpu_plan(('drop',), (120.0, 240.0, 480.0)),
+}
+names = [a for a in sys.argv[1:] if not a.startswith('--')] or list(PARTS)
+unknown = [n for n in names if n not in PARTS]
+if unknown:
+    sys.exit(f"driver.py: unknown part(s) {unknown}; choose from {list(PARTS)}")
+plan = [run for n in names for run in PARTS[n]()]
 for label, script, args in plan:
     print(label, args['out_dir'], args['lr'], args.get('rst_table', ''), flush=True)
 if '--dry' not in sys.argv:
