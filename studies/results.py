@@ -77,11 +77,25 @@ def second_system_table(folder):
 def today_table(folder):
     """Muon's and schedule-free AdamW's columns beside the CPU table's baseline (the same seeds, data order and
     cost table: paired), in the CPU table's four-way wording; budgets not yet run are dashes."""
+    return beside_cpu(folder / 'ablation')
+
+
+def rho_table(folder):
+    """RHO-LOSS's readable rows (its IL model charged at a fraction of each budget; the 10% selection ratio with
+    its own lr grid) beside the CPU table's baseline and its RHO-LOSS rows, and the 10% row's tuning."""
+    tuned = folder / 'tune' / 'tuned.json'
+    head = tuning(folder / 'tune', ('rho', 'rho_s0.1')) + '\n\n' if tuned.is_file() else '(the 10% row\'s tuning has not finished yet)\n\n'
+    return head + beside_cpu(folder / 'ablation', ('baseline', 'rho', 'rho_il_charged'))
+
+
+def beside_cpu(runs, cpu_rows=('baseline',)):
+    """The rows under runs beside these rows of the CPU table (the same seeds, data order and cost table:
+    paired with its baseline), in the CPU table's four-way wording."""
     from studies.compare import compare_report
-    cpu, runs = RECORDS / 'ntng-cpu-2026-11-30' / 'ablation', folder / 'ablation'
+    cpu = RECORDS / 'ntng-cpu-2026-11-30' / 'ablation'
     if not any(runs.rglob('config.json')):
         return '(no run of these rows has finished yet)'
-    report, _, _ = compare_report([str(cpu / 'baseline'), str(runs)], target=declared_target(),
+    report, _, _ = compare_report([str(cpu / row) for row in cpu_rows] + [str(runs)], target=declared_target(),
                                   floors=str(cpu / 'ablation.floors.json'))
     return report.replace(str(cpu) + '/', 'ntng-cpu-2026-11-30/ablation/').replace(str(runs) + '/', '')
 
@@ -276,6 +290,7 @@ SECTIONS = {
     'update_costs': Section('ntng-today-2026-12-06', update_costs),
     'today_tuning': Section('ntng-today-2026-12-06', today_tuning),
     'today': Section('ntng-today-2026-12-06', today_table),
+    'ntng_rho': Section('ntng-rho-2026-12-07', rho_table),
     'finals_all_val': Section('ntng-today-2026-12-06', finals_table),
     'slm': Section('slm-2026-11-30', slm_table, slm_figure),
     'madpo': Section('madpo-2026-11-30', madpo_table, madpo_figure),
