@@ -166,13 +166,16 @@ def rerun_line(name, rerun, tuned, budget):
     return f'{head}: Δ {d:+.4f} [{d - half:+.4f}, {d + half:+.4f}] p={p:.3g}'
 
 
-def rho_axis_table(folder, extension='ntng-sophia-rho-2026-12-07'):
+def rho_axis_table(folder, extension=None):
     """Sophia-G's tuning grid as rho x lr: each point's final val loss and mean win rate (the fraction of
     coordinates not clipped; the authors tune rho for 0.1-0.5), the CPU tuning's points and, once recorded, the
-    rho axis's extension (out/records/<extension>/sophiag/); the chosen point in bold."""
+    rho axis's extension (its record folder's sophiag/); the chosen point in bold: the extension's tuned.json's
+    choice once recorded (tuning over the whole grid), else the CPU tuning's."""
     from runs import read_run
-    tuned = json.loads((folder / 'tuned.json').read_text())['tuned']['sophiag']
-    dirs = [p.parent for base in (folder / 'sophiag', RECORDS / extension / 'sophiag') if base.is_dir()
+    extension = extension or RECORDS / 'ntng-sophia-rho-2026-12-07'
+    record = json.loads(next(f for f in (extension / 'tuned.json', folder / 'tuned.json') if f.is_file()).read_text())
+    tuned = record['tuned']['sophiag']
+    dirs = [p.parent for base in (folder / 'sophiag', extension / 'sophiag') if base.is_dir()
             for p in sorted(base.rglob('config.json'))]
     points = {}
     for d in dirs:
@@ -180,7 +183,7 @@ def rho_axis_table(folder, extension='ntng-sophia-rho-2026-12-07'):
         if run.get('complete'):
             points[(config['rho'], config['lr'])] = (run['final'], run['stats'].get('win_rate', math.nan))
     rhos, lrs = sorted({k[0] for k in points}), sorted({k[1] for k in points})
-    lines = [f"budget {json.loads((folder / 'tuned.json').read_text())['budget']:g} RST, seed 1000: final val loss "
+    lines = [f"budget {record['budget']:g} RST, seed(s) {', '.join(map(str, record['seeds']))}: final val loss "
              '(mean win rate over the run); the chosen point in bold; — not run', '',
              '| rho | ' + ' | '.join(f'lr {lr:g}' for lr in lrs) + ' |', '| --- |' + ' --- |' * len(lrs)]
     for rho in rhos:

@@ -96,3 +96,29 @@ def test_the_lr_rerun_table_pairs_every_row_with_the_rerun_baseline(tmp_path):
     table = results.lr_rerun_table(tmp_path)
     assert stack_delta in table  # given once: compare refuses two runs of one cell and seed
     assert re.search(r'^stack at lr \S+ against stack at its tuned lr \S+, 480 RST, paired seeds 0, 1, 2, 3, 4: Δ \+0\.0000', table, re.M)
+
+
+def test_rho_axis_table_crosses_rho_with_lr_and_marks_the_chosen_point(tmp_path):
+    """Sophia-G's rho axis: one cell per (rho, lr) run, final and win rate as the run logged them, the tuned
+    point in bold, a point not run a dash; the extension's folder joins the CPU tuning's points."""
+    import shutil
+    cpu = results.RECORDS / 'ntng-cpu-2026-11-30' / 'tune'
+    tune, extension = tmp_path / 'tune', tmp_path / 'ext'
+    shutil.copy(cpu / 'tuned.json', tune.mkdir() or tune / 'tuned.json')
+    for point, base in (('lr0.00025_rho0.04', tune), ('lr0.0005_rho0.16', tune), ('lr0.00025_rho0.16', extension)):
+        shutil.copytree(cpu / 'sophiag' / point, base / 'sophiag' / point)
+    table = results.rho_axis_table(tune, extension=extension)
+    rows = {line.split(' | ')[0].strip('| '): line.split(' | ')[1:] for line in table.splitlines() if line.startswith('| 0.')}
+    assert sorted(rows) == ['0.04', '0.16']
+    from runs import read_run
+    chosen = read_run(str(cpu / 'sophiag' / 'lr0.00025_rho0.04' / 's1000'))
+    assert rows['0.04'][0] == f"**{chosen['final']:.4f} ({chosen['stats']['win_rate']:.3f})**"
+    assert rows['0.04'][1].strip(' |') == '—'
+    assert '**' not in rows['0.16'][0] and rows['0.16'][1].strip(' |') != '—'
+    # once the extension's tuned.json is recorded, its choice is the one in bold
+    record = json.loads((cpu / 'tuned.json').read_text())
+    record['tuned']['sophiag'].update(lr=0.00025, rho=0.16)
+    (extension / 'tuned.json').write_text(json.dumps(record))
+    table = results.rho_axis_table(tune, extension=extension)
+    assert '**' in next(line for line in table.splitlines() if line.startswith('| 0.16 |')).split(' | ')[1]
+    assert '**' not in next(line for line in table.splitlines() if line.startswith('| 0.04 |'))
