@@ -35,6 +35,15 @@ def rerun_plan(row, factor, budget):
             if args['budget'] == budget]
 
 
+
+def long_plan(rows, factor, budget=960.0):
+    """Added 2026-12-07, before any of its runs (issue 34's longer budget): the baseline's and stacking's column
+    at 960 RST, seeds 0-4, each at its tuned lr x factor: the lr their 480-RST check found better than the
+    120-RST one (x2 for both), as their 480-RST reruns ran; not checked at 960 itself."""
+    cfg = AblateConfig(out_dir='out/ablation_960', methods=rows, budgets=(120.0, budget), tuned=TUNED)  # 120: read as tuned
+    return [(label, script, {**args, 'lr': args['lr'] * factor}) for label, script, args in sweep.sweep_plan(cfg)
+            if args['budget'] == budget]
+
 # stack's reruns added 2026-12-06 when its check ended like the baseline's (x2 best of three at 480 RST).
 # 2026-12-07: the plan split into named parts, so a queue can interleave them with another worktree's runs
 # (`python out/driver.py stack_rerun lr_lion_sophiag`); with no part named, every part runs in this order.
@@ -47,6 +56,7 @@ PARTS = {
     'lr_sb_drop': lambda: lr_plan(('sb', 'drop')),
     'gpu_stack_480': lambda: gpu_plan(('stack',), (480.0,)),
     'gpu_drop': lambda: gpu_plan(('drop',), (120.0, 240.0, 480.0)),
+    'long_960': lambda: long_plan(('baseline', 'stack'), 2.0),
 }
 names = [a for a in sys.argv[1:] if not a.startswith('--')] or list(PARTS)
 unknown = [n for n in names if n not in PARTS]

@@ -1,0 +1,28 @@
+#!/bin/bash
+# Issue 34's queue for the snapshot worktree /work/study-next (main at 4523809), two single-thread runs at a time.
+# Every command is resumable: rerun and finished runs are skipped. `next.sh 2 3` runs steps 2 and 3; no argument: all.
+set -e
+cd /work/study-next && . /work/venv/bin/activate
+export OMP_NUM_THREADS=1
+T=out/tune/tuned.json
+for step in ${@:-1 2 3 4}; do case $step in
+# 1. Sophia-G's rho axis to 0.64 (config/ablation.py TUNE): only the 10 new points run, beside the CPU tuning's
+1) python -m studies.ntng tune --methods="('sophiag',)" --out_dir=out/tune --jobs=2 >> out/tune_rho.log 2>&1 ;;
+# 2. Muon's and schedule-free AdamW's lr check at 480 RST on the tuning seed
+2) python -m studies.ntng lr_check --tuned=$T --methods="('muon','sfadamw')" --jobs=2 >> out/lr_check.log 2>&1 ;;
+# 3. RHO-LOSS with its IL model charged at 0.1 and 0.25 of each budget, and the RHO-LOSS paper's selection
+#    ratio 0.1 tuned like every row (its own lr grid at 120 RST) with the sweep's shared IL model. That model
+#    (its best search run, 960 RST) is rebuilt first (out/rebuild_il.py, one job) beside one job of the
+#    fraction rows; when it ends, the fraction rows are stopped (each saves a checkpoint) and go on two at a time
+3) python out/rebuild_il.py >> out/rebuild_il.log 2>&1 & P=$!
+   python -m studies.ntng ablate --tuned=$T --methods="('rho_il_f0.1','rho_il_f0.25')" --out_dir=out/ablation_rho --jobs=1 >> out/ablation_rho.log 2>&1 & A=$!
+   wait $P || { kill -TERM $A; wait $A; exit 1; }
+   kill -TERM $A || true; wait $A || true
+   python -m studies.ntng ablate --tuned=$T --methods="('rho_il_f0.1','rho_il_f0.25')" --out_dir=out/ablation_rho --jobs=2 >> out/ablation_rho.log 2>&1
+   python -m studies.ntng tune --methods="('rho_s0.1',)" --out_dir=out/tune --jobs=2 >> out/tune_rho_s.log 2>&1
+   python -m studies.ntng ablate --tuned=$T --methods="('rho_s0.1',)" --out_dir=out/ablation_rho --jobs=2 >> out/ablation_rho.log 2>&1
+   python -m studies.ntng lr_check --tuned=$T --methods="('rho','rho_s0.1')" --jobs=2 >> out/lr_check.log 2>&1 ;;
+# 4. Selective Backprop and RHO-LOSS (IL free, the shared IL model) under the H200 table
+4) python -m studies.ntng ablate --tuned=$T --methods="('sb','rho')" --rst_table=config/rst/h200/gpt_L4_H4_D128_T128_V256_B32.json --out_dir=out/ablation_h200 --jobs=2 >> out/ablation_sb_h200.log 2>&1 ;;
+*) echo "next.sh: unknown step $step (1-4)"; exit 2 ;;
+esac; done
