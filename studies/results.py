@@ -149,6 +149,38 @@ def lr_rerun_table(folder, budget=480.0):
                                     if name in as_ran)  # a row rerun with no column as it ran has nothing to pair with
 
 
+def long_table(folder, budget=960.0, rerun_budget=480.0):
+    """The baseline's and stacking's column at `budget` (seeds 0-4, each at the lr its 480-RST check chose) beside
+    their 480-RST reruns at the same lrs, then the declared test of a change between the columns: per seed,
+    stacking's gap to the baseline at `budget` against its gap at 480 (paired over the seeds both columns finished)."""
+    from studies.compare import compare_report
+    if not any(folder.rglob('config.json')):
+        return f'(no run of the {budget:g}-RST column has finished yet)'
+    cpu, rerun = RECORDS / 'ntng-cpu-2026-11-30' / 'ablation', RECORDS / 'ntng-lr-check-2026-12-06' / 'ablation_lr'
+    dirs = [str(rerun / row / f'b{rerun_budget:g}') for row in ('baseline', 'stack')] + [str(folder)]
+    report, runs, _ = compare_report(dirs, target=declared_target(), floors=str(cpu / 'ablation.floors.json'))
+    report = report.replace(str(rerun) + '/', 'ntng-lr-check-2026-12-06/ablation_lr/').replace(str(folder) + '/', '')
+    return report + '\n\n' + gap_change_line(runs, budget, rerun_budget)
+
+
+def gap_change_line(runs, budget, earlier):
+    """Stacking's gap to the baseline (stack - baseline, per seed) at `budget` against the same gap at `earlier`."""
+    from studies.stats import finals_by_seed, group_runs, paired_test
+    groups = group_runs(runs)
+    gaps = {}
+    for b in (budget, earlier):
+        base, stack = (finals_by_seed(groups.get(row, {}).get(b, [])) for row in ('baseline', 'stack'))
+        gaps[b] = {s: stack[s] - base[s] for s in stack.keys() & base.keys()}
+    seeds = sorted(gaps[budget].keys() & gaps[earlier].keys())
+    head = (f"stacking's gap to the baseline at {budget:g} RST against its gap at {earlier:g} RST, "
+            f"paired seeds {', '.join(map(str, seeds)) or 'none yet'}")
+    if len(seeds) < 2:
+        return f'{head}: pending (fewer than 2 pairs)'
+    d, half, p = paired_test([gaps[budget][s] for s in seeds], [gaps[earlier][s] for s in seeds])
+    change = 'not resolved' if d - half <= 0 <= d + half else ('widens' if d > 0 else 'narrows')
+    return f'{head}: Δ {d:+.4f} [{d - half:+.4f}, {d + half:+.4f}] p={p:.3g} -> {change}'
+
+
 def rerun_line(name, rerun, tuned, budget):
     """One rerun row against the same row at its tuned lr, paired on the seeds both finished."""
     from studies.compare import run_folders
@@ -289,6 +321,7 @@ SECTIONS = {
     'ntng_h200': Section('ntng-h200-2026-12-06', second_system_table),
     'ntng_lr_check': Section('ntng-lr-check-2026-12-06', lr_check),
     'ntng_lr_rerun': Section('ntng-lr-check-2026-12-06', lr_rerun_table),
+    'ntng_960': Section('ntng-960-2026-12-07', long_table),
     'sophia_rho_axis': Section('ntng-cpu-2026-11-30/tune', rho_axis_table),
     'update_costs': Section('ntng-today-2026-12-06', update_costs),
     'today_tuning': Section('ntng-today-2026-12-06', today_tuning),

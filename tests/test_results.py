@@ -122,3 +122,17 @@ def test_rho_axis_table_crosses_rho_with_lr_and_marks_the_chosen_point(tmp_path)
     table = results.rho_axis_table(tune, extension=extension)
     assert '**' in next(line for line in table.splitlines() if line.startswith('| 0.16 |')).split(' | ')[1]
     assert '**' not in next(line for line in table.splitlines() if line.startswith('| 0.04 |'))
+
+
+def test_gap_change_line_pairs_each_seeds_gap_across_budgets():
+    """Stacking's gap to the baseline per seed at 960 RST against at 480, by hand: gaps 0.03/0.05/0.04 against
+    0.01 each, differences 0.02/0.04/0.03: mean 0.03, sd 0.01, half-width t(2) 4.303 x 0.01/sqrt(3) = 0.0248."""
+    def run(label, budget, seed, final):
+        return {'label': label, 'budget': budget, 'seed': seed, 'final': final, 'complete': True}
+    runs = [run('baseline', 480.0, s, 1.0) for s in range(3)] + [run('stack', 480.0, s, 1.01) for s in range(3)]
+    runs += [run('baseline', 960.0, s, 0.9) for s in range(3)] + [run('stack', 960.0, s, 0.9 + g) for s, g in enumerate((0.03, 0.05, 0.04))]
+    line = results.gap_change_line(runs, 960.0, 480.0)
+    assert 'paired seeds 0, 1, 2: Δ +0.0300 [+0.0052, +0.0548]' in line and line.endswith('-> widens')
+    runs[-1]['final'] = 0.9 - 0.05  # differences 0.02/0.04/-0.06: the interval spans 0
+    assert results.gap_change_line(runs, 960.0, 480.0).endswith('-> not resolved')
+    assert 'pending' in results.gap_change_line(runs[:6] + runs[6:7] + runs[9:10], 960.0, 480.0)  # one pair
