@@ -1,14 +1,14 @@
 #!/bin/bash
-# 2026-12-07: issue 34's remaining runs, one queue over both snapshot worktrees, at most two single-thread runs at once.
+# 2026-12-07 (second session): issue 34's remaining runs, one queue over both snapshot worktrees, at most two single-thread runs at once.
 . /work/venv/bin/activate
 export OMP_NUM_THREADS=1
 d() { (cd /work/study-1206 && python out/driver.py "$@" >> out/driver.log 2>&1) || echo "driver $* failed" >> /work/queue.log; }
 n() { bash /work/study-next/out/next.sh "$@" || echo "next $* failed" >> /work/queue.log; }
-echo "start $(date)" >> /work/queue.log
-d stack_rerun lr_lion_sophiag; echo "part A done $(date)" >> /work/queue.log
+echo "restart $(date)" >> /work/queue.log
 n 1;                            echo "sophia rho done $(date)" >> /work/queue.log
 d lr_sb_drop;                   echo "lr sb drop done $(date)" >> /work/queue.log
 n 2;                            echo "lr muon sfadamw done $(date)" >> /work/queue.log
 n 3;                            echo "rho fractions done $(date)" >> /work/queue.log
 d gpu_stack_480 gpu_drop;       echo "gpu stack drop done $(date)" >> /work/queue.log
-n 4;                            echo "all done $(date)" >> /work/queue.log
+n 4;                            echo "sb rho h200 done $(date)" >> /work/queue.log
+d long_960;                     echo "all done $(date)" >> /work/queue.log
