@@ -55,6 +55,7 @@ PARTS = {
     'lr_lion_sophiag': lambda: lr_plan(('lion', 'sophiag')),
     'lr_sb_drop': lambda: lr_plan(('sb', 'drop')),
     'drop_rerun': lambda: rerun_plan('drop', 2.0, 480.0) + lr_plan(('drop',), (4.0,)),  # 2026-12-07: drop's check chose x2
+    'sb_rerun': lambda: rerun_plan('sb', 2.0, 480.0) + lr_plan(('sb',), (4.0,)),  # 2026-12-07: sb's check chose x2
     'gpu_stack_480': lambda: gpu_plan(('stack',), (480.0,)),
     'gpu_drop': lambda: gpu_plan(('drop',), (120.0, 240.0, 480.0)),
     'long_960': lambda: long_plan(('baseline', 'stack'), 2.0),
