@@ -177,7 +177,7 @@ def gap_change_line(runs, budget, earlier):
     if len(seeds) < 2:
         return f'{head}: pending (fewer than 2 pairs)'
     d, half, p = paired_test([gaps[budget][s] for s in seeds], [gaps[earlier][s] for s in seeds])
-    change = 'not resolved' if d - half <= 0 <= d + half else ('widens' if d > 0 else 'narrows')
+    change = 'not resolved' if d - half <= 0 <= d + half else ('stacking loses ground' if d > 0 else 'stacking gains ground')
     return f'{head}: Δ {d:+.4f} [{d - half:+.4f}, {d + half:+.4f}] p={p:.3g} -> {change}'
 
 

@@ -132,7 +132,7 @@ def test_gap_change_line_pairs_each_seeds_gap_across_budgets():
     runs = [run('baseline', 480.0, s, 1.0) for s in range(3)] + [run('stack', 480.0, s, 1.01) for s in range(3)]
     runs += [run('baseline', 960.0, s, 0.9) for s in range(3)] + [run('stack', 960.0, s, 0.9 + g) for s, g in enumerate((0.03, 0.05, 0.04))]
     line = results.gap_change_line(runs, 960.0, 480.0)
-    assert 'paired seeds 0, 1, 2: Δ +0.0300 [+0.0052, +0.0548]' in line and line.endswith('-> widens')
+    assert 'paired seeds 0, 1, 2: Δ +0.0300 [+0.0052, +0.0548]' in line and line.endswith('-> stacking loses ground')
     runs[-1]['final'] = 0.9 - 0.05  # differences 0.02/0.04/-0.06: the interval spans 0
     assert results.gap_change_line(runs, 960.0, 480.0).endswith('-> not resolved')
     assert 'pending' in results.gap_change_line(runs[:6] + runs[6:7] + runs[9:10], 960.0, 480.0)  # one pair
