@@ -44,11 +44,19 @@ def declared_target():
     return 'auto' if target is None else repr(float(target))
 
 
+def local_paths(report, folder, *others):
+    """The report with run paths the same on every clone: those under folder relative to it, those under another
+    record folder relative to out/records."""
+    for other in others:
+        report = report.replace(str(other) + '/', f'{other.relative_to(RECORDS)}/')
+    return report.replace(str(folder) + '/', '')
+
+
 def ntng_table(folder, **kw):
     from studies.compare import compare_report
     floors = next(folder.rglob('*.floors.json'), None)  # the floors compare used when the sweep ran
     report, _, _ = compare_report([str(folder)], floors=str(floors) if floors else '', target=declared_target(), **kw)
-    return report.replace(str(folder) + '/', '')  # record paths relative to the folder: the same on every clone
+    return local_paths(report, folder)
 
 
 def ntng_figure(folder, png):
@@ -70,7 +78,7 @@ def second_system_table(folder):
     rows = sorted({p.name for p in folder.iterdir() if p.is_dir()})
     dirs = [str(cpu / 'baseline')] + [str(cpu / row) for row in rows] + [str(folder)]
     report, runs, _ = compare_report(dirs, target='none', floors=str(cpu / 'ablation.floors.json'))
-    report = report.replace(str(cpu) + '/', 'ntng-cpu-2026-11-30/ablation/').replace(str(folder) + '/', '')
+    report = local_paths(report, folder, cpu)
     return report + '\n\n' + decision_rule(paired_cells(group_runs(runs), 'baseline'))
 
 
@@ -97,7 +105,7 @@ def beside_cpu(runs, cpu_rows=('baseline',)):
         return '(no run of these rows has finished yet)'
     report, _, _ = compare_report([str(cpu / row) for row in cpu_rows] + [str(runs)], target=declared_target(),
                                   floors=str(cpu / 'ablation.floors.json'))
-    return report.replace(str(cpu) + '/', 'ntng-cpu-2026-11-30/ablation/').replace(str(runs) + '/', '')
+    return local_paths(report, runs, cpu)
 
 
 def finals_table(folder):
@@ -143,8 +151,7 @@ def lr_rerun_table(folder, budget=480.0):
     as_ran = {p.name: p / column for base in (cpu, today) for p in sorted(base.iterdir()) if (p / column).is_dir()}
     rows = [str(path) for path in {**as_ran, **reruns}.values()]
     report, _, _ = compare_report(rows, target='none', floors=str(cpu / 'ablation.floors.json'))
-    report = (report.replace(str(folder) + '/', '').replace(str(cpu) + '/', 'ntng-cpu-2026-11-30/ablation/')
-              .replace(str(today) + '/', 'ntng-today-2026-12-06/ablation/'))
+    report = local_paths(report, folder, cpu, today)
     return report + '\n\n' + '\n'.join(rerun_line(name, path, as_ran[name], budget) for name, path in reruns.items()
                                     if name in as_ran)  # a row rerun with no column as it ran has nothing to pair with
 
@@ -159,7 +166,7 @@ def long_table(folder, budget=960.0, rerun_budget=480.0):
     cpu, rerun = RECORDS / 'ntng-cpu-2026-11-30' / 'ablation', RECORDS / 'ntng-lr-check-2026-12-06' / 'ablation_lr'
     dirs = [str(rerun / row / f'b{rerun_budget:g}') for row in ('baseline', 'stack')] + [str(folder)]
     report, runs, _ = compare_report(dirs, target=declared_target(), floors=str(cpu / 'ablation.floors.json'))
-    report = report.replace(str(rerun) + '/', 'ntng-lr-check-2026-12-06/ablation_lr/').replace(str(folder) + '/', '')
+    report = local_paths(report, folder, rerun)
     return report + '\n\n' + gap_change_line(runs, budget, rerun_budget)
 
 
