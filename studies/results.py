@@ -191,13 +191,15 @@ def gap_change_line(runs, budget, earlier):
 def rerun_line(name, rerun, tuned, budget):
     """One rerun row against the same row at its tuned lr, paired on the seeds both finished."""
     from studies.compare import run_folders
+    from studies.ntng import read_sweep
     from studies.stats import finals_by_seed, paired_test
     from runs import read_run
     runs = [[read_run(d) for d in run_folders([str(path)])] for path in (rerun, tuned)]
     new, old = (finals_by_seed(r) for r in runs)
     seeds = sorted(new.keys() & old.keys())
-    lrs = [json.loads(Path(r[0]['path'], 'config.json').read_text())['config']['lr'] for r in runs]
-    head = (f"{name} at lr {lrs[0]:g} against {name} at its tuned lr {lrs[1]:g}, {budget:g} RST, "
+    lr_key = read_sweep(str(ROOT / 'config' / 'ablation.py')).get('LR_KEY', {}).get(name, 'lr')  # Muon's: muon_lr
+    lrs = [json.loads(Path(r[0]['path'], 'config.json').read_text())['config'][lr_key] for r in runs]
+    head = (f"{name} at {lr_key} {lrs[0]:g} against {name} at its tuned {lr_key} {lrs[1]:g}, {budget:g} RST, "
             f"paired seeds {', '.join(map(str, seeds)) or 'none yet'}")
     if len(seeds) < 2:
         return f'{head}: pending (fewer than 2 pairs)'

@@ -96,6 +96,11 @@ def test_the_lr_rerun_table_pairs_every_row_with_the_rerun_baseline(tmp_path):
     table = results.lr_rerun_table(tmp_path)
     assert stack_delta in table  # given once: compare refuses two runs of one cell and seed
     assert re.search(r'^stack at lr \S+ against stack at its tuned lr \S+, 480 RST, paired seeds 0, 1, 2, 3, 4: Δ \+0\.0000', table, re.M)
+    today = results.RECORDS / 'ntng-today-2026-12-06' / 'ablation'  # a row whose tuning moves another lr key
+    shutil.copytree(today / 'muon' / 'b480', tmp_path / 'ablation_lr' / 'muon' / 'b480')
+    table = results.lr_rerun_table(tmp_path)
+    assert re.search(r'^muon at muon_lr 0\.04 against muon at its tuned muon_lr 0\.04, 480 RST, paired seeds 0, 1, 2, 3, 4: '
+                     r'Δ \+0\.0000', table, re.M)
 
 
 def test_rho_axis_table_crosses_rho_with_lr_and_marks_the_chosen_point(tmp_path):
