@@ -1,6 +1,6 @@
 #!/bin/bash
 # Issue 34's queue for the snapshot worktree /work/study-next (main at 4523809), two single-thread runs at a time.
-# Every command is resumable: rerun and finished runs are skipped. `next.sh 2 3` runs steps 2 and 3; no argument: all.
+# Every command is resumable: rerun and finished runs are skipped. `next.sh 2 3` runs steps 2 and 3; no argument: 1-4.
 set -e
 cd /work/study-next && . /work/venv/bin/activate
 export OMP_NUM_THREADS=1
@@ -24,5 +24,7 @@ for step in ${@:-1 2 3 4}; do case $step in
    python -m studies.ntng lr_check --tuned=$T --methods="('rho','rho_s0.1')" --jobs=2 >> out/lr_check.log 2>&1 ;;
 # 4. Selective Backprop and RHO-LOSS (IL free, the shared IL model) under the H200 table
 4) python -m studies.ntng ablate --tuned=$T --methods="('sb','rho')" --rst_table=config/rst/h200/gpt_L4_H4_D128_T128_V256_B32.json --out_dir=out/ablation_h200 --jobs=2 >> out/ablation_sb_h200.log 2>&1 ;;
-*) echo "next.sh: unknown step $step (1-4)"; exit 2 ;;
+# 5. (2026-12-07) Muon's lr check chose x0.5 of its muon_lr: its 480-RST column rerun there, seeds 0-4, with the x0.25 check
+5) python out/rerun.py muon 0.5 >> out/rerun.log 2>&1 ;;
+*) echo "next.sh: unknown step $step (1-5)"; exit 2 ;;
 esac; done

@@ -13,7 +13,7 @@ MAIN=/work/main R=/work/main/out/records Q=/work/main/out/records/ntng-queue-202
 mkdir -p /work/study-1206/out /work/study-next/out/tune/il
 cp $R/ntng-h200-2026-12-06/driver.py /work/study-1206/out/
 cp $R/ntng-cpu-2026-11-30/tune/tuned.json /work/study-1206/out/tuned.json
-cp $Q/next.sh $Q/rebuild_il.py /work/study-next/out/
+cp $Q/next.sh $Q/rebuild_il.py $Q/rerun.py /work/study-next/out/
 [ -f /work/study-next/out/tune/tuned.json ] || cp $R/ntng-sophia-rho-2026-12-07/tuned.json /work/study-next/out/tune/  # tune adds rows to it
 cp -rn $R/ntng-cpu-2026-11-30/tune/il/search /work/study-next/out/tune/il/
 [ -f /work/queue.sh ] || cp $Q/queue.sh /work/queue.sh  # never over a running queue: bash reads its script as it goes
@@ -33,7 +33,8 @@ restore() {  # restore RECORD_FOLDER WORKTREE_FOLDER [ROW...]: the recorded runs
 L=$R/ntng-lr-check-2026-12-06
 restore $L /work/study-1206/out/lr_check baseline stack lion sophiag sb drop
 restore $L /work/study-next/out/lr_check muon sfadamw rho rho_s0.1
-restore $L/ablation_lr /work/study-1206/out/ablation_lr
+restore $L/ablation_lr /work/study-1206/out/ablation_lr baseline stack drop sb
+restore $L/ablation_lr /work/study-next/out/ablation_lr muon sfadamw rho rho_s0.1
 restore $R/ntng-h200-2026-12-06 /work/study-1206/out/ablation_h200 stack drop
 restore $R/ntng-h200-2026-12-06 /work/study-next/out/ablation_h200 sb rho
 restore $R/ntng-960-2026-12-07/ablation /work/study-1206/out/ablation_960
