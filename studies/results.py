@@ -111,10 +111,12 @@ def beside_cpu(runs, cpu_rows=('baseline',)):
 def finals_table(folder):
     """Each scored run's final on all of val beside its eval windows' (studies/finals.py): the runs whose
     checkpoints were still on the machine that ran them, from this folder, the H200-table reruns and the
-    baseline's 480-RST rerun at the lr its check found better (once run: the baseline the Δ columns pair with)."""
+    480-RST reruns at the lr their checks found better (the baseline's among them: the baseline the Δ columns pair
+    with), except those of this folder's own rows (Muon's), which are shown as they ran."""
     from studies.finals import report
     rerun = RECORDS / 'ntng-lr-check-2026-12-06' / 'ablation_lr'
-    folders = [folder / 'ablation', RECORDS / 'ntng-h200-2026-12-06'] + ([rerun] if rerun.is_dir() else [])
+    reruns = [p for p in sorted(rerun.glob('*')) if p.is_dir() and not (folder / 'ablation' / p.name).is_dir()]
+    folders = [folder / 'ablation', RECORDS / 'ntng-h200-2026-12-06'] + reruns  # one run per cell: this folder's own rows as ran
     return report([str(f) for f in folders])
 
 
