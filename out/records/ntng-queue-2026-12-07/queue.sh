@@ -10,8 +10,8 @@ n() { bash /work/study-next/out/next.sh "$@" || echo "next $* failed" >> /work/q
 echo "restart $(date)" >> /work/queue.log
 d lr_sb_drop;                   echo "lr sb drop done $(date)" >> /work/queue.log
 n 2;                            echo "lr muon sfadamw done $(date)" >> /work/queue.log
-d drop_rerun sb_rerun;          echo "drop sb reruns done $(date)" >> /work/queue.log
 n 5;                            echo "muon rerun done $(date)" >> /work/queue.log
+d drop_rerun sb_rerun;          echo "drop sb reruns done $(date)" >> /work/queue.log
 n 3;                            echo "rho fractions done $(date)" >> /work/queue.log
 d gpu_stack_480 gpu_drop;       echo "gpu stack drop done $(date)" >> /work/queue.log
 n 4;                            echo "sb rho h200 done $(date)" >> /work/queue.log

@@ -1,9 +1,10 @@
 #!/bin/bash
-# Issue 34's study environment on a fresh machine, then the queue. A session's machine keeps nothing of the last
-# one (found on 2026-12-07: the worktrees, the venv and every unfinished run were gone), so this rebuilds what
-# queue.sh expects from main's commits and records alone: the venv, the two snapshot worktrees, their scripts and
-# tuned.json files, the IL search's logs, and every recorded run copied back into the folder its study writes,
-# where the study sees it finished and skips it. Idempotent; a run folder already there is left as it is.
+# Issue 34's study environment on a fresh machine, then the queue. A session's machine may keep nothing of the
+# last one (2026-12-07, third session: the worktrees, the venv and every unfinished run were gone; the fourth found
+# all kept), so this rebuilds what queue.sh expects from main's commits and records alone: the venv, the two
+# snapshot worktrees, their scripts and tuned.json files, the IL search's logs, and every recorded run copied back
+# into the folder its study writes, where the study sees it finished and skips it. Idempotent; a run folder
+# already there is left as it is.
 #     bash /work/main/out/records/ntng-queue-2026-12-07/setup.sh && nohup setsid bash /work/queue.sh > /work/queue.out 2>&1 &
 set -e
 MAIN=/work/main R=/work/main/out/records Q=/work/main/out/records/ntng-queue-2026-12-07
@@ -16,7 +17,9 @@ cp $R/ntng-cpu-2026-11-30/tune/tuned.json /work/study-1206/out/tuned.json
 cp $Q/next.sh $Q/rebuild_il.py $Q/rerun.py /work/study-next/out/
 [ -f /work/study-next/out/tune/tuned.json ] || cp $R/ntng-sophia-rho-2026-12-07/tuned.json /work/study-next/out/tune/  # tune adds rows to it
 cp -rn $R/ntng-cpu-2026-11-30/tune/il/search /work/study-next/out/tune/il/
-[ -f /work/queue.sh ] || cp $Q/queue.sh /work/queue.sh  # never over a running queue: bash reads its script as it goes
+# the committed queue replaces an older copy (a machine kept from an earlier session still held one, 2026-12-07),
+# but never a running queue's: bash reads its script as it goes
+if pgrep -f 'bash /work/queue.sh' > /dev/null; then echo "a queue is running: /work/queue.sh left as it is"; else cp $Q/queue.sh /work/queue.sh; fi
 
 restore() {  # restore RECORD_FOLDER WORKTREE_FOLDER [ROW...]: the recorded runs (config.json, log.jsonl), rows given or all
     local src=$1 dst=$2; shift 2
