@@ -95,7 +95,14 @@ def test_the_lr_rerun_table_pairs_every_row_with_the_rerun_baseline(tmp_path):
     shutil.copytree(cpu / 'stack' / 'b480', tmp_path / 'ablation_lr' / 'stack' / 'b480')  # a rerun row takes its row's place
     table = results.lr_rerun_table(tmp_path)
     assert stack_delta in table  # given once: compare refuses two runs of one cell and seed
-    assert re.search(r'^stack at lr \S+ against stack at its tuned lr \S+, 480 RST, paired seeds 0, 1, 2, 3, 4: Δ \+0\.0000', table, re.M)
+    assert re.search(r'^stack at lr \S+ against stack at its tuned lr \S+, 480 RST, paired seeds 0, 1, 2, 3, 4: Δ \+0\.0000 '
+                     r'\[\+0\.0000, \+0\.0000\] p=1 -> equivalent within ±0\.02 \(90% CI \[\+0\.0000, \+0\.0000\]\)$', table, re.M)
+    for log in (tmp_path / 'ablation_lr' / 'stack' / 'b480').glob('s*/log.jsonl'):  # every seed's last eval 0.05 lower
+        records = [json.loads(line) for line in log.read_text().splitlines()]
+        last = max(i for i, r in enumerate(records) if 'val_loss' in r)
+        records[last]['val_loss'] -= 0.05
+        log.write_text(''.join(json.dumps(r) + '\n' for r in records))
+    assert re.search(r'^stack at .*: Δ -0\.0500 \[-0\.0500, -0\.0500\] p=0 -> better \(90% CI', results.lr_rerun_table(tmp_path), re.M)
     today = results.RECORDS / 'ntng-today-2026-12-06' / 'ablation'  # a row whose tuning moves another lr key
     shutil.copytree(today / 'muon' / 'b480', tmp_path / 'ablation_lr' / 'muon' / 'b480')
     table = results.lr_rerun_table(tmp_path)
