@@ -24,6 +24,8 @@ from runs import IL_LABEL, METHOD_STATS, SHAPE_KEYS, read_run
 from studies.across_budgets import auto_target, cost_sensitivity, plot_runs, target_table
 from studies.stats import finals_by_seed, group_runs, mean_std, paired_cells, t_interval, untrained
 
+MARGIN = 0.02  # the equivalence margin in nats (TOST) every study's verdicts use, declared before the runs
+
 
 # -----------------------------------------------------------------------------
 # comparing runs: the method x budget table, time to target, the plot
@@ -196,7 +198,7 @@ def between(loss, floors):
     return f'between the {below[-1]} and {above[0]} floors'
 
 
-def compare(run_dirs, out='ablation', target='auto', baseline='baseline', floors='', margin=0.02):
+def compare(run_dirs, out='ablation', target='auto', baseline='baseline', floors='', margin=MARGIN):
     """The ablation table (and time to target, plot) of run folders, or of every run under a sweep folder,
     written to <out>.md, <out>.png and <out>.floors.json (the n-gram floors it used: a record of the sweep
     carries them, and `--floors=` reads them back where the corpus is not at hand)."""
@@ -217,7 +219,7 @@ def compare(run_dirs, out='ablation', target='auto', baseline='baseline', floors
     return report
 
 
-def compare_report(run_dirs, target='auto', baseline='baseline', floors='', margin=0.02):
+def compare_report(run_dirs, target='auto', baseline='baseline', floors='', margin=MARGIN):
     """compare's report, writing nothing -> (report, the readable runs, the floors record used or None).
     RHO-LOSS's IL model runs are left out (not a method); runs in different budget units get a table each
     (their budgets are not comparable); a run found twice, or two runs of one cell and seed, are refused."""
@@ -432,7 +434,7 @@ class CompareConfig:
     out: str = 'ablation'        # writes <out>.md and, with matplotlib, <out>.png
     target: str = 'auto'         # time-to-target: 'auto' (the baseline's worst seed at its largest full budget), a number, 'none'
     baseline: str = 'baseline'   # the label deltas and speedups are taken against
-    margin: float = key(0.02, '>0')  # equivalence margin in nats (TOST), declared before the runs
+    margin: float = key(MARGIN, '>0')  # equivalence margin in nats (TOST), declared before the runs
     floors: str = ''             # a <out>.floors.json of an earlier compare to read the n-gram floors from ('' = the corpus)
 
     def __post_init__(self):

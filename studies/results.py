@@ -190,10 +190,10 @@ def gap_change_line(runs, budget, earlier):
     return f'{head}: Δ {d:+.4f} [{d - half:+.4f}, {d + half:+.4f}] p={p:.3g} -> {change}'
 
 
-def rerun_line(name, rerun, tuned, budget, margin=0.02):
+def rerun_line(name, rerun, tuned, budget):
     """One rerun row against the same row at its tuned lr, paired on the seeds both finished, read in the four
     words (studies.compare.verdict; one comparison, so its p is not adjusted) with the sweep's declared margin."""
-    from studies.compare import run_folders, verdict
+    from studies.compare import MARGIN, run_folders, verdict
     from studies.ntng import read_sweep
     from studies.stats import finals_by_seed, paired_test, t_interval
     from runs import read_run
@@ -208,7 +208,7 @@ def rerun_line(name, rerun, tuned, budget, margin=0.02):
         return f'{head}: pending (fewer than 2 pairs)'
     d, half, p = paired_test([new[s] for s in seeds], [old[s] for s in seeds])
     half90 = t_interval([new[s] - old[s] for s in seeds], 0.90)[1]
-    return (f'{head}: Δ {d:+.4f} [{d - half:+.4f}, {d + half:+.4f}] p={p:.3g} -> {verdict(d, half, half90, p, margin)} '
+    return (f'{head}: Δ {d:+.4f} [{d - half:+.4f}, {d + half:+.4f}] p={p:.3g} -> {verdict(d, half, half90, p, MARGIN)} '
             f'(90% CI [{d - half90:+.4f}, {d + half90:+.4f}])')
 
 
