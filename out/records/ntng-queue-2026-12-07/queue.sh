@@ -12,7 +12,8 @@ d lr_sb_drop;                   echo "lr sb drop done $(date)" >> /work/queue.lo
 n 2;                            echo "lr muon sfadamw done $(date)" >> /work/queue.log
 n 5;                            echo "muon rerun done $(date)" >> /work/queue.log
 d drop_rerun sb_rerun;          echo "drop sb reruns done $(date)" >> /work/queue.log
+d gpu_drop;                     echo "gpu drop done $(date)" >> /work/queue.log
 n 3;                            echo "rho fractions done $(date)" >> /work/queue.log
-d gpu_stack_480 gpu_drop;       echo "gpu stack drop done $(date)" >> /work/queue.log
+d gpu_stack_480;                echo "gpu stack 480 done $(date)" >> /work/queue.log
 n 4;                            echo "sb rho h200 done $(date)" >> /work/queue.log
 d long_960;                     echo "all done $(date)" >> /work/queue.log
