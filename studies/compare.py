@@ -83,6 +83,13 @@ def verdict(delta, half95, half90, p_holm, margin):
     return 'not resolved'
 
 
+def verdict_with_ci(delta, half95, diffs, p_holm, margin):
+    """verdict's reading of the paired differences `diffs` (mean delta), followed by the 90% CI it tested."""
+    half90 = t_interval(diffs, 0.90)[1]
+    ci90 = f' (90% CI [{delta - half90:+.4f}, {delta + half90:+.4f}])' if not math.isnan(half90) else ''
+    return verdict(delta, half95, half90, p_holm, margin) + ci90
+
+
 def verdict_table(groups, baseline, margin):
     """Markdown: each method and budget read in four words against the baseline, with the 90% CI the
     equivalence test uses."""
@@ -98,9 +105,7 @@ def verdict_table(groups, baseline, margin):
                 continue
             delta, half95, p, pairs = cells[label, b]
             d = [x - y for x, y in paired_finals(groups, label, baseline, b)]
-            half90 = t_interval(d, 0.90)[1]
-            ci90 = f' (90% CI [{delta - half90:+.4f}, {delta + half90:+.4f}])' if not math.isnan(half90) else ''
-            row.append(verdict(delta, half95, half90, p, margin) + ci90)
+            row.append(verdict_with_ci(delta, half95, d, p, margin))
         lines.append(f'| {label} | ' + ' | '.join(row) + ' |')
     return ('\n'.join(lines) + f'\n\nbetter / worse: 95% CI excludes 0 and Holm p < 0.05; equivalent: the 90% CI of the '
             f'paired difference inside ±{margin:g} nats (TOST at 5%, the margin declared in advance); else not resolved.')

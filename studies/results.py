@@ -192,10 +192,10 @@ def gap_change_line(runs, budget, earlier):
 
 def rerun_line(name, rerun, tuned, budget):
     """One rerun row against the same row at its tuned lr, paired on the seeds both finished, read in the four
-    words (studies.compare.verdict; one comparison, so its p is not adjusted) with the sweep's declared margin."""
-    from studies.compare import MARGIN, run_folders, verdict
+    words (studies.compare.verdict_with_ci; one comparison, so its p is not adjusted) with the sweep's declared margin."""
+    from studies.compare import MARGIN, run_folders, verdict_with_ci
     from studies.ntng import read_sweep
-    from studies.stats import finals_by_seed, paired_test, t_interval
+    from studies.stats import finals_by_seed, paired_test
     from runs import read_run
     runs = [[read_run(d) for d in run_folders([str(path)])] for path in (rerun, tuned)]
     new, old = (finals_by_seed(r) for r in runs)
@@ -207,9 +207,8 @@ def rerun_line(name, rerun, tuned, budget):
     if len(seeds) < 2:
         return f'{head}: pending (fewer than 2 pairs)'
     d, half, p = paired_test([new[s] for s in seeds], [old[s] for s in seeds])
-    half90 = t_interval([new[s] - old[s] for s in seeds], 0.90)[1]
-    return (f'{head}: Δ {d:+.4f} [{d - half:+.4f}, {d + half:+.4f}] p={p:.3g} -> {verdict(d, half, half90, p, MARGIN)} '
-            f'(90% CI [{d - half90:+.4f}, {d + half90:+.4f}])')
+    reading = verdict_with_ci(d, half, [new[s] - old[s] for s in seeds], p, MARGIN)
+    return f'{head}: Δ {d:+.4f} [{d - half:+.4f}, {d + half:+.4f}] p={p:.3g} -> {reading}'
 
 
 def rho_axis_table(folder, extension=None):
