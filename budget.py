@@ -232,6 +232,7 @@ class Budget:
             self.spent['rst'] = None  # not counted: no cost table for this shape
         self.spent.update(scored_examples=0.0, hessian_steps=0.0)
         self.by_entry = {}  # RST charged per cost-table entry ('fwd_bwd:4', 'optimizer:adamw', ...): compare's sensitivity
+        self.before_start = 0.0  # of the budget's unit, paid before the first step: the schedule spans the rest
 
     def _rst(self, kind, entry, scale=1.0):
         if self.table is not None:
@@ -274,6 +275,7 @@ class Budget:
         for unit, value in spent.items():
             if self.spent.get(unit) is not None and value is not None:
                 self.spent[unit] += value
+        self.before_start += spent.get(self.unit) or 0.0
         if self.spent['rst'] is not None and spent.get('rst'):
             self.by_entry['before_start'] = self.by_entry.get('before_start', 0.0) + spent['rst']
 
@@ -298,12 +300,20 @@ class Budget:
     def done(self):
         return self.spent[self.unit] >= self.total
 
+    def schedule_span(self):
+        """(offset, length) of the budget the LR schedule spans: what is left after the costs paid before the
+        first step (an IL model charged to the run), so the run warms up from its first step and reaches min_lr
+        exactly when the budget is spent, not partway down a schedule sized for the whole budget."""
+        return self.before_start, max(self.total - self.before_start, 0.0)
+
     def state_dict(self):
-        return {**self.spent, 'rst_by_entry': dict(self.by_entry)}
+        return {**self.spent, 'rst_by_entry': dict(self.by_entry), 'before_start': self.before_start}
 
     def load_state_dict(self, state):
         state = dict(state)
         self.by_entry = dict(state.pop('rst_by_entry', {}))  # a checkpoint from before it was counted: {}
+        fallback = self.by_entry.get('before_start', 0.0) if self.unit == 'rst' else 0.0  # older checkpoints: RST only
+        self.before_start = float(state.pop('before_start', fallback))
         self.spent.update(state)
 
 

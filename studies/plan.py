@@ -285,6 +285,12 @@ def stop_jobs(running, grace=120):
             proc.wait()
 
 
+def job_threads(env, n_parallel, cpus):
+    """Each job's OMP_NUM_THREADS: the caller's, when set (a run's low bits depend on it, and a study that
+    says one thread a job must get one), else the cores shared among the jobs run at once."""
+    return env.get('OMP_NUM_THREADS') or str(max(1, (cpus or 1) // n_parallel))
+
+
 def job_env(env, devices):
     """A job's environment: its own GPUs where the runner hands them out (devices), else the runner's."""
     return {**env, 'CUDA_VISIBLE_DEVICES': ','.join(devices)} if devices else env
@@ -296,7 +302,7 @@ def _run_jobs(jobs, n_parallel, cwd, running):
     free = list(gpus or [])  # GPUs no job holds
     held, started = {}, {}   # proc -> its GPUs, its start time
     built = set()  # exclusive tags whose first job succeeded: the rest of them may run side by side
-    env = {**os.environ, 'OMP_NUM_THREADS': str(max(1, (os.cpu_count() or 1) // n_parallel))}
+    env = {**os.environ, 'OMP_NUM_THREADS': job_threads(os.environ, n_parallel, os.cpu_count())}
     progress = Progress(jobs, min(n_parallel, len(gpus)) if gpus else n_parallel)
     if jobs:
         idle = f' (--jobs={len(gpus)} would use them all)' if gpus and n_parallel < len(gpus) else ''

@@ -314,3 +314,17 @@ def test_a_cost_before_the_start_that_is_not_a_non_negative_number_is_refused(co
     with pytest.raises(UserError, match="not a non-negative number: the record it was read from .* is damaged"):
         b.charge_before_start({'rst': cost, 'tokens': 0.0})
     b.charge_before_start({'tokens': 5.0, 'rst': None})  # an uncounted unit stays None
+
+
+def test_the_schedule_span_survives_a_checkpoint():
+    """A resumed IL-charged run keeps the schedule its fresh run began (the span after the costs paid before
+    the start); a checkpoint from before the span was saved reads it from the RST charged before the start."""
+    b = budget_lib.Budget('rst', 10.0, None, 1.0, 8, 2)
+    b.spent['rst'] = 0.0
+    b.charge_before_start({'rst': 4.0, 'tokens': 3.0})
+    assert b.schedule_span() == (4.0, 6.0) and b.spent['rst'] == 4.0
+    for state in (b.state_dict(), {k: v for k, v in b.state_dict().items() if k != 'before_start'}):
+        again = budget_lib.Budget('rst', 10.0, None, 1.0, 8, 2)
+        again.load_state_dict(state)
+        assert again.schedule_span() == (4.0, 6.0) and 'before_start' not in again.spent
+    assert budget_lib.Budget('iters', 5.0, None, 1.0, 8, 2).schedule_span() == (0.0, 5.0)

@@ -144,6 +144,9 @@ def test_gpu_ids_are_the_ones_the_runner_was_given(tmp_path, monkeypatch, capsys
 def test_one_gpu_is_shared_and_a_cpu_run_is_unchanged(tmp_path, monkeypatch, n_gpus):
     assert [r[0] for r in placements(tmp_path, monkeypatch, n_gpus, 2, 2)] == ['-', '-']
     assert plan.job_env({'A': '1'}, []) == {'A': '1'} and plan.job_env({}, ['3', '4']) == {'CUDA_VISIBLE_DEVICES': '3,4'}
+    # threads: the caller's OMP_NUM_THREADS when set (one job beside another study keeps its one thread)
+    assert plan.job_threads({'OMP_NUM_THREADS': '1'}, 1, 2) == '1' and plan.job_threads({}, 1, 2) == '2'
+    assert plan.job_threads({}, 2, 2) == plan.job_threads({}, 4, 2) == '1' and plan.job_threads({}, 1, None) == '1'
 
 
 def test_a_run_of_several_processes_starts_under_torchrun_and_takes_that_many_gpus(tmp_path, monkeypatch):

@@ -503,6 +503,30 @@ def test_charge_il_adds_il_costs_and_target_never_sees_holdout(runs, tmp_path):
     assert read_log(tmp_path / 'run')[0]['il_charged'] is True
 
 
+def test_charged_il_costs_leave_a_whole_schedule_for_the_budget_left(runs, tmp_path):
+    """Charged its IL model before the first step, the target's schedule spans what is left of the budget: it
+    warms up from its first step and reaches min_lr on the last, instead of starting partway down a cosine sized
+    for the whole budget (which left an IL-charged row's target at a fraction of its peak lr)."""
+    info = json.loads((runs.cache / 'il_loss.json').read_text())
+    paid, step = info['il_train']['rst'] + info['il_precompute']['rst'], 16 / 8 * FWD + FWD_BWD + OPT
+    cfg = target_cfg(runs, tmp_path / 'run', budget_unit='rst', budget=paid + 9.5 * step, schedule='cosine',
+                     warmup_frac=0.2, lr=1e-3, min_lr=0.0)
+    assert train.Trainer(cfg, rho.RhoLoss(cfg)).run()['spent']['iters'] == 10  # the tenth passes the budget
+    lrs = [r['lr'] for r in read_log(tmp_path / 'run') if 'lr' in r]
+    warm = 0.2 * 9.5 * step  # the warm-up: a fraction of the budget left
+    assert lrs[0] == pytest.approx(1e-3 * 0.5 * step / warm, rel=1e-6)  # the first step's middle, on the rise
+    assert max(lrs) > 0.9e-3 and lrs[-1] == 0.0  # the last step's middle is where the budget ends
+    assert lrs == [budget_lib.lr_at((i + 0.5) * step, 9.5 * step, cfg) for i in range(10)]
+    assert budget_lib.lr_at(paid + 0.5 * step, paid + 9.5 * step, cfg) < 0.3e-3  # the whole budget's: near its end
+
+
+def test_a_run_whose_costs_before_the_start_use_its_budget_says_it_trains_no_step(runs, tmp_path, capsys):
+    info = json.loads((runs.cache / 'il_loss.json').read_text())
+    cfg = target_cfg(runs, tmp_path / 'run', budget_unit='rst', budget=0.5 * info['il_train']['rst'])
+    assert train.Trainer(cfg, rho.RhoLoss(cfg)).run()['steps'] == 0
+    assert 'use the whole budget: this run trains no step' in capsys.readouterr().out
+
+
 class StopRho(Interrupting, rho.RhoLoss):
     """RhoLoss, interrupted after `steps` steps."""
 
