@@ -10,7 +10,7 @@ set -e
 MAIN=/work/main R=/work/main/out/records Q=/work/main/out/records/ntng-queue-2026-12-07
 [ -x /work/venv/bin/python ] || { python3 -m venv /work/venv && /work/venv/bin/pip install -q torch==2.13.0 -r $MAIN/requirements.txt; }
 [ -d /work/study-1206 ] || git -C $MAIN worktree add --detach /work/study-1206 9468c83
-[ -d /work/study-next ] || git -C $MAIN worktree add --detach /work/study-next 4523809
+[ -d /work/study-next ] || git -C $MAIN worktree add --detach /work/study-next 9eb60e8  # 4523809 until next.sh 3
 mkdir -p /work/study-1206/out /work/study-next/out/tune/il
 cp $R/ntng-h200-2026-12-06/driver.py /work/study-1206/out/
 cp $R/ntng-cpu-2026-11-30/tune/tuned.json /work/study-1206/out/tuned.json
@@ -19,7 +19,11 @@ cp $Q/next.sh $Q/rebuild_il.py $Q/rerun.py /work/study-next/out/
 cp -rn $R/ntng-cpu-2026-11-30/tune/il/search /work/study-next/out/tune/il/
 # the committed queue replaces an older copy (a machine kept from an earlier session still held one, 2026-12-07),
 # but never a running queue's: bash reads its script as it goes
-if pgrep -f 'bash /work/queue.sh' > /dev/null; then echo "a queue is running: /work/queue.sh left as it is"; else cp $Q/queue.sh /work/queue.sh; fi
+# (and a kept study-next worktree older than next.sh 3's commit moves to it, never under a running queue)
+if pgrep -f 'bash /work/queue.sh' > /dev/null; then echo "a queue is running: /work/queue.sh left as it is"; else
+    cp $Q/queue.sh /work/queue.sh
+    git -C /work/study-next merge-base --is-ancestor 9eb60e8 HEAD || git -C /work/study-next checkout -q --detach 9eb60e8
+fi
 
 restore() {  # restore RECORD_FOLDER WORKTREE_FOLDER [ROW...]: the recorded runs (config.json, log.jsonl), rows given or all
     local src=$1 dst=$2; shift 2
