@@ -18,6 +18,7 @@ for step in ${@:-1 2 3 4}; do case $step in
 #    (2026-12-07, before any step-3 run) the worktree moved to the commit whose LR schedule spans the budget left
 #    after the costs charged before the first step (an IL-charged run), 9eb60e8; step 3 refuses an older one.
 3) git merge-base --is-ancestor 9eb60e8 HEAD || { echo "next.sh 3: this worktree predates 9eb60e8 (the IL-charged LR schedule fix)"; exit 3; }
+   while pgrep -f 'python out/rebuild_il.py' > /dev/null; do sleep 30; done  # one started by hand ahead of the queue
    python out/rebuild_il.py >> out/rebuild_il.log 2>&1 & P=$!
    python -m studies.ntng ablate --tuned=$T --methods="('rho_il_f0.1','rho_il_f0.25')" --out_dir=out/ablation_rho --jobs=1 >> out/ablation_rho.log 2>&1 & A=$!
    R=0; wait $P || R=$?
