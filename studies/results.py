@@ -93,7 +93,34 @@ def rho_table(folder):
     its own lr grid) beside the CPU table's baseline and its RHO-LOSS rows, and the 10% row's tuning."""
     tuned = folder / 'tune' / 'tuned.json'
     head = tuning(folder / 'tune', ('rho', 'rho_s0.1')) + '\n\n' if tuned.is_file() else '(the 10% row\'s tuning has not finished yet)\n\n'
-    return head + beside_cpu(folder / 'ablation', ('baseline', 'rho', 'rho_il_charged'))
+    cpu_charged = RECORDS / 'ntng-cpu-2026-11-30' / 'ablation' / 'rho_il_charged'
+    return (head + beside_cpu(folder / 'ablation', ('baseline', 'rho', 'rho_il_charged')) + '\n\n'
+            + il_charges([cpu_charged, folder / 'ablation']))
+
+
+def il_charges(folders):
+    """What each IL-charged run paid before its first step (its step-0 record), per row and budget, as means
+    over its seeds: the IL model's training, the IL precompute (every non-holdout example, whatever the budget),
+    the budget left for the target, and the steps the target took (fewest-most)."""
+    from runs import read_log, read_run
+    cells = {}
+    for config in sorted(p for folder in folders if folder.is_dir() for p in folder.rglob('config.json')):
+        first = (read_log(config.parent / 'log.jsonl') or [{}])[0]
+        if first.get('il_charged'):  # an IL model's own run folder (<run>_il) has no such record
+            run = read_run(config.parent)
+            cells.setdefault((run['label'], run['budget']), []).append(
+                (first['il_train_rst'], first['il_precompute_rst'], run['steps']))
+    if not cells:
+        return '(no IL-charged run has finished yet)'
+    lines = ['| IL-charged row | budget (RST) | IL training (RST) | IL precompute (RST) | left for the target (RST) '
+             '| target steps | n |', '| --- |' + ' --- |' * 6]
+    for (label, budget), runs in sorted(cells.items(), key=lambda cell: (cell[0][0], cell[0][1])):
+        il, pre = (sum(r[i] for r in runs) / len(runs) for i in (0, 1))
+        steps = sorted(r[2] for r in runs)
+        left = budget - il - pre
+        lines.append(f'| {label} | {budget:g} | {il:.2f} | {pre:.2f} | {max(left, 0.0):.2f} ({max(left, 0.0) / budget:.0%}) '
+                     f'| {steps[0]}' + (f'-{steps[-1]}' if steps[-1] != steps[0] else '') + f' | {len(runs)} |')
+    return '\n'.join(lines)
 
 
 def beside_cpu(runs, cpu_rows=('baseline',)):

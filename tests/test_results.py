@@ -148,3 +148,26 @@ def test_gap_change_line_pairs_each_seeds_gap_across_budgets():
     runs[-1]['final'] = 0.9 - 0.05  # differences 0.02/0.04/-0.06: the interval spans 0
     assert results.gap_change_line(runs, 960.0, 480.0).endswith('-> not resolved')
     assert 'pending' in results.gap_change_line(runs[:6] + runs[6:7] + runs[9:10], 960.0, 480.0)  # one pair
+
+
+def test_il_charges_reads_what_each_il_charged_run_paid_before_its_first_step(tmp_path):
+    """The CPU table's IL-charged row paid its whole IL search and precompute (more than any budget: no step); a
+    run that pays a fraction keeps the rest for its target, and an IL model's own folder is not a row."""
+    cpu = results.RECORDS / 'ntng-cpu-2026-11-30' / 'ablation' / 'rho_il_charged'
+    run = tmp_path / 'rho_il_f0.1' / 'b120' / 's0'
+    run.mkdir(parents=True)
+    config = json.loads((cpu / 'b120' / 's0' / 'config.json').read_text())
+    config['config'].update(label='rho_il_f0.1', budget=120.0)
+    (run / 'config.json').write_text(json.dumps(config))
+    records = [{'step': 0, 'il_charged': True, 'il_train_rst': 12.0, 'il_precompute_rst': 85.9, 'il_val_loss': 1.3},
+               {'step': 0, 'rst': 97.9, 'tokens': 0.0, 'val_loss': 5.5},
+               {'step': 40, 'rst': 121.0, 'tokens': 1.0, 'iters': 40.0, 'val_loss': 2.5}]
+    (run / 'log.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in records))
+    own_il = tmp_path / 'rho_il_f0.1' / 'b120' / 's0_il'
+    own_il.mkdir()
+    (own_il / 'config.json').write_text(json.dumps(config))
+    (own_il / 'log.jsonl').write_text(json.dumps({'step': 10, 'rst': 12.0, 'val_loss': 1.3}) + '\n')
+    table = results.il_charges([cpu, tmp_path])
+    assert '| rho_il_charged | 120 | 3360.03 | 85.90 | 0.00 (0%) | 0 | 5 |' in table
+    assert '| rho_il_f0.1 | 120 | 12.00 | 85.90 | 22.10 (18%) | 40 | 1 |' in table and table.count('rho_il_f0.1') == 1
+    assert results.il_charges([tmp_path / 'none']) == '(no IL-charged run has finished yet)'
