@@ -448,11 +448,14 @@ def read_run(path):
         evals = [r for r in records if 'val_loss' in r]
         if not all(isinstance(r.get(k), (int, float)) for r in evals for k in ('val_loss', 'tokens', 'step')):
             raise TypeError('val_loss')
-        spent = max((r.get(c['budget_unit'], 0) for r in records), default=0)
+        # complete: the final eval was logged with the budget spent (a run's last record); a later step's progress
+        # line alone is not enough: a damaged final record must not leave an earlier eval passing for the final
+        spent = evals[-1].get(c['budget_unit']) if evals else None
         return {'path': str(path), 'label': derive_label(c) + system_suffix(c), 'budget': c['budget'], 'unit': c['budget_unit'],
                 'seed': c['seed'], 'steps': max((r.get('step', 0) for r in records), default=0),
                 'evals': [(e.get('rst'), e['tokens'], e['val_loss']) for e in evals],
-                'final': evals[-1]['val_loss'] if evals else None, 'complete': bool(evals) and spent >= c['budget'],
+                'final': evals[-1]['val_loss'] if evals else None,
+                'complete': isinstance(spent, (int, float)) and spent >= c['budget'],
                 'dataset': c.get('dataset'), 'tokenizer': c.get('tokenizer'), 'stats': logged_means(records),
                 'eval_windows': eval_windows(c), 'script': script_of(info), 'shape': tuple(c.get(k) for k in SHAPE_KEYS),
                 'rst_by_entry': rst_by_entry(evals[-1]) if evals else {}}

@@ -224,16 +224,21 @@ def compare(run_dirs, out='ablation', target='auto', baseline='baseline', floors
     return report
 
 
-def compare_report(run_dirs, target='auto', baseline='baseline', floors='', margin=MARGIN):
+def compare_report(run_dirs, target='auto', baseline='baseline', floors='', margin=MARGIN, whole=False):
     """compare's report, writing nothing -> (report, the readable runs, the floors record used or None).
     RHO-LOSS's IL model runs are left out (not a method); runs in different budget units get a table each
-    (their budgets are not comparable); a run found twice, or two runs of one cell and seed, are refused."""
+    (their budgets are not comparable); a run found twice, or two runs of one cell and seed, are refused.
+    whole=True (committed records, which hold finished runs only): a damaged or partial run is refused, not
+    left out of the means with a note."""
     require(run_dirs, 'compare needs run folders, or a folder that holds them: python -m studies.ntng compare '
                       'out/ablation [--out=ablation]')
     run_dirs = run_folders(run_dirs)
     runs, il_runs = without_il_models([read_checked_run(d) for d in run_dirs])
     check_one_run_per_cell(runs)
     bad = [r for r in runs if 'error' in r or not r['complete']]
+    if whole and bad:
+        raise UserError(f"{bad[0]['path']}: {bad[0].get('error', 'budget not spent (partial or damaged log)')}: a "
+                        f'record holds finished runs only; restore it from git, or record the run again')
     runs = [r for r in runs if 'error' not in r]
     require(runs or bad, f'the {len(il_runs)} run(s) given are IL models of RHO-LOSS, not methods: give the sweep\'s method runs')
     if not runs:
@@ -338,7 +343,9 @@ def field_problem(path):
         try:
             record = json.loads(line)
         except ValueError:
-            continue  # the partial last line of a killed run: read_log drops it
+            if i < len(lines):  # only a killed run's last line may be partial (read_log drops it)
+                return f'log.jsonl line {i} is not a JSON record (the log is damaged)'
+            continue
         problem = record_problem(record, config['budget_unit'])
         if problem:
             return f'log.jsonl line {i}: {problem}'
@@ -353,6 +360,8 @@ def record_problem(record, unit):
     for k in LOG_FIELDS:
         if k in record and not finite_number(record[k]) and not (record[k] is None and k in UNITS and k != unit):
             return f'{k}={short(record[k])} is not a finite number'
+    if finite_number(record.get('val_loss')) and record['val_loss'] < 0:
+        return f"val_loss={short(record['val_loss'])} is negative (a cross-entropy never is)"
     entries = record.get('rst_by_entry', {})
     if not (isinstance(entries, dict) and all(finite_number(v) for v in entries.values())):
         return f'rst_by_entry={short(entries)} is not a table of cost entry -> RST'
@@ -444,3 +453,8 @@ class CompareConfig:
 
     def __post_init__(self):
         check_target(self.target)
+
+
+if __name__ == '__main__':  # the reading behind the lab's commands, not a command itself
+    raise SystemExit('studies.compare has no command of its own: `python -m studies.ntng compare RUN_FOLDERS...` '
+                     'prints its table')

@@ -35,7 +35,15 @@ def record(src, dst):
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
         raise UserError(f'{src} is not a folder: give the study\'s output folder (e.g. out/ablation)')
+    if dst.exists() and not dst.is_dir():
+        raise UserError(f'{dst} is a file: give a record folder (e.g. out/records/<study>-<date>)')
+    if dst.resolve().is_relative_to(src.resolve()) or src.resolve().is_relative_to(dst.resolve()):
+        raise UserError(f'{dst} and {src} lie one inside the other: the record would copy itself as more runs (give a '
+                        f'record folder outside the study, e.g. out/records/<study>-<date>)')
     runs = finished_runs(src)
+    if not runs:
+        raise UserError(f'{src} holds no finished run (a run folder with config.json and a log that spent its budget): '
+                        f'nothing recorded')
     for run in runs:  # every conflict is found before anything is written
         there = dst / run.relative_to(src) / 'config.json'
         if there.exists() and there.read_bytes() != (run / 'config.json').read_bytes():
@@ -54,7 +62,10 @@ def record(src, dst):
 
 def main(argv):
     paths = [a for a in argv if not a.startswith('-')]
-    if len(paths) != 2 and not {'-h', '--help'} & set(argv):
+    if {'-h', '--help'} & set(argv):
+        print(__doc__)
+        sys.exit(0)
+    if len(paths) != 2:
         print('usage: python -m studies.records STUDY_OUT_DIR RECORD_FOLDER', file=sys.stderr)
         sys.exit(2)
     return cli(lambda c: record(*paths), RecordsConfig, [a for a in argv if a.startswith('-')],

@@ -55,7 +55,7 @@ def local_paths(report, folder, *others):
 def ntng_table(folder, **kw):
     from studies.compare import compare_report
     floors = next(folder.rglob('*.floors.json'), None)  # the floors compare used when the sweep ran
-    report, _, _ = compare_report([str(folder)], floors=str(floors) if floors else '', target=declared_target(), **kw)
+    report, _, _ = compare_report([str(folder)], floors=str(floors) if floors else '', target=declared_target(), whole=True, **kw)
     return local_paths(report, folder)
 
 
@@ -77,7 +77,7 @@ def second_system_table(folder):
     cpu = RECORDS / 'ntng-cpu-2026-11-30' / 'ablation'
     rows = sorted({p.name for p in folder.iterdir() if p.is_dir()})
     dirs = [str(cpu / 'baseline')] + [str(cpu / row) for row in rows] + [str(folder)]
-    report, runs, _ = compare_report(dirs, target='none', floors=str(cpu / 'ablation.floors.json'))
+    report, runs, _ = compare_report(dirs, target='none', floors=str(cpu / 'ablation.floors.json'), whole=True)
     report = local_paths(report, folder, cpu)
     return report + '\n\n' + decision_rule(paired_cells(group_runs(runs), 'baseline'))
 
@@ -131,7 +131,7 @@ def beside_cpu(runs, cpu_rows=('baseline',)):
     if not any(runs.rglob('config.json')):
         return '(no run of these rows has finished yet)'
     report, _, _ = compare_report([str(cpu / row) for row in cpu_rows] + [str(runs)], target=declared_target(),
-                                  floors=str(cpu / 'ablation.floors.json'))
+                                  floors=str(cpu / 'ablation.floors.json'), whole=True)
     return local_paths(report, runs, cpu)
 
 
@@ -179,7 +179,7 @@ def lr_rerun_table(folder, budget=480.0):
     cpu, today = RECORDS / 'ntng-cpu-2026-11-30' / 'ablation', RECORDS / 'ntng-today-2026-12-06' / 'ablation'
     as_ran = {p.name: p / column for base in (cpu, today) for p in sorted(base.iterdir()) if (p / column).is_dir()}
     rows = [str(path) for path in {**as_ran, **reruns}.values()]
-    report, _, _ = compare_report(rows, target='none', floors=str(cpu / 'ablation.floors.json'))
+    report, _, _ = compare_report(rows, target='none', floors=str(cpu / 'ablation.floors.json'), whole=True)
     report = local_paths(report, folder, cpu, today)
     return report + '\n\n' + '\n'.join(rerun_line(name, path, as_ran[name], budget) for name, path in reruns.items()
                                     if name in as_ran)  # a row rerun with no column as it ran has nothing to pair with
@@ -194,7 +194,7 @@ def long_table(folder, budget=960.0, rerun_budget=480.0):
         return f'(no run of the {budget:g}-RST column has finished yet)'
     cpu, rerun = RECORDS / 'ntng-cpu-2026-11-30' / 'ablation', RECORDS / 'ntng-lr-check-2026-12-06' / 'ablation_lr'
     dirs = [str(rerun / row / f'b{rerun_budget:g}') for row in ('baseline', 'stack')] + [str(folder)]
-    report, runs, _ = compare_report(dirs, target=declared_target(), floors=str(cpu / 'ablation.floors.json'))
+    report, runs, _ = compare_report(dirs, target=declared_target(), floors=str(cpu / 'ablation.floors.json'), whole=True)
     report = local_paths(report, folder, rerun)
     return report + '\n\n' + gap_change_line(runs, budget, rerun_budget)
 
@@ -390,6 +390,8 @@ def render():
     if unknown:
         raise UserError(f"{TEMPLATE} names unknown section(s) {', '.join(sorted(unknown))}: add them to SECTIONS")
 
+    check_records_whole(RECORDS)
+
     def table(match):
         section = SECTIONS[match.group(1)]
         folder = RECORDS / section.records
@@ -397,6 +399,23 @@ def render():
             raise UserError(f'the record folder {folder} of section {match.group(1)} is missing')
         return section.table(folder)
     return re.sub(r'^\{\{(\w+)\}\}$', table, text, flags=re.M)
+
+
+def check_records_whole(records):
+    """Refuse damaged evidence before any table is read: every config.json and log.jsonl line under the records
+    is a JSON object (the readers drop a killed run's partial last line, so a record cut short would otherwise
+    pass for a shorter run and quietly change a table's means)."""
+    for path in sorted(p for p in records.rglob('*.json*') if p.suffix in ('.json', '.jsonl')):
+        lines = path.read_text(errors='replace').splitlines() if path.suffix == '.jsonl' else [path.read_text(errors='replace')]
+        for i, line in enumerate(lines, 1):
+            try:
+                ok = isinstance(json.loads(line), (dict, list))
+            except ValueError:
+                ok = False
+            if not ok:
+                where = f' line {i}' if path.suffix == '.jsonl' else ''
+                raise UserError(f'{path.relative_to(ROOT)}{where} is not a JSON record: the record is damaged; restore '
+                                f'it (git checkout -- {path.relative_to(ROOT)}) or record its run again')
 
 
 def draw_figures():

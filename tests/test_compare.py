@@ -951,3 +951,27 @@ def test_a_folder_with_nothing_comparable_is_one_line_and_exit_2(tmp_path, capsy
     err = capsys.readouterr().err
     assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and says in err, err
     assert not (tmp_path / 'x.md').exists()
+
+
+def test_a_damaged_record_is_never_read_as_a_shorter_run(tmp_path):
+    """A log cut inside its last line (the final eval) once let an earlier eval pass for the final with the run
+    still 'complete' (a later progress line had reached the budget). Now: the run reads as partial and is named
+    in the note; a damaged line before the last, or a negative val loss, names its line; and for committed records
+    (whole=True, what RESULTS.md reads) any of them stops the report instead of changing a mean."""
+    for s in range(3):
+        finished(tmp_path, f'base{s}', 'baseline', 8.0, s, 2.0 + s / 100)
+    cut = finished(tmp_path, 'cut', 'stack', 8.0, 0, 1.5)
+    (cut / 'log.jsonl').write_bytes((cut / 'log.jsonl').read_bytes()[:-10])
+    run = runs.read_run(cut)
+    assert not run['complete'] and run['final'] != 1.5
+    report, _, _ = compare.compare_report([str(tmp_path)])
+    assert f'- {cut}: budget not spent' in report
+    from configurator import UserError
+    with pytest.raises(UserError, match=f'{cut}: budget not spent .*a record holds finished runs only'):
+        compare.compare_report([str(tmp_path)], whole=True)
+    middle = finished(tmp_path / 'more', 'mid', 'stack', 8.0, 1, 1.6)
+    lines = (middle / 'log.jsonl').read_text().splitlines()
+    (middle / 'log.jsonl').write_text('\n'.join(lines[:1] + [lines[1][:-5]] + lines[2:]) + '\n')
+    assert compare.field_problem(middle) == 'log.jsonl line 2 is not a JSON record (the log is damaged)'
+    negative = finished(tmp_path / 'more', 'neg', 'stack', 8.0, 2, -5.0)
+    assert compare.field_problem(negative) == 'log.jsonl line 2: val_loss=-4.25 is negative (a cross-entropy never is)'

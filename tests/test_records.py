@@ -51,3 +51,21 @@ def test_the_command_needs_two_folders(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         records.main([str(tmp_path / 'none'), str(tmp_path / 'r')])
     assert e.value.code == 2 and 'is not a folder' in capsys.readouterr().err
+
+
+def test_a_record_folder_must_be_a_folder_outside_the_study_and_get_runs(study, tmp_path, capsys):
+    """A record folder inside the study copied the study into itself (twice the runs, then 'both baseline at
+    budget 120 seed 0'); a file as the record folder, or a study with no finished run, said nothing useful."""
+    for dst, says in ((study / 'records', 'lie one inside the other'), (tmp_path, 'lie one inside the other'),
+                      (tmp_path / 'a_file', 'is a file: give a record folder')):
+        if dst.name == 'a_file':
+            dst.write_text('x')
+        with pytest.raises(UserError, match=says):
+            records.record(study, dst)
+    assert not (study / 'records').exists()
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(UserError, match='holds no finished run'):
+        records.record(tmp_path / 'empty', tmp_path / 'r')
+    with pytest.raises(SystemExit) as e:
+        records.main(['--help'])
+    assert e.value.code == 0 and 'python -m studies.records' in capsys.readouterr().out

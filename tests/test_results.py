@@ -3,6 +3,8 @@ committed file, and every figure it embeds must exist and have been drawn from t
 import json
 import re
 
+import pytest
+
 from studies import results
 
 
@@ -171,3 +173,20 @@ def test_il_charges_reads_what_each_il_charged_run_paid_before_its_first_step(tm
     assert '| rho_il_charged | 120 | 3360.03 | 85.90 | 0.00 (0%) | 0 | 5 |' in table
     assert '| rho_il_f0.1 | 120 | 12.00 | 85.90 | 22.10 (18%) | 40 | 1 |' in table and table.count('rho_il_f0.1') == 1
     assert results.il_charges([tmp_path / 'none']) == '(no IL-charged run has finished yet)'
+
+
+def test_damaged_evidence_stops_the_generation_and_leaves_results_md(tmp_path, monkeypatch):
+    """One record cut short (its last line) or a config.json that is no longer JSON: render refuses in one line
+    naming the file, before any table is read, so RESULTS.md is never rewritten from damaged evidence."""
+    from configurator import UserError
+    for damage in (lambda p: p.write_bytes(p.read_bytes()[:-10]), lambda p: p.with_name('config.json').write_text('{')):
+        records = tmp_path / str(id(damage)) / 'records'
+        log = records / 'study' / 'run' / 'log.jsonl'
+        log.parent.mkdir(parents=True)
+        log.write_text(json.dumps({'step': 1, 'val_loss': 2.0}) + '\n' + json.dumps({'step': 2, 'val_loss': 1.9}) + '\n')
+        log.with_name('config.json').write_text(json.dumps({'config': {'budget': 1.0}}))
+        results.check_records_whole(records)  # whole: passes
+        damage(log)
+        monkeypatch.setattr(results, 'ROOT', tmp_path)
+        with pytest.raises(UserError, match=r'study/run/(log.jsonl line 2|config.json) is not a JSON record: the record is damaged'):
+            results.check_records_whole(records)
