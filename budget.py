@@ -217,6 +217,10 @@ def table_problem(table, key):
     return f'lacks fwd_bwd/fwd for {len(missing)} active-block count(s) ({missing[0]}..)' if missing else None
 
 
+def is_amount(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
 class Budget:
     """Counts every unit, charges RST from the table, and says how far the run is (progress p)."""
 
@@ -267,8 +271,7 @@ class Budget:
     def charge_before_start(self, spent):
         """Costs paid before this run began (an IL model's training and precompute), added to its count. A cost
         that is not a non-negative number (an edited record) is refused: a negative one made the budget unreachable."""
-        bad = {u: v for u, v in spent.items() if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                                        and math.isfinite(v) and v >= 0)}
+        bad = {u: v for u, v in spent.items() if v is not None and not is_amount(v)}
         if bad:
             raise UserError(f"a cost paid before the start ({', '.join(f'{u}={v!r}' for u, v in bad.items())}) is not a "
                             'non-negative number: the record it was read from (an IL cache\'s sidecar) is damaged; rebuild it')
@@ -313,7 +316,11 @@ class Budget:
         state = dict(state)
         self.by_entry = dict(state.pop('rst_by_entry', {}))  # a checkpoint from before it was counted: {}
         fallback = self.by_entry.get('before_start', 0.0) if self.unit == 'rst' else 0.0  # older checkpoints: RST only
-        self.before_start = float(state.pop('before_start', fallback))
+        self.before_start = state.pop('before_start', fallback)
+        counts = {**state, **{f'rst_by_entry[{k}]': v for k, v in self.by_entry.items()}, 'before_start': self.before_start}
+        bad = next((k for k, v in counts.items() if not (v is None and k == 'rst') and not is_amount(v)), None)
+        if bad is not None or state.get(self.unit) is None:  # nan or a negative count: a budget never (or at once) spent
+            raise ValueError(f'budget spent {bad or self.unit}={counts.get(bad or self.unit)!r} is not a non-negative number')
         self.spent.update(state)
 
 

@@ -4,18 +4,28 @@ RST (No Train No Gain, arXiv 2307.06440) charges each step the time it takes on 
 looked up in a table that is measured once: this command builds the run's model, a batch of its
 shapes and every optimizer, times each kind of step (forward+backward per number of active blocks, a
 forward-only scoring pass, each optimizer's update, Sophia-G's Hessian step; the median of repeated
-timings after warm-up) and writes config/rst/<shape>.json, or --rst_table=PATH. It is a file of its own
-because it builds models (train.py) while budget.py, which charges from the tables, imports no loop.
+timings after warm-up) and writes config/rst/<shape>.json, or --rst_table=PATH. A table already there is
+replaced only with --overwrite=True: every run charged under it would stop meaning what it did; --rst_add
+adds entries to a table of this shape and keeps the rest. It is a file of its own because it builds models
+(train.py) while budget.py, which charges from the tables, imports no loop.
 
     python calibrate.py                                              # the default run's shape, this CPU
     python calibrate.py config/gpt2_124m.py --device=cuda --rst_repeats=3     # GPT-2 124M on fineweb_edu, this GPU
 """
+from dataclasses import dataclass
+
 import torch
 
 import budget
 import runs
 import train
-from configurator import cli
+from configurator import cli, require, require_writable
+
+
+@dataclass(frozen=True)
+class CalibrateConfig(train.TrainConfig):
+    """train.TrainConfig's keys name the run whose steps are timed; --overwrite guards the table here."""
+    overwrite: bool = False          # replace an existing cost table (without it: refused); --rst_add needs none
 
 
 def calibration_inputs(cfg):
@@ -33,9 +43,27 @@ def calibration_inputs(cfg):
     return run, model, batch, optimizers, train.run_shape_key(cfg, model)
 
 
+def check_table(cfg, key, optimizers):
+    """Refuse, before any measuring, to lose a saved table: one that exists is replaced only with
+    --overwrite=True, and --rst_add extends only a table of this run's shape (entries scaled from this
+    shape's steps would price another shape's)."""
+    path = budget.table_path(key, cfg.rst_table)
+    require_writable(path)  # a folder, or an unwritable one, is named as such (not 'does not exist')
+    if not cfg.rst_add:
+        require(cfg.overwrite or not path.is_file(), f'{path} holds a cost table already (runs charged under it would '
+                'change meaning): --overwrite=True to replace it, or --rst_table=<new path> to keep it')
+        return
+    table = budget.load_existing(path, cfg.rst_add, optimizers)  # the names, and a sound table for its own key
+    problem = budget.table_problem(table, key)  # so what is left is the shape: load_table's check
+    require(problem is None, f'--rst_add extends a table of this run\'s shape, and {path} {problem}: '
+            f"run with that table's shape, or give --rst_table=<a table for {key}>")
+
+
 def main(cfg):
-    return budget.calibrate(cfg, *calibration_inputs(cfg))
+    run, model, batch, optimizers, key = calibration_inputs(cfg)
+    check_table(cfg, key, optimizers)
+    return budget.calibrate(cfg, run, model, batch, optimizers, key)
 
 
 if __name__ == '__main__':
-    cli(main, train.TrainConfig)
+    cli(main, CalibrateConfig)

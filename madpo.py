@@ -32,6 +32,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +43,7 @@ import torch.nn.functional as F
 
 import runs
 import train
-from configurator import UserError, check_ranges, cli, key, require
+from configurator import UserError, check_ranges, cli, key, require, require_writable
 from data.loader import EPOCH_SEEDS, MAX_SEED, atomic_write_bytes, file_sha256
 from data.reviews.evaluate import PolicyScorer
 from data.reviews.pairs import TIERS, batched_logps, build_pairs, sequence_logps
@@ -279,7 +280,7 @@ class MadpoConfig:
     out_dir: str = key('out/madpo', 'path')  # every stage: <out_dir>/seed<seed>/{sft,pairs,rm_<tier>,po_<arm>_b<beta>_<tier>}
     seed: int = key(0, '>=0')        # every stage: each seed has its own SFT model, pairs, reward models and runs
     init_from: str = key('scratch', ('scratch', 'resume'))  # sft, rm, po: resume continues the stage's checkpoint
-    overwrite: bool = False          # sft, rm, po: replace a run in the stage's folder
+    overwrite: bool = False          # every stage: replace what the stage's folder holds (a run; the pairs)
     threads: int = key(0, '>=0')     # every stage: torch CPU threads; 0 = torch's default (1 is faster on a busy machine)
     dataset: str = 'reviews'         # every stage: data/reviews/byte, generated on first use (or reviews/imdb)
     scorer: str = key('vader', ('vader', 'transformer'))  # pairs, po: ground truth (transformer needs network)
@@ -431,10 +432,34 @@ def train_stage(cfg, stage, objective=None):
 
 
 def stage_pairs(cfg, device):
-    for name in ('done.json', 'config.json'):  # a rebuild cut short must not pass for the old pairs
-        (folder(cfg, 'pairs') / name).unlink(missing_ok=True)
+    """Build the pairs in pairs/partial/ and move them in only once complete: until then the old pairs (which
+    reward models and po runs were trained on) and their record stay as they were, whatever fails first (the
+    SFT checkpoint, the scorer, the sampling, Ctrl-C); replacing them at all takes --overwrite=True."""
+    out = folder(cfg, 'pairs')
+    # the tiers' files count without a done.json too: the rm and po stages read them, recorded or not
+    held = [p.name for p in [out / 'done.json'] + [out / f'{t}.pt' for t in TIERS] if p.exists()]
+    require(cfg.overwrite or not held, f'{out} already holds pairs ({", ".join(held)}): --overwrite=True to replace '
+                                       f'them, or another --out_dir or --seed')
+    require_writable(out / 'done.json')
     sft = runs.load_model(folder(cfg, 'sft') / 'ckpt.pt', device, cfg.compile_loss)
-    return build_pairs(cfg, sft, device, folder(cfg, 'pairs'), runs.progress)
+    partial = out / 'partial'
+    shutil.rmtree(partial, ignore_errors=True)  # a killed build's
+    try:
+        results = build_pairs(cfg, sft, device, partial, runs.progress)  # the scorer is loaded first thing
+        move_in(partial, out)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return results
+
+
+def move_in(partial, out):
+    """The complete new pairs into out: the old record goes first, so that a move cut short leaves files that no
+    done.json vouches for (never new pairs passing for the old ones). The reference log-prob caches stay: their
+    identity holds the pairs' sha256, so a cache of the old pairs is computed again, not used."""
+    for name in ('done.json', 'config.json'):
+        (out / name).unlink(missing_ok=True)
+    for path in sorted(partial.iterdir()):
+        os.replace(path, out / path.name)
 
 
 def stage_rm(cfg, device):

@@ -168,3 +168,8 @@ class RewardObjective(PairObjective):
         super().load_state_dict(state)
         self.head.load_state_dict(state['head'])
         self.best = state['best']
+
+
+if __name__ == '__main__':  # a module of madpo.py, not a command: say which command trains it
+    raise SystemExit('reward_model.py has no command of its own: the reward model is trained by '
+                     '`python madpo.py --stage=rm` (see docs/methods/madpo.md)')

@@ -38,11 +38,12 @@ import torch
 import runs
 import train
 from configurator import cli, key, require
-from data.loader import (DATA_ROOT, NUMBER, DataError, atomic_write_bytes, file_sha256, get_examples, num_examples,
-                         read_meta)
+from data.loader import (DATA_ROOT, NUMBER, Corpus, DataError, atomic_write_bytes, file_sha256, get_examples,
+                         num_examples, read_meta)
 from data.mathmix.fewshot import clean_val, exact_match, load_problems
 from data.mathmix.prepare import (CLEAN, KINDS, LINE, OPERANDS, ROLES, check_noise_levels, corpus_name, ensure_prepared,
                                   load_kinds, load_roles)
+from model import model_vocab_size
 
 
 # -----------------------------------------------------------------------------
@@ -227,6 +228,43 @@ def cache_identity(corpus, ref_ckpt, block_size):
             'tokenizer': meta['tokenizer'], 'block_size': block_size, 'n_tokens': meta['counts']['train']['tokens']}
 
 
+REF_FIX = 'give the reference `python slm.py --stage=ref` trains with this --mathmix_dir and --block_size'
+
+
+def load_reference(cfg, paths, device):
+    """The reference model --ref_ckpt holds (frozen, eval mode), once check_reference finds it fits this run."""
+    if not paths.ref_ckpt.exists():
+        raise DataError(f'no reference model at {paths.ref_ckpt}: run `python slm.py --stage=ref` first')
+    ckpt = runs.load_checkpoint(paths.ref_ckpt)
+    check_reference(ckpt, cfg, paths)
+    model = runs.model_from_checkpoint(ckpt, paths.ref_ckpt, dropout=0.0, compile_loss=cfg.compile_loss)
+    return model.to(device).eval().requires_grad_(False)
+
+
+def check_reference(ckpt, cfg, paths):
+    """DataError (one line) unless the checkpoint can be this run's reference: a GPT over the corpus's vocabulary
+    (padded as build_model pads it) with this run's example length, trained, where its checkpoint records it,
+    with this tokenizer on this run's clean corpus (the fingerprint train.py saves). A misfit's losses would be
+    a cache stale for every arm (the arms check block_size), written over the corpus's valid one."""
+    meta, args, saved = read_meta(paths.corpus(cfg.noise)), ckpt['model_args'], ckpt.get('config', {})
+    identity, T, model_type = ckpt.get('identity'), cfg.model_dims()['block_size'], runs.checkpoint_model_type(ckpt)
+    trained_on = identity.get('corpus') if isinstance(identity, dict) else None
+    clean = Corpus(paths.ref_data).fingerprint() if trained_on is not None else None
+    vocab = {model_vocab_size('gpt', meta['vocab_size'], T, m) for m in (1, cfg.vocab_multiple)}
+    dataset = f" ({saved['dataset']})" if 'dataset' in saved else ''
+    misfits = ((model_type != 'gpt', f"holds a '{model_type}' model, not a GPT"),
+               (saved.get('tokenizer', meta['tokenizer']) != meta['tokenizer'],
+                f"was trained with tokenizer {saved.get('tokenizer')!r}, mathmix is {meta['tokenizer']!r}"),
+               (trained_on != clean, f'was trained on other data{dataset} than this run\'s clean corpus {paths.ref_data} '
+                                     f'(corpus fingerprint {trained_on}, not {clean})'),
+               (args['vocab_size'] not in vocab, f"has vocab {args['vocab_size']}, the corpus needs "
+                                                 f"{' or '.join(map(str, sorted(vocab)))}"),
+               (args['block_size'] != T, f"has block_size {args['block_size']}, this run's --block_size is {T}"))
+    for misfit, what in misfits:
+        if misfit:
+            raise DataError(f'--ref_ckpt={paths.ref_ckpt} {what}: it is not a reference for this run; {REF_FIX}')
+
+
 @torch.no_grad()
 def score_stream(model, tokens, rt, batch_size=64):
     """ref_loss of every token the aligned examples predict (positions 1..n*T; the rest stay 0)."""
@@ -243,7 +281,7 @@ def score_stream(model, tokens, rt, batch_size=64):
 def build_cache(cfg, paths):
     """Stage score: one no-grad pass of the reference model over --noise's corpus -> ref_loss.bin."""
     corpus, rt = paths.corpus(cfg.noise), runs.setup_device(cfg)
-    model = runs.load_model(paths.ref_ckpt, rt.device, cfg.compile_loss)
+    model = load_reference(cfg, paths, rt.device)  # a misfit is refused here, before the corpus's cache is touched
     ref_loss = score_stream(model, np.memmap(corpus / 'train.bin', dtype=np.uint16, mode='r'), rt)
     kinds = np.asarray(load_kinds(corpus))
     by_kind = {name: float(ref_loss[1:][kinds[1:] == i].astype(np.float64).mean())

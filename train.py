@@ -571,6 +571,8 @@ class Trainer:
                 piece.load_state_dict(ckpt[name])
             self.model.set_active_layers(ckpt['active_layers'])
             self.iter_num, self.val_loss = ckpt['iter_num'], ckpt['val_loss']
+            if not (isinstance(self.iter_num, int) and not isinstance(self.iter_num, bool) and self.iter_num >= 0):
+                raise ValueError(f'iter_num={self.iter_num!r} is not a step count')
             self.best_val_loss = ckpt.get('best_val_loss', self.val_loss)
             self.last_wall, self.last_cost = ckpt.get('last_wall', 0.0), ckpt.get('last_cost', 0.0)
             # saved right after this step's eval, except a WSD branch point: a branch evaluates when it ends

@@ -506,7 +506,15 @@ class Batches:
         return {'epoch': self.epoch, 'pos': self.pos}
 
     def load_state_dict(self, state):
-        self.epoch, self.pos, self._order = state['epoch'], state['pos'], None
+        epoch, pos = state['epoch'], state['pos']
+        if not (is_count(epoch) and is_count(pos) and pos < len(self.examples)):  # a position past the end loops forever
+            raise ValueError(f'data position epoch={epoch!r} pos={pos!r} is not a place in this data '
+                             f'({len(self.examples):,} examples an epoch)')
+        self.epoch, self.pos, self._order = epoch, pos, None
+
+
+def is_count(value):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def val_ids(tokens, block_size, n):

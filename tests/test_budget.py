@@ -1,6 +1,6 @@
 """budget: schedules at closed-form points; every unit stops a real run at its budget with the LR at min_lr;
-RST is charged exactly from the table; calibrate writes a usable table; the CPU peak behind MFU is measured
-once, cached and only raised."""
+RST is charged exactly from the table; calibrate writes a usable table, and replaces or extends a saved one
+only when asked; the CPU peak behind MFU is measured once, cached and only raised."""
 import json
 import math
 import types
@@ -11,9 +11,10 @@ import pytest
 import torch
 
 import budget as budget_lib
+import calibrate
 import runs
 import train
-from configurator import UserError
+from configurator import UserError, cli
 from conftest import ROOT, run_script
 from train import TrainConfig
 
@@ -243,6 +244,75 @@ def test_rst_add_prices_a_new_optimizer_by_a_baseline_step_and_keeps_every_other
     with pytest.raises(UserError, match='not a positive number of seconds: calibrate it whole again'):
         budget_lib.calibrate(types.SimpleNamespace(**{**vars(cfg), 'rst_add': ('sfadamw',)}), run, model, None, optimizers, 'k')
 
+
+
+TINY_CALIBRATE = ['--model=tiny', '--compile_loss=False']
+B8, B4 = 'gpt_L2_H2_D64_T64_V256_B8', 'gpt_L2_H2_D64_T64_V256_B4'
+
+
+def calibrate_cli(argv, capsys):
+    """(exit code, stderr lines) of `python calibrate.py ARGV`, run in this process through its cli."""
+    capsys.readouterr()
+    try:
+        cli(calibrate.main, calibrate.CalibrateConfig, [*TINY_CALIBRATE, *argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def fake_measure(seconds):
+    """budget.measure_table's stand-in: every entry of the optimizers it is given costs `seconds`."""
+    return lambda model, optimizers, *a: {'fwd_bwd': {'1': seconds, '2': seconds}, 'fwd': {'1': seconds, '2': seconds},
+                                          'optimizer': {n: seconds for n in optimizers}, 'hessian': {}}
+
+
+def no_measuring(*args):
+    pytest.fail('calibrate measured before refusing')
+
+
+def test_calibrate_replaces_a_saved_table_only_with_overwrite(tmp_path, monkeypatch, capsys, stdlib_corpus):
+    """The committed table (config/rst/<shape>.json, here a copy) and one named by --rst_table: refused in one
+    line naming the file and both ways out, before any measuring, the file byte for byte as it was;
+    --overwrite=True replaces it."""
+    monkeypatch.setattr(budget_lib, 'TABLE_DIR', tmp_path / 'rst')
+    (tmp_path / 'rst').mkdir()
+    committed = ROOT / 'config' / 'rst' / f'{B8}.json'
+    default, named = tmp_path / 'rst' / f'{B8}.json', tmp_path / 'mine.json'
+    default.write_bytes(committed.read_bytes())
+    named.write_bytes(committed.read_bytes())
+    monkeypatch.setattr(budget_lib, 'measure_table', no_measuring)
+    for argv, path in ((['--batch_size=8'], default), (['--batch_size=8', f'--rst_table={named}'], named)):
+        code, err = calibrate_cli(argv, capsys)
+        assert code == 2 and len(err) == 1 and str(path) in err[0], err
+        assert '--overwrite=True' in err[0] and '--rst_table=<new path>' in err[0], err
+        assert path.read_bytes() == committed.read_bytes()
+    monkeypatch.setattr(budget_lib, 'measure_table', fake_measure(0.5))
+    code, err = calibrate_cli(['--batch_size=8', f'--rst_table={named}', '--overwrite=True'], capsys)
+    assert code == 0, err
+    assert json.loads(named.read_text())['fwd_bwd'] == {'1': 0.5, '2': 0.5}
+    assert default.read_bytes() == committed.read_bytes()
+
+
+def test_rst_add_extends_a_table_of_this_shape_only(tmp_path, monkeypatch, capsys, stdlib_corpus):
+    """A batch-8 table: --rst_add from a batch-4 run is refused in one line naming both shapes, before any
+    measuring, the table unchanged; from a batch-8 run it adds Muon without --overwrite, keeping every entry."""
+    path = tmp_path / 't8.json'
+    path.write_bytes((ROOT / 'config' / 'rst' / f'{B8}.json').read_bytes())
+    saved = path.read_bytes()
+    before = json.loads(saved)
+    monkeypatch.setattr(budget_lib, 'measure_table', no_measuring)
+    code, err = calibrate_cli(["--rst_add=('muon',)", f'--rst_table={path}', '--batch_size=4'], capsys)
+    assert code == 2 and len(err) == 1 and str(path) in err[0], err
+    assert f'is for shape {B8}, this run is {B4}' in err[0] and f'--rst_table=<a table for {B4}>' in err[0], err
+    assert path.read_bytes() == saved and 'muon' not in before['optimizer']
+    monkeypatch.setattr(budget_lib, 'measure_table', fake_measure(0.5))
+    code, err = calibrate_cli(["--rst_add=('muon',)", f'--rst_table={path}', '--batch_size=8'], capsys)
+    assert code == 0, err
+    after = json.loads(path.read_text())
+    step = before['fwd_bwd']['2'] + before['optimizer']['adamw']  # a baseline step in the table; here 0.5 + 0.5 s
+    muon = pytest.approx(0.5 * step / 1.0)  # Muon's 0.5 s here, scaled by table / here
+    assert {k: v for k, v in after.items() if k != 'added'} == {**before, 'optimizer': {**before['optimizer'], 'muon': muon}}
 
 def test_the_cpu_peak_is_measured_once_cached_and_only_raised(tmp_path, monkeypatch):
     cache = tmp_path / 'cache' / 'peak.json'

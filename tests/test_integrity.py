@@ -8,6 +8,7 @@ The entry points run in this process through configurator.cli (the path `python 
 writes, meta.json, paths) are in test_hostile_data.py."""
 import hashlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -68,7 +69,12 @@ def saved(tmp_path_factory, stdlib_corpus):
     weights = dict(good['model'])
     weights.pop(next(iter(weights)))
     damaged = {'no_weight': {**good, 'model': weights}, 'empty_rng': {**good, 'rng': {}},
-               'config_list': {**good, 'config': list(good['config'].items())}, 'empty_budget': {**good, 'budget': {}}}
+               'config_list': {**good, 'config': list(good['config'].items())}, 'empty_budget': {**good, 'budget': {}},
+               # fields that load but are no place in a run: an endless data loop, a budget never (or at once) spent
+               'pos_past_end': {**good, 'data': {**good['data'], 'pos': 10 ** 12}},
+               'nan_spent': {**good, 'budget': {**good['budget'], 'iters': math.nan}},
+               'negative_spent': {**good, 'budget': {**good['budget'], 'iters': -3.0}},
+               'text_step': {**good, 'iter_num': 'x'}, 'negative_step': {**good, 'iter_num': -1}}
     for name, ckpt in damaged.items():  # run folders to resume whose checkpoint is damaged
         shutil.copytree(root / 'good', root / name)
         torch.save(ckpt, root / name / 'ckpt.pt')
@@ -89,7 +95,8 @@ def saved(tmp_path_factory, stdlib_corpus):
     return {'root': root, 'good': root / 'good', 'sb': root / 'sb', 'files': {p: snapshot(root / p) for p in PROTECTED}}
 
 
-PROTECTED = ('good', 'sb', 'no_weight', 'empty_rng', 'config_list', 'empty_budget')  # no failed call may change them
+PROTECTED = ('good', 'sb', 'no_weight', 'empty_rng', 'config_list', 'empty_budget', 'pos_past_end', 'nan_spent',
+             'negative_spent', 'text_step', 'negative_step')  # no failed call may change them
 
 
 def train_cases(w):
@@ -118,6 +125,12 @@ def train_cases(w):
         ('resume-empty-rng', [*resume, f'--out_dir={r}/empty_rng'], ["cannot be resumed (KeyError: 'cpu')", 'it is damaged']),
         ('resume-config-a-list', [*resume, f'--out_dir={r}/config_list'], ["'config' is a list"]),
         ('resume-empty-budget', [*resume, f'--out_dir={r}/empty_budget'], ["budget state holds no 'iters' spent"]),
+        ('resume-pos-past-end', [*resume, f'--out_dir={r}/pos_past_end'], ['cannot be resumed (ValueError: data position',
+                                                                         'is not a place in this data', 'it is damaged']),
+        ('resume-nan-spent', [*resume, f'--out_dir={r}/nan_spent'], ['budget spent iters=nan is not a non-negative number']),
+        ('resume-negative-spent', [*resume, f'--out_dir={r}/negative_spent'], ['budget spent iters=-3.0 is not a non-negative']),
+        ('resume-text-step', [*resume, f'--out_dir={r}/text_step'], ["iter_num='x' is not a step count"]),
+        ('resume-negative-step', [*resume, f'--out_dir={r}/negative_step'], ['iter_num=-1 is not a step count']),
         ('init-from-config-a-list', [*TINY, '--budget=2', f'--out_dir={r}/fresh_l', f'--init_from={r}/config_list/ckpt.pt'],
          ["'config' is a list"]),
         ('sample-only-config-a-list', ['--sample_only=True', f'--init_from={r}/config_list/ckpt.pt'], ["'config' is a list"]),

@@ -23,7 +23,7 @@ import madpo  # noqa: E402
 import reward_model  # noqa: E402
 import runs  # noqa: E402
 import runs  # noqa: E402
-from configurator import ConfigError, UserError, parse  # noqa: E402
+from configurator import ConfigError, UserError, cli, parse  # noqa: E402
 from data.reviews import pairs as task  # noqa: E402
 from data.loader import file_sha256  # noqa: E402
 from data.reviews.pairs import EOS, PAD  # noqa: E402
@@ -761,6 +761,111 @@ def test_missing_vader_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, 'vaderSentiment.vaderSentiment', None)
     with pytest.raises(UserError, match='pip install vaderSentiment'):
         task.get_scorer('vader')
+
+
+# ----- the pairs stage: replacing finished pairs -----------------------------------------------------
+
+@pytest.fixture(scope='module')
+def small_corpus(tmp_path_factory):
+    """A small generated review corpus: what the pairs stage draws its prompts and negative reviews from."""
+    pytest.importorskip('vaderSentiment')
+    from data.reviews import prepare as reviews
+    out = tmp_path_factory.mktemp('reviews')
+    reviews.prepare(reviews.PrepareConfig(out_dir=str(out), n_reviews=400, n_words=4))
+    return out
+
+
+def pairs_command(out, corpus, *args):
+    """`python madpo.py --stage=pairs ...` through the entry point, in this process: its exit code."""
+    argv = ['--stage=pairs', f'--out_dir={out}', f'--dataset={corpus}', '--prompt_len=4', '--max_new=6', '--block_size=10',
+            '--n_pairs=16', '--val_pairs=4', '--device=cpu', *args]  # the examples files take 20
+    try:
+        cli(madpo.main, madpo.MadpoConfig, argv)
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+def folder_bytes(path):
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob('*')) if p.is_file()}
+
+
+@pytest.fixture
+def finished_pairs(tmp_path, small_corpus, capsys):
+    """An out_dir whose pairs stage has finished (done.json, config.json, the tiers' files), built from a tiny
+    SFT checkpoint: (out_dir, the pairs folder, its files' bytes)."""
+    out, pairs = tmp_path / 'out', tmp_path / 'out' / 'seed0' / 'pairs'
+    (out / 'seed0' / 'sft').mkdir(parents=True)
+    save_ckpt(tiny_gpt(seed=7, block_size=10), out / 'seed0' / 'sft' / 'ckpt.pt')
+    assert pairs_command(out, small_corpus) == 0
+    assert {'done.json', 'config.json', 'high.pt', 'low.pt'} <= set(folder_bytes(pairs))
+    capsys.readouterr()
+    return out, pairs, folder_bytes(pairs)
+
+
+def test_finished_pairs_are_not_replaced_without_overwrite(finished_pairs, small_corpus, capsys):
+    """Like a training stage over a run: one line naming --overwrite=True, exit 2, every file as it was; the
+    tiers' files count without their record too (the rm and po stages read them)."""
+    out, pairs, before = finished_pairs
+    assert pairs_command(out, small_corpus, '--n_pairs=20') == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.fullmatch(r'error: .*pairs already holds pairs \(done\.json, .*--overwrite=True .*', err[0]), err
+    assert folder_bytes(pairs) == before
+    (pairs / 'done.json').unlink()
+    assert pairs_command(out, small_corpus, '--n_pairs=20') == 2 and '--overwrite=True' in capsys.readouterr().err
+    assert folder_bytes(pairs) == {k: v for k, v in before.items() if k != 'done.json'}
+
+
+@pytest.mark.parametrize('broken', ['sft_checkpoint', 'scorer'])
+def test_a_failed_rebuild_leaves_the_old_pairs_and_their_record(finished_pairs, small_corpus, capsys, monkeypatch, broken):
+    """--overwrite=True with a corrupt SFT checkpoint, or --scorer=transformer without its package: one line,
+    exit 2, and the old pairs, done.json and config.json byte for byte (no partial folder left)."""
+    out, pairs, before = finished_pairs
+    if broken == 'sft_checkpoint':
+        (out / 'seed0' / 'sft' / 'ckpt.pt').write_bytes(b'not a checkpoint')
+        args, says = (), 'checkpoint .*ckpt.pt is unreadable'
+    else:
+        monkeypatch.setitem(sys.modules, 'transformers', None)
+        args, says = ('--scorer=transformer',), 'pip install transformers'
+    assert pairs_command(out, small_corpus, '--overwrite=True', '--n_pairs=20', *args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(says, err[0]), err
+    assert folder_bytes(pairs) == before and not (pairs / 'partial').exists()
+
+
+def test_overwrite_rebuilds_the_pairs_keeping_the_old_until_the_new_are_complete(finished_pairs, small_corpus, monkeypatch):
+    """--overwrite=True: while the new pairs are built the old ones and their record are untouched; then the
+    folder holds the new pairs (n_pairs 20) and their record."""
+    out, pairs, before = finished_pairs
+    seen = []
+
+    def build_pairs(*args):  # what a run reading the folder mid-build would find
+        seen.append(folder_bytes(pairs) == before)
+        return task.build_pairs(*args)
+    monkeypatch.setattr(madpo, 'build_pairs', build_pairs)
+    assert pairs_command(out, small_corpus, '--overwrite=True', '--n_pairs=20') == 0
+    assert seen == [True] and not (pairs / 'partial').exists()
+    assert json.loads((pairs / 'done.json').read_text())['config']['n_pairs'] == 20
+    assert json.loads((pairs / 'config.json').read_text())['config']['n_pairs'] == 20
+    train_set, val_set = task.load_pairs(pairs / 'high.pt', 'cpu')
+    assert (len(train_set[0]), len(val_set[0])) == (20, 4)
+
+
+def test_a_move_cut_short_leaves_no_record(tmp_path):
+    """madpo.move_in: the old done.json and config.json go before the first new file moves in, so a move
+    that fails halfway never leaves new pairs passing for the old ones."""
+    out, partial = tmp_path / 'pairs', tmp_path / 'pairs' / 'partial'
+    partial.mkdir(parents=True)
+    for name in ('done.json', 'config.json', 'high.pt'):
+        (out / name).write_text('old')
+    (partial / 'high.pt').write_text('new')
+    (partial / 'low.pt').write_text('new')
+    (out / 'low.pt').mkdir()                                                  # where low.pt cannot go
+    (out / 'low.pt' / 'x').write_text('')
+    with pytest.raises(OSError):
+        madpo.move_in(partial, out)
+    assert not (out / 'done.json').exists() and not (out / 'config.json').exists()
+    assert (out / 'high.pt').read_text() == 'new'
 
 
 # ----- end to end -----------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import train
 from budget import Budget
 from conftest import run_script
 from configurator import ConfigError, cli, parse
-from data.loader import DataError, get_examples, num_examples
+from data.loader import Corpus, DataError, get_examples, num_examples
 from data.mathmix import fewshot, prepare as mm
 from data.mathmix.prepare import BOILERPLATE, CLEAN, OFF_DOMAIN, WRONG, PrepareConfig, prepare
 from model import GPT, GPTConfig
@@ -392,6 +392,76 @@ def test_a_cache_edited_after_it_was_computed_is_refused_and_the_arm_stops_in_on
     assert not (paths.run_dir(cfg) / 'ckpt.pt').exists()
     with pytest.raises(DataError, match='is not the reference --ref_sha256 names'):  # a pinned reference, another file
         slm.stage_train(dataclasses.replace(cfg, ref_sha256='0' * 64), paths)
+
+
+def save_train_py_ref(path, mathmix, block_size=T, vocab_size=256, corpus='ref', **config):
+    """A random GPT saved as train.py saves a run (weights, model_args, its config, its corpus's fingerprint),
+    by default as `slm.py --stage=ref` on this mathmix would; corpus: the mathmix folder it was trained on."""
+    torch.manual_seed(7)
+    model = GPT(GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=32, compile_loss=False))
+    data = mathmix / corpus / 'byte'
+    path.parent.mkdir(parents=True, exist_ok=True)
+    runs.save_checkpoint(path, {'model': model.state_dict(), 'model_args': dataclasses.asdict(model.config),
+                                'config': {'dataset': str(data), 'tokenizer': 'byte', **config},
+                                'identity': {'world_size': 1, 'corpus': Corpus(data).fingerprint(), 'rst_table': None}})
+
+
+def cache_files(paths):
+    return {name: (paths.corpus(0.4) / name).read_bytes() for name in ('ref_loss.bin', 'ref_loss.json')}
+
+
+@pytest.mark.parametrize('misfit, match', [
+    (dict(block_size=72), "has block_size 72, this run's --block_size is 36"),
+    (dict(vocab_size=65), 'has vocab 65, the corpus needs 256'),
+    (dict(corpus='noise40'), 'was trained on other data .*noise40.* than this run\'s clean corpus'),
+    (dict(tokenizer='gpt2'), "was trained with tokenizer 'gpt2'"),
+    (dict(model_type='t5'), "holds a 't5' model, not a GPT"),
+])
+def test_a_reference_that_does_not_fit_the_run_is_refused_before_the_cache_is_touched(mathmix, tmp_path, misfit, match):
+    """--stage=score with another checkpoint: one that cannot be this run's reference (other example length,
+    vocabulary, data, tokenizer, model) is refused in one line naming the misfit and the fix; the corpus's cache
+    (payload and sidecar) stays byte-identical and valid for the reference it was built from."""
+    cfg = slm_cfg(mathmix, tmp_path)
+    paths = slm.get_paths(cfg)
+    save_ref(random_gpt(5), paths.ref_ckpt)
+    slm.build_cache(cfg, paths)
+    before = cache_files(paths)
+    other = dataclasses.replace(cfg, ref_ckpt=str(tmp_path / 'other' / 'ckpt.pt'))
+    save_train_py_ref(Path(other.ref_ckpt), mathmix, **misfit)
+    with pytest.raises(DataError, match=f'--ref_ckpt=.*other/ckpt.pt {match}.*: .*slm.py --stage=ref'):
+        slm.build_cache(other, slm.get_paths(other))
+    assert cache_files(paths) == before
+    slm.load_cache(paths.corpus(0.4), paths.ref_ckpt, T)
+
+
+def test_scoring_with_a_train_py_run_on_another_corpus_exits_in_one_line_and_keeps_the_cache(mathmix, tmp_path):
+    """The audit's case through the CLI: a plain train.py run on other data with block_size 64 given as
+    --ref_ckpt to --stage=score exits 2 with one line; ref_loss.bin and its sidecar are untouched."""
+    cfg = slm_cfg(mathmix, tmp_path)
+    paths = slm.get_paths(cfg)
+    save_ref(random_gpt(5), paths.ref_ckpt)
+    slm.build_cache(cfg, paths)
+    before = cache_files(paths)
+    save_train_py_ref(tmp_path / 'other' / 'ckpt.pt', mathmix, block_size=64, corpus='noise0', dataset='shakespeare_char')
+    out = run_script('slm.py', '--stage=score', f'--ref_ckpt={tmp_path / "other" / "ckpt.pt"}', f'--out_dir={tmp_path}',
+                     f'--mathmix_dir={mathmix}', '--noise=0.4', '--model=tiny', '--n_head=2', '--n_embd=32', '--n_layer=2',
+                     f'--block_size={T}', '--device=cpu', '--compile_loss=False')
+    assert out.returncode == 2 and out.stderr.count('\n') == 1, out.stderr
+    assert 'was trained on other data (shakespeare_char)' in out.stderr and 'slm.py --stage=ref' in out.stderr
+    assert cache_files(paths) == before
+
+
+def test_a_reference_that_fits_rescores_the_corpus(mathmix, tmp_path):
+    """A checkpoint with all train.py records (as --stage=ref saves it) that fit this run: scored, its cache valid."""
+    cfg = slm_cfg(mathmix, tmp_path)
+    paths = slm.get_paths(cfg)
+    save_ref(random_gpt(5), paths.ref_ckpt)
+    slm.build_cache(cfg, paths)
+    before = cache_files(paths)
+    save_train_py_ref(paths.ref_ckpt, mathmix)
+    slm.build_cache(cfg, paths)
+    assert cache_files(paths)['ref_loss.bin'] != before['ref_loss.bin']  # the new reference's losses
+    slm.load_cache(paths.corpus(0.4), paths.ref_ckpt, T)
 
 
 def test_kinds_that_do_not_match_the_corpus_are_refused(mathmix, tmp_path):

@@ -192,7 +192,7 @@ def build_pairs(cfg, sft, device, out_dir, progress=None):
                  'replaced': replaced, 'n_val': cfg.val_pairs}
         atomic_write(out_dir / f'{tier}.pt', lambda f: torch.save(pairs, f))  # never half-written
         with open(out_dir / f'{tier}_examples.jsonl', 'w') as f:
-            for i in range(20):
+            for i in range(min(20, n)):  # 20 readable examples, or every pair of a smaller set
                 f.write(json.dumps({'chosen': decode(prompts[i], chosen[0][i], chosen[1][i]),
                                     'rejected': decode(prompts[i], rejected[0][i], rejected[1][i]),
                                     'r': [chosen[2][i].item(), rejected[2][i].item()]}) + '\n')
