@@ -143,7 +143,7 @@ class SelectiveLM(train.CausalLM):
         self.counts, self.role_counts = self.counts.to(ctx.device), self.role_counts.to(ctx.device)
         self.kinds, self.roles = load_kinds(self.corpus), load_roles(self.corpus)
         if self.cfg.ref_mode == 'online':
-            self.ref_model = runs.load_model(self.paths.ref_ckpt, ctx.device, self.cfg.compile_loss)
+            self.ref_model = load_reference(self.cfg, self.paths, ctx.device)  # refused unless it fits this run
         self.val_x, self.val_y = clean_val(self.paths.ref_data, T, self.cfg.eval_batches * self.cfg.batch_size)
         self.problems = load_problems(self.paths.eval_file)
         self.curve = ctx.out_dir / 'curve.jsonl' if ctx.rt.master else None

@@ -322,7 +322,11 @@ def load_corpus(cfg):
         from data.stdlib.prepare import PrepareConfig, prepare
         print(f'preparing the embedded stdlib corpus in {path} (once)')
         prepare(PrepareConfig(tokenizer=cfg.tokenizer, out_dir=str(path)), if_missing=True)  # a parallel run may be at it
-    return Corpus(path)
+    corpus = Corpus(path)
+    if corpus.meta['tokenizer'] != cfg.tokenizer:  # a folder given as --dataset: its config.json would name another
+        raise DataError(f"--tokenizer={cfg.tokenizer} but {path} was prepared with the {corpus.meta['tokenizer']!r} "
+                        f"tokenizer: give --tokenizer={corpus.meta['tokenizer']}, or a corpus prepared with {cfg.tokenizer}")
+    return corpus
 
 
 def example_length(cfg, model):

@@ -115,7 +115,7 @@ def dataset_arg(out_dir, tokenizer):
     where = out_dir.resolve()
     if where.parent.parent == DATA_ROOT and where.name == tokenizer:
         return f'--dataset={where.parent.name} --tokenizer={tokenizer}'
-    return f'--dataset={out_dir}'
+    return f'--dataset={out_dir}' + (f' --tokenizer={tokenizer}' if tokenizer != 'byte' else '')  # train checks it
 
 
 def import_bins(cfg):

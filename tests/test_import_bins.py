@@ -63,7 +63,7 @@ def test_nanogpt_bins_import_as_a_checked_corpus(bins, tmp_path):
 
 def test_a_corpus_under_data_is_named_by_its_dataset(tmp_path):
     assert import_bins.dataset_arg(DATA_ROOT / 'openwebtext' / 'gpt2', 'gpt2') == '--dataset=openwebtext --tokenizer=gpt2'
-    assert import_bins.dataset_arg(tmp_path / 'x', 'gpt2') == f'--dataset={tmp_path / "x"}'
+    assert import_bins.dataset_arg(tmp_path / 'x', 'gpt2') == f'--dataset={tmp_path / "x"} --tokenizer=gpt2'
 
 
 def test_imported_byte_bins_train(tmp_path, tiny_cfg):

@@ -140,6 +140,10 @@ def train_cases(w):
                              ('empty_model', 'is not a model checkpoint'), ('no_block_size', 'is not a model checkpoint'),
                              ('string_vocab', 'is not a model checkpoint'), ('wrong_width', 'does not match its own model_args'))],
         ('init-from-a-folder', [*TINY, '--budget=2', f'--out_dir={r}/fresh_f', f'--init_from={r}/table.md/x.pt'], ['no checkpoint at']),
+        # a prepared corpus given as a folder under another tokenizer's name: its config.json would record that name
+        ('tokenizer-not-the-corpus', [*TINY, '--budget=2', f'--out_dir={r}/fresh_k', f'--dataset={ROOT}/data/stdlib/byte',
+                                      '--tokenizer=cl100k_base'],
+         ["--tokenizer=cl100k_base but", "was prepared with the 'byte' tokenizer: give --tokenizer=byte"]),
         *[(f'rst-table-{name}', [*TINY, '--budget=2', '--budget_unit=rst', f'--out_dir={r}/fresh_t', f'--rst_table={r}/{name}.json',
                                  *(['--optimizer=lion'] if name == 'no_lion' else [])], [want])
           for name, want in (('list', 'is a list, not a table'), ('no_fwd_bwd', 'has no fwd_bwd entries'),

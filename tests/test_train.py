@@ -279,8 +279,9 @@ def test_gpt2_tokens_train_offline_and_only_the_sample_needs_the_tokenizer(tmp_p
     def offline(name):
         raise DataError(f"cannot load tokenizer '{name}' (offline)")
     monkeypatch.setattr(train, 'get_tokenizer', offline)
-    result = train.train(tiny_cfg(dataset=str(tmp_path / 'corpus'), budget=2, sample_tokens=0))
+    result = train.train(tiny_cfg(dataset=str(tmp_path / 'corpus'), tokenizer='gpt2', budget=2, sample_tokens=0))
     assert result['steps'] == 2 and math.isfinite(result['val_loss'])
     with pytest.raises(DataError, match=r"cannot load tokenizer 'gpt2' \(offline\); or train without the final sample: --sample_tokens=0"):
-        train.train(tiny_cfg(dataset=str(tmp_path / 'corpus'), budget=2, sample_tokens=10, out_dir=str(tmp_path / 'b')))
+        train.train(tiny_cfg(dataset=str(tmp_path / 'corpus'), tokenizer='gpt2', budget=2, sample_tokens=10,
+                             out_dir=str(tmp_path / 'b')))
     assert not (tmp_path / 'b' / 'log.jsonl').exists()

@@ -73,7 +73,7 @@ def prepare(cfg):
     more = 'give more text or a smaller --doc_chars' if path.is_file() else 'give more files'
     meta = write_corpus(out_dir, text_documents(pattern, cfg.doc_chars), get_tokenizer(cfg.tokenizer),
                         source=input_source(pattern), val_frac=cfg.val_frac, more=more)
-    dataset = cfg.out_dir or f'text/{name}'
+    dataset = (cfg.out_dir or f'text/{name}') + (f' --tokenizer={cfg.tokenizer}' if cfg.tokenizer != 'byte' else '')
     print(f"wrote {out_dir}: train {meta['counts']['train']['tokens']:,} tokens, "
           f"val {meta['counts']['val']['tokens']:,} tokens; train with --dataset={dataset}")
     return out_dir
