@@ -37,7 +37,7 @@ from arch import ARCHS, build_arch
 from configurator import (Interrupted, UserError, check_distinct, check_ranges, cli, key, require, signals_between_steps,
                           stop_signal_name, STOPPED)
 from data.loader import (MAX_SEED, Batches, Corpus, DataError, atomic_write_bytes, data_dir, get_examples,
-                         get_tokenizer, prepare_command, val_ids)
+                         get_tokenizer, is_count, prepare_command, val_ids)
 from data.spans import SpanVocab, raw_length_for, span_corrupt, t5_lengths
 from model import MODELS, PRESETS, evaluate, sample_text
 from runs import (build_model, check_resume_config, check_resume_method, format_seconds, load_checkpoint, locked_out_dir, method_name,
@@ -575,7 +575,7 @@ class Trainer:
                 piece.load_state_dict(ckpt[name])
             self.model.set_active_layers(ckpt['active_layers'])
             self.iter_num, self.val_loss = ckpt['iter_num'], ckpt['val_loss']
-            if not (isinstance(self.iter_num, int) and not isinstance(self.iter_num, bool) and self.iter_num >= 0):
+            if not is_count(self.iter_num):
                 raise ValueError(f'iter_num={self.iter_num!r} is not a step count')
             self.best_val_loss = ckpt.get('best_val_loss', self.val_loss)
             self.last_wall, self.last_cost = ckpt.get('last_wall', 0.0), ckpt.get('last_cost', 0.0)

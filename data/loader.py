@@ -514,6 +514,7 @@ class Batches:
 
 
 def is_count(value):
+    """A non-negative int (a step, an epoch, a position), never a bool."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 

@@ -55,7 +55,8 @@ def local_paths(report, folder, *others):
 def ntng_table(folder, **kw):
     from studies.compare import compare_report
     floors = next(folder.rglob('*.floors.json'), None)  # the floors compare used when the sweep ran
-    report, _, _ = compare_report([str(folder)], floors=str(floors) if floors else '', target=declared_target(), whole=True, **kw)
+    report, _, _ = compare_report([str(folder)], floors=str(floors) if floors else '', target=declared_target(),
+                                  whole=True, **kw)
     return local_paths(report, folder)
 
 
