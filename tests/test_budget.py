@@ -245,7 +245,6 @@ def test_rst_add_prices_a_new_optimizer_by_a_baseline_step_and_keeps_every_other
         budget_lib.calibrate(types.SimpleNamespace(**{**vars(cfg), 'rst_add': ('sfadamw',)}), run, model, None, optimizers, 'k')
 
 
-
 TINY_CALIBRATE = ['--model=tiny', '--compile_loss=False']
 B8, B4 = 'gpt_L2_H2_D64_T64_V256_B8', 'gpt_L2_H2_D64_T64_V256_B4'
 
@@ -313,6 +312,7 @@ def test_rst_add_extends_a_table_of_this_shape_only(tmp_path, monkeypatch, capsy
     step = before['fwd_bwd']['2'] + before['optimizer']['adamw']  # a baseline step in the table; here 0.5 + 0.5 s
     muon = pytest.approx(0.5 * step / 1.0)  # Muon's 0.5 s here, scaled by table / here
     assert {k: v for k, v in after.items() if k != 'added'} == {**before, 'optimizer': {**before['optimizer'], 'muon': muon}}
+
 
 def test_the_cpu_peak_is_measured_once_cached_and_only_raised(tmp_path, monkeypatch):
     cache = tmp_path / 'cache' / 'peak.json'
