@@ -210,7 +210,7 @@ def table_problem(table, key):
         entries = table.get(kind)
         if not isinstance(entries, dict) or (kind != 'hessian' and not entries):
             return f'has no {kind} entries'
-        bad = [k for k, v in entries.items() if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0)]
+        bad = [k for k, v in entries.items() if not (is_amount(v) and v > 0)]  # true is no number of seconds
         if bad:
             return f'has a {kind} entry {bad[0]} that is not a positive number of seconds'
     missing = [str(n) for n in range(1, (n_layer or 0) + 1) if str(n) not in table['fwd_bwd'] or str(n) not in table['fwd']]

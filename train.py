@@ -132,6 +132,10 @@ class TrainConfig:
         require(self.model_type != 't5' or dims['block_size'] >= 3, '--block_size (the encoder input length) must be >= 3 for T5')
         require(dims['n_embd'] % dims['n_head'] == 0, f"--n_head={dims['n_head']} must divide --n_embd={dims['n_embd']}")
         require(self.min_lr <= self.lr, f'--min_lr ({self.min_lr}) must not exceed --lr ({self.lr})')
+        # 2.5 steps ran 3; a budget below one step is refused by Trainer._check_budget_fits_a_step, with the least
+        require(self.budget_unit != 'iters' or self.budget < 1 or float(self.budget).is_integer(),
+                f'--budget={self.budget:g} iters is not a whole number of steps: give {math.floor(self.budget):g} or '
+                f'{math.ceil(self.budget):g}')
         require(not self.start.startswith('FILE:') or Path(self.start[5:]).is_file(),
                 f'--start={self.start}: no file at {self.start[5:]} (FILE:path reads the prompt from a text file)')
         require(self.warmup_units < self.budget, f'--warmup_units must be below --budget, got {self.warmup_units}')

@@ -83,6 +83,7 @@ def saved(tmp_path_factory, stdlib_corpus):
     table = json.loads(next(Path(ROOT / 'config' / 'rst').glob('gpt_L2_H2_D64_T64_V256_B8.json')).read_text())
     tables = {'list.json': [table], 'no_fwd_bwd.json': {k: v for k, v in table.items() if k != 'fwd_bwd'},
               'negative.json': {**table, 'fwd': {**table['fwd'], '1': -1.0}},
+              'true.json': {**table, 'optimizer': {**table['optimizer'], 'adamw': True}},  # was charged as 1.0 s
               'no_layer_2.json': {**table, 'fwd_bwd': {'1': table['fwd_bwd']['1']}},
               'no_lion.json': {**table, 'optimizer': {'adamw': table['optimizer']['adamw']}}}
     for name, t in tables.items():
@@ -140,6 +141,8 @@ def train_cases(w):
                              ('empty_model', 'is not a model checkpoint'), ('no_block_size', 'is not a model checkpoint'),
                              ('string_vocab', 'is not a model checkpoint'), ('wrong_width', 'does not match its own model_args'))],
         ('init-from-a-folder', [*TINY, '--budget=2', f'--out_dir={r}/fresh_f', f'--init_from={r}/table.md/x.pt'], ['no checkpoint at']),
+        ('iters-not-whole', [*TINY, '--budget=2.5', f'--out_dir={r}/fresh_i'],
+         ['--budget=2.5 iters is not a whole number of steps: give 2 or 3']),
         # a prepared corpus given as a folder under another tokenizer's name: its config.json would record that name
         ('tokenizer-not-the-corpus', [*TINY, '--budget=2', f'--out_dir={r}/fresh_k', f'--dataset={ROOT}/data/stdlib/byte',
                                       '--tokenizer=cl100k_base'],
@@ -147,7 +150,8 @@ def train_cases(w):
         *[(f'rst-table-{name}', [*TINY, '--budget=2', '--budget_unit=rst', f'--out_dir={r}/fresh_t', f'--rst_table={r}/{name}.json',
                                  *(['--optimizer=lion'] if name == 'no_lion' else [])], [want])
           for name, want in (('list', 'is a list, not a table'), ('no_fwd_bwd', 'has no fwd_bwd entries'),
-                             ('negative', 'not a positive number of seconds'), ('no_layer_2', 'lacks fwd_bwd/fwd'),
+                             ('negative', 'not a positive number of seconds'),
+                             ('true', 'optimizer entry adamw that is not a positive number of seconds'), ('no_layer_2', 'lacks fwd_bwd/fwd'),
                              ('no_lion', 'has no optimizer entry for lion'))],
         ('rst-table-folder', [*TINY, '--budget=2', '--budget_unit=rst', f'--out_dir={r}/fresh_t', f'--rst_table={r}/table.md'],
          ['is a folder']),
