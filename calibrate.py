@@ -12,20 +12,12 @@ adds entries to a table of this shape and keeps the rest. It is a file of its ow
     python calibrate.py                                              # the default run's shape, this CPU
     python calibrate.py config/gpt2_124m.py --device=cuda --rst_repeats=3     # GPT-2 124M on fineweb_edu, this GPU
 """
-from dataclasses import dataclass
-
 import torch
 
 import budget
 import runs
 import train
 from configurator import cli, require, require_writable
-
-
-@dataclass(frozen=True)
-class CalibrateConfig(train.TrainConfig):
-    """train.TrainConfig's keys name the run whose steps are timed; --overwrite guards the table here."""
-    overwrite: bool = False          # replace an existing cost table (without it: refused); --rst_add needs none
 
 
 def calibration_inputs(cfg):
@@ -66,4 +58,4 @@ def main(cfg):
 
 
 if __name__ == '__main__':
-    cli(main, CalibrateConfig)
+    cli(main, train.TrainConfig)  # its keys name the run timed; its --overwrite guards the table here

@@ -51,7 +51,7 @@ class TrainConfig:
     out_dir: str = key('out/default', 'path')  # checkpoint, log.jsonl and config.json go here
     label: str = ''                  # the method's name in the lab's compare tables; '' = derived from the config
     init_from: str = key('scratch', 'path')  # 'scratch', 'resume' (out_dir/ckpt.pt), or a ckpt.pt to start from
-    overwrite: bool = False          # allow a scratch run over an out_dir that holds a run
+    overwrite: bool = False          # allow a scratch run over an out_dir that holds a run (calibrate.py: over a cost table)
     seed: int = key(1337, f'[0,{MAX_SEED}]')  # fixes the initialisation and the data order (paired seeds compare methods)
     # data
     dataset: str = key('stdlib', 'path')  # a folder under data/ (prepared on first use for stdlib) or a path

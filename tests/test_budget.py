@@ -253,7 +253,7 @@ def calibrate_cli(argv, capsys):
     """(exit code, stderr lines) of `python calibrate.py ARGV`, run in this process through its cli."""
     capsys.readouterr()
     try:
-        cli(calibrate.main, calibrate.CalibrateConfig, [*TINY_CALIBRATE, *argv])
+        cli(calibrate.main, TrainConfig, [*TINY_CALIBRATE, *argv])
         code = 0
     except SystemExit as e:
         code = e.code
