@@ -187,9 +187,13 @@ def model_from_checkpoint(ckpt, path, **overrides):
         return MODELS[checkpoint_model_type(ckpt)][0].from_checkpoint(ckpt, **overrides)
 
 
-def load_model(path, device, compile_loss=True):
-    """A saved model for scoring or sampling (a reference, IL or reward backbone): frozen, in eval mode."""
-    model = model_from_checkpoint(load_checkpoint(Path(path)), path, dropout=0.0, compile_loss=compile_loss)
+def load_model(path, device, compile_loss=True, check=None):
+    """A saved model for scoring or sampling (a reference, IL or reward backbone): frozen, in eval mode.
+    check(ckpt): the caller's refusal of a checkpoint that does not fit its use, before the model is built."""
+    ckpt = load_checkpoint(Path(path))
+    if check is not None:
+        check(ckpt)
+    model = model_from_checkpoint(ckpt, path, dropout=0.0, compile_loss=compile_loss)
     return model.to(device).eval().requires_grad_(False)
 
 

@@ -235,10 +235,7 @@ def load_reference(cfg, paths, device):
     """The reference model --ref_ckpt holds (frozen, eval mode), once check_reference finds it fits this run."""
     if not paths.ref_ckpt.exists():
         raise DataError(f'no reference model at {paths.ref_ckpt}: run `python slm.py --stage=ref` first')
-    ckpt = runs.load_checkpoint(paths.ref_ckpt)
-    check_reference(ckpt, cfg, paths)
-    model = runs.model_from_checkpoint(ckpt, paths.ref_ckpt, dropout=0.0, compile_loss=cfg.compile_loss)
-    return model.to(device).eval().requires_grad_(False)
+    return runs.load_model(paths.ref_ckpt, device, cfg.compile_loss, check=lambda ckpt: check_reference(ckpt, cfg, paths))
 
 
 def check_reference(ckpt, cfg, paths):
