@@ -199,6 +199,8 @@ class CorpusBuild:
             raise DataError(f'{self.target} is a file, not a corpus folder: give another --out_dir')
         if self.target.is_dir() and not os.access(self.target, os.W_OK):  # found now, not after the build
             raise DataError(f'{self.target} is not writable: fix its permissions or give another --out_dir')
+        # the folders this build creates above the target, removed again if it fails and they are empty
+        self.made = [p for p in (self.target.parent, *self.target.parent.parents) if not p.exists()]
         try:
             self.target.parent.mkdir(parents=True, exist_ok=True)
             self.lock.acquire(wait=self.if_missing)
@@ -247,6 +249,12 @@ class CorpusBuild:
             if not keep:
                 shutil.rmtree(self.folder, ignore_errors=True)
             self.lock.release()
+        if kind is not None:  # a failed first build leaves no empty data/text/<name>/ behind
+            for folder in getattr(self, 'made', ()):
+                try:
+                    folder.rmdir()
+                except OSError:  # not empty (another build's lock or corpus), or gone: keep it
+                    break
         if kind is not None and issubclass(kind, OSError):
             where = (f'the finished part is kept in {self.folder}: run again to resume' if keep
                      else 'nothing was changed there; free disk space, fix permissions or give another --out_dir')

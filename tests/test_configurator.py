@@ -102,6 +102,16 @@ def test_cli_exits_2_with_one_line(capsys):
     assert cli(lambda cfg: cfg.steps, Toy, ['--steps=4']) == 4
 
 
+def test_a_machine_error_exits_1_with_one_line_naming_the_path_and_a_fix(capsys):
+    def entry(cfg):
+        raise PermissionError(1, 'Operation not permitted', '/sys/run')
+    with pytest.raises(SystemExit) as e:
+        cli(entry, Toy, [])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith('error: Operation not permitted: /sys/run (') and 'give another' in err, err
+
+
 def test_train_config_tuple_and_float_keys():
     from train import TrainConfig
     cfg = parse(TrainConfig, ['--stack_fracs=[0.25, 0.5]', '--lr=1', '--model=tiny'])

@@ -132,6 +132,18 @@ def test_write_corpus_refuses_an_empty_split(tmp_path):
     assert not (tmp_path / 'c' / 'meta.json').exists()
 
 
+def test_a_failed_first_build_leaves_no_empty_folders_and_a_failed_rebuild_keeps_the_old(tmp_path):
+    target = tmp_path / 'text' / 'notes' / 'byte'
+    with pytest.raises(DataError, match='val split'):
+        write_corpus(target, [('only-train-doc', 'x' * 100)], get_tokenizer('byte'), 'test', val_frac=1e-4)
+    assert list(tmp_path.iterdir()) == []  # text/notes/ was made for this build: gone with it
+    docs = [(f'doc{i}', 'y' * 50) for i in range(40)]
+    write_corpus(target, docs, get_tokenizer('byte'), 'test', val_frac=0.3)
+    with pytest.raises(DataError, match='val split'):
+        write_corpus(target, [('only-train-doc', 'x' * 100)], get_tokenizer('byte'), 'test', val_frac=1e-4)
+    assert Corpus(target).meta['counts']['train']['documents'] + Corpus(target).meta['counts']['val']['documents'] == 40
+
+
 # -----------------------------------------------------------------------------
 # Batches
 
