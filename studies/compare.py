@@ -104,11 +104,16 @@ def verdict_table(groups, baseline, margin):
                 row.append('—')
                 continue
             delta, half95, p, pairs = cells[label, b]
+            planned = len(finals_by_seed(groups.get(baseline, {}).get(b, [])))
+            if pairs < planned:  # the paired design runs every baseline seed: read a cell when all are in
+                row.append(f'pending ({pairs} of {planned} paired seeds)')
+                continue
             d = [x - y for x, y in paired_finals(groups, label, baseline, b)]
             row.append(verdict_with_ci(delta, half95, d, p, margin))
         lines.append(f'| {label} | ' + ' | '.join(row) + ' |')
     return ('\n'.join(lines) + f'\n\nbetter / worse: 95% CI excludes 0 and Holm p < 0.05; equivalent: the 90% CI of the '
-            f'paired difference inside ±{margin:g} nats (TOST at 5%, the margin declared in advance); else not resolved.')
+            f'paired difference inside ±{margin:g} nats (TOST at 5%, the margin declared in advance); else not resolved; '
+            f'pending: fewer of the baseline\'s seeds finished than it ran (no reading yet).')
 
 
 def paired_finals(groups, label, baseline, b):

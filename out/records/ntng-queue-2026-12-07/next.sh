@@ -35,5 +35,14 @@ for step in ${@:-1 2 3 4}; do case $step in
    python -m studies.ntng ablate --tuned=$T --methods="('rho',)" --rst_table=config/rst/h200/gpt_L4_H4_D128_T128_V256_B32.json --out_dir=out/ablation_h200 --jobs=2 >> out/ablation_sb_h200.log 2>&1 ;;
 # 5. (2026-12-07) Muon's lr check chose x0.5 of its muon_lr: its 480-RST column rerun there, seeds 0-4, with the x0.25 check
 5) python out/rerun.py muon 0.5 >> out/rerun.log 2>&1 ;;
-*) echo "next.sh: unknown step $step (1-5)"; exit 2 ;;
+# 6. (2026-12-07) The CPU table's two RHO-LOSS rows lack seeds 3-4 at 480 RST (their IL model was lost before they
+#    ran; RESULTS.md: they run only if a rebuild reproduces it). The rebuild did (out/il_rebuild.ok), so seed 0 of both
+#    rows runs again first (cpu_rho.py) and must equal its record at every logged step (same_run.py), then seeds 3-4.
+6) [ -e out/il_rebuild.ok ] || { echo "next.sh 6: the shared IL model is not rebuilt identically (step 3)"; exit 6; }
+   python out/cpu_rho.py check >> out/cpu_rho.log 2>&1
+   for row in rho rho_il_charged; do
+       python out/same_run.py out/cpu_rho_check/$row/b480/s0 ../main/out/records/ntng-cpu-2026-11-30/ablation/$row/b480/s0 >> out/cpu_rho.log 2>&1
+   done
+   python out/cpu_rho.py seeds >> out/cpu_rho.log 2>&1 ;;
+*) echo "next.sh: unknown step $step (1-6)"; exit 2 ;;
 esac; done

@@ -14,6 +14,7 @@ n 5;                            echo "muon rerun done $(date)" >> /work/queue.lo
 d drop_rerun sb_rerun;          echo "drop sb reruns done $(date)" >> /work/queue.log
 d gpu_drop;                     echo "gpu drop done $(date)" >> /work/queue.log
 n 3;                            echo "rho fractions done $(date)" >> /work/queue.log
+n 6;                            echo "cpu rho 480 seeds 3-4 done $(date)" >> /work/queue.log
 d gpu_stack_480;                echo "gpu stack 480 done $(date)" >> /work/queue.log
 n 4;                            echo "sb rho h200 done $(date)" >> /work/queue.log
 d long_960;                     echo "all done $(date)" >> /work/queue.log

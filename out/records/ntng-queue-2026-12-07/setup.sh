@@ -14,7 +14,7 @@ MAIN=/work/main R=/work/main/out/records Q=/work/main/out/records/ntng-queue-202
 mkdir -p /work/study-1206/out /work/study-next/out/tune/il
 cp $R/ntng-h200-2026-12-06/driver.py /work/study-1206/out/
 cp $R/ntng-cpu-2026-11-30/tune/tuned.json /work/study-1206/out/tuned.json
-cp $Q/next.sh $Q/rebuild_il.py $Q/rerun.py /work/study-next/out/
+cp $Q/next.sh $Q/rebuild_il.py $Q/rerun.py $Q/cpu_rho.py $Q/same_run.py /work/study-next/out/
 [ -f /work/study-next/out/tune/tuned.json ] || cp $R/ntng-sophia-rho-2026-12-07/tuned.json /work/study-next/out/tune/  # tune adds rows to it
 cp -rn $R/ntng-cpu-2026-11-30/tune/il/search /work/study-next/out/tune/il/
 # the committed queue replaces an older copy (a machine kept from an earlier session still held one, 2026-12-07),
@@ -47,4 +47,9 @@ restore $R/ntng-h200-2026-12-06 /work/study-next/out/ablation_h200 sb rho
 restore $R/ntng-960-2026-12-07/ablation /work/study-1206/out/ablation_960
 restore $R/ntng-rho-2026-12-07/ablation /work/study-next/out/ablation_rho
 restore $R/ntng-rho-2026-12-07/tune /work/study-next/out/tune rho_s0.1
+restore $R/ntng-rho-2026-12-07/cpu_rho_check /work/study-next/out/cpu_rho_check
+for run in {rho,rho_il_charged}/b480/s{3,4}; do  # next.sh 6's seeds, recorded into the CPU table's own folder
+    src=$R/ntng-cpu-2026-11-30/ablation/$run dst=/work/study-next/out/cpu_rho/$run
+    [ -d $src ] && [ ! -e $dst ] && mkdir -p $dst && cp $src/config.json $src/log.jsonl $dst/
+done
 echo "setup done: $(find /work/study-1206/out /work/study-next/out -name log.jsonl | wc -l) recorded run(s) in the worktrees"
