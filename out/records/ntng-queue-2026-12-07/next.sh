@@ -44,5 +44,8 @@ for step in ${@:-1 2 3 4}; do case $step in
        python out/same_run.py out/cpu_rho_check/$row/b480/s0 ../main/out/records/ntng-cpu-2026-11-30/ablation/$row/b480/s0 >> out/cpu_rho.log 2>&1
    done
    python out/cpu_rho.py seeds >> out/cpu_rho.log 2>&1 ;;
-*) echo "next.sh: unknown step $step (1-6)"; exit 2 ;;
+# 7. (2026-12-07) RHO-LOSS's lr checks (step 3) decide: a row whose tuned lr is not the best of x0.5, x1, x2 at 480 RST
+#    has its 480-RST column rerun at the better factor (lr_rerun.py, then rerun.py as for Muon in step 5)
+7) python out/lr_rerun.py rho rho_s0.1 >> out/rerun.log 2>&1 ;;
+*) echo "next.sh: unknown step $step (1-7)"; exit 2 ;;
 esac; done

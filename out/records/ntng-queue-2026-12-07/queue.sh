@@ -15,6 +15,7 @@ d drop_rerun sb_rerun;          echo "drop sb reruns done $(date)" >> /work/queu
 d gpu_drop;                     echo "gpu drop done $(date)" >> /work/queue.log
 n 3;                            echo "rho fractions done $(date)" >> /work/queue.log
 n 6;                            echo "cpu rho 480 seeds 3-4 done $(date)" >> /work/queue.log
+n 7;                            echo "rho lr reruns done $(date)" >> /work/queue.log
 d gpu_stack_480;                echo "gpu stack 480 done $(date)" >> /work/queue.log
 n 4;                            echo "sb rho h200 done $(date)" >> /work/queue.log
 d long_960;                     echo "all done $(date)" >> /work/queue.log
