@@ -64,6 +64,20 @@ def test_the_finals_prose_claim_holds_for_the_tables_as_they_are():
         assert cell in reading, f'{cell} has its CI end {end} within the gap spread {spread}: name it in the finals reading'
 
 
+def test_every_delta_on_all_of_val_has_the_eval_windows_sign_and_excludes_zero_as_the_reading_says():
+    """The finals reading says each Δ on all of val has the sign of its eval windows' Δ, both CIs excluding zero:
+    re-read from RESULTS.md's table, so a run added later that breaks it fails here and the sentence is reworded."""
+    text = results.OUT.read_text()
+    table = text[text.index('## Finals on all of val'):text.index('**Reading so far** (runs scored')]
+    interval = r'([+-]\d\.\d+) \[([+-]\d\.\d+), ([+-]\d\.\d+)\] \(n=\d+\)'
+    pairs = [(line, re.search(rf'\| {interval} \| {interval} \|\s*$', line)) for line in table.splitlines()]
+    pairs = [(line, m) for line, m in pairs if m]
+    assert pairs, 'no row with a Δ on both window sets: the parsing no longer matches the table'
+    for line, m in pairs:
+        d1, lo1, hi1, d2, lo2, hi2 = map(float, m.groups())
+        assert d1 * d2 > 0 and lo1 * hi1 > 0 and lo2 * hi2 > 0, line
+
+
 def cells_nearest_zero(tables):
     """Every better-or-worse cell (Holm *) of the tables as '`label` at B RST' with its CI's end nearest zero,
     and a function of the spread giving the cells whose end is not beyond it."""
