@@ -291,9 +291,9 @@ def cli(entry, cls, argv=None, usage='[config.py ...] [--key=value ...]'):
         print(f'error: {e}', file=sys.stderr)
         sys.exit(e.exit_code)
     except OSError as e:  # disk full, read-only folder, a folder where a file belongs: the machine, not a bug
-        where = f': {e.filename}' if e.filename else ''
-        print(f'error: {e.strerror or e}{where} (check that path, its permissions and the free disk space, or give '
-              'another one)', file=sys.stderr)
+        fix = (f': {e.filename} (check that path, its permissions and the free disk space, or give another one)'
+               if e.filename else ' (check the free disk space and the permissions of the folders written)')
+        print(f'error: {e.strerror or e}{fix}', file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         exit_stopped('interrupted')

@@ -138,6 +138,9 @@ class FolderLock:
         while True:
             try:  # never through a link: taking the lock must not truncate a file it points to
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            except FileNotFoundError:  # a failed build we waited for removed the folder it had made: make it again
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                continue
             except OSError as e:
                 if e.errno != errno.ELOOP:
                     raise
@@ -190,7 +193,7 @@ class CorpusBuild:
         self.target, self.if_missing, self.exists = Path(out_dir), if_missing, False
         self.folder = self.target.parent / f'.{self.target.name}.build'
         self.lock_path = self.target.parent / f'.{self.target.name}.lock'
-        self.resume_key, self.state, self.committed = resume_key, {}, False
+        self.resume_key, self.state, self.committed, self.made = resume_key, {}, False, []
         self.lock = FolderLock(self.lock_path, lambda pid: DataError(
             f'another prepare (pid {pid}) is writing {self.target}: wait for it to end, then run again'))
 
@@ -199,10 +202,15 @@ class CorpusBuild:
             raise DataError(f'{self.target} is a file, not a corpus folder: give another --out_dir')
         if self.target.is_dir() and not os.access(self.target, os.W_OK):  # found now, not after the build
             raise DataError(f'{self.target} is not writable: fix its permissions or give another --out_dir')
-        # the folders this build creates above the target, removed again if it fails and they are empty
-        self.made = [p for p in (self.target.parent, *self.target.parent.parents) if not p.exists()]
+        self.made = []  # the folders this build created above the target: removed again if it fails and they are empty
         try:
-            self.target.parent.mkdir(parents=True, exist_ok=True)
+            for folder in reversed((self.target.parent, *self.target.parent.parents)):
+                if not folder.exists():
+                    try:
+                        folder.mkdir()
+                        self.made.insert(0, folder)
+                    except FileExistsError:  # another process made it just now: its, not ours
+                        pass
             self.lock.acquire(wait=self.if_missing)
             self.exists = self.if_missing and (self.target / 'meta.json').exists()  # built while we waited
             if not self.exists:
@@ -250,7 +258,7 @@ class CorpusBuild:
                 shutil.rmtree(self.folder, ignore_errors=True)
             self.lock.release()
         if kind is not None:  # a failed first build leaves no empty data/text/<name>/ behind
-            for folder in getattr(self, 'made', ()):
+            for folder in self.made:
                 try:
                     folder.rmdir()
                 except OSError:  # not empty (another build's lock or corpus), or gone: keep it

@@ -94,6 +94,7 @@ def verdict_table(groups, baseline, margin):
     """Markdown: each method and budget read in four words against the baseline, with the 90% CI the
     equivalence test uses."""
     cells, budgets = paired_cells(groups, baseline), sorted({b for g in groups.values() for b in g})
+    planned = {b: max(len(finals_by_seed(g.get(b, []))) for g in groups.values()) for b in budgets}  # seeds finished
     lines = ['| verdict | ' + ' | '.join(f'budget {b:g}' for b in budgets) + ' |', '|' + ' --- |' * (len(budgets) + 1)]
     for label, by_budget in groups.items():
         if label == baseline:
@@ -104,16 +105,16 @@ def verdict_table(groups, baseline, margin):
                 row.append('—')
                 continue
             delta, half95, p, pairs = cells[label, b]
-            planned = len(finals_by_seed(groups.get(baseline, {}).get(b, [])))
-            if pairs < planned:  # the paired design runs every baseline seed: read a cell when all are in
-                row.append(f'pending ({pairs} of {planned} paired seeds)')
+            if pairs < planned[b]:  # the paired design runs every seed in every row: read a cell when all are in
+                row.append(f'pending ({pairs} of {planned[b]} paired seeds)')
                 continue
             d = [x - y for x, y in paired_finals(groups, label, baseline, b)]
             row.append(verdict_with_ci(delta, half95, d, p, margin))
         lines.append(f'| {label} | ' + ' | '.join(row) + ' |')
     return ('\n'.join(lines) + f'\n\nbetter / worse: 95% CI excludes 0 and Holm p < 0.05; equivalent: the 90% CI of the '
             f'paired difference inside ±{margin:g} nats (TOST at 5%, the margin declared in advance); else not resolved; '
-            f'pending: fewer of the baseline\'s seeds finished than it ran (no reading yet).')
+            f'pending: the pair has finished fewer seeds than the most any row has at that budget (read when all are '
+            f'in; a run that cannot finish leaves it unread).')
 
 
 def paired_finals(groups, label, baseline, b):

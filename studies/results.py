@@ -209,10 +209,11 @@ def gap_change_line(runs, budget, earlier):
         base, stack = (finals_by_seed(groups.get(row, {}).get(b, [])) for row in ('baseline', 'stack'))
         gaps[b] = {s: stack[s] - base[s] for s in stack.keys() & base.keys()}
     seeds = sorted(gaps[budget].keys() & gaps[earlier].keys())
+    planned = max(len(finals_by_seed(g.get(b, []))) for g in groups.values() for b in (budget, earlier))
     head = (f"stacking's gap to the baseline at {budget:g} RST against its gap at {earlier:g} RST, "
             f"paired seeds {', '.join(map(str, seeds)) or 'none yet'}")
-    if len(seeds) < 2:
-        return f'{head}: pending (fewer than 2 pairs)'
+    if len(seeds) < max(planned, 2):
+        return f'{head}: pending ({len(seeds)} of {max(planned, 2)} paired seeds)'
     d, half, p = paired_test([gaps[budget][s] for s in seeds], [gaps[earlier][s] for s in seeds])
     change = 'not resolved' if d - half <= 0 <= d + half else ('stacking loses ground' if d > 0 else 'stacking gains ground')
     return f'{head}: Δ {d:+.4f} [{d - half:+.4f}, {d + half:+.4f}] p={p:.3g} -> {change}'
@@ -232,8 +233,9 @@ def rerun_line(name, rerun, tuned, budget):
     lrs = [json.loads(Path(r[0]['path'], 'config.json').read_text())['config'][lr_key] for r in runs]
     head = (f"{name} at {lr_key} {lrs[0]:g} against {name} at its tuned {lr_key} {lrs[1]:g}, {budget:g} RST, "
             f"paired seeds {', '.join(map(str, seeds)) or 'none yet'}")
-    if len(seeds) < 2:
-        return f'{head}: pending (fewer than 2 pairs)'
+    planned = max(len(new), len(old), 2)  # read when every seed either ran has its pair
+    if len(seeds) < planned:
+        return f'{head}: pending ({len(seeds)} of {planned} paired seeds)'
     d, half, p = paired_test([new[s] for s in seeds], [old[s] for s in seeds])
     reading = verdict_with_ci(d, half, [new[s] - old[s] for s in seeds], p, MARGIN)
     return f'{head}: Δ {d:+.4f} [{d - half:+.4f}, {d + half:+.4f}] p={p:.3g} -> {reading}'

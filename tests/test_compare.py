@@ -833,8 +833,8 @@ def test_verdicts_read_the_intervals_four_ways(tmp_path):
 
 
 def test_a_cell_missing_some_of_the_baselines_seeds_is_pending_not_read(tmp_path):
-    """The design is paired on the baseline's seeds: a row with 3 of its 5 finished has its Δ printed (n=3) but
-    no verdict until the last two are in, however clear the 3 pairs are."""
+    """The design runs every seed in every row: a row with 3 of the baseline's 5 finished has its Δ printed (n=3)
+    but no verdict until the last two are in, however clear the 3 pairs are; so has a row whose baseline lags."""
     rows = {'baseline': [2.00, 2.01, 2.02, 2.03, 2.04], 'worse': [2.50, 2.52, 2.51]}
     dirs = [finished(tmp_path, f'{m}{s}', m, 10.0, s, v) for m, vs in rows.items() for s, v in enumerate(vs)]
     report = compare.compare(dirs, out=str(tmp_path / 'x'), target='none', margin=0.02)
@@ -843,6 +843,9 @@ def test_a_cell_missing_some_of_the_baselines_seeds_is_pending_not_read(tmp_path
     dirs += [finished(tmp_path, f'worse{s}', 'worse', 10.0, s, v) for s, v in ((3, 2.53), (4, 2.54))]
     report = compare.compare(dirs, out=str(tmp_path / 'y'), target='none', margin=0.02)
     assert [l for l in report.splitlines() if l.startswith('| worse |')][-1].split('|')[2].strip().startswith('worse (90% CI')
+    lagging = [d for d in dirs if d.name not in ('baseline3', 'baseline4')]  # now the baseline has 3 of the row's 5
+    report = compare.compare(lagging, out=str(tmp_path / 'z'), target='none', margin=0.02)
+    assert [l for l in report.splitlines() if l.startswith('| worse |')][-1].split('|')[2].strip() == 'pending (3 of 5 paired seeds)'
 
 
 def test_runs_of_another_script_corpus_or_shape_are_never_in_a_row(tmp_path):

@@ -111,6 +111,13 @@ def test_a_machine_error_exits_1_with_one_line_naming_the_path_and_a_fix(capsys)
     assert e.value.code == 1 and len(err.strip().splitlines()) == 1, err
     assert err.startswith('error: Operation not permitted: /sys/run (') and 'give another' in err, err
 
+    def full(cfg):
+        raise OSError(28, 'No space left on device')  # a write's error names no file
+    with pytest.raises(SystemExit):
+        cli(full, Toy, [])
+    err = capsys.readouterr().err
+    assert err == 'error: No space left on device (check the free disk space and the permissions of the folders written)\n'
+
 
 def test_train_config_tuple_and_float_keys():
     from train import TrainConfig

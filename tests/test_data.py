@@ -132,6 +132,34 @@ def test_write_corpus_refuses_an_empty_split(tmp_path):
     assert not (tmp_path / 'c' / 'meta.json').exists()
 
 
+def test_a_build_waiting_on_a_first_build_that_fails_builds_in_the_folders_it_removed(tmp_path):
+    """The loop's first use waits for another process's build (if_missing); when that build fails and removes the
+    folders it made, the waiting one makes them again and builds, instead of failing to open its lock."""
+    import threading
+    import time
+    from data.loader import CorpusBuild
+    target, started, outcome = tmp_path / 'text' / 'notes' / 'byte', threading.Event(), {}
+
+    def failing():
+        try:
+            with CorpusBuild(target, if_missing=True):
+                started.set()
+                time.sleep(0.5)  # the other build is waiting on the lock by now
+                raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            outcome['first'] = 'stopped'
+
+    def waiting():
+        started.wait()
+        with CorpusBuild(target, if_missing=True) as build:
+            outcome['second'] = build.folder.is_dir()
+
+    threads = [threading.Thread(target=failing), threading.Thread(target=waiting)]
+    [t.start() for t in threads]
+    [t.join(30) for t in threads]
+    assert outcome == {'first': 'stopped', 'second': True}
+
+
 def test_a_failed_first_build_leaves_no_empty_folders_and_a_failed_rebuild_keeps_the_old(tmp_path):
     target = tmp_path / 'text' / 'notes' / 'byte'
     with pytest.raises(DataError, match='val split'):

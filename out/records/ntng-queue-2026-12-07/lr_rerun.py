@@ -11,10 +11,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from studies.lr_check import lr_check_table
 
-table = lr_check_table('out/lr_check')
+lines = [[c.strip() for c in line.strip('|').split('|')] for line in lr_check_table('out/lr_check').splitlines()
+         if line.startswith('| ')]
+column = lines[0].index('tuned lr best of three')  # the header's
 for row in sys.argv[1:]:
-    line = next((l for l in table.splitlines() if l.startswith(f'| {row} |')), None)
-    best = line.split('|')[7].strip() if line else 'not run'
+    best = next((cells[column] for cells in lines[1:] if cells[0] == row), 'not run')
     print(f'{row}: tuned lr best of three at 480 RST: {best}', flush=True)
     if best.startswith('no: x'):
         subprocess.run([sys.executable, 'out/rerun.py', row, re.match(r'no: x([0-9.]+)', best).group(1)], check=True)

@@ -8,7 +8,8 @@ cd /work/main && . /work/venv/bin/activate || exit 1
 export OMP_NUM_THREADS=1
 R=out/records failed=0
 rec() {  # rec STUDY_FOLDER RECORD_FOLDER: a study folder that has no finished run yet is passed over
-    [ -n "$(find "$1" -name log.jsonl 2>/dev/null | head -1)" ] || { echo "$1: nothing run yet"; return; }
+    [ -d "$1" ] && python -c "import sys; from pathlib import Path; from studies.records import finished_runs
+sys.exit(0 if finished_runs(Path(sys.argv[1])) else 1)" "$1" || { echo "$1: no finished run yet"; return; }
     python -m studies.finals "$1" && python -m studies.records "$1" "$2" || { echo "record $1 failed"; failed=1; }
 }
 rec /work/study-1206/out/ablation_h200  $R/ntng-h200-2026-12-06
@@ -26,9 +27,9 @@ rec /work/study-next/out/cpu_rho        $R/ntng-cpu-2026-11-30/ablation   # next
 python - <<'PY' || failed=1
 import json, shutil
 t = json.load(open('/work/study-next/out/tune/tuned.json'))
-if 'rho_s0.1' in t:
+if 'rho_s0.1' in t.get('tuned', {}):  # its tuning finished
     shutil.copyfile('/work/study-next/out/tune/tuned.json', 'out/records/ntng-rho-2026-12-07/tune/tuned.json')
     print('tuned.json (with rho_s0.1) recorded')
 PY
-python -m studies.results && python -m studies.results --check=True || failed=1
+python -m studies.results --figures=True && python -m studies.results --check=True || failed=1  # figures: they hash the records
 exit $failed

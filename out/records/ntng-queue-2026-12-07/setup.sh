@@ -14,7 +14,9 @@ MAIN=/work/main R=/work/main/out/records Q=/work/main/out/records/ntng-queue-202
 mkdir -p /work/study-1206/out /work/study-next/out/tune/il
 cp $R/ntng-h200-2026-12-06/driver.py /work/study-1206/out/
 cp $R/ntng-cpu-2026-11-30/tune/tuned.json /work/study-1206/out/tuned.json
-cp $Q/next.sh $Q/rebuild_il.py $Q/rerun.py $Q/cpu_rho.py $Q/same_run.py $Q/lr_rerun.py /work/study-next/out/
+for f in next.sh rebuild_il.py rerun.py cpu_rho.py same_run.py lr_rerun.py; do  # a new file, never rewritten in place:
+    cp $Q/$f /work/study-next/out/.$f.new && mv /work/study-next/out/.$f.new /work/study-next/out/$f  # bash reads a running script as it goes
+done
 [ -f /work/study-next/out/tune/tuned.json ] || cp $R/ntng-sophia-rho-2026-12-07/tuned.json /work/study-next/out/tune/  # tune adds rows to it
 cp -rn $R/ntng-cpu-2026-11-30/tune/il/search /work/study-next/out/tune/il/
 # the committed queue replaces an older copy (a machine kept from an earlier session still held one, 2026-12-07),
