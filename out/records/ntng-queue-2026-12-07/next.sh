@@ -37,7 +37,7 @@ for step in ${@:-1 2 3 4}; do case $step in
 5) python out/rerun.py muon 0.5 >> out/rerun.log 2>&1 ;;
 # 6. (2026-12-07) The CPU table's two RHO-LOSS rows lack seeds 3-4 at 480 RST (their IL model was lost before they
 #    ran; RESULTS.md: they run only if a rebuild reproduces it). The rebuild did (out/il_rebuild.ok), so seed 0 of both
-#    rows runs again first (cpu_rho.py) and must equal its record at every logged step (same_run.py), then seeds 3-4.
+#    rows runs again first (cpu_rho.py) and must equal its record in every logged value but the clock's (same_run.py), then 3-4.
 6) [ -e out/il_rebuild.ok ] || { echo "next.sh 6: the shared IL model is not rebuilt identically (step 3)"; exit 6; }
    python out/cpu_rho.py check >> out/cpu_rho.log 2>&1
    for row in rho rho_il_charged; do
