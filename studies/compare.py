@@ -90,11 +90,11 @@ def verdict_with_ci(delta, half95, diffs, p_holm, margin):
     return verdict(delta, half95, half90, p_holm, margin) + ci90
 
 
-def verdict_table(groups, baseline, margin):
+def verdict_table(groups, baseline, margin, seeds=0):
     """Markdown: each method and budget read in four words against the baseline, with the 90% CI the
     equivalence test uses."""
     cells, budgets = paired_cells(groups, baseline), sorted({b for g in groups.values() for b in g})
-    planned = {b: max(len(finals_by_seed(g.get(b, []))) for g in groups.values()) for b in budgets}  # seeds finished
+    planned = {b: max(seeds, *(len(finals_by_seed(g.get(b, []))) for g in groups.values())) for b in budgets}
     lines = ['| verdict | ' + ' | '.join(f'budget {b:g}' for b in budgets) + ' |', '|' + ' --- |' * (len(budgets) + 1)]
     for label, by_budget in groups.items():
         if label == baseline:
@@ -111,10 +111,11 @@ def verdict_table(groups, baseline, margin):
             d = [x - y for x, y in paired_finals(groups, label, baseline, b)]
             row.append(verdict_with_ci(delta, half95, d, p, margin))
         lines.append(f'| {label} | ' + ' | '.join(row) + ' |')
+    expected = f'the design runs ({seeds}) or than another row has' if seeds else 'the most any row has'
     return ('\n'.join(lines) + f'\n\nbetter / worse: 95% CI excludes 0 and Holm p < 0.05; equivalent: the 90% CI of the '
             f'paired difference inside ±{margin:g} nats (TOST at 5%, the margin declared in advance); else not resolved; '
-            f'pending: the pair has finished fewer seeds than the most any row has at that budget (read when all are '
-            f'in; a run that cannot finish leaves it unread).')
+            f'pending: the pair has finished fewer seeds than {expected} at that budget (read when all are in; a run '
+            f'that cannot finish leaves it unread).')
 
 
 def paired_finals(groups, label, baseline, b):
@@ -230,12 +231,13 @@ def compare(run_dirs, out='ablation', target='auto', baseline='baseline', floors
     return report
 
 
-def compare_report(run_dirs, target='auto', baseline='baseline', floors='', margin=MARGIN, whole=False):
+def compare_report(run_dirs, target='auto', baseline='baseline', floors='', margin=MARGIN, whole=False, seeds=0):
     """compare's report, writing nothing -> (report, the readable runs, the floors record used or None).
     RHO-LOSS's IL model runs are left out (not a method); runs in different budget units get a table each
     (their budgets are not comparable); a run found twice, or two runs of one cell and seed, are refused.
     whole=True (committed records, which hold finished runs only): a damaged or partial run is refused, not
-    left out of the means with a note."""
+    left out of the means with a note. seeds: how many paired seeds the design runs in every cell (a verdict
+    waits for them all); 0: the most any row has finished at that budget."""
     require(run_dirs, 'compare needs run folders, or a folder that holds them: python -m studies.ntng compare '
                       'out/ablation [--out=ablation]')
     run_dirs = run_folders(run_dirs)
@@ -257,7 +259,7 @@ def compare_report(run_dirs, target='auto', baseline='baseline', floors='', marg
     used = read_floors(floors, runs) if floors else corpus_floors(runs)
     units = sorted({r['unit'] for r in runs})
     sections = [(f'budget unit: {u}\n\n' if len(units) > 1 else '') +
-                unit_report([r for r in runs if r['unit'] == u], target, baseline, used, margin) for u in units]
+                unit_report([r for r in runs if r['unit'] == u], target, baseline, used, margin, seeds) for u in units]
     report = '\n\n'.join(sections)
     labels = sorted({r['label'] for r in runs})
     if baseline not in labels:
@@ -423,10 +425,10 @@ def check_one_run_per_cell(runs):
             seen[cell] = r['path']
 
 
-def unit_report(runs, target, baseline, floors, margin):
+def unit_report(runs, target, baseline, floors, margin, seeds=0):
     """compare's report for runs in one budget unit: the table, the floors, what methods log, time to target."""
     groups = group_runs(runs)
-    parts = [ablation_table(groups, baseline), verdict_table(groups, baseline, margin) if baseline in groups else '',
+    parts = [ablation_table(groups, baseline), verdict_table(groups, baseline, margin, seeds) if baseline in groups else '',
              floors_note(floors, groups, baseline), method_stats(groups)]
     if runs[0]['unit'] == 'rst':
         parts.append(cost_sensitivity(groups, baseline))

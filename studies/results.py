@@ -56,7 +56,7 @@ def ntng_table(folder, **kw):
     from studies.compare import compare_report
     floors = next(folder.rglob('*.floors.json'), None)  # the floors compare used when the sweep ran
     report, _, _ = compare_report([str(folder)], floors=str(floors) if floors else '', target=declared_target(),
-                                  whole=True, **kw)
+                                  whole=True, seeds=paired_seeds(), **kw)
     return local_paths(report, folder)
 
 
@@ -78,7 +78,8 @@ def second_system_table(folder):
     cpu = RECORDS / 'ntng-cpu-2026-11-30' / 'ablation'
     rows = sorted({p.name for p in folder.iterdir() if p.is_dir()})
     dirs = [str(cpu / 'baseline')] + [str(cpu / row) for row in rows] + [str(folder)]
-    report, runs, _ = compare_report(dirs, target='none', floors=str(cpu / 'ablation.floors.json'), whole=True)
+    report, runs, _ = compare_report(dirs, target='none', floors=str(cpu / 'ablation.floors.json'), whole=True,
+                                     seeds=paired_seeds())
     report = local_paths(report, folder, cpu)
     return report + '\n\n' + decision_rule(paired_cells(group_runs(runs), 'baseline'))
 
@@ -132,7 +133,7 @@ def beside_cpu(runs, cpu_rows=('baseline',)):
     if not any(runs.rglob('config.json')):
         return '(no run of these rows has finished yet)'
     report, _, _ = compare_report([str(cpu / row) for row in cpu_rows] + [str(runs)], target=declared_target(),
-                                  floors=str(cpu / 'ablation.floors.json'), whole=True)
+                                  floors=str(cpu / 'ablation.floors.json'), whole=True, seeds=paired_seeds())
     return local_paths(report, runs, cpu)
 
 
@@ -180,7 +181,8 @@ def lr_rerun_table(folder, budget=480.0):
     cpu, today = RECORDS / 'ntng-cpu-2026-11-30' / 'ablation', RECORDS / 'ntng-today-2026-12-06' / 'ablation'
     as_ran = {p.name: p / column for base in (cpu, today) for p in sorted(base.iterdir()) if (p / column).is_dir()}
     rows = [str(path) for path in {**as_ran, **reruns}.values()]
-    report, _, _ = compare_report(rows, target='none', floors=str(cpu / 'ablation.floors.json'), whole=True)
+    report, _, _ = compare_report(rows, target='none', floors=str(cpu / 'ablation.floors.json'), whole=True,
+                                  seeds=paired_seeds())
     report = local_paths(report, folder, cpu, today)
     return report + '\n\n' + '\n'.join(rerun_line(name, path, as_ran[name], budget) for name, path in reruns.items()
                                     if name in as_ran)  # a row rerun with no column as it ran has nothing to pair with
@@ -195,9 +197,16 @@ def long_table(folder, budget=960.0, rerun_budget=480.0):
         return f'(no run of the {budget:g}-RST column has finished yet)'
     cpu, rerun = RECORDS / 'ntng-cpu-2026-11-30' / 'ablation', RECORDS / 'ntng-lr-check-2026-12-06' / 'ablation_lr'
     dirs = [str(rerun / row / f'b{rerun_budget:g}') for row in ('baseline', 'stack')] + [str(folder)]
-    report, runs, _ = compare_report(dirs, target=declared_target(), floors=str(cpu / 'ablation.floors.json'), whole=True)
+    report, runs, _ = compare_report(dirs, target=declared_target(), floors=str(cpu / 'ablation.floors.json'), whole=True,
+                                     seeds=paired_seeds())
     report = local_paths(report, folder, rerun)
     return report + '\n\n' + gap_change_line(runs, budget, rerun_budget)
+
+
+def paired_seeds():
+    """How many paired seeds the No Train No Gain protocol runs in every cell: a verdict waits for them all."""
+    from studies.ntng import AblateConfig
+    return len(AblateConfig.seeds)
 
 
 def gap_change_line(runs, budget, earlier):
@@ -209,11 +218,11 @@ def gap_change_line(runs, budget, earlier):
         base, stack = (finals_by_seed(groups.get(row, {}).get(b, [])) for row in ('baseline', 'stack'))
         gaps[b] = {s: stack[s] - base[s] for s in stack.keys() & base.keys()}
     seeds = sorted(gaps[budget].keys() & gaps[earlier].keys())
-    planned = max(len(finals_by_seed(g.get(b, []))) for g in groups.values() for b in (budget, earlier))
+    planned = max(paired_seeds(), *(len(finals_by_seed(g.get(b, []))) for g in groups.values() for b in (budget, earlier)))
     head = (f"stacking's gap to the baseline at {budget:g} RST against its gap at {earlier:g} RST, "
             f"paired seeds {', '.join(map(str, seeds)) or 'none yet'}")
-    if len(seeds) < max(planned, 2):
-        return f'{head}: pending ({len(seeds)} of {max(planned, 2)} paired seeds)'
+    if len(seeds) < planned:
+        return f'{head}: pending ({len(seeds)} of {planned} paired seeds)'
     d, half, p = paired_test([gaps[budget][s] for s in seeds], [gaps[earlier][s] for s in seeds])
     change = 'not resolved' if d - half <= 0 <= d + half else ('stacking loses ground' if d > 0 else 'stacking gains ground')
     return f'{head}: Δ {d:+.4f} [{d - half:+.4f}, {d + half:+.4f}] p={p:.3g} -> {change}'
@@ -233,7 +242,7 @@ def rerun_line(name, rerun, tuned, budget):
     lrs = [json.loads(Path(r[0]['path'], 'config.json').read_text())['config'][lr_key] for r in runs]
     head = (f"{name} at {lr_key} {lrs[0]:g} against {name} at its tuned {lr_key} {lrs[1]:g}, {budget:g} RST, "
             f"paired seeds {', '.join(map(str, seeds)) or 'none yet'}")
-    planned = max(len(new), len(old), 2)  # read when every seed either ran has its pair
+    planned = max(len(new), len(old), paired_seeds())  # read when every seed the design runs has its pair
     if len(seeds) < planned:
         return f'{head}: pending ({len(seeds)} of {planned} paired seeds)'
     d, half, p = paired_test([new[s] for s in seeds], [old[s] for s in seeds])
