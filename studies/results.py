@@ -139,13 +139,13 @@ def beside_cpu(runs, cpu_rows=('baseline',)):
 
 def finals_table(folder):
     """Each scored run's final on all of val beside its eval windows' (studies/finals.py): the runs whose
-    checkpoints were still on the machine that ran them, from this folder, the H200-table reruns and the
-    480-RST reruns at the lr their checks found better (the baseline's among them: the baseline the Δ columns pair
+    checkpoints were still on the machine that ran them, from this folder, the H200-table reruns, RHO-LOSS's
+    readable rows and the 480-RST reruns at the lr their checks found better (the baseline's among them: the baseline the Δ columns pair
     with), except those of this folder's own rows (Muon's), which are shown as they ran."""
     from studies.finals import report
     rerun = RECORDS / 'ntng-lr-check-2026-12-06' / 'ablation_lr'
     reruns = [p for p in sorted(rerun.glob('*')) if p.is_dir() and not (folder / 'ablation' / p.name).is_dir()]
-    folders = [folder / 'ablation', RECORDS / 'ntng-h200-2026-12-06'] + reruns  # one run per cell: this folder's own rows as ran
+    folders = [folder / 'ablation', RECORDS / 'ntng-h200-2026-12-06', RECORDS / 'ntng-rho-2026-12-07' / 'ablation'] + reruns
     return report([str(f) for f in folders])
 
 
