@@ -90,6 +90,12 @@ def verdict_with_ci(delta, half95, diffs, p_holm, margin):
     return verdict(delta, half95, half90, p_holm, margin) + ci90
 
 
+def pending(pairs, planned):
+    """A paired comparison's reading while some of the seeds the design runs in every row are missing ('' once
+    all are in): a verdict read from the first seeds to land would be read before its sample is."""
+    return f'pending ({pairs} of {planned} paired seeds)' if pairs < planned else ''
+
+
 def verdict_table(groups, baseline, margin, seeds=0):
     """Markdown: each method and budget read in four words against the baseline, with the 90% CI the
     equivalence test uses."""
@@ -105,8 +111,8 @@ def verdict_table(groups, baseline, margin, seeds=0):
                 row.append('—')
                 continue
             delta, half95, p, pairs = cells[label, b]
-            if pairs < planned[b]:  # the paired design runs every seed in every row: read a cell when all are in
-                row.append(f'pending ({pairs} of {planned[b]} paired seeds)')
+            if pending(pairs, planned[b]):
+                row.append(pending(pairs, planned[b]))
                 continue
             d = [x - y for x, y in paired_finals(groups, label, baseline, b)]
             row.append(verdict_with_ci(delta, half95, d, p, margin))

@@ -211,6 +211,7 @@ def paired_seeds():
 
 def gap_change_line(runs, budget, earlier):
     """Stacking's gap to the baseline (stack - baseline, per seed) at `budget` against the same gap at `earlier`."""
+    from studies.compare import pending
     from studies.stats import finals_by_seed, group_runs, paired_test
     groups = group_runs(runs)
     gaps = {}
@@ -221,8 +222,8 @@ def gap_change_line(runs, budget, earlier):
     planned = max(paired_seeds(), *(len(finals_by_seed(g.get(b, []))) for g in groups.values() for b in (budget, earlier)))
     head = (f"stacking's gap to the baseline at {budget:g} RST against its gap at {earlier:g} RST, "
             f"paired seeds {', '.join(map(str, seeds)) or 'none yet'}")
-    if len(seeds) < planned:
-        return f'{head}: pending ({len(seeds)} of {planned} paired seeds)'
+    if pending(len(seeds), planned):
+        return f'{head}: {pending(len(seeds), planned)}'
     d, half, p = paired_test([gaps[budget][s] for s in seeds], [gaps[earlier][s] for s in seeds])
     change = 'not resolved' if d - half <= 0 <= d + half else ('stacking loses ground' if d > 0 else 'stacking gains ground')
     return f'{head}: Δ {d:+.4f} [{d - half:+.4f}, {d + half:+.4f}] p={p:.3g} -> {change}'
@@ -231,7 +232,7 @@ def gap_change_line(runs, budget, earlier):
 def rerun_line(name, rerun, tuned, budget):
     """One rerun row against the same row at its tuned lr, paired on the seeds both finished, read in the four
     words (studies.compare.verdict_with_ci; one comparison, so its p is not adjusted) with the sweep's declared margin."""
-    from studies.compare import MARGIN, run_folders, verdict_with_ci
+    from studies.compare import MARGIN, pending, run_folders, verdict_with_ci
     from studies.ntng import read_sweep
     from studies.stats import finals_by_seed, paired_test
     from runs import read_run
@@ -243,8 +244,8 @@ def rerun_line(name, rerun, tuned, budget):
     head = (f"{name} at {lr_key} {lrs[0]:g} against {name} at its tuned {lr_key} {lrs[1]:g}, {budget:g} RST, "
             f"paired seeds {', '.join(map(str, seeds)) or 'none yet'}")
     planned = max(len(new), len(old), paired_seeds())  # read when every seed the design runs has its pair
-    if len(seeds) < planned:
-        return f'{head}: pending ({len(seeds)} of {planned} paired seeds)'
+    if pending(len(seeds), planned):
+        return f'{head}: {pending(len(seeds), planned)}'
     d, half, p = paired_test([new[s] for s in seeds], [old[s] for s in seeds])
     reading = verdict_with_ci(d, half, [new[s] - old[s] for s in seeds], p, MARGIN)
     return f'{head}: Δ {d:+.4f} [{d - half:+.4f}, {d + half:+.4f}] p={p:.3g} -> {reading}'
