@@ -30,12 +30,12 @@ MARGIN = 0.02  # the equivalence margin in nats (TOST) every study's verdicts us
 # -----------------------------------------------------------------------------
 # comparing runs: the method x budget table, time to target, the plot
 
-def ablation_table(groups, baseline='baseline'):
+def ablation_table(groups, baseline='baseline', seeds=0):
     """Markdown: rows = methods, columns = budgets; mean ± sd of final val loss over seeds (n), and for a
-    method its paired difference to the baseline with a t-based 95% CI and a Holm-adjusted p (* below 0.05);
-    then the steps taken."""
+    method its paired difference to the baseline with a t-based 95% CI and a Holm-adjusted p (* below 0.05,
+    never on a pending cell: see pending); then the steps taken."""
     budgets = sorted({b for g in groups.values() for b in g})
-    cells = paired_cells(groups, baseline)
+    cells, planned = paired_cells(groups, baseline), planned_seeds(groups, seeds)
     head = '| method | ' + ' | '.join(f'budget {b:g}' for b in budgets) + ' |'
     lines, steps = [head, '|' + ' --- |' * (len(budgets) + 1)], [head.replace('method', 'steps'), '|' + ' --- |' * (len(budgets) + 1)]
     for label, by_budget in groups.items():
@@ -49,17 +49,26 @@ def ablation_table(groups, baseline='baseline'):
             m, sd = mean_std([r['final'] for r in complete])
             cell = f'{m:.4f} ± {sd:.4f} (n={len(complete)})'
             if (label, b) in cells:
-                delta, half, p, pairs = cells[label, b]
-                ci = f' [{delta - half:+.4f}, {delta + half:+.4f}] p={p:.3g}' if not math.isnan(half) else ''
-                cell += f" Δ {delta:+.4f}{ci}{'*' if p < 0.05 else ''}" + (f' ({pairs} paired)' if pairs != len(complete) else '')
+                cell += delta_text(cells[label, b], len(complete), planned[b], untrained(complete))
             row.append(cell)
             step_row.append(f"{statistics.mean(r['steps'] for r in complete):.0f}")
         lines.append(f'| {label} | ' + ' | '.join(row) + ' |')
         steps.append(f'| {label} | ' + ' | '.join(step_row) + ' |')
     n_tests = sum(not math.isnan(c[2]) for k, c in cells.items() if not untrained(groups[k[0]][k[1]]))
     note = (f'Δ: paired difference to {baseline} over common seeds, t-based 95% CI; p: paired t-test, '
-            f'Holm-adjusted over the table\'s {n_tests} comparisons; * p < 0.05.')
+            f'Holm-adjusted over the table\'s {n_tests} comparisons; * p < 0.05 on a cell whose seeds are all in.')
     return '\n'.join(lines) + '\n\n' + note + '\n\n' + '\n'.join(steps) + untrained_note(groups, budgets)
+
+
+def delta_text(cell, n, planned, idle):
+    """A cell's difference to the baseline: Δ and its 95% CI; the Holm p where the cell is in the family (not
+    one that trained no step), starred below 0.05 once all `planned` seeds are paired (else it is pending)."""
+    delta, half, p, pairs = cell
+    waiting = pending(pairs, planned)
+    text = f' Δ {delta:+.4f}'
+    if not math.isnan(half):
+        text += f' [{delta - half:+.4f}, {delta + half:+.4f}]' + ('' if idle else f" p={p:.3g}{'*' if p < 0.05 and not waiting else ''}")
+    return text + (f' ({pairs} paired)' if pairs != n else '') + (f' {waiting}' if waiting else '')
 
 
 def untrained_note(groups, budgets):
@@ -96,11 +105,17 @@ def pending(pairs, planned):
     return f'pending ({pairs} of {planned} paired seeds)' if pairs < planned else ''
 
 
+def planned_seeds(groups, seeds):
+    """{budget: the seeds every row's pair waits for there}: the design's count, or more where a row has finished more."""
+    budgets = sorted({b for g in groups.values() for b in g})
+    return {b: max(seeds, *(len(finals_by_seed(g.get(b, []))) for g in groups.values())) for b in budgets}
+
+
 def verdict_table(groups, baseline, margin, seeds=0):
     """Markdown: each method and budget read in four words against the baseline, with the 90% CI the
     equivalence test uses."""
     cells, budgets = paired_cells(groups, baseline), sorted({b for g in groups.values() for b in g})
-    planned = {b: max(seeds, *(len(finals_by_seed(g.get(b, []))) for g in groups.values())) for b in budgets}
+    planned = planned_seeds(groups, seeds)
     lines = ['| verdict | ' + ' | '.join(f'budget {b:g}' for b in budgets) + ' |', '|' + ' --- |' * (len(budgets) + 1)]
     for label, by_budget in groups.items():
         if label == baseline:
@@ -434,7 +449,7 @@ def check_one_run_per_cell(runs):
 def unit_report(runs, target, baseline, floors, margin, seeds=0):
     """compare's report for runs in one budget unit: the table, the floors, what methods log, time to target."""
     groups = group_runs(runs)
-    parts = [ablation_table(groups, baseline), verdict_table(groups, baseline, margin, seeds) if baseline in groups else '',
+    parts = [ablation_table(groups, baseline, seeds), verdict_table(groups, baseline, margin, seeds) if baseline in groups else '',
              floors_note(floors, groups, baseline), method_stats(groups)]
     if runs[0]['unit'] == 'rst':
         parts.append(cost_sensitivity(groups, baseline))

@@ -123,7 +123,7 @@ def test_pairs_are_by_seed_and_a_single_pair_has_no_interval(tmp_path):
     dirs = [finished(tmp_path, 'b0', 'baseline', 10.0, 0, 3.0), finished(tmp_path, 'b1', 'baseline', 10.0, 1, 3.5),
             finished(tmp_path, 'm1', 'm', 10.0, 1, 3.25)]              # only seed 1 is shared
     groups = stats.group_runs([runs.read_run(d) for d in dirs])
-    assert row(compare.ablation_table(groups), 'm') == ['3.2500 ± 0.0000 (n=1) Δ -0.2500']
+    assert row(compare.ablation_table(groups), 'm') == ['3.2500 ± 0.0000 (n=1) Δ -0.2500 pending (1 of 2 paired seeds)']
 
 
 def test_a_run_given_twice_is_refused_and_units_get_a_table_each(tmp_path, monkeypatch):
@@ -347,6 +347,8 @@ def test_a_cell_that_trained_no_step_is_named_under_the_steps(tmp_path, monkeypa
     assert ("trained no step (the costs charged before the first step exceed the budget; the val loss is the "
             "initial model's; left out of the Holm family): rho_il_charged at 20") in report
     assert 'trained no step' not in compare.compare(folders[:2], out=str(tmp_path / 'y'), target='none')
+    cell = row(report, 'rho_il_charged')[0]  # its Δ and CI are shown, but no p: it is not one of the tests
+    assert ' Δ +3.' in cell and ' [+' in cell and 'p=' not in cell and '*' not in cell
 
 
 # -----------------------------------------------------------------------------
@@ -840,8 +842,10 @@ def test_a_cell_missing_some_of_the_baselines_seeds_is_pending_not_read(tmp_path
     report = compare.compare(dirs, out=str(tmp_path / 'x'), target='none', margin=0.02)
     row = [l for l in report.splitlines() if l.startswith('| worse |')]
     assert '(n=3) Δ +0.5' in row[0] and row[-1].split('|')[2].strip() == 'pending (3 of 5 paired seeds)'
+    assert row[0].endswith(' pending (3 of 5 paired seeds) |') and '*' not in row[0]  # its p is tiny, but not starred
     dirs += [finished(tmp_path, f'worse{s}', 'worse', 10.0, s, v) for s, v in ((3, 2.53), (4, 2.54))]
     report = compare.compare(dirs, out=str(tmp_path / 'y'), target='none', margin=0.02)
+    assert [l for l in report.splitlines() if l.startswith('| worse |')][0].endswith('* |')
     assert [l for l in report.splitlines() if l.startswith('| worse |')][-1].split('|')[2].strip().startswith('worse (90% CI')
     lagging = [d for d in dirs if d.name not in ('baseline3', 'baseline4')]  # now the baseline has 3 of the row's 5
     report = compare.compare(lagging, out=str(tmp_path / 'z'), target='none', margin=0.02)
