@@ -270,6 +270,15 @@ class CorpusBuild:
         return False
 
 
+def built_source(folder):
+    """The source a corpus folder's meta.json names; None where it has none readable (a damaged corpus: replaceable)."""
+    try:
+        meta = json.loads((Path(folder) / 'meta.json').read_text())
+    except (OSError, ValueError):
+        return None
+    return meta.get('source') if isinstance(meta, dict) else None
+
+
 def corpus_meta(tokenizer, source, val_frac, counts, extra_meta=None):
     return {'tokenizer': tokenizer.name, 'vocab_size': tokenizer.vocab_size,
             'dtype': token_dtype(tokenizer.vocab_size).name, 'source': source, 'val_frac': val_frac,
@@ -291,15 +300,19 @@ def split_documents(docs, val_frac, out_dir, more='give more documents'):
 
 
 def write_corpus(out_dir, docs, tokenizer, source, val_frac=0.05, extra_meta=None, extra_files=None, if_missing=False,
-                 more='give more documents'):
+                 more='give more documents', other_source=''):
     """Tokenize (name, text) documents into out_dir/{train,val}.bin + meta.json, built beside out_dir and
     swapped in whole (CorpusBuild). extra_files: {file name: bytes} that belong to the corpus and are
     swapped in with it (e.g. mathmix's noise.bin), so they can never disagree with it. if_missing: wait
     for another process's build of it and keep a corpus out_dir already has (the loop's first use).
-    more: how to add documents, for the error when a split would be empty."""
+    more: how to add documents, for the error when a split would be empty. other_source: how to go on, for
+    the error when out_dir holds a corpus built from another source ('' = replace it), checked under the lock."""
     with CorpusBuild(out_dir, if_missing=if_missing) as build:
         if build.exists:
             return Corpus(out_dir).meta
+        built = built_source(out_dir)
+        if other_source and built not in (None, source):
+            raise DataError(f'{out_dir} already holds a corpus built from {built}: {other_source}')
         splits = split_documents(docs, val_frac, out_dir, more)
         sep = [] if tokenizer.eot is None else [tokenizer.eot]
         counts = {}

@@ -71,10 +71,29 @@ def test_reprepare_with_too_little_input_keeps_the_old_corpus(tmp_path, text_nam
     target = DATA_ROOT / 'text' / text_name / 'byte'
     before = files(target)
     (tmp_path / 'tiny.txt').write_text('one short document')  # no val split possible
-    out = run_script('data/text/prepare.py', f'--input={tmp_path / "tiny.txt"}', f'--name={text_name}')
+    out = run_script('data/text/prepare.py', f'--input={tmp_path / "tiny.txt"}', f'--name={text_name}', '--overwrite=True')
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and 'val split' in out.stderr, out.stderr
     assert files(target) == before and leftovers(target) == []
     Corpus(target)
+
+
+def test_a_name_already_built_from_another_input_is_kept_unless_overwrite(tmp_path, text_name):
+    """A mistyped --name must not replace a corpus that checkpoints were trained on (they would no longer
+    resume): another --input under that name is refused before anything is read; the same --input rebuilds."""
+    book, other = tmp_path / 'book.txt', tmp_path / 'other.txt'
+    book.write_text(''.join(t for _, t in docs(200)))
+    other.write_text(''.join(t for _, t in docs(200, seed=3)))
+    text_prepare.prepare(text_prepare.PrepareConfig(input=str(book), name=text_name, doc_chars=500))
+    target = DATA_ROOT / 'text' / text_name / 'byte'
+    before = files(target)
+    out = run_script('data/text/prepare.py', f'--input={other}', f'--name={text_name}', '--doc_chars=500')
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+        f'error: {target} already holds a corpus built from {book}: give another --name, or --overwrite=True to replace it'], out.stderr
+    assert files(target) == before and leftovers(target) == []
+    out = run_script('data/text/prepare.py', f'--input={book}', f'--name={text_name}', '--doc_chars=500')
+    assert out.returncode == 0 and files(target) == before, out.stderr  # the same input: rebuilt, the same bytes
+    out = run_script('data/text/prepare.py', f'--input={other}', f'--name={text_name}', '--doc_chars=500', '--overwrite=True')
+    assert out.returncode == 0 and Corpus(target).meta['source'] == str(other) and files(target) != before, out.stderr
 
 
 def half_then_enospc(real, victim):

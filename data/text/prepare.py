@@ -10,6 +10,8 @@ into documents of `doc_chars` characters so it has a val split too. Text files a
 in TEXT_SUFFIXES (or none); they are read as UTF-8 and a byte that is not UTF-8 becomes U+FFFD. Relative
 paths are read from the folder the command runs in. A split the hash leaves empty is an error before
 anything is tokenized. --out_dir writes the corpus anywhere else instead (then train with --dataset=THAT_FOLDER).
+Preparing again from the same --input rebuilds the corpus (its files may have changed); a corpus of that name
+built from another --input is kept unless --overwrite=True: checkpoints trained on it need it to resume.
 """
 import sys
 from dataclasses import dataclass
@@ -31,6 +33,7 @@ class PrepareConfig:
     val_frac: float = 0.05   # fraction of documents (by name hash) in val
     doc_chars: int = 20_000  # a single input file is cut into documents this long
     out_dir: str = ''        # '' = data/text/<name>/<tokenizer>; else the corpus folder itself
+    overwrite: bool = False  # replace a corpus of that name built from another --input
 
     def __post_init__(self):
         require(self.input, '--input=PATH is required: a text file or a folder of text files')
@@ -71,8 +74,9 @@ def prepare(cfg):
         raise ConfigError(f"the corpus name '{name}' (from --input) is not one folder name: give --name")
     out_dir = Path(cfg.out_dir) if cfg.out_dir else DATA_ROOT / 'text' / name / cfg.tokenizer
     more = 'give more text or a smaller --doc_chars' if path.is_file() else 'give more files'
+    other = '' if cfg.overwrite else f"give another {'--out_dir' if cfg.out_dir else '--name'}, or --overwrite=True to replace it"
     meta = write_corpus(out_dir, text_documents(pattern, cfg.doc_chars), get_tokenizer(cfg.tokenizer),
-                        source=input_source(pattern), val_frac=cfg.val_frac, more=more)
+                        source=input_source(pattern), val_frac=cfg.val_frac, more=more, other_source=other)
     dataset = (cfg.out_dir or f'text/{name}') + (f' --tokenizer={cfg.tokenizer}' if cfg.tokenizer != 'byte' else '')
     print(f"wrote {out_dir}: train {meta['counts']['train']['tokens']:,} tokens, "
           f"val {meta['counts']['val']['tokens']:,} tokens; train with --dataset={dataset}")
