@@ -356,8 +356,7 @@ def locked_out_dir(cfg):
         yield
         return
     try:
-        with FolderLock(out_dir / 'lock', lambda pid: UserError(
-                f'{out_dir} is in use by another run (pid {pid}): wait for it to end, or use another --out_dir')):
+        with FolderLock(out_dir / 'lock', in_use(out_dir)):
             for leftover in out_dir.glob('*.tmp[0-9]*'):  # a killed writer's temporary: no live writer holds the lock
                 leftover.unlink(missing_ok=True)
             yield
@@ -366,6 +365,23 @@ def locked_out_dir(cfg):
             with contextlib.suppress(OSError):
                 folder.rmdir()
         raise
+
+
+def in_use(out_dir):
+    """The refusal a run folder's lock raises while another process holds it."""
+    return lambda pid: UserError(f'{out_dir} is in use by another run (pid {pid}): wait for it to end, or use another --out_dir')
+
+
+@contextlib.contextmanager
+def locked_folders(folders):
+    """Hold the lock of each existing run folder in folders (one that does not exist holds no run): a
+    process about to write into other runs' folders (a WSD trunk, its branches' checkpoints) refuses while
+    any of them is in use, before it has changed anything."""
+    with contextlib.ExitStack() as stack:
+        for folder in folders:
+            if Path(folder).is_dir():
+                stack.enter_context(FolderLock(Path(folder) / 'lock', in_use(folder)))
+        yield
 
 
 # -----------------------------------------------------------------------------

@@ -23,7 +23,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,9 +39,9 @@ from data.loader import (MAX_SEED, Batches, Corpus, DataError, atomic_write_byte
                          get_tokenizer, is_count, prepare_command, val_ids)
 from data.spans import SpanVocab, raw_length_for, span_corrupt, t5_lengths
 from model import MODELS, PRESETS, evaluate, sample_text
-from runs import (build_model, check_resume_config, check_resume_method, format_seconds, load_checkpoint, locked_out_dir, method_name,
-                  model_from_checkpoint, prepare_out_dir, records_config, refused_if_damaged, run_finished, run_info,
-                  save_checkpoint, setup_device, start_wandb, trim_log)
+from runs import (build_model, check_resume_config, check_resume_method, format_seconds, load_checkpoint, locked_folders,
+                  locked_out_dir, method_name, model_from_checkpoint, prepare_out_dir, records_config, refused_if_damaged,
+                  run_finished, run_info, save_checkpoint, setup_device, start_wandb, trim_log)
 
 
 @dataclass(frozen=True)
@@ -768,10 +767,13 @@ class Trainer:
         while self.branch_points and spent + self.last_cost / 2 > self.branch_points[0][0]:
             _, path, budget = self.branch_points.pop(0)
             path.parent.mkdir(parents=True, exist_ok=True)
-            self.checkpoint(path, dataclasses.replace(self.cfg, budget=budget, out_dir=str(path.parent)))
-            if self.rt.master:
+            branch = dataclasses.replace(self.cfg, budget=budget, out_dir=str(path.parent))
+            self.checkpoint(path, branch)
+            if self.rt.master:  # the folder is the branch's from here: an older run's config and stop go too
                 log = self.out_dir / 'log.jsonl'  # the trunk's log so far is the branch's
-                (path.parent / 'log.jsonl').write_bytes(log.read_bytes() if log.exists() else b'')
+                atomic_write_bytes(path.parent / 'log.jsonl', log.read_bytes() if log.exists() else b'')
+                atomic_write_bytes(path.parent / 'config.json', json.dumps(run_info(branch), indent=1).encode())
+                (path.parent / 'stopped.json').unlink(missing_ok=True)
 
     def _log_progress(self, meter, lr):
         loss, logs, rates = meter.read(self.peak_flops, self.rt.world_size)
@@ -817,22 +819,24 @@ def train_wsd_branches(cfg, objective_fn=lambda cfg: None):
     budget and, just before each smaller budget's cooldown starts, saves a checkpoint from which a branch
     cools down to exactly that budget. Every budget B gets a run folder out_dir/budget_B that reads like
     a standalone run, and equals one bit for bit (on the CPU: CUDA kernels need not be deterministic).
-    A killed trunk or branch resumes."""
+    A killed trunk or branch resumes. --overwrite=True deletes nothing up front: the trunk replaces its run
+    once its checks pass (Trainer.start_folder), and each branch's when the trunk reaches its branch point,
+    with the branches' folders locked meanwhile, so a failed call or a live branch run loses nothing."""
     budgets, folder, points, base = budget_lib.branch_plan(cfg)
     other = [folder[b] for b in budgets if (folder[b] / 'config.json').exists() and not records_config(
         folder[b], dataclasses.asdict(dataclasses.replace(base, budget=b, out_dir=str(folder[b]))))]
     require(cfg.overwrite or not other, f'{other and other[0]} holds a run of another config: --overwrite=True to '
                                         f'replace these branches, or another --out_dir')
-    for b in budgets if cfg.overwrite else ():  # asked to replace them: the trunk and every branch start afresh
-        shutil.rmtree(folder[b], ignore_errors=True)
     trunk = dataclasses.replace(base, budget=budgets[-1], out_dir=str(folder[budgets[-1]]))
-    if not run_finished(trunk.out_dir):
+    if cfg.overwrite or not run_finished(trunk.out_dir):
         # no trunk checkpoint: a first run, or one killed before it saved (its log is stale: start again)
-        resume = (folder[budgets[-1]] / 'ckpt.pt').exists()
+        resume = not cfg.overwrite and (folder[budgets[-1]] / 'ckpt.pt').exists()
         trunk = dataclasses.replace(trunk, init_from='resume' if resume else cfg.init_from, overwrite=not resume)
-        todo = [(points[b], folder[b] / 'ckpt.pt', b) for b in budgets[:-1] if not (folder[b] / 'ckpt.pt').exists()]
-        if train(trunk, objective_fn(trunk), todo)['interrupted']:
-            return {}  # Ctrl-C: stop here; the same command resumes the trunk, then runs the branches
+        todo = [(points[b], folder[b] / 'ckpt.pt', b) for b in budgets[:-1]
+                if cfg.overwrite or not (folder[b] / 'ckpt.pt').exists()]
+        with locked_folders([path.parent for _, path, _ in todo]):
+            if train(trunk, objective_fn(trunk), todo)['interrupted']:
+                return {}  # Ctrl-C: stop here; the same command resumes the trunk, then runs the branches
     results = {}
     for b in budgets[:-1]:
         if not run_finished(folder[b]):

@@ -195,3 +195,27 @@ def test_branches_of_another_config_are_refused_not_reused(tmp_path):
     again = train.train_wsd_branches(dataclasses.replace(other, overwrite=True))
     assert again[5]['val_loss'] != first[5]['val_loss']
     assert json.loads((tmp_path / 'br' / 'budget_10' / 'config.json').read_text())['config']['lr'] == 1e-3
+
+
+def tree(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob('*')) if p.is_file()}
+
+
+def test_overwrite_deletes_nothing_before_its_checks_or_under_a_live_run(tmp_path):
+    """--overwrite=True replaces the branches only as the new trunk reaches them: a call that fails a check
+    (a corpus that is not there) or finds a branch folder in use by another run leaves every saved run as it was."""
+    train.train_wsd_branches(TrainConfig(out_dir=str(tmp_path / 'br'), budget=5, branch_budgets=(1, 2), **RUN))
+    before = tree(tmp_path / 'br')
+    bad = TrainConfig(out_dir=str(tmp_path / 'br'), budget=5, branch_budgets=(1, 2), overwrite=True, **{**RUN, 'dataset': 'nosuchdata'})
+    with pytest.raises(UserError, match='nosuchdata'):
+        train.train_wsd_branches(bad)
+    assert tree(tmp_path / 'br') == before
+    other = TrainConfig(out_dir=str(tmp_path / 'br'), budget=5, branch_budgets=(1, 2), overwrite=True, **{**RUN, 'lr': 1e-3})
+    with runs.FolderLock(tmp_path / 'br' / 'budget_5' / 'lock', runs.in_use(tmp_path / 'br' / 'budget_5')):  # a live branch
+        with pytest.raises(UserError, match='budget_5 is in use by another run'):
+            train.train_wsd_branches(other)
+        assert {k: v for k, v in tree(tmp_path / 'br').items() if k != 'budget_5/lock'} == before
+    train.train_wsd_branches(other)
+    for b in (5, 10):  # both replaced, each folder one run: its config, its log from step 0
+        saved = json.loads((tmp_path / 'br' / f'budget_{b}' / 'config.json').read_text())['config']
+        assert saved['lr'] == 1e-3 and saved['budget'] == b and runs.run_finished(tmp_path / 'br' / f'budget_{b}')
