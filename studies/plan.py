@@ -27,7 +27,8 @@ from typing import Callable
 import torch
 
 from configurator import UserError
-from runs import config_difference, read_log, records_config, run_diverged, run_finished
+from data.loader import FolderLock
+from runs import config_difference, in_use, read_log, records_config, run_diverged, run_finished
 
 ROOT = Path(__file__).resolve().parent.parent  # where the library's scripts are
 PROGRESS_EVERY = 60.0  # seconds between progress reports while runs go
@@ -296,6 +297,18 @@ def job_env(env, devices):
     return {**env, 'CUDA_VISIBLE_DEVICES': ','.join(devices)} if devices else env
 
 
+def live_run(out_dir):
+    """The refusal of a run folder (or of a WSD run's branch folder in it) whose lock a live process holds,
+    else '': another study already runs it. A lock file without a live holder is free (FolderLock)."""
+    for lock in [Path(out_dir) / 'lock', *Path(out_dir).glob('*/lock')] if out_dir is not None else ():
+        if lock.is_file():
+            try:
+                FolderLock(lock, in_use(lock.parent)).acquire().release()
+            except UserError as e:
+                return str(e)
+    return ''
+
+
 def _run_jobs(jobs, n_parallel, cwd, running):
     todo, failed, gpus = list(jobs), [], visible_gpus()
     check_fits(jobs, gpus)
@@ -316,6 +329,11 @@ def _run_jobs(jobs, n_parallel, cwd, running):
             if job.exclusive in busy or (gpus and len(free) < job.nproc):
                 continue
             todo.remove(job)
+            refused = live_run(job.out_dir)
+            if refused:  # refused before its .out is opened: truncating it would erase the live run's console log
+                failed.append((job, refused))
+                progress.ended(job, 0.0, False, refused, todo, [(j, started[p]) for p, j in running.items()])
+                continue
             if job.exclusive and job.exclusive not in built:
                 busy.add(job.exclusive)
             devices = free[:job.nproc] if gpus else []

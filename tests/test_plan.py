@@ -169,3 +169,22 @@ def test_a_runs_cost_is_its_budget_or_one_run():
     assert plan.Run('w', 'train.py', {'out_dir': 'x', 'budget': 6.0, 'budget_unit': 'rst',
                                       'branch_budgets': (1.0, 2.0, 4.0)}).cost() == ('rst', 24.0)
     assert plan.Run('m', 'madpo.py', {'out_dir': 'x', 'stage': 'sft'}).cost() == ('run', 1.0)
+
+
+def test_a_run_another_study_is_running_is_refused_before_its_console_log_is_touched(tmp_path, monkeypatch):
+    """Two studies on one out_dir: the second must not truncate the live run's <run>.out (its only console
+    log, and what a record copies) before the run's lock refuses it; its failure names the lock, not the
+    other run's last line. A branch folder's lock (a WSD run) counts too; a free lock file does not."""
+    monkeypatch.setattr(plan, 'PROGRESS_EVERY', 3600.0)
+    live = job(tmp_path, 'live', 'print("new")')
+    (tmp_path / 'live').mkdir()
+    live.log.write_text('step 500 | the live run so far\n')
+    for lock in (tmp_path / 'live' / 'lock', tmp_path / 'live' / 'budget_10' / 'lock'):
+        lock.parent.mkdir(exist_ok=True)
+        with plan.FolderLock(lock, plan.in_use(lock.parent)):  # held, as by another study's running run
+            failed = plan.run_jobs([live], 1)
+        assert [why for _, why in failed] == [f'{lock.parent} is in use by another run (pid {os.getpid()}): wait for '
+                                              'it to end, or use another --out_dir']
+        assert live.log.read_text() == 'step 500 | the live run so far\n'
+    (tmp_path / 'live' / 'lock').write_text('12345\n')  # left by a killed run: free
+    assert plan.run_jobs([live], 1) == [] and live.log.read_text() == 'new\n'
