@@ -144,6 +144,7 @@ def coerce(key, value, default):
     """Return value as default's type, or raise ConfigError naming the key."""
     kind = type(default)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        require(abs(value) < 2 ** 1023, f'--{key} has {len(str(abs(value)))} digits, too large for a float: give a number below 1e308')
         return float(value)
     if kind is tuple and isinstance(value, list):
         value = tuple(value)
@@ -154,11 +155,14 @@ def coerce(key, value, default):
     return value
 
 
-def _literal(text):
+def _literal(text, default=None):
+    """A command-line value: a Python literal, else the text (a bare word: --optimizer=lion). A text key
+    takes the text as given where it reads as another literal: --out_dir=2024 is the folder '2024'."""
     try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text  # a bare word: --optimizer=lion
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return text
+    return text if isinstance(default, str) and not isinstance(value, str) else value
 
 
 def read_config_file(path):
@@ -189,7 +193,7 @@ def parse(cls, argv):
         if arg.startswith('--'):
             name, eq, text = arg[2:].partition('=')
             require(eq, f"expected --key=value, got '{arg}'")
-            updates = {name: _literal(text)}
+            updates = {name: _literal(text, defaults.get(name))}
         else:
             require(arg.endswith('.py'), f"expected a config file (.py) or --key=value, got '{arg}'")
             updates = read_config_file(arg)

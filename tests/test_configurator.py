@@ -57,6 +57,22 @@ def test_int_accepted_for_float_and_becomes_float():
     assert cfg.lr == 1.0 and type(cfg.lr) is float
 
 
+def test_a_text_key_takes_number_like_text_as_given_but_a_config_file_is_typed(tmp_path):
+    """--out_dir=2024 names the folder '2024' (a shell cannot easily quote it as a Python string); in a
+    config file, `name = 3` is a number where text belongs: refused, naming the key."""
+    for text in ('3', '2024', 'True', 'None', '(1, 2)', '1e400'):
+        assert parse(Toy, [f'--name={text}']).name == text
+    with pytest.raises(ConfigError, match="--name must be str like the default 'adamw', got 3"):
+        parse(Toy, [write(tmp_path / 'c.py', 'name = 3\n')])
+
+
+@pytest.mark.parametrize('source', ['--lr=1' + '0' * 400, 'lr = 10 ** 400\n'])
+def test_an_integer_too_large_for_a_float_key_is_one_line(tmp_path, source):
+    argv = [source] if source.startswith('--') else [write(tmp_path / 'big.py', source)]
+    with pytest.raises(ConfigError, match=r'^--lr has 401 digits, too large for a float: give a number below 1e308$'):
+        parse(Toy, argv)
+
+
 def test_list_becomes_tuple_with_element_types():
     cfg = parse(Toy, ['--betas=[0.8, 1]'])
     assert cfg.betas == (0.8, 1.0) and type(cfg.betas) is tuple and type(cfg.betas[1]) is float
@@ -66,7 +82,7 @@ def test_list_becomes_tuple_with_element_types():
 
 
 @pytest.mark.parametrize('arg, key', [('--lr=fast', '--lr'), ('--steps=1.5', '--steps'), ('--steps=True', '--steps'),
-                                      ('--flag=1', '--flag'), ('--name=3', '--name'), ('--betas=0.9', '--betas')])
+                                      ('--flag=1', '--flag'), ('--betas=0.9', '--betas')])
 def test_wrong_type_names_the_key(arg, key):
     with pytest.raises(ConfigError, match=key):
         parse(Toy, [arg])
