@@ -461,15 +461,17 @@ def unit_report(runs, target, baseline, floors, margin, seeds=0):
     return '\n\n'.join(p for p in parts if p)
 
 
-def is_number(text):
+def is_loss(text):
+    """Whether text is a val loss a run could reach: a finite positive number."""
     try:
-        return math.isfinite(float(text))
+        return math.isfinite(float(text)) and float(text) > 0
     except ValueError:
         return False
 
 
 def check_target(target):
-    require(target in ('auto', 'none') or is_number(target), f"--target must be 'auto', 'none' or a number, got '{target}'")
+    require(target in ('auto', 'none') or is_loss(target),
+            f"--target must be 'auto', 'none' or a val loss (a positive number), got '{target}'")
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from budget import pyplot
 from configurator import ConfigError, UserError, check_distinct, cli, key, read_config_file, require, require_writable
 from data.loader import atomic_write_bytes
 from runs import METHOD_STATS, read_run
-from studies.compare import CompareConfig, check_target, compare, is_number
+from studies.compare import CompareConfig, check_target, compare
 from studies.plan import Run, run_plan
 
 
@@ -540,7 +540,6 @@ def main(argv):
             print(f'usage: python -m studies.ntng {COMMANDS[command]}', file=sys.stderr if rest != ['--help'] else sys.stdout)
             sys.exit(0 if rest == ['--help'] else 2)
         return cli(lambda c: seal(rest[0]), SealConfig, [], COMMANDS[command])
-    rest = [f'--target={a[9:]!r}' if a.startswith('--target=') and is_number(a[9:]) else a for a in rest]  # a str key
     if command in ('ablate', 'tune', 'lr_check'):  # their config.py is the sweep file
         from studies import lr_check
         rest = [f'--config={a}' if a.endswith('.py') and not a.startswith('--') else a for a in rest]

@@ -365,6 +365,14 @@ def test_compare_command(target_runs, tmp_path):
         assert NO_MPL in out.stdout and not (tmp_path / 'x.png').exists()
 
 
+@pytest.mark.parametrize('target', ['-3', '0', 'nan', 'inf', 'soon'])
+def test_a_target_no_run_could_reach_is_one_line(capsys, tmp_path, target):
+    with pytest.raises(SystemExit) as e:
+        ntng.main(['compare', str(tmp_path), f'--target={target}', f'--out={tmp_path}/x'])
+    assert e.value.code == 2 and capsys.readouterr().err.strip().splitlines() == [
+        f"error: --target must be 'auto', 'none' or a val loss (a positive number), got '{target}'"]
+
+
 def test_compare_without_run_folders_exits_2_with_one_line(capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
         ntng.main(['compare', f'--out={tmp_path}/x'])
