@@ -574,14 +574,19 @@ class Trainer:
     def _resume(self, ckpt):
         with refused_if_damaged(self.out_dir / 'ckpt.pt', 'cannot be resumed', 'it is damaged: resume from an intact '
                                 'copy, or start again with --init_from=scratch --overwrite=True'):  # before anything is written
+            fresh = [{k: v for k, v in g.items() if k != 'params'} for g in self.optimizer.param_groups]
             for name, piece in self._stateful().items():
                 piece.load_state_dict(ckpt[name])
+            check_optimizer_state(self.optimizer, fresh)
             self.model.set_active_layers(ckpt['active_layers'])
             self.iter_num, self.val_loss = ckpt['iter_num'], ckpt['val_loss']
             if not is_count(self.iter_num):
                 raise ValueError(f'iter_num={self.iter_num!r} is not a step count')
             self.best_val_loss = ckpt.get('best_val_loss', self.val_loss)
             self.last_wall, self.last_cost = ckpt.get('last_wall', 0.0), ckpt.get('last_cost', 0.0)
+            for name in ('val_loss', 'best_val_loss', 'last_wall', 'last_cost'):
+                if not same_kind(getattr(self, name), 0.0) or getattr(self, name) is None:
+                    raise ValueError(f'{name}={getattr(self, name)!r} is not a number')
             # saved right after this step's eval, except a WSD branch point: a branch evaluates when it ends
             self.evaluated_at = self.iter_num if ckpt.get('evaluated', True) else None
             torch.set_rng_state(ckpt['rng']['cpu'])
@@ -789,6 +794,32 @@ class Trainer:
                       f"mfu {100 * rates['mfu']:.1f}%{extra}")
 
 
+def same_kind(saved, fresh):
+    """Whether a saved value is of the fresh one's kind: numbers (a tensor too) for numbers, a sequence of as
+    many for a sequence, else the same type; None, an optimizer's unset optional setting, fits any."""
+    if saved is None or fresh is None:
+        return True
+    if isinstance(fresh, (tuple, list)):
+        return isinstance(saved, (tuple, list)) and len(saved) == len(fresh) and all(map(same_kind, saved, fresh))
+    if isinstance(fresh, (int, float, torch.Tensor)) and not isinstance(fresh, bool):
+        return isinstance(saved, (int, float, torch.Tensor)) and not isinstance(saved, bool)
+    return type(saved) is type(fresh)
+
+
+def check_optimizer_state(optimizer, fresh):
+    """A loaded optimizer state, checked as torch's load_state_dict does not: each setting of the kind a fresh
+    optimizer's is (fresh: its groups' settings), each state tensor the shape of its parameter (or a scalar).
+    Damage would fail at the first step, after a resume has trimmed the log: here it is refused before."""
+    for group, before in zip(optimizer.param_groups, fresh):
+        for k, v in before.items():
+            if not same_kind(group.get(k), v):
+                raise ValueError(f'optimizer setting {k}={group.get(k)!r} is not like {v!r}')
+        for p in group['params']:
+            for k, s in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(s) and s.numel() > 1 and s.shape != p.shape:
+                    raise ValueError(f'optimizer state {k} has shape {tuple(s.shape)}, its parameter {tuple(p.shape)}')
+
+
 def check_resume_identity(ckpt, now, path):
     """A resume refused, before anything is written, when the run would not continue the saved one: another
     world size, corpus content or cost table (checkpoints from before the identity was saved are not checked)."""
@@ -867,7 +898,9 @@ def sample_only(cfg):
     require(cfg.init_from != 'scratch', '--sample_only needs --init_from=resume (out_dir\'s run) or a checkpoint path')
     rt, ckpt = setup_device(cfg), load_checkpoint(path)
     model = model_from_checkpoint(ckpt, path, dropout=0.0, compile_loss=False).to(rt.device).eval()
-    tokenizer = get_tokenizer(ckpt.get('config', {}).get('tokenizer', cfg.tokenizer))
+    name = ckpt.get('config', {}).get('tokenizer', cfg.tokenizer)
+    require(isinstance(name, str), f"{path} is damaged: its config's tokenizer is {name!r}, not a name: use an intact checkpoint")
+    tokenizer = get_tokenizer(name)
     for i in range(cfg.num_samples):
         print(f'--- sample {i + 1} ---\n' + sample_text(model, tokenizer, rt, cfg.sample_tokens or 300, prompt_text(cfg.start),
                                                        cfg.seed + i, cfg.temperature, cfg.top_k))

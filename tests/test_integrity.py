@@ -74,7 +74,14 @@ def saved(tmp_path_factory, stdlib_corpus):
                'pos_past_end': {**good, 'data': {**good['data'], 'pos': 10 ** 12}},
                'nan_spent': {**good, 'budget': {**good['budget'], 'iters': math.nan}},
                'negative_spent': {**good, 'budget': {**good['budget'], 'iters': -3.0}},
-               'text_step': {**good, 'iter_num': 'x'}, 'negative_step': {**good, 'iter_num': -1}}
+               'text_step': {**good, 'iter_num': 'x'}, 'negative_step': {**good, 'iter_num': -1},
+               # fields torch's load_state_dict takes as they are: a run would fail at its first step, or at its end
+               'opt_state_shape': {**good, 'optimizer': {**good['optimizer'], 'state': {
+                   **good['optimizer']['state'], 0: {**good['optimizer']['state'][0], 'exp_avg': torch.zeros(3)}}}},
+               'opt_betas_text': {**good, 'optimizer': {**good['optimizer'], 'param_groups': [
+                   {**g, 'betas': 'ab'} for g in good['optimizer']['param_groups']]}},
+               'best_text': {**good, 'best_val_loss': 'x'},
+               'tokenizer_number': {**good, 'config': {**good['config'], 'tokenizer': 5}}}
     for name, ckpt in damaged.items():  # run folders to resume whose checkpoint is damaged
         shutil.copytree(root / 'good', root / name)
         torch.save(ckpt, root / name / 'ckpt.pt')
@@ -97,7 +104,8 @@ def saved(tmp_path_factory, stdlib_corpus):
 
 
 PROTECTED = ('good', 'sb', 'no_weight', 'empty_rng', 'config_list', 'empty_budget', 'pos_past_end', 'nan_spent',
-             'negative_spent', 'text_step', 'negative_step')  # no failed call may change them
+             'negative_spent', 'text_step', 'negative_step', 'opt_state_shape', 'opt_betas_text', 'best_text',
+             'tokenizer_number')  # no failed call may change them
 
 
 def train_cases(w):
@@ -132,6 +140,13 @@ def train_cases(w):
         ('resume-negative-spent', [*resume, f'--out_dir={r}/negative_spent'], ['budget spent iters=-3.0 is not a non-negative']),
         ('resume-text-step', [*resume, f'--out_dir={r}/text_step'], ["iter_num='x' is not a step count"]),
         ('resume-negative-step', [*resume, f'--out_dir={r}/negative_step'], ['iter_num=-1 is not a step count']),
+        ('resume-opt-state-shape', [*resume, f'--out_dir={r}/opt_state_shape'],
+         ['cannot be resumed (ValueError: optimizer state exp_avg has shape (3,), its parameter (', 'it is damaged']),
+        ('resume-opt-betas-text', [*resume, f'--out_dir={r}/opt_betas_text'],
+         ["cannot be resumed (ValueError: optimizer setting betas='ab' is not like (0.9, 0.95))"]),
+        ('resume-best-text', [*resume, f'--out_dir={r}/best_text'], ["cannot be resumed (ValueError: best_val_loss='x' is not a number)"]),
+        ('sample-only-tokenizer-number', ['--sample_only=True', f'--init_from={r}/tokenizer_number/ckpt.pt'],
+         ["its config's tokenizer is 5, not a name"]),
         ('init-from-config-a-list', [*TINY, '--budget=2', f'--out_dir={r}/fresh_l', f'--init_from={r}/config_list/ckpt.pt'],
          ["'config' is a list"]),
         ('sample-only-config-a-list', ['--sample_only=True', f'--init_from={r}/config_list/ckpt.pt'], ["'config' is a list"]),
