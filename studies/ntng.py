@@ -26,7 +26,7 @@ from pathlib import Path
 
 from budget import pyplot
 from configurator import ConfigError, UserError, check_distinct, cli, key, read_config_file, require, require_writable
-from data.loader import atomic_write_bytes
+from data.loader import NAME_RE, atomic_write_bytes
 from runs import METHOD_STATS, read_run
 from studies.compare import CompareConfig, check_target, compare
 from studies.plan import Run, run_plan
@@ -100,6 +100,8 @@ def check_sweep_shapes(spec, path):
     }
     for name, (ok, shape) in shapes.items():
         require(ok, f'{path}: {name} must be {shape} (see config/ablation.py)')
+    for row in spec['METHODS']:  # a row is a folder of the sweep: '../x' would write outside --out_dir
+        require(NAME_RE.fullmatch(row), f"{path}: METHODS row '{row}' names a run folder: give letters, digits, _ . - only")
     for row in spec.get('LR_KEY', {}):
         require(row in spec['METHODS'], f"{path}: LR_KEY names {row}, which METHODS does not have")
     for row, axes in spec.get('TUNE', {}).items():

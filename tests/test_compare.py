@@ -731,7 +731,9 @@ def test_jobs_sharing_a_tag_wait_for_the_first_to_succeed(tmp_path):
     (("COMMON = dict(", "TUNE = {'lion': {'lr': (1e-3, 2e-3)}}\nCOMMON = dict("), 'tune varies lr itself'),
     (("COMMON = dict(", "TUNE = {'lion': {'label': ('a/b', 'c')}}\nCOMMON = dict("), 'no path separators'),
     (("COMMON = dict(", "TUNE = {'lion': {'weight_decay': (0.1, 0.2)}}\nCOMMON = dict("), 'Lion.s follows its lr'),
-    (("COMMON = dict(", "TUNE = {'lino': {'beta2': (0.9, 0.99)}}\nCOMMON = dict("), 'TUNE names lino')])
+    (("COMMON = dict(", "TUNE = {'lino': {'beta2': (0.9, 0.99)}}\nCOMMON = dict("), 'TUNE names lino'),
+    (("METHODS = {", "METHODS = {'../../escaped': ('train.py', {}), "), "METHODS row '../../escaped' names a run folder"),
+    (("METHODS = {", "METHODS = {'a/b': ('train.py', {}), "), "METHODS row 'a/b' names a run folder")])
 def test_a_sweep_file_of_the_wrong_shape_is_refused_with_one_line(tmp_path, change, says):
     (tmp_path / 'sweep.py').write_text(SWEEP.replace(*change))
     with pytest.raises(ConfigError, match=says):
