@@ -198,6 +198,9 @@ def load_table(key, override='', required=True, needs=None, data=''):
     return table
 
 
+MIN_SECONDS = 1e-6  # below one kernel launch: an entry this small is damage, and a budget would take forever to spend
+
+
 def table_problem(table, key):
     """What is wrong with a parsed cost table for shape key, or None: it must be a dict for this key with
     a positive finite time per active-block count (1..n_layer) for fwd_bwd and fwd, and per optimizer."""
@@ -213,6 +216,9 @@ def table_problem(table, key):
         bad = [k for k, v in entries.items() if not (is_amount(v) and v > 0)]  # true is no number of seconds
         if bad:
             return f'has a {kind} entry {bad[0]} that is not a positive number of seconds'
+        fast = [k for k, v in entries.items() if v < MIN_SECONDS]
+        if fast:
+            return f'has a {kind} entry {fast[0]} of {entries[fast[0]]:g} s, faster than any step ({MIN_SECONDS:g} s)'
     missing = [str(n) for n in range(1, (n_layer or 0) + 1) if str(n) not in table['fwd_bwd'] or str(n) not in table['fwd']]
     return f'lacks fwd_bwd/fwd for {len(missing)} active-block count(s) ({missing[0]}..)' if missing else None
 

@@ -90,6 +90,7 @@ def saved(tmp_path_factory, stdlib_corpus):
     table = json.loads(next(Path(ROOT / 'config' / 'rst').glob('gpt_L2_H2_D64_T64_V256_B8.json')).read_text())
     tables = {'list.json': [table], 'no_fwd_bwd.json': {k: v for k, v in table.items() if k != 'fwd_bwd'},
               'negative.json': {**table, 'fwd': {**table['fwd'], '1': -1.0}},
+              'tiny.json': {**table, 'fwd_bwd': {**table['fwd_bwd'], '2': 1e-300}},  # a budget never spent
               'true.json': {**table, 'optimizer': {**table['optimizer'], 'adamw': True}},  # was charged as 1.0 s
               'no_layer_2.json': {**table, 'fwd_bwd': {'1': table['fwd_bwd']['1']}},
               'no_lion.json': {**table, 'optimizer': {'adamw': table['optimizer']['adamw']}}}
@@ -166,6 +167,7 @@ def train_cases(w):
                                  *(['--optimizer=lion'] if name == 'no_lion' else [])], [want])
           for name, want in (('list', 'is a list, not a table'), ('no_fwd_bwd', 'has no fwd_bwd entries'),
                              ('negative', 'not a positive number of seconds'),
+                             ('tiny', 'has a fwd_bwd entry 2 of 1e-300 s, faster than any step (1e-06 s)'),
                              ('true', 'optimizer entry adamw that is not a positive number of seconds'), ('no_layer_2', 'lacks fwd_bwd/fwd'),
                              ('no_lion', 'has no optimizer entry for lion'))],
         ('rst-table-folder', [*TINY, '--budget=2', '--budget_unit=rst', f'--out_dir={r}/fresh_t', f'--rst_table={r}/table.md'],
