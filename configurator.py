@@ -32,7 +32,8 @@ class UserError(Exception):
 
 
 class Interrupted(UserError):
-    """Ctrl-C or SIGTERM where there is nothing to save (during setup): one line, exit code 130."""
+    """Ctrl-C or SIGTERM stopped the command (what it saved, if anything, and how to go on in the message):
+    one line, exit code 128 + the signal, 130 for Ctrl-C, 143 for SIGTERM (cli's exit_stopped)."""
     exit_code = 130
 
 

@@ -28,6 +28,7 @@ stage reads which key); the study (seeds x tiers x arms x betas, rewards at matc
     python madpo.py --stage=rm --tier=low              # MADPO's reward model (reward_model.py): rm_low/rm.pt
     python madpo.py --stage=po --loss=ipo --tier=low   # one preference run, scored along training: po_ipo_b0.1_low/
 """
+import contextlib
 import dataclasses
 import json
 import math
@@ -43,8 +44,8 @@ import torch.nn.functional as F
 
 import runs
 import train
-from configurator import UserError, check_ranges, cli, key, require, require_writable
-from data.loader import EPOCH_SEEDS, MAX_SEED, atomic_write_bytes, file_sha256
+from configurator import Interrupted, UserError, check_ranges, cli, key, require, require_writable, stop_signal_name
+from data.loader import EPOCH_SEEDS, MAX_SEED, FolderLock, atomic_write_bytes, file_sha256
 from data.reviews.evaluate import PolicyScorer
 from data.reviews.pairs import TIERS, batched_logps, build_pairs, sequence_logps
 from data.reviews.prepare import ensure_prepared
@@ -441,12 +442,15 @@ def stage_pairs(cfg, device):
     require(cfg.overwrite or not held, f'{out} already holds pairs ({", ".join(held)}): --overwrite=True to replace '
                                        f'them, or another --out_dir or --seed')
     require_writable(out / 'done.json')
-    sft = runs.load_model(folder(cfg, 'sft') / 'ckpt.pt', device, cfg.compile_loss)
     partial = out / 'partial'
     shutil.rmtree(partial, ignore_errors=True)  # a killed build's
     try:
+        sft = runs.load_model(folder(cfg, 'sft') / 'ckpt.pt', device, cfg.compile_loss)
         results = build_pairs(cfg, sft, device, partial, runs.progress)  # the scorer is loaded first thing
         move_in(partial, out)
+    except KeyboardInterrupt:  # nothing to resume: a build starts over (a move cut short left tiers without a record)
+        raise Interrupted(f'pairs stopped by {stop_signal_name()} before they were recorded: rerun it with '
+                          f'--overwrite=True to build them') from None
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return results
@@ -490,21 +494,41 @@ def record_config(cfg, out):
     atomic_write_bytes(out / 'config.json', json.dumps(info, indent=1).encode())
 
 
+@contextlib.contextmanager
+def locked_folder(out):
+    """out/lock held while the pairs stage builds and records them, as train.train holds a training stage's
+    (runs.locked_out_dir): a second run on the folder is refused in one line while the first lives, and a lock
+    left by a dead process (kill -9) is free again. A run that fails before writing removes the folders it made."""
+    new = [p for p in (out, *out.parents) if not p.exists()]  # deepest first
+    try:
+        with FolderLock(out / 'lock', runs.in_use(out)):
+            yield
+    except BaseException:
+        for made in new:
+            with contextlib.suppress(OSError):
+                made.rmdir()
+        raise
+
+
 def main(cfg):
-    """Run one stage; then config.json and done.json (its results, wall time and keys) in its folder."""
+    """Run one stage; then config.json and done.json (its results, wall time and keys) in its folder. A stage
+    stopped by Ctrl-C or SIGTERM says how to continue and exits 130 / 143 (cli), its checkpoint kept."""
     require(int(os.environ.get('WORLD_SIZE', 1)) == 1, 'madpo.py runs in one process: start it with python, not torchrun')
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     ensure_prepared(cfg.dataset)
     out, t0 = folder(cfg, cfg.stage), time.time()
     print(f'=== stage {STAGES.index(cfg.stage) + 1}/{len(STAGES)}: {cfg.stage} -> {out}', flush=True)
-    result = STAGE_RUNS[cfg.stage](cfg, train.setup_device(cfg).device)
-    (out / 'done.json').unlink(missing_ok=True)  # an earlier run's: never beside this run's config.json
-    record_config(cfg, out)  # an interrupted run's too: the lab resumes a folder whose keys it records
-    if result.get('interrupted'):
-        raise UserError(f'{cfg.stage} was interrupted: rerun it with --init_from=resume (the study resumes it by itself)')
-    result.update(wall_s=time.time() - t0, config=dataclasses.asdict(cfg))
-    atomic_write_bytes(out / 'done.json', json.dumps(result, indent=1).encode())
+    # train.train locks a training stage's folder while it trains; the pairs stage trains nothing, so locks its own
+    with locked_folder(out) if cfg.stage == 'pairs' else contextlib.nullcontext():
+        result = STAGE_RUNS[cfg.stage](cfg, train.setup_device(cfg).device)
+        (out / 'done.json').unlink(missing_ok=True)  # an earlier run's: never beside this run's config.json
+        record_config(cfg, out)  # an interrupted run's too: the lab resumes a folder whose keys it records
+        if result.get('interrupted'):
+            raise Interrupted(f'{cfg.stage} stopped by {stop_signal_name()}, its checkpoint saved in {out}: rerun it with '
+                              f'--init_from=resume to continue (the study resumes it by itself)')
+        result.update(wall_s=time.time() - t0, config=dataclasses.asdict(cfg))
+        atomic_write_bytes(out / 'done.json', json.dumps(result, indent=1).encode())
     print(f'done: {out.name} in {result["wall_s"]:.0f} s', flush=True)
     return result
 

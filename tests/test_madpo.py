@@ -1,13 +1,16 @@
 """madpo.py, reward_model.py, data/reviews/pairs.py and the study (studies/madpo.py, studies/madpo_report.py):
 the losses against hand computations and the issue's check values, the masks, the reward model's read
 position, the reference-log-prob cache, the sampler on model.generate's KV cache, the config's stage
-scoping, when the study reuses a stage, and a --quick end-to-end run of the study."""
+scoping, when the study reuses a stage, a stage stopped by a signal, a folder in use, and a --quick end-to-end run of
+the study."""
 import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,6 +26,7 @@ import madpo  # noqa: E402
 import reward_model  # noqa: E402
 import runs  # noqa: E402
 import runs  # noqa: E402
+import train  # noqa: E402
 from configurator import ConfigError, UserError, cli, parse  # noqa: E402
 from data.reviews import pairs as task  # noqa: E402
 from data.loader import file_sha256  # noqa: E402
@@ -775,19 +779,27 @@ def small_corpus(tmp_path_factory):
     return out
 
 
-def pairs_command(out, corpus, *args):
-    """`python madpo.py --stage=pairs ...` through the entry point, in this process: its exit code."""
-    argv = ['--stage=pairs', f'--out_dir={out}', f'--dataset={corpus}', '--prompt_len=4', '--max_new=6', '--block_size=10',
-            '--n_pairs=16', '--val_pairs=4', '--device=cpu', *args]  # the examples files take 20
+# a stage's tiny keys (the examples files take 20 pairs)
+TINY_STAGE = ['--prompt_len=4', '--max_new=6', '--block_size=10', '--n_pairs=16', '--val_pairs=4', '--device=cpu']
+
+
+def stage_command(stage, out, corpus, *args):
+    """`python madpo.py --stage=<stage> ...` through the entry point, in this process: its exit code."""
     try:
-        cli(madpo.main, madpo.MadpoConfig, argv)
+        cli(madpo.main, madpo.MadpoConfig, [f'--stage={stage}', f'--out_dir={out}', f'--dataset={corpus}', *TINY_STAGE,
+                                            *args])
     except SystemExit as e:
         return e.code
     return 0
 
 
+def pairs_command(out, corpus, *args):
+    return stage_command('pairs', out, corpus, *args)
+
+
 def folder_bytes(path):
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob('*')) if p.is_file()}
+    """{file: bytes} under path; a live run's lock file (which holds its pid) left out."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob('*')) if p.is_file() and p.name != 'lock'}
 
 
 @pytest.fixture
@@ -866,6 +878,121 @@ def test_a_move_cut_short_leaves_no_record(tmp_path):
         madpo.move_in(partial, out)
     assert not (out / 'done.json').exists() and not (out / 'config.json').exists()
     assert (out / 'high.pt').read_text() == 'new'
+
+
+# ----- stopped by a signal; a folder in use ----------------------------------------------------------
+
+WAIT_FOR_SIGNAL = """
+import sys, time
+import torch, configurator, madpo, model
+real_forward, calls = model.GPT.forward, [0]
+
+def forward(self, *args, **kwargs):  # the K-th training forward waits (a minute at most) for the test's signal
+    if self.training and torch.is_grad_enabled():
+        calls[0] += 1
+        if calls[0] == int(sys.argv[1]):
+            print('waiting for a signal', flush=True)
+            t0 = time.time()
+            while not configurator.STOPPED and time.time() - t0 < 60:
+                time.sleep(0.01)
+    return real_forward(self, *args, **kwargs)
+
+model.GPT.forward = forward
+configurator.cli(madpo.main, madpo.MadpoConfig, sys.argv[2:])
+"""
+
+
+def test_sigterm_stops_sft_with_exit_143_and_the_resume_finishes(tmp_path, small_corpus):
+    """A scheduler's SIGTERM to `python madpo.py --stage=sft` in the middle of step 4: the run saves step 4's
+    checkpoint and stopped.json, says in one line how to continue and exits 143 (the shell's status, as train.py),
+    not 2 (bad input); --init_from=resume then finishes it."""
+    out, env = tmp_path / 'out', {**os.environ, 'OMP_NUM_THREADS': '1'}
+    argv = ['--stage=sft', f'--out_dir={out}', f'--dataset={small_corpus}', *TINY_STAGE, '--sft_batch_size=4',
+            '--sft_iters=8', '--eval_interval=4', '--log_interval=1', '--threads=1']
+    proc = subprocess.Popen([sys.executable, '-c', WAIT_FOR_SIGNAL, '4', *argv], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    for line in proc.stdout:
+        if line.startswith('waiting for a signal'):
+            proc.send_signal(signal.SIGTERM)
+            break
+    stdout, stderr = proc.communicate(timeout=120)
+    err, run = stderr.strip().splitlines(), out / 'seed0' / 'sft'
+    assert proc.returncode == 143 and len(err) == 1, stdout[-2000:] + stderr[-2000:]
+    assert re.fullmatch(r'sft stopped by SIGTERM, its checkpoint saved in .*: rerun it with --init_from=resume .*', err[0])
+    assert json.loads((run / 'stopped.json').read_text())['signal'] == 'SIGTERM' and not (run / 'done.json').exists()
+    assert torch.load(run / 'ckpt.pt', weights_only=False)['iter_num'] == 4
+    resumed = subprocess.run([sys.executable, 'madpo.py', *argv, '--init_from=resume'], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert (run / 'done.json').exists() and not (run / 'stopped.json').exists()
+    assert torch.load(run / 'ckpt.pt', weights_only=False)['iter_num'] == 8
+
+
+@pytest.mark.parametrize('stage,sig,args', [
+    ('rm', 'SIGINT', ['--rm_iters=6', '--rm_eval_interval=3', '--rm_head=8']),
+    ('po', 'SIGTERM', ['--loss=dpo', '--po_pairs=16', '--po_val_pairs=4', '--n_eval=4', '--po_iters=6', '--po_points=2'])])
+def test_a_stopped_rm_or_po_run_exits_with_the_signals_status_and_resumes(finished_pairs, small_corpus, capsys, monkeypatch,
+                                                                         stage, sig, args):
+    """Ctrl-C or SIGTERM inside step 3 of the rm and po stages: step 3's checkpoint, one line naming
+    --init_from=resume, exit 130 / 143; no done.json until the resumed run finishes."""
+    # --n_embd=32: the fixture's SFT model, which a resume rebuilds from the keys (the study passes the SFT's keys on)
+    out, args = finished_pairs[0], ['--n_embd=32', '--pair_batch=4', '--log_interval=1', '--threads=1', *args]
+    real_step, steps = train.Trainer.train_step, []
+
+    def train_step(self):
+        steps.append(self.iter_num)
+        if len(steps) == 3:
+            os.kill(os.getpid(), getattr(signal, sig))  # lands in the middle of the step, as a real one would
+        return real_step(self)
+    monkeypatch.setattr(train.Trainer, 'train_step', train_step)
+    assert stage_command(stage, out, small_corpus, *args) == {'SIGINT': 130, 'SIGTERM': 143}[sig]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.fullmatch(rf'{stage} stopped by {sig}, .*--init_from=resume .*', err[0]), err
+    run = madpo.folder(parse(madpo.MadpoConfig, [f'--stage={stage}', f'--out_dir={out}', *TINY_STAGE, *args]), stage)
+    assert json.loads((run / 'stopped.json').read_text())['step'] == 3 and not (run / 'done.json').exists()
+    monkeypatch.setattr(train.Trainer, 'train_step', real_step)
+    assert stage_command(stage, out, small_corpus, *args, '--init_from=resume') == 0
+    assert (run / 'done.json').exists() and not (run / 'stopped.json').exists()
+
+
+def test_a_stopped_pairs_build_keeps_the_old_pairs_and_says_how_to_rerun(finished_pairs, small_corpus, capsys, monkeypatch):
+    """SIGTERM while new pairs are built: exit 143 and one line naming the rerun (a build has nothing to resume);
+    the old pairs and their record byte for byte, no partial folder and no lock left."""
+    out, pairs, before = finished_pairs
+
+    def build_pairs(*args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the signal lands here
+        raise AssertionError('SIGTERM did not stop the pairs stage')
+    monkeypatch.setattr(madpo, 'build_pairs', build_pairs)
+    assert pairs_command(out, small_corpus, '--overwrite=True', '--n_pairs=20') == 143
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.fullmatch(r'pairs stopped by SIGTERM before .*: rerun it with --overwrite=True .*', err[0]), err
+    assert folder_bytes(pairs) == before and not (pairs / 'partial').exists() and not (pairs / 'lock').exists()
+
+
+def test_a_second_pairs_run_on_a_folder_in_use_is_refused_in_one_line(finished_pairs, small_corpus, monkeypatch):
+    """Two `--stage=pairs --overwrite=True` on one folder at once: the second (another process) is refused in one
+    line naming the first's pid, exit 2, and touches nothing; the first ends with its own pairs."""
+    out, pairs, before = finished_pairs
+    second = []
+
+    def build_pairs(*args):  # while this run builds, another one starts on the same folder
+        second.append(subprocess.run(
+            [sys.executable, 'madpo.py', '--stage=pairs', f'--out_dir={out}', f'--dataset={small_corpus}', *TINY_STAGE,
+             '--overwrite=True', '--n_pairs=24', '--threads=1'], cwd=ROOT, env={**os.environ, 'OMP_NUM_THREADS': '1'},
+            capture_output=True, text=True, timeout=120))
+        second.append(folder_bytes(pairs) == before)
+        return task.build_pairs(*args)
+    monkeypatch.setattr(madpo, 'build_pairs', build_pairs)
+    assert pairs_command(out, small_corpus, '--overwrite=True', '--n_pairs=20') == 0
+    proc, untouched = second
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert re.fullmatch(rf'error: {re.escape(str(pairs))} is in use by another run \(pid {os.getpid()}\): .*', err[0]), err
+    assert untouched and not (pairs / 'lock').exists()
+    assert json.loads((pairs / 'done.json').read_text())['config']['n_pairs'] == 20
+    assert len(task.load_pairs(pairs / 'high.pt', 'cpu')[0][0]) == 20
 
 
 # ----- end to end -----------------------------------------------------------------------------------
