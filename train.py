@@ -503,7 +503,7 @@ class Trainer:
             check_resume_config(cfg, saved, self.out_dir / 'ckpt.pt')
         self.corpus = load_corpus(cfg)
         self.tokenizer = sampling_tokenizer(cfg, self.corpus)
-        self.model = build_model(cfg, self.corpus.vocab_size, self.rt.device)
+        self.model = build_model(shape_source(cfg, saved, self.out_dir / 'ckpt.pt'), self.corpus.vocab_size, self.rt.device)
         self.objective, self.building = objective or build_objective(cfg, self.corpus, self.model), True
         self.method = method_name(self.objective)
         if saved is not None:
@@ -818,6 +818,13 @@ def check_optimizer_state(optimizer, fresh):
             for k, s in optimizer.state.get(p, {}).items():
                 if torch.is_tensor(s) and s.numel() > 1 and s.shape != p.shape:
                     raise ValueError(f'optimizer state {k} has shape {tuple(s.shape)}, its parameter {tuple(p.shape)}')
+
+
+def shape_source(cfg, saved, path):
+    """The config a run's model is built from. A run begun from a checkpoint took that checkpoint's shape
+    (build_model), whatever --n_embd and the rest said: resumed, it is rebuilt from its own checkpoint (path)."""
+    began = (saved or {}).get('config', {}).get('init_from', '')
+    return dataclasses.replace(cfg, init_from=str(path)) if isinstance(began, str) and began.endswith('.pt') else cfg
 
 
 def check_resume_identity(ckpt, now, path):
