@@ -5,7 +5,9 @@ studies/results.in.md; each `{{name}}` line there is replaced by the table of SE
 now from the record folder it names. tests/test_results.py regenerates the file and fails on any
 difference, so a number in RESULTS.md cannot drift from its evidence. Figures are regenerated the same
 way into docs/figures/, each with the sha256 of the records it was drawn from (docs/figures/sources.json),
-which the test compares with the records as they are now.
+which the test compares with the records as they are now. Every field a table reads of a record (a run's
+config.json and log.jsonl, a tuned.json, a floors file, a score) is checked before it is read: a damaged
+record is one line naming the file, the field and what it must be, with the fix, and nothing is written.
 
     python -m studies.results                  # rewrite RESULTS.md from the records
     python -m studies.results --figures=True   # ... and redraw docs/figures/
@@ -23,6 +25,8 @@ from typing import Callable
 
 from configurator import UserError, cli
 from data.loader import atomic_write_bytes
+from studies.compare import finite_number, short
+from studies.records import json_problem, read_whole_run
 
 ROOT = Path(__file__).resolve().parent.parent
 RECORDS = ROOT / 'out' / 'records'
@@ -55,19 +59,17 @@ def local_paths(report, folder, *others):
 def ntng_table(folder, **kw):
     from studies.compare import compare_report
     floors = next(folder.rglob('*.floors.json'), None)  # the floors compare used when the sweep ran
-    report, _, _ = compare_report([str(folder)], floors=str(floors) if floors else '', target=declared_target(),
+    report, _, _ = compare_report([str(folder)], floors=recorded_floors(floors) if floors else '', target=declared_target(),
                                   whole=True, seeds=paired_seeds(), **kw)
     return local_paths(report, folder)
 
 
 def ntng_figure(folder, png):
-    from studies.compare import plot_runs, plotted_floors, read_floors, run_folders, without_il_models
+    from studies.compare import plot_runs, plotted_floors, read_floors, without_il_models
     from studies.stats import group_runs
-    from runs import read_run
-    runs, _ = without_il_models([read_run(d) for d in run_folders([str(folder)])])
-    runs = [r for r in runs if 'error' not in r]
+    runs, _ = without_il_models(record_runs([folder]))
     floors = next(folder.rglob('*.floors.json'), None)
-    plot_runs(group_runs(runs), str(png), plotted_floors(read_floors(str(floors), runs)) if floors else None)
+    plot_runs(group_runs(runs), str(png), plotted_floors(read_floors(recorded_floors(floors), runs)) if floors else None)
 
 
 def second_system_table(folder):
@@ -78,7 +80,7 @@ def second_system_table(folder):
     cpu = RECORDS / 'ntng-cpu-2026-11-30' / 'ablation'
     rows = sorted({p.name for p in folder.iterdir() if p.is_dir()})
     dirs = [str(cpu / 'baseline')] + [str(cpu / row) for row in rows] + [str(folder)]
-    report, runs, _ = compare_report(dirs, target='none', floors=str(cpu / 'ablation.floors.json'), whole=True,
+    report, runs, _ = compare_report(dirs, target='none', floors=recorded_floors(cpu / 'ablation.floors.json'), whole=True,
                                      seeds=paired_seeds())
     report = local_paths(report, folder, cpu)
     return report + '\n\n' + decision_rule(paired_cells(group_runs(runs), 'baseline'))
@@ -100,16 +102,23 @@ def rho_table(folder):
             + il_charges([cpu_charged, folder / 'ablation']))
 
 
+IL_CHARGES = {k: (True, lambda v: finite_number(v) and v >= 0, 'a number of RST (>= 0)')  # what an IL-charged run's
+              for k in ('il_train_rst', 'il_precompute_rst')}                         # first log record says it paid
+
+
 def il_charges(folders):
     """What each IL-charged run paid before its first step (its step-0 record), per row and budget, as means
     over its seeds: the IL model's training, the IL precompute (every non-holdout example, whatever the budget),
     the budget left for the target, and the steps the target took (fewest-most)."""
-    from runs import read_log, read_run
+    from runs import read_log
     cells = {}
-    for config in sorted(p for folder in folders if folder.is_dir() for p in folder.rglob('config.json')):
-        first = (read_log(config.parent / 'log.jsonl') or [{}])[0]
+    for run in record_runs(folders):
+        log = Path(run['path']) / 'log.jsonl'
+        first = read_log(log)[0]  # whole (record_runs): line 1 is the run's first record
         if first.get('il_charged'):  # an IL model's own run folder (<run>_il) has no such record
-            run = read_run(config.parent)
+            problem = fields_problem(first, IL_CHARGES, 'line 1: ')
+            if problem:
+                raise damaged(f'{shown(log)} {problem}', log)
             cells.setdefault((run['label'], run['budget']), []).append(
                 (first['il_train_rst'], first['il_precompute_rst'], run['steps']))
     if not cells:
@@ -133,7 +142,7 @@ def beside_cpu(runs, cpu_rows=('baseline',)):
     if not any(runs.rglob('config.json')):
         return '(no run of these rows has finished yet)'
     report, _, _ = compare_report([str(cpu / row) for row in cpu_rows] + [str(runs)], target=declared_target(),
-                                  floors=str(cpu / 'ablation.floors.json'), whole=True, seeds=paired_seeds())
+                                  floors=recorded_floors(cpu / 'ablation.floors.json'), whole=True, seeds=paired_seeds())
     return local_paths(report, runs, cpu)
 
 
@@ -146,6 +155,7 @@ def finals_table(folder):
     rerun = RECORDS / 'ntng-lr-check-2026-12-06' / 'ablation_lr'
     reruns = [p for p in sorted(rerun.glob('*')) if p.is_dir() and not (folder / 'ablation' / p.name).is_dir()]
     folders = [folder / 'ablation', RECORDS / 'ntng-h200-2026-12-06', RECORDS / 'ntng-rho-2026-12-07' / 'ablation'] + reruns
+    record_runs(folders)  # report leaves an unreadable run out: a record's is refused
     return report([str(f) for f in folders])
 
 
@@ -166,6 +176,7 @@ def decision_rule(cells):
 
 def lr_check(folder):
     from studies.lr_check import lr_check_table
+    record_runs([folder])  # the table leaves an unreadable run out: a record's is refused
     return lr_check_table(folder)
 
 
@@ -181,7 +192,7 @@ def lr_rerun_table(folder, budget=480.0):
     cpu, today = RECORDS / 'ntng-cpu-2026-11-30' / 'ablation', RECORDS / 'ntng-today-2026-12-06' / 'ablation'
     as_ran = {p.name: p / column for base in (cpu, today) for p in sorted(base.iterdir()) if (p / column).is_dir()}
     rows = [str(path) for path in {**as_ran, **reruns}.values()]
-    report, _, _ = compare_report(rows, target='none', floors=str(cpu / 'ablation.floors.json'), whole=True,
+    report, _, _ = compare_report(rows, target='none', floors=recorded_floors(cpu / 'ablation.floors.json'), whole=True,
                                   seeds=paired_seeds())
     report = local_paths(report, folder, cpu, today)
     return report + '\n\n' + '\n'.join(rerun_line(name, path, as_ran[name], budget) for name, path in reruns.items()
@@ -197,8 +208,8 @@ def long_table(folder, budget=960.0, rerun_budget=480.0):
         return f'(no run of the {budget:g}-RST column has finished yet)'
     cpu, rerun = RECORDS / 'ntng-cpu-2026-11-30' / 'ablation', RECORDS / 'ntng-lr-check-2026-12-06' / 'ablation_lr'
     dirs = [str(rerun / row / f'b{rerun_budget:g}') for row in ('baseline', 'stack')] + [str(folder)]
-    report, runs, _ = compare_report(dirs, target=declared_target(), floors=str(cpu / 'ablation.floors.json'), whole=True,
-                                     seeds=paired_seeds())
+    report, runs, _ = compare_report(dirs, target=declared_target(), floors=recorded_floors(cpu / 'ablation.floors.json'),
+                                     whole=True, seeds=paired_seeds())
     report = local_paths(report, folder, rerun)
     return report + '\n\n' + gap_change_line(runs, budget, rerun_budget)
 
@@ -232,15 +243,14 @@ def gap_change_line(runs, budget, earlier):
 def rerun_line(name, rerun, tuned, budget):
     """One rerun row against the same row at its tuned lr, paired on the seeds both finished, read in the four
     words (studies.compare.verdict_with_ci; one comparison, so its p is not adjusted) with the sweep's declared margin."""
-    from studies.compare import MARGIN, pending, run_folders, verdict_with_ci
+    from studies.compare import MARGIN, pending, verdict_with_ci
     from studies.ntng import read_sweep
     from studies.stats import finals_by_seed, paired_test
-    from runs import read_run
-    runs = [[read_run(d) for d in run_folders([str(path)])] for path in (rerun, tuned)]
+    lr_key = read_sweep(str(ROOT / 'config' / 'ablation.py')).get('LR_KEY', {}).get(name, 'lr')  # Muon's: muon_lr
+    runs = [record_runs([path], keys=(lr_key,)) for path in (rerun, tuned)]
     new, old = (finals_by_seed(r) for r in runs)
     seeds = sorted(new.keys() & old.keys())
-    lr_key = read_sweep(str(ROOT / 'config' / 'ablation.py')).get('LR_KEY', {}).get(name, 'lr')  # Muon's: muon_lr
-    lrs = [json.loads(Path(r[0]['path'], 'config.json').read_text())['config'][lr_key] for r in runs]
+    lrs = [r[0]['config'][lr_key] for r in runs]
     head = (f"{name} at {lr_key} {lrs[0]:g} against {name} at its tuned {lr_key} {lrs[1]:g}, {budget:g} RST, "
             f"paired seeds {', '.join(map(str, seeds)) or 'none yet'}")
     planned = max(len(new), len(old), paired_seeds())  # read when every seed the design runs has its pair
@@ -256,17 +266,13 @@ def rho_axis_table(folder, extension=None):
     coordinates not clipped; the authors tune rho for 0.1-0.5), the CPU tuning's points and, once recorded, the
     rho axis's extension (its record folder's sophiag/); the chosen point in bold: the extension's tuned.json's
     choice once recorded (tuning over the whole grid), else the CPU tuning's."""
-    from runs import read_run
     extension = extension or RECORDS / 'ntng-sophia-rho-2026-12-07'
-    record = json.loads(next(f for f in (extension / 'tuned.json', folder / 'tuned.json') if f.is_file()).read_text())
+    tuned_json = extension / 'tuned.json' if (extension / 'tuned.json').is_file() else folder / 'tuned.json'
+    record = read_tuned(tuned_json, {'sophiag': ('lr', 'rho')})
     tuned = record['tuned']['sophiag']
-    dirs = [p.parent for base in (folder / 'sophiag', extension / 'sophiag') if base.is_dir()
-            for p in sorted(base.rglob('config.json'))]
     points = {}
-    for d in dirs:
-        run, config = read_run(str(d)), json.loads((d / 'config.json').read_text())['config']
-        if run.get('complete'):
-            points[(config['rho'], config['lr'])] = (run['final'], run['stats'].get('win_rate', math.nan))
+    for run in record_runs([folder / 'sophiag', extension / 'sophiag'], keys=('rho', 'lr')):
+        points[(run['config']['rho'], run['config']['lr'])] = (run['final'], run['stats'].get('win_rate', math.nan))
     rhos, lrs = sorted({k[0] for k in points}), sorted({k[1] for k in points})
     lines = [f"budget {record['budget']:g} RST, seed(s) {', '.join(map(str, record['seeds']))}: final val loss "
              '(mean win rate over the run); the chosen point in bold; — not run', '',
@@ -286,6 +292,7 @@ def rho_axis_table(folder, extension=None):
 
 def tuning(folder, rows=()):
     from studies.ntng import tuning_table
+    read_tuned(folder / 'tuned.json')
     return tuning_table(folder / 'tuned.json', rows)
 
 
@@ -352,7 +359,7 @@ def update_costs(folder):
     --rst_add), the machine and date of its measurement."""
     lines = []
     for name, path in (('CPU', 'config/rst/gpt_L4_H4_D128_T128_V256_B32.json'), ('H200 (rescaled)', 'config/rst/h200/gpt_L4_H4_D128_T128_V256_B32.json')):
-        table = json.loads((ROOT / path).read_text())
+        table = cost_table(path)
         full = table['fwd_bwd'][max(table['fwd_bwd'], key=int)]
         baseline = full + table['optimizer']['adamw']
         for opt in ('adamw', 'lion', 'sophiag', 'muon', 'sfadamw'):
@@ -415,20 +422,167 @@ def render():
 
 
 def check_records_whole(records):
-    """Refuse damaged evidence before any table is read: every config.json and log.jsonl line under the records
-    is a JSON object (the readers drop a killed run's partial last line, so a record cut short would otherwise
-    pass for a shorter run and quietly change a table's means)."""
+    """Refuse damaged evidence before any table is read: every .json file under the records and every line of a
+    .jsonl one is JSON (studies.records.json_problem: the readers drop a killed run's partial last line, so a
+    record cut short would otherwise pass for a shorter run and quietly change a table's means)."""
     for path in sorted(p for p in records.rglob('*.json*') if p.suffix in ('.json', '.jsonl')):
-        lines = path.read_text(errors='replace').splitlines() if path.suffix == '.jsonl' else [path.read_text(errors='replace')]
-        for i, line in enumerate(lines, 1):
-            try:
-                ok = isinstance(json.loads(line), (dict, list))
-            except ValueError:
-                ok = False
-            if not ok:
-                where = f' line {i}' if path.suffix == '.jsonl' else ''
-                raise UserError(f'{path.relative_to(ROOT)}{where} is not a JSON record: the record is damaged; restore '
-                                f'it (git checkout -- {path.relative_to(ROOT)}) or record its run again')
+        problem = json_problem(path)
+        if problem:
+            raise damaged(f'{shown(path)} {problem}', path)
+
+
+# -----------------------------------------------------------------------------
+# what the tables read of a record, each field checked before it is read (the runs' through studies.compare's
+# checks, as studies.records checks a run it copies): a damaged record is one line, never a traceback or a table
+# quietly changed
+
+def shown(path):
+    """A path as a message names it: relative to the repository where it lies in it."""
+    path = Path(path)
+    return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+
+
+def damaged(what, path):
+    """The one line that refuses a damaged record: what is wrong where, and the fix (git holds the record whole)."""
+    return UserError(f'{what}: the record is damaged; restore it (git checkout -- {shown(path)}) or record its run again')
+
+
+def positive(v):
+    return finite_number(v) and v > 0
+
+
+def record_runs(folders, keys=()):
+    """runs.read_run of every run folder under folders, each refused in one line unless it is whole
+    (studies.records.read_whole_run: compare's field checks, the budget spent) and config.json's `keys` (numbers a
+    table reads beyond compare's fields: an lr, Sophia-G's rho) are positive numbers, found under 'config'."""
+    runs = []
+    for path in sorted({p.parent for f in map(Path, folders) if f.is_dir() for p in f.rglob('config.json')}):
+        run, problem = read_whole_run(path)
+        config = json.loads((path / 'config.json').read_text())['config'] if run else {}
+        problem = problem or fields_problem(config, positive_fields(keys), 'config.json: ')
+        if problem:
+            raise damaged(f'{shown(path)}/{problem}', path)
+        runs.append({**run, 'config': {k: config[k] for k in keys}})
+    return runs
+
+
+def positive_fields(keys):
+    return {k: (True, positive, 'a positive number') for k in keys}
+
+
+TUNED_FIELDS = {  # a tuned.json's keys the tables read (studies.ntng.tuning_table): (required, the check, what it must be)
+    'budget': (True, positive, 'a positive number'),
+    'seeds': (True, lambda v: isinstance(v, list) and all(type(s) is int for s in v), 'a list of seeds'),
+    'tuned': (True, lambda v: isinstance(v, dict), "a record of each row's tuning"),
+}
+ROW_FIELDS = {  # ... of each row's tuning (its lr, the lr_key's, is checked after them)
+    'grid': (True, lambda v: isinstance(v, list), 'a list of grid points'),
+    'lr_key': (False, lambda v: isinstance(v, str), 'the name of the lr the grid moves'),
+    'at_edge': (False, lambda v: isinstance(v, list) and all(isinstance(a, str) for a in v), 'a list of axis names'),
+}
+POINT_FIELDS = {  # ... of each grid point
+    'lr': (True, positive, 'a positive number'),
+    'extra': (True, lambda v: isinstance(v, dict) and all(finite_number(x) for x in v.values()),
+              "a record of the point's other axes (numbers)"),
+    'final': (True, lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v),
+              'a number (inf where the point failed)'),
+}
+
+
+def fields_problem(record, fields, where=''):
+    """Why a parsed record lacks a required field or holds one of another kind, naming it (where + key), or None."""
+    if not isinstance(record, dict):
+        return f"{where.rstrip('.') or 'the file'} holds a {type(record).__name__} ({short(record)}), not a record"
+    for k, (required, ok, what) in fields.items():
+        if k not in record and required:
+            return f'{where}{k} is missing ({what})'
+        if k in record and not ok(record[k]):
+            return f'{where}{k}={short(record[k])} is not {what}'
+    return None
+
+
+def tuned_problem(record, chosen):
+    """Why a parsed tuned.json cannot be read by the tables, naming the field ('tuned.muon.grid[0].extra is
+    missing (...)'), or None. chosen: {row: keys} of its chosen values a table reads beyond its lr."""
+    problem = fields_problem(record, TUNED_FIELDS) or next(
+        (f'tuned.{row} is missing (its tuning)' for row in chosen if row not in record['tuned']), None)
+    return problem or next((p for row, tuning in record['tuned'].items()
+                            if (p := row_problem(tuning, f'tuned.{row}.', chosen.get(row, ())))), None)
+
+
+def row_problem(tuning, where, chosen):
+    """Why one row's tuning cannot be read: its fields, its chosen lr (and the chosen keys a table reads), each point."""
+    problem = fields_problem(tuning, ROW_FIELDS, where)
+    if problem:
+        return problem
+    points = (fields_problem(point, POINT_FIELDS, f'{where}grid[{i}].') for i, point in enumerate(tuning['grid']))
+    return fields_problem(tuning, positive_fields((tuning.get('lr_key', 'lr'), *chosen)), where) or next(filter(None, points), None)
+
+
+def read_record(path):
+    """A record file's JSON value, refused in one line where the file is missing or holds no JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        raise damaged(f"{shown(path)} is {'not a JSON record' if Path(path).is_file() else 'missing'}", path) from None
+
+
+def read_tuned(path, chosen=None):
+    """A recorded tuned.json, refused in one line naming the field unless every field the tables read is readable
+    (tuned_problem); chosen: {row: keys} of its chosen values a table reads beyond its lr (rho_axis_table's rho)."""
+    record = read_record(path)
+    problem = tuned_problem(record, chosen or {})
+    if problem:
+        raise damaged(f'{shown(path)}: {problem}', path)
+    return record
+
+
+def floor_table(v):
+    return isinstance(v, dict) and len(v) > 0 and all(positive(x) for x in v.values())
+
+
+def eval_windows(v):
+    return isinstance(v, list) and len(v) == 2 and all(type(n) is int and n > 0 for n in v)
+
+
+FLOORS_FIELDS = {  # a floors file's keys compare reads (compare.read_floors then checks its corpus against the runs')
+    'corpus': (True, lambda v: isinstance(v, dict), 'the dataset and tokenizer the floors were counted on'),
+    'floors': (True, floor_table, "the val split's floors (n-gram order -> positive number)"),
+    'window_floors': (False, lambda v: not v or floor_table(v), "the eval windows' floors (n-gram order -> positive number)"),
+    'windows': (False, lambda v: v is None or eval_windows(v), 'the eval windows [block_size, count]'),
+}
+
+
+def recorded_floors(path):
+    """A recorded floors file (<out>.floors.json), refused in one line naming the field unless compare can read it
+    (FLOORS_FIELDS; the windows wherever their floors are recorded), as the path compare_report takes."""
+    saved = read_record(path)
+    windows = {'windows': (True, eval_windows, FLOORS_FIELDS['windows'][2])}  # wherever their floors are recorded
+    problem = fields_problem(saved, FLOORS_FIELDS) or (fields_problem(saved, windows) if saved.get('window_floors') else None)
+    if problem:
+        raise damaged(f'{shown(path)}: {problem}', path)
+    return str(path)
+
+
+def dated_entries(v):
+    return isinstance(v, dict) and all(isinstance(a, dict) and {'date', 'device', 'threads'} <= a.keys() for a in v.values())
+
+
+COST_TABLE_DATES = {  # what update_costs shows of a cost table beyond what budget.load_table checks
+    'date': (True, lambda v: isinstance(v, str), 'the date it was calibrated'),
+    'added': (False, dated_entries, "a record of each added entry's date, device and threads"),
+}
+
+
+def cost_table(path):
+    """A committed cost table (config/rst/...) as update_costs reads it: checked as budget.load_table checks a run's,
+    and the dates it shows (COST_TABLE_DATES)."""
+    from budget import load_table
+    table = load_table(Path(path).stem, override=str(ROOT / path))
+    problem = fields_problem(table, COST_TABLE_DATES)
+    if problem:
+        raise UserError(f'{path}: {problem}: restore it (git checkout -- {path})')
+    return table
 
 
 def draw_figures():

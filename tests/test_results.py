@@ -1,6 +1,7 @@
 """RESULTS.md is generated, never typed: regenerated here from the committed records, it must equal the
 committed file, and every figure it embeds must exist and have been drawn from the records as they are."""
 import json
+import math
 import re
 
 import pytest
@@ -184,10 +185,11 @@ def test_il_charges_reads_what_each_il_charged_run_paid_before_its_first_step(tm
                {'step': 0, 'rst': 97.9, 'tokens': 0.0, 'val_loss': 5.5},
                {'step': 40, 'rst': 121.0, 'tokens': 1.0, 'iters': 40.0, 'val_loss': 2.5}]
     (run / 'log.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in records))
-    own_il = tmp_path / 'rho_il_f0.1' / 'b120' / 's0_il'
+    own_il = tmp_path / 'rho_il_f0.1' / 'b120' / 's0_il'  # a whole run of its own, as a record holds it
     own_il.mkdir()
+    config['config'].update(label='rho_il', budget=12.0)
     (own_il / 'config.json').write_text(json.dumps(config))
-    (own_il / 'log.jsonl').write_text(json.dumps({'step': 10, 'rst': 12.0, 'val_loss': 1.3}) + '\n')
+    (own_il / 'log.jsonl').write_text(json.dumps({'step': 10, 'rst': 12.0, 'tokens': 1.0, 'val_loss': 1.3}) + '\n')
     table = results.il_charges([cpu, tmp_path])
     assert '| rho_il_charged | 120 | 3360.03 | 85.90 | 0.00 (0%) | 0 | 5 |' in table
     assert '| rho_il_f0.1 | 120 | 12.00 | 85.90 | 22.10 (18%) | 40 | 1 |' in table and table.count('rho_il_f0.1') == 1
@@ -209,3 +211,184 @@ def test_damaged_evidence_stops_the_generation_and_leaves_results_md(tmp_path, m
         monkeypatch.setattr(results, 'ROOT', tmp_path)
         with pytest.raises(UserError, match=r'study/run/(log.jsonl line 2|config.json) is not a JSON record: the record is damaged'):
             results.check_records_whole(records)
+
+
+# -----------------------------------------------------------------------------
+# a record valid as JSON but of the wrong shape: one line naming the file, the field and the fix, never a traceback
+
+CPU_TUNE = results.RECORDS / 'ntng-cpu-2026-11-30' / 'tune'
+
+
+def damage(path, edit):
+    """Rewrite the JSON file at path: edit(its value) changes it in place; an edit that is no function is its new value."""
+    value = json.loads(path.read_text())
+    if callable(edit):
+        edit(value)
+    path.write_text(json.dumps(value if callable(edit) else edit))
+
+
+@pytest.mark.parametrize('edit, says', [
+    (lambda r: r.update(budget='x'), "budget='x' is not a positive number"),
+    ([], r'the file holds a list \(\[\]\), not a record'),
+    (lambda r: r.update(budget=math.nan), 'budget=nan is not a positive number'),
+    (lambda r: r.pop('tuned'), 'tuned is missing'),
+    (lambda r: r['tuned']['stack'].update(grid=[{'lr': 'x'}]), r"tuned.stack.grid\[0\].lr='x' is not a positive number"),
+    (lambda r: r['tuned']['stack'].update(grid=[{'lr': 0.1, 'final': 2.0}]), r'tuned.stack.grid\[0\].extra is missing'),
+    (lambda r: r['tuned']['stack'].pop('lr'), 'tuned.stack.lr is missing'),
+    (lambda r: r['tuned'].update(stack=[]), 'tuned.stack holds a list'),
+])
+def test_a_tuned_json_of_the_wrong_shape_is_one_line(tmp_path, edit, says):
+    """The tuning table indexed tuned.json's keys unchecked: a budget that is text, a list for the record or a grid
+    point without its keys was a ValueError, TypeError or KeyError with a traceback."""
+    from configurator import UserError
+    tuned = tmp_path / 'tune' / 'tuned.json'
+    tuned.parent.mkdir()
+    tuned.write_bytes((CPU_TUNE / 'tuned.json').read_bytes())
+    assert 'tuned at budget 120' in results.tuning(tuned.parent)
+    damage(tuned, edit)
+    with pytest.raises(UserError, match=rf'tune/tuned.json: {says}.*: the record is damaged; restore it \(git checkout -- '):
+        results.tuning(tuned.parent)
+    tuned.write_text('')
+    with pytest.raises(UserError, match='tuned.json is not a JSON record: the record is damaged'):
+        results.tuning(tuned.parent)
+
+
+def rho_axis_copy(tmp_path):
+    """The CPU tuning's tuned.json and two of its Sophia-G points, and an empty extension: rho_axis_table's input."""
+    import shutil
+    tune = tmp_path / 'tune'
+    tune.mkdir()
+    shutil.copy(CPU_TUNE / 'tuned.json', tune / 'tuned.json')
+    for point in ('lr0.00025_rho0.04', 'lr0.0005_rho0.16'):
+        shutil.copytree(CPU_TUNE / 'sophiag' / point, tune / 'sophiag' / point)
+    return tune, tmp_path / 'ext'
+
+
+@pytest.mark.parametrize('edit, says', [
+    (lambda c: c['config'].pop('rho'), r'config.json: rho is missing \(a positive number\)'),
+    (lambda c: c['config'].update(lr='x'), "config.json: lr='x' is not a positive number"),
+    (lambda c: c['config'].update(budget=math.nan), 'config.json: budget=nan is not a positive number'),
+    ([], r"config.json holds no 'config' record"),
+])
+def test_a_run_config_of_the_wrong_shape_is_one_line(tmp_path, edit, says):
+    """Sophia-G's rho axis read config.json's rho and lr unchecked (a KeyError when one was missing)."""
+    from configurator import UserError
+    tune, ext = rho_axis_copy(tmp_path)
+    assert '| 0.04 |' in results.rho_axis_table(tune, extension=ext)
+    config = tune / 'sophiag' / 'lr0.0005_rho0.16' / 's1000' / 'config.json'
+    damage(config, edit)
+    with pytest.raises(UserError, match=rf'lr0.0005_rho0.16/s1000/{says}.*: the record is damaged; restore it '
+                                        r'\(git checkout -- .*lr0.0005_rho0.16/s1000\)'):
+        results.rho_axis_table(tune, extension=ext)
+    damage(tune / 'tuned.json', lambda r: r['tuned']['sophiag'].pop('rho'))
+    with pytest.raises(UserError, match='tuned.json: tuned.sophiag.rho is missing'):
+        results.rho_axis_table(tune, extension=ext)
+
+
+@pytest.mark.parametrize('line, says', [
+    ('{"step": 2, "val_lo', 'log.jsonl line 3 is not a JSON record'),
+    ('[1, 2]', r'log.jsonl line 3: a list \(\[1, 2\]\), not a record'),
+    ('{"step": 50, "val_loss": NaN, "rst": 6.2, "tokens": 1.0}', 'log.jsonl line 3: val_loss=nan is not a finite number'),
+])
+def test_a_damaged_log_line_is_one_line_where_a_table_would_leave_the_run_out(tmp_path, line, says):
+    """The lr check's table and the finals' leave out a run they cannot read (right for a study still running, wrong
+    for a record, whose every run finished): a record's damaged log is refused, naming the line."""
+    import shutil
+    from configurator import UserError
+    check = results.RECORDS / 'ntng-lr-check-2026-12-06' / 'baseline'
+    shutil.copytree(check, tmp_path / 'baseline')
+    assert '| baseline |' in results.lr_check(tmp_path)
+    log = tmp_path / 'baseline' / 'x1' / 's1000' / 'log.jsonl'
+    lines = log.read_text().splitlines()
+    log.write_text('\n'.join(lines[:2] + [line] + lines[3:]) + '\n')
+    with pytest.raises(UserError, match=rf'baseline/x1/s1000/{says}.*: the record is damaged'):
+        results.lr_check(tmp_path)
+
+
+def test_a_rerun_config_without_its_lr_is_one_line(tmp_path):
+    """The rerun line read each run's lr from config.json unchecked: a KeyError where it was missing."""
+    import shutil
+    from configurator import UserError
+    cpu = results.RECORDS / 'ntng-cpu-2026-11-30' / 'ablation' / 'baseline' / 'b480'
+    shutil.copytree(cpu, tmp_path / 'rerun')
+    assert 'Δ +0.0000' in results.rerun_line('baseline', tmp_path / 'rerun', cpu, 480.0)
+    damage(tmp_path / 'rerun' / 's0' / 'config.json', lambda c: c['config'].pop('lr'))
+    with pytest.raises(UserError, match=r'rerun/s0/config.json: lr is missing \(a positive number\): the record is damaged'):
+        results.rerun_line('baseline', tmp_path / 'rerun', cpu, 480.0)
+
+
+@pytest.mark.parametrize('value', ['x', None, math.nan, -1.0])
+def test_what_an_il_charged_run_paid_of_the_wrong_type_is_one_line(tmp_path, value):
+    import shutil
+    from configurator import UserError
+    cpu = results.RECORDS / 'ntng-cpu-2026-11-30' / 'ablation' / 'rho_il_charged' / 'b120' / 's0'
+    shutil.copytree(cpu, tmp_path / 'rho_il_charged' / 'b120' / 's0')
+    log = tmp_path / 'rho_il_charged' / 'b120' / 's0' / 'log.jsonl'
+    lines = log.read_text().splitlines()
+    first = json.loads(lines[0])
+    assert first['il_charged']
+    first['il_train_rst'] = value
+    log.write_text('\n'.join([json.dumps(first)] + lines[1:]) + '\n')
+    with pytest.raises(UserError, match=r's0/log.jsonl line 1: il_train_rst=\S+ is not a number of RST'):
+        results.il_charges([tmp_path])
+
+
+def test_damaged_eval_window_floors_are_one_line(tmp_path):
+    """compare reads the eval windows' floors of a recorded floors file where they are recorded: a number in
+    place of their record was an AttributeError."""
+    import shutil
+    from configurator import UserError
+    cpu = results.RECORDS / 'ntng-cpu-2026-11-30' / 'ablation'
+    shutil.copytree(cpu / 'baseline' / 'b120', tmp_path / 'baseline' / 'b120')
+    floors = tmp_path / 'ablation.floors.json'
+    shutil.copy(cpu / 'ablation.floors.json', floors)
+    assert 'n-gram floors, eval windows' in results.ntng_table(tmp_path)
+    for edit, says in ((lambda f: f.update(window_floors=5), "window_floors=5 is not the eval windows' floors"),
+                       (lambda f: f.pop('windows'), r'windows is missing \(the eval windows \[block_size, count\]\)'),
+                       (lambda f: f['window_floors'].update(bigram='x'), "window_floors=.* is not the eval windows' floors"),
+                       (lambda f: f['floors'].update(bigram=math.nan), "floors=.* is not the val split's floors"),
+                       ([], r'the file holds a list \(\[\]\), not a record')):
+        shutil.copy(cpu / 'ablation.floors.json', floors)
+        damage(floors, edit)
+        with pytest.raises(UserError, match=f'ablation.floors.json: {says}.*: the record is damaged'):
+            results.ntng_table(tmp_path)
+
+
+def test_the_command_refuses_a_record_of_the_wrong_shape_in_one_line(tmp_path, monkeypatch, capsys):
+    """Through the command, as a user meets it: `error: <file>: <field> ...`, exit 2, RESULTS.md untouched."""
+    from configurator import cli
+    (tmp_path / 'out' / 'records' / 'tune').mkdir(parents=True)
+    tuned = tmp_path / 'out' / 'records' / 'tune' / 'tuned.json'
+    tuned.write_bytes((CPU_TUNE / 'tuned.json').read_bytes())
+    (tmp_path / 'template.md').write_text('# results\n{{tuning}}\n')
+    (tmp_path / 'RESULTS.md').write_text('as it was\n')
+    for name, value in (('ROOT', tmp_path), ('RECORDS', tmp_path / 'out' / 'records'),
+                        ('TEMPLATE', tmp_path / 'template.md'), ('OUT', tmp_path / 'RESULTS.md'),
+                        ('SECTIONS', {'tuning': results.Section('tune', results.tuning)})):
+        monkeypatch.setattr(results, name, value)
+    cli(results.main, results.ResultsConfig, [])
+    assert 'tuned at budget 120' in (tmp_path / 'RESULTS.md').read_text()
+    capsys.readouterr()
+    damage(tuned, lambda r: r.update(budget='x'))
+    for argv in (['--check=True'], []):
+        with pytest.raises(SystemExit) as e:
+            cli(results.main, results.ResultsConfig, argv)
+        assert e.value.code == 2
+        assert capsys.readouterr().err.splitlines() == [
+            "error: out/records/tune/tuned.json: budget='x' is not a positive number: the record is damaged; restore it "
+            '(git checkout -- out/records/tune/tuned.json) or record its run again']
+    assert 'tuned at budget 120' in (tmp_path / 'RESULTS.md').read_text()
+
+
+def test_a_cost_table_of_the_wrong_shape_is_one_line(tmp_path, monkeypatch):
+    """update_costs shows each table's dates: an 'added' that is not a record of entries was an AttributeError."""
+    from configurator import UserError
+    for path in ('config/rst/gpt_L4_H4_D128_T128_V256_B32.json', 'config/rst/h200/gpt_L4_H4_D128_T128_V256_B32.json'):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_bytes((results.ROOT / path).read_bytes())
+    monkeypatch.setattr(results, 'ROOT', tmp_path)
+    assert '| CPU | muon |' in results.update_costs(tmp_path)
+    damage(tmp_path / 'config/rst/gpt_L4_H4_D128_T128_V256_B32.json', lambda t: t.update(added=[]))
+    with pytest.raises(UserError, match=r'^config/rst/gpt_L4_H4_D128_T128_V256_B32.json: added=\[\] is not a record of each '
+                                        r"added entry's date, device and threads: restore it \(git checkout -- "):
+        results.update_costs(tmp_path)
