@@ -15,6 +15,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -363,15 +364,25 @@ def read_json(path):
     return value if isinstance(value, dict) else {}
 
 
-NUMBER = (int, float)  # a JSON number
+NUMBER = (int, float)  # a JSON number; as a kind read_result asks of a field, a finite one
+
+
+def is_number(value):
+    """A finite JSON number: true is no number, and NaN or infinity no result a report can average."""
+    return isinstance(value, NUMBER) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def of_kind(value, kind):
+    """Whether a result's field is of kind: NUMBER a finite number, int an integer (not a bool), else isinstance."""
+    return is_number(value) if kind is NUMBER else type(value) is int if kind is int else isinstance(value, kind)
 
 
 def read_result(path, keys, fix):
     """The JSON object an earlier stage wrote at path (a result, done.json, a cache's sidecar), holding
-    keys ({name: type}); else DataError, one line naming the file and `fix`. The checked reader of
+    keys ({name: kind}, of_kind); else DataError, one line naming the file and `fix`. The checked reader of
     what the methods' stages wrote: read_json gives {} for a file that does not parse or holds no object."""
     saved = read_json(path)
-    wrong = [name for name, kind in keys.items() if not (name in saved and isinstance(saved[name], kind))]
+    wrong = [name for name, kind in keys.items() if not (name in saved and of_kind(saved[name], kind))]
     if wrong:
         what = ('missing' if not Path(path).is_file() else 'not a readable JSON object' if not saved else
                 f"damaged (no valid {', '.join(wrong[:3])}{', ...' if len(wrong) > 3 else ''})")

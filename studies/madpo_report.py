@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from configurator import require
-from data.loader import NUMBER, DataError, atomic_write_bytes, read_result
+from data.loader import NUMBER, DataError, atomic_write_bytes, is_number, of_kind, read_result
 from data.reviews.pairs import TIERS
 from studies.stats import holm, paired_test, t_interval
 
@@ -65,10 +65,12 @@ def load_curves(root):
     curves = {}
     for path in sorted(Path(root).glob('seed*/po_*/done.json')):
         run = read_result(path, DONE_KEYS['po'], DONE_FIX)
-        points = all(isinstance(p, dict) and isinstance(p.get('kl'), NUMBER) and isinstance(p.get('reward'), NUMBER)
-                     for p in run['curve'])
-        if not (points and run['config'].get('tier') in TIERS and isinstance(run['config'].get('seed'), int)):
-            raise DataError(f'{path} is damaged (its config tier and seed, or its curve of kl and reward points): {DONE_FIX}')
+        points = all(isinstance(p, dict) and is_number(p.get('kl')) and is_number(p.get('reward')) for p in run['curve'])
+        config = run['config']
+        if not (points and config.get('tier') in TIERS and of_kind(config.get('seed'), int)
+                and of_kind(config.get('n_eval', 1), int)):
+            raise DataError(f'{path} is damaged (its config tier, seed and n_eval, or its curve of kl and reward points): '
+                            f'{DONE_FIX}')
         key = (run['method'], run['config']['tier'], run['config']['seed'])
         curves.setdefault(key, []).extend({**p, 'n_eval': run['config'].get('n_eval')} for p in run['curve'])
     return curves

@@ -23,7 +23,7 @@ import math
 import re
 from pathlib import Path
 
-from data.loader import NUMBER, DataError, read_result
+from data.loader import NUMBER, DataError, is_number, read_result
 from data.mathmix.prepare import EVAL_PAIRS, KINDS, LINE_BYTES, OPERANDS, ROLES, TRAP_DIGIT
 from slm import POINT_KEYS, arm_name, read_curve
 from studies.stats import clopper_pearson, crossing, fisher_one_sided, holm, paired_test, t_interval
@@ -53,6 +53,8 @@ def load_runs(root):
     groups = {}
     for path in sorted(Path(root).glob('noise*/*/eval.json')):
         run = read_result(path, ARM_KEYS, RESULT_FIX)
+        if not all(is_number(v) for v in run['selection'].values()):
+            raise DataError(f"{path} is damaged (its selection rates are not all numbers): {RESULT_FIX}")
         if family(run['arm']) not in ORDER:
             raise DataError(f"{path} is damaged (arm {run['arm']!r} is none of {', '.join(ORDER)}): {RESULT_FIX}")
         run['curve'] = read_curve(path.parent / 'curve.jsonl')
@@ -238,9 +240,9 @@ def tokens_table(groups):
 
 def role_ok(role, stats):
     """A curve point's stats of one role, as SelectiveLM.role_stats writes them."""
-    return role in ROLES and isinstance(stats, dict) and all(isinstance(stats.get(f), NUMBER) for f in
+    return role in ROLES and isinstance(stats, dict) and all(is_number(stats.get(f)) for f in
                                                               ('tokens', 'selected', 'excess')) and \
-        (stats.get('excess_selected') is None or isinstance(stats['excess_selected'], NUMBER))
+        (stats.get('excess_selected') is None or is_number(stats['excess_selected']))
 
 
 def role_totals(run):

@@ -4,9 +4,11 @@ paired differences' t intervals on three seeds, and the report on a small folder
 reader's own hand cases are tests/test_madpo.py's test_reward_at_matched_kl_by_hand."""
 import json
 import math
+import re
 
 import pytest
 
+from data.loader import DataError
 from studies import madpo_report as report
 from studies import stats
 
@@ -120,3 +122,23 @@ def test_the_weight_table_counts_each_seed_once(tmp_path):
     assert '| madpo4_tq0.5 | high | 2 | 2.000 | 0.375 | 0.500 | 0.00 | 0.00 | 0.00 | 0.12 | 0.25 | 0.62 | 0.00 | 0.00 | 0.00 | 0.00 |' in lines
     assert '| madpo4 | high | 1 | - | - | 0.700 | ' + ' | '.join(['0.10'] * 10) + ' |' in lines
     assert report.weight_table(tmp_path / 'none') == []
+
+
+@pytest.mark.parametrize('damage', ['kl NaN', 'reward true', 'n_eval text', 'wall_s infinite'])
+def test_a_done_json_with_a_number_that_is_none_is_refused_in_one_line(tmp_path, damage):
+    """JSON parses NaN, Infinity and true where a number belongs: each would pass for a result and reach a
+    mean (or a traceback); the report names the file instead."""
+    write_run(tmp_path, 'dpo', 0, [dict(kl=1.0, reward=0.5)])
+    path = tmp_path / 'seed0' / 'po_dpo_b0.1_high' / 'done.json'
+    done = json.loads(path.read_text())
+    if damage == 'kl NaN':
+        done['curve'][0]['kl'] = math.nan
+    elif damage == 'reward true':
+        done['curve'][0]['reward'] = True
+    elif damage == 'n_eval text':
+        done['config']['n_eval'] = 'x'
+    else:
+        done['wall_s'] = math.inf
+    path.write_text(json.dumps(done))
+    with pytest.raises(DataError, match=f'{re.escape(str(path))} is damaged'):
+        report.load_curves(tmp_path) if damage != 'wall_s infinite' else report.read_done(path, 'po')

@@ -647,6 +647,12 @@ def test_damaged_reference_eval_curve_and_problems_are_refused(mathmix, tmp_path
                                'arm': 'bogus_k60', 'seed': 0, 'selection': {}}))
     with pytest.raises(DataError, match="arm 'bogus_k60' is none of"):
         report.load_runs(tmp_path)
+    good = {**json.loads(arm.read_text()), 'arm': 'excess_k60'}
+    for damage, says in (({'selection': {'clean': 'x'}}, 'selection rates are not all numbers'),
+                         ({'accuracy': float('nan')}, r'damaged \(no valid accuracy\)'), ({'seed': True}, r'no valid seed')):
+        arm.write_text(json.dumps({**good, **damage}))  # NaN and true parse as JSON, and would reach a mean
+        with pytest.raises(DataError, match=says):
+            report.load_runs(tmp_path)
 
 
 @pytest.mark.parametrize('damage', ['lone surrogate', 'not utf-8', 'ragged context', 'answer not a string'])
