@@ -920,12 +920,12 @@ def test_sigterm_stops_sft_with_exit_143_and_the_resume_finishes(tmp_path, small
     assert proc.returncode == 143 and len(err) == 1, stdout[-2000:] + stderr[-2000:]
     assert re.fullmatch(r'sft stopped by SIGTERM, its checkpoint saved in .*: rerun it with --init_from=resume .*', err[0])
     assert json.loads((run / 'stopped.json').read_text())['signal'] == 'SIGTERM' and not (run / 'done.json').exists()
-    assert torch.load(run / 'ckpt.pt', weights_only=False)['iter_num'] == 4
+    assert torch.load(run / 'ckpt.pt', weights_only=True)['iter_num'] == 4
     resumed = subprocess.run([sys.executable, 'madpo.py', *argv, '--init_from=resume'], cwd=ROOT, env=env,
                              capture_output=True, text=True, timeout=120)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     assert (run / 'done.json').exists() and not (run / 'stopped.json').exists()
-    assert torch.load(run / 'ckpt.pt', weights_only=False)['iter_num'] == 8
+    assert torch.load(run / 'ckpt.pt', weights_only=True)['iter_num'] == 8
 
 
 @pytest.mark.parametrize('stage,sig,args', [
