@@ -164,13 +164,16 @@ def table_path(key, override=''):
     return Path(override) if override else TABLE_DIR / f'{key}.json'
 
 
-def calibrate_command(key, data=''):
-    """The command that measures the table of shape key; data: the run's --dataset and --tokenizer keys, which
-    decide the vocabulary (a table measured on another vocabulary has another key)."""
+def calibrate_command(key, data='', table='', more=''):
+    """The command that measures the table of shape key, in backticks as a message gives it, then what it
+    cannot say (the vocabulary, the device). data: the run's --dataset and --tokenizer keys, which decide the
+    vocabulary (a table measured on another vocabulary has another key); table: the --rst_table the run named;
+    more: further keys (--overwrite=True for a damaged table, --rst_add for an entry it lacks)."""
     model_type, *parts = key.split('_')
     L, H, D, T, V, B = (int(part[1:]) for part in parts)
-    return (f'python calibrate.py --model_type={model_type} --n_layer={L} --n_head={H} --n_embd={D} '
-            f'--block_size={T} --batch_size={B}{" " + data if data else ""}  (vocab {V}; add --device=cuda on a GPU)')
+    keys = ' '.join(k for k in (data, f'--rst_table={table}' if table else '', more) if k)
+    return (f'`python calibrate.py --model_type={model_type} --n_layer={L} --n_head={H} --n_embd={D} '
+            f'--block_size={T} --batch_size={B}{" " + keys if keys else ""}` (vocab {V}; add --device=cuda on a GPU)')
 
 
 def load_table(key, override='', required=True, needs=None, data=''):
@@ -184,17 +187,23 @@ def load_table(key, override='', required=True, needs=None, data=''):
         if not required and not override:
             return None
         raise UserError(f'no RST cost table for this shape ({path}): measure one with '
-                        f'`{calibrate_command(key, data)}`, or use --budget_unit=tokens|iters|flops|wall')
+                        f'{calibrate_command(key, data, override)}, or use --budget_unit=tokens|iters|flops|wall')
     try:
         table = json.loads(path.read_text())
     except ValueError as e:
         raise UserError(f'RST table {path} is not valid JSON ({e}): calibrate it again') from None
-    problem = table_problem(table, key) or next((f'has no {kind} entry for {e}' for kind, entries in (needs or {}).items()
-                                                 for e in entries if str(e) not in table[kind]), None)
-    if problem and not required and not override and table_problem(table, key) is None:
+    problem = table_problem(table, key)
+    lacks = None if problem else next(((kind, e) for kind, entries in (needs or {}).items() for e in entries
+                                       if str(e) not in table[kind]), None)
+    if lacks and not required and not override:
         return None  # a budget in another unit: RST is simply not counted for a step the table does not price
+    if lacks:
+        more = f"--rst_add=\"('{lacks[1]}',)\""  # keeps every entry (and every run charged under them)
+        raise UserError(f'RST table {path} has no {lacks[0]} entry for {lacks[1]}: price it with '
+                        f'{calibrate_command(key, data, override, more)}')
     if problem:
-        raise UserError(f'RST table {path} {problem}: calibrate it again (`{calibrate_command(key, data)}`)')
+        raise UserError(f'RST table {path} {problem}: calibrate it again with '
+                        f'{calibrate_command(key, data, override, "--overwrite=True")}')
     return table
 
 

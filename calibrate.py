@@ -9,7 +9,7 @@ replaced only with --overwrite=True: every run charged under it would stop meani
 adds entries to a table of this shape and keeps the rest. It is a file of its own because it builds models
 (train.py) while budget.py, which charges from the tables, imports no loop.
 
-    python calibrate.py                                              # the default run's shape, this CPU
+    python calibrate.py --rst_table=mine.json                        # the default run's shape, this CPU
     python calibrate.py config/gpt2_124m.py --device=cuda --rst_repeats=3     # GPT-2 124M on fineweb_edu, this GPU
 """
 import torch

@@ -136,7 +136,18 @@ def is_text(s):
     return True
 
 
+NANOGPT_KEYS = {  # nanoGPT's names for what a key here does (named where the config has that key)
+    'learning_rate': ('lr', '--lr'), 'max_iters': ('budget', '--budget_unit=iters --budget=N'),
+    'lr_decay_iters': ('budget', 'the schedule decays over the whole --budget'),
+    'warmup_iters': ('warmup_units', '--budget_unit=iters --warmup_units=N'),
+    'decay_lr': ('min_lr', 'the lr always follows --schedule; --min_lr equal to --lr keeps it constant'),
+    'gradient_accumulation_steps': ('grad_accum', '--grad_accum (per process)'),
+}
+
+
 def _closest(key, keys):
+    if key in NANOGPT_KEYS and NANOGPT_KEYS[key][0] in keys:
+        return f' (nanoGPT\'s name: here {NANOGPT_KEYS[key][1]})'
     near = difflib.get_close_matches(key, keys, n=3, cutoff=0.5)
     return f" (closest: {', '.join(near)})" if near else ''
 

@@ -195,7 +195,7 @@ class PreferenceObjective(PairObjective):
         pairs file and split, and cached next to the pairs (runs.save_cache); a cache that is missing, stale,
         damaged or edited (its checksum differs) is computed again."""
         try:
-            saved, _ = runs.load_cache(self.ref_cache, self.ref_identity(), 'reference log-probs', 'computing them again')
+            saved, _ = runs.load_cache(self.ref_cache, self.ref_identity(), 'reference log-probs', 'computing them now')
             return torch.from_numpy(np.array(saved))
         except UserError as e:
             print(e)
@@ -410,6 +410,16 @@ def folder(cfg, stage):
     return Path(cfg.out_dir) / f'seed{cfg.seed}' / name
 
 
+def require_finished_sft(cfg):
+    """The later stages start from the SFT model: a stopped or unfinished SFT run would pass its weights off as
+    the finished model's, so it is refused in one line."""
+    sft = folder(cfg, 'sft')
+    why = 'it was stopped' if (sft / 'stopped.json').exists() else 'no done.json'
+    again = ' --init_from=resume' if (sft / 'ckpt.pt').exists() else ''
+    require((sft / 'done.json').is_file(), f'{sft} holds no finished SFT run ({why}): finish it first (python madpo.py '
+                                           f'--stage=sft{again} with the same --out_dir and --seed)')
+
+
 def train_config(cfg, stage):
     """The shared loop's full TrainConfig for the sft, rm or po stage (saved in its checkpoints): its folder,
     budget in steps, lr and batch; rm and po start from the SFT weights (or resume their own)."""
@@ -519,6 +529,8 @@ def main(cfg):
     ensure_prepared(cfg.dataset)
     out, t0 = folder(cfg, cfg.stage), time.time()
     print(f'=== stage {STAGES.index(cfg.stage) + 1}/{len(STAGES)}: {cfg.stage} -> {out}', flush=True)
+    if cfg.stage != 'sft':
+        require_finished_sft(cfg)
     # train.train locks a training stage's folder while it trains; the pairs stage trains nothing, so locks its own
     with locked_folder(out) if cfg.stage == 'pairs' else contextlib.nullcontext():
         result = STAGE_RUNS[cfg.stage](cfg, train.setup_device(cfg).device)

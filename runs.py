@@ -326,8 +326,12 @@ def start_wandb(cfg, saved):
     except ImportError:
         raise UserError('--wandb_log=True needs the optional package wandb: pip install wandb') from None
     run_id = (saved or {}).get('wandb_id') or uuid.uuid4().hex[:8]
-    run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or cfg.out_dir, id=run_id, resume='allow',
-                     config=dataclasses.asdict(cfg), dir=cfg.out_dir)
+    try:
+        run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or cfg.out_dir, id=run_id, resume='allow',
+                         config=dataclasses.asdict(cfg), dir=cfg.out_dir)
+    except Exception as e:  # no login, no network, a bad project name: wandb's own error types vary by version
+        raise UserError(f"--wandb_log=True: wandb did not start ({type(e).__name__}: {' '.join(str(e).split())[:120]}): "
+                        f'log in with `wandb login`, or run with WANDB_MODE=offline to log locally') from None
     for axis in WANDB_AXES:  # plotted against the run's step by default, not wandb's count of records
         run.define_metric(axis)
     run.define_metric('*', step_metric='step')

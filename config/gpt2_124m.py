@@ -9,6 +9,7 @@
 # measurement (gpt2 has 50k merges): ~8.5 worker-minutes per billion tokens, so ~0.5 min per billion with
 # --num_proc=16 if workers scale linearly (not measured), plus the download.
 # Offline, or with the data downloaded elsewhere: --input=FOLDER of its .parquet files.
+out_dir = 'out/gpt2_124m'
 model = 'gpt2'
 dataset = 'fineweb_edu'
 tokenizer = 'gpt2'

@@ -6,6 +6,7 @@
 #
 # Each example is a raw chunk of 141 bytes -> 128 encoder tokens (62 sentinels, start and EOS take the
 # vocabulary from 256 to 320) and 29 target tokens. 'tokens' count encoder input tokens.
+out_dir = 'out/t5_lite'     # another --out_dir for each variant (--arch=drop ...), or --overwrite=True
 model_type = 't5'
 model = 't5-small-cpu'   # 4 encoder + 4 decoder blocks, 128 wide, 4 heads, gated-GELU 384, 128 input tokens
 bias = False             # T5 has no biases

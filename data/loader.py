@@ -286,12 +286,19 @@ def corpus_meta(tokenizer, source, val_frac, counts, extra_meta=None):
             'counts': counts, 'python': sys.version.split()[0], **(extra_meta or {})}
 
 
-def split_documents(docs, val_frac, out_dir, more='give more documents'):
+def split_documents(docs, val_frac, out_dir, more='give more documents', fallback=False):
     """{'train': [text], 'val': [text]} by is_val, checked before anything is tokenized: each split needs a
-    document with text (mathmix's kinds.bin follows this split, so no document is moved to make one)."""
+    document with text. fallback: a split the hash left empty takes the other's last document, where that
+    leaves it one (as the shards prepares do; mathmix's kinds.bin follows the hash split, so not there)."""
     splits = {'train': [], 'val': []}
     for name, text in docs:
         splits['val' if is_val(name, val_frac) else 'train'].append(text)
+    empty = [split for split, texts in splits.items() if not any(texts)]
+    donor = {'val': 'train', 'train': 'val'}[empty[0]] if fallback and len(empty) == 1 else None
+    if donor and sum(map(bool, splits[donor])) >= 2:
+        last = max(i for i, text in enumerate(splits[donor]) if text)
+        splits[empty[0]].append(splits[donor].pop(last))
+        print(f'the hash split left {empty[0]} without a document: the last {donor} document goes there', file=sys.stderr)
     for split, texts in splits.items():
         if not any(texts):
             n = len(splits['train']) + len(splits['val'])
@@ -301,20 +308,21 @@ def split_documents(docs, val_frac, out_dir, more='give more documents'):
 
 
 def write_corpus(out_dir, docs, tokenizer, source, val_frac=0.05, extra_meta=None, extra_files=None, if_missing=False,
-                 more='give more documents', other_source=''):
+                 more='give more documents', other_source='', fallback=False):
     """Tokenize (name, text) documents into out_dir/{train,val}.bin + meta.json, built beside out_dir and
     swapped in whole (CorpusBuild). extra_files: {file name: bytes} that belong to the corpus and are
     swapped in with it (e.g. mathmix's noise.bin), so they can never disagree with it. if_missing: wait
     for another process's build of it and keep a corpus out_dir already has (the loop's first use).
     more: how to add documents, for the error when a split would be empty. other_source: how to go on, for
-    the error when out_dir holds a corpus built from another source ('' = replace it), checked under the lock."""
+    the error when out_dir holds a corpus built from another source ('' = replace it), checked under the lock.
+    fallback: split_documents gives a split the hash left empty a document of the other's."""
     with CorpusBuild(out_dir, if_missing=if_missing) as build:
         if build.exists:
             return Corpus(out_dir).meta
         built = built_source(out_dir)
         if other_source and built not in (None, source):
             raise DataError(f'{out_dir} already holds a corpus built from {built}: {other_source}')
-        splits = split_documents(docs, val_frac, out_dir, more)
+        splits = split_documents(docs, val_frac, out_dir, more, fallback)
         sep = [] if tokenizer.eot is None else [tokenizer.eot]
         counts = {}
         for split, texts in splits.items():

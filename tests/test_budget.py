@@ -178,6 +178,16 @@ def test_rst_run_without_a_table_names_the_calibrate_command(tiny_cfg):
     with pytest.raises(UserError, match='python calibrate.py') as e:
         train.train(tiny_cfg(budget_unit='rst', budget=1.0, batch_size=3))
     assert '--batch_size=3' in str(e.value) and '--model_type=gpt' in str(e.value)  # a T5 shape's names t5
+    assert '--batch_size=3` (vocab 256; add --device=cuda on a GPU), or use --budget_unit=' in str(e.value)  # pastes whole
+
+
+def test_a_table_without_the_runs_optimizer_names_the_command_that_adds_it(tiny_cfg, tmp_path):
+    table = json.loads((budget_lib.TABLE_DIR / 'gpt_L2_H2_D64_T64_V256_B8.json').read_text())
+    path = tmp_path / 't.json'
+    path.write_text(json.dumps({**table, 'optimizer': {'adamw': table['optimizer']['adamw']}}))
+    with pytest.raises(UserError) as e:
+        train.train(tiny_cfg(budget_unit='rst', budget=1.0, optimizer='lion', rst_table=str(path)))
+    assert str(e.value).endswith(f'--rst_table={path} --rst_add="(\'lion\',)"` (vocab 256; add --device=cuda on a GPU)')
 
 
 def test_calibrate_writes_a_table_a_run_can_use(tiny_cfg, tmp_path):

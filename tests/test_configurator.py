@@ -88,6 +88,18 @@ def test_wrong_type_names_the_key(arg, key):
         parse(Toy, [arg])
 
 
+@pytest.mark.parametrize('arg, says', [('--learning_rate=1e-3', "(nanoGPT's name: here --lr)"),
+                                       ('--max_iters=5000', "(nanoGPT's name: here --budget_unit=iters --budget=N)"),
+                                       ('--gradient_accumulation_steps=8', "(nanoGPT's name: here --grad_accum (per process))")])
+def test_a_nanogpt_key_is_named_as_it_is_here(arg, says):
+    import train
+    with pytest.raises(ConfigError, match=re.escape(f'unknown config key {arg.split("=")[0]} {says}')):
+        parse(train.TrainConfig, [arg])
+    with pytest.raises(ConfigError) as e:  # a config without the key it names here (Toy has no budget): no such hint
+        parse(Toy, ['--max_iters=1'])
+    assert 'nanoGPT' not in str(e.value)
+
+
 def test_unknown_key_names_closest(tmp_path):
     with pytest.raises(ConfigError, match=r'--stpes.*steps'):
         parse(Toy, ['--stpes=3'])

@@ -126,6 +126,22 @@ def test_text_prepare_on_a_folder(tmp_path, text_name):
     assert corpus.meta['counts']['train']['documents'] + corpus.meta['counts']['val']['documents'] == len(docs)
 
 
+def test_text_prepare_gives_a_split_the_hash_left_empty_the_other_splits_last_document(tmp_path, text_name, capsys):
+    """A book cut into documents whose names all hash to train (here 3 of them at val_frac 0.05): the last one
+    goes to val, said on stderr, instead of refusing an input that has enough text; one document is refused."""
+    from data.text import prepare as text_prepare
+    book = tmp_path / 'book.txt'
+    book.write_text(random_text(0, 600))
+    names = [name for name, _ in text_prepare.text_documents(book, 1500)]
+    assert len(names) == 3 and not any(is_val(n, 0.05) for n in names)
+    text_prepare.prepare(text_prepare.PrepareConfig(input=str(book), name=text_name, doc_chars=1500))
+    counts = Corpus(DATA_ROOT / 'text' / text_name / 'byte').meta['counts']
+    assert (counts['train']['documents'], counts['val']['documents']) == (2, 1)
+    assert 'the hash split left val without a document: the last train document goes there' in capsys.readouterr().err
+    with pytest.raises(DataError, match='val split'):
+        write_corpus(tmp_path / 'one', [('only', 'x' * 100)], get_tokenizer('byte'), 'test', val_frac=1e-4, fallback=True)
+
+
 def test_write_corpus_refuses_an_empty_split(tmp_path):
     with pytest.raises(DataError, match='val split'):
         write_corpus(tmp_path / 'c', [('only-train-doc', 'x' * 100)], get_tokenizer('byte'), 'test', val_frac=1e-4)

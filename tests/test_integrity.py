@@ -169,7 +169,7 @@ def train_cases(w):
                              ('negative', 'not a positive number of seconds'),
                              ('tiny', 'has a fwd_bwd entry 2 of 1e-300 s, faster than any step (1e-06 s)'),
                              ('true', 'optimizer entry adamw that is not a positive number of seconds'), ('no_layer_2', 'lacks fwd_bwd/fwd'),
-                             ('no_lion', 'has no optimizer entry for lion'))],
+                             ('no_lion', 'has no optimizer entry for lion: price it with `python calibrate.py'))],
         ('rst-table-folder', [*TINY, '--budget=2', '--budget_unit=rst', f'--out_dir={r}/fresh_t', f'--rst_table={r}/table.md'],
          ['is a folder']),
         ('config-syntax-error', [f'{r}/syntax.py', *TINY, f'--out_dir={r}/fresh_c'], [f'{r}/syntax.py:2: syntax error']),

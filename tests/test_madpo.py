@@ -539,6 +539,13 @@ def test_long_passes_say_how_far_they_got(tmp_path, monkeypatch, capsys):
         return {'acc': 1.0}
     monkeypatch.setattr(madpo, 'ensure_prepared', lambda dataset: None)
     monkeypatch.setitem(madpo.STAGE_RUNS, 'rm', stage_rm)
+    sft = tmp_path / 'out' / 'seed0' / 'sft'
+    sft.mkdir(parents=True)
+    (sft / 'stopped.json').write_text('{}')  # a stopped SFT: the later stages refuse to start from it
+    with pytest.raises(UserError, match=re.escape(f'{sft} holds no finished SFT run (it was stopped): finish it first '
+                                                  '(python madpo.py --stage=sft with the same --out_dir and --seed)')):
+        madpo.main(madpo.MadpoConfig(stage='rm', out_dir=str(tmp_path / 'out'), device='cpu'))
+    (sft / 'done.json').write_text(json.dumps({'wall_s': 1.0, 'config': {}}))
     madpo.main(madpo.MadpoConfig(stage='rm', out_dir=str(tmp_path / 'out'), device='cpu'))
     assert f"=== stage 3/4: rm -> {tmp_path / 'out' / 'seed0' / 'rm_high'}" in capsys.readouterr().out
 
@@ -809,6 +816,7 @@ def finished_pairs(tmp_path, small_corpus, capsys):
     out, pairs = tmp_path / 'out', tmp_path / 'out' / 'seed0' / 'pairs'
     (out / 'seed0' / 'sft').mkdir(parents=True)
     save_ckpt(tiny_gpt(seed=7, block_size=10), out / 'seed0' / 'sft' / 'ckpt.pt')
+    (out / 'seed0' / 'sft' / 'done.json').write_text(json.dumps({'wall_s': 1.0, 'config': {}}))  # a finished SFT
     assert pairs_command(out, small_corpus) == 0
     assert {'done.json', 'config.json', 'high.pt', 'low.pt'} <= set(folder_bytes(pairs))
     capsys.readouterr()

@@ -5,6 +5,7 @@ import json
 import math
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -219,6 +220,21 @@ def test_wandb_missing_is_one_line(tiny_cfg, monkeypatch):
     monkeypatch.setitem(sys.modules, 'wandb', None)                   # import wandb raises ImportError
     with pytest.raises(UserError, match='pip install wandb'):
         train.train(tiny_cfg(budget=2, wandb_log=True))
+
+
+def test_wandb_that_cannot_start_is_one_line_naming_offline_mode(tiny_cfg, monkeypatch):
+    """No login and no network (wandb raises its UsageError): one line that names WANDB_MODE=offline, no run written."""
+    class UsageError(Exception):
+        pass
+
+    def init(**kwargs):
+        raise UsageError('No API key configured. Use `wandb login` to log in.')
+    monkeypatch.setitem(sys.modules, 'wandb', types.SimpleNamespace(init=init))
+    cfg = tiny_cfg(budget=2, wandb_log=True)
+    with pytest.raises(UserError, match=r'^--wandb_log=True: wandb did not start \(UsageError: No API key configured.*'
+                                        r'WANDB_MODE=offline to log locally$'):
+        train.train(cfg)
+    assert not Path(cfg.out_dir).exists()
 
 
 def test_a_resume_refused_for_a_missing_extra_leaves_the_log_as_it_was(tiny_cfg, monkeypatch):

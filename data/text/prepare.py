@@ -8,8 +8,8 @@ Each file is a document, named by its path under the folder (or under a glob's l
 wildcards), in sorted order; a hash of the name puts about 5% of documents in val. A single file is cut
 into documents of `doc_chars` characters so it has a val split too. Text files are those with a suffix
 in TEXT_SUFFIXES (or none); they are read as UTF-8 and a byte that is not UTF-8 becomes U+FFFD. Relative
-paths are read from the folder the command runs in. A split the hash leaves empty is an error before
-anything is tokenized. --out_dir writes the corpus anywhere else instead (then train with --dataset=THAT_FOLDER).
+paths are read from the folder the command runs in. A split the hash leaves empty takes the other's last
+document (said on stderr); an input of one document is an error before anything is tokenized. --out_dir writes the corpus anywhere else instead (then train with --dataset=THAT_FOLDER).
 Preparing again from the same --input rebuilds the corpus (its files may have changed); a corpus of that name
 built from another --input is kept unless --overwrite=True: checkpoints trained on it need it to resume.
 """
@@ -76,7 +76,7 @@ def prepare(cfg):
     more = 'give more text or a smaller --doc_chars' if path.is_file() else 'give more files'
     other = '' if cfg.overwrite else f"give another {'--out_dir' if cfg.out_dir else '--name'}, or --overwrite=True to replace it"
     meta = write_corpus(out_dir, text_documents(pattern, cfg.doc_chars), get_tokenizer(cfg.tokenizer),
-                        source=input_source(pattern), val_frac=cfg.val_frac, more=more, other_source=other)
+                        source=input_source(pattern), val_frac=cfg.val_frac, more=more, other_source=other, fallback=True)
     dataset = (cfg.out_dir or f'text/{name}') + (f' --tokenizer={cfg.tokenizer}' if cfg.tokenizer != 'byte' else '')
     print(f"wrote {out_dir}: train {meta['counts']['train']['tokens']:,} tokens, "
           f"val {meta['counts']['val']['tokens']:,} tokens; train with --dataset={dataset}")
