@@ -197,8 +197,8 @@ def load_table(key, override='', required=True, needs=None, data=''):
                                        if str(e) not in table[kind]), None)
     if lacks and not required and not override:
         return None  # a budget in another unit: RST is simply not counted for a step the table does not price
-    if lacks:
-        more = f"--rst_add=\"('{lacks[1]}',)\""  # keeps every entry (and every run charged under them)
+    if lacks:  # --rst_add keeps every entry (and every run charged under them); it prices optimizers and their Hessian steps
+        more = f"--rst_add=\"('{lacks[1]}',)\"" if lacks[0] == 'optimizer' else '--overwrite=True'
         raise UserError(f'RST table {path} has no {lacks[0]} entry for {lacks[1]}: price it with '
                         f'{calibrate_command(key, data, override, more)}')
     if problem:

@@ -156,8 +156,10 @@ def coerce(key, value, default):
     """Return value as default's type, or raise ConfigError naming the key."""
     kind = type(default)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        require(abs(value) < 2 ** 1023, f'--{key} has {len(str(abs(value)))} digits, too large for a float: give a number below 1e308')
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise ConfigError(f'--{key} has {len(str(abs(value)))} digits, too large for a float: give a number below 1e308') from None
     if kind is tuple and isinstance(value, list):
         value = tuple(value)
     if kind is tuple and isinstance(value, tuple) and default:

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 import runs
 import train
 from configurator import Interrupted, UserError, check_ranges, cli, key, require, require_writable, stop_signal_name
-from data.loader import EPOCH_SEEDS, MAX_SEED, FolderLock, atomic_write_bytes, file_sha256
+from data.loader import EPOCH_SEEDS, MAX_SEED, atomic_write_bytes, file_sha256
 from data.reviews.evaluate import PolicyScorer
 from data.reviews.pairs import TIERS, batched_logps, build_pairs, sequence_logps
 from data.reviews.prepare import ensure_prepared
@@ -504,22 +504,6 @@ def record_config(cfg, out):
     atomic_write_bytes(out / 'config.json', json.dumps(info, indent=1).encode())
 
 
-@contextlib.contextmanager
-def locked_folder(out):
-    """out/lock held while the pairs stage builds and records them, as train.train holds a training stage's
-    (runs.locked_out_dir): a second run on the folder is refused in one line while the first lives, and a lock
-    left by a dead process (kill -9) is free again. A run that fails before writing removes the folders it made."""
-    new = [p for p in (out, *out.parents) if not p.exists()]  # deepest first
-    try:
-        with FolderLock(out / 'lock', runs.in_use(out)):
-            yield
-    except BaseException:
-        for made in new:
-            with contextlib.suppress(OSError):
-                made.rmdir()
-        raise
-
-
 def main(cfg):
     """Run one stage; then config.json and done.json (its results, wall time and keys) in its folder. A stage
     stopped by Ctrl-C or SIGTERM says how to continue and exits 130 / 143 (cli), its checkpoint kept."""
@@ -532,7 +516,7 @@ def main(cfg):
     if cfg.stage != 'sft':
         require_finished_sft(cfg)
     # train.train locks a training stage's folder while it trains; the pairs stage trains nothing, so locks its own
-    with locked_folder(out) if cfg.stage == 'pairs' else contextlib.nullcontext():
+    with runs.locked_folder(out) if cfg.stage == 'pairs' else contextlib.nullcontext():
         result = STAGE_RUNS[cfg.stage](cfg, train.setup_device(cfg).device)
         (out / 'done.json').unlink(missing_ok=True)  # an earlier run's: never beside this run's config.json
         record_config(cfg, out)  # an interrupted run's too: the lab resumes a folder whose keys it records

@@ -187,6 +187,19 @@ def model_from_checkpoint(ckpt, path, **overrides):
         return MODELS[checkpoint_model_type(ckpt)][0].from_checkpoint(ckpt, **overrides)
 
 
+def checkpoint_model(cfg, ckpt, path, vocab_size, device):
+    """The model a checkpoint holds, checked against the run's model type and data (vocab), on device."""
+    model_type = checkpoint_model_type(ckpt)
+    if model_type != cfg.model_type:
+        raise UserError(f"{path} holds a '{model_type}' model: pass --model_type={model_type}")
+    want = {model_vocab_size(model_type, vocab_size, ckpt['model_args']['block_size'], m) for m in (1, cfg.vocab_multiple)}
+    if ckpt['model_args']['vocab_size'] not in want:  # padded or not: a checkpoint of before the padding, nanoGPT's
+        raise UserError(f"{path} has vocab {ckpt['model_args']['vocab_size']}, the data needs "
+                        f"{' or '.join(map(str, sorted(want)))}: use the dataset and tokenizer it was trained with")
+    data_ids = {'n_tokens': vocab_size} if model_type == 'gpt' else {}  # never sample a padded id
+    return model_from_checkpoint(ckpt, path, dropout=cfg.dropout, compile_loss=cfg.compile_loss, **data_ids).to(device)
+
+
 def load_model(path, device, compile_loss=True, check=None):
     """A saved model for scoring or sampling (a reference, IL or reward backbone): frozen, in eval mode.
     check(ckpt): the caller's refusal of a checkpoint that does not fit its use, before the model is built."""
@@ -197,19 +210,13 @@ def load_model(path, device, compile_loss=True, check=None):
     return model.to(device).eval().requires_grad_(False)
 
 
-def build_model(cfg, vocab_size, device):
-    """A fresh model from the config, or one initialised from --init_from=PATH (its shape wins), on device."""
-    if cfg.init_from.endswith('.pt'):
-        ckpt = load_checkpoint(Path(cfg.init_from))
-        model_type = checkpoint_model_type(ckpt)
-        if model_type != cfg.model_type:
-            raise UserError(f"{cfg.init_from} holds a '{model_type}' model: pass --model_type={model_type}")
-        want = {model_vocab_size(model_type, vocab_size, ckpt['model_args']['block_size'], m) for m in (1, cfg.vocab_multiple)}
-        if ckpt['model_args']['vocab_size'] not in want:  # padded or not: a checkpoint of before the padding, nanoGPT's
-            raise UserError(f"{cfg.init_from} has vocab {ckpt['model_args']['vocab_size']}, the data needs "
-                            f"{' or '.join(map(str, sorted(want)))}: use the dataset and tokenizer it was trained with")
-        data_ids = {'n_tokens': vocab_size} if model_type == 'gpt' else {}  # never sample a padded id
-        return model_from_checkpoint(ckpt, cfg.init_from, dropout=cfg.dropout, compile_loss=cfg.compile_loss, **data_ids).to(device)
+def build_model(cfg, vocab_size, device, saved=None):
+    """A fresh model from the config, or one initialised from --init_from=PATH (its shape wins), on device.
+    saved: the run's own checkpoint, which a resume rebuilds (a run begun from a checkpoint has its shape,
+    whatever --n_embd and the rest say)."""
+    if saved is not None or cfg.init_from.endswith('.pt'):
+        path = Path(cfg.out_dir) / 'ckpt.pt' if saved is not None else Path(cfg.init_from)
+        return checkpoint_model(cfg, saved if saved is not None else load_checkpoint(path), path, vocab_size, device)
     check_memory(cfg, vocab_size, device)
     model_cls, config_cls = MODELS[cfg.model_type]
     dims = cfg.model_dims()
@@ -359,13 +366,25 @@ def locked_out_dir(cfg):
     if not master:
         yield
         return
+    with locked_folder(out_dir, new):
+        for leftover in out_dir.glob('*.tmp[0-9]*'):  # a killed writer's temporary: no live writer holds the lock
+            leftover.unlink(missing_ok=True)
+        yield
+
+
+@contextlib.contextmanager
+def locked_folder(out_dir, made=None):
+    """out_dir/lock held while a run (or a stage that trains nothing, MADPO's pairs) writes the folder: a second
+    one refuses while the first lives, and a lock left by a dead process (kill -9) is free again. made: the
+    folders made for it, deepest first (default: those not there yet), removed again if it fails before writing
+    (bad data, table, tokenizer), so it leaves no empty folder."""
+    out_dir = Path(out_dir)
+    made = [p for p in (out_dir, *out_dir.parents) if not p.exists()] if made is None else made
     try:
         with FolderLock(out_dir / 'lock', in_use(out_dir)):
-            for leftover in out_dir.glob('*.tmp[0-9]*'):  # a killed writer's temporary: no live writer holds the lock
-                leftover.unlink(missing_ok=True)
             yield
     except BaseException:
-        for folder in new:  # a run that failed before writing anything (bad data, table, tokenizer) leaves no folder
+        for folder in made:
             with contextlib.suppress(OSError):
                 folder.rmdir()
         raise
@@ -380,7 +399,10 @@ def in_use(out_dir):
 def locked_folders(folders):
     """Hold the lock of each existing run folder in folders (one that does not exist holds no run): a
     process about to write into other runs' folders (a WSD trunk, its branches' checkpoints) refuses while
-    any of them is in use, before it has changed anything."""
+    any of them is in use, before it has changed anything. Under DDP rank 0 holds them, as it holds out_dir's."""
+    if int(os.environ.get('RANK', 0)) != 0:
+        yield
+        return
     with contextlib.ExitStack() as stack:
         for folder in folders:
             if Path(folder).is_dir():

@@ -503,7 +503,7 @@ class Trainer:
             check_resume_config(cfg, saved, self.out_dir / 'ckpt.pt')
         self.corpus = load_corpus(cfg)
         self.tokenizer = sampling_tokenizer(cfg, self.corpus)
-        self.model = build_model(shape_source(cfg, saved, self.out_dir / 'ckpt.pt'), self.corpus.vocab_size, self.rt.device)
+        self.model = build_model(cfg, self.corpus.vocab_size, self.rt.device, saved)
         self.objective, self.building = objective or build_objective(cfg, self.corpus, self.model), True
         self.method = method_name(self.objective)
         if saved is not None:
@@ -584,9 +584,10 @@ class Trainer:
                 raise ValueError(f'iter_num={self.iter_num!r} is not a step count')
             self.best_val_loss = ckpt.get('best_val_loss', self.val_loss)
             self.last_wall, self.last_cost = ckpt.get('last_wall', 0.0), ckpt.get('last_cost', 0.0)
-            for name in ('val_loss', 'best_val_loss', 'last_wall', 'last_cost'):
-                if not same_kind(getattr(self, name), 0.0) or getattr(self, name) is None:
-                    raise ValueError(f'{name}={getattr(self, name)!r} is not a number')
+            for name in ('val_loss', 'best_val_loss', 'last_wall', 'last_cost'):  # inf: not evaluated yet
+                value = getattr(self, name)
+                if not isinstance(value, (int, float)) or isinstance(value, bool):
+                    raise ValueError(f'{name}={value!r} is not a number')
             # saved right after this step's eval, except a WSD branch point: a branch evaluates when it ends
             self.evaluated_at = self.iter_num if ckpt.get('evaluated', True) else None
             torch.set_rng_state(ckpt['rng']['cpu'])
@@ -820,13 +821,6 @@ def check_optimizer_state(optimizer, fresh):
                     raise ValueError(f'optimizer state {k} has shape {tuple(s.shape)}, its parameter {tuple(p.shape)}')
 
 
-def shape_source(cfg, saved, path):
-    """The config a run's model is built from. A run begun from a checkpoint took that checkpoint's shape
-    (build_model), whatever --n_embd and the rest said: resumed, it is rebuilt from its own checkpoint (path)."""
-    began = (saved or {}).get('config', {}).get('init_from', '')
-    return dataclasses.replace(cfg, init_from=str(path)) if isinstance(began, str) and began.endswith('.pt') else cfg
-
-
 def check_resume_identity(ckpt, now, path):
     """A resume refused, before anything is written, when the run would not continue the saved one: another
     world size, corpus content or cost table (checkpoints from before the identity was saved are not checked)."""
@@ -861,20 +855,22 @@ def train_wsd_branches(cfg, objective_fn=lambda cfg: None):
     once its checks pass (Trainer.start_folder), and each branch's when the trunk reaches its branch point,
     with the branches' folders locked meanwhile, so a failed call or a live branch run loses nothing."""
     budgets, folder, points, base = budget_lib.branch_plan(cfg)
-    other = [folder[b] for b in budgets if (folder[b] / 'config.json').exists() and not records_config(
+    other = [b for b in budgets if (folder[b] / 'config.json').exists() and not records_config(
         folder[b], dataclasses.asdict(dataclasses.replace(base, budget=b, out_dir=str(folder[b]))))]
-    require(cfg.overwrite or not other, f'{other and other[0]} holds a run of another config: --overwrite=True to '
-                                        f'replace these branches, or another --out_dir')
     trunk = dataclasses.replace(base, budget=budgets[-1], out_dir=str(folder[budgets[-1]]))
+    going = budgets[-1] not in other and (folder[budgets[-1]] / 'ckpt.pt').exists() and not run_finished(trunk.out_dir)
+    unreached = [b for b in other if going]  # an --overwrite=True trunk stopped before them: replaced when reached
+    require(cfg.overwrite or set(other) <= set(unreached), f'{other and folder[other[0]]} holds a run of another config: '
+                                                           f'--overwrite=True to replace these branches, or another --out_dir')
     if cfg.overwrite or not run_finished(trunk.out_dir):
         # no trunk checkpoint: a first run, or one killed before it saved (its log is stale: start again)
         resume = not cfg.overwrite and (folder[budgets[-1]] / 'ckpt.pt').exists()
         trunk = dataclasses.replace(trunk, init_from='resume' if resume else cfg.init_from, overwrite=not resume)
         todo = [(points[b], folder[b] / 'ckpt.pt', b) for b in budgets[:-1]
-                if cfg.overwrite or not (folder[b] / 'ckpt.pt').exists()]
+                if cfg.overwrite or b in unreached or not (folder[b] / 'ckpt.pt').exists()]
         with locked_folders([path.parent for _, path, _ in todo]):
             if train(trunk, objective_fn(trunk), todo)['interrupted']:
-                return {}  # Ctrl-C: stop here; the same command resumes the trunk, then runs the branches
+                return {}  # Ctrl-C: stop here; the command without --overwrite resumes the trunk, then the branches
     results = {}
     for b in budgets[:-1]:
         if not run_finished(folder[b]):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from configurator import ConfigError, UserError, key, require, require_writable
-from data.loader import Corpus, DataError, atomic_write_bytes, data_dir, read_json
+from data.loader import Corpus, DataError, atomic_write_bytes, data_dir, is_number, read_json
 from data.ngram import ngram_floors
 from budget import UNITS
 from runs import IL_LABEL, METHOD_STATS, SHAPE_KEYS, read_run
@@ -329,10 +329,6 @@ def comparable(runs, baseline):
 # -----------------------------------------------------------------------------
 # what compare reads of a run folder, each field checked before it is read
 
-def finite_number(v):
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def is_text(v):
     return v is None or isinstance(v, str)
 
@@ -342,7 +338,7 @@ def is_scalar(v):  # a model shape value: compared and counted, so never a list 
 
 
 CONFIG_FIELDS = {  # config.json's keys compare reads: (required, the check, what it must be)
-    'budget': (True, lambda v: finite_number(v) and v > 0, 'a positive number'),
+    'budget': (True, lambda v: is_number(v) and v > 0, 'a positive number'),
     'budget_unit': (True, lambda v: v in UNITS, f"one of {', '.join(UNITS)}"),
     'seed': (True, lambda v: isinstance(v, int) and not isinstance(v, bool), 'an integer'),
     **{k: (False, is_text, 'text') for k in ('label', 'method', 'arch', 'optimizer', 'schedule', 'dataset', 'tokenizer', 'rst_table')},
@@ -387,12 +383,12 @@ def record_problem(record, unit):
     if not isinstance(record, dict):
         return f'a {type(record).__name__} ({short(record)}), not a record'
     for k in LOG_FIELDS:
-        if k in record and not finite_number(record[k]) and not (record[k] is None and k in UNITS and k != unit):
+        if k in record and not is_number(record[k]) and not (record[k] is None and k in UNITS and k != unit):
             return f'{k}={short(record[k])} is not a finite number'
-    if finite_number(record.get('val_loss')) and record['val_loss'] < 0:
+    if is_number(record.get('val_loss')) and record['val_loss'] < 0:
         return f"val_loss={short(record['val_loss'])} is negative (a cross-entropy never is)"
     entries = record.get('rst_by_entry', {})
-    if not (isinstance(entries, dict) and all(finite_number(v) for v in entries.values())):
+    if not (isinstance(entries, dict) and all(is_number(v) for v in entries.values())):
         return f'rst_by_entry={short(entries)} is not a table of cost entry -> RST'
     return None
 

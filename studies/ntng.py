@@ -101,7 +101,7 @@ def check_sweep_shapes(spec, path):
     for name, (ok, shape) in shapes.items():
         require(ok, f'{path}: {name} must be {shape} (see config/ablation.py)')
     for row in spec['METHODS']:  # a row is a folder of the sweep: '../x' would write outside --out_dir
-        require(NAME_RE.fullmatch(row), f"{path}: METHODS row '{row}' names a run folder: give letters, digits, _ . - only")
+        require(NAME_RE.fullmatch(row), f"{path}: METHODS row '{row}' names a run folder: give letters, digits, _ . - only, starting with a letter, digit or _")
     for row in spec.get('LR_KEY', {}):
         require(row in spec['METHODS'], f"{path}: LR_KEY names {row}, which METHODS does not have")
     for row, axes in spec.get('TUNE', {}).items():

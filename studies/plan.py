@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 
 from configurator import UserError
-from data.loader import FolderLock
+from data.loader import lock_holder
 from runs import config_difference, in_use, read_log, records_config, run_diverged, run_finished
 
 ROOT = Path(__file__).resolve().parent.parent  # where the library's scripts are
@@ -299,13 +299,11 @@ def job_env(env, devices):
 
 def live_run(out_dir):
     """The refusal of a run folder (or of a WSD run's branch folder in it) whose lock a live process holds,
-    else '': another study already runs it. A lock file without a live holder is free (FolderLock)."""
+    else '': another study already runs it. The lock is only tried (lock_holder), so a live run's is untouched."""
     for lock in [Path(out_dir) / 'lock', *Path(out_dir).glob('*/lock')] if out_dir is not None else ():
-        if lock.is_file():
-            try:
-                FolderLock(lock, in_use(lock.parent)).acquire().release()
-            except UserError as e:
-                return str(e)
+        pid = lock_holder(lock)
+        if pid is not None:
+            return str(in_use(lock.parent)(pid))
     return ''
 
 

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Callable
 
 from configurator import UserError, cli
-from data.loader import atomic_write_bytes
-from studies.compare import finite_number, short
+from data.loader import atomic_write_bytes, is_number
+from studies.compare import short
 from studies.records import json_problem, read_whole_run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -102,7 +102,7 @@ def rho_table(folder):
             + il_charges([cpu_charged, folder / 'ablation']))
 
 
-IL_CHARGES = {k: (True, lambda v: finite_number(v) and v >= 0, 'a number of RST (>= 0)')  # what an IL-charged run's
+IL_CHARGES = {k: (True, lambda v: is_number(v) and v >= 0, 'a number of RST (>= 0)')  # what an IL-charged run's
               for k in ('il_train_rst', 'il_precompute_rst')}                         # first log record says it paid
 
 
@@ -448,7 +448,7 @@ def damaged(what, path):
 
 
 def positive(v):
-    return finite_number(v) and v > 0
+    return is_number(v) and v > 0
 
 
 def record_runs(folders, keys=()):
@@ -482,7 +482,7 @@ ROW_FIELDS = {  # ... of each row's tuning (its lr, the lr_key's, is checked aft
 }
 POINT_FIELDS = {  # ... of each grid point
     'lr': (True, positive, 'a positive number'),
-    'extra': (True, lambda v: isinstance(v, dict) and all(finite_number(x) for x in v.values()),
+    'extra': (True, lambda v: isinstance(v, dict) and all(is_number(x) for x in v.values()),
               "a record of the point's other axes (numbers)"),
     'final': (True, lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v),
               'a number (inf where the point failed)'),
@@ -578,7 +578,10 @@ def cost_table(path):
     """A committed cost table (config/rst/...) as update_costs reads it: checked as budget.load_table checks a run's,
     and the dates it shows (COST_TABLE_DATES)."""
     from budget import load_table
-    table = load_table(Path(path).stem, override=str(ROOT / path))
+    try:
+        table = load_table(Path(path).stem, override=str(ROOT / path))
+    except UserError as e:  # its fix (calibrate again) would replace the committed evidence
+        raise UserError(f'{str(e).split(": calibrate")[0].split(": price")[0]}: restore it (git checkout -- {path})') from None
     problem = fields_problem(table, COST_TABLE_DATES)
     if problem:
         raise UserError(f'{path}: {problem}: restore it (git checkout -- {path})')

@@ -219,3 +219,17 @@ def test_overwrite_deletes_nothing_before_its_checks_or_under_a_live_run(tmp_pat
     for b in (5, 10):  # both replaced, each folder one run: its config, its log from step 0
         saved = json.loads((tmp_path / 'br' / f'budget_{b}' / 'config.json').read_text())['config']
         assert saved['lr'] == 1e-3 and saved['budget'] == b and runs.run_finished(tmp_path / 'br' / f'budget_{b}')
+
+
+def test_an_overwrite_stopped_before_a_branch_point_resumes_without_overwrite(tmp_path):
+    """--overwrite=True stopped before the first branch point: the old branches still hold the other config.
+    The command without --overwrite resumes the new trunk (not refused, not restarted) and replaces them as reached."""
+    train.train_wsd_branches(TrainConfig(out_dir=str(tmp_path / 'br'), budget=5, branch_budgets=(1, 2), **RUN))
+    other = TrainConfig(out_dir=str(tmp_path / 'br'), budget=5, branch_budgets=(1, 2), **{**RUN, 'lr': 1e-3})
+    assert train.train_wsd_branches(dataclasses.replace(other, overwrite=True), lambda c: StopAfter(8, 2)) == {}
+    assert load(tmp_path / 'br' / 'budget_10' / 'ckpt.pt')['iter_num'] == 2  # the new trunk, stopped at step 2
+    results = train.train_wsd_branches(other)
+    assert set(results) == {5}
+    for b in (5, 10):
+        assert json.loads((tmp_path / 'br' / f'budget_{b}' / 'config.json').read_text())['config']['lr'] == 1e-3
+        assert runs.run_finished(tmp_path / 'br' / f'budget_{b}')

@@ -211,7 +211,7 @@ def test_rst_needs_an_optimizer_muon_entry(tiny_cfg, tmp_path):
     table = json.loads((ROOT / 'config/rst/gpt_L2_H2_D64_T64_V256_B8.json').read_text())
     table['optimizer'].pop('muon', None)
     (tmp_path / 'table.json').write_text(json.dumps(table))
-    with pytest.raises(UserError, match=r'no optimizer entry for muon: calibrate it again \(`python calibrate\.py'):
+    with pytest.raises(UserError, match=r'no optimizer entry for muon: price it with `python calibrate\.py'):
         train.train(tiny_cfg(optimizer='muon', budget_unit='rst', budget=1.0, rst_table=str(tmp_path / 'table.json')))
 
 

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from configurator import UserError
+from data.loader import FolderLock
 from studies import plan
 
 
@@ -181,7 +182,7 @@ def test_a_run_another_study_is_running_is_refused_before_its_console_log_is_tou
     live.log.write_text('step 500 | the live run so far\n')
     for lock in (tmp_path / 'live' / 'lock', tmp_path / 'live' / 'budget_10' / 'lock'):
         lock.parent.mkdir(exist_ok=True)
-        with plan.FolderLock(lock, plan.in_use(lock.parent)):  # held, as by another study's running run
+        with FolderLock(lock, plan.in_use(lock.parent)):  # held, as by another study's running run
             failed = plan.run_jobs([live], 1)
         assert [why for _, why in failed] == [f'{lock.parent} is in use by another run (pid {os.getpid()}): wait for '
                                               'it to end, or use another --out_dir']

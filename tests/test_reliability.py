@@ -398,7 +398,7 @@ def bad_cases(w):
         ('madpo-rm-pool', *mp, '--rm_pool=first', ['--rm_pool must be one of last, mean, sum']),
         ('madpo-block-size', *mp, '--block_size=50', ['must be <= --block_size']),
         ('madpo-po-without-sft', *mp, '--stage=po',  # without the optional extra, that is what it says first
-         ['no checkpoint at'] if importlib.util.find_spec('vaderSentiment') else ['pip install vaderSentiment']),
+         ['holds no finished SFT run'] if importlib.util.find_spec('vaderSentiment') else ['pip install vaderSentiment']),
         # data/reviews/prepare.py
         ('reviews-unknown-key', *rv, '--n_review=5', ['closest: n_reviews']),
         ('reviews-too-few', *rv, '--n_reviews=5', ['--n_reviews must be >= 100']),

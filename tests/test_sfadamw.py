@@ -207,5 +207,5 @@ def test_rst_needs_an_optimizer_sfadamw_entry(tiny_cfg):
     """A table without optimizer:sfadamw (the tiny shape's; the ablation's has one, calibrate.py --rst_add): an rst
     budget stops with the one-line calibrate error (a budget in another unit runs, RST uncounted: the tests above)."""
     assert 'sfadamw' not in json.loads((ROOT / 'config/rst/gpt_L2_H2_D64_T64_V256_B8.json').read_text())['optimizer']
-    with pytest.raises(UserError, match=r'no optimizer entry for sfadamw: calibrate it again \(`python calibrate\.py'):
+    with pytest.raises(UserError, match=r'no optimizer entry for sfadamw: price it with `python calibrate\.py'):
         train.train(tiny_cfg(budget_unit='rst', budget=1.0, optimizer='sfadamw', warmup_frac=0.0))

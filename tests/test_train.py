@@ -67,11 +67,13 @@ def test_a_run_begun_from_a_checkpoint_of_another_shape_resumes_as_that_shape(ti
     """--init_from=PATH takes the checkpoint's shape over --n_embd and the rest: resumed, the run is rebuilt
     from its own checkpoint (it was refused as 'damaged', the weights not fitting the keys' shape)."""
     train.train(tiny_cfg(out_dir=str(tmp_path / 'narrow'), n_embd=32, budget=2))
-    kw = dict(budget=8, eval_interval=4, init_from=str(tmp_path / 'narrow' / 'ckpt.pt'))  # the keys say n_embd 64, the weights 32
+    kw = dict(budget=8, eval_interval=2, init_from=str(tmp_path / 'narrow' / 'ckpt.pt'))  # the keys say n_embd 64, the weights 32
     full = train.train(tiny_cfg(out_dir=str(tmp_path / 'a'), **kw))
-    cut = train.train(tiny_cfg(out_dir=str(tmp_path / 'b'), **kw), StopAfter(8, 4))
+    cut = train.train(tiny_cfg(out_dir=str(tmp_path / 'b'), **kw), StopAfter(8, 2))
     assert cut['interrupted'] and load(tmp_path / 'b')['model_args']['n_embd'] == 32
-    resumed = train.train(tiny_cfg(out_dir=str(tmp_path / 'b'), **{**kw, 'init_from': 'resume'}))
+    again = tiny_cfg(out_dir=str(tmp_path / 'b'), **{**kw, 'init_from': 'resume'})
+    assert train.train(again, StopAfter(8, 4))['interrupted']  # stopped again: its checkpoint now says init_from='resume'
+    resumed = train.train(again)
     assert resumed['steps'] == 8 and resumed['val_loss'] == full['val_loss']
     assert without_timing(read_log(tmp_path / 'b')) == without_timing(read_log(tmp_path / 'a'))
 
