@@ -186,14 +186,48 @@ def plotted_floors(used):
     return (used.get('window_floors') or used.get('floors')) if isinstance(used, dict) else None
 
 
+def floor_table(v):
+    return isinstance(v, dict) and len(v) > 0 and all(is_number(x) and x > 0 for x in v.values())
+
+
+def eval_windows(v):
+    return isinstance(v, list) and len(v) == 2 and all(type(n) is int and n > 0 for n in v)
+
+
+FLOORS_FIELDS = {  # a floors record's keys (corpus_floors writes them; floors_note and the plot read them)
+    'corpus': (True, lambda v: isinstance(v, dict), 'the dataset and tokenizer the floors were counted on'),
+    'floors': (True, floor_table, "the val split's floors (n-gram order -> positive number)"),
+    'window_floors': (False, lambda v: not v or floor_table(v), "the eval windows' floors (n-gram order -> positive number)"),
+    'windows': (False, lambda v: v is None or eval_windows(v), 'the eval windows [block_size, count]'),
+}
+
+
+def fields_problem(record, fields, where=''):
+    """Why a parsed record lacks a required field or holds one of another kind, naming it (where + key), or None."""
+    if not isinstance(record, dict):
+        return f"{where.rstrip('.') or 'the file'} holds a {type(record).__name__} ({short(record)}), not a record"
+    for k, (required, ok, what) in fields.items():
+        if k not in record and required:
+            return f'{where}{k} is missing ({what})'
+        if k in record and not ok(record[k]):
+            return f'{where}{k}={short(record[k])} is not {what}'
+    return None
+
+
+
+def floors_problem(saved):
+    """Why a parsed floors record cannot be read, naming the field, or None (the windows wherever their floors are)."""
+    windows = {'windows': (True, eval_windows, FLOORS_FIELDS['windows'][2])}
+    return fields_problem(saved, FLOORS_FIELDS) or (fields_problem(saved, windows) if saved.get('window_floors') else None)
+
+
 def read_floors(path, runs):
-    """The floors record compare wrote beside an earlier table (<out>.floors.json), checked against the runs'
-    corpus: floors of another corpus would misplace every column."""
+    """The floors record compare wrote beside an earlier table (<out>.floors.json), checked field by field
+    (floors_problem) and against the runs' corpus: floors of another corpus would misplace every column."""
     saved = read_json(path)
-    corpus, floors = saved.get('corpus'), saved.get('floors')
-    require(isinstance(corpus, dict) and isinstance(floors, dict) and floors and all(
-        isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in floors.values()),
-        f'--floors={path} is not a floors record written by compare (<out>.floors.json)')
+    problem = floors_problem(saved) if saved else 'it holds no JSON record'
+    require(problem is None, f'--floors={path} is not a floors record written by compare (<out>.floors.json): {problem}')
+    corpus = saved['corpus']
     wanted = {(r['dataset'], r['tokenizer']) for r in runs}
     require(wanted == {(corpus.get('dataset'), corpus.get('tokenizer'))},
             f"--floors={path} holds the floors of {corpus.get('dataset')}/{corpus.get('tokenizer')}, the runs are on "

@@ -25,7 +25,7 @@ from typing import Callable
 
 from configurator import UserError, cli
 from data.loader import atomic_write_bytes, is_number
-from studies.compare import short
+from studies.compare import fields_problem, floors_problem
 from studies.records import json_problem, read_whole_run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -489,18 +489,6 @@ POINT_FIELDS = {  # ... of each grid point
 }
 
 
-def fields_problem(record, fields, where=''):
-    """Why a parsed record lacks a required field or holds one of another kind, naming it (where + key), or None."""
-    if not isinstance(record, dict):
-        return f"{where.rstrip('.') or 'the file'} holds a {type(record).__name__} ({short(record)}), not a record"
-    for k, (required, ok, what) in fields.items():
-        if k not in record and required:
-            return f'{where}{k} is missing ({what})'
-        if k in record and not ok(record[k]):
-            return f'{where}{k}={short(record[k])} is not {what}'
-    return None
-
-
 def tuned_problem(record, chosen):
     """Why a parsed tuned.json cannot be read by the tables, naming the field ('tuned.muon.grid[0].extra is
     missing (...)'), or None. chosen: {row: keys} of its chosen values a table reads beyond its lr."""
@@ -537,28 +525,10 @@ def read_tuned(path, chosen=None):
     return record
 
 
-def floor_table(v):
-    return isinstance(v, dict) and len(v) > 0 and all(positive(x) for x in v.values())
-
-
-def eval_windows(v):
-    return isinstance(v, list) and len(v) == 2 and all(type(n) is int and n > 0 for n in v)
-
-
-FLOORS_FIELDS = {  # a floors file's keys compare reads (compare.read_floors then checks its corpus against the runs')
-    'corpus': (True, lambda v: isinstance(v, dict), 'the dataset and tokenizer the floors were counted on'),
-    'floors': (True, floor_table, "the val split's floors (n-gram order -> positive number)"),
-    'window_floors': (False, lambda v: not v or floor_table(v), "the eval windows' floors (n-gram order -> positive number)"),
-    'windows': (False, lambda v: v is None or eval_windows(v), 'the eval windows [block_size, count]'),
-}
-
-
 def recorded_floors(path):
     """A recorded floors file (<out>.floors.json), refused in one line naming the field unless compare can read it
-    (FLOORS_FIELDS; the windows wherever their floors are recorded), as the path compare_report takes."""
-    saved = read_record(path)
-    windows = {'windows': (True, eval_windows, FLOORS_FIELDS['windows'][2])}  # wherever their floors are recorded
-    problem = fields_problem(saved, FLOORS_FIELDS) or (fields_problem(saved, windows) if saved.get('window_floors') else None)
+    (studies.compare.floors_problem), as the path compare_report takes: the fix named is git's, not a rerun."""
+    problem = floors_problem(read_record(path))
     if problem:
         raise damaged(f'{shown(path)}: {problem}', path)
     return str(path)
