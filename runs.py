@@ -406,7 +406,7 @@ def locked_folders(folders):
     with contextlib.ExitStack() as stack:
         for folder in folders:
             if Path(folder).is_dir():
-                stack.enter_context(FolderLock(Path(folder) / 'lock', in_use(folder)))
+                stack.enter_context(locked_folder(folder, made=[]))
         yield
 
 
