@@ -410,14 +410,16 @@ def folder(cfg, stage):
     return Path(cfg.out_dir) / f'seed{cfg.seed}' / name
 
 
-def require_finished_sft(cfg):
-    """The later stages start from the SFT model: a stopped or unfinished SFT run would pass its weights off as
-    the finished model's, so it is refused in one line."""
-    sft = folder(cfg, 'sft')
-    why = 'it was stopped' if (sft / 'stopped.json').exists() else 'no done.json'
-    again = ' --init_from=resume' if (sft / 'ckpt.pt').exists() else ''
-    require((sft / 'done.json').is_file(), f'{sft} holds no finished SFT run ({why}): finish it first (python madpo.py '
-                                           f'--stage=sft{again} with the same --out_dir and --seed)')
+def require_finished(cfg, stage):
+    """The later stages start from the SFT model (po with --margins=rm reads the reward model too): a stopped or
+    unfinished run would pass its weights off as the finished model's, so it is refused in one line. A run
+    that starts again removes its done.json first (train.py), so a rerun killed midway is not finished either."""
+    out = folder(cfg, stage)
+    why = 'it was stopped' if (out / 'stopped.json').exists() else 'no done.json'
+    again = ' --init_from=resume' if (out / 'ckpt.pt').exists() else ''
+    tier = f' --tier={cfg.tier}' if stage == 'rm' else ''
+    require((out / 'done.json').is_file(), f'{out} holds no finished {stage.upper()} run ({why}): finish it first (python '
+                                           f'madpo.py --stage={stage}{tier}{again} with the same --out_dir and --seed)')
 
 
 def train_config(cfg, stage):
@@ -513,8 +515,8 @@ def main(cfg):
     ensure_prepared(cfg.dataset)
     out, t0 = folder(cfg, cfg.stage), time.time()
     print(f'=== stage {STAGES.index(cfg.stage) + 1}/{len(STAGES)}: {cfg.stage} -> {out}', flush=True)
-    if cfg.stage != 'sft':
-        require_finished_sft(cfg)
+    for earlier in ['sft'] * (cfg.stage != 'sft') + ['rm'] * (cfg.stage == 'po' and cfg.loss == 'madpo' and cfg.margins == 'rm'):
+        require_finished(cfg, earlier)
     # train.train locks a training stage's folder while it trains; the pairs stage trains nothing, so locks its own
     with runs.locked_folder(out) if cfg.stage == 'pairs' else contextlib.nullcontext():
         result = STAGE_RUNS[cfg.stage](cfg, train.setup_device(cfg).device)

@@ -620,7 +620,8 @@ class Trainer:
             atomic_write_bytes(self.out_dir / 'log.jsonl', b'')
         if self.rt.master:
             atomic_write_bytes(self.out_dir / 'config.json', json.dumps(run_info(self.cfg), indent=1).encode())
-            (self.out_dir / 'stopped.json').unlink(missing_ok=True)  # it runs again: no longer a stopped run
+            (self.out_dir / 'stopped.json').unlink(missing_ok=True)  # it runs again: no longer a stopped run,
+            (self.out_dir / 'done.json').unlink(missing_ok=True)  # nor a finished one (madpo.py's record of a stage)
         if fresh:  # a resumed run's log has them
             for record in self.ctx.records:
                 self.log(record)

@@ -961,6 +961,17 @@ def test_a_stopped_rm_or_po_run_exits_with_the_signals_status_and_resumes(finish
     monkeypatch.setattr(train.Trainer, 'train_step', real_step)
     assert stage_command(stage, out, small_corpus, *args, '--init_from=resume') == 0
     assert (run / 'done.json').exists() and not (run / 'stopped.json').exists()
+    # a rerun over the finished stage, stopped midway: the old done.json went when the new run started
+    monkeypatch.setattr(train.Trainer, 'train_step', train_step)
+    steps.clear()
+    assert stage_command(stage, out, small_corpus, *args, '--overwrite=True') == {'SIGINT': 130, 'SIGTERM': 143}[sig]
+    assert not (run / 'done.json').exists() and (run / 'stopped.json').exists()
+    if stage == 'rm':  # so MADPO's po stage does not read its rm.pt as a finished reward model's
+        capsys.readouterr()
+        assert stage_command('po', out, small_corpus, '--n_embd=32', '--loss=madpo', '--margins=rm', '--po_pairs=16',
+                             '--po_val_pairs=4', '--n_eval=4') == 2
+        assert f'{run} holds no finished RM run (it was stopped): finish it first (python madpo.py --stage=rm ' \
+               '--tier=high --init_from=resume with the same --out_dir and --seed)' in capsys.readouterr().err
 
 
 def test_a_stopped_pairs_build_keeps_the_old_pairs_and_says_how_to_rerun(finished_pairs, small_corpus, capsys, monkeypatch):
