@@ -313,8 +313,8 @@ def cli(entry, cls, argv=None, usage='[config.py ...] [--key=value ...]'):
                if e.filename else ' (check the free disk space and the permissions of the folders written)')
         print(f'error: {e.strerror or e}{fix}', file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:
-        exit_stopped('interrupted')
+    except KeyboardInterrupt:  # outside a training step (data, a precompute, a second Ctrl-C): its files are written whole
+        exit_stopped(f'stopped by {stop_signal_name()} before it finished: run the same command again to go on')
     if STOPPED:  # the loop stopped at a step boundary and saved: not a finished run, whatever entry returned
         exit_stopped(f'stopped by {stop_signal_name()}: the run saved a checkpoint and is not finished')
     return result

@@ -37,7 +37,7 @@ import torch
 
 import runs
 import train
-from configurator import cli, key, require
+from configurator import Interrupted, cli, key, require, stop_signal_name
 from data.loader import (DATA_ROOT, NUMBER, Corpus, DataError, atomic_write_bytes, file_sha256, get_examples,
                          num_examples, read_meta)
 from data.mathmix.fewshot import clean_val, exact_match, load_problems
@@ -448,7 +448,8 @@ def stage_train(cfg, paths):
     folder = paths.run_dir(cfg)
     run = dataclasses.replace(cfg, out_dir=str(folder), dataset=str(paths.corpus(cfg.noise)))
     if train.train(run, SelectiveLM(run, paths))['interrupted']:
-        raise KeyboardInterrupt  # exit 130: the run is saved, --init_from=resume continues it
+        raise Interrupted(f'{folder} stopped by {stop_signal_name()}, its checkpoint saved: rerun the command with '
+                          '--init_from=resume to continue it (exit 130 / 143: not finished, no eval.json)')
     same = {**dataclasses.asdict(run), 'ref_ckpt_sha256': ref_sha}
     arm = arm_name(cfg.select_by, cfg.k, cfg.select)
     out = {'run': f'{folder.parent.name}/{folder.name}', 'noise': cfg.noise, 'arm': arm, 'k': cfg.k, 'seed': cfg.seed,

@@ -147,6 +147,17 @@ def test_a_machine_error_exits_1_with_one_line_naming_the_path_and_a_fix(capsys)
     assert err == 'error: No space left on device (check the free disk space and the permissions of the folders written)\n'
 
 
+def test_a_stop_outside_a_training_step_says_how_to_go_on(capsys):
+    """Ctrl-C in work outside the loop (building a corpus, a precompute, a second Ctrl-C): exit 130 and one line
+    naming the signal and what to do (it was a bare "interrupted")."""
+    def entry(cfg):
+        raise KeyboardInterrupt
+    with pytest.raises(SystemExit) as e:
+        cli(entry, Toy, [])
+    assert e.value.code == 130
+    assert capsys.readouterr().err == 'stopped by SIGINT before it finished: run the same command again to go on\n'
+
+
 def test_train_config_tuple_and_float_keys():
     from train import TrainConfig
     cfg = parse(TrainConfig, ['--stack_fracs=[0.25, 0.5]', '--lr=1', '--model=tiny'])

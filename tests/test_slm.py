@@ -774,6 +774,23 @@ def test_resume_trims_the_accuracy_curve_and_continues_it_exactly(mathmix, tmp_p
     assert [p for p in got if p['step'] != 5] == want
 
 
+def test_a_stopped_arm_exits_130_naming_the_resume_and_writes_no_eval(mathmix, tmp_path, monkeypatch, capsys):
+    """Ctrl-C inside an arm's training: its checkpoint is saved, `python slm.py --stage=train` says in one line
+    how to continue and exits 130 (was a bare "interrupted"), and no eval.json passes the stopped arm off as run."""
+    cfg = slm_cfg(mathmix, tmp_path, ref_mode='online', budget_unit='iters', budget=8, eval_interval=2,
+                  sample_tokens=0, stage='train', select_by='oracle')
+    paths = slm.get_paths(cfg)
+    save_ref(random_gpt(5), paths.ref_ckpt)
+    CutAt.cut = 3
+    monkeypatch.setattr(slm, 'SelectiveLM', CutAt)
+    with pytest.raises(SystemExit) as stop:
+        cli(lambda _: slm.stage_train(cfg, paths), slm.SLMConfig, [])
+    err, folder = capsys.readouterr().err.strip().splitlines(), paths.run_dir(cfg)
+    assert stop.value.code == 130 and err == [f'{folder} stopped by SIGINT, its checkpoint saved: rerun the command with '
+                                              '--init_from=resume to continue it (exit 130 / 143: not finished, no eval.json)']
+    assert (folder / 'ckpt.pt').exists() and not (folder / 'eval.json').exists()
+
+
 def test_quick_pipeline_runs_end_to_end(tmp_path, capsys):
     """The study's --quick as a process, as CI runs it (at test size: one noise level, two seeds); then the
     same command again in-process: every stage is finished, nothing trains. prepare.py is deterministic."""
