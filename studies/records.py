@@ -31,9 +31,18 @@ class RecordsConfig:
 
 
 def finished_runs(src):
-    """The run folders under src whose logs show their whole budget spent and that no signal stopped."""
-    return [p.parent for p in sorted(src.rglob('config.json'))
-            if not (p.parent / 'stopped.json').exists() and (p.parent / 'log.jsonl').exists() and run_finished(p.parent)]
+    """(the run folders under src whose logs show their whole budget spent and that no signal stopped, the others)"""
+    folders = [p.parent for p in sorted(src.rglob('config.json'))]
+    done = [f for f in folders if not (f / 'stopped.json').exists() and (f / 'log.jsonl').exists() and run_finished(f)]
+    return done, [f for f in folders if f not in done]
+
+
+def left_out(src, others, shown=3):
+    """The runs not recorded, named (a few) so that a run whose log was cut short is not missed unnoticed."""
+    if not others:
+        return ''
+    names = ', '.join(str(f.relative_to(src)) for f in others[:shown]) + (', ...' if len(others) > shown else '')
+    return f'; {len(others)} left out, not finished (going, stopped, or a log cut short): {names}'
 
 
 def json_problem(path, last_only=False):
@@ -86,7 +95,7 @@ def record(src, dst):
     if dst.resolve().is_relative_to(src.resolve()) or src.resolve().is_relative_to(dst.resolve()):
         raise UserError(f'{dst} and {src} lie one inside the other: the record would copy itself as more runs (give a '
                         f'record folder outside the study, e.g. out/records/<study>-<date>)')
-    runs = finished_runs(src)
+    runs, others = finished_runs(src)
     if not runs:
         raise UserError(f'{src} holds no finished run (a run folder with config.json and a log that spent its budget): '
                         f'nothing recorded')
@@ -109,7 +118,7 @@ def record(src, dst):
         out = run.parent / f'{run.name}.out'
         if out.exists():
             atomic_write_bytes(dst / rel.parent / out.name, out.read_bytes())
-    print(f'{len(runs)} finished run(s) recorded in {dst}')
+    print(f'{len(runs)} finished run(s) recorded in {dst}{left_out(src, others)}')
 
 
 def main(argv):

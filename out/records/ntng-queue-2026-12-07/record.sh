@@ -9,7 +9,7 @@ export OMP_NUM_THREADS=1
 R=out/records failed=0
 rec() {  # rec STUDY_FOLDER RECORD_FOLDER: a study folder that has no finished run yet is passed over
     [ -d "$1" ] && python -c "import sys; from pathlib import Path; from studies.records import finished_runs
-sys.exit(0 if finished_runs(Path(sys.argv[1])) else 1)" "$1" || { echo "$1: no finished run yet"; return; }
+sys.exit(0 if finished_runs(Path(sys.argv[1]))[0] else 1)" "$1" || { echo "$1: no finished run yet"; return; }
     python -m studies.finals "$1" && python -m studies.records "$1" "$2" || { echo "record $1 failed"; failed=1; }
 }
 rec /work/study-1206/out/ablation_h200  $R/ntng-h200-2026-12-06
