@@ -17,7 +17,8 @@ import torch
 import budget
 import runs
 import train
-from configurator import cli, require, require_writable
+from configurator import UserError, cli, require, require_writable
+from data.loader import FolderLock
 
 
 def calibration_inputs(cfg):
@@ -51,10 +52,21 @@ def check_table(cfg, key, optimizers):
             f"run with that table's shape, or give --rst_table=<a table for {key}>")
 
 
+def table_lock(path):
+    """Held from the check to the write: two calibrations of one table would both pass the check, and the
+    second would then replace the first's table (or drop its --rst_add entries) unasked; it refuses instead."""
+    busy = lambda pid: UserError(f'{path} is being calibrated by another process (pid {pid}): wait for it to end, '  # noqa: E731
+                                 'or give --rst_table=<another path>')
+    return FolderLock(path.parent / f'.{path.name}.lock', busy)
+
+
 def main(cfg):
     run, model, batch, optimizers, key = calibration_inputs(cfg)
-    check_table(cfg, key, optimizers)
-    return budget.calibrate(cfg, run, model, batch, optimizers, key)
+    path = budget.table_path(key, cfg.rst_table)
+    require_writable(path)  # before the lock makes its folder
+    with table_lock(path):
+        check_table(cfg, key, optimizers)
+        return budget.calibrate(cfg, run, model, batch, optimizers, key)
 
 
 if __name__ == '__main__':

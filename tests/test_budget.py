@@ -3,6 +3,8 @@ RST is charged exactly from the table; calibrate writes a usable table, and repl
 only when asked; the CPU peak behind MFU is measured once, cached and only raised."""
 import json
 import math
+import subprocess
+import sys
 import types
 from pathlib import Path
 
@@ -301,6 +303,27 @@ def test_calibrate_replaces_a_saved_table_only_with_overwrite(tmp_path, monkeypa
     assert code == 0, err
     assert json.loads(named.read_text())['fwd_bwd'] == {'1': 0.5, '2': 0.5}
     assert default.read_bytes() == committed.read_bytes()
+
+
+def test_a_table_another_calibration_is_writing_is_refused(tmp_path, monkeypatch, capsys, stdlib_corpus):
+    """Two calibrations of one table: the second refuses in one line while the first holds the table's lock
+    (a child process here), measures nothing, and leaves no table; once the first ends it runs."""
+    named = tmp_path / 'mine.json'
+    monkeypatch.setattr(budget_lib, 'measure_table', no_measuring)
+    holder = subprocess.Popen([sys.executable, '-c', 'import sys, time; from data.loader import FolderLock; '
+                               'FolderLock(sys.argv[1], None).acquire(); print("held", flush=True); time.sleep(60)',
+                               str(tmp_path / '.mine.json.lock')], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == 'held\n'
+        code, err = calibrate_cli(['--batch_size=8', f'--rst_table={named}'], capsys)
+        assert (code, err) == (2, [f'error: {named} is being calibrated by another process (pid {holder.pid}): wait for '
+                                   'it to end, or give --rst_table=<another path>']) and not named.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    monkeypatch.setattr(budget_lib, 'measure_table', fake_measure(0.5))
+    assert calibrate_cli(['--batch_size=8', f'--rst_table={named}'], capsys)[0] == 0 and named.is_file()
+    assert not (tmp_path / '.mine.json.lock').exists()
 
 
 def test_rst_add_extends_a_table_of_this_shape_only(tmp_path, monkeypatch, capsys, stdlib_corpus):
