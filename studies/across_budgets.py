@@ -50,25 +50,29 @@ def target_table(groups, target, baseline='baseline', how=''):
         notes = ([f'{pending} pending: not run at every budget yet'] if pending else []) + (
             [f'{early} already at the smallest budget: an upper bound'] if early else [])
         notes = f" ({'; '.join(notes)})" if notes else ''
-        paired = paired_speedup(per_seed.get(baseline, {}), per_seed[label]) if label != baseline else '—'
+        paired = paired_speedup(per_seed.get(baseline, {}), per_seed[label], pending) if label != baseline else '—'
         lines.append(f"| {label} | {f'{median:.1f}' if math.isfinite(median) else 'not reached'} | {reached}/{n}{notes} "
                      f"| {speed} | {paired} |")
     return '\n'.join(lines)
 
 
-def paired_speedup(base, mine):
+def paired_speedup(base, mine, pending=0):
     """The geometric mean over paired seeds of baseline time / method time, with a t-based 95% CI on the log
-    ratios: a method's speedup carries its interval. Needs every paired seed to reach the target."""
+    ratios: a method's speedup carries its interval. Needs every paired seed to reach the target; with seeds
+    still pending (target_table), a method none of whose finished seeds reached it is not yet slower."""
     seeds = sorted(base.keys() & mine.keys())
+    later = f', {pending} pending' if pending else ''
     if not seeds:
-        return '—'
+        return f'not resolved yet ({pending} pending)' if pending else '—'
     if all(math.isfinite(base[s]) and not math.isfinite(mine[s]) for s in seeds):
+        if pending:
+            return f'not resolved yet: none of its {len(seeds)} finished paired seeds reached it{later}'
         return f'slower: none of its {len(seeds)} paired seeds reached it'
     if not all(math.isfinite(base[s]) and math.isfinite(mine[s]) for s in seeds):
-        return 'not resolved (a seed never reached it)'
+        return f'not resolved (a seed never reached it{later})'
     m, half = t_interval([math.log(base[s] / mine[s]) for s in seeds])
     ci = f' [{math.exp(m - half):.2f}, {math.exp(m + half):.2f}]' if math.isfinite(half) else ' (one pair)'
-    return f'{math.exp(m):.2f}x{ci} (n={len(seeds)})'
+    return f'{math.exp(m):.2f}x{ci} (n={len(seeds)}{later})'
 
 
 def auto_target(base_runs):

@@ -317,7 +317,12 @@ def test_a_seed_not_run_at_every_budget_yet_is_pending_not_unreached(target_runs
     assert "target val loss 3.1000, the baseline's worst of 2 seeds at budget 20 (fully decayed" in report
     assert row(report, 'fast', 2)[:3] == ['10.0', '2/2 (1 pending: not run at every budget yet; 2 already at the smallest '
                                               'budget: an upper bound)', '1.76x']
-    assert row(report, 'slow', 2)[:3] == ['not reached', '0/0 (1 pending: not run at every budget yet)', '—']
+    assert row(report, 'fast', 2)[3].endswith('(n=2, 1 pending)')
+    assert row(report, 'slow', 2)[:4] == ['not reached', '0/0 (1 pending: not run at every budget yet)', '—',
+                                          'not resolved yet (1 pending)']
+    behind = compare.compare(target_runs + [write_run(tmp_path, 's10s1', 'slow', 10.0, 1, [(5.0, 500, 4.0), (10.0, 1000, 3.6)])],
+                             out=str(tmp_path / 'y'))   # seed 0 never reached it, seed 1 not run at 20 yet
+    assert row(behind, 'slow', 2)[3] == 'not resolved yet: none of its 1 finished paired seeds reached it, 1 pending'
 
 
 def test_a_seed_with_a_gap_before_its_crossing_is_pending_and_auto_matches_seeds(target_runs, tmp_path, monkeypatch):
