@@ -201,6 +201,12 @@ def load_table(key, override='', required=True, needs=None, data=''):
         more = f"--rst_add=\"('{lacks[1]}',)\"" if lacks[0] == 'optimizer' else '--overwrite=True'
         raise UserError(f'RST table {path} has no {lacks[0]} entry for {lacks[1]}: price it with '
                         f'{calibrate_command(key, data, override, more)}')
+    if problem and isinstance(table, dict) and 'fwd_bwd' in table and table.get('key') != key:  # another shape's table:
+        own = table_path(key)  # replacing it would break the runs charged under it, so calibrate refuses to
+        fix = (f'leave out --rst_table to use {own}' if override and own.is_file() else
+               f'measure one with {calibrate_command(key, data)}' + (' and leave out --rst_table' if override else ''))
+        first = '' if override else f"move it to {table_path(table.get('key'))}, then "
+        raise UserError(f'RST table {path} {problem}: {first}give a table of this shape, or {fix}')
     if problem:
         raise UserError(f'RST table {path} {problem}: calibrate it again with '
                         f'{calibrate_command(key, data, override, "--overwrite=True")}')

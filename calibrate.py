@@ -12,6 +12,8 @@ adds entries to a table of this shape and keeps the rest. It is a file of its ow
     python calibrate.py --rst_table=mine.json                        # the default run's shape, this CPU
     python calibrate.py config/gpt2_124m.py --device=cuda --rst_repeats=3     # GPT-2 124M on fineweb_edu, this GPU
 """
+import json
+
 import torch
 
 import budget
@@ -42,9 +44,13 @@ def check_table(cfg, key, optimizers):
     shape's steps would price another shape's)."""
     path = budget.table_path(key, cfg.rst_table)
     require_writable(path)  # a folder, or an unwritable one, is named as such (not 'does not exist')
+    require(path.suffix == '.json', f'--rst_table={path}: a cost table is a .json file: give a path ending in .json')
     if not cfg.rst_add:
         require(cfg.overwrite or not path.is_file(), f'{path} holds a cost table already (runs charged under it would '
                 'change meaning): --overwrite=True to replace it, or --rst_table=<new path> to keep it')
+        problem = replace_problem(path, key) if path.is_file() else None
+        require(problem is None, f'{path} {problem}: --overwrite=True replaces only a cost table of this shape ({key}) '
+                                 'or a damaged one: give --rst_table=<new path>')
         return
     table = budget.load_existing(path, cfg.rst_add, optimizers)  # the names, and a sound table for its own key
     problem = budget.table_problem(table, key)  # so what is left is the shape: load_table's check
@@ -58,6 +64,19 @@ def table_lock(path):
     busy = lambda pid: UserError(f'{path} is being calibrated by another process (pid {pid}): wait for it to end, '  # noqa: E731
                                  'or give --rst_table=<another path>')
     return FolderLock(path.parent / f'.{path.name}.lock', busy)
+
+
+def replace_problem(path, key):
+    """Why --overwrite=True may not replace the file at path, or None: it replaces a table of this shape, or one
+    too damaged to parse; never another file that ends in .json (a run's config.json) or a sound table of
+    another shape (the runs charged under it keep it)."""
+    try:
+        table = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(table, dict) or 'fwd_bwd' not in table:
+        return 'is not a cost table (no fwd_bwd entries)'
+    return None if table.get('key') == key else f"is the cost table of shape {table.get('key')}, not of this run's"
 
 
 def main(cfg):

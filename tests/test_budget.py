@@ -326,6 +326,36 @@ def test_a_table_another_calibration_is_writing_is_refused(tmp_path, monkeypatch
     assert not (tmp_path / '.mine.json.lock').exists()
 
 
+def test_overwrite_replaces_only_a_table_of_this_shape_and_no_message_offers_another_shapes(
+        tmp_path, monkeypatch, capsys, stdlib_corpus, tiny_cfg):
+    """A run given another shape's table is told to use or measure a table of its own shape, never to
+    --overwrite that one (following it replaced the committed H200 table); calibrate's --overwrite=True replaces
+    a table of this shape or a damaged one, and refuses, byte for byte, another shape's table, a run's
+    config.json and a checkpoint (a non-.json path)."""
+    other = tmp_path / 'other.json'
+    other.write_bytes((ROOT / 'config' / 'rst' / 'h200' / 'gpt_L4_H4_D128_T128_V256_B32.json').read_bytes())
+    with pytest.raises(UserError) as e:
+        train.train(tiny_cfg(budget_unit='rst', budget=1.0, rst_table=str(other)))
+    assert 'is for shape gpt_L4_H4_D128_T128_V256_B32, this run is' in str(e.value) and '--overwrite' not in str(e.value)
+    assert 'give a table of this shape, or leave out --rst_table to use' in str(e.value)  # the committed tiny table
+    config = tmp_path / 'config.json'
+    config.write_text(json.dumps({'config': {'lr': 0.001}}))
+    ckpt = tmp_path / 'ckpt.pt'
+    ckpt.write_bytes(b'PK\x03\x04 weights')
+    monkeypatch.setattr(budget_lib, 'measure_table', no_measuring)
+    for path, says in ((other, "is the cost table of shape gpt_L4_H4_D128_T128_V256_B32, not of this run's"),
+                       (config, 'is not a cost table (no fwd_bwd entries)'), (ckpt, 'a cost table is a .json file')):
+        before = path.read_bytes()
+        code, err = calibrate_cli(['--batch_size=8', f'--rst_table={path}', '--overwrite=True'], capsys)
+        assert code == 2 and len(err) == 1 and says in err[0], err
+        assert path.read_bytes() == before
+    damaged = tmp_path / 'damaged.json'
+    damaged.write_text('{"key": "gpt_L2_H2_D64')  # cut short: replaced, as the damaged-table message says
+    monkeypatch.setattr(budget_lib, 'measure_table', fake_measure(0.5))
+    assert calibrate_cli(['--batch_size=8', f'--rst_table={damaged}', '--overwrite=True'], capsys)[0] == 0
+    assert json.loads(damaged.read_text())['key'] == B8
+
+
 def test_rst_add_extends_a_table_of_this_shape_only(tmp_path, monkeypatch, capsys, stdlib_corpus):
     """A batch-8 table: --rst_add from a batch-4 run is refused in one line naming both shapes, before any
     measuring, the table unchanged; from a batch-8 run it adds Muon without --overwrite, keeping every entry."""
