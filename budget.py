@@ -417,22 +417,31 @@ def cpu_key():
 
 def cached_cpu_peak(remeasure=False):
     """This machine's CPU peak, measured once and cached (a corrupt or unwritable cache: measured again).
-    remeasure: measure now and keep the larger of the two (a peak measured under load was too low)."""
+    remeasure: measure now and keep the larger of the two (a peak measured under load was too low). A file
+    at the cache's path that is not a cache (another JSON, a checkpoint) is left as it is, never written over."""
     path, cpu = cpu_peak_cache(), cpu_key()
     try:
         cache = json.loads(path.read_text())
+    except UnicodeDecodeError:
+        cache = None  # a binary file (a checkpoint) lives there: measured each time, the file kept
     except (OSError, ValueError):
-        cache = {}
-    cache = cache if isinstance(cache, dict) else {}
-    known = cache.get(cpu) if isinstance(cache.get(cpu), (int, float)) and cache.get(cpu) > 0 else None
+        cache = {}  # none yet, or a cache cut short: written again
+    if not (isinstance(cache, dict) and all(isinstance(v, (int, float)) for v in cache.values())):
+        cache = None  # another JSON file (a list, a run's config.json), or the binary one above
+    known = cache.get(cpu) if cache and isinstance(cache.get(cpu), (int, float)) and cache.get(cpu) > 0 else None
     if known and not remeasure:
         return known
     peak = max(measure_cpu_peak(), known or 0.0)
+    if cache is None:
+        print(f'warning: {path} is not a CPU-peak cache: left as it is, the peak not kept (set NANO_EFFICIENT_PEAK_CACHE '
+              'to another file, or give --peak_flops)', file=sys.stderr)
+        return peak
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, json.dumps({**cache, cpu: peak}, indent=1).encode())
     except OSError as e:
-        warnings.warn(f'could not cache the CPU peak in {path} ({e}); set NANO_EFFICIENT_PEAK_CACHE or --peak_flops')
+        print(f'warning: could not cache the CPU peak in {path} ({e.strerror or e}): set NANO_EFFICIENT_PEAK_CACHE to a '
+              'writable file, or give --peak_flops', file=sys.stderr)
     return peak
 
 

@@ -527,9 +527,12 @@ def check_selection(cfg):
     if n_B > limit:
         given = f'--mega_batch={cfg.mega_batch}' if cfg.mega_batch else \
             f'--select_frac={cfg.select_frac:g} (nB = --batch_size / --select_frac)'
-        fix = '' if cfg.mega_batch else f'--select_frac >= {round_to(cfg.batch_size / limit, up=True):g} or '
-        raise UserError(f'{given} scores nB = {n_B:,} examples per micro-batch, more than {why}: give {fix}'
-                        f'--mega_batch <= {limit:,}')
+        frac = round_to(cfg.batch_size / limit, up=True)  # only the fixes that can pass: select_frac <= 1, nB >= batch
+        fixes = ([f'--select_frac >= {frac:g}'] if not cfg.mega_batch and frac <= 1 else []) + (
+            [f'--mega_batch <= {limit:,}'] if limit >= cfg.batch_size else []) + (
+            [f'a --holdout_frac below {cfg.holdout_frac:g}'] if n_train <= fits else [f'a --batch_size below {cfg.batch_size}'])
+        raise UserError(f'{given} scores nB = {n_B:,} examples per micro-batch, more than {why}: give '
+                        f"{' or '.join(fixes)}")
 
 
 def main(cfg):

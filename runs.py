@@ -136,8 +136,8 @@ def save_checkpoint(path, ckpt):
         with signals_deferred():
             atomic_write(path, lambda f: torch.save(ckpt, f))
     except (OSError, RuntimeError) as e:
-        if isinstance(e, RuntimeError) and 'write' not in str(e).lower():
-            raise  # not the disk: a bug, with its traceback
+        if isinstance(e, RuntimeError) and 'write' not in str(e).lower() and 'inline_container' not in str(e):
+            raise  # not the disk (torch's zip writer names itself, or the write, when the disk fails it): a bug
         reason = e.strerror if isinstance(e, OSError) and e.strerror else ' '.join(str(e).split()).split('] ')[-1][:160]
         raise UserError(f'cannot write the checkpoint {path} ({reason}): free space on that disk or give another '
                         '--out_dir; the previous checkpoint is kept') from None

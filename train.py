@@ -135,8 +135,11 @@ class TrainConfig:
         require(self.budget_unit != 'iters' or self.budget < 1 or float(self.budget).is_integer(),
                 f'--budget={self.budget:g} iters is not a whole number of steps: give {math.floor(self.budget):g} or '
                 f'{math.ceil(self.budget):g}')
-        require(not self.start.startswith('FILE:') or Path(self.start[5:]).is_file(),
-                f'--start={self.start}: no file at {self.start[5:]} (FILE:path reads the prompt from a text file)')
+        if self.start.startswith('FILE:'):  # read now: an unreadable prompt fails before the run, not after it
+            prompt = Path(self.start[5:])
+            require(prompt.is_file(), f"--start={self.start}: {'not a regular file' if prompt.exists() else 'no file'} at "
+                                      f'{prompt} (FILE:path reads the prompt from a text file)')
+            prompt_text(self.start)
         require(self.warmup_units < self.budget, f'--warmup_units must be below --budget, got {self.warmup_units}')
         if self.optimizer in SCHEDULE_FREE:  # its lr stays at the peak: one run passes through every smaller budget
             require(self.warmup_units > 0 or self.warmup_frac == 0, f'--optimizer={self.optimizer} needs a warm-up the same '
@@ -512,7 +515,10 @@ class Trainer:
         self.objective.setup(self.ctx)  # requests only: the pieces below are built from them
         self._build(cfg)
         if saved is not None:
-            check_resume_identity(saved, self.identity(), self.out_dir / 'ckpt.pt')
+            now, named = self.identity(), saved.get('identity')
+            if isinstance(named, dict) and named.get('corpus') == self.corpus.fingerprint(whole=False):
+                now['corpus'] = named['corpus']  # a checkpoint saved before whole-stream fingerprints named the first tokens
+            check_resume_identity(saved, now, self.out_dir / 'ckpt.pt')
         self.iter_num, self.val_loss, self.best_val_loss, self.evaluated_at = 0, float('inf'), float('inf'), None
         self.skipped_steps, self.last_wall, self.last_cost = 0, 0.0, 0.0
         self.branch_points = sorted(branch_points)
@@ -856,6 +862,12 @@ def train_wsd_branches(cfg, objective_fn=lambda cfg: None):
     once its checks pass (Trainer.start_folder), and each branch's when the trunk reaches its branch point,
     with the branches' folders locked meanwhile, so a failed call or a live branch run loses nothing."""
     budgets, folder, points, base = budget_lib.branch_plan(cfg)
+    for b in budgets:  # each branch's keys checked now, not when the trunk reaches its branch point hours later
+        try:
+            dataclasses.replace(base, budget=b, out_dir=str(folder[b]))
+        except UserError as e:
+            raise UserError(f'--branch_budgets={cfg.branch_budgets}: the branch of budget {b:g} fails a check ({e}): '
+                            'give multiples of --budget that it passes') from None
     other = [b for b in budgets if (folder[b] / 'config.json').exists() and not records_config(
         folder[b], dataclasses.asdict(dataclasses.replace(base, budget=b, out_dir=str(folder[b]))))]
     trunk = dataclasses.replace(base, budget=budgets[-1], out_dir=str(folder[budgets[-1]]))

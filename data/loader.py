@@ -489,21 +489,35 @@ class Corpus:
         return h.hexdigest()[:16]
 
     def _check_token_range(self):
+        """Every token below vocab_size, and the fingerprint of every token, in one pass over the streams,
+        remembered in checked.json under the files' identity."""
         cache, identity = self.path / 'checked.json', self.identity()
-        if read_json(cache).get('identity') == identity:
+        saved = read_json(cache)
+        if saved.get('identity') == identity and re.fullmatch(r'[0-9a-f]{16}', str(saved.get('fingerprint'))):
+            self._fingerprint = saved['fingerprint']
             return
+        h = hashlib.sha256(json.dumps(self.meta['counts'], sort_keys=True).encode())
         for split, tokens in self.splits.items():
-            top = max(int(tokens[i:i + (1 << 24)].max()) for i in range(0, len(tokens), 1 << 24))
+            top = 0
+            for i in range(0, len(tokens), 1 << 24):
+                chunk = np.ascontiguousarray(tokens[i:i + (1 << 24)])
+                top = max(top, int(chunk.max()))
+                h.update(memoryview(chunk))
             if top >= self.vocab_size:
                 raise DataError(f'{self.path}/{split}.bin holds token id {top} but vocab_size is {self.vocab_size} '
                                 f'(a wrong dtype or vocab_size in meta.json?): {REPREPARE}')
+        self._fingerprint = h.hexdigest()[:16]
         try:
-            atomic_write_bytes(cache, json.dumps({'identity': identity}).encode())
+            atomic_write_bytes(cache, json.dumps({'identity': identity, 'fingerprint': self._fingerprint}).encode())
         except OSError:
             pass  # a read-only corpus folder: checked again next time
 
-    def fingerprint(self):
-        """A short hash of the token streams: caches built from other data are refused by it."""
+    def fingerprint(self, whole=True):
+        """A short hash of the token streams, every token of them: a resume, and the caches built from the data,
+        are refused on any other. whole=False: of the first 2**20 tokens of each split, as checkpoints saved
+        before 2026-12-07 named their corpus (a resume of one compares that; an edit past them went unseen)."""
+        if whole:
+            return self._fingerprint
         h = hashlib.sha256(json.dumps(self.meta['counts'], sort_keys=True).encode())
         for tokens in self.splits.values():
             h.update(np.ascontiguousarray(tokens[:1 << 20]).tobytes())

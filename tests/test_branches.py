@@ -170,6 +170,16 @@ def test_a_branch_whose_cooldown_is_shorter_than_a_step(tmp_path):
     assert runs.run_finished(tmp_path / 'br' / 'budget_5')
 
 
+def test_a_branch_budget_that_fails_a_check_is_refused_before_the_trunk_trains(tmp_path):
+    """--budget=20 iters with --branch_budgets=(0.525, 1): the 10.5-iter branch is no whole number of steps.
+    Refused in one line naming --branch_budgets before any step (the trunk trained to the branch point, then
+    failed naming a --budget the user never gave), and no folder is left."""
+    with pytest.raises(UserError, match=r'--branch_budgets=\(0.525, 1\): the branch of budget 10.5 fails a check '
+                                        r'\(--budget=10.5 iters is not a whole number'):
+        train.train_wsd_branches(TrainConfig(out_dir=str(tmp_path / 'br'), budget=20, branch_budgets=(0.525, 1), **RUN))
+    assert not (tmp_path / 'br').exists()
+
+
 def test_the_script_prints_what_the_branches_spend(reference, tmp_path):
     argv = [a for a in ARGV if not a.startswith('--budget=')] + ['--budget=10']
     out = run_script('train.py', *argv, f'--out_dir={tmp_path / "cli"}', timeout=300)

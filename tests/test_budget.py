@@ -393,6 +393,21 @@ def test_the_cpu_peak_is_measured_once_cached_and_only_raised(tmp_path, monkeypa
     assert not list(cache.parent.glob('*.tmp*'))
 
 
+def test_a_file_at_the_peak_cache_path_that_is_no_cache_is_kept(tmp_path, monkeypatch, capsys):
+    """NANO_EFFICIENT_PEAK_CACHE naming another file (a JSON list, a run's config.json, a checkpoint): the peak
+    is measured and used, the file left byte for byte, and one warning line says so (it was written over)."""
+    monkeypatch.setattr(budget_lib, 'measure_cpu_peak', lambda: 40e9)
+    for name, data in (('list.json', b'[1, 2]'), ('empty.json', b'[]'), ('config.json', b'{"config": {"lr": 0.001}}'),
+                       ('ckpt.pt', b'PK\x03\x04\xff\xfe')):
+        path = tmp_path / name
+        path.write_bytes(data)
+        monkeypatch.setenv('NANO_EFFICIENT_PEAK_CACHE', str(path))
+        assert budget_lib.device_peak_flops('cpu') == 40e9 and path.read_bytes() == data
+        err = capsys.readouterr().err.splitlines()
+        assert err == [f'warning: {path} is not a CPU-peak cache: left as it is, the peak not kept (set '
+                       'NANO_EFFICIENT_PEAK_CACHE to another file, or give --peak_flops)'], err
+
+
 def test_measuring_the_cpu_peak_leaves_the_global_rng_alone():
     state = torch.get_rng_state()
     assert budget_lib.measure_cpu_peak(sizes=(32, 64), repeats=2) > 0

@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -440,10 +441,45 @@ def test_a_resume_under_a_recalibrated_table_is_refused_before_anything_is_writt
     assert after == {k: v for k, v in before.items() if k != 'lock'}
 
 
+def test_a_resume_on_a_corpus_edited_anywhere_is_refused(tmp_path, capsys, stdlib_corpus):
+    """The corpus's fingerprint names every token: one token changed far past the first 2**20 of the train
+    split, the counts the same (an edit, or a re-prepare of an input changed in place), and the resume is one
+    line with the saved run as it was (the fingerprint read only the first 2**20 tokens of each split)."""
+    corpus = tmp_path / 'corpus'
+    shutil.copytree(ROOT / 'data' / 'stdlib' / 'byte', corpus, ignore=shutil.ignore_patterns('*.lock', 'checked.json'))
+    argv = ['--model=tiny', '--batch_size=8', '--budget_unit=iters', '--budget=4', '--compile_loss=False',
+            '--sample_tokens=0', '--eval_batches=2', '--peak_flops=1e12', '--log_interval=1', '--eval_interval=100',
+            f'--dataset={corpus}', f"--out_dir={tmp_path / 'run'}"]
+    assert cli(lambda cfg: train.Trainer(cfg, StopAfter(8, 2)).run(), train.TrainConfig, argv)['interrupted']
+    before = {p.name: p.read_bytes() for p in (tmp_path / 'run').iterdir() if p.is_file() and p.name != 'lock'}
+    tokens = np.memmap(corpus / 'train.bin', dtype=np.uint16, mode='r+')
+    at = len(tokens) - 1000
+    assert at > 4 << 20
+    tokens[at] = (int(tokens[at]) + 1) % 256
+    tokens.flush()
+    del tokens
+    code, err = call(train.main, train.TrainConfig, [*argv, '--init_from=resume'], capsys)
+    assert code == 2 and len(err) == 1 and 'was saved with another corpus content' in err[0], err
+    assert {p.name: p.read_bytes() for p in (tmp_path / 'run').iterdir() if p.is_file() and p.name != 'lock'} == before
+
+
+def test_a_checkpoint_that_named_its_corpus_by_the_first_tokens_still_resumes(tiny_cfg, stdlib_corpus):
+    """Checkpoints saved before whole-stream fingerprints hold the hash of each split's first 2**20 tokens:
+    their resume compares that, so an upgrade does not strand a run in progress."""
+    assert train.Trainer(tiny_cfg(budget=4), StopAfter(8, 2)).run()['interrupted']
+    path = Path(tiny_cfg().out_dir) / 'ckpt.pt'
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt['identity']['corpus'] == stdlib_corpus.fingerprint() != stdlib_corpus.fingerprint(whole=False)
+    ckpt['identity']['corpus'] = stdlib_corpus.fingerprint(whole=False)
+    torch.save(ckpt, path)
+    assert train.train(tiny_cfg(budget=4, init_from='resume'))['steps'] == 4
+
+
 # -----------------------------------------------------------------------------
 # a checkpoint's write: a full disk is one line, a signal waits for the write
 
 @pytest.mark.parametrize('failure', [RuntimeError('[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file data/0: file write failed'),
+                                     RuntimeError('[enforce fail at inline_container.cc:672] . unexpected pos 1152 vs 1040'),
                                      OSError(28, 'No space left on device')])
 def test_a_full_disk_during_a_checkpoint_write_is_one_line_and_keeps_the_previous(tmp_path, monkeypatch, failure):
     import runs
@@ -456,7 +492,8 @@ def test_a_full_disk_during_a_checkpoint_write_is_one_line_and_keeps_the_previou
         f.write(b'half a checkpoint')
         raise failure
     monkeypatch.setattr(runs.torch, 'save', full)
-    with pytest.raises(UserError, match=r'cannot write the checkpoint .*ckpt.pt \((No space left on device|.*file write failed)\): '
+    with pytest.raises(UserError, match=r'cannot write the checkpoint .*ckpt.pt \((No space left on device|.*file write failed|'
+                                        r'.*unexpected pos .*)\): '
                                         r'free space on that disk .* the previous checkpoint is kept'):
         runs.save_checkpoint(path, {'step': 2})
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ['ckpt.pt']

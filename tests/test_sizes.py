@@ -184,6 +184,9 @@ def test_rho_scores_no_mega_batch_beyond_the_data_or_the_memory(stdlib_corpus, m
     with pytest.raises(UserError, match='more than the .* training examples outside the holdout') as e:
         rho.check_selection(rho.RhoConfig(**tiny, mega_batch=10**9))
     rho.check_selection(rho.RhoConfig(**tiny, mega_batch=int(suggested(str(e.value)))))
+    with pytest.raises(UserError) as e:  # fewer examples outside the holdout than a batch: only the holdout can give
+        rho.check_selection(rho.RhoConfig(**tiny, holdout_frac=0.99999))
+    assert str(e.value).endswith('training examples outside the holdout: give a --holdout_frac below 0.99999'), str(e.value)
 
 
 # ----- through the entry points: exit 2, one line, no traceback, nothing written -------------------------

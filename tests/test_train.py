@@ -290,6 +290,11 @@ def test_sampling_keys_and_a_prompt_from_a_file(tiny_cfg, tmp_path, capsys):
     assert samples[0] == samples[1] == samples[2]  # greedy three ways
     with pytest.raises(train.UserError, match='no file at'):
         dataclasses.replace(cfg, start=f'FILE:{tmp_path}/nope.txt')
+    with pytest.raises(train.UserError, match='not a regular file at'):  # a folder; a FIFO would block the read
+        dataclasses.replace(cfg, start=f'FILE:{tmp_path}')
+    (tmp_path / 'latin1.txt').write_bytes(b'\xff\xfe caf\xe9')
+    with pytest.raises(train.UserError, match='cannot read .*latin1.txt as UTF-8'):  # before the run, not after it
+        dataclasses.replace(cfg, start=f"FILE:{tmp_path / 'latin1.txt'}")
 
 
 def test_gpt2_tokens_train_offline_and_only_the_sample_needs_the_tokenizer(tmp_path, tiny_cfg, monkeypatch):
