@@ -507,6 +507,8 @@ class Trainer:
         self.corpus = load_corpus(cfg)
         self.tokenizer = sampling_tokenizer(cfg, self.corpus)
         self.model = build_model(cfg, self.corpus.vocab_size, self.rt.device, saved)
+        if notice := shape_notice(cfg, self.model):
+            self.rt.print(notice)
         self.objective, self.building = objective or build_objective(cfg, self.corpus, self.model), True
         self.method = method_name(self.objective)
         if saved is not None:
@@ -625,12 +627,17 @@ class Trainer:
             (self.out_dir / 'ckpt.pt').unlink(missing_ok=True)
             atomic_write_bytes(self.out_dir / 'log.jsonl', b'')
         if self.rt.master:
-            atomic_write_bytes(self.out_dir / 'config.json', json.dumps(run_info(self.cfg), indent=1).encode())
+            atomic_write_bytes(self.out_dir / 'config.json', self.config_record(self.cfg))
             (self.out_dir / 'stopped.json').unlink(missing_ok=True)  # it runs again: no longer a stopped run,
             (self.out_dir / 'done.json').unlink(missing_ok=True)  # nor a finished one (madpo.py's record of a stage)
         if fresh:  # a resumed run's log has them
             for record in self.ctx.records:
                 self.log(record)
+
+    def config_record(self, cfg):
+        """config.json: the keys, the command and versions (runs.run_info), and the model trained (its model_args,
+        which --init_from=PATH takes from the checkpoint whatever the keys say)."""
+        return json.dumps({**run_info(cfg), 'model_args': dataclasses.asdict(self.model.config)}, indent=1).encode()
 
     def log(self, record):
         if self.rt.master:
@@ -785,7 +792,7 @@ class Trainer:
             if self.rt.master:  # the folder is the branch's from here: an older run's config and stop go too
                 log = self.out_dir / 'log.jsonl'  # the trunk's log so far is the branch's
                 atomic_write_bytes(path.parent / 'log.jsonl', log.read_bytes() if log.exists() else b'')
-                atomic_write_bytes(path.parent / 'config.json', json.dumps(run_info(branch), indent=1).encode())
+                atomic_write_bytes(path.parent / 'config.json', self.config_record(branch))
                 (path.parent / 'stopped.json').unlink(missing_ok=True)
 
     def _log_progress(self, meter, lr):
@@ -800,6 +807,17 @@ class Trainer:
         self.rt.print(f"step {self.iter_num} | loss {loss:.4f} | lr {lr:.2e} | budget {100 * self.budget.progress:.1f}% "
                       f"eta {format_seconds(rates['eta_s'])} | {rates['tokens_per_s'] / 1e3:.1f}k tok/s | "
                       f"mfu {100 * rates['mfu']:.1f}%{extra}")
+
+
+def shape_notice(cfg, model):
+    """--init_from=PATH trains the checkpoint's model whatever the shape keys say (runs.build_model): said in a
+    line when they differ, and config.json records the model trained (its model_args), not only the keys."""
+    keys = cfg.model_dims()
+    actual = {k: getattr(model.config, k) for k in keys}
+    if not cfg.init_from.endswith('.pt') or actual == keys:
+        return None
+    shape = lambda dims: ', '.join(f'{k}={v}' for k, v in dims.items())  # noqa: E731
+    return f"--init_from={cfg.init_from}: training its model ({shape(actual)}); the shape keys' {shape(keys)} are not used"
 
 
 def same_kind(saved, fresh):

@@ -124,16 +124,24 @@ def test_a_second_scratch_run_refuses_the_out_dir(tiny_cfg):
         train.train(tiny_cfg(out_dir=cfg.out_dir + '_empty', init_from='resume'))
 
 
-def test_init_from_a_checkpoint_path(tiny_cfg, tmp_path):
+def test_init_from_a_checkpoint_path(tiny_cfg, tmp_path, capsys):
+    """The checkpoint's shape wins over the keys' (model='small'): said in one line, and config.json records the
+    model trained (model_args) beside the keys (it recorded only the keys' shape, not the model's)."""
     source = tiny_cfg(budget=5, out_dir=str(tmp_path / 'source'))
     train.train(source)
     path = tmp_path / 'source' / 'ckpt.pt'
     cfg = tiny_cfg(out_dir=str(tmp_path / 'finetune'), init_from=str(path), model='small', budget=2)
+    capsys.readouterr()
     trainer = train.Trainer(cfg)
     assert trainer.model.config.n_layer == 2 and trainer.model.config.n_embd == 64  # the checkpoint's shape wins
+    assert f"--init_from={path}: training its model (n_layer=2, n_head=2, n_embd=64, block_size=64); the shape keys' " \
+           "n_layer=4, n_head=4, n_embd=128, block_size=128 are not used" in capsys.readouterr().out
     assert_same_tensors(trainer.model.state_dict(), load(tmp_path / 'source')['model'])
     assert trainer.iter_num == 0 and trainer.budget.spent['iters'] == 0 and not trainer.optimizer.state
     assert trainer.run()['steps'] == 2
+    info = json.loads((tmp_path / 'finetune' / 'config.json').read_text())
+    assert info['config']['model'] == 'small' and info['model_args'] == load(tmp_path / 'finetune')['model_args']
+    assert (info['model_args']['n_layer'], info['model_args']['n_embd']) == (2, 64)
     with pytest.raises(UserError, match='no checkpoint'):
         train.Trainer(tiny_cfg(out_dir=str(tmp_path / 'x'), init_from=str(tmp_path / 'missing.pt')))
 
