@@ -132,11 +132,11 @@ class SelectiveLM(train.CausalLM):
         self.counts = torch.zeros(len(KINDS), 2, dtype=torch.float64)      # per kind: seen, selected
         self.role_counts = torch.zeros(len(ROLES), len(ROLE_SUMS), dtype=torch.float64)  # per byte role: ROLE_SUMS
         self.curve_step = -1  # step of the last curve point written (-1: none yet, a fresh run starts the file)
-        # ref_loss per stream position: the corpus's cache unless one is given, checked here, before the
+        # ref_loss per stream position: the reference's cache unless one is given, checked here, before the
         # loop reads any data (a stale cache is refused with its fix)
         self.cache = cache
         if cache is None and cfg.ref_mode == 'cached':
-            self.cache = load_cache(self.corpus, paths.ref_ckpt, cfg.model_dims()['block_size'])
+            self.cache = load_cache(paths, cfg.noise, cfg.model_dims()['block_size'])
 
     def setup(self, ctx):
         T, self.rt = ctx.model.config.block_size, ctx.rt
@@ -214,7 +214,7 @@ class SelectiveLM(train.CausalLM):
 
 
 # -----------------------------------------------------------------------------
-# the reference losses: one cache per noisy corpus (runs.save_cache's payload and sidecar)
+# the reference losses: one cache per reference and noisy corpus (runs.save_cache's payload and sidecar)
 
 REBUILD = ('rebuild it with `python slm.py --stage=score` (this --out_dir or --ref_ckpt, --noise and --block_size), or use '
            '--ref_mode=online')
@@ -243,7 +243,7 @@ def check_reference(ckpt, cfg, paths):
     """DataError (one line) unless the checkpoint can be this run's reference: a GPT over the corpus's vocabulary
     (padded as build_model pads it) with this run's example length, trained, where its checkpoint records it,
     with this tokenizer on this run's clean corpus (the fingerprint train.py saves). A misfit's losses would be
-    a cache stale for every arm (the arms check block_size), written over the corpus's valid one."""
+    a cache stale for every arm (the arms check block_size), written over the valid one."""
     meta, args, saved = read_meta(paths.corpus(cfg.noise)), ckpt['model_args'], ckpt.get('config', {})
     identity, T, model_type = ckpt.get('identity'), cfg.model_dims()['block_size'], runs.checkpoint_model_type(ckpt)
     trained_on = identity.get('corpus') if isinstance(identity, dict) else None
@@ -279,22 +279,24 @@ def score_stream(model, tokens, rt, batch_size=64):
 
 
 def build_cache(cfg, paths):
-    """Stage score: one no-grad pass of the reference model over --noise's corpus -> ref_loss.bin."""
+    """Stage score: one no-grad pass of the reference model over --noise's corpus -> ref_loss_noise<P>.bin beside it."""
     corpus, rt = paths.corpus(cfg.noise), runs.setup_device(cfg)
-    model = load_reference(cfg, paths, rt.device)  # a misfit is refused here, before the corpus's cache is touched
+    model = load_reference(cfg, paths, rt.device)  # a misfit is refused here, before its cache is touched
     ref_loss = score_stream(model, np.memmap(corpus / 'train.bin', dtype=np.uint16, mode='r'), rt)
     kinds = np.asarray(load_kinds(corpus))
     by_kind = {name: float(ref_loss[1:][kinds[1:] == i].astype(np.float64).mean())
                for i, name in enumerate(KINDS) if (kinds[1:] == i).any()}
-    runs.save_cache(corpus / 'ref_loss.bin', ref_loss, cache_identity(corpus, paths.ref_ckpt, model.config.block_size),
+    path = paths.ref_losses(cfg.noise)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    runs.save_cache(path, ref_loss, cache_identity(corpus, paths.ref_ckpt, model.config.block_size),
                     {'ref_ckpt': str(paths.ref_ckpt), 'mean_ref_loss': by_kind})
-    print(f"wrote {corpus / 'ref_loss.bin'}: mean ref_loss by kind " + ', '.join(f'{k} {v:.3f}' for k, v in by_kind.items()))
+    print(f"wrote {path}: mean ref_loss by kind " + ', '.join(f'{k} {v:.3f}' for k, v in by_kind.items()))
 
 
-def load_cache(corpus, ref_ckpt, block_size):
+def load_cache(paths, noise, block_size):
     """The ref_loss memmap, or DataError (one line) if it is missing, damaged, edited, truncated or stale."""
-    identity = cache_identity(corpus, ref_ckpt, block_size)
-    return runs.load_cache(corpus / 'ref_loss.bin', identity, 'reference-loss cache', REBUILD, error=DataError)[0]
+    identity = cache_identity(paths.corpus(noise), paths.ref_ckpt, block_size)
+    return runs.load_cache(paths.ref_losses(noise), identity, 'reference-loss cache', REBUILD, error=DataError)[0]
 
 
 # -----------------------------------------------------------------------------
@@ -399,8 +401,11 @@ class Paths:
     ref_data: Path    # the clean corpus (its val split: clean target-domain val text)
     eval_file: Path   # the held-out problems
 
-    def corpus(self, noise):  # train.bin, kinds.bin, ref_loss.bin and its sidecar ref_loss.json
+    def corpus(self, noise):  # train.bin, kinds.bin
         return self.data / corpus_name(noise) / 'byte'
+
+    def ref_losses(self, noise):  # the reference's losses (and sidecar .json) beside it: in the corpus folder, two
+        return self.ref_ckpt.parent / f'ref_loss_{corpus_name(noise)}.bin'  # references' scores replaced each other
 
     def run_dir(self, cfg):
         return Path(cfg.run_dir) if cfg.run_dir else \

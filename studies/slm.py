@@ -215,7 +215,7 @@ def ensure_caches(cfg, paths, todo):
     other data make it stale)."""
     for noise in sorted({run.args['noise'] for run in todo if not run.is_done()}):
         try:
-            slm.load_cache(paths.corpus(noise), paths.ref_ckpt, cfg.model_dims()['block_size'])
+            slm.load_cache(paths, noise, cfg.model_dims()['block_size'])
         except DataError:
             slm.build_cache(dataclasses.replace(cfg, noise=noise), paths)
 
@@ -255,7 +255,7 @@ def stage_export(cfg, paths):
     """The static "concentrated" mask: the k fraction of all tokens with the lowest ref_loss
     (select_by='reference', once, globally). Excess-loss selection has no such mask: its train_loss moves."""
     corpus, T = paths.corpus(cfg.noise), runs.load_checkpoint(paths.ref_ckpt)['model_args']['block_size']
-    ref_loss = np.asarray(slm.load_cache(corpus, paths.ref_ckpt, T), dtype=np.float32)
+    ref_loss = np.asarray(slm.load_cache(paths, cfg.noise, T), dtype=np.float32)
     scored = np.zeros(len(ref_loss), dtype=bool)
     scored[1:num_examples(ref_loss, T) * T + 1] = True
     mask = scored & (ref_loss <= np.quantile(ref_loss[scored], cfg.k))

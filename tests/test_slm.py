@@ -324,10 +324,10 @@ def test_exact_match_is_greedy_decoding(mathmix):
 def test_cache_lines_up_with_the_token_stream_and_bad_caches_are_refused(mathmix, tmp_path):
     cfg = slm_cfg(mathmix, tmp_path)
     paths = slm.get_paths(cfg)
-    corpus, ref = paths.corpus(0.4), random_gpt(5)
+    corpus, ref, cached = paths.corpus(0.4), random_gpt(5), paths.ref_losses(0.4)
     save_ref(ref, paths.ref_ckpt)
     slm.build_cache(cfg, paths)
-    cache = slm.load_cache(corpus, paths.ref_ckpt, T)
+    cache = slm.load_cache(paths, 0.4, T)
     tokens = np.memmap(corpus / 'train.bin', dtype=np.uint16, mode='r')
     assert len(cache) == len(tokens) and cache[0] == 0
     for k in (0, 7, num_examples(tokens, T) - 1):  # recompute a few examples directly
@@ -345,28 +345,28 @@ def test_cache_lines_up_with_the_token_stream_and_bad_caches_are_refused(mathmix
     assert budget.spent['scored_examples'] == 1  # charged as one forward-only pass
     # stale: another block size, another reference checkpoint (the same weights again: valid)
     with pytest.raises(DataError, match='stale.*block_size'):
-        slm.load_cache(corpus, paths.ref_ckpt, 2 * T)
+        slm.load_cache(paths, 0.4, 2 * T)
     save_ref(random_gpt(6), paths.ref_ckpt)
     with pytest.raises(DataError, match='stale.*ref_ckpt_sha256'):
-        slm.load_cache(corpus, paths.ref_ckpt, T)
+        slm.load_cache(paths, 0.4, T)
     save_ref(ref, paths.ref_ckpt)
-    slm.load_cache(corpus, paths.ref_ckpt, T)
+    slm.load_cache(paths, 0.4, T)
     # refused in one line (a DataError, printed by the CLI): truncated, half length, a sidecar without an
     # identity key, without save_cache's structure or not JSON; then the static "concentrated" mask for
     # select_by='reference' (the study's --stage=export) from the rebuilt cache
-    side, raw = (corpus / 'ref_loss.json').read_text(), (corpus / 'ref_loss.bin').read_bytes()
+    side, raw = cached.with_suffix('.json').read_text(), cached.read_bytes()
     no_data_sha = json.dumps({**json.loads(side), 'identity': {k: v for k, v in json.loads(side)['identity'].items()
                                                                if k != 'data_sha256'}})
-    for name, data, match in (('ref_loss.bin', raw[:-7], 'truncated'), ('ref_loss.bin', raw[:len(raw) // 2], 'truncated'),
-                              ('ref_loss.json', no_data_sha, 'stale.*data_sha256=None'),
-                              ('ref_loss.json', json.dumps({'dtype': 'float16'}), 'damaged'),
-                              ('ref_loss.json', side[:40], 'not a readable JSON object'),
-                              ('ref_loss.json', '[1, 2]', 'not a readable JSON object')):
-        (corpus / name).write_bytes(data if isinstance(data, bytes) else data.encode())
+    for name, data, match in (('.bin', raw[:-7], 'truncated'), ('.bin', raw[:len(raw) // 2], 'truncated'),
+                              ('.json', no_data_sha, 'stale.*data_sha256=None'),
+                              ('.json', json.dumps({'dtype': 'float16'}), 'damaged'),
+                              ('.json', side[:40], 'not a readable JSON object'),
+                              ('.json', '[1, 2]', 'not a readable JSON object')):
+        cached.with_suffix(name).write_bytes(data if isinstance(data, bytes) else data.encode())
         with pytest.raises(DataError, match=match):
-            slm.load_cache(corpus, paths.ref_ckpt, T)
-        (corpus / 'ref_loss.json').write_text(side)
-        (corpus / 'ref_loss.bin').write_bytes(raw)
+            slm.load_cache(paths, 0.4, T)
+        cached.with_suffix('.json').write_text(side)
+        cached.write_bytes(raw)
     rates = study.stage_export(slm_cfg(mathmix, tmp_path, cls=study.StudyConfig, k=0.5), paths)
     mask = np.fromfile(corpus / 'concentrated_k50.bin', dtype=np.uint8)
     assert len(mask) == len(tokens) and 0.45 < mask[1:].mean() < 0.55 and set(rates) == set(mm.KINDS)
@@ -380,12 +380,12 @@ def test_a_cache_edited_after_it_was_computed_is_refused_and_the_arm_stops_in_on
     paths = slm.get_paths(cfg)
     save_ref(random_gpt(5), paths.ref_ckpt)
     slm.build_cache(cfg, paths)
-    payload = paths.corpus(0.4) / 'ref_loss.bin'
+    payload = paths.ref_losses(0.4)
     raw = bytearray(payload.read_bytes())
     raw[len(raw) // 2] ^= 1
     payload.write_bytes(bytes(raw))
     with pytest.raises(DataError, match='changed since it was computed'):
-        slm.load_cache(paths.corpus(0.4), paths.ref_ckpt, T)
+        slm.load_cache(paths, 0.4, T)
     out = run_script('slm.py', '--stage=train', f'--out_dir={tmp_path}', f'--mathmix_dir={mathmix}', '--noise=0.4',
                      '--model=tiny', '--n_head=2', '--n_embd=32', '--n_layer=2', f'--block_size={T}', '--device=cpu')
     assert out.returncode == 2 and out.stderr.count('\n') == 1 and 'changed since it was computed' in out.stderr, out.stderr
@@ -407,7 +407,7 @@ def save_train_py_ref(path, mathmix, block_size=T, vocab_size=256, corpus='ref',
 
 
 def cache_files(paths):
-    return {name: (paths.corpus(0.4) / name).read_bytes() for name in ('ref_loss.bin', 'ref_loss.json')}
+    return {suffix: paths.ref_losses(0.4).with_suffix(suffix).read_bytes() for suffix in ('.bin', '.json')}
 
 
 @pytest.mark.parametrize('misfit, match', [
@@ -431,7 +431,7 @@ def test_a_reference_that_does_not_fit_the_run_is_refused_before_the_cache_is_to
     with pytest.raises(DataError, match=f'--ref_ckpt=.*other/ckpt.pt {match}.*: .*slm.py --stage=ref'):
         slm.build_cache(other, slm.get_paths(other))
     assert cache_files(paths) == before
-    slm.load_cache(paths.corpus(0.4), paths.ref_ckpt, T)
+    slm.load_cache(paths, 0.4, T)
 
 
 def test_scoring_with_a_train_py_run_on_another_corpus_exits_in_one_line_and_keeps_the_cache(mathmix, tmp_path):
@@ -460,8 +460,23 @@ def test_a_reference_that_fits_rescores_the_corpus(mathmix, tmp_path):
     before = cache_files(paths)
     save_train_py_ref(paths.ref_ckpt, mathmix)
     slm.build_cache(cfg, paths)
-    assert cache_files(paths)['ref_loss.bin'] != before['ref_loss.bin']  # the new reference's losses
-    slm.load_cache(paths.corpus(0.4), paths.ref_ckpt, T)
+    assert cache_files(paths)['.bin'] != before['.bin']  # the new reference's losses
+    slm.load_cache(paths, 0.4, T)
+
+
+def test_two_out_dirs_keep_their_own_reference_losses(mathmix, tmp_path):
+    """Two studies on one mathmix, each with its own reference: scoring the second leaves the first's cache
+    byte for byte and valid (it lived in the corpus folder, and the second's score replaced the first's)."""
+    a, b = slm_cfg(mathmix, tmp_path / 'a'), slm_cfg(mathmix, tmp_path / 'b', seed=5)
+    pa, pb = slm.get_paths(a), slm.get_paths(b)
+    save_ref(random_gpt(5), pa.ref_ckpt)
+    save_ref(random_gpt(6), pb.ref_ckpt)
+    slm.build_cache(a, pa)
+    before = cache_files(pa)
+    slm.build_cache(b, pb)
+    assert cache_files(pa) == before and cache_files(pb)['.bin'] != before['.bin']
+    slm.load_cache(pa, 0.4, T)
+    slm.load_cache(pb, 0.4, T)
 
 
 def test_kinds_that_do_not_match_the_corpus_are_refused(mathmix, tmp_path):
@@ -810,7 +825,7 @@ def test_quick_pipeline_runs_end_to_end(tmp_path, capsys):
         assert [p['step'] for p in curve] == [4, 8]
     sel = json.loads((out / 'noise20' / 'excess_k60_s1337' / 'eval.json').read_text())['selection']
     assert set(sel) == set(mm.KINDS) and 0 < sel['clean'] < 1
-    side = json.loads((data / 'noise20' / 'byte' / 'ref_loss.json').read_text())['identity']
+    side = json.loads((out / 'ref' / 'ref_loss_noise20.json').read_text())['identity']  # beside the reference
     assert side['block_size'] == T and side['tokenizer'] == 'byte'
     assert re.search(r'\| 0\.2 \| oracle \| 2 \|.*\n\| 0\.2 \| clm \| 2 \|.*\n\| 0\.2 \| excess_k60 \| 2 \|', r.stdout), r.stdout[-1500:]
     assert (out / 'compare.md').exists()
