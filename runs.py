@@ -194,8 +194,12 @@ def checkpoint_model(cfg, ckpt, path, vocab_size, device):
         raise UserError(f"{path} holds a '{model_type}' model: pass --model_type={model_type}")
     want = {model_vocab_size(model_type, vocab_size, ckpt['model_args']['block_size'], m) for m in (1, cfg.vocab_multiple)}
     if ckpt['model_args']['vocab_size'] not in want:  # padded or not: a checkpoint of before the padding, nanoGPT's
+        saved = ckpt.get('config', {}).get('vocab_multiple')  # padded to another multiple than this run's: say which
+        padded = isinstance(saved, int) and saved > 0 and ckpt['model_args']['vocab_size'] == model_vocab_size(
+            model_type, vocab_size, ckpt['model_args']['block_size'], saved)
+        fix = f'give --vocab_multiple={saved}, as it was trained' if padded else 'use the dataset and tokenizer it was trained with'
         raise UserError(f"{path} has vocab {ckpt['model_args']['vocab_size']}, the data needs "
-                        f"{' or '.join(map(str, sorted(want)))}: use the dataset and tokenizer it was trained with")
+                        f"{' or '.join(map(str, sorted(want)))}: {fix}")
     data_ids = {'n_tokens': vocab_size} if model_type == 'gpt' else {}  # never sample a padded id
     return model_from_checkpoint(ckpt, path, dropout=cfg.dropout, compile_loss=cfg.compile_loss, **data_ids).to(device)
 

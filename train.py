@@ -23,6 +23,8 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +37,7 @@ import budget as budget_lib
 from arch import ARCHS, build_arch
 from configurator import (Interrupted, UserError, check_distinct, check_ranges, cli, key, require, signals_between_steps,
                           stop_signal_name, STOPPED)
-from data.loader import (MAX_SEED, Batches, Corpus, DataError, atomic_write_bytes, data_dir, get_examples,
+from data.loader import (MAX_SEED, NAME_RE, Batches, Corpus, DataError, atomic_write_bytes, data_dir, get_examples,
                          get_tokenizer, is_count, prepare_command, val_ids)
 from data.spans import SpanVocab, raw_length_for, span_corrupt, t5_lengths
 from model import MODELS, PRESETS, evaluate, sample_text
@@ -323,6 +325,12 @@ def build_objective(cfg, corpus, model):
 def load_corpus(cfg):
     path = data_dir(cfg.dataset, cfg.tokenizer)
     if not (path / 'meta.json').exists():
+        if Path(cfg.dataset).is_file():  # a text file itself: it is prepared once, then named as text/<name>
+            name = re.sub(r'[^A-Za-z0-9_.-]', '_', Path(cfg.dataset).stem)
+            name = name if NAME_RE.fullmatch(name) else 'mine'
+            raise DataError(f'--dataset={cfg.dataset} is a file, not a prepared corpus: prepare it with `python '
+                            f'data/text/prepare.py --input={shlex.quote(cfg.dataset)} --name={name} --tokenizer={cfg.tokenizer}`, then '
+                            f'give --dataset=text/{name}')
         if cfg.dataset != 'stdlib':
             raise DataError(f'no prepared data in {path}: run `{prepare_command(cfg.dataset, cfg.tokenizer)}`')
         from data.stdlib.prepare import PrepareConfig, prepare

@@ -356,3 +356,15 @@ def test_ngram_floors_are_finite_sparse_and_cached(tmp_path, monkeypatch):
     assert floors['unigram'] > np.log(20_000) - 1  # random tokens: about log of the types seen
     monkeypatch.setattr(ngram, 'kneser_ney_nats', lambda *a: pytest.fail('recomputed despite the cache'))
     assert ngram.ngram_floors(Corpus(tmp_path / 'c')) == floors
+
+
+def test_a_text_file_given_as_dataset_names_the_prepare_command_for_it(tmp_path):
+    """--dataset=<a .txt file>: one line naming text/prepare.py with that file as --input and the --dataset to
+    give after (it suggested preparing into a folder under the file)."""
+    import train
+    book = tmp_path / 'my book.txt'
+    book.write_text('some text\n' * 100)
+    with pytest.raises(DataError) as e:
+        train.load_corpus(train.TrainConfig(dataset=str(book)))
+    assert str(e.value) == (f'--dataset={book} is a file, not a prepared corpus: prepare it with `python data/text/prepare.py '
+                            f"--input='{book}' --name=my_book --tokenizer=byte`, then give --dataset=text/my_book")  # pastes whole

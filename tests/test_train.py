@@ -78,6 +78,17 @@ def test_a_run_begun_from_a_checkpoint_of_another_shape_resumes_as_that_shape(ti
     assert without_timing(read_log(tmp_path / 'b')) == without_timing(read_log(tmp_path / 'a'))
 
 
+def test_a_checkpoint_padded_to_another_vocab_multiple_names_it(tiny_cfg, tmp_path):
+    """A run trained with --vocab_multiple=7 (vocab 259 for 256 ids) given as --init_from to a run at the
+    default multiple: refused in one line naming --vocab_multiple=7 (it said to use the dataset it was trained
+    on, which this is); with it, the run starts from the checkpoint."""
+    train.train(tiny_cfg(out_dir=str(tmp_path / 'seven'), vocab_multiple=7, budget=2))
+    path = tmp_path / 'seven' / 'ckpt.pt'
+    with pytest.raises(UserError, match=r'has vocab 259, the data needs 256: give --vocab_multiple=7, as it was trained'):
+        train.Trainer(tiny_cfg(out_dir=str(tmp_path / 'x'), init_from=str(path)))
+    assert train.train(tiny_cfg(out_dir=str(tmp_path / 'y'), init_from=str(path), vocab_multiple=7, budget=2))['steps'] == 2
+
+
 def test_checkpoint_contents(tiny_cfg):
     cfg = tiny_cfg(budget=6)
     train.train(cfg)
