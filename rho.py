@@ -476,6 +476,10 @@ class RhoConfig(TrainConfig):
         require(0 < self.holdout_frac < 1, f'--holdout_frac must be in (0, 1), got {self.holdout_frac}')
         require(0 < self.select_frac <= 1, f'--select_frac must be in (0, 1], got {self.select_frac}')
         require(self.mega_batch >= 0, f'--mega_batch must be >= 0, got {self.mega_batch}')
+        defaults = {k: RhoConfig.__dataclass_fields__[k].default for k in ('select_frac', 'mega_batch')}
+        given = [k for k, v in defaults.items() if getattr(self, k) != v]  # a key sb would ignore, silently
+        require(self.method == 'rho' or not given, f'--{given and given[0]} is RHO-LOSS\'s (--method=rho): Selective '
+                                                   'Backprop keeps each example by its loss percentile (--sb_beta); leave it out')
         require(self.sb_beta > 0 and self.sb_history >= 0, '--sb_beta must be positive and --sb_history >= 0')
         require(self.il_budget >= 0, f'--il_budget must be >= 0, got {self.il_budget}')
         require(0 <= self.il_budget_frac and not (self.il_budget and self.il_budget_frac),

@@ -167,6 +167,14 @@ def test_sb_refuses_ddp():
         sb.setup(context(RowLoss(), None, world_size=2))
 
 
+@pytest.mark.parametrize('arg', ['--select_frac=0.1', '--mega_batch=64'])
+def test_sb_refuses_the_keys_it_does_not_read(arg):
+    """RHO-LOSS's selection keys given to Selective Backprop changed nothing (its runs were identical): refused."""
+    with pytest.raises(ConfigError, match=f"--{arg[2:].split('=')[0]} is RHO-LOSS's .*: Selective Backprop keeps"):
+        parse(rho.RhoConfig, ['--method=sb', arg])
+    parse(rho.RhoConfig, ['--method=rho', arg])
+
+
 @pytest.mark.parametrize('beta, want', [(1.0, 1 / 2), (2.0, 1 / 3)])
 def test_sb_long_run_kept_fraction(beta, want):
     budget = budget_lib.Budget('iters', 1e9, TABLE, lambda L: 1.0, 4, 8)
