@@ -191,7 +191,8 @@ def load_table(key, override='', required=True, needs=None, data=''):
     try:
         table = json.loads(path.read_text())
     except ValueError as e:
-        raise UserError(f'RST table {path} is not valid JSON ({e}): calibrate it again') from None
+        raise UserError(f'RST table {path} is not valid JSON ({e}): calibrate it again with '
+                        f'{calibrate_command(key, data, override, "--overwrite=True")}') from None
     problem = table_problem(table, key)
     lacks = None if problem else next(((kind, e) for kind, entries in (needs or {}).items() for e in entries
                                        if str(e) not in table[kind]), None)
@@ -201,16 +202,31 @@ def load_table(key, override='', required=True, needs=None, data=''):
         more = f"--rst_add=\"('{lacks[1]}',)\"" if lacks[0] == 'optimizer' else '--overwrite=True'
         raise UserError(f'RST table {path} has no {lacks[0]} entry for {lacks[1]}: price it with '
                         f'{calibrate_command(key, data, override, more)}')
-    if problem and isinstance(table, dict) and 'fwd_bwd' in table and table.get('key') != key:  # another shape's table:
-        own = table_path(key)  # replacing it would break the runs charged under it, so calibrate refuses to
+    if problem and (foreign := foreign_table(table, key)):  # calibrate --overwrite=True would refuse it: never offered
+        own = table_path(key)
         fix = (f'leave out --rst_table to use {own}' if override and own.is_file() else
                f'measure one with {calibrate_command(key, data)}' + (' and leave out --rst_table' if override else ''))
-        first = '' if override else f"move it to {table_path(table.get('key'))}, then "
-        raise UserError(f'RST table {path} {problem}: {first}give a table of this shape, or {fix}')
+        first = '' if override else 'move it away, then '  # a table of another shape, or another file, at this shape's path
+        raise UserError(f'RST table {path} {foreign}: {first}give a table of this shape, or {fix}')
     if problem:
         raise UserError(f'RST table {path} {problem}: calibrate it again with '
                         f'{calibrate_command(key, data, override, "--overwrite=True")}')
     return table
+
+
+def foreign_table(table, key):
+    """Why a parsed file is not this shape's cost table to measure again over (calibrate --overwrite=True), or
+    None: a table of another shape (the runs charged under it keep it), or a JSON object that is no table at all
+    (a run's config.json). Anything else at the path (unparsable, a list, this shape's table however damaged, a
+    table that lost its key) is a damaged table there, which calibrate may replace."""
+    if not isinstance(table, dict):
+        return None
+    other = table.get('key')
+    if isinstance(other, str) and other != key and 'fwd_bwd' in table:
+        return f"is the cost table of shape {other}, this run is {key}"
+    if 'key' not in table and 'fwd_bwd' not in table:
+        return 'is not a cost table (no key, no fwd_bwd entries)'
+    return None
 
 
 MIN_SECONDS = 1e-6  # below one kernel launch: an entry this small is damage, and a budget would take forever to spend
@@ -421,11 +437,15 @@ def cached_cpu_peak(remeasure=False):
     at the cache's path that is not a cache (another JSON, a checkpoint) is left as it is, never written over."""
     path, cpu = cpu_peak_cache(), cpu_key()
     try:
-        cache = json.loads(path.read_text())
+        text = path.read_text()
     except UnicodeDecodeError:
-        cache = None  # a binary file (a checkpoint) lives there: measured each time, the file kept
-    except (OSError, ValueError):
-        cache = {}  # none yet, or a cache cut short: written again
+        text = None  # a binary file (a checkpoint) lives there: measured each time, the file kept
+    except OSError:
+        text = ''  # none yet (or unreadable: the write below says so)
+    try:
+        cache = None if text is None else json.loads(text) if text else {}
+    except ValueError:  # a cache cut short is written again; other text (a script) is kept
+        cache = {} if text.lstrip().startswith('{') else None
     if not (isinstance(cache, dict) and all(isinstance(v, (int, float)) for v in cache.values())):
         cache = None  # another JSON file (a list, a run's config.json), or the binary one above
     known = cache.get(cpu) if cache and isinstance(cache.get(cpu), (int, float)) and cache.get(cpu) > 0 else None

@@ -48,9 +48,9 @@ def check_table(cfg, key, optimizers):
     if not cfg.rst_add:
         require(cfg.overwrite or not path.is_file(), f'{path} holds a cost table already (runs charged under it would '
                 'change meaning): --overwrite=True to replace it, or --rst_table=<new path> to keep it')
-        problem = replace_problem(path, key) if path.is_file() else None
-        require(problem is None, f'{path} {problem}: --overwrite=True replaces only a cost table of this shape ({key}) '
-                                 'or a damaged one: give --rst_table=<new path>')
+        problem = budget.foreign_table(read_json_or_none(path), key) if path.is_file() else None
+        require(problem is None, f'{path} {problem}: --overwrite=True replaces only a cost table of this shape or a '
+                                 'damaged one: give --rst_table=<new path>')
         return
     table = budget.load_existing(path, cfg.rst_add, optimizers)  # the names, and a sound table for its own key
     problem = budget.table_problem(table, key)  # so what is left is the shape: load_table's check
@@ -66,17 +66,12 @@ def table_lock(path):
     return FolderLock(path.parent / f'.{path.name}.lock', busy)
 
 
-def replace_problem(path, key):
-    """Why --overwrite=True may not replace the file at path, or None: it replaces a table of this shape, or one
-    too damaged to parse; never another file that ends in .json (a run's config.json) or a sound table of
-    another shape (the runs charged under it keep it)."""
+def read_json_or_none(path):
+    """A file's JSON, or None where it is not JSON (a damaged table, or a binary file the .json check let by)."""
     try:
-        table = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError):
+        return json.loads(path.read_text())
+    except ValueError:  # UnicodeDecodeError included
         return None
-    if not isinstance(table, dict) or 'fwd_bwd' not in table:
-        return 'is not a cost table (no fwd_bwd entries)'
-    return None if table.get('key') == key else f"is the cost table of shape {table.get('key')}, not of this run's"
 
 
 def main(cfg):

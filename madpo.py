@@ -515,8 +515,9 @@ def main(cfg):
     ensure_prepared(cfg.dataset)
     out, t0 = folder(cfg, cfg.stage), time.time()
     print(f'=== stage {STAGES.index(cfg.stage) + 1}/{len(STAGES)}: {cfg.stage} -> {out}', flush=True)
-    for earlier in ['sft'] * (cfg.stage != 'sft') + ['rm'] * (cfg.stage == 'po' and cfg.loss == 'madpo' and cfg.margins == 'rm'):
-        require_finished(cfg, earlier)
+    for earlier in inputs(cfg, cfg.stage):  # the pairs are checked where they are read, naming the tier's file
+        if earlier != 'pairs':
+            require_finished(cfg, earlier)
     # train.train locks a training stage's folder while it trains; the pairs stage trains nothing, so locks its own
     with runs.locked_folder(out) if cfg.stage == 'pairs' else contextlib.nullcontext():
         result = STAGE_RUNS[cfg.stage](cfg, train.setup_device(cfg).device)

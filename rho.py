@@ -301,10 +301,11 @@ def cache_dir(cfg, corpus):
     return Path(cfg.il_cache) if cfg.il_cache else corpus.path / 'il' / Path(cfg.il_out_dir).name
 
 
-def cache_identity(cfg, corpus, block_size):
-    """What the IL losses were computed from: the IL checkpoint, the data, the example size and holdout."""
+def cache_identity(cfg, corpus, block_size, saved=None):
+    """What the IL losses were computed from: the IL checkpoint, the data, the example size and holdout.
+    saved: the corpus fingerprint a cache's sidecar holds (Corpus.as_named: an older one named the first tokens)."""
     ckpt = Path(cfg.il_out_dir) / 'ckpt.pt'
-    return {'corpus_fingerprint': corpus.fingerprint(), 'tokenizer': corpus.meta['tokenizer'], 'block_size': block_size,
+    return {'corpus_fingerprint': corpus.as_named(saved), 'tokenizer': corpus.meta['tokenizer'], 'block_size': block_size,
             'holdout_frac': cfg.holdout_frac, 'num_examples': num_examples(corpus.splits['train'], block_size),
             'il_ckpt_sha256': file_sha256(ckpt) if ckpt.is_file() else 'missing'}
 
@@ -403,8 +404,11 @@ def load_il_cache(cfg, corpus, block_size):
     """The irreducible losses (memmap, index k = example id k * block_size) and their sidecar; refused
     (one line, with the rebuild command) when built for other data, settings or IL checkpoint, or edited."""
     rebuild = "rebuild it with `python rho.py --stage=il --overwrite=True` with this run's data and model flags"
-    return runs.load_cache(cache_dir(cfg, corpus) / 'il_loss.f16', cache_identity(cfg, corpus, block_size),
-                           'IL cache', rebuild, IL_INFO_KEYS, error=UserError)
+    path = cache_dir(cfg, corpus) / 'il_loss.f16'
+    saved = read_json(path.with_suffix('.json')).get('identity')
+    saved = saved.get('corpus_fingerprint') if isinstance(saved, dict) else None
+    return runs.load_cache(path, cache_identity(cfg, corpus, block_size, saved), 'IL cache', rebuild, IL_INFO_KEYS,
+                           error=UserError)
 
 
 def rst(v):
@@ -476,10 +480,9 @@ class RhoConfig(TrainConfig):
         require(0 < self.holdout_frac < 1, f'--holdout_frac must be in (0, 1), got {self.holdout_frac}')
         require(0 < self.select_frac <= 1, f'--select_frac must be in (0, 1], got {self.select_frac}')
         require(self.mega_batch >= 0, f'--mega_batch must be >= 0, got {self.mega_batch}')
-        defaults = {k: RhoConfig.__dataclass_fields__[k].default for k in ('select_frac', 'mega_batch')}
-        given = [k for k, v in defaults.items() if getattr(self, k) != v]  # a key sb would ignore, silently
-        require(self.method == 'rho' or not given, f'--{given and given[0]} is RHO-LOSS\'s (--method=rho): Selective '
-                                                   'Backprop keeps each example by its loss percentile (--sb_beta); leave it out')
+        for name, default in (('select_frac', 0.5), ('mega_batch', 0)):  # RHO-LOSS's keys, which sb would ignore
+            require(self.method == 'rho' or getattr(self, name) == default, f"--{name} is RHO-LOSS's (--method=rho): "
+                    'Selective Backprop keeps each example by its loss percentile (--sb_beta); leave it out')
         require(self.sb_beta > 0 and self.sb_history >= 0, '--sb_beta must be positive and --sb_history >= 0')
         require(self.il_budget >= 0, f'--il_budget must be >= 0, got {self.il_budget}')
         require(0 <= self.il_budget_frac and not (self.il_budget and self.il_budget_frac),
@@ -523,7 +526,8 @@ def check_selection(cfg):
     the holdout, and their scoring forward fits the device (runs.check_memory's activations, one block deep)."""
     d, n_B = cfg.model_dims(), cfg.selection_sizes()[0]
     T, device = d['block_size'], runs.setup_device(cfg).device
-    n_train = len(split_examples(num_examples(train.load_corpus(cfg).splits['train'], T), cfg.holdout_frac)[0])
+    n_all = num_examples(train.load_corpus(cfg).splits['train'], T)
+    n_train = len(split_examples(n_all, cfg.holdout_frac)[0])
     per_example = 4 * T * (16 * d['n_embd'] + 2 * d['n_head'] * T)
     fits = runs.free_memory(device) // per_example
     limit, why = (n_train, f'the {n_train:,} training examples outside the holdout') if n_train <= fits else \
@@ -531,10 +535,13 @@ def check_selection(cfg):
     if n_B > limit:
         given = f'--mega_batch={cfg.mega_batch}' if cfg.mega_batch else \
             f'--select_frac={cfg.select_frac:g} (nB = --batch_size / --select_frac)'
-        frac = round_to(cfg.batch_size / limit, up=True)  # only the fixes that can pass: select_frac <= 1, nB >= batch
+        # only the fixes that can pass: select_frac <= 1, nB >= batch_size, a holdout that leaves nB (~ its share)
+        frac = round_to(cfg.batch_size / limit, up=True) if limit else math.inf
+        holdout = round_to(1 - 1.01 * n_B / n_all, up=False) if n_train <= fits and n_B < 0.99 * n_all else 0
         fixes = ([f'--select_frac >= {frac:g}'] if not cfg.mega_batch and frac <= 1 else []) + (
             [f'--mega_batch <= {limit:,}'] if limit >= cfg.batch_size else []) + (
-            [f'a --holdout_frac below {cfg.holdout_frac:g}'] if n_train <= fits else [f'a --batch_size below {cfg.batch_size}'])
+            [f'--holdout_frac <= {holdout:g}'] if holdout > 0 else []) + (
+            [f'a --batch_size below {cfg.batch_size}'] if n_train > fits else []) or ['a larger corpus']
         raise UserError(f'{given} scores nB = {n_B:,} examples per micro-batch, more than {why}: give '
                         f"{' or '.join(fixes)}")
 

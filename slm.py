@@ -37,7 +37,7 @@ import torch
 
 import runs
 import train
-from configurator import Interrupted, cli, key, require, stop_signal_name
+from configurator import Interrupted, cli, key, require, require_writable, stop_signal_name
 from data.loader import (DATA_ROOT, NUMBER, Corpus, DataError, atomic_write_bytes, file_sha256, get_examples,
                          num_examples, read_meta)
 from data.mathmix.fewshot import clean_val, exact_match, load_problems
@@ -220,10 +220,16 @@ REBUILD = ('rebuild it with `python slm.py --stage=score` (this --out_dir or --r
            '--ref_mode=online')
 
 
+def no_reference(ref_ckpt):
+    """The refusal of a stage that needs the reference before it exists (--stage=ref writes it where this looks)."""
+    return DataError(f'no reference model at {ref_ckpt}: train it first with `python slm.py --stage=ref` and the same '
+                     '--out_dir (and --ref_ckpt, if given) as this command')
+
+
 def cache_identity(corpus, ref_ckpt, block_size):
     """What a valid cache must agree with: the reference checkpoint, the token stream, tokenizer, shape."""
     if not ref_ckpt.exists():
-        raise DataError(f'no reference model at {ref_ckpt}: run `python slm.py --stage=ref` with this --out_dir first')
+        raise no_reference(ref_ckpt)
     meta = read_meta(corpus)
     return {'ref_ckpt_sha256': file_sha256(ref_ckpt), 'data_sha256': file_sha256(corpus / 'train.bin'),
             'tokenizer': meta['tokenizer'], 'block_size': block_size, 'n_tokens': meta['counts']['train']['tokens']}
@@ -235,7 +241,7 @@ REF_FIX = 'give the reference `python slm.py --stage=ref` trains with this --mat
 def load_reference(cfg, paths, device):
     """The reference model --ref_ckpt holds (frozen, eval mode), once check_reference finds it fits this run."""
     if not paths.ref_ckpt.exists():
-        raise DataError(f'no reference model at {paths.ref_ckpt}: run `python slm.py --stage=ref` with this --out_dir first')
+        raise no_reference(paths.ref_ckpt)
     return runs.load_model(paths.ref_ckpt, device, cfg.compile_loss, check=lambda ckpt: check_reference(ckpt, cfg, paths))
 
 
@@ -247,15 +253,13 @@ def check_reference(ckpt, cfg, paths):
     meta, args, saved = read_meta(paths.corpus(cfg.noise)), ckpt['model_args'], ckpt.get('config', {})
     identity, T, model_type = ckpt.get('identity'), cfg.model_dims()['block_size'], runs.checkpoint_model_type(ckpt)
     trained_on = identity.get('corpus') if isinstance(identity, dict) else None
-    data = Corpus(paths.ref_data) if trained_on is not None else None
-    clean = data and data.fingerprint()  # whole=False: how a checkpoint saved before whole-stream fingerprints named it
-    named = {clean, data.fingerprint(whole=False)} if data else {None}
+    clean = Corpus(paths.ref_data).as_named(trained_on) if trained_on is not None else None
     vocab = {model_vocab_size('gpt', meta['vocab_size'], T, m) for m in (1, cfg.vocab_multiple)}
     dataset = f" ({saved['dataset']})" if 'dataset' in saved else ''
     misfits = ((model_type != 'gpt', f"holds a '{model_type}' model, not a GPT"),
                (saved.get('tokenizer', meta['tokenizer']) != meta['tokenizer'],
                 f"was trained with tokenizer {saved.get('tokenizer')!r}, mathmix is {meta['tokenizer']!r}"),
-               (trained_on not in named, f'was trained on other data{dataset} than this run\'s clean corpus {paths.ref_data} '
+               (trained_on != clean, f'was trained on other data{dataset} than this run\'s clean corpus {paths.ref_data} '
                                      f'(corpus fingerprint {trained_on}, not {clean})'),
                (args['vocab_size'] not in vocab, f"has vocab {args['vocab_size']}, the corpus needs "
                                                  f"{' or '.join(map(str, sorted(vocab)))}"),
@@ -281,6 +285,7 @@ def score_stream(model, tokens, rt, batch_size=64):
 def build_cache(cfg, paths):
     """Stage score: one no-grad pass of the reference model over --noise's corpus -> ref_loss_noise<P>.bin beside it."""
     corpus, rt = paths.corpus(cfg.noise), runs.setup_device(cfg)
+    require_writable(paths.ref_losses(cfg.noise))  # beside the reference: found now, not after the scoring pass
     model = load_reference(cfg, paths, rt.device)  # a misfit is refused here, before its cache is touched
     ref_loss = score_stream(model, np.memmap(corpus / 'train.bin', dtype=np.uint16, mode='r'), rt)
     kinds = np.asarray(load_kinds(corpus))
@@ -448,7 +453,7 @@ def stage_train(cfg, paths):
     a killed one) -> its eval.json: the final curve point (the eval at the end of the budget), the run's
     config and the reference's checksum (what the arm's numbers depend on)."""
     if not paths.ref_ckpt.exists():
-        raise DataError(f'no reference model at {paths.ref_ckpt}: run `python slm.py --stage=ref` with this --out_dir first')
+        raise no_reference(paths.ref_ckpt)
     ref_sha = file_sha256(paths.ref_ckpt)
     if cfg.ref_sha256 not in ('', ref_sha):
         raise DataError(f'{paths.ref_ckpt} is not the reference --ref_sha256 names (its sha256 is {ref_sha}): '

@@ -325,12 +325,8 @@ def build_objective(cfg, corpus, model):
 def load_corpus(cfg):
     path = data_dir(cfg.dataset, cfg.tokenizer)
     if not (path / 'meta.json').exists():
-        if Path(cfg.dataset).is_file():  # a text file itself: it is prepared once, then named as text/<name>
-            name = re.sub(r'[^A-Za-z0-9_.-]', '_', Path(cfg.dataset).stem)
-            name = name if NAME_RE.fullmatch(name) else 'mine'
-            raise DataError(f'--dataset={cfg.dataset} is a file, not a prepared corpus: prepare it with `python '
-                            f'data/text/prepare.py --input={shlex.quote(cfg.dataset)} --name={name} --tokenizer={cfg.tokenizer}`, then '
-                            f'give --dataset=text/{name}')
+        if Path(cfg.dataset).is_file():
+            raise DataError(file_as_dataset(cfg))
         if cfg.dataset != 'stdlib':
             raise DataError(f'no prepared data in {path}: run `{prepare_command(cfg.dataset, cfg.tokenizer)}`')
         from data.stdlib.prepare import PrepareConfig, prepare
@@ -341,6 +337,23 @@ def load_corpus(cfg):
         raise DataError(f"--tokenizer={cfg.tokenizer} but {path} was prepared with the {corpus.meta['tokenizer']!r} "
                         f"tokenizer: give --tokenizer={corpus.meta['tokenizer']}, or a corpus prepared with {cfg.tokenizer}")
     return corpus
+
+
+def file_as_dataset(cfg):
+    """--dataset names a file: a text file is prepared once (data/text/prepare.py) and named text/<name> after;
+    anything else (a checkpoint, a .bin) is not a corpus at all."""
+    with open(cfg.dataset, 'rb') as f:
+        head = f.read(4096)
+    try:
+        head.decode('utf-8')
+    except UnicodeDecodeError as e:
+        if e.start < len(head) - 3:  # not a character cut at the 4096th byte: binary
+            return (f'--dataset={cfg.dataset} is a file, not a prepared corpus: give a corpus folder (with meta.json) or '
+                    'a name under data/, e.g. --dataset=stdlib')
+    name = re.sub(r'[^A-Za-z0-9_.-]', '_', Path(cfg.dataset).stem)
+    name = name if NAME_RE.fullmatch(name) else 'mine'
+    return (f'--dataset={cfg.dataset} is a file, not a prepared corpus: prepare it with `python data/text/prepare.py '
+            f'--input={shlex.quote(cfg.dataset)} --name={name} --tokenizer={cfg.tokenizer}`, then give --dataset=text/{name}')
 
 
 def example_length(cfg, model):
@@ -526,8 +539,8 @@ class Trainer:
         self._build(cfg)
         if saved is not None:
             now, named = self.identity(), saved.get('identity')
-            if isinstance(named, dict) and named.get('corpus') == self.corpus.fingerprint(whole=False):
-                now['corpus'] = named['corpus']  # a checkpoint saved before whole-stream fingerprints named the first tokens
+            if isinstance(named, dict):  # a checkpoint saved before whole-stream fingerprints named the first tokens
+                now['corpus'] = self.corpus.as_named(named.get('corpus'))
             check_resume_identity(saved, now, self.out_dir / 'ckpt.pt')
         self.iter_num, self.val_loss, self.best_val_loss, self.evaluated_at = 0, float('inf'), float('inf'), None
         self.skipped_steps, self.last_wall, self.last_cost = 0, 0.0, 0.0
@@ -873,7 +886,11 @@ def train(cfg, objective=None, branch_points=()):
             except KeyboardInterrupt:
                 raise Interrupted('interrupted before step 1: nothing saved' if cfg.init_from != 'resume'
                                   else 'interrupted while resuming: the saved run is unchanged') from None
-            return trainer.run()
+            try:
+                return trainer.run()
+            except KeyboardInterrupt:  # a second Ctrl-C after the loop (the final eval and save, the sample)
+                raise Interrupted(f'stopped by {stop_signal_name()} after its last step, before the run finished: '
+                                  '--init_from=resume continues from the last checkpoint it saved') from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -888,15 +905,16 @@ def train_wsd_branches(cfg, objective_fn=lambda cfg: None):
     once its checks pass (Trainer.start_folder), and each branch's when the trunk reaches its branch point,
     with the branches' folders locked meanwhile, so a failed call or a live branch run loses nothing."""
     budgets, folder, points, base = budget_lib.branch_plan(cfg)
-    for b in budgets:  # each branch's keys checked now, not when the trunk reaches its branch point hours later
-        try:
-            dataclasses.replace(base, budget=b, out_dir=str(folder[b]))
+    runs_of = {}
+    for b, multiple in zip(budgets, sorted(cfg.branch_budgets)):  # every branch's keys checked now, not hours later
+        try:                                                         # when the trunk reaches its branch point
+            runs_of[b] = dataclasses.replace(base, budget=b, out_dir=str(folder[b]))
         except UserError as e:
-            raise UserError(f'--branch_budgets={cfg.branch_budgets}: the branch of budget {b:g} fails a check ({e}): '
-                            'give multiples of --budget that it passes') from None
+            raise UserError(f'--branch_budgets={cfg.branch_budgets}: its {multiple:g} x --budget={cfg.budget:g} is a '
+                            f'budget of {b:g} {cfg.budget_unit}, which fails a check ({e}): give other multiples') from None
     other = [b for b in budgets if (folder[b] / 'config.json').exists() and not records_config(
-        folder[b], dataclasses.asdict(dataclasses.replace(base, budget=b, out_dir=str(folder[b]))))]
-    trunk = dataclasses.replace(base, budget=budgets[-1], out_dir=str(folder[budgets[-1]]))
+        folder[b], dataclasses.asdict(runs_of[b]))]
+    trunk = runs_of[budgets[-1]]
     going = budgets[-1] not in other and (folder[budgets[-1]] / 'ckpt.pt').exists() and not run_finished(trunk.out_dir)
     unreached = [b for b in other if going]  # an --overwrite=True trunk stopped before them: replaced when reached
     require(cfg.overwrite or set(other) <= set(unreached), f'{other and folder[other[0]]} holds a run of another config: '

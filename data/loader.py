@@ -523,6 +523,11 @@ class Corpus:
             h.update(np.ascontiguousarray(tokens[:1 << 20]).tobytes())
         return h.hexdigest()[:16]
 
+    def as_named(self, saved):
+        """The fingerprint to compare a record's saved one with: saved itself where it names this corpus the way
+        records before whole-stream fingerprints did, else the whole-stream one (a checkpoint, a cache's sidecar)."""
+        return saved if saved == self.fingerprint(whole=False) else self.fingerprint()
+
 
 def num_examples(tokens, block_size):
     return (len(tokens) - 1) // block_size

@@ -34,7 +34,7 @@ def finished_runs(src):
     """(the run folders under src whose logs show their whole budget spent and that no signal stopped, the others)"""
     folders = [p.parent for p in sorted(src.rglob('config.json'))]
     done = [f for f in folders if not (f / 'stopped.json').exists() and (f / 'log.jsonl').exists() and run_finished(f)]
-    return done, [f for f in folders if f not in done]
+    return done, sorted(set(folders) - set(done))
 
 
 def left_out(src, others, shown=3):
@@ -42,7 +42,7 @@ def left_out(src, others, shown=3):
     if not others:
         return ''
     names = ', '.join(str(f.relative_to(src)) for f in others[:shown]) + (', ...' if len(others) > shown else '')
-    return f'; {len(others)} left out, not finished (going, stopped, or a log cut short): {names}'
+    return f'; {len(others)} left out, no finished training run (going, stopped, a log cut short, or no log): {names}'
 
 
 def json_problem(path, last_only=False):

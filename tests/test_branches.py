@@ -174,8 +174,8 @@ def test_a_branch_budget_that_fails_a_check_is_refused_before_the_trunk_trains(t
     """--budget=20 iters with --branch_budgets=(0.525, 1): the 10.5-iter branch is no whole number of steps.
     Refused in one line naming --branch_budgets before any step (the trunk trained to the branch point, then
     failed naming a --budget the user never gave), and no folder is left."""
-    with pytest.raises(UserError, match=r'--branch_budgets=\(0.525, 1\): the branch of budget 10.5 fails a check '
-                                        r'\(--budget=10.5 iters is not a whole number'):
+    with pytest.raises(UserError, match=r'--branch_budgets=\(0.525, 1\): its 0.525 x --budget=20 is a budget of 10.5 '
+                                        r'iters, which fails a check \(--budget=10.5 iters is not a whole number'):
         train.train_wsd_branches(TrainConfig(out_dir=str(tmp_path / 'br'), budget=20, branch_budgets=(0.525, 1), **RUN))
     assert not (tmp_path / 'br').exists()
 

@@ -336,24 +336,27 @@ def test_overwrite_replaces_only_a_table_of_this_shape_and_no_message_offers_ano
     other.write_bytes((ROOT / 'config' / 'rst' / 'h200' / 'gpt_L4_H4_D128_T128_V256_B32.json').read_bytes())
     with pytest.raises(UserError) as e:
         train.train(tiny_cfg(budget_unit='rst', budget=1.0, rst_table=str(other)))
-    assert 'is for shape gpt_L4_H4_D128_T128_V256_B32, this run is' in str(e.value) and '--overwrite' not in str(e.value)
+    assert 'is the cost table of shape gpt_L4_H4_D128_T128_V256_B32, this run is' in str(e.value) and '--overwrite' not in str(e.value)
     assert 'give a table of this shape, or leave out --rst_table to use' in str(e.value)  # the committed tiny table
     config = tmp_path / 'config.json'
     config.write_text(json.dumps({'config': {'lr': 0.001}}))
     ckpt = tmp_path / 'ckpt.pt'
     ckpt.write_bytes(b'PK\x03\x04 weights')
     monkeypatch.setattr(budget_lib, 'measure_table', no_measuring)
-    for path, says in ((other, "is the cost table of shape gpt_L4_H4_D128_T128_V256_B32, not of this run's"),
-                       (config, 'is not a cost table (no fwd_bwd entries)'), (ckpt, 'a cost table is a .json file')):
+    for path, says in ((other, f'is the cost table of shape gpt_L4_H4_D128_T128_V256_B32, this run is {B8}'),
+                       (config, 'is not a cost table (no key, no fwd_bwd entries)'), (ckpt, 'a cost table is a .json file')):
         before = path.read_bytes()
         code, err = calibrate_cli(['--batch_size=8', f'--rst_table={path}', '--overwrite=True'], capsys)
         assert code == 2 and len(err) == 1 and says in err[0], err
         assert path.read_bytes() == before
-    damaged = tmp_path / 'damaged.json'
-    damaged.write_text('{"key": "gpt_L2_H2_D64')  # cut short: replaced, as the damaged-table message says
     monkeypatch.setattr(budget_lib, 'measure_table', fake_measure(0.5))
-    assert calibrate_cli(['--batch_size=8', f'--rst_table={damaged}', '--overwrite=True'], capsys)[0] == 0
-    assert json.loads(damaged.read_text())['key'] == B8
+    for text in ('{"key": "gpt_L2_H2_D64', '[1, 2]', json.dumps({'key': B8}), json.dumps({'fwd_bwd': {'1': 0.1}})):
+        damaged = tmp_path / 'damaged.json'  # cut short, a list, this shape's without entries, one that lost its key:
+        damaged.write_text(text)  # a run is told to calibrate it again with --overwrite=True, and calibrate does
+        with pytest.raises(UserError, match=r'calibrate it again with .*--overwrite=True'):
+            train.train(tiny_cfg(budget_unit='rst', budget=1.0, rst_table=str(damaged)))
+        assert calibrate_cli(['--batch_size=8', f'--rst_table={damaged}', '--overwrite=True'], capsys)[0] == 0
+        assert json.loads(damaged.read_text())['key'] == B8
 
 
 def test_rst_add_extends_a_table_of_this_shape_only(tmp_path, monkeypatch, capsys, stdlib_corpus):
@@ -398,7 +401,7 @@ def test_a_file_at_the_peak_cache_path_that_is_no_cache_is_kept(tmp_path, monkey
     is measured and used, the file left byte for byte, and one warning line says so (it was written over)."""
     monkeypatch.setattr(budget_lib, 'measure_cpu_peak', lambda: 40e9)
     for name, data in (('list.json', b'[1, 2]'), ('empty.json', b'[]'), ('config.json', b'{"config": {"lr": 0.001}}'),
-                       ('ckpt.pt', b'PK\x03\x04\xff\xfe')):
+                       ('ckpt.pt', b'PK\x03\x04\xff\xfe'), ('notes.py', b'print("a script")\n')):
         path = tmp_path / name
         path.write_bytes(data)
         monkeypatch.setenv('NANO_EFFICIENT_PEAK_CACHE', str(path))

@@ -368,3 +368,7 @@ def test_a_text_file_given_as_dataset_names_the_prepare_command_for_it(tmp_path)
         train.load_corpus(train.TrainConfig(dataset=str(book)))
     assert str(e.value) == (f'--dataset={book} is a file, not a prepared corpus: prepare it with `python data/text/prepare.py '
                             f"--input='{book}' --name=my_book --tokenizer=byte`, then give --dataset=text/my_book")  # pastes whole
+    ckpt = tmp_path / 'ckpt.pt'
+    ckpt.write_bytes(b'PK\x03\x04\x00\xff\xfe weights')
+    with pytest.raises(DataError, match=r'ckpt.pt is a file, not a prepared corpus: give a corpus folder \(with meta.json\)'):
+        train.load_corpus(train.TrainConfig(dataset=str(ckpt)))  # not told to prepare a checkpoint as text

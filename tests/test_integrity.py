@@ -463,6 +463,22 @@ def test_a_resume_on_a_corpus_edited_anywhere_is_refused(tmp_path, capsys, stdli
     assert {p.name: p.read_bytes() for p in (tmp_path / 'run').iterdir() if p.is_file() and p.name != 'lock'} == before
 
 
+def test_a_second_ctrl_c_after_the_last_step_names_the_resume(tiny_cfg, capsys, monkeypatch):
+    """Ctrl-C during the closing sample (after the final checkpoint): exit 130 and one line naming
+    --init_from=resume (the generic 'run the same command again' would be refused: the folder holds a run)."""
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, 'sample_text', interrupted)
+    cfg = tiny_cfg(budget=2, sample_tokens=5)
+    argv = ['--model=tiny', '--batch_size=8', '--budget_unit=iters', '--budget=2', '--compile_loss=False',
+            '--sample_tokens=5', '--peak_flops=1e12', f'--out_dir={cfg.out_dir}']
+    code, err = call(train.main, train.TrainConfig, argv, capsys)
+    assert (code, err) == (130, ['stopped by SIGINT after its last step, before the run finished: --init_from=resume '
+                                 'continues from the last checkpoint it saved'])
+    monkeypatch.undo()
+    assert call(train.main, train.TrainConfig, [*argv, '--init_from=resume'], capsys)[0] == 0
+
+
 def test_a_checkpoint_that_named_its_corpus_by_the_first_tokens_still_resumes(tiny_cfg, stdlib_corpus):
     """Checkpoints saved before whole-stream fingerprints hold the hash of each split's first 2**20 tokens:
     their resume compares that, so an upgrade does not strand a run in progress."""

@@ -26,8 +26,8 @@ def study(tmp_path):
 def test_finished_runs_are_recorded_without_checkpoints(study, tmp_path, capsys):
     dst = tmp_path / 'records' / 'study-2026-12-06'
     records.main([str(study), str(dst)])
-    assert capsys.readouterr().out == (f'1 finished run(s) recorded in {dst}; 2 left out, not finished (going, stopped, '
-                                       'or a log cut short): baseline/b10/s1, baseline/b10/s2\n')
+    assert capsys.readouterr().out == (f'1 finished run(s) recorded in {dst}; 2 left out, no finished training run (going, '
+                                       'stopped, a log cut short, or no log): baseline/b10/s1, baseline/b10/s2\n')
     assert sorted(str(p.relative_to(dst)) for p in dst.rglob('*') if p.is_file()) == [
         'baseline/b10/s0.out', 'baseline/b10/s0/config.json', 'baseline/b10/s0/final_all_val.json', 'baseline/b10/s0/log.jsonl']
     assert (dst / 'baseline/b10/s0/log.jsonl').read_bytes() == (study / 'baseline/b10/s0/log.jsonl').read_bytes()

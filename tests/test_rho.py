@@ -173,6 +173,7 @@ def test_sb_refuses_the_keys_it_does_not_read(arg):
     with pytest.raises(ConfigError, match=f"--{arg[2:].split('=')[0]} is RHO-LOSS's .*: Selective Backprop keeps"):
         parse(rho.RhoConfig, ['--method=sb', arg])
     parse(rho.RhoConfig, ['--method=rho', arg])
+    parse(rho.RhoConfig, ['--method=sb'])  # the defaults pass (the check names them by value)
 
 
 @pytest.mark.parametrize('beta, want', [(1.0, 1 / 2), (2.0, 1 / 3)])
@@ -457,6 +458,26 @@ def test_a_search_restored_from_its_logs_trains_only_its_best_run_again(runs, tm
     logged = {b: l for b, l in info['il_search'] if b != best[0]}
     assert {b: l for b, l in result['search'] if b != best[0]} == logged  # the others: their logs' val losses
     assert all(result['spent'][u] == pytest.approx(info['il_train'][u]) for u in ('rst', 'tokens', 'flops'))
+
+
+def test_a_cache_whose_sidecar_names_the_corpus_by_its_first_tokens_still_loads(runs, tmp_path):
+    """IL caches written before whole-stream corpus fingerprints hold the hash of each split's first 2**20
+    tokens: they still load (the data did not change), and a hash of neither kind is stale."""
+    cfg = rho.RhoConfig(dataset=str(runs.corpus), model='tiny', batch_size=8, il_out_dir=str(runs.il))
+    corpus, old = Corpus(runs.corpus), tmp_path / 'cache'
+    shutil.copytree(runs.cache, old)
+    side = json.loads((old / 'il_loss.json').read_text())
+    # this corpus is shorter than 2**20 tokens a split, so both hashes read every token and agree; a longer one's differ:
+    assert side['identity']['corpus_fingerprint'] == corpus.fingerprint() == corpus.fingerprint(whole=False)
+    corpus._fingerprint = 'f' * 16  # as a longer corpus's whole-stream hash would
+    for fingerprint, loads in ((corpus.fingerprint(whole=False), True), ('0' * 16, False), ('f' * 16, True)):
+        side['identity']['corpus_fingerprint'] = fingerprint
+        (old / 'il_loss.json').write_text(json.dumps(side))
+        if loads:
+            rho.load_il_cache(dataclasses.replace(cfg, il_cache=str(old)), corpus, T)
+        else:
+            with pytest.raises(UserError, match='stale IL cache.*corpus_fingerprint'):
+                rho.load_il_cache(dataclasses.replace(cfg, il_cache=str(old)), corpus, T)
 
 
 def test_stale_cache_is_refused(runs, tmp_path):

@@ -186,7 +186,11 @@ def test_rho_scores_no_mega_batch_beyond_the_data_or_the_memory(stdlib_corpus, m
     rho.check_selection(rho.RhoConfig(**tiny, mega_batch=int(suggested(str(e.value)))))
     with pytest.raises(UserError) as e:  # fewer examples outside the holdout than a batch: only the holdout can give
         rho.check_selection(rho.RhoConfig(**tiny, holdout_frac=0.99999))
-    assert str(e.value).endswith('training examples outside the holdout: give a --holdout_frac below 0.99999'), str(e.value)
+    assert re.search(r'training examples outside the holdout: give --holdout_frac <= [\d.]+$', str(e.value)), str(e.value)
+    rho.check_selection(rho.RhoConfig(**tiny, holdout_frac=suggested(str(e.value), '--holdout_frac <= ')))  # it passes
+    monkeypatch.setattr(runs, 'free_memory', lambda device: 0)  # not one example fits: no division by zero
+    with pytest.raises(UserError, match=r'more than what fits in the free memory .*: give a --batch_size below 8'):
+        rho.check_selection(rho.RhoConfig(**tiny, mega_batch=16))
 
 
 # ----- through the entry points: exit 2, one line, no traceback, nothing written -------------------------
