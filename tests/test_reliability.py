@@ -517,7 +517,8 @@ def bad_cases(w):
         ('slm-k-sweep', *ss, '--k_sweep=(0.5,0)', ['--k_sweep must be in (0, 1]']),
         ('slm-gate', *ss, '--gate_ref=2', ['--gate_ref must be in [0, 1]']),
         ('slm-missing-data', *s, '--mathmix_dir=/nope/mathmix', ['mathmix data missing in /nope/mathmix']),
-        ('slm-stale-cache', *s, '--stage=train', f"--ref_ckpt={w['il']}/ckpt.pt", ['stale reference-loss cache']),
+        # another reference than the one scored: its losses are looked for beside it (each reference keeps its own)
+        ('slm-stale-cache', *s, '--stage=train', f"--ref_ckpt={w['il']}/ckpt.pt", ['no reference-loss cache at', 'stage=score']),
         ('slm-missing-ref-ckpt', *s, '--stage=score', '--ref_ckpt=/nope/ckpt.pt', ['/nope/ckpt.pt']),
         ('slm-corrupt-ref-ckpt', *s, '--stage=score', f"--ref_ckpt={w['corrupt']}/ckpt.pt", ['unreadable']),
         ('slm-train-no-ref', *s, '--stage=train', '--ref_ckpt=/nope/ckpt.pt', ['no reference model at /nope/ckpt.pt']),
