@@ -23,8 +23,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import re
-import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,8 +35,8 @@ import budget as budget_lib
 from arch import ARCHS, build_arch
 from configurator import (Interrupted, UserError, check_distinct, check_ranges, cli, key, require, signals_between_steps,
                           stop_signal_name, STOPPED)
-from data.loader import (MAX_SEED, NAME_RE, Batches, Corpus, DataError, atomic_write_bytes, data_dir, get_examples,
-                         get_tokenizer, is_count, prepare_command, val_ids)
+from data.loader import (MAX_SEED, Batches, Corpus, DataError, atomic_write_bytes, data_dir, file_as_dataset,
+                         get_examples, get_tokenizer, is_count, prepare_command, val_ids)
 from data.spans import SpanVocab, raw_length_for, span_corrupt, t5_lengths
 from model import MODELS, PRESETS, evaluate, sample_text
 from runs import (build_model, check_resume_config, check_resume_method, format_seconds, load_checkpoint, locked_folders,
@@ -326,7 +324,7 @@ def load_corpus(cfg):
     path = data_dir(cfg.dataset, cfg.tokenizer)
     if not (path / 'meta.json').exists():
         if Path(cfg.dataset).is_file():
-            raise DataError(file_as_dataset(cfg))
+            raise DataError(file_as_dataset(cfg.dataset, cfg.tokenizer))
         if cfg.dataset != 'stdlib':
             raise DataError(f'no prepared data in {path}: run `{prepare_command(cfg.dataset, cfg.tokenizer)}`')
         from data.stdlib.prepare import PrepareConfig, prepare
@@ -337,23 +335,6 @@ def load_corpus(cfg):
         raise DataError(f"--tokenizer={cfg.tokenizer} but {path} was prepared with the {corpus.meta['tokenizer']!r} "
                         f"tokenizer: give --tokenizer={corpus.meta['tokenizer']}, or a corpus prepared with {cfg.tokenizer}")
     return corpus
-
-
-def file_as_dataset(cfg):
-    """--dataset names a file: a text file is prepared once (data/text/prepare.py) and named text/<name> after;
-    anything else (a checkpoint, a .bin) is not a corpus at all."""
-    with open(cfg.dataset, 'rb') as f:
-        head = f.read(4096)
-    try:
-        head.decode('utf-8')
-    except UnicodeDecodeError as e:
-        if e.start < len(head) - 3:  # not a character cut at the 4096th byte: binary
-            return (f'--dataset={cfg.dataset} is a file, not a prepared corpus: give a corpus folder (with meta.json) or '
-                    'a name under data/, e.g. --dataset=stdlib')
-    name = re.sub(r'[^A-Za-z0-9_.-]', '_', Path(cfg.dataset).stem)
-    name = name if NAME_RE.fullmatch(name) else 'mine'
-    return (f'--dataset={cfg.dataset} is a file, not a prepared corpus: prepare it with `python data/text/prepare.py '
-            f'--input={shlex.quote(cfg.dataset)} --name={name} --tokenizer={cfg.tokenizer}`, then give --dataset=text/{name}')
 
 
 def example_length(cfg, model):

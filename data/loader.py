@@ -18,6 +18,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import stat
 import sys
@@ -366,6 +367,23 @@ def data_dir(dataset, tokenizer):
     if (path / 'meta.json').exists():
         return path
     return DATA_ROOT / dataset / tokenizer
+
+
+def file_as_dataset(dataset, tokenizer):
+    """Why --dataset naming a file is no corpus, and the fix: a text file is prepared once (data/text/prepare.py)
+    and named text/<name> after; anything else (a checkpoint, a .bin) is not a corpus at all."""
+    with open(dataset, 'rb') as f:
+        head = f.read(4096)
+    try:
+        head.decode('utf-8')
+    except UnicodeDecodeError as e:
+        if e.start < len(head) - 3:  # not a character cut at the 4096th byte: binary
+            return (f'--dataset={dataset} is a file, not a prepared corpus: give a corpus folder (with meta.json) or '
+                    'a name under data/, e.g. --dataset=stdlib')
+    name = re.sub(r'[^A-Za-z0-9_.-]', '_', Path(dataset).stem)
+    name = name if NAME_RE.fullmatch(name) else 'mine'
+    return (f'--dataset={dataset} is a file, not a prepared corpus: prepare it with `python data/text/prepare.py '
+            f'--input={shlex.quote(dataset)} --name={name} --tokenizer={tokenizer}`, then give --dataset=text/{name}')
 
 
 def prepare_command(dataset, tokenizer):

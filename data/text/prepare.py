@@ -9,7 +9,8 @@ wildcards), in sorted order; a hash of the name puts about 5% of documents in va
 into documents of `doc_chars` characters so it has a val split too. Text files are those with a suffix
 in TEXT_SUFFIXES (or none); they are read as UTF-8 and a byte that is not UTF-8 becomes U+FFFD. Relative
 paths are read from the folder the command runs in. A split the hash leaves empty takes the other's last
-document (said on stderr); an input of one document is an error before anything is tokenized. --out_dir writes the corpus anywhere else instead (then train with --dataset=THAT_FOLDER).
+document (said on stderr); an input of one document is an error before anything is tokenized. --out_dir
+writes the corpus anywhere else instead (then train with --dataset=THAT_FOLDER).
 Preparing again from the same --input rebuilds the corpus (its files may have changed); a corpus of that name
 built from another --input is kept unless --overwrite=True: checkpoints trained on it need it to resume.
 """
