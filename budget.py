@@ -431,30 +431,39 @@ def cpu_key():
     return f'{cpu} | {torch.get_num_threads()} threads | torch {torch.__version__}'
 
 
-def cached_cpu_peak(remeasure=False):
-    """This machine's CPU peak, measured once and cached (a corrupt or unwritable cache: measured again).
-    remeasure: measure now and keep the larger of the two (a peak measured under load was too low). A file
-    at the cache's path that is not a cache (another JSON, a checkpoint) is left as it is, never written over."""
-    path, cpu = cpu_peak_cache(), cpu_key()
+# what a cache cut short looks like (a prefix of json.dumps of {cpu key: peak}): only that is written over
+CUT_SHORT_CACHE = re.compile(r'\s*(\{(\s*"[^"\\]*"\s*:\s*[-+\d.eE]+\s*,)*\s*("[^"\\]*("\s*(:\s*[-+\d.eE]*)?)?)?\s*)?')
+
+
+def read_peak_cache(path):
+    """The CPU-peak cache at path: a dict ({} where there is none yet, or a cache cut short), or None where the
+    file is something else (another JSON, a log, a checkpoint, a file it cannot read), never written over."""
     try:
         text = path.read_text()
-    except UnicodeDecodeError:
-        text = None  # a binary file (a checkpoint) lives there: measured each time, the file kept
-    except OSError:
-        text = ''  # none yet (or unreadable: the write below says so)
+    except FileNotFoundError:
+        return {}
+    except (OSError, UnicodeDecodeError):
+        return None
     try:
-        cache = None if text is None else json.loads(text) if text else {}
-    except ValueError:  # a cache cut short is written again; other text (a script) is kept
-        cache = {} if text.lstrip().startswith('{') else None
-    if not (isinstance(cache, dict) and all(isinstance(v, (int, float)) for v in cache.values())):
-        cache = None  # another JSON file (a list, a run's config.json), or the binary one above
+        cache = json.loads(text)
+    except ValueError:
+        return {} if len(text) < 1 << 16 and CUT_SHORT_CACHE.fullmatch(text) else None
+    return cache if isinstance(cache, dict) and all(isinstance(v, (int, float)) for v in cache.values()) else None
+
+
+def cached_cpu_peak(remeasure=False):
+    """This machine's CPU peak, measured once and cached (a cache cut short, or an unwritable one: measured
+    again). remeasure: measure now and keep the larger of the two (a peak measured under load was too low).
+    A file at the cache's path that is not a cache is left as it is (read_peak_cache)."""
+    path, cpu = cpu_peak_cache(), cpu_key()
+    cache = read_peak_cache(path)
     known = cache.get(cpu) if cache and isinstance(cache.get(cpu), (int, float)) and cache.get(cpu) > 0 else None
     if known and not remeasure:
         return known
     peak = max(measure_cpu_peak(), known or 0.0)
     if cache is None:
-        print(f'warning: {path} is not a CPU-peak cache: left as it is, the peak not kept (set NANO_EFFICIENT_PEAK_CACHE '
-              'to another file, or give --peak_flops)', file=sys.stderr)
+        print(f'warning: {path} is not a readable CPU-peak cache: left as it is, the peak not kept (set '
+              'NANO_EFFICIENT_PEAK_CACHE to another file, or give --peak_flops)', file=sys.stderr)
         return peak
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -43,19 +43,23 @@ def check_table(cfg, key, optimizers):
     --overwrite=True, and --rst_add extends only a table of this run's shape (entries scaled from this
     shape's steps would price another shape's)."""
     path = budget.table_path(key, cfg.rst_table)
-    require_writable(path)  # a folder, or an unwritable one, is named as such (not 'does not exist')
-    require(path.suffix == '.json', f'--rst_table={path}: a cost table is a .json file: give a path ending in .json')
+    check_path(path)
     if not cfg.rst_add:
-        require(cfg.overwrite or not path.is_file(), f'{path} holds a cost table already (runs charged under it would '
-                'change meaning): --overwrite=True to replace it, or --rst_table=<new path> to keep it')
         problem = budget.foreign_table(read_json_or_none(path), key) if path.is_file() else None
         require(problem is None, f'{path} {problem}: --overwrite=True replaces only a cost table of this shape or a '
                                  'damaged one: give --rst_table=<new path>')
+        require(cfg.overwrite or not path.is_file(), f'{path} holds a cost table already (runs charged under it would '
+                'change meaning): --overwrite=True to replace it, or --rst_table=<new path> to keep it')
         return
     table = budget.load_existing(path, cfg.rst_add, optimizers)  # the names, and a sound table for its own key
     problem = budget.table_problem(table, key)  # so what is left is the shape: load_table's check
     require(problem is None, f'--rst_add extends a table of this run\'s shape, and {path} {problem}: '
             f"run with that table's shape, or give --rst_table=<a table for {key}>")
+
+
+def check_path(path):
+    require_writable(path)  # a folder, or an unwritable one, is named as such (not 'does not exist')
+    require(path.suffix == '.json', f'--rst_table={path}: a cost table is a .json file: give a path ending in .json')
 
 
 def table_lock(path):
@@ -77,7 +81,7 @@ def read_json_or_none(path):
 def main(cfg):
     run, model, batch, optimizers, key = calibration_inputs(cfg)
     path = budget.table_path(key, cfg.rst_table)
-    require_writable(path)  # before the lock makes its folder
+    check_path(path)  # before the lock makes its folder
     with table_lock(path):
         check_table(cfg, key, optimizers)
         return budget.calibrate(cfg, run, model, batch, optimizers, key)

@@ -321,9 +321,12 @@ def precompute_il(cfg, il_result):
     model = runs.load_model(ckpt_path, rt.device, compile_loss=cfg.compile_loss)
     T, tokens = model.config.block_size, corpus.splits['train']
     train_k, _ = split_examples(num_examples(tokens, T), cfg.holdout_frac)
-    partial = PartialCache(cache_dir(cfg, corpus) / 'il_loss.partial.f16', {
-        **cache_identity(cfg, corpus, T), 'score_batch': cfg.selection_sizes()[0], 'device': rt.device.type,
-        'dtype': str(rt.dtype)})  # batch, device and dtype decide a loss's low bits: a resume keeps them
+    # batch, device and dtype decide a loss's low bits: a resume keeps them (saved_fingerprint: and it continues a
+    # partial cache saved while the fingerprint named only the first tokens)
+    partial_path = cache_dir(cfg, corpus) / 'il_loss.partial.f16'
+    partial = PartialCache(partial_path, {**cache_identity(cfg, corpus, T, saved_fingerprint(partial_path)),
+                                          'score_batch': cfg.selection_sizes()[0], 'device': rt.device.type,
+                                          'dtype': str(rt.dtype)})
     irreducible_loss, seconds = score_resumably(model, tokens, train_k, rt, cfg.selection_sizes()[0], partial)
     # the precompute's RST, as forward-only passes (None without a cost table: the other units still count)
     table = budget_lib.load_table(train.run_shape_key(cfg, model), cfg.rst_table, required=False)
@@ -405,10 +408,14 @@ def load_il_cache(cfg, corpus, block_size):
     (one line, with the rebuild command) when built for other data, settings or IL checkpoint, or edited."""
     rebuild = "rebuild it with `python rho.py --stage=il --overwrite=True` with this run's data and model flags"
     path = cache_dir(cfg, corpus) / 'il_loss.f16'
+    return runs.load_cache(path, cache_identity(cfg, corpus, block_size, saved_fingerprint(path)), 'IL cache', rebuild,
+                           IL_INFO_KEYS, error=UserError)
+
+
+def saved_fingerprint(path):
+    """The corpus fingerprint a cache's sidecar holds (None: none readable), for cache_identity's saved."""
     saved = read_json(path.with_suffix('.json')).get('identity')
-    saved = saved.get('corpus_fingerprint') if isinstance(saved, dict) else None
-    return runs.load_cache(path, cache_identity(cfg, corpus, block_size, saved), 'IL cache', rebuild, IL_INFO_KEYS,
-                           error=UserError)
+    return saved.get('corpus_fingerprint') if isinstance(saved, dict) else None
 
 
 def rst(v):
@@ -480,8 +487,9 @@ class RhoConfig(TrainConfig):
         require(0 < self.holdout_frac < 1, f'--holdout_frac must be in (0, 1), got {self.holdout_frac}')
         require(0 < self.select_frac <= 1, f'--select_frac must be in (0, 1], got {self.select_frac}')
         require(self.mega_batch >= 0, f'--mega_batch must be >= 0, got {self.mega_batch}')
-        for name, default in (('select_frac', 0.5), ('mega_batch', 0)):  # RHO-LOSS's keys, which sb would ignore
-            require(self.method == 'rho' or getattr(self, name) == default, f"--{name} is RHO-LOSS's (--method=rho): "
+        default = {f.name: f.default for f in dataclasses.fields(self)}
+        for name in ('select_frac', 'mega_batch'):  # RHO-LOSS's keys, which sb would ignore
+            require(self.method == 'rho' or getattr(self, name) == default[name], f"--{name} is RHO-LOSS's (--method=rho): "
                     'Selective Backprop keeps each example by its loss percentile (--sb_beta); leave it out')
         require(self.sb_beta > 0 and self.sb_history >= 0, '--sb_beta must be positive and --sb_history >= 0')
         require(self.il_budget >= 0, f'--il_budget must be >= 0, got {self.il_budget}')
@@ -535,15 +543,23 @@ def check_selection(cfg):
     if n_B > limit:
         given = f'--mega_batch={cfg.mega_batch}' if cfg.mega_batch else \
             f'--select_frac={cfg.select_frac:g} (nB = --batch_size / --select_frac)'
-        # only the fixes that can pass: select_frac <= 1, nB >= batch_size, a holdout that leaves nB (~ its share)
-        frac = round_to(cfg.batch_size / limit, up=True) if limit else math.inf
-        holdout = round_to(1 - 1.01 * n_B / n_all, up=False) if n_train <= fits and n_B < 0.99 * n_all else 0
-        fixes = ([f'--select_frac >= {frac:g}'] if not cfg.mega_batch and frac <= 1 else []) + (
-            [f'--mega_batch <= {limit:,}'] if limit >= cfg.batch_size else []) + (
-            [f'--holdout_frac <= {holdout:g}'] if holdout > 0 else []) + (
-            [f'a --batch_size below {cfg.batch_size}'] if n_train > fits else []) or ['a larger corpus']
-        raise UserError(f'{given} scores nB = {n_B:,} examples per micro-batch, more than {why}: give '
-                        f"{' or '.join(fixes)}")
+        fixes = selection_fixes(cfg, limit, n_B, n_all, data_bound=n_train <= fits)
+        raise UserError(f"{given} scores nB = {n_B:,} examples per micro-batch, more than {why}: give {' or '.join(fixes)}")
+
+
+def selection_fixes(cfg, limit, n_B, n_all, data_bound):
+    """Only fixes that pass check_selection: nB = --mega_batch, else --batch_size / --select_frac (select_frac
+    <= 1); where the data is the limit, a holdout that leaves nB (~ its share)."""
+    if limit == 0 and not data_bound:
+        return ['a smaller --model or --block_size (not one example fits)']
+    b = cfg.batch_size
+    if cfg.mega_batch:
+        fixes = [f'--mega_batch <= {limit:,}'] if limit else []
+    else:
+        fixes = ([f'--select_frac >= {round_to(b / limit, up=True):g}'] if b <= limit else []) + (
+            [f'--batch_size <= {math.floor(limit * cfg.select_frac):,}'] if limit * cfg.select_frac >= 1 else [])
+    holdout = round_to(1 - 1.01 * n_B / n_all, up=False) if data_bound and n_B < 0.99 * n_all else 0
+    return fixes + ([f'--holdout_frac <= {holdout:g}'] if holdout > 0 else []) or ['a larger corpus']
 
 
 def main(cfg):

@@ -222,6 +222,9 @@ REBUILD = ('rebuild it with `python slm.py --stage=score` (this --out_dir or --r
 
 def no_reference(ref_ckpt):
     """The refusal of a stage that needs the reference before it exists (--stage=ref writes it where this looks)."""
+    if ref_ckpt.name != 'ckpt.pt':  # not a name --stage=ref writes
+        return DataError(f'no reference model at {ref_ckpt}: give the checkpoint you have, or train one with `python '
+                         f'slm.py --stage=ref --ref_ckpt={ref_ckpt.parent / "ckpt.pt"}` and give that')
     return DataError(f'no reference model at {ref_ckpt}: train it first with `python slm.py --stage=ref` and the same '
                      '--out_dir (and --ref_ckpt, if given) as this command')
 
@@ -283,10 +286,11 @@ def score_stream(model, tokens, rt, batch_size=64):
 
 
 def build_cache(cfg, paths):
-    """Stage score: one no-grad pass of the reference model over --noise's corpus -> ref_loss_noise<P>.bin beside it."""
+    """Stage score: one no-grad pass of the reference model over --noise's corpus -> <ref>_ref_loss_noise<P>.bin
+    beside the reference <ref>.pt."""
     corpus, rt = paths.corpus(cfg.noise), runs.setup_device(cfg)
-    require_writable(paths.ref_losses(cfg.noise))  # beside the reference: found now, not after the scoring pass
     model = load_reference(cfg, paths, rt.device)  # a misfit is refused here, before its cache is touched
+    require_writable(paths.ref_losses(cfg.noise))  # beside the reference: found now, not after the scoring pass
     ref_loss = score_stream(model, np.memmap(corpus / 'train.bin', dtype=np.uint16, mode='r'), rt)
     kinds = np.asarray(load_kinds(corpus))
     by_kind = {name: float(ref_loss[1:][kinds[1:] == i].astype(np.float64).mean())
@@ -365,6 +369,8 @@ class SLMConfig(train.TrainConfig):
             require(getattr(self, name) == '' or getattr(self, name).strip() != '', f"--{name} is blank: give a path, or ''")
         require(not (self.ref_ckpt and Path(self.ref_ckpt).is_dir()),
                 f'--ref_ckpt={self.ref_ckpt} is a folder: give the checkpoint file (e.g. {Path(self.ref_ckpt) / "ckpt.pt"})')
+        require(self.stage != 'ref' or not self.ref_ckpt or Path(self.ref_ckpt).name == 'ckpt.pt',  # the loop's name
+                f'--stage=ref trains into a folder\'s ckpt.pt: give --ref_ckpt={Path(self.ref_ckpt).parent / "ckpt.pt"}')
         T = self.model_dims()['block_size']
         require(T % LINE == 0 and T >= 2 * LINE, f'--block_size must be a multiple of {LINE} (a mathmix line), >= {2 * LINE}')
         require(self.select == 'topk' or (self.select_by == 'excess' and self.k < 1),
@@ -409,8 +415,9 @@ class Paths:
     def corpus(self, noise):  # train.bin, kinds.bin
         return self.data / corpus_name(noise) / 'byte'
 
-    def ref_losses(self, noise):  # the reference's losses (and sidecar .json) beside it: in the corpus folder, two
-        return self.ref_ckpt.parent / f'ref_loss_{corpus_name(noise)}.bin'  # references' scores replaced each other
+    def ref_losses(self, noise):  # the reference's losses (and sidecar .json) beside it, named by it: in the corpus
+        return self.ref_ckpt.parent / f'{self.ref_ckpt.stem}_ref_loss_{corpus_name(noise)}.bin'  # folder, or by the
+        # folder alone, two references' scores replaced each other
 
     def run_dir(self, cfg):
         return Path(cfg.run_dir) if cfg.run_dir else \

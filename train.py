@@ -631,7 +631,8 @@ class Trainer:
         if self.rt.master:
             atomic_write_bytes(self.out_dir / 'config.json', self.config_record(self.cfg))
             (self.out_dir / 'stopped.json').unlink(missing_ok=True)  # it runs again: no longer a stopped run,
-            (self.out_dir / 'done.json').unlink(missing_ok=True)  # nor a finished one (madpo.py's record of a stage)
+            for record in ('done.json', 'eval.json'):  # nor a finished one (madpo.py's stage, slm.py's arm)
+                (self.out_dir / record).unlink(missing_ok=True)
         if fresh:  # a resumed run's log has them
             for record in self.ctx.records:
                 self.log(record)
@@ -869,9 +870,11 @@ def train(cfg, objective=None, branch_points=()):
                                   else 'interrupted while resuming: the saved run is unchanged') from None
             try:
                 return trainer.run()
-            except KeyboardInterrupt:  # a second Ctrl-C after the loop (the final eval and save, the sample)
-                raise Interrupted(f'stopped by {stop_signal_name()} after its last step, before the run finished: '
-                                  '--init_from=resume continues from the last checkpoint it saved') from None
+            except KeyboardInterrupt:  # outside a step: the folder's start, or a second Ctrl-C in the final save
+                raise Interrupted(f'stopped by {stop_signal_name()} before the run finished: ' + (
+                    '--init_from=resume continues from the last checkpoint it saved'
+                    if (Path(cfg.out_dir) / 'ckpt.pt').exists() else
+                    'it saved no checkpoint, so run the same command with --overwrite=True to start it again')) from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -890,9 +893,10 @@ def train_wsd_branches(cfg, objective_fn=lambda cfg: None):
     for b, multiple in zip(budgets, sorted(cfg.branch_budgets)):  # every branch's keys checked now, not hours later
         try:                                                         # when the trunk reaches its branch point
             runs_of[b] = dataclasses.replace(base, budget=b, out_dir=str(folder[b]))
-        except UserError as e:
+        except UserError as e:  # the check's own fix names a --budget not given: left out
             raise UserError(f'--branch_budgets={cfg.branch_budgets}: its {multiple:g} x --budget={cfg.budget:g} is a '
-                            f'budget of {b:g} {cfg.budget_unit}, which fails a check ({e}): give other multiples') from None
+                            f"budget of {b:g} {cfg.budget_unit}, which fails a check ({str(e).split(': give')[0]}): give "
+                            'other multiples') from None
     other = [b for b in budgets if (folder[b] / 'config.json').exists() and not records_config(
         folder[b], dataclasses.asdict(runs_of[b]))]
     trunk = runs_of[budgets[-1]]

@@ -380,6 +380,9 @@ def file_as_dataset(dataset, tokenizer):
         if e.start < len(head) - 3:  # not a character cut at the 4096th byte: binary
             return (f'--dataset={dataset} is a file, not a prepared corpus: give a corpus folder (with meta.json) or '
                     'a name under data/, e.g. --dataset=stdlib')
+    if re.search(r'[*?[]', dataset):  # prepare.py's --input would read the name as a glob pattern
+        return (f'--dataset={dataset} is a file, not a prepared corpus, and its name has a glob character (* ? [) '
+                'that data/text/prepare.py --input reads as a pattern: copy it to a plain name, then prepare that')
     name = re.sub(r'[^A-Za-z0-9_.-]', '_', Path(dataset).stem)
     name = name if NAME_RE.fullmatch(name) else 'mine'
     return (f'--dataset={dataset} is a file, not a prepared corpus: prepare it with `python data/text/prepare.py '

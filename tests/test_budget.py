@@ -346,9 +346,12 @@ def test_overwrite_replaces_only_a_table_of_this_shape_and_no_message_offers_ano
     for path, says in ((other, f'is the cost table of shape gpt_L4_H4_D128_T128_V256_B32, this run is {B8}'),
                        (config, 'is not a cost table (no key, no fwd_bwd entries)'), (ckpt, 'a cost table is a .json file')):
         before = path.read_bytes()
-        code, err = calibrate_cli(['--batch_size=8', f'--rst_table={path}', '--overwrite=True'], capsys)
-        assert code == 2 and len(err) == 1 and says in err[0], err
-        assert path.read_bytes() == before
+        for overwrite in (['--overwrite=True'], []):  # without it too: never told to --overwrite what it refuses
+            code, err = calibrate_cli(['--batch_size=8', f'--rst_table={path}', *overwrite], capsys)
+            assert code == 2 and len(err) == 1 and says in err[0] and '--overwrite=True to replace' not in err[0], err
+        assert path.read_bytes() == before and not (tmp_path / f'.{path.name}.lock').exists()
+    code, err = calibrate_cli(['--batch_size=8', f"--rst_table={tmp_path / 'new' / 'x.pt'}"], capsys)
+    assert code == 2 and 'a cost table is a .json file' in err[0] and not (tmp_path / 'new').exists()  # no folder made
     monkeypatch.setattr(budget_lib, 'measure_table', fake_measure(0.5))
     for text in ('{"key": "gpt_L2_H2_D64', '[1, 2]', json.dumps({'key': B8}), json.dumps({'fwd_bwd': {'1': 0.1}})):
         damaged = tmp_path / 'damaged.json'  # cut short, a list, this shape's without entries, one that lost its key:
@@ -390,24 +393,25 @@ def test_the_cpu_peak_is_measured_once_cached_and_only_raised(tmp_path, monkeypa
     assert json.loads(cache.read_text()) == {budget_lib.cpu_key(): 40e9}
     assert budget_lib.device_peak_flops('cpu', remeasure=True) == 40e9       # 30e9 under load: the old one stays
     assert budget_lib.device_peak_flops('cpu', remeasure=True) == 55e9       # a better measurement raises it
-    cache.write_text('{"half a file')
-    assert budget_lib.device_peak_flops('cpu') == 20e9                       # corrupt: measured again
+    cache.write_text(json.dumps({'other cpu': 1e9, budget_lib.cpu_key(): 55e9}, indent=1)[:30])
+    assert budget_lib.device_peak_flops('cpu') == 20e9                       # cut short: measured again
     assert json.loads(cache.read_text()) == {budget_lib.cpu_key(): 20e9}
     assert not list(cache.parent.glob('*.tmp*'))
 
 
 def test_a_file_at_the_peak_cache_path_that_is_no_cache_is_kept(tmp_path, monkeypatch, capsys):
-    """NANO_EFFICIENT_PEAK_CACHE naming another file (a JSON list, a run's config.json, a checkpoint): the peak
+    """NANO_EFFICIENT_PEAK_CACHE naming another file (a JSON list, a run's config.json, a checkpoint, a log): the peak
     is measured and used, the file left byte for byte, and one warning line says so (it was written over)."""
     monkeypatch.setattr(budget_lib, 'measure_cpu_peak', lambda: 40e9)
     for name, data in (('list.json', b'[1, 2]'), ('empty.json', b'[]'), ('config.json', b'{"config": {"lr": 0.001}}'),
-                       ('ckpt.pt', b'PK\x03\x04\xff\xfe'), ('notes.py', b'print("a script")\n')):
+                       ('ckpt.pt', b'PK\x03\x04\xff\xfe'), ('notes.py', b'print("a script")\n'),
+                       ('log.jsonl', b'{"step": 0, "loss": 5.5}\n{"step": 1, "loss": 5.1}\n')):
         path = tmp_path / name
         path.write_bytes(data)
         monkeypatch.setenv('NANO_EFFICIENT_PEAK_CACHE', str(path))
         assert budget_lib.device_peak_flops('cpu') == 40e9 and path.read_bytes() == data
         err = capsys.readouterr().err.splitlines()
-        assert err == [f'warning: {path} is not a CPU-peak cache: left as it is, the peak not kept (set '
+        assert err == [f'warning: {path} is not a readable CPU-peak cache: left as it is, the peak not kept (set '
                        'NANO_EFFICIENT_PEAK_CACHE to another file, or give --peak_flops)'], err
 
 

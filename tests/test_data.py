@@ -372,3 +372,7 @@ def test_a_text_file_given_as_dataset_names_the_prepare_command_for_it(tmp_path)
     ckpt.write_bytes(b'PK\x03\x04\x00\xff\xfe weights')
     with pytest.raises(DataError, match=r'ckpt.pt is a file, not a prepared corpus: give a corpus folder \(with meta.json\)'):
         train.load_corpus(train.TrainConfig(dataset=str(ckpt)))  # not told to prepare a checkpoint as text
+    pattern = tmp_path / 'notes[1].txt'  # --input would read the name as a glob (matching notes1.txt): not offered
+    pattern.write_text('some text\n' * 100)
+    with pytest.raises(DataError, match=r'its name has a glob character .* copy it to a plain name, then prepare that'):
+        train.load_corpus(train.TrainConfig(dataset=str(pattern)))

@@ -473,10 +473,28 @@ def test_a_second_ctrl_c_after_the_last_step_names_the_resume(tiny_cfg, capsys, 
     argv = ['--model=tiny', '--batch_size=8', '--budget_unit=iters', '--budget=2', '--compile_loss=False',
             '--sample_tokens=5', '--peak_flops=1e12', f'--out_dir={cfg.out_dir}']
     code, err = call(train.main, train.TrainConfig, argv, capsys)
-    assert (code, err) == (130, ['stopped by SIGINT after its last step, before the run finished: --init_from=resume '
-                                 'continues from the last checkpoint it saved'])
+    assert (code, err) == (130, ['stopped by SIGINT before the run finished: --init_from=resume continues from the '
+                                 'last checkpoint it saved'])
     monkeypatch.undo()
     assert call(train.main, train.TrainConfig, [*argv, '--init_from=resume'], capsys)[0] == 0
+
+
+def test_a_ctrl_c_before_any_checkpoint_names_the_overwrite(tiny_cfg, capsys, monkeypatch):
+    """Ctrl-C while the folder is being started (no checkpoint yet): the line names --overwrite=True, not a
+    resume that has nothing to continue, and following it works."""
+    start = train.Trainer.start_folder
+    def interrupted(self, *args, **kwargs):
+        start(self, *args, **kwargs)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train.Trainer, 'start_folder', interrupted)
+    cfg = tiny_cfg(budget=2)
+    argv = ['--model=tiny', '--batch_size=8', '--budget_unit=iters', '--budget=2', '--compile_loss=False',
+            '--sample_tokens=0', '--peak_flops=1e12', f'--out_dir={cfg.out_dir}']
+    code, err = call(train.main, train.TrainConfig, argv, capsys)
+    assert (code, err) == (130, ['stopped by SIGINT before the run finished: it saved no checkpoint, so run the same '
+                                 'command with --overwrite=True to start it again'])
+    monkeypatch.undo()
+    assert call(train.main, train.TrainConfig, [*argv, '--overwrite=True'], capsys)[0] == 0
 
 
 def test_a_checkpoint_that_named_its_corpus_by_the_first_tokens_still_resumes(tiny_cfg, stdlib_corpus):

@@ -408,9 +408,14 @@ def test_a_killed_il_precompute_resumes_from_its_partial_cache(runs, tmp_path, m
     assert re.search(rf'IL precompute: 16/{n:,} examples \(\d+%\) \| [\d,]+ examples/s \| eta \d+m\d\ds', out), out
     assert f'IL precompute: 32/{n:,} examples' in out and f'interrupted after 32 of {n:,} examples' in out
     assert json.loads((tmp_path / 'cache' / 'il_loss.partial.json').read_text())['done'] == 32
+    # saved while fingerprints named the first 2**20 tokens (as this short corpus's whole-stream hash does; a
+    # longer corpus's whole-stream hash, faked here, differs): continued, not started over
+    real = Corpus.fingerprint
+    monkeypatch.setattr(Corpus, 'fingerprint', lambda self, whole=True: 'f' * 16 if whole else real(self, whole))
     calls = scoring_calls(monkeypatch)
     info = rho.precompute_il(cfg, il)
     assert 'resuming after 32 examples' in capsys.readouterr().out and sum(calls) == n - 32
+    monkeypatch.setattr(Corpus, 'fingerprint', real)
     got, want = (np.fromfile(folder / 'il_loss.f16', dtype=np.float16) for folder in (tmp_path / 'cache', runs.cache))
     assert np.array_equal(got, want, equal_nan=True) and info['il_precompute']['examples'] == n
     assert not list((tmp_path / 'cache').glob('il_loss.partial.*'))  # the partial cache is gone with the final one

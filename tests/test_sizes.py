@@ -174,23 +174,36 @@ def test_jobs_and_the_plan_fit_the_memory(free_gib, cls):
         assert '--seeds=100,000' in message and f'give --seeds <= {GIB // (13 * 2**14):,}' in message
 
 
-def test_rho_scores_no_mega_batch_beyond_the_data_or_the_memory(stdlib_corpus, monkeypatch):
-    tiny = dict(model='tiny', batch_size=8)
-    with pytest.raises(UserError, match=r'--select_frac=1e-07 \(nB = --batch_size / --select_frac\) scores nB = '
-                                        r'80,000,000 examples .* memory .* give --select_frac >= ') as e:
-        rho.check_selection(rho.RhoConfig(**tiny, select_frac=1e-7))
-    rho.check_selection(rho.RhoConfig(**tiny, select_frac=suggested(str(e.value), '--select_frac >= ')))  # the fix passes
-    monkeypatch.setattr(runs, 'free_memory', lambda device: 2**50)  # then the data is the limit
-    with pytest.raises(UserError, match='more than the .* training examples outside the holdout') as e:
-        rho.check_selection(rho.RhoConfig(**tiny, mega_batch=10**9))
-    rho.check_selection(rho.RhoConfig(**tiny, mega_batch=int(suggested(str(e.value)))))
-    with pytest.raises(UserError) as e:  # fewer examples outside the holdout than a batch: only the holdout can give
-        rho.check_selection(rho.RhoConfig(**tiny, holdout_frac=0.99999))
-    assert re.search(r'training examples outside the holdout: give --holdout_frac <= [\d.]+$', str(e.value)), str(e.value)
-    rho.check_selection(rho.RhoConfig(**tiny, holdout_frac=suggested(str(e.value), '--holdout_frac <= ')))  # it passes
-    monkeypatch.setattr(runs, 'free_memory', lambda device: 0)  # not one example fits: no division by zero
-    with pytest.raises(UserError, match=r'more than what fits in the free memory .*: give a --batch_size below 8'):
-        rho.check_selection(rho.RhoConfig(**tiny, mega_batch=16))
+def offered_fixes(message):
+    """A check_selection refusal's fixes, each as the keys it changes ({} for advice no key can follow)."""
+    fixes = message.split(': give ', 1)[1].split(' or ')
+    return [{m.group(1): float(m.group(2).replace(',', ''))} if (m := re.fullmatch(r'--(\w+) [<>]= ([\d,.]+)', fix))
+            else {} for fix in fixes]
+
+
+@pytest.mark.parametrize('free, keys', [
+    (GIB, dict(select_frac=1e-7)),                       # the memory is the limit
+    (GIB, dict(mega_batch=10**9)),
+    (2**50, dict(mega_batch=10**9)),                     # the data is
+    (2**50, dict(select_frac=1e-7)),
+    (2**50, dict(holdout_frac=0.99999)),                 # fewer examples outside the holdout than a batch
+    (2**50, dict(holdout_frac=0.99999, mega_batch=64)),
+    (2**20, dict(mega_batch=16)),                        # memory for a few examples, fewer than a batch
+    (0, dict(mega_batch=16)),                            # not one example fits: no fix to follow, no division by zero
+])
+def test_rho_scores_no_mega_batch_beyond_the_data_or_the_memory_and_every_fix_passes(stdlib_corpus, monkeypatch,
+                                                                                     free, keys):
+    monkeypatch.setattr(runs, 'free_memory', lambda device: free)
+    tiny = dict(model='tiny', batch_size=8, **keys)
+    with pytest.raises(UserError, match=r'scores nB = [\d,]+ examples per micro-batch, more than ') as e:
+        rho.check_selection(rho.RhoConfig(**tiny))
+    fixes = offered_fixes(str(e.value))
+    assert fixes and all(len(fix) <= 1 for fix in fixes), str(e.value)
+    for fix in fixes:
+        if fix:
+            rho.check_selection(rho.RhoConfig(**{**tiny, **{k: type(tiny.get(k, 0.5))(v) for k, v in fix.items()}}))
+    if free == 0:
+        assert str(e.value).endswith('give a smaller --model or --block_size (not one example fits)'), str(e.value)
 
 
 # ----- through the entry points: exit 2, one line, no traceback, nothing written -------------------------

@@ -791,11 +791,14 @@ def test_resume_trims_the_accuracy_curve_and_continues_it_exactly(mathmix, tmp_p
 
 def test_a_stopped_arm_exits_130_naming_the_resume_and_writes_no_eval(mathmix, tmp_path, monkeypatch, capsys):
     """Ctrl-C inside an arm's training: its checkpoint is saved, `python slm.py --stage=train` says in one line
-    how to continue and exits 130 (was a bare "interrupted"), and no eval.json passes the stopped arm off as run."""
+    how to continue and exits 130 (was a bare "interrupted"), and no eval.json passes the stopped arm off as run:
+    not even an old one, when the stopped run was an --overwrite=True rerun of a finished arm."""
     cfg = slm_cfg(mathmix, tmp_path, ref_mode='online', budget_unit='iters', budget=8, eval_interval=2,
-                  sample_tokens=0, stage='train', select_by='oracle')
+                  sample_tokens=0, stage='train', select_by='oracle', overwrite=True)
     paths = slm.get_paths(cfg)
     save_ref(random_gpt(5), paths.ref_ckpt)
+    paths.run_dir(cfg).mkdir(parents=True)
+    (paths.run_dir(cfg) / 'eval.json').write_text('{"accuracy": 1.0}')  # the finished arm this rerun replaces
     CutAt.cut = 3
     monkeypatch.setattr(slm, 'SelectiveLM', CutAt)
     with pytest.raises(SystemExit) as stop:
@@ -825,7 +828,7 @@ def test_quick_pipeline_runs_end_to_end(tmp_path, capsys):
         assert [p['step'] for p in curve] == [4, 8]
     sel = json.loads((out / 'noise20' / 'excess_k60_s1337' / 'eval.json').read_text())['selection']
     assert set(sel) == set(mm.KINDS) and 0 < sel['clean'] < 1
-    side = json.loads((out / 'ref' / 'ref_loss_noise20.json').read_text())['identity']  # beside the reference
+    side = json.loads((out / 'ref' / 'ckpt_ref_loss_noise20.json').read_text())['identity']  # beside the reference
     assert side['block_size'] == T and side['tokenizer'] == 'byte'
     assert re.search(r'\| 0\.2 \| oracle \| 2 \|.*\n\| 0\.2 \| clm \| 2 \|.*\n\| 0\.2 \| excess_k60 \| 2 \|', r.stdout), r.stdout[-1500:]
     assert (out / 'compare.md').exists()
