@@ -320,6 +320,19 @@ def cli(entry, cls, argv=None, usage='[config.py ...] [--key=value ...]'):
     return result
 
 
+def cli_designs(entry, cls, designs):
+    """cli for a study with other designs: a first word names one (its config class), else cls runs; a first
+    word that is neither a design nor a config file is one line naming the designs."""
+    argv = sys.argv[1:]
+    if argv and argv[0] in designs:
+        return cli(entry, designs[argv[0]], argv[1:], f'{argv[0]} [config.py ...] [--key=value ...]')
+    if argv and not argv[0].startswith('-') and not argv[0].endswith('.py'):
+        print(f"error: '{argv[0]}' is no design of this study: give one of {', '.join(designs)}, a config file (.py) "
+              'or --key=value (none: the main design)', file=sys.stderr)
+        sys.exit(2)
+    return cli(entry, cls)
+
+
 @contextlib.contextmanager
 def signals_between_steps():
     """Ctrl-C and SIGTERM mostly land inside a step, after its batch (and layer-drop mask) was drawn:

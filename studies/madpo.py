@@ -24,7 +24,6 @@ and beta (each extra beta adds 27 po runs per seed); po run time grows with --po
 KL, at the smallest DPO and cDPO overshoot the last by far.
 """
 import dataclasses
-import sys
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -33,9 +32,9 @@ from typing import ClassVar
 import torch
 
 import madpo
-from configurator import check_distinct, cli, key, require
+from configurator import check_distinct, cli_designs, key, require
 from data.reviews.pairs import TIERS
-from data.reviews.prepare import ensure_prepared
+from data.reviews.prepare import ensure_prepared, vader
 from data.loader import EPOCH_SEEDS, MAX_SEED
 from runs import free_memory
 from studies.madpo_report import compare, read_done
@@ -145,6 +144,8 @@ def study_plan(cfg):
 def run_study(cfg):
     """Every stage's runs, stage by stage; a damaged done.json is refused before any stage runs, not after
     hours of them."""
+    if cfg.scorer == 'vader':  # the pairs and po stages score with it: missing, refused now, not after the SFT runs
+        vader()
     plan = study_plan(cfg)
     for _, runs in plan:
         for run in runs:
@@ -169,7 +170,4 @@ DESIGNS = {'precision': PrecisionConfig}  # python -m studies.madpo <design> [--
 
 
 if __name__ == '__main__':
-    if len(sys.argv) > 1 and sys.argv[1] in DESIGNS:
-        cli(main, DESIGNS[sys.argv[1]], sys.argv[2:], f'{sys.argv[1]} [config.py ...] [--key=value ...]')
-    else:
-        cli(main, MadpoStudyConfig)
+    cli_designs(main, MadpoStudyConfig, DESIGNS)

@@ -20,9 +20,11 @@ interval (studies.stats, the lab's one rule).
 import math
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
+import madpo
 from configurator import require
 from data.loader import NUMBER, DataError, atomic_write_bytes, is_number, of_kind, read_result
 from data.reviews.pairs import TIERS
@@ -62,7 +64,7 @@ def load_curves(root):
     """{(method, tier, seed): [curve point, ...]} over every beta's finished po run under root; a point is a dict
     with kl, reward, n_eval (the prompts each is a mean over) and, where the run recorded it, kl_ci (the KL
     estimate's 95% half-width over the prompts)."""
-    curves = {}
+    curves, runs = {}, {}
     for path in sorted(Path(root).glob('seed*/po_*/done.json')):
         run = read_result(path, DONE_KEYS['po'], DONE_FIX)
         points = all(isinstance(p, dict) and is_number(p.get('kl')) and is_number(p.get('reward')) for p in run['curve'])
@@ -73,7 +75,34 @@ def load_curves(root):
                             f'{DONE_FIX}')
         key = (run['method'], run['config']['tier'], run['config']['seed'])
         curves.setdefault(key, []).extend({**p, 'n_eval': run['config'].get('n_eval')} for p in run['curve'])
+        runs.setdefault(key[:2], []).append((path.parent, config))
+    for (method, tier), arm in runs.items():
+        check_arm(method, tier, arm)
     return curves
+
+
+def check_arm(method, tier, arm):
+    """One arm's frontiers take one run a seed and beta, all of one configuration (the keys that decide a po
+    run, madpo.stage_keys): a folder copied, or a study resumed with other keys and fewer --betas (whose old
+    runs stay), is refused naming both runs instead of merged into a frontier."""
+    seen, first, base = {}, arm[0][0], shared_keys(arm[0][1])
+    for folder, config in arm:
+        run, keys = (config['seed'], config.get('beta')), shared_keys(config)
+        if run in seen:
+            raise DataError(f'{seen[run]} and {folder} are both {method} on the {tier} tier at seed {run[0]}, beta '
+                            f'{run[1]}: an arm takes one run a seed and beta: remove one')
+        seen[run] = folder
+        key = next((k for k in sorted(base.keys() | keys.keys()) if base.get(k) != keys.get(k)), None)
+        if key:
+            raise DataError(f'{first} and {folder} are both {method} on the {tier} tier but were run with other --{key} '
+                            f'({base.get(key)!r}, {keys.get(key)!r}): an arm is one configuration: move the stale runs '
+                            'out, or rerun them with these keys')
+
+
+def shared_keys(config):
+    """What decides a po run (madpo.stage_keys, read from its recorded config) but its seed and beta."""
+    recorded = SimpleNamespace(**{**dict.fromkeys(sum(madpo.READS.values(), ())), **config})  # an older one: None
+    return {k: v for k, v in madpo.stage_keys(recorded, 'po').items() if k not in ('seed', 'beta')}
 
 
 def load_runs(root):

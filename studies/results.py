@@ -576,6 +576,12 @@ class ResultsConfig:
 
 
 def main(cfg):
+    if cfg.figures:  # checked before anything is written: without it each figure would be a file never drawn
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UserError('--figures=True draws with matplotlib, which is not installed: pip install matplotlib, or '
+                            'leave out --figures') from None
     text = render()
     if cfg.check:
         old = OUT.read_text().splitlines() if OUT.exists() else []

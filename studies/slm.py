@@ -31,7 +31,6 @@ per arm (exact intervals, Fisher's test), tokens to 50% non-trap exact match, se
 """
 import dataclasses
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -41,7 +40,7 @@ import torch
 
 import runs
 import slm
-from configurator import UserError, cli, key, require
+from configurator import UserError, cli_designs, key, require
 from data.loader import MAX_SEED, DataError, atomic_write_bytes, file_sha256, num_examples, read_result
 from data.mathmix.fewshot import clean_val, exact_match, line_losses, load_problems
 from data.mathmix.prepare import KINDS, check_noise_levels, corpus_name, ensure_prepared, load_kinds
@@ -305,7 +304,4 @@ DESIGNS = {'control': ControlConfig}  # python -m studies.slm <design> [--key=va
 
 
 if __name__ == '__main__':
-    if len(sys.argv) > 1 and sys.argv[1] in DESIGNS:
-        cli(main, DESIGNS[sys.argv[1]], sys.argv[2:], f'{sys.argv[1]} [config.py ...] [--key=value ...]')
-    else:
-        cli(main, StudyConfig)
+    cli_designs(main, StudyConfig, DESIGNS)

@@ -49,8 +49,9 @@ def cell(values, fmt='.3f'):
 
 
 def load_runs(root):
-    """{(noise, arm): [eval.json with its curve points]}, in table order."""
-    groups = {}
+    """{(noise, arm): [eval.json with its curve points]}, in table order; each row one run a seed, all of one
+    configuration (check_row)."""
+    groups, folders = {}, {}
     for path in sorted(Path(root).glob('noise*/*/eval.json')):
         run = read_result(path, ARM_KEYS, RESULT_FIX)
         if not all(is_number(v) for v in run['selection'].values()):
@@ -59,8 +60,33 @@ def load_runs(root):
             raise DataError(f"{path} is damaged (arm {run['arm']!r} is none of {', '.join(ORDER)}): {RESULT_FIX}")
         run['curve'] = read_curve(path.parent / 'curve.jsonl')
         groups.setdefault((run['noise'], run['arm']), []).append(run)
+        folders.setdefault((run['noise'], run['arm']), []).append(path.parent)
+    for g in groups:
+        check_row(g, groups[g], folders[g])
     key = lambda g: (-g[0], ORDER.index(family(g[1])), g[1])  # noqa: E731
     return {g: groups[g] for g in sorted(groups, key=key)}
+
+
+PER_RUN = ('seed', 'out_dir', 'run_dir', 'init_from', 'overwrite')  # the keys one arm's runs may differ in
+
+
+def check_row(row, runs, folders):
+    """A row averages one run a seed, all of one configuration: a folder copied, or a study resumed with other
+    keys and fewer seeds (whose old runs stay), is refused naming both runs instead of averaged in."""
+    (noise, arm), first = row, {}
+    for run, folder in zip(runs, folders):
+        if run['seed'] in first:
+            raise DataError(f"{first[run['seed']][1]} and {folder} are both {arm} at noise {noise:g}, seed {run['seed']}: "
+                            'a row takes one run a seed: remove one')
+        first[run['seed']] = run, folder
+    (base, base_folder), config = next(iter(first.values())), lambda r: r.get('run_config') or {}  # noqa: E731
+    for run, folder in zip(runs, folders):
+        key = next((k for k in sorted(config(base).keys() | config(run).keys())
+                    if k not in PER_RUN and config(base).get(k) != config(run).get(k)), None)
+        if key:
+            raise DataError(f'{base_folder} and {folder} are both {arm} at noise {noise:g} but were run with other '
+                            f'--{key} ({config(base).get(key)!r}, {config(run).get(key)!r}): a row averages one '
+                            'configuration: move the stale runs out, or rerun them with these keys')
 
 
 def tokens_to_reach(run, target):

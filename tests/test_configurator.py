@@ -238,3 +238,21 @@ def test_integers_past_int64_and_undecodable_bytes_are_one_line(arg, says):
     import train
     with pytest.raises(ConfigError, match=re.escape(says)):
         parse(train.TrainConfig, [arg])
+
+
+def test_a_study_names_its_designs_when_the_first_word_is_none_of_them(monkeypatch, capsys):
+    """`python -m studies.slm nosuch` said only "expected a config file (.py) or --key=value": one line naming
+    the designs; a design's name picks its config, and no first word the main one."""
+    from configurator import cli_designs
+    from studies import slm as study
+    ran = []
+    for argv in (['control', '--jobs=1'], ['--jobs=1']):
+        monkeypatch.setattr(sys, 'argv', ['studies/slm.py', *argv])
+        cli_designs(lambda cfg: ran.append(type(cfg)), study.StudyConfig, study.DESIGNS)
+    assert ran == [study.ControlConfig, study.StudyConfig]
+    monkeypatch.setattr(sys, 'argv', ['studies/slm.py', 'nosuch'])
+    with pytest.raises(SystemExit) as e:
+        cli_designs(lambda cfg: pytest.fail('ran'), study.StudyConfig, study.DESIGNS)
+    assert e.value.code == 2 and capsys.readouterr().err.splitlines() == [
+        "error: 'nosuch' is no design of this study: give one of control, a config file (.py) or --key=value (none: "
+        'the main design)']

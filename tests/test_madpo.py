@@ -29,7 +29,7 @@ import runs  # noqa: E402
 import train  # noqa: E402
 from configurator import ConfigError, UserError, cli, parse  # noqa: E402
 from data.reviews import pairs as task  # noqa: E402
-from data.loader import file_sha256  # noqa: E402
+from data.loader import DataError, file_sha256  # noqa: E402
 from data.reviews.pairs import EOS, PAD  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from studies import madpo as study  # noqa: E402
@@ -772,6 +772,10 @@ def test_missing_vader_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, 'vaderSentiment.vaderSentiment', None)
     with pytest.raises(UserError, match='pip install vaderSentiment'):
         task.get_scorer('vader')
+    monkeypatch.setattr(study, 'ensure_prepared', lambda dataset: None)  # its corpus prepared before
+    monkeypatch.setattr(study, 'run_plan', lambda *a, **k: pytest.fail('a stage ran before the scorer was found'))
+    with pytest.raises(UserError, match='pip install vaderSentiment'):  # the study: before its SFT runs, not at pairs
+        study.run_study(study.MadpoStudyConfig(quick=True))
 
 
 # ----- the pairs stage: replacing finished pairs -----------------------------------------------------
@@ -1059,3 +1063,27 @@ def test_the_precision_design_gives_every_arm_the_same_betas():
         assert (run.args['n_eval'], run.args['po_points']) == (640, 12)
     assert betas == {arm: set(cfg.betas) for arm in ('dpo', 'ipo', 'madpo4', 'madpo4_tq0.5', 'madpo4_oracle')}
     assert len(plan['po']) == 5 * 4 * 6 and all('out/madpo_precision/seed' in str(r.out_dir) for r in plan['po'])
+
+
+def test_a_frontier_of_a_copied_run_or_of_two_configurations_is_refused(tmp_path):
+    """An arm's frontiers take one run a seed and beta, all of one configuration: a po folder copied under
+    another seed folder (it was merged into seed 0's frontier, moving the table), or a run of other keys beside
+    the study's (a study resumed with another --po_lr and fewer --betas keeps its old runs), is refused in one line."""
+    import shutil
+    records = Path(__file__).resolve().parents[1] / 'out' / 'records' / 'madpo-precision-2026-12-06'
+    assert report.load_curves(records)  # the committed study passes
+    copy = tmp_path / 'study'
+    for seed in ('seed0', 'seed1'):
+        shutil.copytree(records / seed, copy / seed, ignore=shutil.ignore_patterns('*.pt', '*.bin'))
+    shutil.copytree(copy / 'seed0' / 'po_dpo_b0.1_high', copy / 'seed0x' / 'po_dpo_b0.1_high')
+    with pytest.raises(DataError, match=r'po_dpo_b0.1_high and .*seed0x/po_dpo_b0.1_high are both dpo on the high tier at '
+                                        r'seed 0, beta 0.1: an arm takes one run a seed and beta: remove one'):
+        report.load_curves(copy)
+    shutil.rmtree(copy / 'seed0x')
+    path = copy / 'seed1' / 'po_dpo_b0.01_high' / 'done.json'
+    run = json.loads(path.read_text())
+    run['config']['po_lr'] *= 2
+    path.write_text(json.dumps(run))
+    with pytest.raises(DataError, match=r'are both dpo on the high tier but were run with other --po_lr \(.*\): an arm is '
+                                        r'one configuration'):
+        report.load_curves(copy)

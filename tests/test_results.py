@@ -387,3 +387,15 @@ def test_a_cost_table_of_the_wrong_shape_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r'^config/rst/gpt_L4_H4_D128_T128_V256_B32.json: added=\[\] is not a record of each '
                                         r"added entry's date, device and threads: restore it \(git checkout -- "):
         results.update_costs(tmp_path)
+
+
+def test_figures_without_matplotlib_is_one_line_before_anything_is_written(monkeypatch):
+    """--figures=True without matplotlib: refused naming the install, RESULTS.md and docs/figures untouched (it
+    rewrote RESULTS.md, then failed copying a figure never drawn, naming a temporary file and the disk)."""
+    import sys
+    from configurator import UserError
+    before = {p: p.read_bytes() for p in [results.OUT, *results.FIGURES.iterdir()]}
+    monkeypatch.setitem(sys.modules, 'matplotlib', None)  # import matplotlib raises ImportError
+    with pytest.raises(UserError, match='--figures=True draws with matplotlib, which is not installed: pip install'):
+        results.main(results.ResultsConfig(figures=True))
+    assert {p: p.read_bytes() for p in [results.OUT, *results.FIGURES.iterdir()]} == before

@@ -836,8 +836,13 @@ def test_quick_pipeline_runs_end_to_end(tmp_path, capsys):
     trained = re.compile(r'^\[\d+/\d+\] .*: done: ', re.M)  # the plan's line as a run ends
     cli(study.main, study.StudyConfig, argv)
     assert not trained.search(capsys.readouterr().out)  # nothing trained again
-    cli(study.main, study.StudyConfig, [*argv, '--ref_budget=1728', '--seeds=1', '--jobs=1'])  # another reference: it and the runs again
-    assert len(trained.findall(capsys.readouterr().out)) == 4 and json.loads((out / 'ref' / 'eval.json').read_text())['tokens'] == 1728
+    with pytest.raises(SystemExit) as stop:  # another reference: it and the runs again, one seed of them
+        cli(study.main, study.StudyConfig, [*argv, '--ref_budget=1728', '--seeds=1', '--jobs=1'])
+    got = capsys.readouterr()
+    assert len(trained.findall(got.out)) == 4 and json.loads((out / 'ref' / 'eval.json').read_text())['tokens'] == 1728
+    # the second seed's runs were trained under the old reference: the report names them, never averages them in
+    assert stop.value.code == 2 and re.search(r'clm_s1337 and \S+clm_s1338 are both clm at noise 0.2 but were run with '
+                                              r'other --ref_budget \(1728.0, 1152.0\)', got.err), got.err
     cli(prepare, PrepareConfig, [f'--out_dir={tmp_path / "again"}', *prep])
     for rel in ('noise20/byte/train.bin', 'noise20/byte/kinds.bin', 'ref/byte/val.bin', 'eval/eval.jsonl'):
         assert (data / rel).read_bytes() == (tmp_path / 'again' / rel).read_bytes()
@@ -867,3 +872,27 @@ def test_control_quick_study_runs_all_three_arms_end_to_end(tmp_path):
     assert '| excess > slm_coin_control |' in text and '| slm_coin_control - excess |' in text
     assert re.search(r'\| operands \| (\d\.\d{3} \| ){3}', text), text  # the operands' selection rate in each arm
     assert 'the coin control at noise 0.4' in r.stdout
+
+
+def test_a_row_of_two_runs_of_one_seed_or_of_two_configurations_is_refused(tmp_path):
+    """The report averages one run a seed, all of one configuration: a run folder copied under another name
+    (it made n=6 of 5 seeds), or a run of other keys beside the study's (a study resumed with another --lr and
+    fewer seeds keeps its old runs), is refused in one line naming both folders and the key."""
+    import shutil
+    records = Path(__file__).resolve().parents[1] / 'out' / 'records' / 'slm-2026-11-30'
+    rows = report.load_runs(records)
+    assert all(len({r['seed'] for r in runs}) == len(runs) for runs in rows.values())  # the committed study passes
+    copy = tmp_path / 'study'
+    shutil.copytree(records / 'noise20', copy / 'noise20')
+    shutil.copytree(copy / 'noise20' / 'clm_s1337', copy / 'noise20' / 'clm_s1337b')
+    with pytest.raises(DataError, match=r'clm_s1337 and .*clm_s1337b are both clm at noise 0.2, seed 1337: a row takes '
+                                        r'one run a seed: remove one'):
+        report.load_runs(copy)
+    shutil.rmtree(copy / 'noise20' / 'clm_s1337b')
+    path = copy / 'noise20' / 'clm_s1338' / 'eval.json'
+    run = json.loads(path.read_text())
+    run['run_config']['lr'] *= 2
+    path.write_text(json.dumps(run))
+    with pytest.raises(DataError, match=r'clm_s1337 and .*clm_s1338 are both clm at noise 0.2 but were run with other '
+                                        r'--lr \(.*\): a row averages one configuration'):
+        report.load_runs(copy)
