@@ -16,11 +16,11 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from configurator import ConfigError, UserError, key, require, require_writable
+from configurator import ConfigError, UserError, cli, key, require, require_writable
 from data.loader import Corpus, DataError, atomic_write_bytes, data_dir, is_number, read_json
 from data.ngram import ngram_floors
 from budget import UNITS
-from runs import IL_LABEL, METHOD_STATS, SHAPE_KEYS, read_run
+from runs import IL_LABEL, MAY_CHANGE_ON_RESUME, METHOD_STATS, SHAPE_KEYS, read_run
 from studies.across_budgets import auto_target, cost_sensitivity, plot_runs, target_table
 from studies.stats import finals_by_seed, group_runs, mean_std, paired_cells, t_interval, untrained
 
@@ -308,6 +308,7 @@ def compare_report(run_dirs, target='auto', baseline='baseline', floors='', marg
         raise UserError(f"no readable runs among the {len(bad)} folder(s) given ({bad[0]['path']}: {bad[0]['error']}): "
                         f'a run folder holds config.json and log.jsonl')
     runs, foreign = comparable(runs, baseline)
+    check_one_config_per_row(runs)
     if not any(r['complete'] for r in runs):
         raise UserError(f'nothing to compare yet: none of the {len(runs)} run(s) given has spent its budget '
                         f"(first: {runs[0]['path']}); compare reads finished runs")
@@ -433,9 +434,22 @@ def short(value):
 
 
 def read_checked_run(path):
-    """runs.read_run of a folder whose every field compare reads is of its type, else {'path', 'error'}."""
+    """runs.read_run of a folder whose every field compare reads is of its type, with its config.json's keys
+    ('config': what check_one_config_per_row compares), else {'path', 'error'}."""
     problem = field_problem(path)
-    return {'path': str(path), 'error': f'unreadable ({problem})'} if problem else read_run(path)
+    if problem:
+        return {'path': str(path), 'error': f'unreadable ({problem})'}
+    run = read_run(path)
+    return run if 'error' in run else {**run, 'config': run_config(path)}
+
+
+def run_config(path):
+    """A run folder's keys as its config.json records them ({} where it holds none)."""
+    try:
+        config = json.loads((Path(path) / 'config.json').read_text()).get('config')
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return config if isinstance(config, dict) else {}
 
 
 def run_folders(paths):
@@ -474,6 +488,49 @@ def check_one_run_per_cell(runs):
             require(cell not in seen, f"{seen.get(cell)} and {r['path']} are both {r['label']} at budget {r['budget']:g} "
                                       f"seed {r['seed']}: compare one sweep's runs (tuning grids are read by tune)")
             seen[cell] = r['path']
+
+
+# keys that differ between the runs of one row by design: the seed, and what a run may change on resume (where
+# it runs and how it reports: runs.MAY_CHANGE_ON_RESUME, out_dir, init_from and overwrite among them); the label
+# names the row (derived when not given). Every other key is the configuration a row's mean is of.
+PER_RUN_KEYS = frozenset({'seed', 'label', *MAY_CHANGE_ON_RESUME})
+ABSENT = '(absent)'
+
+
+def row_config(run, varies=()):
+    """The keys a run shares with the rest of its row: its config less PER_RUN_KEYS and `varies`, with a path
+    inside its own folder (a RHO-LOSS run's own IL model, <out_dir>_il) written relative to that folder."""
+    config = run.get('config') or {}
+    own = config.get('out_dir') if isinstance(config.get('out_dir'), str) and config.get('out_dir') else None
+    return {k: ('<run>' + v[len(own):] if own and isinstance(v, str) and v.startswith(own) else v)
+            for k, v in config.items() if k not in PER_RUN_KEYS and k not in varies}
+
+
+def config_clash(mine, theirs, varies=()):
+    """(key, my value, their value) of the first key two runs of one row differ in, or None. A planned run
+    ('planned': its config holds only the keys the plan sets) is compared on those keys."""
+    a, b = row_config(mine, varies), row_config(theirs, varies)
+    keys = a.keys() if mine.get('planned') else b.keys() if theirs.get('planned') else a.keys() | b.keys()
+    return next(((k, a.get(k, ABSENT), b.get(k, ABSENT)) for k in sorted(keys)
+                 if a.get(k, ABSENT) != b.get(k, ABSENT)), None)
+
+
+def check_one_config_per_row(runs, varies=()):
+    """The runs of one row (method label x budget) are one configuration over several seeds: a row mixing runs of
+    another lr (a sweep rerun into the same folder with other keys) would average two configurations into one
+    mean, so it is refused, naming the row, the key and both values. varies: keys a table varies within a row
+    by design (lr_check's lr)."""
+    first = {}
+    for r in runs:
+        if 'error' in r:
+            continue
+        row = (r['label'], r['unit'], r['budget'])
+        clash = config_clash(first.setdefault(row, r), r, varies)
+        if clash:
+            k, was, now = clash
+            raise UserError(f"{first[row]['path']} and {r['path']} are both {r['label']} at budget {r['budget']:g} but were "
+                            f'run with other --{k} ({short(was)}, {short(now)}): a row averages one configuration: give '
+                            'a sweep of other keys another --out_dir, or remove the stale runs')
 
 
 def unit_report(runs, target, baseline, floors, margin, seeds=0):
@@ -516,6 +573,18 @@ class CompareConfig:
         check_target(self.target)
 
 
-if __name__ == '__main__':  # the reading behind the lab's commands, not a command itself
-    raise SystemExit('studies.compare has no command of its own: `python -m studies.ntng compare RUN_FOLDERS...` '
-                     'prints its table')
+@dataclass(frozen=True)
+class NoKeys:
+    """studies.compare takes no keys: it has no command of its own."""
+
+
+def main():
+    """The reading behind the lab's commands is not a command itself: one line naming the one that is, exit 2."""
+    def refuse(_):
+        raise UserError('studies.compare has no command of its own: `python -m studies.ntng compare RUN_FOLDERS...` '
+                        'prints its table')
+    return cli(refuse, NoKeys, [])
+
+
+if __name__ == '__main__':
+    main()

@@ -16,11 +16,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from configurator import check_distinct, key, require, require_writable
+from configurator import UserError, check_distinct, key, require, require_writable
 from data.loader import atomic_write_bytes
 from runs import IL_LABEL, read_run, run_diverged
+from studies.compare import check_one_config_per_row, run_config
 from studies.ntng import AblateConfig, planned_run, read_sweep, row_il, sweep_plan, tune_point
-from studies.plan import run_plan
+from studies.plan import run_plan, study_lock
 
 FACTORS = (0.5, 1.0, 2.0)  # the three the table judges; others (x4) get a column of their own
 RUN_FOLDER = re.compile(r'x(\d+(?:\.\d+)?)/s(\d+)$')  # <row>/x<factor>/s<seed>; an IL model's s<seed>_il is not one
@@ -63,10 +64,13 @@ def lr_check_plan(cfg):
 
 def lr_check(cfg):
     require_writable(Path(cfg.out_dir) / 'lr_check.md')
-    run_plan(lr_check_plan(cfg), cfg.jobs, diverged_ok=True)  # an lr too high for the budget is a result
-    table = lr_check_table(cfg.out_dir)
-    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(Path(cfg.out_dir) / 'lr_check.md', (table + '\n').encode())
+    plan = lr_check_plan(cfg)
+    with study_lock(cfg.out_dir):  # a second study on this folder refuses here, before it starts anything
+        lr_check_rows(cfg.out_dir)  # a folder whose table would be refused is refused before the runs
+        run_plan(plan, cfg.jobs, diverged_ok=True)  # an lr too high for the budget is a result
+        table = lr_check_table(cfg.out_dir)
+        Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(Path(cfg.out_dir) / 'lr_check.md', (table + '\n').encode())
     print(table)
 
 
@@ -74,27 +78,48 @@ def lr_check(cfg):
 # the table
 
 def lr_check_table(folder):
-    """Markdown: per row the final val loss at each factor (and on all of val where studies.finals scored it),
-    whether x1 is the best of x0.5, x1, x2, and other factors in a column of their own. A run not finished is
-    pending; one whose loss went non-finite is diverged (worse than any finite loss)."""
+    """Markdown: per row (and budget and seed) the final val loss at each factor (and on all of val where
+    studies.finals scored it), whether x1 is the best of x0.5, x1, x2, and other factors in a column of their own.
+    A run not finished is pending; one whose loss went non-finite is diverged (worse than any finite loss)."""
+    lines = ['final val loss on the eval windows (on all of val, where scored by `python -m studies.finals`)', '',
+             '| row | budget | seed | lr x0.5 | lr x1 (tuned) | lr x2 | tuned lr best of three | other factors |',
+             '| --- | --- | --- | --- | --- | --- | --- | --- |']
+    for (label, budget, seed), by_factor in lr_check_rows(folder).items():
+        cells = [cell(by_factor.get(f)) for f in FACTORS]
+        more = '; '.join(f'x{f:g}: {cell(by_factor[f])}' for f in sorted(by_factor) if f not in FACTORS)
+        lines.append(f"| {label} | {budget:g} | {seed} | " + ' | '.join(cells)
+                     + f' | {best_of_three(by_factor)} | {more or "—"} |')
+    return '\n'.join(lines)
+
+
+def lr_keys(runs):
+    """What a row of the check varies by design: the lr its factors move (lr, muon_lr, ...) and Lion's weight
+    decay, which follows its lr."""
+    return {k for r in runs for k in r['config'] if k.endswith('lr') or k == 'weight_decay'}
+
+
+def lr_check_rows(folder):
+    """{(row, budget, seed): {factor: run}} of the check's run folders: a row compares one seed's runs at one
+    budget (a check on another seed or budget is a row of its own, never a cell of this one), one run a factor,
+    all of one configuration but for the lr (check_one_config_per_row); a second run of a cell (a copied
+    folder, x1 beside x1.0) is refused, naming both."""
     from studies.finals import all_val_loss
-    found = {}
+    rows, runs = {}, []
     for config in sorted(Path(folder).glob('*/x*/s*/config.json')):
         match, run = RUN_FOLDER.search(config.parent.relative_to(folder).as_posix()), read_run(config.parent)
         if match and 'error' not in run and run['label'] != IL_LABEL:
             run['all_val'] = all_val_loss(run) if run['complete'] else None
             run['diverged'] = not run['complete'] and run_diverged(config.parent)
-            found.setdefault(run['label'].replace(' (tuning)', ''), {})[float(match.group(1))] = run
-    lines = ['final val loss on the eval windows (on all of val, where scored by `python -m studies.finals`)', '',
-             '| row | budget | seed | lr x0.5 | lr x1 (tuned) | lr x2 | tuned lr best of three | other factors |',
-             '| --- | --- | --- | --- | --- | --- | --- | --- |']
-    for label, by_factor in found.items():
-        first = next(iter(by_factor.values()))
-        cells = [cell(by_factor.get(f)) for f in FACTORS]
-        more = '; '.join(f'x{f:g}: {cell(by_factor[f])}' for f in sorted(by_factor) if f not in FACTORS)
-        lines.append(f"| {label} | {first['budget']:g} | {first['seed']} | " + ' | '.join(cells)
-                     + f' | {best_of_three(by_factor)} | {more or "—"} |')
-    return '\n'.join(lines)
+            run['config'] = run_config(config.parent)
+            label, factor = run['label'].replace(' (tuning)', ''), float(match.group(1))
+            row = rows.setdefault((label, run['budget'], run['seed']), {})
+            if factor in row:
+                raise UserError(f"{row[factor]['path']} and {run['path']} are both {label} lr x{factor:g} at budget "
+                                f"{run['budget']:g} seed {run['seed']}: a cell takes one run: remove or move one of them")
+            row[factor] = run
+            runs.append(run)
+    check_one_config_per_row(runs, varies=lr_keys(runs))
+    return rows
 
 
 def cell(run):

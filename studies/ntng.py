@@ -26,10 +26,11 @@ from pathlib import Path
 
 from budget import pyplot
 from configurator import ConfigError, UserError, check_distinct, cli, key, read_config_file, require, require_writable
-from data.loader import NAME_RE, atomic_write_bytes
-from runs import METHOD_STATS, read_run
-from studies.compare import CompareConfig, check_target, compare
-from studies.plan import Run, run_plan
+from data.loader import NAME_RE, FolderLock, atomic_write_bytes, is_number
+from runs import METHOD_STATS, derive_label, read_run, system_suffix
+from studies.compare import (CompareConfig, check_one_config_per_row, check_one_run_per_cell, check_target, compare,
+                             fields_problem, read_checked_run, run_folders, without_il_models)
+from studies.plan import Run, run_plan, study_lock
 
 
 # -----------------------------------------------------------------------------
@@ -182,9 +183,38 @@ def il_args(out_dir, budget):
 
 def ablate(cfg):
     require_writable(Path(cfg.out_dir) / 'ablation.md')
-    check_one_system(cfg.out_dir, cfg.rst_table)
-    run_plan(sweep_plan(cfg), cfg.jobs)
-    return compare([cfg.out_dir], out=f'{cfg.out_dir}/ablation', target=sweep_target(cfg))
+    plan = sweep_plan(cfg)
+    with study_lock(cfg.out_dir):  # a second study on this folder refuses here, before it starts or truncates anything
+        check_one_system(cfg.out_dir, cfg.rst_table)
+        check_sweep_folder(plan, cfg.out_dir)
+        run_plan(plan, cfg.jobs)
+        return compare([cfg.out_dir], out=f'{cfg.out_dir}/ablation', target=sweep_target(cfg))
+
+
+def check_sweep_folder(plan, out_dir):
+    """Before any run: compare reads every run under out_dir, so the planned runs beside the runs there that the
+    plan does not replace must make a table it can read: one run per cell (a tuning in this folder shares a label
+    and seed across its grid) and one configuration per row (a rerun with other keys, e.g. --tuned, of some seeds
+    only). Refused here in one line, not after hours of runs."""
+    planned = [planned_cell(run) for run in plan if not run.self_resuming]  # a WSD trunk's branches are its own
+    mine = [os.path.realpath(run.out_dir) for run in plan]  # a run in (or under) one of these is the plan's to replace
+
+    def replaced(path):
+        return any(os.path.commonpath([os.path.realpath(path), d]) == d for d in mine)
+    found = run_folders([out_dir]) if any(Path(out_dir).rglob('config.json')) else []
+    theirs = [r for r in without_il_models([read_checked_run(d) for d in found])[0] if 'error' not in r and not replaced(r['path'])]
+    check_one_run_per_cell(theirs + planned)
+    check_one_config_per_row(theirs + planned)
+
+
+def planned_cell(run):
+    """A planned run as compare will read it once it has run (its row, budget unit and seed), its config the keys
+    the plan sets ('planned': the rest are its script's defaults, which compare checks once the run has written them)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(script_config(run.script))}
+    config = json.loads(json.dumps(run.args))  # as config.json will record it: tuples as lists
+    full = {**defaults, **config}
+    return {'path': str(run.out_dir), 'label': derive_label(full) + system_suffix(full), 'unit': full['budget_unit'],
+            'budget': full['budget'], 'seed': full['seed'], 'config': config, 'planned': True}
 
 
 def check_one_system(out_dir, rst_table):
@@ -252,7 +282,7 @@ def tune(cfg):
     require(methods, 'nothing to tune: the rows chosen run with other rows\' values (TUNED_AS): tune those')
     record = {'config': cfg.config, 'common': repr(common), 'methods': {k: repr(v) for k, v in spec['METHODS'].items()},
               'budget': budget, 'seeds': list(cfg.seeds), 'tuned': {}}
-    earlier = earlier_tuning(out / 'tuned.json', record)  # checked before hours of runs, not after
+    earlier_tuning(out / 'tuned.json', record)  # checked before hours of runs, not after (and again at the write)
     grids = [TuneGrid(label, script, args, spec, budget, cfg) for label, (script, args) in methods.items()]
     # all grids in one pool, so that no core idles between methods; RHO-LOSS's first, as its first run
     # trains the shared IL model (the longest job); then the grids whose best point is at an edge, extended
@@ -270,15 +300,28 @@ def tune(cfg):
         print(f"{g.label}: best {g.lr_key} {best['lr']:.3g} {best['extra'] or ''} final val loss {best['final']:.4f}"
               + (f" (still at an edge of its {', '.join(edges)} axis, which can extend no further: the optimum may "
                  'lie beyond it)' if edges else ''), flush=True)
-    out.mkdir(parents=True, exist_ok=True)
-    record['tuned'] = {**earlier.get('tuned', {}), **results}  # methods tuned earlier for this same sweep stay
-    il = next((g.il for g in grids if g.il), None) or earlier.get('il')
-    if il:
-        record['il'] = il  # the IL model the RHO-LOSS grid trained: ablate reuses it at the same il_budget
-    atomic_write_bytes(out / 'tuned.json', json.dumps(sealed(record), indent=1).encode())
+    record = write_tuned(out / 'tuned.json', record, results, next((g.il for g in grids if g.il), None))
     plot_tuning(record['tuned'], out / 'tune.png')
     print(f"wrote {out / 'tuned.json'}")
     return results
+
+
+def write_tuned(path, record, results, il):
+    """tuned.json: the rows the file holds now (re-read under its lock, not as it was before the runs: a tune of
+    other rows into the same out_dir may have written it since) with this tuning's rows over them -> the record."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FolderLock(path.parent / f'.{path.name}.lock', lambda pid: UserError(
+        f'{path} is being written by another tune (pid {pid})')).acquire(wait=True)  # a write's moment: wait for it
+    try:
+        earlier = earlier_tuning(path, record)
+        record = {**record, 'tuned': {**earlier.get('tuned', {}), **results}}  # rows tuned earlier for this sweep stay
+        il = il or earlier.get('il')
+        if il:
+            record['il'] = il  # the IL model the RHO-LOSS grid trained: ablate reuses it at the same il_budget
+        atomic_write_bytes(path, json.dumps(sealed(record), indent=1).encode())
+    finally:
+        lock.release()
+    return record
 
 
 def earlier_tuning(path, record):
@@ -288,12 +331,15 @@ def earlier_tuning(path, record):
     if not path.exists():
         return {}
     try:
-        earlier = unsealed(json.loads(path.read_text()), path)
-        differ = [k for k in ('common', 'budget', 'seeds') if earlier[k] != record[k]]
-        differ += [f'METHODS[{row!r}]' for row in earlier['tuned'] if earlier['methods'].get(row) != record['methods'].get(row)]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise UserError(f'{path} is not a tuned.json from `python -m studies.ntng tune` ({type(e).__name__}): move it away or '
-                        f'give another --out_dir') from None
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        earlier = type(e).__name__
+    problem = earlier if isinstance(earlier, str) else tuned_problem(earlier)
+    require(problem is None, f'{path} is not a tuned.json from `python -m studies.ntng tune` ({problem}): move it away or '
+                             'give another --out_dir')
+    earlier = unsealed(earlier, path)
+    differ = [k for k in ('common', 'budget', 'seeds') if earlier[k] != record[k]]
+    differ += [f'METHODS[{row!r}]' for row in earlier['tuned'] if earlier['methods'].get(row) != record['methods'].get(row)]
     require(not differ, f"{path} holds a tuning of another sweep (its {', '.join(differ)} differ): give another "
                         f'--out_dir, or move it away to tune afresh')
     return earlier
@@ -307,10 +353,8 @@ def sealed(record):
 
 
 def unsealed(record, path):
-    """The record of a tuned.json whose sha256 matches its content, else one line (ValueError's, for the
-    callers' 'not a tuned.json' path, or a UserError naming the edit)."""
-    if not isinstance(record, dict) or not isinstance(record.get('tuned'), dict) or not isinstance(record.get('methods'), dict):
-        raise TypeError('tuned')
+    """The record of a tuned.json (its fields checked already: tuned_problem) whose sha256 matches its content,
+    else a UserError naming the edit."""
     if 'sha256' not in record:
         raise UserError(f'{path} carries no sha256 of its content (a tuned.json written before tune sealed its '
                         'output, or by hand): run `python -m studies.ntng tune` again, or seal it with '
@@ -432,18 +476,8 @@ def read_tuned(path, spec, config, smallest_budget, rows, seeds):
     """({label: overrides}, the IL model's il_args or None) from a tuned.json, refused (naming the
     difference) when it was made for another sweep, lacks one of the sweep's rows (equal effort: no row
     runs untuned beside tuned ones), or was tuned on a seed the sweep reports."""
-    try:
-        record = unsealed(json.loads(Path(path).read_text()), path)
-        tuned, methods, il = record['tuned'], record['methods'], record.get('il')
-        if not all(isinstance(t, dict) and t[t.get('lr_key', 'lr')] > 0 for t in tuned.values()):
-            raise TypeError('tuned')
-        if il is not None and not (isinstance(il['il_out_dir'], str) and isinstance(il['il_cache'], str)
-                                   and il['il_budget'] > 0):
-            raise ValueError('il')
-        if not (isinstance(record.get('seeds', []), list) and all(type(x) is int for x in record.get('seeds', []))):
-            raise TypeError('seeds')
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f'--tuned={path} is not a tuned.json from `python -m studies.ntng tune` ({type(e).__name__})') from None
+    record = read_tuned_record(path, spec)
+    tuned, methods, il = record['tuned'], record['methods'], record.get('il')
     if record.get('common') != repr(spec['COMMON']):
         raise UserError(f"--tuned={path} was made for COMMON {record.get('common')}, {config} has {spec['COMMON']!r}: tune again")
     for label in tuned:
@@ -459,6 +493,77 @@ def read_tuned(path, spec, config, smallest_budget, rows, seeds):
     require(not shared, f'--tuned={path} was tuned on seed(s) {shared}, which this sweep reports: tuning seeds are '
                         'never reported; give --seeds without them, or tune on other seeds')
     return {label: {k: v for k, v in t.items() if k not in ('grid', 'at_edge', 'lr_key')} for label, t in tuned.items()}, il
+
+
+def read_tuned_record(path, spec=None):
+    """A tuned.json's record, every field checked (tuned_problem) and its seal, before any run: a value a run
+    would refuse only after its folder exists (lr Infinity, weight_decay 'x', a key no script has) is named here."""
+    if not Path(path).is_file():
+        raise UserError(f'--tuned={path} not found: give the tuned.json that `python -m studies.ntng tune` wrote '
+                        '(<its --out_dir>/tuned.json), or leave --tuned out')
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f'--tuned={path} is not a JSON file ({type(e).__name__}): give the tuned.json that '
+                        '`python -m studies.ntng tune` wrote') from None
+    problem = tuned_problem(record, spec)
+    require(problem is None, f'--tuned={path} is not a tuned.json from `python -m studies.ntng tune`: {problem}: '
+                             f'tune again, or correct it and seal it (python -m studies.ntng seal {path})')
+    return unsealed(record, path)
+
+
+def is_positive(v):
+    return is_number(v) and v > 0
+
+
+TUNED_FIELDS = {  # a tuned.json's keys (tune writes them; read_tuned reads them): (required, the check, what it must be)
+    'common': (True, lambda v: isinstance(v, str), "the sweep file's COMMON as text"),
+    'methods': (True, lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()),
+                "a record of row -> the sweep file's METHODS entry as text"),
+    'budget': (True, is_positive, 'a positive number (the budget tuned at)'),
+    'seeds': (True, lambda v: isinstance(v, list) and all(type(x) is int for x in v), 'a list of integer seeds'),
+    'tuned': (True, lambda v: isinstance(v, dict) and all(isinstance(t, dict) for t in v.values()),
+              'a record of row -> its tuned values'),
+    'il': (False, lambda v: isinstance(v, dict), "a record of the IL model's il_out_dir, il_cache, il_budget"),
+}
+IL_FIELDS = {'il_out_dir': (True, lambda v: isinstance(v, str) and v != '', 'a folder'),
+             'il_cache': (True, lambda v: isinstance(v, str) and v != '', 'a folder'),
+             'il_budget': (True, is_positive, 'a positive number')}
+
+
+def tuned_problem(record, spec=None):
+    """Why a tuned.json's record cannot be run, naming the field ("tuned.lion.lr=inf is not a positive number"),
+    or None. With the sweep file's spec a row of it may hold only what tune writes for it: its lr key, weight
+    decay, its TUNE axes (each of the kind of value its axis has), the grid and the edges."""
+    problem = fields_problem(record, TUNED_FIELDS)
+    if problem is None and 'il' in record:
+        problem = fields_problem(record['il'], IL_FIELDS, 'il.')
+    if problem:
+        return problem
+    for row, t in record['tuned'].items():
+        lr_key = t.get('lr_key', 'lr')
+        axes = (spec or {}).get('TUNE', {}).get(row, {})
+        fields = {'lr_key': (False, lambda v: isinstance(v, str) and v.endswith('lr'), "the lr key its grid moves ('muon_lr')"),
+                  lr_key if isinstance(lr_key, str) else 'lr': (True, is_positive, 'a positive number'),
+                  'weight_decay': (False, lambda v: is_number(v) and v >= 0, 'a number >= 0'),
+                  'grid': (False, lambda v: isinstance(v, list), 'a list of grid points'),
+                  'at_edge': (False, lambda v: isinstance(v, list), 'a list of axes'),
+                  **{name: (False, axis_kind(values), f'a value of the kind of TUNE {row} {name} {values!r}')
+                     for name, values in axes.items()}}
+        problem = fields_problem(t, fields, f'tuned.{row}.')
+        if problem:
+            return problem
+        unknown = [k for k in t if k not in fields]
+        if spec is not None and row in spec['METHODS'] and unknown:
+            return f"tuned.{row}.{unknown[0]} is not a key tune writes for {row} (it writes {', '.join(fields)})"
+    return None
+
+
+def axis_kind(values):
+    """The check that a value is of the kind a TUNE axis's values are (numbers, or one type: True is no number)."""
+    if is_number_value(values[0]):
+        return is_number
+    return lambda v: type(v) is type(values[0])
 
 
 def tuning_table(path, rows=()):
@@ -513,11 +618,10 @@ def seal(path):
     path = Path(path)
     try:
         record = json.loads(path.read_text())
-        unsealed({**record, 'sha256': sealed(record)['sha256']}, path)  # the structure read_tuned needs
-        if not all(isinstance(t, dict) and t[t.get('lr_key', 'lr')] > 0 for t in record['tuned'].values()):
-            raise TypeError('tuned')
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    except (OSError, ValueError) as e:
         raise UserError(f'{path} is not a tuned.json from `python -m studies.ntng tune` ({type(e).__name__})') from None
+    problem = tuned_problem(record)  # the structure read_tuned needs
+    require(problem is None, f'{path} is not a tuned.json from `python -m studies.ntng tune` ({problem})')
     atomic_write_bytes(path, json.dumps(sealed(record), indent=1).encode())
     print(f"sealed {path}: sha256 {sealed(record)['sha256'][:16]}")
 

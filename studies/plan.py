@@ -15,6 +15,7 @@ On a machine with several GPUs each run gets GPUs of its own (CUDA_VISIBLE_DEVIC
 with one GPU the runs share it; on a CPU nothing changes. A Run with nproc > 1 is started with
 `torchrun --standalone --nproc_per_node=N` and takes N GPUs.
 """
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -27,7 +28,7 @@ from typing import Callable
 import torch
 
 from configurator import UserError
-from data.loader import lock_holder
+from data.loader import FolderLock, lock_holder
 from runs import config_difference, in_use, read_log, records_config, run_diverged, run_finished
 
 ROOT = Path(__file__).resolve().parent.parent  # where the library's scripts are
@@ -79,6 +80,25 @@ def launcher(nproc):
     beside = Path(sys.executable).parent / 'torchrun'
     return [str(beside) if beside.exists() else shutil.which('torchrun') or 'torchrun', '--standalone',
             f'--nproc_per_node={nproc}']
+
+
+@contextlib.contextmanager
+def study_lock(out_dir):
+    """Held by a study (ablate, lr_check) while it checks, runs and tables the runs under out_dir: a second study
+    on the folder would find the first's runs half done, start them again (they refuse, in use) or truncate
+    their console logs, and both would end in failures; it is refused up front instead. The kernel frees a dead
+    holder's lock (kill -9). Folders made for the lock that stay empty are removed again."""
+    out_dir = Path(out_dir)
+    made = [p for p in (out_dir, *out_dir.parents) if not p.exists()]  # deepest first
+    busy = lambda pid: UserError(f'--out_dir={out_dir} is being used by another study (pid {pid}): '  # noqa: E731
+                                 'wait for it, or give another --out_dir')
+    try:
+        with FolderLock(out_dir / '.study.lock', busy):
+            yield
+    finally:
+        for folder in made:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 def run_plan(plan, jobs, diverged_ok=False):

@@ -549,7 +549,8 @@ def test_tune_grid_extends_at_an_edge_and_ablate_reads_the_result(tmp_path, monk
                                             baseline_schedule='wsd_branches'))
     for bad in (7, [[1]], ['7']):
         lion_only.write_text(json.dumps(ntng.sealed({**record, 'seeds': bad})))
-        with pytest.raises(budget_lib.UserError, match=r'is not a tuned.json from `python -m studies.ntng tune` \(TypeError\)'):
+        with pytest.raises(budget_lib.UserError, match=r'is not a tuned.json from `python -m studies.ntng tune`: seeds=.* is '
+                                                       'not a list of integer seeds: tune again, or correct it and seal it'):
             ntng.sweep_plan(ntng.AblateConfig(config=cfg.config, tuned=str(lion_only), methods=('lion',)))
     (tmp_path / 'sweep.py').write_text(SWEEP.replace('lr=3e-3)', 'lr=1e-3)'))
     with pytest.raises(budget_lib.UserError, match='was made for COMMON'):
@@ -1013,3 +1014,89 @@ def test_a_damaged_record_is_never_read_as_a_shorter_run(tmp_path):
     assert compare.field_problem(middle) == 'log.jsonl line 2 is not a JSON record (the log is damaged)'
     negative = finished(tmp_path / 'more', 'neg', 'stack', 8.0, 2, -5.0)
     assert compare.field_problem(negative) == 'log.jsonl line 2: val_loss=-4.25 is negative (a cross-entropy never is)'
+
+
+# -----------------------------------------------------------------------------
+# one configuration per row
+
+def test_a_row_mixing_two_configurations_is_refused_naming_the_row_the_key_and_both_values(tmp_path, capsys):
+    """Seeds 0-1 of a row at one lr and seed 2 at another (a sweep rerun with --tuned into the same folder) would be
+    one mean of two configurations: refused in one line, exit 2, nothing written. What differs between seeds by
+    design (the seed, the run's folder and its own IL model's beside it, how it was started, where it ran) is not
+    a difference."""
+    sweep = tmp_path / 'ablation'
+    for label, finals in (('baseline', (3.0, 3.1, 3.2)), ('lion', (3.3, 3.4, 3.5))):
+        for seed, final in enumerate(finals):
+            run = finished(sweep / label / 'b4', f's{seed}', label, 4.0, seed, final)
+            edit_config(run, out_dir=str(run), lr=1e-3, il_out_dir=f'{run}_il', init_from=['scratch', 'resume'][seed % 2],
+                        overwrite=seed == 0, compile=seed == 1, batch_size=8)
+    report, runs, _ = compare.compare_report([str(sweep)], target='none')   # per-run keys only: one table
+    assert '(n=3)' in row(report, 'baseline')[0] and '(n=3)' in row(report, 'lion')[0]
+    edit_config(sweep / 'baseline' / 'b4' / 's2', lr=2e-3)
+    with pytest.raises(SystemExit) as e:
+        ntng.main(['compare', str(sweep), f'--out={tmp_path}/x'])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err == [
+        f"error: {sweep}/baseline/b4/s0 and {sweep}/baseline/b4/s2 are both baseline at budget 4 but were run with other "
+        '--lr (0.001, 0.002): a row averages one configuration: give a sweep of other keys another --out_dir, or remove '
+        'the stale runs']
+    assert not (tmp_path / 'x.md').exists()
+    edit_config(sweep / 'baseline' / 'b4' / 's2', lr=1e-3, il_out_dir=str(tmp_path / 'another_il'))  # not its own IL model
+    with pytest.raises(budget_lib.UserError, match=r"other --il_out_dir \('<run>_il', '/"):
+        compare.compare_report([str(sweep)], target='none')
+    edit_config(sweep / 'baseline' / 'b4' / 's2', il_out_dir=f"{sweep / 'baseline' / 'b4' / 's2'}_il", dropout=REMOVE)
+    edit_config(sweep / 'lion' / 'b4' / 's1', dropout=0.1)  # a key one run records and another does not
+    with pytest.raises(budget_lib.UserError, match=r'are both lion at budget 4 but were run with other --dropout \(.\(absent\).'):
+        compare.compare_report([str(sweep)], target='none')
+
+
+def planned_configs(cfg):
+    """{(label, budget, seed): the config.json each planned run of an ablation would write} (its planned keys)."""
+    return {(r.args['label'], r.args['budget'], r.args['seed']): json.loads(json.dumps(r.args)) for r in ntng.sweep_plan(cfg)}
+
+
+def test_ablate_refuses_a_rerun_with_other_keys_into_a_folder_before_any_run(tmp_path, monkeypatch, capsys):
+    """Seeds 0-1 run, then seed 2 with another lr into the same --out_dir: compare would read all three as one row,
+    so ablate refuses before it trains anything; the same keys are welcome (the sweep grows by a seed)."""
+    (tmp_path / 'sweep.py').write_text(SWEEP)
+    out = tmp_path / 'abl'
+    first = ntng.AblateConfig(config=str(tmp_path / 'sweep.py'), out_dir=str(out), methods=('baseline',), seeds=(0, 1),
+                              budgets=(6.0,))
+    for (label, b, seed), config in planned_configs(first).items():
+        edit_config(finished(out / label / 'b6', f's{seed}', label, b, seed, 3.0 + seed), **config)
+    monkeypatch.setattr(ntng, 'run_plan', lambda plan, jobs, **kw: pytest.fail('ran before refusing'))
+    (tmp_path / 'sweep.py').write_text(SWEEP.replace('lr=3e-3)', 'lr=1e-3)'))
+    with pytest.raises(SystemExit) as e:
+        ntng.main(['ablate', str(tmp_path / 'sweep.py'), f'--out_dir={out}', "--methods=('baseline',)", '--seeds=(2,)',
+                   '--budgets=(6.0,)'])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and 'are both baseline at budget 6 but were run with other --lr ' in err[0], err
+    assert '(0.001, 0.003)' in err[0] or '(0.003, 0.001)' in err[0]
+    assert not (out / 'baseline' / 'b6' / 's2').exists() and not (out / 'ablation.md').exists()
+    (tmp_path / 'sweep.py').write_text(SWEEP)
+    ran = []
+    monkeypatch.setattr(ntng, 'run_plan', lambda plan, jobs, **kw: ran.extend(plan))
+    monkeypatch.setattr(ntng, 'compare', lambda *args, **kw: 'table')
+    ntng.ablate(ntng.AblateConfig(config=str(tmp_path / 'sweep.py'), out_dir=str(out), methods=('baseline',), seeds=(2,),
+                                  budgets=(6.0,)))
+    assert [r.args['seed'] for r in ran] == [2]
+
+
+def test_ablate_into_a_folder_holding_a_tuning_is_refused_before_any_run(tmp_path, monkeypatch, capsys):
+    """A tuning's grid points share a label and seed: compare would refuse the table after every run; ablate
+    refuses before the first."""
+    (tmp_path / 'sweep.py').write_text(SWEEP)
+    for lr in (3e-3, 6e-3):
+        finished(tmp_path / 'tune' / 'baseline' / f'lr{lr:.3g}', 's1000', 'baseline (tuning)', 6.0, 1000, 3.0)
+    monkeypatch.setattr(ntng, 'run_plan', lambda plan, jobs, **kw: pytest.fail('ran before refusing'))
+    with pytest.raises(SystemExit) as e:
+        ntng.main(['ablate', str(tmp_path / 'sweep.py'), f'--out_dir={tmp_path}/tune', '--quick=True'])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and 'are both baseline (tuning) at budget 6 seed 1000' in err[0], err
+    assert not (tmp_path / 'tune' / 'ablation.md').exists()
+
+
+def test_the_compare_module_is_no_command_and_says_so_in_one_line_exit_2():
+    out = run_script('-m', 'studies.compare')
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+        'error: studies.compare has no command of its own: `python -m studies.ntng compare RUN_FOLDERS...` prints its table']

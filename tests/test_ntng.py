@@ -1,6 +1,7 @@
 """The No Train No Gain protocol's tuning record: a row whose grid moves another lr key (Muon's muon_lr),
 tuned.json sealed by a sha256 of its content (a hand edit is refused, not run), and rows added to a sweep
 file since a tuning kept with it. The runs are stubbed on a known loss landscape, as in test_compare."""
+import dataclasses
 import json
 import math
 
@@ -191,3 +192,107 @@ def test_a_sweep_under_another_cost_table_never_replaces_a_folder_s_runs(tmp_pat
     ntng.check_one_system(tmp_path / 'ablation', '')  # the same system: resumed, not replaced
     with pytest.raises(UserError, match='holds runs charged under the default cost table .*give another --out_dir'):
         ntng.check_one_system(tmp_path / 'ablation', 'config/rst/h200/t.json')
+
+
+def test_two_tunes_into_one_folder_keep_both_tunings(tmp_path, monkeypatch):
+    """Tune A (the baseline) runs; meanwhile tune B (Muon) runs and writes tuned.json; A writes last. A re-reads
+    the file under its lock when it writes, so B's row stays (not A's view of the file from before its runs)."""
+    (tmp_path / 'sweep.py').write_text(SWEEP)
+    monkeypatch.setattr(ntng, 'tune_summary', lambda folder, seeds, lr, extra: {
+        'lr': lr, 'extra': extra, 'final': math.log2(lr / OPTIMUM[folder.parent.name]) ** 2})
+    monkeypatch.setattr(ntng, 'plot_tuning', lambda results, path: None)
+    cfg = ntng.TuneConfig(config=str(tmp_path / 'sweep.py'), out_dir=str(tmp_path / 'tune'), seeds=(7,))
+    interleaved = []
+
+    def runs_of_a_while_b_tunes(plan, jobs, **kw):
+        if not interleaved:
+            interleaved.append(True)
+            ntng.tune(dataclasses.replace(cfg, methods=('muon',)))  # B, from start to end, inside A's runs
+    monkeypatch.setattr(ntng, 'run_plan', runs_of_a_while_b_tunes)
+    ntng.tune(dataclasses.replace(cfg, methods=('baseline',)))
+    record = json.loads((tmp_path / 'tune' / 'tuned.json').read_text())
+    assert set(record['tuned']) == {'baseline', 'muon'} and record == ntng.sealed(record)
+    assert record['tuned']['muon']['muon_lr'] == pytest.approx(0.01) and record['tuned']['baseline']['lr'] == pytest.approx(6e-3)
+    assert not (tmp_path / 'tune' / '.tuned.json.lock').exists()
+
+
+def test_a_tuned_json_write_waits_for_the_lock_another_tune_holds(tmp_path, capsys):
+    """write_tuned takes tuned.json's lock (waiting while another tune holds it), not the file as it was."""
+    import threading
+    from data.loader import FolderLock
+    (tmp_path / 'sweep.py').write_text(SWEEP)
+    spec, path = ntng.read_sweep(str(tmp_path / 'sweep.py')), tmp_path / 'tuned.json'
+    record = {'config': str(tmp_path / 'sweep.py'), 'common': repr(spec['COMMON']), 'budget': 6.0, 'seeds': [7],
+              'methods': {k: repr(v) for k, v in spec['METHODS'].items()}, 'tuned': {}}
+    other = FolderLock(tmp_path / '.tuned.json.lock', lambda pid: UserError(f'held by {pid}')).acquire()  # another tune's
+    writer = threading.Thread(target=ntng.write_tuned, args=(path, record, {'baseline': {'lr': 1e-3}}, None))
+    writer.start()
+    writer.join(timeout=1.0)
+    assert writer.is_alive() and not path.exists()  # waiting for the lock
+    path.write_text(json.dumps(ntng.sealed({**record, 'tuned': {'muon': {'muon_lr': 0.01, 'lr_key': 'muon_lr'}}})))
+    other.release()
+    writer.join(timeout=10.0)
+    assert set(json.loads(path.read_text())['tuned']) == {'baseline', 'muon'}
+    assert 'waiting for it' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('edit, says', [
+    (lambda r: r['tuned']['baseline'].update(lr=math.inf), 'tuned.baseline.lr=inf is not a positive number'),
+    (lambda r: r['tuned']['baseline'].update(lr=True), 'tuned.baseline.lr=True is not a positive number'),
+    (lambda r: r['tuned']['baseline'].update(weight_decay='x'), "tuned.baseline.weight_decay='x' is not a number >= 0"),
+    (lambda r: r['tuned']['baseline'].update(lrr=1e-3), 'tuned.baseline.lrr is not a key tune writes for baseline'),
+    (lambda r: r['tuned']['muon'].update(lr=1e-3), 'tuned.muon.lr is not a key tune writes for muon'),
+    (lambda r: r['tuned']['muon'].pop('muon_lr'), 'tuned.muon.muon_lr is missing'),
+    (lambda r: r.update(budget='6'), "budget='6' is not a positive number"),
+    (lambda r: r.update(il={'il_out_dir': 'x', 'il_cache': 'y'}), 'il.il_budget is missing'),
+    (lambda r: r.update(il={'il_out_dir': 'x', 'il_cache': 'y', 'il_budget': 12.0}) or r['tuned']['baseline'].update(lr=-1),
+     'tuned.baseline.lr=-1 is not a positive number'),
+])
+def test_a_tuned_json_s_fields_are_checked_when_it_is_read_before_any_run(tuned, tmp_path, monkeypatch, capsys, edit, says):
+    """A value a run would refuse only in its own process, after its folder exists, is named (field and fix) when
+    --tuned is read: one line, exit 2, no run folder made. (Sealed after the edit: the seal is checked separately.)"""
+    path, _ = tuned
+    record = json.loads(path.read_text())
+    edit(record)
+    path.write_text(json.dumps(ntng.sealed(record)))
+    monkeypatch.setattr(ntng, 'run_plan', lambda plan, jobs, **kw: pytest.fail('ran before refusing'))
+    with pytest.raises(SystemExit) as e:
+        ntng.main(['ablate', str(tmp_path / 'sweep.py'), f'--tuned={path}', f'--out_dir={tmp_path}/abl', '--seeds=(0,)'])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and says in err[0] and 'seal it (python -m studies.ntng seal' in err[0], err
+    assert not (tmp_path / 'abl').exists()
+
+
+@pytest.mark.parametrize('make, says', [(None, 'not found: give the tuned.json that `python -m studies.ntng tune` wrote'),
+                                        ('{"trunc', 'is not a JSON file (JSONDecodeError)')])
+def test_a_tuned_json_missing_or_not_json_is_one_line_with_the_fix(tmp_path, capsys, make, says):
+    (tmp_path / 'sweep.py').write_text(SWEEP)
+    if make:
+        (tmp_path / 'tuned.json').write_text(make)
+    with pytest.raises(SystemExit) as e:
+        ntng.main(['ablate', str(tmp_path / 'sweep.py'), f'--tuned={tmp_path}/tuned.json', f'--out_dir={tmp_path}/abl'])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith(f'error: --tuned={tmp_path}/tuned.json {says}'), err
+    assert not (tmp_path / 'abl').exists()
+
+
+def test_an_lr_check_row_is_one_seed_and_budget_and_a_cell_one_run(tmp_path):
+    """A check on seed 5, then x1 on seed 6 into the same folder: each seed is a row of its own (seed 6's x0.5 and
+    x2 pending), never seed 6's x1 in seed 5's row; two runs of one cell (x1 beside x1.0) or a row whose runs
+    differ in a key other than the lr are refused, naming them."""
+    from test_compare import edit_config, finished
+    for f, final in ((0.5, 1.3), (1.0, 1.2), (2.0, 1.25)):
+        edit_config(finished(tmp_path, f'baseline/x{f:g}/s5', 'baseline', 480.0, 5, final), lr=3e-3 * f, batch_size=8)
+    edit_config(finished(tmp_path, 'baseline/x1/s6', 'baseline', 480.0, 6, 1.1), lr=3e-3, batch_size=8)
+    lines = [[c.strip() for c in line.split('|')[1:9]] for line in lr_check.lr_check_table(tmp_path).splitlines()
+             if line.startswith('| baseline')]
+    assert lines == [['baseline', '480', '5', '1.3000', '1.2000', '1.2500', 'yes', '—'],
+                     ['baseline', '480', '6', 'pending', '1.1000', 'pending', 'pending', '—']]
+    edit_config(tmp_path / 'baseline' / 'x2' / 's5', batch_size=16)
+    with pytest.raises(UserError, match=r'are both baseline at budget 480 but were run with other --batch_size \(8, 16\)'):
+        lr_check.lr_check_table(tmp_path)
+    edit_config(tmp_path / 'baseline' / 'x2' / 's5', batch_size=8)
+    finished(tmp_path, 'baseline/x1.0/s5', 'baseline', 480.0, 5, 1.0)
+    with pytest.raises(UserError, match=f'{tmp_path}/baseline/x1/s5 and {tmp_path}/baseline/x1.0/s5 are both baseline lr x1 '
+                                        'at budget 480 seed 5: a cell takes one run'):
+        lr_check.lr_check_table(tmp_path)

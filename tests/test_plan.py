@@ -189,3 +189,40 @@ def test_a_run_another_study_is_running_is_refused_before_its_console_log_is_tou
         assert live.log.read_text() == 'step 500 | the live run so far\n'
     (tmp_path / 'live' / 'lock').write_text('12345\n')  # left by a killed run: free
     assert plan.run_jobs([live], 1) == [] and live.log.read_text() == 'new\n'
+
+
+def test_a_second_study_on_one_out_dir_is_refused_up_front_and_touches_nothing(tmp_path, monkeypatch, capsys):
+    """Two ablations (or lr checks) on one --out_dir at once would each start the other's runs (refused: in use)
+    and both end in failures, the second having truncated a live run's console log: the second refuses in one
+    line, exit 2, before any run or .out is touched. Once the first ends, the folder is free again."""
+    from studies import lr_check, ntng
+    from test_compare import SWEEP
+    (tmp_path / 'sweep.py').write_text(SWEEP)
+    out = tmp_path / 'abl'
+    live = out / 'baseline' / 'b6' / 's0.out'
+    live.parent.mkdir(parents=True)
+    live.write_text('step 5 | the first study\'s live run\n')
+    monkeypatch.setattr(ntng, 'run_plan', lambda *a, **kw: pytest.fail('ran beside another study'))
+    monkeypatch.setattr(lr_check, 'run_plan', lambda *a, **kw: pytest.fail('ran beside another study'))
+    monkeypatch.setattr(lr_check, 'lr_check_plan', lambda cfg: [])
+    first = FolderLock(out / '.study.lock', lambda pid: UserError(pid)).acquire()  # held, as by the first study
+    for argv in (['ablate', str(tmp_path / 'sweep.py'), f'--out_dir={out}', '--quick=True'],
+                 ['lr_check', str(tmp_path / 'sweep.py'), f'--out_dir={out}']):
+        with pytest.raises(SystemExit) as e:
+            ntng.main(argv)
+        assert e.value.code == 2 and capsys.readouterr().err.strip().splitlines() == [
+            f'error: --out_dir={out} is being used by another study (pid {os.getpid()}): wait for it, or give another --out_dir']
+    assert live.read_text() == 'step 5 | the first study\'s live run\n' and not (out / 'ablation.md').exists()
+    first.release()
+    ran = []
+    monkeypatch.setattr(ntng, 'run_plan', lambda plan, jobs, **kw: ran.extend(plan))
+    monkeypatch.setattr(ntng, 'compare', lambda *a, **kw: 'table')
+    ntng.main(['ablate', str(tmp_path / 'sweep.py'), f'--out_dir={out}', '--quick=True'])
+    assert len(ran) == 3 and not (out / '.study.lock').exists()
+
+
+def test_a_study_that_refuses_leaves_no_folder_it_made(tmp_path):
+    with pytest.raises(UserError):
+        with plan.study_lock(tmp_path / 'new' / 'sweep'):
+            raise UserError('refused before any run')
+    assert not (tmp_path / 'new').exists()
