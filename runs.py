@@ -467,7 +467,18 @@ def config_difference(folder, values, ignore=('init_from', 'overwrite')):
     planned = json.loads(json.dumps(values))
     if not isinstance(saved, dict):
         return ('config.json', None, 'a run of these keys')
-    return next(((k, saved.get(k), v) for k, v in planned.items() if k not in ignore and saved.get(k) != v), None)
+    return first_difference(saved, planned, ignore, keys=planned)
+
+
+MISSING = '(absent)'  # a key one config has and the other not
+
+
+def first_difference(a, b, ignore=(), keys=None):
+    """(key, a's value, b's value) of the first of keys (default: both configs' keys, sorted) outside ignore on
+    which two configs differ, or None: the one rule for "is this the same run" and "is this the same row"."""
+    keys = sorted(a.keys() | b.keys()) if keys is None else keys
+    return next(((k, a.get(k, MISSING), b.get(k, MISSING)) for k in keys
+                 if k not in ignore and a.get(k, MISSING) != b.get(k, MISSING)), None)
 
 
 def read_log(log_path):

@@ -20,7 +20,7 @@ from configurator import ConfigError, UserError, cli, key, require, require_writ
 from data.loader import Corpus, DataError, atomic_write_bytes, data_dir, is_number, read_json
 from data.ngram import ngram_floors
 from budget import UNITS
-from runs import IL_LABEL, MAY_CHANGE_ON_RESUME, METHOD_STATS, SHAPE_KEYS, read_run
+from runs import IL_LABEL, MAY_CHANGE_ON_RESUME, METHOD_STATS, SHAPE_KEYS, first_difference, read_run
 from studies.across_budgets import auto_target, cost_sensitivity, plot_runs, target_table
 from studies.stats import finals_by_seed, group_runs, mean_std, paired_cells, t_interval, untrained
 
@@ -494,7 +494,6 @@ def check_one_run_per_cell(runs):
 # it runs and how it reports: runs.MAY_CHANGE_ON_RESUME, out_dir, init_from and overwrite among them); the label
 # names the row (derived when not given). Every other key is the configuration a row's mean is of.
 PER_RUN_KEYS = frozenset({'seed', 'label', *MAY_CHANGE_ON_RESUME})
-ABSENT = '(absent)'
 
 
 def row_config(run, varies=()):
@@ -510,9 +509,8 @@ def config_clash(mine, theirs, varies=()):
     """(key, my value, their value) of the first key two runs of one row differ in, or None. A planned run
     ('planned': its config holds only the keys the plan sets) is compared on those keys."""
     a, b = row_config(mine, varies), row_config(theirs, varies)
-    keys = a.keys() if mine.get('planned') else b.keys() if theirs.get('planned') else a.keys() | b.keys()
-    return next(((k, a.get(k, ABSENT), b.get(k, ABSENT)) for k in sorted(keys)
-                 if a.get(k, ABSENT) != b.get(k, ABSENT)), None)
+    keys = sorted(a) if mine.get('planned') else sorted(b) if theirs.get('planned') else None
+    return first_difference(a, b, keys=keys)
 
 
 def check_one_config_per_row(runs, varies=()):

@@ -26,6 +26,7 @@ import numpy as np
 
 import madpo
 from configurator import require
+from runs import first_difference
 from data.loader import NUMBER, DataError, atomic_write_bytes, is_number, of_kind, read_result
 from data.reviews.pairs import TIERS
 from studies.stats import holm, paired_test, t_interval
@@ -92,11 +93,11 @@ def check_arm(method, tier, arm):
             raise DataError(f'{seen[run]} and {folder} are both {method} on the {tier} tier at seed {run[0]}, beta '
                             f'{run[1]}: an arm takes one run a seed and beta: remove one')
         seen[run] = folder
-        key = next((k for k in sorted(base.keys() | keys.keys()) if base.get(k) != keys.get(k)), None)
-        if key:
-            raise DataError(f'{first} and {folder} are both {method} on the {tier} tier but were run with other --{key} '
-                            f'({base.get(key)!r}, {keys.get(key)!r}): an arm is one configuration: move the stale runs '
-                            'out, or rerun them with these keys')
+        clash = first_difference(base, keys)
+        if clash:
+            raise DataError(f'{first} and {folder} are both {method} on the {tier} tier but were run with other '
+                            f'--{clash[0]} ({clash[1]!r}, {clash[2]!r}): an arm is one configuration: move the stale '
+                            'runs out, or rerun them with these keys')
 
 
 def shared_keys(config):

@@ -26,6 +26,7 @@ from pathlib import Path
 from data.loader import NUMBER, DataError, is_number, read_result
 from data.mathmix.prepare import EVAL_PAIRS, KINDS, LINE_BYTES, OPERANDS, ROLES, TRAP_DIGIT
 from slm import POINT_KEYS, arm_name, read_curve
+from runs import MAY_CHANGE_ON_RESUME, first_difference
 from studies.stats import clopper_pearson, crossing, fisher_one_sided, holm, paired_test, t_interval
 
 ORDER = ('oracle', 'clm', 'excess', 'slm_coin_control', 'reference', 'train', 'random')  # then by k
@@ -67,7 +68,7 @@ def load_runs(root):
     return {g: groups[g] for g in sorted(groups, key=key)}
 
 
-PER_RUN = ('seed', 'out_dir', 'run_dir', 'init_from', 'overwrite')  # the keys one arm's runs may differ in
+PER_RUN = {'seed', 'run_dir', *MAY_CHANGE_ON_RESUME}  # the keys one arm's runs may differ in (compare's rule)
 
 
 def check_row(row, runs, folders):
@@ -81,12 +82,11 @@ def check_row(row, runs, folders):
         first[run['seed']] = run, folder
     (base, base_folder), config = next(iter(first.values())), lambda r: r.get('run_config') or {}  # noqa: E731
     for run, folder in zip(runs, folders):
-        key = next((k for k in sorted(config(base).keys() | config(run).keys())
-                    if k not in PER_RUN and config(base).get(k) != config(run).get(k)), None)
-        if key:
+        clash = first_difference(config(base), config(run), PER_RUN)
+        if clash:
             raise DataError(f'{base_folder} and {folder} are both {arm} at noise {noise:g} but were run with other '
-                            f'--{key} ({config(base).get(key)!r}, {config(run).get(key)!r}): a row averages one '
-                            'configuration: move the stale runs out, or rerun them with these keys')
+                            f'--{clash[0]} ({clash[1]!r}, {clash[2]!r}): a row averages one configuration: move the '
+                            'stale runs out, or rerun them with these keys')
 
 
 def tokens_to_reach(run, target):
